@@ -1,0 +1,200 @@
+//! The public API's error codes and their HTTP statuses (DESIGN.md §4).
+//!
+//! Every error a client sees is JSON `{"error": {"code", "message"}}`. The
+//! `code` is one of [`ErrorCode`]; its status is fixed here, in one place, so
+//! that the proxy and the executors can never disagree about it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The stable `code` of a public error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidInput,
+    Unauthorized,
+    TenantScopeDenied,
+    FunctionNotFound,
+    JobNotFound,
+    NotFound,
+    FunctionExists,
+    TenantFrozen,
+    TenantExists,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    InvalidWasm,
+    ImportNotAllowed,
+    MissingExport,
+    TensorError,
+    QuotaExceeded,
+    RateLimited,
+    GuestTrap,
+    FunctionError,
+    Internal,
+    ImportFailed,
+    ExecutorUnavailable,
+    CapacityExhausted,
+    TenantMoving,
+    DeadlineExceeded,
+}
+
+impl ErrorCode {
+    /// Every code, for exhaustive tests and documentation.
+    pub const ALL: [ErrorCode; 26] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidInput,
+        ErrorCode::Unauthorized,
+        ErrorCode::TenantScopeDenied,
+        ErrorCode::FunctionNotFound,
+        ErrorCode::JobNotFound,
+        ErrorCode::NotFound,
+        ErrorCode::FunctionExists,
+        ErrorCode::TenantFrozen,
+        ErrorCode::TenantExists,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::InvalidWasm,
+        ErrorCode::ImportNotAllowed,
+        ErrorCode::MissingExport,
+        ErrorCode::TensorError,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::RateLimited,
+        ErrorCode::GuestTrap,
+        ErrorCode::FunctionError,
+        ErrorCode::Internal,
+        ErrorCode::ImportFailed,
+        ErrorCode::ExecutorUnavailable,
+        ErrorCode::CapacityExhausted,
+        ErrorCode::TenantMoving,
+        ErrorCode::DeadlineExceeded,
+    ];
+
+    /// The HTTP status this code is answered with.
+    pub fn http_status(self) -> u16 {
+        use ErrorCode::*;
+        match self {
+            InvalidJson | InvalidInput => 400,
+            Unauthorized => 401,
+            TenantScopeDenied => 403,
+            FunctionNotFound | JobNotFound | NotFound => 404,
+            FunctionExists | TenantFrozen | TenantExists => 409,
+            PayloadTooLarge => 413,
+            UnsupportedMediaType => 415,
+            InvalidWasm | ImportNotAllowed | MissingExport | TensorError | QuotaExceeded => 422,
+            RateLimited => 429,
+            GuestTrap | FunctionError | Internal => 500,
+            ImportFailed => 502,
+            ExecutorUnavailable | CapacityExhausted | TenantMoving => 503,
+            DeadlineExceeded => 504,
+        }
+    }
+
+    /// The wire form, e.g. `"function_not_found"`.
+    pub fn as_str(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            InvalidJson => "invalid_json",
+            InvalidInput => "invalid_input",
+            Unauthorized => "unauthorized",
+            TenantScopeDenied => "tenant_scope_denied",
+            FunctionNotFound => "function_not_found",
+            JobNotFound => "job_not_found",
+            NotFound => "not_found",
+            FunctionExists => "function_exists",
+            TenantFrozen => "tenant_frozen",
+            TenantExists => "tenant_exists",
+            PayloadTooLarge => "payload_too_large",
+            UnsupportedMediaType => "unsupported_media_type",
+            InvalidWasm => "invalid_wasm",
+            ImportNotAllowed => "import_not_allowed",
+            MissingExport => "missing_export",
+            TensorError => "tensor_error",
+            QuotaExceeded => "quota_exceeded",
+            RateLimited => "rate_limited",
+            GuestTrap => "guest_trap",
+            FunctionError => "function_error",
+            Internal => "internal",
+            ImportFailed => "import_failed",
+            ExecutorUnavailable => "executor_unavailable",
+            CapacityExhausted => "capacity_exhausted",
+            TenantMoving => "tenant_moving",
+            DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A public error: the body `{"error": {"code", "message"}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The JSON envelope an error travels in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ApiError,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status of this error.
+    pub fn http_status(&self) -> u16 {
+        self.code.http_status()
+    }
+
+    /// This error wrapped in its JSON envelope.
+    pub fn into_body(self) -> ErrorBody {
+        ErrorBody { error: self }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names_match_serde() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            let back: ErrorCode = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, code);
+        }
+    }
+
+    #[test]
+    fn statuses_follow_the_design() {
+        assert_eq!(ErrorCode::Unauthorized.http_status(), 401);
+        assert_eq!(ErrorCode::TenantScopeDenied.http_status(), 403);
+        assert_eq!(ErrorCode::FunctionNotFound.http_status(), 404);
+        assert_eq!(ErrorCode::RateLimited.http_status(), 429);
+        assert_eq!(ErrorCode::TensorError.http_status(), 422);
+        assert_eq!(ErrorCode::TenantMoving.http_status(), 503);
+        assert_eq!(ErrorCode::DeadlineExceeded.http_status(), 504);
+        assert_eq!(ErrorCode::ImportFailed.http_status(), 502);
+    }
+
+    #[test]
+    fn error_body_shape() {
+        let body = ApiError::new(ErrorCode::InvalidJson, "expected an object").into_body();
+        let v: serde_json::Value = serde_json::to_value(&body).unwrap();
+        assert_eq!(v["error"]["code"], "invalid_json");
+        assert_eq!(v["error"]["message"], "expected an object");
+    }
+}

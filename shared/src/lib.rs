@@ -1,0 +1,28 @@
+//! Contracts shared by every TensorWasm component.
+//!
+//! This crate holds the vocabulary that the proxy, the executors, the CLI and
+//! outside clients agree on (DESIGN.md): tensor dtypes and their wire codes,
+//! the guest ABI's error codes, the public API's error codes and their HTTP
+//! statuses, tenant ids, and the names of metrics and configuration
+//! variables. It has no runtime: no tokio, wasmtime or pingora, so every
+//! other crate can depend on it.
+//!
+//! Layout:
+//! - [`dtype`]: [`DType`], the element types a tensor may hold.
+//! - [`abi`]: [`AbiError`], the negative codes a guest ABI call returns.
+//! - [`error`]: [`ErrorCode`], the stable `code` of every public error.
+//! - [`tenant`]: [`TenantId`], validated tenant names.
+//! - [`names`]: metric and configuration names.
+
+#![forbid(unsafe_code)]
+
+pub mod abi;
+pub mod dtype;
+pub mod error;
+pub mod names;
+pub mod tenant;
+
+pub use abi::AbiError;
+pub use dtype::DType;
+pub use error::{ApiError, ErrorCode};
+pub use tenant::TenantId;

@@ -1,0 +1,79 @@
+//! Metric and configuration names (DESIGN.md §6), kept in one place so that
+//! dashboards, alerts and code cannot drift apart.
+
+/// Prefix of every metric.
+pub const METRIC_PREFIX: &str = "tensor_wasm_";
+
+/// Metrics counted by the proxy.
+pub mod proxy_metrics {
+    pub const HTTP_REQUESTS_TOTAL: &str = "tensor_wasm_http_requests_total";
+    pub const HTTP_REQUEST_DURATION_SECONDS: &str = "tensor_wasm_http_request_duration_seconds";
+    pub const HTTP_REQUESTS_IN_FLIGHT: &str = "tensor_wasm_http_requests_in_flight";
+    pub const RATE_LIMITED_TOTAL: &str = "tensor_wasm_rate_limited_total";
+    pub const MIGRATIONS_TOTAL: &str = "tensor_wasm_migrations_total";
+    pub const MIGRATION_PAUSE_SECONDS: &str = "tensor_wasm_migration_pause_seconds";
+    pub const AUDIT_RECORDS_TOTAL: &str = "tensor_wasm_audit_records_total";
+}
+
+/// Metrics counted by executors.
+pub mod executor_metrics {
+    pub const ACTIVE_INSTANCES: &str = "tensor_wasm_active_instances";
+    pub const JOBS_IN_FLIGHT: &str = "tensor_wasm_jobs_in_flight";
+    pub const KERNEL_DISPATCHES_TOTAL: &str = "tensor_wasm_kernel_dispatches_total";
+    pub const KERNEL_DISPATCH_DURATION_SECONDS: &str =
+        "tensor_wasm_kernel_dispatch_duration_seconds";
+    pub const INVOCATIONS_TOTAL: &str = "tensor_wasm_invocations_total";
+    pub const INVOKE_DURATION_SECONDS: &str = "tensor_wasm_invoke_duration_seconds";
+    pub const DEVICE_MEMORY_BYTES: &str = "tensor_wasm_device_memory_bytes";
+}
+
+/// Counted by every component.
+pub const BUILD_INFO: &str = "tensor_wasm_build_info";
+
+/// Environment variables with fixed names.
+pub mod env {
+    pub const API_TOKENS: &str = "TENSOR_WASM_API_TOKENS";
+    pub const API_TOKENS_FILE: &str = "TENSOR_WASM_API_TOKENS_FILE";
+    pub const API_AUDIT_LOG: &str = "TENSOR_WASM_API_AUDIT_LOG";
+    pub const API_RATE_LIMIT_QPS: &str = "TENSOR_WASM_API_RATE_LIMIT_QPS";
+    pub const API_RATE_LIMIT_BURST: &str = "TENSOR_WASM_API_RATE_LIMIT_BURST";
+    pub const INTERNAL_TOKEN: &str = "TENSOR_WASM_INTERNAL_TOKEN";
+    pub const ADMIN_TOKEN: &str = "TENSOR_WASM_ADMIN_TOKEN";
+    pub const STATE_DIR: &str = "TENSOR_WASM_STATE_DIR";
+    pub const SNAPSHOT_KEY: &str = "TENSOR_WASM_SNAPSHOT_KEY";
+    pub const URL: &str = "TENSOR_WASM_URL";
+    pub const TOKEN: &str = "TENSOR_WASM_TOKEN";
+    pub const ADMIN_URL: &str = "TENSOR_WASM_ADMIN_URL";
+    /// Directory of the CUDA kernel JIT cache (default: `$XDG_CACHE_HOME` or
+    /// `~/.cache`, then `tensor-wasm/kernels`).
+    pub const KERNEL_CACHE_DIR: &str = "TENSOR_WASM_KERNEL_CACHE_DIR";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_has_the_prefix() {
+        let all = [
+            proxy_metrics::HTTP_REQUESTS_TOTAL,
+            proxy_metrics::HTTP_REQUEST_DURATION_SECONDS,
+            proxy_metrics::HTTP_REQUESTS_IN_FLIGHT,
+            proxy_metrics::RATE_LIMITED_TOTAL,
+            proxy_metrics::MIGRATIONS_TOTAL,
+            proxy_metrics::MIGRATION_PAUSE_SECONDS,
+            proxy_metrics::AUDIT_RECORDS_TOTAL,
+            executor_metrics::ACTIVE_INSTANCES,
+            executor_metrics::JOBS_IN_FLIGHT,
+            executor_metrics::KERNEL_DISPATCHES_TOTAL,
+            executor_metrics::KERNEL_DISPATCH_DURATION_SECONDS,
+            executor_metrics::INVOCATIONS_TOTAL,
+            executor_metrics::INVOKE_DURATION_SECONDS,
+            executor_metrics::DEVICE_MEMORY_BYTES,
+            BUILD_INFO,
+        ];
+        for name in all {
+            assert!(name.starts_with(METRIC_PREFIX), "{name}");
+        }
+    }
+}
