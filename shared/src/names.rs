@@ -47,6 +47,10 @@ pub mod env {
     /// Directory of the CUDA kernel JIT cache (default: `$XDG_CACHE_HOME` or
     /// `~/.cache`, then `tensor-wasm/kernels`).
     pub const KERNEL_CACHE_DIR: &str = "TENSOR_WASM_KERNEL_CACHE_DIR";
+    /// `1` makes the CUDA backend fill every fresh output with 0xFF bytes
+    /// (NaN for floats) before its kernel runs, so tests catch elements a
+    /// kernel never writes. Off in production: it costs a memset per op.
+    pub const CUDA_POISON: &str = "TENSOR_WASM_CUDA_POISON";
 }
 
 #[cfg(test)]

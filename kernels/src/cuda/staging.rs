@@ -1,0 +1,125 @@
+//! Host↔device copies through pinned staging buffers.
+//!
+//! Pageable copies run at 1–8 GB/s on the reference H200, pinned ones at
+//! 55 GB/s, but copying into a pinned buffer first and then uploading,
+//! serially, is dominated by the host copy. So each backend keeps two pinned
+//! chunks and alternates them: while the DMA engine moves chunk i, the host
+//! fills (or drains) chunk i + 1. A chunk is reused only after its previous
+//! copy has completed (the pinned buffer's event, which cudarc records after
+//! every copy, is waited on before the host touches it again).
+//!
+//! The buffers are allocated on first use and freed with the backend, so an
+//! idle tenant holds no pinned memory beyond its two chunks.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
+
+use super::device::driver_error;
+use crate::error::{KernelError, Result};
+use crate::sys::cuda::{alloc_pinned, download_to_pinned, upload_from_pinned};
+
+/// Bytes per staging chunk: 4 MiB moves in ≈75 µs at 55 GB/s, long enough
+/// to amortize the ≈10 µs per-chunk event round trip, while two chunks per
+/// tenant keep pinned memory (which the OS cannot page out) modest.
+pub(crate) const STAGING_CHUNK_BYTES: usize = 4 << 20;
+
+/// A backend's pair of pinned chunks.
+#[derive(Debug, Default)]
+pub(crate) struct Staging {
+    chunks: Mutex<Option<[PinnedHostSlice<u8>; 2]>>,
+}
+
+impl Staging {
+    fn with_chunks<T>(
+        &self,
+        ctx: &Arc<CudaContext>,
+        op: &'static str,
+        f: impl FnOnce(&mut [PinnedHostSlice<u8>; 2]) -> Result<T>,
+    ) -> Result<T> {
+        let mut guard = self
+            .chunks
+            .lock()
+            .map_err(|_| KernelError::Device("staging buffer lock poisoned".into()))?;
+        if guard.is_none() {
+            let a = alloc_pinned(ctx, STAGING_CHUNK_BYTES).map_err(|e| driver_error(op, e))?;
+            let b = alloc_pinned(ctx, STAGING_CHUNK_BYTES).map_err(|e| driver_error(op, e))?;
+            *guard = Some([a, b]);
+        }
+        match guard.as_mut() {
+            Some(chunks) => f(chunks),
+            None => Err(KernelError::Device("staging buffers missing".into())),
+        }
+    }
+
+    /// Enqueues the upload of `src` into `dst` (same length). Returns once
+    /// every byte of `src` has been copied into a pinned chunk; the DMA of
+    /// the last chunks may still be in flight, and `src` may be reused.
+    pub(crate) fn upload(
+        &self,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        op: &'static str,
+        src: &[u8],
+        dst: &mut CudaSlice<u8>,
+    ) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(KernelError::invalid(
+                op,
+                "upload length differs from the buffer",
+            ));
+        }
+        self.with_chunks(ctx, op, |chunks| {
+            for (i, part) in src.chunks(STAGING_CHUNK_BYTES).enumerate() {
+                let chunk = &mut chunks[i % 2];
+                // Waits until the previous copy out of this chunk is done.
+                let host = chunk.as_mut_slice().map_err(|e| driver_error(op, e))?;
+                host[..part.len()].copy_from_slice(part);
+                upload_from_pinned(stream, chunk, part.len(), dst, i * STAGING_CHUNK_BYTES)
+                    .map_err(|e| driver_error(op, e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Copies `src` to a new vector, waiting for every op enqueued on
+    /// `stream` before it (and, through cudarc's events, for the op that
+    /// wrote `src` on whatever stream it ran).
+    pub(crate) fn download(
+        &self,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        op: &'static str,
+        src: &CudaSlice<u8>,
+    ) -> Result<Vec<u8>> {
+        let len = src.len();
+        let mut out = Vec::with_capacity(len);
+        let n_chunks = len.div_ceil(STAGING_CHUNK_BYTES);
+        let span = |i: usize| {
+            let start = i * STAGING_CHUNK_BYTES;
+            (start, (len - start).min(STAGING_CHUNK_BYTES))
+        };
+        self.with_chunks(ctx, op, |chunks| {
+            let enqueue = |chunks: &mut [PinnedHostSlice<u8>; 2], i: usize| {
+                let (start, n) = span(i);
+                download_to_pinned(stream, src, start, n, &mut chunks[i % 2])
+                    .map_err(|e| driver_error(op, e))
+            };
+            if n_chunks > 0 {
+                enqueue(chunks, 0)?;
+            }
+            for i in 0..n_chunks {
+                // Chunk i + 1 goes into the buffer chunk i - 1 used, which
+                // the previous iteration has drained.
+                if i + 1 < n_chunks {
+                    enqueue(chunks, i + 1)?;
+                }
+                let (_, n) = span(i);
+                let host = chunks[i % 2].as_slice().map_err(|e| driver_error(op, e))?;
+                out.extend_from_slice(&host[..n]);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,19 @@
+//! Integration tests of `tensor-wasm-kernels`, one binary (STYLE rule 9)
+//! with a module per topic:
+//!
+//! - `reference`: an independent, naive f64 implementation of every op;
+//! - `ops`: property tests of the CPU backend against the reference;
+//! - `dtype_rules`: DESIGN.md §3's dtype rules as explicit examples;
+//! - `errors`: every error path, its variant and ABI code; hostile inputs
+//!   never panic; operands are never modified;
+//! - `parity` (feature `cuda`): the CUDA backend against the CPU backend.
+//!
+//! Shared helpers (host tensors, random inputs, comparisons) are in `util`.
+
+mod dtype_rules;
+mod errors;
+mod ops;
+#[cfg(feature = "cuda")]
+mod parity;
+mod reference;
+mod util;
