@@ -10,13 +10,18 @@
 //! Layout:
 //! - [`dtype`]: [`DType`], the element types a tensor may hold.
 //! - [`abi`]: [`AbiError`], the negative codes a guest ABI call returns.
+//! - [`api`]: bodies of the HTTP API: JSON tensors, function records, invoke
+//!   bodies, executor descriptions.
 //! - [`error`]: [`ErrorCode`], the stable `code` of every public error.
 //! - [`tenant`]: [`TenantId`], validated tenant names.
 //! - [`names`]: metric and configuration names.
+//! - [`build`]: what this binary is (version, commit, compiler).
 
 #![forbid(unsafe_code)]
 
 pub mod abi;
+pub mod api;
+pub mod build;
 pub mod dtype;
 pub mod error;
 pub mod names;
