@@ -1,0 +1,128 @@
+//! `tensor-wasm executor`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tensor_wasm_executor::config::{EngineLimits, TenantQuotas};
+use tensor_wasm_executor::server::{DeviceChoice, Executor, ExecutorConfig};
+
+/// Flags of `tensor-wasm executor`; each has an environment fallback.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Stable executor name: gpu0, mig-<uuid8>, cpu0, or a pod name.
+    #[arg(long, env = "TENSOR_WASM_EXECUTOR_ID", default_value = "cpu0")]
+    id: String,
+    /// Address to listen on; keep it private (loopback or a pod network).
+    #[arg(
+        long,
+        env = "TENSOR_WASM_EXECUTOR_LISTEN",
+        default_value = "127.0.0.1:7070"
+    )]
+    listen: SocketAddr,
+    /// Where functions, the module cache and warm state are kept.
+    #[arg(
+        long,
+        env = "TENSOR_WASM_STATE_DIR",
+        default_value = "./tensor-wasm-state/executor"
+    )]
+    state_dir: PathBuf,
+    /// Token the proxy presents on every route but /healthz and /metrics.
+    #[arg(long, env = "TENSOR_WASM_INTERNAL_TOKEN", hide_env_values = true)]
+    internal_token: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "TENSOR_WASM_DEVICE", default_value = "auto")]
+    device: DeviceChoice,
+    /// Default deadline of one invocation, in milliseconds.
+    #[arg(
+        long,
+        env = "TENSOR_WASM_DEFAULT_DEADLINE_MS",
+        default_value_t = 10_000
+    )]
+    default_deadline_ms: u64,
+    /// Default linear-memory cap of an instance, in bytes.
+    #[arg(long, env = "TENSOR_WASM_DEFAULT_MEMORY_LIMIT_BYTES", default_value_t = 256 << 20)]
+    default_memory_limit_bytes: u64,
+    /// Largest module accepted, in bytes.
+    #[arg(long, env = "TENSOR_WASM_MAX_MODULE_BYTES", default_value_t = 32 << 20)]
+    max_module_bytes: usize,
+    /// Instance slots of the engine across all tenants.
+    #[arg(long, env = "TENSOR_WASM_TOTAL_INSTANCES", default_value_t = 256)]
+    total_instances: u32,
+    /// Device memory a tenant's tensors and assets may hold, in bytes.
+    #[arg(long, env = "TENSOR_WASM_TENANT_DEVICE_MEMORY_BYTES", default_value_t = 2 << 30)]
+    tenant_device_memory_bytes: u64,
+    /// Live tensors a tenant may hold.
+    #[arg(
+        long,
+        env = "TENSOR_WASM_TENANT_LIVE_TENSORS",
+        default_value_t = 65_536
+    )]
+    tenant_live_tensors: u64,
+    /// Functions a tenant may register.
+    #[arg(long, env = "TENSOR_WASM_TENANT_FUNCTIONS", default_value_t = 64)]
+    tenant_functions: usize,
+    /// Warm instances a tenant may hold.
+    #[arg(long, env = "TENSOR_WASM_TENANT_INSTANCES", default_value_t = 64)]
+    tenant_instances: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "TENSOR_WASM_MAX_BODY_BYTES", default_value_t = 64 << 20)]
+    max_body_bytes: usize,
+}
+
+pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
+    let limits = EngineLimits {
+        default_deadline: Duration::from_millis(args.default_deadline_ms),
+        default_memory_limit: args.default_memory_limit_bytes,
+        max_module_bytes: args.max_module_bytes,
+        total_instances: args.total_instances,
+        ..EngineLimits::default()
+    };
+    let quotas = TenantQuotas {
+        device_memory_bytes: args.tenant_device_memory_bytes,
+        live_tensors: args.tenant_live_tensors,
+        functions: args.tenant_functions,
+        instances: args.tenant_instances,
+        max_body_bytes: args.max_body_bytes,
+    };
+    let cfg = ExecutorConfig {
+        id: args.id,
+        listen: args.listen,
+        state_dir: args.state_dir,
+        internal_token: args.internal_token,
+        device: args.device,
+        limits,
+        quotas,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let executor = Executor::start(cfg, features).await?;
+        executor.serve(shutdown_signal()).await?;
+        tracing::info!("executor stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+}

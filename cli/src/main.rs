@@ -1,0 +1,63 @@
+//! `tensor-wasm`: one binary for every TensorWasm process and command.
+//!
+//! Subcommands live in their own modules; this file only parses the command
+//! line, sets up logging and runs the chosen one.
+
+mod executor;
+
+use clap::{Parser, Subcommand};
+
+/// Features compiled into this binary, for `--version` and `build_info`.
+const FEATURES: &str = if cfg!(feature = "cuda") { "cuda" } else { "" };
+
+#[derive(Debug, Parser)]
+#[command(name = "tensor-wasm", version = LONG_VERSION.as_str(), about = "Multi-tenant WebAssembly functions over GPU tensor kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run an executor: one process per GPU, MIG slice or CPU.
+    Executor(executor::Args),
+}
+
+/// `--version`: the version, commit, compiler, profile, target and features.
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use tensor_wasm_shared::build;
+    format!(
+        "{} (git {}, {}, {} {}, features: {})",
+        build::VERSION,
+        build::GIT_SHA,
+        build::RUSTC,
+        build::PROFILE,
+        build::TARGET,
+        if FEATURES.is_empty() {
+            "none"
+        } else {
+            FEATURES
+        }
+    )
+});
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Executor(args) => executor::run(args, FEATURES),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

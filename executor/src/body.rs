@@ -1,0 +1,179 @@
+//! Request and response bodies of invocations: JSON tensors, safetensors,
+//! or raw bytes (DESIGN.md §4 "Bodies").
+//!
+//! Every decoder here reads untrusted bytes: sizes are checked against the
+//! backend's limits before anything is allocated, and every failure is an
+//! `invalid_json` / `invalid_input` error, never a panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use safetensors::SafeTensors;
+use tensor_wasm_kernels::{Backend, Tensor};
+use tensor_wasm_shared::api::{InvokeRequest, InvokeResponse, JsonTensor};
+
+use crate::assets::{dtype_from_safetensors, dtype_to_safetensors};
+use crate::error::ExecError;
+use crate::host::MAX_NAME_LEN;
+use crate::instance::{Request, Response};
+
+pub const JSON: &str = "application/json";
+pub const SAFETENSORS: &str = "application/x-safetensors";
+pub const OCTET_STREAM: &str = "application/octet-stream";
+
+/// Most named inputs one request may carry.
+pub const MAX_INPUTS: usize = 1024;
+
+/// The media type of a `Content-Type` or `Accept` value, without parameters.
+pub fn media_type(value: &str) -> &str {
+    value.split(';').next().unwrap_or("").trim()
+}
+
+fn check_name(name: &str) -> Result<(), ExecError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(ExecError::InvalidInput(format!(
+            "input names are 1 to {MAX_NAME_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes an invocation body by its content type.
+pub fn decode_request(
+    content_type: Option<&str>,
+    body: bytes::Bytes,
+    backend: &dyn Backend,
+) -> Result<Request, ExecError> {
+    match content_type.map(media_type) {
+        Some(JSON) => {
+            let req: InvokeRequest = serde_json::from_slice(&body)
+                .map_err(|e| ExecError::InvalidJson(format!("invalid invoke body: {e}")))?;
+            if req.inputs.len() > MAX_INPUTS {
+                return Err(ExecError::InvalidInput(format!(
+                    "at most {MAX_INPUTS} inputs"
+                )));
+            }
+            let max_bytes = backend.limits().max_tensor_bytes;
+            let mut inputs = HashMap::new();
+            for (name, t) in req.inputs {
+                check_name(&name)?;
+                let max_elements = max_bytes / t.dtype.size() as u64;
+                let bytes = t
+                    .to_le_bytes(max_elements)
+                    .map_err(|e| ExecError::InvalidInput(format!("input {name:?}: {e}")))?;
+                let dims: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+                let tensor = backend
+                    .from_bytes(t.dtype, &dims, &bytes)
+                    .map_err(|e| input_error(&name, e))?;
+                inputs.insert(name, tensor);
+            }
+            Ok(Request {
+                inputs,
+                body: Arc::from(&[][..]),
+            })
+        }
+        Some(SAFETENSORS) => {
+            let st = SafeTensors::deserialize(&body)
+                .map_err(|e| ExecError::InvalidInput(format!("invalid safetensors body: {e}")))?;
+            if st.len() > MAX_INPUTS {
+                return Err(ExecError::InvalidInput(format!(
+                    "at most {MAX_INPUTS} inputs"
+                )));
+            }
+            let mut inputs = HashMap::new();
+            for (name, view) in st.iter() {
+                check_name(name)?;
+                let dtype = dtype_from_safetensors(view.dtype()).ok_or_else(|| {
+                    ExecError::InvalidInput(format!(
+                        "input {name:?} has unsupported dtype {:?}",
+                        view.dtype()
+                    ))
+                })?;
+                let tensor = backend
+                    .from_bytes(dtype, view.shape(), view.data())
+                    .map_err(|e| input_error(name, e))?;
+                inputs.insert(name.to_string(), tensor);
+            }
+            Ok(Request {
+                inputs,
+                body: Arc::from(&[][..]),
+            })
+        }
+        _ => Ok(Request {
+            inputs: HashMap::new(),
+            body: Arc::from(&body[..]),
+        }),
+    }
+}
+
+fn input_error(name: &str, e: tensor_wasm_kernels::KernelError) -> ExecError {
+    match ExecError::from(e) {
+        ExecError::InvalidInput(m) => ExecError::InvalidInput(format!("input {name:?}: {m}")),
+        other => other,
+    }
+}
+
+/// An encoded response: its content type and bytes.
+#[derive(Debug)]
+pub struct Encoded {
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+/// Encodes an invocation's result for `accept`.
+pub fn encode_response(
+    accept: Option<&str>,
+    resp: Response,
+    backend: &dyn Backend,
+) -> Result<Encoded, ExecError> {
+    if resp.outputs.is_empty() {
+        return Ok(Encoded {
+            content_type: OCTET_STREAM,
+            body: resp.raw,
+        });
+    }
+    let wants_safetensors =
+        accept.is_some_and(|a| a.split(',').any(|m| media_type(m) == SAFETENSORS));
+    let mut tensors: Vec<(String, Tensor, Vec<u8>)> = Vec::with_capacity(resp.outputs.len());
+    for (name, t) in resp.outputs {
+        let bytes = backend.to_bytes(&t).map_err(ExecError::from)?;
+        tensors.push((name, t, bytes));
+    }
+    let raw_b64 =
+        (!resp.raw.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(&resp.raw));
+    if wants_safetensors {
+        let views = tensors
+            .iter()
+            .map(|(name, t, bytes)| {
+                safetensors::tensor::TensorView::new(
+                    dtype_to_safetensors(t.dtype()),
+                    t.dims().to_vec(),
+                    bytes,
+                )
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ExecError::Internal(format!("output {name:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let metadata = raw_b64.map(|r| HashMap::from([("raw_b64".to_string(), r)]));
+        let body = safetensors::serialize(views, metadata)
+            .map_err(|e| ExecError::Internal(format!("cannot encode safetensors: {e}")))?;
+        return Ok(Encoded {
+            content_type: SAFETENSORS,
+            body,
+        });
+    }
+    let mut outputs = BTreeMap::new();
+    for (name, t, bytes) in tensors {
+        let shape = t.dims().iter().map(|&d| d as u64).collect();
+        let jt = JsonTensor::from_le_bytes(t.dtype(), shape, &bytes)
+            .map_err(|e| ExecError::Internal(format!("output {name:?}: {e}")))?;
+        outputs.insert(name, jt);
+    }
+    let body = serde_json::to_vec(&InvokeResponse { outputs, raw_b64 })
+        .map_err(|e| ExecError::Internal(format!("cannot encode JSON: {e}")))?;
+    Ok(Encoded {
+        content_type: JSON,
+        body,
+    })
+}

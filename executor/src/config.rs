@@ -1,0 +1,100 @@
+//! Limits of the executor: what one module, instance, invocation and tenant
+//! may cost. Every field carries its unit and the reason for its default.
+
+use std::time::Duration;
+
+use tensor_wasm_kernels::Limits;
+
+/// Operator limits of the wasm engine and its guests.
+#[derive(Clone, Debug)]
+pub struct EngineLimits {
+    /// Largest module accepted, in bytes; 32 MiB covers real guests with
+    /// embedded tables and keeps compile time bounded.
+    pub max_module_bytes: usize,
+    /// Longest compilation; 30 s, after which registration fails with
+    /// `invalid_wasm` (a module that takes longer is hostile or broken).
+    pub compile_timeout: Duration,
+    /// Deadline of one invocation unless the function sets its own; 10 s
+    /// keeps a stuck guest from holding a warm instance.
+    pub default_deadline: Duration,
+    /// Largest deadline a function may ask for; 5 min.
+    pub max_deadline: Duration,
+    /// Linear memory cap of an instance unless the function sets its own;
+    /// 256 MiB.
+    pub default_memory_limit: u64,
+    /// Largest memory cap a function may ask for; 4 GiB, the whole 32-bit
+    /// space (the pooling allocator reserves this much address space per
+    /// slot, not memory).
+    pub max_memory_limit: u64,
+    /// Warm instances per function unless it asks for more: 1.
+    pub default_max_instances: u32,
+    /// Most warm instances a function may ask for: 16.
+    pub max_instances_per_function: u32,
+    /// Instances the engine can hold at once across all tenants (pooling
+    /// allocator slots): 256.
+    pub total_instances: u32,
+    /// Most table elements in an instance: 100 000, which real toolchains'
+    /// indirect-call tables stay far below.
+    pub max_table_elements: usize,
+    /// Invocations that may wait for a busy function's instances before
+    /// further ones get `capacity_exhausted`: 64.
+    pub max_queued_per_function: usize,
+    /// Bytes of guest stdout+stderr kept per function; 64 KiB.
+    pub log_capacity: usize,
+    /// Largest raw response body a guest may write with `output_write`;
+    /// 64 MiB.
+    pub max_output_bytes: usize,
+    /// Longest `set_error` / `last_error` message kept, in bytes; 4 KiB.
+    pub max_error_message: usize,
+    /// Caps on tensors and ops, passed to the kernel backend.
+    pub tensor: Limits,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        EngineLimits {
+            max_module_bytes: 32 << 20,
+            compile_timeout: Duration::from_secs(30),
+            default_deadline: Duration::from_secs(10),
+            max_deadline: Duration::from_secs(300),
+            default_memory_limit: 256 << 20,
+            max_memory_limit: 4 << 30,
+            default_max_instances: 1,
+            max_instances_per_function: 16,
+            total_instances: 256,
+            max_table_elements: 100_000,
+            max_queued_per_function: 64,
+            log_capacity: 64 << 10,
+            max_output_bytes: 64 << 20,
+            max_error_message: 4 << 10,
+            tensor: Limits::default(),
+        }
+    }
+}
+
+/// Per-tenant quotas.
+#[derive(Clone, Debug)]
+pub struct TenantQuotas {
+    /// Device memory held by a tenant's live tensors and assets; 2 GiB.
+    pub device_memory_bytes: u64,
+    /// Live tensors across a tenant's instances (assets excluded); 65 536.
+    pub live_tensors: u64,
+    /// Registered functions; 64.
+    pub functions: usize,
+    /// Warm instances across a tenant's functions; 64.
+    pub instances: usize,
+    /// Largest request body; 64 MiB.
+    pub max_body_bytes: usize,
+}
+
+impl Default for TenantQuotas {
+    fn default() -> Self {
+        TenantQuotas {
+            device_memory_bytes: 2 << 30,
+            live_tensors: 65_536,
+            functions: 64,
+            instances: 64,
+            max_body_bytes: 64 << 20,
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The wasmtime engine: configuration, compilation with a size and time
+//! limit, the on-disk cache of compiled modules, and the epoch ticker that
+//! enforces deadlines.
+//!
+//! Engine settings and why:
+//! - pooling allocator: instance slots are reserved once, so creating a
+//!   fresh instance after a trap costs microseconds, and linear memories are
+//!   initialized copy-on-write from the module image;
+//! - epoch interruption, ticking every [`EPOCH_TICK`]: a guest spinning
+//!   without calling an import still traps at its deadline;
+//! - memory64, threads, multi-memory, GC and components off: what a
+//!   snapshot cannot carry is refused at registration (see `wasm`) and the
+//!   engine would refuse it again.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig,
+};
+
+use crate::config::EngineLimits;
+use crate::host::{self, HostState};
+use crate::sys;
+
+/// Epoch tick: deadlines are enforced to within this; 10 ms costs one
+/// atomic increment per tick and keeps a 10 s deadline within 0.1 %.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// A failure of the engine itself (configuration, linking, cache I/O).
+#[derive(Debug, thiserror::Error)]
+#[error("wasm engine: {0}")]
+pub struct EngineError(pub String);
+
+impl From<wasmtime::Error> for EngineError {
+    fn from(e: wasmtime::Error) -> Self {
+        EngineError(format!("{e:#}"))
+    }
+}
+
+impl From<std::io::Error> for EngineError {
+    fn from(e: std::io::Error) -> Self {
+        EngineError(e.to_string())
+    }
+}
+
+/// Why a module could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("compilation took longer than {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// The engine, its linker, and its module cache.
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    cache: Option<ModuleCache>,
+    limits: EngineLimits,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// An engine with `limits`, caching compiled modules under `cache_dir`
+    /// when given.
+    pub fn new(limits: EngineLimits, cache_dir: Option<&Path>) -> Result<Runtime, EngineError> {
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .wasm_memory64(false)
+            .wasm_multi_memory(false)
+            .wasm_gc(false)
+            .memory_init_cow(true);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_core_instances(limits.total_instances)
+            .total_memories(limits.total_instances)
+            .total_tables(limits.total_instances)
+            .max_memories_per_module(1)
+            .max_tables_per_module(4)
+            .max_memory_size(limits.max_memory_limit as usize)
+            .table_elements(limits.max_table_elements);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::new(&engine);
+        host::add_to_linker(&mut linker)?;
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)?;
+
+        let cache = cache_dir
+            .map(|d| ModuleCache::open(d, &engine))
+            .transpose()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e, s) = (engine.weak(), stop.clone());
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match e.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+        Ok(Runtime {
+            engine,
+            linker: Arc::new(linker),
+            cache,
+            limits,
+            stop,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn linker(&self) -> &Linker<HostState> {
+        &self.linker
+    }
+
+    pub fn limits(&self) -> &EngineLimits {
+        &self.limits
+    }
+
+    /// Epoch ticks that cover `d`.
+    pub fn deadline_ticks(d: Duration) -> u64 {
+        (d.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
+    }
+
+    /// Compiles `wasm` (already inspected and rewritten), from the cache
+    /// when it holds this module for this engine.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Module, CompileError> {
+        if let Some(module) = self.cache.as_ref().and_then(|c| c.load(&self.engine, wasm)) {
+            return Ok(module);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (engine, bytes) = (self.engine.clone(), wasm.to_vec());
+        // Compilation cannot be interrupted; a module that runs over the
+        // limit is abandoned to its thread, and the module size cap bounds
+        // what that thread can still cost.
+        std::thread::Builder::new()
+            .name("compile".into())
+            .spawn(move || {
+                let _ = tx.send(Module::new(&engine, &bytes));
+            })
+            .map_err(|e| CompileError::Rejected(format!("cannot start compiler thread: {e}")))?;
+        let module = match rx.recv_timeout(self.limits.compile_timeout) {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return Err(CompileError::Rejected(format!("{e:#}"))),
+            Err(_) => return Err(CompileError::Timeout(self.limits.compile_timeout)),
+        };
+        if let Some(Err(e)) = self.cache.as_ref().map(|c| c.store(wasm, &module)) {
+            tracing::warn!(error = %e, "could not write the module cache");
+        }
+        Ok(module)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Compiled modules on disk, keyed by the wasm's SHA-256 and the engine's
+/// compatibility hash. Each entry is the serialized module followed by an
+/// HMAC-SHA256 of it under a key kept in the cache directory (0600), so the
+/// executor only ever deserializes bytes it wrote itself; anything else (a
+/// torn write, a stray file, another build) is ignored and recompiled.
+#[derive(Debug)]
+pub struct ModuleCache {
+    dir: PathBuf,
+    key: [u8; 32],
+    engine_hash: String,
+}
+
+impl ModuleCache {
+    fn open(dir: &Path, engine: &Engine) -> std::io::Result<ModuleCache> {
+        std::fs::create_dir_all(dir)?;
+        let key_path = dir.join("cache.key");
+        let key = match std::fs::read(&key_path) {
+            Ok(k) if k.len() == 32 => k.try_into().unwrap_or([0; 32]),
+            _ => {
+                let mut k = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
+                write_private(&key_path, &k)?;
+                k
+            }
+        };
+        let mut h = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        Ok(ModuleCache {
+            dir: dir.to_path_buf(),
+            key,
+            engine_hash: format!("{:016x}", h.finish()),
+        })
+    }
+
+    fn path(&self, wasm: &[u8]) -> PathBuf {
+        let digest = hex::encode(Sha256::digest(wasm));
+        self.dir
+            .join(format!("{digest}-{}.cwasm", self.engine_hash))
+    }
+
+    fn mac(&self, bytes: &[u8]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(bytes);
+        mac
+    }
+
+    fn load(&self, engine: &Engine, wasm: &[u8]) -> Option<Module> {
+        let data = std::fs::read(self.path(wasm)).ok()?;
+        let (body, tag) = data.split_at_checked(data.len().checked_sub(32)?)?;
+        self.mac(body).verify_slice(tag).ok()?;
+        match sys::deserialize_module(engine, sys::Authenticated(body)) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a module cache entry");
+                None
+            }
+        }
+    }
+
+    fn store(&self, wasm: &[u8], module: &Module) -> Result<(), EngineError> {
+        let mut bytes = module.serialize()?;
+        let tag = self.mac(&bytes).finalize().into_bytes();
+        bytes.extend_from_slice(&tag);
+        let path = self.path(wasm);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}

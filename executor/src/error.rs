@@ -1,0 +1,110 @@
+//! The executor's errors and, in one place, their public `code`.
+
+use tensor_wasm_shared::api::TensorCodecError;
+use tensor_wasm_shared::{ApiError, ErrorCode};
+
+use crate::assets::AssetError;
+use crate::instance::InvokeError;
+use crate::wasm::WasmError;
+
+/// Everything the executor's API can answer with besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("missing or invalid internal token")]
+    Unauthorized,
+    #[error("function {0} not found")]
+    FunctionNotFound(String),
+    #[error("job {0} not found")]
+    JobNotFound(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("a function named {0:?} exists; use ?replace=true to replace it")]
+    FunctionExists(String),
+    #[error("tenant {0} is frozen for migration")]
+    TenantFrozen(String),
+    #[error("tenant {0} already exists here")]
+    TenantExists(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error(transparent)]
+    Wasm(#[from] WasmError),
+    #[error("{0}")]
+    Tensor(String),
+    #[error("{0}")]
+    Quota(String),
+    #[error("{0}")]
+    Capacity(String),
+    #[error(transparent)]
+    Invoke(#[from] InvokeError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ExecError {
+    /// The public code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ExecError::InvalidInput(_) => ErrorCode::InvalidInput,
+            ExecError::InvalidJson(_) => ErrorCode::InvalidJson,
+            ExecError::Unauthorized => ErrorCode::Unauthorized,
+            ExecError::FunctionNotFound(_) => ErrorCode::FunctionNotFound,
+            ExecError::JobNotFound(_) => ErrorCode::JobNotFound,
+            ExecError::NotFound(_) => ErrorCode::NotFound,
+            ExecError::FunctionExists(_) => ErrorCode::FunctionExists,
+            ExecError::TenantFrozen(_) => ErrorCode::TenantFrozen,
+            ExecError::TenantExists(_) => ErrorCode::TenantExists,
+            ExecError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            ExecError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            ExecError::Wasm(WasmError::Invalid(_)) => ErrorCode::InvalidWasm,
+            ExecError::Wasm(WasmError::ImportNotAllowed { .. }) => ErrorCode::ImportNotAllowed,
+            ExecError::Wasm(WasmError::MissingExport(_)) => ErrorCode::MissingExport,
+            ExecError::Tensor(_) => ErrorCode::TensorError,
+            ExecError::Quota(_) => ErrorCode::QuotaExceeded,
+            ExecError::Capacity(_) => ErrorCode::CapacityExhausted,
+            ExecError::Invoke(e) => match e {
+                InvokeError::Trap(_) | InvokeError::Instantiate(_) => ErrorCode::GuestTrap,
+                InvokeError::Deadline(_) => ErrorCode::DeadlineExceeded,
+                InvokeError::Function { .. } => ErrorCode::FunctionError,
+                InvokeError::Device(_) => ErrorCode::Internal,
+            },
+            ExecError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The public error.
+    pub fn to_api(&self) -> ApiError {
+        ApiError::new(self.code(), self.to_string())
+    }
+}
+
+impl From<AssetError> for ExecError {
+    fn from(e: AssetError) -> Self {
+        match e {
+            AssetError::Quota(m) => ExecError::Quota(m),
+            other => ExecError::InvalidInput(other.to_string()),
+        }
+    }
+}
+
+impl From<TensorCodecError> for ExecError {
+    fn from(e: TensorCodecError) -> Self {
+        ExecError::InvalidInput(e.to_string())
+    }
+}
+
+impl From<tensor_wasm_kernels::KernelError> for ExecError {
+    fn from(e: tensor_wasm_kernels::KernelError) -> Self {
+        use tensor_wasm_shared::AbiError;
+        match e.abi() {
+            AbiError::QuotaExceeded => ExecError::Quota(e.to_string()),
+            AbiError::DeviceError => ExecError::Internal(e.to_string()),
+            _ => ExecError::InvalidInput(e.to_string()),
+        }
+    }
+}

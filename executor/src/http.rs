@@ -1,0 +1,402 @@
+//! The executor's HTTP API (DESIGN.md §4): the public routes scoped by
+//! `x-tensor-wasm-tenant`, the internal routes, `/healthz` and `/metrics`.
+//!
+//! Every route but `/healthz` and `/metrics` needs the internal token; the
+//! proxy is the only intended caller. Every response carries `x-request-id`
+//! (the caller's, if it sent one), and every error is the JSON body
+//! `{"error": {"code", "message"}}` with the status its code fixes.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures_util::stream;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::api::{
+    DeviceDescription, ExecutorInfo, ExecutorStats, FunctionConfig, FunctionList,
+};
+
+use crate::body::{self, media_type};
+use crate::error::ExecError;
+use crate::metrics::Metrics;
+use crate::registry::{Registration, Registry};
+
+/// Header naming the tenant a request acts for.
+pub const TENANT_HEADER: &str = "x-tensor-wasm-tenant";
+/// Header carrying the request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Slack over the body quota for a multipart envelope's own bytes: 64 KiB.
+const MULTIPART_OVERHEAD: usize = 64 << 10;
+
+/// What the HTTP layer serves from.
+#[derive(Debug)]
+pub struct App {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub internal_token: String,
+    pub id: String,
+    pub addr: String,
+    pub version: String,
+    pub device: DeviceDescription,
+}
+
+impl IntoResponse for ExecError {
+    fn into_response(self) -> Response {
+        let api = self.to_api();
+        let status =
+            StatusCode::from_u16(api.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, axum::Json(api.into_body())).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// The tenant of a request, from `x-tensor-wasm-tenant`.
+#[derive(Debug, Clone)]
+pub struct Tenant(pub TenantId);
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = ExecError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let raw = parts
+            .headers
+            .get(TENANT_HEADER)
+            .ok_or_else(|| ExecError::InvalidInput(format!("missing {TENANT_HEADER}")))?;
+        let s = raw
+            .to_str()
+            .map_err(|_| ExecError::InvalidInput(format!("{TENANT_HEADER} is not text")))?;
+        TenantId::new(s)
+            .map(Tenant)
+            .map_err(|e| ExecError::InvalidInput(format!("{TENANT_HEADER}: {e}")))
+    }
+}
+
+/// The routes, with auth and request ids.
+pub fn router(app: Arc<App>) -> Router {
+    let authed = Router::new()
+        .route("/functions", post(register).get(list))
+        .route("/functions/{id}", get(show).delete(remove))
+        .route("/functions/{id}/logs", get(logs))
+        .route("/functions/{id}/invoke", post(invoke))
+        .route("/internal/info", get(info))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .merge(authed)
+        .fallback(|| async { ExecError::NotFound("route".into()) })
+        .layer(middleware::from_fn(request_id))
+        .with_state(app)
+}
+
+async fn request_id(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .filter(|v| v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(|| {
+            let mut b = [0u8; 8];
+            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
+            HeaderValue::from_str(&hex::encode(b)).unwrap_or(HeaderValue::from_static("0"))
+        });
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert(REQUEST_ID_HEADER, id);
+    resp
+}
+
+async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !bool::from(presented.as_bytes().ct_eq(app.internal_token.as_bytes())) {
+        return ExecError::Unauthorized.into_response();
+    }
+    next.run(req).await
+}
+
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ExecError> {
+    let too_large = || ExecError::PayloadTooLarge(format!("bodies are limited to {limit} bytes"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)).await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ExecError::InvalidInput(format!(
+            "cannot read the body: {e}"
+        ))),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+}
+
+#[derive(Debug, Deserialize)]
+struct RegisterQuery {
+    name: Option<String>,
+    #[serde(default)]
+    replace: bool,
+}
+
+async fn register(
+    State(app): State<Arc<App>>,
+    Tenant(tenant): Tenant,
+    Query(q): Query<RegisterQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ExecError> {
+    let limit = app.registry.limits.max_module_bytes
+        + app.registry.quotas.max_body_bytes
+        + MULTIPART_OVERHEAD;
+    let ct = content_type(&headers).unwrap_or("").to_string();
+    let bytes = read_body(&headers, body, limit).await?;
+    let mut reg = match media_type(&ct) {
+        "application/wasm" => Registration {
+            name: String::new(),
+            wasm: bytes.to_vec(),
+            assets: None,
+            config: FunctionConfig::default(),
+            replace: q.replace,
+        },
+        "multipart/form-data" => parse_multipart(&ct, bytes, q.replace).await?,
+        other => {
+            return Err(ExecError::UnsupportedMediaType(format!(
+                "register with application/wasm or multipart/form-data, not {other:?}"
+            )));
+        }
+    };
+    reg.name = match (q.name, reg.name.is_empty()) {
+        (Some(n), _) => n,
+        (None, false) => reg.name,
+        (None, true) => {
+            use sha2::Digest;
+            format!("fn-{}", &hex::encode(sha2::Sha256::digest(&reg.wasm))[..12])
+        }
+    };
+    let registry = app.registry.clone();
+    let info = tokio::task::spawn_blocking(move || registry.register(&tenant, reg))
+        .await
+        .map_err(|e| ExecError::Internal(format!("registration task failed: {e}")))??;
+    tracing::info!(function = %info.id, name = %info.name, "function registered");
+    Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+}
+
+async fn parse_multipart(ct: &str, body: Bytes, replace: bool) -> Result<Registration, ExecError> {
+    let boundary = multer::parse_boundary(ct)
+        .map_err(|e| ExecError::InvalidInput(format!("multipart boundary: {e}")))?;
+    let mut mp = multer::Multipart::new(
+        stream::once(async move { Ok::<_, std::io::Error>(body) }),
+        boundary,
+    );
+    let mut reg = Registration {
+        name: String::new(),
+        wasm: Vec::new(),
+        assets: None,
+        config: FunctionConfig::default(),
+        replace,
+    };
+    let mut have_module = false;
+    let bad = |e: multer::Error| ExecError::InvalidInput(format!("multipart body: {e}"));
+    while let Some(field) = mp.next_field().await.map_err(bad)? {
+        let name = field.name().unwrap_or("").to_string();
+        let data = field.bytes().await.map_err(bad)?;
+        match name.as_str() {
+            "module" => {
+                reg.wasm = data.to_vec();
+                have_module = true;
+            }
+            "assets" => reg.assets = Some(data.to_vec()),
+            "config" => {
+                reg.config = serde_json::from_slice(&data)
+                    .map_err(|e| ExecError::InvalidJson(format!("config part: {e}")))?
+            }
+            "name" => {
+                reg.name = String::from_utf8(data.to_vec())
+                    .map_err(|_| ExecError::InvalidInput("name part is not UTF-8".into()))?
+            }
+            other => {
+                return Err(ExecError::InvalidInput(format!(
+                    "unknown part {other:?}; expected module, assets, config"
+                )));
+            }
+        }
+    }
+    if !have_module {
+        return Err(ExecError::InvalidInput(
+            "multipart body lacks a `module` part".into(),
+        ));
+    }
+    Ok(reg)
+}
+
+async fn list(State(app): State<Arc<App>>, Tenant(tenant): Tenant) -> axum::Json<FunctionList> {
+    axum::Json(FunctionList {
+        functions: app.registry.functions(&tenant),
+    })
+}
+
+async fn show(
+    State(app): State<Arc<App>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, ExecError> {
+    Ok(axum::Json(app.registry.function(&tenant, &id)?.info.clone()).into_response())
+}
+
+async fn remove(
+    State(app): State<Arc<App>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ExecError> {
+    app.registry.delete(&tenant, &id)?;
+    tracing::info!(%tenant, function = %id, "function deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn logs(
+    State(app): State<Arc<App>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, ExecError> {
+    let f = app.registry.function(&tenant, &id)?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        f.log.contents(),
+    )
+        .into_response())
+}
+
+async fn invoke(
+    State(app): State<Arc<App>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ExecError> {
+    let start = Instant::now();
+    let result = invoke_inner(&app, &tenant, &id, &headers, body).await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.code().as_str(),
+    };
+    app.metrics.invocations.with_label_values(&[label]).inc();
+    app.metrics
+        .invoke_duration
+        .observe(start.elapsed().as_secs_f64());
+    result
+}
+
+async fn invoke_inner(
+    app: &App,
+    tenant: &TenantId,
+    id: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ExecError> {
+    // Unknown functions answer 404 before the body is read.
+    app.registry.function(tenant, id)?;
+    let bytes = read_body(headers, body, app.registry.quotas.max_body_bytes).await?;
+    let t = app.registry.tenant(tenant)?;
+    let backend = t.backend.clone();
+    let ct = content_type(headers).map(str::to_string);
+    let b = backend.clone();
+    let request =
+        tokio::task::spawn_blocking(move || body::decode_request(ct.as_deref(), bytes, b.as_ref()))
+            .await
+            .map_err(|e| ExecError::Internal(format!("decode task failed: {e}")))??;
+    let response = app.registry.invoke(tenant, id, request).await?;
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let encoded = tokio::task::spawn_blocking(move || {
+        body::encode_response(accept.as_deref(), response, backend.as_ref())
+    })
+    .await
+    .map_err(|e| ExecError::Internal(format!("encode task failed: {e}")))??;
+    Ok(([(header::CONTENT_TYPE, encoded.content_type)], encoded.body).into_response())
+}
+
+async fn info(State(app): State<Arc<App>>) -> axum::Json<ExecutorInfo> {
+    axum::Json(executor_info(&app))
+}
+
+/// This executor's description, as `/internal/info` answers it.
+pub fn executor_info(app: &App) -> ExecutorInfo {
+    let mut device = app.device.clone();
+    device.memory_used = app.registry.device_bytes();
+    ExecutorInfo {
+        id: app.id.clone(),
+        addr: app.addr.clone(),
+        version: app.version.clone(),
+        healthy: true,
+        device,
+        tenants: app
+            .registry
+            .tenant_ids()
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        stats: ExecutorStats {
+            active_instances: app
+                .registry
+                .counters
+                .active_instances
+                .load(std::sync::atomic::Ordering::Relaxed),
+            jobs_in_flight: app
+                .registry
+                .counters
+                .jobs_in_flight
+                .load(std::sync::atomic::Ordering::Relaxed),
+            kernel_dispatches_total: app.metrics.dispatches_total(),
+        },
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let r = &app.registry;
+    let m = &app.metrics;
+    m.active_instances.set(
+        r.counters
+            .active_instances
+            .load(std::sync::atomic::Ordering::Relaxed) as i64,
+    );
+    m.jobs_in_flight.set(
+        r.counters
+            .jobs_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed) as i64,
+    );
+    m.device_memory
+        .with_label_values(&[&app.id])
+        .set(r.device_bytes() as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(),
+    )
+        .into_response()
+}

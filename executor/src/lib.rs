@@ -1,0 +1,39 @@
+//! The executor: where tenants' WebAssembly functions run, one process per
+//! GPU, MIG slice or CPU.
+//!
+//! The path of an invocation, by module:
+//! 1. [`http`] receives `POST /functions/{id}/invoke` with the internal
+//!    token and the tenant header, and [`body`] decodes its inputs (JSON
+//!    tensors, safetensors, or raw bytes) onto the tenant's backend.
+//! 2. [`registry`] finds the tenant's function and takes a warm instance
+//!    from its pool, waiting in a bounded queue if all are busy.
+//! 3. [`instance`] runs the guest's `handle` in wasmtime ([`engine`]) under
+//!    the invocation's deadline; the guest calls the `tensor` imports of
+//!    [`host`], which check every pointer and dispatch to the kernels of
+//!    `tensor-wasm-kernels`, keeping results in the instance's [`tensors`]
+//!    table.
+//! 4. [`body`] encodes the named outputs (or the raw bytes) for the
+//!    response; the instance goes back to the pool with its state.
+//!
+//! Registration ([`wasm`]) refuses what cannot be bounded or snapshotted
+//! and rewrites the module to export its mutable globals. [`error`] maps
+//! every failure to its public code in one place. The only `unsafe` is in
+//! `sys` (loading compiled modules this executor wrote).
+
+#![deny(unsafe_code)]
+
+pub mod assets;
+pub mod body;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod host;
+pub mod http;
+pub mod instance;
+pub mod logs;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+mod sys;
+pub mod tensors;
+pub mod wasm;

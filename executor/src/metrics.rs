@@ -1,0 +1,151 @@
+//! The executor's metrics (DESIGN.md §6), registered under one prefix in one
+//! registry. Names come from `tensor_wasm_shared::names`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tensor_wasm_shared::names::{BUILD_INFO, executor_metrics as m};
+
+/// The ops a guest can dispatch, as metric labels.
+pub const OPS: [&str; 19] = [
+    "new",
+    "zeros",
+    "matmul",
+    "binary",
+    "scalar",
+    "unary",
+    "reduce",
+    "softmax",
+    "layer_norm",
+    "rms_norm",
+    "reshape",
+    "transpose",
+    "cast",
+    "gather",
+    "concat",
+    "attention",
+    "input",
+    "read",
+    "asset",
+];
+
+/// Every metric the executor exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub active_instances: IntGauge,
+    pub jobs_in_flight: IntGauge,
+    pub kernel_dispatches: IntCounterVec,
+    pub kernel_dispatch_duration: HistogramVec,
+    pub invocations: IntCounterVec,
+    pub invoke_duration: Histogram,
+    pub device_memory: IntGaugeVec,
+    backend: &'static str,
+}
+
+/// Dispatch latency buckets, in seconds: 1 µs to 1 s.
+const DISPATCH_BUCKETS: [f64; 13] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0,
+];
+
+impl Metrics {
+    /// Metrics of an executor whose kernels run on `backend` ("cpu" or
+    /// "cuda"), labelled with its build.
+    pub fn new(backend: &'static str, build: &[(&str, &str)]) -> Metrics {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("metric names are unique");
+        };
+        let active_instances =
+            IntGauge::new(m::ACTIVE_INSTANCES, "Warm wasm instances.").expect("valid");
+        let jobs_in_flight =
+            IntGauge::new(m::JOBS_IN_FLIGHT, "Async jobs pending or running.").expect("valid");
+        let kernel_dispatches = IntCounterVec::new(
+            Opts::new(
+                m::KERNEL_DISPATCHES_TOTAL,
+                "Tensor ops dispatched by guests.",
+            ),
+            &["op", "backend"],
+        )
+        .expect("valid");
+        let kernel_dispatch_duration = HistogramVec::new(
+            HistogramOpts::new(
+                m::KERNEL_DISPATCH_DURATION_SECONDS,
+                "Time to dispatch one tensor op (enqueue on a GPU, compute on the CPU).",
+            )
+            .buckets(DISPATCH_BUCKETS.to_vec()),
+            &["backend"],
+        )
+        .expect("valid");
+        let invocations = IntCounterVec::new(
+            Opts::new(m::INVOCATIONS_TOTAL, "Invocations by result code."),
+            &["result"],
+        )
+        .expect("valid");
+        let invoke_duration = Histogram::with_opts(HistogramOpts::new(
+            m::INVOKE_DURATION_SECONDS,
+            "Invocation latency inside the executor.",
+        ))
+        .expect("valid");
+        let device_memory = IntGaugeVec::new(
+            Opts::new(
+                m::DEVICE_MEMORY_BYTES,
+                "Device memory held by tenants' tensors.",
+            ),
+            &["executor"],
+        )
+        .expect("valid");
+        let (names, values): (Vec<&str>, Vec<&str>) = build.iter().copied().unzip();
+        let build_info = IntGaugeVec::new(Opts::new(BUILD_INFO, "Build of this process."), &names)
+            .expect("valid");
+        build_info.with_label_values(&values).set(1);
+        reg(Box::new(active_instances.clone()));
+        reg(Box::new(jobs_in_flight.clone()));
+        reg(Box::new(kernel_dispatches.clone()));
+        reg(Box::new(kernel_dispatch_duration.clone()));
+        reg(Box::new(invocations.clone()));
+        reg(Box::new(invoke_duration.clone()));
+        reg(Box::new(device_memory.clone()));
+        reg(Box::new(build_info));
+        Metrics {
+            registry,
+            active_instances,
+            jobs_in_flight,
+            kernel_dispatches,
+            kernel_dispatch_duration,
+            invocations,
+            invoke_duration,
+            device_memory,
+            backend,
+        }
+    }
+
+    /// Counts one dispatch of `op` that took `seconds`.
+    pub fn dispatched(&self, op: &str, seconds: f64) {
+        self.kernel_dispatches
+            .with_label_values(&[op, self.backend])
+            .inc();
+        self.kernel_dispatch_duration
+            .with_label_values(&[self.backend])
+            .observe(seconds);
+    }
+
+    /// Dispatches counted so far, all ops.
+    pub fn dispatches_total(&self) -> u64 {
+        OPS.iter()
+            .map(|op| {
+                self.kernel_dispatches
+                    .with_label_values(&[op, self.backend])
+                    .get()
+            })
+            .sum()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

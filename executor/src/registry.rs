@@ -1,0 +1,605 @@
+//! Tenants, their functions, and each function's warm instances.
+//!
+//! A function is registered once (inspected, rewritten, compiled, its assets
+//! uploaded), persisted under the state directory, and from then on invoked
+//! through a pool of at most `max_instances` warm instances. Invocations
+//! beyond that wait in a bounded queue; past the queue they get
+//! `capacity_exhausted` at once rather than piling up.
+//!
+//! Persistence: `<state>/functions/<tenant>/<id>/` holds `function.json`,
+//! `module.wasm` (the original bytes) and, if any, `assets.safetensors`. A
+//! function directory is written beside its final name and renamed into
+//! place, so a crash leaves either the old function or the new one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tensor_wasm_kernels::Backend;
+use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::api::{FunctionConfig, FunctionInfo};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::InstancePre;
+
+use crate::assets::Assets;
+use crate::config::{EngineLimits, TenantQuotas};
+use crate::engine::{CompileError, Runtime};
+use crate::error::ExecError;
+use crate::host::HostState;
+use crate::instance::{InstanceSetup, Request, Response, WarmInstance};
+use crate::logs::FunctionLog;
+use crate::metrics::Metrics;
+use crate::tensors::TenantUsage;
+use crate::wasm;
+
+/// Makes the backend a tenant's tensors live on (one per tenant, so that on
+/// a GPU each tenant has its own stream).
+pub type BackendFactory = Arc<dyn Fn() -> Result<Arc<dyn Backend>, String> + Send + Sync>;
+
+/// What registration is asked to do.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub name: String,
+    pub wasm: Vec<u8>,
+    pub assets: Option<Vec<u8>>,
+    pub config: FunctionConfig,
+    pub replace: bool,
+}
+
+/// A registered function.
+pub struct Function {
+    pub info: FunctionInfo,
+    wasm: Arc<[u8]>,
+    assets_file: Option<Arc<[u8]>>,
+    pre: InstancePre<HostState>,
+    setup: InstanceSetup,
+    deadline: Duration,
+    /// Held for the device memory it gives back when the function goes.
+    #[allow(dead_code)]
+    assets: Assets,
+    pool: Pool,
+    pub log: FunctionLog,
+}
+
+impl std::fmt::Debug for Function {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Function")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Pool {
+    idle: Mutex<Vec<PooledInstance>>,
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+}
+
+/// A warm instance that gives its slot back to the counters when dropped.
+struct PooledInstance {
+    inst: WarmInstance,
+    counters: Arc<Counters>,
+    tenant_instances: Arc<AtomicUsize>,
+}
+
+impl Drop for PooledInstance {
+    fn drop(&mut self) {
+        self.counters
+            .active_instances
+            .fetch_sub(1, Ordering::Relaxed);
+        self.tenant_instances.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Executor-wide counters read by `/internal/info` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub active_instances: AtomicU64,
+    pub jobs_in_flight: AtomicU64,
+}
+
+/// One tenant on this executor.
+pub struct Tenant {
+    pub id: TenantId,
+    functions: RwLock<BTreeMap<String, Arc<Function>>>,
+    pub usage: Arc<TenantUsage>,
+    pub backend: Arc<dyn Backend>,
+    instances: Arc<AtomicUsize>,
+    pub frozen: AtomicBool,
+}
+
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenant")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every tenant of this executor.
+pub struct Registry {
+    runtime: Runtime,
+    backends: BackendFactory,
+    tenants: RwLock<BTreeMap<TenantId, Arc<Tenant>>>,
+    state_dir: Option<PathBuf>,
+    pub limits: EngineLimits,
+    pub quotas: TenantQuotas,
+    pub counters: Arc<Counters>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn new_function_id() -> String {
+    let mut b = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
+    format!("fn-{}", hex::encode(b))
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    /// A registry persisting under `state_dir` (if any), creating each
+    /// tenant's backend with `backends`.
+    pub fn new(
+        runtime: Runtime,
+        backends: BackendFactory,
+        state_dir: Option<PathBuf>,
+        quotas: TenantQuotas,
+        metrics: Arc<Metrics>,
+    ) -> Registry {
+        Registry {
+            limits: runtime.limits().clone(),
+            runtime,
+            backends,
+            tenants: RwLock::new(BTreeMap::new()),
+            state_dir,
+            quotas,
+            counters: Arc::new(Counters::default()),
+            metrics,
+        }
+    }
+
+    /// The tenant, created on first use.
+    pub fn tenant(&self, id: &TenantId) -> Result<Arc<Tenant>, ExecError> {
+        if let Some(t) = read_lock(&self.tenants).get(id) {
+            return Ok(t.clone());
+        }
+        let mut tenants = write_lock(&self.tenants);
+        if let Some(t) = tenants.get(id) {
+            return Ok(t.clone());
+        }
+        let backend = (self.backends)().map_err(ExecError::Internal)?;
+        let t = Arc::new(Tenant {
+            id: id.clone(),
+            functions: RwLock::new(BTreeMap::new()),
+            usage: Arc::new(TenantUsage::new(
+                self.quotas.device_memory_bytes,
+                self.quotas.live_tensors,
+            )),
+            backend,
+            instances: Arc::new(AtomicUsize::new(0)),
+            frozen: AtomicBool::new(false),
+        });
+        tenants.insert(id.clone(), t.clone());
+        Ok(t)
+    }
+
+    /// The tenant if it exists here.
+    pub fn existing_tenant(&self, id: &TenantId) -> Option<Arc<Tenant>> {
+        read_lock(&self.tenants).get(id).cloned()
+    }
+
+    /// Ids of the tenants that have functions here.
+    pub fn tenant_ids(&self) -> Vec<TenantId> {
+        read_lock(&self.tenants)
+            .values()
+            .filter(|t| !read_lock(&t.functions).is_empty())
+            .map(|t| t.id.clone())
+            .collect()
+    }
+
+    /// Device bytes held by all tenants.
+    pub fn device_bytes(&self) -> u64 {
+        read_lock(&self.tenants)
+            .values()
+            .map(|t| t.usage.bytes())
+            .sum()
+    }
+
+    fn resolve_config(&self, c: &FunctionConfig) -> FunctionConfig {
+        let l = &self.limits;
+        FunctionConfig {
+            deadline_ms: Some(
+                c.deadline_ms
+                    .unwrap_or(l.default_deadline.as_millis() as u64)
+                    .clamp(1, l.max_deadline.as_millis() as u64),
+            ),
+            memory_limit_bytes: Some(
+                c.memory_limit_bytes
+                    .unwrap_or(l.default_memory_limit)
+                    .min(l.max_memory_limit),
+            ),
+            max_instances: Some(
+                c.max_instances
+                    .unwrap_or(l.default_max_instances)
+                    .clamp(1, l.max_instances_per_function),
+            ),
+        }
+    }
+
+    /// Registers (or replaces) a function. Compiles on the calling thread:
+    /// call it from a blocking context.
+    pub fn register(
+        &self,
+        tenant: &TenantId,
+        reg: Registration,
+    ) -> Result<FunctionInfo, ExecError> {
+        self.register_inner(tenant, reg, None, true)
+    }
+
+    fn register_inner(
+        &self,
+        tenant_id: &TenantId,
+        reg: Registration,
+        restored: Option<FunctionInfo>,
+        persist: bool,
+    ) -> Result<FunctionInfo, ExecError> {
+        if reg.name.is_empty() || reg.name.len() > 128 || reg.name.chars().any(char::is_control) {
+            return Err(ExecError::InvalidInput(
+                "function names are 1 to 128 printable characters".into(),
+            ));
+        }
+        let tenant = self.tenant(tenant_id)?;
+        if tenant.frozen.load(Ordering::Acquire) {
+            return Err(ExecError::TenantFrozen(tenant_id.to_string()));
+        }
+        let existing = read_lock(&tenant.functions)
+            .values()
+            .find(|f| f.info.name == reg.name)
+            .cloned();
+        if existing.is_some() && !reg.replace && restored.is_none() {
+            return Err(ExecError::FunctionExists(reg.name));
+        }
+        if existing.is_none()
+            && restored.is_none()
+            && read_lock(&tenant.functions).len() >= self.quotas.functions
+        {
+            return Err(ExecError::Quota(format!(
+                "the tenant already has {} functions, the most allowed",
+                self.quotas.functions
+            )));
+        }
+        let inspected = wasm::inspect(&reg.wasm, self.limits.max_module_bytes)?;
+        let module = self
+            .runtime
+            .compile(&inspected.rewritten)
+            .map_err(|e| match e {
+                CompileError::Timeout(_) => {
+                    ExecError::Wasm(wasm::WasmError::Invalid(e.to_string()))
+                }
+                CompileError::Rejected(m) => ExecError::Wasm(wasm::WasmError::Invalid(m)),
+            })?;
+        let pre = self
+            .runtime
+            .linker()
+            .instantiate_pre(&module)
+            .map_err(|e| ExecError::Wasm(wasm::WasmError::Invalid(format!("{e:#}"))))?;
+        let assets = match &reg.assets {
+            Some(file) => Assets::load(file, tenant.backend.as_ref(), tenant.usage.clone())?,
+            None => Assets::none(tenant.usage.clone()),
+        };
+        let config = self.resolve_config(&reg.config);
+        let info = match restored {
+            Some(mut info) => {
+                info.config = config.clone();
+                info
+            }
+            None => FunctionInfo {
+                id: existing
+                    .as_ref()
+                    .map_or_else(new_function_id, |f| f.info.id.clone()),
+                name: reg.name.clone(),
+                sha256: hex::encode(Sha256::digest(&reg.wasm)),
+                exports: inspected.exports.clone(),
+                created_at: now_rfc3339(),
+                config: config.clone(),
+                assets: assets.names(),
+            },
+        };
+        let log = existing.as_ref().map_or_else(
+            || FunctionLog::new(self.limits.log_capacity),
+            |f| f.log.clone(),
+        );
+        let max_instances = config.max_instances.unwrap_or(1) as usize;
+        let function = Arc::new(Function {
+            setup: InstanceSetup {
+                backend: tenant.backend.clone(),
+                assets: assets.tensors.clone(),
+                usage: tenant.usage.clone(),
+                log: log.clone(),
+                metrics: self.metrics.clone(),
+                memory_limit: config
+                    .memory_limit_bytes
+                    .unwrap_or(self.limits.default_memory_limit),
+                max_output_bytes: self.limits.max_output_bytes,
+                max_error_message: self.limits.max_error_message,
+                max_table_elements: self.limits.max_table_elements,
+            },
+            deadline: Duration::from_millis(config.deadline_ms.unwrap_or(10_000)),
+            info: info.clone(),
+            wasm: Arc::from(reg.wasm),
+            assets_file: reg.assets.map(Arc::from),
+            pre,
+            assets,
+            pool: Pool {
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(max_instances)),
+                waiting: AtomicUsize::new(0),
+                max_waiting: self.limits.max_queued_per_function,
+            },
+            log,
+        });
+        if persist {
+            self.persist(tenant_id, &function)
+                .map_err(|e| ExecError::Internal(format!("cannot persist the function: {e}")))?;
+        }
+        write_lock(&tenant.functions).insert(info.id.clone(), function);
+        Ok(info)
+    }
+
+    /// A function of a tenant. Another tenant's id is "not found".
+    pub fn function(&self, tenant: &TenantId, id: &str) -> Result<Arc<Function>, ExecError> {
+        self.existing_tenant(tenant)
+            .and_then(|t| read_lock(&t.functions).get(id).cloned())
+            .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))
+    }
+
+    /// The tenant's functions, by id.
+    pub fn functions(&self, tenant: &TenantId) -> Vec<FunctionInfo> {
+        self.existing_tenant(tenant)
+            .map(|t| {
+                read_lock(&t.functions)
+                    .values()
+                    .map(|f| f.info.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Deletes a function, its instances, assets and files.
+    pub fn delete(&self, tenant: &TenantId, id: &str) -> Result<(), ExecError> {
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
+        if t.frozen.load(Ordering::Acquire) {
+            return Err(ExecError::TenantFrozen(tenant.to_string()));
+        }
+        write_lock(&t.functions)
+            .remove(id)
+            .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
+        if let Some(dir) = self.function_dir(tenant, id) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
+    }
+
+    /// Runs one invocation on a warm instance (waiting in the function's
+    /// bounded queue if all are busy).
+    pub async fn invoke(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        request: Request,
+    ) -> Result<Response, ExecError> {
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
+        if t.frozen.load(Ordering::Acquire) {
+            return Err(ExecError::TenantFrozen(tenant.to_string()));
+        }
+        let f = self.function(tenant, id)?;
+        let permit = self.acquire(&f).await?;
+        let pooled = f.pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (counters, tenant_instances) = (self.counters.clone(), t.instances.clone());
+        let max_tenant_instances = self.quotas.instances;
+        let func = f.clone();
+        let (back, result) = tokio::task::spawn_blocking(move || {
+            let mut inst = match pooled {
+                Some(p) => p,
+                None => {
+                    if tenant_instances.fetch_add(1, Ordering::AcqRel) >= max_tenant_instances {
+                        tenant_instances.fetch_sub(1, Ordering::AcqRel);
+                        return (
+                            None,
+                            Err(ExecError::Quota(format!(
+                                "the tenant already has {max_tenant_instances} warm instances"
+                            ))),
+                        );
+                    }
+                    counters.active_instances.fetch_add(1, Ordering::Relaxed);
+                    let created = WarmInstance::create(&func.pre, &func.setup, true, func.deadline);
+                    match created {
+                        Ok(inst) => PooledInstance {
+                            inst,
+                            counters,
+                            tenant_instances,
+                        },
+                        Err(e) => {
+                            counters.active_instances.fetch_sub(1, Ordering::Relaxed);
+                            tenant_instances.fetch_sub(1, Ordering::AcqRel);
+                            return (None, Err(ExecError::Invoke(e)));
+                        }
+                    }
+                }
+            };
+            match inst.inst.invoke(request, func.deadline) {
+                Ok(r) => (Some(inst), Ok(r)),
+                Err(e) if e.kills_instance() => (None, Err(ExecError::Invoke(e))),
+                Err(e) => (Some(inst), Err(ExecError::Invoke(e))),
+            }
+        })
+        .await
+        .map_err(|e| ExecError::Internal(format!("invocation task failed: {e}")))?;
+        if let Some(inst) = back {
+            f.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(inst);
+        }
+        drop(permit);
+        result
+    }
+
+    async fn acquire(&self, f: &Function) -> Result<OwnedSemaphorePermit, ExecError> {
+        if let Ok(p) = f.pool.permits.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if f.pool.waiting.fetch_add(1, Ordering::AcqRel) >= f.pool.max_waiting {
+            f.pool.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(ExecError::Capacity(format!(
+                "function {} has {} invocations waiting already",
+                f.info.id, f.pool.max_waiting
+            )));
+        }
+        let waited = tokio::time::timeout(f.deadline, f.pool.permits.clone().acquire_owned()).await;
+        f.pool.waiting.fetch_sub(1, Ordering::AcqRel);
+        match waited {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(ExecError::Capacity(format!(
+                "no instance of function {} came free within its deadline",
+                f.info.id
+            ))),
+        }
+    }
+
+    fn function_dir(&self, tenant: &TenantId, id: &str) -> Option<PathBuf> {
+        self.state_dir
+            .as_ref()
+            .map(|d| d.join("functions").join(tenant.as_str()).join(id))
+    }
+
+    fn persist(&self, tenant: &TenantId, f: &Function) -> std::io::Result<()> {
+        let Some(dir) = self.function_dir(tenant, &f.info.id) else {
+            return Ok(());
+        };
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)?;
+        let tmp = parent.join(format!(".{}.tmp", f.info.id));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        std::fs::write(tmp.join("module.wasm"), &f.wasm)?;
+        if let Some(a) = &f.assets_file {
+            std::fs::write(tmp.join("assets.safetensors"), a)?;
+        }
+        let json = serde_json::to_vec_pretty(&f.info).map_err(std::io::Error::other)?;
+        std::fs::write(tmp.join("function.json"), json)?;
+        for file in std::fs::read_dir(&tmp)? {
+            std::fs::File::open(file?.path())?.sync_all()?;
+        }
+        let old = parent.join(format!(".{}.old", f.info.id));
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(&dir, &old)?;
+        }
+        std::fs::rename(&tmp, &dir)?;
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::File::open(parent)?.sync_all()
+    }
+
+    /// Registers every function persisted under the state directory.
+    /// Returns how many came back; failures are logged and skipped.
+    pub fn load_persisted(&self) -> usize {
+        let Some(root) = self.state_dir.as_ref().map(|d| d.join("functions")) else {
+            return 0;
+        };
+        let Ok(tenants) = std::fs::read_dir(&root) else {
+            return 0;
+        };
+        let mut loaded = 0;
+        for tdir in tenants.flatten() {
+            let Some(tenant) = tdir
+                .file_name()
+                .to_str()
+                .and_then(|s| TenantId::new(s).ok())
+            else {
+                continue;
+            };
+            let Ok(functions) = std::fs::read_dir(tdir.path()) else {
+                continue;
+            };
+            for fdir in functions.flatten() {
+                let name = fdir.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    // A `.old` beside a missing function is the last good
+                    // copy of an interrupted replace: put it back.
+                    if let Some(id) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".old")) {
+                        let fin = tdir.path().join(id);
+                        if !fin.exists() {
+                            let _ = std::fs::rename(fdir.path(), &fin);
+                            match self.load_function(&tenant, &fin) {
+                                Ok(()) => loaded += 1,
+                                Err(e) => {
+                                    tracing::error!(%tenant, function = id, error = %e, "cannot restore function")
+                                }
+                            }
+                            continue;
+                        }
+                    }
+                    let _ = std::fs::remove_dir_all(fdir.path());
+                    continue;
+                }
+                match self.load_function(&tenant, &fdir.path()) {
+                    Ok(()) => loaded += 1,
+                    Err(e) => {
+                        tracing::error!(%tenant, function = name, error = %e, "cannot restore function")
+                    }
+                }
+            }
+        }
+        loaded
+    }
+
+    fn load_function(&self, tenant: &TenantId, dir: &Path) -> Result<(), ExecError> {
+        let io = |e: std::io::Error| ExecError::Internal(format!("{}: {e}", dir.display()));
+        let info: FunctionInfo =
+            serde_json::from_slice(&std::fs::read(dir.join("function.json")).map_err(io)?)
+                .map_err(|e| ExecError::Internal(format!("{}: {e}", dir.display())))?;
+        let wasm = std::fs::read(dir.join("module.wasm")).map_err(io)?;
+        let assets = match std::fs::read(dir.join("assets.safetensors")) {
+            Ok(a) => Some(a),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(e)),
+        };
+        let reg = Registration {
+            name: info.name.clone(),
+            wasm,
+            assets,
+            config: info.config.clone(),
+            replace: true,
+        };
+        self.register_inner(tenant, reg, Some(info), false)
+            .map(|_| ())
+    }
+}

@@ -1,0 +1,215 @@
+//! Starting and stopping an executor process: pick the device, load the
+//! registry from the state directory, serve HTTP until told to stop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tensor_wasm_kernels::{Backend, CpuBackend, Limits};
+use tensor_wasm_shared::api::DeviceDescription;
+
+use crate::config::{EngineLimits, TenantQuotas};
+use crate::engine::{EngineError, Runtime};
+use crate::http::{self, App};
+use crate::metrics::Metrics;
+use crate::registry::{BackendFactory, Registry};
+
+/// Which device the executor drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA device 0 when there is one (and the binary has the `cuda`
+    /// feature), else the CPU.
+    Auto,
+    Cpu,
+    /// The CUDA device with this ordinal (as the process sees it: under
+    /// `CUDA_VISIBLE_DEVICES=<uuid>` that is always 0).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}; use auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+/// Everything an executor process is started with.
+#[derive(Clone, Debug)]
+pub struct ExecutorConfig {
+    /// Stable name (`gpu0`, `mig-<uuid8>`, `cpu0`, a pod name).
+    pub id: String,
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub internal_token: String,
+    pub device: DeviceChoice,
+    pub limits: EngineLimits,
+    pub quotas: TenantQuotas,
+}
+
+/// Why an executor could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the internal token is empty; set TENSOR_WASM_INTERNAL_TOKEN")]
+    NoToken,
+    #[error("cannot use the state directory {0}: {1}")]
+    StateDir(PathBuf, std::io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}
+
+fn cpu_description(backend: &CpuBackend) -> DeviceDescription {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    DeviceDescription {
+        kind: "cpu".into(),
+        name: backend.device_name(),
+        uuid: None,
+        mig_profile: None,
+        memory_total: total,
+        memory_used: 0,
+    }
+}
+
+/// The backend factory and device description for `choice`.
+pub fn open_device(
+    choice: DeviceChoice,
+    limits: Limits,
+) -> Result<(BackendFactory, DeviceDescription, &'static str), ServeError> {
+    #[cfg(feature = "cuda")]
+    {
+        use tensor_wasm_kernels::cuda::CudaBackend;
+        let ordinal = match choice {
+            DeviceChoice::Cuda(n) => Some(n),
+            DeviceChoice::Auto => Some(0),
+            DeviceChoice::Cpu => None,
+        };
+        if let Some(n) = ordinal {
+            match CudaBackend::new(n, limits) {
+                Ok(base) => {
+                    let description = DeviceDescription {
+                        kind: "cuda".into(),
+                        name: base.device_name(),
+                        uuid: None,
+                        mig_profile: None,
+                        memory_total: 0,
+                        memory_used: 0,
+                    };
+                    let base = Arc::new(base);
+                    let factory: BackendFactory = Arc::new(move || {
+                        base.new_stream_backend()
+                            .map(|b| Arc::new(b) as Arc<dyn Backend>)
+                            .map_err(|e| e.to_string())
+                    });
+                    return Ok((factory, description, "cuda"));
+                }
+                Err(e) if choice == DeviceChoice::Auto => {
+                    tracing::info!(error = %e, "no usable CUDA device; running tensor ops on the CPU");
+                }
+                Err(e) => return Err(ServeError::Device(e.to_string())),
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    if let DeviceChoice::Cuda(_) = choice {
+        return Err(ServeError::Device(
+            "this binary was built without the `cuda` feature".into(),
+        ));
+    }
+    let cpu = Arc::new(CpuBackend::new(limits));
+    let description = cpu_description(&cpu);
+    let factory: BackendFactory = Arc::new(move || Ok(cpu.clone() as Arc<dyn Backend>));
+    Ok((factory, description, "cpu"))
+}
+
+/// A bound, ready executor.
+#[derive(Debug)]
+pub struct Executor {
+    pub app: Arc<App>,
+    listener: tokio::net::TcpListener,
+}
+
+impl Executor {
+    /// Opens the device, reloads persisted functions and binds the listener.
+    pub async fn start(cfg: ExecutorConfig, features: &str) -> Result<Executor, ServeError> {
+        if cfg.internal_token.is_empty() {
+            return Err(ServeError::NoToken);
+        }
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| ServeError::StateDir(cfg.state_dir.clone(), e))?;
+        let (backends, device, backend_kind) = open_device(cfg.device, cfg.limits.tensor)?;
+        let build = tensor_wasm_shared::build::labels("executor", features);
+        let metrics = Arc::new(Metrics::new(backend_kind, &build));
+        let runtime = Runtime::new(
+            cfg.limits.clone(),
+            Some(&cfg.state_dir.join("module-cache")),
+        )?;
+        let registry = Arc::new(Registry::new(
+            runtime,
+            backends,
+            Some(cfg.state_dir.clone()),
+            cfg.quotas.clone(),
+            metrics.clone(),
+        ));
+        let reg = registry.clone();
+        let loaded = tokio::task::spawn_blocking(move || reg.load_persisted())
+            .await
+            .unwrap_or(0);
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| ServeError::Bind(cfg.listen, e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ServeError::Bind(cfg.listen, e))?;
+        tracing::info!(id = %cfg.id, %addr, device = %device.name, functions = loaded, "executor ready");
+        Ok(Executor {
+            app: Arc::new(App {
+                registry,
+                metrics,
+                internal_token: cfg.internal_token,
+                id: cfg.id,
+                addr: addr.to_string(),
+                version: tensor_wasm_shared::build::VERSION.to_string(),
+                device,
+            }),
+            listener,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        axum::serve(self.listener, http::router(self.app))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServeError::Serve)
+    }
+}

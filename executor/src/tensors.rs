@@ -1,0 +1,308 @@
+//! An instance's tensor table and a tenant's usage counters.
+//!
+//! Guests hold tensors as `i32` handles (> 0) that they keep in linear
+//! memory, so handle numbers are stable for the life of an instance and are
+//! restored as they were after a migration. Every tensor a guest creates
+//! counts against its tenant's device-memory and live-tensor quotas until it
+//! is freed or its instance dies; assets are counted once, at registration,
+//! and never per instance.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tensor_wasm_kernels::{KernelError, Tensor};
+use tensor_wasm_shared::AbiError;
+
+/// A failed guest ABI call: the code the guest sees and the message
+/// `last_error` gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbiFailure {
+    pub code: AbiError,
+    pub message: String,
+}
+
+impl AbiFailure {
+    pub fn new(code: AbiError, message: impl Into<String>) -> Self {
+        AbiFailure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<KernelError> for AbiFailure {
+    fn from(e: KernelError) -> Self {
+        AbiFailure::new(e.abi(), e.to_string())
+    }
+}
+
+/// What a tenant's tensors use, against its quotas. Shared by all of the
+/// tenant's instances.
+#[derive(Debug)]
+pub struct TenantUsage {
+    bytes: AtomicU64,
+    tensors: AtomicU64,
+    max_bytes: u64,
+    max_tensors: u64,
+}
+
+impl TenantUsage {
+    pub fn new(max_bytes: u64, max_tensors: u64) -> Self {
+        TenantUsage {
+            bytes: AtomicU64::new(0),
+            tensors: AtomicU64::new(0),
+            max_bytes,
+            max_tensors,
+        }
+    }
+
+    /// Device bytes held now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Live tensors now (assets excluded).
+    pub fn tensors(&self) -> u64 {
+        self.tensors.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` of device memory, and one tensor unless `asset`.
+    pub fn reserve(&self, bytes: u64, asset: bool) -> Result<(), AbiFailure> {
+        let add = |counter: &AtomicU64, n: u64, max: u64, what: &str| {
+            counter
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                    cur.checked_add(n).filter(|&v| v <= max)
+                })
+                .map(|_| ())
+                .map_err(|cur| {
+                    AbiFailure::new(
+                        AbiError::QuotaExceeded,
+                        format!("{what} quota exceeded: {cur} in use + {n} > {max}"),
+                    )
+                })
+        };
+        add(&self.bytes, bytes, self.max_bytes, "device memory")?;
+        if !asset && let Err(e) = add(&self.tensors, 1, self.max_tensors, "live tensor") {
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Gives back what [`TenantUsage::reserve`] took.
+    pub fn release(&self, bytes: u64, asset: bool) {
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        if !asset {
+            self.tensors.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    tensor: Tensor,
+    /// Set for asset handles, which count against no quota here.
+    asset: bool,
+}
+
+/// One instance's live tensors by handle.
+#[derive(Debug)]
+pub struct TensorTable {
+    slots: BTreeMap<i32, Slot>,
+    assets: HashMap<String, i32>,
+    next: i32,
+    usage: Arc<TenantUsage>,
+}
+
+impl TensorTable {
+    pub fn new(usage: Arc<TenantUsage>) -> Self {
+        TensorTable {
+            slots: BTreeMap::new(),
+            assets: HashMap::new(),
+            next: 1,
+            usage,
+        }
+    }
+
+    pub fn usage(&self) -> &Arc<TenantUsage> {
+        &self.usage
+    }
+
+    /// A tensor by handle.
+    pub fn get(&self, h: i32) -> Result<&Tensor, AbiFailure> {
+        self.slots.get(&h).map(|s| &s.tensor).ok_or_else(|| {
+            AbiFailure::new(AbiError::BadHandle, format!("no tensor has handle {h}"))
+        })
+    }
+
+    /// Stores a new tensor, charging its tenant, and returns its handle.
+    pub fn insert(&mut self, tensor: Tensor) -> Result<i32, AbiFailure> {
+        self.usage.reserve(tensor.nbytes(), false)?;
+        let h = self.fresh_handle();
+        self.slots.insert(
+            h,
+            Slot {
+                tensor,
+                asset: false,
+            },
+        );
+        Ok(h)
+    }
+
+    /// The handle of asset `name`, inserting `tensor` the first time.
+    pub fn asset(
+        &mut self,
+        name: &str,
+        tensor: impl FnOnce() -> Option<Tensor>,
+    ) -> Result<i32, AbiFailure> {
+        if let Some(&h) = self.assets.get(name) {
+            return Ok(h);
+        }
+        let tensor = tensor().ok_or_else(|| {
+            AbiFailure::new(AbiError::NameNotFound, format!("no asset named {name:?}"))
+        })?;
+        let h = self.fresh_handle();
+        self.slots.insert(
+            h,
+            Slot {
+                tensor,
+                asset: true,
+            },
+        );
+        self.assets.insert(name.to_string(), h);
+        Ok(h)
+    }
+
+    /// Frees a handle; freeing an asset handle only forgets it.
+    pub fn free(&mut self, h: i32) -> Result<(), AbiFailure> {
+        let slot = self.slots.remove(&h).ok_or_else(|| {
+            AbiFailure::new(AbiError::BadHandle, format!("no tensor has handle {h}"))
+        })?;
+        if slot.asset {
+            self.assets.retain(|_, v| *v != h);
+        } else {
+            self.usage.release(slot.tensor.nbytes(), false);
+        }
+        Ok(())
+    }
+
+    /// Puts a tensor back under a known handle (snapshot import). Charges
+    /// the tenant like [`TensorTable::insert`].
+    pub fn restore(&mut self, h: i32, tensor: Tensor) -> Result<(), AbiFailure> {
+        if h <= 0 || self.slots.contains_key(&h) {
+            return Err(AbiFailure::new(
+                AbiError::BadHandle,
+                format!("handle {h} cannot be restored"),
+            ));
+        }
+        self.usage.reserve(tensor.nbytes(), false)?;
+        self.slots.insert(
+            h,
+            Slot {
+                tensor,
+                asset: false,
+            },
+        );
+        self.next = self.next.max(h.saturating_add(1));
+        Ok(())
+    }
+
+    /// Every guest-owned tensor with its handle, in handle order (assets
+    /// excluded: they travel with their function).
+    pub fn owned(&self) -> impl Iterator<Item = (i32, &Tensor)> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| !s.asset)
+            .map(|(h, s)| (*h, &s.tensor))
+    }
+
+    /// Asset handles by name.
+    pub fn asset_handles(&self) -> &HashMap<String, i32> {
+        &self.assets
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn fresh_handle(&mut self) -> i32 {
+        // Handles grow until i32::MAX, then the lowest free one is reused;
+        // the live-tensor quota keeps the table far smaller than that.
+        if self.next < i32::MAX && !self.slots.contains_key(&self.next) {
+            let h = self.next;
+            self.next += 1;
+            return h;
+        }
+        (1..=i32::MAX)
+            .find(|h| !self.slots.contains_key(h))
+            .unwrap_or(i32::MAX)
+    }
+}
+
+impl Drop for TensorTable {
+    fn drop(&mut self) {
+        for slot in self.slots.values().filter(|s| !s.asset) {
+            self.usage.release(slot.tensor.nbytes(), false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tensor_wasm_kernels::{Backend, CpuBackend, DType};
+
+    #[test]
+    fn quotas_are_charged_and_released() {
+        let usage = Arc::new(TenantUsage::new(100, 2));
+        let b = CpuBackend::default();
+        let mut t = TensorTable::new(usage.clone());
+        let h1 = t.insert(b.zeros(DType::F32, &[10]).unwrap()).unwrap();
+        assert_eq!((usage.bytes(), usage.tensors()), (40, 1));
+        let e = t.insert(b.zeros(DType::F32, &[20]).unwrap()).unwrap_err();
+        assert_eq!(e.code, AbiError::QuotaExceeded);
+        let h2 = t.insert(b.zeros(DType::U8, &[10]).unwrap()).unwrap();
+        let e = t.insert(b.zeros(DType::U8, &[1]).unwrap()).unwrap_err();
+        assert_eq!(e.code, AbiError::QuotaExceeded, "tensor count");
+        assert_ne!(h1, h2);
+        t.free(h1).unwrap();
+        assert_eq!(t.free(h1).unwrap_err().code, AbiError::BadHandle);
+        assert_eq!((usage.bytes(), usage.tensors()), (10, 1));
+        drop(t);
+        assert_eq!((usage.bytes(), usage.tensors()), (0, 0));
+    }
+
+    #[test]
+    fn assets_keep_one_handle_and_cost_nothing() {
+        let usage = Arc::new(TenantUsage::new(0, 0));
+        let b = CpuBackend::default();
+        let w = b.zeros(DType::F32, &[4]).unwrap();
+        let mut t = TensorTable::new(usage.clone());
+        let h = t.asset("w", || Some(w.clone())).unwrap();
+        assert_eq!(t.asset("w", || None).unwrap(), h);
+        assert_eq!(
+            t.asset("x", || None).unwrap_err().code,
+            AbiError::NameNotFound
+        );
+        assert_eq!(usage.bytes(), 0);
+        t.free(h).unwrap();
+        assert_ne!(t.asset("w", || Some(w.clone())).unwrap(), h);
+    }
+
+    #[test]
+    fn restored_handles_keep_their_numbers() {
+        let usage = Arc::new(TenantUsage::new(1 << 20, 100));
+        let b = CpuBackend::default();
+        let mut t = TensorTable::new(usage);
+        t.restore(7, b.zeros(DType::I32, &[2]).unwrap()).unwrap();
+        assert!(t.restore(7, b.zeros(DType::I32, &[2]).unwrap()).is_err());
+        assert!(t.get(7).is_ok());
+        let next = t.insert(b.zeros(DType::I32, &[1]).unwrap()).unwrap();
+        assert_eq!(next, 8);
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests of the executor: a real executor serving HTTP on
+//! loopback, guests written in WAT and compiled at test time.
+
+mod abi;
+mod bodies;
+mod harness;
+mod registration;
+mod tenancy;

@@ -1,0 +1,158 @@
+//! Registration: what is refused and why, replace, delete, persistence.
+
+use tensor_wasm_executor::config::TenantQuotas;
+
+use crate::harness::{TestExecutor, small_limits};
+
+const MINIMAL: &str = r#"(module (memory (export "memory") 1)
+    (func (export "handle") (result i32) (i32.const 0)))"#;
+
+fn register(ex: &TestExecutor, name: &str, wasm: &[u8]) -> crate::harness::Reply {
+    ex.post(
+        "t1",
+        &format!("/functions?name={name}"),
+        "application/wasm",
+        wasm,
+    )
+}
+
+#[test]
+fn refusals_name_the_reason() {
+    let ex = TestExecutor::start();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            r#"(module (import "env" "now" (func (result i64))) (memory (export "memory") 1)
+               (func (export "handle") (result i32) (i32.const 0)))"#,
+            "import_not_allowed",
+            "env::now",
+        ),
+        (
+            r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+               (import "tensor" "spawn_thread" (func (result i32)))
+               (memory (export "memory") 1) (func (export "handle") (result i32) (i32.const 0)))"#,
+            "import_not_allowed",
+            "tensor::spawn_thread",
+        ),
+        (
+            r#"(module (func (export "handle") (result i32) (i32.const 0)))"#,
+            "missing_export",
+            "memory",
+        ),
+        (
+            r#"(module (memory (export "memory") 1))"#,
+            "missing_export",
+            "handle",
+        ),
+        (
+            r#"(module (memory (export "memory") 1) (memory 1)
+               (func (export "handle") (result i32) (i32.const 0)))"#,
+            "invalid_wasm",
+            "memories",
+        ),
+        (
+            r#"(module (memory (export "memory") 1) (table 2 funcref)
+               (func (export "handle") (result i32)
+                 (table.set (i32.const 0) (ref.null func)) (i32.const 0)))"#,
+            "invalid_wasm",
+            "table.set",
+        ),
+    ];
+    for (i, (src, code, needle)) in cases.iter().enumerate() {
+        let r = register(&ex, &format!("case{i}"), &wat::parse_str(src).unwrap());
+        assert_eq!(r.status, 422, "case {i}: {}", r.text());
+        assert_eq!(r.code(), *code, "case {i}: {}", r.text());
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(needle), "case {i}: {msg}");
+    }
+    let r = register(&ex, "garbage", b"\0asm\x01\0\0\0\xff\xff");
+    assert_eq!((r.status, r.code().as_str()), (422, "invalid_wasm"));
+    let r = ex.post("t1", "/functions", "text/plain", b"hi");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (415, "unsupported_media_type")
+    );
+    // Nothing of the refused modules was kept.
+    assert_eq!(
+        ex.get("t1", "/functions").json()["functions"],
+        serde_json::json!([])
+    );
+}
+
+#[test]
+fn names_are_unique_unless_replaced() {
+    let ex = TestExecutor::start();
+    let wasm = wat::parse_str(MINIMAL).unwrap();
+    let first = register(&ex, "f", &wasm);
+    assert_eq!(first.status, 201);
+    let id = first.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        first.json()["exports"],
+        serde_json::json!(["memory", "handle"])
+    );
+    let again = register(&ex, "f", &wasm);
+    assert_eq!(
+        (again.status, again.code().as_str()),
+        (409, "function_exists")
+    );
+    let replaced = ex.post(
+        "t1",
+        "/functions?name=f&replace=true",
+        "application/wasm",
+        &wasm,
+    );
+    assert_eq!(replaced.status, 201, "{}", replaced.text());
+    assert_eq!(replaced.json()["id"], id.as_str(), "replace keeps the id");
+    let got = ex.get("t1", &format!("/functions/{id}"));
+    assert_eq!(got.json()["name"], "f");
+    assert_eq!(ex.delete("t1", &format!("/functions/{id}")).status, 204);
+    let gone = ex.get("t1", &format!("/functions/{id}"));
+    assert_eq!(
+        (gone.status, gone.code().as_str()),
+        (404, "function_not_found")
+    );
+}
+
+#[test]
+fn functions_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let ex = TestExecutor::start_in(dir.path(), small_limits(), TenantQuotas::default());
+        ex.deploy(
+            "t1",
+            "kept",
+            r#"(module (import "tensor" "output_write" (func $w (param i32 i32) (result i32)))
+                (memory (export "memory") 1)
+                (data (i32.const 0) "still here")
+                (func (export "handle") (result i32) (drop (call $w (i32.const 0) (i32.const 10))) (i32.const 0)))"#,
+        )
+    };
+    let ex = TestExecutor::start_in(dir.path(), small_limits(), TenantQuotas::default());
+    let list = ex.get("t1", "/functions").json();
+    assert_eq!(list["functions"][0]["id"], id.as_str());
+    let r = ex.post("t1", &format!("/functions/{id}/invoke"), "text/plain", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, b"still here");
+}
+
+#[test]
+fn the_function_quota_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let quotas = TenantQuotas {
+        functions: 2,
+        ..TenantQuotas::default()
+    };
+    let ex = TestExecutor::start_in(dir.path(), small_limits(), quotas);
+    let wasm = wat::parse_str(MINIMAL).unwrap();
+    assert_eq!(register(&ex, "a", &wasm).status, 201);
+    assert_eq!(register(&ex, "b", &wasm).status, 201);
+    let r = register(&ex, "c", &wasm);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (422, "quota_exceeded"),
+        "{}",
+        r.text()
+    );
+    // Another tenant has its own quota.
+    let r = ex.post("t2", "/functions?name=c", "application/wasm", &wasm);
+    assert_eq!(r.status, 201);
+}
