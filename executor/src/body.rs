@@ -163,6 +163,18 @@ pub fn encode_response(
             body,
         });
     }
+    let outputs = json_outputs(tensors)?;
+    let body = serde_json::to_vec(&InvokeResponse { outputs, raw_b64 })
+        .map_err(|e| ExecError::Internal(format!("cannot encode JSON: {e}")))?;
+    Ok(Encoded {
+        content_type: JSON,
+        body,
+    })
+}
+
+fn json_outputs(
+    tensors: Vec<(String, Tensor, Vec<u8>)>,
+) -> Result<BTreeMap<String, JsonTensor>, ExecError> {
     let mut outputs = BTreeMap::new();
     for (name, t, bytes) in tensors {
         let shape = t.dims().iter().map(|&d| d as u64).collect();
@@ -170,10 +182,22 @@ pub fn encode_response(
             .map_err(|e| ExecError::Internal(format!("output {name:?}: {e}")))?;
         outputs.insert(name, jt);
     }
-    let body = serde_json::to_vec(&InvokeResponse { outputs, raw_b64 })
-        .map_err(|e| ExecError::Internal(format!("cannot encode JSON: {e}")))?;
-    Ok(Encoded {
-        content_type: JSON,
-        body,
+    Ok(outputs)
+}
+
+/// An invocation's result in JSON form (what a finished job answers).
+pub fn to_invoke_response(
+    resp: Response,
+    backend: &dyn Backend,
+) -> Result<InvokeResponse, ExecError> {
+    let mut tensors = Vec::with_capacity(resp.outputs.len());
+    for (name, t) in resp.outputs {
+        let bytes = backend.to_bytes(&t).map_err(ExecError::from)?;
+        tensors.push((name, t, bytes));
+    }
+    Ok(InvokeResponse {
+        outputs: json_outputs(tensors)?,
+        raw_b64: (!resp.raw.is_empty())
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&resp.raw)),
     })
 }

@@ -46,6 +46,13 @@ pub struct EngineLimits {
     pub max_output_bytes: usize,
     /// Longest `set_error` / `last_error` message kept, in bytes; 4 KiB.
     pub max_error_message: usize,
+    /// Async jobs running at once across all tenants: 16 (each also waits
+    /// for an instance of its function).
+    pub job_concurrency: usize,
+    /// How long a finished job stays answerable: 1 h.
+    pub job_retention: Duration,
+    /// Finished jobs kept per tenant before the oldest go early: 10 000.
+    pub max_finished_jobs: usize,
     /// Caps on tensors and ops, passed to the kernel backend.
     pub tensor: Limits,
 }
@@ -67,6 +74,9 @@ impl Default for EngineLimits {
             log_capacity: 64 << 10,
             max_output_bytes: 64 << 20,
             max_error_message: 4 << 10,
+            job_concurrency: 16,
+            job_retention: Duration::from_secs(3600),
+            max_finished_jobs: 10_000,
             tensor: Limits::default(),
         }
     }
@@ -85,6 +95,8 @@ pub struct TenantQuotas {
     pub instances: usize,
     /// Largest request body; 64 MiB.
     pub max_body_bytes: usize,
+    /// Async jobs waiting or running; 256.
+    pub pending_jobs: usize,
 }
 
 impl Default for TenantQuotas {
@@ -95,6 +107,7 @@ impl Default for TenantQuotas {
             functions: 64,
             instances: 64,
             max_body_bytes: 64 << 20,
+            pending_jobs: 256,
         }
     }
 }

@@ -23,11 +23,13 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::{
-    DeviceDescription, ExecutorInfo, ExecutorStats, FunctionConfig, FunctionList,
+    DeviceDescription, ExecutorInfo, ExecutorStats, FunctionConfig, FunctionList, JobInfo, JobList,
+    JobStatus,
 };
 
 use crate::body::{self, media_type};
 use crate::error::ExecError;
+use crate::jobs::PendingRequest;
 use crate::metrics::Metrics;
 use crate::registry::{Registration, Registry};
 
@@ -92,6 +94,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/functions/{id}", get(show).delete(remove))
         .route("/functions/{id}/logs", get(logs))
         .route("/functions/{id}/invoke", post(invoke))
+        .route("/functions/{id}/invoke-async", post(invoke_async))
+        .route("/jobs", get(list_jobs))
+        .route("/jobs/{id}", get(get_job).delete(delete_job))
         .route("/internal/info", get(info))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -340,6 +345,55 @@ async fn invoke_inner(
     .await
     .map_err(|e| ExecError::Internal(format!("encode task failed: {e}")))??;
     Ok(([(header::CONTENT_TYPE, encoded.content_type)], encoded.body).into_response())
+}
+
+async fn invoke_async(
+    State(app): State<Arc<App>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ExecError> {
+    app.registry.function(&tenant, &id)?;
+    let bytes = read_body(&headers, body, app.registry.quotas.max_body_bytes).await?;
+    let request = PendingRequest {
+        content_type: content_type(&headers).map(str::to_string),
+        body: bytes,
+    };
+    let accepted = app.registry.submit_job(&tenant, &id, request)?;
+    Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct JobsQuery {
+    status: Option<JobStatus>,
+}
+
+async fn list_jobs(
+    State(app): State<Arc<App>>,
+    Tenant(tenant): Tenant,
+    Query(q): Query<JobsQuery>,
+) -> axum::Json<JobList> {
+    axum::Json(JobList {
+        jobs: app.registry.jobs(&tenant, q.status),
+    })
+}
+
+async fn get_job(
+    State(app): State<Arc<App>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<axum::Json<JobInfo>, ExecError> {
+    app.registry.job(&tenant, &id).map(axum::Json)
+}
+
+async fn delete_job(
+    State(app): State<Arc<App>>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ExecError> {
+    app.registry.delete_job(&tenant, &id)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn info(State(app): State<Arc<App>>) -> axum::Json<ExecutorInfo> {

@@ -30,6 +30,7 @@ pub mod error;
 pub mod host;
 pub mod http;
 pub mod instance;
+pub mod jobs;
 pub mod logs;
 pub mod metrics;
 pub mod registry;

@@ -30,6 +30,7 @@ use crate::engine::{CompileError, Runtime};
 use crate::error::ExecError;
 use crate::host::HostState;
 use crate::instance::{InstanceSetup, Request, Response, WarmInstance};
+use crate::jobs::JobRecord;
 use crate::logs::FunctionLog;
 use crate::metrics::Metrics;
 use crate::tensors::TenantUsage;
@@ -109,7 +110,99 @@ pub struct Tenant {
     pub usage: Arc<TenantUsage>,
     pub backend: Arc<dyn Backend>,
     instances: Arc<AtomicUsize>,
-    pub frozen: AtomicBool,
+    admission: Mutex<Admission>,
+    drained: tokio::sync::Notify,
+    /// Set once the tenant is dropped from this executor (migrated away or
+    /// purged): its pending jobs stop waiting.
+    pub removed: AtomicBool,
+    pub(crate) jobs: Mutex<BTreeMap<String, JobRecord>>,
+}
+
+/// Whether a tenant takes work, and how much it has in flight.
+#[derive(Debug, Default)]
+struct Admission {
+    frozen: bool,
+    inflight: usize,
+}
+
+/// One admitted unit of work (an invocation or a running job); the tenant
+/// counts it until it is dropped.
+pub struct Inflight {
+    tenant: Arc<Tenant>,
+}
+
+impl std::fmt::Debug for Inflight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflight")
+            .field("tenant", &self.tenant.id)
+            .finish()
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        let mut a = lock(&self.tenant.admission);
+        a.inflight -= 1;
+        if a.inflight == 0 {
+            self.tenant.drained.notify_waiters();
+        }
+    }
+}
+
+impl Tenant {
+    /// Admits one unit of work, unless the tenant is frozen.
+    ///
+    /// Freezing takes the same lock, so once [`Tenant::freeze`] returns no
+    /// new work starts, and [`Tenant::wait_drained`] sees every unit that
+    /// did.
+    pub fn admit(self: &Arc<Self>) -> Result<Inflight, ExecError> {
+        let mut a = lock(&self.admission);
+        if a.frozen {
+            return Err(ExecError::TenantFrozen(self.id.to_string()));
+        }
+        a.inflight += 1;
+        Ok(Inflight {
+            tenant: self.clone(),
+        })
+    }
+
+    /// Stops admitting work.
+    pub fn freeze(&self) {
+        lock(&self.admission).frozen = true;
+    }
+
+    /// Admits work again.
+    pub fn thaw(&self) {
+        lock(&self.admission).frozen = false;
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        lock(&self.admission).frozen
+    }
+
+    /// Waits until no admitted work is left, up to `timeout`; true if none
+    /// is.
+    pub async fn wait_drained(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.drained.notified();
+            if lock(&self.admission).inflight == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return lock(&self.admission).inflight == 0;
+            }
+        }
+    }
+
+    /// The tenant's functions.
+    pub fn function_list(&self) -> Vec<Arc<Function>> {
+        read_lock(&self.functions).values().cloned().collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::fmt::Debug for Tenant {
@@ -130,6 +223,8 @@ pub struct Registry {
     pub quotas: TenantQuotas,
     pub counters: Arc<Counters>,
     pub metrics: Arc<Metrics>,
+    /// Slots for running async jobs (`job_concurrency`).
+    pub(crate) job_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -168,6 +263,7 @@ impl Registry {
         quotas: TenantQuotas,
         metrics: Arc<Metrics>,
     ) -> Registry {
+        let runtime_job_slots = runtime.limits().job_concurrency.max(1);
         Registry {
             limits: runtime.limits().clone(),
             runtime,
@@ -176,6 +272,7 @@ impl Registry {
             state_dir,
             quotas,
             counters: Arc::new(Counters::default()),
+            job_slots: Arc::new(Semaphore::new(runtime_job_slots)),
             metrics,
         }
     }
@@ -199,7 +296,10 @@ impl Registry {
             )),
             backend,
             instances: Arc::new(AtomicUsize::new(0)),
-            frozen: AtomicBool::new(false),
+            admission: Mutex::new(Admission::default()),
+            drained: tokio::sync::Notify::new(),
+            removed: AtomicBool::new(false),
+            jobs: Mutex::new(BTreeMap::new()),
         });
         tenants.insert(id.clone(), t.clone());
         Ok(t)
@@ -208,6 +308,11 @@ impl Registry {
     /// The tenant if it exists here.
     pub fn existing_tenant(&self, id: &TenantId) -> Option<Arc<Tenant>> {
         read_lock(&self.tenants).get(id).cloned()
+    }
+
+    /// Every tenant object.
+    pub fn tenant_list(&self) -> Vec<Arc<Tenant>> {
+        read_lock(&self.tenants).values().cloned().collect()
     }
 
     /// Ids of the tenants that have functions here.
@@ -271,7 +376,7 @@ impl Registry {
             ));
         }
         let tenant = self.tenant(tenant_id)?;
-        if tenant.frozen.load(Ordering::Acquire) {
+        if restored.is_none() && tenant.is_frozen() {
             return Err(ExecError::TenantFrozen(tenant_id.to_string()));
         }
         let existing = read_lock(&tenant.functions)
@@ -392,7 +497,7 @@ impl Registry {
         let t = self
             .existing_tenant(tenant)
             .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
-        if t.frozen.load(Ordering::Acquire) {
+        if t.is_frozen() {
             return Err(ExecError::TenantFrozen(tenant.to_string()));
         }
         write_lock(&t.functions)
@@ -415,11 +520,26 @@ impl Registry {
         let t = self
             .existing_tenant(tenant)
             .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
-        if t.frozen.load(Ordering::Acquire) {
-            return Err(ExecError::TenantFrozen(tenant.to_string()));
-        }
-        let f = self.function(tenant, id)?;
-        let permit = self.acquire(&f).await?;
+        let admitted = t.admit()?;
+        self.run(&t, id, request, true, admitted).await
+    }
+
+    /// Runs an admitted invocation. `queued` caps the wait behind busy
+    /// instances (synchronous requests); jobs wait without that cap, being
+    /// bounded by the pending-job quota instead.
+    pub(crate) async fn run(
+        &self,
+        t: &Arc<Tenant>,
+        id: &str,
+        request: Request,
+        queued: bool,
+        _admitted: Inflight,
+    ) -> Result<Response, ExecError> {
+        let f = read_lock(&t.functions)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
+        let permit = self.acquire(&f, queued).await?;
         let pooled = f.pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (counters, tenant_instances) = (self.counters.clone(), t.instances.clone());
         let max_tenant_instances = self.quotas.instances;
@@ -472,9 +592,18 @@ impl Registry {
         result
     }
 
-    async fn acquire(&self, f: &Function) -> Result<OwnedSemaphorePermit, ExecError> {
+    async fn acquire(&self, f: &Function, queued: bool) -> Result<OwnedSemaphorePermit, ExecError> {
         if let Ok(p) = f.pool.permits.clone().try_acquire_owned() {
             return Ok(p);
+        }
+        if !queued {
+            return f
+                .pool
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ExecError::Internal("instance pool closed".into()));
         }
         if f.pool.waiting.fetch_add(1, Ordering::AcqRel) >= f.pool.max_waiting {
             f.pool.waiting.fetch_sub(1, Ordering::AcqRel);

@@ -14,6 +14,9 @@ use crate::http::{self, App};
 use crate::metrics::Metrics;
 use crate::registry::{BackendFactory, Registry};
 
+/// How often finished jobs past their retention are dropped: 30 s.
+const JANITOR_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Which device the executor drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -203,13 +206,24 @@ impl Executor {
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    /// Meanwhile prunes finished jobs past their retention.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        axum::serve(self.listener, http::router(self.app))
+        let registry = self.app.registry.clone();
+        let janitor = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(JANITOR_PERIOD);
+            loop {
+                tick.tick().await;
+                registry.prune_jobs();
+            }
+        });
+        let served = axum::serve(self.listener, http::router(self.app))
             .with_graceful_shutdown(shutdown)
             .await
-            .map_err(ServeError::Serve)
+            .map_err(ServeError::Serve);
+        janitor.abort();
+        served
     }
 }

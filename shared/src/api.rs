@@ -340,3 +340,46 @@ mod tests {
         assert!(r.is_err());
     }
 }
+
+/// Where an async job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl JobStatus {
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed)
+    }
+}
+
+/// An async job, as `GET /jobs/{id}` returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: String,
+    pub function_id: String,
+    pub status: JobStatus,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    /// The invoke response in JSON form, once succeeded.
+    pub result: Option<InvokeResponse>,
+    /// Why it failed, once failed.
+    pub error: Option<crate::ApiError>,
+}
+
+/// `POST /functions/{id}/invoke-async`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobAccepted {
+    pub job_id: String,
+}
+
+/// `GET /jobs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobInfo>,
+}

@@ -19,6 +19,7 @@ pub enum ErrorCode {
     FunctionNotFound,
     JobNotFound,
     NotFound,
+    JobRunning,
     FunctionExists,
     TenantFrozen,
     TenantExists,
@@ -42,7 +43,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidInput,
         ErrorCode::Unauthorized,
@@ -50,6 +51,7 @@ impl ErrorCode {
         ErrorCode::FunctionNotFound,
         ErrorCode::JobNotFound,
         ErrorCode::NotFound,
+        ErrorCode::JobRunning,
         ErrorCode::FunctionExists,
         ErrorCode::TenantFrozen,
         ErrorCode::TenantExists,
@@ -79,7 +81,7 @@ impl ErrorCode {
             Unauthorized => 401,
             TenantScopeDenied => 403,
             FunctionNotFound | JobNotFound | NotFound => 404,
-            FunctionExists | TenantFrozen | TenantExists => 409,
+            FunctionExists | JobRunning | TenantFrozen | TenantExists => 409,
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
             InvalidWasm | ImportNotAllowed | MissingExport | TensorError | QuotaExceeded => 422,
@@ -102,6 +104,7 @@ impl ErrorCode {
             FunctionNotFound => "function_not_found",
             JobNotFound => "job_not_found",
             NotFound => "not_found",
+            JobRunning => "job_running",
             FunctionExists => "function_exists",
             TenantFrozen => "tenant_frozen",
             TenantExists => "tenant_exists",

@@ -4,5 +4,6 @@
 mod abi;
 mod bodies;
 mod harness;
+mod jobs;
 mod registration;
 mod tenancy;

@@ -1,0 +1,244 @@
+//! Async jobs: `invoke-async`, `GET /jobs`, cancel, retention.
+//!
+//! A job is admitted like an invocation, but answers at once with its id and
+//! runs in the background: it waits for one of the executor's job slots
+//! (`job_concurrency`), then for an instance of its function, without the
+//! queue cap of synchronous requests (the pending-job quota bounds it
+//! instead). While its tenant is frozen for a migration a pending job waits;
+//! if the tenant leaves this executor, the job travels in the snapshot and
+//! runs where the tenant lands. Finished jobs are kept for `job_retention`
+//! and at most `max_finished_jobs` per tenant.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::api::{JobAccepted, JobInfo, JobStatus};
+
+use crate::body;
+use crate::error::ExecError;
+use crate::registry::{Registry, Tenant};
+
+/// How often a pending job of a frozen tenant looks again: 20 ms, small
+/// next to a migration's pause.
+const FROZEN_POLL: Duration = Duration::from_millis(20);
+
+/// A request kept until its job runs: the body as it arrived.
+#[derive(Clone, Debug)]
+pub struct PendingRequest {
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// One job of a tenant.
+#[derive(Clone, Debug)]
+pub struct JobRecord {
+    pub info: JobInfo,
+    /// The request, while the job is pending.
+    pub request: Option<PendingRequest>,
+    /// When it finished, for retention.
+    pub finished: Option<Instant>,
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn new_job_id() -> String {
+    let mut b = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
+    format!("job-{}", hex::encode(b))
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    /// Accepts a job for function `id` of `tenant`.
+    pub fn submit_job(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        id: &str,
+        request: PendingRequest,
+    ) -> Result<JobAccepted, ExecError> {
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
+        self.function(tenant, id)?;
+        if t.is_frozen() {
+            return Err(ExecError::TenantFrozen(tenant.to_string()));
+        }
+        let job_id = new_job_id();
+        {
+            let mut jobs = lock(&t.jobs);
+            let open = jobs
+                .values()
+                .filter(|j| !j.info.status.is_finished())
+                .count();
+            if open >= self.quotas.pending_jobs {
+                return Err(ExecError::Quota(format!(
+                    "the tenant has {open} jobs waiting or running, the most allowed"
+                )));
+            }
+            jobs.insert(
+                job_id.clone(),
+                JobRecord {
+                    info: JobInfo {
+                        id: job_id.clone(),
+                        function_id: id.to_string(),
+                        status: JobStatus::Pending,
+                        created_at: now_rfc3339(),
+                        finished_at: None,
+                        result: None,
+                        error: None,
+                    },
+                    request: Some(request),
+                    finished: None,
+                },
+            );
+        }
+        self.counters.jobs_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.spawn_job(t, job_id.clone());
+        Ok(JobAccepted { job_id })
+    }
+
+    /// Starts the task that runs a pending job (new, or restored from a
+    /// snapshot).
+    pub(crate) fn spawn_job(self: &Arc<Self>, t: Arc<Tenant>, job_id: String) {
+        let registry = self.clone();
+        tokio::spawn(async move {
+            let Ok(_slot) = registry.job_slots.clone().acquire_owned().await else {
+                return;
+            };
+            // Admission, waiting out a freeze; a tenant that left takes
+            // its pending job along in its snapshot.
+            let admitted = loop {
+                if t.removed.load(Ordering::Acquire) {
+                    return;
+                }
+                match t.admit() {
+                    Ok(a) => break a,
+                    Err(_) => tokio::time::sleep(FROZEN_POLL).await,
+                }
+            };
+            let (function_id, request) = {
+                let mut jobs = lock(&t.jobs);
+                let Some(job) = jobs.get_mut(&job_id) else {
+                    return; // cancelled meanwhile
+                };
+                let Some(request) = job.request.take() else {
+                    return;
+                };
+                job.info.status = JobStatus::Running;
+                (job.info.function_id.clone(), request)
+            };
+            let backend = t.backend.clone();
+            let decode_backend = backend.clone();
+            let decoded = tokio::task::spawn_blocking(move || {
+                body::decode_request(
+                    request.content_type.as_deref(),
+                    request.body,
+                    decode_backend.as_ref(),
+                )
+            })
+            .await
+            .unwrap_or_else(|e| Err(ExecError::Internal(format!("decode task failed: {e}"))));
+            let outcome = match decoded {
+                Ok(req) => match registry.run(&t, &function_id, req, false, admitted).await {
+                    Ok(resp) => tokio::task::spawn_blocking(move || {
+                        body::to_invoke_response(resp, backend.as_ref())
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(ExecError::Internal(format!("encode task failed: {e}")))
+                    }),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            let mut jobs = lock(&t.jobs);
+            if let Some(job) = jobs.get_mut(&job_id) {
+                job.info.finished_at = Some(now_rfc3339());
+                job.finished = Some(Instant::now());
+                match outcome {
+                    Ok(result) => {
+                        job.info.status = JobStatus::Succeeded;
+                        job.info.result = Some(result);
+                    }
+                    Err(e) => {
+                        job.info.status = JobStatus::Failed;
+                        job.info.error = Some(e.to_api());
+                    }
+                }
+            }
+            registry
+                .counters
+                .jobs_in_flight
+                .fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    /// One job of a tenant; another tenant's id is "not found".
+    pub fn job(&self, tenant: &TenantId, id: &str) -> Result<JobInfo, ExecError> {
+        self.existing_tenant(tenant)
+            .and_then(|t| lock(&t.jobs).get(id).map(|j| j.info.clone()))
+            .ok_or_else(|| ExecError::JobNotFound(id.to_string()))
+    }
+
+    /// A tenant's jobs, oldest first, optionally of one status.
+    pub fn jobs(&self, tenant: &TenantId, status: Option<JobStatus>) -> Vec<JobInfo> {
+        let Some(t) = self.existing_tenant(tenant) else {
+            return Vec::new();
+        };
+        let mut jobs: Vec<JobInfo> = lock(&t.jobs)
+            .values()
+            .filter(|j| status.is_none_or(|s| j.info.status == s))
+            .map(|j| j.info.clone())
+            .collect();
+        jobs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        jobs
+    }
+
+    /// Cancels a pending job, or forgets a finished one; a running job
+    /// cannot be cancelled.
+    pub fn delete_job(&self, tenant: &TenantId, id: &str) -> Result<(), ExecError> {
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::JobNotFound(id.to_string()))?;
+        let mut jobs = lock(&t.jobs);
+        match jobs.get(id).map(|j| j.info.status) {
+            None => Err(ExecError::JobNotFound(id.to_string())),
+            Some(JobStatus::Running) => Err(ExecError::JobRunning(id.to_string())),
+            Some(status) => {
+                jobs.remove(id);
+                if status == JobStatus::Pending {
+                    self.counters.jobs_in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets finished jobs past their retention, and the oldest finished
+    /// ones of tenants over the count cap.
+    pub fn prune_jobs(&self) {
+        let (retention, cap) = (self.limits.job_retention, self.limits.max_finished_jobs);
+        for t in self.tenant_list() {
+            let mut jobs = lock(&t.jobs);
+            jobs.retain(|_, j| j.finished.is_none_or(|f| f.elapsed() < retention));
+            let mut finished: Vec<(Instant, String)> = jobs
+                .iter()
+                .filter_map(|(id, j)| j.finished.map(|f| (f, id.clone())))
+                .collect();
+            if finished.len() > cap {
+                finished.sort();
+                for (_, id) in &finished[..finished.len() - cap] {
+                    jobs.remove(id);
+                }
+            }
+        }
+    }
+}

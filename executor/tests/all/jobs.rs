@@ -1,0 +1,176 @@
+//! Async jobs: submit, poll, list, cancel, isolation.
+
+use std::time::{Duration, Instant};
+
+use tensor_wasm_executor::config::{EngineLimits, TenantQuotas};
+
+use crate::harness::{Reply, TestExecutor, f32_inputs, small_limits};
+
+/// y = x · 3; with a raw body of "spin", loops until its deadline.
+const TRIPLE: &str = r#"(module
+  (import "tensor" "input" (func $input (param i32 i32) (result i32)))
+  (import "tensor" "scalar" (func $scalar (param i32 i32 f32) (result i32)))
+  (import "tensor" "output" (func $output (param i32 i32 i32) (result i32)))
+  (import "tensor" "input_len" (func $input_len (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x")
+  (data (i32.const 8) "y")
+  (func (export "handle") (result i32)
+    (if (i32.eq (call $input_len) (i32.const 4)) (then (loop $l (br $l))))
+    (drop (call $output (i32.const 8) (i32.const 1)
+      (call $scalar (i32.const 2) (call $input (i32.const 0) (i32.const 1)) (f32.const 3))))
+    (i32.const 0)))"#;
+
+fn wait_finished(ex: &TestExecutor, tenant: &str, job: &str) -> Reply {
+    let start = Instant::now();
+    loop {
+        let r = ex.get(tenant, &format!("/jobs/{job}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let status = r.json()["status"].as_str().unwrap().to_string();
+        if status == "succeeded" || status == "failed" {
+            return r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "job {job} never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn submit(ex: &TestExecutor, tenant: &str, id: &str, ct: &str, body: &[u8]) -> String {
+    let r = ex.post(tenant, &format!("/functions/{id}/invoke-async"), ct, body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.json()["job_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_job_runs_and_keeps_its_result() {
+    let ex = TestExecutor::start();
+    let id = ex.deploy("t1", "triple", TRIPLE);
+    let job = submit(
+        &ex,
+        "t1",
+        &id,
+        "application/json",
+        &f32_inputs(&[("x", &[2], &[1.0, -2.0])]),
+    );
+    let r = wait_finished(&ex, "t1", &job);
+    let v = r.json();
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert_eq!(v["function_id"], id.as_str());
+    assert_eq!(
+        v["result"]["outputs"]["y"]["data"],
+        serde_json::json!([3.0, -6.0])
+    );
+    assert!(v["finished_at"].is_string());
+    // Listed, and filtered by status.
+    assert_eq!(ex.get("t1", "/jobs").json()["jobs"][0]["id"], job.as_str());
+    assert_eq!(
+        ex.get("t1", "/jobs?status=succeeded").json()["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        ex.get("t1", "/jobs?status=pending").json()["jobs"],
+        serde_json::json!([])
+    );
+    // Another tenant sees nothing of it.
+    let r = ex.get("t2", &format!("/jobs/{job}"));
+    assert_eq!((r.status, r.code().as_str()), (404, "job_not_found"));
+    assert_eq!(ex.get("t2", "/jobs").json()["jobs"], serde_json::json!([]));
+    assert_eq!(ex.delete("t2", &format!("/jobs/{job}")).status, 404);
+    // Its owner may forget it.
+    assert_eq!(ex.delete("t1", &format!("/jobs/{job}")).status, 204);
+    assert_eq!(ex.get("t1", &format!("/jobs/{job}")).status, 404);
+}
+
+#[test]
+fn failures_are_recorded_with_their_code() {
+    let ex = TestExecutor::start();
+    let id = ex.deploy("t1", "triple", TRIPLE);
+    let job = submit(&ex, "t1", &id, "application/json", b"{broken");
+    let v = wait_finished(&ex, "t1", &job).json();
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["error"]["code"], "invalid_json");
+}
+
+#[test]
+fn pending_jobs_can_be_cancelled_running_ones_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = EngineLimits {
+        job_concurrency: 1,
+        default_deadline: Duration::from_millis(1500),
+        ..small_limits()
+    };
+    let ex = TestExecutor::start_in(dir.path(), limits, TenantQuotas::default());
+    let id = ex.deploy("t1", "triple", TRIPLE);
+    let slow = submit(&ex, "t1", &id, "text/plain", b"spin");
+    // Wait until the slow job holds the only job slot.
+    let start = Instant::now();
+    while ex.get("t1", &format!("/jobs/{slow}")).json()["status"] != "running" {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let queued = submit(
+        &ex,
+        "t1",
+        &id,
+        "application/json",
+        &f32_inputs(&[("x", &[1], &[1.0])]),
+    );
+    assert_eq!(
+        ex.get("t1", &format!("/jobs/{queued}")).json()["status"],
+        "pending"
+    );
+    let r = ex.delete("t1", &format!("/jobs/{slow}"));
+    assert_eq!((r.status, r.code().as_str()), (409, "job_running"));
+    assert_eq!(ex.delete("t1", &format!("/jobs/{queued}")).status, 204);
+    let slow_done = wait_finished(&ex, "t1", &slow).json();
+    assert_eq!(slow_done["error"]["code"], "deadline_exceeded");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        ex.get("t1", &format!("/jobs/{queued}")).status,
+        404,
+        "a cancelled job never runs"
+    );
+}
+
+#[test]
+fn the_pending_job_quota_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = EngineLimits {
+        job_concurrency: 1,
+        default_deadline: Duration::from_millis(1000),
+        ..small_limits()
+    };
+    let quotas = TenantQuotas {
+        pending_jobs: 2,
+        ..TenantQuotas::default()
+    };
+    let ex = TestExecutor::start_in(dir.path(), limits, quotas);
+    let id = ex.deploy("t1", "triple", TRIPLE);
+    submit(&ex, "t1", &id, "text/plain", b"spin");
+    submit(&ex, "t1", &id, "text/plain", b"spin");
+    let r = ex.post(
+        "t1",
+        &format!("/functions/{id}/invoke-async"),
+        "text/plain",
+        b"spin",
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (422, "quota_exceeded"),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
+fn jobs_for_unknown_functions_are_404() {
+    let ex = TestExecutor::start();
+    let r = ex.post("t1", "/functions/fn-nope/invoke-async", "text/plain", b"");
+    assert_eq!((r.status, r.code().as_str()), (404, "function_not_found"));
+}
