@@ -66,9 +66,19 @@ pub struct Args {
     /// Warm instances a tenant may hold.
     #[arg(long, env = "TENSOR_WASM_TENANT_INSTANCES", default_value_t = 64)]
     tenant_instances: usize,
+    /// Key that signs exported snapshots (HMAC-SHA256); when set, imported
+    /// snapshots must be signed with it.
+    #[arg(long, env = "TENSOR_WASM_SNAPSHOT_KEY", hide_env_values = true)]
+    snapshot_key: Option<String>,
     /// Largest request body, in bytes.
     #[arg(long, env = "TENSOR_WASM_MAX_BODY_BYTES", default_value_t = 64 << 20)]
     max_body_bytes: usize,
+    /// Async jobs a tenant may have waiting or running.
+    #[arg(long, env = "TENSOR_WASM_TENANT_PENDING_JOBS", default_value_t = 256)]
+    tenant_pending_jobs: usize,
+    /// How long finished jobs stay answerable, in seconds.
+    #[arg(long, env = "TENSOR_WASM_JOB_RETENTION_SECS", default_value_t = 3600)]
+    job_retention_secs: u64,
 }
 
 pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
@@ -77,6 +87,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         default_memory_limit: args.default_memory_limit_bytes,
         max_module_bytes: args.max_module_bytes,
         total_instances: args.total_instances,
+        job_retention: Duration::from_secs(args.job_retention_secs),
         ..EngineLimits::default()
     };
     let quotas = TenantQuotas {
@@ -85,6 +96,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         functions: args.tenant_functions,
         instances: args.tenant_instances,
         max_body_bytes: args.max_body_bytes,
+        pending_jobs: args.tenant_pending_jobs,
     };
     let cfg = ExecutorConfig {
         id: args.id,
@@ -94,6 +106,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         device: args.device,
         limits,
         quotas,
+        snapshot_key: args.snapshot_key.map(String::into_bytes),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

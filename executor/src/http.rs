@@ -98,6 +98,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/jobs", get(list_jobs))
         .route("/jobs/{id}", get(get_job).delete(delete_job))
         .route("/internal/info", get(info))
+        .route("/internal/tenants/{tenant}/export", post(export_tenant))
+        .route("/internal/tenants/{tenant}/import", post(import_tenant))
+        .route("/internal/tenants/{tenant}/thaw", post(thaw_tenant))
+        .route(
+            "/internal/tenants/{tenant}",
+            axum::routing::delete(drop_tenant),
+        )
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -393,6 +400,57 @@ async fn delete_job(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ExecError> {
     app.registry.delete_job(&tenant, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn path_tenant(raw: &str) -> Result<TenantId, ExecError> {
+    TenantId::new(raw).map_err(|e| ExecError::InvalidInput(format!("tenant: {e}")))
+}
+
+async fn export_tenant(
+    State(app): State<Arc<App>>,
+    Path(tenant): Path<String>,
+) -> Result<Response, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    let started = Instant::now();
+    let bytes = app.registry.export_tenant(&tenant).await?;
+    tracing::info!(%tenant, bytes = bytes.len(), ms = started.elapsed().as_millis() as u64, "tenant exported and frozen");
+    Ok(([(header::CONTENT_TYPE, body::OCTET_STREAM)], bytes).into_response())
+}
+
+async fn import_tenant(
+    State(app): State<Arc<App>>,
+    Path(tenant): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    let limit = usize::try_from(crate::snapshot::MAX_SNAPSHOT_BYTES).unwrap_or(usize::MAX);
+    let bytes = read_body(&headers, body, limit).await?;
+    let started = Instant::now();
+    app.registry.import_tenant(&tenant, bytes).await?;
+    let functions = app.registry.functions(&tenant).len();
+    tracing::info!(%tenant, functions, ms = started.elapsed().as_millis() as u64, "tenant imported");
+    Ok(axum::Json(serde_json::json!({"tenant": tenant, "functions": functions})).into_response())
+}
+
+async fn thaw_tenant(
+    State(app): State<Arc<App>>,
+    Path(tenant): Path<String>,
+) -> Result<StatusCode, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    app.registry.thaw_tenant(&tenant)?;
+    tracing::info!(%tenant, "tenant thawed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn drop_tenant(
+    State(app): State<Arc<App>>,
+    Path(tenant): Path<String>,
+) -> Result<StatusCode, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    app.registry.drop_tenant(&tenant)?;
+    tracing::info!(%tenant, "tenant dropped");
     Ok(StatusCode::NO_CONTENT)
 }
 

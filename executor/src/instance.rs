@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tensor_wasm_kernels::{Backend, Tensor};
-use wasmtime::{InstancePre, Memory, Store, StoreLimitsBuilder, Trap, TypedFunc};
+use tensor_wasm_kernels::{Backend, DType, Tensor};
+use tensor_wasm_shared::snapshot::{AssetHandle, GlobalSnapshot, InstanceSnapshot, TensorSnapshot};
+use wasmtime::{InstancePre, Memory, Store, StoreLimitsBuilder, Trap, TypedFunc, Val};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::engine::Runtime;
@@ -19,6 +20,7 @@ use crate::host::{CallCtx, DeadlineExceeded, HostState};
 use crate::logs::FunctionLog;
 use crate::metrics::Metrics;
 use crate::tensors::{TenantUsage, TensorTable};
+use crate::wasm::GLOBAL_EXPORT_PREFIX;
 
 /// What an instance is made from, besides its module.
 #[derive(Clone, Debug)]
@@ -261,5 +263,143 @@ impl WarmInstance {
     /// The wasmtime instance, for snapshots.
     pub fn instance(&self) -> wasmtime::Instance {
         self.instance
+    }
+}
+
+/// Why an instance could not be captured or restored.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SnapshotStateError(pub String);
+
+impl WarmInstance {
+    /// The instance's state: memory, the mutable globals at `globals`
+    /// (exported as `__tw_global_<index>` by the rewrite), and every tensor
+    /// with its handle, read back from the device.
+    pub fn capture(&mut self, globals: &[u32]) -> Result<InstanceSnapshot, SnapshotStateError> {
+        let memory = self
+            .store
+            .data()
+            .memory
+            .ok_or_else(|| SnapshotStateError("instance has no memory".into()))?;
+        let mem = memory.data(&self.store).to_vec();
+        let mut out_globals = Vec::with_capacity(globals.len());
+        for &index in globals {
+            let g = self
+                .instance
+                .get_global(&mut self.store, &format!("{GLOBAL_EXPORT_PREFIX}{index}"))
+                .ok_or_else(|| SnapshotStateError(format!("global {index} is not exported")))?;
+            let (kind, bits) = match g.get(&mut self.store) {
+                Val::I32(v) => (0, u64::from(v as u32)),
+                Val::I64(v) => (1, v as u64),
+                Val::F32(v) => (2, u64::from(v)),
+                Val::F64(v) => (3, v),
+                other => {
+                    return Err(SnapshotStateError(format!(
+                        "global {index} holds {other:?}, which cannot be snapshotted"
+                    )));
+                }
+            };
+            out_globals.push(GlobalSnapshot { index, kind, bits });
+        }
+        let st = self.store.data();
+        let mut tensors = Vec::new();
+        for (handle, t) in st.tensors.owned() {
+            let data = st
+                .backend
+                .to_bytes(t)
+                .map_err(|e| SnapshotStateError(format!("tensor {handle}: {e}")))?;
+            tensors.push(TensorSnapshot {
+                handle,
+                dtype: t.dtype().code() as u8,
+                dims: t.dims().iter().map(|&d| d as u64).collect(),
+                data,
+            });
+        }
+        let mut asset_handles: Vec<AssetHandle> = st
+            .tensors
+            .asset_handles()
+            .iter()
+            .map(|(name, &handle)| AssetHandle {
+                name: name.clone(),
+                handle,
+            })
+            .collect();
+        asset_handles.sort_by_key(|a| a.handle);
+        Ok(InstanceSnapshot {
+            memory: mem,
+            globals: out_globals,
+            tensors,
+            asset_handles,
+        })
+    }
+
+    /// An instance resumed from `snap`: instantiated without `init`, its
+    /// memory, globals and tensors put back (tensors uploaded to the device
+    /// and charged to the tenant).
+    pub fn restore(
+        pre: &InstancePre<HostState>,
+        setup: &InstanceSetup,
+        snap: &InstanceSnapshot,
+        deadline: Duration,
+    ) -> Result<WarmInstance, SnapshotStateError> {
+        let mut inst = WarmInstance::create(pre, setup, false, deadline)
+            .map_err(|e| SnapshotStateError(e.to_string()))?;
+        let memory = inst
+            .store
+            .data()
+            .memory
+            .ok_or_else(|| SnapshotStateError("instance has no memory".into()))?;
+        let have = memory.data_size(&inst.store);
+        let want = snap.memory.len();
+        if want < have || !want.is_multiple_of(65536) {
+            return Err(SnapshotStateError(format!(
+                "memory of {want} bytes cannot replace the module's {have}"
+            )));
+        }
+        memory
+            .grow(&mut inst.store, ((want - have) / 65536) as u64)
+            .map_err(|e| SnapshotStateError(format!("memory of {want} bytes: {e}")))?;
+        memory.data_mut(&mut inst.store)[..want].copy_from_slice(&snap.memory);
+        for g in &snap.globals {
+            let name = format!("{GLOBAL_EXPORT_PREFIX}{}", g.index);
+            let global = inst
+                .instance
+                .get_global(&mut inst.store, &name)
+                .ok_or_else(|| SnapshotStateError(format!("global {} is not exported", g.index)))?;
+            let val = match g.kind {
+                0 => Val::I32(g.bits as u32 as i32),
+                1 => Val::I64(g.bits as i64),
+                2 => Val::F32(g.bits as u32),
+                3 => Val::F64(g.bits),
+                k => return Err(SnapshotStateError(format!("global kind {k}"))),
+            };
+            global
+                .set(&mut inst.store, val)
+                .map_err(|e| SnapshotStateError(format!("global {}: {e}", g.index)))?;
+        }
+        let st = inst.store.data_mut();
+        for t in &snap.tensors {
+            let dtype = DType::from_code(i32::from(t.dtype))
+                .map_err(|e| SnapshotStateError(format!("tensor {}: {e}", t.handle)))?;
+            let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            let tensor = st
+                .backend
+                .from_bytes(dtype, &dims, &t.data)
+                .map_err(|e| SnapshotStateError(format!("tensor {}: {e}", t.handle)))?;
+            st.tensors
+                .restore(t.handle, tensor)
+                .map_err(|e| SnapshotStateError(format!("tensor {}: {}", t.handle, e.message)))?;
+        }
+        for a in &snap.asset_handles {
+            let tensor = st
+                .assets
+                .get(&a.name)
+                .cloned()
+                .ok_or_else(|| SnapshotStateError(format!("no asset named {:?}", a.name)))?;
+            st.tensors
+                .restore_asset(&a.name, a.handle, tensor)
+                .map_err(|e| SnapshotStateError(e.message))?;
+        }
+        Ok(inst)
     }
 }

@@ -35,6 +35,7 @@ pub mod logs;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod snapshot;
 mod sys;
 pub mod tensors;
 pub mod wasm;

@@ -53,15 +53,17 @@ pub struct Registration {
 /// A registered function.
 pub struct Function {
     pub info: FunctionInfo,
-    wasm: Arc<[u8]>,
-    assets_file: Option<Arc<[u8]>>,
-    pre: InstancePre<HostState>,
-    setup: InstanceSetup,
-    deadline: Duration,
+    pub(crate) wasm: Arc<[u8]>,
+    pub(crate) assets_file: Option<Arc<[u8]>>,
+    pub(crate) pre: InstancePre<HostState>,
+    pub(crate) setup: InstanceSetup,
+    pub(crate) deadline: Duration,
+    /// Indices of the module's mutable globals, exported by the rewrite.
+    pub(crate) mutable_globals: Vec<u32>,
     /// Held for the device memory it gives back when the function goes.
     #[allow(dead_code)]
     assets: Assets,
-    pool: Pool,
+    pub(crate) pool: Pool,
     pub log: FunctionLog,
 }
 
@@ -73,16 +75,16 @@ impl std::fmt::Debug for Function {
     }
 }
 
-struct Pool {
-    idle: Mutex<Vec<PooledInstance>>,
+pub(crate) struct Pool {
+    pub(crate) idle: Mutex<Vec<PooledInstance>>,
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     max_waiting: usize,
 }
 
 /// A warm instance that gives its slot back to the counters when dropped.
-struct PooledInstance {
-    inst: WarmInstance,
+pub(crate) struct PooledInstance {
+    pub(crate) inst: WarmInstance,
     counters: Arc<Counters>,
     tenant_instances: Arc<AtomicUsize>,
 }
@@ -225,6 +227,9 @@ pub struct Registry {
     pub metrics: Arc<Metrics>,
     /// Slots for running async jobs (`job_concurrency`).
     pub(crate) job_slots: Arc<Semaphore>,
+    /// `TENSOR_WASM_SNAPSHOT_KEY`: signs exports, and imports must carry a
+    /// valid signature when set.
+    snapshot_key: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -273,8 +278,15 @@ impl Registry {
             quotas,
             counters: Arc::new(Counters::default()),
             job_slots: Arc::new(Semaphore::new(runtime_job_slots)),
+            snapshot_key: None,
             metrics,
         }
+    }
+
+    /// Signs and checks snapshots with `key`.
+    pub fn with_snapshot_key(mut self, key: Option<Vec<u8>>) -> Registry {
+        self.snapshot_key = key.filter(|k| !k.is_empty());
+        self
     }
 
     /// The tenant, created on first use.
@@ -308,6 +320,52 @@ impl Registry {
     /// The tenant if it exists here.
     pub fn existing_tenant(&self, id: &TenantId) -> Option<Arc<Tenant>> {
         read_lock(&self.tenants).get(id).cloned()
+    }
+
+    /// Wraps a restored instance for a function's pool, counting it.
+    pub(crate) fn pooled(&self, t: &Tenant, inst: WarmInstance) -> PooledInstance {
+        self.counters
+            .active_instances
+            .fetch_add(1, Ordering::Relaxed);
+        t.instances.fetch_add(1, Ordering::AcqRel);
+        PooledInstance {
+            inst,
+            counters: self.counters.clone(),
+            tenant_instances: t.instances.clone(),
+        }
+    }
+
+    /// Forgets a tenant: its functions (and their files), instances, jobs.
+    /// Its pending jobs stop waiting.
+    pub fn drop_tenant(&self, id: &TenantId) -> Result<(), ExecError> {
+        let t = write_lock(&self.tenants)
+            .remove(id)
+            .ok_or_else(|| ExecError::NotFound(format!("tenant {id}")))?;
+        t.removed.store(true, Ordering::Release);
+        let pending = t
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|j| !j.info.status.is_finished())
+            .count() as u64;
+        self.counters
+            .jobs_in_flight
+            .fetch_sub(pending, Ordering::Relaxed);
+        write_lock(&t.functions).clear();
+        if let Some(dir) = self
+            .state_dir
+            .as_ref()
+            .map(|d| d.join("functions").join(id.as_str()))
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
+    }
+
+    /// The key snapshots are signed and checked with, if any.
+    pub fn snapshot_key(&self) -> Option<&[u8]> {
+        self.snapshot_key.as_deref()
     }
 
     /// Every tenant object.
@@ -363,7 +421,7 @@ impl Registry {
         self.register_inner(tenant, reg, None, true)
     }
 
-    fn register_inner(
+    pub(crate) fn register_inner(
         &self,
         tenant_id: &TenantId,
         reg: Registration,
@@ -453,6 +511,7 @@ impl Registry {
             },
             deadline: Duration::from_millis(config.deadline_ms.unwrap_or(10_000)),
             info: info.clone(),
+            mutable_globals: inspected.mutable_globals.clone(),
             wasm: Arc::from(reg.wasm),
             assets_file: reg.assets.map(Arc::from),
             pre,

@@ -57,6 +57,9 @@ pub struct ExecutorConfig {
     pub device: DeviceChoice,
     pub limits: EngineLimits,
     pub quotas: TenantQuotas,
+    /// `TENSOR_WASM_SNAPSHOT_KEY`: signs exported snapshots; when set,
+    /// imports must carry a valid signature.
+    pub snapshot_key: Option<Vec<u8>>,
 }
 
 /// Why an executor could not start or keep serving.
@@ -168,13 +171,16 @@ impl Executor {
             cfg.limits.clone(),
             Some(&cfg.state_dir.join("module-cache")),
         )?;
-        let registry = Arc::new(Registry::new(
-            runtime,
-            backends,
-            Some(cfg.state_dir.clone()),
-            cfg.quotas.clone(),
-            metrics.clone(),
-        ));
+        let registry = Arc::new(
+            Registry::new(
+                runtime,
+                backends,
+                Some(cfg.state_dir.clone()),
+                cfg.quotas.clone(),
+                metrics.clone(),
+            )
+            .with_snapshot_key(cfg.snapshot_key.clone()),
+        );
         let reg = registry.clone();
         let loaded = tokio::task::spawn_blocking(move || reg.load_persisted())
             .await

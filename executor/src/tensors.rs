@@ -208,6 +208,26 @@ impl TensorTable {
         Ok(())
     }
 
+    /// Puts an asset handle back under its number (snapshot import).
+    pub fn restore_asset(&mut self, name: &str, h: i32, tensor: Tensor) -> Result<(), AbiFailure> {
+        if h <= 0 || self.slots.contains_key(&h) || self.assets.contains_key(name) {
+            return Err(AbiFailure::new(
+                AbiError::BadHandle,
+                format!("asset handle {h} cannot be restored"),
+            ));
+        }
+        self.slots.insert(
+            h,
+            Slot {
+                tensor,
+                asset: true,
+            },
+        );
+        self.assets.insert(name.to_string(), h);
+        self.next = self.next.max(h.saturating_add(1));
+        Ok(())
+    }
+
     /// Every guest-owned tensor with its handle, in handle order (assets
     /// excluded: they travel with their function).
     pub fn owned(&self) -> impl Iterator<Item = (i32, &Tensor)> {

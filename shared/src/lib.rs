@@ -16,6 +16,7 @@
 //! - [`tenant`]: [`TenantId`], validated tenant names.
 //! - [`names`]: metric and configuration names.
 //! - [`build`]: what this binary is (version, commit, compiler).
+//! - [`snapshot`]: the tenant snapshot format and its validating reader.
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod build;
 pub mod dtype;
 pub mod error;
 pub mod names;
+pub mod snapshot;
 pub mod tenant;
 
 pub use abi::AbiError;

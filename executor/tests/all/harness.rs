@@ -36,6 +36,15 @@ impl TestExecutor {
     }
 
     pub fn start_in(state: &Path, limits: EngineLimits, quotas: TenantQuotas) -> TestExecutor {
+        TestExecutor::start_keyed(state, limits, quotas, None)
+    }
+
+    pub fn start_keyed(
+        state: &Path,
+        limits: EngineLimits,
+        quotas: TenantQuotas,
+        key: Option<&[u8]>,
+    ) -> TestExecutor {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -49,6 +58,7 @@ impl TestExecutor {
             device: DeviceChoice::Cpu,
             limits,
             quotas,
+            snapshot_key: key.map(<[u8]>::to_vec),
         };
         let executor = rt.block_on(Executor::start(cfg, "")).unwrap();
         let addr = executor.local_addr().unwrap();

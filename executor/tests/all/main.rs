@@ -6,4 +6,5 @@ mod bodies;
 mod harness;
 mod jobs;
 mod registration;
+mod snapshots;
 mod tenancy;

@@ -1,0 +1,345 @@
+//! Whole-tenant export and import (DESIGN.md §5), the executor's half of
+//! live migration.
+//!
+//! Export:
+//! 1. Freeze the tenant: no new invocation or job starts (they get
+//!    `tenant_frozen`, which the proxy never shows a client: it holds them).
+//! 2. Wait until the tenant's admitted work has finished (running jobs
+//!    included), so every instance is idle and consistent.
+//! 3. Capture each function (original wasm, assets, record) and each warm
+//!    instance (memory, mutable globals, tensors read back from the device
+//!    with their handle numbers), and every job (pending ones with their
+//!    request). Encode with the snapshot header, signed when a key is set.
+//!    The tenant stays frozen until `thaw` or `drop`.
+//!
+//! Import validates everything before touching live state (format checks
+//! in `tensor_wasm_shared::snapshot`, then the semantic limits below), then
+//! registers the functions (compiling through the module cache), resumes
+//! each instance without running `init`, and restores the jobs; pending ones
+//! start running. If any step fails the tenant is removed again, so the
+//! importer is left as it was.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tensor_wasm_kernels::DType;
+use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::api::{FunctionInfo, JobInfo};
+use tensor_wasm_shared::snapshot::{self, FunctionSnapshot, JobSnapshot, TenantSnapshot};
+
+use crate::error::ExecError;
+use crate::instance::WarmInstance;
+use crate::jobs::{JobRecord, PendingRequest};
+use crate::registry::{Registration, Registry};
+
+/// Longest wait for a tenant's in-flight work before an export gives up:
+/// 30 s (a deadline-bound invocation ends well within it by default).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest snapshot accepted, in bytes: 8 GiB.
+pub const MAX_SNAPSHOT_BYTES: u64 = 8 << 30;
+
+fn snap_err(e: snapshot::SnapshotError) -> ExecError {
+    ExecError::InvalidInput(format!("snapshot refused: {e}"))
+}
+
+fn invalid(msg: impl Into<String>) -> ExecError {
+    ExecError::InvalidInput(format!("snapshot refused: {}", msg.into()))
+}
+
+impl Registry {
+    /// Freezes `tenant`, waits for its work to finish, and returns its
+    /// snapshot. The tenant stays frozen.
+    pub async fn export_tenant(&self, tenant: &TenantId) -> Result<Vec<u8>, ExecError> {
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::NotFound(format!("tenant {tenant}")))?;
+        t.freeze();
+        if !t.wait_drained(DRAIN_TIMEOUT).await {
+            t.thaw();
+            return Err(ExecError::Capacity(format!(
+                "tenant {tenant} still had work in flight after {DRAIN_TIMEOUT:?}"
+            )));
+        }
+        let key = self.snapshot_key().map(<[u8]>::to_vec);
+        let id = tenant.clone();
+        let t2 = t.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut functions = Vec::new();
+            for f in t2.function_list() {
+                let mut idle = f.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let mut instances = Vec::with_capacity(idle.len());
+                for p in idle.iter_mut() {
+                    instances.push(p.inst.capture(&f.mutable_globals).map_err(|e| {
+                        ExecError::Internal(format!("cannot capture {}: {e}", f.info.id))
+                    })?);
+                }
+                functions.push(FunctionSnapshot {
+                    info_json: serde_json::to_string(&f.info)
+                        .map_err(|e| ExecError::Internal(e.to_string()))?,
+                    wasm: f.wasm.to_vec(),
+                    assets: f.assets_file.as_ref().map(|a| a.to_vec()),
+                    instances,
+                });
+            }
+            let jobs = t2
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|j| {
+                    Ok(JobSnapshot {
+                        info_json: serde_json::to_string(&j.info)
+                            .map_err(|e| ExecError::Internal(e.to_string()))?,
+                        content_type: j.request.as_ref().and_then(|r| r.content_type.clone()),
+                        body: j.request.as_ref().map(|r| r.body.to_vec()),
+                    })
+                })
+                .collect::<Result<Vec<_>, ExecError>>()?;
+            let snap = TenantSnapshot {
+                tenant: id.to_string(),
+                functions,
+                jobs,
+            };
+            snapshot::encode(&snap, key.as_deref()).map_err(|e| ExecError::Internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| ExecError::Internal(format!("export task failed: {e}")))?;
+        if result.is_err() {
+            t.thaw();
+        }
+        result
+    }
+
+    /// Lets a frozen tenant take work again (its export was not imported).
+    pub fn thaw_tenant(&self, tenant: &TenantId) -> Result<(), ExecError> {
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::NotFound(format!("tenant {tenant}")))?;
+        t.thaw();
+        Ok(())
+    }
+
+    /// Imports a tenant from snapshot bytes. The tenant must not have
+    /// functions here. Validates everything first; on any failure the
+    /// importer is left without the tenant.
+    pub async fn import_tenant(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        bytes: bytes::Bytes,
+    ) -> Result<(), ExecError> {
+        if self
+            .existing_tenant(tenant)
+            .is_some_and(|t| !t.function_list().is_empty())
+        {
+            return Err(ExecError::TenantExists(tenant.to_string()));
+        }
+        let key = self.snapshot_key().map(<[u8]>::to_vec);
+        let registry = self.clone();
+        let id = tenant.clone();
+        let restored = tokio::task::spawn_blocking(
+            move || -> Result<Vec<(String, PendingRequest)>, ExecError> {
+                let snap = snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES)
+                    .map_err(snap_err)?;
+                let plan = registry.check_snapshot(&id, &snap)?;
+                registry.apply_snapshot(&id, snap, plan).inspect_err(|_| {
+                    let _ = registry.drop_tenant(&id);
+                })
+            },
+        )
+        .await
+        .map_err(|e| ExecError::Internal(format!("import task failed: {e}")))??;
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::Internal("imported tenant vanished".into()))?;
+        for (job_id, _) in restored {
+            self.counters
+                .jobs_in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.spawn_job(t.clone(), job_id);
+        }
+        Ok(())
+    }
+
+    /// Semantic checks of a decoded snapshot against this executor's limits
+    /// and quotas, before anything is changed. Returns the parsed records.
+    fn check_snapshot(
+        &self,
+        tenant: &TenantId,
+        snap: &TenantSnapshot,
+    ) -> Result<ImportPlan, ExecError> {
+        if snap.tenant != tenant.as_str() {
+            return Err(invalid(format!(
+                "it holds tenant {:?}, not {tenant}",
+                snap.tenant
+            )));
+        }
+        if snap.functions.len() > self.quotas.functions {
+            return Err(invalid(format!(
+                "{} functions exceed the quota",
+                snap.functions.len()
+            )));
+        }
+        let limits = &self.limits;
+        let mut device_bytes = 0u64;
+        let mut tensors = 0u64;
+        let mut instances = 0usize;
+        let mut infos = Vec::with_capacity(snap.functions.len());
+        for f in &snap.functions {
+            let info: FunctionInfo = serde_json::from_str(&f.info_json)
+                .map_err(|e| invalid(format!("function record: {e}")))?;
+            if f.wasm.len() > limits.max_module_bytes {
+                return Err(invalid(format!(
+                    "function {} is over the module size limit",
+                    info.id
+                )));
+            }
+            if info.id.is_empty()
+                || info.id.len() > 64
+                || !info
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(invalid(format!("function id {:?}", info.id)));
+            }
+            if f.instances.len() > limits.max_instances_per_function as usize {
+                return Err(invalid(format!(
+                    "function {} has too many instances",
+                    info.id
+                )));
+            }
+            instances += f.instances.len();
+            for inst in &f.instances {
+                if inst.memory.len() as u64 > limits.max_memory_limit
+                    || !inst.memory.len().is_multiple_of(65536)
+                {
+                    return Err(invalid(format!("a memory of {} bytes", inst.memory.len())));
+                }
+                if inst.globals.iter().any(|g| g.kind > 3) {
+                    return Err(invalid("a global of unknown kind"));
+                }
+                let mut handles = std::collections::HashSet::new();
+                for t in &inst.tensors {
+                    let dtype =
+                        DType::from_code(i32::from(t.dtype)).map_err(|e| invalid(e.to_string()))?;
+                    let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+                    let numel = limits
+                        .tensor
+                        .check_tensor("snapshot", dtype, &dims)
+                        .map_err(|e| invalid(e.to_string()))?;
+                    if numel * dtype.size() != t.data.len() {
+                        return Err(invalid(format!(
+                            "tensor {} has {} bytes for {dims:?} {dtype}",
+                            t.handle,
+                            t.data.len()
+                        )));
+                    }
+                    if t.handle <= 0 || !handles.insert(t.handle) {
+                        return Err(invalid(format!("tensor handle {}", t.handle)));
+                    }
+                    device_bytes += t.data.len() as u64;
+                    tensors += 1;
+                }
+                for a in &inst.asset_handles {
+                    if a.handle <= 0 || !handles.insert(a.handle) {
+                        return Err(invalid(format!("asset handle {}", a.handle)));
+                    }
+                }
+            }
+            infos.push(info);
+        }
+        if device_bytes > self.quotas.device_memory_bytes || tensors > self.quotas.live_tensors {
+            return Err(ExecError::Quota(format!(
+                "snapshot holds {tensors} tensors of {device_bytes} bytes, over the tenant's quota"
+            )));
+        }
+        if instances > self.quotas.instances {
+            return Err(ExecError::Quota(format!(
+                "snapshot holds {instances} instances, over the quota"
+            )));
+        }
+        if snap.jobs.len() > self.quotas.pending_jobs + limits.max_finished_jobs {
+            return Err(invalid(format!("{} jobs", snap.jobs.len())));
+        }
+        let jobs = snap
+            .jobs
+            .iter()
+            .map(|j| {
+                serde_json::from_str::<JobInfo>(&j.info_json)
+                    .map_err(|e| invalid(format!("job record: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ImportPlan { infos, jobs })
+    }
+
+    /// Registers, resumes and restores what `check_snapshot` accepted.
+    /// Returns the pending jobs to start.
+    fn apply_snapshot(
+        &self,
+        tenant: &TenantId,
+        snap: TenantSnapshot,
+        plan: ImportPlan,
+    ) -> Result<Vec<(String, PendingRequest)>, ExecError> {
+        for (f, info) in snap.functions.into_iter().zip(plan.infos) {
+            let reg = Registration {
+                name: info.name.clone(),
+                wasm: f.wasm,
+                assets: f.assets,
+                config: info.config.clone(),
+                replace: true,
+            };
+            let id = info.id.clone();
+            self.register_inner(tenant, reg, Some(info), true)?;
+            let func = self.function(tenant, &id)?;
+            let t = self.tenant(tenant)?;
+            for inst in &f.instances {
+                let warm = WarmInstance::restore(&func.pre, &func.setup, inst, func.deadline)
+                    .map_err(|e| invalid(format!("function {id}: {e}")))?;
+                let pooled = self.pooled(&t, warm);
+                func.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(pooled);
+            }
+        }
+        let t = self.tenant(tenant)?;
+        let mut pending = Vec::new();
+        let mut jobs = t.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        for (j, info) in snap.jobs.into_iter().zip(plan.jobs) {
+            let request = if info.status.is_finished() {
+                None
+            } else {
+                let r = PendingRequest {
+                    content_type: j.content_type,
+                    body: bytes::Bytes::from(j.body.unwrap_or_default()),
+                };
+                pending.push((info.id.clone(), r.clone()));
+                Some(r)
+            };
+            let mut info = info;
+            if !info.status.is_finished() {
+                // A job caught running cannot exist (exports drain first);
+                // anything unfinished runs again here.
+                info.status = tensor_wasm_shared::api::JobStatus::Pending;
+            }
+            jobs.insert(
+                info.id.clone(),
+                JobRecord {
+                    finished: info.status.is_finished().then(std::time::Instant::now),
+                    info,
+                    request,
+                },
+            );
+        }
+        Ok(pending)
+    }
+}
+
+/// Parsed records of a snapshot that passed its checks.
+#[derive(Debug)]
+struct ImportPlan {
+    infos: Vec<FunctionInfo>,
+    jobs: Vec<JobInfo>,
+}

@@ -1,0 +1,287 @@
+//! Export a tenant from one executor, import it into another: state, device
+//! tensors and jobs intact; bad snapshots refused with the importer
+//! unchanged.
+
+use std::time::Duration;
+
+use tensor_wasm_executor::config::TenantQuotas;
+
+use crate::harness::{TOKEN, TestExecutor, f32_inputs, small_limits};
+
+/// Keeps a running count in a global it does not export, and a running sum
+/// in a device tensor whose handle lives in linear memory. Each call adds
+/// input `x` to the tensor, outputs it as `sum`, and writes the count raw.
+const ACCUMULATOR: &str = r#"(module
+  (import "tensor" "input" (func $input (param i32 i32) (result i32)))
+  (import "tensor" "binary" (func $binary (param i32 i32 i32) (result i32)))
+  (import "tensor" "free" (func $free (param i32) (result i32)))
+  (import "tensor" "zeros" (func $zeros (param i32 i32 i32) (result i32)))
+  (import "tensor" "output" (func $output (param i32 i32 i32) (result i32)))
+  (import "tensor" "output_write" (func $output_write (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x")
+  (data (i32.const 8) "sum")
+  (data (i32.const 16) "\03\00\00\00")
+  (global $calls (mut i32) (i32.const 0))
+  (func (export "init") (result i32)
+    ;; the sum tensor's handle is kept at address 100
+    (i32.store (i32.const 100) (call $zeros (i32.const 0) (i32.const 16) (i32.const 1)))
+    (i32.const 0))
+  (func (export "handle") (result i32)
+    (local $old i32) (local $new i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (local.set $old (i32.load (i32.const 100)))
+    (local.set $new (call $binary (i32.const 0) (local.get $old) (call $input (i32.const 0) (i32.const 1))))
+    (if (i32.lt_s (local.get $new) (i32.const 0)) (then unreachable))
+    (drop (call $free (local.get $old)))
+    (i32.store (i32.const 100) (local.get $new))
+    (drop (call $output (i32.const 8) (i32.const 3) (local.get $new)))
+    (i32.store (i32.const 200) (global.get $calls))
+    (drop (call $output_write (i32.const 200) (i32.const 4)))
+    (i32.const 0)))"#;
+
+fn call(ex: &TestExecutor, tenant: &str, id: &str, x: [f32; 3]) -> (Vec<f32>, u32) {
+    let r = ex.post(
+        tenant,
+        &format!("/functions/{id}/invoke"),
+        "application/json",
+        &f32_inputs(&[("x", &[3], &x)]),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let sum = v["outputs"]["sum"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let raw = base64_decode(v["raw_b64"].as_str().unwrap());
+    (sum, u32::from_le_bytes(raw.try_into().unwrap()))
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    // Four characters → three bytes; enough for the short values here.
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let vals: Vec<u32> = s
+        .bytes()
+        .filter(|&c| c != b'=')
+        .map(|c| A.iter().position(|&a| a == c).unwrap() as u32)
+        .collect();
+    let mut out = Vec::new();
+    for chunk in vals.chunks(4) {
+        let mut n = 0u32;
+        for (i, v) in chunk.iter().enumerate() {
+            n |= v << (18 - 6 * i);
+        }
+        for i in 0..chunk.len() - 1 {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+fn internal(ex: &TestExecutor, method: &str, path: &str, body: &[u8]) -> crate::harness::Reply {
+    let agent = ex.raw_agent();
+    let url = ex.url(path);
+    let r = match method {
+        "POST" => agent
+            .post(&url)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/octet-stream")
+            .send(body),
+        "DELETE" => agent
+            .delete(&url)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .call(),
+        _ => unreachable!(),
+    };
+    crate::harness::Reply::from(r.unwrap())
+}
+
+fn export(ex: &TestExecutor, tenant: &str) -> Vec<u8> {
+    let r = internal(
+        ex,
+        "POST",
+        &format!("/internal/tenants/{tenant}/export"),
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.body
+}
+
+#[test]
+fn a_tenant_moves_with_its_state() {
+    let a = TestExecutor::start();
+    let b = TestExecutor::start();
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    assert_eq!(
+        call(&a, "t1", &id, [1.0, 2.0, 3.0]),
+        (vec![1.0, 2.0, 3.0], 1)
+    );
+    assert_eq!(
+        call(&a, "t1", &id, [1.0, 1.0, 1.0]),
+        (vec![2.0, 3.0, 4.0], 2)
+    );
+    // A finished job, and another tenant that must not move.
+    let job = a.post(
+        "t1",
+        &format!("/functions/{id}/invoke-async"),
+        "application/json",
+        &f32_inputs(&[("x", &[3], &[0.5, 0.5, 0.5])]),
+    );
+    let job = job.json()["job_id"].as_str().unwrap().to_string();
+    for _ in 0..500 {
+        if a.get("t1", &format!("/jobs/{job}")).json()["status"] == "succeeded" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let other = a.deploy("t2", "acc", ACCUMULATOR);
+
+    let snapshot = export(&a, "t1");
+    assert_eq!(&snapshot[..8], b"TWSNAP\0\x01");
+    // Frozen on the source; other tenants unaffected.
+    let r = a.post(
+        "t1",
+        &format!("/functions/{id}/invoke"),
+        "application/json",
+        &f32_inputs(&[("x", &[3], &[0.0; 3])]),
+    );
+    assert_eq!((r.status, r.code().as_str()), (409, "tenant_frozen"));
+    assert_eq!(call(&a, "t2", &other, [1.0, 1.0, 1.0]).1, 1);
+
+    let r = internal(&b, "POST", "/internal/tenants/t1/import", &snapshot);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The count (a global the module never exported) and the device
+    // tensor continue where they were; init did not run again.
+    assert_eq!(
+        call(&b, "t1", &id, [10.0, 10.0, 10.0]),
+        (vec![12.5, 13.5, 14.5], 4)
+    );
+    let j = b.get("t1", &format!("/jobs/{job}")).json();
+    assert_eq!(j["status"], "succeeded");
+    assert_eq!(
+        j["result"]["outputs"]["sum"]["data"],
+        serde_json::json!([2.5, 3.5, 4.5])
+    );
+    // The function was persisted on the importer too.
+    assert_eq!(
+        b.get("t1", "/functions").json()["functions"][0]["id"],
+        id.as_str()
+    );
+    // A second import is refused; the source drops the tenant.
+    let again = internal(&b, "POST", "/internal/tenants/t1/import", &snapshot);
+    assert_eq!(
+        (again.status, again.code().as_str()),
+        (409, "tenant_exists")
+    );
+    assert_eq!(
+        internal(&a, "DELETE", "/internal/tenants/t1", b"").status,
+        204
+    );
+    assert_eq!(
+        a.get("t1", "/functions").json()["functions"],
+        serde_json::json!([])
+    );
+    assert_eq!(call(&a, "t2", &other, [1.0, 1.0, 1.0]).1, 2);
+}
+
+#[test]
+fn a_thawed_tenant_carries_on_where_it_was() {
+    let a = TestExecutor::start();
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    call(&a, "t1", &id, [1.0, 1.0, 1.0]);
+    export(&a, "t1");
+    assert_eq!(
+        internal(&a, "POST", "/internal/tenants/t1/thaw", b"").status,
+        204
+    );
+    assert_eq!(
+        call(&a, "t1", &id, [1.0, 1.0, 1.0]),
+        (vec![2.0, 2.0, 2.0], 2)
+    );
+}
+
+#[test]
+fn bad_snapshots_are_refused_and_change_nothing() {
+    let a = TestExecutor::start();
+    let b = TestExecutor::start();
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    call(&a, "t1", &id, [1.0, 1.0, 1.0]);
+    let good = export(&a, "t1");
+    let mut flipped = good.clone();
+    let n = flipped.len();
+    flipped[n - 10] ^= 0x40;
+    let mut forged = good.clone();
+    forged[8] = 7;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", Vec::new(), "shorter than its 96-byte header"),
+        ("truncated", good[..good.len() / 2].to_vec(), "header says"),
+        ("corrupted", flipped, "checksum"),
+        ("future version", forged, "version 7"),
+        ("not a snapshot", b"hello, world, this is certainly not a snapshot at all, no sir; it is longer than the header though, by a few bytes".to_vec(), "magic"),
+    ];
+    for (what, bytes, needle) in cases {
+        let r = internal(&b, "POST", "/internal/tenants/t1/import", &bytes);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_input"),
+            "{what}: {}",
+            r.text()
+        );
+        assert!(r.text().contains(needle), "{what}: {}", r.text());
+        assert_eq!(
+            b.get("t1", "/functions").json()["functions"],
+            serde_json::json!([]),
+            "{what}"
+        );
+    }
+    // A snapshot of one tenant cannot be imported as another.
+    let r = internal(&b, "POST", "/internal/tenants/t9/import", &good);
+    assert_eq!(r.status, 400, "{}", r.text());
+    // The good one still imports afterwards.
+    assert_eq!(
+        internal(&b, "POST", "/internal/tenants/t1/import", &good).status,
+        200
+    );
+    assert_eq!(
+        call(&b, "t1", &id, [1.0, 1.0, 1.0]),
+        (vec![2.0, 2.0, 2.0], 2)
+    );
+}
+
+#[test]
+fn keyed_executors_only_take_signed_snapshots() {
+    let (da, db, dc) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let q = TenantQuotas::default;
+    let unkeyed = TestExecutor::start_keyed(da.path(), small_limits(), q(), None);
+    let keyed = TestExecutor::start_keyed(db.path(), small_limits(), q(), Some(b"secret-1"));
+    let other_key = TestExecutor::start_keyed(dc.path(), small_limits(), q(), Some(b"secret-2"));
+    let id = unkeyed.deploy("t1", "acc", ACCUMULATOR);
+    let plain = export(&unkeyed, "t1");
+    let r = internal(&keyed, "POST", "/internal/tenants/t1/import", &plain);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("not keyed"), "{}", r.text());
+    // Signed by one key, refused under another.
+    internal(&unkeyed, "POST", "/internal/tenants/t1/thaw", b"");
+    let kid = keyed.deploy("t1", "acc", ACCUMULATOR);
+    call(&keyed, "t1", &kid, [1.0, 1.0, 1.0]);
+    let signed = export(&keyed, "t1");
+    let r = internal(&other_key, "POST", "/internal/tenants/t1/import", &signed);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("signature"), "{}", r.text());
+    let _ = id;
+}
+
+#[test]
+fn exports_of_unknown_tenants_are_404() {
+    let a = TestExecutor::start();
+    let r = internal(&a, "POST", "/internal/tenants/nobody/export", b"");
+    assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+    let r = internal(&a, "POST", "/internal/tenants/Bad!/export", b"");
+    assert_eq!(r.status, 400);
+}

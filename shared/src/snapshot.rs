@@ -1,0 +1,344 @@
+//! The tenant snapshot format (DESIGN.md §5): a 96-byte header, then a
+//! 16-byte-aligned rkyv archive of [`TenantSnapshot`].
+//!
+//! Header, little-endian:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `TWSNAP\0\1` |
+//! | 8 | 4 | format version ([`FORMAT_VERSION`]) |
+//! | 12 | 4 | flags (bit 0: keyed) |
+//! | 16 | 8 | payload length in bytes |
+//! | 24 | 32 | BLAKE3 of the payload |
+//! | 56 | 32 | HMAC-SHA256 of the payload under `TENSOR_WASM_SNAPSHOT_KEY` (zeros when unkeyed) |
+//! | 88 | 8 | zero padding |
+//!
+//! [`decode`] checks, in this order and before anything else looks at the
+//! payload: magic and version (this reader accepts its own version and the
+//! one before), length, checksum, the HMAC when a key is configured (an
+//! unkeyed snapshot is refused then), and rkyv's validation of every
+//! pointer and length in the archive. The importer then checks semantic
+//! limits (sizes, dims, quotas) before touching live state. Compiled code
+//! never travels: modules are carried as wasm bytes and compiled on import.
+
+use hmac::{Hmac, Mac};
+use rkyv::rancor;
+use sha2::Sha256;
+
+/// First bytes of every snapshot.
+pub const MAGIC: [u8; 8] = *b"TWSNAP\0\x01";
+/// The format this build writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The oldest format this build reads (its own and the one before; version
+/// 1 is the first, so only 1 for now).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
+/// Header size; the archive that follows starts 16-byte aligned.
+pub const HEADER_LEN: usize = 96;
+/// Flag bit: the HMAC field is set.
+pub const FLAG_KEYED: u32 = 1;
+
+/// A whole tenant: everything needed to resume it elsewhere.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct TenantSnapshot {
+    pub tenant: String,
+    pub functions: Vec<FunctionSnapshot>,
+    pub jobs: Vec<JobSnapshot>,
+}
+
+/// One function: its original bytes, assets, record, and warm instances.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct FunctionSnapshot {
+    /// The function's record (`api::FunctionInfo`) as JSON.
+    pub info_json: String,
+    /// The original module bytes, as registered (before the rewrite).
+    pub wasm: Vec<u8>,
+    /// The original safetensors file of its assets, if any.
+    pub assets: Option<Vec<u8>>,
+    pub instances: Vec<InstanceSnapshot>,
+}
+
+/// One warm instance.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct InstanceSnapshot {
+    /// The whole linear memory.
+    pub memory: Vec<u8>,
+    /// Every mutable global the module defines.
+    pub globals: Vec<GlobalSnapshot>,
+    /// Guest-owned tensors, by handle.
+    pub tensors: Vec<TensorSnapshot>,
+    /// Asset handles the guest holds, by name.
+    pub asset_handles: Vec<AssetHandle>,
+}
+
+/// A global's value: `kind` 0 i32, 1 i64, 2 f32, 3 f64; `bits` its bits.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct GlobalSnapshot {
+    pub index: u32,
+    pub kind: u8,
+    pub bits: u64,
+}
+
+/// A tensor with its handle number.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct TensorSnapshot {
+    pub handle: i32,
+    /// Guest ABI dtype code.
+    pub dtype: u8,
+    pub dims: Vec<u64>,
+    /// Little-endian row-major elements.
+    pub data: Vec<u8>,
+}
+
+/// An asset name and the handle an instance knows it by.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct AssetHandle {
+    pub name: String,
+    pub handle: i32,
+}
+
+/// One job: finished ones answer `GET /jobs`, pending ones run after import.
+#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JobSnapshot {
+    /// The job's record (`api::JobInfo`) as JSON.
+    pub info_json: String,
+    /// For a pending job: its request's content type and body.
+    pub content_type: Option<String>,
+    pub body: Option<Vec<u8>>,
+}
+
+/// Why bytes are not a snapshot this reader accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot is {0} bytes, shorter than its {HEADER_LEN}-byte header")]
+    Truncated(usize),
+    #[error("not a TensorWasm snapshot (bad magic)")]
+    BadMagic,
+    #[error(
+        "snapshot format version {0} is not readable here (this build reads {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})"
+    )]
+    UnsupportedVersion(u32),
+    #[error("snapshot payload is {actual} bytes but its header says {declared}")]
+    LengthMismatch { declared: u64, actual: u64 },
+    #[error("snapshot payload is {0} bytes, over the limit of {1}")]
+    TooLarge(u64, u64),
+    #[error("snapshot checksum does not match its payload")]
+    Checksum,
+    #[error("snapshot is not keyed, and this reader requires TENSOR_WASM_SNAPSHOT_KEY signatures")]
+    Unkeyed,
+    #[error("snapshot signature does not match TENSOR_WASM_SNAPSHOT_KEY")]
+    BadSignature,
+    #[error("snapshot archive is malformed: {0}")]
+    Malformed(String),
+    #[error("cannot encode the snapshot: {0}")]
+    Encode(String),
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac(key: &[u8], payload: &[u8]) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(payload);
+    m
+}
+
+/// Encodes a snapshot, signing it when `key` is given.
+pub fn encode(snapshot: &TenantSnapshot, key: Option<&[u8]>) -> Result<Vec<u8>, SnapshotError> {
+    let payload = rkyv::to_bytes::<rancor::Error>(snapshot)
+        .map_err(|e| SnapshotError::Encode(e.to_string()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let flags = if key.is_some() { FLAG_KEYED } else { 0 };
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&payload).as_bytes());
+    match key {
+        Some(k) => out.extend_from_slice(&mac(k, &payload).finalize().into_bytes()),
+        None => out.extend_from_slice(&[0; 32]),
+    }
+    out.resize(HEADER_LEN, 0);
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// What a header says, once checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub keyed: bool,
+    pub payload_len: u64,
+}
+
+/// Reads and checks the header and the payload's integrity (steps 1–4 of
+/// the validation order), without decoding the archive.
+pub fn verify(bytes: &[u8], key: Option<&[u8]>, max_payload: u64) -> Result<Header, SnapshotError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(SnapshotError::Truncated(bytes.len()));
+    }
+    let (header, payload) = bytes.split_at(HEADER_LEN);
+    if header[..8] != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(header[o..o + 4].try_into().unwrap_or([0; 4]));
+    let version = u32_at(8);
+    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
+        return Err(SnapshotError::UnsupportedVersion(version));
+    }
+    let flags = u32_at(12);
+    let declared = u64::from_le_bytes(header[16..24].try_into().unwrap_or([0; 8]));
+    if declared != payload.len() as u64 {
+        return Err(SnapshotError::LengthMismatch {
+            declared,
+            actual: payload.len() as u64,
+        });
+    }
+    if declared > max_payload {
+        return Err(SnapshotError::TooLarge(declared, max_payload));
+    }
+    if blake3::hash(payload).as_bytes() != &header[24..56] {
+        return Err(SnapshotError::Checksum);
+    }
+    let keyed = flags & FLAG_KEYED != 0;
+    if let Some(k) = key {
+        if !keyed {
+            return Err(SnapshotError::Unkeyed);
+        }
+        mac(k, payload)
+            .verify_slice(&header[56..88])
+            .map_err(|_| SnapshotError::BadSignature)?;
+    }
+    Ok(Header {
+        version,
+        keyed,
+        payload_len: declared,
+    })
+}
+
+/// Checks and decodes a snapshot (steps 1–5 of the validation order).
+pub fn decode(
+    bytes: &[u8],
+    key: Option<&[u8]>,
+    max_payload: u64,
+) -> Result<TenantSnapshot, SnapshotError> {
+    verify(bytes, key, max_payload)?;
+    // The archive must sit 16-byte aligned; a copy guarantees it whatever
+    // buffer the bytes arrived in.
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len() - HEADER_LEN);
+    aligned.extend_from_slice(&bytes[HEADER_LEN..]);
+    let archived = rkyv::access::<ArchivedTenantSnapshot, rancor::Error>(&aligned)
+        .map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+    rkyv::deserialize::<TenantSnapshot, rancor::Error>(archived)
+        .map_err(|e| SnapshotError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> TenantSnapshot {
+        TenantSnapshot {
+            tenant: "t1".into(),
+            functions: vec![FunctionSnapshot {
+                info_json: "{}".into(),
+                wasm: b"\0asm\x01\0\0\0".to_vec(),
+                assets: None,
+                instances: vec![InstanceSnapshot {
+                    memory: vec![7; 100],
+                    globals: vec![GlobalSnapshot {
+                        index: 0,
+                        kind: 0,
+                        bits: 42,
+                    }],
+                    tensors: vec![TensorSnapshot {
+                        handle: 3,
+                        dtype: 0,
+                        dims: vec![2],
+                        data: vec![0; 8],
+                    }],
+                    asset_handles: vec![AssetHandle {
+                        name: "w".into(),
+                        handle: 1,
+                    }],
+                }],
+            }],
+            jobs: vec![JobSnapshot {
+                info_json: "{}".into(),
+                content_type: Some("text/plain".into()),
+                body: Some(b"hi".to_vec()),
+            }],
+        }
+    }
+
+    const MAX: u64 = 1 << 30;
+
+    #[test]
+    fn round_trips_keyed_and_unkeyed() {
+        let s = sample();
+        let plain = encode(&s, None).unwrap();
+        assert_eq!(&plain[..8], &MAGIC);
+        assert_eq!(decode(&plain, None, MAX).unwrap(), s);
+        let keyed = encode(&s, Some(b"k")).unwrap();
+        assert_eq!(decode(&keyed, Some(b"k"), MAX).unwrap(), s);
+        assert_eq!(decode(&keyed, None, MAX).unwrap(), s);
+        assert_eq!(decode(&plain, Some(b"k"), MAX), Err(SnapshotError::Unkeyed));
+        assert_eq!(
+            decode(&keyed, Some(b"other"), MAX),
+            Err(SnapshotError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn every_check_fires_in_order() {
+        let good = encode(&sample(), Some(b"k")).unwrap();
+        assert_eq!(
+            decode(&good[..50], None, MAX),
+            Err(SnapshotError::Truncated(50))
+        );
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(decode(&bad, None, MAX), Err(SnapshotError::BadMagic));
+        let mut bad = good.clone();
+        bad[8] = 9;
+        assert_eq!(
+            decode(&bad, None, MAX),
+            Err(SnapshotError::UnsupportedVersion(9))
+        );
+        let truncated = &good[..good.len() - 1];
+        assert!(matches!(
+            decode(truncated, None, MAX),
+            Err(SnapshotError::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            decode(&good, None, 10),
+            Err(SnapshotError::TooLarge(..))
+        ));
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(decode(&bad, None, MAX), Err(SnapshotError::Checksum));
+        // A forger who fixes the checksum still fails the signature.
+        let payload = bad[HEADER_LEN..].to_vec();
+        bad[24..56].copy_from_slice(blake3::hash(&payload).as_bytes());
+        assert_eq!(
+            decode(&bad, Some(b"k"), MAX),
+            Err(SnapshotError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn garbage_with_valid_framing_is_malformed_not_a_crash() {
+        let payload = vec![0xffu8; 64];
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&MAGIC);
+        bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(blake3::hash(&payload).as_bytes());
+        bytes.resize(HEADER_LEN, 0);
+        bytes.extend_from_slice(&payload);
+        assert!(matches!(
+            decode(&bytes, None, MAX),
+            Err(SnapshotError::Malformed(_))
+        ));
+    }
+}
