@@ -363,6 +363,11 @@ impl Registry {
         Ok(())
     }
 
+    /// The state directory, if this registry persists.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_deref()
+    }
+
     /// The key snapshots are signed and checked with, if any.
     pub fn snapshot_key(&self) -> Option<&[u8]> {
         self.snapshot_key.as_deref()
@@ -770,6 +775,11 @@ impl Registry {
     }
 
     fn load_function(&self, tenant: &TenantId, dir: &Path) -> Result<(), ExecError> {
+        // Functions that came back warm are registered already.
+        let id = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if self.function(tenant, id).is_ok() {
+            return Ok(());
+        }
         let io = |e: std::io::Error| ExecError::Internal(format!("{}: {e}", dir.display()));
         let info: FunctionInfo =
             serde_json::from_slice(&std::fs::read(dir.join("function.json")).map_err(io)?)

@@ -181,6 +181,7 @@ impl Executor {
             )
             .with_snapshot_key(cfg.snapshot_key.clone()),
         );
+        let warm = registry.load_warm_state().await;
         let reg = registry.clone();
         let loaded = tokio::task::spawn_blocking(move || reg.load_persisted())
             .await
@@ -191,7 +192,7 @@ impl Executor {
         let addr = listener
             .local_addr()
             .map_err(|e| ServeError::Bind(cfg.listen, e))?;
-        tracing::info!(id = %cfg.id, %addr, device = %device.name, functions = loaded, "executor ready");
+        tracing::info!(id = %cfg.id, %addr, device = %device.name, functions = loaded, warm_tenants = warm, "executor ready");
         Ok(Executor {
             app: Arc::new(App {
                 registry,
@@ -218,6 +219,7 @@ impl Executor {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let registry = self.app.registry.clone();
+        let registry_for_shutdown = registry.clone();
         let janitor = tokio::spawn(async move {
             let mut tick = tokio::time::interval(JANITOR_PERIOD);
             loop {
@@ -230,6 +232,8 @@ impl Executor {
             .await
             .map_err(ServeError::Serve);
         janitor.abort();
+        let saved = registry_for_shutdown.save_warm_state().await;
+        tracing::info!(tenants = saved, "warm state written");
         served
     }
 }

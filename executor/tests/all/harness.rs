@@ -13,6 +13,7 @@ pub struct TestExecutor {
     pub base: String,
     rt: Option<tokio::runtime::Runtime>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<Result<(), tensor_wasm_executor::server::ServeError>>>,
     _dir: Option<tempfile::TempDir>,
     agent: ureq::Agent,
 }
@@ -63,7 +64,7 @@ impl TestExecutor {
         let executor = rt.block_on(Executor::start(cfg, "")).unwrap();
         let addr = executor.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        rt.spawn(executor.serve(async move {
+        let served = rt.spawn(executor.serve(async move {
             let _ = rx.await;
         }));
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -75,6 +76,7 @@ impl TestExecutor {
             base: format!("http://{addr}"),
             rt: Some(rt),
             stop: Some(tx),
+            served: Some(served),
             _dir: None,
             agent,
         }
@@ -154,6 +156,10 @@ impl Drop for TestExecutor {
             let _ = tx.send(());
         }
         if let Some(rt) = self.rt.take() {
+            // A graceful stop: the server finishes and writes warm state.
+            if let Some(served) = self.served.take() {
+                let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), served).await });
+            }
             rt.shutdown_timeout(Duration::from_secs(5));
         }
     }

@@ -285,3 +285,35 @@ fn exports_of_unknown_tenants_are_404() {
     let r = internal(&a, "POST", "/internal/tenants/Bad!/export", b"");
     assert_eq!(r.status, 400);
 }
+
+#[test]
+fn a_graceful_restart_keeps_warm_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let ex = TestExecutor::start_in(dir.path(), small_limits(), TenantQuotas::default());
+        let id = ex.deploy("t1", "acc", ACCUMULATOR);
+        assert_eq!(call(&ex, "t1", &id, [1.0, 2.0, 3.0]).1, 1);
+        assert_eq!(call(&ex, "t1", &id, [1.0, 2.0, 3.0]).1, 2);
+        id
+    };
+    assert!(
+        dir.path().join("warm/t1.twsnap").exists(),
+        "shutdown wrote warm state"
+    );
+    let ex = TestExecutor::start_in(dir.path(), small_limits(), TenantQuotas::default());
+    assert!(
+        !dir.path().join("warm/t1.twsnap").exists(),
+        "start consumed it"
+    );
+    assert_eq!(
+        call(&ex, "t1", &id, [1.0, 1.0, 1.0]),
+        (vec![3.0, 5.0, 7.0], 3)
+    );
+    assert_eq!(
+        ex.get("t1", "/functions").json()["functions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
