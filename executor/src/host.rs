@@ -58,6 +58,8 @@ pub struct HostState {
     pub deadline: Option<Instant>,
     pub memory: Option<Memory>,
     pub metrics: Arc<Metrics>,
+    /// When the import being served was entered.
+    pub call_started: Instant,
     pub max_output_bytes: usize,
     pub max_error_message: usize,
 }
@@ -151,9 +153,11 @@ fn call(
     caller: &mut Ctx<'_>,
     f: impl FnOnce(&mut HostState, &mut [u8]) -> AbiResult,
 ) -> wasmtime::Result<i32> {
-    if caller.data().deadline.is_some_and(|d| Instant::now() >= d) {
+    let now = Instant::now();
+    if caller.data().deadline.is_some_and(|d| now >= d) {
         return Err(wasmtime::Error::new(DeadlineExceeded));
     }
+    caller.data_mut().call_started = now;
     let result = match caller.data().memory {
         Some(memory) => {
             let (mem, st) = memory.data_and_store_mut(&mut *caller);
@@ -176,13 +180,14 @@ fn call(
 /// stored and whose handle is returned.
 fn op(
     caller: &mut Ctx<'_>,
-    name: &'static str,
+    op: usize,
     f: impl FnOnce(&HostState, &[u8]) -> Result<Tensor, AbiFailure>,
 ) -> wasmtime::Result<i32> {
     call(caller, |st, mem| {
-        let start = Instant::now();
         let t = f(st, mem)?;
-        st.metrics.dispatched(name, start.elapsed().as_secs_f64());
+        // `call` read the clock just before: one clock read per op.
+        st.metrics
+            .dispatched(op, st.call_started.elapsed().as_secs_f64());
         st.tensors.insert(t)
     })
 }
@@ -214,7 +219,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         m,
         "new",
         |mut c: Ctx<'_>, dt: i32, sp: i32, nd: i32, dp: i32, dl: i32| {
-            op(&mut c, "new", |st, mem| {
+            op(&mut c, const { Metrics::op_index("new") }, |st, mem| {
                 let dtype = dtype(dt)?;
                 let dims = read_dims(st, mem, sp, nd)?;
                 let len = usize::try_from(dl).map_err(|_| invalid("negative data length"))?;
@@ -224,7 +229,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap(m, "zeros", |mut c: Ctx<'_>, dt: i32, sp: i32, nd: i32| {
-        op(&mut c, "zeros", |st, mem| {
+        op(&mut c, const { Metrics::op_index("zeros") }, |st, mem| {
             let dims = read_dims(st, mem, sp, nd)?;
             Ok(st.backend.zeros(dtype(dt)?, &dims)?)
         })
@@ -352,12 +357,12 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         })
     })?;
     linker.func_wrap(m, "matmul", |mut c: Ctx<'_>, a: i32, b: i32| {
-        op(&mut c, "matmul", |st, _| {
+        op(&mut c, const { Metrics::op_index("matmul") }, |st, _| {
             Ok(st.backend.matmul(st.tensors.get(a)?, st.tensors.get(b)?)?)
         })
     })?;
     linker.func_wrap(m, "binary", |mut c: Ctx<'_>, o: i32, a: i32, b: i32| {
-        op(&mut c, "binary", |st, _| {
+        op(&mut c, const { Metrics::op_index("binary") }, |st, _| {
             let o = BinaryOp::from_code(o)?;
             Ok(st
                 .backend
@@ -365,13 +370,13 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         })
     })?;
     linker.func_wrap(m, "scalar", |mut c: Ctx<'_>, o: i32, a: i32, v: f32| {
-        op(&mut c, "scalar", |st, _| {
+        op(&mut c, const { Metrics::op_index("scalar") }, |st, _| {
             let o = BinaryOp::from_code(o)?;
             Ok(st.backend.scalar(o, st.tensors.get(a)?, v)?)
         })
     })?;
     linker.func_wrap(m, "unary", |mut c: Ctx<'_>, o: i32, a: i32| {
-        op(&mut c, "unary", |st, _| {
+        op(&mut c, const { Metrics::op_index("unary") }, |st, _| {
             let o = UnaryOp::from_code(o)?;
             Ok(st.backend.unary(o, st.tensors.get(a)?)?)
         })
@@ -380,7 +385,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         m,
         "reduce",
         |mut c: Ctx<'_>, o: i32, a: i32, axis: i32, keep: i32| {
-            op(&mut c, "reduce", |st, _| {
+            op(&mut c, const { Metrics::op_index("reduce") }, |st, _| {
                 let o = ReduceOp::from_code(o)?;
                 Ok(st
                     .backend
@@ -389,7 +394,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap(m, "softmax", |mut c: Ctx<'_>, a: i32, axis: i32| {
-        op(&mut c, "softmax", |st, _| {
+        op(&mut c, const { Metrics::op_index("softmax") }, |st, _| {
             Ok(st.backend.softmax(st.tensors.get(a)?, axis.into())?)
         })
     })?;
@@ -397,22 +402,26 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         m,
         "layer_norm",
         |mut c: Ctx<'_>, x: i32, g: i32, b: i32, eps: f32| {
-            op(&mut c, "layer_norm", |st, _| {
-                let (g, b) = (opt_handle(st, g)?, opt_handle(st, b)?);
-                Ok(st
-                    .backend
-                    .layer_norm(st.tensors.get(x)?, g.as_ref(), b.as_ref(), eps)?)
-            })
+            op(
+                &mut c,
+                const { Metrics::op_index("layer_norm") },
+                |st, _| {
+                    let (g, b) = (opt_handle(st, g)?, opt_handle(st, b)?);
+                    Ok(st
+                        .backend
+                        .layer_norm(st.tensors.get(x)?, g.as_ref(), b.as_ref(), eps)?)
+                },
+            )
         },
     )?;
     linker.func_wrap(m, "rms_norm", |mut c: Ctx<'_>, x: i32, g: i32, eps: f32| {
-        op(&mut c, "rms_norm", |st, _| {
+        op(&mut c, const { Metrics::op_index("rms_norm") }, |st, _| {
             let g = opt_handle(st, g)?;
             Ok(st.backend.rms_norm(st.tensors.get(x)?, g.as_ref(), eps)?)
         })
     })?;
     linker.func_wrap(m, "reshape", |mut c: Ctx<'_>, a: i32, sp: i32, nd: i32| {
-        op(&mut c, "reshape", |st, mem| {
+        op(&mut c, const { Metrics::op_index("reshape") }, |st, mem| {
             let max = st.backend.limits().max_rank;
             let dims: Vec<i64> = read_u32s(mem, sp, nd, max, "shape")?
                 .into_iter()
@@ -425,28 +434,32 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         m,
         "transpose",
         |mut c: Ctx<'_>, a: i32, pp: i32, nd: i32| {
-            op(&mut c, "transpose", |st, mem| {
-                let max = st.backend.limits().max_rank;
-                let perm: Vec<usize> = read_u32s(mem, pp, nd, max, "permutation")?
-                    .into_iter()
-                    .map(|p| p as usize)
-                    .collect();
-                Ok(st.backend.transpose(st.tensors.get(a)?, &perm)?)
-            })
+            op(
+                &mut c,
+                const { Metrics::op_index("transpose") },
+                |st, mem| {
+                    let max = st.backend.limits().max_rank;
+                    let perm: Vec<usize> = read_u32s(mem, pp, nd, max, "permutation")?
+                        .into_iter()
+                        .map(|p| p as usize)
+                        .collect();
+                    Ok(st.backend.transpose(st.tensors.get(a)?, &perm)?)
+                },
+            )
         },
     )?;
     linker.func_wrap(m, "cast", |mut c: Ctx<'_>, a: i32, dt: i32| {
-        op(&mut c, "cast", |st, _| {
+        op(&mut c, const { Metrics::op_index("cast") }, |st, _| {
             Ok(st.backend.cast(st.tensors.get(a)?, dtype(dt)?)?)
         })
     })?;
     linker.func_wrap(m, "gather", |mut c: Ctx<'_>, t: i32, i: i32| {
-        op(&mut c, "gather", |st, _| {
+        op(&mut c, const { Metrics::op_index("gather") }, |st, _| {
             Ok(st.backend.gather(st.tensors.get(t)?, st.tensors.get(i)?)?)
         })
     })?;
     linker.func_wrap(m, "concat", |mut c: Ctx<'_>, a: i32, b: i32, axis: i32| {
-        op(&mut c, "concat", |st, _| {
+        op(&mut c, const { Metrics::op_index("concat") }, |st, _| {
             Ok(st
                 .backend
                 .concat(st.tensors.get(a)?, st.tensors.get(b)?, axis.into())?)
@@ -456,7 +469,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         m,
         "attention",
         |mut c: Ctx<'_>, q: i32, k: i32, v: i32, causal: i32| {
-            op(&mut c, "attention", |st, _| {
+            op(&mut c, const { Metrics::op_index("attention") }, |st, _| {
                 let t = &st.tensors;
                 Ok(st
                     .backend

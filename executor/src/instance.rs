@@ -167,6 +167,7 @@ impl WarmInstance {
             deadline: Some(Instant::now() + deadline),
             memory: None,
             metrics: setup.metrics.clone(),
+            call_started: Instant::now(),
             max_output_bytes: setup.max_output_bytes,
             max_error_message: setup.max_error_message,
         };

@@ -41,7 +41,11 @@ pub struct Metrics {
     pub invocations: IntCounterVec,
     pub invoke_duration: Histogram,
     pub device_memory: IntGaugeVec,
-    backend: &'static str,
+    /// `kernel_dispatches_total` for each of [`OPS`] on this backend,
+    /// resolved once: a label lookup per dispatch would cost more than a
+    /// small kernel.
+    dispatch_counters: Vec<prometheus::IntCounter>,
+    dispatch_seconds: Histogram,
 }
 
 /// Dispatch latency buckets, in seconds: 1 µs to 1 s.
@@ -108,7 +112,14 @@ impl Metrics {
         reg(Box::new(invoke_duration.clone()));
         reg(Box::new(device_memory.clone()));
         reg(Box::new(build_info));
+        let dispatch_counters = OPS
+            .iter()
+            .map(|op| kernel_dispatches.with_label_values(&[op, backend]))
+            .collect();
+        let dispatch_seconds = kernel_dispatch_duration.with_label_values(&[backend]);
         Metrics {
+            dispatch_counters,
+            dispatch_seconds,
             registry,
             active_instances,
             jobs_in_flight,
@@ -117,29 +128,33 @@ impl Metrics {
             invocations,
             invoke_duration,
             device_memory,
-            backend,
         }
     }
 
-    /// Counts one dispatch of `op` that took `seconds`.
-    pub fn dispatched(&self, op: &str, seconds: f64) {
-        self.kernel_dispatches
-            .with_label_values(&[op, self.backend])
-            .inc();
-        self.kernel_dispatch_duration
-            .with_label_values(&[self.backend])
-            .observe(seconds);
+    /// Counts one dispatch of `OPS[op]` that took `seconds`.
+    pub fn dispatched(&self, op: usize, seconds: f64) {
+        if let Some(c) = self.dispatch_counters.get(op) {
+            c.inc();
+        }
+        self.dispatch_seconds.observe(seconds);
     }
 
     /// Dispatches counted so far, all ops.
     pub fn dispatches_total(&self) -> u64 {
-        OPS.iter()
-            .map(|op| {
-                self.kernel_dispatches
-                    .with_label_values(&[op, self.backend])
-                    .get()
-            })
-            .sum()
+        self.dispatch_counters.iter().map(|c| c.get()).sum()
+    }
+
+    /// The index of `name` in [`OPS`]; a name that is not there fails to
+    /// compile where it is used in a `const` block.
+    pub const fn op_index(name: &str) -> usize {
+        let mut i = 0;
+        while i < OPS.len() {
+            if const_str_eq(OPS[i], name) {
+                return i;
+            }
+            i += 1;
+        }
+        panic!("not an op name");
     }
 
     /// The Prometheus text exposition.
@@ -148,4 +163,19 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+const fn const_str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }

@@ -158,7 +158,9 @@ impl Drop for TestExecutor {
         if let Some(rt) = self.rt.take() {
             // A graceful stop: the server finishes and writes warm state.
             if let Some(served) = self.served.take() {
-                let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), served).await });
+                let _ = rt.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(30), served).await
+                });
             }
             rt.shutdown_timeout(Duration::from_secs(5));
         }
