@@ -141,6 +141,11 @@ fn mac(key: &[u8], payload: &[u8]) -> HmacSha256 {
     m
 }
 
+/// The BLAKE3 checksum the header carries for `payload`.
+pub fn checksum(payload: &[u8]) -> [u8; 32] {
+    *blake3::hash(payload).as_bytes()
+}
+
 /// Encodes a snapshot, signing it when `key` is given.
 pub fn encode(snapshot: &TenantSnapshot, key: Option<&[u8]>) -> Result<Vec<u8>, SnapshotError> {
     let payload = rkyv::to_bytes::<rancor::Error>(snapshot)
