@@ -141,28 +141,40 @@ fn mac(key: &[u8], payload: &[u8]) -> HmacSha256 {
     m
 }
 
+/// Payloads from this size up are hashed on every core: 1 MiB, past which
+/// splitting the work pays for the hand-off.
+const PARALLEL_HASH_FROM: usize = 1 << 20;
+
 /// The BLAKE3 checksum the header carries for `payload`.
 pub fn checksum(payload: &[u8]) -> [u8; 32] {
-    *blake3::hash(payload).as_bytes()
+    let mut h = blake3::Hasher::new();
+    if payload.len() >= PARALLEL_HASH_FROM {
+        h.update_rayon(payload);
+    } else {
+        h.update(payload);
+    }
+    *h.finalize().as_bytes()
 }
 
 /// Encodes a snapshot, signing it when `key` is given.
 pub fn encode(snapshot: &TenantSnapshot, key: Option<&[u8]>) -> Result<Vec<u8>, SnapshotError> {
-    let payload = rkyv::to_bytes::<rancor::Error>(snapshot)
+    // The archive is written straight after a header-sized gap, so the
+    // payload is never copied: rkyv's pointers are relative, and 96 is a
+    // multiple of every alignment the archive uses (16 at most).
+    let mut out = rkyv::api::high::to_bytes_in::<_, rancor::Error>(snapshot, vec![0u8; HEADER_LEN])
         .map_err(|e| SnapshotError::Encode(e.to_string()))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let (header, payload) = out.split_at_mut(HEADER_LEN);
+    let sum = checksum(payload);
+    let signature = key.map(|k| mac(k, payload).finalize().into_bytes());
+    header[..8].copy_from_slice(&MAGIC);
+    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     let flags = if key.is_some() { FLAG_KEYED } else { 0 };
-    out.extend_from_slice(&flags.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(blake3::hash(&payload).as_bytes());
-    match key {
-        Some(k) => out.extend_from_slice(&mac(k, &payload).finalize().into_bytes()),
-        None => out.extend_from_slice(&[0; 32]),
+    header[12..16].copy_from_slice(&flags.to_le_bytes());
+    header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[24..56].copy_from_slice(&sum);
+    if let Some(sig) = signature {
+        header[56..88].copy_from_slice(&sig);
     }
-    out.resize(HEADER_LEN, 0);
-    out.extend_from_slice(&payload);
     Ok(out)
 }
 
@@ -200,7 +212,7 @@ pub fn verify(bytes: &[u8], key: Option<&[u8]>, max_payload: u64) -> Result<Head
     if declared > max_payload {
         return Err(SnapshotError::TooLarge(declared, max_payload));
     }
-    if blake3::hash(payload).as_bytes() != &header[24..56] {
+    if checksum(payload) != header[24..56] {
         return Err(SnapshotError::Checksum);
     }
     let keyed = flags & FLAG_KEYED != 0;
@@ -226,11 +238,19 @@ pub fn decode(
     max_payload: u64,
 ) -> Result<TenantSnapshot, SnapshotError> {
     verify(bytes, key, max_payload)?;
-    // The archive must sit 16-byte aligned; a copy guarantees it whatever
-    // buffer the bytes arrived in.
-    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len() - HEADER_LEN);
-    aligned.extend_from_slice(&bytes[HEADER_LEN..]);
-    let archived = rkyv::access::<ArchivedTenantSnapshot, rancor::Error>(&aligned)
+    // The archive must sit 16-byte aligned: read it in place when it does,
+    // else from an aligned copy.
+    let payload = &bytes[HEADER_LEN..];
+    let copy;
+    let aligned: &[u8] = if (payload.as_ptr() as usize).is_multiple_of(16) {
+        payload
+    } else {
+        let mut v = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
+        v.extend_from_slice(payload);
+        copy = v;
+        &copy
+    };
+    let archived = rkyv::access::<ArchivedTenantSnapshot, rancor::Error>(aligned)
         .map_err(|e| SnapshotError::Malformed(e.to_string()))?;
     rkyv::deserialize::<TenantSnapshot, rancor::Error>(archived)
         .map_err(|e| SnapshotError::Malformed(e.to_string()))
