@@ -263,3 +263,57 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAT: &str = r#"(module (memory (export "memory") 1)
+        (func (export "handle") (result i32) (i32.const 0)))"#;
+
+    fn limits() -> EngineLimits {
+        EngineLimits {
+            total_instances: 2,
+            ..EngineLimits::default()
+        }
+    }
+
+    #[test]
+    fn the_cache_serves_what_it_wrote_and_ignores_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = wat::parse_str(WAT).unwrap();
+        let rt = Runtime::new(limits(), Some(dir.path())).unwrap();
+        rt.compile(&wasm).unwrap();
+        let cache = rt.cache.as_ref().unwrap();
+        let entry = cache.path(&wasm);
+        assert!(entry.exists(), "compiling wrote an entry");
+        assert!(
+            cache.load(rt.engine(), &wasm).is_some(),
+            "and the entry loads"
+        );
+
+        // A tampered entry is not loaded (compilation runs again instead).
+        let mut bytes = std::fs::read(&entry).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&entry, &bytes).unwrap();
+        assert!(cache.load(rt.engine(), &wasm).is_none());
+        rt.compile(&wasm).unwrap();
+        assert!(
+            cache.load(rt.engine(), &wasm).is_some(),
+            "recompiling rewrote it"
+        );
+
+        // Bytes another process wrote without our key are not loaded either.
+        let other = tempfile::tempdir().unwrap();
+        let rt2 = Runtime::new(limits(), Some(other.path())).unwrap();
+        let foreign = rt2.cache.as_ref().unwrap().path(&wasm);
+        std::fs::copy(&entry, &foreign).unwrap();
+        assert!(
+            rt2.cache
+                .as_ref()
+                .unwrap()
+                .load(rt2.engine(), &wasm)
+                .is_none()
+        );
+    }
+}

@@ -1,5 +1,7 @@
 //! Every import of guest ABI v1, through a real executor.
 
+use std::sync::Arc;
+
 use tensor_wasm_kernels::{Backend, BinaryOp, CpuBackend, DType, ReduceOp, Tensor, UnaryOp};
 
 use crate::harness::{TestExecutor, f32_inputs, f32_output};
@@ -462,4 +464,132 @@ fn init_runs_once_per_instance() {
         let r = ex.post("t1", &format!("/functions/{id}/invoke"), "text/plain", b"");
         assert_eq!(r.body, 1u32.to_le_bytes());
     }
+}
+
+/// y = x · w with w an asset; the same name gives the same handle.
+const WITH_ASSET: &str = r#"
+  (memory (export "memory") 1)
+  (data (i32.const 0) "x")
+  (data (i32.const 8) "w")
+  (data (i32.const 16) "y")
+  (data (i32.const 24) "nope")
+  (func (export "handle") (result i32)
+    (local $w i32)
+    (local.set $w (call $must (call $asset (i32.const 8) (i32.const 1))))
+    (if (i32.ne (call $asset (i32.const 8) (i32.const 1)) (local.get $w)) (then unreachable))
+    (if (i32.ne (call $asset (i32.const 24) (i32.const 4)) (i32.const -6)) (then unreachable))
+    (drop (call $must (call $output (i32.const 16) (i32.const 1)
+      (call $must (call $matmul (call $must (call $input (i32.const 0) (i32.const 1))) (local.get $w))))))
+    (i32.const 0))
+"#;
+
+fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, data) in parts {
+        body.extend_from_slice(
+            format!("--XX\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--XX--\r\n");
+    body
+}
+
+#[test]
+fn assets_are_shared_read_only_weights() {
+    let ex = TestExecutor::start();
+    let w: Vec<f32> = vec![1.0, 0.0, 0.0, 2.0, 3.0, 1.0];
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![2, 3],
+        bytemuck::cast_slice(&w),
+    )
+    .unwrap();
+    let assets = safetensors::serialize([("w".to_string(), view)], None).unwrap();
+    let wasm = wat::parse_str(guest(WITH_ASSET)).unwrap();
+    let r = ex.post(
+        "t1",
+        "/functions?name=weighted",
+        "multipart/form-data; boundary=XX",
+        &multipart(&[("module", &wasm), ("assets", &assets)]),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["assets"], serde_json::json!(["w"]));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    for _ in 0..2 {
+        let r = ex.post(
+            "t1",
+            &format!("/functions/{id}/invoke"),
+            "application/json",
+            &f32_inputs(&[("x", &[1, 2], &[1.0, 2.0])]),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(f32_output(&r, "y"), vec![5.0, 6.0, 2.0]);
+    }
+    // Bad assets are refused with the reason.
+    let r = ex.post(
+        "t1",
+        "/functions?name=broken",
+        "multipart/form-data; boundary=XX",
+        &multipart(&[("module", &wasm), ("assets", b"not safetensors")]),
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_input"),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
+fn a_busy_function_queues_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = tensor_wasm_executor::config::EngineLimits {
+        max_queued_per_function: 1,
+        default_deadline: std::time::Duration::from_millis(1500),
+        ..crate::harness::small_limits()
+    };
+    let ex = Arc::new(TestExecutor::start_in(
+        dir.path(),
+        limits,
+        Default::default(),
+    ));
+    let id = ex.deploy(
+        "t1",
+        "slow",
+        &guest(
+            r#"(memory (export "memory") 1)
+            (func (export "handle") (result i32)
+              (if (i32.eq (call $input_len) (i32.const 4)) (then (loop $l (br $l))))
+              (i32.const 0))"#,
+        ),
+    );
+    let path = format!("/functions/{id}/invoke");
+    // One request holds the only instance (spinning to its deadline), a
+    // second waits in the queue, a third finds the queue full.
+    let spin = {
+        let (ex, path) = (ex.clone(), path.clone());
+        std::thread::spawn(move || ex.post("t1", &path, "text/plain", b"spin").status)
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let queued = {
+        let (ex, path) = (ex.clone(), path.clone());
+        std::thread::spawn(move || ex.post("t1", &path, "text/plain", b"ok").status)
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let r = ex.post("t1", &path, "text/plain", b"ok");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (503, "capacity_exhausted"),
+        "{}",
+        r.text()
+    );
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(spin.join().unwrap(), 504);
+    assert_eq!(
+        queued.join().unwrap(),
+        200,
+        "the queued request ran once the instance was free"
+    );
 }
