@@ -20,6 +20,7 @@ use tensor_wasm_shared::api::{JobAccepted, JobInfo, JobStatus};
 use crate::body;
 use crate::error::ExecError;
 use crate::registry::{Registry, Tenant};
+use crate::sync::{lock, now_rfc3339, random_id};
 
 /// How often a pending job of a frozen tenant looks again: 20 ms, small
 /// next to a migration's pause.
@@ -42,18 +43,8 @@ pub struct JobRecord {
     pub finished: Option<Instant>,
 }
 
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
 fn new_job_id() -> String {
-    let mut b = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
-    format!("job-{}", hex::encode(b))
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    random_id("job")
 }
 
 impl Registry {

@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod snapshot;
+mod sync;
 mod sys;
 pub mod tensors;
 pub mod wasm;

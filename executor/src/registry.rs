@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tensor_wasm_kernels::Backend;
@@ -33,6 +33,7 @@ use crate::instance::{InstanceSetup, Request, Response, WarmInstance};
 use crate::jobs::JobRecord;
 use crate::logs::FunctionLog;
 use crate::metrics::Metrics;
+use crate::sync::{lock, now_rfc3339, random_id, read_lock, write_lock};
 use crate::tensors::TenantUsage;
 use crate::wasm;
 
@@ -203,10 +204,6 @@ impl Tenant {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl std::fmt::Debug for Tenant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tenant")
@@ -240,22 +237,8 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
 fn new_function_id() -> String {
-    let mut b = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
-    format!("fn-{}", hex::encode(b))
-}
-
-fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
+    random_id("fn")
 }
 
 impl Registry {
@@ -342,10 +325,7 @@ impl Registry {
             .remove(id)
             .ok_or_else(|| ExecError::NotFound(format!("tenant {id}")))?;
         t.removed.store(true, Ordering::Release);
-        let pending = t
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let pending = lock(&t.jobs)
             .values()
             .filter(|j| !j.info.status.is_finished())
             .count() as u64;
@@ -604,7 +584,7 @@ impl Registry {
             .cloned()
             .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
         let permit = self.acquire(&f, queued).await?;
-        let pooled = f.pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = lock(&f.pool.idle).pop();
         let (counters, tenant_instances) = (self.counters.clone(), t.instances.clone());
         let max_tenant_instances = self.quotas.instances;
         let func = f.clone();
@@ -646,11 +626,7 @@ impl Registry {
         .await
         .map_err(|e| ExecError::Internal(format!("invocation task failed: {e}")))?;
         if let Some(inst) = back {
-            f.pool
-                .idle
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(inst);
+            lock(&f.pool.idle).push(inst);
         }
         drop(permit);
         result

@@ -31,6 +31,7 @@ use crate::error::ExecError;
 use crate::instance::WarmInstance;
 use crate::jobs::{JobRecord, PendingRequest};
 use crate::registry::{Registration, Registry};
+use crate::sync::lock;
 
 /// Longest wait for a tenant's in-flight work before an export gives up:
 /// 30 s (a deadline-bound invocation ends well within it by default).
@@ -67,7 +68,7 @@ impl Registry {
         let result = tokio::task::spawn_blocking(move || {
             let mut functions = Vec::new();
             for f in t2.function_list() {
-                let mut idle = f.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let mut idle = lock(&f.pool.idle);
                 let mut instances = Vec::with_capacity(idle.len());
                 for p in idle.iter_mut() {
                     instances.push(p.inst.capture(&f.mutable_globals).map_err(|e| {
@@ -82,10 +83,7 @@ impl Registry {
                     instances,
                 });
             }
-            let jobs = t2
-                .jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            let jobs = lock(&t2.jobs)
                 .values()
                 .map(|j| {
                     Ok(JobSnapshot {
@@ -297,16 +295,12 @@ impl Registry {
                 let warm = WarmInstance::restore(&func.pre, &func.setup, inst, func.deadline)
                     .map_err(|e| invalid(format!("function {id}: {e}")))?;
                 let pooled = self.pooled(&t, warm);
-                func.pool
-                    .idle
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(pooled);
+                lock(&func.pool.idle).push(pooled);
             }
         }
         let t = self.tenant(tenant)?;
         let mut pending = Vec::new();
-        let mut jobs = t.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut jobs = lock(&t.jobs);
         for (j, info) in snap.jobs.into_iter().zip(plan.jobs) {
             let request = if info.status.is_finished() {
                 None
