@@ -1,0 +1,362 @@
+//! Which executor owns each tenant, persisted so that a restarted proxy
+//! routes every tenant where it was, and finishes any migration it finds
+//! recorded (DESIGN.md §5).
+//!
+//! At a tenant's first request it is placed by consistent hashing (ketama)
+//! of its id over the healthy executors that take new tenants; from then on
+//! it is sticky, whatever executors come and go, until a migration moves it.
+//! The table lives in one JSON file written atomically (temp file, fsync,
+//! rename, fsync of the folder): a crash leaves the old table or the new
+//! one, never a torn one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use pingora_ketama::{Bucket, Continuum};
+use serde::{Deserialize, Serialize};
+use tensor_wasm_shared::TenantId;
+
+/// Why a placement could not be made or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("no healthy executor takes new tenants")]
+    NoExecutor,
+    #[error("tenant {0} is already moving")]
+    AlreadyMoving(String),
+    #[error("tenant {0} is not moving")]
+    NotMoving(String),
+    #[error("tenant {0} has no placement")]
+    Unplaced(String),
+    #[error("placement file {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("placement file {0} is corrupt: {1}")]
+    Corrupt(PathBuf, String),
+}
+
+/// A migration in progress: recorded before it starts, cleared when done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub from: String,
+    pub to: String,
+    /// The exported snapshot, kept in the state directory until the import
+    /// succeeds.
+    pub snapshot: Option<PathBuf>,
+}
+
+/// What the file holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementState {
+    /// Tenant → executor id.
+    pub placements: BTreeMap<String, String>,
+    /// Tenant → migration in progress.
+    #[serde(default)]
+    pub moving: BTreeMap<String, Move>,
+    /// Executors that take no new tenants (draining, or being replaced).
+    #[serde(default)]
+    pub draining: BTreeSet<String>,
+}
+
+/// An executor that may receive new tenants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: String,
+    pub addr: SocketAddr,
+}
+
+/// The placement table and its file.
+#[derive(Debug)]
+pub struct Placements {
+    path: PathBuf,
+    state: PlacementState,
+}
+
+impl Placements {
+    /// Loads the table from `path`; a missing file is an empty table.
+    pub fn load(path: &Path) -> Result<Placements, PlacementError> {
+        let state = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| PlacementError::Corrupt(path.to_path_buf(), e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PlacementState::default(),
+            Err(e) => return Err(PlacementError::Io(path.to_path_buf(), e)),
+        };
+        Ok(Placements {
+            path: path.to_path_buf(),
+            state,
+        })
+    }
+
+    pub fn state(&self) -> &PlacementState {
+        &self.state
+    }
+
+    /// Where `tenant` lives, if placed.
+    pub fn get(&self, tenant: &TenantId) -> Option<&str> {
+        self.state
+            .placements
+            .get(tenant.as_str())
+            .map(String::as_str)
+    }
+
+    /// Where `tenant` lives, placing it first if it is new: consistent
+    /// hashing over `healthy` executors that are not draining.
+    pub fn place(
+        &mut self,
+        tenant: &TenantId,
+        healthy: &[Candidate],
+    ) -> Result<String, PlacementError> {
+        if let Some(id) = self.get(tenant) {
+            return Ok(id.to_string());
+        }
+        let open: Vec<&Candidate> = healthy
+            .iter()
+            .filter(|c| !self.state.draining.contains(&c.id))
+            .collect();
+        if open.is_empty() {
+            return Err(PlacementError::NoExecutor);
+        }
+        let buckets: Vec<Bucket> = open.iter().map(|c| Bucket::new(c.addr, 1)).collect();
+        let ring = Continuum::new(&buckets);
+        let addr = ring
+            .node(tenant.as_str().as_bytes())
+            .ok_or(PlacementError::NoExecutor)?;
+        let chosen = open
+            .iter()
+            .find(|c| c.addr == addr)
+            .ok_or(PlacementError::NoExecutor)?
+            .id
+            .clone();
+        self.state
+            .placements
+            .insert(tenant.to_string(), chosen.clone());
+        self.save()?;
+        Ok(chosen)
+    }
+
+    /// Records "tenant moving from → to" before any step of the move.
+    pub fn begin_move(&mut self, tenant: &TenantId, to: &str) -> Result<Move, PlacementError> {
+        if self.state.moving.contains_key(tenant.as_str()) {
+            return Err(PlacementError::AlreadyMoving(tenant.to_string()));
+        }
+        let from = self
+            .get(tenant)
+            .ok_or_else(|| PlacementError::Unplaced(tenant.to_string()))?
+            .to_string();
+        let m = Move {
+            from,
+            to: to.to_string(),
+            snapshot: None,
+        };
+        self.state.moving.insert(tenant.to_string(), m.clone());
+        self.save()?;
+        Ok(m)
+    }
+
+    /// Records where the exported snapshot was kept.
+    pub fn record_snapshot(
+        &mut self,
+        tenant: &TenantId,
+        path: PathBuf,
+    ) -> Result<(), PlacementError> {
+        let m = self
+            .state
+            .moving
+            .get_mut(tenant.as_str())
+            .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))?;
+        m.snapshot = Some(path);
+        self.save()
+    }
+
+    /// The move succeeded: the tenant now lives at its destination.
+    pub fn finish_move(&mut self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        let m = self
+            .state
+            .moving
+            .remove(tenant.as_str())
+            .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))?;
+        self.state
+            .placements
+            .insert(tenant.to_string(), m.to.clone());
+        self.save()?;
+        Ok(m)
+    }
+
+    /// The move failed: the tenant stays at its source.
+    pub fn abort_move(&mut self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        let m = self
+            .state
+            .moving
+            .remove(tenant.as_str())
+            .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))?;
+        self.save()?;
+        Ok(m)
+    }
+
+    /// Moves recorded but not finished (what a restarted proxy completes).
+    pub fn pending_moves(&self) -> Vec<(TenantId, Move)> {
+        self.state
+            .moving
+            .iter()
+            .filter_map(|(t, m)| TenantId::new(t.as_str()).ok().map(|t| (t, m.clone())))
+            .collect()
+    }
+
+    /// Stops or resumes placing new tenants on an executor.
+    pub fn set_draining(&mut self, executor: &str, draining: bool) -> Result<(), PlacementError> {
+        let changed = if draining {
+            self.state.draining.insert(executor.to_string())
+        } else {
+            self.state.draining.remove(executor)
+        };
+        if changed { self.save() } else { Ok(()) }
+    }
+
+    /// Forgets a tenant (purge).
+    pub fn remove(&mut self, tenant: &TenantId) -> Result<(), PlacementError> {
+        self.state.placements.remove(tenant.as_str());
+        self.state.moving.remove(tenant.as_str());
+        self.save()
+    }
+
+    /// Tenants on an executor.
+    pub fn tenants_of(&self, executor: &str) -> Vec<String> {
+        self.state
+            .placements
+            .iter()
+            .filter(|(_, e)| e.as_str() == executor)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    fn save(&self) -> Result<(), PlacementError> {
+        let io = |e| PlacementError::Io(self.path.clone(), e);
+        let bytes = serde_json::to_vec_pretty(&self.state)
+            .map_err(|e| PlacementError::Corrupt(self.path.clone(), e.to_string()))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = self.path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> TenantId {
+        TenantId::new(s).unwrap()
+    }
+
+    fn cands(n: u16) -> Vec<Candidate> {
+        (0..n)
+            .map(|i| Candidate {
+                id: format!("cpu{i}"),
+                addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn placement_is_spread_sticky_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("placements.json");
+        let mut p = Placements::load(&path).unwrap();
+        let execs = cands(3);
+        let mut count = BTreeMap::new();
+        for i in 0..300 {
+            let id = p.place(&t(&format!("tenant-{i}")), &execs).unwrap();
+            *count.entry(id).or_insert(0) += 1;
+        }
+        assert_eq!(count.len(), 3, "every executor gets tenants: {count:?}");
+        assert!(count.values().all(|&n| n > 50), "{count:?}");
+        // Sticky even when the executor set changes.
+        let first = p.get(&t("tenant-7")).unwrap().to_string();
+        let others: Vec<Candidate> = execs.iter().filter(|c| c.id != first).cloned().collect();
+        assert_eq!(p.place(&t("tenant-7"), &others).unwrap(), first);
+        // And after a restart.
+        let again = Placements::load(&path).unwrap();
+        assert_eq!(again.get(&t("tenant-7")), Some(first.as_str()));
+        assert_eq!(again.state().placements.len(), 300);
+    }
+
+    #[test]
+    fn draining_executors_get_no_new_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Placements::load(&dir.path().join("p.json")).unwrap();
+        let execs = cands(2);
+        p.set_draining("cpu0", true).unwrap();
+        for i in 0..50 {
+            assert_eq!(p.place(&t(&format!("x{i}")), &execs).unwrap(), "cpu1");
+        }
+        p.set_draining("cpu1", true).unwrap();
+        assert!(matches!(
+            p.place(&t("late"), &execs),
+            Err(PlacementError::NoExecutor)
+        ));
+        assert!(matches!(
+            p.place(&t("late"), &[]),
+            Err(PlacementError::NoExecutor)
+        ));
+    }
+
+    #[test]
+    fn moves_are_recorded_until_finished_or_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        let mut p = Placements::load(&path).unwrap();
+        let execs = cands(1);
+        p.place(&t("a"), &execs).unwrap();
+        p.begin_move(&t("a"), "cpu9").unwrap();
+        assert!(matches!(
+            p.begin_move(&t("a"), "cpu8"),
+            Err(PlacementError::AlreadyMoving(_))
+        ));
+        p.record_snapshot(&t("a"), dir.path().join("a.twsnap"))
+            .unwrap();
+        // A proxy restarting now finds the move, snapshot path included.
+        let restarted = Placements::load(&path).unwrap();
+        let pending = restarted.pending_moves();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].1.from, "cpu0");
+        assert_eq!(
+            pending[0].1.snapshot.as_deref(),
+            Some(dir.path().join("a.twsnap").as_path())
+        );
+        p.finish_move(&t("a")).unwrap();
+        assert_eq!(p.get(&t("a")), Some("cpu9"));
+        p.begin_move(&t("a"), "cpu0").unwrap();
+        p.abort_move(&t("a")).unwrap();
+        assert_eq!(p.get(&t("a")), Some("cpu9"));
+        assert!(matches!(
+            p.finish_move(&t("a")),
+            Err(PlacementError::NotMoving(_))
+        ));
+        assert!(matches!(
+            p.begin_move(&t("nobody"), "cpu0"),
+            Err(PlacementError::Unplaced(_))
+        ));
+        assert_eq!(p.tenants_of("cpu9"), vec!["a".to_string()]);
+        p.remove(&t("a")).unwrap();
+        assert_eq!(p.get(&t("a")), None);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_not_an_empty_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(matches!(
+            Placements::load(&path),
+            Err(PlacementError::Corrupt(..))
+        ));
+    }
+}
