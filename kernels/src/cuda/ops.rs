@@ -22,7 +22,7 @@ use crate::backend::{Backend, BackendKind};
 use crate::error::{KernelError, Result};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
 use crate::shape::{
-    Limits, checked_numel, plan_binary, plan_concat, plan_gather, plan_norm, plan_reduce,
+    AxisPlan, Limits, checked_numel, plan_binary, plan_concat, plan_gather, plan_norm, plan_reduce,
     plan_reshape, plan_softmax, plan_transpose,
 };
 use crate::tensor::Tensor;
@@ -274,35 +274,7 @@ impl Backend for CudaBackend {
         let mut out = self.alloc(OP, out_dtype, numel)?;
         if numel > 0 {
             let name = format!("{}_{}", REDUCE_NAMES[op as usize], dtype_suffix(a.dtype()));
-            if plan.inner == 1 {
-                // reduce_rows_OP_T(u64 rows, u64 len, const T* x, Out* out)
-                Launch::new(&self.stream)
-                    .usize(plan.outer)
-                    .usize(plan.len)
-                    .input(sa)
-                    .output(&mut out)
-                    .run(
-                        &self.dev,
-                        OP,
-                        &format!("reduce_rows_{name}"),
-                        self.dev.row_grid(plan.outer as u64),
-                    )?;
-            } else {
-                // reduce_cols_OP_T(u64 outer, u64 len, u64 inner, const T* x,
-                //                  Out* out)
-                Launch::new(&self.stream)
-                    .usize(plan.outer)
-                    .usize(plan.len)
-                    .usize(plan.inner)
-                    .input(sa)
-                    .output(&mut out)
-                    .run(
-                        &self.dev,
-                        OP,
-                        &format!("reduce_cols_{name}"),
-                        self.dev.grid(numel as u64),
-                    )?;
-            }
+            self.launch_axis(OP, "reduce", &name, &plan, sa, &mut out)?;
         }
         tensor(&plan.out_dims, out)
     }
@@ -316,36 +288,7 @@ impl Backend for CudaBackend {
         let numel = a.numel();
         let mut out = self.alloc(OP, dtype, numel)?;
         if numel > 0 {
-            let t = dtype_suffix(dtype);
-            if plan.inner == 1 {
-                // softmax_rows_T(u64 rows, u64 len, const T* x, T* out)
-                Launch::new(&self.stream)
-                    .usize(plan.outer)
-                    .usize(plan.len)
-                    .input(sa)
-                    .output(&mut out)
-                    .run(
-                        &self.dev,
-                        OP,
-                        &format!("softmax_rows_{t}"),
-                        self.dev.row_grid(plan.outer as u64),
-                    )?;
-            } else {
-                // softmax_cols_T(u64 outer, u64 len, u64 inner, const T* x,
-                //                T* out)
-                Launch::new(&self.stream)
-                    .usize(plan.outer)
-                    .usize(plan.len)
-                    .usize(plan.inner)
-                    .input(sa)
-                    .output(&mut out)
-                    .run(
-                        &self.dev,
-                        OP,
-                        &format!("softmax_cols_{t}"),
-                        self.dev.grid((plan.outer * plan.inner) as u64),
-                    )?;
-            }
+            self.launch_axis(OP, "softmax", dtype_suffix(dtype), &plan, sa, &mut out)?;
         }
         tensor(a.dims(), out)
     }
@@ -599,6 +542,50 @@ impl Backend for CudaBackend {
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
         self.attention_impl(q, k, v, causal)
+    }
+}
+
+impl CudaBackend {
+    /// Launches a kernel over the lines of an [`AxisPlan`]:
+    /// `{prefix}_rows_{suffix}(u64 rows, u64 len, const T* x, Out* out)`,
+    /// one block per row, when the axis is the last (contiguous lines);
+    /// otherwise `{prefix}_cols_{suffix}(u64 outer, u64 len, u64 inner,
+    /// const T* x, Out* out)`, one thread per line.
+    fn launch_axis(
+        &self,
+        op: &'static str,
+        prefix: &str,
+        suffix: &str,
+        plan: &AxisPlan,
+        x: &CudaStorage,
+        out: &mut CudaStorage,
+    ) -> Result<()> {
+        if plan.inner == 1 {
+            Launch::new(&self.stream)
+                .usize(plan.outer)
+                .usize(plan.len)
+                .input(x)
+                .output(out)
+                .run(
+                    &self.dev,
+                    op,
+                    &format!("{prefix}_rows_{suffix}"),
+                    self.dev.row_grid(plan.outer as u64),
+                )
+        } else {
+            Launch::new(&self.stream)
+                .usize(plan.outer)
+                .usize(plan.len)
+                .usize(plan.inner)
+                .input(x)
+                .output(out)
+                .run(
+                    &self.dev,
+                    op,
+                    &format!("{prefix}_cols_{suffix}"),
+                    self.dev.grid((plan.outer * plan.inner) as u64),
+                )
+        }
     }
 }
 
