@@ -1,8 +1,10 @@
 //! Integration tests of the executor: a real executor serving HTTP on
-//! loopback, guests written in WAT and compiled at test time.
+//! loopback, guests written in WAT and compiled at test time, and the
+//! example functions of `examples/` built by `scripts/build-examples`.
 
 mod abi;
 mod bodies;
+mod examples;
 mod harness;
 mod jobs;
 mod registration;
