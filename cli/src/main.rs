@@ -4,6 +4,7 @@
 //! line, sets up logging and runs the chosen one.
 
 mod executor;
+mod proxy;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run an executor: one process per GPU, MIG slice or CPU.
     Executor(executor::Args),
+    /// Run the proxy: the public endpoint and the admin API.
+    Proxy(proxy::Args),
 }
 
 /// `--version`: the version, commit, compiler, profile, target and features.
@@ -52,6 +55,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Executor(args) => executor::run(args, FEATURES),
+        Command::Proxy(args) => proxy::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

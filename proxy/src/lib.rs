@@ -1,14 +1,29 @@
 //! The proxy: the one public endpoint of a TensorWasm fleet.
 //!
-//! It decides who a request belongs to ([`auth`]), whether it may pass
-//! ([`ratelimit`]), and which executor owns that tenant ([`placement`]).
-//! These are the proxy's decisions, kept free of any server so they are
-//! tested on their own; the pingora service that applies them to traffic,
-//! the audit log, health checks and the migration orchestrator build on
-//! them.
+//! Layout, in the order a request meets it:
+//! - [`service`]: the pingora `ProxyHttp` of the public listener.
+//! - [`auth`]: bearer tokens to tenants; [`ratelimit`]: per-tenant limits.
+//! - [`fleet`]: executors, their health, and each tenant's gate (held while
+//!   it moves); [`placement`]: the persisted tenant → executor table.
+//! - [`upstream`]: the proxy's own calls to executors.
+//! - [`migrate`]: live migration and the admin operations built on it.
+//! - [`admin`]: the admin API; [`audit`]: the audit log; [`metrics`];
+//!   [`routes`]: bounded names of routes.
+//! - [`server`]: assembling and running the process, signals, upkeep.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod audit;
 pub mod auth;
+pub mod fleet;
+pub mod metrics;
+pub mod migrate;
 pub mod placement;
 pub mod ratelimit;
+pub mod routes;
+pub mod server;
+pub mod service;
+pub mod upstream;
+
+pub use server::{ProxyConfig, TokenSource, run};

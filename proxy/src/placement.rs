@@ -55,6 +55,9 @@ pub struct PlacementState {
     /// Executors that take no new tenants (draining, or being replaced).
     #[serde(default)]
     pub draining: BTreeSet<String>,
+    /// The executor set: id → `host:port`, as registered.
+    #[serde(default)]
+    pub executors: BTreeMap<String, String>,
 }
 
 /// An executor that may receive new tenants.
@@ -108,6 +111,23 @@ impl Placements {
         if let Some(id) = self.get(tenant) {
             return Ok(id.to_string());
         }
+        let chosen = self.choose(tenant, healthy)?;
+        self.state
+            .placements
+            .insert(tenant.to_string(), chosen.clone());
+        self.save()?;
+        Ok(chosen)
+    }
+
+    /// Where [`place`](Self::place) would put a new tenant, without
+    /// recording it: the same ring gives the same answer to any proxy that
+    /// sees the same executors, so a proxy handing its sockets to its
+    /// successor routes new tenants where the successor will place them.
+    pub fn choose(
+        &self,
+        tenant: &TenantId,
+        healthy: &[Candidate],
+    ) -> Result<String, PlacementError> {
         let open: Vec<&Candidate> = healthy
             .iter()
             .filter(|c| !self.state.draining.contains(&c.id))
@@ -120,17 +140,35 @@ impl Placements {
         let addr = ring
             .node(tenant.as_str().as_bytes())
             .ok_or(PlacementError::NoExecutor)?;
-        let chosen = open
+        Ok(open
             .iter()
             .find(|c| c.addr == addr)
             .ok_or(PlacementError::NoExecutor)?
             .id
-            .clone();
+            .clone())
+    }
+
+    /// Records an executor (or its new address).
+    pub fn add_executor(&mut self, id: &str, addr: &str) -> Result<(), PlacementError> {
+        if self.state.executors.get(id).map(String::as_str) == Some(addr) {
+            return Ok(());
+        }
         self.state
-            .placements
-            .insert(tenant.to_string(), chosen.clone());
-        self.save()?;
-        Ok(chosen)
+            .executors
+            .insert(id.to_string(), addr.to_string());
+        self.save()
+    }
+
+    /// Forgets an executor; the caller checks that it holds no tenants.
+    pub fn remove_executor(&mut self, id: &str) -> Result<(), PlacementError> {
+        self.state.executors.remove(id);
+        self.state.draining.remove(id);
+        self.save()
+    }
+
+    /// Tenant → executor, all of them.
+    pub fn all(&self) -> &BTreeMap<String, String> {
+        &self.state.placements
     }
 
     /// Records "tenant moving from → to" before any step of the move.

@@ -23,6 +23,8 @@ pub enum ErrorCode {
     FunctionExists,
     TenantFrozen,
     TenantExists,
+    /// A migration, snapshot or restore of the tenant is already running.
+    MigrationRunning,
     PayloadTooLarge,
     UnsupportedMediaType,
     InvalidWasm,
@@ -43,7 +45,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidInput,
         ErrorCode::Unauthorized,
@@ -55,6 +57,7 @@ impl ErrorCode {
         ErrorCode::FunctionExists,
         ErrorCode::TenantFrozen,
         ErrorCode::TenantExists,
+        ErrorCode::MigrationRunning,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::InvalidWasm,
@@ -81,7 +84,7 @@ impl ErrorCode {
             Unauthorized => 401,
             TenantScopeDenied => 403,
             FunctionNotFound | JobNotFound | NotFound => 404,
-            FunctionExists | JobRunning | TenantFrozen | TenantExists => 409,
+            FunctionExists | JobRunning | TenantFrozen | TenantExists | MigrationRunning => 409,
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
             InvalidWasm | ImportNotAllowed | MissingExport | TensorError | QuotaExceeded => 422,
@@ -108,6 +111,7 @@ impl ErrorCode {
             FunctionExists => "function_exists",
             TenantFrozen => "tenant_frozen",
             TenantExists => "tenant_exists",
+            MigrationRunning => "migration_running",
             PayloadTooLarge => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",
             InvalidWasm => "invalid_wasm",

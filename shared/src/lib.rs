@@ -10,6 +10,7 @@
 //! Layout:
 //! - [`dtype`]: [`DType`], the element types a tensor may hold.
 //! - [`abi`]: [`AbiError`], the negative codes a guest ABI call returns.
+//! - [`audit`]: [`audit::AuditRecord`], one line of the proxy's audit log.
 //! - [`api`]: bodies of the HTTP API: JSON tensors, function records, invoke
 //!   bodies, executor descriptions.
 //! - [`error`]: [`ErrorCode`], the stable `code` of every public error.
@@ -22,6 +23,7 @@
 
 pub mod abi;
 pub mod api;
+pub mod audit;
 pub mod build;
 pub mod dtype;
 pub mod error;

@@ -1,0 +1,604 @@
+//! The executor set and the route of each tenant's requests.
+//!
+//! [`Fleet`] joins the persisted placement table with what the proxy knows
+//! at run time: which executors are healthy, and, per tenant, a [`Gate`]
+//! that counts requests in flight and holds new ones while the tenant
+//! moves. The gate is the whole of the proxy's side of "no request fails
+//! because of a migration":
+//!
+//! 1. A request takes a [`Lease`] on its tenant's gate *before* it looks up
+//!    the executor, and holds it until its answer is written. A lease is
+//!    only granted while the gate is open.
+//! 2. A migration closes the gate, then waits until no lease is held: from
+//!    then on no request of the tenant is anywhere but in the queue, so the
+//!    executor can export a tenant that nobody is using.
+//! 3. Requests that find the gate closed wait in a bounded queue (capacity
+//!    and deadline from [`QueueLimits`]); when the gate opens they look the
+//!    placement up again and so go wherever the tenant now lives.
+//! 4. Only a request that waits past the deadline, or finds the queue full,
+//!    is refused (`503 tenant_moving` with `Retry-After`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use tensor_wasm_shared::api::ExecutorInfo;
+use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::placement::{Candidate, PlacementError, Placements};
+use crate::upstream::ExecutorClient;
+
+/// How long and how many requests of a moving tenant may wait.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    /// Longest a request waits for its tenant's move; 5 s covers a move of
+    /// hundreds of MiB of state while staying under common client timeouts.
+    pub deadline: Duration,
+    /// Requests of one tenant that may wait at once; beyond it they are
+    /// refused at once rather than piling up memory.
+    pub capacity: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits {
+            deadline: Duration::from_secs(5),
+            capacity: 1024,
+        }
+    }
+}
+
+/// One executor as the proxy knows it.
+#[derive(Debug)]
+pub struct Executor {
+    pub id: String,
+    /// As registered (`host:port`).
+    pub addr: String,
+    /// Resolved once at registration.
+    pub sock: SocketAddr,
+    healthy: AtomicBool,
+    /// The last `/internal/info` it gave.
+    info: Mutex<Option<ExecutorInfo>>,
+}
+
+impl Executor {
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Records a probe's verdict; true when it changed.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::AcqRel) != healthy
+    }
+
+    pub fn last_info(&self) -> Option<ExecutorInfo> {
+        lock(&self.info).clone()
+    }
+
+    pub fn set_info(&self, info: ExecutorInfo) {
+        *lock(&self.info) = Some(info);
+    }
+}
+
+/// Why a request could not be routed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("tenant {0} is moving and the wait for it ran out")]
+    MovingTooLong(String),
+    #[error("too many requests of tenant {0} are waiting for its move")]
+    QueueFull(String),
+    #[error("executor {0} of this tenant is unavailable")]
+    ExecutorDown(String),
+    #[error("executor {0} of this tenant is not registered")]
+    ExecutorGone(String),
+    #[error("no healthy executor takes new tenants")]
+    NoExecutor,
+    #[error("placement table: {0}")]
+    Placement(PlacementError),
+}
+
+impl RouteError {
+    /// The public error a client gets.
+    pub fn api_error(&self) -> ApiError {
+        let code = match self {
+            RouteError::MovingTooLong(_) | RouteError::QueueFull(_) => ErrorCode::TenantMoving,
+            RouteError::ExecutorDown(_) | RouteError::ExecutorGone(_) | RouteError::NoExecutor => {
+                ErrorCode::ExecutorUnavailable
+            }
+            RouteError::Placement(_) => ErrorCode::Internal,
+        };
+        ApiError::new(code, self.to_string())
+    }
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    in_flight: usize,
+    waiting: usize,
+}
+
+/// A tenant's gate (module doc, steps 1–3).
+#[derive(Debug, Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    changed: Notify,
+}
+
+/// A request's hold on its tenant's gate; released on drop.
+#[derive(Debug)]
+pub struct Lease {
+    gate: Arc<Gate>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut st = lock(&self.gate.state);
+        st.in_flight -= 1;
+        if st.in_flight == 0 && st.closed {
+            self.gate.changed.notify_waiters();
+        }
+    }
+}
+
+/// A closed gate; opened again on drop, releasing the queue.
+#[derive(Debug)]
+pub struct Closed {
+    gate: Arc<Gate>,
+}
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        lock(&self.gate.state).closed = false;
+        self.gate.changed.notify_waiters();
+    }
+}
+
+/// Where one request goes.
+#[derive(Debug)]
+pub struct Route {
+    pub executor: Arc<Executor>,
+    pub lease: Lease,
+}
+
+/// Why a gate could not be closed.
+#[derive(Debug, thiserror::Error)]
+pub enum CloseError {
+    #[error("a migration of this tenant is already running")]
+    AlreadyClosed,
+    #[error("requests of this tenant still in flight after {0:?}")]
+    Busy(Duration),
+}
+
+/// The executor set, the placement table and the tenants' gates.
+#[derive(Debug)]
+pub struct Fleet {
+    placements: Mutex<Placements>,
+    executors: RwLock<BTreeMap<String, Arc<Executor>>>,
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+    /// Set while this process hands its sockets to a successor: it routes
+    /// new tenants where the successor will place them but records nothing.
+    handing_off: AtomicBool,
+    internal_token: String,
+    pub queue: QueueLimits,
+    state_dir: PathBuf,
+}
+
+/// Why an executor could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("executor id {0:?} is not valid (1–63 of a-z 0-9 _ - .)")]
+    BadId(String),
+    #[error("executor address {0:?} does not resolve: {1}")]
+    BadAddr(String, String),
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+}
+
+impl Fleet {
+    /// Loads the placement table from `state_dir` and registers the
+    /// executors it names plus `extra` (id, address) pairs.
+    pub fn open(
+        state_dir: &Path,
+        internal_token: &str,
+        queue: QueueLimits,
+        extra: &[(String, String)],
+    ) -> Result<Fleet, RegisterError> {
+        let placements = Placements::load(&state_dir.join("placements.json"))?;
+        let known: Vec<(String, String)> = placements
+            .state()
+            .executors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let fleet = Fleet {
+            placements: Mutex::new(placements),
+            executors: RwLock::new(BTreeMap::new()),
+            gates: Mutex::new(HashMap::new()),
+            handing_off: AtomicBool::new(false),
+            internal_token: internal_token.to_string(),
+            queue,
+            state_dir: state_dir.to_path_buf(),
+        };
+        for (id, addr) in known.iter().chain(extra) {
+            fleet.register(id, addr)?;
+        }
+        Ok(fleet)
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Adds (or re-addresses) an executor. It counts as healthy until the
+    /// first probe says otherwise.
+    pub fn register(&self, id: &str, addr: &str) -> Result<Arc<Executor>, RegisterError> {
+        let valid_id = !id.is_empty()
+            && id.len() <= 63
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.".contains(&b));
+        if !valid_id {
+            return Err(RegisterError::BadId(id.to_string()));
+        }
+        let sock = addr
+            .to_socket_addrs()
+            .map_err(|e| RegisterError::BadAddr(addr.to_string(), e.to_string()))?
+            .next()
+            .ok_or_else(|| RegisterError::BadAddr(addr.to_string(), "no address".into()))?;
+        lock(&self.placements).add_executor(id, addr)?;
+        let exec = Arc::new(Executor {
+            id: id.to_string(),
+            addr: addr.to_string(),
+            sock,
+            healthy: AtomicBool::new(true),
+            info: Mutex::new(None),
+        });
+        self.executors
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), exec.clone());
+        Ok(exec)
+    }
+
+    /// Forgets an executor.
+    pub fn forget(&self, id: &str) -> Result<(), PlacementError> {
+        lock(&self.placements).remove_executor(id)?;
+        self.executors
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    pub fn executor(&self, id: &str) -> Option<Arc<Executor>> {
+        self.executors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub fn executors(&self) -> Vec<Arc<Executor>> {
+        self.executors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// A client for `exec`'s internal API.
+    pub fn client(&self, exec: &Executor) -> ExecutorClient {
+        ExecutorClient::new(&exec.addr, &self.internal_token)
+    }
+
+    pub fn internal_token(&self) -> &str {
+        &self.internal_token
+    }
+
+    /// The placement table, locked. Hold it briefly: requests of new
+    /// tenants wait on it.
+    pub fn placements(&self) -> MutexGuard<'_, Placements> {
+        lock(&self.placements)
+    }
+
+    /// Healthy executors, as placement candidates.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.executors()
+            .into_iter()
+            .filter(|e| e.is_healthy())
+            .map(|e| Candidate {
+                id: e.id.clone(),
+                addr: e.sock,
+            })
+            .collect()
+    }
+
+    /// Stops recording placements (module doc of [`crate::server`]).
+    pub fn begin_handoff(&self) {
+        self.handing_off.store(true, Ordering::Release);
+    }
+
+    pub fn handing_off(&self) -> bool {
+        self.handing_off.load(Ordering::Acquire)
+    }
+
+    fn gate(&self, tenant: &str) -> Arc<Gate> {
+        let mut gates = lock(&self.gates);
+        if let Some(g) = gates.get(tenant) {
+            return g.clone();
+        }
+        let g = Arc::new(Gate::default());
+        gates.insert(tenant.to_string(), g.clone());
+        g
+    }
+
+    /// Routes one request of `tenant` (module doc, steps 1, 3, 4).
+    pub async fn route(&self, tenant: &TenantId) -> Result<Route, RouteError> {
+        let gate = self.gate(tenant.as_str());
+        let deadline = Instant::now() + self.queue.deadline;
+        loop {
+            let notified = gate.changed.notified();
+            let mut notified = pin!(notified);
+            {
+                let mut st = lock(&gate.state);
+                if !st.closed {
+                    st.in_flight += 1;
+                    drop(st);
+                    let lease = Lease { gate: gate.clone() };
+                    let executor = self.executor_for(tenant)?;
+                    return Ok(Route { executor, lease });
+                }
+                if st.waiting >= self.queue.capacity {
+                    return Err(RouteError::QueueFull(tenant.to_string()));
+                }
+                st.waiting += 1;
+                // Registered before the lock is released, so an opening
+                // between here and the await is not missed.
+                notified.as_mut().enable();
+            }
+            let waited = tokio::time::timeout_at(deadline, notified).await;
+            lock(&gate.state).waiting -= 1;
+            if waited.is_err() {
+                return Err(RouteError::MovingTooLong(tenant.to_string()));
+            }
+        }
+    }
+
+    /// The executor that owns `tenant`, placing it if it is new.
+    fn executor_for(&self, tenant: &TenantId) -> Result<Arc<Executor>, RouteError> {
+        let id = {
+            let mut placements = lock(&self.placements);
+            match placements.get(tenant) {
+                Some(id) => id.to_string(),
+                None => {
+                    let candidates = self.candidates();
+                    let placed = if self.handing_off() {
+                        placements.choose(tenant, &candidates)
+                    } else {
+                        placements.place(tenant, &candidates)
+                    };
+                    match placed {
+                        Ok(id) => {
+                            if !self.handing_off() {
+                                tracing::info!(tenant = %tenant, executor = %id, "tenant placed");
+                            }
+                            id
+                        }
+                        Err(PlacementError::NoExecutor) => return Err(RouteError::NoExecutor),
+                        Err(e) => return Err(RouteError::Placement(e)),
+                    }
+                }
+            }
+        };
+        let exec = self
+            .executor(&id)
+            .ok_or_else(|| RouteError::ExecutorGone(id.clone()))?;
+        if !exec.is_healthy() {
+            return Err(RouteError::ExecutorDown(id));
+        }
+        Ok(exec)
+    }
+
+    /// Closes `tenant`'s gate and waits until none of its requests is in
+    /// flight (module doc, step 2). Dropping the result opens it again.
+    pub async fn close_gate(&self, tenant: &str, wait: Duration) -> Result<Closed, CloseError> {
+        let gate = self.gate(tenant);
+        {
+            let mut st = lock(&gate.state);
+            if st.closed {
+                return Err(CloseError::AlreadyClosed);
+            }
+            st.closed = true;
+        }
+        let closed = Closed { gate: gate.clone() };
+        let deadline = Instant::now() + wait;
+        loop {
+            let notified = gate.changed.notified();
+            let mut notified = pin!(notified);
+            {
+                let st = lock(&gate.state);
+                if st.in_flight == 0 {
+                    return Ok(closed);
+                }
+                notified.as_mut().enable();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(CloseError::Busy(wait));
+            }
+        }
+    }
+
+    /// Closes `tenant`'s gate without waiting; `None` if it is closed
+    /// already. Only for start-up, before any request holds a lease.
+    pub fn close_now(&self, tenant: &str) -> Option<Closed> {
+        let gate = self.gate(tenant);
+        let mut st = lock(&gate.state);
+        if st.closed {
+            return None;
+        }
+        st.closed = true;
+        drop(st);
+        Some(Closed { gate })
+    }
+
+    /// Requests of `tenant` in flight and waiting now.
+    pub fn gate_counts(&self, tenant: &str) -> (usize, usize) {
+        let gate = self.gate(tenant);
+        let st = lock(&gate.state);
+        (st.in_flight, st.waiting)
+    }
+}
+
+/// Locks a mutex, taking over a poisoned one: every critical section here
+/// leaves the data consistent before anything that could panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(dir: &Path) -> Fleet {
+        Fleet::open(
+            dir,
+            "internal",
+            QueueLimits {
+                deadline: Duration::from_millis(300),
+                capacity: 2,
+            },
+            &[
+                ("cpu0".into(), "127.0.0.1:7100".into()),
+                ("cpu1".into(), "127.0.0.1:7101".into()),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn t(s: &str) -> TenantId {
+        TenantId::new(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_closed_gate_waits_for_leases_then_holds_requests_until_it_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = Arc::new(fleet(dir.path()));
+        let first = fleet.route(&t("acme")).await.unwrap();
+        let home = first.executor.id.clone();
+        // Closing waits for the lease in flight.
+        let busy = fleet.close_gate("acme", Duration::from_millis(50)).await;
+        assert!(matches!(busy, Err(CloseError::Busy(_))));
+        assert_eq!(fleet.gate_counts("acme"), (1, 0));
+        let closer = {
+            let fleet = fleet.clone();
+            tokio::spawn(async move { fleet.close_gate("acme", Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        let closed = closer.await.unwrap().unwrap();
+        // A request now waits; moving the placement meanwhile sends it to
+        // the new home once the gate opens.
+        let waiter = {
+            let fleet = fleet.clone();
+            tokio::spawn(
+                async move { fleet.route(&t("acme")).await.map(|r| r.executor.id.clone()) },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(fleet.gate_counts("acme"), (0, 1));
+        let other = if home == "cpu0" { "cpu1" } else { "cpu0" };
+        {
+            let mut p = fleet.placements();
+            p.begin_move(&t("acme"), other).unwrap();
+            p.finish_move(&t("acme")).unwrap();
+        }
+        drop(closed);
+        assert_eq!(waiter.await.unwrap().unwrap(), other);
+        // Other tenants never waited.
+        assert!(fleet.route(&t("other")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_long_move_or_a_full_queue_refuses_with_tenant_moving() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = Arc::new(fleet(dir.path()));
+        let closed = fleet
+            .close_gate("acme", Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(matches!(
+            fleet.close_gate("acme", Duration::from_secs(1)).await,
+            Err(CloseError::AlreadyClosed)
+        ));
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let fleet = fleet.clone();
+                tokio::spawn(async move { fleet.route(&t("acme")).await.map(|_| ()) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let full = fleet.route(&t("acme")).await.unwrap_err();
+        assert!(matches!(full, RouteError::QueueFull(_)));
+        assert_eq!(full.api_error().code, ErrorCode::TenantMoving);
+        for w in waiters {
+            let e = w.await.unwrap().unwrap_err();
+            assert!(matches!(e, RouteError::MovingTooLong(_)), "{e}");
+        }
+        assert_eq!(fleet.gate_counts("acme"), (0, 0));
+        drop(closed);
+        assert!(fleet.route(&t("acme")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_executor_refuses_its_tenants_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = fleet(dir.path());
+        let mut on = BTreeMap::new();
+        for i in 0..20 {
+            let r = fleet.route(&t(&format!("t{i}"))).await.unwrap();
+            on.insert(format!("t{i}"), r.executor.id.clone());
+        }
+        fleet.executor("cpu0").unwrap().set_healthy(false);
+        for (tenant, exec) in &on {
+            let r = fleet.route(&t(tenant)).await;
+            if exec == "cpu0" {
+                let e = r.unwrap_err();
+                assert_eq!(e.api_error().code, ErrorCode::ExecutorUnavailable);
+            } else {
+                assert_eq!(&r.unwrap().executor.id, exec);
+            }
+        }
+        // New tenants go to the healthy one.
+        for i in 0..10 {
+            let r = fleet.route(&t(&format!("new{i}"))).await.unwrap();
+            assert_eq!(r.executor.id, "cpu1");
+        }
+    }
+
+    #[test]
+    fn the_executor_set_persists_and_bad_ids_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(fleet(dir.path()));
+        let again = Fleet::open(dir.path(), "i", QueueLimits::default(), &[]).unwrap();
+        assert_eq!(again.executors().len(), 2);
+        assert!(matches!(
+            again.register("Bad Id", "127.0.0.1:1"),
+            Err(RegisterError::BadId(_))
+        ));
+        assert!(matches!(
+            again.register("ok", "not an address"),
+            Err(RegisterError::BadAddr(..))
+        ));
+        again.forget("cpu1").unwrap();
+        let third = Fleet::open(dir.path(), "i", QueueLimits::default(), &[]).unwrap();
+        assert_eq!(third.executors().len(), 1);
+    }
+}

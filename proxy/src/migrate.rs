@@ -1,0 +1,671 @@
+//! Live migration of tenants between executors (DESIGN.md §5), and the
+//! admin operations built on it: drain, rebalance, snapshot, restore, purge.
+//!
+//! Moving tenant T from executor A to B:
+//!
+//! 1. Record "T moving A→B" in the placement file, then close T's gate
+//!    ([`crate::fleet`]): new requests of T wait in the proxy's bounded
+//!    queue; other tenants are untouched.
+//! 2. Wait until T has no request in flight to A (deadline: the queue's; on
+//!    timeout the move is aborted and the queue released to A).
+//! 3. A exports T: running jobs finish, pending ones are included, A freezes
+//!    T and returns the snapshot. The proxy writes the bytes to
+//!    `<state>/moves/<T>.twsnap` (fsync) and records the path before it
+//!    goes on, so the bytes outlive A.
+//! 4. B imports them. If B fails, A thaws T, the move record is dropped and
+//!    the queue drains to A: the tenant never left.
+//! 5. The placement file points T at B, the gate opens and the queue drains
+//!    to B; then A drops T and the stored bytes are deleted.
+//!
+//! Why no request is lost: a request is either in flight before step 1 (and
+//! step 2 waits for its answer), or it waits at the gate until step 4 or 5
+//! has decided where T lives, and then goes there. T is frozen on A only
+//! between steps 3 and 4/5, while no request of T can reach A.
+//!
+//! A proxy that starts and finds a move recorded ([`Orchestrator::recover`])
+//! finishes it: with stored bytes, it imports them to B unless B already
+//! has T, then drops T from A; without, the export never completed, so it
+//! thaws T on A and forgets the move. If A died after step 3, T resumes on
+//! B from the stored bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tensor_wasm_shared::api::ExecutorInfo;
+use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
+use tokio::time::Instant;
+
+use crate::fleet::{CloseError, Executor, Fleet};
+use crate::metrics::ProxyMetrics;
+use crate::placement::{Candidate, PlacementError};
+use crate::upstream::UpstreamError;
+
+/// Longest an export or import may take; a multi-GiB tenant on a slow
+/// disk still fits, and a wedged executor does not hold a move forever.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest a thaw, drop or info call may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One finished move.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MoveReport {
+    pub tenant: String,
+    pub from: String,
+    pub to: String,
+    /// How long the tenant's requests were held, in ms.
+    pub pause_ms: f64,
+    /// Snapshot size.
+    pub bytes: u64,
+}
+
+/// A move that did not happen.
+#[derive(Clone, Debug, Serialize)]
+pub struct MoveFailure {
+    pub tenant: String,
+    pub error: ApiError,
+}
+
+/// Why a migration or tenant operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("{0:?} is not a valid tenant id")]
+    BadTenant(String),
+    #[error("tenant {0} has no placement")]
+    UnknownTenant(String),
+    #[error("executor {0} is not registered")]
+    UnknownExecutor(String),
+    #[error("a migration or snapshot of tenant {0} is already running")]
+    AlreadyMoving(String),
+    #[error("requests of tenant {0} still in flight after {1:?}")]
+    Busy(String, Duration),
+    #[error("executor {0} is unhealthy")]
+    ExecutorDown(String),
+    #[error("export from {0} failed: {1}")]
+    ExportFailed(String, UpstreamError),
+    #[error("import into {0} failed: {1}")]
+    ImportFailed(String, UpstreamError),
+    #[error("executor {0} refused: {1}")]
+    Executor(String, UpstreamError),
+    #[error("placement table: {0}")]
+    Placement(#[from] PlacementError),
+    #[error("snapshot store {0}: {1}")]
+    Store(PathBuf, std::io::Error),
+}
+
+impl MigrateError {
+    /// The admin API's answer for this error.
+    pub fn api_error(&self) -> ApiError {
+        let code = match self {
+            MigrateError::BadTenant(_) => ErrorCode::InvalidInput,
+            MigrateError::UnknownTenant(_) | MigrateError::UnknownExecutor(_) => {
+                ErrorCode::NotFound
+            }
+            MigrateError::AlreadyMoving(_) => ErrorCode::MigrationRunning,
+            MigrateError::Busy(..) => ErrorCode::DeadlineExceeded,
+            MigrateError::ExecutorDown(_) | MigrateError::ExportFailed(..) => {
+                ErrorCode::ExecutorUnavailable
+            }
+            MigrateError::ImportFailed(..) => ErrorCode::ImportFailed,
+            MigrateError::Executor(_, e) => match e.code() {
+                Some("tenant_exists") => ErrorCode::TenantExists,
+                Some("not_found") => ErrorCode::NotFound,
+                _ if e.is_unreachable() => ErrorCode::ExecutorUnavailable,
+                _ => ErrorCode::ImportFailed,
+            },
+            MigrateError::Placement(_) | MigrateError::Store(..) => ErrorCode::Internal,
+        };
+        ApiError::new(code, self.to_string())
+    }
+}
+
+/// A recorded move found at start-up, its tenant's gate held closed.
+#[derive(Debug)]
+pub struct HeldMove {
+    pub tenant: TenantId,
+    pub mv: crate::placement::Move,
+    _closed: crate::fleet::Closed,
+}
+
+/// Runs migrations and the operations built on them.
+#[derive(Debug)]
+pub struct Orchestrator {
+    fleet: Arc<Fleet>,
+    metrics: Arc<ProxyMetrics>,
+    /// One fleet-wide operation (drain, rebalance) at a time; single moves
+    /// are serialised per tenant by its gate.
+    bulk: tokio::sync::Mutex<()>,
+}
+
+fn tenant_path(tenant: &TenantId, op: &str) -> String {
+    format!("/internal/tenants/{tenant}/{op}")
+}
+
+impl Orchestrator {
+    pub fn new(fleet: Arc<Fleet>, metrics: Arc<ProxyMetrics>) -> Orchestrator {
+        Orchestrator {
+            fleet,
+            metrics,
+            bulk: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    fn tenant(s: &str) -> Result<TenantId, MigrateError> {
+        TenantId::new(s).map_err(|_| MigrateError::BadTenant(s.to_string()))
+    }
+
+    fn known(&self, id: &str) -> Result<Arc<Executor>, MigrateError> {
+        self.fleet
+            .executor(id)
+            .ok_or_else(|| MigrateError::UnknownExecutor(id.to_string()))
+    }
+
+    fn home(&self, tenant: &TenantId) -> Result<Arc<Executor>, MigrateError> {
+        let id = self
+            .fleet
+            .placements()
+            .get(tenant)
+            .map(str::to_string)
+            .ok_or_else(|| MigrateError::UnknownTenant(tenant.to_string()))?;
+        self.known(&id)
+    }
+
+    fn snapshot_path(&self, tenant: &TenantId) -> PathBuf {
+        self.fleet
+            .state_dir()
+            .join("moves")
+            .join(format!("{tenant}.twsnap"))
+    }
+
+    /// Moves `tenant` to executor `to` (module doc, steps 1–5).
+    pub async fn migrate(&self, tenant: &str, to: &str) -> Result<MoveReport, MigrateError> {
+        let result = self.migrate_inner(tenant, to).await;
+        let label = if result.is_ok() { "success" } else { "failed" };
+        self.metrics.migrations.with_label_values(&[label]).inc();
+        match &result {
+            Ok(r) => {
+                self.metrics.migration_pause.observe(r.pause_ms / 1e3);
+                tracing::info!(tenant = %r.tenant, from = %r.from, to = %r.to, pause_ms = r.pause_ms, bytes = r.bytes, "tenant migrated");
+            }
+            Err(e) => tracing::warn!(%tenant, %to, error = %e, "migration failed"),
+        }
+        result
+    }
+
+    async fn migrate_inner(&self, tenant: &str, to: &str) -> Result<MoveReport, MigrateError> {
+        let t = Self::tenant(tenant)?;
+        let src = self.home(&t)?;
+        let dest = self.known(to)?;
+        if src.id == dest.id {
+            return Ok(MoveReport {
+                tenant: t.to_string(),
+                from: src.id.clone(),
+                to: dest.id.clone(),
+                pause_ms: 0.0,
+                bytes: 0,
+            });
+        }
+        if !dest.is_healthy() {
+            return Err(MigrateError::ExecutorDown(dest.id.clone()));
+        }
+        // 1. Record, then close the gate.
+        self.fleet
+            .placements()
+            .begin_move(&t, &dest.id)
+            .map_err(|e| match e {
+                PlacementError::AlreadyMoving(t) => MigrateError::AlreadyMoving(t),
+                e => e.into(),
+            })?;
+        let abort = |this: &Self| {
+            if let Err(e) = this.fleet.placements().abort_move(&t) {
+                tracing::error!(tenant = %t, error = %e, "cannot clear an aborted move");
+            }
+        };
+        // 2. Wait for requests in flight.
+        let closed = match self
+            .fleet
+            .close_gate(t.as_str(), self.fleet.queue.deadline)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                abort(self);
+                return Err(match e {
+                    CloseError::AlreadyClosed => MigrateError::AlreadyMoving(t.to_string()),
+                    CloseError::Busy(d) => MigrateError::Busy(t.to_string(), d),
+                });
+            }
+        };
+        let paused_at = Instant::now();
+        let src_client = self.fleet.client(&src);
+        // 3. Export and keep the bytes.
+        let snapshot = match src_client
+            .post(&tenant_path(&t, "export"), Bytes::new(), TRANSFER_TIMEOUT)
+            .await
+        {
+            Ok(b) => Some(b),
+            // A has never seen T: there is nothing to carry.
+            Err(e) if e.code() == Some("not_found") => None,
+            Err(e) => {
+                self.thaw(&src, &t).await;
+                abort(self);
+                return Err(MigrateError::ExportFailed(src.id.clone(), e));
+            }
+        };
+        let bytes = snapshot.as_ref().map_or(0, |b| b.len() as u64);
+        if let Some(snapshot) = &snapshot {
+            let path = self.snapshot_path(&t);
+            if let Err(e) = store(&path, snapshot.clone()).await {
+                self.thaw(&src, &t).await;
+                abort(self);
+                return Err(MigrateError::Store(path, e));
+            }
+            let recorded = self.fleet.placements().record_snapshot(&t, path.clone());
+            if let Err(e) = recorded {
+                self.thaw(&src, &t).await;
+                abort(self);
+                remove_file(&path).await;
+                return Err(e.into());
+            }
+            // 4. Import on B; on failure A thaws T and keeps it.
+            if let Err(e) = self
+                .fleet
+                .client(&dest)
+                .post(
+                    &tenant_path(&t, "import"),
+                    snapshot.clone(),
+                    TRANSFER_TIMEOUT,
+                )
+                .await
+            {
+                if self.thaw(&src, &t).await {
+                    abort(self);
+                    remove_file(&path).await;
+                } else {
+                    // Keep the record and the bytes: recovery thaws T on A
+                    // (or finishes the move) once A answers again.
+                    tracing::error!(tenant = %t, from = %src.id, "import failed and the source did not thaw; the move stays recorded for recovery");
+                }
+                return Err(MigrateError::ImportFailed(dest.id.clone(), e));
+            }
+        }
+        // 5. Point T at B, release the queue, clean up A and the bytes.
+        self.fleet.placements().finish_move(&t)?;
+        drop(closed);
+        let pause_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+        if snapshot.is_some() {
+            self.drop_on(&src, &t).await;
+            remove_file(&self.snapshot_path(&t)).await;
+        }
+        Ok(MoveReport {
+            tenant: t.to_string(),
+            from: src.id.clone(),
+            to: dest.id.clone(),
+            pause_ms,
+            bytes,
+        })
+    }
+
+    /// Thaws `t` on `exec`; true when it is (or was never) frozen there.
+    async fn thaw(&self, exec: &Executor, t: &TenantId) -> bool {
+        match self
+            .fleet
+            .client(exec)
+            .post(&tenant_path(t, "thaw"), Bytes::new(), CONTROL_TIMEOUT)
+            .await
+        {
+            Ok(_) => true,
+            Err(e) if e.code() == Some("not_found") => true,
+            Err(e) => {
+                tracing::error!(tenant = %t, executor = %exec.id, error = %e, "thaw failed");
+                false
+            }
+        }
+    }
+
+    /// Drops `t` from `exec`, best effort: a leftover copy is frozen and
+    /// unreachable, and is dropped when `exec` next restarts empty of it.
+    async fn drop_on(&self, exec: &Executor, t: &TenantId) {
+        match self
+            .fleet
+            .client(exec)
+            .delete(&format!("/internal/tenants/{t}"), CONTROL_TIMEOUT)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("not_found") => {}
+            Err(e) => {
+                tracing::warn!(tenant = %t, executor = %exec.id, error = %e, "could not drop a moved tenant from its source")
+            }
+        }
+    }
+
+    /// Closes the gates of tenants whose move is recorded in the placement
+    /// file, so none of their requests reaches an executor before the move
+    /// is finished or undone. Call at start-up, before serving.
+    pub fn hold_recorded_moves(&self) -> Vec<HeldMove> {
+        let pending = self.fleet.placements().pending_moves();
+        pending
+            .into_iter()
+            .filter_map(|(tenant, mv)| {
+                let closed = self.fleet.close_now(tenant.as_str())?;
+                Some(HeldMove {
+                    tenant,
+                    mv,
+                    _closed: closed,
+                })
+            })
+            .collect()
+    }
+
+    /// Finishes the held moves (module doc); those whose executors do not
+    /// answer yet stay in `held` (gate still closed) for the next call.
+    pub async fn recover(&self, held: &mut Vec<HeldMove>) {
+        let mut left = Vec::new();
+        for h in held.drain(..) {
+            match self.recover_one(&h.tenant, &h.mv).await {
+                Ok(true) => {}
+                Ok(false) => left.push(h),
+                Err(e) => {
+                    tracing::error!(tenant = %h.tenant, error = %e, "recovering a recorded move failed")
+                }
+            }
+        }
+        *held = left;
+    }
+
+    async fn recover_one(
+        &self,
+        t: &TenantId,
+        mv: &crate::placement::Move,
+    ) -> Result<bool, MigrateError> {
+        let src = self.fleet.executor(&mv.from);
+        let dest = self.fleet.executor(&mv.to);
+        let stored = match &mv.snapshot {
+            Some(path) => tokio::fs::read(path).await.ok().map(Bytes::from),
+            None => None,
+        };
+        let Some(bytes) = stored else {
+            // The export never completed: T is still on A (maybe frozen).
+            let Some(src) = src else {
+                self.fleet.placements().abort_move(t)?;
+                return Ok(true);
+            };
+            if !self.thaw(&src, t).await {
+                return Ok(false);
+            }
+            self.fleet.placements().abort_move(t)?;
+            tracing::info!(tenant = %t, executor = %src.id, "unfinished move undone; tenant thawed on its source");
+            return Ok(true);
+        };
+        let Some(dest) = dest else {
+            return Err(MigrateError::UnknownExecutor(mv.to.clone()));
+        };
+        let dest_client = self.fleet.client(&dest);
+        let info = match dest_client.get("/internal/info", CONTROL_TIMEOUT).await {
+            Ok(b) => serde_json::from_slice::<ExecutorInfo>(&b).ok(),
+            Err(_) => return Ok(false),
+        };
+        let has_it = info.is_some_and(|i| i.tenants.iter().any(|x| x == t.as_str()));
+        if !has_it {
+            match dest_client
+                .post(&tenant_path(t, "import"), bytes, TRANSFER_TIMEOUT)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.is_unreachable() => return Ok(false),
+                Err(e) => {
+                    // B refuses the bytes: keep T on A.
+                    if let Some(src) = &src
+                        && !self.thaw(src, t).await
+                    {
+                        return Ok(false);
+                    }
+                    self.fleet.placements().abort_move(t)?;
+                    if let Some(p) = &mv.snapshot {
+                        remove_file(p).await;
+                    }
+                    return Err(MigrateError::ImportFailed(dest.id.clone(), e));
+                }
+            }
+        }
+        self.fleet.placements().finish_move(t)?;
+        if let Some(src) = &src {
+            self.drop_on(src, t).await;
+        }
+        if let Some(p) = &mv.snapshot {
+            remove_file(p).await;
+        }
+        tracing::info!(tenant = %t, from = %mv.from, to = %mv.to, "recorded move finished");
+        Ok(true)
+    }
+
+    /// Stops placing on `executor` and moves each of its tenants to where
+    /// consistent hashing puts it among the others.
+    pub async fn drain(
+        &self,
+        executor: &str,
+    ) -> Result<(Vec<MoveReport>, Vec<MoveFailure>), MigrateError> {
+        let _bulk = self.bulk.lock().await;
+        self.known(executor)?;
+        self.fleet.placements().set_draining(executor, true)?;
+        let tenants = self.fleet.placements().tenants_of(executor);
+        let mut moves = Vec::new();
+        let mut failed = Vec::new();
+        for tenant in tenants {
+            let others: Vec<Candidate> = self
+                .fleet
+                .candidates()
+                .into_iter()
+                .filter(|c| c.id != executor)
+                .collect();
+            let target = match Self::tenant(&tenant)
+                .and_then(|t| Ok(self.fleet.placements().choose(&t, &others)?))
+            {
+                Ok(target) => target,
+                Err(e) => {
+                    failed.push(MoveFailure {
+                        tenant,
+                        error: e.api_error(),
+                    });
+                    continue;
+                }
+            };
+            match self.migrate(&tenant, &target).await {
+                Ok(r) => moves.push(r),
+                Err(e) => failed.push(MoveFailure {
+                    tenant,
+                    error: e.api_error(),
+                }),
+            }
+        }
+        Ok((moves, failed))
+    }
+
+    /// Moves tenants from the fullest to the emptiest healthy executor
+    /// (draining ones excluded) until every count is within one of the
+    /// mean.
+    pub async fn rebalance(&self) -> (Vec<MoveReport>, Vec<MoveFailure>) {
+        let _bulk = self.bulk.lock().await;
+        let mut moves = Vec::new();
+        let mut failed: Vec<MoveFailure> = Vec::new();
+        let budget = self.fleet.placements().all().len();
+        for _ in 0..budget {
+            let (open, counts) = {
+                let p = self.fleet.placements();
+                let open: Vec<String> = self
+                    .fleet
+                    .candidates()
+                    .into_iter()
+                    .map(|c| c.id)
+                    .filter(|id| !p.state().draining.contains(id))
+                    .collect();
+                let counts: Vec<(String, Vec<String>)> = open
+                    .iter()
+                    .map(|id| (id.clone(), p.tenants_of(id)))
+                    .collect();
+                (open, counts)
+            };
+            if open.len() < 2 {
+                break;
+            }
+            let (Some(max), Some(min)) = (
+                counts.iter().max_by_key(|(_, t)| t.len()),
+                counts.iter().min_by_key(|(_, t)| t.len()),
+            ) else {
+                break;
+            };
+            if max.1.len() <= min.1.len() + 1 {
+                break;
+            }
+            let Some(tenant) = max
+                .1
+                .iter()
+                .find(|t| !failed.iter().any(|f| &f.tenant == *t))
+            else {
+                break;
+            };
+            match self.migrate(tenant, &min.0).await {
+                Ok(r) => moves.push(r),
+                Err(e) => failed.push(MoveFailure {
+                    tenant: tenant.clone(),
+                    error: e.api_error(),
+                }),
+            }
+        }
+        (moves, failed)
+    }
+
+    /// A consistent snapshot of `tenant`: paused while its executor exports
+    /// it, then thawed where it is.
+    pub async fn snapshot(&self, tenant: &str) -> Result<Bytes, MigrateError> {
+        let t = Self::tenant(tenant)?;
+        let exec = self.home(&t)?;
+        let closed = self.close(&t).await?;
+        let result = self
+            .fleet
+            .client(&exec)
+            .post(&tenant_path(&t, "export"), Bytes::new(), TRANSFER_TIMEOUT)
+            .await;
+        let thawed = self.thaw(&exec, &t).await;
+        drop(closed);
+        let bytes = result.map_err(|e| MigrateError::Executor(exec.id.clone(), e))?;
+        if !thawed {
+            tracing::error!(tenant = %t, executor = %exec.id, "snapshot taken but the tenant did not thaw");
+        }
+        Ok(bytes)
+    }
+
+    /// Replaces `tenant`'s state on its executor (placing it first if it is
+    /// new) with `snapshot`. The old state is exported first and put back
+    /// if the executor refuses the new one.
+    pub async fn restore(&self, tenant: &str, snapshot: Bytes) -> Result<String, MigrateError> {
+        let t = Self::tenant(tenant)?;
+        let exec = match self.home(&t) {
+            Ok(e) => e,
+            Err(MigrateError::UnknownTenant(_)) => {
+                let candidates = self.fleet.candidates();
+                let id = self.fleet.placements().place(&t, &candidates)?;
+                self.known(&id)?
+            }
+            Err(e) => return Err(e),
+        };
+        let closed = self.close(&t).await?;
+        let client = self.fleet.client(&exec);
+        let previous = match client
+            .post(&tenant_path(&t, "export"), Bytes::new(), TRANSFER_TIMEOUT)
+            .await
+        {
+            Ok(b) => Some(b),
+            Err(e) if e.code() == Some("not_found") => None,
+            Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
+        };
+        if previous.is_some() {
+            client
+                .delete(&format!("/internal/tenants/{t}"), CONTROL_TIMEOUT)
+                .await
+                .map_err(|e| MigrateError::Executor(exec.id.clone(), e))?;
+        }
+        let result = client
+            .post(&tenant_path(&t, "import"), snapshot, TRANSFER_TIMEOUT)
+            .await;
+        if let Err(e) = result {
+            if let Some(previous) = previous
+                && let Err(back) = client
+                    .post(&tenant_path(&t, "import"), previous, TRANSFER_TIMEOUT)
+                    .await
+            {
+                tracing::error!(tenant = %t, error = %back, "restore failed and the previous state could not be put back");
+            }
+            drop(closed);
+            return Err(MigrateError::ImportFailed(exec.id.clone(), e));
+        }
+        drop(closed);
+        tracing::info!(tenant = %t, executor = %exec.id, "tenant restored from a snapshot");
+        Ok(exec.id.clone())
+    }
+
+    /// Purges `tenant` everywhere: its executor drops it, the proxy forgets
+    /// its placement.
+    pub async fn purge(&self, tenant: &str) -> Result<(), MigrateError> {
+        let t = Self::tenant(tenant)?;
+        let exec = self.home(&t)?;
+        let closed = self.close(&t).await?;
+        match self
+            .fleet
+            .client(&exec)
+            .delete(&format!("/internal/tenants/{t}"), CONTROL_TIMEOUT)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("not_found") => {}
+            Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
+        }
+        self.fleet.placements().remove(&t)?;
+        drop(closed);
+        tracing::info!(tenant = %t, executor = %exec.id, "tenant purged");
+        Ok(())
+    }
+
+    async fn close(&self, t: &TenantId) -> Result<crate::fleet::Closed, MigrateError> {
+        self.fleet
+            .close_gate(t.as_str(), self.fleet.queue.deadline)
+            .await
+            .map_err(|e| match e {
+                CloseError::AlreadyClosed => MigrateError::AlreadyMoving(t.to_string()),
+                CloseError::Busy(d) => MigrateError::Busy(t.to_string(), d),
+            })
+    }
+}
+
+/// Writes `bytes` to `path` durably (temp file, fsync, rename, fsync dir).
+async fn store(path: &Path, bytes: Bytes) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("twsnap.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+async fn remove_file(path: &Path) {
+    if let Err(e) = tokio::fs::remove_file(path).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "could not delete a stored snapshot");
+    }
+}

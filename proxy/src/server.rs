@@ -1,0 +1,351 @@
+//! Assembling and running the proxy process.
+//!
+//! One pingora `Server` holds three services: the public proxy
+//! ([`crate::service`]), the admin API ([`crate::admin`]) and the upkeep
+//! task (health probes, rate-limiter pruning, recovery of recorded moves).
+//! Signals are ours ([`Signals`]): SIGHUP re-reads the token file, SIGQUIT
+//! starts a socket hand-off, SIGTERM a graceful stop, SIGINT a fast one.
+//!
+//! Graceful restart with `-u` (DESIGN.md §5), step by step:
+//!
+//! 1. The new process starts with `upgrade = true` and the same state
+//!    directory; `bootstrap()` blocks until the old one hands over its
+//!    listening sockets.
+//! 2. The operator sends the old process SIGQUIT. It stops recording
+//!    placements (new tenants are routed where consistent hashing puts
+//!    them, which is where the successor will record them), answers with
+//!    `Connection: close` from now on, and sends its sockets.
+//! 3. The new process's `bootstrap()` returns and only then reads the
+//!    placement file — after the old process stopped writing it — and starts
+//!    serving on the inherited sockets.
+//! 4. The old process finishes the requests it has, flushes and fsyncs the
+//!    audit log, and exits. No connection is refused at any point: the
+//!    listening sockets never close.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+use pingora::services::listening::Service;
+use tensor_wasm_shared::TenantId;
+
+use crate::admin::AdminApi;
+use crate::audit::{AuditConfig, AuditLog};
+use crate::auth::{TokenError, TokenTable};
+use crate::fleet::{Fleet, QueueLimits, RegisterError};
+use crate::metrics::ProxyMetrics;
+use crate::migrate::{HeldMove, Orchestrator};
+use crate::ratelimit::{Rate, RateError, RateLimits};
+use crate::service::{PublicProxy, Shared};
+
+/// Where tokens come from.
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    /// `TENSOR_WASM_API_TOKENS`: `token:tenant` entries, comma separated.
+    List(String),
+    /// `TENSOR_WASM_API_TOKENS_FILE`: one entry per line, re-read on SIGHUP.
+    File(PathBuf),
+}
+
+impl TokenSource {
+    pub fn load(&self) -> Result<TokenTable, ProxyError> {
+        match self {
+            TokenSource::List(list) => Ok(TokenTable::parse_list(list)?),
+            TokenSource::File(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| ProxyError::Io(path.clone(), e))?;
+                Ok(TokenTable::parse_file(&text)?)
+            }
+        }
+    }
+}
+
+/// Everything the proxy process is configured with (`docs/CONFIG.md`).
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Public listener, `127.0.0.1:8080` by default.
+    pub listen: String,
+    /// Admin listener, `127.0.0.1:9090` by default.
+    pub admin_listen: String,
+    /// Certificate and key (PEM) for TLS on the public listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Placement table, stored snapshots of moves, the upgrade socket.
+    pub state_dir: PathBuf,
+    pub tokens: TokenSource,
+    pub internal_token: String,
+    pub admin_token: Option<String>,
+    pub rate: Rate,
+    pub rate_overrides: Vec<(TenantId, Rate)>,
+    pub audit: Option<AuditConfig>,
+    /// Executors to register at start, besides those the state remembers.
+    pub executors: Vec<(String, String)>,
+    pub queue: QueueLimits,
+    /// Time between health probes of each executor; 1 s bounds how long a
+    /// dead executor's tenants are tried before they get 503 at once.
+    pub health_interval: Duration,
+    /// Worker threads of the public listener.
+    pub threads: usize,
+    /// Take the listening sockets over from a running proxy (`-u`).
+    pub upgrade: bool,
+    /// Seconds a stopping proxy keeps serving requests it already has.
+    pub grace_period_secs: u64,
+}
+
+/// Why the proxy cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
+    #[error(transparent)]
+    Rate(#[from] RateError),
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("TLS on {0}: {1}")]
+    Tls(String, String),
+    #[error("the internal token must not be empty")]
+    NoInternalToken,
+}
+
+/// Runs the proxy until a signal stops it.
+pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
+    if config.internal_token.is_empty() {
+        return Err(ProxyError::NoInternalToken);
+    }
+    let tokens = config.tokens.load()?;
+    if tokens.is_empty() {
+        tracing::warn!("no API tokens configured: every public request will get 401");
+    }
+    let limits = RateLimits::new(config.rate, &config.rate_overrides)?;
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|e| ProxyError::Io(config.state_dir.clone(), e))?;
+
+    let opt = Opt {
+        upgrade: config.upgrade,
+        daemon: false,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let conf = ServerConf {
+        threads: config.threads.max(1),
+        upgrade_sock: config
+            .state_dir
+            .join("proxy-upgrade.sock")
+            .to_string_lossy()
+            .into_owned(),
+        pid_file: config
+            .state_dir
+            .join("proxy.pid")
+            .to_string_lossy()
+            .into_owned(),
+        grace_period_seconds: Some(config.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(config.grace_period_secs.max(1)),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // Step 1–3 of the module doc: with -u this waits for the sockets.
+    server.bootstrap();
+
+    let metrics = Arc::new(ProxyMetrics::new(&tensor_wasm_shared::build::labels(
+        "proxy", "rustls",
+    )));
+    let audit = match &config.audit {
+        Some(a) => Some(Arc::new(
+            AuditLog::open(a.clone(), metrics.audit_records.clone())
+                .map_err(|e| ProxyError::Io(a.path.clone(), e))?,
+        )),
+        None => None,
+    };
+    let fleet = Arc::new(Fleet::open(
+        &config.state_dir,
+        &config.internal_token,
+        config.queue,
+        &config.executors,
+    )?);
+    let orchestrator = Arc::new(Orchestrator::new(fleet.clone(), metrics.clone()));
+    let held = orchestrator.hold_recorded_moves();
+    if !held.is_empty() {
+        tracing::info!(moves = held.len(), "found unfinished moves; finishing them");
+    }
+    let shared = Arc::new(Shared::new(
+        tokens,
+        limits,
+        fleet.clone(),
+        metrics.clone(),
+        audit.clone(),
+    ));
+
+    let server_conf = server.configuration.clone();
+    let mut public = pingora::proxy::http_proxy_service_with_name(
+        &server_conf,
+        PublicProxy {
+            shared: shared.clone(),
+        },
+        "public",
+    );
+    match &config.tls {
+        Some((cert, key)) => public
+            .add_tls(
+                &config.listen,
+                &cert.to_string_lossy(),
+                &key.to_string_lossy(),
+            )
+            .map_err(|e| ProxyError::Tls(config.listen.clone(), e.to_string()))?,
+        None => public.add_tcp(&config.listen),
+    }
+    server.add_service(public);
+
+    let mut admin = Service::new(
+        "admin".to_string(),
+        HttpServer::new_app(AdminApi {
+            shared: shared.clone(),
+            orchestrator: orchestrator.clone(),
+            token: config.admin_token.clone().filter(|t| !t.is_empty()),
+        }),
+    );
+    admin.add_tcp(&config.admin_listen);
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "upkeep",
+        Upkeep {
+            shared: shared.clone(),
+            orchestrator,
+            interval: config.health_interval,
+            held: tokio::sync::Mutex::new(held),
+        },
+    ));
+
+    tracing::info!(
+        listen = %config.listen,
+        admin = %config.admin_listen,
+        tls = config.tls.is_some(),
+        executors = fleet.executors().len(),
+        state = %config.state_dir.display(),
+        "proxy serving"
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            shared,
+            tokens: config.tokens.clone(),
+        }),
+    });
+    if let Some(audit) = audit {
+        audit.close();
+    }
+    tracing::info!("proxy stopped");
+    Ok(())
+}
+
+/// The proxy's signals (module doc).
+struct Signals {
+    shared: Arc<Shared>,
+    tokens: TokenSource,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut quit), Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match self.tokens.load() {
+                    Ok(table) => {
+                        tracing::info!(tokens = table.len(), "tokens reloaded");
+                        self.shared.set_tokens(table);
+                    }
+                    Err(e) => tracing::error!(error = %e, "token reload failed; keeping the old tokens"),
+                },
+                _ = quit.recv() => {
+                    tracing::info!("SIGQUIT: handing sockets to the new proxy");
+                    self.shared.fleet.begin_handoff();
+                    return ShutdownSignal::GracefulUpgrade;
+                }
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: stopping gracefully");
+                    return ShutdownSignal::GracefulTerminate;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: stopping");
+                    return ShutdownSignal::FastShutdown;
+                }
+            }
+        }
+    }
+}
+
+/// Health probes, rate-limiter pruning, recovery of recorded moves.
+struct Upkeep {
+    shared: Arc<Shared>,
+    orchestrator: Arc<Orchestrator>,
+    interval: Duration,
+    held: tokio::sync::Mutex<Vec<HeldMove>>,
+}
+
+/// How long a health probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Ticks between prunings of idle rate-limiter keys.
+const PRUNE_EVERY: u32 = 60;
+
+impl Upkeep {
+    async fn probe_all(&self) {
+        let fleet = &self.shared.fleet;
+        let probes = fleet.executors().into_iter().map(|exec| async move {
+            let ok = fleet
+                .client(&exec)
+                .get("/healthz", PROBE_TIMEOUT)
+                .await
+                .is_ok();
+            if exec.set_healthy(ok) {
+                if ok {
+                    tracing::info!(executor = %exec.id, "executor healthy again");
+                } else {
+                    tracing::warn!(executor = %exec.id, addr = %exec.addr, "executor failed its health probe");
+                }
+            }
+        });
+        futures_util::future::join_all(probes).await;
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Upkeep {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            self.probe_all().await;
+            {
+                let mut held = self.held.lock().await;
+                if !held.is_empty() {
+                    self.orchestrator.recover(&mut held).await;
+                }
+            }
+            ticks = ticks.wrapping_add(1);
+            if ticks.is_multiple_of(PRUNE_EVERY) {
+                self.shared.limits.prune();
+            }
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! The public listener: pingora's `ProxyHttp` filled with the proxy's
+//! decisions.
+//!
+//! The path of one request (DESIGN.md §1, §4):
+//!
+//! 1. `request_filter`: give it a request id; answer `/healthz` and
+//!    `/metrics` here; authenticate the bearer token to a tenant (401);
+//!    refuse a tenant header the token may not act for (403); apply the
+//!    tenant's rate limit (429 with `Retry-After`); route it — placing a new
+//!    tenant, holding it while it moves, refusing it at once with 503 when
+//!    its executor is down.
+//! 2. `upstream_peer`: the routed executor, over a pooled keep-alive
+//!    connection.
+//! 3. `upstream_request_filter`: replace the client's `authorization` with
+//!    the internal token, set `x-tensor-wasm-tenant` and `x-request-id`.
+//! 4. `response_filter`: add `x-request-id`; `Connection: close` while the
+//!    process hands its sockets over.
+//! 5. `logging`: metrics and the audit record; the request's lease on its
+//!    tenant's gate is released when its context drops, right after.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use tensor_wasm_shared::audit::{AuditRecord, Outcome};
+use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
+
+use crate::audit::AuditLog;
+use crate::auth::{TokenTable, token_id};
+use crate::fleet::{Fleet, Route};
+use crate::metrics::ProxyMetrics;
+use crate::ratelimit::RateLimits;
+use crate::routes::{RouteName, classify, method_label};
+
+/// The header naming a request's tenant to executors.
+pub const TENANT_HEADER: &str = "x-tensor-wasm-tenant";
+/// The header carrying a request's id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// How long to wait for an executor's TCP handshake; on loopback or a LAN
+/// a live executor answers in microseconds, so a second means it is gone.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an idle upstream connection stays in the pool.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// What the public listener shares between requests.
+#[derive(Debug)]
+pub struct Shared {
+    pub tokens: RwLock<Arc<TokenTable>>,
+    pub limits: RateLimits,
+    pub fleet: Arc<Fleet>,
+    pub metrics: Arc<ProxyMetrics>,
+    pub audit: Option<Arc<AuditLog>>,
+    ids: RequestIds,
+}
+
+impl Shared {
+    pub fn new(
+        tokens: TokenTable,
+        limits: RateLimits,
+        fleet: Arc<Fleet>,
+        metrics: Arc<ProxyMetrics>,
+        audit: Option<Arc<AuditLog>>,
+    ) -> Shared {
+        Shared {
+            tokens: RwLock::new(Arc::new(tokens)),
+            limits,
+            fleet,
+            metrics,
+            audit,
+            ids: RequestIds::new(),
+        }
+    }
+
+    /// Replaces the token table (SIGHUP).
+    pub fn set_tokens(&self, tokens: TokenTable) {
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
+    }
+
+    fn tokens(&self) -> Arc<TokenTable> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn next_request_id(&self) -> String {
+        self.ids.next()
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter, so ids are
+/// unique across restarts without a random draw per request.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        h.write_u32(std::process::id());
+        RequestIds {
+            prefix: h.finish(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}{:08x}", self.prefix, n as u32)
+    }
+}
+
+/// A client's `x-request-id` is kept when it is short and printable.
+pub fn acceptable_request_id(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// The public proxy service.
+#[derive(Debug)]
+pub struct PublicProxy {
+    pub shared: Arc<Shared>,
+}
+
+/// One request's state across the filters.
+#[derive(Debug)]
+pub struct Ctx {
+    arrived: Instant,
+    arrived_at: SystemTime,
+    request_id: String,
+    name: RouteName,
+    method: &'static str,
+    tenant: Option<TenantId>,
+    token_id: Option<String>,
+    route: Option<Route>,
+    /// The status of an answer the proxy wrote itself.
+    status: u16,
+    /// Skip the audit record (health and metrics scrapes).
+    quiet: bool,
+}
+
+impl PublicProxy {
+    /// Writes a whole answer from the proxy itself.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        content_type: &str,
+        body: Bytes,
+        extra: &[(&'static str, String)],
+    ) -> Result<()> {
+        let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
+        h.insert_header("content-type", content_type)?;
+        h.insert_header("content-length", body.len().to_string())?;
+        h.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        for (k, v) in extra {
+            h.insert_header(*k, v.as_str())?;
+        }
+        ctx.status = status;
+        session.write_response_header(Box::new(h), false).await?;
+        session.write_response_body(Some(body), true).await?;
+        Ok(())
+    }
+
+    async fn answer_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        error: ApiError,
+        extra: &[(&'static str, String)],
+    ) -> Result<()> {
+        let status = error.http_status();
+        let body = serde_json::to_vec(&error.into_body()).unwrap_or_default();
+        self.answer(
+            session,
+            ctx,
+            status,
+            "application/json",
+            Bytes::from(body),
+            extra,
+        )
+        .await
+    }
+
+    fn audit(&self, session: &Session, ctx: &Ctx, status: u16) {
+        let Some(audit) = &self.shared.audit else {
+            return;
+        };
+        audit.record(&AuditRecord {
+            time: humantime::format_rfc3339_millis(ctx.arrived_at).to_string(),
+            request_id: ctx.request_id.clone(),
+            listener: "public".into(),
+            tenant: ctx.tenant.as_ref().map(|t| t.to_string()),
+            token_id: ctx.token_id.clone(),
+            action: ctx.name.action.into(),
+            resource: session.req_header().uri.path().to_string(),
+            status,
+            outcome: Outcome::of_status(status),
+            latency_ms: ctx.arrived.elapsed().as_secs_f64() * 1e3,
+            remote: session.client_addr().map(|a| a.to_string()),
+        });
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for PublicProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            arrived: Instant::now(),
+            arrived_at: SystemTime::now(),
+            request_id: String::new(),
+            name: classify("", ""),
+            method: "other",
+            tenant: None,
+            token_id: None,
+            route: None,
+            status: 0,
+            quiet: false,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let shared = &self.shared;
+        shared.metrics.in_flight.inc();
+        let req = session.req_header();
+        ctx.request_id = match req.headers.get(REQUEST_ID_HEADER) {
+            Some(v) if acceptable_request_id(v.as_bytes()) => {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            }
+            _ => shared.next_request_id(),
+        };
+        ctx.method = method_label(req.method.as_str());
+        ctx.name = classify(req.method.as_str(), req.uri.path());
+        if self.shared.fleet.handing_off() {
+            session.set_keepalive(None);
+        }
+
+        match ctx.name.template {
+            "/healthz" => {
+                ctx.quiet = true;
+                self.answer(
+                    session,
+                    ctx,
+                    200,
+                    "text/plain",
+                    Bytes::from_static(b"ok\n"),
+                    &[],
+                )
+                .await?;
+                return Ok(true);
+            }
+            "/metrics" => {
+                ctx.quiet = true;
+                let text = shared.metrics.render();
+                self.answer(
+                    session,
+                    ctx,
+                    200,
+                    "text/plain; version=0.0.4",
+                    Bytes::from(text),
+                    &[],
+                )
+                .await?;
+                return Ok(true);
+            }
+            _ => {}
+        }
+
+        // Authentication.
+        let presented = session
+            .req_header()
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TokenTable::bearer)
+            .map(str::to_string);
+        let tokens = shared.tokens();
+        let who = presented
+            .as_deref()
+            .and_then(|p| tokens.authenticate(p.as_bytes()))
+            .map(|(t, id)| (t.clone(), id.to_string()));
+        let Some((tenant, tid)) = who else {
+            ctx.token_id = presented.map(|p| token_id(p.as_bytes()));
+            let msg = if ctx.token_id.is_some() {
+                "the bearer token is not valid"
+            } else {
+                "a bearer token is required: Authorization: Bearer <token>"
+            };
+            self.answer_error(
+                session,
+                ctx,
+                ApiError::new(ErrorCode::Unauthorized, msg),
+                &[("www-authenticate", "Bearer".to_string())],
+            )
+            .await?;
+            return Ok(true);
+        };
+        ctx.token_id = Some(tid);
+        ctx.tenant = Some(tenant.clone());
+
+        // Scope: a tenant header may only name the token's own tenant.
+        if let Some(named) = session.req_header().headers.get(TENANT_HEADER)
+            && named.as_bytes() != tenant.as_str().as_bytes()
+        {
+            self.answer_error(
+                session,
+                ctx,
+                ApiError::new(
+                    ErrorCode::TenantScopeDenied,
+                    format!("this token acts for tenant {tenant} only"),
+                ),
+                &[],
+            )
+            .await?;
+            return Ok(true);
+        }
+
+        // Rate limit.
+        if let Err(wait) = shared.limits.check(&tenant) {
+            shared.metrics.rate_limited.inc();
+            let secs = RateLimits::retry_after_secs(wait);
+            self.answer_error(
+                session,
+                ctx,
+                ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!("tenant {tenant} is over its rate limit; retry in {secs} s"),
+                ),
+                &[("retry-after", secs.to_string())],
+            )
+            .await?;
+            return Ok(true);
+        }
+
+        // Route.
+        match shared.fleet.route(&tenant).await {
+            Ok(route) => {
+                ctx.route = Some(route);
+                Ok(false)
+            }
+            Err(e) => {
+                let error = e.api_error();
+                let extra = if error.http_status() == 503 {
+                    vec![("retry-after", "1".to_string())]
+                } else {
+                    Vec::new()
+                };
+                tracing::warn!(tenant = %tenant, request_id = %ctx.request_id, error = %e, "request not routed");
+                self.answer_error(session, ctx, error, &extra).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(route) = &ctx.route else {
+            return Err(Error::explain(
+                InternalError,
+                "request reached upstream selection unrouted",
+            ));
+        };
+        let mut peer = HttpPeer::new(route.executor.sock, false, String::new());
+        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+        peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let tenant = ctx
+            .tenant
+            .as_ref()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default();
+        upstream.remove_header("authorization");
+        upstream.insert_header(
+            "authorization",
+            format!("Bearer {}", self.shared.fleet.internal_token()),
+        )?;
+        upstream.insert_header(TENANT_HEADER, tenant)?;
+        upstream.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        response.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        if self.shared.fleet.handing_off() {
+            session.set_keepalive(None);
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // A refused or timed-out handshake means the executor is gone: mark
+        // it down now so its other tenants get 503 without trying, until
+        // the health probe sees it again.
+        if let Some(route) = &ctx.route
+            && route.executor.set_healthy(false)
+        {
+            tracing::warn!(executor = %route.executor.id, peer = %peer, error = %e, "executor unreachable; marked down");
+        }
+        e.set_retry(false);
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy
+    where
+        Ctx: Send + Sync,
+    {
+        let code = match e.esource() {
+            ErrorSource::Upstream => Some(ApiError::new(
+                ErrorCode::ExecutorUnavailable,
+                "the tenant's executor did not answer",
+            )),
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => None,
+                _ => Some(ApiError::new(ErrorCode::InvalidInput, "malformed request")),
+            },
+            _ => match e.etype() {
+                ConnectTimedout | ConnectRefused | ConnectNoRoute | ConnectError => {
+                    Some(ApiError::new(
+                        ErrorCode::ExecutorUnavailable,
+                        "the tenant's executor is unreachable",
+                    ))
+                }
+                _ => Some(ApiError::new(ErrorCode::Internal, "the proxy failed")),
+            },
+        };
+        let mut error_code = 0;
+        if let Some(error) = code {
+            error_code = error.http_status();
+            let extra = if error_code == 503 {
+                vec![("retry-after", "1".to_string())]
+            } else {
+                Vec::new()
+            };
+            if session.response_written().is_none()
+                && let Err(we) = self.answer_error(session, ctx, error, &extra).await
+            {
+                tracing::debug!(error = %we, "error answer not written");
+            }
+        }
+        FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let m = &self.shared.metrics;
+        m.in_flight.dec();
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(ctx.status);
+        let buf = itoa_status(status);
+        let status_label = std::str::from_utf8(&buf).unwrap_or("0");
+        m.requests
+            .with_label_values(&[ctx.method, ctx.name.template, status_label])
+            .inc();
+        m.duration
+            .with_label_values(&[ctx.name.template])
+            .observe(ctx.arrived.elapsed().as_secs_f64());
+        if !ctx.quiet {
+            self.audit(session, ctx, status);
+        }
+        ctx.route = None;
+    }
+}
+
+/// A status code as three ASCII digits without allocating.
+fn itoa_status(status: u16) -> [u8; 3] {
+    let s = status.min(999);
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
+}
