@@ -1,0 +1,129 @@
+//! Executors on their own: migration between processes by hand, warm
+//! restart, start-up checks.
+
+use std::process::Command;
+
+use crate::harness::{COUNTER, ExecutorProcess, counter_call};
+
+#[test]
+fn a_tenant_moves_between_executor_processes() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = ExecutorProcess::start("cpu-a", da.path());
+    let b = ExecutorProcess::start("cpu-b", db.path());
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    let (status, body) = a.request(
+        "POST",
+        "/functions?name=counter",
+        Some("acme"),
+        "application/wasm",
+        &wasm,
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let info: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let id = info["id"].as_str().unwrap().to_string();
+    assert_eq!(counter_call(&a, &id), (1, vec![1.0; 4]));
+    assert_eq!(counter_call(&a, &id), (2, vec![2.0; 4]));
+
+    let (status, snapshot) = a.request(
+        "POST",
+        "/internal/tenants/acme/export",
+        None,
+        "application/octet-stream",
+        b"",
+    );
+    assert_eq!(status, 200);
+    let (status, body) = b.request(
+        "POST",
+        "/internal/tenants/acme/import",
+        None,
+        "application/octet-stream",
+        &snapshot,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        counter_call(&b, &id),
+        (3, vec![3.0; 4]),
+        "state and device tensor continue"
+    );
+
+    // A corrupted copy is refused by a third process, which stays empty.
+    let dc = tempfile::tempdir().unwrap();
+    let c = ExecutorProcess::start("cpu-c", dc.path());
+    let mut bad = snapshot.clone();
+    let n = bad.len();
+    bad[n / 2] ^= 1;
+    let (status, body) = c.request(
+        "POST",
+        "/internal/tenants/acme/import",
+        None,
+        "application/octet-stream",
+        &bad,
+    );
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("checksum"));
+    let (_, list) = c.request("GET", "/functions", Some("acme"), "", b"");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&list).unwrap()["functions"],
+        serde_json::json!([])
+    );
+}
+
+#[test]
+fn warm_state_survives_a_graceful_restart_of_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = ExecutorProcess::start("cpu-r", dir.path());
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    let (status, body) = ex.request(
+        "POST",
+        "/functions?name=counter",
+        Some("acme"),
+        "application/wasm",
+        &wasm,
+    );
+    assert_eq!(status, 201);
+    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    counter_call(&ex, &id);
+    counter_call(&ex, &id);
+    ex.stop();
+    let ex = ExecutorProcess::start("cpu-r", dir.path());
+    assert_eq!(counter_call(&ex, &id), (3, vec![3.0; 4]));
+}
+
+#[test]
+fn version_names_the_build() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains(env!("CARGO_PKG_VERSION")) && text.contains("rustc"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_executor_without_a_token_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args([
+            "executor",
+            "--device",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-token",
+            "",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .env_remove("TENSOR_WASM_INTERNAL_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TENSOR_WASM_INTERNAL_TOKEN"));
+}

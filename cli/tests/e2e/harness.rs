@@ -1,0 +1,563 @@
+//! A small harness for end-to-end tests: real `tensor-wasm` processes
+//! (executors, the proxy) from the binary this test build made, on loopback
+//! ports, stopped when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "e2e-internal-token";
+
+/// A `tensor-wasm executor` child process, killed when dropped.
+pub struct ExecutorProcess {
+    pub child: Child,
+    pub base: String,
+    pub addr: String,
+    pub id: String,
+    agent: ureq::Agent,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl ExecutorProcess {
+    pub fn start(id: &str, state: &Path) -> ExecutorProcess {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+            .args([
+                "executor",
+                "--id",
+                id,
+                "--device",
+                "cpu",
+                "--total-instances",
+                "16",
+            ])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--state-dir")
+            .arg(state)
+            .env("TENSOR_WASM_INTERNAL_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for the "executor ready" line.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("executor ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("executor did not become ready");
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        ExecutorProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            addr: format!("127.0.0.1:{port}"),
+            id: id.to_string(),
+            agent,
+        }
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        tenant: Option<&str>,
+        ct: &str,
+        body: &[u8],
+    ) -> (u16, Vec<u8>) {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {TOKEN}");
+        let mut resp = match method {
+            "GET" => {
+                let mut r = self.agent.get(&url).header("authorization", &auth);
+                if let Some(t) = tenant {
+                    r = r.header("x-tensor-wasm-tenant", t);
+                }
+                r.call()
+            }
+            _ => {
+                let mut r = self
+                    .agent
+                    .post(&url)
+                    .header("authorization", &auth)
+                    .header("content-type", ct);
+                if let Some(t) = tenant {
+                    r = r.header("x-tensor-wasm-tenant", t);
+                }
+                r.send(body)
+            }
+        }
+        .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .unwrap();
+        (status, body)
+    }
+
+    /// Stops gracefully (SIGTERM) and waits for the exit.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("executor did not stop on SIGTERM");
+    }
+}
+
+impl Drop for ExecutorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A counter kept in a non-exported global, plus a device tensor whose
+/// handle lives in linear memory and which grows by one each call.
+pub const COUNTER: &str = r#"(module
+  (import "tensor" "zeros" (func $zeros (param i32 i32 i32) (result i32)))
+  (import "tensor" "scalar" (func $scalar (param i32 i32 f32) (result i32)))
+  (import "tensor" "free" (func $free (param i32) (result i32)))
+  (import "tensor" "read" (func $read (param i32 i32 i32) (result i32)))
+  (import "tensor" "output_write" (func $output_write (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "\04\00\00\00")
+  (global $n (mut i32) (i32.const 0))
+  (func (export "init") (result i32)
+    (i32.store (i32.const 100) (call $zeros (i32.const 0) (i32.const 0) (i32.const 1)))
+    (i32.const 0))
+  (func (export "handle") (result i32)
+    (local $old i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (local.set $old (i32.load (i32.const 100)))
+    (i32.store (i32.const 100) (call $scalar (i32.const 0) (local.get $old) (f32.const 1)))
+    (drop (call $free (local.get $old)))
+    (i32.store (i32.const 200) (global.get $n))
+    (drop (call $read (i32.load (i32.const 100)) (i32.const 204) (i32.const 16)))
+    (drop (call $output_write (i32.const 200) (i32.const 20)))
+    (i32.const 0)))"#;
+
+pub fn counter_call(ex: &ExecutorProcess, id: &str) -> (u32, Vec<f32>) {
+    let (status, body) = ex.request(
+        "POST",
+        &format!("/functions/{id}/invoke"),
+        Some("acme"),
+        "text/plain",
+        b"",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let n = u32::from_le_bytes(body[..4].try_into().unwrap());
+    let sum = body[4..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (n, sum)
+}
+
+/// An answer: status, headers, body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The `code` of an error body.
+    pub fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// An HTTP client for one base URL.
+#[derive(Clone, Debug)]
+pub struct Api {
+    pub base: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api {
+            base: base.to_string(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build()
+                .into(),
+        }
+    }
+
+    /// One request; `Err` only when no answer came.
+    pub fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, &[u8])>,
+    ) -> Result<Resp, ureq::Error> {
+        let url = format!("{}{path}", self.base);
+        let mut resp = match method {
+            "GET" | "DELETE" => {
+                let mut r = if method == "GET" {
+                    self.agent.get(&url)
+                } else {
+                    self.agent.delete(&url)
+                };
+                for (k, v) in headers {
+                    r = r.header(*k, *v);
+                }
+                r.call()?
+            }
+            _ => {
+                let mut r = self.agent.post(&url);
+                for (k, v) in headers {
+                    r = r.header(*k, *v);
+                }
+                let (ct, bytes) = body.unwrap_or(("application/octet-stream", b""));
+                r.header("content-type", ct).send(bytes)?
+            }
+        };
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let body = resp.body_mut().with_config().limit(1 << 30).read_to_vec()?;
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, &[u8])>,
+    ) -> Resp {
+        self.try_call(method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: no answer: {e}"))
+    }
+}
+
+/// The admin token the harness gives proxies.
+pub const ADMIN_TOKEN: &str = "e2e-admin-token";
+
+/// How a test proxy is started.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    pub tokens: String,
+    pub qps: f64,
+    pub burst: u32,
+    pub audit_log: Option<PathBuf>,
+    pub audit_max_bytes: u64,
+    pub listen_port: u16,
+    pub admin_port: u16,
+    pub upgrade: bool,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            tokens: "tok-acme:acme,tok-beta:beta,tok-gamma:gamma".into(),
+            qps: 10_000.0,
+            burst: 10_000,
+            audit_log: None,
+            audit_max_bytes: 64 << 20,
+            listen_port: free_port(),
+            admin_port: free_port(),
+            upgrade: false,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A `tensor-wasm proxy` child process, killed when dropped.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub api: Api,
+    pub admin: Api,
+    pub options: ProxyOptions,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ProxyProcess {
+    /// Starts a proxy on `state` in front of `executors` and waits until it
+    /// answers `/healthz`.
+    pub fn start(state: &Path, executors: &[&ExecutorProcess], options: ProxyOptions) -> Self {
+        let list: Vec<String> = executors
+            .iter()
+            .map(|e| format!("{}={}", e.id, e.addr))
+            .collect();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
+        cmd.arg("proxy")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", options.listen_port))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", options.admin_port))
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--threads", "2", "--health-interval-ms", "200"])
+            .args(["--grace-period-secs", "1"])
+            .arg("--rate-limit-qps")
+            .arg(options.qps.to_string())
+            .arg("--rate-limit-burst")
+            .arg(options.burst.to_string())
+            .args(&options.extra_args)
+            .env_remove("TENSOR_WASM_API_TOKENS_FILE")
+            .env("TENSOR_WASM_API_TOKENS", &options.tokens)
+            .env("TENSOR_WASM_INTERNAL_TOKEN", TOKEN)
+            .env("TENSOR_WASM_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if !list.is_empty() {
+            cmd.arg("--executor").arg(list.join(","));
+        }
+        if let Some(audit) = &options.audit_log {
+            cmd.arg("--audit-log")
+                .arg(audit)
+                .arg("--audit-max-bytes")
+                .arg(options.audit_max_bytes.to_string());
+        }
+        if options.upgrade {
+            cmd.arg("-u");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let mut proxy = ProxyProcess {
+            child,
+            api: Api::new(&format!("http://127.0.0.1:{}", options.listen_port)),
+            admin: Api::new(&format!("http://127.0.0.1:{}", options.admin_port)),
+            options,
+            log,
+        };
+        if !proxy.options.upgrade {
+            proxy.wait_ready();
+        }
+        proxy
+    }
+
+    /// Waits for the "proxy serving" line and a `/healthz` answer.
+    pub fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("proxy exited with {status}:\n{}", self.log_text());
+            }
+            let serving = self.log_text().contains("proxy serving");
+            if serving
+                && self
+                    .api
+                    .try_call("GET", "/healthz", &[], None)
+                    .is_ok_and(|r| r.status == 200)
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "proxy did not become ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// A public call with tenant `token`.
+    pub fn call(&self, token: &str, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Resp {
+        let auth = format!("Bearer {token}");
+        self.api
+            .call(method, path, &[("authorization", auth.as_str())], body)
+    }
+
+    /// An admin call.
+    pub fn admin(&self, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Resp {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        self.admin
+            .call(method, path, &[("authorization", auth.as_str())], body)
+    }
+
+    /// Where the proxy placed `tenant`.
+    pub fn placement(&self, tenant: &str) -> Option<String> {
+        let r = self.admin("GET", "/admin/placements", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["placements"][tenant].as_str().map(str::to_string)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Stops with SIGTERM and waits for the exit.
+    pub fn stop(mut self) {
+        self.signal("TERM");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("proxy did not stop on SIGTERM:\n{}", self.log_text());
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A proxy in front of executors, each with its own state directory.
+pub struct TestFleet {
+    pub proxy: ProxyProcess,
+    pub executors: Vec<ExecutorProcess>,
+    /// Holds the state directories until the fleet is dropped.
+    pub _dir: tempfile::TempDir,
+}
+
+impl TestFleet {
+    /// `n` CPU executors (`cpu0`…) and a proxy with `options`.
+    pub fn start(n: usize, options: ProxyOptions) -> TestFleet {
+        let dir = tempfile::tempdir().unwrap();
+        let executors: Vec<ExecutorProcess> = (0..n)
+            .map(|i| {
+                let state = dir.path().join(format!("cpu{i}"));
+                ExecutorProcess::start(&format!("cpu{i}"), &state)
+            })
+            .collect();
+        let refs: Vec<&ExecutorProcess> = executors.iter().collect();
+        let proxy = ProxyProcess::start(&dir.path().join("proxy"), &refs, options);
+        TestFleet {
+            proxy,
+            executors,
+            _dir: dir,
+        }
+    }
+
+    pub fn executor(&self, id: &str) -> &ExecutorProcess {
+        self.executors
+            .iter()
+            .find(|e| e.id == id)
+            .unwrap_or_else(|| panic!("no executor {id}"))
+    }
+
+    /// Registers the counter module for `token`'s tenant; its function id.
+    pub fn deploy_counter(&self, token: &str) -> String {
+        let wasm = wat::parse_str(COUNTER).unwrap();
+        let r = self.proxy.call(
+            token,
+            "POST",
+            "/functions?name=counter",
+            Some(("application/wasm", &wasm)),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
+    /// One counter call through the proxy: (calls so far, the tensor).
+    pub fn count(&self, token: &str, id: &str) -> Resp {
+        self.proxy.call(
+            token,
+            "POST",
+            &format!("/functions/{id}/invoke"),
+            Some(("text/plain", b"")),
+        )
+    }
+}
+
+/// The counter's answer: (calls so far, tensor values).
+pub fn parse_counter(body: &[u8]) -> (u32, Vec<f32>) {
+    let n = u32::from_le_bytes(body[..4].try_into().unwrap());
+    let sum = body[4..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (n, sum)
+}
+
+/// Tenants on an executor, from its own `/internal/info`.
+pub fn tenants_on(ex: &ExecutorProcess) -> Vec<String> {
+    let (status, body) = ex.request("GET", "/internal/info", None, "", b"");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}

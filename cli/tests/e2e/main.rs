@@ -1,0 +1,7 @@
+//! End to end with real processes: `tensor-wasm executor` and `tensor-wasm
+//! proxy` started from the binary this test build made, on loopback ports,
+//! stopped by the tests.
+
+mod executor;
+mod harness;
+mod proxy;
