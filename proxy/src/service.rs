@@ -461,11 +461,13 @@ impl ProxyHttp for PublicProxy {
         let mut error_code = 0;
         if let Some(error) = code {
             error_code = error.http_status();
-            let extra = if error_code == 503 {
-                vec![("retry-after", "1".to_string())]
-            } else {
-                Vec::new()
-            };
+            // The connection is not reused after a failure: say so, or a
+            // client would send its next request into a closed socket.
+            let mut extra = vec![("connection", "close".to_string())];
+            if error_code == 503 {
+                extra.push(("retry-after", "1".to_string()));
+            }
+            session.set_keepalive(None);
             if session.response_written().is_none()
                 && let Err(we) = self.answer_error(session, ctx, error, &extra).await
             {

@@ -476,6 +476,9 @@ impl ProxyProcess {
 
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- proxy log ---\n{}\n--- end ---", self.log_text());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -390,7 +390,7 @@ fn audit_records_are_complete_across_rotations() {
         ProxyOptions {
             audit_log: Some(audit.clone()),
             audit_max_bytes: 4096,
-            qps: 1000.0,
+            qps: 1.0,
             burst: 40,
             ..ProxyOptions::default()
         },
