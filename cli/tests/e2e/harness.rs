@@ -29,6 +29,11 @@ pub fn free_port() -> u16 {
 
 impl ExecutorProcess {
     pub fn start(id: &str, state: &Path) -> ExecutorProcess {
+        Self::start_with(id, state, &[])
+    }
+
+    /// Starts with extra flags.
+    pub fn start_with(id: &str, state: &Path, extra: &[&str]) -> ExecutorProcess {
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
             .args([
@@ -44,6 +49,8 @@ impl ExecutorProcess {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--state-dir")
             .arg(state)
+            .args(extra)
+            .env_remove("TENSOR_WASM_SNAPSHOT_KEY")
             .env("TENSOR_WASM_INTERNAL_TOKEN", TOKEN)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -239,6 +246,19 @@ impl Api {
         }
     }
 
+    /// A client that opens a new connection for every request.
+    pub fn unpooled(base: &str) -> Api {
+        Api {
+            base: base.to_string(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .max_idle_connections(0)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build()
+                .into(),
+        }
+    }
+
     /// One request; `Err` only when no answer came.
     pub fn try_call(
         &self,
@@ -302,6 +322,8 @@ pub const ADMIN_TOKEN: &str = "e2e-admin-token";
 #[derive(Clone, Debug)]
 pub struct ProxyOptions {
     pub tokens: String,
+    /// Read tokens from this file instead (re-read on SIGHUP).
+    pub tokens_file: Option<PathBuf>,
     pub qps: f64,
     pub burst: u32,
     pub audit_log: Option<PathBuf>,
@@ -316,6 +338,7 @@ impl Default for ProxyOptions {
     fn default() -> Self {
         ProxyOptions {
             tokens: "tok-acme:acme,tok-beta:beta,tok-gamma:gamma".into(),
+            tokens_file: None,
             qps: 10_000.0,
             burst: 10_000,
             audit_log: None,
@@ -369,6 +392,11 @@ impl ProxyProcess {
             .stderr(Stdio::piped());
         if !list.is_empty() {
             cmd.arg("--executor").arg(list.join(","));
+        }
+        if let Some(file) = &options.tokens_file {
+            cmd.env_remove("TENSOR_WASM_API_TOKENS")
+                .arg("--tokens-file")
+                .arg(file);
         }
         if let Some(audit) = &options.audit_log {
             cmd.arg("--audit-log")
@@ -446,6 +474,16 @@ impl ProxyProcess {
             .call(method, path, &[("authorization", auth.as_str())], body)
     }
 
+    /// `POST /admin/tenants/{tenant}/migrate` to `to`.
+    pub fn migrate(&self, tenant: &str, to: &str) -> Resp {
+        let body = serde_json::json!({ "to": to }).to_string();
+        self.admin(
+            "POST",
+            &format!("/admin/tenants/{tenant}/migrate"),
+            Some(("application/json", body.as_bytes())),
+        )
+    }
+
     /// Where the proxy placed `tenant`.
     pub fn placement(&self, tenant: &str) -> Option<String> {
         let r = self.admin("GET", "/admin/placements", None);
@@ -489,17 +527,26 @@ pub struct TestFleet {
     pub proxy: ProxyProcess,
     pub executors: Vec<ExecutorProcess>,
     /// Holds the state directories until the fleet is dropped.
-    pub _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 impl TestFleet {
     /// `n` CPU executors (`cpu0`…) and a proxy with `options`.
     pub fn start(n: usize, options: ProxyOptions) -> TestFleet {
+        Self::start_with(n, options, |_| Vec::new())
+    }
+
+    /// As [`start`](Self::start), with extra flags for executor `i`.
+    pub fn start_with(
+        n: usize,
+        options: ProxyOptions,
+        flags: impl Fn(usize) -> Vec<&'static str>,
+    ) -> TestFleet {
         let dir = tempfile::tempdir().unwrap();
         let executors: Vec<ExecutorProcess> = (0..n)
             .map(|i| {
                 let state = dir.path().join(format!("cpu{i}"));
-                ExecutorProcess::start(&format!("cpu{i}"), &state)
+                ExecutorProcess::start_with(&format!("cpu{i}"), &state, &flags(i))
             })
             .collect();
         let refs: Vec<&ExecutorProcess> = executors.iter().collect();
@@ -507,8 +554,13 @@ impl TestFleet {
         TestFleet {
             proxy,
             executors,
-            _dir: dir,
+            dir,
         }
+    }
+
+    /// The proxy's state directory.
+    pub fn proxy_state(&self) -> PathBuf {
+        self.dir.path().join("proxy")
     }
 
     pub fn executor(&self, id: &str) -> &ExecutorProcess {

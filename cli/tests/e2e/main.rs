@@ -4,4 +4,5 @@
 
 mod executor;
 mod harness;
+mod operations;
 mod proxy;

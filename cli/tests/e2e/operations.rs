@@ -1,0 +1,331 @@
+//! Operating a fleet through the proxy's admin API and signals: snapshot,
+//! restore, drain, rebalance, purge, a refused import, a restarted proxy
+//! finishing a recorded move, token rotation on SIGHUP, and the socket
+//! hand-off to a new proxy process.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::harness::{Api, ProxyOptions, ProxyProcess, TestFleet, parse_counter, tenants_on};
+
+fn tenants(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("tok-t{i}:t{i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn snapshot_restore_drain_rebalance_and_purge() {
+    let fleet = TestFleet::start(
+        2,
+        ProxyOptions {
+            tokens: tenants(6),
+            ..ProxyOptions::default()
+        },
+    );
+    let p = &fleet.proxy;
+    let fns: Vec<String> = (0..6)
+        .map(|i| fleet.deploy_counter(&format!("tok-t{i}")))
+        .collect();
+    let count = |i: usize| {
+        let r = fleet.count(&format!("tok-t{i}"), &fns[i]);
+        assert_eq!(r.status, 200, "t{i}: {}", r.text());
+        parse_counter(&r.body).0
+    };
+    for i in 0..6 {
+        assert_eq!(count(i), 1);
+    }
+
+    // A snapshot leaves the tenant running where it is.
+    let snap = p.admin("POST", "/admin/tenants/t0/snapshot", None);
+    assert_eq!(snap.status, 200, "{}", snap.text());
+    assert!(snap.body.starts_with(b"TWSNAP"));
+    assert_eq!(count(0), 2);
+    assert_eq!(count(0), 3);
+    // Restoring it puts the state back to the moment it was taken.
+    let r = p.admin(
+        "POST",
+        "/admin/tenants/t0/restore",
+        Some(("application/octet-stream", &snap.body)),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(count(0), 2);
+    // A corrupt snapshot is refused and the state stays.
+    let mut bad = snap.body.clone();
+    let n = bad.len();
+    bad[n - 3] ^= 0x40;
+    let r = p.admin(
+        "POST",
+        "/admin/tenants/t0/restore",
+        Some(("application/octet-stream", &bad)),
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.code(), "import_failed");
+    assert_eq!(count(0), 3);
+
+    // Drain cpu0: everything moves to cpu1, state and all.
+    let r = p.admin("POST", "/admin/executors/cpu0/drain", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["failed"].as_array().unwrap().is_empty());
+    assert!(tenants_on(fleet.executor("cpu0")).is_empty());
+    assert_eq!(tenants_on(fleet.executor("cpu1")).len(), 6);
+    assert_eq!(count(0), 4);
+    for i in 1..6 {
+        assert_eq!(count(i), 2);
+    }
+    // An executor holding tenants cannot be forgotten; an empty one can.
+    let r = p.admin("DELETE", "/admin/executors/cpu1", None);
+    assert_eq!(r.status, 409, "{}", r.text());
+    let r = p.admin("DELETE", "/admin/executors/cpu0", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = p.admin("GET", "/admin/executors", None).json();
+    assert_eq!(r["executors"].as_array().unwrap().len(), 1);
+
+    // Register it again and rebalance: three each, counters continue.
+    let body = serde_json::json!({"id": "cpu0", "addr": fleet.executor("cpu0").addr}).to_string();
+    let r = p.admin(
+        "POST",
+        "/admin/executors",
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = p.admin("POST", "/admin/rebalance", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["moves"].as_array().unwrap().len(), 3);
+    assert_eq!(tenants_on(fleet.executor("cpu0")).len(), 3);
+    assert_eq!(tenants_on(fleet.executor("cpu1")).len(), 3);
+    assert_eq!(count(0), 5);
+    for i in 1..6 {
+        assert_eq!(count(i), 3);
+    }
+
+    // Purge: the tenant is gone everywhere.
+    let r = p.admin("DELETE", "/admin/tenants/t5", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(p.placement("t5"), None);
+    let listed = p.call("tok-t5", "GET", "/functions", None).json();
+    assert_eq!(listed["functions"], serde_json::json!([]));
+
+    // Bad admin input gets typed errors.
+    let r = p.admin(
+        "POST",
+        "/admin/executors",
+        Some(("application/json", b"{not json")),
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_json"));
+    let r = p.admin(
+        "POST",
+        "/admin/executors",
+        Some(("application/json", br#"{"id": "Bad Id", "addr": "x"}"#)),
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_input"));
+    let r = p.admin("POST", "/admin/tenants/BAD/snapshot", None);
+    assert_eq!(r.status, 400);
+    let r = p.admin("GET", "/admin/nothing", None);
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn a_refused_import_leaves_the_tenant_on_its_source() {
+    // Executors with different snapshot keys refuse each other's snapshots.
+    let fleet = TestFleet::start_with(2, ProxyOptions::default(), |i| {
+        if i == 0 {
+            vec!["--snapshot-key", "key-zero"]
+        } else {
+            vec!["--snapshot-key", "key-one"]
+        }
+    });
+    let id = fleet.deploy_counter("tok-acme");
+    assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body).0, 1);
+    let from = fleet.proxy.placement("acme").unwrap();
+    let to = if from == "cpu0" { "cpu1" } else { "cpu0" };
+    let r = fleet.proxy.migrate("acme", to);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.code(), "import_failed");
+    assert_eq!(fleet.proxy.placement("acme").unwrap(), from);
+    let r = fleet.count("tok-acme", &id);
+    assert_eq!(r.status, 200, "thawed on its source: {}", r.text());
+    assert_eq!(parse_counter(&r.body).0, 2);
+    let metrics = fleet.proxy.api.call("GET", "/metrics", &[], None).text();
+    assert!(metrics.contains(r#"tensor_wasm_migrations_total{result="failed"} 1"#));
+}
+
+#[test]
+fn a_restarted_proxy_finishes_or_undoes_recorded_moves() {
+    let mut fleet = TestFleet::start(2, ProxyOptions::default());
+    let acme = fleet.deploy_counter("tok-acme");
+    let beta = fleet.deploy_counter("tok-beta");
+    // acme on cpu0, beta on cpu1.
+    for (t, to) in [("acme", "cpu0"), ("beta", "cpu1")] {
+        assert_eq!(fleet.proxy.migrate(t, to).status, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(fleet.count("tok-acme", &acme).status, 200);
+        assert_eq!(fleet.count("tok-beta", &beta).status, 200);
+    }
+
+    // The proxy dies mid-way through two moves:
+    // acme cpu0 → cpu1 after the export (bytes stored), and then cpu0
+    // dies too; beta cpu1 → cpu0 after the export froze it, before the
+    // bytes were recorded.
+    fleet.proxy.child.kill().unwrap();
+    fleet.proxy.child.wait().unwrap();
+    let state = fleet.proxy_state();
+    let export = |ex: &str, t: &str| {
+        let (status, bytes) = fleet.executor(ex).request(
+            "POST",
+            &format!("/internal/tenants/{t}/export"),
+            None,
+            "application/octet-stream",
+            b"",
+        );
+        assert_eq!(status, 200);
+        bytes
+    };
+    let stored = state.join("moves").join("acme.twsnap");
+    std::fs::create_dir_all(stored.parent().unwrap()).unwrap();
+    std::fs::write(&stored, export("cpu0", "acme")).unwrap();
+    export("cpu1", "beta");
+    let file = state.join("placements.json");
+    let mut table: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    table["moving"] = serde_json::json!({
+        "acme": {"from": "cpu0", "to": "cpu1", "snapshot": stored},
+        "beta": {"from": "cpu1", "to": "cpu0", "snapshot": null},
+    });
+    std::fs::write(&file, serde_json::to_vec(&table).unwrap()).unwrap();
+    let victim = fleet.executors.iter_mut().find(|e| e.id == "cpu0").unwrap();
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+
+    fleet.proxy = ProxyProcess::start(&state, &[], ProxyOptions::default());
+    // acme resumes on cpu1 from the stored bytes; beta thaws on cpu1.
+    let r = fleet.count("tok-acme", &acme);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(parse_counter(&r.body), (3, vec![3.0; 4]));
+    let r = fleet.count("tok-beta", &beta);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(parse_counter(&r.body).0, 3);
+    assert_eq!(fleet.proxy.placement("acme").as_deref(), Some("cpu1"));
+    assert_eq!(fleet.proxy.placement("beta").as_deref(), Some("cpu1"));
+    let table = fleet.proxy.admin("GET", "/admin/placements", None).json();
+    assert_eq!(table["moving"], serde_json::json!({}));
+    assert!(!stored.exists(), "stored bytes deleted once imported");
+}
+
+#[test]
+fn tokens_rotate_on_sighup_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "# tenants\ntok-a:acme\n").unwrap();
+    let fleet = TestFleet::start(
+        1,
+        ProxyOptions {
+            tokens_file: Some(file.clone()),
+            ..ProxyOptions::default()
+        },
+    );
+    let p = &fleet.proxy;
+    assert_eq!(p.call("tok-a", "GET", "/functions", None).status, 200);
+    assert_eq!(p.call("tok-b", "GET", "/functions", None).status, 401);
+
+    std::fs::write(&file, "tok-b:beta\n").unwrap();
+    p.signal("HUP");
+    let start = Instant::now();
+    while p.call("tok-b", "GET", "/functions", None).status != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "reload never took effect"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(p.call("tok-a", "GET", "/functions", None).status, 401);
+
+    // A broken file is refused and the tokens in force stay.
+    std::fs::write(&file, "a-bare-token\n").unwrap();
+    p.signal("HUP");
+    let start = Instant::now();
+    while !p.log_text().contains("token reload failed") {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(p.call("tok-b", "GET", "/functions", None).status, 200);
+}
+
+#[test]
+fn a_new_proxy_takes_the_sockets_over_without_a_failed_request() {
+    let mut fleet = TestFleet::start(2, ProxyOptions::default());
+    let id = fleet.deploy_counter("tok-acme");
+    let home = fleet.proxy.placement("acme").unwrap();
+    let options = fleet.proxy.options.clone();
+
+    // A client on fresh connections, calling throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        let api = Api::unpooled(&fleet.proxy.api.base);
+        let id = id.clone();
+        std::thread::spawn(move || {
+            let mut last = 0;
+            let mut calls = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let r = api.call(
+                    "POST",
+                    &format!("/functions/{id}/invoke"),
+                    &[("authorization", "Bearer tok-acme")],
+                    Some(("text/plain", b"")),
+                );
+                assert_eq!(r.status, 200, "{}", r.text());
+                let n = parse_counter(&r.body).0;
+                assert_eq!(n, last + 1);
+                last = n;
+                calls += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            calls
+        })
+    };
+
+    let state = fleet.proxy_state();
+    let mut successor = ProxyProcess::start(
+        &state,
+        &[],
+        ProxyOptions {
+            upgrade: true,
+            ..options
+        },
+    );
+    let sock = state.join("proxy-upgrade.sock");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "successor never waited for sockets"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    fleet.proxy.signal("QUIT");
+    successor.wait_ready();
+    // The old process drains and exits on its own.
+    let start = Instant::now();
+    while fleet.proxy.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "old proxy did not exit:\n{}",
+            fleet.proxy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let calls = client
+        .join()
+        .expect("no failed request across the hand-off");
+    assert!(calls > 10, "{calls}");
+    assert_eq!(successor.placement("acme").as_deref(), Some(home.as_str()));
+    assert!(successor.log_text().contains("proxy serving"));
+    fleet.proxy = successor;
+}
