@@ -331,6 +331,8 @@ pub struct ProxyOptions {
     pub listen_port: u16,
     pub admin_port: u16,
     pub upgrade: bool,
+    /// Certificate and key: TLS on the public listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub extra_args: Vec<String>,
 }
 
@@ -346,6 +348,7 @@ impl Default for ProxyOptions {
             listen_port: free_port(),
             admin_port: free_port(),
             upgrade: false,
+            tls: None,
             extra_args: Vec::new(),
         }
     }
@@ -407,6 +410,9 @@ impl ProxyProcess {
         if options.upgrade {
             cmd.arg("-u");
         }
+        if let Some((cert, key)) = &options.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
         let mut child = cmd.spawn().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
@@ -439,12 +445,14 @@ impl ProxyProcess {
                 panic!("proxy exited with {status}:\n{}", self.log_text());
             }
             let serving = self.log_text().contains("proxy serving");
-            if serving
-                && self
-                    .api
+            let healthy = if self.options.tls.is_some() {
+                curl_tls(self.options.listen_port, "/healthz", None).0 == 200
+            } else {
+                self.api
                     .try_call("GET", "/healthz", &[], None)
                     .is_ok_and(|r| r.status == 200)
-            {
+            };
+            if serving && healthy {
                 return;
             }
             assert!(
@@ -615,4 +623,20 @@ pub fn tenants_on(ex: &ExecutorProcess) -> Vec<String> {
         .iter()
         .map(|t| t.as_str().unwrap().to_string())
         .collect()
+}
+
+/// `GET path` over HTTPS with curl (certificate not verified): status, body.
+pub fn curl_tls(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sk", "-o", "-", "-w", "\n%{http_code}"]);
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("authorization: Bearer {t}"));
+    }
+    let out = cmd
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
 }

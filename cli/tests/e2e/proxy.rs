@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::harness::curl_tls;
 use crate::harness::{ADMIN_TOKEN, ProxyOptions, TestFleet, parse_counter, tenants_on};
 
 #[test]
@@ -493,4 +494,46 @@ fn audit_records_are_complete_across_rotations() {
     assert_eq!(seen["audit-admin"].1["listener"], "admin");
     assert_eq!(seen["audit-scope"].1["tenant"], "acme");
     assert_eq!(seen["audit-2"].1["action"], "functions.list");
+}
+
+#[test]
+fn the_public_listener_speaks_tls_when_given_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let fleet = TestFleet::start(
+        1,
+        ProxyOptions {
+            tls: Some((cert, key)),
+            ..ProxyOptions::default()
+        },
+    );
+    let port = fleet.proxy.options.listen_port;
+    let (status, body) = curl_tls(port, "/functions", Some("tok-acme"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, r#"{"functions":[]}"#);
+    assert_eq!(curl_tls(port, "/functions", None).0, 401);
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = fleet.proxy.api.try_call("GET", "/healthz", &[], None);
+    assert!(!plain.is_ok_and(|r| r.status == 200));
 }
