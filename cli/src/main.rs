@@ -5,6 +5,9 @@
 
 mod executor;
 mod proxy;
+mod sys;
+mod up;
+mod upgrade;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +27,12 @@ enum Command {
     Executor(executor::Args),
     /// Run the proxy: the public endpoint and the admin API.
     Proxy(proxy::Args),
+    /// Bring up a local fleet: a proxy and one executor per GPU, MIG slice
+    /// (or two CPU executors), supervised until Ctrl-C.
+    Up(up::Args),
+    /// Roll a running fleet to new executor and/or proxy binaries, moving
+    /// every tenant live.
+    Upgrade(upgrade::Args),
 }
 
 /// `--version`: the version, commit, compiler, profile, target and features.
@@ -56,6 +65,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Executor(args) => executor::run(args, FEATURES),
         Command::Proxy(args) => proxy::run(args),
+        Command::Up(args) => up::run(args),
+        Command::Upgrade(args) => upgrade::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -6,6 +6,7 @@
 //! | `GET /admin/executors` | the executor set, each with its live `/internal/info` |
 //! | `POST /admin/executors` | register `{"id", "addr"}` |
 //! | `POST /admin/executors/{id}/drain` | move every tenant off, stop placing there |
+//! | `POST /admin/executors/{id}/cordon`, `.../uncordon` | stop (resume) placing new tenants there, moving nothing |
 //! | `DELETE /admin/executors/{id}` | forget an executor that holds no tenants |
 //! | `GET /admin/placements` | tenant → executor |
 //! | `POST /admin/tenants/{t}/migrate` | `{"to"}`: a live migration |
@@ -198,6 +199,22 @@ impl AdminApi {
                 ),
                 Err(e) => Answer::error(e.api_error()),
             },
+            ("POST", ["admin", "executors", id, action @ ("cordon" | "uncordon")]) => {
+                if fleet.executor(id).is_none() {
+                    return Answer::error(ApiError::new(
+                        ErrorCode::NotFound,
+                        format!("executor {id} is not registered"),
+                    ));
+                }
+                let cordon = *action == "cordon";
+                match fleet.placements().set_draining(id, cordon) {
+                    Ok(()) => {
+                        tracing::info!(executor = %id, cordon, "executor placement changed");
+                        Answer::json(200, json!({ "id": id, "draining": cordon }))
+                    }
+                    Err(e) => Answer::error(ApiError::new(ErrorCode::Internal, e.to_string())),
+                }
+            }
             ("DELETE", ["admin", "executors", id]) => {
                 if fleet.executor(id).is_none() {
                     return Answer::error(ApiError::new(
@@ -279,6 +296,8 @@ fn action(method: &str, path: &str) -> (&'static str, Option<String>) {
         ("POST", ["admin", "executors"]) => ("admin.executors.register", None),
         ("POST", ["admin", "executors", _, "drain"]) => ("admin.executors.drain", None),
         ("DELETE", ["admin", "executors", _]) => ("admin.executors.forget", None),
+        ("POST", ["admin", "executors", _, "cordon"]) => ("admin.executors.cordon", None),
+        ("POST", ["admin", "executors", _, "uncordon"]) => ("admin.executors.uncordon", None),
         ("GET", ["admin", "placements"]) => ("admin.placements.list", None),
         ("POST", ["admin", "rebalance"]) => ("admin.rebalance", None),
         ("POST", ["admin", "tenants", t, "migrate"]) => {

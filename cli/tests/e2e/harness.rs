@@ -640,3 +640,205 @@ pub fn curl_tls(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
+
+/// A `tensor-wasm up` supervisor, killed when dropped (its children get
+/// SIGTERM from the kernel then).
+pub struct UpProcess {
+    pub child: Child,
+    pub state: PathBuf,
+    pub api: Api,
+    pub admin: Api,
+    pub stdout: String,
+}
+
+impl UpProcess {
+    /// Starts `tensor-wasm up --device cpu` on `state` and waits for its
+    /// "fleet ready" line.
+    pub fn start(state: &Path, extra: &[&str]) -> UpProcess {
+        Self::start_with_env(state, extra, &[])
+    }
+
+    /// As [`start`](Self::start), with extra environment variables.
+    pub fn start_with_env(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> UpProcess {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+            .args(["up", "--device", "cpu"])
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .args(extra)
+            .env_remove("TENSOR_WASM_API_TOKENS")
+            .env_remove("TENSOR_WASM_API_TOKENS_FILE")
+            .env_remove("TENSOR_WASM_INTERNAL_TOKEN")
+            .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+            .env_remove("TENSOR_WASM_STATE_DIR")
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut seen = String::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.starts_with("next:") {
+                    let _ = tx.send(seen.clone());
+                }
+            }
+        });
+        let stdout = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the fleet did not come up");
+        UpProcess {
+            child,
+            state: state.to_path_buf(),
+            api: Api::new(&format!("http://127.0.0.1:{port}")),
+            admin: Api::new(&format!("http://127.0.0.1:{admin_port}")),
+            stdout,
+        }
+    }
+
+    pub fn secret(&self, name: &str) -> String {
+        std::fs::read_to_string(self.state.join(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// One request to the control socket.
+    pub fn control(&self, request: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(self.state.join("control.sock"))
+            .expect("control socket");
+        let mut line = request.to_string();
+        line.push('\n');
+        s.write_all(line.as_bytes()).unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    }
+
+    /// Pids of the supervised children.
+    pub fn children(&self) -> Vec<(String, u32)> {
+        let ls = self.control(serde_json::json!({"op": "ls"}));
+        assert_eq!(ls["ok"], true, "{ls}");
+        ls["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| Some((c["id"].as_str()?.to_string(), c["pid"].as_u64()? as u32)))
+            .collect()
+    }
+}
+
+impl Drop for UpProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True while a process with `pid` exists.
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// A `multipart/form-data` body of `(name, content type, bytes)` parts.
+pub fn multipart(parts: &[(&str, &str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "tensor-wasm-e2e-boundary-7d1f";
+    let mut body = Vec::new();
+    for (name, ct, bytes) in parts {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: {ct}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// Why a raw request got no answer.
+#[derive(Debug)]
+pub enum RawError {
+    /// The connection failed before any byte of the request was written:
+    /// the only failure a client may retry blindly.
+    Connect(std::io::Error),
+    /// Anything after: the request may have reached the proxy.
+    After(String),
+}
+
+/// One `POST` on a fresh connection, `Connection: close`: (status, body).
+pub fn raw_post(
+    addr: &str,
+    path: &str,
+    token: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), RawError> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(RawError::Connect)?;
+    let after = |e: std::io::Error| RawError::After(e.to_string());
+    s.set_read_timeout(Some(timeout)).map_err(after)?;
+    s.set_nodelay(true).map_err(after)?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut req = head.into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).map_err(after)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).map_err(after)?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| RawError::After(format!("no header end in {} bytes", resp.len())))?;
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| RawError::After(format!("bad status line: {head}")))?;
+    let mut body = resp[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16)
+                .map_err(|e| RawError::After(e.to_string()))?;
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[eol + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Ok((status, body))
+}
+
+/// The nearest-rank percentile of sorted `v`.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}

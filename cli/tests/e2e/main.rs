@@ -6,3 +6,5 @@ mod executor;
 mod harness;
 mod operations;
 mod proxy;
+mod up;
+mod upgrade;

@@ -1,0 +1,44 @@
+//! The binary's only `unsafe`: two Linux process calls the supervisor of
+//! `tensor-wasm up` needs and std does not offer.
+#![allow(unsafe_code)]
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+
+/// Makes the kernel send the child SIGTERM if this process dies, so a
+/// supervisor killed with SIGKILL leaves no orphaned fleet behind.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only `prctl`, which is async-signal-safe; it touches no memory of the
+    // parent and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends SIGTERM (a graceful stop) to a child.
+pub fn terminate(child: &Child) {
+    signal(child, libc::SIGTERM);
+}
+
+/// Sends SIGQUIT (hand the sockets over) to a proxy child.
+pub fn quit(child: &Child) {
+    signal(child, libc::SIGQUIT);
+}
+
+/// Signals a child we spawned and have not reaped, so its pid is still ours.
+fn signal(child: &Child, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: `kill` takes plain integers; the pid belongs to our unreaped
+    // child, so it cannot have been recycled for another process.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}

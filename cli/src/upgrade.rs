@@ -1,0 +1,374 @@
+//! `tensor-wasm upgrade`: roll a running fleet to new binaries without
+//! failing a request (DESIGN.md §5).
+//!
+//! Executors (`--executor-binary`), one at a time, for each executor E of
+//! the `up` supervisor not yet on the new binary:
+//!
+//! 1. Start the new binary on E's device as executor E′ (`cpu0` → `cpu0.1`)
+//!    through the supervisor's control socket, and register it with the
+//!    proxy.
+//! 2. Cordon E: the proxy places no new tenant there.
+//! 3. Migrate E's tenants to E′ one by one (live migration: each tenant
+//!    pauses for its own move only). A tenant whose import fails stays on E
+//!    — the proxy thaws it there — and the upgrade stops with E still
+//!    running, so nothing is lost.
+//! 4. Forget E at the proxy and stop it through the supervisor.
+//!
+//! Device memory peaks at E's state plus one tenant's, never twice the
+//! fleet. Progress is recorded in `<state>/upgrade.json` after every step:
+//! stopping the command (Ctrl-C) at any point leaves every tenant placed on
+//! a running executor, and running it again resumes where it stopped;
+//! `--abort` instead un-cordons the executors not yet replaced and forgets
+//! the record.
+//!
+//! The proxy (`--proxy-binary`): the supervisor starts the new binary with
+//! `-u`, which waits for the listening sockets; it then sends the old proxy
+//! SIGQUIT, which hands them over, answers `Connection: close` while it
+//! drains, and stops recording placements; the new one reads the placement
+//! table once it holds the sockets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::up::{ChildStatus, Request, control_request};
+
+/// Flags of `tensor-wasm upgrade`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// New executor binary to roll every executor to.
+    #[arg(long)]
+    executor_binary: Option<PathBuf>,
+    /// New proxy binary to hand the listening sockets to.
+    #[arg(long)]
+    proxy_binary: Option<PathBuf>,
+    /// The fleet's state directory (where `tensor-wasm up` runs).
+    #[arg(
+        long,
+        env = "TENSOR_WASM_STATE_DIR",
+        default_value = "./tensor-wasm-state"
+    )]
+    state_dir: PathBuf,
+    /// The proxy's admin API.
+    #[arg(
+        long,
+        env = "TENSOR_WASM_ADMIN_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    admin_url: String,
+    /// Admin token; read from `<state>/admin-token` when unset.
+    #[arg(long, env = "TENSOR_WASM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Undo a stopped executor upgrade's cordons and forget its record.
+    #[arg(long)]
+    abort: bool,
+    /// Print progress as lines instead of a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// `upgrade.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    binary: PathBuf,
+    /// Old executor id → its replacement and whether it is done.
+    steps: BTreeMap<String, Step>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Step {
+    new_id: String,
+    done: bool,
+}
+
+/// The admin API, as this command uses it.
+struct Admin {
+    url: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Admin {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let auth = format!("Bearer {}", self.token);
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("authorization", &auth).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("authorization", &auth)
+                .call(),
+            (_, Some(b)) => self
+                .agent
+                .post(&url)
+                .header("authorization", &auth)
+                .send_json(b),
+            (_, None) => self
+                .agent
+                .post(&url)
+                .header("authorization", &auth)
+                .send_empty(),
+        };
+        let mut resp = result.with_context(|| format!("admin API at {} unreachable", self.url))?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let value: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        if !(200..300).contains(&status) {
+            let code = value["error"]["code"].as_str().unwrap_or("");
+            let message = value["error"]["message"].as_str().unwrap_or(&text);
+            bail!("{method} {path}: {status} {code}: {message}");
+        }
+        Ok(value)
+    }
+}
+
+/// `cpu0` → `cpu0.1`, `cpu0.1` → `cpu0.2`.
+fn next_id(id: &str) -> String {
+    match id.rsplit_once('.') {
+        Some((base, n)) if n.bytes().all(|b| b.is_ascii_digit()) && !n.is_empty() => {
+            let n: u64 = n.parse().unwrap_or(0);
+            format!("{base}.{}", n + 1)
+        }
+        _ => format!("{id}.1"),
+    }
+}
+
+fn save(path: &Path, record: &Record) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.executor_binary.is_none() && args.proxy_binary.is_none() && !args.abort {
+        bail!("nothing to upgrade: give --executor-binary and/or --proxy-binary");
+    }
+    let state = args.state_dir.clone();
+    let token = match &args.admin_token {
+        Some(t) => t.clone(),
+        None => std::fs::read_to_string(state.join("admin-token"))
+            .map(|t| t.trim().to_string())
+            .with_context(|| {
+                format!(
+                    "no admin token: set TENSOR_WASM_ADMIN_TOKEN, or point --state-dir at the fleet `tensor-wasm up` runs ({} has none)",
+                    state.display()
+                )
+            })?,
+    };
+    let admin = Admin {
+        url: args.admin_url.clone(),
+        token,
+        agent: ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .into(),
+    };
+    let record_path = state.join("upgrade.json");
+
+    if args.abort {
+        let Ok(bytes) = std::fs::read(&record_path) else {
+            println!("no executor upgrade in progress");
+            return Ok(());
+        };
+        let record: Record = serde_json::from_slice(&bytes).context("upgrade.json is corrupt")?;
+        for (old, step) in &record.steps {
+            if !step.done {
+                admin.call("POST", &format!("/admin/executors/{old}/uncordon"), None)?;
+                println!(
+                    "{old}: placing tenants again ({} keeps what it has)",
+                    step.new_id
+                );
+            }
+        }
+        std::fs::remove_file(&record_path)?;
+        return Ok(());
+    }
+
+    if let Some(binary) = &args.executor_binary {
+        let binary = binary
+            .canonicalize()
+            .with_context(|| format!("executor binary {} not found", binary.display()))?;
+        upgrade_executors(&state, &admin, &binary, &record_path, args.no_progress)?;
+    }
+    if let Some(binary) = &args.proxy_binary {
+        let binary = binary
+            .canonicalize()
+            .with_context(|| format!("proxy binary {} not found", binary.display()))?;
+        println!("proxy: handing the sockets to {}", binary.display());
+        let r = control_request(&state, &Request::UpgradeProxy { binary })?;
+        println!("proxy: now pid {}", r["pid"]);
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn upgrade_executors(
+    state: &Path,
+    admin: &Admin,
+    binary: &Path,
+    record_path: &Path,
+    no_progress: bool,
+) -> anyhow::Result<()> {
+    let mut record: Record = match std::fs::read(record_path) {
+        Ok(b) => serde_json::from_slice(&b).context("upgrade.json is corrupt")?,
+        Err(_) => Record::default(),
+    };
+    if !record.steps.is_empty() && record.binary != binary {
+        bail!(
+            "an upgrade to {} is in progress: finish it (run it again) or `tensor-wasm upgrade --abort` first",
+            record.binary.display()
+        );
+    }
+    record.binary = binary.to_path_buf();
+    let children: Vec<ChildStatus> = serde_json::from_value(control_request(state, &Request::Ls)?)?;
+    let replacements: Vec<&str> = record.steps.values().map(|s| s.new_id.as_str()).collect();
+    let todo: Vec<ChildStatus> = children
+        .iter()
+        .filter(|c| c.role == "executor")
+        .filter(|c| !replacements.contains(&c.id.as_str()))
+        .filter(|c| c.binary != binary || record.steps.contains_key(&c.id))
+        .cloned()
+        .collect();
+    if todo.is_empty() {
+        println!("every executor already runs {}", binary.display());
+        let _ = std::fs::remove_file(record_path);
+        return Ok(());
+    }
+    println!("upgrading {} executors to {}", todo.len(), binary.display());
+    for old in todo {
+        let new_id = record
+            .steps
+            .entry(old.id.clone())
+            .or_insert_with(|| Step {
+                new_id: next_id(&old.id),
+                done: false,
+            })
+            .new_id
+            .clone();
+        save(record_path, &record)?;
+
+        // 1. Start and register the replacement.
+        let running = children.iter().find(|c| c.id == new_id).cloned();
+        let new = match running {
+            Some(c) => c,
+            None => serde_json::from_value(control_request(
+                state,
+                &Request::Start {
+                    id: new_id.clone(),
+                    device: Some(old.device.clone()),
+                    cuda_visible_devices: old.cuda_visible_devices.clone(),
+                    binary: Some(binary.to_path_buf()),
+                },
+            )?)?,
+        };
+        admin.call(
+            "POST",
+            "/admin/executors",
+            Some(serde_json::json!({"id": new.id, "addr": new.addr})),
+        )?;
+        // 2. Cordon the old one.
+        admin.call("POST", &format!("/admin/executors/{}/cordon", old.id), None)?;
+        // 3. Move its tenants.
+        let placements = admin.call("GET", "/admin/placements", None)?;
+        let tenants: Vec<String> = placements["placements"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, e)| e.as_str() == Some(old.id.as_str()))
+                    .map(|(t, _)| t.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let bar = if no_progress {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(tenants.len() as u64)
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} tenants {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{} → {}", old.id, new.id));
+        let mut failed = Vec::new();
+        for tenant in &tenants {
+            match admin.call(
+                "POST",
+                &format!("/admin/tenants/{tenant}/migrate"),
+                Some(serde_json::json!({"to": new.id})),
+            ) {
+                Ok(r) => {
+                    bar.set_message(format!(
+                        "{tenant} paused {:.1} ms",
+                        r["pause_ms"].as_f64().unwrap_or(0.0)
+                    ));
+                    if no_progress {
+                        println!(
+                            "{tenant}: {} → {} in {:.1} ms ({} bytes)",
+                            old.id,
+                            new.id,
+                            r["pause_ms"].as_f64().unwrap_or(0.0),
+                            r["bytes"]
+                        );
+                    }
+                }
+                Err(e) => {
+                    bar.println(format!("{tenant}: stays on {}: {e:#}", old.id));
+                    failed.push(tenant.clone());
+                }
+            }
+            bar.inc(1);
+        }
+        bar.finish();
+        if !failed.is_empty() {
+            bail!(
+                "{} tenants could not move off {} (they run there still); fix the cause and run the upgrade again, or `tensor-wasm upgrade --abort`",
+                failed.len(),
+                old.id
+            );
+        }
+        // 4. Forget and stop the old one.
+        admin.call("DELETE", &format!("/admin/executors/{}", old.id), None)?;
+        control_request(state, &Request::Stop { id: old.id.clone() })?;
+        if let Some(step) = record.steps.get_mut(&old.id) {
+            step.done = true;
+        }
+        save(record_path, &record)?;
+        println!(
+            "{}: replaced by {} ({} tenants moved)",
+            old.id,
+            new.id,
+            tenants.len()
+        );
+    }
+    std::fs::remove_file(record_path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replacement_ids_count_generations() {
+        assert_eq!(next_id("cpu0"), "cpu0.1");
+        assert_eq!(next_id("cpu0.1"), "cpu0.2");
+        assert_eq!(next_id("mig-1a2b3c4d"), "mig-1a2b3c4d.1");
+        assert_eq!(next_id("pod.name"), "pod.name.1");
+    }
+}

@@ -1,0 +1,130 @@
+//! `tensor-wasm up`: a supervised local fleet.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{COUNTER, UpProcess, alive, parse_counter};
+
+#[test]
+fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = UpProcess::start(&dir.path().join("state"), &[]);
+    assert!(up.stdout.contains("dev token"), "{}", up.stdout);
+    let token = up.secret("dev-token");
+    assert!(up.stdout.contains(&token), "printed once at creation");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["dev-token", "admin-token", "internal-token", "tokens"] {
+            let mode = std::fs::metadata(up.state.join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+    }
+    let auth = format!("Bearer {token}");
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    let r = up.api.call(
+        "POST",
+        "/functions?name=counter",
+        &[("authorization", &auth)],
+        Some(("application/wasm", &wasm)),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let invoke = || {
+        up.api.call(
+            "POST",
+            &format!("/functions/{id}/invoke"),
+            &[("authorization", &auth)],
+            Some(("text/plain", b"")),
+        )
+    };
+    assert_eq!(parse_counter(&invoke().body).0, 1);
+
+    let children = up.children();
+    assert_eq!(children.len(), 3, "{children:?}");
+    let admin_auth = format!("Bearer {}", up.secret("admin-token"));
+    let placements = up
+        .admin
+        .call(
+            "GET",
+            "/admin/placements",
+            &[("authorization", &admin_auth)],
+            None,
+        )
+        .json();
+    let home = placements["placements"]["dev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, pid) = children.iter().find(|(i, _)| *i == home).unwrap().clone();
+
+    // SIGKILL the tenant's executor: the supervisor restarts it, and the
+    // tenant's registration is back (its warm state was lost with it).
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let now = up.children();
+        let new_pid = now.iter().find(|(i, _)| *i == home).map(|(_, p)| *p);
+        if new_pid.is_some_and(|p| p != pid) {
+            let r = invoke();
+            if r.status == 200 {
+                assert_eq!(parse_counter(&r.body).0, 1);
+                break;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Other commands start and stop executors through the control socket.
+    let started = up.control(serde_json::json!({"op": "start", "id": "cpu9"}));
+    assert_eq!(started["ok"], true, "{started}");
+    assert!(
+        started["result"]["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    let again = up.control(serde_json::json!({"op": "start", "id": "cpu9"}));
+    assert_eq!(again["ok"], false);
+    assert_eq!(up.children().len(), 4);
+    let stopped = up.control(serde_json::json!({"op": "stop", "id": "cpu9"}));
+    assert_eq!(stopped["ok"], true, "{stopped}");
+    let bad = up.control(serde_json::json!({"op": "nonsense"}));
+    assert_eq!(bad["ok"], false);
+
+    // SIGTERM stops every child.
+    let pids: Vec<u32> = up.children().iter().map(|(_, p)| *p).collect();
+    std::process::Command::new("kill")
+        .args(["-TERM", &up.child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut up = up;
+    let start = Instant::now();
+    while up.child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(60), "up did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids {
+        assert!(!alive(pid), "child {pid} left behind");
+    }
+}
+
+#[test]
+fn a_killed_supervisor_leaves_no_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = UpProcess::start(&dir.path().join("state"), &["--cpu-executors", "1"]);
+    let pids: Vec<u32> = up.children().iter().map(|(_, p)| *p).collect();
+    assert_eq!(pids.len(), 2);
+    up.child.kill().unwrap();
+    up.child.wait().unwrap();
+    let start = Instant::now();
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(start.elapsed() < Duration::from_secs(60), "orphans left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

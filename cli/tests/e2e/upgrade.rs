@@ -1,0 +1,294 @@
+//! Upgrading a whole fleet under load (`tensor-wasm upgrade`): every
+//! executor, then the proxy, while an open-loop client calls 50 stateful
+//! tenants at a constant rate. No request may fail and no tenant may lose
+//! a sample.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::{RawError, UpProcess, multipart, percentile, raw_post};
+
+const TENANTS: usize = 50;
+/// Requests per second, open loop.
+const RATE: f64 = 300.0;
+
+/// Where the load was when a request started.
+const STEADY: u8 = 0;
+const UPGRADING: u8 = 1;
+
+#[derive(Debug)]
+struct Outcome {
+    tenant: usize,
+    value: f32,
+    phase: u8,
+    latency_ms: f64,
+    result: Result<(u16, Vec<u8>), String>,
+}
+
+fn running_mean() -> Option<Vec<u8>> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/examples-wasm/running-mean.wasm");
+    match std::fs::read(&path) {
+        Ok(b) => Some(b),
+        Err(_) if std::env::var_os("TENSOR_WASM_REQUIRE_EXAMPLES").is_none() => {
+            eprintln!(
+                "skipped: {} not built (scripts/build-examples)",
+                path.display()
+            );
+            None
+        }
+        Err(e) => panic!("{}: {e}", path.display()),
+    }
+}
+
+/// A copy of this build's binary at another path: "the new version".
+fn new_binary(dir: &Path) -> PathBuf {
+    let to = dir.join("tensor-wasm-next");
+    std::fs::copy(env!("CARGO_BIN_EXE_tensor-wasm"), &to).unwrap();
+    to
+}
+
+/// Runs `tensor-wasm upgrade`; its stdout.
+fn upgrade(up: &UpProcess, flag: &str, binary: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["upgrade", "--no-progress", flag])
+        .arg(binary)
+        .arg("--state-dir")
+        .arg(&up.state)
+        .arg("--admin-url")
+        .arg(&up.admin.base)
+        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "upgrade {flag} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Per-tenant pauses (ms) from `upgrade --no-progress` lines
+/// `t3: cpu0 → cpu0.1 in 4.2 ms (…)`.
+fn pauses(stdout: &str) -> Vec<f64> {
+    let mut v: Vec<f64> = stdout
+        .lines()
+        .filter_map(|l| l.split(" in ").nth(1)?.split(" ms").next()?.parse().ok())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+#[test]
+fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
+    let Some(wasm) = running_mean() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tokens: Vec<String> = (0..TENANTS).map(|i| format!("tok-{i}")).collect();
+    let list: Vec<String> = (0..TENANTS).map(|i| format!("tok-{i}:t{i}")).collect();
+    let up = UpProcess::start_with_env(
+        &dir.path().join("state"),
+        &["--cpu-executors", "2"],
+        &[
+            ("TENSOR_WASM_API_TOKENS", list.join(",").as_str()),
+            ("TENSOR_WASM_API_RATE_LIMIT_QPS", "1000"),
+        ],
+    );
+    let config = br#"{"max_instances": 1}"#;
+    let mut fns = Vec::new();
+    for token in &tokens {
+        let (ct, body) = multipart(&[
+            ("module", "application/wasm", &wasm),
+            ("config", "application/json", config),
+        ]);
+        let r = up.api.call(
+            "POST",
+            "/functions?name=mean",
+            &[("authorization", &format!("Bearer {token}"))],
+            Some((&ct, &body)),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        fns.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    let addr = up.api.base.trim_start_matches("http://").to_string();
+
+    // The open-loop client: request k starts at k / RATE seconds, for
+    // tenant k mod TENANTS, sending the sample value k.
+    let stop = Arc::new(AtomicBool::new(false));
+    let phase = Arc::new(AtomicU8::new(STEADY));
+    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+    let retries = Arc::new(Mutex::new(0usize));
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, f32, u8)>();
+    let rx = Arc::new(Mutex::new(rx));
+    let workers: Vec<_> = (0..24)
+        .map(|_| {
+            let (rx, outcomes, retries) = (rx.clone(), outcomes.clone(), retries.clone());
+            let (addr, tokens, fns) = (addr.clone(), tokens.clone(), fns.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let job = rx.lock().unwrap().recv();
+                    let Ok((tenant, value, phase)) = job else {
+                        return;
+                    };
+                    let body = format!(
+                        r#"{{"inputs": {{"x": {{"dtype": "f32", "shape": [1], "data": [{value}]}}}}}}"#
+                    );
+                    let path = format!("/functions/{}/invoke", fns[tenant]);
+                    let started = Instant::now();
+                    let result = loop {
+                        match raw_post(&addr, &path, &tokens[tenant], body.as_bytes(), Duration::from_secs(30)) {
+                            Err(RawError::Connect(e)) => {
+                                let mut r = retries.lock().unwrap();
+                                if *r == 0 {
+                                    eprintln!("connect failed, retrying: {e}");
+                                }
+                                *r += 1;
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            Err(RawError::After(e)) => break Err(e),
+                            Ok(r) => break Ok(r),
+                        }
+                    };
+                    outcomes.lock().unwrap().push(Outcome {
+                        tenant,
+                        value,
+                        phase,
+                        latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                        result,
+                    });
+                }
+            })
+        })
+        .collect();
+    let pacer = {
+        let (stop, phase) = (stop.clone(), phase.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut k = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let due = start + Duration::from_secs_f64(k as f64 / RATE);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let _ = tx.send((k % TENANTS, k as f32, phase.load(Ordering::Relaxed)));
+                k += 1;
+            }
+            k
+        })
+    };
+
+    std::thread::sleep(Duration::from_secs(2));
+    let binary = new_binary(dir.path());
+    phase.store(UPGRADING, Ordering::Relaxed);
+    let upgrade_started = Instant::now();
+    let report = upgrade(&up, "--executor-binary", &binary);
+    let executors_took = upgrade_started.elapsed();
+    let pauses = pauses(&report);
+    assert_eq!(pauses.len(), TENANTS, "every tenant moved once");
+    upgrade(&up, "--proxy-binary", &binary);
+    phase.store(STEADY, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let sent = pacer.join().unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
+
+    // Every request answered 200.
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+    assert_eq!(outcomes.len(), sent, "every request answered");
+    let failed: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| !matches!(o.result, Ok((200, _))))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} requests failed, e.g. {:?}",
+        failed.len(),
+        failed
+            .iter()
+            .take(3)
+            .map(|o| (&o.result, o.tenant))
+            .collect::<Vec<_>>()
+    );
+
+    // Each tenant's state is continuous: its mean and count cover every
+    // sample it was sent, across both moves.
+    let mut per_tenant: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    for o in &outcomes {
+        per_tenant.entry(o.tenant).or_default().push(o.value);
+    }
+    for (tenant, values) in &per_tenant {
+        let body = br#"{"inputs": {"x": {"dtype": "f32", "shape": [1], "data": [0]}}}"#;
+        let (status, resp) = raw_post(
+            &addr,
+            &format!("/functions/{}/invoke", fns[*tenant]),
+            &tokens[*tenant],
+            body,
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+        let count = v["outputs"]["count"]["data"][0].as_f64().unwrap() as usize;
+        let mean = v["outputs"]["mean"]["data"][0].as_f64().unwrap();
+        assert_eq!(count, values.len() + 1, "tenant t{tenant} lost samples");
+        let expected = values.iter().map(|&x| f64::from(x)).sum::<f64>() / count as f64;
+        assert!(
+            (mean - expected).abs() <= 1e-3 * expected.abs().max(1.0),
+            "tenant t{tenant}: mean {mean}, expected {expected}"
+        );
+    }
+
+    // The fleet now runs the new binary everywhere.
+    let ls = up.control(serde_json::json!({"op": "ls"}));
+    for child in ls["result"].as_array().unwrap() {
+        assert_eq!(
+            child["binary"],
+            binary.to_string_lossy().as_ref(),
+            "{child}"
+        );
+    }
+    let ids: Vec<&str> = ls["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["cpu0.1", "cpu1.1", "proxy"]);
+
+    // The report (bench/upgrade-under-load prints it).
+    let lat = |phase: u8| {
+        let mut v: Vec<f64> = outcomes
+            .iter()
+            .filter(|o| o.phase == phase)
+            .map(|o| o.latency_ms)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (steady, during) = (lat(STEADY), lat(UPGRADING));
+    eprintln!(
+        "UPGRADE REPORT tenants={TENANTS} rate={RATE}/s sent={sent} failed=0 connect_retries={}\n\
+         steady: n={} p50={:.2} ms p99={:.2} ms | during upgrade: n={} p50={:.2} ms p99={:.2} ms\n\
+         executors upgraded in {:.2} s ({TENANTS} tenants moved); per-tenant pause p50={:.2} ms p99={:.2} ms max={:.2} ms",
+        *retries.lock().unwrap(),
+        steady.len(),
+        percentile(&steady, 50.0),
+        percentile(&steady, 99.0),
+        during.len(),
+        percentile(&during, 50.0),
+        percentile(&during, 99.0),
+        executors_took.as_secs_f64(),
+        percentile(&pauses, 50.0),
+        percentile(&pauses, 99.0),
+        pauses.last().copied().unwrap_or(0.0),
+    );
+}
