@@ -504,12 +504,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let executors = sup.executors.len();
     let sup = Arc::new(Mutex::new(sup));
+    // The control socket exists before the fleet is announced.
+    let sock = state.join("control.sock");
+    let _ = std::fs::remove_file(&sock);
+    let control = std::os::unix::net::UnixListener::bind(&sock)
+        .with_context(|| format!("cannot bind the control socket {}", sock.display()))?;
+    control.set_nonblocking(true)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    }
     print_welcome(&args, &state, executors, dev_token.as_ref());
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(supervise(sup.clone(), state.join("control.sock")))?;
+    runtime.block_on(supervise(sup.clone(), control, sock))?;
     stop_all(&sup);
     Ok(())
 }
@@ -558,15 +568,13 @@ enum Spawn {
 }
 
 /// Supervises until Ctrl-C or SIGTERM.
-async fn supervise(sup: Arc<Mutex<Supervisor>>, sock: PathBuf) -> anyhow::Result<()> {
+async fn supervise(
+    sup: Arc<Mutex<Supervisor>>,
+    control_listener: std::os::unix::net::UnixListener,
+    sock: PathBuf,
+) -> anyhow::Result<()> {
     let (spawn_tx, mut spawn_rx) = tokio::sync::mpsc::unbounded_channel::<SpawnRequest>();
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock)
-        .with_context(|| format!("cannot bind the control socket {}", sock.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
-    }
+    let listener = UnixListener::from_std(control_listener)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     loop {

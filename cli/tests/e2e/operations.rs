@@ -329,3 +329,119 @@ fn a_new_proxy_takes_the_sockets_over_without_a_failed_request() {
     assert!(successor.log_text().contains("proxy serving"));
     fleet.proxy = successor;
 }
+
+/// The counter with a 256 MiB device tensor, so an export or import takes
+/// long enough to be interrupted.
+fn big_counter() -> Vec<u8> {
+    let wat = crate::harness::COUNTER.replace(
+        r#"(data (i32.const 0) "\04\00\00\00")"#,
+        r#"(data (i32.const 0) "\00\00\00\04")"#,
+    );
+    assert_ne!(wat, crate::harness::COUNTER);
+    wat::parse_str(wat).unwrap()
+}
+
+/// Starts a migration of acme to `to` on a thread, waits until the proxy
+/// has stored the exported bytes (step 3 done), then SIGKILLs `victim`.
+fn kill_mid_move(fleet: &mut TestFleet, to: &str, victim: &str) -> crate::harness::Resp {
+    let admin = fleet.proxy.admin.clone();
+    let to = to.to_string();
+    let mover = std::thread::spawn(move || {
+        let body = serde_json::json!({ "to": to }).to_string();
+        admin.call(
+            "POST",
+            "/admin/tenants/acme/migrate",
+            &[(
+                "authorization",
+                &format!("Bearer {}", crate::harness::ADMIN_TOKEN),
+            )],
+            Some(("application/json", body.as_bytes())),
+        )
+    });
+    let stored = fleet.proxy_state().join("moves").join("acme.twsnap");
+    let start = Instant::now();
+    while !stored.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "export never stored"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let victim = fleet.executors.iter_mut().find(|e| e.id == victim).unwrap();
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    mover.join().unwrap()
+}
+
+#[test]
+fn a_destination_killed_during_import_leaves_the_tenant_on_its_source() {
+    let mut fleet = TestFleet::start(2, ProxyOptions::default());
+    let big = big_counter();
+    let r = fleet.proxy.call(
+        "tok-acme",
+        "POST",
+        "/functions?name=big",
+        Some(("application/wasm", &big)),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let beta = fleet.deploy_counter("tok-beta");
+    assert_eq!(fleet.proxy.migrate("acme", "cpu0").status, 200);
+    assert_eq!(fleet.proxy.migrate("beta", "cpu0").status, 200);
+    assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body[..20]).0, 1);
+
+    let r = kill_mid_move(&mut fleet, "cpu1", "cpu1");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.code(), "import_failed");
+    assert_eq!(fleet.proxy.placement("acme").as_deref(), Some("cpu0"));
+    let r = fleet.count("tok-acme", &id);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        parse_counter(&r.body[..20]).0,
+        2,
+        "state intact on the source"
+    );
+    let r = fleet.count("tok-beta", &beta);
+    assert_eq!(
+        (r.status, parse_counter(&r.body).0),
+        (200, 1),
+        "bystander unaffected"
+    );
+}
+
+#[test]
+fn a_source_killed_after_its_export_resumes_the_tenant_from_the_snapshot() {
+    let mut fleet = TestFleet::start(2, ProxyOptions::default());
+    let big = big_counter();
+    let r = fleet.proxy.call(
+        "tok-acme",
+        "POST",
+        "/functions?name=big",
+        Some(("application/wasm", &big)),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let beta = fleet.deploy_counter("tok-beta");
+    assert_eq!(fleet.proxy.migrate("acme", "cpu0").status, 200);
+    assert_eq!(fleet.proxy.migrate("beta", "cpu1").status, 200);
+    for n in 1..=2 {
+        assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body[..20]).0, n);
+    }
+
+    let r = kill_mid_move(&mut fleet, "cpu1", "cpu0");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(fleet.proxy.placement("acme").as_deref(), Some("cpu1"));
+    let r = fleet.count("tok-acme", &id);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        parse_counter(&r.body[..20]).0,
+        3,
+        "resumed from the snapshot"
+    );
+    let r = fleet.count("tok-beta", &beta);
+    assert_eq!(
+        (r.status, parse_counter(&r.body).0),
+        (200, 1),
+        "bystander unaffected"
+    );
+}
