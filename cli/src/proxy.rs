@@ -83,6 +83,11 @@ pub struct Args {
     /// repeated; those registered before are remembered in the state dir.
     #[arg(long, env = "TENSOR_WASM_EXECUTORS", value_delimiter = ',')]
     executor: Vec<String>,
+    /// DNS name and port listing executors (a Kubernetes headless Service),
+    /// resolved on every health probe; each is registered under the id it
+    /// reports.
+    #[arg(long, env = "TENSOR_WASM_EXECUTOR_DNS")]
+    executor_dns: Option<String>,
     /// Longest a request waits for its tenant's migration, in ms.
     #[arg(
         long,
@@ -186,6 +191,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             keep: args.audit_keep,
         }),
         executors,
+        executor_dns: args.executor_dns,
         queue: QueueLimits {
             deadline: Duration::from_millis(args.queue_deadline_ms),
             capacity: args.queue_capacity,

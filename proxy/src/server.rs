@@ -84,6 +84,10 @@ pub struct ProxyConfig {
     pub audit: Option<AuditConfig>,
     /// Executors to register at start, besides those the state remembers.
     pub executors: Vec<(String, String)>,
+    /// `host:port` of a DNS name listing executors (a Kubernetes headless
+    /// Service): resolved on every health tick; each address is registered
+    /// under the id its executor reports.
+    pub executor_dns: Option<String>,
     pub queue: QueueLimits,
     /// Time between health probes of each executor; 1 s bounds how long a
     /// dead executor's tenants are tried before they get 503 at once.
@@ -220,6 +224,7 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
             orchestrator,
             interval: config.health_interval,
             held: tokio::sync::Mutex::new(held),
+            dns: config.executor_dns.clone(),
         },
     ));
 
@@ -296,6 +301,7 @@ struct Upkeep {
     orchestrator: Arc<Orchestrator>,
     interval: Duration,
     held: tokio::sync::Mutex<Vec<HeldMove>>,
+    dns: Option<String>,
 }
 
 /// How long a health probe may take.
@@ -322,6 +328,40 @@ impl Upkeep {
         });
         futures_util::future::join_all(probes).await;
     }
+
+    /// Registers executors that `name` resolves to and that are not known
+    /// at that address yet, under the id each reports.
+    async fn discover(&self, name: &str) {
+        let fleet = &self.shared.fleet;
+        let addrs = match tokio::net::lookup_host(name).await {
+            Ok(a) => a.collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::debug!(%name, error = %e, "executor DNS lookup failed");
+                return;
+            }
+        };
+        let known: Vec<std::net::SocketAddr> = fleet.executors().iter().map(|e| e.sock).collect();
+        for addr in addrs.into_iter().filter(|a| !known.contains(a)) {
+            let client =
+                crate::upstream::ExecutorClient::new(&addr.to_string(), fleet.internal_token());
+            let info = match client.get("/internal/info", PROBE_TIMEOUT).await {
+                Ok(b) => serde_json::from_slice::<tensor_wasm_shared::api::ExecutorInfo>(&b),
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "discovered executor not answering yet");
+                    continue;
+                }
+            };
+            match info {
+                Ok(info) => match fleet.register(&info.id, &addr.to_string()) {
+                    Ok(_) => {
+                        tracing::info!(executor = %info.id, %addr, "executor discovered by DNS")
+                    }
+                    Err(e) => tracing::warn!(%addr, error = %e, "discovered executor refused"),
+                },
+                Err(e) => tracing::warn!(%addr, error = %e, "discovered executor sent bad info"),
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -334,6 +374,9 @@ impl BackgroundService for Upkeep {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = shutdown.changed() => return,
+            }
+            if let Some(name) = &self.dns {
+                self.discover(name).await;
             }
             self.probe_all().await;
             {

@@ -537,3 +537,39 @@ fn the_public_listener_speaks_tls_when_given_a_certificate() {
     let plain = fleet.proxy.api.try_call("GET", "/healthz", &[], None);
     assert!(!plain.is_ok_and(|r| r.status == 200));
 }
+
+#[test]
+fn executors_are_discovered_through_dns() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = crate::harness::ExecutorProcess::start("pod-a", &dir.path().join("ex"));
+    let port = ex.addr.rsplit(':').next().unwrap().to_string();
+    let proxy = crate::harness::ProxyProcess::start(
+        &dir.path().join("proxy"),
+        &[],
+        ProxyOptions {
+            extra_args: vec!["--executor-dns".into(), format!("localhost:{port}")],
+            ..ProxyOptions::default()
+        },
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let list = proxy.admin("GET", "/admin/executors", None).json();
+        let ids: Vec<&str> = list["executors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["id"].as_str())
+            .collect();
+        if ids == ["pod-a"] {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not discovered: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = proxy.call("tok-acme", "GET", "/functions", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(proxy.placement("acme").as_deref(), Some("pod-a"));
+}
