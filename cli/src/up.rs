@@ -547,7 +547,10 @@ fn print_welcome(args: &Args, state: &Path, executors: usize, dev: Option<&(Stri
         state.join("logs").display()
     );
     println!();
-    println!("next: tensor-wasm deploy examples/wat/scale.wat --name scale");
+    println!(
+        "next: tensor-wasm deploy target/examples-wasm/mlp-digits.wasm --assets examples/mlp-digits/weights.safetensors --name digits"
+    );
+    println!("      (build the examples first with scripts/build-examples)");
     println!(
         "      curl -H \"authorization: Bearer $(cat {})\" {url}/functions",
         state.join("dev-token").display()
