@@ -3,13 +3,14 @@
 //! Subcommands live in their own modules; this file only parses the command
 //! line, sets up logging and runs the chosen one.
 
+mod client;
 mod executor;
 mod proxy;
 mod sys;
 mod up;
 mod upgrade;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Features compiled into this binary, for `--version` and `build_info`.
 const FEATURES: &str = if cfg!(feature = "cuda") { "cuda" } else { "" };
@@ -33,6 +34,9 @@ enum Command {
     /// Roll a running fleet to new executor and/or proxy binaries, moving
     /// every tenant live.
     Upgrade(upgrade::Args),
+    /// Client and operator commands against a running fleet.
+    #[command(flatten)]
+    Client(client::Command),
 }
 
 /// `--version`: the version, commit, compiler, profile, target and features.
@@ -67,6 +71,8 @@ fn main() -> std::process::ExitCode {
         Command::Proxy(args) => proxy::run(args),
         Command::Up(args) => up::run(args),
         Command::Upgrade(args) => upgrade::run(args),
+        // Client commands print their own errors, plainly, for a terminal.
+        Command::Client(command) => return client::run(command, Cli::command()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
