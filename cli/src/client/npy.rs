@@ -569,6 +569,30 @@ mod tests {
     }
 
     #[test]
+    fn no_truncation_or_byte_flip_makes_it_panic() {
+        let good = write(&Array {
+            dtype: DType::I64,
+            shape: vec![2, 3],
+            data: vec![1; 48],
+        });
+        for len in 0..good.len() {
+            assert!(read(&good[..len]).is_err(), "truncated to {len}");
+        }
+        // Every value at every header byte: an error or an array whose
+        // data is exactly as long as its shape says, never a panic.
+        for at in 0..good.len() - 48 {
+            for v in 0..=255u8 {
+                let mut bytes = good.clone();
+                bytes[at] = v;
+                if let Ok(a) = read(&bytes) {
+                    let n: u64 = a.shape.iter().product();
+                    assert_eq!(n * a.dtype.size() as u64, a.data.len() as u64);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn data_must_match_the_shape_exactly() {
         let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }";
         for len in [8, 11, 16] {

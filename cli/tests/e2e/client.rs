@@ -779,3 +779,107 @@ fn tokens_fall_back_to_the_state_dir_and_errors_say_what_to_do() {
     );
     assert!(c.run(&["completions", "tcsh"]).code != 0);
 }
+
+/// Runs openssl in `dir`; panics with its stderr on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn https_proxies_are_trusted_through_a_ca_certificate() {
+    // A private CA, and a certificate for 127.0.0.1 that it signs.
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tensor-wasm test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "req.csr",
+        ],
+    );
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "cert.pem",
+        ],
+    );
+    let fleet = TestFleet::start(
+        1,
+        ProxyOptions {
+            tls: Some((d.join("cert.pem"), d.join("key.pem"))),
+            ..ProxyOptions::default()
+        },
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let mut c = Client::new(&fleet, "tok-acme", scratch.path());
+    let url = format!("https://127.0.0.1:{}", fleet.proxy.options.listen_port);
+    c.env.retain(|(k, _)| k != "TENSOR_WASM_URL");
+    c.env.push(("TENSOR_WASM_URL".into(), url.clone()));
+    let ca = d.join("ca.pem").display().to_string();
+    let listed = c
+        .run(&["functions", "ls", "--json", "--ca-cert", &ca])
+        .json();
+    assert_eq!(listed["functions"], json!([]));
+    // Without the CA the certificate is not trusted, and the error says
+    // where it tried.
+    let err = c.run(&["functions", "ls"]).fails().to_string();
+    assert!(
+        err.contains(&format!("cannot reach the proxy at {url}")),
+        "{err}"
+    );
+    let err = c
+        .run(&["functions", "ls", "--ca-cert", "missing.pem"])
+        .fails()
+        .to_string();
+    assert!(err.contains("--ca-cert missing.pem"), "{err}");
+}
