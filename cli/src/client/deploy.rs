@@ -66,8 +66,10 @@ impl Module {
             return Ok(Module::File { file, len });
         }
         let text = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-        let is_wat = path.extension().is_some_and(|e| e == "wat")
-            || std::str::from_utf8(&text).is_ok_and(|t| t.trim_start().starts_with('('));
+        // Text is taken for WAT (which may open with comments); the WAT
+        // parser's message says where it is not.
+        let is_wat =
+            path.extension().is_some_and(|e| e == "wat") || std::str::from_utf8(&text).is_ok();
         if !is_wat {
             bail!(
                 "{} is not a WebAssembly module (no \\0asm header) nor WAT text",

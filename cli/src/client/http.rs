@@ -363,13 +363,20 @@ impl Endpoint {
     }
 
     fn unreachable(&self, url: &str, source: ureq::Error) -> HttpError {
+        let hint = if source.to_string().contains("certificate") {
+            "the server's certificate is not trusted: pass the CA certificate that signed it \
+             with --ca-cert (TENSOR_WASM_CA_CERT)"
+                .to_string()
+        } else {
+            format!(
+                "is the fleet running? Start one with `tensor-wasm up`, or set {}",
+                self.service.url_setting()
+            )
+        };
         HttpError::Unreachable {
             service: self.service,
             url: url.to_string(),
-            hint: format!(
-                "is the fleet running? Start one with `tensor-wasm up`, or set {}",
-                self.service.url_setting()
-            ),
+            hint,
             source,
         }
     }

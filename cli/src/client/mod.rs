@@ -81,7 +81,8 @@ pub struct Conn {
     )]
     pub state_dir: PathBuf,
     /// PEM certificates to trust for https:// URLs instead of the built-in
-    /// roots (a self-signed proxy certificate).
+    /// roots: the CA that signed the proxy's certificate (or that
+    /// certificate itself, if self-signed without CA:TRUE).
     #[arg(long, env = "TENSOR_WASM_CA_CERT", global = true)]
     pub ca_cert: Option<PathBuf>,
     /// Longest wait for an answer once a request is sent, in seconds (0: no

@@ -877,6 +877,7 @@ fn https_proxies_are_trusted_through_a_ca_certificate() {
         err.contains(&format!("cannot reach the proxy at {url}")),
         "{err}"
     );
+    assert!(err.contains("--ca-cert"), "{err}");
     let err = c
         .run(&["functions", "ls", "--ca-cert", "missing.pem"])
         .fails()
