@@ -70,14 +70,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Register an executor with the proxy.
+    /// Register an executor with the proxy; without --addr, first start one
+    /// through the `tensor-wasm up` supervisor of --state-dir.
     Add {
         /// Its stable name (gpu0, mig-<uuid8>, cpu0, a pod name).
         #[arg(long)]
         id: String,
-        /// Where the proxy reaches it.
+        /// Where the proxy reaches a running executor.
         #[arg(long, value_name = "HOST:PORT")]
-        addr: String,
+        addr: Option<String>,
+        /// For a started executor: `cpu` or `cuda`.
+        #[arg(long, default_value = "cpu", conflicts_with = "addr")]
+        device: String,
+        /// For a started executor on a GPU: its `CUDA_VISIBLE_DEVICES` (a
+        /// GPU or MIG UUID).
+        #[arg(long, conflicts_with = "addr")]
+        cuda_visible_devices: Option<String>,
         /// Print the registered entry as JSON.
         #[arg(long)]
         json: bool,
@@ -89,7 +97,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Forget an executor that holds no tenants (drain it first).
+    /// Forget an executor that holds no tenants (drain it first); one the
+    /// `up` supervisor of --state-dir runs is stopped too.
     Rm { id: String },
 }
 
@@ -185,7 +194,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 output::print(&table(&list))?;
             }
         }
-        Command::Add { id, addr, json } => {
+        Command::Add {
+            id,
+            addr,
+            device: kind,
+            cuda_visible_devices,
+            json,
+        } => {
+            let addr = match addr {
+                Some(addr) => addr,
+                None => {
+                    let started = crate::up::control_request(
+                        &args.conn.state_dir,
+                        &crate::up::Request::Start {
+                            id: id.clone(),
+                            device: Some(kind),
+                            cuda_visible_devices,
+                            binary: None,
+                        },
+                    )?;
+                    started["addr"].as_str().unwrap_or_default().to_string()
+                }
+            };
             let entry: AdminExecutor = ep.send_json(
                 "POST",
                 "/admin/executors",
@@ -242,6 +272,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Body::None,
             )?;
             output::println(&format!("forgot {id}"))?;
+            let supervised =
+                crate::up::control_request(&args.conn.state_dir, &crate::up::Request::Ls)
+                    .ok()
+                    .and_then(|ls| ls.as_array().cloned())
+                    .is_some_and(|ls| ls.iter().any(|c| c["id"] == id.as_str()));
+            if supervised {
+                crate::up::control_request(
+                    &args.conn.state_dir,
+                    &crate::up::Request::Stop { id: id.clone() },
+                )?;
+                output::println(&format!("stopped {id}"))?;
+            }
         }
     }
     Ok(())

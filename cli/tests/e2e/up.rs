@@ -97,6 +97,43 @@ fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
     let bad = up.control(serde_json::json!({"op": "nonsense"}));
     assert_eq!(bad["ok"], false);
 
+    // `executors add` without an address starts one under the supervisor
+    // and registers it; `executors rm` forgets and stops it.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&up.state)
+            .arg("--admin-url")
+            .arg(&up.admin.base)
+            .arg("--url")
+            .arg(&up.api.base)
+            .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+            .env_remove("TENSOR_WASM_TOKEN")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["executors", "add", "--id", "cpu7"]);
+    assert!(up.children().iter().any(|(i, _)| i == "cpu7"));
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli(&["executors", "ls", "--json"])).unwrap();
+    let cpu7 = listed["executors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "cpu7")
+        .cloned()
+        .expect("registered");
+    assert_eq!(cpu7["healthy"], true);
+    cli(&["executors", "rm", "cpu7"]);
+    assert!(!up.children().iter().any(|(i, _)| i == "cpu7"));
+
     // SIGTERM stops every child.
     let pids: Vec<u32> = up.children().iter().map(|(_, p)| *p).collect();
     std::process::Command::new("kill")
