@@ -101,6 +101,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/internal/tenants/{tenant}/export", post(export_tenant))
         .route("/internal/tenants/{tenant}/import", post(import_tenant))
         .route("/internal/tenants/{tenant}/thaw", post(thaw_tenant))
+        .route("/internal/tenants/{tenant}/modules", get(tenant_modules))
+        .route(
+            "/internal/tenants/{tenant}/modules/{id}",
+            get(tenant_module),
+        )
+        .route("/internal/modules", post(precompile))
         .route(
             "/internal/tenants/{tenant}",
             axum::routing::delete(drop_tenant),
@@ -442,6 +448,42 @@ async fn thaw_tenant(
     app.registry.thaw_tenant(&tenant)?;
     tracing::info!(%tenant, "tenant thawed");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `{"modules": [function id, ...]}`: what a migration destination
+/// fetches and compiles before the tenant pauses.
+async fn tenant_modules(
+    State(app): State<Arc<App>>,
+    Path(tenant): Path<String>,
+) -> Result<Response, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    let ids = app.registry.module_ids(&tenant)?;
+    Ok(axum::Json(serde_json::json!({ "modules": ids })).into_response())
+}
+
+/// One function's module, as registered.
+async fn tenant_module(
+    State(app): State<Arc<App>>,
+    Path((tenant, id)): Path<(String, String)>,
+) -> Result<Response, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    let wasm = app.registry.module(&tenant, &id)?;
+    Ok(([(header::CONTENT_TYPE, "application/wasm")], wasm.to_vec()).into_response())
+}
+
+/// Compiles a module into the cache, registering nothing.
+async fn precompile(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ExecError> {
+    let wasm = read_body(&headers, body, app.registry.limits.max_module_bytes).await?;
+    let started = Instant::now();
+    let bytes = wasm.len();
+    app.registry.precompile(wasm).await?;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(bytes, ms, "module precompiled");
+    Ok(axum::Json(serde_json::json!({ "bytes": bytes, "ms": ms })).into_response())
 }
 
 async fn drop_tenant(

@@ -300,6 +300,11 @@ impl Registry {
         Ok(t)
     }
 
+    /// The engine registrations compile with.
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
     /// The tenant if it exists here.
     pub fn existing_tenant(&self, id: &TenantId) -> Option<Arc<Tenant>> {
         read_lock(&self.tenants).get(id).cloned()

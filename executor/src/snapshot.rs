@@ -109,6 +109,47 @@ impl Registry {
         result
     }
 
+    /// Ids of `tenant`'s functions, whose modules [`module`](Self::module)
+    /// gives: what a migration destination compiles before the move.
+    pub fn module_ids(&self, tenant: &TenantId) -> Result<Vec<String>, ExecError> {
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::NotFound(format!("tenant {tenant}")))?;
+        Ok(t.function_list()
+            .iter()
+            .map(|f| f.info.id.clone())
+            .collect())
+    }
+
+    /// The module (as registered) of `tenant`'s function `id`.
+    pub fn module(&self, tenant: &TenantId, id: &str) -> Result<Arc<[u8]>, ExecError> {
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::NotFound(format!("tenant {tenant}")))?;
+        t.function_list()
+            .into_iter()
+            .find(|f| f.info.id == id)
+            .map(|f| f.wasm.clone())
+            .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))
+    }
+
+    /// Compiles `wasm` into the module cache without registering anything,
+    /// so that a later import of a tenant using it does not compile inside
+    /// the tenant's migration pause. Checked like a registration.
+    pub async fn precompile(self: &Arc<Self>, wasm: bytes::Bytes) -> Result<(), ExecError> {
+        let registry = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let inspected = crate::wasm::inspect(&wasm, registry.limits.max_module_bytes)?;
+            registry
+                .runtime()
+                .compile(&inspected.rewritten)
+                .map(|_| ())
+                .map_err(|e| ExecError::Wasm(crate::wasm::WasmError::Invalid(e.to_string())))
+        })
+        .await
+        .map_err(|e| ExecError::Internal(format!("compile task failed: {e}")))?
+    }
+
     /// Lets a frozen tenant take work again (its export was not imported).
     pub fn thaw_tenant(&self, tenant: &TenantId) -> Result<(), ExecError> {
         let t = self

@@ -3,6 +3,9 @@
 //!
 //! Moving tenant T from executor A to B:
 //!
+//! 0. While T still runs, B compiles T's modules (fetched from A) into its
+//!    module cache, so that the import in step 4 does not compile inside
+//!    T's pause. Best effort: without it the import compiles.
 //! 1. Record "T moving A→B" in the placement file, then close T's gate
 //!    ([`crate::fleet`]): new requests of T wait in the proxy's bounded
 //!    queue; other tenants are untouched.
@@ -214,6 +217,9 @@ impl Orchestrator {
         if !dest.is_healthy() {
             return Err(MigrateError::ExecutorDown(dest.id.clone()));
         }
+        // 0. While T still runs, B compiles T's modules into its cache, so
+        //    that the import inside the pause does not compile.
+        self.prewarm(&src, &dest, &t).await;
         // 1. Record, then close the gate.
         self.fleet
             .placements()
@@ -310,6 +316,52 @@ impl Orchestrator {
             pause_ms,
             bytes,
         })
+    }
+
+    /// Step 0: copies `t`'s modules from `src` to `dest`'s compile cache.
+    /// Best effort: a failure only means the import compiles them itself.
+    async fn prewarm(&self, src: &Executor, dest: &Executor, t: &TenantId) {
+        let (from, to) = (self.fleet.client(src), self.fleet.client(dest));
+        let started = Instant::now();
+        let list = match from
+            .get(&format!("/internal/tenants/{t}/modules"), CONTROL_TIMEOUT)
+            .await
+        {
+            Ok(b) => serde_json::from_slice::<serde_json::Value>(&b).unwrap_or_default(),
+            Err(e) => {
+                if e.code() != Some("not_found") {
+                    tracing::debug!(tenant = %t, error = %e, "no module list to prewarm");
+                }
+                return;
+            }
+        };
+        let ids: Vec<String> = list["modules"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in &ids {
+            let wasm = match from
+                .get(
+                    &format!("/internal/tenants/{t}/modules/{id}"),
+                    TRANSFER_TIMEOUT,
+                )
+                .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::debug!(tenant = %t, function = %id, error = %e, "module not fetched");
+                    continue;
+                }
+            };
+            if let Err(e) = to.post("/internal/modules", wasm, TRANSFER_TIMEOUT).await {
+                tracing::debug!(tenant = %t, function = %id, error = %e, "module not precompiled");
+            }
+        }
+        tracing::debug!(tenant = %t, modules = ids.len(), ms = started.elapsed().as_secs_f64() * 1e3, "destination prewarmed");
     }
 
     /// Thaws `t` on `exec`; true when it is (or was never) frozen there.

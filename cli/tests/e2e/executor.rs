@@ -127,3 +127,61 @@ fn an_executor_without_a_token_refuses_to_start() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("TENSOR_WASM_INTERNAL_TOKEN"));
 }
+
+#[test]
+fn a_destination_can_compile_a_tenants_modules_ahead_of_a_move() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = ExecutorProcess::start("cpu-a", da.path());
+    let b = ExecutorProcess::start("cpu-b", db.path());
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    let (status, body) = a.request(
+        "POST",
+        "/functions?name=counter",
+        Some("acme"),
+        "application/wasm",
+        &wasm,
+    );
+    assert_eq!(status, 201);
+    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, list) = a.request("GET", "/internal/tenants/acme/modules", None, "", b"");
+    assert_eq!(status, 200);
+    let list: serde_json::Value = serde_json::from_slice(&list).unwrap();
+    assert_eq!(list["modules"], serde_json::json!([id]));
+    let (status, module) = a.request(
+        "GET",
+        &format!("/internal/tenants/acme/modules/{id}"),
+        None,
+        "",
+        b"",
+    );
+    assert_eq!(status, 200);
+    assert_eq!(module, wasm, "the module as registered");
+    let (status, _) = a.request("GET", "/internal/tenants/nobody/modules", None, "", b"");
+    assert_eq!(status, 404);
+
+    let (status, body) = b.request(
+        "POST",
+        "/internal/modules",
+        None,
+        "application/wasm",
+        &module,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (status, body) = b.request(
+        "POST",
+        "/internal/modules",
+        None,
+        "application/wasm",
+        b"\0asm\x01\0\0\0garbage",
+    );
+    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    // Nothing was registered by compiling.
+    let (_, listed) = b.request("GET", "/functions", Some("acme"), "", b"");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&listed).unwrap()["functions"],
+        serde_json::json!([])
+    );
+}
