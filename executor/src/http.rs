@@ -66,6 +66,45 @@ impl IntoResponse for ExecError {
     }
 }
 
+/// A query string, refused with a typed `invalid_input` error (axum's own
+/// rejection is plain text).
+#[derive(Debug, Clone)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ExecError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|e| ExecError::InvalidInput(format!("query string: {}", e.body_text())))
+    }
+}
+
+/// A path parameter, refused with a typed `invalid_input` error.
+#[derive(Debug, Clone)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ExecError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| ApiPath(p))
+            .map_err(|e| ExecError::InvalidInput(format!("path: {}", e.body_text())))
+    }
+}
+
 /// The tenant of a request, from `x-tensor-wasm-tenant`.
 #[derive(Debug, Clone)]
 pub struct Tenant(pub TenantId);
@@ -184,7 +223,7 @@ struct RegisterQuery {
 async fn register(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
-    Query(q): Query<RegisterQuery>,
+    ApiQuery(q): ApiQuery<RegisterQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
@@ -281,7 +320,7 @@ async fn list(State(app): State<Arc<App>>, Tenant(tenant): Tenant) -> axum::Json
 async fn show(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ExecError> {
     Ok(axum::Json(app.registry.function(&tenant, &id)?.info.clone()).into_response())
 }
@@ -289,7 +328,7 @@ async fn show(
 async fn remove(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ExecError> {
     app.registry.delete(&tenant, &id)?;
     tracing::info!(%tenant, function = %id, "function deleted");
@@ -299,7 +338,7 @@ async fn remove(
 async fn logs(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ExecError> {
     let f = app.registry.function(&tenant, &id)?;
     Ok((
@@ -312,7 +351,7 @@ async fn logs(
 async fn invoke(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
@@ -363,7 +402,7 @@ async fn invoke_inner(
 async fn invoke_async(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
@@ -385,7 +424,7 @@ struct JobsQuery {
 async fn list_jobs(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
-    Query(q): Query<JobsQuery>,
+    ApiQuery(q): ApiQuery<JobsQuery>,
 ) -> axum::Json<JobList> {
     axum::Json(JobList {
         jobs: app.registry.jobs(&tenant, q.status),
@@ -395,7 +434,7 @@ async fn list_jobs(
 async fn get_job(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<JobInfo>, ExecError> {
     app.registry.job(&tenant, &id).map(axum::Json)
 }
@@ -403,7 +442,7 @@ async fn get_job(
 async fn delete_job(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ExecError> {
     app.registry.delete_job(&tenant, &id)?;
     Ok(StatusCode::NO_CONTENT)
@@ -415,7 +454,7 @@ fn path_tenant(raw: &str) -> Result<TenantId, ExecError> {
 
 async fn export_tenant(
     State(app): State<Arc<App>>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
 ) -> Result<Response, ExecError> {
     let tenant = path_tenant(&tenant)?;
     let started = Instant::now();
@@ -426,7 +465,7 @@ async fn export_tenant(
 
 async fn import_tenant(
     State(app): State<Arc<App>>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
@@ -442,7 +481,7 @@ async fn import_tenant(
 
 async fn thaw_tenant(
     State(app): State<Arc<App>>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
 ) -> Result<StatusCode, ExecError> {
     let tenant = path_tenant(&tenant)?;
     app.registry.thaw_tenant(&tenant)?;
@@ -454,7 +493,7 @@ async fn thaw_tenant(
 /// fetches and compiles before the tenant pauses.
 async fn tenant_modules(
     State(app): State<Arc<App>>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
 ) -> Result<Response, ExecError> {
     let tenant = path_tenant(&tenant)?;
     let ids = app.registry.module_ids(&tenant)?;
@@ -464,7 +503,7 @@ async fn tenant_modules(
 /// One function's module, as registered.
 async fn tenant_module(
     State(app): State<Arc<App>>,
-    Path((tenant, id)): Path<(String, String)>,
+    ApiPath((tenant, id)): ApiPath<(String, String)>,
 ) -> Result<Response, ExecError> {
     let tenant = path_tenant(&tenant)?;
     let wasm = app.registry.module(&tenant, &id)?;
@@ -488,7 +527,7 @@ async fn precompile(
 
 async fn drop_tenant(
     State(app): State<Arc<App>>,
-    Path(tenant): Path<String>,
+    ApiPath(tenant): ApiPath<String>,
 ) -> Result<StatusCode, ExecError> {
     let tenant = path_tenant(&tenant)?;
     app.registry.drop_tenant(&tenant)?;

@@ -185,3 +185,21 @@ fn a_destination_can_compile_a_tenants_modules_ahead_of_a_move() {
         serde_json::json!([])
     );
 }
+
+#[test]
+fn malformed_query_strings_get_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = ExecutorProcess::start("cpu-q", dir.path());
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    for path in ["/functions?name=x&replace=maybe", "/jobs?status=sleeping"] {
+        let (method, body): (&str, &[u8]) = if path.starts_with("/jobs") {
+            ("GET", b"")
+        } else {
+            ("POST", &wasm)
+        };
+        let (status, body) = ex.request(method, path, Some("acme"), "application/wasm", body);
+        assert_eq!(status, 400, "{path}");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error body");
+        assert_eq!(v["error"]["code"], "invalid_input", "{path}: {v}");
+    }
+}
