@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::harness::{COUNTER, ExecutorProcess, counter_call};
+use crate::harness::{COUNTER, ExecutorProcess, counter_call, deploy_counter_on};
 
 #[test]
 fn a_tenant_moves_between_executor_processes() {
@@ -72,19 +72,7 @@ fn a_tenant_moves_between_executor_processes() {
 fn warm_state_survives_a_graceful_restart_of_the_process() {
     let dir = tempfile::tempdir().unwrap();
     let ex = ExecutorProcess::start("cpu-r", dir.path());
-    let wasm = wat::parse_str(COUNTER).unwrap();
-    let (status, body) = ex.request(
-        "POST",
-        "/functions?name=counter",
-        Some("acme"),
-        "application/wasm",
-        &wasm,
-    );
-    assert_eq!(status, 201);
-    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = deploy_counter_on(&ex);
     counter_call(&ex, &id);
     counter_call(&ex, &id);
     ex.stop();
@@ -134,18 +122,7 @@ fn a_destination_can_compile_a_tenants_modules_ahead_of_a_move() {
     let a = ExecutorProcess::start("cpu-a", da.path());
     let b = ExecutorProcess::start("cpu-b", db.path());
     let wasm = wat::parse_str(COUNTER).unwrap();
-    let (status, body) = a.request(
-        "POST",
-        "/functions?name=counter",
-        Some("acme"),
-        "application/wasm",
-        &wasm,
-    );
-    assert_eq!(status, 201);
-    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = deploy_counter_on(&a);
     let (status, list) = a.request("GET", "/internal/tenants/acme/modules", None, "", b"");
     assert_eq!(status, 200);
     let list: serde_json::Value = serde_json::from_slice(&list).unwrap();

@@ -602,6 +602,23 @@ impl TestFleet {
     }
 }
 
+/// Registers the counter module for tenant acme straight on `ex`; its id.
+pub fn deploy_counter_on(ex: &ExecutorProcess) -> String {
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    let (status, body) = ex.request(
+        "POST",
+        "/functions?name=counter",
+        Some("acme"),
+        "application/wasm",
+        &wasm,
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// The counter's answer: (calls so far, tensor values).
 pub fn parse_counter(body: &[u8]) -> (u32, Vec<f32>) {
     let n = u32::from_le_bytes(body[..4].try_into().unwrap());

@@ -341,6 +341,25 @@ fn big_counter() -> Vec<u8> {
     wat::parse_str(wat).unwrap()
 }
 
+/// Two executors: acme's big counter on cpu0, beta's counter on `beta_on`;
+/// the fleet and both function ids.
+fn big_acme_on_cpu0_and_beta_on(beta_on: &str) -> (TestFleet, String, String) {
+    let fleet = TestFleet::start(2, ProxyOptions::default());
+    let big = big_counter();
+    let r = fleet.proxy.call(
+        "tok-acme",
+        "POST",
+        "/functions?name=big",
+        Some(("application/wasm", &big)),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let beta = fleet.deploy_counter("tok-beta");
+    assert_eq!(fleet.proxy.migrate("acme", "cpu0").status, 200);
+    assert_eq!(fleet.proxy.migrate("beta", beta_on).status, 200);
+    (fleet, id, beta)
+}
+
 /// Starts a migration of acme to `to` on a thread, waits until the proxy
 /// has stored the exported bytes (step 3 done), then SIGKILLs `victim`.
 fn kill_mid_move(fleet: &mut TestFleet, to: &str, victim: &str) -> crate::harness::Resp {
@@ -375,19 +394,7 @@ fn kill_mid_move(fleet: &mut TestFleet, to: &str, victim: &str) -> crate::harnes
 
 #[test]
 fn a_destination_killed_during_import_leaves_the_tenant_on_its_source() {
-    let mut fleet = TestFleet::start(2, ProxyOptions::default());
-    let big = big_counter();
-    let r = fleet.proxy.call(
-        "tok-acme",
-        "POST",
-        "/functions?name=big",
-        Some(("application/wasm", &big)),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let beta = fleet.deploy_counter("tok-beta");
-    assert_eq!(fleet.proxy.migrate("acme", "cpu0").status, 200);
-    assert_eq!(fleet.proxy.migrate("beta", "cpu0").status, 200);
+    let (mut fleet, id, beta) = big_acme_on_cpu0_and_beta_on("cpu0");
     assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body[..20]).0, 1);
 
     let r = kill_mid_move(&mut fleet, "cpu1", "cpu1");
@@ -411,19 +418,7 @@ fn a_destination_killed_during_import_leaves_the_tenant_on_its_source() {
 
 #[test]
 fn a_source_killed_after_its_export_resumes_the_tenant_from_the_snapshot() {
-    let mut fleet = TestFleet::start(2, ProxyOptions::default());
-    let big = big_counter();
-    let r = fleet.proxy.call(
-        "tok-acme",
-        "POST",
-        "/functions?name=big",
-        Some(("application/wasm", &big)),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let beta = fleet.deploy_counter("tok-beta");
-    assert_eq!(fleet.proxy.migrate("acme", "cpu0").status, 200);
-    assert_eq!(fleet.proxy.migrate("beta", "cpu1").status, 200);
+    let (mut fleet, id, beta) = big_acme_on_cpu0_and_beta_on("cpu1");
     for n in 1..=2 {
         assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body[..20]).0, n);
     }
