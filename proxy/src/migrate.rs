@@ -96,6 +96,8 @@ pub enum MigrateError {
     Placement(#[from] PlacementError),
     #[error("snapshot store {0}: {1}")]
     Store(PathBuf, std::io::Error),
+    #[error("the migration task failed: {0}")]
+    Task(String),
 }
 
 impl MigrateError {
@@ -118,7 +120,9 @@ impl MigrateError {
                 _ if e.is_unreachable() => ErrorCode::ExecutorUnavailable,
                 _ => ErrorCode::ImportFailed,
             },
-            MigrateError::Placement(_) | MigrateError::Store(..) => ErrorCode::Internal,
+            MigrateError::Placement(_) | MigrateError::Store(..) | MigrateError::Task(_) => {
+                ErrorCode::Internal
+            }
         };
         ApiError::new(code, self.to_string())
     }
@@ -187,7 +191,23 @@ impl Orchestrator {
     }
 
     /// Moves `tenant` to executor `to` (module doc, steps 1–5).
-    pub async fn migrate(&self, tenant: &str, to: &str) -> Result<MoveReport, MigrateError> {
+    ///
+    /// The move runs on its own task: a caller that goes away (an admin
+    /// client that disconnects) cannot cancel it half way, with the tenant
+    /// frozen and its move recorded.
+    pub async fn migrate(
+        self: &Arc<Self>,
+        tenant: &str,
+        to: &str,
+    ) -> Result<MoveReport, MigrateError> {
+        let (this, tenant, to) = (self.clone(), tenant.to_string(), to.to_string());
+        match tokio::spawn(async move { this.migrate_logged(&tenant, &to).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(MigrateError::Task(e.to_string())),
+        }
+    }
+
+    async fn migrate_logged(&self, tenant: &str, to: &str) -> Result<MoveReport, MigrateError> {
         let result = self.migrate_inner(tenant, to).await;
         let label = if result.is_ok() { "success" } else { "failed" };
         self.metrics.migrations.with_label_values(&[label]).inc();
@@ -501,7 +521,7 @@ impl Orchestrator {
     /// Stops placing on `executor` and moves each of its tenants to where
     /// consistent hashing puts it among the others.
     pub async fn drain(
-        &self,
+        self: &Arc<Self>,
         executor: &str,
     ) -> Result<(Vec<MoveReport>, Vec<MoveFailure>), MigrateError> {
         let _bulk = self.bulk.lock().await;
@@ -543,7 +563,7 @@ impl Orchestrator {
     /// Moves tenants from the fullest to the emptiest healthy executor
     /// (draining ones excluded) until every count is within one of the
     /// mean.
-    pub async fn rebalance(&self) -> (Vec<MoveReport>, Vec<MoveFailure>) {
+    pub async fn rebalance(self: &Arc<Self>) -> (Vec<MoveReport>, Vec<MoveFailure>) {
         let _bulk = self.bulk.lock().await;
         let mut moves = Vec::new();
         let mut failed: Vec<MoveFailure> = Vec::new();

@@ -292,3 +292,110 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
         pauses.last().copied().unwrap_or(0.0),
     );
 }
+
+/// Runs `upgrade --executor-binary` and SIGKILLs it once `after` tenants
+/// have moved.
+fn interrupted_upgrade(up: &UpProcess, binary: &Path, after: usize) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["upgrade", "--no-progress", "--executor-binary"])
+        .arg(binary)
+        .arg("--state-dir")
+        .arg(&up.state)
+        .arg("--admin-url")
+        .arg(&up.admin.base)
+        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut moved = 0;
+    for line in std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.contains(" ms (") {
+            moved += 1;
+            if moved == after {
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn an_interrupted_upgrade_can_be_aborted_or_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let list: Vec<String> = (0..10).map(|i| format!("tok-{i}:t{i}")).collect();
+    let up = UpProcess::start_with_env(
+        &dir.path().join("state"),
+        &["--cpu-executors", "2"],
+        &[("TENSOR_WASM_API_TOKENS", list.join(",").as_str())],
+    );
+    let wasm = wat::parse_str(crate::harness::COUNTER).unwrap();
+    let mut fns = Vec::new();
+    for i in 0..10 {
+        let auth = format!("Bearer tok-{i}");
+        let r = up.api.call(
+            "POST",
+            "/functions?name=counter",
+            &[("authorization", &auth)],
+            Some(("application/wasm", &wasm)),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        fns.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    let count_all = |expect: u32| {
+        for (i, id) in fns.iter().enumerate() {
+            let auth = format!("Bearer tok-{i}");
+            let r = up.api.call(
+                "POST",
+                &format!("/functions/{id}/invoke"),
+                &[("authorization", &auth)],
+                Some(("text/plain", b"")),
+            );
+            assert_eq!(r.status, 200, "t{i}: {}", r.text());
+            assert_eq!(crate::harness::parse_counter(&r.body).0, expect, "t{i}");
+        }
+    };
+    count_all(1);
+    let binary = new_binary(dir.path());
+
+    // Killed half way, then aborted: every tenant is served, by whichever
+    // executor it ended up on, and the record is gone.
+    interrupted_upgrade(&up, &binary, 2);
+    assert!(up.state.join("upgrade.json").exists());
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["upgrade", "--abort", "--state-dir"])
+        .arg(&up.state)
+        .arg("--admin-url")
+        .arg(&up.admin.base)
+        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!up.state.join("upgrade.json").exists());
+    count_all(2);
+
+    // Killed again, then run to the end: it resumes and finishes.
+    interrupted_upgrade(&up, &binary, 2);
+    count_all(3);
+    upgrade(&up, "--executor-binary", &binary);
+    count_all(4);
+    let ls = up.control(serde_json::json!({"op": "ls"}));
+    let ids: Vec<&str> = ls["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["cpu0.1", "cpu1.1", "proxy"]);
+    assert!(!up.state.join("upgrade.json").exists());
+}
