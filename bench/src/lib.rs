@@ -1,6 +1,7 @@
 //! Helpers shared by the TensorWasm benchmarks: seeded random tensors made
 //! through the [`Backend`] trait (so a bench measures exactly what a guest's
-//! call would run), a small repetition timer, and FLOP arithmetic.
+//! call would run), a small repetition timer, and FLOP arithmetic; and
+//! [`pingora_minimal`], the pingora yardstick of `bench/proxy-vs-peers`.
 //!
 //! The benches themselves live in `benches/` (criterion, `cargo bench -p
 //! tensor-wasm-bench`) and `src/bin/` (single-purpose timers that print one
@@ -8,6 +9,8 @@
 //! `bench/matmul-vs-numpy`). See `bench/README.md`.
 
 #![forbid(unsafe_code)]
+
+pub mod pingora_minimal;
 
 use std::time::{Duration, Instant};
 
