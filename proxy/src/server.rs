@@ -149,6 +149,11 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
             .join("proxy.pid")
             .to_string_lossy()
             .into_owned(),
+        // Idle upstream connections kept per worker thread. pingora closes
+        // one on release when the pool is full, so it must exceed the peak
+        // of requests in flight to executors, or every request beyond it
+        // reconnects (bench/PROXY-FINDINGS.md).
+        upstream_keepalive_pool_size: 1024,
         grace_period_seconds: Some(config.grace_period_secs),
         graceful_shutdown_timeout_seconds: Some(config.grace_period_secs.max(1)),
         ..ServerConf::default()

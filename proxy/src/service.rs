@@ -57,6 +57,8 @@ pub struct Shared {
     pub metrics: Arc<ProxyMetrics>,
     pub audit: Option<Arc<AuditLog>>,
     ids: RequestIds,
+    /// `Bearer <internal token>`, built once.
+    internal_auth: String,
 }
 
 impl Shared {
@@ -67,7 +69,9 @@ impl Shared {
         metrics: Arc<ProxyMetrics>,
         audit: Option<Arc<AuditLog>>,
     ) -> Shared {
+        let internal_auth = format!("Bearer {}", fleet.internal_token());
         Shared {
+            internal_auth,
             tokens: RwLock::new(Arc::new(tokens)),
             limits,
             fleet,
@@ -394,10 +398,7 @@ impl ProxyHttp for PublicProxy {
             .map(|t| t.as_str().to_string())
             .unwrap_or_default();
         upstream.remove_header("authorization");
-        upstream.insert_header(
-            "authorization",
-            format!("Bearer {}", self.shared.fleet.internal_token()),
-        )?;
+        upstream.insert_header("authorization", self.shared.internal_auth.as_str())?;
         upstream.insert_header(TENANT_HEADER, tenant)?;
         upstream.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
         Ok(())
