@@ -11,7 +11,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{SafeTensors, TensorView};
+use tensor_wasm_executor::assets::{dtype_from_safetensors, dtype_to_safetensors};
 use tensor_wasm_shared::DType;
 use tensor_wasm_shared::api::{InvokeResponse, JsonTensor};
 
@@ -86,29 +87,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TensorFileError + '_ {
     }
 }
 
-fn from_safetensors_dtype(d: Dtype) -> Option<DType> {
-    Some(match d {
-        Dtype::F32 => DType::F32,
-        Dtype::F16 => DType::F16,
-        Dtype::BF16 => DType::BF16,
-        Dtype::I32 => DType::I32,
-        Dtype::I64 => DType::I64,
-        Dtype::U8 => DType::U8,
-        _ => return None,
-    })
-}
-
-fn to_safetensors_dtype(d: DType) -> Dtype {
-    match d {
-        DType::F32 => Dtype::F32,
-        DType::F16 => Dtype::F16,
-        DType::BF16 => Dtype::BF16,
-        DType::I32 => Dtype::I32,
-        DType::I64 => Dtype::I64,
-        DType::U8 => Dtype::U8,
-    }
-}
-
 /// Every tensor of a safetensors file, in the file's order.
 fn safetensors_tensors(path: &Path, bytes: &[u8]) -> Result<Vec<Tensor>, TensorFileError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| TensorFileError::Safetensors {
@@ -117,7 +95,7 @@ fn safetensors_tensors(path: &Path, bytes: &[u8]) -> Result<Vec<Tensor>, TensorF
     })?;
     st.iter()
         .map(|(name, view)| {
-            let dtype = from_safetensors_dtype(view.dtype()).ok_or_else(|| {
+            let dtype = dtype_from_safetensors(view.dtype()).ok_or_else(|| {
                 TensorFileError::UnsupportedDType {
                     path: path.to_path_buf(),
                     name: name.to_string(),
@@ -225,7 +203,7 @@ pub fn to_safetensors(tensors: &[Tensor], raw: Option<&[u8]>) -> Result<Vec<u8>,
         .iter()
         .map(|t| {
             let shape = t.shape.iter().map(|&d| d as usize).collect();
-            TensorView::new(to_safetensors_dtype(t.dtype), shape, &t.data)
+            TensorView::new(dtype_to_safetensors(t.dtype), shape, &t.data)
                 .map(|v| (t.name.clone(), v))
                 .map_err(|e| TensorFileError::Encode(format!("{}: {e}", t.name)))
         })
