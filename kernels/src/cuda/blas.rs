@@ -12,6 +12,13 @@
 //!
 //! All GEMMs compute in f32 (no TF32); f16 and bf16 operands are read as
 //! such and accumulate in f32.
+//!
+//! Causal attention skips the masked half: queries go in blocks
+//! ([`query_blocks`]), and block `[r0, r1)` multiplies only by keys
+//! `[0, r1)`, the only ones its rows may see. The softmax never reads the
+//! scores past a row's last visible key and writes probability 0 there, so
+//! the scores left unwritten are never used and the second GEMM, also cut
+//! at `r1` keys, sums exactly the same terms.
 
 use std::ops::Range;
 
@@ -32,6 +39,35 @@ use crate::tensor::Tensor;
 /// one batch entry, which the plan caps like a tensor), bounding the
 /// workspace whatever the batch size.
 const ATTENTION_SCORES_BUDGET_BYTES: usize = 256 << 20;
+
+/// Smallest block of queries causal attention cuts at: below this a GEMM
+/// per block costs more in launches than the masked work it skips.
+const MIN_QUERY_BLOCK: usize = 64;
+
+/// Most query blocks: 8 blocks skip 7/16 of the work of the full score
+/// matrix (the whole masked half would need infinitely many).
+const MAX_QUERY_BLOCKS: usize = 8;
+
+/// The query blocks `[r0, r1)` of attention over `lq` queries and `lk`
+/// keys, each with the number of keys its rows may see: one block with
+/// every key unless `causal`; else blocks of at least [`MIN_QUERY_BLOCK`]
+/// rows (a multiple of it), at most [`MAX_QUERY_BLOCKS`] of them, block
+/// `[r0, r1)` seeing keys `[0, min(r1, lk))` (key j > query i is masked).
+pub(crate) fn query_blocks(lq: usize, lk: usize, causal: bool) -> Vec<(usize, usize, usize)> {
+    if !causal || lq < 2 * MIN_QUERY_BLOCK {
+        return vec![(0, lq, lk)];
+    }
+    let size = lq
+        .div_ceil(MAX_QUERY_BLOCKS)
+        .next_multiple_of(MIN_QUERY_BLOCK);
+    (0..lq)
+        .step_by(size)
+        .map(|r0| {
+            let r1 = (r0 + size).min(lq);
+            (r0, r1, r1.min(lk))
+        })
+        .collect()
+}
 
 fn blas_error(op: &'static str, e: CublasError) -> KernelError {
     if e.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED {
@@ -180,6 +216,7 @@ impl CudaBackend {
         let chunk = (ATTENTION_SCORES_BUDGET_BYTES / (per_batch * 4)).clamp(1, batch);
         // d = 0 has no scale to speak of; the scores are all 0 then anyway.
         let scale = 1.0f32 / (d.max(1) as f32).sqrt();
+        let blocks = query_blocks(lq, lk, causal);
         let mut scores = self.alloc(OP, DType::F32, chunk * per_batch)?;
         let mut probs = match dtype {
             DType::F32 => None,
@@ -213,30 +250,32 @@ impl CudaBackend {
                     memset_raw(&self.stream, ps, rows * lk * 4, 0)
                         .map_err(|e| driver_error(OP, e))?;
                 } else {
-                    for run in uniform_runs(&[&plan.q_offsets, &plan.k_offsets], c0..c1) {
-                        let g = Gemm {
-                            trans_a: true,
-                            trans_b: false,
-                            m: lk as i64,
-                            n: lq as i64,
-                            k: d as i64,
-                            alpha: scale,
-                            beta: 0.0,
-                            a: pk + plan.k_offsets[run.start] as u64 * es,
-                            a_type: t,
-                            lda: d as i64,
-                            stride_a: run.steps[1] as i64,
-                            b: pq + plan.q_offsets[run.start] as u64 * es,
-                            b_type: t,
-                            ldb: d as i64,
-                            stride_b: run.steps[0] as i64,
-                            c: ps + ((run.start - c0) * per_batch * 4) as u64,
-                            c_type: GemmType::F32,
-                            ldc: lk as i64,
-                            stride_c: per_batch as i64,
-                            batch: run.len as i64,
-                        };
-                        gemm(&blas, &g).map_err(|e| blas_error(OP, e))?;
+                    for &(r0, r1, keys) in &blocks {
+                        for run in uniform_runs(&[&plan.q_offsets, &plan.k_offsets], c0..c1) {
+                            let g = Gemm {
+                                trans_a: true,
+                                trans_b: false,
+                                m: keys as i64,
+                                n: (r1 - r0) as i64,
+                                k: d as i64,
+                                alpha: scale,
+                                beta: 0.0,
+                                a: pk + plan.k_offsets[run.start] as u64 * es,
+                                a_type: t,
+                                lda: d as i64,
+                                stride_a: run.steps[1] as i64,
+                                b: pq + (plan.q_offsets[run.start] + r0 * d) as u64 * es,
+                                b_type: t,
+                                ldb: d as i64,
+                                stride_b: run.steps[0] as i64,
+                                c: ps + ((run.start - c0) * per_batch + r0 * lk) as u64 * 4,
+                                c_type: GemmType::F32,
+                                ldc: lk as i64,
+                                stride_c: per_batch as i64,
+                                batch: run.len as i64,
+                            };
+                            gemm(&blas, &g).map_err(|e| blas_error(OP, e))?;
+                        }
                     }
                 }
                 // 2. probabilities (masked, stable softmax), in the dtype.
@@ -254,30 +293,32 @@ impl CudaBackend {
                         self.dev.row_grid(rows as u64),
                     )?;
                 // 3. out = p·v: per batch, the column-major dv×lq matrix Vᵀ·Pᵀ.
-                for run in uniform_runs(&[&plan.v_offsets], c0..c1) {
-                    let g = Gemm {
-                        trans_a: false,
-                        trans_b: false,
-                        m: dv as i64,
-                        n: lq as i64,
-                        k: lk as i64,
-                        alpha: 1.0,
-                        beta: 0.0,
-                        a: pv + plan.v_offsets[run.start] as u64 * es,
-                        a_type: t,
-                        lda: dv as i64,
-                        stride_a: run.steps[0] as i64,
-                        b: pp + ((run.start - c0) * per_batch) as u64 * es,
-                        b_type: t,
-                        ldb: lk as i64,
-                        stride_b: per_batch as i64,
-                        c: po + (run.start * lq * dv) as u64 * es,
-                        c_type: t,
-                        ldc: dv as i64,
-                        stride_c: (lq * dv) as i64,
-                        batch: run.len as i64,
-                    };
-                    gemm(&blas, &g).map_err(|e| blas_error(OP, e))?;
+                for &(r0, r1, keys) in &blocks {
+                    for run in uniform_runs(&[&plan.v_offsets], c0..c1) {
+                        let g = Gemm {
+                            trans_a: false,
+                            trans_b: false,
+                            m: dv as i64,
+                            n: (r1 - r0) as i64,
+                            k: keys as i64,
+                            alpha: 1.0,
+                            beta: 0.0,
+                            a: pv + plan.v_offsets[run.start] as u64 * es,
+                            a_type: t,
+                            lda: dv as i64,
+                            stride_a: run.steps[0] as i64,
+                            b: pp + ((run.start - c0) * per_batch + r0 * lk) as u64 * es,
+                            b_type: t,
+                            ldb: lk as i64,
+                            stride_b: per_batch as i64,
+                            c: po + (run.start * lq * dv + r0 * dv) as u64 * es,
+                            c_type: t,
+                            ldc: dv as i64,
+                            stride_c: (lq * dv) as i64,
+                            batch: run.len as i64,
+                        };
+                        gemm(&blas, &g).map_err(|e| blas_error(OP, e))?;
+                    }
                 }
                 c0 = c1;
             }
@@ -289,6 +330,29 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causal_query_blocks_cover_every_query_once() {
+        assert_eq!(query_blocks(2048, 2048, false), vec![(0, 2048, 2048)]);
+        assert_eq!(query_blocks(100, 100, true), vec![(0, 100, 100)]);
+        let b = query_blocks(2048, 2048, true);
+        assert_eq!(b.len(), MAX_QUERY_BLOCKS);
+        assert_eq!(b[0], (0, 256, 256));
+        assert_eq!(b[7], (1792, 2048, 2048));
+        for (lq, lk) in [(130, 200), (300, 300), (200, 70), (1000, 3), (129, 129)] {
+            let b = query_blocks(lq, lk, true);
+            assert!(b.len() > 1, "{lq}x{lk}");
+            let mut next = 0;
+            for &(r0, r1, keys) in &b {
+                assert_eq!(r0, next);
+                assert!(r1 > r0 && r1 - r0 >= MIN_QUERY_BLOCK.min(lq - r0));
+                // Every key a row of the block may see, and none past lk.
+                assert_eq!(keys, r1.min(lk));
+                next = r1;
+            }
+            assert_eq!(next, lq);
+        }
+    }
 
     #[test]
     fn uniform_offsets_make_one_run() {
