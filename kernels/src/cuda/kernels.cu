@@ -588,6 +588,31 @@ __device__ __forceinline__ typename Op::A block_reduce(typename Op::A v) {
   return r;
 }
 
+// As block_reduce, for the float ops (FSum, FMax) of the row kernels: warp
+// shuffles, then one shared slot per warp, so a row costs two barriers
+// rather than one per halving step. Every thread gets the result; ends with
+// a barrier so the call can be repeated.
+template <typename Op>
+__device__ __forceinline__ float block_reduce_f(float v) {
+  __shared__ float sh[BLOCK / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = Op::comb(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  v = sh[lane < BLOCK / 32 ? lane : 0];
+#pragma unroll
+  for (int o = BLOCK / 64; o > 0; o >>= 1) v = Op::comb(v, __shfl_xor_sync(0xffffffffu, v, o));
+  v = __shfl_sync(0xffffffffu, v, 0);
+  __syncthreads();
+  return v;
+}
+
+// Row kernels keep a row in registers when it has at most ROW_CACHE * BLOCK
+// elements (8192): thread t holds elements t, t + BLOCK, ... so each pass
+// after the first reads registers, not memory, and loads stay coalesced.
+#define ROW_CACHE 32
+
 // [rows, len] contiguous, reduced over len: one block per row.
 template <typename T, typename Op>
 __device__ __forceinline__ void reduce_rows_impl(u64 rows, u64 len, const T* __restrict__ x,
@@ -630,15 +655,45 @@ __device__ __forceinline__ float softmax_shift(float m) {
 template <typename T>
 __device__ __forceinline__ void softmax_rows_impl(u64 rows, u64 len, const T* __restrict__ x,
                                                   T* __restrict__ out) {
+  if (len <= (u64)ROW_CACHE * BLOCK) {
+    for (u64 r = blockIdx.x; r < rows; r += gridDim.x) {
+      const T* row = x + r * len;
+      T* orow = out + r * len;
+      float v[ROW_CACHE];
+      float m = neg_inf();
+#pragma unroll
+      for (int k = 0; k < ROW_CACHE; ++k) {
+        const u64 j = threadIdx.x + (u64)k * BLOCK;
+        v[k] = j < len ? Ty<T>::to_f(row[j]) : neg_inf();
+        m = kmax(m, v[k]);
+      }
+      m = softmax_shift(block_reduce_f<FMax>(m));
+      float s = 0.0f;
+#pragma unroll
+      for (int k = 0; k < ROW_CACHE; ++k) {
+        if (threadIdx.x + (u64)k * BLOCK < len) {
+          v[k] = expf(v[k] - m);
+          s += v[k];
+        }
+      }
+      s = block_reduce_f<FSum>(s);
+#pragma unroll
+      for (int k = 0; k < ROW_CACHE; ++k) {
+        const u64 j = threadIdx.x + (u64)k * BLOCK;
+        if (j < len) orow[j] = Ty<T>::from_f(v[k] / s);
+      }
+    }
+    return;
+  }
   for (u64 r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* row = x + r * len;
     T* orow = out + r * len;
     float m = neg_inf();
     for (u64 j = threadIdx.x; j < len; j += BLOCK) m = kmax(m, Ty<T>::to_f(row[j]));
-    m = softmax_shift(block_reduce<FMax>(m));
+    m = softmax_shift(block_reduce_f<FMax>(m));
     float s = 0.0f;
     for (u64 j = threadIdx.x; j < len; j += BLOCK) s += expf(Ty<T>::to_f(row[j]) - m);
-    s = block_reduce<FSum>(s);
+    s = block_reduce_f<FSum>(s);
     for (u64 j = threadIdx.x; j < len; j += BLOCK) {
       orow[j] = Ty<T>::from_f(expf(Ty<T>::to_f(row[j]) - m) / s);
     }
@@ -679,10 +734,10 @@ __device__ __forceinline__ void attn_softmax_impl(u64 rows, u64 lq, u64 lk, int 
     T* prow = p + r * lk;
     float m = neg_inf();
     for (u64 j = threadIdx.x; j < valid; j += BLOCK) m = kmax(m, srow[j]);
-    m = block_reduce<FMax>(m);
+    m = block_reduce_f<FMax>(m);
     float sum = 0.0f;
     for (u64 j = threadIdx.x; j < valid; j += BLOCK) sum += expf(srow[j] - m);
-    sum = block_reduce<FSum>(sum);
+    sum = block_reduce_f<FSum>(sum);
     for (u64 j = threadIdx.x; j < lk; j += BLOCK) {
       const float e = j < valid ? expf(srow[j] - m) / sum : 0.0f;
       prow[j] = Ty<T>::from_f(e);
@@ -697,18 +752,53 @@ __device__ __forceinline__ void layer_norm_impl(u64 rows, u64 cols, const T* __r
                                                 const T* __restrict__ gamma,
                                                 const T* __restrict__ beta, float eps,
                                                 T* __restrict__ out) {
+  if (cols <= (u64)ROW_CACHE * BLOCK) {
+    for (u64 r = blockIdx.x; r < rows; r += gridDim.x) {
+      const T* row = x + r * cols;
+      T* orow = out + r * cols;
+      float v[ROW_CACHE];
+      float s = 0.0f;
+#pragma unroll
+      for (int k = 0; k < ROW_CACHE; ++k) {
+        const u64 j = threadIdx.x + (u64)k * BLOCK;
+        v[k] = j < cols ? Ty<T>::to_f(row[j]) : 0.0f;
+        s += v[k];
+      }
+      const float mean = block_reduce_f<FSum>(s) / (float)cols;
+      float var = 0.0f;
+#pragma unroll
+      for (int k = 0; k < ROW_CACHE; ++k) {
+        if (threadIdx.x + (u64)k * BLOCK < cols) {
+          const float d = v[k] - mean;
+          var += d * d;
+        }
+      }
+      const float inv = 1.0f / sqrtf(block_reduce_f<FSum>(var) / (float)cols + eps);
+#pragma unroll
+      for (int k = 0; k < ROW_CACHE; ++k) {
+        const u64 j = threadIdx.x + (u64)k * BLOCK;
+        if (j < cols) {
+          float y = (v[k] - mean) * inv;
+          if (gamma != nullptr) y *= Ty<T>::to_f(gamma[j]);
+          if (beta != nullptr) y += Ty<T>::to_f(beta[j]);
+          orow[j] = Ty<T>::from_f(y);
+        }
+      }
+    }
+    return;
+  }
   for (u64 r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* row = x + r * cols;
     T* orow = out + r * cols;
     float s = 0.0f;
     for (u64 j = threadIdx.x; j < cols; j += BLOCK) s += Ty<T>::to_f(row[j]);
-    const float mean = block_reduce<FSum>(s) / (float)cols;
+    const float mean = block_reduce_f<FSum>(s) / (float)cols;
     float v = 0.0f;
     for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
       const float d = Ty<T>::to_f(row[j]) - mean;
       v += d * d;
     }
-    const float var = block_reduce<FSum>(v) / (float)cols;
+    const float var = block_reduce_f<FSum>(v) / (float)cols;
     const float inv = 1.0f / sqrtf(var + eps);
     for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
       float y = (Ty<T>::to_f(row[j]) - mean) * inv;
@@ -731,7 +821,7 @@ __device__ __forceinline__ void rms_norm_impl(u64 rows, u64 cols, const T* __res
       const float v = Ty<T>::to_f(row[j]);
       s += v * v;
     }
-    const float ms = block_reduce<FSum>(s) / (float)cols;
+    const float ms = block_reduce_f<FSum>(s) / (float)cols;
     const float inv = 1.0f / sqrtf(ms + eps);
     for (u64 j = threadIdx.x; j < cols; j += BLOCK) {
       float y = Ty<T>::to_f(row[j]) * inv;

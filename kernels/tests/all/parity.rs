@@ -654,6 +654,10 @@ fn parity_softmax_every_float_dtype_and_axis() {
         (&[4, 7], &[-1, 0]),
         (&[2, 3, 5], &[0, 1, 2]),
         (&[3, 1000], &[1]),
+        // Rows of up to 8192 elements are kept in registers; longer ones
+        // are read once per pass.
+        (&[3, 8192], &[1]),
+        (&[2, 8193], &[-1]),
         (&[1000, 3], &[0]),
         (&[5], &[0]),
         (&[2, 0, 3], &[1, 2]),
@@ -697,7 +701,16 @@ fn parity_softmax_every_float_dtype_and_axis() {
 fn parity_norms_with_and_without_parameters() {
     let mut cx = Ctx::new();
     for dtype in FLOATS {
-        for dims in [&[5, 16][..], &[3, 4, 300], &[7], &[2, 1], &[0, 8], &[3, 0]] {
+        for dims in [
+            &[5, 16][..],
+            &[3, 4, 300],
+            &[7],
+            &[2, 1],
+            &[0, 8],
+            &[3, 0],
+            &[3, 8192],
+            &[2, 8200],
+        ] {
             let cols = *dims.last().unwrap();
             let (cx_, gx) = cx.input(dtype, dims, Dist::Small);
             let (cg, gg) = cx.input(dtype, &[cols], Dist::Small);
@@ -948,6 +961,11 @@ fn parity_attention_causal_and_not() {
         (&[6, 8], &[3, 8], &[3, 8]),
         (&[3, 16], &[9, 16], &[9, 16]),
         (&[4, 130, 64], &[4, 200, 64], &[4, 200, 64]),
+        // Long enough that causal attention runs in query blocks, with
+        // fewer, equal and more keys than queries.
+        (&[300, 32], &[300, 32], &[300, 16]),
+        (&[2, 200, 32], &[2, 70, 32], &[2, 70, 24]),
+        (&[2, 2, 129, 16], &[2, 2, 500, 16], &[2, 2, 500, 16]),
         (&[0, 8], &[4, 8], &[4, 2]),
         (&[0, 3, 4, 8], &[4, 8], &[4, 2]),
         (&[3, 8], &[0, 8], &[0, 2]),
