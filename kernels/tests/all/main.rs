@@ -6,10 +6,13 @@
 //! - `dtype_rules`: DESIGN.md §3's dtype rules as explicit examples;
 //! - `errors`: every error path, its variant and ABI code; hostile inputs
 //!   never panic; operands are never modified;
-//! - `parity` (feature `cuda`): the CUDA backend against the CPU backend.
+//! - `parity` (feature `cuda`): the CUDA backend against the CPU backend;
+//! - `devices` (feature `cuda`): discovery on a real GPU machine.
 //!
 //! Shared helpers (host tensors, random inputs, comparisons) are in `util`.
 
+#[cfg(feature = "cuda")]
+mod devices;
 mod dtype_rules;
 mod errors;
 mod ops;
