@@ -98,6 +98,36 @@ fn cpu_description(backend: &CpuBackend) -> DeviceDescription {
     }
 }
 
+/// What the CUDA device is: CUDA's UUID and memory, with NVML's name, UUID
+/// and MIG profile when discovery knows the device (matched by UUID, never
+/// by index: see `tensor_wasm_kernels::discovery`).
+#[cfg(feature = "cuda")]
+fn cuda_description(base: &tensor_wasm_kernels::cuda::CudaBackend) -> DeviceDescription {
+    let uuid = base
+        .uuid()
+        .map_err(|e| tracing::warn!(error = %e, "cannot read the CUDA device's UUID"))
+        .ok();
+    let nvml = uuid.as_deref().and_then(|u| {
+        tensor_wasm_kernels::discovery::discover_system()
+            .into_iter()
+            .find(|d| d.has_cuda_uuid(u))
+    });
+    let memory_total = base
+        .memory_total()
+        .map_err(|e| tracing::warn!(error = %e, "cannot read the CUDA device's memory"))
+        .unwrap_or(0);
+    DeviceDescription {
+        kind: "cuda".into(),
+        name: nvml
+            .as_ref()
+            .map_or_else(|| base.device_name(), |d| d.name.clone()),
+        uuid: nvml.as_ref().map(|d| d.uuid.clone()).or(uuid),
+        mig_profile: nvml.and_then(|d| d.mig_profile),
+        memory_total,
+        memory_used: 0,
+    }
+}
+
 /// The backend factory and device description for `choice`.
 pub fn open_device(
     choice: DeviceChoice,
@@ -114,14 +144,7 @@ pub fn open_device(
         if let Some(n) = ordinal {
             match CudaBackend::new(n, limits) {
                 Ok(base) => {
-                    let description = DeviceDescription {
-                        kind: "cuda".into(),
-                        name: base.device_name(),
-                        uuid: None,
-                        mig_profile: None,
-                        memory_total: 0,
-                        memory_used: 0,
-                    };
+                    let description = cuda_description(&base);
                     let base = Arc::new(base);
                     let factory: BackendFactory = Arc::new(move || {
                         base.new_stream_backend()

@@ -113,6 +113,31 @@ impl DeviceInfo {
     pub fn cuda_visible_devices(&self) -> &str {
         &self.uuid
     }
+
+    /// Whether this is the device whose UUID CUDA reports as `hex` (the
+    /// 16 bytes in NVML's `8-4-4-4-12` text form, without the `GPU-` or
+    /// `MIG-` prefix NVML adds; any case).
+    pub fn has_cuda_uuid(&self, hex: &str) -> bool {
+        let own = self
+            .uuid
+            .strip_prefix("GPU-")
+            .or_else(|| self.uuid.strip_prefix("MIG-"))
+            .unwrap_or(&self.uuid);
+        own.eq_ignore_ascii_case(hex)
+    }
+}
+
+/// CUDA's 16 UUID bytes in NVML's text form without its prefix:
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lowercase.
+pub fn uuid_text(bytes: &[u8; 16]) -> String {
+    let mut out = String::with_capacity(36);
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
 }
 
 /// The first [`MIG_ID_HEX_DIGITS`] hex digits of `s`, lowercased, skipping
@@ -574,6 +599,38 @@ mod tests {
             current: true,
             pending: true,
         })
+    }
+
+    #[test]
+    fn cuda_uuids_match_nvml_names() {
+        let bytes: [u8; 16] = [
+            0x9a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f, 0x60, 0x71, 0x82, 0x93, 0xa4, 0xb5, 0xc6, 0xd7,
+            0xe8, 0xf9,
+        ];
+        let text = uuid_text(&bytes);
+        assert_eq!(text, "9a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9");
+        let mut split = gpu(1);
+        split.mig_mode = mig_enabled();
+        split.slots = vec![(
+            2,
+            mig(
+                "MIG-9A1B2C3D-4E5F-6071-8293-A4B5C6D7E8F9",
+                "1g.18gb",
+                17 * GIB,
+            ),
+        )];
+        let devices = discover(&FakeNvml {
+            count: None,
+            gpus: vec![gpu(0), split],
+        })
+        .unwrap();
+        let found: Vec<_> = devices.iter().filter(|d| d.has_cuda_uuid(&text)).collect();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].kind, DeviceKind::MigSlice);
+        assert_eq!(found[0].mig_profile.as_deref(), Some("1g.18gb"));
+        let whole = &devices[0];
+        let own = whole.uuid.strip_prefix("GPU-").unwrap();
+        assert!(whole.has_cuda_uuid(own) && !whole.has_cuda_uuid(&text));
     }
 
     #[test]

@@ -211,6 +211,24 @@ impl CudaBackend {
         self.dev.used_bytes.load(Ordering::Relaxed)
     }
 
+    /// The device's UUID as CUDA reports it (a MIG slice's own, inside a
+    /// process bound to one), in the text form of
+    /// [`discovery::uuid_text`](crate::discovery::uuid_text), to match with
+    /// NVML's devices ([`DeviceInfo::has_cuda_uuid`](crate::discovery::DeviceInfo::has_cuda_uuid)).
+    pub fn uuid(&self) -> Result<String> {
+        let u = self.dev.ctx.uuid().map_err(|e| driver_error("device", e))?;
+        Ok(crate::discovery::uuid_text(&u.bytes.map(|b| b as u8)))
+    }
+
+    /// The device's memory, bytes (a MIG slice's own).
+    pub fn memory_total(&self) -> Result<u64> {
+        self.dev
+            .ctx
+            .total_mem()
+            .map(|b| b as u64)
+            .map_err(|e| driver_error("device", e))
+    }
+
     /// Bytes the device's memory pool reserves from the driver: in use, or
     /// freed and kept for reuse.
     pub fn memory_reserved(&self) -> Result<u64> {
