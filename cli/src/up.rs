@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+use tensor_wasm_kernels::discovery::DeviceInfo;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
@@ -170,23 +171,11 @@ impl Supervisor {
     fn spawn_executor(&self, spec: &ExecutorSpec) -> anyhow::Result<Child> {
         let binary = spec.binary.clone().unwrap_or_else(|| self.me.clone());
         let log = self.log_file(&spec.id)?;
-        let mut cmd = Command::new(&binary);
-        cmd.arg("executor")
-            .arg("--id")
-            .arg(&spec.id)
-            .arg("--device")
-            .arg(&spec.device)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", spec.port))
-            .arg("--state-dir")
-            .arg(self.state.join("executors").join(&spec.id))
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+        let mut cmd = executor_command(&binary, &self.state, spec);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        if let Some(uuid) = &spec.cuda_visible_devices {
-            cmd.env("CUDA_VISIBLE_DEVICES", uuid);
-        }
         crate::sys::die_with_parent(&mut cmd);
         cmd.spawn()
             .with_context(|| format!("cannot start {} executor", binary.display()))
@@ -385,15 +374,26 @@ fn plan(args: &Args, saved: Saved) -> anyhow::Result<Vec<ExecutorSpec>> {
     } else {
         tensor_wasm_kernels::discovery::discover_system()
     };
+    specs_for(&gpus, args.cpu_executors, free_port)
+}
+
+/// One executor per discovered GPU or MIG slice, bound to it by UUID; or
+/// `cpu_executors` CPU executors (at least one) when there is none. Ports
+/// come from `port`.
+fn specs_for(
+    gpus: &[DeviceInfo],
+    cpu_executors: usize,
+    mut port: impl FnMut() -> anyhow::Result<u16>,
+) -> anyhow::Result<Vec<ExecutorSpec>> {
     let mut specs = Vec::new();
     if gpus.is_empty() {
-        for i in 0..args.cpu_executors.max(1) {
+        for i in 0..cpu_executors.max(1) {
             specs.push(ExecutorSpec {
                 id: format!("cpu{i}"),
                 device: "cpu".into(),
                 cuda_visible_devices: None,
                 binary: None,
-                port: free_port()?,
+                port: port()?,
             });
         }
     } else {
@@ -403,11 +403,32 @@ fn plan(args: &Args, saved: Saved) -> anyhow::Result<Vec<ExecutorSpec>> {
                 device: "cuda".into(),
                 cuda_visible_devices: Some(gpu.cuda_visible_devices().to_string()),
                 binary: None,
-                port: free_port()?,
+                port: port()?,
             });
         }
     }
     Ok(specs)
+}
+
+/// The command that starts `spec`'s executor with `binary`: its id,
+/// device, loopback port and state directory under `state`, and for a GPU
+/// or MIG slice `CUDA_VISIBLE_DEVICES=<uuid>`, so the process sees exactly
+/// that device, as CUDA ordinal 0.
+fn executor_command(binary: &Path, state: &Path, spec: &ExecutorSpec) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("executor")
+        .arg("--id")
+        .arg(&spec.id)
+        .arg("--device")
+        .arg(&spec.device)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", spec.port))
+        .arg("--state-dir")
+        .arg(state.join("executors").join(&spec.id));
+    if let Some(uuid) = &spec.cuda_visible_devices {
+        cmd.env("CUDA_VISIBLE_DEVICES", uuid);
+    }
+    cmd
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -871,5 +892,104 @@ pub fn control_request(state: &Path, req: &Request) -> anyhow::Result<serde_json
             "{}",
             v["error"].as_str().unwrap_or("control request failed")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tensor_wasm_kernels::discovery::DeviceKind;
+
+    fn device(kind: DeviceKind, index: u32, uuid: &str, profile: Option<&str>) -> DeviceInfo {
+        DeviceInfo {
+            kind,
+            gpu_index: index,
+            uuid: uuid.into(),
+            name: "NVIDIA H200".into(),
+            mig_profile: profile.map(Into::into),
+            memory_total: 1 << 30,
+            memory_used: 0,
+            parent_uuid: (kind == DeviceKind::MigSlice).then(|| "GPU-parent".into()),
+        }
+    }
+
+    #[test]
+    fn every_gpu_and_mig_slice_gets_an_executor_bound_by_uuid() {
+        let gpus = [
+            device(
+                DeviceKind::Gpu,
+                0,
+                "GPU-0aaaaaaa-1111-2222-3333-444444444444",
+                None,
+            ),
+            device(
+                DeviceKind::MigSlice,
+                1,
+                "MIG-3f2a9c1e-aaaa-5b6c-8d9e-0123456789ab",
+                Some("1g.18gb"),
+            ),
+            device(
+                DeviceKind::MigSlice,
+                1,
+                "MIG-0b1c2d3e-bbbb-5b6c-8d9e-0123456789ab",
+                Some("3g.71gb"),
+            ),
+        ];
+        let mut next = 7000;
+        let specs = specs_for(&gpus, 2, || {
+            next += 1;
+            Ok(next)
+        })
+        .unwrap();
+        let ids: Vec<_> = specs.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["gpu0", "mig-3f2a9c1e", "mig-0b1c2d3e"]);
+        for (spec, gpu) in specs.iter().zip(&gpus) {
+            assert_eq!(spec.device, "cuda");
+            assert_eq!(
+                spec.cuda_visible_devices.as_deref(),
+                Some(gpu.uuid.as_str())
+            );
+            let cmd = executor_command(Path::new("/bin/tw"), Path::new("/state"), spec);
+            let env: Vec<_> = cmd.get_envs().collect();
+            assert_eq!(
+                env,
+                [(
+                    std::ffi::OsStr::new("CUDA_VISIBLE_DEVICES"),
+                    Some(std::ffi::OsStr::new(&gpu.uuid))
+                )]
+            );
+            let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+            assert_eq!(
+                args,
+                [
+                    "executor".to_string(),
+                    "--id".into(),
+                    spec.id.clone(),
+                    "--device".into(),
+                    "cuda".into(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{}", spec.port),
+                    "--state-dir".into(),
+                    format!("/state/executors/{}", spec.id),
+                ]
+            );
+        }
+        let ports: std::collections::BTreeSet<_> = specs.iter().map(|s| s.port).collect();
+        assert_eq!(ports.len(), 3);
+    }
+
+    #[test]
+    fn no_gpu_means_cpu_executors_with_no_device_binding() {
+        let specs = specs_for(&[], 2, || Ok(7000)).unwrap();
+        let ids: Vec<_> = specs.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["cpu0", "cpu1"]);
+        assert!(
+            specs
+                .iter()
+                .all(|s| s.device == "cpu" && s.cuda_visible_devices.is_none())
+        );
+        let cmd = executor_command(Path::new("tw"), Path::new("/s"), &specs[0]);
+        assert_eq!(cmd.get_envs().count(), 0);
+        assert_eq!(specs_for(&[], 0, || Ok(1)).unwrap().len(), 1);
     }
 }
