@@ -16,9 +16,10 @@
 //! Causal attention skips the masked half: queries go in blocks
 //! ([`query_blocks`]), and block `[r0, r1)` multiplies only by keys
 //! `[0, r1)`, the only ones its rows may see. The softmax never reads the
-//! scores past a row's last visible key and writes probability 0 there, so
-//! the scores left unwritten are never used and the second GEMM, also cut
-//! at `r1` keys, sums exactly the same terms.
+//! scores past a row's last visible key and writes probability 0 from there
+//! to the end of its block's keys, so the scores left unwritten are never
+//! used and the second GEMM, also cut at `r1` keys, sums exactly the same
+//! terms.
 
 use std::ops::Range;
 
@@ -50,12 +51,18 @@ const MAX_QUERY_BLOCKS: usize = 8;
 
 /// The query blocks `[r0, r1)` of attention over `lq` queries and `lk`
 /// keys, each with the number of keys its rows may see: one block with
-/// every key unless `causal`; else blocks of at least [`MIN_QUERY_BLOCK`]
-/// rows (a multiple of it), at most [`MAX_QUERY_BLOCKS`] of them, block
-/// `[r0, r1)` seeing keys `[0, min(r1, lk))` (key j > query i is masked).
+/// every key unless `causal`; else block `[r0, r1)` sees keys
+/// `[0, min(r1, lk))` (key j > query i is masked), in blocks of a multiple
+/// of [`MIN_QUERY_BLOCK`] rows, at most [`MAX_QUERY_BLOCKS`] of them (one
+/// block below `2 × MIN_QUERY_BLOCK` queries). Every block but the last has
+/// the same size, which the softmax kernel relies on.
 pub(crate) fn query_blocks(lq: usize, lk: usize, causal: bool) -> Vec<(usize, usize, usize)> {
-    if !causal || lq < 2 * MIN_QUERY_BLOCK {
+    if !causal {
         return vec![(0, lq, lk)];
+    }
+    if lq < 2 * MIN_QUERY_BLOCK {
+        // One block; its last query sees keys [0, lq) at most.
+        return vec![(0, lq, lq.min(lk))];
     }
     let size = lq
         .div_ceil(MAX_QUERY_BLOCKS)
@@ -217,6 +224,8 @@ impl CudaBackend {
         // d = 0 has no scale to speak of; the scores are all 0 then anyway.
         let scale = 1.0f32 / (d.max(1) as f32).sqrt();
         let blocks = query_blocks(lq, lk, causal);
+        // Every block but the last has this many rows (see query_blocks).
+        let qblock = blocks[0].1.max(1);
         let mut scores = self.alloc(OP, DType::F32, chunk * per_batch)?;
         let mut probs = match dtype {
             DType::F32 => None,
@@ -283,6 +292,7 @@ impl CudaBackend {
                     .usize(rows)
                     .usize(lq)
                     .usize(lk)
+                    .usize(qblock)
                     .i32(i32::from(causal))
                     .raw(ps)
                     .raw(pp)
@@ -335,6 +345,9 @@ mod tests {
     fn causal_query_blocks_cover_every_query_once() {
         assert_eq!(query_blocks(2048, 2048, false), vec![(0, 2048, 2048)]);
         assert_eq!(query_blocks(100, 100, true), vec![(0, 100, 100)]);
+        assert_eq!(query_blocks(5, 7, true), vec![(0, 5, 5)]);
+        assert_eq!(query_blocks(6, 3, true), vec![(0, 6, 3)]);
+        assert_eq!(query_blocks(5, 7, false), vec![(0, 5, 7)]);
         let b = query_blocks(2048, 2048, true);
         assert_eq!(b.len(), MAX_QUERY_BLOCKS);
         assert_eq!(b[0], (0, 256, 256));

@@ -723,13 +723,18 @@ __device__ __forceinline__ void softmax_cols_impl(u64 outer, u64 len, u64 inner,
 // (already scaled); row r is query r % lq. With `causal`, key j > query i is
 // masked out (probability 0). Writes p in T; for T = f32, p may alias s
 // (each thread reads its own elements before writing them, and the block
-// barriers separate the reading passes from the writing one).
+// barriers separate the reading passes from the writing one). Queries go in
+// blocks of `qblock` rows (lq when not causal); the row of query i is
+// written up to the end of its block's visible keys, min(lk, (i / qblock +
+// 1) * qblock), the columns the block's p·v reads; the rest stays unwritten.
 template <typename T>
-__device__ __forceinline__ void attn_softmax_impl(u64 rows, u64 lq, u64 lk, int causal,
-                                                  const float* s, T* p) {
+__device__ __forceinline__ void attn_softmax_impl(u64 rows, u64 lq, u64 lk, u64 qblock,
+                                                  int causal, const float* s, T* p) {
   for (u64 r = blockIdx.x; r < rows; r += gridDim.x) {
     const u64 qi = r % lq;
     const u64 valid = (causal && qi + 1 < lk) ? qi + 1 : lk;
+    const u64 block_end = (qi / qblock + 1) * qblock;
+    const u64 written = (causal && block_end < lk) ? block_end : lk;
     const float* srow = s + r * lk;
     T* prow = p + r * lk;
     float m = neg_inf();
@@ -738,7 +743,7 @@ __device__ __forceinline__ void attn_softmax_impl(u64 rows, u64 lq, u64 lk, int 
     float sum = 0.0f;
     for (u64 j = threadIdx.x; j < valid; j += BLOCK) sum += expf(srow[j] - m);
     sum = block_reduce_f<FSum>(sum);
-    for (u64 j = threadIdx.x; j < lk; j += BLOCK) {
+    for (u64 j = threadIdx.x; j < written; j += BLOCK) {
       const float e = j < valid ? expf(srow[j] - m) / sum : 0.0f;
       prow[j] = Ty<T>::from_f(e);
     }
@@ -969,8 +974,9 @@ __device__ __forceinline__ void gather_impl(u64 count, u64 rows, u64 row_len, in
     rms_norm_impl<T>(rows, cols, x, gamma, eps, out);                                          \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(BLOCK)                                          \
-      attn_softmax_##T(u64 rows, u64 lq, u64 lk, int causal, const float* s, T* p) {           \
-    attn_softmax_impl<T>(rows, lq, lk, causal, s, p);                                          \
+      attn_softmax_##T(u64 rows, u64 lq, u64 lk, u64 qblock, int causal, const float* s,       \
+                       T* p) {                                                                 \
+    attn_softmax_impl<T>(rows, lq, lk, qblock, causal, s, p);                                  \
   }
 
 #define DEF_COPY(N, E)                                                                         \

@@ -148,7 +148,7 @@ pub(crate) fn signature(name: &str) -> Option<&'static [ArgKind]> {
         ("softmax_cols_", &[U64, U64, U64, Ptr, Ptr]),
         ("layer_norm_", &[U64, U64, Ptr, Ptr, Ptr, F32, Ptr]),
         ("rms_norm_", &[U64, U64, Ptr, Ptr, F32, Ptr]),
-        ("attn_softmax_", &[U64, U64, U64, I32, Ptr, Ptr]),
+        ("attn_softmax_", &[U64, U64, U64, U64, I32, Ptr, Ptr]),
         ("permute_", &[U64, U64, Dims, Dims, Ptr, Ptr]),
         ("concat_", &[U64, U64, U64, Ptr, Ptr, Ptr]),
         ("gather_", &[U64, U64, U64, I32, Ptr, Ptr, Ptr, Ptr]),
