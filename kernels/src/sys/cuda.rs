@@ -372,6 +372,35 @@ pub(crate) fn gemm(h: &BlasHandle, g: &Gemm) -> Result<(), blas_result::CublasEr
     }
     let alpha = g.alpha;
     let beta = g.beta;
+    if g.batch == 1 {
+        // One matrix: the plain GEMM entry point, the one callers of cuBLAS
+        // use directly, so its heuristics pick the same kernel for us.
+        // SAFETY: as below, for one matrix (strides unused).
+        return unsafe {
+            blas_sys::cublasGemmEx_64(
+                h.handle,
+                op(g.trans_a),
+                op(g.trans_b),
+                g.m,
+                g.n,
+                g.k,
+                (&alpha as *const f32).cast::<c_void>(),
+                g.a as *const c_void,
+                g.a_type.cuda(),
+                g.lda,
+                g.b as *const c_void,
+                g.b_type.cuda(),
+                g.ldb,
+                (&beta as *const f32).cast::<c_void>(),
+                g.c as *mut c_void,
+                g.c_type.cuda(),
+                g.ldc,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+            .result()
+        };
+    }
     // SAFETY: the handle is live and bound to its stream; alpha and beta are
     // host f32 values (pointer mode host, f32 compute type); the matrix
     // pointers, leading dimensions, strides and batch count describe memory
