@@ -25,6 +25,13 @@ pub const OCTET_STREAM: &str = "application/octet-stream";
 /// Most named inputs one request may carry.
 pub const MAX_INPUTS: usize = 1024;
 
+/// Most elements, over all outputs, a JSON answer may carry: 16 Mi, what a
+/// 64 MiB body of f32 holds. JSON takes up to ~25 bytes of text per float,
+/// so larger outputs are refused with `payload_too_large` and a pointer to
+/// safetensors, rather than held in memory as gigabytes of text (and kept
+/// that way for an async job's retention time).
+pub const MAX_JSON_OUTPUT_ELEMENTS: u64 = 16 << 20;
+
 /// The media type of a `Content-Type` or `Accept` value, without parameters.
 pub fn media_type(value: &str) -> &str {
     value.split(';').next().unwrap_or("").trim()
@@ -135,6 +142,9 @@ pub fn encode_response(
     }
     let wants_safetensors =
         accept.is_some_and(|a| a.split(',').any(|m| media_type(m) == SAFETENSORS));
+    if !wants_safetensors {
+        check_json_size(&resp.outputs)?;
+    }
     let mut tensors: Vec<(String, Tensor, Vec<u8>)> = Vec::with_capacity(resp.outputs.len());
     for (name, t) in resp.outputs {
         let bytes = backend.to_bytes(&t).map_err(ExecError::from)?;
@@ -172,6 +182,18 @@ pub fn encode_response(
     })
 }
 
+/// Refuses outputs too large for a JSON answer, before they are read back.
+fn check_json_size(outputs: &[(String, Tensor)]) -> Result<(), ExecError> {
+    let elements: u64 = outputs.iter().map(|(_, t)| t.numel() as u64).sum();
+    if elements > MAX_JSON_OUTPUT_ELEMENTS {
+        return Err(ExecError::PayloadTooLarge(format!(
+            "the outputs hold {elements} elements; a JSON answer holds at most \
+             {MAX_JSON_OUTPUT_ELEMENTS}: ask for application/x-safetensors"
+        )));
+    }
+    Ok(())
+}
+
 fn json_outputs(
     tensors: Vec<(String, Tensor, Vec<u8>)>,
 ) -> Result<BTreeMap<String, JsonTensor>, ExecError> {
@@ -190,6 +212,7 @@ pub fn to_invoke_response(
     resp: Response,
     backend: &dyn Backend,
 ) -> Result<InvokeResponse, ExecError> {
+    check_json_size(&resp.outputs)?;
     let mut tensors = Vec::with_capacity(resp.outputs.len());
     for (name, t) in resp.outputs {
         let bytes = backend.to_bytes(&t).map_err(ExecError::from)?;

@@ -3,22 +3,40 @@
 //! executor description of `/internal/info` and `/admin/executors`.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write as _;
 
 use half::{bf16, f16};
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::{Number, Value};
+use serde_json::value::RawValue;
 
 use crate::DType;
 
 /// A tensor in a JSON body: `{"dtype": "f32", "shape": [2, 3], "data": [...]}`,
 /// row-major, half floats as numbers, non-finite floats as the strings
 /// `"NaN"`, `"Infinity"`, `"-Infinity"`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// `data` is kept as the array's JSON text and decoded by
+/// [`JsonTensor::to_le_bytes`] once the dtype is known (the fields may come
+/// in any order), straight into bytes: a body costs about its own size in
+/// memory, never a JSON value per element (which would be 16 to 32 times
+/// the size of the text a client sent).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonTensor {
     pub dtype: DType,
     pub shape: Vec<u64>,
-    pub data: Vec<Value>,
+    pub data: Box<RawValue>,
+}
+
+impl PartialEq for JsonTensor {
+    /// Same dtype, shape and data text.
+    fn eq(&self, other: &Self) -> bool {
+        self.dtype == other.dtype
+            && self.shape == other.shape
+            && self.data.get() == other.data.get()
+    }
 }
 
 /// Why a JSON tensor cannot be decoded.
@@ -44,31 +62,198 @@ pub enum TensorCodecError {
         dtype: DType,
         shape: Vec<u64>,
     },
+    #[error("data is not a JSON array of numbers: {0}")]
+    NotAnArray(String),
 }
 
-fn float_value(v: &Value) -> Option<f64> {
-    match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => match s.as_str() {
-            "NaN" => Some(f64::NAN),
-            "Infinity" => Some(f64::INFINITY),
-            "-Infinity" => Some(f64::NEG_INFINITY),
+/// One element of a `data` array as JSON has it.
+#[derive(Clone, Copy, Debug)]
+enum Scalar<'a> {
+    Float(f64),
+    Int(i64),
+    Uint(u64),
+    Str(&'a str),
+    /// `true`, `null`, an array, an object, or an escaped string: never
+    /// valid; the name says which.
+    Other(&'static str),
+}
+
+impl Scalar<'_> {
+    fn float(self) -> Option<f64> {
+        match self {
+            Scalar::Float(x) => Some(x),
+            Scalar::Int(i) => Some(i as f64),
+            Scalar::Uint(u) => Some(u as f64),
+            Scalar::Str("NaN") => Some(f64::NAN),
+            Scalar::Str("Infinity") => Some(f64::INFINITY),
+            Scalar::Str("-Infinity") => Some(f64::NEG_INFINITY),
             _ => None,
-        },
-        _ => None,
+        }
+    }
+
+    /// An exact integer (a JSON number without fraction or exponent).
+    fn int(self) -> Option<i64> {
+        match self {
+            Scalar::Int(i) => Some(i),
+            Scalar::Uint(u) => i64::try_from(u).ok(),
+            _ => None,
+        }
+    }
+
+    fn uint(self) -> Option<u64> {
+        match self {
+            Scalar::Int(i) => u64::try_from(i).ok(),
+            Scalar::Uint(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    /// The element as an error message shows it.
+    fn describe(self) -> String {
+        match self {
+            Scalar::Float(x) => {
+                serde_json::Number::from_f64(x).map_or(x.to_string(), |n| n.to_string())
+            }
+            Scalar::Int(i) => i.to_string(),
+            Scalar::Uint(u) => u.to_string(),
+            Scalar::Str(s) => format!("{s:?}"),
+            Scalar::Other(what) => what.to_string(),
+        }
+    }
+
+    /// Appends the element as `dtype`, little-endian; `None` when it is not
+    /// a valid value of that dtype.
+    fn push(self, dtype: DType, out: &mut Vec<u8>) -> Option<()> {
+        match dtype {
+            DType::F32 => out.extend_from_slice(&(self.float()? as f32).to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&f16::from_f64(self.float()?).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&bf16::from_f64(self.float()?).to_le_bytes()),
+            DType::I32 => out.extend_from_slice(&i32::try_from(self.int()?).ok()?.to_le_bytes()),
+            DType::I64 => out.extend_from_slice(&self.int()?.to_le_bytes()),
+            DType::U8 => out.push(u8::try_from(self.uint()?).ok()?),
+        }
+        Some(())
     }
 }
 
-fn float_json(x: f64, shortest: String) -> Value {
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Scalar<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a number, \"NaN\", \"Infinity\" or \"-Infinity\"")
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Scalar::Float(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Scalar::Int(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Scalar::Uint(v))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(v))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        // Only a string with escapes is not borrowed; no valid one has any.
+        Ok(Scalar::Other("an escaped string"))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Scalar::Other("a boolean"))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Other("null"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Other("an array"))
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Scalar::Other("an object"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+}
+
+/// Decodes a `data` array into `out`, stopping at the first bad element or
+/// at the first element past `expected`; what stopped it is left in
+/// `failure`.
+struct Elements<'o> {
+    dtype: DType,
+    expected: u64,
+    out: &'o mut Vec<u8>,
+    count: usize,
+    failure: Option<TensorCodecError>,
+}
+
+impl<'de> Visitor<'de> for &mut Elements<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(v) = seq.next_element::<Scalar<'de>>()? {
+            if self.count as u64 == self.expected {
+                // More elements than the shape holds: count them all for the
+                // message, without storing any.
+                let mut got = self.count + 1;
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    got += 1;
+                }
+                self.count = got;
+                return Err(de::Error::custom("too many elements"));
+            }
+            if v.push(self.dtype, self.out).is_none() {
+                self.failure = Some(TensorCodecError::BadValue {
+                    index: self.count,
+                    value: v.describe(),
+                    dtype: self.dtype,
+                });
+                return Err(de::Error::custom("bad element"));
+            }
+            self.count += 1;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for &mut Elements<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+/// Appends `x` (a finite value) to `out` as JSON writes the `f64` read back
+/// from `shortest`, the narrow type's shortest round-trip text, so that
+/// 0.1f32 is written `0.1` rather than `0.10000000149011612`; non-finite
+/// values as their strings.
+fn write_float(out: &mut Vec<u8>, x: f64, shortest: impl fmt::Display) {
     if x.is_nan() {
-        Value::String("NaN".into())
+        out.extend_from_slice(b"\"NaN\"");
     } else if x.is_infinite() {
-        Value::String(if x > 0.0 { "Infinity" } else { "-Infinity" }.into())
+        out.extend_from_slice(if x > 0.0 {
+            b"\"Infinity\""
+        } else {
+            b"\"-Infinity\""
+        });
     } else {
-        // The narrow type's shortest round-trip text, read back as f64, so
-        // that 0.1f32 is written `0.1` rather than `0.10000000149011612`.
-        let v = shortest.parse::<f64>().unwrap_or(x);
-        Number::from_f64(v).map_or(Value::Null, Value::Number)
+        let v = shortest.to_string().parse::<f64>().unwrap_or(x);
+        // Writing a finite f64 into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &v);
     }
 }
 
@@ -84,52 +269,38 @@ impl JsonTensor {
 
     /// The elements as little-endian bytes. The element count must match
     /// the shape and stay within `max_elements`; integers must be exact and
-    /// in range.
+    /// in range. Decodes the array element by element into the result:
+    /// nothing is allocated beyond it (and never more than the data text
+    /// can hold).
     pub fn to_le_bytes(&self, max_elements: u64) -> Result<Vec<u8>, TensorCodecError> {
         let n = self.numel(max_elements)?;
-        if n != self.data.len() as u64 {
-            return Err(TensorCodecError::CountMismatch {
-                shape: self.shape.clone(),
-                expected: n,
-                got: self.data.len(),
-            });
+        let text = self.data.get();
+        // Every element takes at least two bytes of text ("0,").
+        let fits = (text.len() as u64 / 2 + 1).min(n);
+        let mut out = Vec::with_capacity(fits as usize * self.dtype.size());
+        let mut elements = Elements {
+            dtype: self.dtype,
+            expected: n,
+            out: &mut out,
+            count: 0,
+            failure: None,
+        };
+        let mut de = serde_json::Deserializer::from_str(text);
+        let decoded = (&mut elements).deserialize(&mut de);
+        if let Some(failure) = elements.failure.take() {
+            return Err(failure);
         }
-        let dtype = self.dtype;
-        let mut out = Vec::with_capacity(self.data.len() * dtype.size());
-        for (index, v) in self.data.iter().enumerate() {
-            let bad = || TensorCodecError::BadValue {
-                index,
-                value: v.to_string(),
-                dtype,
-            };
-            match dtype {
-                DType::F32 => {
-                    out.extend_from_slice(&(float_value(v).ok_or_else(bad)? as f32).to_le_bytes())
-                }
-                DType::F16 => out.extend_from_slice(
-                    &f16::from_f64(float_value(v).ok_or_else(bad)?).to_le_bytes(),
-                ),
-                DType::BF16 => out.extend_from_slice(
-                    &bf16::from_f64(float_value(v).ok_or_else(bad)?).to_le_bytes(),
-                ),
-                DType::I32 => {
-                    let x = v
-                        .as_i64()
-                        .and_then(|x| i32::try_from(x).ok())
-                        .ok_or_else(bad)?;
-                    out.extend_from_slice(&x.to_le_bytes())
-                }
-                DType::I64 => out.extend_from_slice(&v.as_i64().ok_or_else(bad)?.to_le_bytes()),
-                DType::U8 => {
-                    let x = v
-                        .as_u64()
-                        .and_then(|x| u8::try_from(x).ok())
-                        .ok_or_else(bad)?;
-                    out.push(x)
-                }
-            }
+        let mismatch = |got| TensorCodecError::CountMismatch {
+            shape: self.shape.clone(),
+            expected: n,
+            got,
+        };
+        match decoded {
+            Err(_) if elements.count as u64 > n => Err(mismatch(elements.count)),
+            Err(e) => Err(TensorCodecError::NotAnArray(e.to_string())),
+            Ok(()) if elements.count as u64 != n => Err(mismatch(elements.count)),
+            Ok(()) => Ok(out),
         }
-        Ok(out)
     }
 
     /// A JSON tensor from little-endian bytes.
@@ -146,38 +317,43 @@ impl JsonTensor {
                 shape,
             });
         }
-        let chunks = bytes.chunks_exact(dtype.size());
-        let data = match dtype {
-            DType::F32 => chunks
-                .map(|c| {
+        let mut text = Vec::with_capacity(2 + bytes.len() * 3);
+        text.push(b'[');
+        for (i, c) in bytes.chunks_exact(dtype.size()).enumerate() {
+            if i > 0 {
+                text.push(b',');
+            }
+            match dtype {
+                DType::F32 => {
                     let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    float_json(f64::from(x), x.to_string())
-                })
-                .collect(),
-            DType::F16 => chunks
-                .map(|c| {
+                    write_float(&mut text, f64::from(x), x);
+                }
+                DType::F16 => {
                     let x = f16::from_le_bytes([c[0], c[1]]);
-                    float_json(x.to_f64(), x.to_string())
-                })
-                .collect(),
-            DType::BF16 => chunks
-                .map(|c| {
+                    write_float(&mut text, x.to_f64(), x);
+                }
+                DType::BF16 => {
                     let x = bf16::from_le_bytes([c[0], c[1]]);
-                    float_json(x.to_f64(), x.to_string())
-                })
-                .collect(),
-            DType::I32 => chunks
-                .map(|c| Value::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-            DType::I64 => chunks
-                .map(|c| {
-                    Value::from(i64::from_le_bytes([
-                        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
-                    ]))
-                })
-                .collect(),
-            DType::U8 => bytes.iter().map(|&b| Value::from(b)).collect(),
-        };
+                    write_float(&mut text, x.to_f64(), x);
+                }
+                DType::I32 => {
+                    let _ = write!(text, "{}", i32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                }
+                DType::I64 => {
+                    let v = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                    let _ = write!(text, "{v}");
+                }
+                DType::U8 => {
+                    let _ = write!(text, "{}", c[0]);
+                }
+            }
+        }
+        text.push(b']');
+        // The text is ASCII JSON written above.
+        let text =
+            String::from_utf8(text).map_err(|e| TensorCodecError::NotAnArray(e.to_string()))?;
+        let data =
+            RawValue::from_string(text).map_err(|e| TensorCodecError::NotAnArray(e.to_string()))?;
         Ok(JsonTensor { dtype, shape, data })
     }
 }
@@ -277,11 +453,11 @@ pub struct ExecutorInfo {
 mod tests {
     use super::*;
 
-    fn t(dtype: DType, shape: &[u64], data: Value) -> JsonTensor {
+    fn t(dtype: DType, shape: &[u64], data: serde_json::Value) -> JsonTensor {
         JsonTensor {
             dtype,
             shape: shape.to_vec(),
-            data: serde_json::from_value(data).unwrap(),
+            data: RawValue::from_string(data.to_string()).unwrap(),
         }
     }
 
@@ -308,8 +484,42 @@ mod tests {
             let back = JsonTensor::from_le_bytes(case.dtype, case.shape.clone(), &bytes).unwrap();
             assert_eq!(back.to_le_bytes(1 << 20).unwrap(), bytes);
             // Text survives too (NaN compares as the string).
-            assert_eq!(back.data, case.data, "{:?}", case.dtype);
+            assert_eq!(back.data.get(), case.data.get(), "{:?}", case.dtype);
         }
+    }
+
+    #[test]
+    fn floats_are_written_as_their_shortest_text() {
+        let bytes: Vec<u8> = [0.1f32, 1.0, 1e-7, 1e30, -0.0, 16_777_216.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let j = JsonTensor::from_le_bytes(DType::F32, vec![6], &bytes).unwrap();
+        assert_eq!(j.data.get(), "[0.1,1.0,1e-7,1e+30,-0.0,16777216.0]");
+        let h: Vec<u8> = [bf16::from_f32(0.1), bf16::from_f32(-2.0)]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let j = JsonTensor::from_le_bytes(DType::BF16, vec![2], &h).unwrap();
+        assert_eq!(j.data.get(), "[0.100097656,-2.0]");
+        assert_eq!(j.to_le_bytes(2).unwrap(), h);
+    }
+
+    #[test]
+    fn fields_come_in_any_order_and_whitespace_is_kept_out_of_the_way() {
+        let a: JsonTensor =
+            serde_json::from_str(r#"{"data": [ 1 , 2.5 ], "shape": [2], "dtype": "f32"}"#).unwrap();
+        let bytes = a.to_le_bytes(10).unwrap();
+        assert_eq!(
+            bytes,
+            [1.0f32, 2.5]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<_>>()
+        );
+        let round = serde_json::to_string(&a).unwrap();
+        let b: JsonTensor = serde_json::from_str(&round).unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]
@@ -319,16 +529,73 @@ mod tests {
             e,
             Err(TensorCodecError::BadValue { index: 0, .. })
         ));
+        let e = t(DType::U8, &[2], serde_json::json!([1, -1])).to_le_bytes(10);
+        assert!(matches!(
+            e,
+            Err(TensorCodecError::BadValue { index: 1, .. })
+        ));
         let e = t(DType::I32, &[1], serde_json::json!([1.5])).to_le_bytes(10);
+        assert!(matches!(e, Err(TensorCodecError::BadValue { .. })));
+        let e = t(DType::I32, &[1], serde_json::json!([1.0])).to_le_bytes(10);
+        assert!(matches!(e, Err(TensorCodecError::BadValue { .. })));
+        let e = t(DType::I64, &[1], serde_json::json!([u64::MAX])).to_le_bytes(10);
         assert!(matches!(e, Err(TensorCodecError::BadValue { .. })));
         let e = t(DType::F32, &[1], serde_json::json!(["nan"])).to_le_bytes(10);
         assert!(matches!(e, Err(TensorCodecError::BadValue { .. })));
+        for bad in [
+            serde_json::json!([null]),
+            serde_json::json!([true]),
+            serde_json::json!([[1]]),
+            serde_json::json!([{"a": 1}]),
+            serde_json::json!(["N\u{61}N\n"]),
+        ] {
+            let e = t(DType::F32, &[1], bad.clone()).to_le_bytes(10);
+            assert!(
+                matches!(e, Err(TensorCodecError::BadValue { index: 0, .. })),
+                "{bad}: {e:?}"
+            );
+        }
         let e = t(DType::F32, &[3], serde_json::json!([1, 2])).to_le_bytes(10);
-        assert!(matches!(e, Err(TensorCodecError::CountMismatch { .. })));
+        assert!(matches!(
+            e,
+            Err(TensorCodecError::CountMismatch {
+                expected: 3,
+                got: 2,
+                ..
+            })
+        ));
+        let e = t(DType::F32, &[2], serde_json::json!([1, 2, 3, 4])).to_le_bytes(10);
+        assert!(matches!(
+            e,
+            Err(TensorCodecError::CountMismatch {
+                expected: 2,
+                got: 4,
+                ..
+            })
+        ));
         let e = t(DType::F32, &[u64::MAX, 2], serde_json::json!([])).to_le_bytes(10);
         assert!(matches!(e, Err(TensorCodecError::TooLarge(..))));
+        for not_array in [
+            serde_json::json!({"a": 1}),
+            serde_json::json!(3),
+            serde_json::json!("x"),
+        ] {
+            let e = t(DType::F32, &[1], not_array).to_le_bytes(10);
+            assert!(matches!(e, Err(TensorCodecError::NotAnArray(_))), "{e:?}");
+        }
         let e = JsonTensor::from_le_bytes(DType::F32, vec![2], &[0; 7]);
         assert!(matches!(e, Err(TensorCodecError::BadLength { .. })));
+    }
+
+    #[test]
+    fn a_huge_shape_with_little_data_allocates_little() {
+        // 2^40 elements claimed, two sent: refused by count, without
+        // reserving room for the claim.
+        let e = t(DType::F32, &[1 << 40], serde_json::json!([1, 2])).to_le_bytes(u64::MAX);
+        assert!(matches!(
+            e,
+            Err(TensorCodecError::CountMismatch { got: 2, .. })
+        ));
     }
 
     #[test]

@@ -91,6 +91,9 @@ fn malformed_bodies_get_typed_errors() {
         ("application/json", br#"{"inputs": {"x": {"dtype": "f64", "shape": [1], "data": [1]}}}"#, 400, "invalid_json"),
         ("application/json", br#"{"inputs": {"x": {"dtype": "f32", "shape": [2], "data": [1]}}}"#, 400, "invalid_input"),
         ("application/json", br#"{"inputs": {"x": {"dtype": "u8", "shape": [1], "data": [300]}}}"#, 400, "invalid_input"),
+        ("application/json", br#"{"inputs": {"x": {"dtype": "f32", "shape": [1], "data": {"a": 1}}}}"#, 400, "invalid_input"),
+        ("application/json", br#"{"inputs": {"x": {"dtype": "f32", "shape": [1], "data": [[1]]}}}"#, 400, "invalid_input"),
+        ("application/json", br#"{"inputs": {"x": {"dtype": "f32", "shape": [1], "data": [1, 2"#, 400, "invalid_json"),
         ("application/json", br#"{"inputs": {"x": {"dtype": "f32", "shape": [4294967296, 4294967296], "data": []}}}"#, 400, "invalid_input"),
         ("application/json", br#"{"inputs": {"x": {"dtype": "f32", "shape": [1,1,1,1,1,1,1,1,1], "data": [1]}}}"#, 400, "invalid_input"),
         ("application/x-safetensors", b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage", 400, "invalid_input"),
@@ -109,6 +112,48 @@ fn malformed_bodies_get_typed_errors() {
     // A missing input reaches the guest, which reports it.
     let r = ex.post("t1", &path, "application/json", br#"{"inputs": {}}"#);
     assert_eq!((r.status, r.code().as_str()), (500, "function_error"));
+}
+
+/// Outputs "y": zeros of [16 Mi + 1] f32, one element more than a JSON
+/// answer may hold.
+const HUGE_OUTPUT: &str = r#"(module
+  (import "tensor" "zeros" (func $zeros (param i32 i32 i32) (result i32)))
+  (import "tensor" "output" (func $output (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "\01\00\00\01")
+  (data (i32.const 8) "y")
+  (func (export "handle") (result i32)
+    (drop (call $output (i32.const 8) (i32.const 1)
+      (call $zeros (i32.const 0) (i32.const 0) (i32.const 1))))
+    (i32.const 0)))"#;
+
+#[test]
+fn outputs_too_large_for_json_are_413_and_fine_as_safetensors() {
+    let ex = TestExecutor::start();
+    let id = ex.deploy("t1", "huge", HUGE_OUTPUT);
+    let path = format!("/functions/{id}/invoke");
+    let r = ex.post("t1", &path, "application/octet-stream", b"");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (413, "payload_too_large"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.text().contains("application/x-safetensors"),
+        "{}",
+        r.text()
+    );
+    let r = ex.post_with(
+        "t1",
+        &path,
+        "application/octet-stream",
+        b"",
+        &[("accept", "application/x-safetensors")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let st = safetensors::SafeTensors::deserialize(&r.body).unwrap();
+    assert_eq!(st.tensor("y").unwrap().shape(), &[(16 << 20) + 1]);
 }
 
 #[test]
