@@ -76,6 +76,21 @@ pub struct Args {
     /// Async jobs a tenant may have waiting or running.
     #[arg(long, env = "TENSOR_WASM_TENANT_PENDING_JOBS", default_value_t = 256)]
     tenant_pending_jobs: usize,
+    /// Bytes of request bodies a tenant's waiting jobs may hold.
+    #[arg(
+        long,
+        env = "TENSOR_WASM_TENANT_PENDING_JOB_BYTES",
+        default_value_t = 1 << 30
+    )]
+    tenant_pending_job_bytes: u64,
+    /// Bytes of finished jobs' results (as JSON) kept per tenant; past it
+    /// the oldest go before their retention ends.
+    #[arg(
+        long,
+        env = "TENSOR_WASM_TENANT_FINISHED_JOB_BYTES",
+        default_value_t = 256 << 20
+    )]
+    tenant_finished_job_bytes: u64,
     /// How long finished jobs stay answerable, in seconds.
     #[arg(long, env = "TENSOR_WASM_JOB_RETENTION_SECS", default_value_t = 3600)]
     job_retention_secs: u64,
@@ -97,6 +112,8 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         instances: args.tenant_instances,
         max_body_bytes: args.max_body_bytes,
         pending_jobs: args.tenant_pending_jobs,
+        pending_job_bytes: args.tenant_pending_job_bytes,
+        finished_job_bytes: args.tenant_finished_job_bytes,
     };
     let cfg = ExecutorConfig {
         id: args.id,

@@ -97,6 +97,13 @@ pub struct TenantQuotas {
     pub max_body_bytes: usize,
     /// Async jobs waiting or running; 256.
     pub pending_jobs: usize,
+    /// Request bodies the waiting jobs may hold, in bytes; 1 GiB (16 bodies
+    /// of the largest size).
+    pub pending_job_bytes: u64,
+    /// Results of finished jobs kept, in bytes of JSON; 256 MiB. Past it,
+    /// the oldest finished jobs are forgotten early; the newest is always
+    /// kept until its retention ends.
+    pub finished_job_bytes: u64,
 }
 
 impl Default for TenantQuotas {
@@ -108,6 +115,8 @@ impl Default for TenantQuotas {
             instances: 64,
             max_body_bytes: 64 << 20,
             pending_jobs: 256,
+            pending_job_bytes: 1 << 30,
+            finished_job_bytes: 256 << 20,
         }
     }
 }

@@ -6,9 +6,12 @@
 //! queue cap of synchronous requests (the pending-job quota bounds it
 //! instead). While its tenant is frozen for a migration a pending job waits;
 //! if the tenant leaves this executor, the job travels in the snapshot and
-//! runs where the tenant lands. Finished jobs are kept for `job_retention`
-//! and at most `max_finished_jobs` per tenant.
+//! runs where the tenant lands. Finished jobs are kept for `job_retention`,
+//! at most `max_finished_jobs` per tenant and results of at most
+//! `finished_job_bytes` (the newest always stays); waiting jobs hold at
+//! most `pending_jobs` requests of at most `pending_job_bytes` together.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -47,6 +50,36 @@ fn new_job_id() -> String {
     random_id("job")
 }
 
+impl JobRecord {
+    /// Bytes the job holds: its waiting request, or its result.
+    fn held_bytes(&self) -> u64 {
+        let request = self.request.as_ref().map_or(0, |r| r.body.len());
+        let result = self.info.result.as_ref().map_or(0, |r| r.json_bytes());
+        (request + result) as u64
+    }
+}
+
+/// Forgets the oldest finished jobs until at most `count` are left and
+/// their results hold at most `bytes`. The newest finished job always
+/// stays, so a client polling for the job that just finished finds it.
+fn trim_finished(jobs: &mut BTreeMap<String, JobRecord>, count: usize, bytes: u64) {
+    let mut finished: Vec<(Instant, String, u64)> = jobs
+        .iter()
+        .filter_map(|(id, j)| j.finished.map(|f| (f, id.clone(), j.held_bytes())))
+        .collect();
+    finished.sort();
+    let mut held: u64 = finished.iter().map(|f| f.2).sum();
+    let mut left = finished.len();
+    for (_, id, size) in &finished {
+        if left <= 1 || (left <= count && held <= bytes) {
+            break;
+        }
+        jobs.remove(id);
+        held -= size;
+        left -= 1;
+    }
+}
+
 impl Registry {
     /// Accepts a job for function `id` of `tenant`.
     pub fn submit_job(
@@ -72,6 +105,19 @@ impl Registry {
             if open >= self.quotas.pending_jobs {
                 return Err(ExecError::Quota(format!(
                     "the tenant has {open} jobs waiting or running, the most allowed"
+                )));
+            }
+            let waiting: u64 = jobs
+                .values()
+                .filter_map(|j| j.request.as_ref())
+                .map(|r| r.body.len() as u64)
+                .sum();
+            if waiting + request.body.len() as u64 > self.quotas.pending_job_bytes {
+                return Err(ExecError::Quota(format!(
+                    "the tenant's waiting jobs hold {waiting} bytes of requests; this one's {} \
+                     would pass the {} allowed",
+                    request.body.len(),
+                    self.quotas.pending_job_bytes
                 )));
             }
             jobs.insert(
@@ -165,6 +211,11 @@ impl Registry {
                     }
                 }
             }
+            trim_finished(
+                &mut jobs,
+                registry.limits.max_finished_jobs,
+                registry.quotas.finished_job_bytes,
+            );
             registry
                 .counters
                 .jobs_in_flight
@@ -214,22 +265,93 @@ impl Registry {
     }
 
     /// Forgets finished jobs past their retention, and the oldest finished
-    /// ones of tenants over the count cap.
+    /// ones of tenants over the count or byte cap.
     pub fn prune_jobs(&self) {
-        let (retention, cap) = (self.limits.job_retention, self.limits.max_finished_jobs);
+        let retention = self.limits.job_retention;
         for t in self.tenant_list() {
             let mut jobs = lock(&t.jobs);
             jobs.retain(|_, j| j.finished.is_none_or(|f| f.elapsed() < retention));
-            let mut finished: Vec<(Instant, String)> = jobs
-                .iter()
-                .filter_map(|(id, j)| j.finished.map(|f| (f, id.clone())))
-                .collect();
-            if finished.len() > cap {
-                finished.sort();
-                for (_, id) in &finished[..finished.len() - cap] {
-                    jobs.remove(id);
-                }
-            }
+            trim_finished(
+                &mut jobs,
+                self.limits.max_finished_jobs,
+                self.quotas.finished_job_bytes,
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap as Map;
+    use tensor_wasm_shared::api::{InvokeResponse, JsonTensor};
+
+    fn finished(age_ms: u64, result_len: usize) -> JobRecord {
+        let data = serde_json::value::RawValue::from_string(format!(
+            "[{}]",
+            vec!["1"; result_len].join(",")
+        ))
+        .unwrap();
+        let outputs = Map::from([(
+            "y".to_string(),
+            JsonTensor {
+                dtype: tensor_wasm_shared::DType::F32,
+                shape: vec![result_len as u64],
+                data,
+            },
+        )]);
+        JobRecord {
+            info: JobInfo {
+                id: String::new(),
+                function_id: String::new(),
+                status: JobStatus::Succeeded,
+                created_at: String::new(),
+                finished_at: None,
+                result: Some(InvokeResponse {
+                    outputs,
+                    raw_b64: None,
+                }),
+                error: None,
+            },
+            request: None,
+            finished: Some(Instant::now() - Duration::from_millis(age_ms)),
+        }
+    }
+
+    fn pending(body: usize) -> JobRecord {
+        JobRecord {
+            request: Some(PendingRequest {
+                content_type: None,
+                body: Bytes::from(vec![0; body]),
+            }),
+            finished: None,
+            ..finished(0, 0)
+        }
+    }
+
+    #[test]
+    fn the_oldest_finished_jobs_go_first_and_the_newest_always_stays() {
+        let mut jobs = BTreeMap::from([
+            ("old".to_string(), finished(300, 1000)),
+            ("mid".to_string(), finished(200, 1000)),
+            ("new".to_string(), finished(100, 1000)),
+            ("waiting".to_string(), pending(5000)),
+        ]);
+        let one = jobs["new"].held_bytes();
+        assert!(one > 2000, "a 1000-element result takes {one} bytes");
+        // Room for two results: the oldest goes.
+        trim_finished(&mut jobs, 100, 2 * one + 10);
+        assert_eq!(jobs.keys().collect::<Vec<_>>(), ["mid", "new", "waiting"]);
+        // Room for none: the newest still stays, and pending jobs never go.
+        trim_finished(&mut jobs, 100, 0);
+        assert_eq!(jobs.keys().collect::<Vec<_>>(), ["new", "waiting"]);
+        // The count cap too.
+        let mut jobs = BTreeMap::from([
+            ("a".to_string(), finished(3, 1)),
+            ("b".to_string(), finished(2, 1)),
+            ("c".to_string(), finished(1, 1)),
+        ]);
+        trim_finished(&mut jobs, 2, u64::MAX);
+        assert_eq!(jobs.keys().collect::<Vec<_>>(), ["b", "c"]);
     }
 }

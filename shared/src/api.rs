@@ -415,6 +415,18 @@ pub struct InvokeResponse {
     pub raw_b64: Option<String>,
 }
 
+impl InvokeResponse {
+    /// Bytes its JSON takes, about: what holding it costs.
+    pub fn json_bytes(&self) -> usize {
+        let tensors: usize = self
+            .outputs
+            .iter()
+            .map(|(name, t)| name.len() + t.data.get().len() + 21 * t.shape.len() + 48)
+            .sum();
+        tensors + self.raw_b64.as_ref().map_or(0, String::len) + 32
+    }
+}
+
 /// The device an executor drives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceDescription {

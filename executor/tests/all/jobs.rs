@@ -169,6 +169,41 @@ fn the_pending_job_quota_holds() {
 }
 
 #[test]
+fn the_pending_job_bytes_quota_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = EngineLimits {
+        job_concurrency: 1,
+        default_deadline: Duration::from_millis(3000),
+        ..small_limits()
+    };
+    let quotas = TenantQuotas {
+        pending_job_bytes: 10,
+        ..TenantQuotas::default()
+    };
+    let ex = TestExecutor::start_in(dir.path(), limits, quotas);
+    let id = ex.deploy("t1", "triple", TRIPLE);
+    let slow = submit(&ex, "t1", &id, "text/plain", b"spin");
+    // Once running, a job's request no longer counts.
+    let start = Instant::now();
+    while ex.get("t1", &format!("/jobs/{slow}")).json()["status"] != "running" {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    submit(&ex, "t1", &id, "text/plain", b"spin");
+    let path = format!("/functions/{id}/invoke-async");
+    let r = ex.post("t1", &path, "text/plain", b"spin-spin");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (422, "quota_exceeded"),
+        "{}",
+        r.text()
+    );
+    // What fits still goes in.
+    let r = ex.post("t1", &path, "text/plain", b"spin!!");
+    assert_eq!(r.status, 202, "{}", r.text());
+}
+
+#[test]
 fn jobs_for_unknown_functions_are_404() {
     let ex = TestExecutor::start();
     let r = ex.post("t1", "/functions/fn-nope/invoke-async", "text/plain", b"");
