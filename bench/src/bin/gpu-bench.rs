@@ -121,23 +121,66 @@ struct Timed {
     rounds: Vec<f64>,
 }
 
+impl Timed {
+    /// The same times divided by the `n` operations each rep ran.
+    fn per(&self, n: usize) -> Timed {
+        Timed {
+            seconds: self.seconds / n as f64,
+            rounds: self.rounds.iter().map(|s| s / n as f64).collect(),
+        }
+    }
+}
+
+/// What a measurement's rate is counted in.
+enum Work {
+    Flops(f64),
+    Bytes(f64),
+    None,
+}
+
+/// The result entries, in the JSON schema `bench/gpu/report.py` reads;
+/// each is also logged to stderr as it comes.
+#[derive(Default)]
+struct Results(Vec<Value>);
+
+impl Results {
+    fn add(&mut self, name: &str, imp: &str, shape: &str, t: &Timed, work: Work, detail: &str) {
+        eprintln!("  {name:<24} {imp:<20} {:>12.3} µs", t.seconds * 1e6);
+        let mut v = json!({
+            "name": name,
+            "impl": imp,
+            "shape": shape,
+            "seconds": t.seconds,
+            "rounds": t.rounds,
+            "detail": detail,
+        });
+        match work {
+            Work::Flops(f) => v["flops"] = json!(f),
+            Work::Bytes(b) => v["bytes"] = json!(b),
+            Work::None => {}
+        }
+        self.0.push(v);
+    }
+}
+
 /// Runs `warmup` untimed reps, then [`ROUNDS`] rounds of `reps`, each
-/// closed by `sync` (which waits for the device).
-fn rounds(
+/// closed by `sync` (which waits for the device). What a rep returns (an
+/// op's output tensor) is dropped at once.
+fn rounds<R, E: Into<anyhow::Error>>(
     warmup: usize,
     reps: usize,
-    mut rep: impl FnMut() -> Result<()>,
+    mut rep: impl FnMut() -> std::result::Result<R, E>,
     mut sync: impl FnMut() -> Result<()>,
 ) -> Result<Timed> {
     for _ in 0..warmup {
-        rep()?;
+        rep().map_err(Into::into)?;
     }
     sync()?;
     let mut per_rep = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         let start = Instant::now();
         for _ in 0..reps {
-            rep()?;
+            rep().map_err(Into::into)?;
         }
         sync()?;
         per_rep.push(start.elapsed().as_secs_f64() / reps as f64);
@@ -148,29 +191,6 @@ fn rounds(
         seconds: sorted[sorted.len() / 2],
         rounds: per_rep,
     })
-}
-
-/// A result entry of the JSON schema `bench/gpu/report.py` reads.
-fn entry(
-    name: &str,
-    imp: &str,
-    shape: String,
-    t: &Timed,
-    work: (&str, f64),
-    detail: &str,
-) -> Value {
-    let mut v = json!({
-        "name": name,
-        "impl": imp,
-        "shape": shape,
-        "seconds": t.seconds,
-        "rounds": t.rounds,
-        "detail": detail,
-    });
-    if !work.0.is_empty() {
-        v[work.0] = json!(work.1);
-    }
-    v
 }
 
 fn open_backend(device: &str) -> Result<Arc<dyn Backend>> {
@@ -211,7 +231,7 @@ fn main() -> Result<()> {
     let b = backend.as_ref();
     eprintln!("gpu-bench: {} ({})", b.device_name(), args.device);
     let sync = || Ok(b.synchronize()?);
-    let mut results = Vec::new();
+    let mut results = Results::default();
 
     // Matmul, ours then cuBLAS directly.
     let n = shapes.matmul_n;
@@ -223,34 +243,13 @@ fn main() -> Result<()> {
     ] {
         let a = random_tensor(b, dtype, &[n, n], 1)?;
         let bb = random_tensor(b, dtype, &[n, n], 2)?;
-        let t = rounds(
-            2,
-            reps,
-            || b.matmul(&a, &bb).map(drop).map_err(Into::into),
-            sync,
-        )
-        .with_context(|| name.to_string())?;
-        results.push(entry(
-            name,
-            "tensor-wasm",
-            mm_shape.clone(),
-            &t,
-            ("flops", flops),
-            "",
-        ));
-        log(name, "tensor-wasm", &t);
+        let t = rounds(2, reps, || b.matmul(&a, &bb), sync).with_context(|| name.to_string())?;
+        results.add(name, "tensor-wasm", &mm_shape, &t, Work::Flops(flops), "");
         drop((a, bb));
         if args.device != "cpu" {
             let t = cublas_peer(&args.device, dtype, n, reps)?;
-            results.push(entry(
-                name,
-                "cublas",
-                mm_shape.clone(),
-                &t,
-                ("flops", flops),
-                "cuBLAS called directly, compute type f32, no TF32",
-            ));
-            log(name, "cublas", &t);
+            let detail = "cuBLAS called directly, compute type f32, no TF32";
+            results.add(name, "cublas", &mm_shape, &t, Work::Flops(flops), detail);
         }
     }
 
@@ -259,27 +258,10 @@ fn main() -> Result<()> {
         let e = shapes.add_elems;
         let a = random_tensor(b, DType::F32, &[e], 3)?;
         let c = random_tensor(b, DType::F32, &[e], 4)?;
-        let t = rounds(
-            3,
-            50,
-            || {
-                b.binary(BinaryOp::Add, &a, &c)
-                    .map(drop)
-                    .map_err(Into::into)
-            },
-            sync,
-        )?;
-        let bytes = (3 * e * 4) as f64;
+        let t = rounds(3, 50, || b.binary(BinaryOp::Add, &a, &c), sync)?;
         let shape = format!("3x{} MiB", (e * 4) >> 20);
-        results.push(entry(
-            "add_f32",
-            "tensor-wasm",
-            shape,
-            &t,
-            ("bytes", bytes),
-            "",
-        ));
-        log("add_f32", "tensor-wasm", &t);
+        let work = Work::Bytes((3 * e * 4) as f64);
+        results.add("add_f32", "tensor-wasm", &shape, &t, work, "");
     }
 
     // Softmax and layer norm over rows × cols.
@@ -290,40 +272,25 @@ fn main() -> Result<()> {
         let beta = random_tensor(b, DType::F32, &[c], 7)?;
         let bytes = (2 * r * c * 4) as f64;
         let shape = format!("{r}x{c}");
-        let t = rounds(
-            3,
-            100,
-            || b.softmax(&x, -1).map(drop).map_err(Into::into),
-            sync,
-        )?;
-        results.push(entry(
+        let t = rounds(3, 100, || b.softmax(&x, -1), sync)?;
+        results.add(
             "softmax_f32",
             "tensor-wasm",
-            shape.clone(),
+            &shape,
             &t,
-            ("bytes", bytes),
+            Work::Bytes(bytes),
             "",
-        ));
-        log("softmax_f32", "tensor-wasm", &t);
-        let t = rounds(
-            3,
-            100,
-            || {
-                b.layer_norm(&x, Some(&gamma), Some(&beta), 1e-5)
-                    .map(drop)
-                    .map_err(Into::into)
-            },
-            sync,
-        )?;
-        results.push(entry(
+        );
+        let norm = || b.layer_norm(&x, Some(&gamma), Some(&beta), 1e-5);
+        let t = rounds(3, 100, norm, sync)?;
+        results.add(
             "layer_norm_f32",
             "tensor-wasm",
-            shape,
+            &shape,
             &t,
-            ("bytes", bytes),
+            Work::Bytes(bytes),
             "",
-        ));
-        log("layer_norm_f32", "tensor-wasm", &t);
+        );
     }
 
     // Causal attention.
@@ -333,22 +300,16 @@ fn main() -> Result<()> {
         let q = random_tensor(b, DType::BF16, &dims, 8)?;
         let k = random_tensor(b, DType::BF16, &dims, 9)?;
         let v = random_tensor(b, DType::BF16, &dims, 10)?;
-        let t = rounds(
-            2,
-            20,
-            || b.attention(&q, &k, &v, true).map(drop).map_err(Into::into),
-            sync,
-        )?;
+        let t = rounds(2, 20, || b.attention(&q, &k, &v, true), sync)?;
         let flops = (4 * bt * h * s * s * d / 2) as f64;
-        results.push(entry(
+        results.add(
             "attention_causal_bf16",
             "tensor-wasm",
-            format!("{bt}x{h}x{s}x{d}"),
+            &format!("{bt}x{h}x{s}x{d}"),
             &t,
-            ("flops", flops),
+            Work::Flops(flops),
             "flops = 4*B*H*S^2*D / 2 (causal half)",
-        ));
-        log("attention_causal_bf16", "tensor-wasm", &t);
+        );
     }
 
     // Guest-issued ops: a small add through the ABI, and an upload.
@@ -360,67 +321,55 @@ fn main() -> Result<()> {
         None,
     )?;
     {
-        let mut inst = warm(&runtime, &backend, &small_add_wat())?;
-        let t = rounds(1, 1, || invoke(&mut inst).map(|_| ()), || Ok(()))?;
-        let per_op = Timed {
-            seconds: t.seconds / SMALL_OPS as f64,
-            rounds: t.rounds.iter().map(|s| s / SMALL_OPS as f64).collect(),
-        };
         let shape = format!("{SMALL_ELEMS} f32");
+        let mut inst = warm(&runtime, &backend, &small_add_wat())?;
+        let t = rounds(1, 1, || invoke(&mut inst), || Ok(()))?;
         let detail = "per op: free(binary(add, a, a)) issued by a guest, \
                       10 000 per invocation, ended by the executor's synchronize";
-        results.push(entry(
+        let per_op = t.per(SMALL_OPS);
+        results.add(
             "small_add_enqueue",
             "tensor-wasm",
-            shape.clone(),
+            &shape,
             &per_op,
-            ("", 0.0),
+            Work::None,
             detail,
-        ));
-        log("small_add_enqueue", "tensor-wasm", &per_op);
+        );
 
         let a = b.zeros(DType::F32, &[SMALL_ELEMS])?;
-        let t = rounds(
-            1,
-            1,
-            || {
-                for _ in 0..SMALL_OPS {
-                    drop(b.binary(BinaryOp::Add, &a, &a)?);
-                }
-                Ok(b.synchronize()?)
-            },
-            || Ok(()),
-        )?;
-        let per_op = Timed {
-            seconds: t.seconds / SMALL_OPS as f64,
-            rounds: t.rounds.iter().map(|s| s / SMALL_OPS as f64).collect(),
+        let direct = || -> Result<()> {
+            for _ in 0..SMALL_OPS {
+                drop(b.binary(BinaryOp::Add, &a, &a)?);
+            }
+            Ok(b.synchronize()?)
         };
+        let t = rounds(1, 1, direct, || Ok(()))?;
         let detail = "per op: Backend::binary(add) from Rust and drop, no guest";
-        results.push(entry(
+        let per_op = t.per(SMALL_OPS);
+        results.add(
             "small_add_enqueue",
             "tensor-wasm-direct",
-            shape,
+            &shape,
             &per_op,
-            ("", 0.0),
+            Work::None,
             detail,
-        ));
-        log("small_add_enqueue", "tensor-wasm-direct", &per_op);
+        );
     }
     {
         let bytes = shapes.upload_bytes;
         let mut inst = warm(&runtime, &backend, &upload_wat(bytes))?;
-        let t = rounds(2, 10, || invoke(&mut inst).map(|_| ()), || Ok(()))?;
+        let t = rounds(2, 10, || invoke(&mut inst), || Ok(()))?;
         let detail = "guest new() of bytes in its linear memory, then free; \
                       timed from the call to the executor's synchronize";
-        results.push(entry(
+        let shape = format!("{} MiB", bytes >> 20);
+        results.add(
             "upload_64mib",
             "tensor-wasm",
-            format!("{} MiB", bytes >> 20),
+            &shape,
             &t,
-            ("bytes", bytes as f64),
+            Work::Bytes(bytes as f64),
             detail,
-        ));
-        log("upload_64mib", "tensor-wasm", &t);
+        );
     }
 
     let report = json!({
@@ -428,7 +377,7 @@ fn main() -> Result<()> {
         "device": b.device_name(),
         "quick": args.quick,
         "version": env!("CARGO_PKG_VERSION"),
-        "results": results,
+        "results": results.0,
     });
     let text = serde_json::to_string_pretty(&report)?;
     match &args.out {
@@ -438,10 +387,6 @@ fn main() -> Result<()> {
         None => println!("{text}"),
     }
     Ok(())
-}
-
-fn log(name: &str, imp: &str, t: &Timed) {
-    eprintln!("  {name:<24} {imp:<20} {:>12.3} µs", t.seconds * 1e6);
 }
 
 /// A warm instance of `wat` on `backend`, set up as the executor does.
