@@ -130,14 +130,11 @@ impl DeviceInfo {
 /// CUDA's 16 UUID bytes in NVML's text form without its prefix:
 /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lowercase.
 pub fn uuid_text(bytes: &[u8; 16]) -> String {
-    let mut out = String::with_capacity(36);
-    for (i, b) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
-        }
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    let (a, rest) = bytes.split_at(4);
+    let (b, rest) = rest.split_at(2);
+    let (c, rest) = rest.split_at(2);
+    let (d, e) = rest.split_at(2);
+    [a, b, c, d, e].map(hex::encode).join("-")
 }
 
 /// The first [`MIG_ID_HEX_DIGITS`] hex digits of `s`, lowercased, skipping

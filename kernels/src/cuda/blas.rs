@@ -259,8 +259,9 @@ impl CudaBackend {
                     memset_raw(&self.stream, ps, rows * lk * 4, 0)
                         .map_err(|e| driver_error(OP, e))?;
                 } else {
+                    let runs = uniform_runs(&[&plan.q_offsets, &plan.k_offsets], c0..c1);
                     for &(r0, r1, keys) in &blocks {
-                        for run in uniform_runs(&[&plan.q_offsets, &plan.k_offsets], c0..c1) {
+                        for run in &runs {
                             let g = Gemm {
                                 trans_a: true,
                                 trans_b: false,
@@ -303,8 +304,9 @@ impl CudaBackend {
                         self.dev.row_grid(rows as u64),
                     )?;
                 // 3. out = p·v: per batch, the column-major dv×lq matrix Vᵀ·Pᵀ.
+                let runs = uniform_runs(&[&plan.v_offsets], c0..c1);
                 for &(r0, r1, keys) in &blocks {
-                    for run in uniform_runs(&[&plan.v_offsets], c0..c1) {
+                    for run in &runs {
                         let g = Gemm {
                             trans_a: false,
                             trans_b: false,

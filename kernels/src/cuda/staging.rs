@@ -31,8 +31,10 @@ pub(crate) const STAGING_CHUNK_BYTES: usize = 4 << 20;
 /// to the pool costs more than the copy (≈ 20 µs at 25 GB/s).
 pub(crate) const PARALLEL_PIECE_BYTES: usize = 512 << 10;
 
-/// Copies `src` into `dst` (same length), split into pieces of at least
-/// [`PARALLEL_PIECE_BYTES`] copied by rayon's threads.
+/// Copies `src` into `dst` (same length), in pieces of
+/// [`PARALLEL_PIECE_BYTES`] copied by rayon's threads; a copy of under two
+/// pieces stays on the calling thread (handing it to the pool would cost
+/// more, on the path of every small `new`).
 pub(crate) fn parallel_copy(dst: &mut [u8], src: &[u8]) {
     use rayon::prelude::*;
     debug_assert_eq!(dst.len(), src.len());
@@ -40,10 +42,8 @@ pub(crate) fn parallel_copy(dst: &mut [u8], src: &[u8]) {
         dst.copy_from_slice(src);
         return;
     }
-    let pieces = (src.len() / PARALLEL_PIECE_BYTES).min(rayon::current_num_threads().max(1));
-    let piece = src.len().div_ceil(pieces);
-    dst.par_chunks_mut(piece)
-        .zip(src.par_chunks(piece))
+    dst.par_chunks_mut(PARALLEL_PIECE_BYTES)
+        .zip(src.par_chunks(PARALLEL_PIECE_BYTES))
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
