@@ -63,13 +63,19 @@ impl JobRecord {
 /// their results hold at most `bytes`. The newest finished job always
 /// stays, so a client polling for the job that just finished finds it.
 fn trim_finished(jobs: &mut BTreeMap<String, JobRecord>, count: usize, bytes: u64) {
+    let (mut left, mut held) = (0usize, 0u64);
+    for j in jobs.values().filter(|j| j.finished.is_some()) {
+        left += 1;
+        held += j.held_bytes();
+    }
+    if left <= count && held <= bytes {
+        return; // the usual case: nothing to sort
+    }
     let mut finished: Vec<(Instant, String, u64)> = jobs
         .iter()
         .filter_map(|(id, j)| j.finished.map(|f| (f, id.clone(), j.held_bytes())))
         .collect();
     finished.sort();
-    let mut held: u64 = finished.iter().map(|f| f.2).sum();
-    let mut left = finished.len();
     for (_, id, size) in &finished {
         if left <= 1 || (left <= count && held <= bytes) {
             break;
@@ -98,20 +104,16 @@ impl Registry {
         let job_id = new_job_id();
         {
             let mut jobs = lock(&t.jobs);
-            let open = jobs
-                .values()
-                .filter(|j| !j.info.status.is_finished())
-                .count();
+            let (mut open, mut waiting) = (0, 0u64);
+            for j in jobs.values().filter(|j| !j.info.status.is_finished()) {
+                open += 1;
+                waiting += j.request.as_ref().map_or(0, |r| r.body.len() as u64);
+            }
             if open >= self.quotas.pending_jobs {
                 return Err(ExecError::Quota(format!(
                     "the tenant has {open} jobs waiting or running, the most allowed"
                 )));
             }
-            let waiting: u64 = jobs
-                .values()
-                .filter_map(|j| j.request.as_ref())
-                .map(|r| r.body.len() as u64)
-                .sum();
             if waiting + request.body.len() as u64 > self.quotas.pending_job_bytes {
                 return Err(ExecError::Quota(format!(
                     "the tenant's waiting jobs hold {waiting} bytes of requests; this one's {} \

@@ -97,23 +97,39 @@ fn failures_are_recorded_with_their_code() {
     assert_eq!(v["error"]["code"], "invalid_json");
 }
 
-#[test]
-fn pending_jobs_can_be_cancelled_running_ones_not() {
-    let dir = tempfile::tempdir().unwrap();
+/// An executor in `dir` that runs one job at a time with `deadline_ms`
+/// per invocation and `quotas`, with the TRIPLE function of t1 deployed;
+/// returns it and the function's id.
+fn one_job_slot(
+    dir: &std::path::Path,
+    deadline_ms: u64,
+    quotas: TenantQuotas,
+) -> (TestExecutor, String) {
     let limits = EngineLimits {
         job_concurrency: 1,
-        default_deadline: Duration::from_millis(1500),
+        default_deadline: Duration::from_millis(deadline_ms),
         ..small_limits()
     };
-    let ex = TestExecutor::start_in(dir.path(), limits, TenantQuotas::default());
+    let ex = TestExecutor::start_in(dir, limits, quotas);
     let id = ex.deploy("t1", "triple", TRIPLE);
-    let slow = submit(&ex, "t1", &id, "text/plain", b"spin");
-    // Wait until the slow job holds the only job slot.
+    (ex, id)
+}
+
+/// Waits until job `id` of t1 runs (holding the only job slot).
+fn wait_running(ex: &TestExecutor, id: &str) {
     let start = Instant::now();
-    while ex.get("t1", &format!("/jobs/{slow}")).json()["status"] != "running" {
+    while ex.get("t1", &format!("/jobs/{id}")).json()["status"] != "running" {
         assert!(start.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+#[test]
+fn pending_jobs_can_be_cancelled_running_ones_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ex, id) = one_job_slot(dir.path(), 1500, TenantQuotas::default());
+    let slow = submit(&ex, "t1", &id, "text/plain", b"spin");
+    wait_running(&ex, &slow);
     let queued = submit(
         &ex,
         "t1",
@@ -141,17 +157,11 @@ fn pending_jobs_can_be_cancelled_running_ones_not() {
 #[test]
 fn the_pending_job_quota_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = EngineLimits {
-        job_concurrency: 1,
-        default_deadline: Duration::from_millis(1000),
-        ..small_limits()
-    };
     let quotas = TenantQuotas {
         pending_jobs: 2,
         ..TenantQuotas::default()
     };
-    let ex = TestExecutor::start_in(dir.path(), limits, quotas);
-    let id = ex.deploy("t1", "triple", TRIPLE);
+    let (ex, id) = one_job_slot(dir.path(), 1000, quotas);
     submit(&ex, "t1", &id, "text/plain", b"spin");
     submit(&ex, "t1", &id, "text/plain", b"spin");
     let r = ex.post(
@@ -171,24 +181,14 @@ fn the_pending_job_quota_holds() {
 #[test]
 fn the_pending_job_bytes_quota_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = EngineLimits {
-        job_concurrency: 1,
-        default_deadline: Duration::from_millis(3000),
-        ..small_limits()
-    };
     let quotas = TenantQuotas {
         pending_job_bytes: 10,
         ..TenantQuotas::default()
     };
-    let ex = TestExecutor::start_in(dir.path(), limits, quotas);
-    let id = ex.deploy("t1", "triple", TRIPLE);
+    let (ex, id) = one_job_slot(dir.path(), 3000, quotas);
     let slow = submit(&ex, "t1", &id, "text/plain", b"spin");
     // Once running, a job's request no longer counts.
-    let start = Instant::now();
-    while ex.get("t1", &format!("/jobs/{slow}")).json()["status"] != "running" {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_running(&ex, &slow);
     submit(&ex, "t1", &id, "text/plain", b"spin");
     let path = format!("/functions/{id}/invoke-async");
     let r = ex.post("t1", &path, "text/plain", b"spin-spin");
