@@ -10,17 +10,7 @@ fn a_tenant_moves_between_executor_processes() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = ExecutorProcess::start("cpu-a", da.path());
     let b = ExecutorProcess::start("cpu-b", db.path());
-    let wasm = wat::parse_str(COUNTER).unwrap();
-    let (status, body) = a.request(
-        "POST",
-        "/functions?name=counter",
-        Some("acme"),
-        "application/wasm",
-        &wasm,
-    );
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
-    let info: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let id = info["id"].as_str().unwrap().to_string();
+    let id = deploy_counter_on(&a);
     assert_eq!(counter_call(&a, &id), (1, vec![1.0; 4]));
     assert_eq!(counter_call(&a, &id), (2, vec![2.0; 4]));
 

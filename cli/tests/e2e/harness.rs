@@ -742,6 +742,35 @@ impl UpProcess {
         serde_json::from_str(&answer).unwrap()
     }
 
+    /// Registers the counter module through the proxy for the tenant of
+    /// `token`; its function id.
+    pub fn deploy_counter(&self, token: &str) -> String {
+        let wasm = wat::parse_str(COUNTER).unwrap();
+        let r = self.api.call(
+            "POST",
+            "/functions?name=counter",
+            &[("authorization", &format!("Bearer {token}"))],
+            Some(("application/wasm", &wasm)),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
+    /// One counter call through the proxy for the tenant of `token`.
+    pub fn count(&self, token: &str, id: &str) -> Resp {
+        self.api.call(
+            "POST",
+            &format!("/functions/{id}/invoke"),
+            &[("authorization", &format!("Bearer {token}"))],
+            Some(("text/plain", b"")),
+        )
+    }
+
+    /// Ids of the supervised children, in the supervisor's order.
+    pub fn child_ids(&self) -> Vec<String> {
+        self.children().into_iter().map(|(id, _)| id).collect()
+    }
+
     /// Pids of the supervised children.
     pub fn children(&self) -> Vec<(String, u32)> {
         let ls = self.control(serde_json::json!({"op": "ls"}));

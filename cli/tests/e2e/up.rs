@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{COUNTER, UpProcess, alive, parse_counter};
+use crate::harness::{UpProcess, alive, parse_counter};
 
 #[test]
 fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
@@ -21,24 +21,8 @@ fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
     }
-    let auth = format!("Bearer {token}");
-    let wasm = wat::parse_str(COUNTER).unwrap();
-    let r = up.api.call(
-        "POST",
-        "/functions?name=counter",
-        &[("authorization", &auth)],
-        Some(("application/wasm", &wasm)),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let invoke = || {
-        up.api.call(
-            "POST",
-            &format!("/functions/{id}/invoke"),
-            &[("authorization", &auth)],
-            Some(("text/plain", b"")),
-        )
-    };
+    let id = up.deploy_counter(&token);
+    let invoke = || up.count(&token, &id);
     assert_eq!(parse_counter(&invoke().body).0, 1);
 
     let children = up.children();

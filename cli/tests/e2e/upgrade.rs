@@ -256,13 +256,7 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
             "{child}"
         );
     }
-    let ids: Vec<&str> = ls["result"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["cpu0.1", "cpu1.1", "proxy"]);
+    assert_eq!(up.child_ids(), ["cpu0.1", "cpu1.1", "proxy"]);
 
     // The report (bench/upgrade-under-load prints it).
     let lat = |phase: u8| {
@@ -335,28 +329,12 @@ fn an_interrupted_upgrade_can_be_aborted_or_resumed() {
         &["--cpu-executors", "2"],
         &[("TENSOR_WASM_API_TOKENS", list.join(",").as_str())],
     );
-    let wasm = wat::parse_str(crate::harness::COUNTER).unwrap();
-    let mut fns = Vec::new();
-    for i in 0..10 {
-        let auth = format!("Bearer tok-{i}");
-        let r = up.api.call(
-            "POST",
-            "/functions?name=counter",
-            &[("authorization", &auth)],
-            Some(("application/wasm", &wasm)),
-        );
-        assert_eq!(r.status, 201, "{}", r.text());
-        fns.push(r.json()["id"].as_str().unwrap().to_string());
-    }
+    let fns: Vec<String> = (0..10)
+        .map(|i| up.deploy_counter(&format!("tok-{i}")))
+        .collect();
     let count_all = |expect: u32| {
         for (i, id) in fns.iter().enumerate() {
-            let auth = format!("Bearer tok-{i}");
-            let r = up.api.call(
-                "POST",
-                &format!("/functions/{id}/invoke"),
-                &[("authorization", &auth)],
-                Some(("text/plain", b"")),
-            );
+            let r = up.count(&format!("tok-{i}"), id);
             assert_eq!(r.status, 200, "t{i}: {}", r.text());
             assert_eq!(crate::harness::parse_counter(&r.body).0, expect, "t{i}");
         }
@@ -389,13 +367,6 @@ fn an_interrupted_upgrade_can_be_aborted_or_resumed() {
     count_all(3);
     upgrade(&up, "--executor-binary", &binary);
     count_all(4);
-    let ls = up.control(serde_json::json!({"op": "ls"}));
-    let ids: Vec<&str> = ls["result"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["cpu0.1", "cpu1.1", "proxy"]);
+    assert_eq!(up.child_ids(), ["cpu0.1", "cpu1.1", "proxy"]);
     assert!(!up.state.join("upgrade.json").exists());
 }
