@@ -84,40 +84,22 @@ pub fn json(value: &Value) -> String {
 }
 
 fn write_json(out: &mut String, value: &Value, indent: usize) {
-    let pad = |n: usize| "  ".repeat(n);
     match value {
         Value::Object(map) if !map.is_empty() => {
-            out.push_str("{\n");
-            for (i, (k, v)) in map.iter().enumerate() {
-                out.push_str(&pad(indent + 1));
+            write_lines(out, indent, ('{', '}'), map.iter(), |out, (k, v)| {
                 out.push_str(&Value::String(k.clone()).to_string());
                 out.push_str(": ");
                 write_json(out, v, indent + 1);
-                if i + 1 < map.len() {
-                    out.push(',');
-                }
-                out.push('\n');
-            }
-            out.push_str(&pad(indent));
-            out.push('}');
+            });
         }
         Value::Array(items)
-            if !items.is_empty()
-                && items
-                    .iter()
-                    .any(|v| matches!(v, Value::Object(_) | Value::Array(_))) =>
+            if items
+                .iter()
+                .any(|v| matches!(v, Value::Object(_) | Value::Array(_))) =>
         {
-            out.push_str("[\n");
-            for (i, v) in items.iter().enumerate() {
-                out.push_str(&pad(indent + 1));
-                write_json(out, v, indent + 1);
-                if i + 1 < items.len() {
-                    out.push(',');
-                }
-                out.push('\n');
-            }
-            out.push_str(&pad(indent));
-            out.push(']');
+            write_lines(out, indent, ('[', ']'), items.iter(), |out, v| {
+                write_json(out, v, indent + 1)
+            });
         }
         Value::Array(items) => {
             out.push('[');
@@ -131,6 +113,31 @@ fn write_json(out: &mut String, value: &Value, indent: usize) {
         }
         other => out.push_str(&other.to_string()),
     }
+}
+
+/// `open`, then each item on its own line at `indent + 1` (written by
+/// `write`), commas between, then `close` on a line at `indent`.
+fn write_lines<T>(
+    out: &mut String,
+    indent: usize,
+    (open, close): (char, char),
+    items: impl ExactSizeIterator<Item = T>,
+    mut write: impl FnMut(&mut String, T),
+) {
+    let pad = |n: usize| "  ".repeat(n);
+    let n = items.len();
+    out.push(open);
+    out.push('\n');
+    for (i, item) in items.enumerate() {
+        out.push_str(&pad(indent + 1));
+        write(out, item);
+        if i + 1 < n {
+            out.push(',');
+        }
+        out.push('\n');
+    }
+    out.push_str(&pad(indent));
+    out.push(close);
 }
 
 /// `t` seconds since the Unix epoch, as RFC 3339 UTC.
