@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fmt::Write as _;
 use std::io::Write as _;
 
 use half::{bf16, f16};
@@ -241,7 +242,7 @@ impl<'de> DeserializeSeed<'de> for &mut Elements<'_> {
 /// from `shortest`, the narrow type's shortest round-trip text, so that
 /// 0.1f32 is written `0.1` rather than `0.10000000149011612`; non-finite
 /// values as their strings.
-fn write_float(out: &mut Vec<u8>, x: f64, shortest: impl fmt::Display) {
+fn write_float(out: &mut Vec<u8>, scratch: &mut String, x: f64, shortest: impl fmt::Display) {
     if x.is_nan() {
         out.extend_from_slice(b"\"NaN\"");
     } else if x.is_infinite() {
@@ -251,7 +252,9 @@ fn write_float(out: &mut Vec<u8>, x: f64, shortest: impl fmt::Display) {
             b"\"-Infinity\""
         });
     } else {
-        let v = shortest.to_string().parse::<f64>().unwrap_or(x);
+        scratch.clear();
+        let _ = write!(scratch, "{shortest}");
+        let v = scratch.parse::<f64>().unwrap_or(x);
         // Writing a finite f64 into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, &v);
     }
@@ -319,6 +322,8 @@ impl JsonTensor {
         }
         let mut text = Vec::with_capacity(2 + bytes.len() * 3);
         text.push(b'[');
+        // The narrow float's text, reused across elements.
+        let mut scratch = String::new();
         for (i, c) in bytes.chunks_exact(dtype.size()).enumerate() {
             if i > 0 {
                 text.push(b',');
@@ -326,15 +331,15 @@ impl JsonTensor {
             match dtype {
                 DType::F32 => {
                     let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    write_float(&mut text, f64::from(x), x);
+                    write_float(&mut text, &mut scratch, f64::from(x), x);
                 }
                 DType::F16 => {
                     let x = f16::from_le_bytes([c[0], c[1]]);
-                    write_float(&mut text, x.to_f64(), x);
+                    write_float(&mut text, &mut scratch, x.to_f64(), x);
                 }
                 DType::BF16 => {
                     let x = bf16::from_le_bytes([c[0], c[1]]);
-                    write_float(&mut text, x.to_f64(), x);
+                    write_float(&mut text, &mut scratch, x.to_f64(), x);
                 }
                 DType::I32 => {
                     let _ = write!(text, "{}", i32::from_le_bytes([c[0], c[1], c[2], c[3]]));
