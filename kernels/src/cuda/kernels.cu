@@ -45,15 +45,23 @@ __device__ __forceinline__ bool is_nan(float x) { return x != x; }
 // ---------------------------------------------------------------- f16 / bf16
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef TENSOR_WASM_CUDA_EMU  // the host-compiled emulation (kernels/cuda-emu)
+  return emu_f16_to_f32(h);
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
+#endif
 }
 
 __device__ __forceinline__ u16 f32_to_f16(float f) {
+#ifdef TENSOR_WASM_CUDA_EMU
+  return emu_f32_to_f16(f);
+#else
   u16 h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
+#endif
 }
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) {

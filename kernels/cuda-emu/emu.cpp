@@ -1,0 +1,980 @@
+// A CPU emulation of the CUDA driver and cuBLAS calls that the TensorWasm
+// CUDA backend makes, built as one shared library that stands in for
+// libcuda.so.1 and libcublas.so.13 (scripts/cuda-emu). Its kernels are
+// kernels.cu itself, compiled by the host compiler with device.h.
+//
+// It exists to run the CUDA backend's host code and kernels where there is
+// no GPU: launch geometry, argument lists, index arithmetic, barriers and
+// shuffles, GEMM arguments (transposes, leading dimensions, strides) and
+// every copy are exercised and checked. It proves nothing about speed,
+// about the real compiler's code or about the real cuBLAS, and it runs
+// streams synchronously, so stream-ordering bugs stay hidden: the GPU check
+// (scripts/gpu-check) remains the proof.
+//
+// Checks beyond what a GPU reports:
+// - every device allocation ends at a guard page (and starts after one), so
+//   a kernel that reads or writes past a buffer faults, and the fault names
+//   the kernel;
+// - copies, memsets and GEMM operands must lie inside one allocation;
+// - row kernels must run with exactly BLOCK threads, and barriers must not
+//   diverge (see device.h);
+// - fresh allocations are filled with 0xFF bytes (NaN for floats), as
+//   stale device memory would be.
+
+#include "device.h"
+#define TENSOR_WASM_CUDA_EMU 1
+#include "../src/cuda/kernels.cu"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace emu {
+
+EmuDim3 grid_dim, block_dim, block_idx, thread_idx;
+
+// ---------------------------------------------------------------- kernels
+
+typedef void (*Invoke)(void* fn, void** params);
+
+struct Kernel {
+  const char* name;
+  void* fn;
+  Invoke invoke;
+  bool fibers;  // has barriers or shuffles: one fiber per thread, BLOCK threads
+};
+
+template <typename... A>
+struct Invoker {
+  template <size_t... I>
+  static void call(void* fn, void** p, std::index_sequence<I...>) {
+    reinterpret_cast<void (*)(A...)>(fn)(*static_cast<std::remove_cv_t<A>*>(p[I])...);
+  }
+  static void invoke(void* fn, void** p) { call(fn, p, std::index_sequence_for<A...>{}); }
+};
+
+template <typename... A>
+Kernel entry(const char* name, void (*fn)(A...)) {
+  static const char* const row_kernels[] = {"reduce_rows_", "softmax_rows_", "layer_norm_",
+                                            "rms_norm_", "attn_softmax_"};
+  bool fibers = false;
+  for (const char* p : row_kernels) fibers |= std::strncmp(name, p, std::strlen(p)) == 0;
+  return Kernel{name, reinterpret_cast<void*>(fn), &Invoker<A...>::invoke, fibers};
+}
+
+// The registry mirrors the DEF_* lists at the end of kernels.cu; a kernel
+// missing here fails cuModuleGetFunction, so the backend's startup names it.
+#define REG(f) entry(#f, &f),
+#define REG_ELEMENTWISE(T) REG(binary_same_##T) REG(binary_bcast_##T) REG(scalar_##T)
+#define REG_REDUCE_OP(T, NAME) REG(reduce_rows_##NAME##_##T) REG(reduce_cols_##NAME##_##T)
+#define REG_REDUCE(T)        \
+  REG_REDUCE_OP(T, sum)      \
+  REG_REDUCE_OP(T, mean)     \
+  REG_REDUCE_OP(T, max)      \
+  REG_REDUCE_OP(T, min)      \
+  REG_REDUCE_OP(T, argmax)
+#define REG_CAST_FROM(S) \
+  REG(cast_##S##_f32) REG(cast_##S##_f16) REG(cast_##S##_bf16) REG(cast_##S##_i32) REG(cast_##S##_i64) REG(cast_##S##_u8)
+#define REG_FLOAT(T)                                                                   \
+  REG(unary_##T) REG(softmax_rows_##T) REG(softmax_cols_##T) REG(layer_norm_##T) \
+      REG(rms_norm_##T) REG(attn_softmax_##T)
+#define REG_COPY(N, E) REG(permute_##N) REG(concat_##N) REG(gather_##N##_i32) REG(gather_##N##_i64)
+
+static const std::vector<Kernel>& kernels() {
+  static const std::vector<Kernel> k = {FOR_ALL_DTYPES(REG_ELEMENTWISE) FOR_ALL_DTYPES(REG_REDUCE)
+                                            FOR_ALL_DTYPES(REG_CAST_FROM) FOR_FLOAT_DTYPES(REG_FLOAT)
+                                                FOR_ELEM_SIZES(REG_COPY)};
+  return k;
+}
+
+// ---------------------------------------------------------------- execution
+
+enum State { READY, AT_SYNC, AT_SHUFFLE, DONE };
+
+struct Fiber {
+  ucontext_t ctx;
+  State state;
+  EmuDim3 idx;
+  uint64_t shuffle_in, shuffle_out;
+  unsigned shuffle_src;
+};
+
+static const unsigned MAX_THREADS = 1024;
+static const size_t STACK = 256 * 1024;
+
+struct Launch {
+  const Kernel* kernel;
+  void** params;
+  bool fibers;
+  std::vector<Fiber> threads;
+  ucontext_t sched;
+  Fiber* cur;
+  std::string error;
+};
+
+static Launch* running;  // under the launch lock
+static char* stacks;     // MAX_THREADS stacks, each above a guard page
+
+static void fail(const char* what) {
+  fprintf(stderr, "cuda-emu: kernel %s, block (%u,%u,%u), thread (%u,%u,%u): %s\n",
+          running ? running->kernel->name : "?", block_idx.x, block_idx.y, block_idx.z,
+          thread_idx.x, thread_idx.y, thread_idx.z, what);
+}
+
+static void fiber_entry() {
+  running->kernel->invoke(running->kernel->fn, running->params);
+  running->cur->state = DONE;  // uc_link returns to the scheduler
+}
+
+__attribute__((noinline)) static void park(State s) {
+  Launch* l = running;
+  if (!l->fibers) {
+    fail("barrier or shuffle in a kernel that cuda-emu runs without fibers "
+         "(add its name to the row kernels in emu.cpp)");
+    abort();
+  }
+  l->cur->state = s;
+  asm volatile("" ::: "memory");
+  swapcontext(&l->cur->ctx, &l->sched);
+  asm volatile("" ::: "memory");
+}
+
+void sync_threads() { park(AT_SYNC); }
+
+uint64_t shuffle(uint64_t v, unsigned src, unsigned xor_mask, bool is_xor) {
+  Fiber* f = running->cur;
+  const unsigned lane = (unsigned)(f - running->threads.data()) % 32u;
+  f->shuffle_in = v;
+  f->shuffle_src = (is_xor ? (lane ^ xor_mask) : src) & 31u;
+  park(AT_SHUFFLE);
+  return running->cur->shuffle_out;
+}
+
+static EmuDim3 unflatten(unsigned i, const EmuDim3& d) {
+  return EmuDim3{i % d.x, (i / d.x) % d.y, i / (d.x * d.y)};
+}
+
+// Runs one block with a fiber per thread; false (and l->error) on divergence.
+static bool run_block_fibers(Launch* l, unsigned n) {
+  for (unsigned i = 0; i < n; ++i) {
+    Fiber& f = l->threads[i];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stacks + (size_t)i * (STACK + 4096) + 4096;
+    f.ctx.uc_stack.ss_size = STACK;
+    f.ctx.uc_link = &l->sched;
+    makecontext(&f.ctx, fiber_entry, 0);
+    f.state = READY;
+    f.idx = unflatten(i, block_dim);
+  }
+  for (;;) {
+    for (unsigned i = 0; i < n; ++i) {
+      Fiber& f = l->threads[i];
+      if (f.state != READY) continue;
+      l->cur = &f;
+      thread_idx = f.idx;
+      swapcontext(&l->sched, &f.ctx);
+    }
+    unsigned done = 0, at_sync = 0, at_shuffle = 0;
+    for (unsigned i = 0; i < n; ++i) {
+      done += l->threads[i].state == DONE;
+      at_sync += l->threads[i].state == AT_SYNC;
+      at_shuffle += l->threads[i].state == AT_SHUFFLE;
+    }
+    if (done == n) return true;
+    if (at_shuffle > 0) {
+      bool resolved = false;
+      for (unsigned w = 0; w * 32 < n; ++w) {
+        const unsigned lo = w * 32, hi = lo + 32 < n ? lo + 32 : n;
+        unsigned waiting = 0;
+        for (unsigned i = lo; i < hi; ++i) waiting += l->threads[i].state == AT_SHUFFLE;
+        if (waiting == 0) continue;
+        if (waiting != hi - lo) {
+          l->error = "warp shuffle reached by only some lanes of warp " + std::to_string(w) +
+                     " (the others are at __syncthreads or finished)";
+          return false;
+        }
+        for (unsigned i = lo; i < hi; ++i) {
+          Fiber& f = l->threads[i];
+          const unsigned src = lo + f.shuffle_src;
+          if (src >= hi) {
+            l->error = "warp shuffle from a lane that does not exist";
+            return false;
+          }
+          f.shuffle_out = l->threads[src].shuffle_in;
+        }
+        for (unsigned i = lo; i < hi; ++i) l->threads[i].state = READY;
+        resolved = true;
+      }
+      if (resolved) continue;
+    }
+    if (done > 0 || at_shuffle > 0) {
+      l->error = "__syncthreads reached by " + std::to_string(at_sync) + " of " +
+                 std::to_string(n) + " threads (divergent barrier)";
+      return false;
+    }
+    for (unsigned i = 0; i < n; ++i) l->threads[i].state = READY;
+  }
+}
+
+// Runs the whole grid; an empty string on success.
+static std::string run(const Kernel* k, EmuDim3 grid, EmuDim3 block, void** params) {
+  Launch l;
+  l.kernel = k;
+  l.params = params;
+  l.fibers = k->fibers;
+  running = &l;
+  grid_dim = grid;
+  block_dim = block;
+  const unsigned n = block.x * block.y * block.z;
+  if (l.fibers) l.threads.resize(n);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        block_idx = EmuDim3{bx, by, bz};
+        if (l.fibers) {
+          if (!run_block_fibers(&l, n)) {
+            running = nullptr;
+            return l.error;
+          }
+        } else {
+          for (unsigned i = 0; i < n; ++i) {
+            thread_idx = unflatten(i, block);
+            k->invoke(k->fn, params);
+          }
+        }
+      }
+  running = nullptr;
+  return std::string();
+}
+
+// ---------------------------------------------------------------- memory
+
+static std::mutex mem_lock;
+struct Alloc {
+  size_t size;
+  char* map;  // the mapping, guard pages included
+  size_t map_len;
+};
+static std::map<uint64_t, Alloc> allocs;  // by start address
+static size_t used_bytes;
+// The pool's reservation: freed memory stays reserved up to the release
+// threshold (CU_MEMPOOL_ATTR_RELEASE_THRESHOLD), as with the real pool.
+static size_t reserved_bytes, release_threshold;
+static const size_t TOTAL_MEM = 4ull << 30;
+static const size_t PAGE = 4096;
+
+// Memory for `size` bytes (16-byte aligned) ending within 15 bytes of a
+// guard page, with a guard page before it too; 0 when over TOTAL_MEM.
+static uint64_t dev_alloc(size_t size) {
+  const size_t body = (size + 15) / 16 * 16;
+  const size_t pages = (body + PAGE - 1) / PAGE;
+  const size_t map_len = (pages + 2) * PAGE;
+  std::lock_guard<std::mutex> g(mem_lock);
+  if (used_bytes + size > TOTAL_MEM) return 0;
+  char* m = (char*)mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return 0;
+  mprotect(m, PAGE, PROT_NONE);
+  mprotect(m + map_len - PAGE, PAGE, PROT_NONE);
+  char* start = m + map_len - PAGE - body;
+  memset(start, 0xFF, body);
+  allocs[(uint64_t)start] = Alloc{size, m, map_len};
+  used_bytes += size;
+  if (reserved_bytes < used_bytes) reserved_bytes = used_bytes;
+  return (uint64_t)start;
+}
+
+static bool dev_free(uint64_t p) {
+  std::lock_guard<std::mutex> g(mem_lock);
+  auto it = allocs.find(p);
+  if (it == allocs.end()) return false;
+  used_bytes -= it->second.size;
+  if (reserved_bytes - used_bytes > release_threshold) reserved_bytes = used_bytes + release_threshold;
+  munmap(it->second.map, it->second.map_len);
+  allocs.erase(it);
+  return true;
+}
+
+// Whether [p, p + len) lies inside one live allocation.
+static bool dev_range(uint64_t p, size_t len) {
+  std::lock_guard<std::mutex> g(mem_lock);
+  auto it = allocs.upper_bound(p);
+  if (it == allocs.begin()) return false;
+  --it;
+  return p >= it->first && p - it->first <= it->second.size && len <= it->second.size - (p - it->first);
+}
+
+// Faults in a guard page during a launch name the kernel.
+static struct sigaction old_segv;
+static void on_segv(int sig, siginfo_t* info, void* uc) {
+  if (running != nullptr) {
+    // On the small signal stack: write(2) only, no stdio.
+    static const char head[] = "cuda-emu: out-of-bounds device access by kernel ";
+    const char* name = running->kernel->name;
+    if (write(2, head, sizeof head - 1) < 0 || write(2, name, strlen(name)) < 0 ||
+        write(2, "\n", 1) < 0) {
+      // Nothing more to do: the process ends below either way.
+    }
+    signal(SIGSEGV, SIG_DFL);
+    raise(SIGSEGV);
+    return;
+  }
+  if (old_segv.sa_flags & SA_SIGINFO) {
+    old_segv.sa_sigaction(sig, info, uc);
+  } else if (old_segv.sa_handler != SIG_DFL && old_segv.sa_handler != SIG_IGN) {
+    old_segv.sa_handler(sig);
+  } else {
+    signal(SIGSEGV, SIG_DFL);
+    raise(SIGSEGV);
+  }
+}
+
+static void init_once() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const size_t len = (size_t)MAX_THREADS * (STACK + PAGE);
+    stacks = (char*)mmap(nullptr, len, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (stacks == MAP_FAILED) {
+      perror("cuda-emu: fiber stacks");
+      abort();
+    }
+    for (unsigned i = 0; i < MAX_THREADS; ++i) mprotect(stacks + i * (STACK + PAGE), PAGE, PROT_NONE);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, &old_segv);
+  });
+}
+
+static std::mutex launch_lock;
+
+}  // namespace emu
+
+// ---------------------------------------------------------------- driver API
+
+// CUDA_EMU_COUNT_CALLS=1: every driver and cuBLAS call is counted, and the
+// counts are printed to stderr at exit (how many calls an op costs).
+namespace emu {
+static std::mutex count_lock;
+static std::map<std::string, unsigned long>* call_counts;
+static void print_counts() {
+  std::lock_guard<std::mutex> g(count_lock);
+  for (const auto& kv : *call_counts) fprintf(stderr, "cuda-emu calls: %-32s %lu\n", kv.first.c_str(), kv.second);
+}
+static void count_call(const char* name) {
+  static const bool on = [] {
+    const char* v = getenv("CUDA_EMU_COUNT_CALLS");
+    if (v == nullptr || *v == '\0' || *v == '0') return false;
+    call_counts = new std::map<std::string, unsigned long>();
+    atexit(print_counts);
+    return true;
+  }();
+  if (!on) return;
+  std::lock_guard<std::mutex> g(count_lock);
+  ++(*call_counts)[name];
+}
+// Counts the outermost call only (entry points that forward to another
+// count once).
+static thread_local bool in_call;
+struct CallGuard {
+  bool outer;
+  explicit CallGuard(const char* name) : outer(!in_call) {
+    if (outer) {
+      in_call = true;
+      count_call(name);
+    }
+  }
+  ~CallGuard() {
+    if (outer) in_call = false;
+  }
+};
+}  // namespace emu
+#define COUNT_CALL() emu::CallGuard emu_call_guard(__func__)
+
+extern "C" {
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void* CUcontext;
+typedef void* CUstream;
+typedef void* CUevent;
+typedef void* CUmodule;
+typedef void* CUmemoryPool;
+typedef const emu::Kernel* CUfunction;
+
+enum {
+  OK = 0,
+  INVALID_VALUE = 1,
+  OUT_OF_MEMORY = 2,
+  INVALID_DEVICE = 101,
+  NOT_FOUND = 500,
+  ILLEGAL_ADDRESS = 700,
+  LAUNCH_FAILED = 719,
+  NOT_SUPPORTED = 801,
+};
+
+static int device_count() {
+  const char* v = getenv("CUDA_VISIBLE_DEVICES");
+  return (v != nullptr && *v == '\0') ? 0 : 1;
+}
+
+static int primary_ctx;
+static thread_local CUcontext current_ctx;
+
+CUresult cuInit(unsigned) {
+  COUNT_CALL();
+  emu::init_once();
+  return OK;
+}
+CUresult cuDriverGetVersion(int* v) {
+  COUNT_CALL();
+  *v = 13000;
+  return OK;
+}
+CUresult cuDeviceGetCount(int* n) {
+  COUNT_CALL();
+  *n = device_count();
+  return OK;
+}
+CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+  COUNT_CALL();
+  if (ordinal < 0 || ordinal >= device_count()) return INVALID_DEVICE;
+  *d = ordinal;
+  return OK;
+}
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+  COUNT_CALL();
+  snprintf(name, (size_t)len, "%s", "TensorWasm CUDA emulation (CPU)");
+  return OK;
+}
+CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
+  COUNT_CALL();
+  switch (attr) {
+    case 1: *v = 1024; break;        // max threads per block
+    case 2: *v = 1024; break;        // max block dim x
+    case 3: case 4: *v = 1024; break;
+    case 5: *v = 2147483647; break;  // max grid dim x
+    case 6: case 7: *v = 65535; break;
+    case 8: *v = 49152; break;       // shared memory per block
+    case 10: *v = 32; break;         // warp size
+    case 16: *v = 4; break;          // SMs: few, so that grid-stride loops loop
+    case 75: *v = 9; break;          // compute capability 9.0
+    case 76: *v = 0; break;
+    case 115: *v = 1; break;         // memory pools supported
+    default: *v = 0; break;
+  }
+  return OK;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+  COUNT_CALL();
+  *bytes = emu::TOTAL_MEM;
+  return OK;
+}
+CUresult cuDeviceGetUuid(unsigned char* uuid, CUdevice d) {
+  COUNT_CALL();
+  for (int i = 0; i < 16; ++i) uuid[i] = (unsigned char)(0xE0 + i + d);
+  return OK;
+}
+CUresult cuDeviceGetUuid_v2(unsigned char* uuid, CUdevice d) {
+  COUNT_CALL();
+  return cuDeviceGetUuid(uuid, d);
+}
+CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
+  COUNT_CALL();
+  *c = &primary_ctx;
+  return OK;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) {
+  COUNT_CALL();
+  return OK;
+}
+CUresult cuCtxSetCurrent(CUcontext c) {
+  COUNT_CALL();
+  current_ctx = c;
+  return OK;
+}
+CUresult cuCtxGetCurrent(CUcontext* c) {
+  COUNT_CALL();
+  *c = current_ctx;
+  return OK;
+}
+CUresult cuCtxGetDevice(CUdevice* d) {
+  COUNT_CALL();
+  *d = 0;
+  return OK;
+}
+CUresult cuCtxSynchronize() {
+  COUNT_CALL();
+  return OK;
+}
+
+CUresult cuGetErrorString(CUresult e, const char** s) {
+  COUNT_CALL();
+  switch (e) {
+    case OK: *s = "no error"; break;
+    case INVALID_VALUE: *s = "invalid argument"; break;
+    case OUT_OF_MEMORY: *s = "out of memory"; break;
+    case INVALID_DEVICE: *s = "invalid device ordinal"; break;
+    case NOT_FOUND: *s = "named symbol not found"; break;
+    case ILLEGAL_ADDRESS: *s = "an illegal memory access was encountered (cuda-emu)"; break;
+    case LAUNCH_FAILED: *s = "unspecified launch failure (cuda-emu: see stderr)"; break;
+    default: *s = "unknown error (cuda-emu)"; break;
+  }
+  return OK;
+}
+CUresult cuGetErrorName(CUresult e, const char** s) {
+  COUNT_CALL();
+  switch (e) {
+    case OK: *s = "CUDA_SUCCESS"; break;
+    case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+    case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+    case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+    case ILLEGAL_ADDRESS: *s = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
+    case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
+    default: *s = "CUDA_ERROR_UNKNOWN"; break;
+  }
+  return OK;
+}
+
+// Streams and events: everything runs synchronously at enqueue.
+static std::atomic<unsigned long> handles{1};
+static void* new_handle() { return (void*)(uintptr_t)(handles.fetch_add(1) * 16); }
+
+CUresult cuStreamCreate(CUstream* s, unsigned) {
+  COUNT_CALL();
+  *s = new_handle();
+  return OK;
+}
+CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) {
+  COUNT_CALL();
+  *s = new_handle();
+  return OK;
+}
+CUresult cuStreamDestroy_v2(CUstream) {
+  COUNT_CALL();
+  return OK;
+}
+CUresult cuStreamSynchronize(CUstream) {
+  COUNT_CALL();
+  return OK;
+}
+CUresult cuStreamQuery(CUstream) {
+  COUNT_CALL();
+  return OK;
+}
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) {
+  COUNT_CALL();
+  return OK;
+}
+
+static std::mutex event_lock;
+static std::unordered_map<CUevent, double> event_ms;
+static double now_ms() {
+  COUNT_CALL();
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+CUresult cuEventCreate(CUevent* e, unsigned) {
+  COUNT_CALL();
+  *e = new_handle();
+  return OK;
+}
+CUresult cuEventDestroy_v2(CUevent e) {
+  COUNT_CALL();
+  std::lock_guard<std::mutex> g(event_lock);
+  event_ms.erase(e);
+  return OK;
+}
+CUresult cuEventRecord(CUevent e, CUstream) {
+  COUNT_CALL();
+  std::lock_guard<std::mutex> g(event_lock);
+  event_ms[e] = now_ms();
+  return OK;
+}
+CUresult cuEventSynchronize(CUevent) {
+  COUNT_CALL();
+  return OK;
+}
+CUresult cuEventQuery(CUevent) {
+  COUNT_CALL();
+  return OK;
+}
+CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
+  COUNT_CALL();
+  std::lock_guard<std::mutex> g(event_lock);
+  auto ia = event_ms.find(a), ib = event_ms.find(b);
+  if (ia == event_ms.end() || ib == event_ms.end()) return INVALID_VALUE;
+  *ms = (float)(ib->second - ia->second);
+  return OK;
+}
+CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) {
+  COUNT_CALL();
+  return cuEventElapsedTime(ms, a, b);
+}
+
+// Device memory.
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+  COUNT_CALL();
+  if (bytes == 0) return INVALID_VALUE;
+  *p = emu::dev_alloc(bytes);
+  return *p ? OK : OUT_OF_MEMORY;
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) {
+  COUNT_CALL();
+  return cuMemAlloc_v2(p, bytes);
+}
+CUresult cuMemFree_v2(CUdeviceptr p) {
+  COUNT_CALL();
+  return emu::dev_free(p) ? OK : INVALID_VALUE;
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
+  COUNT_CALL();
+  return cuMemFree_v2(p);
+}
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+  COUNT_CALL();
+  std::lock_guard<std::mutex> g(emu::mem_lock);
+  *total = emu::TOTAL_MEM;
+  *free_bytes = emu::TOTAL_MEM - emu::used_bytes;
+  return OK;
+}
+static int pool_handle;
+CUresult cuDeviceGetMemPool(CUmemoryPool* pool, CUdevice) {
+  COUNT_CALL();
+  *pool = &pool_handle;
+  return OK;
+}
+CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice d) {
+  COUNT_CALL();
+  return cuDeviceGetMemPool(pool, d);
+}
+CUresult cuMemPoolSetAttribute(CUmemoryPool, int attr, void* value) {
+  COUNT_CALL();
+  if (attr == 4) {  // release threshold
+    std::lock_guard<std::mutex> g(emu::mem_lock);
+    uint64_t v;
+    memcpy(&v, value, sizeof v);
+    emu::release_threshold = (size_t)v;
+  }
+  return OK;
+}
+CUresult cuMemPoolGetAttribute(CUmemoryPool, int attr, void* value) {
+  COUNT_CALL();
+  std::lock_guard<std::mutex> g(emu::mem_lock);
+  uint64_t v = 0;
+  if (attr == 5 || attr == 6) v = emu::reserved_bytes;  // reserved: current, high
+  if (attr == 7 || attr == 8) v = emu::used_bytes;      // used: current, high
+  memcpy(value, &v, sizeof v);
+  return OK;
+}
+
+static CUresult bad_range(const char* what, CUdeviceptr p, size_t n) {
+  fprintf(stderr, "cuda-emu: %s of %zu bytes at 0x%llx is outside every device allocation\n", what,
+          n, p);
+  return ILLEGAL_ADDRESS;
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+  COUNT_CALL();
+  if (n == 0) return OK;
+  if (!emu::dev_range(dst, n)) return bad_range("host-to-device copy", dst, n);
+  memcpy((void*)dst, src, n);
+  return OK;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
+  COUNT_CALL();
+  return cuMemcpyHtoD_v2(dst, src, n);
+}
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+  COUNT_CALL();
+  if (n == 0) return OK;
+  if (!emu::dev_range(src, n)) return bad_range("device-to-host copy", src, n);
+  memcpy(dst, (const void*)src, n);
+  return OK;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+  COUNT_CALL();
+  return cuMemcpyDtoH_v2(dst, src, n);
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+  COUNT_CALL();
+  if (n == 0) return OK;
+  if (!emu::dev_range(src, n)) return bad_range("device-to-device copy (source)", src, n);
+  if (!emu::dev_range(dst, n)) return bad_range("device-to-device copy (destination)", dst, n);
+  memmove((void*)dst, (const void*)src, n);
+  return OK;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
+  COUNT_CALL();
+  return cuMemcpyDtoD_v2(dst, src, n);
+}
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+  COUNT_CALL();
+  if (n == 0) return OK;
+  if (!emu::dev_range(dst, n)) return bad_range("memset", dst, n);
+  memset((void*)dst, v, n);
+  return OK;
+}
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
+  COUNT_CALL();
+  return cuMemsetD8_v2(dst, v, n);
+}
+
+// Pinned host memory is ordinary memory here.
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+  COUNT_CALL();
+  *p = malloc(bytes ? bytes : 1);
+  return *p ? OK : OUT_OF_MEMORY;
+}
+CUresult cuMemAllocHost_v2(void** p, size_t bytes) {
+  COUNT_CALL();
+  return cuMemHostAlloc(p, bytes, 0);
+}
+CUresult cuMemFreeHost(void* p) {
+  COUNT_CALL();
+  free(p);
+  return OK;
+}
+
+// Modules: the image (NVRTC's output) is accepted as is; functions come
+// from the host-compiled kernels.
+static int module_handle;
+CUresult cuModuleLoadData(CUmodule* m, const void* image) {
+  COUNT_CALL();
+  if (image == nullptr) return INVALID_VALUE;
+  *m = &module_handle;
+  return OK;
+}
+CUresult cuModuleUnload(CUmodule) {
+  COUNT_CALL();
+  return OK;
+}
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+  COUNT_CALL();
+  for (const emu::Kernel& k : emu::kernels()) {
+    if (strcmp(k.name, name) == 0) {
+      *f = &k;
+      return OK;
+    }
+  }
+  return NOT_FOUND;
+}
+CUresult cuFuncGetAttribute(int* v, int attr, CUfunction) {
+  COUNT_CALL();
+  *v = attr == 0 ? 1024 : 0;  // max threads per block
+  return OK;
+}
+CUresult cuFuncSetAttribute(CUfunction, int, int) {
+  COUNT_CALL();
+  return OK;
+}
+
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                        unsigned by, unsigned bz, unsigned shared, CUstream, void** params,
+                        void** extra) {
+  COUNT_CALL();
+  if (f == nullptr || params == nullptr || extra != nullptr) return INVALID_VALUE;
+  const unsigned long long threads = (unsigned long long)bx * by * bz;
+  const char* why = nullptr;
+  if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0) why = "empty grid or block";
+  else if (gx > 2147483647u || gy > 65535 || gz > 65535) why = "grid larger than the device allows";
+  else if (threads > emu::MAX_THREADS || bz > 64) why = "block larger than the device allows";
+  else if (shared > 49152) why = "more dynamic shared memory than the device allows";
+  else if (f->fibers && (bx != BLOCK || by != 1 || bz != 1))
+    why = "a row kernel launched with other than BLOCK (256) threads";
+  if (why != nullptr) {
+    fprintf(stderr, "cuda-emu: launch of %s with grid (%u,%u,%u), block (%u,%u,%u): %s\n",
+            f->name, gx, gy, gz, bx, by, bz, why);
+    return INVALID_VALUE;
+  }
+  std::lock_guard<std::mutex> g(emu::launch_lock);
+  const std::string err = emu::run(f, EmuDim3{gx, gy, gz}, EmuDim3{bx, by, bz}, params);
+  if (!err.empty()) {
+    fprintf(stderr, "cuda-emu: kernel %s: %s\n", f->name, err.c_str());
+    return LAUNCH_FAILED;
+  }
+  return OK;
+}
+
+typedef void (*CUhostFn)(void*);
+CUresult cuLaunchHostFunc(CUstream, CUhostFn fn, void* data) {
+  COUNT_CALL();
+  fn(data);
+  return OK;
+}
+
+// ---------------------------------------------------------------- cuBLAS
+
+typedef int cublasStatus_t;
+typedef void* cublasHandle_t;
+enum {
+  BLAS_OK = 0,
+  BLAS_INVALID_VALUE = 7,
+  BLAS_EXECUTION_FAILED = 13,
+  BLAS_NOT_SUPPORTED = 15,
+};
+enum { R_32F = 0, R_16F = 2, R_16BF = 14 };
+
+cublasStatus_t cublasCreate_v2(cublasHandle_t* h) {
+  COUNT_CALL();
+  emu::init_once();
+  *h = new_handle();
+  return BLAS_OK;
+}
+cublasStatus_t cublasDestroy_v2(cublasHandle_t) {
+  COUNT_CALL();
+  return BLAS_OK;
+}
+cublasStatus_t cublasSetStream_v2(cublasHandle_t, CUstream) {
+  COUNT_CALL();
+  return BLAS_OK;
+}
+cublasStatus_t cublasSetMathMode(cublasHandle_t, int) {
+  COUNT_CALL();
+  return BLAS_OK;
+}
+cublasStatus_t cublasSetWorkspace_v2(cublasHandle_t, void*, size_t) {
+  COUNT_CALL();
+  return BLAS_OK;
+}
+const char* cublasGetStatusString(cublasStatus_t s) {
+  COUNT_CALL();
+  return s == BLAS_OK ? "CUBLAS_STATUS_SUCCESS" : "CUBLAS_STATUS_ERROR (cuda-emu)";
+}
+
+static size_t elem_size(int t) { return t == R_32F ? 4 : 2; }
+
+static float load(const void* base, int t, int64_t i) {
+  if (t == R_32F) return ((const float*)base)[i];
+  const uint16_t b = ((const uint16_t*)base)[i];
+  return t == R_16F ? emu_f16_to_f32(b) : bf16_to_f32(b);
+}
+
+static void store(void* base, int t, int64_t i, float v) {
+  if (t == R_32F) ((float*)base)[i] = v;
+  else ((uint16_t*)base)[i] = t == R_16F ? emu_f32_to_f16(v) : f32_to_bf16(v);
+}
+
+// Whether every element of `batch` column-major matrices of rows × cols
+// (leading dimension ld, batch stride) lies in one allocation.
+static bool matrices_in_range(const void* p, int t, int64_t rows, int64_t cols, int64_t ld,
+                              int64_t stride, int64_t batch) {
+  if (rows == 0 || cols == 0 || batch == 0) return true;
+  const int64_t last = (rows - 1) + (cols - 1) * ld + (batch - 1) * stride;
+  if (stride < 0 || last < 0) return false;
+  return emu::dev_range((uint64_t)p, (size_t)(last + 1) * elem_size(t));
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx_64(cublasHandle_t, int transa, int transb, int64_t m,
+                                             int64_t n, int64_t k, const void* alpha_p,
+                                             const void* A, int at, int64_t lda, int64_t sa,
+                                             const void* B, int bt, int64_t ldb, int64_t sb,
+                                             const void* beta_p, void* C, int ct, int64_t ldc,
+                                             int64_t sc, int64_t batch, int compute, int) {
+  COUNT_CALL();
+  const bool ta = transa != 0, tb = transb != 0;
+  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k;
+  const int64_t b_rows = tb ? n : k, b_cols = tb ? k : n;
+  if (m < 0 || n < 0 || k < 0 || batch < 0 || transa < 0 || transa > 1 || transb < 0 ||
+      transb > 1 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
+      ldc < (m > 1 ? m : 1)) {
+    fprintf(stderr, "cuda-emu: cuBLAS GEMM with invalid sizes or leading dimensions\n");
+    return BLAS_INVALID_VALUE;
+  }
+  const bool types_ok = (at == R_32F || at == R_16F || at == R_16BF) && bt == at &&
+                        (ct == at || ct == R_32F) && compute == 68;
+  if (!types_ok) {
+    fprintf(stderr, "cuda-emu: cuBLAS GEMM types %d/%d/%d compute %d not supported\n", at, bt, ct,
+            compute);
+    return BLAS_NOT_SUPPORTED;
+  }
+  if (!matrices_in_range(A, at, a_rows, a_cols, lda, sa, batch) ||
+      !matrices_in_range(B, bt, b_rows, b_cols, ldb, sb, batch) ||
+      !matrices_in_range(C, ct, m, n, ldc, sc, batch)) {
+    fprintf(stderr, "cuda-emu: cuBLAS GEMM operand outside every device allocation "
+                    "(m %lld n %lld k %lld lda %lld ldb %lld ldc %lld batch %lld)\n",
+            (long long)m, (long long)n, (long long)k, (long long)lda, (long long)ldb,
+            (long long)ldc, (long long)batch);
+    return BLAS_EXECUTION_FAILED;
+  }
+  const float alpha = *(const float*)alpha_p, beta = *(const float*)beta_p;
+  std::vector<double> col((size_t)m);
+  for (int64_t q = 0; q < batch; ++q) {
+    const void* a = (const char*)A + q * sa * (int64_t)elem_size(at);
+    const void* b = (const char*)B + q * sb * (int64_t)elem_size(bt);
+    void* c = (char*)C + q * sc * (int64_t)elem_size(ct);
+    for (int64_t j = 0; j < n; ++j) {
+      std::fill(col.begin(), col.end(), 0.0);
+      for (int64_t l = 0; l < k; ++l) {
+        const double bv = load(b, bt, tb ? j + l * ldb : l + j * ldb);
+        for (int64_t i = 0; i < m; ++i) {
+          col[(size_t)i] += (double)load(a, at, ta ? l + i * lda : i + l * lda) * bv;
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        float v = alpha * (float)col[(size_t)i];
+        // beta == 0: C is not read (it may hold NaN), as in cuBLAS.
+        if (beta != 0.0f) v += beta * load(c, ct, i + j * ldc);
+        store(c, ct, i + j * ldc, v);
+      }
+    }
+  }
+  return BLAS_OK;
+}
+
+cublasStatus_t cublasGemmEx_64(cublasHandle_t h, int transa, int transb, int64_t m, int64_t n,
+                               int64_t k, const void* alpha, const void* A, int at, int64_t lda,
+                               const void* B, int bt, int64_t ldb, const void* beta, void* C,
+                               int ct, int64_t ldc, int compute, int algo) {
+  COUNT_CALL();
+  return cublasGemmStridedBatchedEx_64(h, transa, transb, m, n, k, alpha, A, at, lda, 0, B, bt,
+                                       ldb, 0, beta, C, ct, ldc, 0, 1, compute, algo);
+}
+
+// The 32-bit entry points, for callers of cuBLAS other than the backend
+// (gpu-bench's direct cuBLAS baseline).
+cublasStatus_t cublasGemmEx(cublasHandle_t h, int transa, int transb, int m, int n, int k,
+                            const void* alpha, const void* A, int at, int lda, const void* B,
+                            int bt, int ldb, const void* beta, void* C, int ct, int ldc,
+                            int compute, int algo) {
+  COUNT_CALL();
+  return cublasGemmEx_64(h, transa, transb, m, n, k, alpha, A, at, lda, B, bt, ldb, beta, C, ct,
+                         ldc, compute, algo);
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, int transa, int transb, int m, int n,
+                                          int k, const void* alpha, const void* A, int at,
+                                          int lda, long long sa, const void* B, int bt, int ldb,
+                                          long long sb, const void* beta, void* C, int ct,
+                                          int ldc, long long sc, int batch, int compute,
+                                          int algo) {
+  COUNT_CALL();
+  return cublasGemmStridedBatchedEx_64(h, transa, transb, m, n, k, alpha, A, at, lda, sa, B, bt,
+                                       ldb, sb, beta, C, ct, ldc, sc, batch, compute, algo);
+}
+
+cublasStatus_t cublasSgemm_v2(cublasHandle_t h, int transa, int transb, int m, int n, int k,
+                              const float* alpha, const float* A, int lda, const float* B,
+                              int ldb, const float* beta, float* C, int ldc) {
+  COUNT_CALL();
+  return cublasGemmEx_64(h, transa, transb, m, n, k, alpha, A, R_32F, lda, B, R_32F, ldb, beta, C,
+                         R_32F, ldc, 68, -1);
+}
+
+}  // extern "C"
