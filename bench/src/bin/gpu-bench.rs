@@ -58,6 +58,15 @@ struct Args {
     device: String,
     quick: bool,
     out: Option<String>,
+    /// `--only`: the benchmark names (or prefixes) to run; empty runs all.
+    only: Vec<String>,
+}
+
+impl Args {
+    /// Whether the benchmark `name` runs.
+    fn wants(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| name.starts_with(p.as_str()))
+    }
 }
 
 fn parse_args() -> Result<Args> {
@@ -65,16 +74,24 @@ fn parse_args() -> Result<Args> {
         device: "cuda".into(),
         quick: false,
         out: None,
+        only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "-h" | "--help" => {
-                bail!("usage: gpu-bench [--device cuda|cuda:N|cpu] [--quick] [--out FILE]")
+                bail!(
+                    "usage: gpu-bench [--device cuda|cuda:N|cpu] [--quick] [--out FILE] \
+                     [--only NAME,...]"
+                )
             }
             "--quick" => args.quick = true,
             "--device" => args.device = it.next().context("--device needs a value")?,
             "--out" => args.out = Some(it.next().context("--out needs a value")?),
+            "--only" => {
+                let v = it.next().context("--only needs a value")?;
+                args.only = v.split(',').map(str::to_owned).collect();
+            }
             other => bail!("unknown argument {other:?} (try --help)"),
         }
     }
@@ -241,6 +258,9 @@ fn main() -> Result<()> {
         ("matmul_f32", DType::F32, 3),
         ("matmul_bf16", DType::BF16, 20),
     ] {
+        if !args.wants(name) {
+            continue;
+        }
         let a = random_tensor(b, dtype, &[n, n], 1)?;
         let bb = random_tensor(b, dtype, &[n, n], 2)?;
         let t = rounds(2, reps, || b.matmul(&a, &bb), sync).with_context(|| name.to_string())?;
@@ -254,7 +274,7 @@ fn main() -> Result<()> {
     }
 
     // Elementwise add: two inputs and one output.
-    {
+    if args.wants("add_f32") {
         let e = shapes.add_elems;
         let a = random_tensor(b, DType::F32, &[e], 3)?;
         let c = random_tensor(b, DType::F32, &[e], 4)?;
@@ -265,36 +285,28 @@ fn main() -> Result<()> {
     }
 
     // Softmax and layer norm over rows × cols.
-    {
+    if args.wants("softmax_f32") || args.wants("layer_norm_f32") {
         let (r, c) = (shapes.rows, shapes.cols);
         let x = random_tensor(b, DType::F32, &[r, c], 5)?;
         let gamma = random_tensor(b, DType::F32, &[c], 6)?;
         let beta = random_tensor(b, DType::F32, &[c], 7)?;
         let bytes = (2 * r * c * 4) as f64;
         let shape = format!("{r}x{c}");
-        let t = rounds(3, 100, || b.softmax(&x, -1), sync)?;
-        results.add(
-            "softmax_f32",
-            "tensor-wasm",
-            &shape,
-            &t,
-            Work::Bytes(bytes),
-            "",
-        );
-        let norm = || b.layer_norm(&x, Some(&gamma), Some(&beta), 1e-5);
-        let t = rounds(3, 100, norm, sync)?;
-        results.add(
-            "layer_norm_f32",
-            "tensor-wasm",
-            &shape,
-            &t,
-            Work::Bytes(bytes),
-            "",
-        );
+        if args.wants("softmax_f32") {
+            let t = rounds(3, 100, || b.softmax(&x, -1), sync)?;
+            let work = Work::Bytes(bytes);
+            results.add("softmax_f32", "tensor-wasm", &shape, &t, work, "");
+        }
+        if args.wants("layer_norm_f32") {
+            let norm = || b.layer_norm(&x, Some(&gamma), Some(&beta), 1e-5);
+            let t = rounds(3, 100, norm, sync)?;
+            let work = Work::Bytes(bytes);
+            results.add("layer_norm_f32", "tensor-wasm", &shape, &t, work, "");
+        }
     }
 
     // Causal attention.
-    {
+    if args.wants("attention_causal_bf16") {
         let dims = shapes.attention;
         let [bt, h, s, d] = dims;
         let q = random_tensor(b, DType::BF16, &dims, 8)?;
@@ -320,7 +332,7 @@ fn main() -> Result<()> {
         },
         None,
     )?;
-    {
+    if args.wants("small_add_enqueue") {
         let shape = format!("{SMALL_ELEMS} f32");
         let mut inst = warm(&runtime, &backend, &small_add_wat())?;
         let t = rounds(1, 1, || invoke(&mut inst), || Ok(()))?;
@@ -355,7 +367,7 @@ fn main() -> Result<()> {
             detail,
         );
     }
-    {
+    if args.wants("upload_64mib") {
         let bytes = shapes.upload_bytes;
         let mut inst = warm(&runtime, &backend, &upload_wat(bytes))?;
         let t = rounds(2, 10, || invoke(&mut inst), || Ok(()))?;
