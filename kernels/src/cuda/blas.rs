@@ -155,9 +155,9 @@ impl CudaBackend {
         let es = dtype.size() as u64;
         let (m, n, k) = (plan.m as i64, plan.n as i64, plan.k as i64);
         {
-            let (pa, _ga) = sa.read_ptr(&self.stream);
-            let (pb, _gb) = sb.read_ptr(&self.stream);
-            let (pc, _gc) = out.write_ptr(&self.stream);
+            let (pa, _ga) = sa.read_ptr(OP, &self.stream)?;
+            let (pb, _gb) = sb.read_ptr(OP, &self.stream)?;
+            let (pc, _gc) = out.write_ptr(OP, &self.stream)?;
             let blas = self
                 .blas
                 .lock()
@@ -233,15 +233,15 @@ impl CudaBackend {
         };
         let sfx = dtype_suffix(dtype);
         {
-            let (pq, _gq) = sq.read_ptr(&self.stream);
-            let (pk, _gk) = sk.read_ptr(&self.stream);
-            let (pv, _gv) = sv.read_ptr(&self.stream);
-            let (ps, _gs) = scores.write_ptr(&self.stream);
+            let (pq, _gq) = sq.read_ptr(OP, &self.stream)?;
+            let (pk, _gk) = sk.read_ptr(OP, &self.stream)?;
+            let (pv, _gv) = sv.read_ptr(OP, &self.stream)?;
+            let (ps, _gs) = scores.write_ptr(OP, &self.stream)?;
             let (pp, _gp) = match probs.as_mut() {
-                Some(p) => p.write_ptr(&self.stream),
+                Some(p) => p.write_ptr(OP, &self.stream)?,
                 None => (ps, None),
             };
-            let (po, _go) = out.write_ptr(&self.stream);
+            let (po, _go) = out.write_ptr(OP, &self.stream)?;
             let blas = self
                 .blas
                 .lock()

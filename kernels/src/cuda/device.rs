@@ -15,7 +15,9 @@ use tensor_wasm_shared::DType;
 
 use super::jit;
 use crate::error::{KernelError, Result};
-use crate::sys::cuda::{keep_pool_memory, missing_libraries, pool_reserved_bytes};
+use crate::sys::cuda::{
+    disable_event_tracking, keep_pool_memory, missing_libraries, pool_reserved_bytes,
+};
 
 /// A CUDA driver error as a kernel error: out-of-memory is the tenant's
 /// quota problem (ABI -5), anything else a device fault (ABI -8).
@@ -113,6 +115,8 @@ impl Device {
         }
         let ctx =
             CudaContext::new(ordinal).map_err(|e| unavailable("cannot create a context", e))?;
+        // Before any buffer exists: see the module docs of `crate::cuda`.
+        disable_event_tracking(&ctx);
         let name = ctx
             .name()
             .map_err(|e| unavailable("cannot read the name", e))?;

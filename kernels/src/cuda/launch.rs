@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, SyncOnDrop};
+use cudarc::driver::{CudaStream, DriverError, LaunchConfig};
 
-use super::CudaStorage;
 use super::device::{Device, driver_error};
+use super::{Access, CudaStorage};
 use crate::error::{KernelError, Result};
 use crate::sys::cuda::{KernelArg, launch};
 
@@ -168,14 +168,16 @@ pub(crate) fn dims_arg(v: &[usize]) -> KernelArg {
     KernelArg::Dims(a)
 }
 
-/// Builds one kernel launch. Tensor arguments take cudarc's sync guards:
-/// the stream waits for the last write of every input (which may come from
-/// another tenant's stream) and records the read/write after the launch, so
-/// a buffer is never freed or overwritten while this kernel uses it.
+/// Builds one kernel launch. Tensor arguments hold their [`Access`] guards
+/// until the launch is enqueued: a tensor of another backend's stream is
+/// ordered with it (see [`CrossStream`](super::CrossStream)), so it is
+/// never read before it is written nor freed while this kernel uses it.
 pub(crate) struct Launch<'a> {
     stream: &'a Arc<CudaStream>,
     args: Vec<KernelArg>,
-    guards: Vec<SyncOnDrop<'a>>,
+    guards: Vec<Access<'a>>,
+    /// The first error of a tensor argument, reported by `run`.
+    error: Option<DriverError>,
 }
 
 impl<'a> Launch<'a> {
@@ -184,20 +186,32 @@ impl<'a> Launch<'a> {
             stream,
             args: Vec::with_capacity(12),
             guards: Vec::with_capacity(4),
+            error: None,
         }
     }
 
-    /// A tensor read by the kernel (a null pointer for an empty tensor).
-    pub(crate) fn input(mut self, s: &'a CudaStorage) -> Self {
-        match s.buf.as_ref() {
-            Some(buf) => {
-                let (ptr, guard) = buf.device_ptr(self.stream);
+    /// Adds a tensor argument from `read_ptr` / `write_ptr`.
+    fn tensor(
+        mut self,
+        access: std::result::Result<(u64, Option<Access<'a>>), DriverError>,
+    ) -> Self {
+        match access {
+            Ok((ptr, guard)) => {
                 self.args.push(KernelArg::Ptr(ptr));
-                self.guards.push(guard);
+                self.guards.extend(guard);
             }
-            None => self.args.push(KernelArg::Ptr(0)),
+            Err(e) => {
+                self.args.push(KernelArg::Ptr(0));
+                self.error.get_or_insert(e);
+            }
         }
         self
+    }
+
+    /// A tensor read by the kernel (a null pointer for an empty tensor).
+    pub(crate) fn input(self, s: &'a CudaStorage) -> Self {
+        let access = s.read_access(self.stream);
+        self.tensor(access)
     }
 
     /// An optional input: a null pointer when absent.
@@ -209,16 +223,9 @@ impl<'a> Launch<'a> {
     }
 
     /// A tensor written by the kernel.
-    pub(crate) fn output(mut self, s: &'a mut CudaStorage) -> Self {
-        match s.buf.as_mut() {
-            Some(buf) => {
-                let (ptr, guard) = buf.device_ptr_mut(self.stream);
-                self.args.push(KernelArg::Ptr(ptr));
-                self.guards.push(guard);
-            }
-            None => self.args.push(KernelArg::Ptr(0)),
-        }
-        self
+    pub(crate) fn output(self, s: &'a mut CudaStorage) -> Self {
+        let access = s.write_access(self.stream);
+        self.tensor(access)
     }
 
     /// A raw device address whose buffer and guard the caller holds.
@@ -260,6 +267,9 @@ impl<'a> Launch<'a> {
         name: &str,
         cfg: LaunchConfig,
     ) -> Result<()> {
+        if let Some(e) = self.error {
+            return Err(driver_error(op, e));
+        }
         let func = dev.function(name)?;
         let matches = signature(name).is_some_and(|sig| {
             sig.len() == self.args.len()

@@ -17,10 +17,17 @@
 //! stream and cuBLAS handle; [`CudaBackend::new_stream_backend`] gives
 //! another one on the same device, module and memory pool, so tenants never
 //! serialize behind each other. Ops enqueue and return; `to_bytes` and
-//! `synchronize` wait and report device faults. Tensors may be shared across
-//! backends of one device (assets): cudarc's per-buffer events make a
-//! consumer's stream wait for the producer's write, and a buffer is freed
-//! (stream-ordered) only after its last reader.
+//! `synchronize` wait and report device faults.
+//!
+//! A buffer belongs to the stream that allocated it (its home), which also
+//! frees it, in stream order. The executor keeps each tenant's tensors on
+//! that tenant's backend, so nearly every use is on the home stream and
+//! needs no synchronization at all: cudarc's per-buffer event tracking is
+//! turned off for the device (it cost 16 driver calls per small op). A
+//! tensor may still be used by another backend of the device; such a use
+//! goes through [`CrossStream`], which makes the using stream wait for the
+//! home stream first and the home stream wait for the use after, so the
+//! buffer is never read before it is written nor freed before it is read.
 //!
 //! Device memory comes from the device's stream-ordered pool
 //! (`cuMemAllocAsync`), whose release threshold is raised so that freed
@@ -47,7 +54,7 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
 use tensor_wasm_shared::DType;
 
 use self::device::{Device, driver_error};
@@ -104,26 +111,107 @@ impl CudaStorage {
     }
 
     /// The buffer's device address for reading on `stream`, with the guard
-    /// that records the read when dropped (0 and no guard when empty).
-    fn read_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
-        match &self.buf {
-            Some(b) => {
-                let (p, g) = b.device_ptr(stream);
-                (p, Some(g))
-            }
-            None => (0, None),
-        }
+    /// to hold until the read is enqueued (0 and no guard when empty).
+    fn read_ptr<'a>(
+        &'a self,
+        op: &'static str,
+        stream: &'a CudaStream,
+    ) -> Result<(u64, Option<Access<'a>>)> {
+        self.read_access(stream).map_err(|e| driver_error(op, e))
     }
 
     /// As [`CudaStorage::read_ptr`], for writing.
-    fn write_ptr<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, Option<SyncOnDrop<'a>>) {
+    fn write_ptr<'a>(
+        &'a mut self,
+        op: &'static str,
+        stream: &'a CudaStream,
+    ) -> Result<(u64, Option<Access<'a>>)> {
+        self.write_access(stream).map_err(|e| driver_error(op, e))
+    }
+
+    fn read_access<'a>(
+        &'a self,
+        stream: &'a CudaStream,
+    ) -> std::result::Result<(u64, Option<Access<'a>>), DriverError> {
+        match &self.buf {
+            Some(b) => {
+                let cross = CrossStream::begin(b, stream)?;
+                let (p, sync) = b.device_ptr(stream);
+                Ok((
+                    p,
+                    Some(Access {
+                        _sync: sync,
+                        _cross: cross,
+                    }),
+                ))
+            }
+            None => Ok((0, None)),
+        }
+    }
+
+    fn write_access<'a>(
+        &'a mut self,
+        stream: &'a CudaStream,
+    ) -> std::result::Result<(u64, Option<Access<'a>>), DriverError> {
         match &mut self.buf {
             Some(b) => {
-                let (p, g) = b.device_ptr_mut(stream);
-                (p, Some(g))
+                let cross = CrossStream::begin(b, stream)?;
+                let (p, sync) = b.device_ptr_mut(stream);
+                Ok((
+                    p,
+                    Some(Access {
+                        _sync: sync,
+                        _cross: cross,
+                    }),
+                ))
             }
-            None => (0, None),
+            None => Ok((0, None)),
         }
+    }
+}
+
+/// What a use of a buffer holds until the use is enqueued: cudarc's guard
+/// (a no-op with event tracking off) and, for a buffer of another stream,
+/// the [`CrossStream`] ordering.
+pub(crate) struct Access<'a> {
+    _sync: SyncOnDrop<'a>,
+    _cross: Option<CrossStream<'a>>,
+}
+
+/// A use, on stream `on`, of a buffer whose home is another stream. `begin`
+/// makes `on` wait for the work enqueued on the home stream so far (the
+/// buffer's allocation and writes); dropping the guard, once the use is
+/// enqueued, makes the home stream wait for `on`, so that a later write or
+/// the free on the home stream cannot overtake the use.
+pub(crate) struct CrossStream<'a> {
+    home: Arc<CudaStream>,
+    on: &'a CudaStream,
+}
+
+impl<'a> CrossStream<'a> {
+    /// None when `buf` already belongs to `on`: stream order suffices.
+    pub(crate) fn begin(
+        buf: &CudaSlice<u8>,
+        on: &'a CudaStream,
+    ) -> std::result::Result<Option<CrossStream<'a>>, DriverError> {
+        let home = buf.stream();
+        if home.cu_stream() == on.cu_stream() {
+            return Ok(None);
+        }
+        on.join(home)?;
+        Ok(Some(CrossStream {
+            home: home.clone(),
+            on,
+        }))
+    }
+}
+
+impl Drop for CrossStream<'_> {
+    fn drop(&mut self) {
+        // A failure here cannot be returned; cudarc keeps it for the
+        // context's next error check.
+        let r = self.home.join(self.on);
+        self.home.context().record_err(r);
     }
 }
 
@@ -330,7 +418,7 @@ impl CudaBackend {
     }
 }
 
-fn is_oom(e: &cudarc::driver::DriverError) -> bool {
+fn is_oom(e: &DriverError) -> bool {
     e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY
 }
 
@@ -366,7 +454,7 @@ mod tests {
 
     #[test]
     #[ignore = "needs a CUDA GPU"]
-    fn backends_share_the_device_and_count_memory() {
+    fn backends_share_the_device_count_memory_and_order_streams() {
         let a = CudaBackend::new(0, Limits::default()).unwrap();
         let b = a.new_stream_backend().unwrap();
         assert_eq!(a.ordinal(), b.ordinal());
@@ -376,5 +464,17 @@ mod tests {
         drop(t);
         assert_eq!(a.memory_used(), before);
         assert!(a.memory_reserved().unwrap() >= 4096);
+
+        // Tensors cross streams in order (one test: memory_used is
+        // device-wide, so a concurrent test would disturb the counts above).
+        assert!(!a.dev.ctx.is_event_tracking());
+        let t = crate::Backend::zeros(&a, DType::F32, &[16]).unwrap();
+        let buf = a.storage("t", &t).unwrap().buf.as_ref().unwrap();
+        // A use on the home stream is ordered by the stream alone.
+        assert!(CrossStream::begin(buf, &a.stream).unwrap().is_none());
+        // A use on another backend's stream joins the two streams.
+        assert!(CrossStream::begin(buf, &b.stream).unwrap().is_some());
+        let sum = crate::Backend::binary(&b, crate::BinaryOp::Add, &t, &t).unwrap();
+        assert_eq!(crate::Backend::to_bytes(&a, &sum).unwrap(), vec![0u8; 64]);
     }
 }

@@ -17,7 +17,7 @@ use tensor_wasm_shared::DType;
 
 use super::device::{REDUCE_NAMES, driver_error, dtype_suffix};
 use super::launch::{BLOCK, Launch, coalesce};
-use super::{CudaBackend, CudaStorage, tensor};
+use super::{CrossStream, CudaBackend, CudaStorage, tensor};
 use crate::backend::{Backend, BackendKind};
 use crate::error::{KernelError, Result};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
@@ -79,6 +79,7 @@ impl CudaBackend {
         let (Some(s), Some(d)) = (src.buf.as_ref(), dst.buf.as_mut()) else {
             return Ok(());
         };
+        let _cross = CrossStream::begin(s, &self.stream).map_err(|e| driver_error(op, e))?;
         let end = byte_offset.saturating_add(s.len());
         let mut view = d
             .try_slice_mut(byte_offset..end)
@@ -132,9 +133,12 @@ impl Backend for CudaBackend {
         const OP: &str = "read";
         let s = self.storage(OP, t)?;
         let out = match s.buf.as_ref() {
-            Some(buf) => self
-                .staging
-                .download(&self.dev.ctx, &self.stream, OP, buf)?,
+            Some(buf) => {
+                let _cross =
+                    CrossStream::begin(buf, &self.stream).map_err(|e| driver_error(OP, e))?;
+                self.staging
+                    .download(&self.dev.ctx, &self.stream, OP, buf)?
+            }
             None => Vec::new(),
         };
         self.wait(OP)?;

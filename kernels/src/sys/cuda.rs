@@ -224,6 +224,23 @@ pub(crate) fn download_to_pinned(
     unsafe { drv_result::memcpy_dtoh_async(&mut host[..len], sptr, stream.cu_stream()) }
 }
 
+/// Turns off cudarc's per-buffer event tracking for buffers allocated in
+/// `ctx` from now on. Called once, when the device is opened, before any
+/// buffer exists.
+///
+/// Contract for the caller (`crate::cuda`): every use of a buffer on a
+/// stream other than the one that allocated it is ordered by a
+/// `CrossStream` guard (the using stream waits for the home stream, and the
+/// home stream, which frees the buffer, waits for the use).
+pub(crate) fn disable_event_tracking(ctx: &CudaContext) {
+    // SAFETY: cudarc's requirements (no free before another stream's use is
+    // done, no use before the allocating stream's work, no concurrent
+    // writes from two streams) are what `CrossStream` provides for every
+    // cross-stream use (the contract above); same-stream uses are ordered
+    // by the stream itself.
+    unsafe { ctx.disable_event_tracking() }
+}
+
 /// Lets the device's stream-ordered memory pool keep freed memory instead
 /// of returning it to the driver at every synchronization: tensors are
 /// allocated and freed at a high rate, and reuse from the pool costs
