@@ -84,6 +84,7 @@ COMPARISONS = [
     Comparison("softmax_f32", "torch", 1.0),
     Comparison("layer_norm_f32", "torch", 1.0),
     Comparison("attention_causal_bf16", "torch", 0.3),
+    Comparison("attention_causal_bf16", "torch", ours_impl="tensor-wasm-gemm"),
     Comparison("small_add_enqueue", "torch", max_ours_s=SMALL_ADD_MAX_S),
     Comparison("small_add_enqueue", "torch", ours_impl="tensor-wasm-direct"),
     Comparison("small_add_roundtrip", "torch"),

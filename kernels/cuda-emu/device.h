@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 struct EmuDim3 {
@@ -32,6 +33,9 @@ void sync_threads();
 // Every lane of the calling warp contributes `v`; returns lane `src`'s value
 // (`xor_mask` non-zero: lane ^ xor_mask).
 uint64_t shuffle(uint64_t v, unsigned src, unsigned xor_mask, bool is_xor);
+// One m16n8k16 tensor-core MMA of the calling warp (f32 accumulators, bf16
+// or f16 inputs), with the fragment layouts of the PTX ISA: c += a·b.
+void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2], bool bf16);
 
 }  // namespace emu
 
@@ -47,6 +51,8 @@ uint64_t shuffle(uint64_t v, unsigned src, unsigned xor_mask, bool is_xor);
 #define __restrict__ __restrict
 // One instance per block: blocks run one after another, never concurrently.
 #define __shared__ static
+
+inline void __trap() { abort(); }
 
 inline void __syncthreads() { emu::sync_threads(); }
 

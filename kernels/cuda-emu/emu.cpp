@@ -54,7 +54,8 @@ struct Kernel {
   const char* name;
   void* fn;
   Invoke invoke;
-  bool fibers;  // has barriers or shuffles: one fiber per thread, BLOCK threads
+  bool fibers;     // has barriers or warp operations: one fiber per thread
+  unsigned block;  // the block size it requires (0: any)
 };
 
 template <typename... A>
@@ -70,9 +71,15 @@ template <typename... A>
 Kernel entry(const char* name, void (*fn)(A...)) {
   static const char* const row_kernels[] = {"reduce_rows_", "softmax_rows_", "layer_norm_",
                                             "rms_norm_", "attn_softmax_"};
-  bool fibers = false;
-  for (const char* p : row_kernels) fibers |= std::strncmp(name, p, std::strlen(p)) == 0;
-  return Kernel{name, reinterpret_cast<void*>(fn), &Invoker<A...>::invoke, fibers};
+  static const char* const warp_kernels[] = {"flash_attn_"};
+  unsigned block = 0;
+  for (const char* p : row_kernels) {
+    if (std::strncmp(name, p, std::strlen(p)) == 0) block = BLOCK;
+  }
+  for (const char* p : warp_kernels) {
+    if (std::strncmp(name, p, std::strlen(p)) == 0) block = FA_THREADS;
+  }
+  return Kernel{name, reinterpret_cast<void*>(fn), &Invoker<A...>::invoke, block != 0, block};
 }
 
 // The registry mirrors the DEF_* lists at the end of kernels.cu; a kernel
@@ -92,11 +99,12 @@ Kernel entry(const char* name, void (*fn)(A...)) {
   REG(unary_##T) REG(softmax_rows_##T) REG(softmax_cols_##T) REG(layer_norm_##T) \
       REG(rms_norm_##T) REG(attn_softmax_##T)
 #define REG_COPY(N, E) REG(permute_##N) REG(concat_##N) REG(gather_##N##_i32) REG(gather_##N##_i64)
+#define REG_FLASH(T, D) REG(flash_attn_##T##_##D)
 
 static const std::vector<Kernel>& kernels() {
   static const std::vector<Kernel> k = {FOR_ALL_DTYPES(REG_ELEMENTWISE) FOR_ALL_DTYPES(REG_REDUCE)
                                             FOR_ALL_DTYPES(REG_CAST_FROM) FOR_FLOAT_DTYPES(REG_FLOAT)
-                                                FOR_ELEM_SIZES(REG_COPY)};
+                                                FOR_ELEM_SIZES(REG_COPY) FOR_FLASH(REG_FLASH)};
   return k;
 }
 
@@ -104,12 +112,18 @@ static const std::vector<Kernel>& kernels() {
 
 enum State { READY, AT_SYNC, AT_SHUFFLE, DONE };
 
+// A warp-wide operation other than a shuffle: every lane parks with its
+// operands; `resolve` then runs once with the 32 lanes' operands.
+typedef void (*Collective)(void* const* lanes);
+
 struct Fiber {
   ucontext_t ctx;
   State state;
   EmuDim3 idx;
   uint64_t shuffle_in, shuffle_out;
   unsigned shuffle_src;
+  Collective collective;  // null for a shuffle
+  void* operands;
 };
 
 static const unsigned MAX_THREADS = 1024;
@@ -159,8 +173,69 @@ uint64_t shuffle(uint64_t v, unsigned src, unsigned xor_mask, bool is_xor) {
   const unsigned lane = (unsigned)(f - running->threads.data()) % 32u;
   f->shuffle_in = v;
   f->shuffle_src = (is_xor ? (lane ^ xor_mask) : src) & 31u;
+  f->collective = nullptr;
   park(AT_SHUFFLE);
   return running->cur->shuffle_out;
+}
+
+static void collective(Collective fn, void* operands) {
+  Fiber* f = running->cur;
+  f->collective = fn;
+  f->operands = operands;
+  park(AT_SHUFFLE);
+}
+
+struct MmaOperands {
+  float* c;
+  const uint32_t* a;
+  const uint32_t* b;
+  bool bf16;
+};
+
+static float half_bits_to_f32(uint32_t h, bool bf16) {
+  return bf16 ? bf16_to_f32((u16)h) : emu_f16_to_f32((unsigned short)h);
+}
+
+// The PTX ISA's m16n8k16 fragments (groupID g = lane / 4, t = lane % 4):
+// A (16×16, row-major): a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..),
+//   a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..); the lower column in the low
+//   16 bits.
+// B (16×8, k×n): b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8.., n g).
+// C (16×8, f32): c[0] = (g, 2t), c[1] = (g, 2t+1), c[2] = (g+8, 2t),
+//   c[3] = (g+8, 2t+1).
+static void mma_resolve(void* const* lanes) {
+  float A[16][16], B[16][8], C[16][8];
+  const bool bf16 = static_cast<const MmaOperands*>(lanes[0])->bf16;
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    const MmaOperands* op = static_cast<const MmaOperands*>(lanes[lane]);
+    const unsigned g = lane / 4, t = lane % 4;
+    for (unsigned r = 0; r < 4; ++r) {
+      const unsigned row = g + ((r & 1) ? 8 : 0), col = 2 * t + ((r & 2) ? 8 : 0);
+      A[row][col] = half_bits_to_f32(op->a[r] & 0xFFFFu, bf16);
+      A[row][col + 1] = half_bits_to_f32(op->a[r] >> 16, bf16);
+    }
+    for (unsigned r = 0; r < 2; ++r) {
+      const unsigned k = 2 * t + (r ? 8 : 0);
+      B[k][g] = half_bits_to_f32(op->b[r] & 0xFFFFu, bf16);
+      B[k + 1][g] = half_bits_to_f32(op->b[r] >> 16, bf16);
+    }
+    for (unsigned r = 0; r < 4; ++r) C[g + (r >= 2 ? 8 : 0)][2 * t + (r & 1)] = op->c[r];
+  }
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    const MmaOperands* op = static_cast<const MmaOperands*>(lanes[lane]);
+    const unsigned g = lane / 4, t = lane % 4;
+    for (unsigned r = 0; r < 4; ++r) {
+      const unsigned row = g + (r >= 2 ? 8 : 0), col = 2 * t + (r & 1);
+      float acc = C[row][col];
+      for (unsigned k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+      op->c[r] = acc;
+    }
+  }
+}
+
+void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2], bool bf16) {
+  MmaOperands op{c, a, b, bf16};
+  collective(mma_resolve, &op);
 }
 
 static EmuDim3 unflatten(unsigned i, const EmuDim3& d) {
@@ -206,14 +281,31 @@ static bool run_block_fibers(Launch* l, unsigned n) {
                      " (the others are at __syncthreads or finished)";
           return false;
         }
+        const Collective fn = l->threads[lo].collective;
         for (unsigned i = lo; i < hi; ++i) {
-          Fiber& f = l->threads[i];
-          const unsigned src = lo + f.shuffle_src;
-          if (src >= hi) {
-            l->error = "warp shuffle from a lane that does not exist";
+          if (l->threads[i].collective != fn) {
+            l->error = "lanes of warp " + std::to_string(w) + " at different warp operations";
             return false;
           }
-          f.shuffle_out = l->threads[src].shuffle_in;
+        }
+        if (fn != nullptr) {
+          if (hi - lo != 32) {
+            l->error = "warp operation in a partial warp";
+            return false;
+          }
+          void* operands[32];
+          for (unsigned i = lo; i < hi; ++i) operands[i - lo] = l->threads[i].operands;
+          fn(operands);
+        } else {
+          for (unsigned i = lo; i < hi; ++i) {
+            Fiber& f = l->threads[i];
+            const unsigned src = lo + f.shuffle_src;
+            if (src >= hi) {
+              l->error = "warp shuffle from a lane that does not exist";
+              return false;
+            }
+            f.shuffle_out = l->threads[src].shuffle_in;
+          }
         }
         for (unsigned i = lo; i < hi; ++i) l->threads[i].state = READY;
         resolved = true;
@@ -796,8 +888,8 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
   else if (gx > 2147483647u || gy > 65535 || gz > 65535) why = "grid larger than the device allows";
   else if (threads > emu::MAX_THREADS || bz > 64) why = "block larger than the device allows";
   else if (shared > 49152) why = "more dynamic shared memory than the device allows";
-  else if (f->fibers && (bx != BLOCK || by != 1 || bz != 1))
-    why = "a row kernel launched with other than BLOCK (256) threads";
+  else if (f->block != 0 && (bx != f->block || by != 1 || bz != 1))
+    why = "launched with another block size than the kernel requires";
   if (why != nullptr) {
     fprintf(stderr, "cuda-emu: launch of %s with grid (%u,%u,%u), block (%u,%u,%u): %s\n",
             f->name, gx, gy, gz, bx, by, bz, why);

@@ -51,6 +51,10 @@ pub mod env {
     /// (NaN for floats) before its kernel runs, so tests catch elements a
     /// kernel never writes. Off in production: it costs a memset per op.
     pub const CUDA_POISON: &str = "TENSOR_WASM_CUDA_POISON";
+    /// `gemm` makes the CUDA backend run all attention as two cuBLAS GEMMs
+    /// around a softmax kernel, never the fused tensor-core kernel (for
+    /// comparing the two, or as a fallback).
+    pub const CUDA_ATTENTION: &str = "TENSOR_WASM_CUDA_ATTENTION";
 }
 
 #[cfg(test)]

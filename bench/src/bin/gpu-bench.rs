@@ -225,6 +225,25 @@ fn cuda_backend(device: &str) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(b))
 }
 
+/// A backend on `device` whose attention never takes the fused kernel
+/// (None for the CPU).
+#[cfg(feature = "cuda")]
+fn gemm_attention_backend(device: &str) -> Result<Option<Arc<dyn Backend>>> {
+    if device == "cpu" {
+        return Ok(None);
+    }
+    let ordinal = cuda_ordinal(device)?;
+    let b = tensor_wasm_kernels::cuda::CudaBackend::new(ordinal, Default::default())
+        .with_context(|| format!("opening {device}"))?
+        .with_fused_attention(false);
+    Ok(Some(Arc::new(b)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gemm_attention_backend(_device: &str) -> Result<Option<Arc<dyn Backend>>> {
+    Ok(None)
+}
+
 #[cfg(not(feature = "cuda"))]
 fn cuda_backend(device: &str) -> Result<Arc<dyn Backend>> {
     bail!("{device}: this gpu-bench was built without the `cuda` feature")
@@ -314,14 +333,23 @@ fn main() -> Result<()> {
         let v = random_tensor(b, DType::BF16, &dims, 10)?;
         let t = rounds(2, 20, || b.attention(&q, &k, &v, true), sync)?;
         let flops = (4 * bt * h * s * s * d / 2) as f64;
-        results.add(
-            "attention_causal_bf16",
-            "tensor-wasm",
-            &format!("{bt}x{h}x{s}x{d}"),
-            &t,
-            Work::Flops(flops),
-            "flops = 4*B*H*S^2*D / 2 (causal half)",
-        );
+        let shape = format!("{bt}x{h}x{s}x{d}");
+        let detail = "flops = 4*B*H*S^2*D / 2 (causal half)";
+        let name = "attention_causal_bf16";
+        results.add(name, "tensor-wasm", &shape, &t, Work::Flops(flops), detail);
+        // The unfused path (two GEMMs around a softmax kernel), for
+        // comparison on the same card.
+        if let Some(gemm) = gemm_attention_backend(&args.device)? {
+            let g = gemm.as_ref();
+            let t = rounds(
+                2,
+                20,
+                || g.attention(&q, &k, &v, true),
+                || Ok(g.synchronize()?),
+            )?;
+            let work = Work::Flops(flops);
+            results.add(name, "tensor-wasm-gemm", &shape, &t, work, detail);
+        }
     }
 
     // Guest-issued ops: a small add through the ABI, and an upload.

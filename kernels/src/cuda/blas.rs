@@ -23,15 +23,17 @@
 
 use std::ops::Range;
 
+use cudarc::driver::LaunchConfig;
+
 use cudarc::cublas::result::CublasError;
 use cudarc::cublas::sys::cublasStatus_t;
 use tensor_wasm_shared::DType;
 
-use super::device::{driver_error, dtype_suffix};
+use super::device::{FLASH_ATTENTION, driver_error, dtype_suffix, flash_attention_kernel};
 use super::launch::Launch;
-use super::{CudaBackend, tensor};
+use super::{CudaBackend, CudaStorage, tensor};
 use crate::error::{KernelError, Result};
-use crate::shape::{checked_numel, plan_attention, plan_matmul};
+use crate::shape::{AttentionPlan, checked_numel, plan_attention, plan_matmul};
 use crate::sys::cuda::{Gemm, GemmType, gemm, memset_raw};
 use crate::tensor::Tensor;
 
@@ -40,6 +42,13 @@ use crate::tensor::Tensor;
 /// one batch entry, which the plan caps like a tensor), bounding the
 /// workspace whatever the batch size.
 const ATTENTION_SCORES_BUDGET_BYTES: usize = 256 << 20;
+
+/// Queries per block of the fused attention kernel (`FA_BM` in kernels.cu).
+const FLASH_QUERIES_PER_BLOCK: usize = 64;
+/// Threads per block of the fused attention kernel (`FA_THREADS`).
+const FLASH_THREADS: u32 = 128;
+/// Batch entries per launch of the fused kernel (the grid's y limit).
+const FLASH_MAX_BATCH_PER_LAUNCH: usize = 65_535;
 
 /// Smallest block of queries causal attention cuts at: below this a GEMM
 /// per block costs more in launches than the masked work it skips.
@@ -191,6 +200,69 @@ impl CudaBackend {
         tensor(&plan.out_dims, out)
     }
 
+    /// Whether the fused tensor-core kernel runs an attention of `dtype`
+    /// with head sizes `d` (q, k) and `dv` (v): bf16 or f16, equal head
+    /// sizes of 64 or 128, on sm_80 or later, unless turned off.
+    fn flash_applies(&self, dtype: DType, d: usize, dv: usize) -> bool {
+        self.fused_attention
+            && d == dv
+            && FLASH_ATTENTION.contains(&(dtype, d))
+            && self.dev.sm_version() >= 80
+    }
+
+    /// Attention by the fused kernel: one launch per uniform run of batch
+    /// offsets (at most 65 535 entries each), a block per 64 queries of an
+    /// entry. `lk` ≥ 1 and the output is contiguous `[batch, lq, d]`.
+    fn flash_attention(
+        &self,
+        plan: &AttentionPlan,
+        dtype: DType,
+        [sq, sk, sv]: [&CudaStorage; 3],
+        out: &mut CudaStorage,
+        causal: bool,
+    ) -> Result<()> {
+        const OP: &str = "attention";
+        let (lq, lk, d) = (plan.lq, plan.lk, plan.d);
+        let es = dtype.size() as u64;
+        let name = flash_attention_kernel(dtype, d);
+        let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
+        let query_blocks = u32::try_from(lq.div_ceil(FLASH_QUERIES_PER_BLOCK))
+            .map_err(|_| KernelError::invalid(OP, format!("{lq} queries are too many")))?;
+        let (pq, _gq) = sq.read_ptr(OP, &self.stream)?;
+        let (pk, _gk) = sk.read_ptr(OP, &self.stream)?;
+        let (pv, _gv) = sv.read_ptr(OP, &self.stream)?;
+        let (po, _go) = out.write_ptr(OP, &self.stream)?;
+        let offsets: [&[usize]; 3] = [&plan.q_offsets, &plan.k_offsets, &plan.v_offsets];
+        for run in uniform_runs(&offsets, 0..plan.batch()) {
+            let end = run.start + run.len;
+            let mut start = run.start;
+            while start < end {
+                let n = (end - start).min(FLASH_MAX_BATCH_PER_LAUNCH);
+                let cfg = LaunchConfig {
+                    grid_dim: (query_blocks, n as u32, 1),
+                    block_dim: (FLASH_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                Launch::new(&self.stream)
+                    .usize(lq)
+                    .usize(lk)
+                    .i32(i32::from(causal))
+                    .f32(scale_log2)
+                    .raw(pq + plan.q_offsets[start] as u64 * es)
+                    .raw(pk + plan.k_offsets[start] as u64 * es)
+                    .raw(pv + plan.v_offsets[start] as u64 * es)
+                    .raw(po + (start * lq * d) as u64 * es)
+                    .usize(run.steps[0])
+                    .usize(run.steps[1])
+                    .usize(run.steps[2])
+                    .usize(lq * d)
+                    .run(&self.dev, OP, &name, cfg)?;
+                start += n;
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn attention_impl(
         &self,
         q: &Tensor,
@@ -214,6 +286,10 @@ impl CudaBackend {
         if plan.lk == 0 {
             // No keys: every output row is an empty sum of values.
             self.fill_bytes(OP, &mut out, 0)?;
+            return tensor(&plan.out_dims, out);
+        }
+        if self.flash_applies(dtype, plan.d, plan.dv) {
+            self.flash_attention(&plan, dtype, [sq, sk, sv], &mut out, causal)?;
             return tensor(&plan.out_dims, out);
         }
         let batch = plan.batch();

@@ -163,6 +163,14 @@ impl Device {
             .ok_or_else(|| KernelError::Device(format!("kernel {name} is not loaded")))
     }
 
+    /// The compute capability as one number (90 for `sm_90`).
+    pub(crate) fn sm_version(&self) -> u32 {
+        self.arch
+            .strip_prefix("sm_")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Bytes the memory pool reserves from the driver.
     pub(crate) fn reserved_bytes(&self) -> Result<u64> {
         pool_reserved_bytes(&self.ctx).map_err(|e| driver_error("memory_reserved", e))
@@ -186,6 +194,19 @@ const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Element sizes of the dtype-agnostic copy kernels.
 const ELEM_SIZES: [usize; 4] = [1, 2, 4, 8];
+
+/// The fused attention kernels: dtype and head size.
+pub(crate) const FLASH_ATTENTION: [(DType, usize); 4] = [
+    (DType::BF16, 64),
+    (DType::BF16, 128),
+    (DType::F16, 64),
+    (DType::F16, 128),
+];
+
+/// The fused attention kernel for `dtype` and head size `d`.
+pub(crate) fn flash_attention_kernel(dtype: DType, d: usize) -> String {
+    format!("flash_attn_{}_{d}", dtype_suffix(dtype))
+}
 
 /// Reduction names in kernel order.
 pub(crate) const REDUCE_NAMES: [&str; 5] = ["sum", "mean", "max", "min", "argmax"];
@@ -220,6 +241,9 @@ pub(crate) fn kernel_names() -> Vec<String> {
             v.push(format!("{k}_{t}"));
         }
     }
+    for (t, d) in FLASH_ATTENTION {
+        v.push(flash_attention_kernel(t, d));
+    }
     for n in ELEM_SIZES {
         v.push(format!("permute_{n}"));
         v.push(format!("concat_{n}"));
@@ -240,7 +264,7 @@ mod tests {
         let names = kernel_names();
         let set: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(set.len(), names.len());
-        assert_eq!(names.len(), 148);
+        assert_eq!(names.len(), 152);
         for n in &names {
             assert!(signature(n).is_some(), "no launch signature for {n}");
         }

@@ -909,11 +909,232 @@ __device__ __forceinline__ void gather_impl(u64 count, u64 rows, u64 row_len, in
   }
 }
 
+// ---------------------------------------------------------------- fused attention
+//
+// Flash attention for bf16/f16 with head size D (64 or 128) on tensor cores
+// (mma.sync m16n8k16, sm_80 and later): scores and probabilities never
+// leave registers. A block of FA_THREADS threads (4 warps) takes FA_BM
+// queries of one batch entry, 16 per warp, and walks the keys FA_BN at a
+// time through shared memory with an online softmax (running maximum and
+// sum per row, in base 2). Query i sees key j when j < lk and, causal, j <=
+// i: the CPU reference's (top-left aligned) mask. Probabilities are rounded
+// to the dtype before the P·V product, as the unfused path rounds them;
+// accumulation is f32. Rows past lq are computed but not written.
+//
+// Fragment layouts are the PTX ISA's for m16n8k16 (g = lane / 4, t = lane
+// % 4): A (16×16, row-major) a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 =
+// (g, 2t+8..), a3 = (g+8, 2t+8..); B (16×8, k×n) b0 = (k 2t..2t+1, n g),
+// b1 = (k 2t+8.., n g); C (16×8, f32) c0 = (g, 2t), c1 = (g, 2t+1), c2 =
+// (g+8, 2t), c3 = (g+8, 2t+1). Two adjacent C tiles of scores are, as
+// they stand, the A fragment of the probabilities for the next product.
+
+#define FA_BM 64
+#define FA_BN 64
+#define FA_THREADS 128
+
+template <typename A, typename B> struct Same { static const bool value = false; };
+template <typename A> struct Same<A, A> { static const bool value = true; };
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], u32 b0, u32 b1) {
+#ifdef TENSOR_WASM_CUDA_EMU
+  const u32 b[2] = {b0, b1};
+  emu::mma_m16n8k16(c, a, b, Same<T, bf16>::value);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (Same<T, bf16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // the host launches this only on sm_80 and later
+#endif
+}
+
+// Two floats rounded to T, the first in the low 16 bits.
+template <typename T>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  return (u32)Ty<T>::from_f(lo).bits | ((u32)Ty<T>::from_f(hi).bits << 16);
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void flash_attn_impl(u64 lq, u64 lk, int causal, float scale_log2,
+                                                const T* __restrict__ q,
+                                                const T* __restrict__ k,
+                                                const T* __restrict__ v, T* __restrict__ out,
+                                                u64 q_step, u64 k_step, u64 v_step, u64 o_step) {
+  // Shared rows are padded by 8 elements, so that the fragment loads of a
+  // warp fall into distinct banks.
+  constexpr int LD = D + 8;
+  __shared__ V4<u32> ks_v[FA_BN * LD / 8];
+  __shared__ V4<u32> vs_v[FA_BN * LD / 8];
+  u16* ks = reinterpret_cast<u16*>(ks_v);
+  u16* vs = reinterpret_cast<u16*>(vs_v);
+
+  const u64 z = blockIdx.y;
+  const u16* qb = reinterpret_cast<const u16*>(q + z * q_step);
+  const u16* kb = reinterpret_cast<const u16*>(k + z * k_step);
+  const u16* vb = reinterpret_cast<const u16*>(v + z * v_step);
+  u16* ob = reinterpret_cast<u16*>(out + z * o_step);
+  const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+  const unsigned g = lane >> 2, t = lane & 3u;
+  const u64 q0 = (u64)blockIdx.x * FA_BM + warp * 16u;
+
+  // This warp's 16 query rows as A fragments, one per 16 columns of D.
+  u32 qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const u64 row = q0 + g + ((r & 1) ? 8u : 0u);
+      const u64 col = (u64)kk * 16 + 2 * t + ((r & 2) ? 8u : 0u);
+      qa[kk][r] = row < lq ? *reinterpret_cast<const u32*>(qb + row * D + col) : 0u;
+    }
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {neg_inf(), neg_inf()};  // running maxima, rows g and g + 8
+  float l[2] = {0.0f, 0.0f};            // this thread's share of the row sums
+
+  // Causal: the block's last query sees keys up to its own index.
+  const u64 first = (u64)blockIdx.x * FA_BM;
+  const u64 last_row = (lq - first < FA_BM ? lq : first + FA_BM) - 1;
+  const u64 kend = (causal && last_row + 1 < lk) ? last_row + 1 : lk;
+
+  for (u64 k0 = 0; k0 < kend; k0 += FA_BN) {
+    __syncthreads();  // every warp is done with the previous tile
+    for (unsigned i = threadIdx.x; i < FA_BN * D / 8; i += FA_THREADS) {
+      const unsigned r = i / (D / 8), c = i % (D / 8);
+      const u64 key = k0 + r;
+      V4<u32> kv, vv;
+      kv.v[0] = kv.v[1] = kv.v[2] = kv.v[3] = 0u;
+      vv = kv;
+      if (key < lk) {
+        kv = *reinterpret_cast<const V4<u32>*>(kb + key * D + c * 8);
+        vv = *reinterpret_cast<const V4<u32>*>(vb + key * D + c * 8);
+      }
+      ks_v[(r * LD + c * 8) / 8] = kv;
+      vs_v[(r * LD + c * 8) / 8] = vv;
+    }
+    __syncthreads();
+
+    // Scores of 16 rows × FA_BN keys.
+    float sc[FA_BN / 8][4];
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) {
+      sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+      const u16* krow = ks + (n * 8 + g) * LD + 2 * t;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const u32 b0 = *reinterpret_cast<const u32*>(krow + kk * 16);
+        const u32 b1 = *reinterpret_cast<const u32*>(krow + kk * 16 + 8);
+        mma_16816<T>(sc[n], qa[kk], b0, b1);
+      }
+    }
+
+    // Scale (into base 2), mask, and the new row maxima.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const u64 key = k0 + n * 8 + 2 * t + (r & 1);
+        const u64 row = q0 + g + (r >= 2 ? 8u : 0u);
+        float x = sc[n][r] * scale_log2;
+        if (key >= lk || (causal && key > row)) x = neg_inf();
+        sc[n][r] = x;
+        mx[r >> 1] = fmaxf(mx[r >> 1], x);
+      }
+    }
+    float corr[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      // A row with no visible key yet keeps m = -inf; 0 stands in for it
+      // so that exp2 gives 0, never NaN.
+      const float base = mx[h] == neg_inf() ? 0.0f : mx[h];
+      corr[h] = exp2f(m[h] - base);
+      m[h] = mx[h];
+      mx[h] = base;
+    }
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; ++n) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        sc[n][r] = exp2f(sc[n][r] - mx[r >> 1]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l[h] *= corr[h];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= corr[0];
+      o[n][1] *= corr[0];
+      o[n][2] *= corr[1];
+      o[n][3] *= corr[1];
+    }
+
+    // O += P·V, P rounded to T (the row sums add the rounded values, so
+    // that the weights sum to exactly 1 after the division).
+#pragma unroll
+    for (int kk = 0; kk < FA_BN / 16; ++kk) {
+      u32 pa[4];
+      pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+      pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+      pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+      pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        l[r & 1] += Ty<T>::to_f(Ty<T>::from_bits(pa[r] & 0xFFFFu)) +
+                    Ty<T>::to_f(Ty<T>::from_bits(pa[r] >> 16));
+      }
+      const u16* v0 = vs + (kk * 16 + 2 * t) * LD + g;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const u16* vp = v0 + n * 8;
+        const u32 b0 = (u32)vp[0] | ((u32)vp[LD] << 16);
+        const u32 b1 = (u32)vp[8 * LD] | ((u32)vp[9 * LD] << 16);
+        mma_16816<T>(o[n], pa, b0, b1);
+      }
+    }
+  }
+
+  // Row sums over the four threads of each group, then the output rows.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const u64 row = q0 + g + (h ? 8u : 0u);
+    if (row >= lq) continue;
+    const float inv = 1.0f / l[h];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<u32*>(ob + row * D + n * 8 + 2 * t) =
+          pack2<T>(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- entry points
 
 #define FOR_ALL_DTYPES(X) X(f32) X(f16) X(bf16) X(i32) X(i64) X(u8)
 #define FOR_FLOAT_DTYPES(X) X(f32) X(f16) X(bf16)
 #define FOR_ELEM_SIZES(X) X(1, u8) X(2, u16) X(4, u32) X(8, u64)
+#define FOR_FLASH(X) X(bf16, 64) X(bf16, 128) X(f16, 64) X(f16, 128)
 
 #define DEF_ELEMENTWISE(T)                                                                     \
   extern "C" __global__ void binary_same_##T(int op, u64 n, const T* __restrict__ a,          \
@@ -1014,3 +1235,15 @@ FOR_ALL_DTYPES(DEF_REDUCE)
 FOR_ALL_DTYPES(DEF_CAST_FROM)
 FOR_FLOAT_DTYPES(DEF_FLOAT)
 FOR_ELEM_SIZES(DEF_COPY)
+
+#define DEF_FLASH(T, D)                                                                        \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS)                                     \
+      flash_attn_##T##_##D(u64 lq, u64 lk, int causal, float scale_log2,                       \
+                           const T* __restrict__ q, const T* __restrict__ k,                   \
+                           const T* __restrict__ v, T* __restrict__ out, u64 q_step,           \
+                           u64 k_step, u64 v_step, u64 o_step) {                               \
+    flash_attn_impl<T, D>(lq, lk, causal, scale_log2, q, k, v, out, q_step, k_step, v_step,    \
+                          o_step);                                                             \
+  }
+
+FOR_FLASH(DEF_FLASH)

@@ -152,6 +152,10 @@ pub(crate) fn signature(name: &str) -> Option<&'static [ArgKind]> {
         ("permute_", &[U64, U64, Dims, Dims, Ptr, Ptr]),
         ("concat_", &[U64, U64, U64, Ptr, Ptr, Ptr]),
         ("gather_", &[U64, U64, U64, I32, Ptr, Ptr, Ptr, Ptr]),
+        (
+            "flash_attn_",
+            &[U64, U64, I32, F32, Ptr, Ptr, Ptr, Ptr, U64, U64, U64, U64],
+        ),
     ];
     FAMILIES
         .iter()

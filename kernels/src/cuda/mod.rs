@@ -68,6 +68,10 @@ use crate::tensor::{Storage, Tensor};
 /// module docs); read when a backend is created.
 pub const POISON_ENV: &str = tensor_wasm_shared::names::env::CUDA_POISON;
 
+/// Environment variable that, set to `gemm`, keeps attention off the fused
+/// kernel; read when a backend is created.
+pub const ATTENTION_ENV: &str = tensor_wasm_shared::names::env::CUDA_ATTENTION;
+
 /// Device storage of one tensor: a buffer from the device's memory pool
 /// (none for an empty tensor), its element count and dtype.
 pub struct CudaStorage {
@@ -232,6 +236,8 @@ pub struct CudaBackend {
     staging: Staging,
     limits: Limits,
     poison: bool,
+    /// Attention of bf16/f16 runs on the fused kernel where it applies.
+    fused_attention: bool,
 }
 
 impl fmt::Debug for CudaBackend {
@@ -273,6 +279,7 @@ impl CudaBackend {
         let blas = BlasHandle::new(stream.clone())
             .map_err(|e| KernelError::Device(format!("cannot create a cuBLAS handle: {e}")))?;
         let poison = std::env::var(POISON_ENV).is_ok_and(|v| v == "1");
+        let fused_attention = std::env::var(ATTENTION_ENV).map_or(true, |v| v != "gemm");
         Ok(CudaBackend {
             dev,
             stream,
@@ -280,7 +287,16 @@ impl CudaBackend {
             staging: Staging::default(),
             limits,
             poison,
+            fused_attention,
         })
+    }
+
+    /// This backend with the fused attention kernel allowed (the default,
+    /// unless `TENSOR_WASM_CUDA_ATTENTION=gemm`) or not: attention then runs
+    /// as two cuBLAS GEMMs around a softmax kernel.
+    pub fn with_fused_attention(mut self, on: bool) -> CudaBackend {
+        self.fused_attention = on;
+        self
     }
 
     /// The CUDA device ordinal.

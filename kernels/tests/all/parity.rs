@@ -989,6 +989,52 @@ fn parity_attention_causal_and_not() {
     }
 }
 
+/// Shapes the fused tensor-core kernel takes (bf16/f16, d = dv of 64 or
+/// 128): both paths against the CPU, with query and key counts that are
+/// not multiples of the kernel's 64-row tiles, fewer and more keys than
+/// queries, and broadcast batch dims.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn parity_fused_attention_and_the_gemm_path() {
+    let mut cx = Ctx::new();
+    let gemm_path = cx
+        .gpu
+        .new_stream_backend()
+        .unwrap()
+        .with_fused_attention(false);
+    let cases: &[(&[usize], &[usize], &[usize])] = &[
+        (&[100, 64], &[100, 64], &[100, 64]),
+        (&[2, 130, 128], &[2, 130, 128], &[2, 130, 128]),
+        (&[2, 150, 64], &[2, 70, 64], &[2, 70, 64]),
+        (&[70, 128], &[200, 128], &[200, 128]),
+        (&[2, 1, 65, 64], &[1, 3, 129, 64], &[1, 3, 129, 64]),
+        (&[64, 64], &[1, 64], &[1, 64]),
+        (&[3, 1, 128], &[3, 5, 128], &[3, 5, 128]),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        for &(q, k, v) in cases {
+            for causal in [false, true] {
+                let (cq, gq) = cx.input(dtype, q, Dist::Small);
+                let (ck, gk) = cx.input(dtype, k, Dist::Small);
+                let (cv, gv) = cx.input(dtype, v, Dist::Small);
+                let what = format!("attention {dtype} q {q:?} k {k:?} v {v:?} causal {causal}");
+                cx.check(
+                    &format!("{what} (fused)"),
+                    cx.cpu.attention(&cq, &ck, &cv, causal),
+                    cx.gpu.attention(&gq, &gk, &gv, causal),
+                    Tol::Frobenius,
+                );
+                cx.check(
+                    &format!("{what} (GEMMs)"),
+                    cx.cpu.attention(&cq, &ck, &cv, causal),
+                    gemm_path.attention(&gq, &gk, &gv, causal),
+                    Tol::Frobenius,
+                );
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------
