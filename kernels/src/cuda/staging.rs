@@ -6,8 +6,10 @@
 //! 5–9 GB/s there). So each backend keeps two pinned chunks and alternates
 //! them: while the DMA engine moves chunk i, the host fills (or drains)
 //! chunk i + 1. A chunk is reused only after its previous copy has
-//! completed (the pinned buffer's event, which cudarc records after every
-//! copy, is waited on before the host touches it again). Uploads fill a
+//! completed: each chunk has an event, recorded after every copy in or out
+//! of it and waited on before the host touches it again (cudarc's own
+//! pinned-buffer event is recorded only while its event tracking is on,
+//! which the backend turns off). Uploads fill a
 //! chunk on several threads at once (rayon's pool, pieces of at least
 //! [`PARALLEL_PIECE_BYTES`]), so the host side keeps up with the DMA.
 //!
@@ -16,7 +18,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DriverError, PinnedHostSlice};
 
 use super::device::driver_error;
 use crate::error::{KernelError, Result};
@@ -47,10 +49,39 @@ pub(crate) fn parallel_copy(dst: &mut [u8], src: &[u8]) {
         .for_each(|(d, s)| d.copy_from_slice(s));
 }
 
+/// A pinned chunk and the event recorded after the last copy in or out
+/// of it.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    buf: PinnedHostSlice<u8>,
+    done: CudaEvent,
+}
+
+impl Chunk {
+    fn new(ctx: &Arc<CudaContext>) -> std::result::Result<Chunk, DriverError> {
+        Ok(Chunk {
+            buf: alloc_pinned(ctx, STAGING_CHUNK_BYTES)?,
+            done: ctx.new_event(None)?,
+        })
+    }
+
+    /// The host side, once the last copy in or out of the chunk is done.
+    fn host(&self) -> std::result::Result<&[u8], DriverError> {
+        self.done.synchronize()?;
+        self.buf.as_slice()
+    }
+
+    /// As [`Chunk::host`], for writing.
+    fn host_mut(&mut self) -> std::result::Result<&mut [u8], DriverError> {
+        self.done.synchronize()?;
+        self.buf.as_mut_slice()
+    }
+}
+
 /// A backend's pair of pinned chunks.
 #[derive(Debug, Default)]
 pub(crate) struct Staging {
-    chunks: Mutex<Option<[PinnedHostSlice<u8>; 2]>>,
+    chunks: Mutex<Option<[Chunk; 2]>>,
 }
 
 impl Staging {
@@ -58,15 +89,15 @@ impl Staging {
         &self,
         ctx: &Arc<CudaContext>,
         op: &'static str,
-        f: impl FnOnce(&mut [PinnedHostSlice<u8>; 2]) -> Result<T>,
+        f: impl FnOnce(&mut [Chunk; 2]) -> Result<T>,
     ) -> Result<T> {
         let mut guard = self
             .chunks
             .lock()
             .map_err(|_| KernelError::Device("staging buffer lock poisoned".into()))?;
         if guard.is_none() {
-            let a = alloc_pinned(ctx, STAGING_CHUNK_BYTES).map_err(|e| driver_error(op, e))?;
-            let b = alloc_pinned(ctx, STAGING_CHUNK_BYTES).map_err(|e| driver_error(op, e))?;
+            let a = Chunk::new(ctx).map_err(|e| driver_error(op, e))?;
+            let b = Chunk::new(ctx).map_err(|e| driver_error(op, e))?;
             *guard = Some([a, b]);
         }
         match guard.as_mut() {
@@ -96,9 +127,10 @@ impl Staging {
             for (i, part) in src.chunks(STAGING_CHUNK_BYTES).enumerate() {
                 let chunk = &mut chunks[i % 2];
                 // Waits until the previous copy out of this chunk is done.
-                let host = chunk.as_mut_slice().map_err(|e| driver_error(op, e))?;
+                let host = chunk.host_mut().map_err(|e| driver_error(op, e))?;
                 parallel_copy(&mut host[..part.len()], part);
-                upload_from_pinned(stream, chunk, part.len(), dst, i * STAGING_CHUNK_BYTES)
+                let at = i * STAGING_CHUNK_BYTES;
+                upload_from_pinned(stream, &chunk.buf, &chunk.done, part.len(), dst, at)
                     .map_err(|e| driver_error(op, e))?;
             }
             Ok(())
@@ -106,8 +138,8 @@ impl Staging {
     }
 
     /// Copies `src` to a new vector, waiting for every op enqueued on
-    /// `stream` before it (and, through cudarc's events, for the op that
-    /// wrote `src` on whatever stream it ran).
+    /// `stream` before it (a `src` of another stream is joined by the
+    /// caller, see `CrossStream`).
     pub(crate) fn download(
         &self,
         ctx: &Arc<CudaContext>,
@@ -123,9 +155,10 @@ impl Staging {
             (start, (len - start).min(STAGING_CHUNK_BYTES))
         };
         self.with_chunks(ctx, op, |chunks| {
-            let enqueue = |chunks: &mut [PinnedHostSlice<u8>; 2], i: usize| {
+            let enqueue = |chunks: &mut [Chunk; 2], i: usize| {
                 let (start, n) = span(i);
-                download_to_pinned(stream, src, start, n, &mut chunks[i % 2])
+                let chunk = &mut chunks[i % 2];
+                download_to_pinned(stream, src, start, n, &mut chunk.buf, &chunk.done)
                     .map_err(|e| driver_error(op, e))
             };
             if n_chunks > 0 {
@@ -138,7 +171,7 @@ impl Staging {
                     enqueue(chunks, i + 1)?;
                 }
                 let (_, n) = span(i);
-                let host = chunks[i % 2].as_slice().map_err(|e| driver_error(op, e))?;
+                let host = chunks[i % 2].host().map_err(|e| driver_error(op, e))?;
                 out.extend_from_slice(&host[..n]);
             }
             Ok(())

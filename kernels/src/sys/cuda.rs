@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
-    HostSlice, LaunchConfig, PinnedHostSlice, PushKernelArg, result as drv_result, sys as drv_sys,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DriverError, HostSlice, LaunchConfig, PinnedHostSlice, PushKernelArg, result as drv_result,
+    sys as drv_sys,
 };
 use cudarc::nvrtc::{result as nvrtc_result, sys as nvrtc_sys};
 
@@ -165,12 +166,15 @@ fn invalid_value() -> DriverError {
     DriverError(drv_sys::cudaError_enum::CUDA_ERROR_INVALID_VALUE)
 }
 
-/// Enqueues a copy of `src[..len]` (pinned) into `dst[offset..offset + len]`.
-/// The pinned buffer's event is recorded after the copy, so the next host
-/// access through `as_mut_slice` waits for it.
+/// Enqueues a copy of `src[..len]` (pinned) into `dst[offset..offset + len]`
+/// and records `done` after it.
+///
+/// Contract for callers (`crate::cuda::staging`): the host touches `src`
+/// again only after `done` has completed.
 pub(crate) fn upload_from_pinned(
     stream: &Arc<CudaStream>,
     src: &PinnedHostSlice<u8>,
+    done: &CudaEvent,
     len: usize,
     dst: &mut CudaSlice<u8>,
     offset: usize,
@@ -185,25 +189,28 @@ pub(crate) fn upload_from_pinned(
     stream.context().bind_to_thread()?;
     let mut view = dst.try_slice_mut(offset..end).ok_or_else(invalid_value)?;
     let (dptr, _write) = view.device_ptr_mut(stream);
-    // SAFETY: `stream_synced_slice` makes `stream` wait for earlier uses of
-    // the pinned buffer and records its event after this copy; the slice it
-    // returns covers the whole live allocation.
+    // SAFETY: the slice covers the whole live allocation; the copy below is
+    // its only use on the device, ordered by `done` (recorded after it).
     let (host, _record) = unsafe { src.stream_synced_slice(stream) };
     // SAFETY: `host[..len]` is in bounds (checked above) and stays pinned
-    // and unmodified until the recorded event completes (host writers go
-    // through `as_mut_slice`, which waits for it); `dptr` addresses `len`
-    // bytes of `dst`.
-    unsafe { drv_result::memcpy_htod_async(dptr, &host[..len], stream.cu_stream()) }
+    // and unmodified until `done` completes (the caller's contract); `dptr`
+    // addresses `len` bytes of `dst`.
+    unsafe { drv_result::memcpy_htod_async(dptr, &host[..len], stream.cu_stream()) }?;
+    done.record(stream)
 }
 
 /// Enqueues a copy of `src[offset..offset + len]` into the pinned
-/// `dst[..len]`; read it after `dst.as_slice()`, which waits for the copy.
+/// `dst[..len]` and records `done` after it.
+///
+/// Contract for callers (`crate::cuda::staging`): the host reads or writes
+/// `dst` only after `done` has completed.
 pub(crate) fn download_to_pinned(
     stream: &Arc<CudaStream>,
     src: &CudaSlice<u8>,
     offset: usize,
     len: usize,
     dst: &mut PinnedHostSlice<u8>,
+    done: &CudaEvent,
 ) -> Result<(), DriverError> {
     if len == 0 {
         return Ok(());
@@ -215,13 +222,13 @@ pub(crate) fn download_to_pinned(
     stream.context().bind_to_thread()?;
     let view = src.try_slice(offset..end).ok_or_else(invalid_value)?;
     let (sptr, _read) = view.device_ptr(stream);
-    // SAFETY: as in `upload_from_pinned`: the stream waits for earlier uses
-    // of the pinned buffer, and its event is recorded after this copy.
+    // SAFETY: as in `upload_from_pinned`.
     let (host, _record) = unsafe { dst.stream_synced_mut_slice(stream) };
-    // SAFETY: `host[..len]` is in bounds and is not read by the host before
-    // the recorded event completes (readers go through `as_slice`); `sptr`
-    // addresses `len` bytes of `src`.
-    unsafe { drv_result::memcpy_dtoh_async(&mut host[..len], sptr, stream.cu_stream()) }
+    // SAFETY: `host[..len]` is in bounds and is not touched by the host
+    // before `done` completes (the caller's contract); `sptr` addresses
+    // `len` bytes of `src`.
+    unsafe { drv_result::memcpy_dtoh_async(&mut host[..len], sptr, stream.cu_stream()) }?;
+    done.record(stream)
 }
 
 /// Turns off cudarc's per-buffer event tracking for buffers allocated in
