@@ -4,20 +4,23 @@
 // kernels.cu itself, compiled by the host compiler with device.h.
 //
 // It exists to run the CUDA backend's host code and kernels where there is
-// no GPU: launch geometry, argument lists, index arithmetic, barriers and
-// shuffles, GEMM arguments (transposes, leading dimensions, strides) and
-// every copy are exercised and checked. It proves nothing about speed,
-// about the real compiler's code or about the real cuBLAS, and it runs
-// streams synchronously, so stream-ordering bugs stay hidden: the GPU check
-// (scripts/gpu-check) remains the proof.
+// no GPU: launch geometry, argument lists, index arithmetic, barriers, warp
+// shuffles and tensor-core MMAs, GEMM arguments (transposes, leading
+// dimensions, strides), every copy, and the order of work across streams
+// are exercised and checked. It proves nothing about speed, the real
+// compiler's code or the real cuBLAS: the GPU check (scripts/gpu-check)
+// remains the proof.
 //
 // Checks beyond what a GPU reports:
-// - every device allocation ends at a guard page (and starts after one), so
-//   a kernel that reads or writes past a buffer faults, and the fault names
-//   the kernel;
-// - copies, memsets and GEMM operands must lie inside one allocation;
-// - row kernels must run with exactly BLOCK threads, and barriers must not
-//   diverge (see device.h);
+// - every device allocation ends at a guard page (and starts after one), and
+//   freed memory stays mapped without access for a while, so a kernel that
+//   reads or writes past a buffer, or a freed one, faults, and the fault
+//   names the kernel;
+// - copies, memsets and GEMM operands must lie inside one live allocation;
+// - streams run lazily, only as far as the program's synchronization forces
+//   (see "streams" below), so a missing wait shows as stale or freed data;
+// - row kernels must run with their exact block size, and barriers and warp
+//   operations must not diverge (see device.h);
 // - fresh allocations are filled with 0xFF bytes (NaN for floats), as
 //   stale device memory would be.
 
@@ -32,6 +35,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <set>
+#include <tuple>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -49,14 +57,21 @@ EmuDim3 grid_dim, block_dim, block_idx, thread_idx;
 // ---------------------------------------------------------------- kernels
 
 typedef void (*Invoke)(void* fn, void** params);
+typedef std::function<void()> Work;
+struct Kernel;
+typedef Work (*Capture)(const Kernel* k, EmuDim3 grid, EmuDim3 block, void** params);
 
 struct Kernel {
   const char* name;
   void* fn;
   Invoke invoke;
-  bool fibers;     // has barriers or warp operations: one fiber per thread
-  unsigned block;  // the block size it requires (0: any)
+  Capture capture;  // the launch as deferred work, its arguments copied
+  bool fibers;      // has barriers or warp operations: one fiber per thread
+  unsigned block;   // the block size it requires (0: any)
 };
+
+static std::string run(const Kernel* k, EmuDim3 grid, EmuDim3 block, void** params);
+static void fail_async(const std::string& what);
 
 template <typename... A>
 struct Invoker {
@@ -65,6 +80,21 @@ struct Invoker {
     reinterpret_cast<void (*)(A...)>(fn)(*static_cast<std::remove_cv_t<A>*>(p[I])...);
   }
   static void invoke(void* fn, void** p) { call(fn, p, std::index_sequence_for<A...>{}); }
+
+  template <size_t... I>
+  static Work capture_args(const Kernel* k, EmuDim3 grid, EmuDim3 block, void** p,
+                           std::index_sequence<I...>) {
+    auto args = std::make_shared<std::tuple<std::remove_cv_t<A>...>>(
+        *static_cast<std::remove_cv_t<A>*>(p[I])...);
+    return [k, grid, block, args] {
+      void* ptrs[sizeof...(A) + 1] = {static_cast<void*>(&std::get<I>(*args))...};
+      const std::string err = run(k, grid, block, ptrs);
+      if (!err.empty()) fail_async(std::string("kernel ") + k->name + ": " + err);
+    };
+  }
+  static Work capture(const Kernel* k, EmuDim3 grid, EmuDim3 block, void** p) {
+    return capture_args(k, grid, block, p, std::index_sequence_for<A...>{});
+  }
 };
 
 template <typename... A>
@@ -79,7 +109,8 @@ Kernel entry(const char* name, void (*fn)(A...)) {
   for (const char* p : warp_kernels) {
     if (std::strncmp(name, p, std::strlen(p)) == 0) block = FA_THREADS;
   }
-  return Kernel{name, reinterpret_cast<void*>(fn), &Invoker<A...>::invoke, block != 0, block};
+  return Kernel{name,          reinterpret_cast<void*>(fn), &Invoker<A...>::invoke,
+                &Invoker<A...>::capture, block != 0, block};
 }
 
 // The registry mirrors the DEF_* lists at the end of kernels.cu; a kernel
@@ -361,6 +392,8 @@ struct Alloc {
   size_t map_len;
 };
 static std::map<uint64_t, Alloc> allocs;  // by start address
+static std::deque<Alloc> quarantine;      // freed, inaccessible
+static const size_t QUARANTINE = 2048;
 static size_t used_bytes;
 // The pool's reservation: freed memory stays reserved up to the release
 // threshold (CU_MEMPOOL_ATTR_RELEASE_THRESHOLD), as with the real pool.
@@ -394,7 +427,15 @@ static bool dev_free(uint64_t p) {
   if (it == allocs.end()) return false;
   used_bytes -= it->second.size;
   if (reserved_bytes - used_bytes > release_threshold) reserved_bytes = used_bytes + release_threshold;
-  munmap(it->second.map, it->second.map_len);
+  // Freed memory stays mapped without access for a while, so that a late
+  // use faults rather than reading a newer allocation.
+  madvise(it->second.map, it->second.map_len, MADV_DONTNEED);
+  mprotect(it->second.map, it->second.map_len, PROT_NONE);
+  quarantine.push_back(it->second);
+  if (quarantine.size() > QUARANTINE) {
+    munmap(quarantine.front().map, quarantine.front().map_len);
+    quarantine.pop_front();
+  }
   allocs.erase(it);
   return true;
 }
@@ -413,7 +454,7 @@ static struct sigaction old_segv;
 static void on_segv(int sig, siginfo_t* info, void* uc) {
   if (running != nullptr) {
     // On the small signal stack: write(2) only, no stdio.
-    static const char head[] = "cuda-emu: out-of-bounds device access by kernel ";
+    static const char head[] = "cuda-emu: out-of-bounds or freed device memory accessed by kernel ";
     const char* name = running->kernel->name;
     if (write(2, head, sizeof head - 1) < 0 || write(2, name, strlen(name)) < 0 ||
         write(2, "\n", 1) < 0) {
@@ -452,7 +493,96 @@ static void init_once() {
   });
 }
 
-static std::mutex launch_lock;
+// ---------------------------------------------------------------- streams
+//
+// Work enqueued on a stream runs lazily, in stream order, when the host
+// needs it done: a synchronize of its stream or of an event after it,
+// another stream's work that waits for such an event, a copy into pageable
+// host memory, or a call on the null stream (which drains every stream
+// first). Work on two streams thus runs in the order that the program's
+// synchronization forces and no other: a buffer used on another stream
+// without a wait is read before its writer ran or after it was freed, and
+// the checks above fail. Failures of deferred work are reported by the
+// next call that returns a status (sticky, as on a GPU). CUDA_EMU_SYNC=1
+// runs all work at enqueue instead.
+
+struct Stream {
+  std::deque<Work> queue;
+  uint64_t enqueued = 0, executed = 0;
+  bool draining = false;
+};
+
+struct Event {
+  void* stream = nullptr;
+  uint64_t seq = 0;  // the stream's work before the record
+  bool recorded = false;
+  double ms = 0;
+};
+
+static std::recursive_mutex lock;       // everything below, and running work
+static std::map<void*, Stream> streams;  // node-based: stable under insertion
+static std::map<void*, Event> events;
+static std::map<uint64_t, size_t> pinned;  // host allocations, by start
+static std::set<uint64_t> pending_free;    // enqueued frees not yet run
+static std::string async_error;
+
+static bool sync_mode() {
+  static const bool on = [] {
+    const char* v = getenv("CUDA_EMU_SYNC");
+    return v != nullptr && *v != '\0' && *v != '0';
+  }();
+  return on;
+}
+
+static void fail_async(const std::string& what) {
+  fprintf(stderr, "cuda-emu: %s\n", what.c_str());
+  if (async_error.empty()) async_error = what;
+}
+
+static bool is_pinned(const void* p, size_t n) {
+  auto it = pinned.upper_bound((uint64_t)p);
+  if (it == pinned.begin()) return false;
+  --it;
+  const uint64_t a = (uint64_t)p;
+  return a >= it->first && a - it->first + n <= it->second;
+}
+
+// Runs `s`'s work up to its `upto`-th item.
+static void drain(void* s, uint64_t upto) {
+  Stream& st = streams[s];
+  if (st.executed >= upto) return;
+  if (st.draining) {
+    fail_async("streams wait for each other in a cycle");
+    return;
+  }
+  st.draining = true;
+  while (st.executed < upto && !st.queue.empty()) {
+    Work w = std::move(st.queue.front());
+    st.queue.pop_front();
+    ++st.executed;
+    w();
+  }
+  st.draining = false;
+}
+
+static void drain_all() {
+  std::vector<void*> keys;
+  for (const auto& kv : streams) keys.push_back(kv.first);
+  for (void* s : keys) drain(s, streams[s].enqueued);
+}
+
+// Enqueues `w` on `s`; on the null stream (or with CUDA_EMU_SYNC=1) every
+// stream is drained and `w` runs at once.
+static void enqueue(void* s, Work w) {
+  if (s == nullptr || sync_mode()) {
+    drain_all();
+    w();
+    return;
+  }
+  Stream& st = streams[s];
+  st.queue.push_back(std::move(w));
+  ++st.enqueued;
+}
 
 }  // namespace emu
 
@@ -610,10 +740,6 @@ CUresult cuCtxGetDevice(CUdevice* d) {
   *d = 0;
   return OK;
 }
-CUresult cuCtxSynchronize() {
-  COUNT_CALL();
-  return OK;
-}
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
   COUNT_CALL();
@@ -644,9 +770,11 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
   return OK;
 }
 
-// Streams and events: everything runs synchronously at enqueue.
+// Handles: distinct non-null pointers.
 static std::atomic<unsigned long> handles{1};
 static void* new_handle() { return (void*)(uintptr_t)(handles.fetch_add(1) * 16); }
+
+static CUresult sticky() { return emu::async_error.empty() ? OK : LAUNCH_FAILED; }
 
 CUresult cuStreamCreate(CUstream* s, unsigned) {
   COUNT_CALL();
@@ -658,27 +786,32 @@ CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) {
   *s = new_handle();
   return OK;
 }
-CUresult cuStreamDestroy_v2(CUstream) {
+CUresult cuStreamDestroy_v2(CUstream s) {
   COUNT_CALL();
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  emu::drain(s, emu::streams[s].enqueued);
+  emu::streams.erase(s);
   return OK;
 }
-CUresult cuStreamSynchronize(CUstream) {
+CUresult cuStreamSynchronize(CUstream s) {
   COUNT_CALL();
-  return OK;
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  if (s == nullptr) {
+    emu::drain_all();
+  } else {
+    emu::drain(s, emu::streams[s].enqueued);
+  }
+  return sticky();
 }
-CUresult cuStreamQuery(CUstream) {
+CUresult cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
+CUresult cuCtxSynchronize() {
   COUNT_CALL();
-  return OK;
-}
-CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) {
-  COUNT_CALL();
-  return OK;
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  emu::drain_all();
+  return sticky();
 }
 
-static std::mutex event_lock;
-static std::unordered_map<CUevent, double> event_ms;
 static double now_ms() {
-  COUNT_CALL();
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
@@ -690,30 +823,57 @@ CUresult cuEventCreate(CUevent* e, unsigned) {
 }
 CUresult cuEventDestroy_v2(CUevent e) {
   COUNT_CALL();
-  std::lock_guard<std::mutex> g(event_lock);
-  event_ms.erase(e);
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  emu::events.erase(e);
   return OK;
 }
-CUresult cuEventRecord(CUevent e, CUstream) {
+CUresult cuEventRecord(CUevent e, CUstream s) {
   COUNT_CALL();
-  std::lock_guard<std::mutex> g(event_lock);
-  event_ms[e] = now_ms();
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  emu::enqueue(s, [e] {
+    auto it = emu::events.find(e);
+    if (it != emu::events.end()) it->second.ms = now_ms();
+  });
+  emu::Event& ev = emu::events[e];
+  ev.recorded = true;
+  ev.stream = s;
+  ev.seq = s == nullptr ? 0 : emu::streams[s].enqueued;
+  if (s == nullptr || emu::sync_mode()) ev.ms = now_ms();
   return OK;
 }
-CUresult cuEventSynchronize(CUevent) {
-  COUNT_CALL();
-  return OK;
+// Drains the work before `e`'s last record.
+static void drain_to(CUevent e) {
+  auto it = emu::events.find(e);
+  if (it != emu::events.end() && it->second.recorded && it->second.stream != nullptr) {
+    emu::drain(it->second.stream, it->second.seq);
+  }
 }
-CUresult cuEventQuery(CUevent) {
+CUresult cuEventSynchronize(CUevent e) {
   COUNT_CALL();
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  drain_to(e);
+  return sticky();
+}
+CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
+CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+  COUNT_CALL();
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  auto it = emu::events.find(e);
+  if (it == emu::events.end() || !it->second.recorded) return OK;  // waits for nothing
+  void* es = it->second.stream;
+  const uint64_t seq = it->second.seq;
+  if (es == s || es == nullptr) return OK;
+  emu::enqueue(s, [es, seq] { emu::drain(es, seq); });
   return OK;
 }
 CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
   COUNT_CALL();
-  std::lock_guard<std::mutex> g(event_lock);
-  auto ia = event_ms.find(a), ib = event_ms.find(b);
-  if (ia == event_ms.end() || ib == event_ms.end()) return INVALID_VALUE;
-  *ms = (float)(ib->second - ia->second);
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  drain_to(a);
+  drain_to(b);
+  auto ia = emu::events.find(a), ib = emu::events.find(b);
+  if (ia == emu::events.end() || ib == emu::events.end()) return INVALID_VALUE;
+  *ms = (float)(ib->second.ms - ia->second.ms);
   return OK;
 }
 CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) {
@@ -721,7 +881,9 @@ CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) {
   return cuEventElapsedTime(ms, a, b);
 }
 
-// Device memory.
+// Device memory: allocation at once (stream-ordered allocation only makes
+// the memory usable by later work, which holds here too), frees in stream
+// order.
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
   COUNT_CALL();
   if (bytes == 0) return INVALID_VALUE;
@@ -734,11 +896,24 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) {
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
   COUNT_CALL();
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  emu::drain_all();
+  if (emu::pending_free.count(p) != 0) return INVALID_VALUE;
   return emu::dev_free(p) ? OK : INVALID_VALUE;
 }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) {
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
   COUNT_CALL();
-  return cuMemFree_v2(p);
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  if (!emu::dev_range(p, 0) || emu::pending_free.count(p) != 0) {
+    fprintf(stderr, "cuda-emu: free of 0x%llx, which is not a live allocation\n", p);
+    return INVALID_VALUE;
+  }
+  emu::pending_free.insert(p);
+  emu::enqueue(s, [p] {
+    emu::pending_free.erase(p);
+    emu::dev_free(p);
+  });
+  return OK;
 }
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
   COUNT_CALL();
@@ -782,57 +957,95 @@ static CUresult bad_range(const char* what, CUdeviceptr p, size_t n) {
           n, p);
   return ILLEGAL_ADDRESS;
 }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+// Deferred work re-checks its ranges: the buffer may be freed by then.
+static void checked_copy(const char* what, void* dst, const void* src, size_t n, CUdeviceptr dev,
+                         CUdeviceptr dev2) {
+  if (!emu::dev_range(dev, n) || (dev2 != 0 && !emu::dev_range(dev2, n))) {
+    emu::fail_async(std::string(what) + " on a buffer freed before the copy ran");
+    return;
+  }
+  memmove(dst, src, n);
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
   COUNT_CALL();
   if (n == 0) return OK;
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
   if (!emu::dev_range(dst, n)) return bad_range("host-to-device copy", dst, n);
-  memcpy((void*)dst, src, n);
-  return OK;
+  if (emu::is_pinned(src, n)) {
+    // Read when the copy runs: the host must not touch the buffer before.
+    emu::enqueue(s, [dst, src, n] {
+      checked_copy("host-to-device copy", (void*)dst, src, n, dst, 0);
+    });
+  } else {
+    // Pageable memory is staged at the call, as the driver does.
+    auto data = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + n);
+    emu::enqueue(s, [dst, data, n] {
+      checked_copy("host-to-device copy", (void*)dst, data->data(), n, dst, 0);
+    });
+  }
+  return sticky();
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
   COUNT_CALL();
-  return cuMemcpyHtoD_v2(dst, src, n);
+  return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr);
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
+  COUNT_CALL();
+  if (n == 0) return OK;
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  if (!emu::dev_range(src, n)) return bad_range("device-to-host copy", src, n);
+  emu::enqueue(s, [dst, src, n] { checked_copy("device-to-host copy", dst, (const void*)src, n, src, 0); });
+  // Into pageable memory the copy completes before the call returns.
+  if (s != nullptr && !emu::is_pinned(dst, n)) emu::drain(s, emu::streams[s].enqueued);
+  return sticky();
 }
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
   COUNT_CALL();
-  if (n == 0) return OK;
-  if (!emu::dev_range(src, n)) return bad_range("device-to-host copy", src, n);
-  memcpy(dst, (const void*)src, n);
-  return OK;
+  return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr);
 }
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
   COUNT_CALL();
-  return cuMemcpyDtoH_v2(dst, src, n);
+  if (n == 0) return OK;
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  if (!emu::dev_range(src, n)) return bad_range("device-to-device copy (source)", src, n);
+  if (!emu::dev_range(dst, n)) return bad_range("device-to-device copy (destination)", dst, n);
+  emu::enqueue(s, [dst, src, n] {
+    checked_copy("device-to-device copy", (void*)dst, (const void*)src, n, src, dst);
+  });
+  return sticky();
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
   COUNT_CALL();
-  if (n == 0) return OK;
-  if (!emu::dev_range(src, n)) return bad_range("device-to-device copy (source)", src, n);
-  if (!emu::dev_range(dst, n)) return bad_range("device-to-device copy (destination)", dst, n);
-  memmove((void*)dst, (const void*)src, n);
-  return OK;
+  return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr);
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) {
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
   COUNT_CALL();
-  return cuMemcpyDtoD_v2(dst, src, n);
+  if (n == 0) return OK;
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  if (!emu::dev_range(dst, n)) return bad_range("memset", dst, n);
+  emu::enqueue(s, [dst, v, n] {
+    if (!emu::dev_range(dst, n)) {
+      emu::fail_async("memset of a buffer freed before it ran");
+      return;
+    }
+    memset((void*)dst, v, n);
+  });
+  return sticky();
 }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
   COUNT_CALL();
-  if (n == 0) return OK;
-  if (!emu::dev_range(dst, n)) return bad_range("memset", dst, n);
-  memset((void*)dst, v, n);
-  return OK;
-}
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
-  COUNT_CALL();
-  return cuMemsetD8_v2(dst, v, n);
+  return cuMemsetD8Async(dst, v, n, nullptr);
 }
 
-// Pinned host memory is ordinary memory here.
+// Pinned host memory is ordinary memory here, remembered so that copies
+// from and to it run in stream order.
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
   COUNT_CALL();
   *p = malloc(bytes ? bytes : 1);
-  return *p ? OK : OUT_OF_MEMORY;
+  if (*p == nullptr) return OUT_OF_MEMORY;
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  emu::pinned[(uint64_t)*p] = bytes;
+  return OK;
 }
 CUresult cuMemAllocHost_v2(void** p, size_t bytes) {
   COUNT_CALL();
@@ -840,6 +1053,9 @@ CUresult cuMemAllocHost_v2(void** p, size_t bytes) {
 }
 CUresult cuMemFreeHost(void* p) {
   COUNT_CALL();
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  emu::drain_all();  // as the driver does
+  emu::pinned.erase((uint64_t)p);
   free(p);
   return OK;
 }
@@ -878,7 +1094,7 @@ CUresult cuFuncSetAttribute(CUfunction, int, int) {
 }
 
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                        unsigned by, unsigned bz, unsigned shared, CUstream, void** params,
+                        unsigned by, unsigned bz, unsigned shared, CUstream s, void** params,
                         void** extra) {
   COUNT_CALL();
   if (f == nullptr || params == nullptr || extra != nullptr) return INVALID_VALUE;
@@ -895,19 +1111,17 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
             f->name, gx, gy, gz, bx, by, bz, why);
     return INVALID_VALUE;
   }
-  std::lock_guard<std::mutex> g(emu::launch_lock);
-  const std::string err = emu::run(f, EmuDim3{gx, gy, gz}, EmuDim3{bx, by, bz}, params);
-  if (!err.empty()) {
-    fprintf(stderr, "cuda-emu: kernel %s: %s\n", f->name, err.c_str());
-    return LAUNCH_FAILED;
-  }
-  return OK;
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  // The arguments are copied now, as the driver copies them.
+  emu::enqueue(s, f->capture(f, EmuDim3{gx, gy, gz}, EmuDim3{bx, by, bz}, params));
+  return sticky();
 }
 
 typedef void (*CUhostFn)(void*);
-CUresult cuLaunchHostFunc(CUstream, CUhostFn fn, void* data) {
+CUresult cuLaunchHostFunc(CUstream s, CUhostFn fn, void* data) {
   COUNT_CALL();
-  fn(data);
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  emu::enqueue(s, [fn, data] { fn(data); });
   return OK;
 }
 
@@ -929,12 +1143,18 @@ cublasStatus_t cublasCreate_v2(cublasHandle_t* h) {
   *h = new_handle();
   return BLAS_OK;
 }
-cublasStatus_t cublasDestroy_v2(cublasHandle_t) {
+// The stream of each handle (the null stream until set).
+static std::map<cublasHandle_t, CUstream> blas_streams;
+cublasStatus_t cublasDestroy_v2(cublasHandle_t h) {
   COUNT_CALL();
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  blas_streams.erase(h);
   return BLAS_OK;
 }
-cublasStatus_t cublasSetStream_v2(cublasHandle_t, CUstream) {
+cublasStatus_t cublasSetStream_v2(cublasHandle_t h, CUstream s) {
   COUNT_CALL();
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  blas_streams[h] = s;
   return BLAS_OK;
 }
 cublasStatus_t cublasSetMathMode(cublasHandle_t, int) {
@@ -973,7 +1193,12 @@ static bool matrices_in_range(const void* p, int t, int64_t rows, int64_t cols, 
   return emu::dev_range((uint64_t)p, (size_t)(last + 1) * elem_size(t));
 }
 
-cublasStatus_t cublasGemmStridedBatchedEx_64(cublasHandle_t, int transa, int transb, int64_t m,
+static void gemm_now(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                     const void* A, int at, int64_t lda, int64_t sa, const void* B, int bt,
+                     int64_t ldb, int64_t sb, float beta, void* C, int ct, int64_t ldc,
+                     int64_t sc, int64_t batch);
+
+cublasStatus_t cublasGemmStridedBatchedEx_64(cublasHandle_t h, int transa, int transb, int64_t m,
                                              int64_t n, int64_t k, const void* alpha_p,
                                              const void* A, int at, int64_t lda, int64_t sa,
                                              const void* B, int bt, int64_t ldb, int64_t sb,
@@ -1006,6 +1231,24 @@ cublasStatus_t cublasGemmStridedBatchedEx_64(cublasHandle_t, int transa, int tra
     return BLAS_EXECUTION_FAILED;
   }
   const float alpha = *(const float*)alpha_p, beta = *(const float*)beta_p;
+  std::lock_guard<std::recursive_mutex> g(emu::lock);
+  auto hs = blas_streams.find(h);
+  emu::enqueue(hs == blas_streams.end() ? nullptr : hs->second, [=] {
+    if (!matrices_in_range(A, at, a_rows, a_cols, lda, sa, batch) ||
+        !matrices_in_range(B, bt, b_rows, b_cols, ldb, sb, batch) ||
+        !matrices_in_range(C, ct, m, n, ldc, sc, batch)) {
+      emu::fail_async("cuBLAS GEMM on a buffer freed before it ran");
+      return;
+    }
+    gemm_now(ta, tb, m, n, k, alpha, A, at, lda, sa, B, bt, ldb, sb, beta, C, ct, ldc, sc, batch);
+  });
+  return BLAS_OK;
+}
+
+static void gemm_now(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                     const void* A, int at, int64_t lda, int64_t sa, const void* B, int bt,
+                     int64_t ldb, int64_t sb, float beta, void* C, int ct, int64_t ldc,
+                     int64_t sc, int64_t batch) {
   std::vector<double> col((size_t)m);
   for (int64_t q = 0; q < batch; ++q) {
     const void* a = (const char*)A + q * sa * (int64_t)elem_size(at);
@@ -1027,7 +1270,6 @@ cublasStatus_t cublasGemmStridedBatchedEx_64(cublasHandle_t, int transa, int tra
       }
     }
   }
-  return BLAS_OK;
 }
 
 cublasStatus_t cublasGemmEx_64(cublasHandle_t h, int transa, int transb, int64_t m, int64_t n,
