@@ -36,6 +36,10 @@ uint64_t shuffle(uint64_t v, unsigned src, unsigned xor_mask, bool is_xor);
 // One m16n8k16 tensor-core MMA of the calling warp (f32 accumulators, bf16
 // or f16 inputs), with the fragment layouts of the PTX ISA: c += a·b.
 void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2], bool bf16);
+// ldmatrix.m8n8.x4(.trans).b16 of the calling warp: lane l gives the row
+// address `row` of row l % 8 of matrix l / 8, and gets matrix i's fragment
+// in r[i].
+void ldmatrix_x4(uint32_t r[4], const void* row, bool trans);
 
 }  // namespace emu
 

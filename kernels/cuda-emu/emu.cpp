@@ -269,6 +269,45 @@ void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2], bool bf1
   collective(mma_resolve, &op);
 }
 
+struct LdmatrixOperands {
+  uint32_t* r;
+  const uint16_t* row;
+  bool trans;
+};
+
+// The PTX ISA's ldmatrix (m8n8, 16-bit): the 8 rows of matrix i come from
+// the addresses of lanes 8i..8i+7; lane l gets two consecutive elements of
+// row l / 4, columns 2(l % 4) and 2(l % 4) + 1, or with .trans of column
+// l / 4, rows 2(l % 4) and 2(l % 4) + 1 (the lower one in the low half).
+static void ldmatrix_resolve(void* const* lanes) {
+  const bool trans = static_cast<const LdmatrixOperands*>(lanes[0])->trans;
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    LdmatrixOperands* op = static_cast<LdmatrixOperands*>(lanes[lane]);
+    if (op->trans != trans) {
+      fail_async("ldmatrix with .trans on some lanes only");
+      return;
+    }
+    const unsigned g = lane / 4, t = lane % 4;
+    for (unsigned i = 0; i < 4; ++i) {
+      auto at = [&](unsigned row, unsigned col) {
+        return static_cast<const LdmatrixOperands*>(lanes[8 * i + row])->row[col];
+      };
+      const uint32_t lo = trans ? at(2 * t, g) : at(g, 2 * t);
+      const uint32_t hi = trans ? at(2 * t + 1, g) : at(g, 2 * t + 1);
+      op->r[i] = lo | (hi << 16);
+    }
+  }
+}
+
+void ldmatrix_x4(uint32_t r[4], const void* row, bool trans) {
+  if (((uintptr_t)row) % 16 != 0) {
+    fail("ldmatrix row address not 16-byte aligned");
+    abort();
+  }
+  LdmatrixOperands op{r, static_cast<const uint16_t*>(row), trans};
+  collective(ldmatrix_resolve, &op);
+}
+
 static EmuDim3 unflatten(unsigned i, const EmuDim3& d) {
   return EmuDim3{i % d.x, (i / d.x) % d.y, i / (d.x * d.y)};
 }

@@ -916,7 +916,9 @@ __device__ __forceinline__ void gather_impl(u64 count, u64 rows, u64 row_len, in
 // leave registers. A block of FA_THREADS threads (4 warps) takes FA_BM
 // queries of one batch entry, 16 per warp, and walks the keys FA_BN at a
 // time through shared memory with an online softmax (running maximum and
-// sum per row, in base 2). Query i sees key j when j < lk and, causal, j <=
+// sum per row, in base 2). K and V fragments come from shared memory by
+// ldmatrix (V transposed on the way), whose padded rows fall into distinct
+// banks. Query i sees key j when j < lk and, causal, j <=
 // i: the CPU reference's (top-left aligned) mask. Probabilities are rounded
 // to the dtype before the P·V product, as the unfused path rounds them;
 // accumulation is f32. Rows past lq are computed but not written.
@@ -956,6 +958,32 @@ __device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], u32 b0, u3
   }
 #else
   __trap();  // the host launches this only on sm_80 and later
+#endif
+}
+
+// ldmatrix.m8n8.x4 (`TRANS`: .trans) from shared memory: lane l gives the
+// address of row l % 8 of matrix l / 8 (16-byte aligned); r[i] gets matrix
+// i's fragment, which is an mma B fragment half (b0 or b1) as laid out.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(u32 r[4], const u16* row) {
+#ifdef TENSOR_WASM_CUDA_EMU
+  emu::ldmatrix_x4(r, row, TRANS);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(row));
+  if constexpr (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
+#else
+  (void)r;
+  (void)row;
+  __trap();
 #endif
 }
 
@@ -1028,17 +1056,20 @@ __device__ __forceinline__ void flash_attn_impl(u64 lq, u64 lk, int causal, floa
     }
     __syncthreads();
 
-    // Scores of 16 rows × FA_BN keys.
+    // Scores of 16 rows × FA_BN keys. One ldmatrix gives the B fragments
+    // of keys n*8.. for two 16-column steps of D: lane l addresses key
+    // n*8 + l % 8 at column 32*kk2 + 8*(l / 8).
     float sc[FA_BN / 8][4];
 #pragma unroll
     for (int n = 0; n < FA_BN / 8; ++n) {
       sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-      const u16* krow = ks + (n * 8 + g) * LD + 2 * t;
+      const u16* krow = ks + (n * 8 + (lane & 7u)) * LD + (lane >> 3) * 8;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const u32 b0 = *reinterpret_cast<const u32*>(krow + kk * 16);
-        const u32 b1 = *reinterpret_cast<const u32*>(krow + kk * 16 + 8);
-        mma_16816<T>(sc[n], qa[kk], b0, b1);
+      for (int kk2 = 0; kk2 < D / 32; ++kk2) {
+        u32 b[4];
+        ldsm_x4<false>(b, krow + kk2 * 32);
+        mma_16816<T>(sc[n], qa[2 * kk2], b[0], b[1]);
+        mma_16816<T>(sc[n], qa[2 * kk2 + 1], b[2], b[3]);
       }
     }
 
@@ -1099,13 +1130,16 @@ __device__ __forceinline__ void flash_attn_impl(u64 lq, u64 lk, int causal, floa
         l[r & 1] += Ty<T>::to_f(Ty<T>::from_bits(pa[r] & 0xFFFFu)) +
                     Ty<T>::to_f(Ty<T>::from_bits(pa[r] >> 16));
       }
-      const u16* v0 = vs + (kk * 16 + 2 * t) * LD + g;
+      // One transposing ldmatrix gives the B fragments of two 8-column
+      // tiles of V: lane l addresses key kk*16 + l % 16 at column
+      // 16*n2 + 8*(l / 16).
+      const u16* vrow = vs + (kk * 16 + (lane & 15u)) * LD + (lane >> 4) * 8;
 #pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const u16* vp = v0 + n * 8;
-        const u32 b0 = (u32)vp[0] | ((u32)vp[LD] << 16);
-        const u32 b1 = (u32)vp[8 * LD] | ((u32)vp[9 * LD] << 16);
-        mma_16816<T>(o[n], pa, b0, b1);
+      for (int n2 = 0; n2 < D / 16; ++n2) {
+        u32 b[4];
+        ldsm_x4<true>(b, vrow + n2 * 16);
+        mma_16816<T>(o[2 * n2], pa, b[0], b[1]);
+        mma_16816<T>(o[2 * n2 + 1], pa, b[2], b[3]);
       }
     }
   }
