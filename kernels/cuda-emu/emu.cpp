@@ -66,8 +66,10 @@ struct Kernel {
   void* fn;
   Invoke invoke;
   Capture capture;  // the launch as deferred work, its arguments copied
-  bool fibers;      // has barriers or warp operations: one fiber per thread
-  unsigned block;   // the block size it requires (0: any)
+  // The block size it requires, for kernels with barriers or warp
+  // operations, which run a fiber per thread; 0 for the others (any size,
+  // threads run one after another).
+  unsigned block;
 };
 
 static std::string run(const Kernel* k, EmuDim3 grid, EmuDim3 block, void** params);
@@ -99,18 +101,18 @@ struct Invoker {
 
 template <typename... A>
 Kernel entry(const char* name, void (*fn)(A...)) {
-  static const char* const row_kernels[] = {"reduce_rows_", "softmax_rows_", "layer_norm_",
-                                            "rms_norm_", "attn_softmax_"};
-  static const char* const warp_kernels[] = {"flash_attn_"};
+  static const struct {
+    const char* prefix;
+    unsigned block;
+  } fiber_kernels[] = {{"reduce_rows_", BLOCK}, {"softmax_rows_", BLOCK},
+                       {"layer_norm_", BLOCK},  {"rms_norm_", BLOCK},
+                       {"attn_softmax_", BLOCK}, {"flash_attn_", FA_THREADS}};
   unsigned block = 0;
-  for (const char* p : row_kernels) {
-    if (std::strncmp(name, p, std::strlen(p)) == 0) block = BLOCK;
+  for (const auto& f : fiber_kernels) {
+    if (std::strncmp(name, f.prefix, std::strlen(f.prefix)) == 0) block = f.block;
   }
-  for (const char* p : warp_kernels) {
-    if (std::strncmp(name, p, std::strlen(p)) == 0) block = FA_THREADS;
-  }
-  return Kernel{name,          reinterpret_cast<void*>(fn), &Invoker<A...>::invoke,
-                &Invoker<A...>::capture, block != 0, block};
+  return Kernel{name, reinterpret_cast<void*>(fn), &Invoker<A...>::invoke,
+                &Invoker<A...>::capture, block};
 }
 
 // The registry mirrors the DEF_* lists at the end of kernels.cu; a kernel
@@ -163,7 +165,6 @@ static const size_t STACK = 256 * 1024;
 struct Launch {
   const Kernel* kernel;
   void** params;
-  bool fibers;
   std::vector<Fiber> threads;
   ucontext_t sched;
   Fiber* cur;
@@ -186,9 +187,9 @@ static void fiber_entry() {
 
 __attribute__((noinline)) static void park(State s) {
   Launch* l = running;
-  if (!l->fibers) {
+  if (l->kernel->block == 0) {
     fail("barrier or shuffle in a kernel that cuda-emu runs without fibers "
-         "(add its name to the row kernels in emu.cpp)");
+         "(add it to fiber_kernels in emu.cpp)");
     abort();
   }
   l->cur->state = s;
@@ -396,17 +397,17 @@ static std::string run(const Kernel* k, EmuDim3 grid, EmuDim3 block, void** para
   Launch l;
   l.kernel = k;
   l.params = params;
-  l.fibers = k->fibers;
   running = &l;
   grid_dim = grid;
   block_dim = block;
   const unsigned n = block.x * block.y * block.z;
-  if (l.fibers) l.threads.resize(n);
+  const bool fibers = k->block != 0;
+  if (fibers) l.threads.resize(n);
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         block_idx = EmuDim3{bx, by, bz};
-        if (l.fibers) {
+        if (fibers) {
           if (!run_block_fibers(&l, n)) {
             running = nullptr;
             return l.error;
@@ -780,32 +781,37 @@ CUresult cuCtxGetDevice(CUdevice* d) {
   return OK;
 }
 
+// Name and description of every status the emulation returns.
+struct Status {
+  CUresult code;
+  const char* name;
+  const char* text;
+};
+static const Status STATUSES[] = {
+    {OK, "CUDA_SUCCESS", "no error"},
+    {INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {ILLEGAL_ADDRESS, "CUDA_ERROR_ILLEGAL_ADDRESS",
+     "an illegal memory access was encountered (cuda-emu)"},
+    {LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure (cuda-emu: see stderr)"},
+};
+static const Status* status_of(CUresult e) {
+  static const Status unknown{-1, "CUDA_ERROR_UNKNOWN", "unknown error (cuda-emu)"};
+  for (const Status& st : STATUSES) {
+    if (st.code == e) return &st;
+  }
+  return &unknown;
+}
 CUresult cuGetErrorString(CUresult e, const char** s) {
   COUNT_CALL();
-  switch (e) {
-    case OK: *s = "no error"; break;
-    case INVALID_VALUE: *s = "invalid argument"; break;
-    case OUT_OF_MEMORY: *s = "out of memory"; break;
-    case INVALID_DEVICE: *s = "invalid device ordinal"; break;
-    case NOT_FOUND: *s = "named symbol not found"; break;
-    case ILLEGAL_ADDRESS: *s = "an illegal memory access was encountered (cuda-emu)"; break;
-    case LAUNCH_FAILED: *s = "unspecified launch failure (cuda-emu: see stderr)"; break;
-    default: *s = "unknown error (cuda-emu)"; break;
-  }
+  *s = status_of(e)->text;
   return OK;
 }
 CUresult cuGetErrorName(CUresult e, const char** s) {
   COUNT_CALL();
-  switch (e) {
-    case OK: *s = "CUDA_SUCCESS"; break;
-    case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
-    case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
-    case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
-    case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
-    case ILLEGAL_ADDRESS: *s = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
-    case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
-    default: *s = "CUDA_ERROR_UNKNOWN"; break;
-  }
+  *s = status_of(e)->name;
   return OK;
 }
 

@@ -214,38 +214,33 @@ fn open_backend(device: &str) -> Result<Arc<dyn Backend>> {
     if device == "cpu" {
         return Ok(Arc::new(CpuBackend::default()));
     }
-    cuda_backend(device)
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_backend(device: &str) -> Result<Arc<dyn Backend>> {
-    let ordinal = cuda_ordinal(device)?;
-    let b = tensor_wasm_kernels::cuda::CudaBackend::new(ordinal, Default::default())
-        .with_context(|| format!("opening {device}"))?;
-    Ok(Arc::new(b))
+    cuda_backend(device, false)
 }
 
 /// A backend on `device` whose attention never takes the fused kernel
-/// (None for the CPU).
-#[cfg(feature = "cuda")]
+/// (None for the CPU, or without the `cuda` feature).
 fn gemm_attention_backend(device: &str) -> Result<Option<Arc<dyn Backend>>> {
-    if device == "cpu" {
+    if device == "cpu" || !cfg!(feature = "cuda") {
         return Ok(None);
     }
+    cuda_backend(device, true).map(Some)
+}
+
+#[cfg(feature = "cuda")]
+/// `gemm_attention`: attention always on the two-GEMM path; otherwise as
+/// the backend chooses (`TENSOR_WASM_CUDA_ATTENTION` included).
+fn cuda_backend(device: &str, gemm_attention: bool) -> Result<Arc<dyn Backend>> {
     let ordinal = cuda_ordinal(device)?;
-    let b = tensor_wasm_kernels::cuda::CudaBackend::new(ordinal, Default::default())
-        .with_context(|| format!("opening {device}"))?
-        .with_fused_attention(false);
-    Ok(Some(Arc::new(b)))
+    let mut b = tensor_wasm_kernels::cuda::CudaBackend::new(ordinal, Default::default())
+        .with_context(|| format!("opening {device}"))?;
+    if gemm_attention {
+        b = b.with_fused_attention(false);
+    }
+    Ok(Arc::new(b))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gemm_attention_backend(_device: &str) -> Result<Option<Arc<dyn Backend>>> {
-    Ok(None)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_backend(device: &str) -> Result<Arc<dyn Backend>> {
+fn cuda_backend(device: &str, _gemm_attention: bool) -> Result<Arc<dyn Backend>> {
     bail!("{device}: this gpu-bench was built without the `cuda` feature")
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, DriverError, LaunchConfig};
 
 use super::device::{Device, driver_error};
-use super::{Access, CudaStorage};
+use super::{CrossStream, CudaStorage};
 use crate::error::{KernelError, Result};
 use crate::sys::cuda::{KernelArg, launch};
 
@@ -172,14 +172,13 @@ pub(crate) fn dims_arg(v: &[usize]) -> KernelArg {
     KernelArg::Dims(a)
 }
 
-/// Builds one kernel launch. Tensor arguments hold their [`Access`] guards
-/// until the launch is enqueued: a tensor of another backend's stream is
-/// ordered with it (see [`CrossStream`](super::CrossStream)), so it is
+/// Builds one kernel launch. A tensor argument of another backend's stream
+/// holds its [`CrossStream`] guard until the launch is enqueued, so it is
 /// never read before it is written nor freed while this kernel uses it.
 pub(crate) struct Launch<'a> {
     stream: &'a Arc<CudaStream>,
     args: Vec<KernelArg>,
-    guards: Vec<Access<'a>>,
+    guards: Vec<CrossStream<'a>>,
     /// The first error of a tensor argument, reported by `run`.
     error: Option<DriverError>,
 }
@@ -197,7 +196,7 @@ impl<'a> Launch<'a> {
     /// Adds a tensor argument from `read_ptr` / `write_ptr`.
     fn tensor(
         mut self,
-        access: std::result::Result<(u64, Option<Access<'a>>), DriverError>,
+        access: std::result::Result<(u64, Option<CrossStream<'a>>), DriverError>,
     ) -> Self {
         match access {
             Ok((ptr, guard)) => {

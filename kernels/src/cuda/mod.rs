@@ -54,7 +54,7 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
 use tensor_wasm_shared::DType;
 
 use self::device::{Device, driver_error};
@@ -115,12 +115,14 @@ impl CudaStorage {
     }
 
     /// The buffer's device address for reading on `stream`, with the guard
-    /// to hold until the read is enqueued (0 and no guard when empty).
+    /// to hold until the read is enqueued: None when the buffer belongs to
+    /// `stream` or is empty (address 0). cudarc's own guards are dropped at
+    /// once: with event tracking off they do nothing.
     fn read_ptr<'a>(
         &'a self,
         op: &'static str,
         stream: &'a CudaStream,
-    ) -> Result<(u64, Option<Access<'a>>)> {
+    ) -> Result<(u64, Option<CrossStream<'a>>)> {
         self.read_access(stream).map_err(|e| driver_error(op, e))
     }
 
@@ -129,57 +131,31 @@ impl CudaStorage {
         &'a mut self,
         op: &'static str,
         stream: &'a CudaStream,
-    ) -> Result<(u64, Option<Access<'a>>)> {
+    ) -> Result<(u64, Option<CrossStream<'a>>)> {
         self.write_access(stream).map_err(|e| driver_error(op, e))
     }
 
     fn read_access<'a>(
         &'a self,
         stream: &'a CudaStream,
-    ) -> std::result::Result<(u64, Option<Access<'a>>), DriverError> {
-        match &self.buf {
-            Some(b) => {
-                let cross = CrossStream::begin(b, stream)?;
-                let (p, sync) = b.device_ptr(stream);
-                Ok((
-                    p,
-                    Some(Access {
-                        _sync: sync,
-                        _cross: cross,
-                    }),
-                ))
-            }
-            None => Ok((0, None)),
-        }
+    ) -> std::result::Result<(u64, Option<CrossStream<'a>>), DriverError> {
+        let Some(b) = &self.buf else {
+            return Ok((0, None));
+        };
+        let cross = CrossStream::begin(b, stream)?;
+        Ok((b.device_ptr(stream).0, cross))
     }
 
     fn write_access<'a>(
         &'a mut self,
         stream: &'a CudaStream,
-    ) -> std::result::Result<(u64, Option<Access<'a>>), DriverError> {
-        match &mut self.buf {
-            Some(b) => {
-                let cross = CrossStream::begin(b, stream)?;
-                let (p, sync) = b.device_ptr_mut(stream);
-                Ok((
-                    p,
-                    Some(Access {
-                        _sync: sync,
-                        _cross: cross,
-                    }),
-                ))
-            }
-            None => Ok((0, None)),
-        }
+    ) -> std::result::Result<(u64, Option<CrossStream<'a>>), DriverError> {
+        let Some(b) = &mut self.buf else {
+            return Ok((0, None));
+        };
+        let cross = CrossStream::begin(b, stream)?;
+        Ok((b.device_ptr_mut(stream).0, cross))
     }
-}
-
-/// What a use of a buffer holds until the use is enqueued: cudarc's guard
-/// (a no-op with event tracking off) and, for a buffer of another stream,
-/// the [`CrossStream`] ordering.
-pub(crate) struct Access<'a> {
-    _sync: SyncOnDrop<'a>,
-    _cross: Option<CrossStream<'a>>,
 }
 
 /// A use, on stream `on`, of a buffer whose home is another stream. `begin`
