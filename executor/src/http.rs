@@ -135,7 +135,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/functions/{id}/invoke", post(invoke))
         .route("/functions/{id}/invoke-async", post(invoke_async))
         .route("/jobs", get(list_jobs))
-        .route("/jobs/{id}", get(get_job).delete(delete_job))
+        .route("/jobs/{id}", get(get_job).delete(delete_job));
+    let internal = Router::new()
         .route("/internal/info", get(info))
         .route("/internal/tenants/{tenant}/export", post(export_tenant))
         .route("/internal/tenants/{tenant}/import", post(import_tenant))
@@ -150,6 +151,9 @@ pub fn router(app: Arc<App>) -> Router {
             "/internal/tenants/{tenant}",
             axum::routing::delete(drop_tenant),
         )
+        .route_layer(middleware::from_fn(refuse_tenant_traffic));
+    let authed = authed
+        .merge(internal)
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -174,6 +178,17 @@ async fn request_id(req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     resp.headers_mut().insert(REQUEST_ID_HEADER, id);
     resp
+}
+
+/// The internal routes are the control plane's (the proxy's migrations and
+/// probes, operators' tools). A request naming a tenant in
+/// `x-tensor-wasm-tenant` is tenant traffic that the proxy forwarded; it
+/// never reaches them, even if a proxy were to forward such a path.
+async fn refuse_tenant_traffic(req: Request, next: Next) -> Response {
+    if req.headers().contains_key(TENANT_HEADER) {
+        return ExecError::NotFound("route".into()).into_response();
+    }
+    next.run(req).await
 }
 
 async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {

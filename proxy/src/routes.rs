@@ -1,14 +1,16 @@
 //! The public routes as the proxy names them in metrics and audit records.
 //!
-//! The proxy forwards every path to the executor, which owns the API; it
-//! only needs a bounded name for each (a template for metric labels, an
-//! action for the audit log), and to know which paths it answers itself.
+//! The proxy forwards the public API to the executor, which owns it; it
+//! needs a bounded name for each route (a template for metric labels, an
+//! action for the audit log), to know which paths it answers itself, and to
+//! refuse every other path (`other`) rather than forward it with the
+//! internal token.
 
 /// What a request is, by its method and path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteName {
     /// The path template, e.g. `/functions/{id}/invoke`; `other` for paths
-    /// outside the API (which the executor answers 404).
+    /// outside the public API (which the proxy answers 404 `not_found`).
     pub template: &'static str,
     /// The audit action, e.g. `functions.invoke`.
     pub action: &'static str,

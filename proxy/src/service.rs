@@ -6,7 +6,8 @@
 //! 1. `request_filter`: give it a request id; answer `/healthz` and
 //!    `/metrics` here; authenticate the bearer token to a tenant (401);
 //!    refuse a tenant header the token may not act for (403); apply the
-//!    tenant's rate limit (429 with `Retry-After`); route it — placing a new
+//!    tenant's rate limit (429 with `Retry-After`); answer any path outside
+//!    the public API 404 (never forwarded); route it — placing a new
 //!    tenant, holding it while it moves, refusing it at once with 503 when
 //!    its executor is down.
 //! 2. `upstream_peer`: the routed executor, over a pooled keep-alive
@@ -348,6 +349,20 @@ impl ProxyHttp for PublicProxy {
                     format!("tenant {tenant} is over its rate limit; retry in {secs} s"),
                 ),
                 &[("retry-after", secs.to_string())],
+            )
+            .await?;
+            return Ok(true);
+        }
+
+        // Only the public API goes on to an executor: its internal routes
+        // (export, import, drop of any tenant) sit behind the internal token
+        // that the proxy itself adds below.
+        if ctx.name.template == "other" {
+            self.answer_error(
+                session,
+                ctx,
+                ApiError::new(ErrorCode::NotFound, "no such route"),
+                &[],
             )
             .await?;
             return Ok(true);

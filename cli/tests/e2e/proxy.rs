@@ -208,6 +208,48 @@ fn tenants_are_isolated_and_sticky_through_the_proxy() {
 }
 
 #[test]
+fn a_tenant_cannot_reach_the_executors_internal_routes() {
+    // One executor: both tenants live on it.
+    let fleet = TestFleet::start(1, ProxyOptions::default());
+    let p = &fleet.proxy;
+    let beta_fn = fleet.deploy_counter("tok-beta");
+    assert_eq!(parse_counter(&fleet.count("tok-beta", &beta_fn).body).0, 1);
+
+    let module = format!("/internal/tenants/beta/modules/{beta_fn}");
+    let probes: [(&str, &str); 10] = [
+        ("GET", "/internal/info"),
+        ("POST", "/internal/tenants/beta/export"),
+        ("POST", "/internal/tenants/beta/thaw"),
+        ("GET", "/internal/tenants/beta/modules"),
+        ("GET", &module),
+        ("POST", "/internal/tenants/acme/import"),
+        ("POST", "/internal/modules"),
+        ("DELETE", "/internal/tenants/beta"),
+        ("DELETE", "//internal/tenants/beta"),
+        ("POST", "/functions/../internal/tenants/beta/export"),
+    ];
+    for (method, path) in probes {
+        let r = p.call(
+            "tok-acme",
+            method,
+            path,
+            Some(("application/octet-stream", b"x")),
+        );
+        assert_eq!(r.status, 404, "{method} {path}: {}", r.text());
+        assert_eq!(r.code(), "not_found", "{method} {path}");
+    }
+
+    // The proxy answered them itself: acme was never routed anywhere.
+    assert_eq!(p.placement("acme"), None);
+
+    // Beta was neither frozen nor dropped, and kept its state.
+    let r = fleet.count("tok-beta", &beta_fn);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(parse_counter(&r.body).0, 2);
+    assert_eq!(tenants_on(fleet.executor("cpu0")), vec!["beta".to_string()]);
+}
+
+#[test]
 fn the_rate_limit_answers_429_with_retry_after_per_tenant() {
     let fleet = TestFleet::start(
         1,

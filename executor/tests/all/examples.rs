@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::harness::{Reply, TOKEN, TestExecutor, f32_inputs, f32_output};
+use crate::harness::{Reply, TestExecutor, f32_inputs, f32_output};
 
 fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
@@ -188,17 +188,6 @@ fn running_mean(ex: &TestExecutor, id: &str, shape: &[u64], x: &[f32]) -> (Vec<f
     (f32_output(&r, "mean"), count[0])
 }
 
-fn internal_post(ex: &TestExecutor, path: &str, body: &[u8]) -> Reply {
-    let r = ex
-        .raw_agent()
-        .post(ex.url(path))
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .header("content-type", "application/octet-stream")
-        .send(body)
-        .unwrap();
-    Reply::from(r)
-}
-
 #[test]
 fn the_running_mean_keeps_state_across_calls_and_a_migration() {
     let Some(wasm) = built_example("running-mean.wasm") else {
@@ -221,9 +210,9 @@ fn the_running_mean_keeps_state_across_calls_and_a_migration() {
 
     // Move the tenant: the count (linear memory) and the mean (a device
     // tensor whose handle is in linear memory) carry on on the importer.
-    let snapshot = internal_post(&a, "/internal/tenants/t1/export", b"");
+    let snapshot = a.internal("POST", "/internal/tenants/t1/export", b"");
     assert_eq!(snapshot.status, 200, "{}", snapshot.text());
-    let r = internal_post(&b, "/internal/tenants/t1/import", &snapshot.body);
+    let r = b.internal("POST", "/internal/tenants/t1/import", &snapshot.body);
     assert_eq!(r.status, 200, "{}", r.text());
     let (mean, count) = running_mean(&b, &id, &[3], &[7.0, 8.0, 9.0]);
     assert_close(&mean, &[4.0, 5.0, 6.0], 1e-6, "mean after the move");

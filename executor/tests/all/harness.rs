@@ -132,6 +132,28 @@ impl TestExecutor {
         Reply::from(req.send(body).unwrap())
     }
 
+    /// A control-plane call: the internal token and no tenant header.
+    pub fn internal(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        let url = self.url(path);
+        let auth = format!("Bearer {TOKEN}");
+        let r = match method {
+            "GET" => self.agent.get(&url).header("authorization", &auth).call(),
+            "POST" => self
+                .agent
+                .post(&url)
+                .header("authorization", &auth)
+                .header("content-type", "application/octet-stream")
+                .send(body),
+            "DELETE" => self
+                .agent
+                .delete(&url)
+                .header("authorization", &auth)
+                .call(),
+            _ => panic!("no internal {method}"),
+        };
+        Reply::from(r.unwrap())
+    }
+
     /// Registers WAT under `name`; panics unless 201.
     pub fn deploy(&self, tenant: &str, name: &str, wat: &str) -> String {
         let wasm = wat::parse_str(wat).unwrap();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tensor_wasm_executor::config::TenantQuotas;
 
-use crate::harness::{TOKEN, TestExecutor, f32_inputs, small_limits};
+use crate::harness::{TestExecutor, f32_inputs, small_limits};
 
 /// Keeps a running count in a global it does not export, and a running sum
 /// in a device tensor whose handle lives in linear memory. Each call adds
@@ -80,31 +80,8 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
-fn internal(ex: &TestExecutor, method: &str, path: &str, body: &[u8]) -> crate::harness::Reply {
-    let agent = ex.raw_agent();
-    let url = ex.url(path);
-    let r = match method {
-        "POST" => agent
-            .post(&url)
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("content-type", "application/octet-stream")
-            .send(body),
-        "DELETE" => agent
-            .delete(&url)
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .call(),
-        _ => unreachable!(),
-    };
-    crate::harness::Reply::from(r.unwrap())
-}
-
 fn export(ex: &TestExecutor, tenant: &str) -> Vec<u8> {
-    let r = internal(
-        ex,
-        "POST",
-        &format!("/internal/tenants/{tenant}/export"),
-        b"",
-    );
+    let r = ex.internal("POST", &format!("/internal/tenants/{tenant}/export"), b"");
     assert_eq!(r.status, 200, "{}", r.text());
     r.body
 }
@@ -150,7 +127,7 @@ fn a_tenant_moves_with_its_state() {
     assert_eq!((r.status, r.code().as_str()), (409, "tenant_frozen"));
     assert_eq!(call(&a, "t2", &other, [1.0, 1.0, 1.0]).1, 1);
 
-    let r = internal(&b, "POST", "/internal/tenants/t1/import", &snapshot);
+    let r = b.internal("POST", "/internal/tenants/t1/import", &snapshot);
     assert_eq!(r.status, 200, "{}", r.text());
     // The count (a global the module never exported) and the device
     // tensor continue where they were; init did not run again.
@@ -170,13 +147,13 @@ fn a_tenant_moves_with_its_state() {
         id.as_str()
     );
     // A second import is refused; the source drops the tenant.
-    let again = internal(&b, "POST", "/internal/tenants/t1/import", &snapshot);
+    let again = b.internal("POST", "/internal/tenants/t1/import", &snapshot);
     assert_eq!(
         (again.status, again.code().as_str()),
         (409, "tenant_exists")
     );
     assert_eq!(
-        internal(&a, "DELETE", "/internal/tenants/t1", b"").status,
+        a.internal("DELETE", "/internal/tenants/t1", b"").status,
         204
     );
     assert_eq!(
@@ -193,7 +170,7 @@ fn a_thawed_tenant_carries_on_where_it_was() {
     call(&a, "t1", &id, [1.0, 1.0, 1.0]);
     export(&a, "t1");
     assert_eq!(
-        internal(&a, "POST", "/internal/tenants/t1/thaw", b"").status,
+        a.internal("POST", "/internal/tenants/t1/thaw", b"").status,
         204
     );
     assert_eq!(
@@ -222,7 +199,7 @@ fn bad_snapshots_are_refused_and_change_nothing() {
         ("not a snapshot", b"hello, world, this is certainly not a snapshot at all, no sir; it is longer than the header though, by a few bytes".to_vec(), "magic"),
     ];
     for (what, bytes, needle) in cases {
-        let r = internal(&b, "POST", "/internal/tenants/t1/import", &bytes);
+        let r = b.internal("POST", "/internal/tenants/t1/import", &bytes);
         assert_eq!(
             (r.status, r.code().as_str()),
             (400, "invalid_input"),
@@ -237,11 +214,12 @@ fn bad_snapshots_are_refused_and_change_nothing() {
         );
     }
     // A snapshot of one tenant cannot be imported as another.
-    let r = internal(&b, "POST", "/internal/tenants/t9/import", &good);
+    let r = b.internal("POST", "/internal/tenants/t9/import", &good);
     assert_eq!(r.status, 400, "{}", r.text());
     // The good one still imports afterwards.
     assert_eq!(
-        internal(&b, "POST", "/internal/tenants/t1/import", &good).status,
+        b.internal("POST", "/internal/tenants/t1/import", &good)
+            .status,
         200
     );
     assert_eq!(
@@ -263,15 +241,15 @@ fn keyed_executors_only_take_signed_snapshots() {
     let other_key = TestExecutor::start_keyed(dc.path(), small_limits(), q(), Some(b"secret-2"));
     let id = unkeyed.deploy("t1", "acc", ACCUMULATOR);
     let plain = export(&unkeyed, "t1");
-    let r = internal(&keyed, "POST", "/internal/tenants/t1/import", &plain);
+    let r = keyed.internal("POST", "/internal/tenants/t1/import", &plain);
     assert_eq!(r.status, 400);
     assert!(r.text().contains("not keyed"), "{}", r.text());
     // Signed by one key, refused under another.
-    internal(&unkeyed, "POST", "/internal/tenants/t1/thaw", b"");
+    unkeyed.internal("POST", "/internal/tenants/t1/thaw", b"");
     let kid = keyed.deploy("t1", "acc", ACCUMULATOR);
     call(&keyed, "t1", &kid, [1.0, 1.0, 1.0]);
     let signed = export(&keyed, "t1");
-    let r = internal(&other_key, "POST", "/internal/tenants/t1/import", &signed);
+    let r = other_key.internal("POST", "/internal/tenants/t1/import", &signed);
     assert_eq!(r.status, 400);
     assert!(r.text().contains("signature"), "{}", r.text());
     let _ = id;
@@ -280,9 +258,9 @@ fn keyed_executors_only_take_signed_snapshots() {
 #[test]
 fn exports_of_unknown_tenants_are_404() {
     let a = TestExecutor::start();
-    let r = internal(&a, "POST", "/internal/tenants/nobody/export", b"");
+    let r = a.internal("POST", "/internal/tenants/nobody/export", b"");
     assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
-    let r = internal(&a, "POST", "/internal/tenants/Bad!/export", b"");
+    let r = a.internal("POST", "/internal/tenants/Bad!/export", b"");
     assert_eq!(r.status, 400);
 }
 

@@ -97,7 +97,11 @@ fn info_and_metrics_describe_the_executor() {
     let id = ex.deploy("t1", "f", FN);
     let r = ex.post("t1", &format!("/functions/{id}/invoke"), "text/plain", b"");
     assert_eq!(r.status, 200);
-    let info = ex.get("t1", "/internal/info").json();
+    // The control plane's route: tenant traffic is refused there.
+    let as_tenant = ex.get("t1", "/internal/info");
+    assert_eq!(as_tenant.status, 404);
+    assert_eq!(as_tenant.code(), "not_found");
+    let info = ex.internal("GET", "/internal/info", b"").json();
     assert_eq!(info["id"], "cpu-test");
     assert_eq!(info["device"]["kind"], "cpu");
     assert_eq!(info["tenants"], serde_json::json!(["t1"]));
