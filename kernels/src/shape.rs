@@ -240,6 +240,36 @@ fn check_matrix_dims(op: &'static str, dims: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Where each entry of a broadcast batch starts in one operand, in
+/// elements. Computed on demand: a table would cost 8 bytes per entry and
+/// operand, far more than the output of a large batch of small matrices,
+/// and nothing at all to ask for with a batch of empty ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchOffsets {
+    dims: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+impl BatchOffsets {
+    /// The offsets of an operand with batch dims `operand`, broadcast to
+    /// `batch_dims`, whose matrices hold `matrix` elements each.
+    fn new(operand: &[usize], batch_dims: &[usize], matrix: usize) -> BatchOffsets {
+        let strides = broadcast_strides(operand, batch_dims)
+            .into_iter()
+            .map(|s| s * matrix)
+            .collect();
+        BatchOffsets {
+            dims: batch_dims.to_vec(),
+            strides,
+        }
+    }
+
+    /// The offset of batch entry `i`.
+    pub fn at(&self, i: usize) -> usize {
+        strided_offset(i, &self.dims, &self.strides)
+    }
+}
+
 /// A batched matmul `[.., m, k] × [.., k, n]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MatmulPlan {
@@ -249,26 +279,16 @@ pub struct MatmulPlan {
     pub n: usize,
     /// The broadcast batch dims (empty for a plain 2-D product).
     pub batch_dims: Vec<usize>,
-    /// Element offsets of each batch's matrices in a, b and the output.
-    pub a_offsets: Vec<usize>,
-    pub b_offsets: Vec<usize>,
+    /// Element offsets of each batch's matrices in a and b.
+    pub a_offsets: BatchOffsets,
+    pub b_offsets: BatchOffsets,
+    batch: usize,
 }
 
 impl MatmulPlan {
+    /// The number of matrix products.
     pub fn batch(&self) -> usize {
-        self.a_offsets.len()
-    }
-
-    /// Constant strides between consecutive batches of a and b, when there
-    /// are such (a strided-batched GEMM can then run the whole product).
-    pub fn uniform_batch_strides(&self) -> Option<(usize, usize)> {
-        fn uniform(offs: &[usize]) -> Option<usize> {
-            let step = if offs.len() > 1 { offs[1] - offs[0] } else { 0 };
-            offs.windows(2)
-                .all(|w| w[1].wrapping_sub(w[0]) == step)
-                .then_some(step)
-        }
-        Some((uniform(&self.a_offsets)?, uniform(&self.b_offsets)?))
+        self.batch
     }
 }
 
@@ -311,28 +331,20 @@ pub fn plan_matmul(limits: &Limits, dtype: DType, a: &[usize], b: &[usize]) -> R
     limits.check_tensor(OP, dtype, &out_dims)?;
     let batch = checked_numel(&batch_dims).unwrap_or(usize::MAX);
     // Every factor counts at least 1, so a huge batch of empty matrices is
-    // still work (and still bounds the offset tables built below).
+    // still work.
     let work = [batch, m, n, k]
         .iter()
         .fold(1u128, |w, &x| w * x.max(1) as u128);
     limits.check_work(OP, work)?;
-    let a_bs = broadcast_strides(a_batch, &batch_dims);
-    let b_bs = broadcast_strides(b_batch, &batch_dims);
-    let (a_mat, b_mat) = (m * k, k * n);
-    let a_offsets = (0..batch)
-        .map(|i| strided_offset(i, &batch_dims, &a_bs) * a_mat)
-        .collect();
-    let b_offsets = (0..batch)
-        .map(|i| strided_offset(i, &batch_dims, &b_bs) * b_mat)
-        .collect();
     Ok(MatmulPlan {
+        a_offsets: BatchOffsets::new(a_batch, &batch_dims, m * k),
+        b_offsets: BatchOffsets::new(b_batch, &batch_dims, k * n),
         out_dims,
         m,
         k,
         n,
         batch_dims,
-        a_offsets,
-        b_offsets,
+        batch,
     })
 }
 
@@ -602,14 +614,16 @@ pub struct AttentionPlan {
     pub d: usize,
     pub dv: usize,
     /// Element offsets of each batch's q, k, v matrices.
-    pub q_offsets: Vec<usize>,
-    pub k_offsets: Vec<usize>,
-    pub v_offsets: Vec<usize>,
+    pub q_offsets: BatchOffsets,
+    pub k_offsets: BatchOffsets,
+    pub v_offsets: BatchOffsets,
+    batch: usize,
 }
 
 impl AttentionPlan {
+    /// The number of attentions.
     pub fn batch(&self) -> usize {
-        self.q_offsets.len()
+        self.batch
     }
 }
 
@@ -655,21 +669,16 @@ pub fn plan_attention(
         .iter()
         .fold(1u128, |w, &x| w * x.max(1) as u128);
     limits.check_work(OP, work)?;
-    let offsets = |b: &[usize], mat: usize| -> Vec<usize> {
-        let st = broadcast_strides(b, &batch_dims);
-        (0..batch)
-            .map(|i| strided_offset(i, &batch_dims, &st) * mat)
-            .collect()
-    };
     Ok(AttentionPlan {
-        q_offsets: offsets(&qb, lq * d),
-        k_offsets: offsets(&kb, lk * d),
-        v_offsets: offsets(&vb, lk * dv),
+        q_offsets: BatchOffsets::new(&qb, &batch_dims, lq * d),
+        k_offsets: BatchOffsets::new(&kb, &batch_dims, lk * d),
+        v_offsets: BatchOffsets::new(&vb, &batch_dims, lk * dv),
         out_dims,
         lq,
         lk,
         d,
         dv,
+        batch,
     })
 }
 
@@ -717,14 +726,15 @@ mod tests {
         let p = plan_matmul(&lim(), DType::F32, &[2, 1, 3, 4], &[5, 4, 6]).unwrap();
         assert_eq!(p.out_dims, vec![2, 5, 3, 6]);
         assert_eq!(p.batch(), 10);
-        assert_eq!(p.a_offsets[..6], [0, 0, 0, 0, 0, 12]);
-        assert_eq!(p.b_offsets[..6], [0, 24, 48, 72, 96, 0]);
-        assert_eq!(p.uniform_batch_strides(), None);
+        let a: Vec<usize> = (0..6).map(|i| p.a_offsets.at(i)).collect();
+        let b: Vec<usize> = (0..6).map(|i| p.b_offsets.at(i)).collect();
+        assert_eq!(a, [0, 0, 0, 0, 0, 12]);
+        assert_eq!(b, [0, 24, 48, 72, 96, 0]);
         let p = plan_matmul(&lim(), DType::F32, &[4], &[4]).unwrap();
         assert_eq!(p.out_dims, Vec::<usize>::new());
         let p = plan_matmul(&lim(), DType::F32, &[3, 4], &[4]).unwrap();
         assert_eq!(p.out_dims, vec![3]);
-        assert_eq!(p.uniform_batch_strides(), Some((0, 0)));
+        assert_eq!((p.batch(), p.a_offsets.at(0), p.b_offsets.at(0)), (1, 0, 0));
         assert!(plan_matmul(&lim(), DType::F32, &[3, 4], &[5, 6]).is_err());
         let l = Limits {
             max_op_work: 1000,
@@ -782,8 +792,9 @@ mod tests {
     fn attention_plans() {
         let p = plan_attention(&lim(), DType::F32, &[2, 5, 8], &[2, 7, 8], &[1, 7, 3]).unwrap();
         assert_eq!(p.out_dims, vec![2, 5, 3]);
-        assert_eq!(p.v_offsets, vec![0, 0]);
-        assert_eq!(p.k_offsets, vec![0, 56]);
+        assert_eq!(p.batch(), 2);
+        assert_eq!([p.v_offsets.at(0), p.v_offsets.at(1)], [0, 0]);
+        assert_eq!([p.k_offsets.at(0), p.k_offsets.at(1)], [0, 56]);
         assert!(plan_attention(&lim(), DType::F32, &[5, 8], &[7, 9], &[7, 3]).is_err());
         assert!(plan_attention(&lim(), DType::F32, &[5, 8], &[7, 8], &[6, 3]).is_err());
     }

@@ -36,7 +36,7 @@ pub(crate) fn matmul<T: Element>(a: &[T], b: &[T], p: &MatmulPlan) -> Result<Vec
     let mut out = vec![0f32; p.batch() * mn];
     if mn > 0 {
         for (i, c) in out.chunks_mut(mn).enumerate() {
-            let (ao, bo) = (p.a_offsets[i], p.b_offsets[i]);
+            let (ao, bo) = (p.a_offsets.at(i), p.b_offsets.at(i));
             sgemm(
                 p.m,
                 p.n,
@@ -52,6 +52,10 @@ pub(crate) fn matmul<T: Element>(a: &[T], b: &[T], p: &MatmulPlan) -> Result<Vec
     Ok(narrow(out))
 }
 
+/// The most scores held at once: queries go through in blocks of rows, so
+/// a long key sequence costs this much, not `lq × lk × 4` bytes.
+const SCORES_BUDGET_BYTES: usize = 16 << 20;
+
 /// `softmax(q·kᵀ/√d)·v` per batch, the scores held in f32.
 pub(crate) fn attention<T: Element>(
     q: &[T],
@@ -61,42 +65,59 @@ pub(crate) fn attention<T: Element>(
     p: &AttentionPlan,
 ) -> Result<Vec<T>> {
     check_dims("attention", &[p.lq, p.lk, p.d, p.dv])?;
-    let (q32, k32, v32) = (widen(q), widen(k), widen(v));
     let (lq, lk, d, dv) = (p.lq, p.lk, p.d, p.dv);
+    let mut out = vec![0f32; p.batch() * lq * dv];
+    if out.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (q32, k32, v32) = (widen(q), widen(k), widen(v));
     // d = 0 has no scale to speak of; 1 keeps the scores finite (all 0).
     let scale = 1.0 / (d.max(1) as f32).sqrt();
-    let mut out = vec![0f32; p.batch() * lq * dv];
-    let mut scores = vec![0f32; lq * lk];
+    let rows = (SCORES_BUDGET_BYTES / (lk.max(1) * 4)).clamp(1, lq);
+    let mut scores = vec![0f32; rows * lk];
     for b in 0..p.batch() {
-        let (qo, ko, vo) = (p.q_offsets[b], p.k_offsets[b], p.v_offsets[b]);
-        sgemm(
-            lq,
-            lk,
-            d,
-            scale,
-            &q32[qo..qo + lq * d],
-            &k32[ko..ko + lk * d],
-            true,
-            &mut scores,
-        );
-        for (i, row) in scores.chunks_mut(lk.max(1)).enumerate().take(lq) {
-            if lk == 0 {
-                break;
-            }
-            let visible = if causal { (i + 1).min(lk) } else { lk };
-            let max = row[..visible]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for (j, s) in row.iter_mut().enumerate() {
-                *s = if j < visible { (*s - max).exp() } else { 0.0 };
-                sum += *s;
-            }
-            row.iter_mut().for_each(|s| *s /= sum);
-        }
+        let (qo, ko, vo) = (p.q_offsets.at(b), p.k_offsets.at(b), p.v_offsets.at(b));
         let o = &mut out[b * lq * dv..(b + 1) * lq * dv];
-        sgemm(lq, dv, lk, 1.0, &scores, &v32[vo..vo + lk * dv], false, o);
+        for r0 in (0..lq).step_by(rows) {
+            let r1 = (r0 + rows).min(lq);
+            let s = &mut scores[..(r1 - r0) * lk];
+            sgemm(
+                r1 - r0,
+                lk,
+                d,
+                scale,
+                &q32[qo + r0 * d..qo + r1 * d],
+                &k32[ko..ko + lk * d],
+                true,
+                s,
+            );
+            for (i, row) in s.chunks_mut(lk.max(1)).enumerate() {
+                if lk == 0 {
+                    break;
+                }
+                let visible = if causal { (r0 + i + 1).min(lk) } else { lk };
+                let max = row[..visible]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for (j, s) in row.iter_mut().enumerate() {
+                    *s = if j < visible { (*s - max).exp() } else { 0.0 };
+                    sum += *s;
+                }
+                row.iter_mut().for_each(|s| *s /= sum);
+            }
+            sgemm(
+                r1 - r0,
+                dv,
+                lk,
+                1.0,
+                s,
+                &v32[vo..vo + lk * dv],
+                false,
+                &mut o[r0 * dv..r1 * dv],
+            );
+        }
     }
     Ok(narrow(out))
 }

@@ -103,7 +103,7 @@ fn gemm_type(op: &'static str, d: DType) -> Result<GemmType> {
 }
 
 /// A run of consecutive batch entries `start..start + len` over which every
-/// offset table advances by a constant, non-negative step (in elements).
+/// operand's offset advances by a constant, non-negative step (in elements).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Run {
     pub start: usize,
@@ -111,31 +111,46 @@ pub(crate) struct Run {
     pub steps: Vec<usize>,
 }
 
-/// Splits `range` into maximal [`Run`]s for the offset tables `offsets`.
-pub(crate) fn uniform_runs(offsets: &[&[usize]], range: Range<usize>) -> Vec<Run> {
+/// Splits `range` into maximal [`Run`]s, `at(i)` giving batch entry `i`'s
+/// offset in each of the `N` operands. Each entry's offsets are computed
+/// about once.
+pub(crate) fn uniform_runs<const N: usize>(
+    at: impl Fn(usize) -> [usize; N],
+    range: Range<usize>,
+) -> Vec<Run> {
     let mut runs = Vec::new();
     let mut i = range.start;
     while i < range.end {
-        let mut steps = vec![0; offsets.len()];
+        let first = at(i);
+        let mut steps = [0; N];
         let mut j = i + 1;
-        if j < range.end && offsets.iter().all(|o| o[j] >= o[i]) {
-            for (s, o) in steps.iter_mut().zip(offsets) {
-                *s = o[j] - o[i];
-            }
-            j += 1;
-            while j < range.end
-                && offsets
-                    .iter()
-                    .zip(&steps)
-                    .all(|(o, &s)| o[j] >= o[j - 1] && o[j] - o[j - 1] == s)
-            {
+        if j < range.end {
+            let second = at(j);
+            if second.iter().zip(&first).all(|(s, f)| s >= f) {
+                for ((step, s), f) in steps.iter_mut().zip(&second).zip(&first) {
+                    *step = s - f;
+                }
+                let mut prev = second;
                 j += 1;
+                while j < range.end {
+                    let next = at(j);
+                    let same_step = next
+                        .iter()
+                        .zip(&prev)
+                        .zip(&steps)
+                        .all(|((x, p), s)| x >= p && x - p == *s);
+                    if !same_step {
+                        break;
+                    }
+                    prev = next;
+                    j += 1;
+                }
             }
         }
         runs.push(Run {
             start: i,
             len: j - i,
-            steps,
+            steps: steps.to_vec(),
         });
         i = j;
     }
@@ -171,7 +186,10 @@ impl CudaBackend {
                 .blas
                 .lock()
                 .map_err(|_| KernelError::Device("cuBLAS handle lock poisoned".into()))?;
-            for run in uniform_runs(&[&plan.a_offsets, &plan.b_offsets], 0..plan.batch()) {
+            for run in uniform_runs(
+                |i| [plan.a_offsets.at(i), plan.b_offsets.at(i)],
+                0..plan.batch(),
+            ) {
                 let g = Gemm {
                     trans_a: false,
                     trans_b: false,
@@ -180,11 +198,11 @@ impl CudaBackend {
                     k,
                     alpha: 1.0,
                     beta: 0.0,
-                    a: pb + plan.b_offsets[run.start] as u64 * es,
+                    a: pb + plan.b_offsets.at(run.start) as u64 * es,
                     a_type: t,
                     lda: n,
                     stride_a: run.steps[1] as i64,
-                    b: pa + plan.a_offsets[run.start] as u64 * es,
+                    b: pa + plan.a_offsets.at(run.start) as u64 * es,
                     b_type: t,
                     ldb: k,
                     stride_b: run.steps[0] as i64,
@@ -232,8 +250,14 @@ impl CudaBackend {
         let (pk, _gk) = sk.read_ptr(OP, &self.stream)?;
         let (pv, _gv) = sv.read_ptr(OP, &self.stream)?;
         let (po, _go) = out.write_ptr(OP, &self.stream)?;
-        let offsets: [&[usize]; 3] = [&plan.q_offsets, &plan.k_offsets, &plan.v_offsets];
-        for run in uniform_runs(&offsets, 0..plan.batch()) {
+        let at = |i| {
+            [
+                plan.q_offsets.at(i),
+                plan.k_offsets.at(i),
+                plan.v_offsets.at(i),
+            ]
+        };
+        for run in uniform_runs(at, 0..plan.batch()) {
             let end = run.start + run.len;
             let mut start = run.start;
             while start < end {
@@ -248,9 +272,9 @@ impl CudaBackend {
                     .usize(lk)
                     .i32(i32::from(causal))
                     .f32(scale_log2)
-                    .raw(pq + plan.q_offsets[start] as u64 * es)
-                    .raw(pk + plan.k_offsets[start] as u64 * es)
-                    .raw(pv + plan.v_offsets[start] as u64 * es)
+                    .raw(pq + plan.q_offsets.at(start) as u64 * es)
+                    .raw(pk + plan.k_offsets.at(start) as u64 * es)
+                    .raw(pv + plan.v_offsets.at(start) as u64 * es)
                     .raw(po + (start * lq * d) as u64 * es)
                     .usize(run.steps[0])
                     .usize(run.steps[1])
@@ -335,7 +359,8 @@ impl CudaBackend {
                     memset_raw(&self.stream, ps, rows * lk * 4, 0)
                         .map_err(|e| driver_error(OP, e))?;
                 } else {
-                    let runs = uniform_runs(&[&plan.q_offsets, &plan.k_offsets], c0..c1);
+                    let runs =
+                        uniform_runs(|i| [plan.q_offsets.at(i), plan.k_offsets.at(i)], c0..c1);
                     for &(r0, r1, keys) in &blocks {
                         for run in &runs {
                             let g = Gemm {
@@ -346,11 +371,11 @@ impl CudaBackend {
                                 k: d as i64,
                                 alpha: scale,
                                 beta: 0.0,
-                                a: pk + plan.k_offsets[run.start] as u64 * es,
+                                a: pk + plan.k_offsets.at(run.start) as u64 * es,
                                 a_type: t,
                                 lda: d as i64,
                                 stride_a: run.steps[1] as i64,
-                                b: pq + (plan.q_offsets[run.start] + r0 * d) as u64 * es,
+                                b: pq + (plan.q_offsets.at(run.start) + r0 * d) as u64 * es,
                                 b_type: t,
                                 ldb: d as i64,
                                 stride_b: run.steps[0] as i64,
@@ -380,7 +405,7 @@ impl CudaBackend {
                         self.dev.row_grid(rows as u64),
                     )?;
                 // 3. out = p·v: per batch, the column-major dv×lq matrix Vᵀ·Pᵀ.
-                let runs = uniform_runs(&[&plan.v_offsets], c0..c1);
+                let runs = uniform_runs(|i| [plan.v_offsets.at(i)], c0..c1);
                 for &(r0, r1, keys) in &blocks {
                     for run in &runs {
                         let g = Gemm {
@@ -391,7 +416,7 @@ impl CudaBackend {
                             k: keys as i64,
                             alpha: 1.0,
                             beta: 0.0,
-                            a: pv + plan.v_offsets[run.start] as u64 * es,
+                            a: pv + plan.v_offsets.at(run.start) as u64 * es,
                             a_type: t,
                             lda: dv as i64,
                             stride_a: run.steps[0] as i64,
@@ -449,7 +474,7 @@ mod tests {
     fn uniform_offsets_make_one_run() {
         let a = [0, 12, 24, 36];
         let b = [0, 0, 0, 0];
-        let runs = uniform_runs(&[&a, &b], 0..4);
+        let runs = uniform_runs(|i| [a[i], b[i]], 0..4);
         assert_eq!(
             runs,
             vec![Run {
@@ -466,17 +491,17 @@ mod tests {
         // cycles through 3 matrices (offsets from plan_matmul).
         let a = [0, 0, 0, 12, 12, 12];
         let b = [0, 24, 48, 0, 24, 48];
-        let runs = uniform_runs(&[&a, &b], 0..6);
+        let runs = uniform_runs(|i| [a[i], b[i]], 0..6);
         assert_eq!(runs.len(), 2);
         assert_eq!((runs[0].start, runs[0].len), (0, 3));
         assert_eq!(runs[0].steps, vec![0, 24]);
         assert_eq!((runs[1].start, runs[1].len), (3, 3));
         // Every entry is covered exactly once, also for sub-ranges.
-        let runs = uniform_runs(&[&a, &b], 2..5);
+        let runs = uniform_runs(|i| [a[i], b[i]], 2..5);
         assert_eq!(runs.iter().map(|r| r.len).sum::<usize>(), 3);
         assert_eq!(runs[0].start, 2);
-        assert!(uniform_runs(&[&a], 3..3).is_empty());
-        let single = uniform_runs(&[&a], 5..6);
+        assert!(uniform_runs(|i| [a[i]], 3..3).is_empty());
+        let single = uniform_runs(|i| [a[i]], 5..6);
         assert_eq!(
             single,
             vec![Run {

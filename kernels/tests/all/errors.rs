@@ -628,6 +628,24 @@ fn ops_over_max_op_work() {
     assert_eq!(b.unary(UnaryOp::Exp, &s).unwrap().dims(), &[4, 4]);
 }
 
+#[test]
+fn batches_of_empty_matrices_just_under_the_work_cap_cost_nothing() {
+    // 4 294 967 295 × 1024 batch entries, one short of the default work
+    // cap (2^42): the output is empty, so the op must answer at once and
+    // allocate nothing per entry.
+    let b = backend();
+    let batch = [u32::MAX as usize, 1024];
+    let a = f32s(&b, &[batch[0], batch[1], 0, 1]);
+    let c = f32s(&b, &[batch[0], batch[1], 1, 0]);
+    let out = b.matmul(&a, &c).unwrap();
+    assert_eq!(out.dims(), &[batch[0], batch[1], 0, 0]);
+    // k = 0 the other way round: an output of 2^42 zeros, refused.
+    expect_err("matmul k = 0", b.matmul(&c, &a), Expect::TooLarge);
+    let q = f32s(&b, &[batch[0], batch[1], 0, 0]);
+    let out = b.attention(&q, &q, &q, true).unwrap();
+    assert_eq!(out.dims(), &[batch[0], batch[1], 0, 0]);
+}
+
 // ----------------------------------------------------------------------------
 // Operands are never modified
 // ----------------------------------------------------------------------------

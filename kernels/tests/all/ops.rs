@@ -502,3 +502,26 @@ fn binary_integer_edges_match_reference() {
         }
     }
 }
+
+#[test]
+fn attention_over_long_keys_runs_in_query_blocks() {
+    // 1100 keys: the CPU backend holds 3813 rows of scores at a time, so
+    // 4100 queries take two blocks, the causal mask continuing across.
+    let b = backend();
+    let mut g = Gen::new(7);
+    let (q, k, v) = (
+        g.host(DType::F32, &[4100, 4], -2.0, 2.0),
+        g.host(DType::F32, &[1100, 4], -2.0, 2.0),
+        g.host(DType::F32, &[1100, 3], -1.0, 1.0),
+    );
+    let (tq, tk, tv) = (upload(&b, &q), upload(&b, &k), upload(&b, &v));
+    for causal in [false, true] {
+        let got = b.attention(&tq, &tk, &tv, causal).unwrap();
+        assert_frobenius(
+            &format!("attention 4100 × 1100 causal {causal}"),
+            &download(&b, &got),
+            &reference::attention(&q, &k, &v, causal),
+            &reference::attention(&q, &k, &abs(&v), causal),
+        );
+    }
+}
