@@ -38,7 +38,8 @@ pub struct CallCtx {
     pub body: Arc<[u8]>,
     /// Handles made by `input`, freed when `handle` returns.
     pub input_handles: Vec<i32>,
-    /// Named outputs, in the order first set.
+    /// Named outputs, in the order first set; each charged to the tenant
+    /// until the call ends.
     pub outputs: Vec<(String, Tensor)>,
     /// Bytes appended with `output_write`.
     pub raw_out: Vec<u8>,
@@ -62,6 +63,23 @@ pub struct HostState {
     pub call_started: Instant,
     pub max_output_bytes: usize,
     pub max_error_message: usize,
+}
+
+impl HostState {
+    /// Ends the current call (of `handle` or `init`): frees the handles
+    /// that `input` made and releases the outputs' charges, since they
+    /// leave the instance; returns what the call set.
+    pub fn end_call(&mut self) -> CallCtx {
+        let call = std::mem::take(&mut self.call);
+        for &h in &call.input_handles {
+            // Already freed by the guest, or not: either way it is gone now.
+            let _ = self.tensors.free(h);
+        }
+        for (_, t) in &call.outputs {
+            self.tensors.usage().release(t.nbytes(), false);
+        }
+        call
+    }
 }
 
 impl std::fmt::Debug for HostState {
@@ -290,8 +308,16 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         call(&mut c, |st, mem| {
             let name = read_name(mem, p, l)?.to_string();
             let t = st.tensors.get(h)?.clone();
+            // An output holds its tensor after the handle is freed: it is
+            // charged like a handle until `handle` returns, so a loop of
+            // output-then-free cannot hold memory past the quota.
+            let usage = st.tensors.usage().clone();
+            usage.reserve(t.nbytes(), false)?;
             match st.call.outputs.iter_mut().find(|(n, _)| *n == name) {
-                Some(slot) => slot.1 = t,
+                Some(slot) => {
+                    usage.release(slot.1.nbytes(), false);
+                    slot.1 = t;
+                }
                 None => st.call.outputs.push((name, t)),
             }
             Ok(0)

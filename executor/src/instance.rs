@@ -201,12 +201,11 @@ impl WarmInstance {
             })
             .flatten();
         if let Some(init) = init {
-            let code = init
-                .call(&mut inst.store, ())
-                .map_err(|e| classify(e, deadline))?;
+            let result = init.call(&mut inst.store, ());
+            let call = inst.store.data_mut().end_call();
+            let code = result.map_err(|e| classify(e, deadline))?;
             if code != 0 {
-                let st = inst.store.data_mut();
-                let message = st.call.error_message.take().unwrap_or_default();
+                let message = call.error_message.unwrap_or_default();
                 return Err(InvokeError::Function { code, message });
             }
         }
@@ -234,11 +233,7 @@ impl WarmInstance {
         let result = self.handle.call(&mut self.store, ());
         let st = self.store.data_mut();
         st.deadline = None;
-        let call = std::mem::take(&mut st.call);
-        for h in call.input_handles {
-            // Already freed by the guest, or not: either way it is gone now.
-            let _ = st.tensors.free(h);
-        }
+        let call = st.end_call();
         let code = result.map_err(|e| classify(e, deadline))?;
         // Device faults of enqueued ops surface here, at the end of handle.
         st.backend

@@ -421,6 +421,47 @@ fn the_memory_cap_holds() {
 }
 
 #[test]
+fn outputs_count_against_the_device_memory_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let quotas = tensor_wasm_executor::config::TenantQuotas {
+        device_memory_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let ex = TestExecutor::start_in(dir.path(), crate::harness::small_limits(), quotas);
+    // Outputs 256 KiB tensors as o0, o1, ... freeing each handle, until
+    // `output` answers -5. Each output is charged like a handle until the
+    // call ends, so the third is the last to fit beside the live handle.
+    let id = ex.deploy(
+        "t1",
+        "hoard",
+        &guest(
+            r#"(memory (export "memory") 1)
+            (data (i32.const 0) "\00\00\04\00")
+            (data (i32.const 16) "o0")
+            (func (export "handle") (result i32) (local $t i32) (local $r i32)
+              (i32.store8 (i32.const 17) (i32.const 48))
+              (loop $next
+                (local.set $t (call $must (call $zeros (i32.const 5) (i32.const 0) (i32.const 1))))
+                (local.set $r (call $output (i32.const 16) (i32.const 2) (local.get $t)))
+                (drop (call $free (local.get $t)))
+                (if (i32.eq (local.get $r) (i32.const -5)) (then (return (i32.const 0))))
+                (if (local.get $r) (then (return (i32.const 101))))
+                (i32.store8 (i32.const 17) (i32.add (i32.load8_u (i32.const 17)) (i32.const 1)))
+                (br_if $next (i32.lt_u (i32.load8_u (i32.const 17)) (i32.const 58))))
+              (i32.const 102))"#,
+        ),
+    );
+    // Twice: the charges of the first call's outputs ended with it.
+    for _ in 0..2 {
+        let r = ex.post("t1", &format!("/functions/{id}/invoke"), "text/plain", b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let outputs = r.json()["outputs"].as_object().unwrap().clone();
+        let names: Vec<&str> = outputs.keys().map(String::as_str).collect();
+        assert_eq!(names, ["o0", "o1", "o2"]);
+    }
+}
+
+#[test]
 fn guest_output_is_captured_in_logs() {
     let ex = TestExecutor::start();
     let id = ex.deploy(
