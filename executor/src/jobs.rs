@@ -1,10 +1,9 @@
 //! Async jobs: `invoke-async`, `GET /jobs`, cancel, retention.
 //!
 //! A job is admitted like an invocation, but answers at once with its id and
-//! runs in the background: it waits for one of the executor's job slots
-//! (`job_concurrency`), then for an instance of its function, without the
-//! queue cap of synchronous requests (the pending-job quota bounds it
-//! instead). While its tenant is frozen for a migration a pending job waits;
+//! runs in the background: it waits for an instance of its function, without
+//! the queue cap of synchronous requests (the pending-job quota bounds it
+//! instead), then for one of the executor's job slots (`job_concurrency`). While its tenant is frozen for a migration a pending job waits;
 //! if the tenant leaves this executor, the job travels in the snapshot and
 //! runs where the tenant lands. Finished jobs are kept for `job_retention`,
 //! at most `max_finished_jobs` per tenant and results of at most
@@ -146,33 +145,70 @@ impl Registry {
 
     /// Starts the task that runs a pending job (new, or restored from a
     /// snapshot).
+    ///
+    /// The job stays pending — cancellable, and taken along by a migration
+    /// — until it holds, in this order, an instance slot of its function,
+    /// one of the executor's job slots, and its tenant's admission. So a
+    /// job that waits behind its own function's busy instances never holds
+    /// a job slot that other tenants' jobs could use, and a migration waits
+    /// only for jobs that really run.
     pub(crate) fn spawn_job(self: &Arc<Self>, t: Arc<Tenant>, job_id: String) {
         let registry = self.clone();
         tokio::spawn(async move {
-            let Ok(_slot) = registry.job_slots.clone().acquire_owned().await else {
-                return;
-            };
-            // Admission, waiting out a freeze; a tenant that left takes
-            // its pending job along in its snapshot.
-            let admitted = loop {
+            let (f, permit, slot, admitted) = loop {
                 if t.removed.load(Ordering::Acquire) {
-                    return;
+                    return; // the tenant left, its pending jobs with it
                 }
-                match t.admit() {
-                    Ok(a) => break a,
-                    Err(_) => tokio::time::sleep(FROZEN_POLL).await,
+                let Some(function_id) = lock(&t.jobs)
+                    .get(&job_id)
+                    .filter(|j| j.info.status == JobStatus::Pending)
+                    .map(|j| j.info.function_id.clone())
+                else {
+                    return; // cancelled, or failed by the function's delete
+                };
+                let Some(f) = t.function(&function_id) else {
+                    registry.finish_job(&t, &job_id, Err(ExecError::FunctionNotFound(function_id)));
+                    return;
+                };
+                let permit = match registry.acquire(&f, false).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        registry.finish_job(&t, &job_id, Err(e));
+                        return;
+                    }
+                };
+                let Ok(slot) = registry.job_slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let admitted = loop {
+                    if t.removed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match t.admit() {
+                        Ok(a) => break a,
+                        Err(_) => tokio::time::sleep(FROZEN_POLL).await,
+                    }
+                };
+                // The function may have been replaced meanwhile: wait for
+                // an instance of the new one.
+                let current = t.function(&f.info.id).is_some_and(|g| Arc::ptr_eq(&g, &f));
+                if current {
+                    break (f, permit, slot, admitted);
                 }
             };
-            let (function_id, request) = {
+            let request = {
                 let mut jobs = lock(&t.jobs);
-                let Some(job) = jobs.get_mut(&job_id) else {
-                    return; // cancelled meanwhile
+                let Some(job) = jobs
+                    .get_mut(&job_id)
+                    .filter(|j| j.info.status == JobStatus::Pending)
+                else {
+                    return;
                 };
                 let Some(request) = job.request.take() else {
                     return;
                 };
                 job.info.status = JobStatus::Running;
-                (job.info.function_id.clone(), request)
+                request
             };
             let backend = t.backend.clone();
             let decode_backend = backend.clone();
@@ -186,7 +222,7 @@ impl Registry {
             .await
             .unwrap_or_else(|e| Err(ExecError::Internal(format!("decode task failed: {e}"))));
             let outcome = match decoded {
-                Ok(req) => match registry.run(&t, &function_id, req, false, admitted).await {
+                Ok(req) => match registry.run_on(&t, f, permit, req, admitted).await {
                     Ok(resp) => tokio::task::spawn_blocking(move || {
                         body::to_invoke_response(resp, backend.as_ref())
                     })
@@ -198,31 +234,45 @@ impl Registry {
                 },
                 Err(e) => Err(e),
             };
-            let mut jobs = lock(&t.jobs);
-            if let Some(job) = jobs.get_mut(&job_id) {
-                job.info.finished_at = Some(now_rfc3339());
-                job.finished = Some(Instant::now());
-                match outcome {
-                    Ok(result) => {
-                        job.info.status = JobStatus::Succeeded;
-                        job.info.result = Some(result);
-                    }
-                    Err(e) => {
-                        job.info.status = JobStatus::Failed;
-                        job.info.error = Some(e.to_api());
-                    }
-                }
-            }
-            trim_finished(
-                &mut jobs,
-                registry.limits.max_finished_jobs,
-                registry.quotas.finished_job_bytes,
-            );
-            registry
-                .counters
-                .jobs_in_flight
-                .fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+            registry.finish_job(&t, &job_id, outcome);
         });
+    }
+
+    /// Records a job's outcome. Only a job still waiting or running
+    /// finishes, once: it then leaves the in-flight count.
+    pub(crate) fn finish_job(
+        &self,
+        t: &Tenant,
+        job_id: &str,
+        outcome: Result<tensor_wasm_shared::api::InvokeResponse, ExecError>,
+    ) {
+        let mut jobs = lock(&t.jobs);
+        let Some(job) = jobs
+            .get_mut(job_id)
+            .filter(|j| !j.info.status.is_finished())
+        else {
+            return;
+        };
+        job.request = None;
+        job.info.finished_at = Some(now_rfc3339());
+        job.finished = Some(Instant::now());
+        match outcome {
+            Ok(result) => {
+                job.info.status = JobStatus::Succeeded;
+                job.info.result = Some(result);
+            }
+            Err(e) => {
+                job.info.status = JobStatus::Failed;
+                job.info.error = Some(e.to_api());
+            }
+        }
+        trim_finished(
+            &mut jobs,
+            self.limits.max_finished_jobs,
+            self.quotas.finished_job_bytes,
+        );
+        self.counters.jobs_in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// One job of a tenant; another tenant's id is "not found".

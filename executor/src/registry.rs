@@ -20,7 +20,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tensor_wasm_kernels::Backend;
 use tensor_wasm_shared::TenantId;
-use tensor_wasm_shared::api::{FunctionConfig, FunctionInfo};
+use tensor_wasm_shared::api::{FunctionConfig, FunctionInfo, JobStatus};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::InstancePre;
 
@@ -153,6 +153,11 @@ impl Drop for Inflight {
 }
 
 impl Tenant {
+    /// The function registered as `id` now.
+    pub(crate) fn function(&self, id: &str) -> Option<Arc<Function>> {
+        read_lock(&self.functions).get(id).cloned()
+    }
+
     /// Admits one unit of work, unless the tenant is frozen.
     ///
     /// Freezing takes the same lock, so once [`Tenant::freeze`] returns no
@@ -330,13 +335,20 @@ impl Registry {
             .remove(id)
             .ok_or_else(|| ExecError::NotFound(format!("tenant {id}")))?;
         t.removed.store(true, Ordering::Release);
-        let pending = lock(&t.jobs)
-            .values()
-            .filter(|j| !j.info.status.is_finished())
-            .count() as u64;
+        // Its jobs go now: a job still running finds its record gone and
+        // counts nothing twice.
+        let unfinished = {
+            let mut jobs = lock(&t.jobs);
+            let n = jobs
+                .values()
+                .filter(|j| !j.info.status.is_finished())
+                .count();
+            jobs.clear();
+            n as u64
+        };
         self.counters
             .jobs_in_flight
-            .fetch_sub(pending, Ordering::Relaxed);
+            .fetch_sub(unfinished, Ordering::Relaxed);
         write_lock(&t.functions).clear();
         if let Some(dir) = self
             .state_dir
@@ -555,6 +567,19 @@ impl Registry {
         if let Some(dir) = self.function_dir(tenant, id) {
             let _ = std::fs::remove_dir_all(dir);
         }
+        // Its waiting jobs fail now rather than when an instance frees.
+        let waiting: Vec<String> = lock(&t.jobs)
+            .iter()
+            .filter(|(_, j)| j.info.function_id == id && j.info.status == JobStatus::Pending)
+            .map(|(job_id, _)| job_id.clone())
+            .collect();
+        for job_id in waiting {
+            self.finish_job(
+                &t,
+                &job_id,
+                Err(ExecError::FunctionNotFound(id.to_string())),
+            );
+        }
         Ok(())
     }
 
@@ -582,13 +607,25 @@ impl Registry {
         id: &str,
         request: Request,
         queued: bool,
-        _admitted: Inflight,
+        admitted: Inflight,
     ) -> Result<Response, ExecError> {
         let f = read_lock(&t.functions)
             .get(id)
             .cloned()
             .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
         let permit = self.acquire(&f, queued).await?;
+        self.run_on(t, f, permit, request, admitted).await
+    }
+
+    /// Runs an admitted invocation of `f` on the instance slot `permit`.
+    pub(crate) async fn run_on(
+        &self,
+        t: &Arc<Tenant>,
+        f: Arc<Function>,
+        permit: OwnedSemaphorePermit,
+        request: Request,
+        _admitted: Inflight,
+    ) -> Result<Response, ExecError> {
         let pooled = lock(&f.pool.idle).pop();
         let (counters, tenant_instances) = (self.counters.clone(), t.instances.clone());
         let max_tenant_instances = self.quotas.instances;
@@ -637,7 +674,12 @@ impl Registry {
         result
     }
 
-    async fn acquire(&self, f: &Function, queued: bool) -> Result<OwnedSemaphorePermit, ExecError> {
+    /// An instance slot of `f`; `queued` as for [`Registry::run`].
+    pub(crate) async fn acquire(
+        &self,
+        f: &Function,
+        queued: bool,
+    ) -> Result<OwnedSemaphorePermit, ExecError> {
         if let Ok(p) = f.pool.permits.clone().try_acquire_owned() {
             return Ok(p);
         }

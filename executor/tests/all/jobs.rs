@@ -209,3 +209,92 @@ fn jobs_for_unknown_functions_are_404() {
     let r = ex.post("t1", "/functions/fn-nope/invoke-async", "text/plain", b"");
     assert_eq!((r.status, r.code().as_str()), (404, "function_not_found"));
 }
+
+fn jobs_in_flight(ex: &TestExecutor) -> u64 {
+    ex.internal("GET", "/internal/info", b"").json()["stats"]["jobs_in_flight"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Waits until the executor counts no job in flight.
+fn wait_no_jobs(ex: &TestExecutor) {
+    let start = Instant::now();
+    loop {
+        let n = jobs_in_flight(ex);
+        assert!(n < 1000, "the in-flight count wrapped: {n}");
+        if n == 0 {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{n} jobs stay");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn jobs_waiting_for_their_function_stay_pending_and_hold_no_job_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = EngineLimits {
+        job_concurrency: 2,
+        default_deadline: Duration::from_millis(3000),
+        ..small_limits()
+    };
+    let ex = TestExecutor::start_in(dir.path(), limits, TenantQuotas::default());
+    // One instance: t1's spinning jobs run one at a time.
+    let id = ex.deploy("t1", "triple", TRIPLE);
+    let slow = submit(&ex, "t1", &id, "text/plain", b"spin");
+    wait_running(&ex, &slow);
+    let behind: Vec<String> = (0..3)
+        .map(|_| submit(&ex, "t1", &id, "text/plain", b"spin"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    for job in &behind {
+        let status = ex.get("t1", &format!("/jobs/{job}")).json()["status"].clone();
+        assert_eq!(status, "pending", "job {job} waits for the instance");
+    }
+    assert_eq!(ex.delete("t1", &format!("/jobs/{}", behind[0])).status, 204);
+
+    // t2's job takes the free job slot while t1's first job still spins.
+    let other = ex.deploy("t2", "triple", TRIPLE);
+    let quick = submit(
+        &ex,
+        "t2",
+        &other,
+        "application/json",
+        &f32_inputs(&[("x", &[1], &[2.0])]),
+    );
+    assert_eq!(wait_finished(&ex, "t2", &quick).json()["status"], "succeeded");
+    assert_eq!(
+        ex.get("t1", &format!("/jobs/{slow}")).json()["status"],
+        "running"
+    );
+
+    // Deleting the function fails its waiting jobs at once; the running
+    // one ends at its deadline, and nothing stays counted.
+    assert_eq!(ex.delete("t1", &format!("/functions/{id}")).status, 204);
+    for job in &behind[1..] {
+        let v = ex.get("t1", &format!("/jobs/{job}")).json();
+        assert_eq!(v["status"], "failed", "{v}");
+        assert_eq!(v["error"]["code"], "function_not_found");
+    }
+    let done = wait_finished(&ex, "t1", &slow).json();
+    assert_eq!(done["error"]["code"], "deadline_exceeded");
+    wait_no_jobs(&ex);
+}
+
+#[test]
+fn a_purged_tenant_leaves_no_job_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ex, id) = one_job_slot(dir.path(), 1000, TenantQuotas::default());
+    let slow = submit(&ex, "t1", &id, "text/plain", b"spin");
+    wait_running(&ex, &slow);
+    for _ in 0..3 {
+        submit(&ex, "t1", &id, "text/plain", b"spin");
+    }
+    assert_eq!(ex.internal("DELETE", "/internal/tenants/t1", b"").status, 204);
+    assert_eq!(ex.get("t1", &format!("/jobs/{slow}")).status, 404);
+    // The running job ends at its deadline; the count neither stays up
+    // nor wraps below zero.
+    wait_no_jobs(&ex);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(jobs_in_flight(&ex), 0);
+}
