@@ -32,9 +32,15 @@ pub const MAX_INPUTS: usize = 1024;
 /// that way for an async job's retention time).
 pub const MAX_JSON_OUTPUT_ELEMENTS: u64 = 16 << 20;
 
-/// The media type of a `Content-Type` or `Accept` value, without parameters.
-pub fn media_type(value: &str) -> &str {
-    value.split(';').next().unwrap_or("").trim()
+/// The media type of a `Content-Type` or `Accept` value, without
+/// parameters, in lower case (media types are case-insensitive).
+pub fn media_type(value: &str) -> String {
+    value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 fn check_name(name: &str) -> Result<(), ExecError> {
@@ -52,7 +58,7 @@ pub fn decode_request(
     body: bytes::Bytes,
     backend: &dyn Backend,
 ) -> Result<Request, ExecError> {
-    match content_type.map(media_type) {
+    match content_type.map(media_type).as_deref() {
         Some(JSON) => {
             let req: InvokeRequest = serde_json::from_slice(&body)
                 .map_err(|e| ExecError::InvalidJson(format!("invalid invoke body: {e}")))?;

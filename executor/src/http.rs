@@ -247,7 +247,7 @@ async fn register(
         + MULTIPART_OVERHEAD;
     let ct = content_type(&headers).unwrap_or("").to_string();
     let bytes = read_body(&headers, body, limit).await?;
-    let mut reg = match media_type(&ct) {
+    let mut reg = match media_type(&ct).as_str() {
         "application/wasm" => Registration {
             name: String::new(),
             wasm: bytes.to_vec(),
@@ -278,6 +278,19 @@ async fn register(
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
+/// A `config` part: a JSON object of the known fields (serde would also
+/// take an array, by position).
+fn parse_config(data: &[u8]) -> Result<FunctionConfig, ExecError> {
+    let bad = |e: serde_json::Error| ExecError::InvalidJson(format!("config part: {e}"));
+    let value: serde_json::Value = serde_json::from_slice(data).map_err(bad)?;
+    if !value.is_object() {
+        return Err(ExecError::InvalidJson(
+            "config part: expected a JSON object".into(),
+        ));
+    }
+    serde_json::from_value(value).map_err(bad)
+}
+
 async fn parse_multipart(ct: &str, body: Bytes, replace: bool) -> Result<Registration, ExecError> {
     let boundary = multer::parse_boundary(ct)
         .map_err(|e| ExecError::InvalidInput(format!("multipart boundary: {e}")))?;
@@ -303,10 +316,7 @@ async fn parse_multipart(ct: &str, body: Bytes, replace: bool) -> Result<Registr
                 have_module = true;
             }
             "assets" => reg.assets = Some(data.to_vec()),
-            "config" => {
-                reg.config = serde_json::from_slice(&data)
-                    .map_err(|e| ExecError::InvalidJson(format!("config part: {e}")))?
-            }
+            "config" => reg.config = parse_config(&data)?,
             "name" => {
                 reg.name = String::from_utf8(data.to_vec())
                     .map_err(|_| ExecError::InvalidInput("name part is not UTF-8".into()))?

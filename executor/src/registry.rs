@@ -455,6 +455,11 @@ impl Registry {
                 self.quotas.functions
             )));
         }
+        if reg.config.deadline_ms == Some(0) || reg.config.max_instances == Some(0) {
+            return Err(ExecError::InvalidInput(
+                "config: deadline_ms and max_instances are at least 1".into(),
+            ));
+        }
         let inspected = wasm::inspect(&reg.wasm, self.limits.max_module_bytes)?;
         let module = self
             .runtime
@@ -475,6 +480,20 @@ impl Registry {
             None => Assets::none(tenant.usage.clone()),
         };
         let config = self.resolve_config(&reg.config);
+        // A module whose memory starts over the limit could never run.
+        let initial_memory = module
+            .get_export("memory")
+            .and_then(|e| e.memory().map(|m| m.minimum().saturating_mul(65_536)));
+        if let (Some(initial), Some(limit)) = (initial_memory, config.memory_limit_bytes)
+            && initial > limit
+            && restored.is_none()
+        {
+            return Err(ExecError::InvalidInput(format!(
+                "the module's memory starts at {initial} bytes, over the function's memory \
+                 limit of {limit} bytes (config memory_limit_bytes, at most {})",
+                self.limits.max_memory_limit
+            )));
+        }
         let info = match restored {
             Some(mut info) => {
                 info.config = config.clone();

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tensor_wasm_kernels::{Backend, BinaryOp, CpuBackend, DType, ReduceOp, Tensor, UnaryOp};
 
-use crate::harness::{TestExecutor, f32_inputs, f32_output};
+use crate::harness::{TestExecutor, f32_inputs, f32_output, multipart};
 
 /// Imports every `tensor` function, so guests below can call any of them.
 pub const IMPORTS: &str = r#"
@@ -410,14 +410,15 @@ fn the_memory_cap_holds() {
         1i32.to_le_bytes(),
         "a grow within it succeeds"
     );
-    // A module whose initial memory is over the cap cannot run.
-    let id = ex.deploy(
-        "t1",
-        "huge",
-        &guest(r#"(memory (export "memory") 1024) (func (export "handle") (result i32) (i32.const 0))"#),
-    );
-    let r = ex.post("t1", &format!("/functions/{id}/invoke"), "text/plain", b"");
-    assert_eq!(r.status, 500, "{}", r.text());
+    // A module whose initial memory is over the cap could never run: it
+    // is refused at registration.
+    let huge = wat::parse_str(guest(
+        r#"(memory (export "memory") 1024) (func (export "handle") (result i32) (i32.const 0))"#,
+    ))
+    .unwrap();
+    let r = ex.post("t1", "/functions?name=huge", "application/wasm", &huge);
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_input"));
+    assert!(r.text().contains("memory_limit_bytes"), "{}", r.text());
 }
 
 #[test]
@@ -523,19 +524,6 @@ const WITH_ASSET: &str = r#"
       (call $must (call $matmul (call $must (call $input (i32.const 0) (i32.const 1))) (local.get $w))))))
     (i32.const 0))
 "#;
-
-fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, data) in parts {
-        body.extend_from_slice(
-            format!("--XX\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
-        );
-        body.extend_from_slice(data);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(b"--XX--\r\n");
-    body
-}
 
 #[test]
 fn assets_are_shared_read_only_weights() {

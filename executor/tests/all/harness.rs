@@ -265,3 +265,17 @@ pub fn f32_output(reply: &Reply, name: &str) -> Vec<f32> {
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
 }
+
+/// A multipart/form-data body with boundary `XX`.
+pub fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, data) in parts {
+        body.extend_from_slice(
+            format!("--XX\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--XX--\r\n");
+    body
+}

@@ -262,7 +262,10 @@ fn jobs_waiting_for_their_function_stay_pending_and_hold_no_job_slot() {
         "application/json",
         &f32_inputs(&[("x", &[1], &[2.0])]),
     );
-    assert_eq!(wait_finished(&ex, "t2", &quick).json()["status"], "succeeded");
+    assert_eq!(
+        wait_finished(&ex, "t2", &quick).json()["status"],
+        "succeeded"
+    );
     assert_eq!(
         ex.get("t1", &format!("/jobs/{slow}")).json()["status"],
         "running"
@@ -290,7 +293,10 @@ fn a_purged_tenant_leaves_no_job_counted() {
     for _ in 0..3 {
         submit(&ex, "t1", &id, "text/plain", b"spin");
     }
-    assert_eq!(ex.internal("DELETE", "/internal/tenants/t1", b"").status, 204);
+    assert_eq!(
+        ex.internal("DELETE", "/internal/tenants/t1", b"").status,
+        204
+    );
     assert_eq!(ex.get("t1", &format!("/jobs/{slow}")).status, 404);
     // The running job ends at its deadline; the count neither stays up
     // nor wraps below zero.

@@ -2,7 +2,7 @@
 
 use tensor_wasm_executor::config::TenantQuotas;
 
-use crate::harness::{TestExecutor, small_limits};
+use crate::harness::{TestExecutor, multipart, small_limits};
 
 const MINIMAL: &str = r#"(module (memory (export "memory") 1)
     (func (export "handle") (result i32) (i32.const 0)))"#;
@@ -76,6 +76,46 @@ fn refusals_name_the_reason() {
         ex.get("t1", "/functions").json()["functions"],
         serde_json::json!([])
     );
+}
+
+#[test]
+fn configs_that_could_never_run_are_refused() {
+    let ex = TestExecutor::start();
+    let wasm = wat::parse_str(MINIMAL).unwrap();
+    let with_config = |name: &str, config: &str| {
+        ex.post(
+            "t1",
+            &format!("/functions?name={name}"),
+            "multipart/form-data; boundary=XX",
+            &multipart(&[("module", &wasm), ("config", config.as_bytes())]),
+        )
+    };
+    let cases = [
+        ("[1, 2]", "invalid_json"),
+        (r#"{"deadline_ms": 0}"#, "invalid_input"),
+        (r#"{"max_instances": 0}"#, "invalid_input"),
+        // One page of memory does not fit in 0 bytes.
+        (r#"{"memory_limit_bytes": 0}"#, "invalid_input"),
+    ];
+    for (i, (config, code)) in cases.iter().enumerate() {
+        let r = with_config(&format!("c{i}"), config);
+        assert_eq!((r.status, r.code().as_str()), (400, *code), "{config}");
+    }
+    let r = with_config(
+        "fits",
+        r#"{"memory_limit_bytes": 65536, "max_instances": 2}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    // Media types are case-insensitive.
+    let r = ex.post("t1", "/functions?name=upper", "Application/WASM", &wasm);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let names: Vec<String> = ex.get("t1", "/functions").json()["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
 }
 
 #[test]
