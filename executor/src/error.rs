@@ -22,6 +22,8 @@ pub enum ExecError {
     JobNotFound(String),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("this route does not take {0}")]
+    MethodNotAllowed(String),
     #[error("job {0} is running and cannot be cancelled")]
     JobRunning(String),
     #[error("a function named {0:?} exists; use ?replace=true to replace it")]
@@ -58,6 +60,7 @@ impl ExecError {
             ExecError::FunctionNotFound(_) => ErrorCode::FunctionNotFound,
             ExecError::JobNotFound(_) => ErrorCode::JobNotFound,
             ExecError::NotFound(_) => ErrorCode::NotFound,
+            ExecError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
             ExecError::JobRunning(_) => ErrorCode::JobRunning,
             ExecError::FunctionExists(_) => ErrorCode::FunctionExists,
             ExecError::TenantFrozen(_) => ErrorCode::TenantFrozen,

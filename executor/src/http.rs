@@ -160,6 +160,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .merge(authed)
         .fallback(|| async { ExecError::NotFound("route".into()) })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ExecError::MethodNotAllowed(method.to_string())
+        })
         .layer(middleware::from_fn(request_id))
         .with_state(app)
 }

@@ -19,6 +19,8 @@ pub enum ErrorCode {
     FunctionNotFound,
     JobNotFound,
     NotFound,
+    /// The route exists, but not with this method.
+    MethodNotAllowed,
     JobRunning,
     FunctionExists,
     TenantFrozen,
@@ -45,7 +47,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 29] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidInput,
         ErrorCode::Unauthorized,
@@ -53,6 +55,7 @@ impl ErrorCode {
         ErrorCode::FunctionNotFound,
         ErrorCode::JobNotFound,
         ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
         ErrorCode::JobRunning,
         ErrorCode::FunctionExists,
         ErrorCode::TenantFrozen,
@@ -84,6 +87,7 @@ impl ErrorCode {
             Unauthorized => 401,
             TenantScopeDenied => 403,
             FunctionNotFound | JobNotFound | NotFound => 404,
+            MethodNotAllowed => 405,
             FunctionExists | JobRunning | TenantFrozen | TenantExists | MigrationRunning => 409,
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
@@ -107,6 +111,7 @@ impl ErrorCode {
             FunctionNotFound => "function_not_found",
             JobNotFound => "job_not_found",
             NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
             JobRunning => "job_running",
             FunctionExists => "function_exists",
             TenantFrozen => "tenant_frozen",

@@ -92,6 +92,17 @@ fn request_ids_are_echoed_or_made() {
 }
 
 #[test]
+fn unknown_routes_and_methods_answer_json_errors() {
+    let ex = TestExecutor::start();
+    let r = ex.get("t1", "/nothing/here");
+    assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
+    // A route that exists, with a method it does not take.
+    let r = ex.get("t1", "/functions/f1/invoke");
+    assert_eq!((r.status, r.code().as_str()), (405, "method_not_allowed"));
+    assert!(r.header("x-request-id").is_some());
+}
+
+#[test]
 fn info_and_metrics_describe_the_executor() {
     let ex = TestExecutor::start();
     let id = ex.deploy("t1", "f", FN);
