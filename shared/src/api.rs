@@ -122,13 +122,34 @@ impl Scalar<'_> {
         }
     }
 
+    /// A float element, unless it is a finite number past the range of the
+    /// dtype (which would silently become an infinity).
+    fn finite_float<T>(
+        self,
+        narrow: impl Fn(f64) -> T,
+        is_infinite: impl Fn(&T) -> bool,
+    ) -> Option<T> {
+        let x = self.float()?;
+        let v = narrow(x);
+        (!x.is_finite() || !is_infinite(&v)).then_some(v)
+    }
+
     /// Appends the element as `dtype`, little-endian; `None` when it is not
     /// a valid value of that dtype.
     fn push(self, dtype: DType, out: &mut Vec<u8>) -> Option<()> {
         match dtype {
-            DType::F32 => out.extend_from_slice(&(self.float()? as f32).to_le_bytes()),
-            DType::F16 => out.extend_from_slice(&f16::from_f64(self.float()?).to_le_bytes()),
-            DType::BF16 => out.extend_from_slice(&bf16::from_f64(self.float()?).to_le_bytes()),
+            DType::F32 => {
+                let v = self.finite_float(|x| x as f32, |v| v.is_infinite())?;
+                out.extend_from_slice(&v.to_le_bytes())
+            }
+            DType::F16 => {
+                let v = self.finite_float(f16::from_f64, |v| v.is_infinite())?;
+                out.extend_from_slice(&v.to_le_bytes())
+            }
+            DType::BF16 => {
+                let v = self.finite_float(bf16::from_f64, |v| v.is_infinite())?;
+                out.extend_from_slice(&v.to_le_bytes())
+            }
             DType::I32 => out.extend_from_slice(&i32::try_from(self.int()?).ok()?.to_le_bytes()),
             DType::I64 => out.extend_from_slice(&self.int()?.to_le_bytes()),
             DType::U8 => out.push(u8::try_from(self.uint()?).ok()?),
@@ -559,6 +580,24 @@ mod tests {
         assert!(matches!(e, Err(TensorCodecError::BadValue { .. })));
         let e = t(DType::F32, &[1], serde_json::json!(["nan"])).to_le_bytes(10);
         assert!(matches!(e, Err(TensorCodecError::BadValue { .. })));
+        // Finite numbers past a float dtype's range are refused, not made
+        // infinite; the largest finite values and the spelled-out
+        // infinities pass.
+        for (dtype, bad) in [
+            (DType::F32, 1e39),
+            (DType::F16, 70000.0),
+            (DType::BF16, 1e39),
+        ] {
+            let e = t(dtype, &[2], serde_json::json!([1, bad])).to_le_bytes(10);
+            assert!(
+                matches!(e, Err(TensorCodecError::BadValue { index: 1, .. })),
+                "{dtype} {bad}: {e:?}"
+            );
+        }
+        let ok = t(DType::F16, &[2], serde_json::json!([65504.0, "-Infinity"]));
+        assert_eq!(ok.to_le_bytes(10).unwrap().len(), 4);
+        let ok = t(DType::F32, &[1], serde_json::json!([3.4028234e38]));
+        assert!(ok.to_le_bytes(10).is_ok());
         for bad in [
             serde_json::json!([null]),
             serde_json::json!([true]),
