@@ -90,6 +90,8 @@ pub enum MigrateError {
     ExportFailed(String, UpstreamError),
     #[error("import into {0} failed: {1}")]
     ImportFailed(String, UpstreamError),
+    #[error("executor {0} refused the snapshot: {1}")]
+    SnapshotRefused(String, UpstreamError),
     #[error("executor {0} refused: {1}")]
     Executor(String, UpstreamError),
     #[error("placement table: {0}")]
@@ -114,6 +116,7 @@ impl MigrateError {
                 ErrorCode::ExecutorUnavailable
             }
             MigrateError::ImportFailed(..) => ErrorCode::ImportFailed,
+            MigrateError::SnapshotRefused(..) => ErrorCode::InvalidInput,
             MigrateError::Executor(_, e) => match e.code() {
                 Some("tenant_exists") => ErrorCode::TenantExists,
                 Some("not_found") => ErrorCode::NotFound,
@@ -639,12 +642,12 @@ impl Orchestrator {
     /// if the executor refuses the new one.
     pub async fn restore(&self, tenant: &str, snapshot: Bytes) -> Result<String, MigrateError> {
         let t = Self::tenant(tenant)?;
-        let exec = match self.home(&t) {
-            Ok(e) => e,
+        let (exec, placed_now) = match self.home(&t) {
+            Ok(e) => (e, false),
             Err(MigrateError::UnknownTenant(_)) => {
                 let candidates = self.fleet.candidates();
                 let id = self.fleet.placements().place(&t, &candidates)?;
-                self.known(&id)?
+                (self.known(&id)?, true)
             }
             Err(e) => return Err(e),
         };
@@ -675,8 +678,18 @@ impl Orchestrator {
             {
                 tracing::error!(tenant = %t, error = %back, "restore failed and the previous state could not be put back");
             }
+            if placed_now {
+                // A tenant that came only with this snapshot stays unknown.
+                self.fleet.placements().remove(&t)?;
+            }
             drop(closed);
-            return Err(MigrateError::ImportFailed(exec.id.clone(), e));
+            // A snapshot the executor refuses (corrupt, unsigned, another
+            // tenant's) is the request's fault, not the fleet's.
+            return Err(if e.code() == Some("invalid_input") {
+                MigrateError::SnapshotRefused(exec.id.clone(), e)
+            } else {
+                MigrateError::ImportFailed(exec.id.clone(), e)
+            });
         }
         drop(closed);
         tracing::info!(tenant = %t, executor = %exec.id, "tenant restored from a snapshot");

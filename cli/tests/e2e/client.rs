@@ -592,7 +592,7 @@ fn operate_a_fleet_from_the_command_line() {
         .run(&["snapshot", "restore", "acme", "bad.twsnap"])
         .fails()
         .to_string();
-    assert!(err.contains("import_failed"), "{err}");
+    assert!(err.contains("invalid_input"), "{err}");
     assert_eq!(count(), 4);
 
     // Executors, migrate, drain, forget, register.

@@ -61,9 +61,23 @@ fn snapshot_restore_drain_rebalance_and_purge() {
         "/admin/tenants/t0/restore",
         Some(("application/octet-stream", &bad)),
     );
-    assert_eq!(r.status, 502, "{}", r.text());
-    assert_eq!(r.code(), "import_failed");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.code(), "invalid_input");
     assert_eq!(count(0), 3);
+    // So is another tenant's snapshot, and the tenant it names for the
+    // restore stays unknown.
+    let r = p.admin(
+        "POST",
+        "/admin/tenants/nobody/restore",
+        Some(("application/octet-stream", &snap.body)),
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "invalid_input"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(p.placement("nobody"), None);
 
     // Drain cpu0: everything moves to cpu1, state and all.
     let r = p.admin("POST", "/admin/executors/cpu0/drain", None);
