@@ -17,7 +17,7 @@ use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -58,6 +58,8 @@ pub enum CompileError {
     Timeout(Duration),
     #[error("{0}")]
     Rejected(String),
+    #[error("{0} compilations are running, the most at once; retry later")]
+    Busy(usize),
 }
 
 /// The engine, its linker, and its module cache.
@@ -67,6 +69,18 @@ pub struct Runtime {
     cache: Option<ModuleCache>,
     limits: EngineLimits,
     stop: Arc<AtomicBool>,
+    /// Compiler threads alive, those abandoned at their time limit too.
+    compiling: Arc<AtomicUsize>,
+    max_compiles: usize,
+}
+
+/// Counts one compiler thread until it ends.
+struct CompilerThread(Arc<AtomicUsize>);
+
+impl Drop for CompilerThread {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Runtime {
@@ -125,6 +139,8 @@ impl Runtime {
             cache,
             limits,
             stop,
+            compiling: Arc::new(AtomicUsize::new(0)),
+            max_compiles: std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
         })
     }
 
@@ -151,14 +167,21 @@ impl Runtime {
         if let Some(module) = self.cache.as_ref().and_then(|c| c.load(&self.engine, wasm)) {
             return Ok(module);
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (engine, bytes) = (self.engine.clone(), wasm.to_vec());
         // Compilation cannot be interrupted; a module that runs over the
         // limit is abandoned to its thread, and the module size cap bounds
-        // what that thread can still cost.
+        // what that thread can still cost. Abandoned threads count until
+        // they end, so hostile modules cannot pile them up.
+        if self.compiling.fetch_add(1, Ordering::AcqRel) >= self.max_compiles {
+            self.compiling.fetch_sub(1, Ordering::AcqRel);
+            return Err(CompileError::Busy(self.max_compiles));
+        }
+        let running = CompilerThread(self.compiling.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (engine, bytes) = (self.engine.clone(), wasm.to_vec());
         std::thread::Builder::new()
             .name("compile".into())
             .spawn(move || {
+                let _running = running;
                 let _ = tx.send(Module::new(&engine, &bytes));
             })
             .map_err(|e| CompileError::Rejected(format!("cannot start compiler thread: {e}")))?;
@@ -315,5 +338,23 @@ mod tests {
                 .load(rt2.engine(), &wasm)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn compiler_threads_are_bounded_and_counted_until_they_end() {
+        let rt = Runtime::new(limits(), None).unwrap();
+        let wasm = wat::parse_str(WAT).unwrap();
+        rt.compile(&wasm).unwrap();
+        assert_eq!(rt.compiling.load(Ordering::Acquire), 0, "the thread ended");
+        // Threads left running at their time limit still count.
+        let held: Vec<CompilerThread> = (0..rt.max_compiles)
+            .map(|_| {
+                rt.compiling.fetch_add(1, Ordering::AcqRel);
+                CompilerThread(rt.compiling.clone())
+            })
+            .collect();
+        assert!(matches!(rt.compile(&wasm), Err(CompileError::Busy(_))));
+        drop(held);
+        rt.compile(&wasm).unwrap();
     }
 }

@@ -4,6 +4,7 @@ use tensor_wasm_shared::api::TensorCodecError;
 use tensor_wasm_shared::{ApiError, ErrorCode};
 
 use crate::assets::AssetError;
+use crate::engine::CompileError;
 use crate::instance::InvokeError;
 use crate::wasm::WasmError;
 
@@ -48,6 +49,16 @@ pub enum ExecError {
     Invoke(#[from] InvokeError),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<CompileError> for ExecError {
+    fn from(e: CompileError) -> Self {
+        match e {
+            CompileError::Timeout(_) => ExecError::Wasm(WasmError::Invalid(e.to_string())),
+            CompileError::Rejected(m) => ExecError::Wasm(WasmError::Invalid(m)),
+            CompileError::Busy(_) => ExecError::Capacity(e.to_string()),
+        }
+    }
 }
 
 impl ExecError {

@@ -26,7 +26,7 @@ use wasmtime::InstancePre;
 
 use crate::assets::Assets;
 use crate::config::{EngineLimits, TenantQuotas};
-use crate::engine::{CompileError, Runtime};
+use crate::engine::Runtime;
 use crate::error::ExecError;
 use crate::host::HostState;
 use crate::instance::{InstanceSetup, Request, Response, WarmInstance};
@@ -464,12 +464,7 @@ impl Registry {
         let module = self
             .runtime
             .compile(&inspected.rewritten)
-            .map_err(|e| match e {
-                CompileError::Timeout(_) => {
-                    ExecError::Wasm(wasm::WasmError::Invalid(e.to_string()))
-                }
-                CompileError::Rejected(m) => ExecError::Wasm(wasm::WasmError::Invalid(m)),
-            })?;
+            .map_err(ExecError::from)?;
         let pre = self
             .runtime
             .linker()

@@ -144,7 +144,7 @@ impl Registry {
                 .runtime()
                 .compile(&inspected.rewritten)
                 .map(|_| ())
-                .map_err(|e| ExecError::Wasm(crate::wasm::WasmError::Invalid(e.to_string())))
+                .map_err(ExecError::from)
         })
         .await
         .map_err(|e| ExecError::Internal(format!("compile task failed: {e}")))?
