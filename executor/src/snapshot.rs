@@ -48,6 +48,12 @@ fn invalid(msg: impl Into<String>) -> ExecError {
     ExecError::InvalidInput(format!("snapshot refused: {}", msg.into()))
 }
 
+/// A function or job id as this executor makes them: 1 to 64 ASCII
+/// letters, digits and dashes.
+fn is_record_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 impl Registry {
     /// Freezes `tenant`, waits for its work to finish, and returns its
     /// snapshot. The tenant stays frozen.
@@ -233,13 +239,7 @@ impl Registry {
                     info.id
                 )));
             }
-            if info.id.is_empty()
-                || info.id.len() > 64
-                || !info
-                    .id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            {
+            if !is_record_id(&info.id) {
                 return Err(invalid(format!("function id {:?}", info.id)));
             }
             if f.instances.len() > limits.max_instances_per_function as usize {
@@ -298,6 +298,15 @@ impl Registry {
                 "snapshot holds {instances} instances, over the quota"
             )));
         }
+        // Each function once: a second record of an id or name would
+        // silently replace the first.
+        let mut seen = std::collections::HashSet::new();
+        for info in &infos {
+            if !seen.insert(("id", info.id.as_str())) || !seen.insert(("name", info.name.as_str()))
+            {
+                return Err(invalid(format!("function {:?} appears twice", info.id)));
+            }
+        }
         if snap.jobs.len() > self.quotas.pending_jobs + limits.max_finished_jobs {
             return Err(invalid(format!("{} jobs", snap.jobs.len())));
         }
@@ -309,6 +318,25 @@ impl Registry {
                     .map_err(|e| invalid(format!("job record: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // The job quotas hold for what a snapshot brings as for what a
+        // client submits.
+        let mut job_ids = std::collections::HashSet::new();
+        let (mut open, mut waiting) = (0usize, 0u64);
+        for (j, info) in snap.jobs.iter().zip(&jobs) {
+            if !is_record_id(&info.id) || !job_ids.insert(info.id.as_str()) {
+                return Err(invalid(format!("job id {:?}", info.id)));
+            }
+            if !info.status.is_finished() {
+                open += 1;
+                waiting += j.body.as_ref().map_or(0, |b| b.len() as u64);
+            }
+        }
+        if open > self.quotas.pending_jobs || waiting > self.quotas.pending_job_bytes {
+            return Err(ExecError::Quota(format!(
+                "snapshot holds {open} waiting jobs with {waiting} bytes of requests, over the \
+                 tenant's quota"
+            )));
+        }
         Ok(ImportPlan { infos, jobs })
     }
 

@@ -229,6 +229,80 @@ fn bad_snapshots_are_refused_and_change_nothing() {
 }
 
 #[test]
+fn snapshots_that_would_pass_the_quotas_or_overwrite_themselves_are_refused() {
+    use tensor_wasm_shared::snapshot::{JobSnapshot, decode, encode};
+    let a = TestExecutor::start();
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    call(&a, "t1", &id, [1.0, 1.0, 1.0]);
+    let good = decode(&export(&a, "t1"), None, u64::MAX).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let quotas = TenantQuotas {
+        pending_jobs: 2,
+        pending_job_bytes: 100,
+        ..TenantQuotas::default()
+    };
+    let b = TestExecutor::start_in(dir.path(), small_limits(), quotas);
+    let pending = |n: usize, body: usize| -> Vec<JobSnapshot> {
+        (0..n)
+            .map(|i| JobSnapshot {
+                info_json: serde_json::json!({
+                    "id": format!("job-{i}"), "function_id": id, "status": "pending",
+                    "created_at": "2026-01-01T00:00:00Z", "finished_at": null,
+                    "result": null, "error": null,
+                })
+                .to_string(),
+                content_type: Some("text/plain".into()),
+                body: Some(vec![0; body]),
+            })
+            .collect()
+    };
+    let mut twice = good.clone();
+    twice.functions.push(twice.functions[0].clone());
+    let mut many_jobs = good.clone();
+    many_jobs.jobs = pending(3, 1);
+    let mut big_jobs = good.clone();
+    big_jobs.jobs = pending(2, 60);
+    let mut same_job = good.clone();
+    same_job.jobs = pending(1, 1);
+    same_job.jobs.push(same_job.jobs[0].clone());
+    let cases = [
+        ("a function twice", twice, "invalid_input", "twice"),
+        (
+            "3 waiting jobs",
+            many_jobs,
+            "quota_exceeded",
+            "3 waiting jobs",
+        ),
+        (
+            "120 bytes of requests",
+            big_jobs,
+            "quota_exceeded",
+            "120 bytes",
+        ),
+        ("a job id twice", same_job, "invalid_input", "job-0"),
+    ];
+    for (what, snap, code, needle) in cases {
+        let bytes = encode(&snap, None).unwrap();
+        let r = b.internal("POST", "/internal/tenants/t1/import", &bytes);
+        assert_eq!(r.code(), code, "{what}: {}", r.text());
+        assert!(r.text().contains(needle), "{what}: {}", r.text());
+        assert_eq!(
+            b.get("t1", "/functions").json()["functions"],
+            serde_json::json!([]),
+            "{what}"
+        );
+    }
+    let mut fits = good;
+    fits.jobs = pending(2, 50);
+    let r = b.internal(
+        "POST",
+        "/internal/tenants/t1/import",
+        &encode(&fits, None).unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
 fn keyed_executors_only_take_signed_snapshots() {
     let (da, db, dc) = (
         tempfile::tempdir().unwrap(),
