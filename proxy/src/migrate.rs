@@ -123,6 +123,7 @@ impl MigrateError {
                 _ if e.is_unreachable() => ErrorCode::ExecutorUnavailable,
                 _ => ErrorCode::ImportFailed,
             },
+            MigrateError::Placement(PlacementError::NoExecutor) => ErrorCode::ExecutorUnavailable,
             MigrateError::Placement(_) | MigrateError::Store(..) | MigrateError::Task(_) => {
                 ErrorCode::Internal
             }
@@ -752,5 +753,18 @@ async fn remove_file(path: &Path) {
         && e.kind() != std::io::ErrorKind::NotFound
     {
         tracing::warn!(path = %path.display(), error = %e, "could not delete a stored snapshot");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_executor_to_move_to_is_unavailable_not_internal() {
+        let e = MigrateError::Placement(PlacementError::NoExecutor).api_error();
+        assert_eq!(e.code, ErrorCode::ExecutorUnavailable);
+        let e = MigrateError::Placement(PlacementError::Unplaced("t".into())).api_error();
+        assert_eq!(e.code, ErrorCode::Internal);
     }
 }
