@@ -124,6 +124,15 @@ struct GateState {
     waiting: usize,
 }
 
+/// One request waiting at a closed gate.
+struct Waiting<'a>(&'a Gate);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).waiting -= 1;
+    }
+}
+
 /// A tenant's gate (module doc, steps 1–3).
 #[derive(Debug, Default)]
 pub struct Gate {
@@ -364,8 +373,11 @@ impl Fleet {
                 // between here and the await is not missed.
                 notified.as_mut().enable();
             }
+            // Counted out when the wait ends, or when the request is
+            // dropped while it waits.
+            let waiting = Waiting(&gate);
             let waited = tokio::time::timeout_at(deadline, notified).await;
-            lock(&gate.state).waiting -= 1;
+            drop(waiting);
             if waited.is_err() {
                 return Err(RouteError::MovingTooLong(tenant.to_string()));
             }
@@ -552,6 +564,17 @@ mod tests {
             let e = w.await.unwrap().unwrap_err();
             assert!(matches!(e, RouteError::MovingTooLong(_)), "{e}");
         }
+        assert_eq!(fleet.gate_counts("acme"), (0, 0));
+        // A request dropped while it waits (its client gone) leaves the
+        // queue too.
+        let gone = {
+            let fleet = fleet.clone();
+            tokio::spawn(async move { fleet.route(&t("acme")).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(fleet.gate_counts("acme"), (0, 1));
+        gone.abort();
+        let _ = gone.await;
         assert_eq!(fleet.gate_counts("acme"), (0, 0));
         drop(closed);
         assert!(fleet.route(&t("acme")).await.is_ok());
