@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use safetensors::SafeTensors;
-use tensor_wasm_kernels::{Backend, Tensor};
+use tensor_wasm_kernels::{Backend, DType, Limits, Tensor};
 use tensor_wasm_shared::api::{InvokeRequest, InvokeResponse, JsonTensor};
 
 use crate::assets::{dtype_from_safetensors, dtype_to_safetensors};
@@ -58,43 +58,88 @@ pub fn decode_request(
     body: bytes::Bytes,
     backend: &dyn Backend,
 ) -> Result<Request, ExecError> {
+    let mut inputs = HashMap::new();
+    let tensors = decode_inputs(
+        content_type,
+        &body,
+        backend.limits().max_tensor_bytes,
+        |name, dtype, dims, bytes| {
+            let tensor = backend
+                .from_bytes(dtype, dims, bytes)
+                .map_err(|e| input_error(name, e))?;
+            inputs.insert(name.to_string(), tensor);
+            Ok(())
+        },
+    )?;
+    Ok(Request {
+        inputs,
+        body: if tensors {
+            Arc::from(&[][..])
+        } else {
+            Arc::from(&body[..])
+        },
+    })
+}
+
+/// Checks an invocation body as [`decode_request`] would decode it, without
+/// making tensors: what `invoke-async` does before it accepts a job, so a
+/// malformed body is a 400 rather than a failed job.
+pub fn check_request(
+    content_type: Option<&str>,
+    body: &bytes::Bytes,
+    limits: &Limits,
+) -> Result<(), ExecError> {
+    decode_inputs(
+        content_type,
+        body,
+        limits.max_tensor_bytes,
+        |name, dtype, dims, _| {
+            limits
+                .check_tensor("input", dtype, dims)
+                .map(|_| ())
+                .map_err(|e| input_error(name, e))
+        },
+    )
+    .map(|_| ())
+}
+
+/// Hands each input tensor of a JSON or safetensors body to `put` as
+/// (name, dtype, dims, little-endian bytes); false for any other body,
+/// which the guest reads raw.
+fn decode_inputs(
+    content_type: Option<&str>,
+    body: &[u8],
+    max_tensor_bytes: u64,
+    mut put: impl FnMut(&str, DType, &[usize], &[u8]) -> Result<(), ExecError>,
+) -> Result<bool, ExecError> {
     match content_type.map(media_type).as_deref() {
         Some(JSON) => {
-            let req: InvokeRequest = serde_json::from_slice(&body)
+            let req: InvokeRequest = serde_json::from_slice(body)
                 .map_err(|e| ExecError::InvalidJson(format!("invalid invoke body: {e}")))?;
             if req.inputs.len() > MAX_INPUTS {
                 return Err(ExecError::InvalidInput(format!(
                     "at most {MAX_INPUTS} inputs"
                 )));
             }
-            let max_bytes = backend.limits().max_tensor_bytes;
-            let mut inputs = HashMap::new();
             for (name, t) in req.inputs {
                 check_name(&name)?;
-                let max_elements = max_bytes / t.dtype.size() as u64;
+                let max_elements = max_tensor_bytes / t.dtype.size() as u64;
                 let bytes = t
                     .to_le_bytes(max_elements)
                     .map_err(|e| ExecError::InvalidInput(format!("input {name:?}: {e}")))?;
                 let dims: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-                let tensor = backend
-                    .from_bytes(t.dtype, &dims, &bytes)
-                    .map_err(|e| input_error(&name, e))?;
-                inputs.insert(name, tensor);
+                put(&name, t.dtype, &dims, &bytes)?;
             }
-            Ok(Request {
-                inputs,
-                body: Arc::from(&[][..]),
-            })
+            Ok(true)
         }
         Some(SAFETENSORS) => {
-            let st = SafeTensors::deserialize(&body)
+            let st = SafeTensors::deserialize(body)
                 .map_err(|e| ExecError::InvalidInput(format!("invalid safetensors body: {e}")))?;
             if st.len() > MAX_INPUTS {
                 return Err(ExecError::InvalidInput(format!(
                     "at most {MAX_INPUTS} inputs"
                 )));
             }
-            let mut inputs = HashMap::new();
             for (name, view) in st.iter() {
                 check_name(name)?;
                 let dtype = dtype_from_safetensors(view.dtype()).ok_or_else(|| {
@@ -103,20 +148,11 @@ pub fn decode_request(
                         view.dtype()
                     ))
                 })?;
-                let tensor = backend
-                    .from_bytes(dtype, view.shape(), view.data())
-                    .map_err(|e| input_error(name, e))?;
-                inputs.insert(name.to_string(), tensor);
+                put(name, dtype, view.shape(), view.data())?;
             }
-            Ok(Request {
-                inputs,
-                body: Arc::from(&[][..]),
-            })
+            Ok(true)
         }
-        _ => Ok(Request {
-            inputs: HashMap::new(),
-            body: Arc::from(&body[..]),
-        }),
+        _ => Ok(false),
     }
 }
 

@@ -436,8 +436,17 @@ async fn invoke_async(
 ) -> Result<Response, ExecError> {
     app.registry.function(&tenant, &id)?;
     let bytes = read_body(&headers, body, app.registry.quotas.max_body_bytes).await?;
+    let ct = content_type(&headers).map(str::to_string);
+    // A malformed body is refused now, as a synchronous invoke refuses it,
+    // not accepted as a job bound to fail.
+    let limits = *app.registry.tenant(&tenant)?.backend.limits();
+    let (ct, bytes) = tokio::task::spawn_blocking(move || {
+        body::check_request(ct.as_deref(), &bytes, &limits).map(|()| (ct, bytes))
+    })
+    .await
+    .map_err(|e| ExecError::Internal(format!("body check failed: {e}")))??;
     let request = PendingRequest {
-        content_type: content_type(&headers).map(str::to_string),
+        content_type: ct,
         body: bytes,
     };
     let accepted = app.registry.submit_job(&tenant, &id, request)?;

@@ -1,11 +1,12 @@
 //! Any invoke body, under each content type the executor decodes: JSON
 //! tensors, safetensors, raw bytes. A request or a typed error, never a
-//! panic or an allocation beyond the backend's limits.
+//! panic or an allocation beyond the backend's limits; and the check that
+//! `invoke-async` runs at submission agrees with the decoding.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tensor_wasm_executor::body;
-use tensor_wasm_kernels::{CpuBackend, Limits};
+use tensor_wasm_kernels::{Backend, CpuBackend, Limits};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
@@ -21,11 +22,15 @@ fuzz_target!(|data: &[u8]| {
         1 => "application/x-safetensors",
         _ => "application/octet-stream",
     };
-    if let Ok(request) = body::decode_request(
-        Some(content_type),
-        bytes::Bytes::copy_from_slice(rest),
-        &backend,
-    ) {
+    let body = bytes::Bytes::copy_from_slice(rest);
+    let checked = body::check_request(Some(content_type), &body, backend.limits());
+    let decoded = body::decode_request(Some(content_type), body, &backend);
+    assert_eq!(
+        checked.as_ref().err().map(|e| e.code()),
+        decoded.as_ref().err().map(|e| e.code()),
+        "{checked:?} vs {decoded:?}"
+    );
+    if let Ok(request) = decoded {
         for t in request.inputs.values() {
             assert!(t.nbytes() <= 1 << 20);
         }

@@ -88,13 +88,24 @@ fn a_job_runs_and_keeps_its_result() {
 }
 
 #[test]
-fn failures_are_recorded_with_their_code() {
-    let ex = TestExecutor::start();
-    let id = ex.deploy("t1", "triple", TRIPLE);
-    let job = submit(&ex, "t1", &id, "application/json", b"{broken");
+fn malformed_bodies_are_refused_and_failures_recorded_with_their_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ex, id) = one_job_slot(dir.path(), 200, TenantQuotas::default());
+    // A body the synchronous invoke would refuse is refused here too.
+    let path = format!("/functions/{id}/invoke-async");
+    let r = ex.post("t1", &path, "application/json", b"{broken");
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_json"));
+    let mismatch = br#"{"inputs": {"x": {"dtype": "f32", "shape": [3], "data": [1, 2]}}}"#;
+    let r = ex.post("t1", &path, "application/json", mismatch);
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_input"));
+    let r = ex.post("t1", &path, "application/x-safetensors", b"junk");
+    assert_eq!((r.status, r.code().as_str()), (400, "invalid_input"));
+    assert_eq!(ex.get("t1", "/jobs").json()["jobs"], serde_json::json!([]));
+    // A job that fails keeps the code.
+    let job = submit(&ex, "t1", &id, "text/plain", b"spin");
     let v = wait_finished(&ex, "t1", &job).json();
     assert_eq!(v["status"], "failed");
-    assert_eq!(v["error"]["code"], "invalid_json");
+    assert_eq!(v["error"]["code"], "deadline_exceeded");
 }
 
 /// An executor in `dir` that runs one job at a time with `deadline_ms`
