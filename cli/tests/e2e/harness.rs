@@ -331,9 +331,6 @@ pub struct ProxyOptions {
     pub listen_port: u16,
     pub admin_port: u16,
     pub upgrade: bool,
-    /// How long a stopping proxy keeps serving what it has; 1 s keeps the
-    /// tests quick.
-    pub grace_period_secs: u64,
     /// Certificate and key: TLS on the public listener.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub extra_args: Vec<String>,
@@ -351,7 +348,6 @@ impl Default for ProxyOptions {
             listen_port: free_port(),
             admin_port: free_port(),
             upgrade: false,
-            grace_period_secs: 1,
             tls: None,
             extra_args: Vec::new(),
         }
@@ -384,8 +380,7 @@ impl ProxyProcess {
             .arg("--state-dir")
             .arg(state)
             .args(["--threads", "2", "--health-interval-ms", "200"])
-            .arg("--grace-period-secs")
-            .arg(options.grace_period_secs.to_string())
+            .args(["--grace-period-secs", "1"])
             .arg("--rate-limit-qps")
             .arg(options.qps.to_string())
             .arg("--rate-limit-burst")
