@@ -311,7 +311,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             // An output holds its tensor after the handle is freed: it is
             // charged like a handle until `handle` returns, so a loop of
             // output-then-free cannot hold memory past the quota.
-            let usage = st.tensors.usage().clone();
+            let usage = st.tensors.usage();
             usage.reserve(t.nbytes(), false)?;
             match st.call.outputs.iter_mut().find(|(n, _)| *n == name) {
                 Some(slot) => {

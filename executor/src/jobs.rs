@@ -3,8 +3,9 @@
 //! A job is admitted like an invocation, but answers at once with its id and
 //! runs in the background: it waits for an instance of its function, without
 //! the queue cap of synchronous requests (the pending-job quota bounds it
-//! instead), then for one of the executor's job slots (`job_concurrency`). While its tenant is frozen for a migration a pending job waits;
-//! if the tenant leaves this executor, the job travels in the snapshot and
+//! instead), then for one of the executor's job slots (`job_concurrency`).
+//! While its tenant is frozen for a migration a pending job waits; if the
+//! tenant leaves this executor, the job travels in the snapshot and
 //! runs where the tenant lands. Finished jobs are kept for `job_retention`,
 //! at most `max_finished_jobs` per tenant and results of at most
 //! `finished_job_bytes` (the newest always stays); waiting jobs hold at
@@ -222,7 +223,7 @@ impl Registry {
             .await
             .unwrap_or_else(|e| Err(ExecError::Internal(format!("decode task failed: {e}"))));
             let outcome = match decoded {
-                Ok(req) => match registry.run_on(&t, f, permit, req, admitted).await {
+                Ok(req) => match registry.run(&t, f, permit, req, admitted).await {
                     Ok(resp) => tokio::task::spawn_blocking(move || {
                         body::to_invoke_response(resp, backend.as_ref())
                     })

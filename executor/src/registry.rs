@@ -609,30 +609,15 @@ impl Registry {
             .existing_tenant(tenant)
             .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
         let admitted = t.admit()?;
-        self.run(&t, id, request, true, admitted).await
-    }
-
-    /// Runs an admitted invocation. `queued` caps the wait behind busy
-    /// instances (synchronous requests); jobs wait without that cap, being
-    /// bounded by the pending-job quota instead.
-    pub(crate) async fn run(
-        &self,
-        t: &Arc<Tenant>,
-        id: &str,
-        request: Request,
-        queued: bool,
-        admitted: Inflight,
-    ) -> Result<Response, ExecError> {
-        let f = read_lock(&t.functions)
-            .get(id)
-            .cloned()
+        let f = t
+            .function(id)
             .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
-        let permit = self.acquire(&f, queued).await?;
-        self.run_on(t, f, permit, request, admitted).await
+        let permit = self.acquire(&f, true).await?;
+        self.run(&t, f, permit, request, admitted).await
     }
 
     /// Runs an admitted invocation of `f` on the instance slot `permit`.
-    pub(crate) async fn run_on(
+    pub(crate) async fn run(
         &self,
         t: &Arc<Tenant>,
         f: Arc<Function>,
@@ -688,7 +673,9 @@ impl Registry {
         result
     }
 
-    /// An instance slot of `f`; `queued` as for [`Registry::run`].
+    /// An instance slot of `f`. `queued` caps the wait behind busy
+    /// instances (synchronous requests); jobs wait without that cap, being
+    /// bounded by the pending-job quota instead.
     pub(crate) async fn acquire(
         &self,
         f: &Function,
