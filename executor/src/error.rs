@@ -33,14 +33,14 @@ pub enum ExecError {
     TenantFrozen(String),
     #[error("tenant {0} already exists here")]
     TenantExists(String),
+    #[error("tenant {0} is not on this executor")]
+    TenantNotHere(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error(transparent)]
     Wasm(#[from] WasmError),
-    #[error("{0}")]
-    Tensor(String),
     #[error("{0}")]
     Quota(String),
     #[error("{0}")]
@@ -76,12 +76,12 @@ impl ExecError {
             ExecError::FunctionExists(_) => ErrorCode::FunctionExists,
             ExecError::TenantFrozen(_) => ErrorCode::TenantFrozen,
             ExecError::TenantExists(_) => ErrorCode::TenantExists,
+            ExecError::TenantNotHere(_) => ErrorCode::TenantNotHere,
             ExecError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             ExecError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             ExecError::Wasm(WasmError::Invalid(_)) => ErrorCode::InvalidWasm,
             ExecError::Wasm(WasmError::ImportNotAllowed { .. }) => ErrorCode::ImportNotAllowed,
             ExecError::Wasm(WasmError::MissingExport(_)) => ErrorCode::MissingExport,
-            ExecError::Tensor(_) => ErrorCode::TensorError,
             ExecError::Quota(_) => ErrorCode::QuotaExceeded,
             ExecError::Capacity(_) => ErrorCode::CapacityExhausted,
             ExecError::Invoke(e) => match e {

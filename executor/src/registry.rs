@@ -333,7 +333,7 @@ impl Registry {
     pub fn drop_tenant(&self, id: &TenantId) -> Result<(), ExecError> {
         let t = write_lock(&self.tenants)
             .remove(id)
-            .ok_or_else(|| ExecError::NotFound(format!("tenant {id}")))?;
+            .ok_or_else(|| ExecError::TenantNotHere(id.to_string()))?;
         t.removed.store(true, Ordering::Release);
         // Its jobs go now: a job still running finds its record gone and
         // counts nothing twice.

@@ -60,7 +60,7 @@ impl Registry {
     pub async fn export_tenant(&self, tenant: &TenantId) -> Result<Vec<u8>, ExecError> {
         let t = self
             .existing_tenant(tenant)
-            .ok_or_else(|| ExecError::NotFound(format!("tenant {tenant}")))?;
+            .ok_or_else(|| ExecError::TenantNotHere(tenant.to_string()))?;
         t.freeze();
         if !t.wait_drained(DRAIN_TIMEOUT).await {
             t.thaw();
@@ -120,7 +120,7 @@ impl Registry {
     pub fn module_ids(&self, tenant: &TenantId) -> Result<Vec<String>, ExecError> {
         let t = self
             .existing_tenant(tenant)
-            .ok_or_else(|| ExecError::NotFound(format!("tenant {tenant}")))?;
+            .ok_or_else(|| ExecError::TenantNotHere(tenant.to_string()))?;
         Ok(t.function_list()
             .iter()
             .map(|f| f.info.id.clone())
@@ -131,7 +131,7 @@ impl Registry {
     pub fn module(&self, tenant: &TenantId, id: &str) -> Result<Arc<[u8]>, ExecError> {
         let t = self
             .existing_tenant(tenant)
-            .ok_or_else(|| ExecError::NotFound(format!("tenant {tenant}")))?;
+            .ok_or_else(|| ExecError::TenantNotHere(tenant.to_string()))?;
         t.function_list()
             .into_iter()
             .find(|f| f.info.id == id)
@@ -160,7 +160,7 @@ impl Registry {
     pub fn thaw_tenant(&self, tenant: &TenantId) -> Result<(), ExecError> {
         let t = self
             .existing_tenant(tenant)
-            .ok_or_else(|| ExecError::NotFound(format!("tenant {tenant}")))?;
+            .ok_or_else(|| ExecError::TenantNotHere(tenant.to_string()))?;
         t.thaw();
         Ok(())
     }

@@ -118,8 +118,8 @@ impl MigrateError {
             MigrateError::ImportFailed(..) => ErrorCode::ImportFailed,
             MigrateError::SnapshotRefused(..) => ErrorCode::InvalidInput,
             MigrateError::Executor(_, e) => match e.code() {
-                Some("tenant_exists") => ErrorCode::TenantExists,
-                Some("not_found") => ErrorCode::NotFound,
+                Some(ErrorCode::TenantExists) => ErrorCode::TenantExists,
+                Some(ErrorCode::TenantNotHere | ErrorCode::NotFound) => ErrorCode::NotFound,
                 _ if e.is_unreachable() => ErrorCode::ExecutorUnavailable,
                 _ => ErrorCode::ImportFailed,
             },
@@ -281,7 +281,7 @@ impl Orchestrator {
         {
             Ok(b) => Some(b),
             // A has never seen T: there is nothing to carry.
-            Err(e) if e.code() == Some("not_found") => None,
+            Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
             Err(e) => {
                 self.thaw(&src, &t).await;
                 abort(self);
@@ -353,7 +353,7 @@ impl Orchestrator {
         {
             Ok(b) => serde_json::from_slice::<serde_json::Value>(&b).unwrap_or_default(),
             Err(e) => {
-                if e.code() != Some("not_found") {
+                if e.code() != Some(ErrorCode::TenantNotHere) {
                     tracing::debug!(tenant = %t, error = %e, "no module list to prewarm");
                 }
                 return;
@@ -397,7 +397,7 @@ impl Orchestrator {
             .await
         {
             Ok(_) => true,
-            Err(e) if e.code() == Some("not_found") => true,
+            Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => true,
             Err(e) => {
                 tracing::error!(tenant = %t, executor = %exec.id, error = %e, "thaw failed");
                 false
@@ -415,7 +415,7 @@ impl Orchestrator {
             .await
         {
             Ok(_) => {}
-            Err(e) if e.code() == Some("not_found") => {}
+            Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
             Err(e) => {
                 tracing::warn!(tenant = %t, executor = %exec.id, error = %e, "could not drop a moved tenant from its source")
             }
@@ -659,7 +659,7 @@ impl Orchestrator {
             .await
         {
             Ok(b) => Some(b),
-            Err(e) if e.code() == Some("not_found") => None,
+            Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
             Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
         };
         if previous.is_some() {
@@ -686,7 +686,7 @@ impl Orchestrator {
             drop(closed);
             // A snapshot the executor refuses (corrupt, unsigned, another
             // tenant's) is the request's fault, not the fleet's.
-            return Err(if e.code() == Some("invalid_input") {
+            return Err(if e.code() == Some(ErrorCode::InvalidInput) {
                 MigrateError::SnapshotRefused(exec.id.clone(), e)
             } else {
                 MigrateError::ImportFailed(exec.id.clone(), e)
@@ -710,7 +710,7 @@ impl Orchestrator {
             .await
         {
             Ok(_) => {}
-            Err(e) if e.code() == Some("not_found") => {}
+            Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
             Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
         }
         self.fleet.placements().remove(&t)?;

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper_util::rt::TokioIo;
+use tensor_wasm_shared::ErrorCode;
 use tensor_wasm_shared::error::ErrorBody;
 
 /// Why a call to an executor gave no usable answer.
@@ -28,21 +29,22 @@ pub enum UpstreamError {
     Http { addr: String, message: String },
     #[error("executor at {addr} did not answer within {after:?}")]
     Timeout { addr: String, after: Duration },
-    /// The executor answered with an error status.
-    #[error("executor at {addr} answered {status}: {code} {message}")]
+    /// The executor answered with an error status. `code` is `None` when
+    /// the body was not an error envelope with a code this build knows.
+    #[error("executor at {addr} answered {status}: {} {message}", code.map_or("(no code)", ErrorCode::as_str))]
     Status {
         addr: String,
         status: u16,
-        code: String,
+        code: Option<ErrorCode>,
         message: String,
     },
 }
 
 impl UpstreamError {
     /// The executor's error `code`, when it answered with one.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            UpstreamError::Status { code, .. } => Some(code),
+            UpstreamError::Status { code, .. } => *code,
             _ => None,
         }
     }
@@ -147,9 +149,9 @@ impl ExecutorClient {
             return Ok(bytes);
         }
         let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) => (b.error.code.as_str().to_string(), b.error.message),
+            Ok(b) => (Some(b.error.code), b.error.message),
             Err(_) => (
-                String::new(),
+                None,
                 String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
             ),
         };

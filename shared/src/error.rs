@@ -25,6 +25,10 @@ pub enum ErrorCode {
     FunctionExists,
     TenantFrozen,
     TenantExists,
+    /// An internal route named a tenant this executor does not hold. Only
+    /// between the proxy and executors; distinct from `not_found`, which an
+    /// executor answers for a route it does not have.
+    TenantNotHere,
     /// A migration, snapshot or restore of the tenant is already running.
     MigrationRunning,
     PayloadTooLarge,
@@ -32,7 +36,6 @@ pub enum ErrorCode {
     InvalidWasm,
     ImportNotAllowed,
     MissingExport,
-    TensorError,
     QuotaExceeded,
     RateLimited,
     GuestTrap,
@@ -60,13 +63,13 @@ impl ErrorCode {
         ErrorCode::FunctionExists,
         ErrorCode::TenantFrozen,
         ErrorCode::TenantExists,
+        ErrorCode::TenantNotHere,
         ErrorCode::MigrationRunning,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
         ErrorCode::InvalidWasm,
         ErrorCode::ImportNotAllowed,
         ErrorCode::MissingExport,
-        ErrorCode::TensorError,
         ErrorCode::QuotaExceeded,
         ErrorCode::RateLimited,
         ErrorCode::GuestTrap,
@@ -86,12 +89,12 @@ impl ErrorCode {
             InvalidJson | InvalidInput => 400,
             Unauthorized => 401,
             TenantScopeDenied => 403,
-            FunctionNotFound | JobNotFound | NotFound => 404,
+            FunctionNotFound | JobNotFound | NotFound | TenantNotHere => 404,
             MethodNotAllowed => 405,
             FunctionExists | JobRunning | TenantFrozen | TenantExists | MigrationRunning => 409,
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
-            InvalidWasm | ImportNotAllowed | MissingExport | TensorError | QuotaExceeded => 422,
+            InvalidWasm | ImportNotAllowed | MissingExport | QuotaExceeded => 422,
             RateLimited => 429,
             GuestTrap | FunctionError | Internal => 500,
             ImportFailed => 502,
@@ -116,13 +119,13 @@ impl ErrorCode {
             FunctionExists => "function_exists",
             TenantFrozen => "tenant_frozen",
             TenantExists => "tenant_exists",
+            TenantNotHere => "tenant_not_here",
             MigrationRunning => "migration_running",
             PayloadTooLarge => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",
             InvalidWasm => "invalid_wasm",
             ImportNotAllowed => "import_not_allowed",
             MissingExport => "missing_export",
-            TensorError => "tensor_error",
             QuotaExceeded => "quota_exceeded",
             RateLimited => "rate_limited",
             GuestTrap => "guest_trap",
@@ -196,7 +199,9 @@ mod tests {
         assert_eq!(ErrorCode::TenantScopeDenied.http_status(), 403);
         assert_eq!(ErrorCode::FunctionNotFound.http_status(), 404);
         assert_eq!(ErrorCode::RateLimited.http_status(), 429);
-        assert_eq!(ErrorCode::TensorError.http_status(), 422);
+        assert_eq!(ErrorCode::QuotaExceeded.http_status(), 422);
+        assert_eq!(ErrorCode::TenantNotHere.http_status(), 404);
+        assert_ne!(ErrorCode::TenantNotHere, ErrorCode::NotFound);
         assert_eq!(ErrorCode::TenantMoving.http_status(), 503);
         assert_eq!(ErrorCode::DeadlineExceeded.http_status(), 504);
         assert_eq!(ErrorCode::ImportFailed.http_status(), 502);

@@ -15,6 +15,7 @@
 //!   bodies, executor descriptions.
 //! - [`error`]: [`ErrorCode`], the stable `code` of every public error.
 //! - [`tenant`]: [`TenantId`], validated tenant names.
+//! - [`ids`]: [`ExecutorId`], [`FunctionId`], [`JobId`], validated likewise.
 //! - [`names`]: metric and configuration names.
 //! - [`build`]: what this binary is (version, commit, compiler).
 //! - [`snapshot`]: the tenant snapshot format and its validating reader.
@@ -27,6 +28,7 @@ pub mod audit;
 pub mod build;
 pub mod dtype;
 pub mod error;
+pub mod ids;
 pub mod names;
 pub mod snapshot;
 pub mod tenant;
@@ -34,4 +36,5 @@ pub mod tenant;
 pub use abi::AbiError;
 pub use dtype::DType;
 pub use error::{ApiError, ErrorCode};
+pub use ids::{ExecutorId, FunctionId, JobId};
 pub use tenant::TenantId;
