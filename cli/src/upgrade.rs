@@ -1,5 +1,5 @@
 //! `tensor-wasm upgrade`: roll a running fleet to new binaries without
-//! failing a request (DESIGN.md §5).
+//! failing a request (`docs/UPGRADE.md`).
 //!
 //! Executors (`--executor-binary`), one at a time, for each executor E of
 //! the `up` supervisor not yet on the new binary:

@@ -1,5 +1,5 @@
 //! Request and response bodies of invocations: JSON tensors, safetensors,
-//! or raw bytes (DESIGN.md §4 "Bodies").
+//! or raw bytes (`docs/API.md`, "Invoke bodies").
 //!
 //! Every decoder here reads untrusted bytes: sizes are checked against the
 //! backend's limits before anything is allocated, and every failure is an

@@ -1,5 +1,6 @@
-//! The executor's HTTP API (DESIGN.md §4): the public routes scoped by
-//! `x-tensor-wasm-tenant`, the internal routes, `/healthz` and `/metrics`.
+//! The executor's HTTP API (`docs/API.md`, "Internal API"): the public
+//! routes scoped by `x-tensor-wasm-tenant`, the internal routes, `/healthz`
+//! and `/metrics`.
 //!
 //! Every route but `/healthz` and `/metrics` needs the internal token; the
 //! proxy is the only intended caller. Every response carries `x-request-id`

@@ -1,5 +1,5 @@
-//! The executor's metrics (DESIGN.md §6), registered under one prefix in one
-//! registry. Names come from `tensor_wasm_shared::names`.
+//! The executor's metrics (`docs/SLO.md`, "Metrics"), registered under one
+//! prefix in one registry. Names come from `tensor_wasm_shared::names`.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,

@@ -1,5 +1,6 @@
-//! Whole-tenant export and import (DESIGN.md §5), the executor's half of
-//! live migration.
+//! Whole-tenant export and import, the executor's half of live migration
+//! (`ARCHITECTURE.md`, "Live migration"; the format is
+//! `docs/SNAPSHOT-COMPATIBILITY.md`).
 //!
 //! Export:
 //! 1. Freeze the tenant: no new invocation or job starts (they get

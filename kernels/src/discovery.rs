@@ -79,10 +79,11 @@ pub struct DeviceInfo {
 const MIG_ID_HEX_DIGITS: usize = 8;
 
 impl DeviceInfo {
-    /// The executor id from DESIGN.md §1, stable across restarts: `gpu<N>`
-    /// for a whole GPU (its NVML index, which follows PCI order), and
-    /// `mig-<first 8 hex digits of the UUID after "MIG-">` for a slice
-    /// (slice indices change when slices are recreated; UUIDs name them).
+    /// The executor id (`ARCHITECTURE.md`, "Executor ids"), stable across
+    /// restarts: `gpu<N>` for a whole GPU (its NVML index, which follows
+    /// PCI order), and `mig-<first 8 hex digits of the UUID after "MIG-">`
+    /// for a slice (slice indices change when slices are recreated; UUIDs
+    /// name them).
     ///
     /// Drivers before R470 used `MIG-GPU-<gpu uuid>/<gi>/<ci>` UUIDs, whose
     /// leading digits are the *parent's* and so shared by every slice; those

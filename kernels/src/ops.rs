@@ -1,4 +1,4 @@
-//! The op codes of guest ABI v1 (DESIGN.md §3).
+//! The op codes of guest ABI v1 (`docs/GUEST-ABI.md`).
 //!
 //! Discriminants are the codes guests pass; they must never change.
 

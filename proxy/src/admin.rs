@@ -1,5 +1,5 @@
-//! The admin API (DESIGN.md §4): its own listener and token, every call
-//! audited.
+//! The admin API (`docs/API.md`, "Admin API"): its own listener and token,
+//! every call audited.
 //!
 //! | route | does |
 //! |---|---|

@@ -1,4 +1,4 @@
-//! Bearer tokens → tenants (DESIGN.md §4).
+//! Bearer tokens → tenants (`docs/API.md`, "Conventions").
 //!
 //! Tokens come from `TENSOR_WASM_API_TOKENS` (`tok1:tenant-a,tok2:tenant-b`)
 //! or from the file `TENSOR_WASM_API_TOKENS_FILE` (one `token:tenant` per

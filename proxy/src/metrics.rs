@@ -1,5 +1,5 @@
-//! The proxy's metrics (DESIGN.md §6), registered under one prefix in one
-//! registry. Names come from `tensor_wasm_shared::names`.
+//! The proxy's metrics (`docs/SLO.md`, "Metrics"), registered under one
+//! prefix in one registry. Names come from `tensor_wasm_shared::names`.
 //!
 //! Label values are bounded: `route` is a template from
 //! [`crate::routes::classify`], `method` one of a handful, `status` a

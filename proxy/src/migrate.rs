@@ -1,4 +1,4 @@
-//! Live migration of tenants between executors (DESIGN.md §5), and the
+//! Live migration of tenants between executors (`ARCHITECTURE.md`), and the
 //! admin operations built on it: drain, rebalance, snapshot, restore, purge.
 //!
 //! Moving tenant T from executor A to B:

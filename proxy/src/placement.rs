@@ -1,6 +1,6 @@
 //! Which executor owns each tenant, persisted so that a restarted proxy
 //! routes every tenant where it was, and finishes any migration it finds
-//! recorded (DESIGN.md §5).
+//! recorded (`ARCHITECTURE.md`, "Live migration").
 //!
 //! At a tenant's first request it is placed by consistent hashing (ketama)
 //! of its id over the healthy executors that take new tenants; from then on

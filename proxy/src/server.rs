@@ -6,7 +6,7 @@
 //! Signals are ours ([`Signals`]): SIGHUP re-reads the token file, SIGQUIT
 //! starts a socket hand-off, SIGTERM a graceful stop, SIGINT a fast one.
 //!
-//! Graceful restart with `-u` (DESIGN.md §5), step by step:
+//! Graceful restart with `-u` (`docs/UPGRADE.md`, "The proxy"), step by step:
 //!
 //! 1. The new process starts with `upgrade = true` and the same state
 //!    directory; `bootstrap()` blocks until the old one hands over its

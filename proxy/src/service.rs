@@ -1,7 +1,7 @@
 //! The public listener: pingora's `ProxyHttp` filled with the proxy's
 //! decisions.
 //!
-//! The path of one request (DESIGN.md §1, §4):
+//! The path of one request (`ARCHITECTURE.md` follows it end to end):
 //!
 //! 1. `request_filter`: give it a request id; answer `/healthz` and
 //!    `/metrics` here; authenticate the bearer token to a tenant (401);

@@ -1,4 +1,4 @@
-//! The guest ABI's error codes (DESIGN.md §3).
+//! The guest ABI's error codes (`docs/GUEST-ABI.md`).
 //!
 //! Every `tensor` import returns a value ≥ 0 on success and one of these
 //! negative codes on failure; `last_error` gives the message.

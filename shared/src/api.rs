@@ -1,4 +1,4 @@
-//! Bodies of the public HTTP API (DESIGN.md §4) that more than one component
+//! Bodies of the public HTTP API (`docs/API.md`) that more than one component
 //! reads or writes: JSON tensors, function records, invoke bodies, and the
 //! executor description of `/internal/info` and `/admin/executors`.
 

@@ -1,5 +1,5 @@
 //! The audit record: one JSON line per request the proxy answered, public
-//! or admin, allowed or refused (DESIGN.md §4, `docs/AUDIT-LOG.md`).
+//! or admin, allowed or refused (`docs/AUDIT-LOG.md`).
 //!
 //! A record names who acted (tenant, and the token only as a hash), what
 //! they did (action, resource), how it ended (status, outcome) and how long

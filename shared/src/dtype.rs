@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// An element type. The discriminants are the guest ABI's dtype codes
-/// (DESIGN.md §3) and must never change: guests compile them in.
+/// (`docs/GUEST-ABI.md`) and must never change: guests compile them in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[repr(u8)]

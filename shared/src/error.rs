@@ -1,4 +1,5 @@
-//! The public API's error codes and their HTTP statuses (DESIGN.md §4).
+//! The public API's error codes and their HTTP statuses (`docs/API.md`,
+//! "Status codes and error codes").
 //!
 //! Every error a client sees is JSON `{"error": {"code", "message"}}`. The
 //! `code` is one of [`ErrorCode`]; its status is fixed here, in one place, so

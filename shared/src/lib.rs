@@ -1,7 +1,7 @@
 //! Contracts shared by every TensorWasm component.
 //!
 //! This crate holds the vocabulary that the proxy, the executors, the CLI and
-//! outside clients agree on (DESIGN.md): tensor dtypes and their wire codes,
+//! outside clients agree on (`docs/`): tensor dtypes and their wire codes,
 //! the guest ABI's error codes, the public API's error codes and their HTTP
 //! statuses, tenant ids, and the names of metrics and configuration
 //! variables. It has no runtime: no tokio, wasmtime or pingora, so every

@@ -1,5 +1,5 @@
-//! Metric and configuration names (DESIGN.md §6), kept in one place so that
-//! dashboards, alerts and code cannot drift apart.
+//! Metric and configuration names (`docs/SLO.md`, `docs/CONFIG.md`), kept
+//! in one place so that dashboards, alerts and code cannot drift apart.
 
 /// Prefix of every metric.
 pub const METRIC_PREFIX: &str = "tensor_wasm_";

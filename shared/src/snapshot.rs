@@ -1,5 +1,5 @@
-//! The tenant snapshot format (DESIGN.md §5): a 96-byte header, then a
-//! 16-byte-aligned rkyv archive of [`TenantSnapshot`].
+//! The tenant snapshot format (`docs/SNAPSHOT-COMPATIBILITY.md`): a 96-byte
+//! header, then a 16-byte-aligned rkyv archive of [`TenantSnapshot`].
 //!
 //! Header, little-endian:
 //!

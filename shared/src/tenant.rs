@@ -1,4 +1,4 @@
-//! Tenant ids: `[a-z0-9][a-z0-9_-]{0,62}` (DESIGN.md §4).
+//! Tenant ids: `[a-z0-9][a-z0-9_-]{0,62}` (`docs/API.md`, "Conventions").
 //!
 //! Tenant ids appear in file names of state directories, in headers and in
 //! audit records, so they are validated once, at the edge, and carried as a

@@ -6,7 +6,7 @@
 //! 1. no answer (the fleet is not running, the URL is wrong, TLS failed):
 //!    [`HttpError::Unreachable`], naming the URL and the variable to set;
 //! 2. an answer with an error status: [`HttpError::Api`] carrying the API's
-//!    own `{"error": {"code", "message"}}` (DESIGN.md §4), its request id,
+//!    own `{"error": {"code", "message"}}` (`docs/API.md`), its request id,
 //!    and a hint for the codes a user can act on;
 //! 3. a 2xx answer, handed back as bytes, JSON, or streamed to a sink.
 //!

@@ -1,7 +1,8 @@
 //! `tensor-wasm migrate`: move a tenant, state and all, to another
 //! executor (`POST /admin/tenants/{t}/migrate`). The call returns when the
 //! move is done; the tenant's requests wait in the proxy meanwhile
-//! (DESIGN.md §5), so the pause printed is all its clients saw.
+//! (`ARCHITECTURE.md`, "Live migration"), so the pause printed is all its
+//! clients saw.
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;

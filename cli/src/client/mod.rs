@@ -3,7 +3,7 @@
 //!
 //! They work against a running fleet exactly as an outside client would:
 //! over HTTP, through the proxy's public API with a tenant's token and its
-//! admin API with the admin token (DESIGN.md §4). Nothing here links the
+//! admin API with the admin token (`docs/API.md`). Nothing here links the
 //! proxy or the executor.
 //!
 //! Layout:

@@ -7,9 +7,10 @@
 //! `restore` posts a file back (`POST /admin/tenants/{t}/restore`), which
 //! replaces the tenant's state. `ls` lists the files of a directory from
 //! their names and headers; `inspect` decodes one with the reader of
-//! `tensor_wasm_shared::snapshot`, which checks it in the order DESIGN.md
-//! §5 fixes (magic and version, length, BLAKE3 checksum, HMAC when a key is
-//! given, archive validation) before anything is printed.
+//! `tensor_wasm_shared::snapshot`, which checks it in the order
+//! `docs/SNAPSHOT-COMPATIBILITY.md` fixes (magic and version, length, BLAKE3
+//! checksum, HMAC when a key is given, archive validation) before anything
+//! is printed.
 
 use std::fs::File;
 use std::io::{BufWriter, Read};

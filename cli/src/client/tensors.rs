@@ -19,7 +19,7 @@ use tensor_wasm_shared::api::{InvokeResponse, JsonTensor};
 use super::npy::{self, NpyError};
 
 /// Safetensors metadata key for raw bytes a function wrote beside its named
-/// outputs (the executor's convention, DESIGN.md §4 "Bodies").
+/// outputs (the executor's convention, `docs/API.md`, "Invoke bodies").
 const RAW_METADATA_KEY: &str = "raw_b64";
 /// File written for raw bytes when outputs go to a directory.
 pub const RAW_FILE: &str = "raw.bin";

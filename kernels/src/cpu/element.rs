@@ -1,8 +1,8 @@
 //! Element types of the CPU backend and the scalar semantics of every dtype.
 //!
-//! These functions are the reference definition of the dtype rules of
-//! DESIGN.md §3 (integer division, wrapping, saturating casts); the CUDA
-//! kernels follow them.
+//! These functions are the reference definition of the dtype rules that
+//! `docs/KERNELS.md` ("Semantics") states (integer division, wrapping,
+//! saturating casts); the CUDA kernels follow them.
 
 use half::{bf16, f16};
 use tensor_wasm_shared::DType;

@@ -1,6 +1,6 @@
-//! DESIGN.md §3's dtype rules, as explicit examples with values worked out
-//! by hand (not by the reference), so each rule is pinned independently of
-//! the property tests.
+//! The dtype rules of `docs/KERNELS.md` ("Semantics"), as explicit examples
+//! with values worked out by hand (not by the reference), so each rule is
+//! pinned independently of the property tests.
 
 use tensor_wasm_kernels::{Backend, BinaryOp, DType, ReduceOp, UnaryOp};
 

@@ -3,7 +3,7 @@
 //!
 //! - `reference`: an independent, naive f64 implementation of every op;
 //! - `ops`: property tests of the CPU backend against the reference;
-//! - `dtype_rules`: DESIGN.md §3's dtype rules as explicit examples;
+//! - `dtype_rules`: the dtype rules of `docs/KERNELS.md` as explicit examples;
 //! - `errors`: every error path, its variant and ABI code; hostile inputs
 //!   never panic; operands are never modified;
 //! - `parity` (feature `cuda`): the CUDA backend against the CPU backend;

@@ -539,7 +539,7 @@ impl Expect {
         }
     }
 
-    /// The guest-visible code, as DESIGN.md §3 lists it.
+    /// The guest-visible code, as `docs/GUEST-ABI.md` lists it.
     pub fn code(self) -> i32 {
         match self {
             Expect::Shape => -2,
