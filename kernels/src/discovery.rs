@@ -30,8 +30,9 @@
 //!   GPU does not hide the healthy ones.
 //!
 //! The logic lives in [`discover`], a pure function over the [`NvmlSource`]
-//! trait, so it is tested with fake devices (including MIG layouts the
-//! reference machines never run); [`NvmlSystem`] is the real source.
+//! trait, so it is tested with fake devices (including MIG layouts and
+//! driver versions no single machine has); [`NvmlSystem`] is the real
+//! source.
 
 #![forbid(unsafe_code)]
 

@@ -1,5 +1,6 @@
 //! Launch plumbing: grid sizes, dim coalescing, and a builder that turns
-//! tensors into kernel arguments while holding cudarc's stream-sync guards.
+//! tensors into kernel arguments while holding the [`CrossStream`] guards
+//! of operands from other streams.
 
 use std::sync::Arc;
 
@@ -261,8 +262,9 @@ impl<'a> Launch<'a> {
         self
     }
 
-    /// Enqueues kernel `name` of `dev`; the guards are released (recording
-    /// the accesses) once the launch is enqueued.
+    /// Enqueues kernel `name` of `dev`. The guards (a `CrossStream` for each
+    /// operand from another stream) are dropped once the launch is
+    /// enqueued, which makes each such operand's home stream wait for it.
     pub(crate) fn run(
         self,
         dev: &Device,

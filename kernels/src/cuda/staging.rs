@@ -1,16 +1,17 @@
 //! Host↔device copies through pinned staging buffers.
 //!
-//! Pageable copies run at 1–8 GB/s on the reference H200, pinned ones at
-//! 55 GB/s, but copying into a pinned buffer first and then uploading,
-//! serially, is dominated by the host copy (one thread's memcpy reached
-//! 5–9 GB/s there). So each backend keeps two pinned chunks and alternates
-//! them: while the DMA engine moves chunk i, the host fills (or drains)
-//! chunk i + 1. A chunk is reused only after its previous copy has
-//! completed: each chunk has an event, recorded after every copy in or out
-//! of it and waited on before the host touches it again (cudarc's own
-//! pinned-buffer event is recorded only while its event tracking is on,
-//! which the backend turns off). Uploads fill a
-//! chunk on several threads at once (rayon's pool, pieces of at least
+//! Only pinned host memory copies at the link's full rate (about 55 GB/s
+//! on PCIe 5.0 x16); a pageable copy is staged by the driver and runs at a
+//! fraction of that. Copying into a pinned buffer first and then uploading,
+//! one after the other, is in turn bounded by the host copy, since one
+//! thread's memcpy is slower than the link. So each backend keeps two
+//! pinned chunks and alternates them: while the DMA engine moves chunk i,
+//! the host fills (or drains) chunk i + 1. A chunk is reused only after its
+//! previous copy has completed: each chunk has an event of its own,
+//! recorded after every copy in or out of it and waited on before the host
+//! touches it again, so this ordering does not rest on cudarc's event
+//! tracking, which the backend turns off. Uploads fill a chunk on several
+//! threads at once (rayon's pool, pieces of at least
 //! [`PARALLEL_PIECE_BYTES`]), so the host side keeps up with the DMA.
 //!
 //! The buffers are allocated on first use and freed with the backend, so an
@@ -25,8 +26,8 @@ use crate::error::{KernelError, Result};
 use crate::sys::cuda::{alloc_pinned, download_to_pinned, upload_from_pinned};
 
 /// Bytes per staging chunk: 4 MiB moves in ≈75 µs at 55 GB/s, long enough
-/// to amortize the ≈10 µs per-chunk event round trip, while two chunks per
-/// tenant keep pinned memory (which the OS cannot page out) modest.
+/// to amortize the event recorded and waited on per chunk, while two chunks
+/// per tenant keep pinned memory (which the OS cannot page out) modest.
 pub(crate) const STAGING_CHUNK_BYTES: usize = 4 << 20;
 
 /// Smallest piece of a chunk one thread copies: below this, handing work

@@ -6,8 +6,9 @@
 //! call needs (lengths, ranges) or documents the invariant its callers in
 //! `crate::cuda` uphold (kernel argument lists mirror kernel signatures).
 //! Device memory is only ever touched in stream order: every buffer is a
-//! cudarc `CudaSlice`, whose read/write events make other streams wait, and
-//! whose drop frees it asynchronously after its last use.
+//! cudarc `CudaSlice`, freed asynchronously on the stream that allocated it.
+//! cudarc's per-buffer events are off ([`disable_event_tracking`]), so a use
+//! on another stream is ordered by `crate::cuda::CrossStream` instead.
 
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::sync::Arc;
