@@ -23,12 +23,13 @@ use tensor_wasm_bench::{matmul_flops, random_tensor};
 use tensor_wasm_kernels::{Backend, BinaryOp, CpuBackend, DType};
 
 /// Matrix sides: 256 is cache-resident and shows per-call overhead, 1024
-/// is DEPS.md's reference size, 2048 is past the last-level cache.
+/// is the size `bench/matmul-vs-numpy` compares with numpy at, 2048 is past
+/// the last-level cache.
 const MATMUL_SIZES: [usize; 3] = [256, 1024, 2048];
 
-/// Elements per elementwise operand: 4 Mi f32 = 16 MiB, well past the L2
-/// and L3 of the machines here, so these measure memory bandwidth, not
-/// cache.
+/// Elements per elementwise operand: 4 Mi f32 = 16 MiB, past the L2 and,
+/// on most CPUs, the L3 share of a few cores, so these measure memory
+/// bandwidth, not cache.
 const ELEMENTWISE_ELEMENTS: usize = 4 << 20;
 
 /// Softmax row length: a 1024-wide last axis (4096 rows), the shape of an

@@ -20,8 +20,9 @@ use anyhow::{Context, Result, bail};
 use tensor_wasm_bench::{Timings, gflops, matmul_flops, random_tensor};
 use tensor_wasm_kernels::{Backend, CpuBackend, DType, Tensor};
 
-/// Default matrix side: 1024³ is the size DEPS.md quotes numpy at, large
-/// enough for BLAS to reach its steady rate, small enough for 0.01 s reps.
+/// Default matrix side: 1024³, the size `bench/matmul-vs-numpy` compares
+/// with numpy at: large enough for BLAS to reach its steady rate, small
+/// enough for 0.01 s reps.
 const DEFAULT_N: usize = 1024;
 /// Timed reps by default: enough for a stable median in about a second.
 const DEFAULT_REPS: usize = 10;
