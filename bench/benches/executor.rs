@@ -3,7 +3,8 @@
 //! - `invoke/warm_instance`: one `handle` call of a trivial function on a
 //!   warm instance — the floor of every invocation.
 //! - `invoke/registry`: the same through `Registry::invoke` (admission, the
-//!   instance pool, the blocking-thread hop), as the HTTP layer calls it.
+//!   instance pool, the one blocking-thread hop that decodes, runs and
+//!   encodes), as the HTTP layer calls it, with an empty raw body.
 //! - `abi/add16`: a guest that calls `binary(add)` on two 16-element f32
 //!   tensors, then `free`, 1000 times per invocation; next to it,
 //!   `abi/direct_add16` does the same 1000 adds and drops straight on the
@@ -18,12 +19,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use tensor_wasm_executor::body::RequestBody;
 use tensor_wasm_executor::config::{EngineLimits, TenantQuotas};
 use tensor_wasm_executor::engine::Runtime;
 use tensor_wasm_executor::instance::{InstanceSetup, Request, WarmInstance};
 use tensor_wasm_executor::logs::FunctionLog;
 use tensor_wasm_executor::metrics::Metrics;
-use tensor_wasm_executor::registry::{BackendFactory, Registration, Registry};
+use tensor_wasm_executor::registry::{BackendFactory, Registry};
+use tensor_wasm_executor::state::Registration;
 use tensor_wasm_executor::tensors::TenantUsage;
 use tensor_wasm_kernels::{Backend, BinaryOp, CpuBackend, DType};
 use tensor_wasm_shared::TenantId;
@@ -137,10 +140,11 @@ fn invoke(c: &mut Criterion) {
     let reg = registry();
     let tenant = TenantId::new("bench").unwrap();
     let id = register(&reg, &tenant, TRIVIAL);
+    let target = reg.resolve(&tenant, &id).unwrap();
     g.bench_function("registry", |b| {
         b.iter(|| {
             tokio
-                .block_on(reg.invoke(&tenant, &id, Request::default()))
+                .block_on(reg.invoke(&target, RequestBody::default(), |r, _| Ok(r)))
                 .unwrap()
         })
     });
@@ -180,7 +184,11 @@ fn snapshot(c: &mut Criterion) {
     let tenant = TenantId::new("bench").unwrap();
     let id = register(&source, &tenant, BIG_STATE);
     tokio
-        .block_on(source.invoke(&tenant, &id, Request::default()))
+        .block_on(source.invoke(
+            &source.resolve(&tenant, &id).unwrap(),
+            RequestBody::default(),
+            |r, _| Ok(r),
+        ))
         .unwrap();
     let bytes = tokio.block_on(source.export_tenant(&tenant)).unwrap();
     let mut g = c.benchmark_group("snapshot");

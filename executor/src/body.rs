@@ -52,6 +52,21 @@ fn check_name(name: &str) -> Result<(), ExecError> {
     Ok(())
 }
 
+/// An invocation's body as it arrived, kept undecoded until its run (and,
+/// for a job, while it waits).
+#[derive(Clone, Debug, Default)]
+pub struct RequestBody {
+    pub content_type: Option<String>,
+    pub body: bytes::Bytes,
+}
+
+impl RequestBody {
+    /// Decodes it onto `backend`, as [`decode_request`].
+    pub fn decode(self, backend: &dyn Backend) -> Result<Request, ExecError> {
+        decode_request(self.content_type.as_deref(), self.body, backend)
+    }
+}
+
 /// Decodes an invocation body by its content type.
 pub fn decode_request(
     content_type: Option<&str>,

@@ -28,11 +28,11 @@ use tensor_wasm_shared::api::{
     JobStatus,
 };
 
-use crate::body::{self, media_type};
+use crate::body::{self, RequestBody, media_type};
 use crate::error::ExecError;
-use crate::jobs::PendingRequest;
 use crate::metrics::Metrics;
-use crate::registry::{Registration, Registry};
+use crate::registry::Registry;
+use crate::state::Registration;
 
 /// Header naming the tenant a request acts for.
 pub const TENANT_HEADER: &str = "x-tensor-wasm-tenant";
@@ -404,27 +404,22 @@ async fn invoke_inner(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
-    // Unknown functions answer 404 before the body is read.
-    app.registry.function(tenant, id)?;
-    let bytes = read_body(headers, body, app.registry.quotas.max_body_bytes).await?;
-    let t = app.registry.tenant(tenant)?;
-    let backend = t.backend.clone();
-    let ct = content_type(headers).map(str::to_string);
-    let b = backend.clone();
-    let request =
-        tokio::task::spawn_blocking(move || body::decode_request(ct.as_deref(), bytes, b.as_ref()))
-            .await
-            .map_err(|e| ExecError::Internal(format!("decode task failed: {e}")))??;
-    let response = app.registry.invoke(tenant, id, request).await?;
+    // Resolved once; unknown functions answer 404 before the body is read.
+    let target = app.registry.resolve(tenant, id)?;
+    let request = RequestBody {
+        content_type: content_type(headers).map(str::to_string),
+        body: read_body(headers, body, app.registry.quotas.max_body_bytes).await?,
+    };
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let encoded = tokio::task::spawn_blocking(move || {
-        body::encode_response(accept.as_deref(), response, backend.as_ref())
-    })
-    .await
-    .map_err(|e| ExecError::Internal(format!("encode task failed: {e}")))??;
+    let encoded = app
+        .registry
+        .invoke(&target, request, move |response, backend| {
+            body::encode_response(accept.as_deref(), response, backend)
+        })
+        .await?;
     Ok(([(header::CONTENT_TYPE, encoded.content_type)], encoded.body).into_response())
 }
 
@@ -435,22 +430,22 @@ async fn invoke_async(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
-    app.registry.function(&tenant, &id)?;
+    let target = app.registry.resolve(&tenant, &id)?;
     let bytes = read_body(&headers, body, app.registry.quotas.max_body_bytes).await?;
     let ct = content_type(&headers).map(str::to_string);
     // A malformed body is refused now, as a synchronous invoke refuses it,
     // not accepted as a job bound to fail.
-    let limits = *app.registry.tenant(&tenant)?.backend.limits();
+    let limits = *target.tenant.backend.limits();
     let (ct, bytes) = tokio::task::spawn_blocking(move || {
         body::check_request(ct.as_deref(), &bytes, &limits).map(|()| (ct, bytes))
     })
     .await
     .map_err(|e| ExecError::Internal(format!("body check failed: {e}")))??;
-    let request = PendingRequest {
+    let request = RequestBody {
         content_type: ct,
         body: bytes,
     };
-    let accepted = app.registry.submit_job(&tenant, &id, request)?;
+    let accepted = app.registry.submit_job(target, request)?;
     Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response())
 }
 
@@ -594,16 +589,8 @@ pub fn executor_info(app: &App) -> ExecutorInfo {
             .map(String::from)
             .collect(),
         stats: ExecutorStats {
-            active_instances: app
-                .registry
-                .counters
-                .active_instances
-                .load(std::sync::atomic::Ordering::Relaxed),
-            jobs_in_flight: app
-                .registry
-                .counters
-                .jobs_in_flight
-                .load(std::sync::atomic::Ordering::Relaxed),
+            active_instances: app.registry.active_instances(),
+            jobs_in_flight: app.registry.jobs_in_flight(),
             kernel_dispatches_total: app.metrics.dispatches_total(),
         },
     }
@@ -612,16 +599,8 @@ pub fn executor_info(app: &App) -> ExecutorInfo {
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let r = &app.registry;
     let m = &app.metrics;
-    m.active_instances.set(
-        r.counters
-            .active_instances
-            .load(std::sync::atomic::Ordering::Relaxed) as i64,
-    );
-    m.jobs_in_flight.set(
-        r.counters
-            .jobs_in_flight
-            .load(std::sync::atomic::Ordering::Relaxed) as i64,
-    );
+    m.active_instances.set(r.active_instances() as i64);
+    m.jobs_in_flight.set(r.jobs_in_flight() as i64);
     m.device_memory
         .with_label_values(&[&app.id])
         .set(r.device_bytes() as i64);

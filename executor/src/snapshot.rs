@@ -28,11 +28,11 @@ use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::{FunctionInfo, JobInfo};
 use tensor_wasm_shared::snapshot::{self, FunctionSnapshot, JobSnapshot, TenantSnapshot};
 
+use crate::body::RequestBody;
 use crate::error::ExecError;
 use crate::instance::WarmInstance;
-use crate::jobs::{JobRecord, PendingRequest};
-use crate::registry::{Registration, Registry};
-use crate::sync::lock;
+use crate::registry::Registry;
+use crate::state::Registration;
 
 /// Longest wait for a tenant's in-flight work before an export gives up:
 /// 30 s (a deadline-bound invocation ends well within it by default).
@@ -59,9 +59,7 @@ impl Registry {
     /// Freezes `tenant`, waits for its work to finish, and returns its
     /// snapshot. The tenant stays frozen.
     pub async fn export_tenant(&self, tenant: &TenantId) -> Result<Vec<u8>, ExecError> {
-        let t = self
-            .existing_tenant(tenant)
-            .ok_or_else(|| ExecError::TenantNotHere(tenant.to_string()))?;
+        let t = self.tenant_here(tenant)?;
         t.freeze();
         if !t.wait_drained(DRAIN_TIMEOUT).await {
             t.thaw();
@@ -75,13 +73,15 @@ impl Registry {
         let result = tokio::task::spawn_blocking(move || {
             let mut functions = Vec::new();
             for f in t2.function_list() {
-                let mut idle = lock(&f.pool.idle);
-                let mut instances = Vec::with_capacity(idle.len());
-                for p in idle.iter_mut() {
-                    instances.push(p.inst.capture(&f.mutable_globals).map_err(|e| {
-                        ExecError::Internal(format!("cannot capture {}: {e}", f.info.id))
-                    })?);
-                }
+                let instances = f.pool.with_idle(|idle| {
+                    idle.iter_mut()
+                        .map(|p| {
+                            p.inst.capture(&f.mutable_globals).map_err(|e| {
+                                ExecError::Internal(format!("cannot capture {}: {e}", f.info.id))
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })?;
                 functions.push(FunctionSnapshot {
                     info_json: serde_json::to_string(&f.info)
                         .map_err(|e| ExecError::Internal(e.to_string()))?,
@@ -90,8 +90,9 @@ impl Registry {
                     instances,
                 });
             }
-            let jobs = lock(&t2.jobs)
-                .values()
+            let jobs = t2
+                .jobs()
+                .records()
                 .map(|j| {
                     Ok(JobSnapshot {
                         info_json: serde_json::to_string(&j.info)
@@ -119,9 +120,7 @@ impl Registry {
     /// Ids of `tenant`'s functions, whose modules [`module`](Self::module)
     /// gives: what a migration destination compiles before the move.
     pub fn module_ids(&self, tenant: &TenantId) -> Result<Vec<String>, ExecError> {
-        let t = self
-            .existing_tenant(tenant)
-            .ok_or_else(|| ExecError::TenantNotHere(tenant.to_string()))?;
+        let t = self.tenant_here(tenant)?;
         Ok(t.function_list()
             .iter()
             .map(|f| f.info.id.clone())
@@ -130,9 +129,7 @@ impl Registry {
 
     /// The module (as registered) of `tenant`'s function `id`.
     pub fn module(&self, tenant: &TenantId, id: &str) -> Result<Arc<[u8]>, ExecError> {
-        let t = self
-            .existing_tenant(tenant)
-            .ok_or_else(|| ExecError::TenantNotHere(tenant.to_string()))?;
+        let t = self.tenant_here(tenant)?;
         t.function_list()
             .into_iter()
             .find(|f| f.info.id == id)
@@ -159,9 +156,7 @@ impl Registry {
 
     /// Lets a frozen tenant take work again (its export was not imported).
     pub fn thaw_tenant(&self, tenant: &TenantId) -> Result<(), ExecError> {
-        let t = self
-            .existing_tenant(tenant)
-            .ok_or_else(|| ExecError::TenantNotHere(tenant.to_string()))?;
+        let t = self.tenant_here(tenant)?;
         t.thaw();
         Ok(())
     }
@@ -183,25 +178,20 @@ impl Registry {
         let key = self.snapshot_key().map(<[u8]>::to_vec);
         let registry = self.clone();
         let id = tenant.clone();
-        let restored = tokio::task::spawn_blocking(
-            move || -> Result<Vec<(String, PendingRequest)>, ExecError> {
-                let snap = snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES)
-                    .map_err(snap_err)?;
-                let plan = registry.check_snapshot(&id, &snap)?;
-                registry.apply_snapshot(&id, snap, plan).inspect_err(|_| {
-                    let _ = registry.drop_tenant(&id);
-                })
-            },
-        )
+        let restored = tokio::task::spawn_blocking(move || -> Result<Vec<String>, ExecError> {
+            let snap =
+                snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES).map_err(snap_err)?;
+            let plan = registry.check_snapshot(&id, &snap)?;
+            registry.apply_snapshot(&id, snap, plan).inspect_err(|_| {
+                let _ = registry.drop_tenant(&id);
+            })
+        })
         .await
         .map_err(|e| ExecError::Internal(format!("import task failed: {e}")))??;
         let t = self
             .existing_tenant(tenant)
             .ok_or_else(|| ExecError::Internal("imported tenant vanished".into()))?;
-        for (job_id, _) in restored {
-            self.counters
-                .jobs_in_flight
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for job_id in restored {
             self.spawn_job(t.clone(), job_id);
         }
         Ok(())
@@ -342,13 +332,13 @@ impl Registry {
     }
 
     /// Registers, resumes and restores what `check_snapshot` accepted.
-    /// Returns the pending jobs to start.
+    /// Returns the ids of the pending jobs to start.
     fn apply_snapshot(
         &self,
         tenant: &TenantId,
         snap: TenantSnapshot,
         plan: ImportPlan,
-    ) -> Result<Vec<(String, PendingRequest)>, ExecError> {
+    ) -> Result<Vec<String>, ExecError> {
         for (f, info) in snap.functions.into_iter().zip(plan.infos) {
             let reg = Registration {
                 name: info.name.clone(),
@@ -360,42 +350,24 @@ impl Registry {
             let id = info.id.clone();
             self.register_inner(tenant, reg, Some(info), true)?;
             let func = self.function(tenant, &id)?;
-            let t = self.tenant(tenant)?;
             for inst in &f.instances {
-                let warm = WarmInstance::restore(&func.pre, &func.setup, inst, func.deadline)
+                let warm = WarmInstance::restore(&func.pre, &func.setup, inst, func.deadline())
                     .map_err(|e| invalid(format!("function {id}: {e}")))?;
-                let pooled = self.pooled(&t, warm);
-                lock(&func.pool.idle).push(pooled);
+                func.pool.adopt(warm);
             }
         }
-        let t = self.tenant(tenant)?;
+        let t = self.tenant_here(tenant)?;
+        let mut jobs = t.jobs();
         let mut pending = Vec::new();
-        let mut jobs = lock(&t.jobs);
         for (j, info) in snap.jobs.into_iter().zip(plan.jobs) {
-            let request = if info.status.is_finished() {
-                None
-            } else {
-                let r = PendingRequest {
-                    content_type: j.content_type,
-                    body: bytes::Bytes::from(j.body.unwrap_or_default()),
-                };
-                pending.push((info.id.clone(), r.clone()));
-                Some(r)
+            let id = info.id.clone();
+            let request = RequestBody {
+                content_type: j.content_type,
+                body: bytes::Bytes::from(j.body.unwrap_or_default()),
             };
-            let mut info = info;
-            if !info.status.is_finished() {
-                // A job caught running cannot exist (exports drain first);
-                // anything unfinished runs again here.
-                info.status = tensor_wasm_shared::api::JobStatus::Pending;
+            if jobs.restore(info, Some(request)) {
+                pending.push(id);
             }
-            jobs.insert(
-                info.id.clone(),
-                JobRecord {
-                    finished: info.status.is_finished().then(std::time::Instant::now),
-                    info,
-                    request,
-                },
-            );
         }
         Ok(pending)
     }

@@ -330,9 +330,24 @@ fn keyed_executors_only_take_signed_snapshots() {
 }
 
 #[test]
-fn exports_of_unknown_tenants_are_404() {
+fn exports_of_unknown_tenants_are_404_tenant_not_here_not_an_unknown_route() {
     let a = TestExecutor::start();
-    let r = a.internal("POST", "/internal/tenants/nobody/export", b"");
+    // Every internal route that names a tenant says the tenant is not here…
+    for (method, path) in [
+        ("POST", "/internal/tenants/nobody/export"),
+        ("POST", "/internal/tenants/nobody/thaw"),
+        ("GET", "/internal/tenants/nobody/modules"),
+        ("DELETE", "/internal/tenants/nobody"),
+    ] {
+        let r = a.internal(method, path, b"");
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (404, "tenant_not_here"),
+            "{method} {path}"
+        );
+    }
+    // …which a route the executor does not have never says.
+    let r = a.internal("POST", "/internal/tenants/nobody/exportx", b"");
     assert_eq!((r.status, r.code().as_str()), (404, "not_found"));
     let r = a.internal("POST", "/internal/tenants/Bad!/export", b"");
     assert_eq!(r.status, 400);

@@ -1,0 +1,100 @@
+//! A registered function: its code, its resolved config and its pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tensor_wasm_shared::api::{FunctionConfig, FunctionInfo};
+use wasmtime::InstancePre;
+
+use crate::assets::Assets;
+use crate::config::EngineLimits;
+use crate::host::HostState;
+use crate::instance::InstanceSetup;
+use crate::logs::FunctionLog;
+use crate::state::Pool;
+
+/// What registration is asked to do.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub name: String,
+    pub wasm: Vec<u8>,
+    pub assets: Option<Vec<u8>>,
+    pub config: FunctionConfig,
+    pub replace: bool,
+}
+
+/// A function's config with the operator's defaults and caps applied: what
+/// the function runs under, with nothing left to default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolvedConfig {
+    /// Deadline of one invocation.
+    pub deadline: Duration,
+    /// Linear memory cap of one instance, in bytes.
+    pub memory_limit_bytes: u64,
+    /// Most warm instances (the pool's slots).
+    pub max_instances: u32,
+}
+
+impl ResolvedConfig {
+    /// `c` with `limits`' defaults for what it leaves out, each value
+    /// clamped to the operator's caps.
+    pub fn resolve(c: &FunctionConfig, limits: &EngineLimits) -> ResolvedConfig {
+        let max_deadline_ms = limits.max_deadline.as_millis().min(u64::MAX as u128) as u64;
+        let deadline_ms = c
+            .deadline_ms
+            .unwrap_or(limits.default_deadline.as_millis() as u64)
+            .clamp(1, max_deadline_ms.max(1));
+        ResolvedConfig {
+            deadline: Duration::from_millis(deadline_ms),
+            memory_limit_bytes: c
+                .memory_limit_bytes
+                .unwrap_or(limits.default_memory_limit)
+                .min(limits.max_memory_limit),
+            max_instances: c
+                .max_instances
+                .unwrap_or(limits.default_max_instances)
+                .clamp(1, limits.max_instances_per_function.max(1)),
+        }
+    }
+
+    /// The public form, every field filled in.
+    pub fn to_config(self) -> FunctionConfig {
+        FunctionConfig {
+            deadline_ms: Some(self.deadline.as_millis() as u64),
+            memory_limit_bytes: Some(self.memory_limit_bytes),
+            max_instances: Some(self.max_instances),
+        }
+    }
+}
+
+/// A registered function.
+pub struct Function {
+    pub info: FunctionInfo,
+    pub config: ResolvedConfig,
+    pub(crate) wasm: Arc<[u8]>,
+    pub(crate) assets_file: Option<Arc<[u8]>>,
+    pub(crate) pre: InstancePre<HostState>,
+    pub(crate) setup: InstanceSetup,
+    /// Indices of the module's mutable globals, exported by the rewrite.
+    pub(crate) mutable_globals: Vec<u32>,
+    /// Held for the device memory it gives back when the function goes.
+    #[allow(dead_code)]
+    pub(crate) assets: Assets,
+    pub(crate) pool: Pool,
+    pub log: FunctionLog,
+}
+
+impl Function {
+    /// Deadline of one invocation.
+    pub fn deadline(&self) -> Duration {
+        self.config.deadline
+    }
+}
+
+impl std::fmt::Debug for Function {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Function")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}

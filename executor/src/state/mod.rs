@@ -1,0 +1,57 @@
+//! The executor's mutable state, one owner per part.
+//!
+//! ```text
+//! Registry (registry.rs)                  tenants: TenantId → Arc<Tenant>
+//! │   store: FunctionStore (store.rs)     the state directory's functions/
+//! │   job_slots                           executor-wide job concurrency
+//! └── Tenant (tenant.rs)
+//!     ├── gate: Admission                 frozen?, work admitted and not done
+//!     ├── instances: InstanceCount        live warm instances of the tenant
+//!     ├── jobs: JobTable (jobs.rs)        records + the tenant's jobs in flight
+//!     └── functions: id → Arc<Function> (function.rs)
+//!         ├── config: ResolvedConfig      limits applied, no `Option`s
+//!         └── pool: Pool (pool.rs)        instance slots, idle instances, waiters
+//! ```
+//!
+//! Each part changes only through its owner's methods, and the counters that
+//! must agree live with the state they count:
+//!
+//! - **Admission** ([`Tenant::admit`]): `inflight` is the number of live
+//!   [`Inflight`] guards. Freezing takes the same lock, so once
+//!   [`Tenant::freeze`] returns no new work starts, and
+//!   [`Tenant::wait_drained`] sees every unit that did.
+//! - **Instances** ([`InstanceCount`]): a tenant's count is the number of
+//!   live [`InstanceClaim`]s; every warm instance holds one, so the count is
+//!   the number of the tenant's instances, idle or running, and it cannot
+//!   drift. The executor-wide figure is the sum over tenants, computed when
+//!   read, never stored.
+//! - **Pool slots** ([`Pool`]): an instance leaves the idle list only to a
+//!   holder of one of the pool's `max_instances` slots, and a new instance
+//!   is made only when the idle list is empty, so a function has at most
+//!   `max_instances` instances. (Not structural: an import puts back every
+//!   instance its snapshot holds, which may be more if the destination's
+//!   limits are lower; the surplus is never outnumbered by slots and is
+//!   dropped as it dies.)
+//! - **Jobs** ([`JobTable`]): `in_flight` counts the table's unfinished
+//!   (pending or running) jobs. Only the table's methods change a record's
+//!   status, and each moves the count with it; a job finishes exactly once.
+//!   The executor-wide figure is again a sum over tenants, so dropping a
+//!   tenant takes its jobs out of it with nothing to subtract.
+//!
+//! What comes next fits here: change tracking of memory pages and tensors
+//! belongs to the pool's instances, checkpoints read a tenant through its
+//! [`Tenant::freeze`] gate and write through the [`FunctionStore`]'s
+//! write-then-rename, and streaming invocations hold a slot and an
+//! [`Inflight`] guard like any other call.
+
+mod function;
+mod jobs;
+mod pool;
+mod store;
+mod tenant;
+
+pub use function::{Function, Registration, ResolvedConfig};
+pub use jobs::{JobCaps, JobRecord, JobTable};
+pub use pool::{InstanceClaim, InstanceCount, Pool, PooledInstance, Slot, Wait};
+pub use store::{FunctionStore, PersistedFunction};
+pub use tenant::{Inflight, Tenant};

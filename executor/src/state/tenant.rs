@@ -1,0 +1,199 @@
+//! One tenant on this executor: its admission gate, its functions, its
+//! instance count and its jobs.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use tensor_wasm_kernels::Backend;
+use tensor_wasm_shared::TenantId;
+
+use crate::error::ExecError;
+use crate::state::{Function, InstanceCount, JobCaps, JobTable};
+use crate::sync::{lock, read_lock, write_lock};
+use crate::tensors::TenantUsage;
+
+/// Whether a tenant takes work, and how much it has in flight.
+#[derive(Debug, Default)]
+struct Admission {
+    frozen: bool,
+    /// Live [`Inflight`] guards.
+    inflight: usize,
+}
+
+/// One tenant on this executor.
+pub struct Tenant {
+    pub id: TenantId,
+    pub usage: Arc<TenantUsage>,
+    pub backend: Arc<dyn Backend>,
+    functions: RwLock<BTreeMap<String, Arc<Function>>>,
+    instances: Arc<InstanceCount>,
+    admission: Mutex<Admission>,
+    drained: tokio::sync::Notify,
+    /// Set once the tenant is dropped from this executor (migrated away or
+    /// purged): its pending jobs stop waiting.
+    removed: AtomicBool,
+    jobs: Mutex<JobTable>,
+}
+
+/// One admitted unit of work (an invocation or a running job); the tenant
+/// counts it until it is dropped.
+pub struct Inflight {
+    tenant: Arc<Tenant>,
+}
+
+impl std::fmt::Debug for Inflight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflight")
+            .field("tenant", &self.tenant.id)
+            .finish()
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        let mut a = lock(&self.tenant.admission);
+        a.inflight -= 1;
+        if a.inflight == 0 {
+            self.tenant.drained.notify_waiters();
+        }
+    }
+}
+
+impl Tenant {
+    /// A tenant with no functions, whose tensors live on `backend` within
+    /// `usage`'s quota, and whose finished jobs are kept within `job_caps`.
+    pub fn new(
+        id: TenantId,
+        backend: Arc<dyn Backend>,
+        usage: TenantUsage,
+        job_caps: JobCaps,
+    ) -> Tenant {
+        Tenant {
+            id,
+            usage: Arc::new(usage),
+            backend,
+            functions: RwLock::new(BTreeMap::new()),
+            instances: Arc::new(InstanceCount::default()),
+            admission: Mutex::new(Admission::default()),
+            drained: tokio::sync::Notify::new(),
+            removed: AtomicBool::new(false),
+            jobs: Mutex::new(JobTable::new(job_caps)),
+        }
+    }
+
+    /// Admits one unit of work, unless the tenant is frozen.
+    ///
+    /// Freezing takes the same lock, so once [`Tenant::freeze`] returns no
+    /// new work starts, and [`Tenant::wait_drained`] sees every unit that
+    /// did.
+    pub fn admit(self: &Arc<Self>) -> Result<Inflight, ExecError> {
+        let mut a = lock(&self.admission);
+        if a.frozen {
+            return Err(ExecError::TenantFrozen(self.id.to_string()));
+        }
+        a.inflight += 1;
+        Ok(Inflight {
+            tenant: self.clone(),
+        })
+    }
+
+    /// Stops admitting work.
+    pub fn freeze(&self) {
+        lock(&self.admission).frozen = true;
+    }
+
+    /// Admits work again.
+    pub fn thaw(&self) {
+        lock(&self.admission).frozen = false;
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        lock(&self.admission).frozen
+    }
+
+    /// Waits until no admitted work is left, up to `timeout`; true if none
+    /// is.
+    pub async fn wait_drained(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.drained.notified();
+            if lock(&self.admission).inflight == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return lock(&self.admission).inflight == 0;
+            }
+        }
+    }
+
+    /// Marks the tenant gone from this executor and forgets its functions
+    /// and jobs; a job still running finds its record gone.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+        self.jobs().clear();
+        write_lock(&self.functions).clear();
+    }
+
+    /// True once the tenant has left this executor.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// The function registered as `id` now.
+    pub fn function(&self, id: &str) -> Option<Arc<Function>> {
+        read_lock(&self.functions).get(id).cloned()
+    }
+
+    /// The function registered under `name`, if any.
+    pub fn function_named(&self, name: &str) -> Option<Arc<Function>> {
+        read_lock(&self.functions)
+            .values()
+            .find(|f| f.info.name == name)
+            .cloned()
+    }
+
+    /// The tenant's functions, by id.
+    pub fn function_list(&self) -> Vec<Arc<Function>> {
+        read_lock(&self.functions).values().cloned().collect()
+    }
+
+    /// How many functions the tenant has.
+    pub fn function_count(&self) -> usize {
+        read_lock(&self.functions).len()
+    }
+
+    /// Adds `f`, or replaces the function of its id.
+    pub(crate) fn insert_function(&self, f: Arc<Function>) {
+        write_lock(&self.functions).insert(f.info.id.clone(), f);
+    }
+
+    /// Removes the function `id`; false if there was none.
+    pub(crate) fn remove_function(&self, id: &str) -> bool {
+        write_lock(&self.functions).remove(id).is_some()
+    }
+
+    /// The count the tenant's pools claim instances from.
+    pub(crate) fn instances(&self) -> &Arc<InstanceCount> {
+        &self.instances
+    }
+
+    /// Warm instances of the tenant, idle or running.
+    pub fn instance_count(&self) -> usize {
+        self.instances.get()
+    }
+
+    /// The tenant's job table, locked.
+    pub fn jobs(&self) -> MutexGuard<'_, JobTable> {
+        lock(&self.jobs)
+    }
+}
+
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenant")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
