@@ -1,7 +1,13 @@
 //! The executor's errors and, in one place, their public `code`.
+//!
+//! Each variant says who failed; where a lower layer's error is the cause
+//! it travels as the `#[source]`, and [`ExecError::code`] is the one place
+//! that decides which public code (and so which HTTP status) it answers.
 
+use tensor_wasm_kernels::KernelError;
 use tensor_wasm_shared::api::TensorCodecError;
-use tensor_wasm_shared::{ApiError, ErrorCode};
+use tensor_wasm_shared::snapshot::SnapshotError;
+use tensor_wasm_shared::{AbiError, ApiError, ErrorCode};
 
 use crate::assets::AssetError;
 use crate::engine::CompileError;
@@ -47,6 +53,25 @@ pub enum ExecError {
     Capacity(String),
     #[error(transparent)]
     Invoke(#[from] InvokeError),
+    /// A kernel refused or failed an op outside a guest call (decoding
+    /// inputs, encoding outputs, restoring tensors).
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Asset(#[from] AssetError),
+    #[error(transparent)]
+    Codec(#[from] TensorCodecError),
+    #[error("snapshot refused: {0}")]
+    Snapshot(#[source] SnapshotError),
+    #[error("cannot persist the function: {0}")]
+    Persist(#[source] std::io::Error),
+    /// A blocking task panicked or was cancelled.
+    #[error("{task} task failed: {source}")]
+    Task {
+        task: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -90,7 +115,18 @@ impl ExecError {
                 InvokeError::Function { .. } => ErrorCode::FunctionError,
                 InvokeError::Device(_) => ErrorCode::Internal,
             },
-            ExecError::Internal(_) => ErrorCode::Internal,
+            ExecError::Kernel(e) => match e.abi() {
+                AbiError::QuotaExceeded => ErrorCode::QuotaExceeded,
+                AbiError::DeviceError => ErrorCode::Internal,
+                _ => ErrorCode::InvalidInput,
+            },
+            ExecError::Asset(AssetError::Quota(_)) => ErrorCode::QuotaExceeded,
+            ExecError::Asset(_) | ExecError::Codec(_) | ExecError::Snapshot(_) => {
+                ErrorCode::InvalidInput
+            }
+            ExecError::Persist(_) | ExecError::Task { .. } | ExecError::Internal(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 
@@ -98,30 +134,9 @@ impl ExecError {
     pub fn to_api(&self) -> ApiError {
         ApiError::new(self.code(), self.to_string())
     }
-}
 
-impl From<AssetError> for ExecError {
-    fn from(e: AssetError) -> Self {
-        match e {
-            AssetError::Quota(m) => ExecError::Quota(m),
-            other => ExecError::InvalidInput(other.to_string()),
-        }
-    }
-}
-
-impl From<TensorCodecError> for ExecError {
-    fn from(e: TensorCodecError) -> Self {
-        ExecError::InvalidInput(e.to_string())
-    }
-}
-
-impl From<tensor_wasm_kernels::KernelError> for ExecError {
-    fn from(e: tensor_wasm_kernels::KernelError) -> Self {
-        use tensor_wasm_shared::AbiError;
-        match e.abi() {
-            AbiError::QuotaExceeded => ExecError::Quota(e.to_string()),
-            AbiError::DeviceError => ExecError::Internal(e.to_string()),
-            _ => ExecError::InvalidInput(e.to_string()),
-        }
+    /// The failure of a blocking task, `task` naming what it did.
+    pub fn task(task: &'static str) -> impl FnOnce(tokio::task::JoinError) -> ExecError {
+        move |source| ExecError::Task { task, source }
     }
 }

@@ -277,7 +277,7 @@ async fn register(
     let registry = app.registry.clone();
     let info = tokio::task::spawn_blocking(move || registry.register(&tenant, reg))
         .await
-        .map_err(|e| ExecError::Internal(format!("registration task failed: {e}")))??;
+        .map_err(ExecError::task("registration"))??;
     tracing::info!(function = %info.id, name = %info.name, "function registered");
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
@@ -440,7 +440,7 @@ async fn invoke_async(
         body::check_request(ct.as_deref(), &bytes, &limits).map(|()| (ct, bytes))
     })
     .await
-    .map_err(|e| ExecError::Internal(format!("body check failed: {e}")))??;
+    .map_err(ExecError::task("body check"))??;
     let request = RequestBody {
         content_type: ct,
         body: bytes,

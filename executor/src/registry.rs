@@ -361,7 +361,7 @@ impl Registry {
                     &function.wasm,
                     function.assets_file.as_deref(),
                 )
-                .map_err(|e| ExecError::Internal(format!("cannot persist the function: {e}")))?;
+                .map_err(ExecError::Persist)?;
         }
         tenant.insert_function(function);
         Ok(info)
@@ -463,7 +463,7 @@ impl Registry {
             encode(response, backend.as_ref())
         })
         .await
-        .map_err(|e| ExecError::Internal(format!("invocation task failed: {e}")));
+        .map_err(ExecError::task("invocation"));
         drop(admitted);
         result?
     }

@@ -41,10 +41,6 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest snapshot accepted, in bytes: 8 GiB.
 pub const MAX_SNAPSHOT_BYTES: u64 = 8 << 30;
 
-fn snap_err(e: snapshot::SnapshotError) -> ExecError {
-    ExecError::InvalidInput(format!("snapshot refused: {e}"))
-}
-
 fn invalid(msg: impl Into<String>) -> ExecError {
     ExecError::InvalidInput(format!("snapshot refused: {}", msg.into()))
 }
@@ -110,7 +106,7 @@ impl Registry {
             snapshot::encode(&snap, key.as_deref()).map_err(|e| ExecError::Internal(e.to_string()))
         })
         .await
-        .map_err(|e| ExecError::Internal(format!("export task failed: {e}")))?;
+        .map_err(ExecError::task("export"))?;
         if result.is_err() {
             t.thaw();
         }
@@ -151,7 +147,7 @@ impl Registry {
                 .map_err(ExecError::from)
         })
         .await
-        .map_err(|e| ExecError::Internal(format!("compile task failed: {e}")))?
+        .map_err(ExecError::task("compile"))?
     }
 
     /// Lets a frozen tenant take work again (its export was not imported).
@@ -179,15 +175,15 @@ impl Registry {
         let registry = self.clone();
         let id = tenant.clone();
         let restored = tokio::task::spawn_blocking(move || -> Result<Vec<String>, ExecError> {
-            let snap =
-                snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES).map_err(snap_err)?;
+            let snap = snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES)
+                .map_err(ExecError::Snapshot)?;
             let plan = registry.check_snapshot(&id, &snap)?;
             registry.apply_snapshot(&id, snap, plan).inspect_err(|_| {
                 let _ = registry.drop_tenant(&id);
             })
         })
         .await
-        .map_err(|e| ExecError::Internal(format!("import task failed: {e}")))??;
+        .map_err(ExecError::task("import"))??;
         let t = self
             .existing_tenant(tenant)
             .ok_or_else(|| ExecError::Internal("imported tenant vanished".into()))?;
