@@ -29,8 +29,8 @@ use tensor_wasm_executor::registry::{BackendFactory, Registry};
 use tensor_wasm_executor::state::Registration;
 use tensor_wasm_executor::tensors::TenantUsage;
 use tensor_wasm_kernels::{Backend, BinaryOp, CpuBackend, DType};
-use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::FunctionConfig;
+use tensor_wasm_shared::{FunctionId, TenantId};
 
 /// Guest ops per invocation in the ABI bench: enough that the invocation's
 /// own cost is under 1 % of the total.
@@ -107,7 +107,7 @@ fn registry() -> Arc<Registry> {
     ))
 }
 
-fn register(reg: &Registry, tenant: &TenantId, wat: &str) -> String {
+fn register(reg: &Registry, tenant: &TenantId, wat: &str) -> FunctionId {
     reg.register(
         tenant,
         Registration {

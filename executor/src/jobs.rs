@@ -18,21 +18,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::{JobAccepted, JobInfo, JobStatus};
+use tensor_wasm_shared::{JobId, TenantId};
 
 use crate::body::{self, RequestBody};
 use crate::error::ExecError;
 use crate::registry::{Registry, Target};
 use crate::state::{Tenant, Wait};
-use crate::sync::random_id;
+use crate::sync::random_bits;
 
 /// How often a pending job of a frozen tenant looks again: 20 ms, small
 /// next to a migration's pause.
 const FROZEN_POLL: Duration = Duration::from_millis(20);
 
-fn new_job_id() -> String {
-    random_id("job")
+fn new_job_id() -> JobId {
+    JobId::generated(random_bits())
 }
 
 impl Registry {
@@ -67,7 +67,7 @@ impl Registry {
     /// job that waits behind its own function's busy instances never holds
     /// a job slot that other tenants' jobs could use, and a migration waits
     /// only for jobs that really run.
-    pub(crate) fn spawn_job(self: &Arc<Self>, t: Arc<Tenant>, job_id: String) {
+    pub(crate) fn spawn_job(self: &Arc<Self>, t: Arc<Tenant>, job_id: JobId) {
         let registry = self.clone();
         tokio::spawn(async move {
             let (f, slot, job_slot, admitted) = loop {
@@ -78,7 +78,7 @@ impl Registry {
                     return; // cancelled, or failed by the function's delete
                 };
                 let Some(f) = t.function(&function_id) else {
-                    let gone = ExecError::FunctionNotFound(function_id).to_api();
+                    let gone = ExecError::FunctionNotFound(function_id.to_string()).to_api();
                     t.jobs().finish(&job_id, Err(gone));
                     return;
                 };

@@ -22,8 +22,8 @@ use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 use tensor_wasm_kernels::Backend;
-use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::FunctionInfo;
+use tensor_wasm_shared::{FunctionId, TenantId};
 use tokio::sync::Semaphore;
 
 use crate::assets::Assets;
@@ -38,7 +38,7 @@ use crate::state::{
     Function, FunctionStore, Inflight, JobCaps, Pool, Registration, ResolvedConfig, Slot, Tenant,
     Wait,
 };
-use crate::sync::{now_rfc3339, random_id, read_lock, write_lock};
+use crate::sync::{now_rfc3339, random_bits, read_lock, write_lock};
 use crate::tensors::TenantUsage;
 use crate::wasm;
 
@@ -78,8 +78,8 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-fn new_function_id() -> String {
-    random_id("fn")
+fn new_function_id() -> FunctionId {
+    FunctionId::generated(random_bits())
 }
 
 impl Registry {
@@ -492,7 +492,7 @@ impl Registry {
             match self.register_inner(&tenant, reg, Some(p.info), false) {
                 Ok(_) => loaded += 1,
                 Err(e) => {
-                    tracing::error!(%tenant, function = id, error = %e, "cannot restore function")
+                    tracing::error!(%tenant, function = %id, error = %e, "cannot restore function")
                 }
             }
         }

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tensor_wasm_kernels::DType;
-use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::{FunctionInfo, JobInfo};
 use tensor_wasm_shared::snapshot::{self, FunctionSnapshot, JobSnapshot, TenantSnapshot};
+use tensor_wasm_shared::{FunctionId, JobId, TenantId};
 
 use crate::body::RequestBody;
 use crate::error::ExecError;
@@ -115,7 +115,7 @@ impl Registry {
 
     /// Ids of `tenant`'s functions, whose modules [`module`](Self::module)
     /// gives: what a migration destination compiles before the move.
-    pub fn module_ids(&self, tenant: &TenantId) -> Result<Vec<String>, ExecError> {
+    pub fn module_ids(&self, tenant: &TenantId) -> Result<Vec<FunctionId>, ExecError> {
         let t = self.tenant_here(tenant)?;
         Ok(t.function_list()
             .iter()
@@ -128,7 +128,7 @@ impl Registry {
         let t = self.tenant_here(tenant)?;
         t.function_list()
             .into_iter()
-            .find(|f| f.info.id == id)
+            .find(|f| f.info.id.as_str() == id)
             .map(|f| f.wasm.clone())
             .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))
     }
@@ -174,7 +174,7 @@ impl Registry {
         let key = self.snapshot_key().map(<[u8]>::to_vec);
         let registry = self.clone();
         let id = tenant.clone();
-        let restored = tokio::task::spawn_blocking(move || -> Result<Vec<String>, ExecError> {
+        let restored = tokio::task::spawn_blocking(move || -> Result<Vec<JobId>, ExecError> {
             let snap = snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES)
                 .map_err(ExecError::Snapshot)?;
             let plan = registry.check_snapshot(&id, &snap)?;
@@ -334,7 +334,7 @@ impl Registry {
         tenant: &TenantId,
         snap: TenantSnapshot,
         plan: ImportPlan,
-    ) -> Result<Vec<String>, ExecError> {
+    ) -> Result<Vec<JobId>, ExecError> {
         for (f, info) in snap.functions.into_iter().zip(plan.infos) {
             let reg = Registration {
                 name: info.name.clone(),

@@ -21,9 +21,7 @@ pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-/// `<prefix>-<16 random hex digits>`.
-pub(crate) fn random_id(prefix: &str) -> String {
-    let mut b = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
-    format!("{prefix}-{}", hex::encode(b))
+/// 64 random bits, for new function and job ids.
+pub(crate) fn random_bits() -> u64 {
+    rand::RngCore::next_u64(&mut rand::thread_rng())
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::DType;
+use crate::ids::{FunctionId, JobId};
 
 /// A tensor in a JSON body: `{"dtype": "f32", "shape": [2, 3], "data": [...]}`,
 /// row-major, half floats as numbers, non-finite floats as the strings
@@ -404,7 +405,7 @@ pub struct FunctionConfig {
 /// return it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionInfo {
-    pub id: String,
+    pub id: FunctionId,
     pub name: String,
     /// SHA-256 of the original wasm bytes, hex.
     pub sha256: String,
@@ -683,8 +684,8 @@ impl JobStatus {
 /// An async job, as `GET /jobs/{id}` returns it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
-    pub id: String,
-    pub function_id: String,
+    pub id: JobId,
+    pub function_id: FunctionId,
     pub status: JobStatus,
     /// RFC 3339, UTC.
     pub created_at: String,
@@ -698,7 +699,7 @@ pub struct JobInfo {
 /// `POST /functions/{id}/invoke-async`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobAccepted {
-    pub job_id: String,
+    pub job_id: JobId,
 }
 
 /// `GET /jobs`.

@@ -6,6 +6,9 @@
 //! - [`FunctionId`], [`JobId`]: `[a-z0-9][a-z0-9_-]{0,62}`; executors make
 //!   them as `fn-<16 hex>` and `job-<16 hex>`.
 //!
+//! Executors make new function and job ids with [`FunctionId::generated`]
+//! and [`JobId::generated`] from 64 random bits.
+//!
 //! All three travel as plain JSON strings, so the wire format is that of
 //! the bare strings they replace.
 
@@ -101,6 +104,15 @@ macro_rules! id_type {
             }
         }
 
+        /// Reads as the string it is, so that `&id` goes where a `&str`
+        /// is asked for (map look-ups, paths, messages).
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl std::borrow::Borrow<str> for $name {
             fn borrow(&self) -> &str {
                 &self.0
@@ -131,6 +143,20 @@ id_type!(
     item_id_ok
 );
 
+impl FunctionId {
+    /// `fn-<bits as 16 hex digits>`: valid by construction.
+    pub fn generated(bits: u64) -> FunctionId {
+        FunctionId(format!("fn-{bits:016x}"))
+    }
+}
+
+impl JobId {
+    /// `job-<bits as 16 hex digits>`: valid by construction.
+    pub fn generated(bits: u64) -> JobId {
+        JobId(format!("job-{bits:016x}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +176,13 @@ mod tests {
             assert!(FunctionId::new(bad).is_err(), "{bad}");
             assert!(JobId::new(bad).is_err(), "{bad}");
         }
+        for bits in [0, 1, u64::MAX] {
+            let f = FunctionId::generated(bits);
+            assert_eq!(FunctionId::new(f.as_str()), Ok(f));
+            let j = JobId::generated(bits);
+            assert_eq!(JobId::new(j.as_str()), Ok(j));
+        }
+        assert_eq!(JobId::generated(255).as_str(), "job-00000000000000ff");
         let e = JobId::new("a/b").unwrap_err();
         assert_eq!(e.kind, "job");
         assert!(e.to_string().contains("\"a/b\""), "{e}");

@@ -257,7 +257,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// A function record as `key value` lines.
 pub fn describe(info: &FunctionInfo) -> String {
     let mut rows = vec![
-        vec!["id".to_string(), info.id.clone()],
+        vec!["id".to_string(), info.id.to_string()],
         vec!["name".into(), info.name.clone()],
         vec!["sha256".into(), info.sha256.clone()],
         vec!["exports".into(), info.exports.join(", ")],

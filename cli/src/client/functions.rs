@@ -92,7 +92,7 @@ fn row(f: &FunctionInfo) -> Vec<String> {
         f.assets.len().to_string()
     };
     vec![
-        f.id.clone(),
+        f.id.to_string(),
         f.name.clone(),
         f.exports.join(","),
         assets,

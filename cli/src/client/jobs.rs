@@ -140,8 +140,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .map(|j| {
                     vec![
-                        j.id.clone(),
-                        j.function_id.clone(),
+                        j.id.to_string(),
+                        j.function_id.to_string(),
                         status_name(j.status).to_string(),
                         j.created_at.clone(),
                         j.finished_at.clone().unwrap_or_else(|| "-".into()),

@@ -318,7 +318,9 @@ fn describe(file: &Path, header: snapshot::Header, key: bool, s: &TenantSnapshot
             let info: Option<FunctionInfo> = serde_json::from_str(&f.info_json).ok();
             let tensors = f.instances.iter().flat_map(|i| &i.tensors);
             FunctionView {
-                id: info.as_ref().map_or_else(|| "?".into(), |i| i.id.clone()),
+                id: info
+                    .as_ref()
+                    .map_or_else(|| "?".into(), |i| i.id.to_string()),
                 name: info.as_ref().map_or_else(|| "?".into(), |i| i.name.clone()),
                 exports: info.map(|i| i.exports).unwrap_or_default(),
                 wasm_bytes: f.wasm.len() as u64,

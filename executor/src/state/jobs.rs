@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tensor_wasm_shared::ApiError;
 use tensor_wasm_shared::api::{InvokeResponse, JobInfo, JobStatus};
+use tensor_wasm_shared::{ApiError, FunctionId, JobId};
 
 use crate::body::RequestBody;
 use crate::error::ExecError;
@@ -47,7 +47,7 @@ pub struct JobCaps {
 /// A tenant's jobs.
 #[derive(Debug)]
 pub struct JobTable {
-    records: BTreeMap<String, JobRecord>,
+    records: BTreeMap<JobId, JobRecord>,
     /// Records pending or running.
     in_flight: usize,
     caps: JobCaps,
@@ -84,8 +84,8 @@ impl JobTable {
     /// or running and `max_bytes` of waiting requests.
     pub fn submit(
         &mut self,
-        job_id: String,
-        function_id: &str,
+        job_id: JobId,
+        function_id: &FunctionId,
         request: RequestBody,
         max_open: usize,
         max_bytes: u64,
@@ -104,8 +104,8 @@ impl JobTable {
             )));
         }
         let info = JobInfo {
-            id: job_id.clone(),
-            function_id: function_id.to_string(),
+            id: job_id,
+            function_id: function_id.clone(),
             status: JobStatus::Pending,
             created_at: now_rfc3339(),
             finished_at: None,
@@ -149,7 +149,7 @@ impl JobTable {
     }
 
     /// The function of a job still pending.
-    pub fn pending_function(&self, job_id: &str) -> Option<String> {
+    pub fn pending_function(&self, job_id: &str) -> Option<FunctionId> {
         self.records
             .get(job_id)
             .filter(|j| j.info.status == JobStatus::Pending)
@@ -198,10 +198,12 @@ impl JobTable {
     /// Fails every pending job of `function_id` with `error` (its function
     /// was deleted).
     pub fn fail_pending_of(&mut self, function_id: &str, error: &ApiError) {
-        let waiting: Vec<String> = self
+        let waiting: Vec<JobId> = self
             .records
             .values()
-            .filter(|j| j.info.function_id == function_id && j.info.status == JobStatus::Pending)
+            .filter(|j| {
+                j.info.function_id.as_str() == function_id && j.info.status == JobStatus::Pending
+            })
             .map(|j| j.info.id.clone())
             .collect();
         for id in waiting {
@@ -262,7 +264,7 @@ impl JobTable {
         if left <= count && held <= bytes {
             return; // the usual case: nothing to sort
         }
-        let mut finished: Vec<(Instant, String, u64)> = self
+        let mut finished: Vec<(Instant, JobId, u64)> = self
             .records
             .iter()
             .filter_map(|(id, j)| j.finished.map(|f| (f, id.clone(), j.held_bytes())))
@@ -311,13 +313,21 @@ mod tests {
         }
     }
 
+    fn jid(id: &str) -> JobId {
+        JobId::new(id).unwrap()
+    }
+
+    fn fid() -> FunctionId {
+        FunctionId::new("f").unwrap()
+    }
+
     fn table(count: usize, bytes: u64) -> JobTable {
         JobTable::new(JobCaps { count, bytes })
     }
 
     /// Submits, starts and finishes `id` with a result of `len` elements.
     fn done(t: &mut JobTable, id: &str, len: usize) {
-        t.submit(id.into(), "f", body(0), usize::MAX, u64::MAX)
+        t.submit(jid(id), &fid(), body(0), usize::MAX, u64::MAX)
             .unwrap();
         t.start(id).unwrap();
         assert!(t.finish(id, Ok(result(len))));
@@ -333,8 +343,8 @@ mod tests {
     fn the_oldest_finished_jobs_go_first_and_the_newest_always_stays() {
         let one = JobRecord {
             info: JobInfo {
-                id: String::new(),
-                function_id: String::new(),
+                id: jid("x"),
+                function_id: fid(),
                 status: JobStatus::Succeeded,
                 created_at: String::new(),
                 finished_at: None,
@@ -348,7 +358,7 @@ mod tests {
         assert!(one > 2000, "a 1000-element result takes {one} bytes");
         // Room for two results: the oldest goes.
         let mut t = table(100, 2 * one + 10);
-        t.submit("waiting".into(), "f", body(5000), usize::MAX, u64::MAX)
+        t.submit(jid("waiting"), &fid(), body(5000), usize::MAX, u64::MAX)
             .unwrap();
         for id in ["old", "mid", "new"] {
             done(&mut t, id, 1000);
@@ -372,7 +382,7 @@ mod tests {
         let unfinished =
             |t: &JobTable| t.records().filter(|j| !j.info.status.is_finished()).count();
         for id in ["a", "b", "c", "d"] {
-            t.submit(id.into(), "f", body(1), 10, 100).unwrap();
+            t.submit(jid(id), &fid(), body(1), 10, 100).unwrap();
         }
         assert_eq!(t.in_flight(), 4);
         t.start("a").unwrap();
@@ -403,11 +413,11 @@ mod tests {
     #[test]
     fn submission_holds_the_quotas() {
         let mut t = table(100, u64::MAX);
-        t.submit("a".into(), "f", body(60), 2, 100).unwrap();
-        let bytes = t.submit("b".into(), "f", body(41), 2, 100).unwrap_err();
+        t.submit(jid("a"), &fid(), body(60), 2, 100).unwrap();
+        let bytes = t.submit(jid("b"), &fid(), body(41), 2, 100).unwrap_err();
         assert_eq!(bytes.code(), ErrorCode::QuotaExceeded);
-        t.submit("b".into(), "f", body(40), 2, 100).unwrap();
-        let count = t.submit("c".into(), "f", body(0), 2, 100).unwrap_err();
+        t.submit(jid("b"), &fid(), body(40), 2, 100).unwrap();
+        let count = t.submit(jid("c"), &fid(), body(0), 2, 100).unwrap_err();
         assert_eq!(count.code(), ErrorCode::QuotaExceeded);
         assert_eq!(t.in_flight(), 2);
     }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tensor_wasm_kernels::Backend;
-use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::{FunctionId, TenantId};
 
 use crate::error::ExecError;
 use crate::state::{Function, InstanceCount, JobCaps, JobTable};
@@ -27,7 +27,7 @@ pub struct Tenant {
     pub id: TenantId,
     pub usage: Arc<TenantUsage>,
     pub backend: Arc<dyn Backend>,
-    functions: RwLock<BTreeMap<String, Arc<Function>>>,
+    functions: RwLock<BTreeMap<FunctionId, Arc<Function>>>,
     instances: Arc<InstanceCount>,
     admission: Mutex<Admission>,
     drained: tokio::sync::Notify,
