@@ -7,79 +7,80 @@ use std::time::Duration;
 use anyhow::Context;
 use tensor_wasm_executor::config::{EngineLimits, TenantQuotas};
 use tensor_wasm_executor::server::{DeviceChoice, Executor, ExecutorConfig};
+use tensor_wasm_shared::names::env;
 
 /// Flags of `tensor-wasm executor`; each has an environment fallback.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Stable executor name: gpu0, mig-<uuid8>, cpu0, or a pod name.
-    #[arg(long, env = "TENSOR_WASM_EXECUTOR_ID", default_value = "cpu0")]
+    #[arg(long, env = env::EXECUTOR_ID, default_value = "cpu0")]
     id: String,
     /// Address to listen on; keep it private (loopback or a pod network).
     #[arg(
         long,
-        env = "TENSOR_WASM_EXECUTOR_LISTEN",
+        env = env::EXECUTOR_LISTEN,
         default_value = "127.0.0.1:7070"
     )]
     listen: SocketAddr,
     /// Where functions, the module cache and warm state are kept.
     #[arg(
         long,
-        env = "TENSOR_WASM_STATE_DIR",
+        env = env::STATE_DIR,
         default_value = "./tensor-wasm-state/executor"
     )]
     state_dir: PathBuf,
     /// Token the proxy presents on every route but /healthz and /metrics.
-    #[arg(long, env = "TENSOR_WASM_INTERNAL_TOKEN", hide_env_values = true)]
+    #[arg(long, env = env::INTERNAL_TOKEN, hide_env_values = true)]
     internal_token: String,
     /// auto, cpu, cuda or cuda:N.
-    #[arg(long, env = "TENSOR_WASM_DEVICE", default_value = "auto")]
+    #[arg(long, env = env::DEVICE, default_value = "auto")]
     device: DeviceChoice,
     /// Default deadline of one invocation, in milliseconds.
     #[arg(
         long,
-        env = "TENSOR_WASM_DEFAULT_DEADLINE_MS",
+        env = env::DEFAULT_DEADLINE_MS,
         default_value_t = 10_000
     )]
     default_deadline_ms: u64,
     /// Default linear-memory cap of an instance, in bytes.
-    #[arg(long, env = "TENSOR_WASM_DEFAULT_MEMORY_LIMIT_BYTES", default_value_t = 256 << 20)]
+    #[arg(long, env = env::DEFAULT_MEMORY_LIMIT_BYTES, default_value_t = 256 << 20)]
     default_memory_limit_bytes: u64,
     /// Largest module accepted, in bytes.
-    #[arg(long, env = "TENSOR_WASM_MAX_MODULE_BYTES", default_value_t = 32 << 20)]
+    #[arg(long, env = env::MAX_MODULE_BYTES, default_value_t = 32 << 20)]
     max_module_bytes: usize,
     /// Instance slots of the engine across all tenants.
-    #[arg(long, env = "TENSOR_WASM_TOTAL_INSTANCES", default_value_t = 256)]
+    #[arg(long, env = env::TOTAL_INSTANCES, default_value_t = 256)]
     total_instances: u32,
     /// Device memory a tenant's tensors and assets may hold, in bytes.
-    #[arg(long, env = "TENSOR_WASM_TENANT_DEVICE_MEMORY_BYTES", default_value_t = 2 << 30)]
+    #[arg(long, env = env::TENANT_DEVICE_MEMORY_BYTES, default_value_t = 2 << 30)]
     tenant_device_memory_bytes: u64,
     /// Live tensors a tenant may hold.
     #[arg(
         long,
-        env = "TENSOR_WASM_TENANT_LIVE_TENSORS",
+        env = env::TENANT_LIVE_TENSORS,
         default_value_t = 65_536
     )]
     tenant_live_tensors: u64,
     /// Functions a tenant may register.
-    #[arg(long, env = "TENSOR_WASM_TENANT_FUNCTIONS", default_value_t = 64)]
+    #[arg(long, env = env::TENANT_FUNCTIONS, default_value_t = 64)]
     tenant_functions: usize,
     /// Warm instances a tenant may hold.
-    #[arg(long, env = "TENSOR_WASM_TENANT_INSTANCES", default_value_t = 64)]
+    #[arg(long, env = env::TENANT_INSTANCES, default_value_t = 64)]
     tenant_instances: usize,
     /// Key that signs exported snapshots (HMAC-SHA256); when set, imported
     /// snapshots must be signed with it.
-    #[arg(long, env = "TENSOR_WASM_SNAPSHOT_KEY", hide_env_values = true)]
+    #[arg(long, env = env::SNAPSHOT_KEY, hide_env_values = true)]
     snapshot_key: Option<String>,
     /// Largest request body, in bytes.
-    #[arg(long, env = "TENSOR_WASM_MAX_BODY_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = env::MAX_BODY_BYTES, default_value_t = 64 << 20)]
     max_body_bytes: usize,
     /// Async jobs a tenant may have waiting or running.
-    #[arg(long, env = "TENSOR_WASM_TENANT_PENDING_JOBS", default_value_t = 256)]
+    #[arg(long, env = env::TENANT_PENDING_JOBS, default_value_t = 256)]
     tenant_pending_jobs: usize,
     /// Bytes of request bodies a tenant's waiting jobs may hold.
     #[arg(
         long,
-        env = "TENSOR_WASM_TENANT_PENDING_JOB_BYTES",
+        env = env::TENANT_PENDING_JOB_BYTES,
         default_value_t = 1 << 30
     )]
     tenant_pending_job_bytes: u64,
@@ -87,12 +88,12 @@ pub struct Args {
     /// the oldest go before their retention ends.
     #[arg(
         long,
-        env = "TENSOR_WASM_TENANT_FINISHED_JOB_BYTES",
+        env = env::TENANT_FINISHED_JOB_BYTES,
         default_value_t = 256 << 20
     )]
     tenant_finished_job_bytes: u64,
     /// How long finished jobs stay answerable, in seconds.
-    #[arg(long, env = "TENSOR_WASM_JOB_RETENTION_SECS", default_value_t = 3600)]
+    #[arg(long, env = env::JOB_RETENTION_SECS, default_value_t = 3600)]
     job_retention_secs: u64,
 }
 

@@ -9,6 +9,7 @@ use tensor_wasm_proxy::fleet::QueueLimits;
 use tensor_wasm_proxy::ratelimit::Rate;
 use tensor_wasm_proxy::{ProxyConfig, TokenSource};
 use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::names::env;
 
 /// Flags of `tensor-wasm proxy`; each has an environment fallback.
 #[derive(Debug, clap::Args)]
@@ -16,100 +17,100 @@ pub struct Args {
     /// Public listener (clients).
     #[arg(
         long,
-        env = "TENSOR_WASM_PROXY_LISTEN",
+        env = env::PROXY_LISTEN,
         default_value = "127.0.0.1:8080"
     )]
     listen: String,
     /// Admin listener; keep it private.
     #[arg(
         long,
-        env = "TENSOR_WASM_ADMIN_LISTEN",
+        env = env::ADMIN_LISTEN,
         default_value = "127.0.0.1:9090"
     )]
     admin_listen: String,
     /// PEM certificate chain for TLS on the public listener (with --tls-key).
-    #[arg(long, env = "TENSOR_WASM_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = env::TLS_CERT, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// PEM private key for TLS on the public listener (with --tls-cert).
-    #[arg(long, env = "TENSOR_WASM_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = env::TLS_KEY, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Placement table, stored snapshots of moves, the upgrade socket.
     #[arg(
         long,
-        env = "TENSOR_WASM_STATE_DIR",
+        env = env::STATE_DIR,
         default_value = "./tensor-wasm-state/proxy"
     )]
     state_dir: PathBuf,
     /// API tokens: `token:tenant` entries, comma separated.
     #[arg(
         long,
-        env = "TENSOR_WASM_API_TOKENS",
+        env = env::API_TOKENS,
         hide_env_values = true,
         conflicts_with = "tokens_file"
     )]
     tokens: Option<String>,
     /// File of `token:tenant` entries, one per line; re-read on SIGHUP.
-    #[arg(long, env = "TENSOR_WASM_API_TOKENS_FILE")]
+    #[arg(long, env = env::API_TOKENS_FILE)]
     tokens_file: Option<PathBuf>,
     /// Token the proxy presents to executors.
-    #[arg(long, env = "TENSOR_WASM_INTERNAL_TOKEN", hide_env_values = true)]
+    #[arg(long, env = env::INTERNAL_TOKEN, hide_env_values = true)]
     internal_token: String,
     /// Token of the admin API; without it the admin API refuses every call.
-    #[arg(long, env = "TENSOR_WASM_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = env::ADMIN_TOKEN, hide_env_values = true)]
     admin_token: Option<String>,
     /// Sustained requests per second per tenant (may be fractional).
-    #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_QPS", default_value_t = 100.0)]
+    #[arg(long, env = env::API_RATE_LIMIT_QPS, default_value_t = 100.0)]
     rate_limit_qps: f64,
     /// Requests a tenant may send at once after a quiet spell.
-    #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_BURST", default_value_t = 200)]
+    #[arg(long, env = env::API_RATE_LIMIT_BURST, default_value_t = 200)]
     rate_limit_burst: u32,
     /// Per-tenant limits, `tenant=qps[:burst]`, comma separated or repeated.
     #[arg(
         long,
-        env = "TENSOR_WASM_API_RATE_LIMIT_OVERRIDES",
+        env = env::API_RATE_LIMIT_OVERRIDES,
         value_delimiter = ','
     )]
     rate_limit_override: Vec<String>,
     /// Audit log (JSON lines); no audit log when unset.
-    #[arg(long, env = "TENSOR_WASM_API_AUDIT_LOG")]
+    #[arg(long, env = env::API_AUDIT_LOG)]
     audit_log: Option<PathBuf>,
     /// Size at which the audit log is rotated, in bytes.
-    #[arg(long, env = "TENSOR_WASM_API_AUDIT_MAX_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = env::API_AUDIT_MAX_BYTES, default_value_t = 64 << 20)]
     audit_max_bytes: u64,
     /// Rotated audit files kept.
-    #[arg(long, env = "TENSOR_WASM_API_AUDIT_KEEP", default_value_t = 10)]
+    #[arg(long, env = env::API_AUDIT_KEEP, default_value_t = 10)]
     audit_keep: usize,
     /// Executors to register at start, `id=host:port`, comma separated or
     /// repeated; those registered before are remembered in the state dir.
-    #[arg(long, env = "TENSOR_WASM_EXECUTORS", value_delimiter = ',')]
+    #[arg(long, env = env::EXECUTORS, value_delimiter = ',')]
     executor: Vec<String>,
     /// DNS name and port listing executors (a Kubernetes headless Service),
     /// resolved on every health probe; each is registered under the id it
     /// reports.
-    #[arg(long, env = "TENSOR_WASM_EXECUTOR_DNS")]
+    #[arg(long, env = env::EXECUTOR_DNS)]
     executor_dns: Option<String>,
     /// Longest a request waits for its tenant's migration, in ms.
     #[arg(
         long,
-        env = "TENSOR_WASM_MIGRATION_QUEUE_DEADLINE_MS",
+        env = env::MIGRATION_QUEUE_DEADLINE_MS,
         default_value_t = 5_000
     )]
     queue_deadline_ms: u64,
     /// Requests of one tenant that may wait for its migration at once.
     #[arg(
         long,
-        env = "TENSOR_WASM_MIGRATION_QUEUE_CAPACITY",
+        env = env::MIGRATION_QUEUE_CAPACITY,
         default_value_t = 1024
     )]
     queue_capacity: usize,
     /// Time between health probes of each executor, in ms.
-    #[arg(long, env = "TENSOR_WASM_HEALTH_INTERVAL_MS", default_value_t = 1_000)]
+    #[arg(long, env = env::HEALTH_INTERVAL_MS, default_value_t = 1_000)]
     health_interval_ms: u64,
     /// Worker threads of the public listener (0: one per CPU).
-    #[arg(long, env = "TENSOR_WASM_PROXY_THREADS", default_value_t = 0)]
+    #[arg(long, env = env::PROXY_THREADS, default_value_t = 0)]
     threads: usize,
     /// Seconds a stopping proxy keeps serving the requests it has.
-    #[arg(long, env = "TENSOR_WASM_PROXY_GRACE_PERIOD_SECS", default_value_t = 5)]
+    #[arg(long, env = env::PROXY_GRACE_PERIOD_SECS, default_value_t = 5)]
     grace_period_secs: u64,
     /// Take the listening sockets over from a running proxy with the same
     /// state dir, then send that one SIGQUIT.
@@ -146,10 +147,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (Some(list), None) => TokenSource::List(list),
         (None, Some(file)) => TokenSource::File(file),
         (None, None) => bail!(
-            "no API tokens: set TENSOR_WASM_API_TOKENS=\"<token>:<tenant>,...\" or TENSOR_WASM_API_TOKENS_FILE"
+            "no API tokens: set {}=\"<token>:<tenant>,...\" or {}",
+            env::API_TOKENS,
+            env::API_TOKENS_FILE
         ),
         (Some(_), Some(_)) => {
-            bail!("set TENSOR_WASM_API_TOKENS or TENSOR_WASM_API_TOKENS_FILE, not both")
+            bail!(
+                "set {} or {}, not both",
+                env::API_TOKENS,
+                env::API_TOKENS_FILE
+            )
         }
     };
     let rate_overrides = args

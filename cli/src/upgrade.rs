@@ -34,7 +34,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::up::{ChildStatus, Request, control_request};
+use crate::up::control::{self, ChildStatus, Role, StartExecutor};
+use tensor_wasm_shared::names::env;
 
 /// Flags of `tensor-wasm upgrade`.
 #[derive(Debug, clap::Args)]
@@ -48,19 +49,19 @@ pub struct Args {
     /// The fleet's state directory (where `tensor-wasm up` runs).
     #[arg(
         long,
-        env = "TENSOR_WASM_STATE_DIR",
+        env = env::STATE_DIR,
         default_value = "./tensor-wasm-state"
     )]
     state_dir: PathBuf,
     /// The proxy's admin API.
     #[arg(
         long,
-        env = "TENSOR_WASM_ADMIN_URL",
+        env = env::ADMIN_URL,
         default_value = "http://127.0.0.1:9090"
     )]
     admin_url: String,
     /// Admin token; read from `<state>/admin-token` when unset.
-    #[arg(long, env = "TENSOR_WASM_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = env::ADMIN_TOKEN, hide_env_values = true)]
     admin_token: Option<String>,
     /// Undo a stopped executor upgrade's cordons and forget its record.
     #[arg(long)]
@@ -162,7 +163,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|t| t.trim().to_string())
             .with_context(|| {
                 format!(
-                    "no admin token: set TENSOR_WASM_ADMIN_TOKEN, or point --state-dir at the fleet `tensor-wasm up` runs ({} has none)",
+                    "no admin token: set {}, or point --state-dir at the fleet `tensor-wasm up` runs ({} has none)",
+                    env::ADMIN_TOKEN,
                     state.display()
                 )
             })?,
@@ -208,8 +210,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .canonicalize()
             .with_context(|| format!("proxy binary {} not found", binary.display()))?;
         println!("proxy: handing the sockets to {}", binary.display());
-        let r = control_request(&state, &Request::UpgradeProxy { binary })?;
-        println!("proxy: now pid {}", r["pid"]);
+        let r = control::upgrade_proxy(&state, binary)?;
+        println!("proxy: now pid {}", r.pid);
     }
     Ok(())
 }
@@ -233,11 +235,11 @@ fn upgrade_executors(
         );
     }
     record.binary = binary.to_path_buf();
-    let children: Vec<ChildStatus> = serde_json::from_value(control_request(state, &Request::Ls)?)?;
+    let children = control::ls(state)?;
     let replacements: Vec<&str> = record.steps.values().map(|s| s.new_id.as_str()).collect();
     let todo: Vec<ChildStatus> = children
         .iter()
-        .filter(|c| c.role == "executor")
+        .filter(|c| c.role == Role::Executor)
         .filter(|c| !replacements.contains(&c.id.as_str()))
         .filter(|c| c.binary != binary || record.steps.contains_key(&c.id))
         .cloned()
@@ -264,15 +266,15 @@ fn upgrade_executors(
         let running = children.iter().find(|c| c.id == new_id).cloned();
         let new = match running {
             Some(c) => c,
-            None => serde_json::from_value(control_request(
+            None => control::start(
                 state,
-                &Request::Start {
+                StartExecutor {
                     id: new_id.clone(),
                     device: Some(old.device.clone()),
                     cuda_visible_devices: old.cuda_visible_devices.clone(),
                     binary: Some(binary.to_path_buf()),
                 },
-            )?)?,
+            )?,
         };
         admin.call(
             "POST",
@@ -344,7 +346,7 @@ fn upgrade_executors(
         }
         // 4. Forget and stop the old one.
         admin.call("DELETE", &format!("/admin/executors/{}", old.id), None)?;
-        control_request(state, &Request::Stop { id: old.id.clone() })?;
+        control::stop(state, &old.id)?;
         if let Some(step) = record.steps.get_mut(&old.id) {
             step.done = true;
         }

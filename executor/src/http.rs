@@ -4,7 +4,8 @@
 //!
 //! Every route but `/healthz` and `/metrics` needs the internal token; the
 //! proxy is the only intended caller. Every response carries `x-request-id`
-//! (the caller's, if it sent one), and every error is the JSON body
+//! (the caller's, if `headers::accept_request_id` of tensor-wasm-shared
+//! keeps it, else a fresh one), and every error is the JSON body
 //! `{"error": {"code", "message"}}` with the status its code fixes.
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use tensor_wasm_shared::api::{
     DeviceDescription, ExecutorInfo, ExecutorStats, FunctionConfig, FunctionList, JobInfo, JobList,
     JobStatus,
 };
+use tensor_wasm_shared::headers;
 
 use crate::body::{self, RequestBody, media_type};
 use crate::error::ExecError;
@@ -35,9 +37,9 @@ use crate::registry::Registry;
 use crate::state::Registration;
 
 /// Header naming the tenant a request acts for.
-pub const TENANT_HEADER: &str = "x-tensor-wasm-tenant";
+pub const TENANT_HEADER: &str = headers::TENANT;
 /// Header carrying the request id.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: &str = headers::REQUEST_ID;
 /// Slack over the body quota for a multipart envelope's own bytes: 64 KiB.
 const MULTIPART_OVERHEAD: usize = 64 << 10;
 
@@ -172,7 +174,7 @@ async fn request_id(req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get(REQUEST_ID_HEADER)
-        .filter(|v| v.len() <= 128)
+        .filter(|v| headers::accept_request_id(v.as_bytes()).is_some())
         .cloned()
         .unwrap_or_else(|| {
             let mut b = [0u8; 8];

@@ -28,12 +28,12 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tensor_wasm_shared::api::ExecutorInfo;
 use tensor_wasm_shared::audit::{AuditRecord, Outcome};
-use tensor_wasm_shared::{ApiError, ErrorCode};
+use tensor_wasm_shared::{ApiError, ErrorCode, headers};
 
 use crate::auth::{TokenTable, token_id};
 use crate::fleet::Executor;
 use crate::migrate::Orchestrator;
-use crate::service::{REQUEST_ID_HEADER, Shared, acceptable_request_id};
+use crate::service::{REQUEST_ID_HEADER, Shared};
 
 /// Largest admin request body: a snapshot to restore. The executor checks
 /// the snapshot's own limits; this only bounds the proxy's memory.
@@ -322,11 +322,13 @@ impl ServeHttp for AdminApi {
         let req = session.req_header();
         let method = req.method.as_str().to_string();
         let path = req.uri.path().to_string();
-        let request_id = match req.headers.get(REQUEST_ID_HEADER) {
-            Some(v) if acceptable_request_id(v.as_bytes()) => {
-                String::from_utf8_lossy(v.as_bytes()).into_owned()
-            }
-            _ => self.shared.next_request_id(),
+        let request_id = match req
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| headers::accept_request_id(v.as_bytes()))
+        {
+            Some(id) => id.to_string(),
+            None => self.shared.next_request_id(),
         };
         let presented = req
             .headers

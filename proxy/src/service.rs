@@ -29,7 +29,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use tensor_wasm_shared::audit::{AuditRecord, Outcome};
-use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
+use tensor_wasm_shared::{ApiError, ErrorCode, TenantId, headers};
 
 use crate::audit::AuditLog;
 use crate::auth::{TokenTable, token_id};
@@ -39,9 +39,9 @@ use crate::ratelimit::RateLimits;
 use crate::routes::{RouteName, classify, method_label};
 
 /// The header naming a request's tenant to executors.
-pub const TENANT_HEADER: &str = "x-tensor-wasm-tenant";
+pub const TENANT_HEADER: &str = headers::TENANT;
 /// The header carrying a request's id.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: &str = headers::REQUEST_ID;
 
 /// How long to wait for an executor's TCP handshake; on loopback or a LAN
 /// a live executor answers in microseconds, so a second means it is gone.
@@ -128,11 +128,6 @@ impl RequestIds {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{:016x}{:08x}", self.prefix, n as u32)
     }
-}
-
-/// A client's `x-request-id` is kept when it is short and printable.
-pub fn acceptable_request_id(v: &[u8]) -> bool {
-    !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic())
 }
 
 /// The public proxy service.
@@ -245,11 +240,13 @@ impl ProxyHttp for PublicProxy {
         let shared = &self.shared;
         shared.metrics.in_flight.inc();
         let req = session.req_header();
-        ctx.request_id = match req.headers.get(REQUEST_ID_HEADER) {
-            Some(v) if acceptable_request_id(v.as_bytes()) => {
-                String::from_utf8_lossy(v.as_bytes()).into_owned()
-            }
-            _ => shared.next_request_id(),
+        ctx.request_id = match req
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| headers::accept_request_id(v.as_bytes()))
+        {
+            Some(id) => id.to_string(),
+            None => shared.next_request_id(),
         };
         ctx.method = method_label(req.method.as_str());
         ctx.name = classify(req.method.as_str(), req.uri.path());

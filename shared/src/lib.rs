@@ -17,6 +17,7 @@
 //! - [`tenant`]: [`TenantId`], validated tenant names.
 //! - [`ids`]: [`ExecutorId`], [`FunctionId`], [`JobId`], validated likewise.
 //! - [`names`]: metric and configuration names.
+//! - [`headers`]: the proxy↔executor headers and the request-id rule.
 //! - [`build`]: what this binary is (version, commit, compiler).
 //! - [`snapshot`]: the tenant snapshot format and its validating reader.
 
@@ -28,6 +29,7 @@ pub mod audit;
 pub mod build;
 pub mod dtype;
 pub mod error;
+pub mod headers;
 pub mod ids;
 pub mod names;
 pub mod snapshot;

@@ -30,20 +30,66 @@ pub mod executor_metrics {
 /// Counted by every component.
 pub const BUILD_INFO: &str = "tensor_wasm_build_info";
 
-/// Environment variables with fixed names.
+/// Environment variables of every process and command, one constant per
+/// variable (docs/CONFIG.md lists them with their meaning). The binary's
+/// flags take their fallbacks from here (`#[arg(env = env::X)]`).
 pub mod env {
-    pub const API_TOKENS: &str = "TENSOR_WASM_API_TOKENS";
-    pub const API_TOKENS_FILE: &str = "TENSOR_WASM_API_TOKENS_FILE";
-    pub const API_AUDIT_LOG: &str = "TENSOR_WASM_API_AUDIT_LOG";
-    pub const API_RATE_LIMIT_QPS: &str = "TENSOR_WASM_API_RATE_LIMIT_QPS";
-    pub const API_RATE_LIMIT_BURST: &str = "TENSOR_WASM_API_RATE_LIMIT_BURST";
+    // Shared by several processes and commands.
+    pub const STATE_DIR: &str = "TENSOR_WASM_STATE_DIR";
     pub const INTERNAL_TOKEN: &str = "TENSOR_WASM_INTERNAL_TOKEN";
     pub const ADMIN_TOKEN: &str = "TENSOR_WASM_ADMIN_TOKEN";
-    pub const STATE_DIR: &str = "TENSOR_WASM_STATE_DIR";
     pub const SNAPSHOT_KEY: &str = "TENSOR_WASM_SNAPSHOT_KEY";
+
+    // The executor (`tensor-wasm executor`).
+    pub const EXECUTOR_ID: &str = "TENSOR_WASM_EXECUTOR_ID";
+    pub const EXECUTOR_LISTEN: &str = "TENSOR_WASM_EXECUTOR_LISTEN";
+    pub const DEVICE: &str = "TENSOR_WASM_DEVICE";
+    pub const DEFAULT_DEADLINE_MS: &str = "TENSOR_WASM_DEFAULT_DEADLINE_MS";
+    pub const DEFAULT_MEMORY_LIMIT_BYTES: &str = "TENSOR_WASM_DEFAULT_MEMORY_LIMIT_BYTES";
+    pub const MAX_MODULE_BYTES: &str = "TENSOR_WASM_MAX_MODULE_BYTES";
+    pub const MAX_BODY_BYTES: &str = "TENSOR_WASM_MAX_BODY_BYTES";
+    pub const TOTAL_INSTANCES: &str = "TENSOR_WASM_TOTAL_INSTANCES";
+    pub const TENANT_DEVICE_MEMORY_BYTES: &str = "TENSOR_WASM_TENANT_DEVICE_MEMORY_BYTES";
+    pub const TENANT_LIVE_TENSORS: &str = "TENSOR_WASM_TENANT_LIVE_TENSORS";
+    pub const TENANT_FUNCTIONS: &str = "TENSOR_WASM_TENANT_FUNCTIONS";
+    pub const TENANT_INSTANCES: &str = "TENSOR_WASM_TENANT_INSTANCES";
+    pub const TENANT_PENDING_JOBS: &str = "TENSOR_WASM_TENANT_PENDING_JOBS";
+    pub const TENANT_PENDING_JOB_BYTES: &str = "TENSOR_WASM_TENANT_PENDING_JOB_BYTES";
+    pub const TENANT_FINISHED_JOB_BYTES: &str = "TENSOR_WASM_TENANT_FINISHED_JOB_BYTES";
+    pub const JOB_RETENTION_SECS: &str = "TENSOR_WASM_JOB_RETENTION_SECS";
+
+    // The proxy (`tensor-wasm proxy`; `up` passes the listeners on).
+    pub const PROXY_LISTEN: &str = "TENSOR_WASM_PROXY_LISTEN";
+    pub const ADMIN_LISTEN: &str = "TENSOR_WASM_ADMIN_LISTEN";
+    pub const TLS_CERT: &str = "TENSOR_WASM_TLS_CERT";
+    pub const TLS_KEY: &str = "TENSOR_WASM_TLS_KEY";
+    pub const API_TOKENS: &str = "TENSOR_WASM_API_TOKENS";
+    pub const API_TOKENS_FILE: &str = "TENSOR_WASM_API_TOKENS_FILE";
+    pub const API_RATE_LIMIT_QPS: &str = "TENSOR_WASM_API_RATE_LIMIT_QPS";
+    pub const API_RATE_LIMIT_BURST: &str = "TENSOR_WASM_API_RATE_LIMIT_BURST";
+    pub const API_RATE_LIMIT_OVERRIDES: &str = "TENSOR_WASM_API_RATE_LIMIT_OVERRIDES";
+    pub const API_AUDIT_LOG: &str = "TENSOR_WASM_API_AUDIT_LOG";
+    pub const API_AUDIT_MAX_BYTES: &str = "TENSOR_WASM_API_AUDIT_MAX_BYTES";
+    pub const API_AUDIT_KEEP: &str = "TENSOR_WASM_API_AUDIT_KEEP";
+    pub const EXECUTORS: &str = "TENSOR_WASM_EXECUTORS";
+    pub const EXECUTOR_DNS: &str = "TENSOR_WASM_EXECUTOR_DNS";
+    pub const MIGRATION_QUEUE_DEADLINE_MS: &str = "TENSOR_WASM_MIGRATION_QUEUE_DEADLINE_MS";
+    pub const MIGRATION_QUEUE_CAPACITY: &str = "TENSOR_WASM_MIGRATION_QUEUE_CAPACITY";
+    pub const HEALTH_INTERVAL_MS: &str = "TENSOR_WASM_HEALTH_INTERVAL_MS";
+    pub const PROXY_THREADS: &str = "TENSOR_WASM_PROXY_THREADS";
+    pub const PROXY_GRACE_PERIOD_SECS: &str = "TENSOR_WASM_PROXY_GRACE_PERIOD_SECS";
+
+    // The local fleet (`tensor-wasm up`).
+    pub const CPU_EXECUTORS: &str = "TENSOR_WASM_CPU_EXECUTORS";
+
+    // Client and operator commands.
     pub const URL: &str = "TENSOR_WASM_URL";
     pub const TOKEN: &str = "TENSOR_WASM_TOKEN";
     pub const ADMIN_URL: &str = "TENSOR_WASM_ADMIN_URL";
+    pub const CA_CERT: &str = "TENSOR_WASM_CA_CERT";
+    pub const TIMEOUT_SECS: &str = "TENSOR_WASM_TIMEOUT_SECS";
+
+    // The CUDA backend.
     /// Directory of the CUDA kernel JIT cache (default: `$XDG_CACHE_HOME` or
     /// `~/.cache`, then `tensor-wasm/kernels`).
     pub const KERNEL_CACHE_DIR: &str = "TENSOR_WASM_KERNEL_CACHE_DIR";

@@ -13,6 +13,7 @@ use tensor_wasm_shared::api::{DeviceDescription, ExecutorStats};
 use super::http::{Body, encode};
 use super::migrate::Move;
 use super::{Conn, output};
+use crate::up::control::{self, StartExecutor};
 
 /// One executor as the admin API lists it. `device` and `stats` are
 /// missing for an executor the proxy has never reached.
@@ -204,16 +205,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let addr = match addr {
                 Some(addr) => addr,
                 None => {
-                    let started = crate::up::control_request(
+                    control::start(
                         &args.conn.state_dir,
-                        &crate::up::Request::Start {
+                        StartExecutor {
                             id: id.clone(),
                             device: Some(kind),
                             cuda_visible_devices,
                             binary: None,
                         },
-                    )?;
-                    started["addr"].as_str().unwrap_or_default().to_string()
+                    )?
+                    .addr
                 }
             };
             let entry: AdminExecutor = ep.send_json(
@@ -273,15 +274,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )?;
             output::println(&format!("forgot {id}"))?;
             let supervised =
-                crate::up::control_request(&args.conn.state_dir, &crate::up::Request::Ls)
-                    .ok()
-                    .and_then(|ls| ls.as_array().cloned())
-                    .is_some_and(|ls| ls.iter().any(|c| c["id"] == id.as_str()));
+                control::ls(&args.conn.state_dir).is_ok_and(|ls| ls.iter().any(|c| c.id == id));
             if supervised {
-                crate::up::control_request(
-                    &args.conn.state_dir,
-                    &crate::up::Request::Stop { id: id.clone() },
-                )?;
+                control::stop(&args.conn.state_dir, &id)?;
                 output::println(&format!("stopped {id}"))?;
             }
         }

@@ -23,6 +23,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::de::DeserializeOwned;
 use tensor_wasm_shared::ErrorCode;
 use tensor_wasm_shared::error::{ApiError, ErrorBody};
+use tensor_wasm_shared::names::env;
 
 /// Time allowed to open a connection: 10 s, long enough for a remote
 /// proxy, short enough that a wrong address fails while the user waits.
@@ -35,6 +36,25 @@ pub const PROGRESS_FROM_BYTES: u64 = 1 << 20;
 /// Characters of a non-JSON error body shown to the user.
 const ERROR_BODY_PREVIEW: usize = 500;
 
+/// A setting as messages name it: `ENV_VAR (--flag)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Setting {
+    env: &'static str,
+    flag: &'static str,
+}
+
+impl Setting {
+    pub const fn new(env: &'static str, flag: &'static str) -> Setting {
+        Setting { env, flag }
+    }
+}
+
+impl fmt::Display for Setting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.env, self.flag)
+    }
+}
+
 /// Which API an [`Endpoint`] speaks to; names it in messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Service {
@@ -45,17 +65,17 @@ pub enum Service {
 }
 
 impl Service {
-    fn url_setting(self) -> &'static str {
+    fn url_setting(self) -> Setting {
         match self {
-            Service::Public => "TENSOR_WASM_URL (--url)",
-            Service::Admin => "TENSOR_WASM_ADMIN_URL (--admin-url)",
+            Service::Public => Setting::new(env::URL, "--url"),
+            Service::Admin => Setting::new(env::ADMIN_URL, "--admin-url"),
         }
     }
 
-    fn token_setting(self) -> &'static str {
+    fn token_setting(self) -> Setting {
         match self {
-            Service::Public => "TENSOR_WASM_TOKEN (--token)",
-            Service::Admin => "TENSOR_WASM_ADMIN_TOKEN (--admin-token)",
+            Service::Public => Setting::new(env::TOKEN, "--token"),
+            Service::Admin => Setting::new(env::ADMIN_TOKEN, "--admin-token"),
         }
     }
 }
@@ -79,7 +99,7 @@ pub enum HttpError {
     )]
     NoToken {
         what: &'static str,
-        setting: &'static str,
+        setting: Setting,
         path: PathBuf,
     },
     /// The token file exists but cannot be read or is empty.
@@ -91,7 +111,7 @@ pub enum HttpError {
     },
     /// A URL that is not `http://` or `https://`.
     #[error("{url:?} is not an http:// or https:// URL; set {setting}")]
-    BadUrl { url: String, setting: &'static str },
+    BadUrl { url: String, setting: Setting },
     /// `--ca-cert` could not be used.
     #[error("--ca-cert {}: {reason}", path.display())]
     CaCert { path: PathBuf, reason: String },
@@ -138,7 +158,7 @@ pub enum HttpError {
     #[error("{url}: unexpected answer ({source}); is {setting} the right URL?")]
     Decode {
         url: String,
-        setting: &'static str,
+        setting: Setting,
         #[source]
         source: serde_json::Error,
     },
@@ -364,9 +384,11 @@ impl Endpoint {
 
     fn unreachable(&self, url: &str, source: ureq::Error) -> HttpError {
         let hint = if source.to_string().contains("certificate") {
-            "the server's certificate is not trusted: pass the CA certificate that signed it \
-             with --ca-cert (TENSOR_WASM_CA_CERT)"
-                .to_string()
+            format!(
+                "the server's certificate is not trusted: pass the CA certificate that signed it \
+                 with {}",
+                Setting::new(env::CA_CERT, "--ca-cert")
+            )
         } else {
             format!(
                 "is the fleet running? Start one with `tensor-wasm up`, or set {}",

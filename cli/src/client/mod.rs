@@ -39,7 +39,8 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use http::{Endpoint, HttpError, Service, Transport};
+use http::{Endpoint, HttpError, Service, Setting, Transport};
+use tensor_wasm_shared::names::env;
 
 /// Where the fleet is and how to authenticate; every client command takes
 /// these flags, each with an environment fallback.
@@ -48,18 +49,18 @@ pub struct Conn {
     /// The proxy's public URL.
     #[arg(
         long,
-        env = "TENSOR_WASM_URL",
+        env = env::URL,
         default_value = "http://127.0.0.1:8080",
         global = true
     )]
     pub url: String,
     /// A tenant's API token; else the one in <state-dir>/dev-token.
-    #[arg(long, env = "TENSOR_WASM_TOKEN", hide_env_values = true, global = true)]
+    #[arg(long, env = env::TOKEN, hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// The proxy's admin URL.
     #[arg(
         long,
-        env = "TENSOR_WASM_ADMIN_URL",
+        env = env::ADMIN_URL,
         default_value = "http://127.0.0.1:9090",
         global = true
     )]
@@ -67,7 +68,7 @@ pub struct Conn {
     /// The admin API's token; else the one in <state-dir>/admin-token.
     #[arg(
         long,
-        env = "TENSOR_WASM_ADMIN_TOKEN",
+        env = env::ADMIN_TOKEN,
         hide_env_values = true,
         global = true
     )]
@@ -75,7 +76,7 @@ pub struct Conn {
     /// The state directory of `tensor-wasm up`, read for tokens not given.
     #[arg(
         long,
-        env = "TENSOR_WASM_STATE_DIR",
+        env = env::STATE_DIR,
         default_value = "./tensor-wasm-state",
         global = true
     )]
@@ -83,13 +84,13 @@ pub struct Conn {
     /// PEM certificates to trust for https:// URLs instead of the built-in
     /// roots: the CA that signed the proxy's certificate (or that
     /// certificate itself, if self-signed without CA:TRUE).
-    #[arg(long, env = "TENSOR_WASM_CA_CERT", global = true)]
+    #[arg(long, env = env::CA_CERT, global = true)]
     pub ca_cert: Option<PathBuf>,
     /// Longest wait for an answer once a request is sent, in seconds (0: no
     /// limit).
     #[arg(
         long,
-        env = "TENSOR_WASM_TIMEOUT_SECS",
+        env = env::TIMEOUT_SECS,
         default_value_t = 600,
         global = true
     )]
@@ -115,7 +116,7 @@ impl Conn {
             self.token.as_deref(),
             &self.state_dir.join(DEV_TOKEN_FILE),
             "API token",
-            "TENSOR_WASM_TOKEN (--token)",
+            Setting::new(env::TOKEN, "--token"),
         )?;
         Endpoint::new(Service::Public, &self.url, Some(token), &self.transport())
     }
@@ -131,7 +132,7 @@ impl Conn {
             self.admin_token.as_deref(),
             &self.state_dir.join(ADMIN_TOKEN_FILE),
             "admin token",
-            "TENSOR_WASM_ADMIN_TOKEN (--admin-token)",
+            Setting::new(env::ADMIN_TOKEN, "--admin-token"),
         )?;
         Endpoint::new(
             Service::Admin,
@@ -147,7 +148,7 @@ fn token(
     given: Option<&str>,
     file: &Path,
     what: &'static str,
-    setting: &'static str,
+    setting: Setting,
 ) -> Result<String, HttpError> {
     if let Some(t) = given.map(str::trim).filter(|t| !t.is_empty()) {
         return Ok(t.to_string());
@@ -255,7 +256,14 @@ mod tests {
     fn tokens_come_from_the_flag_else_the_state_dir() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join(DEV_TOKEN_FILE);
-        let t = |given| token(given, &file, "API token", "TENSOR_WASM_TOKEN (--token)");
+        let t = |given| {
+            token(
+                given,
+                &file,
+                "API token",
+                Setting::new(env::TOKEN, "--token"),
+            )
+        };
         let e = t(None).unwrap_err().to_string();
         assert!(e.contains("TENSOR_WASM_TOKEN"), "{e}");
         assert!(e.contains("tensor-wasm up"), "{e}");

@@ -26,6 +26,7 @@ use tensor_wasm_shared::snapshot::{self, FLAG_KEYED, HEADER_LEN, MAGIC, TenantSn
 use super::http::{Body, encode};
 use super::migrate::tenant;
 use super::{Conn, output};
+use tensor_wasm_shared::names::env;
 
 /// Extension of snapshot files.
 const EXTENSION: &str = "twsnap";
@@ -64,7 +65,7 @@ enum Command {
         file: PathBuf,
         /// Verify the HMAC signature with this key (as executors are given
         /// it); an unsigned snapshot is then refused.
-        #[arg(long, env = "TENSOR_WASM_SNAPSHOT_KEY", hide_env_values = true)]
+        #[arg(long, env = env::SNAPSHOT_KEY, hide_env_values = true)]
         key: Option<String>,
         /// Print the description as JSON.
         #[arg(long)]
@@ -376,11 +377,13 @@ fn inspect(file: &Path, key: Option<&str>, json: bool) -> anyhow::Result<()> {
     if json {
         return Ok(output::print_json(&view)?);
     }
+    let not_checked = format!(
+        "signed, signature not checked (pass --key or set {})",
+        env::SNAPSHOT_KEY
+    );
     let signature = match view.signature {
         "verified" => "signed, signature verified",
-        "not checked" => {
-            "signed, signature not checked (pass --key or set TENSOR_WASM_SNAPSHOT_KEY)"
-        }
+        "not checked" => &not_checked,
         _ => "unsigned",
     };
     let j = &view.jobs;

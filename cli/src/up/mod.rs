@@ -1,0 +1,219 @@
+//! `tensor-wasm up`: a whole fleet on one machine, supervised.
+//!
+//! It starts one executor per GPU or MIG slice that NVML finds (each pinned
+//! with `CUDA_VISIBLE_DEVICES=<uuid>`), or CPU executors when there is none,
+//! then a proxy in front of them, all as children of this process running
+//! this same binary. Then it supervises:
+//!
+//! - a child that exits on its own is restarted (same id, port and state
+//!   directory, so registrations come back), at most once every two
+//!   seconds;
+//! - Ctrl-C or SIGTERM stops every child gracefully (SIGTERM, then SIGKILL
+//!   after 30 s) and exits; children also get SIGTERM from the kernel if
+//!   this process dies without that chance, so none is orphaned;
+//! - a control socket, `<state>/control.sock`, takes one JSON request per
+//!   line (`ls`, `start`, `stop`, `upgrade_proxy`) from other commands
+//!   (`executors add` and `rm`, `upgrade`) and answers each with one JSON
+//!   line.
+//!
+//! Everything it needs to come back the same lives in the state directory:
+//! the executor set (`up.json`), tokens (`dev-token`, `admin-token`,
+//! `internal-token`, `tokens`, all 0600), each process's state, and logs
+//! (`logs/<id>.log`).
+//!
+//! Who owns what:
+//! - this file: the command's flags, the tokens, the start-up order and the
+//!   welcome text;
+//! - [`launcher`]: which executors run here and how each child is started;
+//! - [`supervisor`]: the running children, restarts, requests carried out,
+//!   the proxy's hand-off, the final stop;
+//! - [`control`]: the control socket's protocol, client and server loop,
+//!   which is all that other commands use of `up`.
+
+pub mod control;
+mod launcher;
+mod supervisor;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tensor_wasm_shared::names::env;
+
+use launcher::{Launcher, Saved};
+use supervisor::Supervisor;
+
+/// Flags of `tensor-wasm up`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where the fleet keeps everything (tokens, placements, functions, logs).
+    #[arg(long, env = env::STATE_DIR, default_value = "./tensor-wasm-state")]
+    state_dir: PathBuf,
+    /// Public listener of the proxy.
+    #[arg(long, env = env::PROXY_LISTEN, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Admin listener of the proxy.
+    #[arg(long, env = env::ADMIN_LISTEN, default_value = "127.0.0.1:9090")]
+    admin_listen: String,
+    /// `auto`: one executor per GPU/MIG slice NVML finds, else CPU
+    /// executors; `cpu`: CPU executors only.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu"])]
+    device: String,
+    /// CPU executors to start when there is no GPU.
+    #[arg(long, env = env::CPU_EXECUTORS, default_value_t = 2)]
+    cpu_executors: usize,
+}
+
+/// Writes a file only its owner may read.
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A secret kept in `<state>/<name>`, made once.
+fn secret(state: &Path, name: &str, prefix: &str) -> anyhow::Result<(String, bool)> {
+    let path = state.join(name);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let t = text.trim().to_string();
+        if !t.is_empty() {
+            return Ok((t, false));
+        }
+    }
+    let mut bytes = [0u8; 24];
+    rand::RngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut bytes)
+        .map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let token = format!("{prefix}{}", hex::encode(bytes));
+    write_private(&path, format!("{token}\n").as_bytes())?;
+    Ok((token, true))
+}
+
+/// The tokens of the fleet.
+struct Tokens {
+    /// Environment every child gets.
+    env: Vec<(String, String)>,
+    /// The dev token `up` made, and whether it is new; None when tokens
+    /// are configured.
+    dev: Option<(String, bool)>,
+}
+
+/// Configured tokens win; otherwise a dev token, and an internal and an
+/// admin token, each made once and kept in the state directory.
+fn tokens(state: &Path) -> anyhow::Result<Tokens> {
+    let mut vars = Vec::new();
+    let mut dev_token = None;
+    let configured = std::env::var_os(env::API_TOKENS).is_some()
+        || std::env::var_os(env::API_TOKENS_FILE).is_some();
+    if !configured {
+        let (token, fresh) = secret(state, "dev-token", "twdev_")?;
+        write_private(&state.join("tokens"), format!("{token}:dev\n").as_bytes())?;
+        vars.push((
+            env::API_TOKENS_FILE.to_string(),
+            state.join("tokens").to_string_lossy().into_owned(),
+        ));
+        dev_token = Some((token, fresh));
+    }
+    if std::env::var_os(env::INTERNAL_TOKEN).is_none() {
+        let (t, _) = secret(state, "internal-token", "twint_")?;
+        vars.push((env::INTERNAL_TOKEN.into(), t));
+    }
+    if std::env::var_os(env::ADMIN_TOKEN).is_none() {
+        let (t, _) = secret(state, "admin-token", "twadm_")?;
+        vars.push((env::ADMIN_TOKEN.into(), t));
+    }
+    Ok(Tokens {
+        env: vars,
+        dev: dev_token,
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let state = args.state_dir.clone();
+    std::fs::create_dir_all(&state)
+        .with_context(|| format!("cannot create {}", state.display()))?;
+    let state = state.canonicalize()?;
+    let me = std::env::current_exe().context("cannot find this binary")?;
+    let tokens = tokens(&state)?;
+    let specs = launcher::plan(
+        Saved::load(&state)?,
+        args.device == "cpu",
+        args.cpu_executors,
+    )?;
+
+    let mut sup = Supervisor::new(Launcher::new(state.clone(), me, tokens.env));
+    for spec in specs {
+        sup.boot_executor(spec)?;
+    }
+    sup.save()?;
+    let executors = sup.executor_specs();
+    sup.launcher()
+        .set_proxy(&args.listen, &args.admin_listen, &executors);
+    let port: u16 = args
+        .listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("--listen needs host:port")?;
+    sup.boot_proxy(port)?;
+
+    let sup = Arc::new(Mutex::new(sup));
+    // The control socket exists before the fleet is announced.
+    let sock = control::socket_path(&state);
+    let listener = control::bind(&sock)
+        .with_context(|| format!("cannot bind the control socket {}", sock.display()))?;
+    print_welcome(&args, &state, executors.len(), tokens.dev.as_ref());
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(supervisor::supervise(sup.clone(), listener, sock))?;
+    supervisor::stop_all(&sup);
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn print_welcome(args: &Args, state: &Path, executors: usize, dev: Option<&(String, bool)>) {
+    let url = format!("http://{}", args.listen);
+    println!(
+        "TensorWasm fleet ready: proxy {url}, admin http://{}, {executors} executors",
+        args.admin_listen
+    );
+    match dev {
+        Some((token, true)) => println!(
+            "dev token (tenant \"dev\"), shown once, kept in {}: {token}",
+            state.join("dev-token").display()
+        ),
+        Some((_, false)) => println!(
+            "dev token (tenant \"dev\") in {}",
+            state.join("dev-token").display()
+        ),
+        None => println!("tokens: as configured ({})", env::API_TOKENS),
+    }
+    println!(
+        "logs in {}; Ctrl-C stops the fleet",
+        state.join("logs").display()
+    );
+    println!();
+    println!(
+        "next: tensor-wasm deploy target/examples-wasm/mlp-digits.wasm --assets examples/mlp-digits/weights.safetensors --name digits"
+    );
+    println!("      (build the examples first with scripts/build-examples)");
+    println!(
+        "      curl -H \"authorization: Bearer $(cat {})\" {url}/functions",
+        state.join("dev-token").display()
+    );
+    let _ = std::io::stdout().flush();
+}

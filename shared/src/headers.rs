@@ -1,0 +1,60 @@
+//! The HTTP headers of the proxy↔executor contract, and the one rule for a
+//! client's request id (docs/API.md, "Request ids").
+//!
+//! The proxy sets both headers on every request it forwards; the executor
+//! reads the tenant from [`TENANT`] and echoes [`REQUEST_ID`] on every
+//! answer. Both accept a caller's request id by [`accept_request_id`], and
+//! make a fresh one otherwise.
+
+/// The tenant a forwarded request acts for.
+pub const TENANT: &str = "x-tensor-wasm-tenant";
+
+/// A request's id, on the request and on its answer.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Longest request id kept from a caller, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The caller's request id, if it is one to keep: 1 to
+/// [`MAX_REQUEST_ID_BYTES`] bytes, each printable ASCII other than space
+/// (`!` to `~`). None means: make a fresh one.
+pub fn accept_request_id(value: &[u8]) -> Option<&str> {
+    if value.is_empty()
+        || value.len() > MAX_REQUEST_ID_BYTES
+        || !value.iter().all(u8::is_ascii_graphic)
+    {
+        return None;
+    }
+    std::str::from_utf8(value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_ids_up_to_128_bytes_are_kept() {
+        assert_eq!(accept_request_id(b"req-7"), Some("req-7"));
+        assert_eq!(
+            accept_request_id(b"!\"#~azAZ09{}[]"),
+            Some("!\"#~azAZ09{}[]")
+        );
+        let longest = "a".repeat(MAX_REQUEST_ID_BYTES);
+        assert_eq!(
+            accept_request_id(longest.as_bytes()),
+            Some(longest.as_str())
+        );
+    }
+
+    #[test]
+    fn other_ids_are_replaced() {
+        assert_eq!(accept_request_id(b""), None);
+        assert_eq!(accept_request_id("a".repeat(129).as_bytes()), None);
+        assert_eq!(accept_request_id(b"two words"), None);
+        assert_eq!(accept_request_id(b"tab\there"), None);
+        assert_eq!(accept_request_id(b"line\r\nbreak"), None);
+        assert_eq!(accept_request_id(b"nul\0"), None);
+        assert_eq!(accept_request_id(b"del\x7f"), None);
+        assert_eq!(accept_request_id("caf\u{e9}".as_bytes()), None);
+    }
+}
