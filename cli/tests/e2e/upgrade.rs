@@ -244,18 +244,22 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
     // Only the proxy's hand-off may close a connection unanswered, never a
     // steady fleet or an executor's upgrade: every such attempt began
     // before the hand-off was over and ended after it had begun.
-    let resent: Vec<(usize, f32, &[(u8, u8)])> = outcomes
+    let resent: Vec<&Outcome> = outcomes
         .iter()
         .filter(|o| !o.resent_in.is_empty())
-        .map(|o| (o.tenant, o.value, o.resent_in.as_slice()))
         .collect();
     assert!(
-        resent.iter().all(|(_, _, attempts)| attempts
+        resent.iter().all(|o| o
+            .resent_in
             .iter()
             .all(|&(began, ended)| began <= HANDING_OFF && ended >= HANDING_OFF)),
         "connections closed unanswered outside the proxy's hand-off \
          ((tenant, sample, [(phase began, phase ended)]), phases {BEFORE} before, \
-         {EXECUTORS} executors, {HANDING_OFF} proxy, {AFTER} after): {resent:?}"
+         {EXECUTORS} executors, {HANDING_OFF} proxy, {AFTER} after): {:?}",
+        resent
+            .iter()
+            .map(|o| (o.tenant, o.value, &o.resent_in))
+            .collect::<Vec<_>>()
     );
 
     // Each tenant's state is continuous: its mean and count cover every
