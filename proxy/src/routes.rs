@@ -16,25 +16,55 @@ pub struct RouteName {
     pub action: &'static str,
 }
 
+/// The public API that the proxy forwards to executors: (method, path
+/// template, audit action). Any other method on a template's path is
+/// forwarded too (the executor answers it 405 `method_not_allowed`), named
+/// by the first entry of that path. `/healthz` and `/metrics` are the
+/// proxy's own. `cli/tests/e2e/routes.rs` checks this table against the
+/// executor's router (`executor/src/http.rs`).
+pub const PUBLIC_ROUTES: &[(&str, &str, &str)] = &[
+    ("GET", "/functions", "functions.list"),
+    ("POST", "/functions", "functions.create"),
+    ("GET", "/functions/{id}", "functions.get"),
+    ("DELETE", "/functions/{id}", "functions.delete"),
+    ("GET", "/functions/{id}/logs", "functions.logs"),
+    ("POST", "/functions/{id}/invoke", "functions.invoke"),
+    (
+        "POST",
+        "/functions/{id}/invoke-async",
+        "functions.invoke_async",
+    ),
+    ("GET", "/jobs", "jobs.list"),
+    ("GET", "/jobs/{id}", "jobs.get"),
+    ("DELETE", "/jobs/{id}", "jobs.cancel"),
+];
+
+/// Whether `path` has the shape of `template` (`{…}` takes one segment).
+fn fits(template: &str, path: &str) -> bool {
+    let mut t = template.trim_matches('/').split('/');
+    let mut p = path.trim_matches('/').split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(t), Some(p)) if t.starts_with('{') || t == p => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Names the route of `method` `path` (query string excluded).
 pub fn classify(method: &str, path: &str) -> RouteName {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (template, action) = match (method, segs.as_slice()) {
-        (_, ["healthz"]) => ("/healthz", "healthz"),
-        (_, ["metrics"]) => ("/metrics", "metrics"),
-        ("POST", ["functions"]) => ("/functions", "functions.create"),
-        (_, ["functions"]) => ("/functions", "functions.list"),
-        ("DELETE", ["functions", _]) => ("/functions/{id}", "functions.delete"),
-        (_, ["functions", _]) => ("/functions/{id}", "functions.get"),
-        (_, ["functions", _, "logs"]) => ("/functions/{id}/logs", "functions.logs"),
-        (_, ["functions", _, "invoke"]) => ("/functions/{id}/invoke", "functions.invoke"),
-        (_, ["functions", _, "invoke-async"]) => {
-            ("/functions/{id}/invoke-async", "functions.invoke_async")
+    let (template, action) = match path.trim_matches('/') {
+        "healthz" => ("/healthz", "healthz"),
+        "metrics" => ("/metrics", "metrics"),
+        _ => {
+            let mut same_path = PUBLIC_ROUTES.iter().filter(|(_, t, _)| fits(t, path));
+            let first = same_path.next();
+            same_path
+                .find(|(m, ..)| *m == method)
+                .or(first)
+                .map_or(("other", "other"), |&(_, t, a)| (t, a))
         }
-        (_, ["jobs"]) => ("/jobs", "jobs.list"),
-        ("DELETE", ["jobs", _]) => ("/jobs/{id}", "jobs.cancel"),
-        (_, ["jobs", _]) => ("/jobs/{id}", "jobs.get"),
-        _ => ("other", "other"),
     };
     RouteName { template, action }
 }
@@ -101,5 +131,27 @@ mod tests {
             );
         }
         assert_eq!(method_label("BREW"), "other");
+    }
+
+    #[test]
+    fn the_table_names_every_method_on_its_paths() {
+        for &(method, template, action) in PUBLIC_ROUTES {
+            let path = template.replace("{id}", "x1");
+            assert_eq!(
+                classify(method, &path),
+                RouteName { template, action },
+                "{method} {path}"
+            );
+            // Other methods keep the template, named by its first entry.
+            let first = PUBLIC_ROUTES.iter().find(|r| r.1 == template).unwrap();
+            assert_eq!(classify("PUT", &path).action, first.2, "PUT {path}");
+        }
+        assert_eq!(classify("GET", "/functions/a/b").template, "other");
+        assert_eq!(classify("GET", "/internal/info").template, "other");
+        assert_eq!(classify("GET", "/").template, "other");
+        assert_eq!(
+            classify("GET", "/functions//logs").template,
+            "/functions/{id}/logs"
+        );
     }
 }

@@ -246,19 +246,6 @@ impl Api {
         }
     }
 
-    /// A client that opens a new connection for every request.
-    pub fn unpooled(base: &str) -> Api {
-        Api {
-            base: base.to_string(),
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .max_idle_connections(0)
-                .timeout_global(Some(Duration::from_secs(30)))
-                .build()
-                .into(),
-        }
-    }
-
     /// One request; `Err` only when no answer came.
     pub fn try_call(
         &self,
@@ -820,14 +807,17 @@ pub fn multipart(parts: &[(&str, &str, &[u8])]) -> (String, Vec<u8>) {
 /// Why a raw request got no answer.
 #[derive(Debug)]
 pub enum RawError {
-    /// The connection failed before any byte of the request was written:
-    /// the only failure a client may retry blindly.
+    /// The connection failed before any byte of the request was written.
     Connect(std::io::Error),
-    /// Anything after: the request may have reached the proxy.
+    /// The connection was closed (an end of stream or a reset) before any
+    /// byte of an answer arrived.
+    Unanswered(String),
+    /// Anything else: a time-out, a partial or malformed answer.
     After(String),
 }
 
-/// One `POST` on a fresh connection, `Connection: close`: (status, body).
+/// One `POST` of JSON on a fresh connection, `Connection: close`: (status,
+/// body).
 pub fn raw_post(
     addr: &str,
     path: &str,
@@ -835,20 +825,68 @@ pub fn raw_post(
     body: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), RawError> {
-    use std::io::{Read, Write};
+    let auth = format!("Bearer {token}");
+    raw_request(
+        addr,
+        "POST",
+        path,
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body,
+        timeout,
+    )
+}
+
+/// One request on a fresh connection, `Connection: close`: (status, body).
+pub fn raw_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), RawError> {
+    use std::io::{ErrorKind, Read, Write};
     let mut s = std::net::TcpStream::connect(addr).map_err(RawError::Connect)?;
     let after = |e: std::io::Error| RawError::After(e.to_string());
+    // A closed connection, as opposed to a slow one.
+    let closed = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+        )
+    };
     s.set_read_timeout(Some(timeout)).map_err(after)?;
     s.set_nodelay(true).map_err(after)?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
+    ));
     let mut req = head.into_bytes();
     req.extend_from_slice(body);
-    s.write_all(&req).map_err(after)?;
+    match s.write_all(&req) {
+        Err(e) if closed(&e) => return Err(RawError::Unanswered(format!("writing: {e}"))),
+        r => r.map_err(after)?,
+    }
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(after)?;
+    match s.read_to_end(&mut resp) {
+        Err(e) if closed(&e) && resp.is_empty() => {
+            return Err(RawError::Unanswered(format!("reading: {e}")));
+        }
+        r => r.map_err(after)?,
+    };
+    if resp.is_empty() {
+        return Err(RawError::Unanswered("closed without an answer".into()));
+    }
     let split = resp
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

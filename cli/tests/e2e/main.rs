@@ -7,5 +7,6 @@ mod executor;
 mod harness;
 mod operations;
 mod proxy;
+mod routes;
 mod up;
 mod upgrade;

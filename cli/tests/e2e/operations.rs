@@ -4,10 +4,12 @@
 //! hand-off to a new proxy process.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Api, ProxyOptions, ProxyProcess, TestFleet, parse_counter, tenants_on};
+use crate::harness::{
+    ProxyOptions, ProxyProcess, RawError, TestFleet, parse_counter, raw_post, tenants_on,
+};
 
 fn tenants(n: usize) -> String {
     (0..n)
@@ -268,6 +270,11 @@ fn tokens_rotate_on_sighup_without_a_restart() {
     assert_eq!(p.call("tok-b", "GET", "/functions", None).status, 200);
 }
 
+/// Where the hand-off was when a request began, in order.
+const OLD_SERVING: u8 = 0;
+const HANDING_OFF: u8 = 1;
+const OLD_GONE: u8 = 2;
+
 #[test]
 fn a_new_proxy_takes_the_sockets_over_without_a_failed_request() {
     let mut fleet = TestFleet::start(2, ProxyOptions::default());
@@ -275,45 +282,78 @@ fn a_new_proxy_takes_the_sockets_over_without_a_failed_request() {
     let home = fleet.proxy.placement("acme").unwrap();
     let options = fleet.proxy.options.clone();
 
-    // A client on fresh connections, calling throughout.
+    // A client on fresh connections, calling throughout. It stops at the
+    // first failed request; `answered[phase]` counts the requests answered
+    // by phase at which they began.
     let stop = Arc::new(AtomicBool::new(false));
+    let phase = Arc::new(AtomicU8::new(OLD_SERVING));
+    let answered: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
     let client = {
-        let stop = stop.clone();
-        let api = Api::unpooled(&fleet.proxy.api.base);
-        let id = id.clone();
-        std::thread::spawn(move || {
+        let (stop, phase, answered) = (stop.clone(), phase.clone(), answered.clone());
+        let addr = fleet
+            .proxy
+            .api
+            .base
+            .trim_start_matches("http://")
+            .to_string();
+        let path = format!("/functions/{id}/invoke");
+        std::thread::spawn(move || -> Result<Vec<u8>, String> {
             let mut last = 0;
-            let mut calls = 0;
-            let mut unread = 0;
-            while !stop.load(Ordering::Relaxed) {
-                // A connection the old process accepted in the instant its
-                // listeners stop, before the request arrived, is closed
-                // unread (pingora, docs/UPGRADE.md). The request never ran,
-                // so it is sent again; the counter below shows that no
-                // request ran twice or was lost.
-                let r = match api.try_call(
-                    "POST",
-                    &format!("/functions/{id}/invoke"),
-                    &[("authorization", "Bearer tok-acme")],
-                    Some(("text/plain", b"")),
+            let mut resent_in = Vec::new();
+            let mut in_a_row = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let began = phase.load(Ordering::SeqCst);
+                match raw_post(
+                    &addr,
+                    &path,
+                    "tok-acme",
+                    br#"{"inputs": {}}"#,
+                    Duration::from_secs(30),
                 ) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        unread += 1;
-                        assert!(unread <= 3, "{unread} connections closed unanswered: {e}");
+                    Ok((200, body)) => {
+                        // The counter counts runs: a request lost or run
+                        // twice shows here.
+                        let n = parse_counter(&body).0;
+                        if n != last + 1 {
+                            return Err(format!("counter {n} after {last}"));
+                        }
+                        last = n;
+                        in_a_row = 0;
+                        answered[usize::from(began)].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok((status, body)) => {
+                        return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+                    }
+                    // A connection the old process accepted in the instant
+                    // its listeners stop, before the request arrived, is
+                    // closed unread (pingora, docs/UPGRADE.md). The request
+                    // never ran, so it is sent again; the counter shows
+                    // that it did not run twice.
+                    Err(RawError::Unanswered(e)) if in_a_row < 10 => {
+                        eprintln!("closed unanswered ({e}), sending again");
+                        resent_in.push(began);
+                        in_a_row += 1;
                         continue;
                     }
-                };
-                assert_eq!(r.status, 200, "{}", r.text());
-                let n = parse_counter(&r.body).0;
-                assert_eq!(n, last + 1);
-                last = n;
-                calls += 1;
+                    Err(e) => return Err(format!("{e:?}")),
+                }
                 std::thread::sleep(Duration::from_millis(2));
             }
-            calls
+            Ok(resent_in)
         })
     };
+    let wait_answered = |phase: u8, n: usize, what: &str| {
+        let start = Instant::now();
+        while answered[usize::from(phase)].load(Ordering::SeqCst) < n {
+            assert!(!client.is_finished(), "the client failed {what}");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no answers {what}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_answered(OLD_SERVING, 5, "before the hand-off");
 
     let state = fleet.proxy_state();
     let mut successor = ProxyProcess::start(
@@ -334,6 +374,7 @@ fn a_new_proxy_takes_the_sockets_over_without_a_failed_request() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(100));
+    phase.store(HANDING_OFF, Ordering::SeqCst);
     fleet.proxy.signal("QUIT");
     successor.wait_ready();
     // The old process drains and exits on its own.
@@ -346,12 +387,21 @@ fn a_new_proxy_takes_the_sockets_over_without_a_failed_request() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let calls = client
+    // From here only the successor holds the sockets: requests begun now
+    // are answered by it.
+    phase.store(OLD_GONE, Ordering::SeqCst);
+    wait_answered(OLD_GONE, 20, "after the old proxy exited");
+    stop.store(true, Ordering::SeqCst);
+    let resent_in = client
         .join()
-        .expect("no failed request across the hand-off");
-    assert!(calls > 10, "{calls}");
+        .unwrap()
+        .unwrap_or_else(|e| panic!("a failed request across the hand-off: {e}"));
+    // Only the old process closes connections unread: no request begun
+    // after it exited was.
+    assert!(
+        resent_in.iter().all(|&p| p != OLD_GONE),
+        "connections closed unread by the successor (phases when begun): {resent_in:?}"
+    );
     assert_eq!(successor.placement("acme").as_deref(), Some(home.as_str()));
     assert!(successor.log_text().contains("proxy serving"));
     fleet.proxy = successor;

@@ -16,17 +16,31 @@ const TENANTS: usize = 50;
 /// Requests per second, open loop.
 const RATE: f64 = 300.0;
 
-/// Where the load was when a request started.
-const STEADY: u8 = 0;
-const UPGRADING: u8 = 1;
+/// Where the load was, in order: before the upgrade, while the executors
+/// upgrade, while the proxy hands its sockets over (`upgrade
+/// --proxy-binary`), after.
+const BEFORE: u8 = 0;
+const EXECUTORS: u8 = 1;
+const HANDING_OFF: u8 = 2;
+const AFTER: u8 = 3;
+
+/// Connections closed unanswered that one request may meet before it
+/// counts as failed (a bound, so that a proxy closing every connection
+/// fails the test instead of hanging it).
+const MAX_RESENDS: usize = 10;
 
 #[derive(Debug)]
 struct Outcome {
     tenant: usize,
     value: f32,
+    /// The phase when the request was queued.
     phase: u8,
     latency_ms: f64,
     result: Result<(u16, Vec<u8>), String>,
+    /// For each time the request's connection closed before any byte of an
+    /// answer, after which it was sent again: the phases when that attempt
+    /// began and when it ended.
+    resent_in: Vec<(u8, u8)>,
 }
 
 fn running_mean() -> Option<Vec<u8>> {
@@ -122,14 +136,13 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
     // The open-loop client: request k starts at k / RATE seconds, for
     // tenant k mod TENANTS, sending the sample value k.
     let stop = Arc::new(AtomicBool::new(false));
-    let phase = Arc::new(AtomicU8::new(STEADY));
+    let phase = Arc::new(AtomicU8::new(BEFORE));
     let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
-    let retries = Arc::new(Mutex::new(0usize));
     let (tx, rx) = std::sync::mpsc::channel::<(usize, f32, u8)>();
     let rx = Arc::new(Mutex::new(rx));
     let workers: Vec<_> = (0..24)
         .map(|_| {
-            let (rx, outcomes, retries) = (rx.clone(), outcomes.clone(), retries.clone());
+            let (rx, outcomes, now) = (rx.clone(), outcomes.clone(), phase.clone());
             let (addr, tokens, fns) = (addr.clone(), tokens.clone(), fns.clone());
             std::thread::spawn(move || {
                 loop {
@@ -142,16 +155,23 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
                     );
                     let path = format!("/functions/{}/invoke", fns[tenant]);
                     let started = Instant::now();
+                    let mut resent_in = Vec::new();
                     let result = loop {
+                        let began = now.load(Ordering::SeqCst);
                         match raw_post(&addr, &path, &tokens[tenant], body.as_bytes(), Duration::from_secs(30)) {
-                            Err(RawError::Connect(e)) => {
-                                let mut r = retries.lock().unwrap();
-                                if *r == 0 {
-                                    eprintln!("connect failed, retrying: {e}");
-                                }
-                                *r += 1;
-                                std::thread::sleep(Duration::from_millis(5));
+                            // The listening sockets never close
+                            // (docs/UPGRADE.md): a refused connection is a
+                            // failed request.
+                            Err(RawError::Connect(e)) => break Err(format!("connect: {e}")),
+                            // Closed before any byte of an answer: the
+                            // request was never read (docs/UPGRADE.md), so
+                            // it is sent again; the tenants' counts below
+                            // show that none ran twice.
+                            Err(RawError::Unanswered(e)) if resent_in.len() < MAX_RESENDS => {
+                                resent_in.push((began, now.load(Ordering::SeqCst)));
+                                eprintln!("t{tenant}: closed unanswered ({e}), sending again");
                             }
+                            Err(RawError::Unanswered(e)) => break Err(format!("unanswered: {e}")),
                             Err(RawError::After(e)) => break Err(e),
                             Ok(r) => break Ok(r),
                         }
@@ -162,6 +182,7 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
                         phase,
                         latency_ms: started.elapsed().as_secs_f64() * 1e3,
                         result,
+                        resent_in,
                     });
                 }
             })
@@ -186,14 +207,15 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
 
     std::thread::sleep(Duration::from_secs(2));
     let binary = new_binary(dir.path());
-    phase.store(UPGRADING, Ordering::Relaxed);
+    phase.store(EXECUTORS, Ordering::SeqCst);
     let upgrade_started = Instant::now();
     let report = upgrade(&up, "--executor-binary", &binary);
     let executors_took = upgrade_started.elapsed();
     let pauses = pauses(&report);
     assert_eq!(pauses.len(), TENANTS, "every tenant moved once");
+    phase.store(HANDING_OFF, Ordering::SeqCst);
     upgrade(&up, "--proxy-binary", &binary);
-    phase.store(STEADY, Ordering::Relaxed);
+    phase.store(AFTER, Ordering::SeqCst);
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let sent = pacer.join().unwrap();
@@ -219,8 +241,30 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
             .collect::<Vec<_>>()
     );
 
+    // Only the proxy's hand-off may close a connection unanswered, never a
+    // steady fleet or an executor's upgrade: every such attempt began
+    // before the hand-off was over and ended after it had begun.
+    let resent: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| !o.resent_in.is_empty())
+        .collect();
+    assert!(
+        resent.iter().all(|o| o
+            .resent_in
+            .iter()
+            .all(|&(began, ended)| began <= HANDING_OFF && ended >= HANDING_OFF)),
+        "connections closed unanswered outside the proxy's hand-off \
+         ((tenant, sample, [(phase began, phase ended)]), phases {BEFORE} before, \
+         {EXECUTORS} executors, {HANDING_OFF} proxy, {AFTER} after): {:?}",
+        resent
+            .iter()
+            .map(|o| (o.tenant, o.value, &o.resent_in))
+            .collect::<Vec<_>>()
+    );
+
     // Each tenant's state is continuous: its mean and count cover every
-    // sample it was sent, across both moves.
+    // sample it was sent, across both moves, each exactly once — resent
+    // requests included: one that ran twice would count twice.
     let mut per_tenant: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     for o in &outcomes {
         per_tenant.entry(o.tenant).or_default().push(o.value);
@@ -268,12 +312,16 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
         v.sort_by(f64::total_cmp);
         v
     };
-    let (steady, during) = (lat(STEADY), lat(UPGRADING));
+    let (mut steady, mut during) = (lat(BEFORE), lat(EXECUTORS));
+    steady.extend(lat(AFTER));
+    steady.sort_by(f64::total_cmp);
+    during.extend(lat(HANDING_OFF));
+    during.sort_by(f64::total_cmp);
     eprintln!(
-        "UPGRADE REPORT tenants={TENANTS} rate={RATE}/s sent={sent} failed=0 connect_retries={}\n\
+        "UPGRADE REPORT tenants={TENANTS} rate={RATE}/s sent={sent} failed=0 resent_unanswered={}\n\
          steady: n={} p50={:.2} ms p99={:.2} ms | during upgrade: n={} p50={:.2} ms p99={:.2} ms\n\
          executors upgraded in {:.2} s ({TENANTS} tenants moved); per-tenant pause p50={:.2} ms p99={:.2} ms max={:.2} ms",
-        *retries.lock().unwrap(),
+        resent.len(),
         steady.len(),
         percentile(&steady, 50.0),
         percentile(&steady, 99.0),

@@ -135,19 +135,34 @@ fn wait_running(ex: &TestExecutor, id: &str) {
     }
 }
 
+/// Writes its raw body to stdout (so to the function's log), then, if the
+/// body is "spin\n", loops until its deadline.
+const ECHO_TO_LOG: &str = r#"(module
+  (import "tensor" "input_len" (func $input_len (result i32)))
+  (import "tensor" "input_read" (func $input_read (param i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "handle") (result i32)
+    ;; the body at 64, one iovec {64, len} at 0, bytes written at 8
+    (i32.store (i32.const 0) (i32.const 64))
+    (i32.store (i32.const 4) (call $input_read (i32.const 0) (i32.const 64) (i32.const 1024)))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+    (if (i32.eq (call $input_len) (i32.const 5)) (then (loop $l (br $l))))
+    (i32.const 0)))"#;
+
 #[test]
 fn pending_jobs_can_be_cancelled_running_ones_not() {
     let dir = tempfile::tempdir().unwrap();
-    let (ex, id) = one_job_slot(dir.path(), 1500, TenantQuotas::default());
-    let slow = submit(&ex, "t1", &id, "text/plain", b"spin");
+    let limits = EngineLimits {
+        job_concurrency: 1,
+        default_deadline: Duration::from_millis(1500),
+        ..small_limits()
+    };
+    let ex = TestExecutor::start_in(dir.path(), limits, TenantQuotas::default());
+    let id = ex.deploy("t1", "echo-to-log", ECHO_TO_LOG);
+    let slow = submit(&ex, "t1", &id, "text/plain", b"spin\n");
     wait_running(&ex, &slow);
-    let queued = submit(
-        &ex,
-        "t1",
-        &id,
-        "application/json",
-        &f32_inputs(&[("x", &[1], &[1.0])]),
-    );
+    let queued = submit(&ex, "t1", &id, "text/plain", b"queued\n");
     assert_eq!(
         ex.get("t1", &format!("/jobs/{queued}")).json()["status"],
         "pending"
@@ -155,13 +170,21 @@ fn pending_jobs_can_be_cancelled_running_ones_not() {
     let r = ex.delete("t1", &format!("/jobs/{slow}"));
     assert_eq!((r.status, r.code().as_str()), (409, "job_running"));
     assert_eq!(ex.delete("t1", &format!("/jobs/{queued}")).status, 204);
+    assert_eq!(ex.get("t1", &format!("/jobs/{queued}")).status, 404);
     let slow_done = wait_finished(&ex, "t1", &slow).json();
     assert_eq!(slow_done["error"]["code"], "deadline_exceeded");
-    std::thread::sleep(Duration::from_millis(100));
+    // A job submitted after the cancelled one, through the same single job
+    // slot and the same function: once it has run, the cancelled job would
+    // have run too, and every run leaves its body in the function's log.
+    let after = submit(&ex, "t1", &id, "text/plain", b"after\n");
+    let after_done = wait_finished(&ex, "t1", &after).json();
+    assert_eq!(after_done["status"], "succeeded", "{after_done}");
+    let logs = ex.get("t1", &format!("/functions/{id}/logs"));
+    assert_eq!(logs.status, 200, "{}", logs.text());
     assert_eq!(
-        ex.get("t1", &format!("/jobs/{queued}")).status,
-        404,
-        "a cancelled job never runs"
+        logs.text(),
+        "spin\nafter\n",
+        "the log shows every run: a cancelled job never runs"
     );
 }
 
