@@ -26,7 +26,6 @@ use pingora::protocols::http::ServerSession;
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tensor_wasm_shared::api::ExecutorInfo;
 use tensor_wasm_shared::audit::{AuditRecord, Outcome};
 use tensor_wasm_shared::{ApiError, ErrorCode};
 
@@ -133,16 +132,13 @@ impl AdminApi {
     }
 
     async fn executor_entry(&self, exec: &Executor) -> serde_json::Value {
-        let fresh = match self
+        let fresh = self
             .orchestrator
             .fleet()
             .client(exec)
-            .get("/internal/info", INFO_TIMEOUT)
+            .info(INFO_TIMEOUT)
             .await
-        {
-            Ok(b) => serde_json::from_slice::<ExecutorInfo>(&b).ok(),
-            Err(_) => None,
-        };
+            .ok();
         if let Some(info) = &fresh {
             exec.set_info(info.clone());
         }

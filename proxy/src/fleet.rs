@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::placement::{Candidate, PlacementError, Placements};
-use crate::upstream::ExecutorClient;
+use crate::upstream::{Connector, ExecutorApi, HttpConnector};
 
 /// How long and how many requests of a moving tenant may wait.
 #[derive(Clone, Copy, Debug)]
@@ -195,6 +195,8 @@ pub struct Fleet {
     /// new tenants where the successor will place them but records nothing.
     handing_off: AtomicBool,
     internal_token: String,
+    /// Makes the clients of [`Fleet::client`].
+    connector: Arc<dyn Connector>,
     pub queue: QueueLimits,
     state_dir: PathBuf,
 }
@@ -212,10 +214,23 @@ pub enum RegisterError {
 
 impl Fleet {
     /// Loads the placement table from `state_dir` and registers the
-    /// executors it names plus `extra` (id, address) pairs.
+    /// executors it names plus `extra` (id, address) pairs; executors are
+    /// called over HTTP with `internal_token`.
     pub fn open(
         state_dir: &Path,
         internal_token: &str,
+        queue: QueueLimits,
+        extra: &[(String, String)],
+    ) -> Result<Fleet, RegisterError> {
+        let connector = Arc::new(HttpConnector::new(internal_token));
+        Fleet::open_with(state_dir, internal_token, connector, queue, extra)
+    }
+
+    /// [`Fleet::open`], with executors called through `connector`.
+    pub fn open_with(
+        state_dir: &Path,
+        internal_token: &str,
+        connector: Arc<dyn Connector>,
         queue: QueueLimits,
         extra: &[(String, String)],
     ) -> Result<Fleet, RegisterError> {
@@ -232,6 +247,7 @@ impl Fleet {
             gates: Mutex::new(HashMap::new()),
             handing_off: AtomicBool::new(false),
             internal_token: internal_token.to_string(),
+            connector,
             queue,
             state_dir: state_dir.to_path_buf(),
         };
@@ -304,8 +320,14 @@ impl Fleet {
     }
 
     /// A client for `exec`'s internal API.
-    pub fn client(&self, exec: &Executor) -> ExecutorClient {
-        ExecutorClient::new(&exec.addr, &self.internal_token)
+    pub fn client(&self, exec: &Executor) -> Arc<dyn ExecutorApi> {
+        self.connector.connect(&exec.addr)
+    }
+
+    /// A client for the internal API of an executor at `addr` that is not
+    /// registered (yet): DNS discovery asks it for its id.
+    pub fn client_at(&self, addr: &str) -> Arc<dyn ExecutorApi> {
+        self.connector.connect(addr)
     }
 
     pub fn internal_token(&self) -> &str {

@@ -20,6 +20,9 @@
 //! 5. The placement file points T at B, the gate opens and the queue drains
 //!    to B; then A drops T and the stored bytes are deleted.
 //!
+//! Each executor call above is one method of
+//! [`crate::upstream::ExecutorApi`].
+//!
 //! Why no request is lost: a request is either in flight before step 1 (and
 //! step 2 waits for its answer), or it waits at the gate until step 4 or 5
 //! has decided where T lives, and then goes there. T is frozen on A only
@@ -37,20 +40,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tensor_wasm_shared::api::ExecutorInfo;
 use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
 use tokio::time::Instant;
 
 use crate::fleet::{CloseError, Executor, Fleet};
 use crate::metrics::ProxyMetrics;
 use crate::placement::{Candidate, PlacementError};
-use crate::upstream::UpstreamError;
-
-/// Longest an export or import may take; a multi-GiB tenant on a slow
-/// disk still fits, and a wedged executor does not hold a move forever.
-const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
-/// Longest a thaw, drop or info call may take.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::upstream::{CONTROL_TIMEOUT, UpstreamError};
 
 /// One finished move.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -148,10 +144,6 @@ pub struct Orchestrator {
     /// One fleet-wide operation (drain, rebalance) at a time; single moves
     /// are serialised per tenant by its gate.
     bulk: tokio::sync::Mutex<()>,
-}
-
-fn tenant_path(tenant: &TenantId, op: &str) -> String {
-    format!("/internal/tenants/{tenant}/{op}")
 }
 
 impl Orchestrator {
@@ -273,12 +265,8 @@ impl Orchestrator {
             }
         };
         let paused_at = Instant::now();
-        let src_client = self.fleet.client(&src);
         // 3. Export and keep the bytes.
-        let snapshot = match src_client
-            .post(&tenant_path(&t, "export"), Bytes::new(), TRANSFER_TIMEOUT)
-            .await
-        {
+        let snapshot = match self.fleet.client(&src).export(&t).await {
             Ok(b) => Some(b),
             // A has never seen T: there is nothing to carry.
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
@@ -304,16 +292,7 @@ impl Orchestrator {
                 return Err(e.into());
             }
             // 4. Import on B; on failure A thaws T and keeps it.
-            if let Err(e) = self
-                .fleet
-                .client(&dest)
-                .post(
-                    &tenant_path(&t, "import"),
-                    snapshot.clone(),
-                    TRANSFER_TIMEOUT,
-                )
-                .await
-            {
+            if let Err(e) = self.fleet.client(&dest).import(&t, snapshot.clone()).await {
                 if self.thaw(&src, &t).await {
                     abort(self);
                     remove_file(&path).await;
@@ -347,11 +326,8 @@ impl Orchestrator {
     async fn prewarm(&self, src: &Executor, dest: &Executor, t: &TenantId) {
         let (from, to) = (self.fleet.client(src), self.fleet.client(dest));
         let started = Instant::now();
-        let list = match from
-            .get(&format!("/internal/tenants/{t}/modules"), CONTROL_TIMEOUT)
-            .await
-        {
-            Ok(b) => serde_json::from_slice::<serde_json::Value>(&b).unwrap_or_default(),
+        let ids = match from.modules(t).await {
+            Ok(ids) => ids,
             Err(e) => {
                 if e.code() != Some(ErrorCode::TenantNotHere) {
                     tracing::debug!(tenant = %t, error = %e, "no module list to prewarm");
@@ -359,29 +335,15 @@ impl Orchestrator {
                 return;
             }
         };
-        let ids: Vec<String> = list["modules"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
         for id in &ids {
-            let wasm = match from
-                .get(
-                    &format!("/internal/tenants/{t}/modules/{id}"),
-                    TRANSFER_TIMEOUT,
-                )
-                .await
-            {
+            let wasm = match from.module(t, id).await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::debug!(tenant = %t, function = %id, error = %e, "module not fetched");
                     continue;
                 }
             };
-            if let Err(e) = to.post("/internal/modules", wasm, TRANSFER_TIMEOUT).await {
+            if let Err(e) = to.precompile(wasm).await {
                 tracing::debug!(tenant = %t, function = %id, error = %e, "module not precompiled");
             }
         }
@@ -390,13 +352,8 @@ impl Orchestrator {
 
     /// Thaws `t` on `exec`; true when it is (or was never) frozen there.
     async fn thaw(&self, exec: &Executor, t: &TenantId) -> bool {
-        match self
-            .fleet
-            .client(exec)
-            .post(&tenant_path(t, "thaw"), Bytes::new(), CONTROL_TIMEOUT)
-            .await
-        {
-            Ok(_) => true,
+        match self.fleet.client(exec).thaw(t).await {
+            Ok(()) => true,
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => true,
             Err(e) => {
                 tracing::error!(tenant = %t, executor = %exec.id, error = %e, "thaw failed");
@@ -408,13 +365,8 @@ impl Orchestrator {
     /// Drops `t` from `exec`, best effort: a leftover copy is frozen and
     /// unreachable, and is dropped when `exec` next restarts empty of it.
     async fn drop_on(&self, exec: &Executor, t: &TenantId) {
-        match self
-            .fleet
-            .client(exec)
-            .delete(&format!("/internal/tenants/{t}"), CONTROL_TIMEOUT)
-            .await
-        {
-            Ok(_) => {}
+        match self.fleet.client(exec).drop_tenant(t).await {
+            Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
             Err(e) => {
                 tracing::warn!(tenant = %t, executor = %exec.id, error = %e, "could not drop a moved tenant from its source")
@@ -484,17 +436,17 @@ impl Orchestrator {
             return Err(MigrateError::UnknownExecutor(mv.to.clone()));
         };
         let dest_client = self.fleet.client(&dest);
-        let info = match dest_client.get("/internal/info", CONTROL_TIMEOUT).await {
-            Ok(b) => serde_json::from_slice::<ExecutorInfo>(&b).ok(),
+        let info = match dest_client.info(CONTROL_TIMEOUT).await {
+            Ok(info) => Some(info),
+            // An answer, but not one that lists tenants: import, and let
+            // the destination say whether it holds T already.
+            Err(UpstreamError::BadAnswer { .. }) => None,
             Err(_) => return Ok(false),
         };
         let has_it = info.is_some_and(|i| i.tenants.iter().any(|x| x == t.as_str()));
         if !has_it {
-            match dest_client
-                .post(&tenant_path(t, "import"), bytes, TRANSFER_TIMEOUT)
-                .await
-            {
-                Ok(_) => {}
+            match dest_client.import(t, bytes).await {
+                Ok(()) => {}
                 Err(e) if e.is_unreachable() => return Ok(false),
                 Err(e) => {
                     // B refuses the bytes: keep T on A.
@@ -624,11 +576,7 @@ impl Orchestrator {
         let t = Self::tenant(tenant)?;
         let exec = self.home(&t)?;
         let closed = self.close(&t).await?;
-        let result = self
-            .fleet
-            .client(&exec)
-            .post(&tenant_path(&t, "export"), Bytes::new(), TRANSFER_TIMEOUT)
-            .await;
+        let result = self.fleet.client(&exec).export(&t).await;
         let thawed = self.thaw(&exec, &t).await;
         drop(closed);
         let bytes = result.map_err(|e| MigrateError::Executor(exec.id.clone(), e))?;
@@ -654,28 +602,20 @@ impl Orchestrator {
         };
         let closed = self.close(&t).await?;
         let client = self.fleet.client(&exec);
-        let previous = match client
-            .post(&tenant_path(&t, "export"), Bytes::new(), TRANSFER_TIMEOUT)
-            .await
-        {
+        let previous = match client.export(&t).await {
             Ok(b) => Some(b),
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
             Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
         };
         if previous.is_some() {
             client
-                .delete(&format!("/internal/tenants/{t}"), CONTROL_TIMEOUT)
+                .drop_tenant(&t)
                 .await
                 .map_err(|e| MigrateError::Executor(exec.id.clone(), e))?;
         }
-        let result = client
-            .post(&tenant_path(&t, "import"), snapshot, TRANSFER_TIMEOUT)
-            .await;
-        if let Err(e) = result {
+        if let Err(e) = client.import(&t, snapshot).await {
             if let Some(previous) = previous
-                && let Err(back) = client
-                    .post(&tenant_path(&t, "import"), previous, TRANSFER_TIMEOUT)
-                    .await
+                && let Err(back) = client.import(&t, previous).await
             {
                 tracing::error!(tenant = %t, error = %back, "restore failed and the previous state could not be put back");
             }
@@ -703,13 +643,8 @@ impl Orchestrator {
         let t = Self::tenant(tenant)?;
         let exec = self.home(&t)?;
         let closed = self.close(&t).await?;
-        match self
-            .fleet
-            .client(&exec)
-            .delete(&format!("/internal/tenants/{t}"), CONTROL_TIMEOUT)
-            .await
-        {
-            Ok(_) => {}
+        match self.fleet.client(&exec).drop_tenant(&t).await {
+            Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
             Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
         }
