@@ -483,6 +483,11 @@ impl Fleet {
         Some(Closed { gate })
     }
 
+    /// Whether `tenant`'s gate is closed now.
+    pub fn gate_closed(&self, tenant: &str) -> bool {
+        lock(&self.gate(tenant).state).closed
+    }
+
     /// Requests of `tenant` in flight and waiting now.
     pub fn gate_counts(&self, tenant: &str) -> (usize, usize) {
         let gate = self.gate(tenant);

@@ -21,7 +21,8 @@
 //!    to B; then A drops T and the stored bytes are deleted.
 //!
 //! Each executor call above is one method of
-//! [`crate::upstream::ExecutorApi`].
+//! [`crate::upstream::ExecutorApi`]; proxy/src/migrate/tests.rs walks the
+//! steps and their failures against in-memory executors.
 //!
 //! Why no request is lost: a request is either in flight before step 1 (and
 //! step 2 waits for its answer), or it waits at the gate until step 4 or 5
@@ -692,14 +693,4 @@ async fn remove_file(path: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn no_executor_to_move_to_is_unavailable_not_internal() {
-        let e = MigrateError::Placement(PlacementError::NoExecutor).api_error();
-        assert_eq!(e.code, ErrorCode::ExecutorUnavailable);
-        let e = MigrateError::Placement(PlacementError::Unplaced("t".into())).api_error();
-        assert_eq!(e.code, ErrorCode::Internal);
-    }
-}
+mod tests;

@@ -40,6 +40,9 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a health probe may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+#[cfg(test)]
+pub(crate) mod scripted;
+
 /// Why a call to an executor gave no usable answer.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
