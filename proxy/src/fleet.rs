@@ -505,6 +505,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::scripted::until;
 
     fn fleet(dir: &Path) -> Fleet {
         Fleet::open(
@@ -540,7 +541,7 @@ mod tests {
             let fleet = fleet.clone();
             tokio::spawn(async move { fleet.close_gate("acme", Duration::from_secs(5)).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        until("the gate closes", || fleet.gate_closed("acme")).await;
         drop(first);
         let closed = closer.await.unwrap().unwrap();
         // A request now waits; moving the placement meanwhile sends it to
@@ -551,8 +552,7 @@ mod tests {
                 async move { fleet.route(&t("acme")).await.map(|r| r.executor.id.clone()) },
             )
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(fleet.gate_counts("acme"), (0, 1));
+        until("the request waits", || fleet.gate_counts("acme") == (0, 1)).await;
         let other = if home == "cpu0" { "cpu1" } else { "cpu0" };
         {
             let mut p = fleet.placements();
@@ -583,7 +583,7 @@ mod tests {
                 tokio::spawn(async move { fleet.route(&t("acme")).await.map(|_| ()) })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        until("both wait", || fleet.gate_counts("acme") == (0, 2)).await;
         let full = fleet.route(&t("acme")).await.unwrap_err();
         assert!(matches!(full, RouteError::QueueFull(_)));
         assert_eq!(full.api_error().code, ErrorCode::TenantMoving);
@@ -598,8 +598,7 @@ mod tests {
             let fleet = fleet.clone();
             tokio::spawn(async move { fleet.route(&t("acme")).await.map(|_| ()) })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(fleet.gate_counts("acme"), (0, 1));
+        until("it waits", || fleet.gate_counts("acme") == (0, 1)).await;
         gone.abort();
         let _ = gone.await;
         assert_eq!(fleet.gate_counts("acme"), (0, 0));
