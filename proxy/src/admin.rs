@@ -142,7 +142,11 @@ impl AdminApi {
         if let Some(info) = &fresh {
             exec.set_info(info.clone());
         }
-        let tenants = self.orchestrator.fleet().placements().tenants_of(&exec.id);
+        let tenants = self
+            .orchestrator
+            .fleet()
+            .placements()
+            .tenants_of(exec.id.as_str());
         let draining = self
             .orchestrator
             .fleet()
@@ -196,14 +200,14 @@ impl AdminApi {
                 Err(e) => Answer::error(e.api_error()),
             },
             ("POST", ["admin", "executors", id, action @ ("cordon" | "uncordon")]) => {
-                if fleet.executor(id).is_none() {
+                let Some(exec) = fleet.executor(id) else {
                     return Answer::error(ApiError::new(
                         ErrorCode::NotFound,
                         format!("executor {id} is not registered"),
                     ));
-                }
+                };
                 let cordon = *action == "cordon";
-                match fleet.placements().set_draining(id, cordon) {
+                match fleet.placements().set_draining(&exec.id, cordon) {
                     Ok(()) => {
                         tracing::info!(executor = %id, cordon, "executor placement changed");
                         Answer::json(200, json!({ "id": id, "draining": cordon }))

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tensor_wasm_shared::api::ExecutorInfo;
-use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
+use tensor_wasm_shared::{ApiError, ErrorCode, ExecutorId, TenantId};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -57,7 +57,7 @@ impl Default for QueueLimits {
 /// One executor as the proxy knows it.
 #[derive(Debug)]
 pub struct Executor {
-    pub id: String,
+    pub id: ExecutorId,
     /// As registered (`host:port`).
     pub addr: String,
     /// Resolved once at registration.
@@ -94,9 +94,9 @@ pub enum RouteError {
     #[error("too many requests of tenant {0} are waiting for its move")]
     QueueFull(String),
     #[error("executor {0} of this tenant is unavailable")]
-    ExecutorDown(String),
+    ExecutorDown(ExecutorId),
     #[error("executor {0} of this tenant is not registered")]
-    ExecutorGone(String),
+    ExecutorGone(ExecutorId),
     #[error("no healthy executor takes new tenants")]
     NoExecutor,
     #[error("placement table: {0}")]
@@ -189,7 +189,7 @@ pub enum CloseError {
 #[derive(Debug)]
 pub struct Fleet {
     placements: Mutex<Placements>,
-    executors: RwLock<BTreeMap<String, Arc<Executor>>>,
+    executors: RwLock<BTreeMap<ExecutorId, Arc<Executor>>>,
     gates: Mutex<HashMap<String, Arc<Gate>>>,
     /// Set while this process hands its sockets to a successor: it routes
     /// new tenants where the successor will place them but records nothing.
@@ -239,7 +239,7 @@ impl Fleet {
             .state()
             .executors
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         let fleet = Fleet {
             placements: Mutex::new(placements),
@@ -264,22 +264,15 @@ impl Fleet {
     /// Adds (or re-addresses) an executor. It counts as healthy until the
     /// first probe says otherwise.
     pub fn register(&self, id: &str, addr: &str) -> Result<Arc<Executor>, RegisterError> {
-        let valid_id = !id.is_empty()
-            && id.len() <= 63
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.".contains(&b));
-        if !valid_id {
-            return Err(RegisterError::BadId(id.to_string()));
-        }
+        let id = ExecutorId::new(id).map_err(|e| RegisterError::BadId(e.value))?;
         let sock = addr
             .to_socket_addrs()
             .map_err(|e| RegisterError::BadAddr(addr.to_string(), e.to_string()))?
             .next()
             .ok_or_else(|| RegisterError::BadAddr(addr.to_string(), "no address".into()))?;
-        lock(&self.placements).add_executor(id, addr)?;
+        lock(&self.placements).add_executor(&id, addr)?;
         let exec = Arc::new(Executor {
-            id: id.to_string(),
+            id: id.clone(),
             addr: addr.to_string(),
             sock,
             healthy: AtomicBool::new(true),
@@ -288,7 +281,7 @@ impl Fleet {
         self.executors
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), exec.clone());
+            .insert(id, exec.clone());
         Ok(exec)
     }
 
@@ -411,7 +404,7 @@ impl Fleet {
         let id = {
             let mut placements = lock(&self.placements);
             match placements.get(tenant) {
-                Some(id) => id.to_string(),
+                Some(id) => id.clone(),
                 None => {
                     let candidates = self.candidates();
                     let placed = if self.handing_off() {
@@ -433,7 +426,7 @@ impl Fleet {
             }
         };
         let exec = self
-            .executor(&id)
+            .executor(id.as_str())
             .ok_or_else(|| RouteError::ExecutorGone(id.clone()))?;
         if !exec.is_healthy() {
             return Err(RouteError::ExecutorDown(id));
@@ -532,7 +525,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fleet = Arc::new(fleet(dir.path()));
         let first = fleet.route(&t("acme")).await.unwrap();
-        let home = first.executor.id.clone();
+        let home = first.executor.id.to_string();
         // Closing waits for the lease in flight.
         let busy = fleet.close_gate("acme", Duration::from_millis(50)).await;
         assert!(matches!(busy, Err(CloseError::Busy(_))));
@@ -548,15 +541,19 @@ mod tests {
         // the new home once the gate opens.
         let waiter = {
             let fleet = fleet.clone();
-            tokio::spawn(
-                async move { fleet.route(&t("acme")).await.map(|r| r.executor.id.clone()) },
-            )
+            tokio::spawn(async move {
+                fleet
+                    .route(&t("acme"))
+                    .await
+                    .map(|r| r.executor.id.to_string())
+            })
         };
         until("the request waits", || fleet.gate_counts("acme") == (0, 1)).await;
         let other = if home == "cpu0" { "cpu1" } else { "cpu0" };
         {
             let mut p = fleet.placements();
-            p.begin_move(&t("acme"), other).unwrap();
+            p.begin_move(&t("acme"), &ExecutorId::new(other).unwrap())
+                .unwrap();
             p.finish_move(&t("acme")).unwrap();
         }
         drop(closed);
@@ -613,7 +610,7 @@ mod tests {
         let mut on = BTreeMap::new();
         for i in 0..20 {
             let r = fleet.route(&t(&format!("t{i}"))).await.unwrap();
-            on.insert(format!("t{i}"), r.executor.id.clone());
+            on.insert(format!("t{i}"), r.executor.id.to_string());
         }
         fleet.executor("cpu0").unwrap().set_healthy(false);
         for (tenant, exec) in &on {
@@ -622,13 +619,13 @@ mod tests {
                 let e = r.unwrap_err();
                 assert_eq!(e.api_error().code, ErrorCode::ExecutorUnavailable);
             } else {
-                assert_eq!(&r.unwrap().executor.id, exec);
+                assert_eq!(r.unwrap().executor.id.as_str(), exec);
             }
         }
         // New tenants go to the healthy one.
         for i in 0..10 {
             let r = fleet.route(&t(&format!("new{i}"))).await.unwrap();
-            assert_eq!(r.executor.id, "cpu1");
+            assert_eq!(r.executor.id.as_str(), "cpu1");
         }
     }
 

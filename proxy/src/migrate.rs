@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
+use tensor_wasm_shared::{ApiError, ErrorCode, ExecutorId, TenantId};
 use tokio::time::Instant;
 
 use crate::fleet::{CloseError, Executor, Fleet};
@@ -53,8 +53,8 @@ use crate::upstream::{CONTROL_TIMEOUT, UpstreamError};
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MoveReport {
     pub tenant: String,
-    pub from: String,
-    pub to: String,
+    pub from: ExecutorId,
+    pub to: ExecutorId,
     /// How long the tenant's requests were held, in ms.
     pub pause_ms: f64,
     /// Snapshot size.
@@ -75,6 +75,7 @@ pub enum MigrateError {
     BadTenant(String),
     #[error("tenant {0} has no placement")]
     UnknownTenant(String),
+    /// Not registered, or not an executor id at all.
     #[error("executor {0} is not registered")]
     UnknownExecutor(String),
     #[error("a migration or snapshot of tenant {0} is already running")]
@@ -82,15 +83,15 @@ pub enum MigrateError {
     #[error("requests of tenant {0} still in flight after {1:?}")]
     Busy(String, Duration),
     #[error("executor {0} is unhealthy")]
-    ExecutorDown(String),
+    ExecutorDown(ExecutorId),
     #[error("export from {0} failed: {1}")]
-    ExportFailed(String, UpstreamError),
+    ExportFailed(ExecutorId, UpstreamError),
     #[error("import into {0} failed: {1}")]
-    ImportFailed(String, UpstreamError),
+    ImportFailed(ExecutorId, UpstreamError),
     #[error("executor {0} refused the snapshot: {1}")]
-    SnapshotRefused(String, UpstreamError),
+    SnapshotRefused(ExecutorId, UpstreamError),
     #[error("executor {0} refused: {1}")]
-    Executor(String, UpstreamError),
+    Executor(ExecutorId, UpstreamError),
     #[error("placement table: {0}")]
     Placement(#[from] PlacementError),
     #[error("snapshot store {0}: {1}")]
@@ -175,9 +176,9 @@ impl Orchestrator {
             .fleet
             .placements()
             .get(tenant)
-            .map(str::to_string)
+            .cloned()
             .ok_or_else(|| MigrateError::UnknownTenant(tenant.to_string()))?;
-        self.known(&id)
+        self.known(id.as_str())
     }
 
     fn snapshot_path(&self, tenant: &TenantId) -> PathBuf {
@@ -414,8 +415,8 @@ impl Orchestrator {
         t: &TenantId,
         mv: &crate::placement::Move,
     ) -> Result<bool, MigrateError> {
-        let src = self.fleet.executor(&mv.from);
-        let dest = self.fleet.executor(&mv.to);
+        let src = self.fleet.executor(mv.from.as_str());
+        let dest = self.fleet.executor(mv.to.as_str());
         let stored = match &mv.snapshot {
             Some(path) => tokio::fs::read(path).await.ok().map(Bytes::from),
             None => None,
@@ -434,7 +435,7 @@ impl Orchestrator {
             return Ok(true);
         };
         let Some(dest) = dest else {
-            return Err(MigrateError::UnknownExecutor(mv.to.clone()));
+            return Err(MigrateError::UnknownExecutor(mv.to.to_string()));
         };
         let dest_client = self.fleet.client(&dest);
         let info = match dest_client.info(CONTROL_TIMEOUT).await {
@@ -482,8 +483,8 @@ impl Orchestrator {
         executor: &str,
     ) -> Result<(Vec<MoveReport>, Vec<MoveFailure>), MigrateError> {
         let _bulk = self.bulk.lock().await;
-        self.known(executor)?;
-        self.fleet.placements().set_draining(executor, true)?;
+        let drained = self.known(executor)?;
+        self.fleet.placements().set_draining(&drained.id, true)?;
         let tenants = self.fleet.placements().tenants_of(executor);
         let mut moves = Vec::new();
         let mut failed = Vec::new();
@@ -492,7 +493,7 @@ impl Orchestrator {
                 .fleet
                 .candidates()
                 .into_iter()
-                .filter(|c| c.id != executor)
+                .filter(|c| c.id.as_str() != executor)
                 .collect();
             let target = match Self::tenant(&tenant)
                 .and_then(|t| Ok(self.fleet.placements().choose(&t, &others)?))
@@ -506,7 +507,7 @@ impl Orchestrator {
                     continue;
                 }
             };
-            match self.migrate(&tenant, &target).await {
+            match self.migrate(&tenant, target.as_str()).await {
                 Ok(r) => moves.push(r),
                 Err(e) => failed.push(MoveFailure {
                     tenant,
@@ -528,16 +529,16 @@ impl Orchestrator {
         for _ in 0..budget {
             let (open, counts) = {
                 let p = self.fleet.placements();
-                let open: Vec<String> = self
+                let open: Vec<ExecutorId> = self
                     .fleet
                     .candidates()
                     .into_iter()
                     .map(|c| c.id)
                     .filter(|id| !p.state().draining.contains(id))
                     .collect();
-                let counts: Vec<(String, Vec<String>)> = open
+                let counts: Vec<(ExecutorId, Vec<String>)> = open
                     .iter()
-                    .map(|id| (id.clone(), p.tenants_of(id)))
+                    .map(|id| (id.clone(), p.tenants_of(id.as_str())))
                     .collect();
                 (open, counts)
             };
@@ -560,7 +561,7 @@ impl Orchestrator {
             else {
                 break;
             };
-            match self.migrate(tenant, &min.0).await {
+            match self.migrate(tenant, min.0.as_str()).await {
                 Ok(r) => moves.push(r),
                 Err(e) => failed.push(MoveFailure {
                     tenant: tenant.clone(),
@@ -590,14 +591,14 @@ impl Orchestrator {
     /// Replaces `tenant`'s state on its executor (placing it first if it is
     /// new) with `snapshot`. The old state is exported first and put back
     /// if the executor refuses the new one.
-    pub async fn restore(&self, tenant: &str, snapshot: Bytes) -> Result<String, MigrateError> {
+    pub async fn restore(&self, tenant: &str, snapshot: Bytes) -> Result<ExecutorId, MigrateError> {
         let t = Self::tenant(tenant)?;
         let (exec, placed_now) = match self.home(&t) {
             Ok(e) => (e, false),
             Err(MigrateError::UnknownTenant(_)) => {
                 let candidates = self.fleet.candidates();
                 let id = self.fleet.placements().place(&t, &candidates)?;
-                (self.known(&id)?, true)
+                (self.known(id.as_str())?, true)
             }
             Err(e) => return Err(e),
         };

@@ -21,6 +21,10 @@ fn t(s: &str) -> TenantId {
     TenantId::new(s).unwrap()
 }
 
+fn x(s: &str) -> ExecutorId {
+    ExecutorId::new(s).unwrap()
+}
+
 fn bytes(b: &'static [u8]) -> Bytes {
     Bytes::from_static(b)
 }
@@ -106,14 +110,17 @@ impl Setup {
     fn place(&self, tenant: &str, on: &str) {
         let exec = self.fleet.executor(on).unwrap();
         let only = [Candidate {
-            id: on.to_string(),
+            id: x(on),
             addr: exec.sock,
         }];
         self.fleet.placements().place(&t(tenant), &only).unwrap();
     }
 
     fn home(&self, tenant: &str) -> Option<String> {
-        self.fleet.placements().get(&t(tenant)).map(str::to_string)
+        self.fleet
+            .placements()
+            .get(&t(tenant))
+            .map(ExecutorId::to_string)
     }
 
     fn recorded(&self, tenant: &str) -> Option<Move> {
@@ -145,13 +152,24 @@ impl Setup {
     /// it goes to.
     fn spawn_request(&self, tenant: &'static str) -> tokio::task::JoinHandle<String> {
         let fleet = self.fleet.clone();
-        tokio::spawn(async move { fleet.route(&t(tenant)).await.unwrap().executor.id.clone() })
+        tokio::spawn(async move {
+            fleet
+                .route(&t(tenant))
+                .await
+                .unwrap()
+                .executor
+                .id
+                .to_string()
+        })
     }
 
     /// Records "`tenant` moving A→B", with its exported `snapshot` stored
     /// when given, as a proxy that died mid-move leaves it.
     fn record_move(&self, tenant: &str, snapshot: Option<&[u8]>) {
-        self.fleet.placements().begin_move(&t(tenant), B).unwrap();
+        self.fleet
+            .placements()
+            .begin_move(&t(tenant), &x(B))
+            .unwrap();
         if let Some(bytes) = snapshot {
             let path = self.stored(tenant);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -193,7 +211,16 @@ async fn step0_the_destination_precompiles_the_modules_while_the_tenant_runs() {
     // Nothing recorded, gate open: requests still reach A.
     assert_eq!(s.recorded("acme"), None);
     assert!(!s.fleet.gate_closed("acme"));
-    assert_eq!(s.fleet.route(&t("acme")).await.unwrap().executor.id, A);
+    assert_eq!(
+        s.fleet
+            .route(&t("acme"))
+            .await
+            .unwrap()
+            .executor
+            .id
+            .as_str(),
+        A
+    );
     precompile.release();
     let r = mv.await.unwrap().unwrap();
     assert_eq!((r.from.as_str(), r.to.as_str(), r.bytes), (A, B, 5));
@@ -263,8 +290,8 @@ async fn step1_the_move_is_recorded_and_the_gate_closed_before_the_export() {
     assert_eq!(
         s.recorded("acme"),
         Some(Move {
-            from: A.into(),
-            to: B.into(),
+            from: x(A),
+            to: x(B),
             snapshot: None,
         })
     );
@@ -278,7 +305,16 @@ async fn step1_the_move_is_recorded_and_the_gate_closed_before_the_export() {
     .await;
     s.b.hold_tenant("other", b"", &[]);
     s.place("other", B);
-    assert_eq!(s.fleet.route(&t("other")).await.unwrap().executor.id, B);
+    assert_eq!(
+        s.fleet
+            .route(&t("other"))
+            .await
+            .unwrap()
+            .executor
+            .id
+            .as_str(),
+        B
+    );
     export.release();
     mv.await.unwrap().unwrap();
     // The held request goes where the tenant now lives.
@@ -374,7 +410,16 @@ async fn step5_the_placement_flips_and_the_gate_opens_before_the_source_drops() 
     assert_eq!(s.home("acme").as_deref(), Some(B));
     assert_eq!(s.recorded("acme"), None);
     assert!(!s.fleet.gate_closed("acme"));
-    assert_eq!(s.fleet.route(&t("acme")).await.unwrap().executor.id, B);
+    assert_eq!(
+        s.fleet
+            .route(&t("acme"))
+            .await
+            .unwrap()
+            .executor
+            .id
+            .as_str(),
+        B
+    );
     drop_on_a.release();
     mv.await.unwrap().unwrap();
     assert!(s.a.tenant("acme").is_none());
@@ -451,7 +496,7 @@ async fn not_found_on_export_is_a_failed_export_not_an_empty_tenant() {
     let e = s.orch.migrate("acme", B).await.unwrap_err();
     match &e {
         MigrateError::ExportFailed(id, up) => {
-            assert_eq!(id, A);
+            assert_eq!(id.as_str(), A);
             assert_eq!(up.code(), Some(ErrorCode::NotFound));
         }
         e => panic!("{e}"),
@@ -768,7 +813,7 @@ async fn a_snapshot_exports_then_thaws_in_place() {
 async fn restore_replaces_the_state_of_a_placed_tenant() {
     let s = Setup::acme_on_a();
     let on = s.orch.restore("acme", bytes(b"new")).await.unwrap();
-    assert_eq!(on, A);
+    assert_eq!(on.as_str(), A);
     assert_eq!(
         s.calls(),
         calls(&["cpu0 export acme", "cpu0 drop acme", "cpu0 import acme"])
@@ -782,12 +827,12 @@ async fn restore_replaces_the_state_of_a_placed_tenant() {
 async fn restore_places_a_new_tenant_and_imports_it() {
     let s = Setup::new();
     let on = s.orch.restore("fresh", bytes(b"new")).await.unwrap();
-    assert_eq!(s.home("fresh"), Some(on.clone()));
+    assert_eq!(s.home("fresh"), Some(on.to_string()));
     assert_eq!(
         s.calls(),
         [format!("{on} export fresh"), format!("{on} import fresh")]
     );
-    let exec = if on == A { &s.a } else { &s.b };
+    let exec = if on.as_str() == A { &s.a } else { &s.b };
     assert_eq!(exec.tenant("fresh").unwrap().state, bytes(b"new"));
 }
 
