@@ -26,7 +26,6 @@ use pingora::protocols::http::ServerSession;
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tensor_wasm_shared::api::ExecutorInfo;
 use tensor_wasm_shared::audit::{AuditRecord, Outcome};
 use tensor_wasm_shared::{ApiError, ErrorCode, headers};
 
@@ -133,20 +132,21 @@ impl AdminApi {
     }
 
     async fn executor_entry(&self, exec: &Executor) -> serde_json::Value {
-        let fresh = match self
+        let fresh = self
             .orchestrator
             .fleet()
             .client(exec)
-            .get("/internal/info", INFO_TIMEOUT)
+            .info(INFO_TIMEOUT)
             .await
-        {
-            Ok(b) => serde_json::from_slice::<ExecutorInfo>(&b).ok(),
-            Err(_) => None,
-        };
+            .ok();
         if let Some(info) = &fresh {
             exec.set_info(info.clone());
         }
-        let tenants = self.orchestrator.fleet().placements().tenants_of(&exec.id);
+        let tenants = self
+            .orchestrator
+            .fleet()
+            .placements()
+            .tenants_of(exec.id.as_str());
         let draining = self
             .orchestrator
             .fleet()
@@ -200,14 +200,14 @@ impl AdminApi {
                 Err(e) => Answer::error(e.api_error()),
             },
             ("POST", ["admin", "executors", id, action @ ("cordon" | "uncordon")]) => {
-                if fleet.executor(id).is_none() {
+                let Some(exec) = fleet.executor(id) else {
                     return Answer::error(ApiError::new(
                         ErrorCode::NotFound,
                         format!("executor {id} is not registered"),
                     ));
-                }
+                };
                 let cordon = *action == "cordon";
-                match fleet.placements().set_draining(id, cordon) {
+                match fleet.placements().set_draining(&exec.id, cordon) {
                     Ok(()) => {
                         tracing::info!(executor = %id, cordon, "executor placement changed");
                         Answer::json(200, json!({ "id": id, "draining": cordon }))

@@ -27,12 +27,12 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tensor_wasm_shared::api::ExecutorInfo;
-use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
+use tensor_wasm_shared::{ApiError, ErrorCode, ExecutorId, TenantId};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::placement::{Candidate, PlacementError, Placements};
-use crate::upstream::ExecutorClient;
+use crate::upstream::{Connector, ExecutorApi, HttpConnector};
 
 /// How long and how many requests of a moving tenant may wait.
 #[derive(Clone, Copy, Debug)]
@@ -57,7 +57,7 @@ impl Default for QueueLimits {
 /// One executor as the proxy knows it.
 #[derive(Debug)]
 pub struct Executor {
-    pub id: String,
+    pub id: ExecutorId,
     /// As registered (`host:port`).
     pub addr: String,
     /// Resolved once at registration.
@@ -94,9 +94,9 @@ pub enum RouteError {
     #[error("too many requests of tenant {0} are waiting for its move")]
     QueueFull(String),
     #[error("executor {0} of this tenant is unavailable")]
-    ExecutorDown(String),
+    ExecutorDown(ExecutorId),
     #[error("executor {0} of this tenant is not registered")]
-    ExecutorGone(String),
+    ExecutorGone(ExecutorId),
     #[error("no healthy executor takes new tenants")]
     NoExecutor,
     #[error("placement table: {0}")]
@@ -189,12 +189,14 @@ pub enum CloseError {
 #[derive(Debug)]
 pub struct Fleet {
     placements: Mutex<Placements>,
-    executors: RwLock<BTreeMap<String, Arc<Executor>>>,
+    executors: RwLock<BTreeMap<ExecutorId, Arc<Executor>>>,
     gates: Mutex<HashMap<String, Arc<Gate>>>,
     /// Set while this process hands its sockets to a successor: it routes
     /// new tenants where the successor will place them but records nothing.
     handing_off: AtomicBool,
     internal_token: String,
+    /// Makes the clients of [`Fleet::client`].
+    connector: Arc<dyn Connector>,
     pub queue: QueueLimits,
     state_dir: PathBuf,
 }
@@ -212,10 +214,23 @@ pub enum RegisterError {
 
 impl Fleet {
     /// Loads the placement table from `state_dir` and registers the
-    /// executors it names plus `extra` (id, address) pairs.
+    /// executors it names plus `extra` (id, address) pairs; executors are
+    /// called over HTTP with `internal_token`.
     pub fn open(
         state_dir: &Path,
         internal_token: &str,
+        queue: QueueLimits,
+        extra: &[(String, String)],
+    ) -> Result<Fleet, RegisterError> {
+        let connector = Arc::new(HttpConnector::new(internal_token));
+        Fleet::open_with(state_dir, internal_token, connector, queue, extra)
+    }
+
+    /// [`Fleet::open`], with executors called through `connector`.
+    pub fn open_with(
+        state_dir: &Path,
+        internal_token: &str,
+        connector: Arc<dyn Connector>,
         queue: QueueLimits,
         extra: &[(String, String)],
     ) -> Result<Fleet, RegisterError> {
@@ -224,7 +239,7 @@ impl Fleet {
             .state()
             .executors
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         let fleet = Fleet {
             placements: Mutex::new(placements),
@@ -232,6 +247,7 @@ impl Fleet {
             gates: Mutex::new(HashMap::new()),
             handing_off: AtomicBool::new(false),
             internal_token: internal_token.to_string(),
+            connector,
             queue,
             state_dir: state_dir.to_path_buf(),
         };
@@ -248,22 +264,15 @@ impl Fleet {
     /// Adds (or re-addresses) an executor. It counts as healthy until the
     /// first probe says otherwise.
     pub fn register(&self, id: &str, addr: &str) -> Result<Arc<Executor>, RegisterError> {
-        let valid_id = !id.is_empty()
-            && id.len() <= 63
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.".contains(&b));
-        if !valid_id {
-            return Err(RegisterError::BadId(id.to_string()));
-        }
+        let id = ExecutorId::new(id).map_err(|e| RegisterError::BadId(e.value))?;
         let sock = addr
             .to_socket_addrs()
             .map_err(|e| RegisterError::BadAddr(addr.to_string(), e.to_string()))?
             .next()
             .ok_or_else(|| RegisterError::BadAddr(addr.to_string(), "no address".into()))?;
-        lock(&self.placements).add_executor(id, addr)?;
+        lock(&self.placements).add_executor(&id, addr)?;
         let exec = Arc::new(Executor {
-            id: id.to_string(),
+            id: id.clone(),
             addr: addr.to_string(),
             sock,
             healthy: AtomicBool::new(true),
@@ -272,7 +281,7 @@ impl Fleet {
         self.executors
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), exec.clone());
+            .insert(id, exec.clone());
         Ok(exec)
     }
 
@@ -304,8 +313,14 @@ impl Fleet {
     }
 
     /// A client for `exec`'s internal API.
-    pub fn client(&self, exec: &Executor) -> ExecutorClient {
-        ExecutorClient::new(&exec.addr, &self.internal_token)
+    pub fn client(&self, exec: &Executor) -> Arc<dyn ExecutorApi> {
+        self.connector.connect(&exec.addr)
+    }
+
+    /// A client for the internal API of an executor at `addr` that is not
+    /// registered (yet): DNS discovery asks it for its id.
+    pub fn client_at(&self, addr: &str) -> Arc<dyn ExecutorApi> {
+        self.connector.connect(addr)
     }
 
     pub fn internal_token(&self) -> &str {
@@ -389,7 +404,7 @@ impl Fleet {
         let id = {
             let mut placements = lock(&self.placements);
             match placements.get(tenant) {
-                Some(id) => id.to_string(),
+                Some(id) => id.clone(),
                 None => {
                     let candidates = self.candidates();
                     let placed = if self.handing_off() {
@@ -411,7 +426,7 @@ impl Fleet {
             }
         };
         let exec = self
-            .executor(&id)
+            .executor(id.as_str())
             .ok_or_else(|| RouteError::ExecutorGone(id.clone()))?;
         if !exec.is_healthy() {
             return Err(RouteError::ExecutorDown(id));
@@ -461,6 +476,11 @@ impl Fleet {
         Some(Closed { gate })
     }
 
+    /// Whether `tenant`'s gate is closed now.
+    pub fn gate_closed(&self, tenant: &str) -> bool {
+        lock(&self.gate(tenant).state).closed
+    }
+
     /// Requests of `tenant` in flight and waiting now.
     pub fn gate_counts(&self, tenant: &str) -> (usize, usize) {
         let gate = self.gate(tenant);
@@ -478,6 +498,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::scripted::until;
 
     fn fleet(dir: &Path) -> Fleet {
         Fleet::open(
@@ -504,7 +525,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fleet = Arc::new(fleet(dir.path()));
         let first = fleet.route(&t("acme")).await.unwrap();
-        let home = first.executor.id.clone();
+        let home = first.executor.id.to_string();
         // Closing waits for the lease in flight.
         let busy = fleet.close_gate("acme", Duration::from_millis(50)).await;
         assert!(matches!(busy, Err(CloseError::Busy(_))));
@@ -513,23 +534,26 @@ mod tests {
             let fleet = fleet.clone();
             tokio::spawn(async move { fleet.close_gate("acme", Duration::from_secs(5)).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        until("the gate closes", || fleet.gate_closed("acme")).await;
         drop(first);
         let closed = closer.await.unwrap().unwrap();
         // A request now waits; moving the placement meanwhile sends it to
         // the new home once the gate opens.
         let waiter = {
             let fleet = fleet.clone();
-            tokio::spawn(
-                async move { fleet.route(&t("acme")).await.map(|r| r.executor.id.clone()) },
-            )
+            tokio::spawn(async move {
+                fleet
+                    .route(&t("acme"))
+                    .await
+                    .map(|r| r.executor.id.to_string())
+            })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(fleet.gate_counts("acme"), (0, 1));
+        until("the request waits", || fleet.gate_counts("acme") == (0, 1)).await;
         let other = if home == "cpu0" { "cpu1" } else { "cpu0" };
         {
             let mut p = fleet.placements();
-            p.begin_move(&t("acme"), other).unwrap();
+            p.begin_move(&t("acme"), &ExecutorId::new(other).unwrap())
+                .unwrap();
             p.finish_move(&t("acme")).unwrap();
         }
         drop(closed);
@@ -556,7 +580,7 @@ mod tests {
                 tokio::spawn(async move { fleet.route(&t("acme")).await.map(|_| ()) })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        until("both wait", || fleet.gate_counts("acme") == (0, 2)).await;
         let full = fleet.route(&t("acme")).await.unwrap_err();
         assert!(matches!(full, RouteError::QueueFull(_)));
         assert_eq!(full.api_error().code, ErrorCode::TenantMoving);
@@ -571,8 +595,7 @@ mod tests {
             let fleet = fleet.clone();
             tokio::spawn(async move { fleet.route(&t("acme")).await.map(|_| ()) })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(fleet.gate_counts("acme"), (0, 1));
+        until("it waits", || fleet.gate_counts("acme") == (0, 1)).await;
         gone.abort();
         let _ = gone.await;
         assert_eq!(fleet.gate_counts("acme"), (0, 0));
@@ -587,7 +610,7 @@ mod tests {
         let mut on = BTreeMap::new();
         for i in 0..20 {
             let r = fleet.route(&t(&format!("t{i}"))).await.unwrap();
-            on.insert(format!("t{i}"), r.executor.id.clone());
+            on.insert(format!("t{i}"), r.executor.id.to_string());
         }
         fleet.executor("cpu0").unwrap().set_healthy(false);
         for (tenant, exec) in &on {
@@ -596,13 +619,13 @@ mod tests {
                 let e = r.unwrap_err();
                 assert_eq!(e.api_error().code, ErrorCode::ExecutorUnavailable);
             } else {
-                assert_eq!(&r.unwrap().executor.id, exec);
+                assert_eq!(r.unwrap().executor.id.as_str(), exec);
             }
         }
         // New tenants go to the healthy one.
         for i in 0..10 {
             let r = fleet.route(&t(&format!("new{i}"))).await.unwrap();
-            assert_eq!(r.executor.id, "cpu1");
+            assert_eq!(r.executor.id.as_str(), "cpu1");
         }
     }
 

@@ -20,6 +20,10 @@
 //! 5. The placement file points T at B, the gate opens and the queue drains
 //!    to B; then A drops T and the stored bytes are deleted.
 //!
+//! Each executor call above is one method of
+//! [`crate::upstream::ExecutorApi`]; proxy/src/migrate/tests.rs walks the
+//! steps and their failures against in-memory executors.
+//!
 //! Why no request is lost: a request is either in flight before step 1 (and
 //! step 2 waits for its answer), or it waits at the gate until step 4 or 5
 //! has decided where T lives, and then goes there. T is frozen on A only
@@ -37,27 +41,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tensor_wasm_shared::api::ExecutorInfo;
-use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
+use tensor_wasm_shared::{ApiError, ErrorCode, ExecutorId, TenantId};
 use tokio::time::Instant;
 
 use crate::fleet::{CloseError, Executor, Fleet};
 use crate::metrics::ProxyMetrics;
 use crate::placement::{Candidate, PlacementError};
-use crate::upstream::UpstreamError;
-
-/// Longest an export or import may take; a multi-GiB tenant on a slow
-/// disk still fits, and a wedged executor does not hold a move forever.
-const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
-/// Longest a thaw, drop or info call may take.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::upstream::{CONTROL_TIMEOUT, UpstreamError};
 
 /// One finished move.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MoveReport {
     pub tenant: String,
-    pub from: String,
-    pub to: String,
+    pub from: ExecutorId,
+    pub to: ExecutorId,
     /// How long the tenant's requests were held, in ms.
     pub pause_ms: f64,
     /// Snapshot size.
@@ -78,6 +75,7 @@ pub enum MigrateError {
     BadTenant(String),
     #[error("tenant {0} has no placement")]
     UnknownTenant(String),
+    /// Not registered, or not an executor id at all.
     #[error("executor {0} is not registered")]
     UnknownExecutor(String),
     #[error("a migration or snapshot of tenant {0} is already running")]
@@ -85,15 +83,15 @@ pub enum MigrateError {
     #[error("requests of tenant {0} still in flight after {1:?}")]
     Busy(String, Duration),
     #[error("executor {0} is unhealthy")]
-    ExecutorDown(String),
+    ExecutorDown(ExecutorId),
     #[error("export from {0} failed: {1}")]
-    ExportFailed(String, UpstreamError),
+    ExportFailed(ExecutorId, UpstreamError),
     #[error("import into {0} failed: {1}")]
-    ImportFailed(String, UpstreamError),
+    ImportFailed(ExecutorId, UpstreamError),
     #[error("executor {0} refused the snapshot: {1}")]
-    SnapshotRefused(String, UpstreamError),
+    SnapshotRefused(ExecutorId, UpstreamError),
     #[error("executor {0} refused: {1}")]
-    Executor(String, UpstreamError),
+    Executor(ExecutorId, UpstreamError),
     #[error("placement table: {0}")]
     Placement(#[from] PlacementError),
     #[error("snapshot store {0}: {1}")]
@@ -150,10 +148,6 @@ pub struct Orchestrator {
     bulk: tokio::sync::Mutex<()>,
 }
 
-fn tenant_path(tenant: &TenantId, op: &str) -> String {
-    format!("/internal/tenants/{tenant}/{op}")
-}
-
 impl Orchestrator {
     pub fn new(fleet: Arc<Fleet>, metrics: Arc<ProxyMetrics>) -> Orchestrator {
         Orchestrator {
@@ -182,9 +176,9 @@ impl Orchestrator {
             .fleet
             .placements()
             .get(tenant)
-            .map(str::to_string)
+            .cloned()
             .ok_or_else(|| MigrateError::UnknownTenant(tenant.to_string()))?;
-        self.known(&id)
+        self.known(id.as_str())
     }
 
     fn snapshot_path(&self, tenant: &TenantId) -> PathBuf {
@@ -273,12 +267,8 @@ impl Orchestrator {
             }
         };
         let paused_at = Instant::now();
-        let src_client = self.fleet.client(&src);
         // 3. Export and keep the bytes.
-        let snapshot = match src_client
-            .post(&tenant_path(&t, "export"), Bytes::new(), TRANSFER_TIMEOUT)
-            .await
-        {
+        let snapshot = match self.fleet.client(&src).export(&t).await {
             Ok(b) => Some(b),
             // A has never seen T: there is nothing to carry.
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
@@ -304,16 +294,7 @@ impl Orchestrator {
                 return Err(e.into());
             }
             // 4. Import on B; on failure A thaws T and keeps it.
-            if let Err(e) = self
-                .fleet
-                .client(&dest)
-                .post(
-                    &tenant_path(&t, "import"),
-                    snapshot.clone(),
-                    TRANSFER_TIMEOUT,
-                )
-                .await
-            {
+            if let Err(e) = self.fleet.client(&dest).import(&t, snapshot.clone()).await {
                 if self.thaw(&src, &t).await {
                     abort(self);
                     remove_file(&path).await;
@@ -347,11 +328,8 @@ impl Orchestrator {
     async fn prewarm(&self, src: &Executor, dest: &Executor, t: &TenantId) {
         let (from, to) = (self.fleet.client(src), self.fleet.client(dest));
         let started = Instant::now();
-        let list = match from
-            .get(&format!("/internal/tenants/{t}/modules"), CONTROL_TIMEOUT)
-            .await
-        {
-            Ok(b) => serde_json::from_slice::<serde_json::Value>(&b).unwrap_or_default(),
+        let ids = match from.modules(t).await {
+            Ok(ids) => ids,
             Err(e) => {
                 if e.code() != Some(ErrorCode::TenantNotHere) {
                     tracing::debug!(tenant = %t, error = %e, "no module list to prewarm");
@@ -359,29 +337,15 @@ impl Orchestrator {
                 return;
             }
         };
-        let ids: Vec<String> = list["modules"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
         for id in &ids {
-            let wasm = match from
-                .get(
-                    &format!("/internal/tenants/{t}/modules/{id}"),
-                    TRANSFER_TIMEOUT,
-                )
-                .await
-            {
+            let wasm = match from.module(t, id).await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::debug!(tenant = %t, function = %id, error = %e, "module not fetched");
                     continue;
                 }
             };
-            if let Err(e) = to.post("/internal/modules", wasm, TRANSFER_TIMEOUT).await {
+            if let Err(e) = to.precompile(wasm).await {
                 tracing::debug!(tenant = %t, function = %id, error = %e, "module not precompiled");
             }
         }
@@ -390,13 +354,8 @@ impl Orchestrator {
 
     /// Thaws `t` on `exec`; true when it is (or was never) frozen there.
     async fn thaw(&self, exec: &Executor, t: &TenantId) -> bool {
-        match self
-            .fleet
-            .client(exec)
-            .post(&tenant_path(t, "thaw"), Bytes::new(), CONTROL_TIMEOUT)
-            .await
-        {
-            Ok(_) => true,
+        match self.fleet.client(exec).thaw(t).await {
+            Ok(()) => true,
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => true,
             Err(e) => {
                 tracing::error!(tenant = %t, executor = %exec.id, error = %e, "thaw failed");
@@ -408,13 +367,8 @@ impl Orchestrator {
     /// Drops `t` from `exec`, best effort: a leftover copy is frozen and
     /// unreachable, and is dropped when `exec` next restarts empty of it.
     async fn drop_on(&self, exec: &Executor, t: &TenantId) {
-        match self
-            .fleet
-            .client(exec)
-            .delete(&format!("/internal/tenants/{t}"), CONTROL_TIMEOUT)
-            .await
-        {
-            Ok(_) => {}
+        match self.fleet.client(exec).drop_tenant(t).await {
+            Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
             Err(e) => {
                 tracing::warn!(tenant = %t, executor = %exec.id, error = %e, "could not drop a moved tenant from its source")
@@ -461,8 +415,8 @@ impl Orchestrator {
         t: &TenantId,
         mv: &crate::placement::Move,
     ) -> Result<bool, MigrateError> {
-        let src = self.fleet.executor(&mv.from);
-        let dest = self.fleet.executor(&mv.to);
+        let src = self.fleet.executor(mv.from.as_str());
+        let dest = self.fleet.executor(mv.to.as_str());
         let stored = match &mv.snapshot {
             Some(path) => tokio::fs::read(path).await.ok().map(Bytes::from),
             None => None,
@@ -481,20 +435,20 @@ impl Orchestrator {
             return Ok(true);
         };
         let Some(dest) = dest else {
-            return Err(MigrateError::UnknownExecutor(mv.to.clone()));
+            return Err(MigrateError::UnknownExecutor(mv.to.to_string()));
         };
         let dest_client = self.fleet.client(&dest);
-        let info = match dest_client.get("/internal/info", CONTROL_TIMEOUT).await {
-            Ok(b) => serde_json::from_slice::<ExecutorInfo>(&b).ok(),
+        let info = match dest_client.info(CONTROL_TIMEOUT).await {
+            Ok(info) => Some(info),
+            // An answer, but not one that lists tenants: import, and let
+            // the destination say whether it holds T already.
+            Err(UpstreamError::BadAnswer { .. }) => None,
             Err(_) => return Ok(false),
         };
         let has_it = info.is_some_and(|i| i.tenants.iter().any(|x| x == t.as_str()));
         if !has_it {
-            match dest_client
-                .post(&tenant_path(t, "import"), bytes, TRANSFER_TIMEOUT)
-                .await
-            {
-                Ok(_) => {}
+            match dest_client.import(t, bytes).await {
+                Ok(()) => {}
                 Err(e) if e.is_unreachable() => return Ok(false),
                 Err(e) => {
                     // B refuses the bytes: keep T on A.
@@ -529,8 +483,8 @@ impl Orchestrator {
         executor: &str,
     ) -> Result<(Vec<MoveReport>, Vec<MoveFailure>), MigrateError> {
         let _bulk = self.bulk.lock().await;
-        self.known(executor)?;
-        self.fleet.placements().set_draining(executor, true)?;
+        let drained = self.known(executor)?;
+        self.fleet.placements().set_draining(&drained.id, true)?;
         let tenants = self.fleet.placements().tenants_of(executor);
         let mut moves = Vec::new();
         let mut failed = Vec::new();
@@ -539,7 +493,7 @@ impl Orchestrator {
                 .fleet
                 .candidates()
                 .into_iter()
-                .filter(|c| c.id != executor)
+                .filter(|c| c.id.as_str() != executor)
                 .collect();
             let target = match Self::tenant(&tenant)
                 .and_then(|t| Ok(self.fleet.placements().choose(&t, &others)?))
@@ -553,7 +507,7 @@ impl Orchestrator {
                     continue;
                 }
             };
-            match self.migrate(&tenant, &target).await {
+            match self.migrate(&tenant, target.as_str()).await {
                 Ok(r) => moves.push(r),
                 Err(e) => failed.push(MoveFailure {
                     tenant,
@@ -575,16 +529,16 @@ impl Orchestrator {
         for _ in 0..budget {
             let (open, counts) = {
                 let p = self.fleet.placements();
-                let open: Vec<String> = self
+                let open: Vec<ExecutorId> = self
                     .fleet
                     .candidates()
                     .into_iter()
                     .map(|c| c.id)
                     .filter(|id| !p.state().draining.contains(id))
                     .collect();
-                let counts: Vec<(String, Vec<String>)> = open
+                let counts: Vec<(ExecutorId, Vec<String>)> = open
                     .iter()
-                    .map(|id| (id.clone(), p.tenants_of(id)))
+                    .map(|id| (id.clone(), p.tenants_of(id.as_str())))
                     .collect();
                 (open, counts)
             };
@@ -607,7 +561,7 @@ impl Orchestrator {
             else {
                 break;
             };
-            match self.migrate(tenant, &min.0).await {
+            match self.migrate(tenant, min.0.as_str()).await {
                 Ok(r) => moves.push(r),
                 Err(e) => failed.push(MoveFailure {
                     tenant: tenant.clone(),
@@ -624,11 +578,7 @@ impl Orchestrator {
         let t = Self::tenant(tenant)?;
         let exec = self.home(&t)?;
         let closed = self.close(&t).await?;
-        let result = self
-            .fleet
-            .client(&exec)
-            .post(&tenant_path(&t, "export"), Bytes::new(), TRANSFER_TIMEOUT)
-            .await;
+        let result = self.fleet.client(&exec).export(&t).await;
         let thawed = self.thaw(&exec, &t).await;
         drop(closed);
         let bytes = result.map_err(|e| MigrateError::Executor(exec.id.clone(), e))?;
@@ -641,41 +591,33 @@ impl Orchestrator {
     /// Replaces `tenant`'s state on its executor (placing it first if it is
     /// new) with `snapshot`. The old state is exported first and put back
     /// if the executor refuses the new one.
-    pub async fn restore(&self, tenant: &str, snapshot: Bytes) -> Result<String, MigrateError> {
+    pub async fn restore(&self, tenant: &str, snapshot: Bytes) -> Result<ExecutorId, MigrateError> {
         let t = Self::tenant(tenant)?;
         let (exec, placed_now) = match self.home(&t) {
             Ok(e) => (e, false),
             Err(MigrateError::UnknownTenant(_)) => {
                 let candidates = self.fleet.candidates();
                 let id = self.fleet.placements().place(&t, &candidates)?;
-                (self.known(&id)?, true)
+                (self.known(id.as_str())?, true)
             }
             Err(e) => return Err(e),
         };
         let closed = self.close(&t).await?;
         let client = self.fleet.client(&exec);
-        let previous = match client
-            .post(&tenant_path(&t, "export"), Bytes::new(), TRANSFER_TIMEOUT)
-            .await
-        {
+        let previous = match client.export(&t).await {
             Ok(b) => Some(b),
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
             Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
         };
         if previous.is_some() {
             client
-                .delete(&format!("/internal/tenants/{t}"), CONTROL_TIMEOUT)
+                .drop_tenant(&t)
                 .await
                 .map_err(|e| MigrateError::Executor(exec.id.clone(), e))?;
         }
-        let result = client
-            .post(&tenant_path(&t, "import"), snapshot, TRANSFER_TIMEOUT)
-            .await;
-        if let Err(e) = result {
+        if let Err(e) = client.import(&t, snapshot).await {
             if let Some(previous) = previous
-                && let Err(back) = client
-                    .post(&tenant_path(&t, "import"), previous, TRANSFER_TIMEOUT)
-                    .await
+                && let Err(back) = client.import(&t, previous).await
             {
                 tracing::error!(tenant = %t, error = %back, "restore failed and the previous state could not be put back");
             }
@@ -703,13 +645,8 @@ impl Orchestrator {
         let t = Self::tenant(tenant)?;
         let exec = self.home(&t)?;
         let closed = self.close(&t).await?;
-        match self
-            .fleet
-            .client(&exec)
-            .delete(&format!("/internal/tenants/{t}"), CONTROL_TIMEOUT)
-            .await
-        {
-            Ok(_) => {}
+        match self.fleet.client(&exec).drop_tenant(&t).await {
+            Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
             Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
         }
@@ -757,14 +694,4 @@ async fn remove_file(path: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn no_executor_to_move_to_is_unavailable_not_internal() {
-        let e = MigrateError::Placement(PlacementError::NoExecutor).api_error();
-        assert_eq!(e.code, ErrorCode::ExecutorUnavailable);
-        let e = MigrateError::Placement(PlacementError::Unplaced("t".into())).api_error();
-        assert_eq!(e.code, ErrorCode::Internal);
-    }
-}
+mod tests;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use pingora_ketama::{Bucket, Continuum};
 use serde::{Deserialize, Serialize};
-use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::{ExecutorId, TenantId};
 
 /// Why a placement could not be made or kept.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +37,8 @@ pub enum PlacementError {
 /// A migration in progress: recorded before it starts, cleared when done.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {
-    pub from: String,
-    pub to: String,
+    pub from: ExecutorId,
+    pub to: ExecutorId,
     /// The exported snapshot, kept in the state directory until the import
     /// succeeds.
     pub snapshot: Option<PathBuf>,
@@ -48,22 +48,22 @@ pub struct Move {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementState {
     /// Tenant → executor id.
-    pub placements: BTreeMap<String, String>,
+    pub placements: BTreeMap<String, ExecutorId>,
     /// Tenant → migration in progress.
     #[serde(default)]
     pub moving: BTreeMap<String, Move>,
     /// Executors that take no new tenants (draining, or being replaced).
     #[serde(default)]
-    pub draining: BTreeSet<String>,
+    pub draining: BTreeSet<ExecutorId>,
     /// The executor set: id → `host:port`, as registered.
     #[serde(default)]
-    pub executors: BTreeMap<String, String>,
+    pub executors: BTreeMap<ExecutorId, String>,
 }
 
 /// An executor that may receive new tenants.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Candidate {
-    pub id: String,
+    pub id: ExecutorId,
     pub addr: SocketAddr,
 }
 
@@ -94,11 +94,8 @@ impl Placements {
     }
 
     /// Where `tenant` lives, if placed.
-    pub fn get(&self, tenant: &TenantId) -> Option<&str> {
-        self.state
-            .placements
-            .get(tenant.as_str())
-            .map(String::as_str)
+    pub fn get(&self, tenant: &TenantId) -> Option<&ExecutorId> {
+        self.state.placements.get(tenant.as_str())
     }
 
     /// Where `tenant` lives, placing it first if it is new: consistent
@@ -107,9 +104,9 @@ impl Placements {
         &mut self,
         tenant: &TenantId,
         healthy: &[Candidate],
-    ) -> Result<String, PlacementError> {
+    ) -> Result<ExecutorId, PlacementError> {
         if let Some(id) = self.get(tenant) {
-            return Ok(id.to_string());
+            return Ok(id.clone());
         }
         let chosen = self.choose(tenant, healthy)?;
         self.state
@@ -127,7 +124,7 @@ impl Placements {
         &self,
         tenant: &TenantId,
         healthy: &[Candidate],
-    ) -> Result<String, PlacementError> {
+    ) -> Result<ExecutorId, PlacementError> {
         let open: Vec<&Candidate> = healthy
             .iter()
             .filter(|c| !self.state.draining.contains(&c.id))
@@ -149,13 +146,11 @@ impl Placements {
     }
 
     /// Records an executor (or its new address).
-    pub fn add_executor(&mut self, id: &str, addr: &str) -> Result<(), PlacementError> {
+    pub fn add_executor(&mut self, id: &ExecutorId, addr: &str) -> Result<(), PlacementError> {
         if self.state.executors.get(id).map(String::as_str) == Some(addr) {
             return Ok(());
         }
-        self.state
-            .executors
-            .insert(id.to_string(), addr.to_string());
+        self.state.executors.insert(id.clone(), addr.to_string());
         self.save()
     }
 
@@ -167,22 +162,26 @@ impl Placements {
     }
 
     /// Tenant → executor, all of them.
-    pub fn all(&self) -> &BTreeMap<String, String> {
+    pub fn all(&self) -> &BTreeMap<String, ExecutorId> {
         &self.state.placements
     }
 
     /// Records "tenant moving from → to" before any step of the move.
-    pub fn begin_move(&mut self, tenant: &TenantId, to: &str) -> Result<Move, PlacementError> {
+    pub fn begin_move(
+        &mut self,
+        tenant: &TenantId,
+        to: &ExecutorId,
+    ) -> Result<Move, PlacementError> {
         if self.state.moving.contains_key(tenant.as_str()) {
             return Err(PlacementError::AlreadyMoving(tenant.to_string()));
         }
         let from = self
             .get(tenant)
             .ok_or_else(|| PlacementError::Unplaced(tenant.to_string()))?
-            .to_string();
+            .clone();
         let m = Move {
             from,
-            to: to.to_string(),
+            to: to.clone(),
             snapshot: None,
         };
         self.state.moving.insert(tenant.to_string(), m.clone());
@@ -240,9 +239,13 @@ impl Placements {
     }
 
     /// Stops or resumes placing new tenants on an executor.
-    pub fn set_draining(&mut self, executor: &str, draining: bool) -> Result<(), PlacementError> {
+    pub fn set_draining(
+        &mut self,
+        executor: &ExecutorId,
+        draining: bool,
+    ) -> Result<(), PlacementError> {
         let changed = if draining {
-            self.state.draining.insert(executor.to_string())
+            self.state.draining.insert(executor.clone())
         } else {
             self.state.draining.remove(executor)
         };
@@ -294,10 +297,14 @@ mod tests {
         TenantId::new(s).unwrap()
     }
 
+    fn x(s: &str) -> ExecutorId {
+        ExecutorId::new(s).unwrap()
+    }
+
     fn cands(n: u16) -> Vec<Candidate> {
         (0..n)
             .map(|i| Candidate {
-                id: format!("cpu{i}"),
+                id: x(&format!("cpu{i}")),
                 addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i)),
             })
             .collect()
@@ -317,12 +324,12 @@ mod tests {
         assert_eq!(count.len(), 3, "every executor gets tenants: {count:?}");
         assert!(count.values().all(|&n| n > 50), "{count:?}");
         // Sticky even when the executor set changes.
-        let first = p.get(&t("tenant-7")).unwrap().to_string();
+        let first = p.get(&t("tenant-7")).unwrap().clone();
         let others: Vec<Candidate> = execs.iter().filter(|c| c.id != first).cloned().collect();
         assert_eq!(p.place(&t("tenant-7"), &others).unwrap(), first);
         // And after a restart.
         let again = Placements::load(&path).unwrap();
-        assert_eq!(again.get(&t("tenant-7")), Some(first.as_str()));
+        assert_eq!(again.get(&t("tenant-7")), Some(&first));
         assert_eq!(again.state().placements.len(), 300);
     }
 
@@ -331,11 +338,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = Placements::load(&dir.path().join("p.json")).unwrap();
         let execs = cands(2);
-        p.set_draining("cpu0", true).unwrap();
+        p.set_draining(&x("cpu0"), true).unwrap();
         for i in 0..50 {
-            assert_eq!(p.place(&t(&format!("x{i}")), &execs).unwrap(), "cpu1");
+            assert_eq!(p.place(&t(&format!("x{i}")), &execs).unwrap(), x("cpu1"));
         }
-        p.set_draining("cpu1", true).unwrap();
+        p.set_draining(&x("cpu1"), true).unwrap();
         assert!(matches!(
             p.place(&t("late"), &execs),
             Err(PlacementError::NoExecutor)
@@ -353,9 +360,9 @@ mod tests {
         let mut p = Placements::load(&path).unwrap();
         let execs = cands(1);
         p.place(&t("a"), &execs).unwrap();
-        p.begin_move(&t("a"), "cpu9").unwrap();
+        p.begin_move(&t("a"), &x("cpu9")).unwrap();
         assert!(matches!(
-            p.begin_move(&t("a"), "cpu8"),
+            p.begin_move(&t("a"), &x("cpu8")),
             Err(PlacementError::AlreadyMoving(_))
         ));
         p.record_snapshot(&t("a"), dir.path().join("a.twsnap"))
@@ -364,22 +371,22 @@ mod tests {
         let restarted = Placements::load(&path).unwrap();
         let pending = restarted.pending_moves();
         assert_eq!(pending.len(), 1);
-        assert_eq!(pending[0].1.from, "cpu0");
+        assert_eq!(pending[0].1.from, x("cpu0"));
         assert_eq!(
             pending[0].1.snapshot.as_deref(),
             Some(dir.path().join("a.twsnap").as_path())
         );
         p.finish_move(&t("a")).unwrap();
-        assert_eq!(p.get(&t("a")), Some("cpu9"));
-        p.begin_move(&t("a"), "cpu0").unwrap();
+        assert_eq!(p.get(&t("a")), Some(&x("cpu9")));
+        p.begin_move(&t("a"), &x("cpu0")).unwrap();
         p.abort_move(&t("a")).unwrap();
-        assert_eq!(p.get(&t("a")), Some("cpu9"));
+        assert_eq!(p.get(&t("a")), Some(&x("cpu9")));
         assert!(matches!(
             p.finish_move(&t("a")),
             Err(PlacementError::NotMoving(_))
         ));
         assert!(matches!(
-            p.begin_move(&t("nobody"), "cpu0"),
+            p.begin_move(&t("nobody"), &x("cpu0")),
             Err(PlacementError::Unplaced(_))
         ));
         assert_eq!(p.tenants_of("cpu9"), vec!["a".to_string()]);

@@ -42,6 +42,7 @@ use crate::metrics::ProxyMetrics;
 use crate::migrate::{HeldMove, Orchestrator};
 use crate::ratelimit::{Rate, RateError, RateLimits};
 use crate::service::{PublicProxy, Shared};
+use crate::upstream::{PROBE_TIMEOUT, UpstreamError};
 
 /// Where tokens come from.
 #[derive(Clone, Debug)]
@@ -309,8 +310,6 @@ struct Upkeep {
     dns: Option<String>,
 }
 
-/// How long a health probe may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Ticks between prunings of idle rate-limiter keys.
 const PRUNE_EVERY: u32 = 60;
 
@@ -318,11 +317,7 @@ impl Upkeep {
     async fn probe_all(&self) {
         let fleet = &self.shared.fleet;
         let probes = fleet.executors().into_iter().map(|exec| async move {
-            let ok = fleet
-                .client(&exec)
-                .get("/healthz", PROBE_TIMEOUT)
-                .await
-                .is_ok();
+            let ok = fleet.client(&exec).health().await.is_ok();
             if exec.set_healthy(ok) {
                 if ok {
                     tracing::info!(executor = %exec.id, "executor healthy again");
@@ -347,23 +342,20 @@ impl Upkeep {
         };
         let known: Vec<std::net::SocketAddr> = fleet.executors().iter().map(|e| e.sock).collect();
         for addr in addrs.into_iter().filter(|a| !known.contains(a)) {
-            let client =
-                crate::upstream::ExecutorClient::new(&addr.to_string(), fleet.internal_token());
-            let info = match client.get("/internal/info", PROBE_TIMEOUT).await {
-                Ok(b) => serde_json::from_slice::<tensor_wasm_shared::api::ExecutorInfo>(&b),
-                Err(e) => {
-                    tracing::debug!(%addr, error = %e, "discovered executor not answering yet");
-                    continue;
-                }
-            };
-            match info {
+            let client = fleet.client_at(&addr.to_string());
+            match client.info(PROBE_TIMEOUT).await {
                 Ok(info) => match fleet.register(&info.id, &addr.to_string()) {
                     Ok(_) => {
                         tracing::info!(executor = %info.id, %addr, "executor discovered by DNS")
                     }
                     Err(e) => tracing::warn!(%addr, error = %e, "discovered executor refused"),
                 },
-                Err(e) => tracing::warn!(%addr, error = %e, "discovered executor sent bad info"),
+                Err(UpstreamError::BadAnswer { source, .. }) => {
+                    tracing::warn!(%addr, error = %source, "discovered executor sent bad info")
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "discovered executor not answering yet");
+                }
             }
         }
     }

@@ -1,11 +1,25 @@
 //! The proxy's own calls to executors: health probes, `/internal/info`, and
-//! the export/import/thaw/drop steps of a migration.
+//! the prewarm/export/import/thaw/drop steps of a migration.
+//!
+//! Every such call goes through [`ExecutorApi`], one typed method per call
+//! of the executor's internal API (executor/src/http.rs), so that the
+//! migration code in [`crate::migrate`] reads as its protocol and unit tests
+//! can stand an in-memory executor in for a real one. [`ExecutorClient`] is
+//! the HTTP implementation; [`Connector`] makes one per executor address,
+//! and [`crate::fleet::Fleet::client`] hands them out.
 //!
 //! Client traffic never goes through here (pingora forwards it). These
 //! calls are few, so each opens its own HTTP/1.1 connection: no pool means
 //! no connection tied to one runtime, and a dead executor is seen at once
 //! as a refused connection rather than as a stale pooled socket.
+//!
+//! Each method bounds its own wait: transfers of state or modules get
+//! [`TRANSFER_TIMEOUT`], control calls [`CONTROL_TIMEOUT`], health probes
+//! [`PROBE_TIMEOUT`]; `info` takes its bound from the caller, as an admin
+//! listing and a recovery wait differently long.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,8 +27,21 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper_util::rt::TokioIo;
-use tensor_wasm_shared::ErrorCode;
+use tensor_wasm_shared::api::ExecutorInfo;
 use tensor_wasm_shared::error::ErrorBody;
+use tensor_wasm_shared::{ErrorCode, TenantId};
+
+/// Longest an export, import, module fetch or precompile may take; a
+/// multi-GiB tenant on a slow disk still fits, and a wedged executor does
+/// not hold a move forever.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest a thaw, drop or module list may take.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a health probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+pub(crate) mod scripted;
 
 /// Why a call to an executor gave no usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +56,13 @@ pub enum UpstreamError {
     Http { addr: String, message: String },
     #[error("executor at {addr} did not answer within {after:?}")]
     Timeout { addr: String, after: Duration },
+    /// A 2xx answer whose body is not what the call returns.
+    #[error("executor at {addr} sent a bad answer: {source}")]
+    BadAnswer {
+        addr: String,
+        #[source]
+        source: serde_json::Error,
+    },
     /// The executor answered with an error status. `code` is `None` when
     /// the body was not an error envelope with a code this build knows.
     #[error("executor at {addr} answered {status}: {} {message}", code.map_or("(no code)", ErrorCode::as_str))]
@@ -51,7 +85,94 @@ impl UpstreamError {
 
     /// True when the executor could not be reached at all.
     pub fn is_unreachable(&self) -> bool {
-        !matches!(self, UpstreamError::Status { .. })
+        matches!(
+            self,
+            UpstreamError::Connect { .. }
+                | UpstreamError::Http { .. }
+                | UpstreamError::Timeout { .. }
+        )
+    }
+}
+
+/// The calls the proxy makes to one executor, each named for what it asks.
+///
+/// Errors are the executor's answer ([`UpstreamError::Status`] with its
+/// typed code) or the reason there was none. In particular a tenant the
+/// executor does not hold is [`ErrorCode::TenantNotHere`], and a route it
+/// does not have is [`ErrorCode::NotFound`]; callers must tell them apart.
+#[async_trait::async_trait]
+pub trait ExecutorApi: Send + Sync + fmt::Debug {
+    /// `GET /healthz`: the upkeep's health probe, every tick, per executor.
+    async fn health(&self) -> Result<(), UpstreamError>;
+
+    /// `GET /internal/info`: the executor's id, device, tenants and stats.
+    /// Asked by the admin listing, by DNS discovery of an address not yet
+    /// registered, and by recovery (does the destination hold the tenant
+    /// already?). A body that is not an [`ExecutorInfo`] is
+    /// [`UpstreamError::BadAnswer`].
+    async fn info(&self, within: Duration) -> Result<ExecutorInfo, UpstreamError>;
+
+    /// `GET /internal/tenants/{t}/modules`: ids of the tenant's modules
+    /// (migration step 0, on the source). A body without a `modules` list
+    /// is an empty list.
+    async fn modules(&self, tenant: &TenantId) -> Result<Vec<String>, UpstreamError>;
+
+    /// `GET /internal/tenants/{t}/modules/{id}`: one module's wasm (step 0,
+    /// on the source).
+    async fn module(&self, tenant: &TenantId, id: &str) -> Result<Bytes, UpstreamError>;
+
+    /// `POST /internal/modules`: compiles `wasm` into the executor's module
+    /// cache without installing it anywhere (step 0, on the destination).
+    async fn precompile(&self, wasm: Bytes) -> Result<(), UpstreamError>;
+
+    /// `POST /internal/tenants/{t}/export`: lets running jobs finish,
+    /// freezes the tenant and returns its snapshot (step 3 on the source;
+    /// also a snapshot, and the saving of the old state in a restore).
+    async fn export(&self, tenant: &TenantId) -> Result<Bytes, UpstreamError>;
+
+    /// `POST /internal/tenants/{t}/import`: installs the tenant from a
+    /// snapshot (step 4 on the destination, recovery, restore).
+    async fn import(&self, tenant: &TenantId, snapshot: Bytes) -> Result<(), UpstreamError>;
+
+    /// `POST /internal/tenants/{t}/thaw`: unfreezes a tenant an export froze
+    /// (a move or snapshot that ends with the tenant where it was).
+    async fn thaw(&self, tenant: &TenantId) -> Result<(), UpstreamError>;
+
+    /// `DELETE /internal/tenants/{t}`: forgets the tenant and its state
+    /// (step 5 on the source, restore, purge).
+    async fn drop_tenant(&self, tenant: &TenantId) -> Result<(), UpstreamError>;
+}
+
+/// Makes the [`ExecutorApi`] of the executor at an address; the fleet's
+/// seam, replaced in unit tests by in-memory executors.
+pub trait Connector: Send + Sync + fmt::Debug {
+    /// The executor at `addr` (`host:port`, as registered or discovered).
+    fn connect(&self, addr: &str) -> Arc<dyn ExecutorApi>;
+}
+
+/// [`ExecutorClient`]s that present the internal token.
+#[derive(Clone)]
+pub struct HttpConnector {
+    token: String,
+}
+
+impl HttpConnector {
+    pub fn new(internal_token: &str) -> HttpConnector {
+        HttpConnector {
+            token: internal_token.to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for HttpConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpConnector").finish_non_exhaustive()
+    }
+}
+
+impl Connector for HttpConnector {
+    fn connect(&self, addr: &str) -> Arc<dyn ExecutorApi> {
+        Arc::new(ExecutorClient::new(addr, &self.token))
     }
 }
 
@@ -71,12 +192,12 @@ impl ExecutorClient {
     }
 
     /// `GET path`, the body of a 2xx answer.
-    pub async fn get(&self, path: &str, timeout: Duration) -> Result<Bytes, UpstreamError> {
+    async fn get(&self, path: &str, timeout: Duration) -> Result<Bytes, UpstreamError> {
         self.call("GET", path, Bytes::new(), timeout).await
     }
 
     /// `POST path` with `body`, the body of a 2xx answer.
-    pub async fn post(
+    async fn post(
         &self,
         path: &str,
         body: Bytes,
@@ -86,7 +207,7 @@ impl ExecutorClient {
     }
 
     /// `DELETE path`.
-    pub async fn delete(&self, path: &str, timeout: Duration) -> Result<Bytes, UpstreamError> {
+    async fn delete(&self, path: &str, timeout: Duration) -> Result<Bytes, UpstreamError> {
         self.call("DELETE", path, Bytes::new(), timeout).await
     }
 
@@ -112,7 +233,7 @@ impl ExecutorClient {
         path: &str,
         body: Bytes,
     ) -> Result<Bytes, UpstreamError> {
-        let http = |e: &dyn std::fmt::Display| UpstreamError::Http {
+        let http = |e: &dyn fmt::Display| UpstreamError::Http {
             addr: self.addr.clone(),
             message: e.to_string(),
         };
@@ -161,5 +282,80 @@ impl ExecutorClient {
             code,
             message,
         })
+    }
+}
+
+fn tenant_path(tenant: &TenantId, op: &str) -> String {
+    format!("/internal/tenants/{tenant}/{op}")
+}
+
+#[async_trait::async_trait]
+impl ExecutorApi for ExecutorClient {
+    async fn health(&self) -> Result<(), UpstreamError> {
+        self.get("/healthz", PROBE_TIMEOUT).await.map(drop)
+    }
+
+    async fn info(&self, within: Duration) -> Result<ExecutorInfo, UpstreamError> {
+        let body = self.get("/internal/info", within).await?;
+        serde_json::from_slice(&body).map_err(|source| UpstreamError::BadAnswer {
+            addr: self.addr.clone(),
+            source,
+        })
+    }
+
+    async fn modules(&self, tenant: &TenantId) -> Result<Vec<String>, UpstreamError> {
+        let body = self
+            .get(&tenant_path(tenant, "modules"), CONTROL_TIMEOUT)
+            .await?;
+        let list = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+        Ok(list["modules"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn module(&self, tenant: &TenantId, id: &str) -> Result<Bytes, UpstreamError> {
+        self.get(
+            &format!("/internal/tenants/{tenant}/modules/{id}"),
+            TRANSFER_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn precompile(&self, wasm: Bytes) -> Result<(), UpstreamError> {
+        self.post("/internal/modules", wasm, TRANSFER_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    async fn export(&self, tenant: &TenantId) -> Result<Bytes, UpstreamError> {
+        self.post(
+            &tenant_path(tenant, "export"),
+            Bytes::new(),
+            TRANSFER_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn import(&self, tenant: &TenantId, snapshot: Bytes) -> Result<(), UpstreamError> {
+        self.post(&tenant_path(tenant, "import"), snapshot, TRANSFER_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    async fn thaw(&self, tenant: &TenantId) -> Result<(), UpstreamError> {
+        self.post(&tenant_path(tenant, "thaw"), Bytes::new(), CONTROL_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    async fn drop_tenant(&self, tenant: &TenantId) -> Result<(), UpstreamError> {
+        self.delete(&format!("/internal/tenants/{tenant}"), CONTROL_TIMEOUT)
+            .await
+            .map(drop)
     }
 }
