@@ -177,10 +177,20 @@ impl Connector for HttpConnector {
 }
 
 /// One executor, as the proxy calls it.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ExecutorClient {
     pub addr: String,
     token: String,
+}
+
+/// Without the internal token: the fleet holds clients as `dyn
+/// ExecutorApi`, which is `Debug`, and a debug print must not leak it.
+impl fmt::Debug for ExecutorClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecutorClient")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ExecutorClient {
@@ -357,5 +367,18 @@ impl ExecutorApi for ExecutorClient {
         self.delete(&format!("/internal/tenants/{tenant}"), CONTROL_TIMEOUT)
             .await
             .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_debug_print_of_a_client_holds_no_token() {
+        let c = HttpConnector::new("s3cret-internal").connect("127.0.0.1:1");
+        let printed = format!("{c:?}");
+        assert!(printed.contains("127.0.0.1:1"), "{printed}");
+        assert!(!printed.contains("s3cret"), "{printed}");
     }
 }

@@ -265,6 +265,9 @@ fn snapshots_that_would_pass_the_quotas_or_overwrite_themselves_are_refused() {
     let mut same_job = good.clone();
     same_job.jobs = pending(1, 1);
     same_job.jobs.push(same_job.jobs[0].clone());
+    let mut bad_id = good.clone();
+    bad_id.jobs = pending(1, 1);
+    bad_id.jobs[0].info_json = bad_id.jobs[0].info_json.replace("job-0", "../job-0");
     let cases = [
         ("a function twice", twice, "invalid_input", "twice"),
         (
@@ -280,6 +283,7 @@ fn snapshots_that_would_pass_the_quotas_or_overwrite_themselves_are_refused() {
             "120 bytes",
         ),
         ("a job id twice", same_job, "invalid_input", "job-0"),
+        ("a job id that is no id", bad_id, "invalid_input", "job id"),
     ];
     for (what, snap, code, needle) in cases {
         let bytes = encode(&snap, None).unwrap();

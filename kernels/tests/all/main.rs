@@ -1,4 +1,4 @@
-//! Integration tests of `tensor-wasm-kernels`, one binary (STYLE rule 9)
+//! Integration tests of `tensor-wasm-kernels`, in one binary (`tests/all`)
 //! with a module per topic:
 //!
 //! - `reference`: an independent, naive f64 implementation of every op;
