@@ -352,7 +352,7 @@ pub struct ProxyProcess {
 
 impl ProxyProcess {
     /// Starts a proxy on `state` in front of `executors` and waits until it
-    /// answers `/healthz`.
+    /// answers `/healthz` and its admin listener answers.
     pub fn start(state: &Path, executors: &[&ExecutorProcess], options: ProxyOptions) -> Self {
         let list: Vec<String> = executors
             .iter()
@@ -439,7 +439,14 @@ impl ProxyProcess {
                     .try_call("GET", "/healthz", &[], None)
                     .is_ok_and(|r| r.status == 200)
             };
-            if serving && healthy {
+            // The admin listener is bound by its own service: any answer
+            // (401 without a token) shows it is up too.
+            let admin = healthy
+                && self
+                    .admin
+                    .try_call("GET", "/admin/executors", &[], None)
+                    .is_ok();
+            if serving && healthy && admin {
                 return;
             }
             assert!(
