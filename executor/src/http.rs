@@ -603,6 +603,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     let m = &app.metrics;
     m.active_instances.set(r.active_instances() as i64);
     m.jobs_in_flight.set(r.jobs_in_flight() as i64);
+    m.invocations_waiting.set(r.invocations_waiting() as i64);
     m.device_memory
         .with_label_values(&[&app.id])
         .set(r.device_bytes() as i64);

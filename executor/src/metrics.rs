@@ -36,6 +36,7 @@ pub struct Metrics {
     registry: Registry,
     pub active_instances: IntGauge,
     pub jobs_in_flight: IntGauge,
+    pub invocations_waiting: IntGauge,
     pub kernel_dispatches: IntCounterVec,
     pub kernel_dispatch_duration: HistogramVec,
     pub invocations: IntCounterVec,
@@ -65,6 +66,11 @@ impl Metrics {
             IntGauge::new(m::ACTIVE_INSTANCES, "Warm wasm instances.").expect("valid");
         let jobs_in_flight =
             IntGauge::new(m::JOBS_IN_FLIGHT, "Async jobs pending or running.").expect("valid");
+        let invocations_waiting = IntGauge::new(
+            m::INVOCATIONS_WAITING,
+            "Synchronous invocations waiting for an instance slot.",
+        )
+        .expect("valid");
         let kernel_dispatches = IntCounterVec::new(
             Opts::new(
                 m::KERNEL_DISPATCHES_TOTAL,
@@ -106,6 +112,7 @@ impl Metrics {
         build_info.with_label_values(&values).set(1);
         reg(Box::new(active_instances.clone()));
         reg(Box::new(jobs_in_flight.clone()));
+        reg(Box::new(invocations_waiting.clone()));
         reg(Box::new(kernel_dispatches.clone()));
         reg(Box::new(kernel_dispatch_duration.clone()));
         reg(Box::new(invocations.clone()));
@@ -123,6 +130,7 @@ impl Metrics {
             registry,
             active_instances,
             jobs_in_flight,
+            invocations_waiting,
             kernel_dispatches,
             kernel_dispatch_duration,
             invocations,

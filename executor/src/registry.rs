@@ -221,6 +221,14 @@ impl Registry {
             .sum()
     }
 
+    /// Synchronous invocations of all tenants waiting for an instance slot.
+    pub fn invocations_waiting(&self) -> u64 {
+        read_lock(&self.tenants)
+            .values()
+            .map(|t| t.invocations_waiting() as u64)
+            .sum()
+    }
+
     /// Jobs of all tenants pending or running.
     pub fn jobs_in_flight(&self) -> u64 {
         read_lock(&self.tenants)

@@ -19,6 +19,7 @@ pub mod proxy_metrics {
 pub mod executor_metrics {
     pub const ACTIVE_INSTANCES: &str = "tensor_wasm_active_instances";
     pub const JOBS_IN_FLIGHT: &str = "tensor_wasm_jobs_in_flight";
+    pub const INVOCATIONS_WAITING: &str = "tensor_wasm_invocations_waiting";
     pub const KERNEL_DISPATCHES_TOTAL: &str = "tensor_wasm_kernel_dispatches_total";
     pub const KERNEL_DISPATCH_DURATION_SECONDS: &str =
         "tensor_wasm_kernel_dispatch_duration_seconds";

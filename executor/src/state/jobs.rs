@@ -23,8 +23,17 @@ pub struct JobRecord {
     pub info: JobInfo,
     /// The request, while the job is pending.
     pub request: Option<RequestBody>,
-    /// When it finished, for retention.
-    pub finished: Option<Instant>,
+    /// When it finished.
+    pub finished: Option<Finished>,
+}
+
+/// When a job finished: its place in the table's order of finishes (what
+/// "oldest" means when trimming, exact even for two jobs that finish within
+/// one tick of the clock), then the instant (for retention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Finished {
+    pub seq: u64,
+    pub at: Instant,
 }
 
 impl JobRecord {
@@ -50,6 +59,8 @@ pub struct JobTable {
     records: BTreeMap<JobId, JobRecord>,
     /// Records pending or running.
     in_flight: usize,
+    /// Jobs finished so far: the next [`Finished::seq`].
+    finishes: u64,
     caps: JobCaps,
 }
 
@@ -58,7 +69,17 @@ impl JobTable {
         JobTable {
             records: BTreeMap::new(),
             in_flight: 0,
+            finishes: 0,
             caps,
+        }
+    }
+
+    /// Stamps a finish now.
+    fn finished_now(&mut self) -> Finished {
+        self.finishes += 1;
+        Finished {
+            seq: self.finishes,
+            at: Instant::now(),
         }
     }
 
@@ -129,8 +150,9 @@ impl JobTable {
             // anything unfinished runs again here.
             info.status = JobStatus::Pending;
         }
+        let stamp = finished.then(|| self.finished_now());
         self.insert(JobRecord {
-            finished: finished.then(Instant::now),
+            finished: stamp,
             request: if finished { None } else { request },
             info,
         });
@@ -170,6 +192,14 @@ impl JobTable {
     /// Records a job's outcome. Only a job still pending or running
     /// finishes, once; true if this call finished it.
     pub fn finish(&mut self, job_id: &str, outcome: Result<InvokeResponse, ApiError>) -> bool {
+        if self
+            .records
+            .get(job_id)
+            .is_none_or(|j| j.info.status.is_finished())
+        {
+            return false;
+        }
+        let stamp = self.finished_now();
         let Some(job) = self
             .records
             .get_mut(job_id)
@@ -179,7 +209,7 @@ impl JobTable {
         };
         job.request = None;
         job.info.finished_at = Some(now_rfc3339());
-        job.finished = Some(Instant::now());
+        job.finished = Some(stamp);
         match outcome {
             Ok(result) => {
                 job.info.status = JobStatus::Succeeded;
@@ -246,7 +276,7 @@ impl JobTable {
     /// Forgets finished jobs older than `retention`, then trims to the caps.
     pub fn prune(&mut self, retention: Duration) {
         self.records
-            .retain(|_, j| j.finished.is_none_or(|f| f.elapsed() < retention));
+            .retain(|_, j| j.finished.is_none_or(|f| f.at.elapsed() < retention));
         self.trim();
     }
 
@@ -264,7 +294,7 @@ impl JobTable {
         if left <= count && held <= bytes {
             return; // the usual case: nothing to sort
         }
-        let mut finished: Vec<(Instant, JobId, u64)> = self
+        let mut finished: Vec<(Finished, JobId, u64)> = self
             .records
             .iter()
             .filter_map(|(id, j)| j.finished.map(|f| (f, id.clone(), j.held_bytes())))
@@ -331,8 +361,6 @@ mod tests {
             .unwrap();
         t.start(id).unwrap();
         assert!(t.finish(id, Ok(result(len))));
-        // Distinct finish instants, so that "oldest" is well defined.
-        std::thread::sleep(Duration::from_millis(2));
     }
 
     fn ids(t: &JobTable) -> Vec<&str> {

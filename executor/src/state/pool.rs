@@ -157,6 +157,11 @@ impl Pool {
         }
     }
 
+    /// Synchronous callers waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     /// An idle instance, or a new one from `create` within the tenant's
     /// quota. The caller holds a [`Slot`]; blocking (instantiation runs
     /// the guest's `init`).

@@ -184,6 +184,14 @@ impl Tenant {
         self.instances.get()
     }
 
+    /// Synchronous invocations of the tenant waiting for an instance slot.
+    pub fn invocations_waiting(&self) -> usize {
+        read_lock(&self.functions)
+            .values()
+            .map(|f| f.pool.waiting())
+            .sum()
+    }
+
     /// The tenant's job table, locked.
     pub fn jobs(&self) -> MutexGuard<'_, JobTable> {
         lock(&self.jobs)

@@ -597,16 +597,22 @@ fn a_busy_function_queues_then_refuses() {
     let path = format!("/functions/{id}/invoke");
     // One request holds the only instance (spinning to its deadline), a
     // second waits in the queue, a third finds the queue full.
+    // No instance exists before the first run, so one instance means the
+    // spinning request holds the slot.
     let spin = {
         let (ex, path) = (ex.clone(), path.clone());
         std::thread::spawn(move || ex.post("t1", &path, "text/plain", b"spin").status)
     };
+    ex.wait_metric("tensor_wasm_active_instances", 1.0);
+    // A queued call waits at most the function's deadline, and the spinning
+    // one ends a little after its own (the next epoch tick): the second call
+    // starts well after the first so that its wait outlasts the spin.
     std::thread::sleep(std::time::Duration::from_millis(300));
     let queued = {
         let (ex, path) = (ex.clone(), path.clone());
         std::thread::spawn(move || ex.post("t1", &path, "text/plain", b"ok").status)
     };
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    ex.wait_metric("tensor_wasm_invocations_waiting", 1.0);
     let r = ex.post("t1", &path, "text/plain", b"ok");
     assert_eq!(
         (r.status, r.code().as_str()),
@@ -621,4 +627,5 @@ fn a_busy_function_queues_then_refuses() {
         200,
         "the queued request ran once the instance was free"
     );
+    assert_eq!(ex.metric("tensor_wasm_invocations_waiting"), 0.0);
 }

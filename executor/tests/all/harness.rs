@@ -167,6 +167,37 @@ impl TestExecutor {
         r.json()["id"].as_str().unwrap().to_string()
     }
 
+    /// The value of the unlabelled metric `name` in `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .agent
+            .get(self.url("/metrics"))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    }
+
+    /// Polls until the metric `name` reads `value` (at most 30 s).
+    pub fn wait_metric(&self, name: &str, value: f64) {
+        let start = std::time::Instant::now();
+        loop {
+            let now = self.metric(name);
+            if now == value {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{name} stays {now}, not {value}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn raw_agent(&self) -> &ureq::Agent {
         &self.agent
     }

@@ -280,14 +280,9 @@ fn jobs_waiting_for_their_function_stay_pending_and_hold_no_job_slot() {
     let behind: Vec<String> = (0..3)
         .map(|_| submit(&ex, "t1", &id, "text/plain", b"spin"))
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
-    for job in &behind {
-        let status = ex.get("t1", &format!("/jobs/{job}")).json()["status"].clone();
-        assert_eq!(status, "pending", "job {job} waits for the instance");
-    }
-    assert_eq!(ex.delete("t1", &format!("/jobs/{}", behind[0])).status, 204);
 
-    // t2's job takes the free job slot while t1's first job still spins.
+    // t2's job takes the free job slot while t1's first job still spins:
+    // the jobs behind it wait for t1's instance, not for a job slot.
     let other = ex.deploy("t2", "triple", TRIPLE);
     let quick = submit(
         &ex,
@@ -304,6 +299,11 @@ fn jobs_waiting_for_their_function_stay_pending_and_hold_no_job_slot() {
         ex.get("t1", &format!("/jobs/{slow}")).json()["status"],
         "running"
     );
+    for job in &behind {
+        let status = ex.get("t1", &format!("/jobs/{job}")).json()["status"].clone();
+        assert_eq!(status, "pending", "job {job} waits for the instance");
+    }
+    assert_eq!(ex.delete("t1", &format!("/jobs/{}", behind[0])).status, 204);
 
     // Deleting the function fails its waiting jobs at once; the running
     // one ends at its deadline, and nothing stays counted.
@@ -335,6 +335,19 @@ fn a_purged_tenant_leaves_no_job_counted() {
     // The running job ends at its deadline; the count neither stays up
     // nor wraps below zero.
     wait_no_jobs(&ex);
-    std::thread::sleep(Duration::from_millis(1500));
+    // t2's job needs the only job slot, so it runs once the purged
+    // tenant's job has ended (and given its slot back).
+    let other = ex.deploy("t2", "triple", TRIPLE);
+    let after = submit(
+        &ex,
+        "t2",
+        &other,
+        "application/json",
+        &f32_inputs(&[("x", &[1], &[2.0])]),
+    );
+    assert_eq!(
+        wait_finished(&ex, "t2", &after).json()["status"],
+        "succeeded"
+    );
     assert_eq!(jobs_in_flight(&ex), 0);
 }
