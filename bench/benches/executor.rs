@@ -98,10 +98,12 @@ fn registry() -> Arc<Registry> {
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::default());
     let factory: BackendFactory = Arc::new(move || Ok(cpu.clone()));
     let metrics = Arc::new(Metrics::new("cpu", &[("component", "bench")]));
+    // The registry's files live for the bench's process.
+    let dir = tempfile::tempdir().unwrap().keep();
     Arc::new(Registry::new(
         runtime,
         factory,
-        None,
+        dir,
         TenantQuotas::default(),
         metrics,
     ))

@@ -71,9 +71,13 @@ pub struct Args {
     /// snapshots must be signed with it.
     #[arg(long, env = env::SNAPSHOT_KEY, hide_env_values = true)]
     snapshot_key: Option<String>,
-    /// Largest request body, in bytes.
+    /// Largest invoke body, in bytes.
     #[arg(long, env = env::MAX_BODY_BYTES, default_value_t = 64 << 20)]
     max_body_bytes: usize,
+    /// Largest assets file one registration may send, in bytes [default:
+    /// the tenant device-memory quota].
+    #[arg(long, env = env::MAX_ASSET_BYTES)]
+    max_asset_bytes: Option<u64>,
     /// Async jobs a tenant may have waiting or running.
     #[arg(long, env = env::TENANT_PENDING_JOBS, default_value_t = 256)]
     tenant_pending_jobs: usize,
@@ -112,6 +116,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         functions: args.tenant_functions,
         instances: args.tenant_instances,
         max_body_bytes: args.max_body_bytes,
+        max_asset_bytes: args.max_asset_bytes,
         pending_jobs: args.tenant_pending_jobs,
         pending_job_bytes: args.tenant_pending_job_bytes,
         finished_job_bytes: args.tenant_finished_job_bytes,

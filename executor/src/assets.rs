@@ -1,13 +1,38 @@
-//! Function assets: weights shipped as a safetensors file, uploaded to the
-//! device once at registration and shared read-only by every instance.
+//! Function assets: weights shipped as a safetensors file.
+//!
+//! An assets file is never held whole in memory. Registration streams it to
+//! a temporary file in the tenant's folder of the [`AssetStore`], hashing it
+//! on the way ([`AssetUpload`]); the file is then validated ([`inspect`]:
+//! header bounds, dtypes, shapes, offsets that tile the data exactly, with
+//! no gap or overlap) before anything is registered, and renamed to its
+//! SHA-256 (`<state>/assets/<tenant>/<sha256>.safetensors`).
+//!
+//! A file is loaded once per tenant ([`LoadedAssets`]): memory-mapped and
+//! borrowed without a copy by the CPU backend, uploaded once to the device
+//! by CUDA. Functions of the same tenant that carry the same bytes share that
+//! one load and are charged for it once. Files are kept per tenant, so no
+//! tenant's upload can reveal whether another holds the same bytes.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
-use tensor_wasm_kernels::{Backend, DType, Tensor};
+use sha2::{Digest, Sha256};
+use tensor_wasm_kernels::{Backend, DType, Limits, SharedBytes, Tensor};
 
 use crate::tensors::TenantUsage;
+
+/// Largest safetensors header accepted, in bytes: 16 MiB. The header is
+/// JSON parsed whole; a model of hundreds of billions of parameters has one
+/// of a few hundred KiB.
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
+
+/// Most tensors in one assets file: 1 Mi, far past any real model, so that a
+/// header cannot make the index cost more than its own size.
+pub const MAX_ASSET_TENSORS: usize = 1 << 20;
 
 /// Why an assets file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +49,10 @@ pub enum AssetError {
     },
     #[error("assets exceed the tenant's device memory quota: {0}")]
     Quota(String),
+    #[error("assets are limited to {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("assets store: {0}")]
+    Io(#[source] std::io::Error),
 }
 
 /// The dtype of a safetensors tensor, when we support it.
@@ -51,74 +80,523 @@ pub fn dtype_to_safetensors(d: DType) -> Dtype {
     }
 }
 
-/// A function's uploaded assets; gives their device memory back to the
-/// tenant when dropped.
-#[derive(Debug)]
-pub struct Assets {
-    pub tensors: Arc<HashMap<String, Tensor>>,
-    bytes: u64,
-    usage: Arc<TenantUsage>,
+/// One tensor of a validated assets file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssetEntry {
+    pub name: String,
+    pub dtype: DType,
+    pub dims: Vec<usize>,
+    /// Its bytes within the file.
+    pub range: Range<usize>,
 }
 
-impl Assets {
-    /// No assets.
-    pub fn none(usage: Arc<TenantUsage>) -> Assets {
-        Assets {
-            tensors: Arc::new(HashMap::new()),
-            bytes: 0,
-            usage,
-        }
-    }
+/// The layout of a valid assets file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssetIndex {
+    pub entries: Vec<AssetEntry>,
+    /// Bytes of tensor data: what the tensors cost their device.
+    pub data_bytes: u64,
+}
 
-    /// Decodes a safetensors file and uploads every tensor, charging the
-    /// tenant's device memory once.
-    pub fn load(
-        file: &[u8],
-        backend: &dyn Backend,
-        usage: Arc<TenantUsage>,
-    ) -> Result<Assets, AssetError> {
-        let st =
-            SafeTensors::deserialize(file).map_err(|e| AssetError::Malformed(e.to_string()))?;
-        let mut tensors = HashMap::new();
-        let mut bytes = 0u64;
-        for (name, view) in st.iter() {
-            let dtype = dtype_from_safetensors(view.dtype()).ok_or_else(|| {
-                AssetError::UnsupportedDType {
-                    name: name.to_string(),
-                    dtype: format!("{:?}", view.dtype()),
-                }
-            })?;
-            let t = backend
-                .from_bytes(dtype, view.shape(), view.data())
-                .map_err(|source| AssetError::Tensor {
-                    name: name.to_string(),
-                    source,
-                })?;
-            bytes += t.nbytes();
-            tensors.insert(name.to_string(), t);
-        }
-        usage
-            .reserve(bytes, true)
-            .map_err(|e| AssetError::Quota(e.message))?;
-        Ok(Assets {
-            tensors: Arc::new(tensors),
-            bytes,
-            usage,
-        })
-    }
-
+impl AssetIndex {
     /// Names, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut n: Vec<String> = self.tensors.keys().cloned().collect();
+        let mut n: Vec<String> = self.entries.iter().map(|e| e.name.clone()).collect();
         n.sort();
         n
     }
 }
 
-impl Drop for Assets {
+/// Checks that `file` is a safetensors file whose every tensor this
+/// executor can hold under `limits`, and returns its layout. Reads only
+/// what the header points at; never allocates more than the header's size.
+pub fn inspect(file: &[u8], limits: &Limits) -> Result<AssetIndex, AssetError> {
+    let declared = file
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .ok_or_else(|| AssetError::Malformed("shorter than the 8-byte header length".into()))?;
+    if declared > MAX_HEADER_BYTES {
+        return Err(AssetError::Malformed(format!(
+            "a header of {declared} bytes is over the {MAX_HEADER_BYTES} allowed"
+        )));
+    }
+    let st = SafeTensors::deserialize(file).map_err(|e| AssetError::Malformed(e.to_string()))?;
+    if st.len() > MAX_ASSET_TENSORS {
+        return Err(AssetError::Malformed(format!(
+            "{} tensors; at most {MAX_ASSET_TENSORS} are allowed",
+            st.len()
+        )));
+    }
+    // `deserialize` checked that the offsets tile the data exactly; the
+    // data starts right after the header.
+    let base = 8 + declared as usize;
+    let mut entries = Vec::with_capacity(st.len());
+    let mut data_bytes = 0u64;
+    for (name, view) in st.iter() {
+        let dtype =
+            dtype_from_safetensors(view.dtype()).ok_or_else(|| AssetError::UnsupportedDType {
+                name: name.to_string(),
+                dtype: format!("{:?}", view.dtype()),
+            })?;
+        limits
+            .check_tensor("asset", dtype, view.shape())
+            .map_err(|source| AssetError::Tensor {
+                name: name.to_string(),
+                source,
+            })?;
+        let data = view.data();
+        // The view borrows `file`: its offset in the file is its address
+        // minus the file's.
+        let start = data.as_ptr() as usize - file.as_ptr() as usize;
+        debug_assert!(start >= base);
+        entries.push(AssetEntry {
+            name: name.to_string(),
+            dtype,
+            dims: view.shape().to_vec(),
+            range: start..start + data.len(),
+        });
+        data_bytes += data.len() as u64;
+    }
+    entries.sort_by_key(|e| e.range.start);
+    Ok(AssetIndex {
+        entries,
+        data_bytes,
+    })
+}
+
+/// A tenant's assets file, loaded once on the tenant's device and charged
+/// to its device memory once, however many functions use it. Gives the
+/// charge back when the last function using it goes.
+#[derive(Debug)]
+pub struct LoadedAssets {
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    pub tensors: Arc<HashMap<String, Tensor>>,
+    pub index: AssetIndex,
+    bytes: u64,
+    usage: Arc<TenantUsage>,
+}
+
+impl LoadedAssets {
+    /// Makes every tensor of `index` over `file` (which it describes) on
+    /// `backend`, charging `usage` first: the CPU backend borrows the
+    /// mapped bytes, others upload them.
+    pub fn load(
+        sha256: String,
+        file: SharedBytes,
+        index: AssetIndex,
+        backend: &dyn Backend,
+        usage: Arc<TenantUsage>,
+    ) -> Result<LoadedAssets, AssetError> {
+        usage
+            .reserve(index.data_bytes, true)
+            .map_err(|e| AssetError::Quota(e.message))?;
+        let bytes = index.data_bytes;
+        // Built first, so that a failure below gives the charge back.
+        let mut loaded = LoadedAssets {
+            sha256,
+            tensors: Arc::new(HashMap::new()),
+            index,
+            bytes,
+            usage,
+        };
+        let mut tensors = HashMap::with_capacity(loaded.index.entries.len());
+        for e in &loaded.index.entries {
+            let t = backend
+                .from_shared(e.dtype, &e.dims, file.clone(), e.range.clone())
+                .map_err(|source| AssetError::Tensor {
+                    name: e.name.clone(),
+                    source,
+                })?;
+            tensors.insert(e.name.clone(), t);
+        }
+        loaded.tensors = Arc::new(tensors);
+        Ok(loaded)
+    }
+
+    /// Device bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for LoadedAssets {
     fn drop(&mut self) {
         if self.bytes > 0 {
             self.usage.release(self.bytes, true);
         }
+    }
+}
+
+/// A function's view of its assets: none, or a shared [`LoadedAssets`].
+#[derive(Clone, Debug, Default)]
+pub struct Assets {
+    loaded: Option<Arc<LoadedAssets>>,
+}
+
+impl Assets {
+    /// No assets.
+    pub fn none() -> Assets {
+        Assets { loaded: None }
+    }
+
+    pub fn of(loaded: Arc<LoadedAssets>) -> Assets {
+        Assets {
+            loaded: Some(loaded),
+        }
+    }
+
+    /// The tensors by name (empty without assets).
+    pub fn tensors(&self) -> Arc<HashMap<String, Tensor>> {
+        self.loaded
+            .as_ref()
+            .map_or_else(|| Arc::new(HashMap::new()), |l| l.tensors.clone())
+    }
+
+    /// SHA-256 of the file, if any.
+    pub fn sha256(&self) -> Option<&str> {
+        self.loaded.as_ref().map(|l| l.sha256.as_str())
+    }
+
+    /// Names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.loaded
+            .as_ref()
+            .map_or_else(Vec::new, |l| l.index.names())
+    }
+}
+
+/// Every tenant's assets files on disk, by content:
+/// `<state>/assets/<tenant>/<sha256>.safetensors`. A file is written once
+/// (as `.upload-*` beside its final name, synced, renamed into place) and
+/// never changed after; it is removed when no function of its tenant uses it.
+#[derive(Clone, Debug)]
+pub struct AssetStore {
+    root: PathBuf,
+}
+
+/// Name prefix of uploads in progress; leftovers are removed at start-up.
+const UPLOAD_PREFIX: &str = ".upload-";
+
+impl AssetStore {
+    /// The store under `state_dir`.
+    pub fn new(state_dir: &Path) -> AssetStore {
+        AssetStore {
+            root: state_dir.join("assets"),
+        }
+    }
+
+    fn tenant_dir(&self, tenant: &str) -> PathBuf {
+        self.root.join(tenant)
+    }
+
+    /// Where the file of `sha256` lives for `tenant`.
+    pub fn path(&self, tenant: &str, sha256: &str) -> PathBuf {
+        self.tenant_dir(tenant)
+            .join(format!("{sha256}.safetensors"))
+    }
+
+    /// Whether `tenant` holds the file of `sha256`.
+    pub fn contains(&self, tenant: &str, sha256: &str) -> bool {
+        is_sha256(sha256) && self.path(tenant, sha256).is_file()
+    }
+
+    /// Starts receiving an assets file of at most `cap` bytes for `tenant`.
+    pub fn upload(&self, tenant: &str, cap: u64) -> Result<AssetUpload, AssetError> {
+        let dir = self.tenant_dir(tenant);
+        std::fs::create_dir_all(&dir).map_err(AssetError::Io)?;
+        let path = dir.join(format!("{UPLOAD_PREFIX}{:016x}", rand::random::<u64>()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(AssetError::Io)?;
+        Ok(AssetUpload {
+            file: std::io::BufWriter::with_capacity(1 << 20, file),
+            staged: StagedAsset {
+                path,
+                sha256: String::new(),
+                len: 0,
+            },
+            hasher: Sha256::new(),
+            cap,
+        })
+    }
+
+    /// Stages bytes already in memory (a snapshot's, an older layout's).
+    pub fn stage_bytes(&self, tenant: &str, bytes: &[u8]) -> Result<StagedAsset, AssetError> {
+        let mut up = self.upload(tenant, u64::MAX)?;
+        up.write(bytes)?;
+        up.finish()
+    }
+
+    /// Moves a validated upload to its content address (dropping it if the
+    /// tenant holds those bytes already); returns the final path.
+    pub fn commit(&self, tenant: &str, mut staged: StagedAsset) -> Result<PathBuf, AssetError> {
+        let fin = self.path(tenant, &staged.sha256);
+        if fin.is_file() {
+            return Ok(fin);
+        }
+        std::fs::rename(&staged.path, &fin).map_err(AssetError::Io)?;
+        staged.path = PathBuf::new();
+        if let Some(dir) = fin.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(AssetError::Io)?;
+        }
+        Ok(fin)
+    }
+
+    /// Removes `tenant`'s files that are not in `keep`, and any upload left
+    /// half-way; best effort.
+    pub fn retain(&self, tenant: &str, keep: &[&str]) {
+        let Ok(entries) = std::fs::read_dir(self.tenant_dir(tenant)) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let kept = name
+                .strip_suffix(".safetensors")
+                .is_some_and(|h| keep.contains(&h));
+            if !kept {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Removes the folders of tenants not in `keep`, best effort.
+    pub fn retain_tenants(&self, keep: &[&str]) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name.as_str()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// Removes every file of `tenant`, best effort.
+    pub fn remove_tenant(&self, tenant: &str) {
+        let _ = std::fs::remove_dir_all(self.tenant_dir(tenant));
+    }
+}
+
+/// Whether `s` is a SHA-256 in lowercase hex.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// An assets file being received: written to disk as it arrives and
+/// hashed on the way. Dropped before [`finish`](Self::finish), the partial
+/// file is removed.
+#[derive(Debug)]
+pub struct AssetUpload {
+    file: std::io::BufWriter<std::fs::File>,
+    staged: StagedAsset,
+    hasher: Sha256,
+    cap: u64,
+}
+
+impl AssetUpload {
+    /// Appends `chunk`; past the cap, [`AssetError::TooLarge`].
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), AssetError> {
+        let len = self.staged.len + chunk.len() as u64;
+        if len > self.cap {
+            return Err(AssetError::TooLarge { limit: self.cap });
+        }
+        self.file.write_all(chunk).map_err(AssetError::Io)?;
+        self.hasher.update(chunk);
+        self.staged.len = len;
+        Ok(())
+    }
+
+    /// Bytes received so far.
+    pub fn len(&self) -> u64 {
+        self.staged.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.staged.len == 0
+    }
+
+    /// Flushes and syncs the file; its hash is known from here on.
+    pub fn finish(mut self) -> Result<StagedAsset, AssetError> {
+        self.file.flush().map_err(AssetError::Io)?;
+        self.file.get_ref().sync_all().map_err(AssetError::Io)?;
+        let mut staged = std::mem::take(&mut self.staged);
+        staged.sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        Ok(staged)
+    }
+}
+
+/// A received assets file, not yet committed to the store. Removed on drop
+/// unless [`AssetStore::commit`] took it.
+#[derive(Debug, Default)]
+pub struct StagedAsset {
+    path: PathBuf,
+    /// SHA-256 of the bytes, hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub len: u64,
+}
+
+impl StagedAsset {
+    /// Where the bytes are now.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StagedAsset {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Drop for AssetUpload {
+    fn drop(&mut self) {
+        // `finish` took the staged file; otherwise the partial file goes.
+        if !self.staged.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.staged.path);
+            self.staged.path = PathBuf::new();
+        }
+    }
+}
+
+/// Opens `path` (a committed assets file) mapped read-only.
+pub fn map(path: &Path) -> Result<SharedBytes, AssetError> {
+    let file = std::fs::File::open(path).map_err(AssetError::Io)?;
+    let mapped = crate::sys::map_readonly(&file).map_err(AssetError::Io)?;
+    Ok(Arc::new(mapped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.to_string(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize(views, None).unwrap()
+    }
+
+    /// A file with a hand-written header and `data` after it.
+    fn raw(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn a_valid_file_is_indexed_with_its_ranges() {
+        let f = file(&[
+            ("w", Dtype::F32, vec![2, 2], vec![0; 16]),
+            ("b", Dtype::I64, vec![1], vec![7; 8]),
+        ]);
+        let index = inspect(&f, &Limits::default()).unwrap();
+        assert_eq!(index.names(), ["b", "w"]);
+        assert_eq!(index.data_bytes, 24);
+        for e in &index.entries {
+            assert!(e.range.end <= f.len());
+        }
+        let b = index.entries.iter().find(|e| e.name == "b").unwrap();
+        assert_eq!(&f[b.range.clone()], &[7; 8]);
+    }
+
+    #[test]
+    fn bad_headers_are_refused_with_the_reason() {
+        let limits = Limits::default();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("length past the end", {
+                let mut v = 1000u64.to_le_bytes().to_vec();
+                v.extend_from_slice(b"{}");
+                v
+            }),
+            ("huge header length", u64::MAX.to_le_bytes().to_vec()),
+            (
+                "offsets past the end",
+                raw(
+                    r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                    &[0; 8],
+                ),
+            ),
+            (
+                "overlapping tensors",
+                raw(
+                    r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+                    &[0; 12],
+                ),
+            ),
+            (
+                "a gap",
+                raw(
+                    r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                    &[0; 8],
+                ),
+            ),
+            (
+                "absurd shape",
+                raw(
+                    r#"{"a":{"dtype":"U8","shape":[4294967295,4294967295,4294967295],"data_offsets":[0,0]}}"#,
+                    &[],
+                ),
+            ),
+            (
+                "unsupported dtype",
+                raw(
+                    r#"{"a":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}}"#,
+                    &[0; 8],
+                ),
+            ),
+            ("not JSON", raw("{oops", &[])),
+        ];
+        for (what, bytes) in cases {
+            assert!(inspect(&bytes, &limits).is_err(), "{what} was accepted");
+        }
+    }
+
+    #[test]
+    fn uploads_are_hashed_committed_once_and_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AssetStore::new(dir.path());
+        let mut up = store.upload("t", 10).unwrap();
+        up.write(b"hello").unwrap();
+        assert!(matches!(
+            up.write(b"world!"),
+            Err(AssetError::TooLarge { limit: 10 })
+        ));
+        drop(up);
+        let tdir = dir.path().join("assets").join("t");
+        assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), 0, "no leftover");
+
+        let staged = store.stage_bytes("t", b"hello").unwrap();
+        assert_eq!(
+            staged.sha256,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+        let path = store.commit("t", staged).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello");
+        // The same bytes again: one file.
+        let again = store.stage_bytes("t", b"hello").unwrap();
+        assert_eq!(store.commit("t", again).unwrap(), path);
+        assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), 1);
+        let sha = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        assert!(store.contains("t", sha));
+        assert!(!store.contains("u", sha), "per tenant");
+        store.retain("t", &[]);
+        assert!(!store.contains("t", sha));
     }
 }

@@ -93,8 +93,13 @@ pub struct TenantQuotas {
     pub functions: usize,
     /// Warm instances across a tenant's functions; 64.
     pub instances: usize,
-    /// Largest request body; 64 MiB.
+    /// Largest request body; 64 MiB. Registration is bounded by the module
+    /// and assets caps instead.
     pub max_body_bytes: usize,
+    /// Largest assets file one registration may send, in bytes; `None`
+    /// for the tenant's device-memory quota (a larger file could never
+    /// load).
+    pub max_asset_bytes: Option<u64>,
     /// Async jobs waiting or running; 256.
     pub pending_jobs: usize,
     /// Request bodies the waiting jobs may hold, in bytes; 1 GiB (16 bodies
@@ -106,6 +111,13 @@ pub struct TenantQuotas {
     pub finished_job_bytes: u64,
 }
 
+impl TenantQuotas {
+    /// The assets cap in force: the operator's, else the device quota.
+    pub fn asset_cap(&self) -> u64 {
+        self.max_asset_bytes.unwrap_or(self.device_memory_bytes)
+    }
+}
+
 impl Default for TenantQuotas {
     fn default() -> Self {
         TenantQuotas {
@@ -114,6 +126,7 @@ impl Default for TenantQuotas {
             functions: 64,
             instances: 64,
             max_body_bytes: 64 << 20,
+            max_asset_bytes: None,
             pending_jobs: 256,
             pending_job_bytes: 1 << 30,
             finished_job_bytes: 256 << 20,

@@ -121,6 +121,8 @@ impl ExecError {
                 _ => ErrorCode::InvalidInput,
             },
             ExecError::Asset(AssetError::Quota(_)) => ErrorCode::QuotaExceeded,
+            ExecError::Asset(AssetError::TooLarge { .. }) => ErrorCode::PayloadTooLarge,
+            ExecError::Asset(AssetError::Io(_)) => ErrorCode::Internal,
             ExecError::Asset(_) | ExecError::Codec(_) | ExecError::Snapshot(_) => {
                 ErrorCode::InvalidInput
             }

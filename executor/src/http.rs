@@ -20,7 +20,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use futures_util::stream;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tensor_wasm_shared::TenantId;
@@ -28,13 +27,14 @@ use tensor_wasm_shared::api::{
     DeviceDescription, ExecutorInfo, ExecutorStats, FunctionConfig, FunctionList, JobInfo, JobList,
     JobStatus,
 };
-use tensor_wasm_shared::headers;
+use tensor_wasm_shared::{ErrorCode, headers};
 
+use crate::assets::{AssetError, StagedAsset};
 use crate::body::{self, RequestBody, media_type};
 use crate::error::ExecError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::state::Registration;
+use crate::state::{AssetSource, Registration};
 
 /// Header naming the tenant a request acts for.
 pub const TENANT_HEADER: &str = headers::TENANT;
@@ -248,20 +248,33 @@ async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
-    let limit = app.registry.limits.max_module_bytes
-        + app.registry.quotas.max_body_bytes
-        + MULTIPART_OVERHEAD;
     let ct = content_type(&headers).unwrap_or("").to_string();
-    let bytes = read_body(&headers, body, limit).await?;
     let mut reg = match media_type(&ct).as_str() {
         "application/wasm" => Registration {
             name: String::new(),
-            wasm: bytes.to_vec(),
+            wasm: read_body(&headers, body, app.registry.limits.max_module_bytes)
+                .await?
+                .to_vec(),
             assets: None,
             config: FunctionConfig::default(),
             replace: q.replace,
         },
-        "multipart/form-data" => parse_multipart(&ct, bytes, q.replace).await?,
+        "multipart/form-data" => {
+            let cap = app.registry.quotas.asset_cap();
+            let limit = (app.registry.limits.max_module_bytes + MULTIPART_OVERHEAD) as u64 + cap;
+            let declared = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > limit) {
+                return Err(ExecError::PayloadTooLarge(format!(
+                    "a registration is limited to {limit} bytes: a module of at most {} and \
+                     assets of at most {cap}",
+                    app.registry.limits.max_module_bytes
+                )));
+            }
+            parse_multipart(&app, &tenant, &ct, body, q.replace).await?
+        }
         other => {
             return Err(ExecError::UnsupportedMediaType(format!(
                 "register with application/wasm or multipart/form-data, not {other:?}"
@@ -280,7 +293,7 @@ async fn register(
     let info = tokio::task::spawn_blocking(move || registry.register(&tenant, reg))
         .await
         .map_err(ExecError::task("registration"))??;
-    tracing::info!(function = %info.id, name = %info.name, "function registered");
+    tracing::info!(function = %info.id, name = %info.name, assets = info.assets_sha256.as_deref().unwrap_or("none"), "function registered");
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
@@ -297,13 +310,22 @@ fn parse_config(data: &[u8]) -> Result<FunctionConfig, ExecError> {
     serde_json::from_value(value).map_err(bad)
 }
 
-async fn parse_multipart(ct: &str, body: Bytes, replace: bool) -> Result<Registration, ExecError> {
+/// Largest `config` or `name` part: 64 KiB.
+const SMALL_PART_BYTES: usize = 64 << 10;
+
+/// Reads a multipart registration as it arrives: the module, config and
+/// name into memory (each under its cap), the assets straight to the
+/// tenant's assets store, never whole in memory.
+async fn parse_multipart(
+    app: &App,
+    tenant: &TenantId,
+    ct: &str,
+    body: Body,
+    replace: bool,
+) -> Result<Registration, ExecError> {
     let boundary = multer::parse_boundary(ct)
         .map_err(|e| ExecError::InvalidInput(format!("multipart boundary: {e}")))?;
-    let mut mp = multer::Multipart::new(
-        stream::once(async move { Ok::<_, std::io::Error>(body) }),
-        boundary,
-    );
+    let mut mp = multer::Multipart::new(body.into_data_stream(), boundary);
     let mut reg = Registration {
         name: String::new(),
         wasm: Vec::new(),
@@ -313,25 +335,18 @@ async fn parse_multipart(ct: &str, body: Bytes, replace: bool) -> Result<Registr
     };
     let mut have_module = false;
     let bad = |e: multer::Error| ExecError::InvalidInput(format!("multipart body: {e}"));
-    while let Some(field) = mp.next_field().await.map_err(bad)? {
-        let name = field.name().unwrap_or("").to_string();
-        let data = field.bytes().await.map_err(bad)?;
-        match name.as_str() {
-            "module" => {
-                reg.wasm = data.to_vec();
-                have_module = true;
+    while let Some(mut field) = mp.next_field().await.map_err(bad)? {
+        if let Err(e) = read_field(app, tenant, &mut field, &mut reg, &mut have_module).await {
+            // Refused for its size while the client still sends: read the
+            // rest before answering, so that it sees the refusal rather
+            // than a connection reset.
+            if matches!(
+                e.code(),
+                ErrorCode::PayloadTooLarge | ErrorCode::QuotaExceeded
+            ) {
+                linger(&mut mp, field).await;
             }
-            "assets" => reg.assets = Some(data.to_vec()),
-            "config" => reg.config = parse_config(&data)?,
-            "name" => {
-                reg.name = String::from_utf8(data.to_vec())
-                    .map_err(|_| ExecError::InvalidInput("name part is not UTF-8".into()))?
-            }
-            other => {
-                return Err(ExecError::InvalidInput(format!(
-                    "unknown part {other:?}; expected module, assets, config"
-                )));
-            }
+            return Err(e);
         }
     }
     if !have_module {
@@ -340,6 +355,145 @@ async fn parse_multipart(ct: &str, body: Bytes, replace: bool) -> Result<Registr
         ));
     }
     Ok(reg)
+}
+
+/// Reads one part of a registration into `reg`.
+async fn read_field(
+    app: &App,
+    tenant: &TenantId,
+    field: &mut multer::Field<'_>,
+    reg: &mut Registration,
+    have_module: &mut bool,
+) -> Result<(), ExecError> {
+    let name = field.name().unwrap_or("").to_string();
+    match name.as_str() {
+        "module" => {
+            let limit = app.registry.limits.max_module_bytes;
+            reg.wasm = read_part(field, limit, "module").await?;
+            *have_module = true;
+        }
+        "assets" => {
+            if reg.assets.is_some() {
+                return Err(ExecError::InvalidInput(
+                    "multipart body has two `assets` parts".into(),
+                ));
+            }
+            let staged = receive_assets(app, tenant, field).await?;
+            reg.assets = Some(AssetSource::Staged(staged));
+        }
+        "config" => {
+            reg.config = parse_config(&read_part(field, SMALL_PART_BYTES, "config").await?)?
+        }
+        "name" => {
+            let data = read_part(field, SMALL_PART_BYTES, "name").await?;
+            reg.name = String::from_utf8(data)
+                .map_err(|_| ExecError::InvalidInput("name part is not UTF-8".into()))?
+        }
+        other => {
+            return Err(ExecError::InvalidInput(format!(
+                "unknown part {other:?}; expected module, assets, config"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Longest a refused registration's remaining bytes are read (and
+/// discarded) before the refusal is sent: 10 s.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and discards the rest of a multipart body, `field` first, for at
+/// most [`LINGER`].
+async fn linger<'r>(mp: &mut multer::Multipart<'r>, field: multer::Field<'r>) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut field = Some(field);
+        while let Some(mut f) = field.take() {
+            while let Ok(Some(_)) = f.chunk().await {}
+            drop(f);
+            field = mp.next_field().await.ok().flatten();
+        }
+    })
+    .await;
+}
+
+/// One part read into memory, refused past `limit` bytes.
+async fn read_part(
+    field: &mut multer::Field<'_>,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, ExecError> {
+    let mut data = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| ExecError::InvalidInput(format!("multipart body: {e}")))?
+    {
+        if data.len() + chunk.len() > limit {
+            return Err(ExecError::PayloadTooLarge(format!(
+                "the {what} part is limited to {limit} bytes"
+            )));
+        }
+        data.extend_from_slice(&chunk);
+    }
+    Ok(data)
+}
+
+/// Chunks of an `assets` part in memory at once, between the request and
+/// the thread that writes them: 16 (a few MiB at most).
+const ASSET_CHUNKS_IN_FLIGHT: usize = 16;
+
+/// Streams an `assets` part to a new file of the tenant's assets store,
+/// written and hashed on a blocking thread. Past the operator's cap it is
+/// 413 at once; past what the tenant's device-memory quota could still
+/// hold, nothing more is written and it is 422 once the part has been read
+/// (unless it turns out to be over the cap too).
+async fn receive_assets(
+    app: &App,
+    tenant: &TenantId,
+    field: &mut multer::Field<'_>,
+) -> Result<StagedAsset, ExecError> {
+    let cap = app.registry.quotas.asset_cap();
+    let headroom = app.registry.asset_headroom(tenant);
+    let upload = app.registry.asset_store().upload(tenant.as_str(), cap)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(ASSET_CHUNKS_IN_FLIGHT);
+    let writer = tokio::task::spawn_blocking(move || -> Result<StagedAsset, AssetError> {
+        let mut upload = upload;
+        while let Some(chunk) = rx.blocking_recv() {
+            upload.write(&chunk)?;
+        }
+        upload.finish()
+    });
+    let mut received = 0u64;
+    let mut tx = Some(tx);
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| ExecError::InvalidInput(format!("multipart body: {e}")))?
+    {
+        received += chunk.len() as u64;
+        if received > cap {
+            return Err(AssetError::TooLarge { limit: cap }.into());
+        }
+        if received > headroom {
+            // Nothing more is written; the part is still read to the end,
+            // to tell "over the cap" (413) from "over the quota" (422).
+            tx = None;
+        }
+        if let Some(sender) = &tx
+            && sender.send(chunk).await.is_err()
+        {
+            break; // the writer failed: its error is below
+        }
+    }
+    if received > headroom {
+        return Err(AssetError::Quota(format!(
+            "the assets are {received} bytes; the tenant's device-memory quota has room for \
+             {headroom}"
+        ))
+        .into());
+    }
+    drop(tx);
+    Ok(writer.await.map_err(ExecError::task("assets upload"))??)
 }
 
 async fn list(State(app): State<Arc<App>>, Tenant(tenant): Tenant) -> axum::Json<FunctionList> {
@@ -361,7 +515,10 @@ async fn remove(
     Tenant(tenant): Tenant,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ExecError> {
-    app.registry.delete(&tenant, &id)?;
+    let (registry, t, f) = (app.registry.clone(), tenant.clone(), id.clone());
+    tokio::task::spawn_blocking(move || registry.delete(&t, &f))
+        .await
+        .map_err(ExecError::task("delete"))??;
     tracing::info!(%tenant, function = %id, "function deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -21,12 +21,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
-use tensor_wasm_kernels::Backend;
+use tensor_wasm_kernels::{Backend, SharedBytes};
 use tensor_wasm_shared::api::FunctionInfo;
 use tensor_wasm_shared::{FunctionId, TenantId};
 use tokio::sync::Semaphore;
 
-use crate::assets::Assets;
+use crate::assets::AssetStore;
+use crate::assets::{self, AssetError, Assets, LoadedAssets};
 use crate::body::RequestBody;
 use crate::config::{EngineLimits, TenantQuotas};
 use crate::engine::Runtime;
@@ -35,10 +36,10 @@ use crate::instance::{InstanceSetup, Response, WarmInstance};
 use crate::logs::FunctionLog;
 use crate::metrics::Metrics;
 use crate::state::{
-    Function, FunctionStore, Inflight, JobCaps, Pool, Registration, ResolvedConfig, Slot, Tenant,
-    Wait,
+    AssetSource, Function, FunctionStore, Inflight, JobCaps, Pool, Registration, ResolvedConfig,
+    Slot, Tenant, Wait,
 };
-use crate::sync::{now_rfc3339, random_bits, read_lock, write_lock};
+use crate::sync::{lock, now_rfc3339, random_bits, read_lock, write_lock};
 use crate::tensors::TenantUsage;
 use crate::wasm;
 
@@ -58,8 +59,9 @@ pub struct Registry {
     runtime: Runtime,
     backends: BackendFactory,
     tenants: RwLock<BTreeMap<TenantId, Arc<Tenant>>>,
-    state_dir: Option<PathBuf>,
-    store: Option<FunctionStore>,
+    state_dir: PathBuf,
+    store: FunctionStore,
+    asset_store: AssetStore,
     pub limits: EngineLimits,
     pub quotas: TenantQuotas,
     pub metrics: Arc<Metrics>,
@@ -83,12 +85,12 @@ fn new_function_id() -> FunctionId {
 }
 
 impl Registry {
-    /// A registry persisting under `state_dir` (if any), creating each
+    /// A registry persisting under `state_dir`, creating each
     /// tenant's backend with `backends`.
     pub fn new(
         runtime: Runtime,
         backends: BackendFactory,
-        state_dir: Option<PathBuf>,
+        state_dir: PathBuf,
         quotas: TenantQuotas,
         metrics: Arc<Metrics>,
     ) -> Registry {
@@ -98,7 +100,8 @@ impl Registry {
             runtime,
             backends,
             tenants: RwLock::new(BTreeMap::new()),
-            store: state_dir.as_deref().map(FunctionStore::new),
+            store: FunctionStore::new(&state_dir),
+            asset_store: AssetStore::new(&state_dir),
             state_dir,
             quotas,
             job_slots: Arc::new(Semaphore::new(job_slots)),
@@ -175,15 +178,31 @@ impl Registry {
             .remove(id)
             .ok_or_else(|| ExecError::TenantNotHere(id.to_string()))?;
         t.remove();
-        if let Some(store) = &self.store {
-            store.remove_tenant(id);
-        }
+        self.store.remove_tenant(id);
+        self.asset_store.remove_tenant(id.as_str());
         Ok(())
     }
 
-    /// The state directory, if this registry persists.
-    pub fn state_dir(&self) -> Option<&Path> {
-        self.state_dir.as_deref()
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Every tenant's assets files.
+    pub fn asset_store(&self) -> &AssetStore {
+        &self.asset_store
+    }
+
+    /// How many bytes of a new assets file `tenant`'s device-memory quota
+    /// could still hold: the quota less what the tenant's tensors (not its
+    /// assets, which a new file may share or replace) use now. The load
+    /// checks the exact figure; this lets an upload that could never fit
+    /// stop early.
+    pub fn asset_headroom(&self, tenant: &TenantId) -> u64 {
+        let used = self
+            .existing_tenant(tenant)
+            .map_or(0, |t| t.usage.bytes().saturating_sub(t.asset_bytes()));
+        self.quotas.device_memory_bytes.saturating_sub(used)
     }
 
     /// The key snapshots are signed and checked with, if any.
@@ -263,6 +282,9 @@ impl Registry {
             ));
         }
         let tenant = self.tenant_or_create(tenant_id)?;
+        // One registration or delete of a tenant at a time: the function
+        // quota and the assets files' reference counts hold across them.
+        let _serial = lock(&tenant.registering);
         if restored.is_none() && tenant.is_frozen() {
             return Err(ExecError::TenantFrozen(tenant_id.to_string()));
         }
@@ -294,10 +316,6 @@ impl Registry {
             .linker()
             .instantiate_pre(&module)
             .map_err(|e| ExecError::Wasm(wasm::WasmError::Invalid(format!("{e:#}"))))?;
-        let assets = match &reg.assets {
-            Some(file) => Assets::load(file, tenant.backend.as_ref(), tenant.usage.clone())?,
-            None => Assets::none(tenant.usage.clone()),
-        };
         let config = ResolvedConfig::resolve(&reg.config, &self.limits);
         // A module whose memory starts over the limit could never run.
         let initial_memory = module
@@ -313,9 +331,15 @@ impl Registry {
                 config.memory_limit_bytes, self.limits.max_memory_limit
             )));
         }
+        let assets = match reg.assets {
+            Some(source) => Assets::of(self.install_assets(&tenant, source)?),
+            None => Assets::none(),
+        };
         let info = match restored {
             Some(mut info) => {
                 info.config = config.to_config();
+                info.assets = assets.names();
+                info.assets_sha256 = assets.sha256().map(str::to_string);
                 info
             }
             None => FunctionInfo {
@@ -328,6 +352,7 @@ impl Registry {
                 created_at: now_rfc3339(),
                 config: config.to_config(),
                 assets: assets.names(),
+                assets_sha256: assets.sha256().map(str::to_string),
             },
         };
         let log = existing.as_ref().map_or_else(
@@ -337,7 +362,7 @@ impl Registry {
         let function = Arc::new(Function {
             setup: InstanceSetup {
                 backend: tenant.backend.clone(),
-                assets: assets.tensors.clone(),
+                assets: assets.tensors(),
                 usage: tenant.usage.clone(),
                 log: log.clone(),
                 metrics: self.metrics.clone(),
@@ -350,7 +375,6 @@ impl Registry {
             info: info.clone(),
             mutable_globals: inspected.mutable_globals.clone(),
             wasm: Arc::from(reg.wasm),
-            assets_file: reg.assets.map(Arc::from),
             pre,
             assets,
             pool: Pool::new(
@@ -361,18 +385,88 @@ impl Registry {
             ),
             log,
         });
-        if persist && let Some(store) = &self.store {
-            store
-                .save(
-                    tenant_id,
-                    &function.info,
-                    &function.wasm,
-                    function.assets_file.as_deref(),
-                )
-                .map_err(ExecError::Persist)?;
+        if persist && let Err(e) = self.store.save(tenant_id, &function.info, &function.wasm) {
+            if let Some(sha) = function.assets.sha256() {
+                let sha = sha.to_string();
+                drop(function);
+                self.forget_unused_assets(&tenant, &sha);
+            }
+            return Err(ExecError::Persist(e));
         }
-        tenant.insert_function(function);
+        let replaced = tenant.insert_function(function);
+        if let Some(old) = replaced.as_ref().and_then(|f| f.assets.sha256()) {
+            self.forget_unused_assets(&tenant, old);
+        }
         Ok(info)
+    }
+
+    /// Validates (when just received), loads and stores `source` for
+    /// `tenant`, sharing the load with any function of the tenant that
+    /// carries the same bytes. Called with the tenant's registration lock.
+    fn install_assets(
+        &self,
+        tenant: &Tenant,
+        source: AssetSource,
+    ) -> Result<Arc<LoadedAssets>, ExecError> {
+        let t = tenant.id.as_str();
+        let load = |sha: &str, file: SharedBytes, index| {
+            LoadedAssets::load(
+                sha.to_string(),
+                file,
+                index,
+                tenant.backend.as_ref(),
+                tenant.usage.clone(),
+            )
+        };
+        let loaded = match source {
+            AssetSource::Staged(staged) => {
+                let sha = staged.sha256.clone();
+                if let Some(live) = tenant.loaded_assets(&sha) {
+                    // The same bytes as a file already loaded (and checked);
+                    // the store may have let it go if only a deleted
+                    // function's running instance still holds it.
+                    if !self.asset_store.contains(t, &sha) {
+                        self.asset_store.commit(t, staged)?;
+                    }
+                    return Ok(live);
+                }
+                tenant.assets_of(&sha, || -> Result<LoadedAssets, AssetError> {
+                    let file = assets::map(staged.path())?;
+                    let index = assets::inspect((*file).as_ref(), tenant.backend.limits())?;
+                    let loaded = load(&sha, file, index)?;
+                    // The mapping stays valid across the rename.
+                    self.asset_store.commit(t, staged)?;
+                    Ok(loaded)
+                })?
+            }
+            AssetSource::Stored(sha) => {
+                if !assets::is_sha256(&sha) {
+                    return Err(ExecError::InvalidInput(format!(
+                        "{sha:?} is not a SHA-256 of an assets file"
+                    )));
+                }
+                tenant.assets_of(&sha, || -> Result<LoadedAssets, AssetError> {
+                    let file = assets::map(&self.asset_store.path(t, &sha))?;
+                    let index = assets::inspect((*file).as_ref(), tenant.backend.limits())?;
+                    load(&sha, file, index)
+                })?
+            }
+        };
+        Ok(loaded)
+    }
+
+    /// Removes `tenant`'s assets file `sha256` from the store unless one of
+    /// its functions still uses it. Called with the tenant's registration
+    /// lock.
+    fn forget_unused_assets(&self, tenant: &Tenant, sha256: &str) {
+        if !tenant.asset_files().iter().any(|s| s == sha256) {
+            let path = self.asset_store.path(tenant.id.as_str(), sha256);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(tenant = %tenant.id, file = %path.display(), error = %e, "cannot remove an unused assets file");
+            }
+        }
     }
 
     /// A function of a tenant. Another tenant's id is "not found".
@@ -389,6 +483,8 @@ impl Registry {
 
     /// Deletes a function, its instances, assets and files. Its pending
     /// jobs fail now rather than when an instance frees.
+    /// Waits for the tenant's registration lock: call it from a blocking
+    /// context.
     pub fn delete(&self, tenant: &TenantId, id: &str) -> Result<(), ExecError> {
         let t = self
             .existing_tenant(tenant)
@@ -396,11 +492,13 @@ impl Registry {
         if t.is_frozen() {
             return Err(ExecError::TenantFrozen(tenant.to_string()));
         }
-        if !t.remove_function(id) {
+        let _serial = lock(&t.registering);
+        let Some(gone) = t.remove_function(id) else {
             return Err(ExecError::FunctionNotFound(id.to_string()));
-        }
-        if let Some(store) = &self.store {
-            store.remove(tenant, id);
+        };
+        self.store.remove(tenant, id);
+        if let Some(sha) = gone.assets.sha256() {
+            self.forget_unused_assets(&t, sha);
         }
         t.jobs()
             .fail_pending_of(id, &ExecError::FunctionNotFound(id.to_string()).to_api());
@@ -479,31 +577,55 @@ impl Registry {
     /// Registers every function persisted under the state directory.
     /// Returns how many came back; failures are logged and skipped.
     pub fn load_persisted(&self) -> usize {
-        let Some(store) = &self.store else {
-            return 0;
-        };
         let mut loaded = 0;
-        for (tenant, p) in store.load_all() {
+        for (tenant, p) in self.store.load_all() {
             // Functions that came back warm are registered already.
             if self.function(&tenant, &p.info.id).is_ok() {
                 loaded += 1;
                 continue;
             }
             let id = p.info.id.clone();
+            // An older layout kept the assets beside the module: they move
+            // to the store, and the function is written again without them.
+            let (assets, rewrite) = match (&p.info.assets_sha256, &p.legacy_assets) {
+                (Some(sha), _) => (Some(AssetSource::Stored(sha.clone())), false),
+                (None, Some(bytes)) => match self.asset_store.stage_bytes(tenant.as_str(), bytes) {
+                    Ok(staged) => (Some(AssetSource::Staged(staged)), true),
+                    Err(e) => {
+                        tracing::error!(%tenant, function = %id, error = %e, "cannot restore function");
+                        continue;
+                    }
+                },
+                (None, None) => (None, false),
+            };
             let reg = Registration {
                 name: p.info.name.clone(),
                 wasm: p.wasm,
-                assets: p.assets,
+                assets,
                 config: p.info.config.clone(),
                 replace: true,
             };
-            match self.register_inner(&tenant, reg, Some(p.info), false) {
+            match self.register_inner(&tenant, reg, Some(p.info), rewrite) {
                 Ok(_) => loaded += 1,
                 Err(e) => {
                     tracing::error!(%tenant, function = %id, error = %e, "cannot restore function")
                 }
             }
         }
+        // Files no function uses (a registration cut short, a delete whose
+        // removal failed) and uploads left half-way go.
+        for t in self.tenant_list() {
+            let keep = t.asset_files();
+            let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+            self.asset_store.retain(t.id.as_str(), &keep);
+        }
+        self.asset_store.retain_tenants(
+            &self
+                .tenant_ids()
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>(),
+        );
         loaded
     }
 }

@@ -198,7 +198,7 @@ impl Executor {
             Registry::new(
                 runtime,
                 backends,
-                Some(cfg.state_dir.clone()),
+                cfg.state_dir.clone(),
                 cfg.quotas.clone(),
                 metrics.clone(),
             )

@@ -28,11 +28,12 @@ use tensor_wasm_shared::api::{FunctionInfo, JobInfo};
 use tensor_wasm_shared::snapshot::{self, FunctionSnapshot, JobSnapshot, TenantSnapshot};
 use tensor_wasm_shared::{FunctionId, JobId, TenantId};
 
+use crate::assets::AssetError;
 use crate::body::RequestBody;
 use crate::error::ExecError;
 use crate::instance::WarmInstance;
 use crate::registry::Registry;
-use crate::state::Registration;
+use crate::state::{AssetSource, Registration};
 
 /// Longest wait for a tenant's in-flight work before an export gives up:
 /// 30 s (a deadline-bound invocation ends well within it by default).
@@ -60,6 +61,7 @@ impl Registry {
         let key = self.snapshot_key().map(<[u8]>::to_vec);
         let id = tenant.clone();
         let t2 = t.clone();
+        let store = self.asset_store().clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut functions = Vec::new();
             for f in t2.function_list() {
@@ -76,7 +78,13 @@ impl Registry {
                     info_json: serde_json::to_string(&f.info)
                         .map_err(|e| ExecError::Internal(e.to_string()))?,
                     wasm: f.wasm.to_vec(),
-                    assets: f.assets_file.as_ref().map(|a| a.to_vec()),
+                    assets: match f.assets.sha256() {
+                        Some(sha) => Some(
+                            std::fs::read(store.path(t2.id.as_str(), sha))
+                                .map_err(|e| ExecError::Asset(AssetError::Io(e)))?,
+                        ),
+                        None => None,
+                    },
                     instances,
                 });
             }
@@ -332,7 +340,12 @@ impl Registry {
             let reg = Registration {
                 name: info.name.clone(),
                 wasm: f.wasm,
-                assets: f.assets,
+                assets: match f.assets {
+                    Some(bytes) => Some(AssetSource::Staged(
+                        self.asset_store().stage_bytes(tenant.as_str(), &bytes)?,
+                    )),
+                    None => None,
+                },
                 config: info.config.clone(),
                 replace: true,
             };
@@ -371,9 +384,7 @@ impl Registry {
     /// directory; called on a graceful shutdown, after the last request.
     /// Returns how many tenants were saved.
     pub async fn save_warm_state(&self) -> usize {
-        let Some(dir) = self.state_dir().map(|d| d.join(WARM_DIR)) else {
-            return 0;
-        };
+        let dir = self.state_dir().join(WARM_DIR);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::error!(error = %e, "cannot create {}", dir.display());
             return 0;
@@ -401,9 +412,7 @@ impl Registry {
     /// functions themselves are persisted separately). Returns how many
     /// tenants came back warm.
     pub async fn load_warm_state(self: &Arc<Self>) -> usize {
-        let Some(dir) = self.state_dir().map(|d| d.join(WARM_DIR)) else {
-            return 0;
-        };
+        let dir = self.state_dir().join(WARM_DIR);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return 0;
         };

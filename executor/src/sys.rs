@@ -1,4 +1,5 @@
-//! The executor's only `unsafe`: loading compiled modules from its cache.
+//! The executor's only `unsafe`: loading compiled modules from its cache,
+//! and mapping its own assets files.
 
 #![allow(unsafe_code)]
 
@@ -19,4 +20,28 @@ pub fn deserialize_module(engine: &Engine, bytes: Authenticated<'_>) -> wasmtime
     // and wasmtime additionally refuses bytes from another version or with
     // other engine settings.
     unsafe { Module::deserialize(engine, bytes.0) }
+}
+
+/// A file mapped read-only.
+#[derive(Debug)]
+pub struct MappedFile(memmap2::Mmap);
+
+impl AsRef<[u8]> for MappedFile {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Maps `file` read-only. For the executor's own content-addressed files
+/// (assets), which nothing writes after they are renamed into place.
+pub fn map_readonly(file: &std::fs::File) -> std::io::Result<MappedFile> {
+    // SAFETY: a mapping is unsafe because another process could change or
+    // truncate the file while it is mapped, changing bytes behind shared
+    // references (or faulting on a truncated page). The files mapped here
+    // live in the executor's state directory under names that are their
+    // contents' SHA-256; the executor writes each once, syncs it, renames it
+    // into place and never opens it for writing again, and removes it only
+    // by unlinking, which leaves an existing mapping intact. The state
+    // directory belongs to the executor alone (`docs/CONFIG.md`).
+    unsafe { memmap2::Mmap::map(file) }.map(MappedFile)
 }

@@ -20,13 +20,14 @@
 //! - Float ops accumulate f16 and bf16 in f32 and return the input dtype.
 
 use std::fmt;
+use std::ops::Range;
 
 use tensor_wasm_shared::DType;
 
-use crate::error::Result;
+use crate::error::{KernelError, Result};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
 use crate::shape::Limits;
-use crate::tensor::Tensor;
+use crate::tensor::{SharedBytes, Tensor};
 
 /// What kind of device a backend drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +71,28 @@ pub trait Backend: Send + Sync + fmt::Debug {
     // `self` is the device the tensor is made on, not its source.
     #[allow(clippy::wrong_self_convention)]
     fn from_bytes(&self, dtype: DType, dims: &[usize], bytes: &[u8]) -> Result<Tensor>;
+
+    /// A tensor of `dims` from the little-endian row-major elements in
+    /// `bytes[range]` (exactly the tensor's size), which never change: a
+    /// memory-mapped assets file. The CPU backend borrows them without a
+    /// copy where they are aligned for the dtype; other backends (and
+    /// unaligned ranges) copy, as [`from_bytes`](Self::from_bytes) does.
+    /// An out-of-bounds range is [`KernelError::InvalidArgument`].
+    ///
+    /// [`KernelError::InvalidArgument`]: crate::KernelError::InvalidArgument
+    #[allow(clippy::wrong_self_convention)]
+    fn from_shared(
+        &self,
+        dtype: DType,
+        dims: &[usize],
+        bytes: SharedBytes,
+        range: Range<usize>,
+    ) -> Result<Tensor> {
+        let slice = (*bytes).as_ref().get(range.clone()).ok_or_else(|| {
+            KernelError::invalid("new", format!("byte range {range:?} is out of bounds"))
+        })?;
+        self.from_bytes(dtype, dims, slice)
+    }
 
     /// A tensor of zeros.
     fn zeros(&self, dtype: DType, dims: &[usize]) -> Result<Tensor>;

@@ -33,5 +33,5 @@ pub use cpu::CpuBackend;
 pub use error::{KernelError, Result};
 pub use ops::{BinaryOp, ReduceOp, UnaryOp};
 pub use shape::Limits;
-pub use tensor::{CpuStorage, Storage, Tensor};
+pub use tensor::{CpuStorage, HostBuf, SharedBytes, Storage, Tensor};
 pub use tensor_wasm_shared::DType;

@@ -417,6 +417,9 @@ pub struct FunctionInfo {
     /// Names of the function's assets.
     #[serde(default)]
     pub assets: Vec<String>,
+    /// SHA-256 of the assets file as uploaded, hex; absent without assets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assets_sha256: Option<String>,
 }
 
 /// `GET /functions`.

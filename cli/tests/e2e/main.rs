@@ -2,6 +2,7 @@
 //! proxy` started from the binary this test build made, on loopback ports,
 //! stopped by the tests.
 
+mod assets;
 mod client;
 mod executor;
 mod harness;

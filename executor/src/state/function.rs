@@ -6,7 +6,7 @@ use std::time::Duration;
 use tensor_wasm_shared::api::{FunctionConfig, FunctionInfo};
 use wasmtime::InstancePre;
 
-use crate::assets::Assets;
+use crate::assets::{Assets, StagedAsset};
 use crate::config::EngineLimits;
 use crate::host::HostState;
 use crate::instance::InstanceSetup;
@@ -14,13 +14,24 @@ use crate::logs::FunctionLog;
 use crate::state::Pool;
 
 /// What registration is asked to do.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Registration {
     pub name: String,
     pub wasm: Vec<u8>,
-    pub assets: Option<Vec<u8>>,
+    pub assets: Option<AssetSource>,
     pub config: FunctionConfig,
     pub replace: bool,
+}
+
+/// Where a registration's assets file is.
+#[derive(Debug)]
+pub enum AssetSource {
+    /// Just received (an upload, a snapshot): validated before anything is
+    /// registered, then committed to the tenant's assets store.
+    Staged(StagedAsset),
+    /// In the tenant's assets store already, by SHA-256 (a function coming
+    /// back from the state directory).
+    Stored(String),
 }
 
 /// A function's config with the operator's defaults and caps applied: what
@@ -72,13 +83,12 @@ pub struct Function {
     pub info: FunctionInfo,
     pub config: ResolvedConfig,
     pub(crate) wasm: Arc<[u8]>,
-    pub(crate) assets_file: Option<Arc<[u8]>>,
     pub(crate) pre: InstancePre<HostState>,
     pub(crate) setup: InstanceSetup,
     /// Indices of the module's mutable globals, exported by the rewrite.
     pub(crate) mutable_globals: Vec<u32>,
-    /// Held for the device memory it gives back when the function goes.
-    #[allow(dead_code)]
+    /// Its assets, shared with the tenant's other functions that carry the
+    /// same file; their device memory goes back when the last one goes.
     pub(crate) assets: Assets,
     pub(crate) pool: Pool,
     pub log: FunctionLog,

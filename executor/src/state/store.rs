@@ -1,8 +1,11 @@
 //! Registered functions on disk, so that they survive a restart.
 //!
 //! Layout: `<state>/functions/<tenant>/<id>/` holds `function.json` (the
-//! [`FunctionInfo`]), `module.wasm` (the original bytes) and, if any,
-//! `assets.safetensors`. A function directory is written as
+//! [`FunctionInfo`], which names its assets file by SHA-256 in the
+//! tenant's [`AssetStore`](crate::assets::AssetStore)) and `module.wasm`
+//! (the original bytes). Releases before the assets store kept an
+//! `assets.safetensors` here; it is read once and moved to the store. A
+//! function directory is written as
 //! `.<id>.tmp` beside its final name, synced, and renamed into place (the
 //! old one moved aside to `.<id>.old` first), so a crash leaves either the
 //! old function or the new one; [`FunctionStore::load_all`] puts a `.old`
@@ -18,7 +21,8 @@ use tensor_wasm_shared::api::FunctionInfo;
 pub struct PersistedFunction {
     pub info: FunctionInfo,
     pub wasm: Vec<u8>,
-    pub assets: Option<Vec<u8>>,
+    /// The `assets.safetensors` of the older layout.
+    pub legacy_assets: Option<Vec<u8>>,
 }
 
 /// The `functions/` folder of a state directory.
@@ -44,13 +48,7 @@ impl FunctionStore {
     }
 
     /// Writes one function, replacing the one of its id.
-    pub fn save(
-        &self,
-        tenant: &TenantId,
-        info: &FunctionInfo,
-        wasm: &[u8],
-        assets: Option<&[u8]>,
-    ) -> std::io::Result<()> {
+    pub fn save(&self, tenant: &TenantId, info: &FunctionInfo, wasm: &[u8]) -> std::io::Result<()> {
         let dir = self.function_dir(tenant, &info.id);
         let parent = self.tenant_dir(tenant);
         std::fs::create_dir_all(&parent)?;
@@ -58,9 +56,6 @@ impl FunctionStore {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         std::fs::write(tmp.join("module.wasm"), wasm)?;
-        if let Some(a) = assets {
-            std::fs::write(tmp.join("assets.safetensors"), a)?;
-        }
         let json = serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?;
         std::fs::write(tmp.join("function.json"), json)?;
         for file in std::fs::read_dir(&tmp)? {
@@ -145,12 +140,16 @@ fn read_function(dir: &Path) -> Result<PersistedFunction, String> {
         serde_json::from_slice(&std::fs::read(dir.join("function.json")).map_err(|e| at(&e))?)
             .map_err(|e| at(&e))?;
     let wasm = std::fs::read(dir.join("module.wasm")).map_err(|e| at(&e))?;
-    let assets = match std::fs::read(dir.join("assets.safetensors")) {
+    let legacy_assets = match std::fs::read(dir.join("assets.safetensors")) {
         Ok(a) => Some(a),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(at(&e)),
     };
-    Ok(PersistedFunction { info, wasm, assets })
+    Ok(PersistedFunction {
+        info,
+        wasm,
+        legacy_assets,
+    })
 }
 
 #[cfg(test)]
@@ -170,15 +169,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FunctionStore::new(dir.path());
         let t = TenantId::new("t").unwrap();
-        store.save(&t, &info("fn-1", "a"), b"one", None).unwrap();
-        store
-            .save(&t, &info("fn-1", "b"), b"two", Some(b"assets"))
-            .unwrap();
+        store.save(&t, &info("fn-1", "a"), b"one").unwrap();
+        store.save(&t, &info("fn-1", "b"), b"two").unwrap();
         let all = store.load_all();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].1.info.name, "b");
         assert_eq!(all[0].1.wasm, b"two");
-        assert_eq!(all[0].1.assets.as_deref(), Some(&b"assets"[..]));
+        assert_eq!(all[0].1.legacy_assets, None);
         // A crash between moving the old copy aside and renaming the new
         // one in: the old copy comes back, the half-written one goes.
         let tdir = dir.path().join("functions").join("t");

@@ -1,14 +1,15 @@
 //! One tenant on this executor: its admission gate, its functions, its
 //! instance count and its jobs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
 use tensor_wasm_kernels::Backend;
 use tensor_wasm_shared::{FunctionId, TenantId};
 
+use crate::assets::LoadedAssets;
 use crate::error::ExecError;
 use crate::state::{Function, InstanceCount, JobCaps, JobTable};
 use crate::sync::{lock, read_lock, write_lock};
@@ -35,6 +36,13 @@ pub struct Tenant {
     /// purged): its pending jobs stop waiting.
     removed: AtomicBool,
     jobs: Mutex<JobTable>,
+    /// Assets files loaded for the tenant's functions, by SHA-256: one load
+    /// (and one charge) per file, however many functions carry it. An entry
+    /// lives as long as a function holds it.
+    assets: Mutex<HashMap<String, Weak<LoadedAssets>>>,
+    /// Held by a registration or a delete of the tenant's functions, so
+    /// that they happen one at a time.
+    pub(crate) registering: Mutex<()>,
 }
 
 /// One admitted unit of work (an invocation or a running job); the tenant
@@ -80,6 +88,8 @@ impl Tenant {
             drained: tokio::sync::Notify::new(),
             removed: AtomicBool::new(false),
             jobs: Mutex::new(JobTable::new(job_caps)),
+            assets: Mutex::new(HashMap::new()),
+            registering: Mutex::new(()),
         }
     }
 
@@ -165,13 +175,14 @@ impl Tenant {
     }
 
     /// Adds `f`, or replaces the function of its id.
-    pub(crate) fn insert_function(&self, f: Arc<Function>) {
-        write_lock(&self.functions).insert(f.info.id.clone(), f);
+    /// Returns the function it replaced, if any.
+    pub(crate) fn insert_function(&self, f: Arc<Function>) -> Option<Arc<Function>> {
+        write_lock(&self.functions).insert(f.info.id.clone(), f)
     }
 
-    /// Removes the function `id`; false if there was none.
-    pub(crate) fn remove_function(&self, id: &str) -> bool {
-        write_lock(&self.functions).remove(id).is_some()
+    /// Removes the function `id`, returning it; `None` if there was none.
+    pub(crate) fn remove_function(&self, id: &str) -> Option<Arc<Function>> {
+        write_lock(&self.functions).remove(id)
     }
 
     /// The count the tenant's pools claim instances from.
@@ -190,6 +201,49 @@ impl Tenant {
             .values()
             .map(|f| f.pool.waiting())
             .sum()
+    }
+
+    /// The loaded assets file of `sha256` if a function holds it, else the
+    /// one `load` makes (under the tenant's assets lock, so that two
+    /// registrations of one file load it once).
+    pub(crate) fn assets_of<E>(
+        &self,
+        sha256: &str,
+        load: impl FnOnce() -> Result<LoadedAssets, E>,
+    ) -> Result<Arc<LoadedAssets>, E> {
+        let mut cache = lock(&self.assets);
+        if let Some(live) = cache.get(sha256).and_then(Weak::upgrade) {
+            return Ok(live);
+        }
+        let loaded = Arc::new(load()?);
+        cache.retain(|_, w| w.strong_count() > 0);
+        cache.insert(sha256.to_string(), Arc::downgrade(&loaded));
+        Ok(loaded)
+    }
+
+    /// The loaded assets file of `sha256`, if a function holds it.
+    pub(crate) fn loaded_assets(&self, sha256: &str) -> Option<Arc<LoadedAssets>> {
+        lock(&self.assets).get(sha256).and_then(Weak::upgrade)
+    }
+
+    /// Device bytes held by the tenant's loaded assets files.
+    pub fn asset_bytes(&self) -> u64 {
+        lock(&self.assets)
+            .values()
+            .filter_map(Weak::upgrade)
+            .map(|a| a.bytes())
+            .sum()
+    }
+
+    /// SHA-256 of every assets file the tenant's functions use.
+    pub fn asset_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = read_lock(&self.functions)
+            .values()
+            .filter_map(|f| f.assets.sha256().map(str::to_string))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// The tenant's job table, locked.

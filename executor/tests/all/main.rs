@@ -3,6 +3,7 @@
 //! example functions of `examples/` built by `scripts/build-examples`.
 
 mod abi;
+mod assets;
 mod bodies;
 mod examples;
 mod harness;

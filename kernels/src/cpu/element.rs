@@ -105,11 +105,11 @@ macro_rules! float_element {
                 self.to_f32().is_nan()
             }
             fn wrap(v: Vec<Self>) -> CpuStorage {
-                CpuStorage::$dtype(v)
+                CpuStorage::$dtype(v.into())
             }
             fn slice(s: &CpuStorage) -> Option<&[Self]> {
                 match s {
-                    CpuStorage::$dtype(v) => Some(v),
+                    CpuStorage::$dtype(v) => Some(&v[..]),
                     _ => None,
                 }
             }
@@ -265,11 +265,11 @@ macro_rules! int_element {
                 false
             }
             fn wrap(v: Vec<Self>) -> CpuStorage {
-                CpuStorage::$dtype(v)
+                CpuStorage::$dtype(v.into())
             }
             fn slice(s: &CpuStorage) -> Option<&[Self]> {
                 match s {
-                    CpuStorage::$dtype(v) => Some(v),
+                    CpuStorage::$dtype(v) => Some(&v[..]),
                     _ => None,
                 }
             }

@@ -12,6 +12,8 @@ mod layout;
 mod linalg;
 mod reduce;
 
+use std::ops::Range;
+
 use tensor_wasm_shared::DType;
 
 use self::element::{CastVal, Element};
@@ -20,7 +22,7 @@ use crate::backend::{Backend, BackendKind};
 use crate::error::{KernelError, Result};
 use crate::ops::{BinaryOp, ReduceOp, UnaryOp};
 use crate::shape::{self, Limits};
-use crate::tensor::{CpuStorage, Storage, Tensor};
+use crate::tensor::{CpuStorage, SharedBytes, Storage, Tensor};
 
 /// The CPU backend. Cheap to create; holds only its limits.
 #[derive(Debug, Default, Clone)]
@@ -165,6 +167,33 @@ impl Backend for CpuBackend {
             ));
         }
         Tensor::from_cpu(dims, CpuStorage::from_le_bytes(dtype, bytes))
+    }
+
+    fn from_shared(
+        &self,
+        dtype: DType,
+        dims: &[usize],
+        bytes: SharedBytes,
+        range: Range<usize>,
+    ) -> Result<Tensor> {
+        let numel = self.limits.check_tensor("new", dtype, dims)?;
+        let want = numel * dtype.size();
+        if range.len() != want {
+            return Err(KernelError::invalid(
+                "new",
+                format!(
+                    "{dims:?} {dtype} takes {want} bytes, {} were given",
+                    range.len()
+                ),
+            ));
+        }
+        if let Some(s) = CpuStorage::from_shared(dtype, bytes.clone(), range.clone()) {
+            return Tensor::from_cpu(dims, s);
+        }
+        let slice = (*bytes).as_ref().get(range.clone()).ok_or_else(|| {
+            KernelError::invalid("new", format!("byte range {range:?} is out of bounds"))
+        })?;
+        Tensor::from_cpu(dims, CpuStorage::from_le_bytes(dtype, slice))
     }
 
     fn zeros(&self, dtype: DType, dims: &[usize]) -> Result<Tensor> {
@@ -397,6 +426,8 @@ impl CpuBackend {
 mod tests {
     use super::*;
 
+    use std::sync::Arc;
+
     fn f32s(b: &CpuBackend, dims: &[usize], v: &[f32]) -> Tensor {
         b.from_bytes(DType::F32, dims, bytemuck::cast_slice(v))
             .unwrap()
@@ -440,6 +471,52 @@ mod tests {
         let am = b.reduce(ReduceOp::ArgMax, &x, -1, true).unwrap();
         assert_eq!(am.dtype(), DType::I64);
         assert_eq!(am.dims(), &[2, 1]);
+    }
+
+    /// f32 elements seen as bytes: aligned for f32 at offsets that are
+    /// multiples of 4.
+    struct F32Bytes(Vec<f32>);
+
+    impl AsRef<[u8]> for F32Bytes {
+        fn as_ref(&self) -> &[u8] {
+            bytemuck::cast_slice(&self.0)
+        }
+    }
+
+    fn shared(t: &Tensor) -> bool {
+        match t.storage() {
+            Storage::Cpu(s) => s.is_shared(),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn shared_bytes_are_borrowed_when_aligned_and_copied_when_not() {
+        let b = CpuBackend::default();
+        let bytes: SharedBytes = Arc::new(F32Bytes(vec![0., 1., 2., 3., 4.]));
+        let t = b
+            .from_shared(DType::F32, &[2], bytes.clone(), 4..12)
+            .unwrap();
+        assert!(shared(&t), "aligned: borrowed");
+        assert_eq!(read_f32(&b, &t), vec![1., 2.]);
+        let doubled = b.binary(BinaryOp::Add, &t, &t).unwrap();
+        assert_eq!(read_f32(&b, &doubled), vec![2., 4.]);
+        // Two bytes in: not aligned for f32, so copied, same values.
+        let u = b.from_shared(DType::U8, &[3], bytes.clone(), 4..7).unwrap();
+        assert!(shared(&u), "u8 is always aligned");
+        let c = b
+            .from_shared(DType::F32, &[1], bytes.clone(), 2..6)
+            .unwrap();
+        assert!(!shared(&c));
+        let want: Vec<u8> = (*bytes).as_ref()[2..6].to_vec();
+        assert_eq!(b.to_bytes(&c).unwrap(), want);
+        // Wrong length, out of bounds.
+        assert!(
+            b.from_shared(DType::F32, &[3], bytes.clone(), 4..12)
+                .is_err()
+        );
+        assert!(b.from_shared(DType::F32, &[2], bytes, 16..24).is_err());
     }
 
     #[test]
