@@ -83,6 +83,10 @@ fn warm(rt: &Runtime, wat: &str) -> WarmInstance {
         backend: Arc::new(CpuBackend::default()),
         assets: Arc::new(HashMap::new()),
         usage: Arc::new(TenantUsage::new(1 << 30, 1 << 20)),
+        host: Arc::new(tensor_wasm_executor::memory::HostUsage::new(
+            u64::MAX,
+            tensor_wasm_executor::memory::HostBudget::new(u64::MAX),
+        )),
         log: FunctionLog::new(1024),
         metrics: Arc::new(Metrics::new("cpu", &[("component", "bench")])),
         memory_limit: 16 << 20,

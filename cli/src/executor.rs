@@ -54,6 +54,15 @@ pub struct Args {
     /// Device memory a tenant's tensors and assets may hold, in bytes.
     #[arg(long, env = env::TENANT_DEVICE_MEMORY_BYTES, default_value_t = 2 << 30)]
     tenant_device_memory_bytes: u64,
+    /// Host memory a tenant may hold, in bytes: its instances' linear
+    /// memory, and its tensors and assets on the CPU backend.
+    #[arg(long, env = env::TENANT_HOST_MEMORY_BYTES, default_value_t = 4 << 30)]
+    tenant_host_memory_bytes: u64,
+    /// Host memory all tenants together may hold, in bytes [default:
+    /// three quarters of this process's memory limit: its cgroup's, else
+    /// the machine's].
+    #[arg(long, env = env::HOST_MEMORY_BYTES)]
+    host_memory_bytes: Option<u64>,
     /// Live tensors a tenant may hold.
     #[arg(
         long,
@@ -108,6 +117,9 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         max_module_bytes: args.max_module_bytes,
         total_instances: args.total_instances,
         job_retention: Duration::from_secs(args.job_retention_secs),
+        host_memory_bytes: args
+            .host_memory_bytes
+            .unwrap_or_else(|| tensor_wasm_executor::memory::default_budget(1)),
         ..EngineLimits::default()
     };
     let quotas = TenantQuotas {
@@ -117,6 +129,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         instances: args.tenant_instances,
         max_body_bytes: args.max_body_bytes,
         max_asset_bytes: args.max_asset_bytes,
+        host_memory_bytes: args.tenant_host_memory_bytes,
         pending_jobs: args.tenant_pending_jobs,
         pending_job_bytes: args.tenant_pending_job_bytes,
         finished_job_bytes: args.tenant_finished_job_bytes,

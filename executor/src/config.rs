@@ -55,6 +55,10 @@ pub struct EngineLimits {
     pub max_finished_jobs: usize,
     /// Caps on tensors and ops, passed to the kernel backend.
     pub tensor: Limits,
+    /// Host memory all tenants together may hold (linear memory, and
+    /// tensors on the CPU backend), in bytes; by default three quarters of
+    /// the process's memory limit (`memory::default_budget`).
+    pub host_memory_bytes: u64,
 }
 
 impl Default for EngineLimits {
@@ -78,6 +82,7 @@ impl Default for EngineLimits {
             job_retention: Duration::from_secs(3600),
             max_finished_jobs: 10_000,
             tensor: Limits::default(),
+            host_memory_bytes: crate::memory::default_budget(1),
         }
     }
 }
@@ -96,6 +101,10 @@ pub struct TenantQuotas {
     /// Largest request body; 64 MiB. Registration is bounded by the module
     /// and assets caps instead.
     pub max_body_bytes: usize,
+    /// Host memory a tenant may hold (its instances' linear memory, and its
+    /// tensors and assets on the CPU backend); 4 GiB: 1 GiB of weights,
+    /// instances of 600 MiB of memory and 2 GiB of tensors fit.
+    pub host_memory_bytes: u64,
     /// Largest assets file one registration may send, in bytes; `None`
     /// for the tenant's device-memory quota (a larger file could never
     /// load).
@@ -127,6 +136,7 @@ impl Default for TenantQuotas {
             instances: 64,
             max_body_bytes: 64 << 20,
             max_asset_bytes: None,
+            host_memory_bytes: 4 << 30,
             pending_jobs: 256,
             pending_job_bytes: 1 << 30,
             finished_job_bytes: 256 << 20,

@@ -12,6 +12,7 @@ use tensor_wasm_shared::{AbiError, ApiError, ErrorCode};
 use crate::assets::AssetError;
 use crate::engine::CompileError;
 use crate::instance::InvokeError;
+use crate::memory::HostMemoryError;
 use crate::wasm::WasmError;
 
 /// Everything the executor's API can answer with besides success.
@@ -111,6 +112,10 @@ impl ExecError {
             ExecError::Capacity(_) => ErrorCode::CapacityExhausted,
             ExecError::Invoke(e) => match e {
                 InvokeError::Trap(_) | InvokeError::Instantiate(_) => ErrorCode::GuestTrap,
+                InvokeError::Memory(HostMemoryError::Tenant { .. }) => ErrorCode::QuotaExceeded,
+                InvokeError::Memory(HostMemoryError::Executor { .. }) => {
+                    ErrorCode::CapacityExhausted
+                }
                 InvokeError::Deadline(_) => ErrorCode::DeadlineExceeded,
                 InvokeError::Function { .. } => ErrorCode::FunctionError,
                 InvokeError::Device(_) => ErrorCode::Internal,

@@ -14,9 +14,10 @@ use std::time::Instant;
 
 use tensor_wasm_kernels::{Backend, BinaryOp, DType, ReduceOp, Tensor, UnaryOp};
 use tensor_wasm_shared::AbiError;
-use wasmtime::{Caller, Linker, Memory, StoreLimits};
+use wasmtime::{Caller, Linker, Memory};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
+use crate::memory::InstanceLimiter;
 use crate::metrics::Metrics;
 use crate::tensors::{AbiFailure, TensorTable};
 use crate::wasm::ABI_MODULE;
@@ -50,7 +51,7 @@ pub struct CallCtx {
 /// Everything an instance's imports reach: its store data.
 pub struct HostState {
     pub wasi: WasiP1Ctx,
-    pub limits: StoreLimits,
+    pub limits: InstanceLimiter,
     pub tensors: TensorTable,
     pub call: CallCtx,
     pub last_error: String,

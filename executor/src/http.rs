@@ -764,6 +764,9 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     m.device_memory
         .with_label_values(&[&app.id])
         .set(r.device_bytes() as i64);
+    let (host, host_limit) = r.host_memory();
+    m.host_memory.set(host as i64);
+    m.host_memory_limit.set(host_limit as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.render(),

@@ -18,6 +18,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use crate::engine::Runtime;
 use crate::host::{CallCtx, DeadlineExceeded, HostState};
 use crate::logs::FunctionLog;
+use crate::memory::{HostMemoryError, HostUsage, InstanceLimiter};
 use crate::metrics::Metrics;
 use crate::tensors::{TenantUsage, TensorTable};
 use crate::wasm::GLOBAL_EXPORT_PREFIX;
@@ -28,6 +29,8 @@ pub struct InstanceSetup {
     pub backend: Arc<dyn Backend>,
     pub assets: Arc<HashMap<String, Tensor>>,
     pub usage: Arc<TenantUsage>,
+    /// The tenant's host memory, charged for linear memory.
+    pub host: Arc<HostUsage>,
     pub log: FunctionLog,
     pub metrics: Arc<Metrics>,
     /// Linear memory cap, in bytes.
@@ -74,6 +77,9 @@ pub enum InvokeError {
     /// The instance could not be created.
     #[error("cannot create an instance: {0}")]
     Instantiate(String),
+    /// Host memory for the instance's linear memory was refused.
+    #[error("cannot create an instance: {0}")]
+    Memory(#[from] HostMemoryError),
 }
 
 impl InvokeError {
@@ -158,7 +164,7 @@ impl WarmInstance {
             .build();
         let state = HostState {
             wasi,
-            limits,
+            limits: InstanceLimiter::new(limits, setup.host.clone()),
             tensors: TensorTable::new(setup.usage.clone()),
             call: CallCtx::default(),
             last_error: String::new(),
@@ -175,12 +181,18 @@ impl WarmInstance {
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(Runtime::deadline_ticks(deadline));
         store.epoch_deadline_trap();
-        let instance = pre
-            .instantiate(&mut store)
-            .map_err(|e| match classify(e, deadline) {
-                InvokeError::Trap(m) => InvokeError::Instantiate(m),
-                other => other,
-            })?;
+        let instance = match pre.instantiate(&mut store) {
+            Ok(i) => i,
+            Err(e) => {
+                if let Some(refused) = store.data_mut().limits.refused.take() {
+                    return Err(InvokeError::Memory(refused));
+                }
+                return Err(match classify(e, deadline) {
+                    InvokeError::Trap(m) => InvokeError::Instantiate(m),
+                    other => other,
+                });
+            }
+        };
         let memory: Memory = instance
             .get_memory(&mut store, "memory")
             .ok_or_else(|| InvokeError::Instantiate("no exported memory".into()))?;

@@ -38,6 +38,7 @@ pub mod http;
 pub mod instance;
 pub mod jobs;
 pub mod logs;
+pub mod memory;
 pub mod metrics;
 pub mod registry;
 pub mod server;

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub invocations: IntCounterVec,
     pub invoke_duration: Histogram,
     pub device_memory: IntGaugeVec,
+    pub host_memory: IntGauge,
+    pub host_memory_limit: IntGauge,
     /// `kernel_dispatches_total` for each of [`OPS`] on this backend,
     /// resolved once: a label lookup per dispatch would cost more than a
     /// small kernel.
@@ -118,6 +120,18 @@ impl Metrics {
         reg(Box::new(invocations.clone()));
         reg(Box::new(invoke_duration.clone()));
         reg(Box::new(device_memory.clone()));
+        let host_memory = IntGauge::new(
+            m::HOST_MEMORY_BYTES,
+            "Host memory held by tenants: linear memory, and tensors on the CPU backend.",
+        )
+        .expect("valid");
+        let host_memory_limit = IntGauge::new(
+            m::HOST_MEMORY_LIMIT_BYTES,
+            "Host memory all tenants together may hold (--host-memory-bytes).",
+        )
+        .expect("valid");
+        reg(Box::new(host_memory.clone()));
+        reg(Box::new(host_memory_limit.clone()));
         reg(Box::new(build_info));
         let dispatch_counters = OPS
             .iter()
@@ -136,6 +150,8 @@ impl Metrics {
             invocations,
             invoke_duration,
             device_memory,
+            host_memory,
+            host_memory_limit,
         }
     }
 

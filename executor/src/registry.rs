@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
-use tensor_wasm_kernels::{Backend, SharedBytes};
+use tensor_wasm_kernels::{Backend, BackendKind, SharedBytes};
 use tensor_wasm_shared::api::FunctionInfo;
 use tensor_wasm_shared::{FunctionId, TenantId};
 use tokio::sync::Semaphore;
@@ -34,6 +34,7 @@ use crate::engine::Runtime;
 use crate::error::ExecError;
 use crate::instance::{InstanceSetup, Response, WarmInstance};
 use crate::logs::FunctionLog;
+use crate::memory::{HostBudget, HostUsage};
 use crate::metrics::Metrics;
 use crate::state::{
     AssetSource, Function, FunctionStore, Inflight, JobCaps, Pool, Registration, ResolvedConfig,
@@ -65,6 +66,8 @@ pub struct Registry {
     pub limits: EngineLimits,
     pub quotas: TenantQuotas,
     pub metrics: Arc<Metrics>,
+    /// Host memory all tenants together may hold.
+    host_budget: Arc<HostBudget>,
     /// Slots for running async jobs (`job_concurrency`).
     pub(crate) job_slots: Arc<Semaphore>,
     /// `TENSOR_WASM_SNAPSHOT_KEY`: signs exports, and imports must carry a
@@ -95,6 +98,7 @@ impl Registry {
         metrics: Arc<Metrics>,
     ) -> Registry {
         let job_slots = runtime.limits().job_concurrency.max(1);
+        let host_memory = runtime.limits().host_memory_bytes;
         Registry {
             limits: runtime.limits().clone(),
             runtime,
@@ -105,6 +109,7 @@ impl Registry {
             state_dir,
             quotas,
             job_slots: Arc::new(Semaphore::new(job_slots)),
+            host_budget: HostBudget::new(host_memory),
             snapshot_key: None,
             metrics,
         }
@@ -126,10 +131,19 @@ impl Registry {
             return Ok(t.clone());
         }
         let backend = (self.backends)().map_err(ExecError::Internal)?;
+        let host = Arc::new(HostUsage::new(
+            self.quotas.host_memory_bytes,
+            self.host_budget.clone(),
+        ));
+        let mut usage = TenantUsage::new(self.quotas.device_memory_bytes, self.quotas.live_tensors);
+        if backend.kind() == BackendKind::Cpu {
+            usage = usage.in_host_memory(host.clone());
+        }
         let t = Arc::new(Tenant::new(
             id.clone(),
             backend,
-            TenantUsage::new(self.quotas.device_memory_bytes, self.quotas.live_tensors),
+            usage,
+            host,
             JobCaps {
                 count: self.limits.max_finished_jobs,
                 bytes: self.quotas.finished_job_bytes,
@@ -222,6 +236,11 @@ impl Registry {
             .filter(|t| t.function_count() > 0)
             .map(|t| t.id.clone())
             .collect()
+    }
+
+    /// Host memory held by all tenants, and what they may hold.
+    pub fn host_memory(&self) -> (u64, u64) {
+        (self.host_budget.used(), self.host_budget.max())
     }
 
     /// Device bytes held by all tenants.
@@ -364,6 +383,7 @@ impl Registry {
                 backend: tenant.backend.clone(),
                 assets: assets.tensors(),
                 usage: tenant.usage.clone(),
+                host: tenant.host.clone(),
                 log: log.clone(),
                 metrics: self.metrics.clone(),
                 memory_limit: config.memory_limit_bytes,

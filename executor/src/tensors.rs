@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tensor_wasm_kernels::{KernelError, Tensor};
 use tensor_wasm_shared::AbiError;
 
+use crate::memory::HostUsage;
+
 /// A failed guest ABI call: the code the guest sees and the message
 /// `last_error` gives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +47,9 @@ pub struct TenantUsage {
     tensors: AtomicU64,
     max_bytes: u64,
     max_tensors: u64,
+    /// Where tensors live in host memory (the CPU backend), the tenant's
+    /// host memory too, charged first.
+    host: Option<Arc<HostUsage>>,
 }
 
 impl TenantUsage {
@@ -54,6 +59,16 @@ impl TenantUsage {
             tensors: AtomicU64::new(0),
             max_bytes,
             max_tensors,
+            host: None,
+        }
+    }
+
+    /// The same quotas, every byte also charged to `host` (tensors that
+    /// live in host memory).
+    pub fn in_host_memory(self, host: Arc<HostUsage>) -> Self {
+        TenantUsage {
+            host: Some(host),
+            ..self
         }
     }
 
@@ -82,9 +97,22 @@ impl TenantUsage {
                     )
                 })
         };
-        add(&self.bytes, bytes, self.max_bytes, "device memory")?;
+        if let Some(host) = &self.host {
+            host.reserve(bytes)
+                .map_err(|e| AbiFailure::new(AbiError::QuotaExceeded, e.to_string()))?;
+        }
+        let release_host = || {
+            if let Some(host) = &self.host {
+                host.release(bytes);
+            }
+        };
+        if let Err(e) = add(&self.bytes, bytes, self.max_bytes, "device memory") {
+            release_host();
+            return Err(e);
+        }
         if !asset && let Err(e) = add(&self.tensors, 1, self.max_tensors, "live tensor") {
             self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            release_host();
             return Err(e);
         }
         Ok(())
@@ -95,6 +123,9 @@ impl TenantUsage {
         self.bytes.fetch_sub(bytes, Ordering::AcqRel);
         if !asset {
             self.tensors.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(host) = &self.host {
+            host.release(bytes);
         }
     }
 }

@@ -26,6 +26,8 @@ pub mod executor_metrics {
     pub const INVOCATIONS_TOTAL: &str = "tensor_wasm_invocations_total";
     pub const INVOKE_DURATION_SECONDS: &str = "tensor_wasm_invoke_duration_seconds";
     pub const DEVICE_MEMORY_BYTES: &str = "tensor_wasm_device_memory_bytes";
+    pub const HOST_MEMORY_BYTES: &str = "tensor_wasm_host_memory_bytes";
+    pub const HOST_MEMORY_LIMIT_BYTES: &str = "tensor_wasm_host_memory_limit_bytes";
 }
 
 /// Counted by every component.
@@ -50,6 +52,8 @@ pub mod env {
     pub const MAX_MODULE_BYTES: &str = "TENSOR_WASM_MAX_MODULE_BYTES";
     pub const MAX_BODY_BYTES: &str = "TENSOR_WASM_MAX_BODY_BYTES";
     pub const MAX_ASSET_BYTES: &str = "TENSOR_WASM_MAX_ASSET_BYTES";
+    pub const TENANT_HOST_MEMORY_BYTES: &str = "TENSOR_WASM_TENANT_HOST_MEMORY_BYTES";
+    pub const HOST_MEMORY_BYTES: &str = "TENSOR_WASM_HOST_MEMORY_BYTES";
     pub const TOTAL_INSTANCES: &str = "TENSOR_WASM_TOTAL_INSTANCES";
     pub const TENANT_DEVICE_MEMORY_BYTES: &str = "TENSOR_WASM_TENANT_DEVICE_MEMORY_BYTES";
     pub const TENANT_LIVE_TENSORS: &str = "TENSOR_WASM_TENANT_LIVE_TENSORS";

@@ -437,6 +437,10 @@ fn warm(runtime: &Runtime, backend: &Arc<dyn Backend>, wat: &str) -> Result<Warm
         backend: backend.clone(),
         assets: Arc::new(HashMap::new()),
         usage: Arc::new(TenantUsage::new(8 << 30, 1 << 20)),
+        host: Arc::new(tensor_wasm_executor::memory::HostUsage::new(
+            u64::MAX,
+            tensor_wasm_executor::memory::HostBudget::new(u64::MAX),
+        )),
         log: FunctionLog::new(1024),
         metrics: Arc::new(Metrics::new(
             backend.kind().as_str(),

@@ -90,8 +90,15 @@ impl Launcher {
     }
 
     /// The proxy listens on `listen` and `admin_listen` and routes to
-    /// `executors`.
+    /// `executors`. The executors share the machine's memory: unless the
+    /// environment sets `--host-memory-bytes`, each gets its part of the
+    /// default budget.
     pub fn set_proxy(&mut self, listen: &str, admin_listen: &str, executors: &[ExecutorSpec]) {
+        let var = tensor_wasm_shared::names::env::HOST_MEMORY_BYTES;
+        if std::env::var_os(var).is_none() && !self.env.iter().any(|(k, _)| k == var) {
+            let share = tensor_wasm_executor::memory::default_budget(executors.len() as u64);
+            self.env.push((var.to_string(), share.to_string()));
+        }
         let list: Vec<String> = executors
             .iter()
             .map(|s| format!("{}={}", s.id, s.addr()))

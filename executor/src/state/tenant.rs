@@ -11,6 +11,7 @@ use tensor_wasm_shared::{FunctionId, TenantId};
 
 use crate::assets::LoadedAssets;
 use crate::error::ExecError;
+use crate::memory::HostUsage;
 use crate::state::{Function, InstanceCount, JobCaps, JobTable};
 use crate::sync::{lock, read_lock, write_lock};
 use crate::tensors::TenantUsage;
@@ -27,6 +28,9 @@ struct Admission {
 pub struct Tenant {
     pub id: TenantId,
     pub usage: Arc<TenantUsage>,
+    /// The tenant's host memory: its instances' linear memory, and its
+    /// tensors where they live in host memory.
+    pub host: Arc<HostUsage>,
     pub backend: Arc<dyn Backend>,
     functions: RwLock<BTreeMap<FunctionId, Arc<Function>>>,
     instances: Arc<InstanceCount>,
@@ -76,11 +80,13 @@ impl Tenant {
         id: TenantId,
         backend: Arc<dyn Backend>,
         usage: TenantUsage,
+        host: Arc<HostUsage>,
         job_caps: JobCaps,
     ) -> Tenant {
         Tenant {
             id,
             usage: Arc::new(usage),
+            host,
             backend,
             functions: RwLock::new(BTreeMap::new()),
             instances: Arc::new(InstanceCount::default()),

@@ -8,6 +8,7 @@ mod bodies;
 mod examples;
 mod harness;
 mod jobs;
+mod memory;
 mod registration;
 mod snapshots;
 mod tenancy;
