@@ -226,7 +226,7 @@ fn opt_handle(st: &HostState, h: i32) -> Result<Option<Tensor>, AbiFailure> {
     if h == 0 {
         Ok(None)
     } else {
-        st.tensors.get(h).cloned().map(Some)
+        st.tensors.get(h).map(Some)
     }
 }
 
@@ -264,7 +264,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             }
             let n = len_i32(need as usize, "tensor")?;
             let out = guest_mut(mem, dst, need as usize, "destination")?;
-            out.copy_from_slice(&st.backend.to_bytes(t)?);
+            out.copy_from_slice(&st.backend.to_bytes(&t)?);
             Ok(n)
         })
     })?;
@@ -276,7 +276,8 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     })?;
     linker.func_wrap(m, "shape", |mut c: Ctx<'_>, h: i32, dst: i32, cap: i32| {
         call(&mut c, |st, mem| {
-            let dims = st.tensors.get(h)?.dims();
+            let t = st.tensors.get(h)?;
+            let dims = t.dims();
             let n = dims.len().min(usize::try_from(cap).unwrap_or(0));
             let mut bytes = Vec::with_capacity(n * 4);
             for &d in &dims[..n] {
@@ -308,7 +309,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(m, "output", |mut c: Ctx<'_>, p: i32, l: i32, h: i32| {
         call(&mut c, |st, mem| {
             let name = read_name(mem, p, l)?.to_string();
-            let t = st.tensors.get(h)?.clone();
+            let t = st.tensors.get(h)?;
             // An output holds its tensor after the handle is freed: it is
             // charged like a handle until `handle` returns, so a loop of
             // output-then-free cannot hold memory past the quota.
@@ -385,7 +386,9 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     })?;
     linker.func_wrap(m, "matmul", |mut c: Ctx<'_>, a: i32, b: i32| {
         op(&mut c, const { Metrics::op_index("matmul") }, |st, _| {
-            Ok(st.backend.matmul(st.tensors.get(a)?, st.tensors.get(b)?)?)
+            Ok(st
+                .backend
+                .matmul(&st.tensors.get(a)?, &st.tensors.get(b)?)?)
         })
     })?;
     linker.func_wrap(m, "binary", |mut c: Ctx<'_>, o: i32, a: i32, b: i32| {
@@ -393,19 +396,19 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let o = BinaryOp::from_code(o)?;
             Ok(st
                 .backend
-                .binary(o, st.tensors.get(a)?, st.tensors.get(b)?)?)
+                .binary(o, &st.tensors.get(a)?, &st.tensors.get(b)?)?)
         })
     })?;
     linker.func_wrap(m, "scalar", |mut c: Ctx<'_>, o: i32, a: i32, v: f32| {
         op(&mut c, const { Metrics::op_index("scalar") }, |st, _| {
             let o = BinaryOp::from_code(o)?;
-            Ok(st.backend.scalar(o, st.tensors.get(a)?, v)?)
+            Ok(st.backend.scalar(o, &st.tensors.get(a)?, v)?)
         })
     })?;
     linker.func_wrap(m, "unary", |mut c: Ctx<'_>, o: i32, a: i32| {
         op(&mut c, const { Metrics::op_index("unary") }, |st, _| {
             let o = UnaryOp::from_code(o)?;
-            Ok(st.backend.unary(o, st.tensors.get(a)?)?)
+            Ok(st.backend.unary(o, &st.tensors.get(a)?)?)
         })
     })?;
     linker.func_wrap(
@@ -416,13 +419,13 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 let o = ReduceOp::from_code(o)?;
                 Ok(st
                     .backend
-                    .reduce(o, st.tensors.get(a)?, axis.into(), keep != 0)?)
+                    .reduce(o, &st.tensors.get(a)?, axis.into(), keep != 0)?)
             })
         },
     )?;
     linker.func_wrap(m, "softmax", |mut c: Ctx<'_>, a: i32, axis: i32| {
         op(&mut c, const { Metrics::op_index("softmax") }, |st, _| {
-            Ok(st.backend.softmax(st.tensors.get(a)?, axis.into())?)
+            Ok(st.backend.softmax(&st.tensors.get(a)?, axis.into())?)
         })
     })?;
     linker.func_wrap(
@@ -436,7 +439,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                     let (g, b) = (opt_handle(st, g)?, opt_handle(st, b)?);
                     Ok(st
                         .backend
-                        .layer_norm(st.tensors.get(x)?, g.as_ref(), b.as_ref(), eps)?)
+                        .layer_norm(&st.tensors.get(x)?, g.as_ref(), b.as_ref(), eps)?)
                 },
             )
         },
@@ -444,7 +447,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(m, "rms_norm", |mut c: Ctx<'_>, x: i32, g: i32, eps: f32| {
         op(&mut c, const { Metrics::op_index("rms_norm") }, |st, _| {
             let g = opt_handle(st, g)?;
-            Ok(st.backend.rms_norm(st.tensors.get(x)?, g.as_ref(), eps)?)
+            Ok(st.backend.rms_norm(&st.tensors.get(x)?, g.as_ref(), eps)?)
         })
     })?;
     linker.func_wrap(m, "reshape", |mut c: Ctx<'_>, a: i32, sp: i32, nd: i32| {
@@ -454,7 +457,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 .into_iter()
                 .map(|d| if d == u32::MAX { -1 } else { i64::from(d) })
                 .collect();
-            Ok(st.backend.reshape(st.tensors.get(a)?, &dims)?)
+            Ok(st.backend.reshape(&st.tensors.get(a)?, &dims)?)
         })
     })?;
     linker.func_wrap(
@@ -470,26 +473,28 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                         .into_iter()
                         .map(|p| p as usize)
                         .collect();
-                    Ok(st.backend.transpose(st.tensors.get(a)?, &perm)?)
+                    Ok(st.backend.transpose(&st.tensors.get(a)?, &perm)?)
                 },
             )
         },
     )?;
     linker.func_wrap(m, "cast", |mut c: Ctx<'_>, a: i32, dt: i32| {
         op(&mut c, const { Metrics::op_index("cast") }, |st, _| {
-            Ok(st.backend.cast(st.tensors.get(a)?, dtype(dt)?)?)
+            Ok(st.backend.cast(&st.tensors.get(a)?, dtype(dt)?)?)
         })
     })?;
     linker.func_wrap(m, "gather", |mut c: Ctx<'_>, t: i32, i: i32| {
         op(&mut c, const { Metrics::op_index("gather") }, |st, _| {
-            Ok(st.backend.gather(st.tensors.get(t)?, st.tensors.get(i)?)?)
+            Ok(st
+                .backend
+                .gather(&st.tensors.get(t)?, &st.tensors.get(i)?)?)
         })
     })?;
     linker.func_wrap(m, "concat", |mut c: Ctx<'_>, a: i32, b: i32, axis: i32| {
         op(&mut c, const { Metrics::op_index("concat") }, |st, _| {
             Ok(st
                 .backend
-                .concat(st.tensors.get(a)?, st.tensors.get(b)?, axis.into())?)
+                .concat(&st.tensors.get(a)?, &st.tensors.get(b)?, axis.into())?)
         })
     })?;
     linker.func_wrap(
@@ -500,7 +505,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 let t = &st.tensors;
                 Ok(st
                     .backend
-                    .attention(t.get(q)?, t.get(k)?, t.get(v)?, causal != 0)?)
+                    .attention(&t.get(q)?, &t.get(k)?, &t.get(v)?, causal != 0)?)
             })
         },
     )?;

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tensor_wasm_kernels::{Backend, DType, Tensor};
@@ -20,7 +21,8 @@ use crate::host::{CallCtx, DeadlineExceeded, HostState};
 use crate::logs::FunctionLog;
 use crate::memory::{HostMemoryError, HostUsage, InstanceLimiter};
 use crate::metrics::Metrics;
-use crate::tensors::{TenantUsage, TensorTable};
+use crate::sys::MemoryView;
+use crate::tensors::{TableView, TenantUsage, TensorTable};
 use crate::wasm::GLOBAL_EXPORT_PREFIX;
 
 /// What an instance is made from, besides its module.
@@ -112,11 +114,35 @@ impl wasmtime_wasi::HostMonotonicClock for FixedMonotonic {
     }
 }
 
+/// What the rest of the executor may see of a live instance while it runs:
+/// its id, its linear memory and its tensor table. A migration reads an
+/// instance through this, without taking it from its pool.
+#[derive(Debug)]
+pub struct InstanceShared {
+    /// Unique among this executor's instances, for its life.
+    pub id: u64,
+    pub memory: MemoryView,
+    pub tensors: TableView,
+}
+
+/// Ids of instances, in order of creation.
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
 /// A live instance.
 pub struct WarmInstance {
     store: Store<HostState>,
     handle: TypedFunc<(), i32>,
     instance: wasmtime::Instance,
+    shared: Arc<InstanceShared>,
+    /// Bytes of address space reserved for the memory (its limit).
+    reserved: usize,
+}
+
+impl Drop for WarmInstance {
+    fn drop(&mut self) {
+        // Before the store (and the memory's slot) goes.
+        self.shared.memory.close();
+    }
 }
 
 impl std::fmt::Debug for WarmInstance {
@@ -200,11 +226,19 @@ impl WarmInstance {
         let handle = instance
             .get_typed_func::<(), i32>(&mut store, "handle")
             .map_err(|e| InvokeError::Instantiate(format!("{e:#}")))?;
+        let shared = Arc::new(InstanceShared {
+            id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            memory: MemoryView::default(),
+            tensors: store.data().tensors.view(),
+        });
         let mut inst = WarmInstance {
             store,
             handle,
             instance,
+            shared,
+            reserved: usize::try_from(setup.memory_limit).unwrap_or(usize::MAX),
         };
+        inst.publish_memory();
         let init = run_init
             .then(|| {
                 inst.instance
@@ -243,6 +277,7 @@ impl WarmInstance {
         self.store
             .set_epoch_deadline(Runtime::deadline_ticks(deadline));
         let result = self.handle.call(&mut self.store, ());
+        self.publish_memory();
         let st = self.store.data_mut();
         st.deadline = None;
         let call = st.end_call();
@@ -261,6 +296,21 @@ impl WarmInstance {
             outputs: call.outputs,
             raw: call.raw_out,
         })
+    }
+
+    /// What others may see of this instance.
+    pub fn shared(&self) -> &Arc<InstanceShared> {
+        &self.shared
+    }
+
+    /// Tells the shared view where the memory is and how large, after a
+    /// call may have grown it.
+    fn publish_memory(&mut self) {
+        if let Some(memory) = self.store.data().memory {
+            let size = memory.data_size(&self.store);
+            let base = memory.data_ptr(&self.store);
+            self.shared.memory.update(base, size, self.reserved);
+        }
     }
 
     /// The store, for snapshots.
@@ -314,7 +364,7 @@ impl WarmInstance {
         for (handle, t) in st.tensors.owned() {
             let data = st
                 .backend
-                .to_bytes(t)
+                .to_bytes(&t)
                 .map_err(|e| SnapshotStateError(format!("tensor {handle}: {e}")))?;
             tensors.push(TensorSnapshot {
                 handle,
@@ -368,6 +418,7 @@ impl WarmInstance {
             .grow(&mut inst.store, ((want - have) / 65536) as u64)
             .map_err(|e| SnapshotStateError(format!("memory of {want} bytes: {e}")))?;
         memory.data_mut(&mut inst.store)[..want].copy_from_slice(&snap.memory);
+        inst.publish_memory();
         for g in &snap.globals {
             let name = format!("{GLOBAL_EXPORT_PREFIX}{}", g.index);
             let global = inst

@@ -47,4 +47,5 @@ pub mod state;
 mod sync;
 mod sys;
 pub mod tensors;
+pub mod tracking;
 pub mod wasm;

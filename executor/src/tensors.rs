@@ -8,13 +8,14 @@
 //! and never per instance.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tensor_wasm_kernels::{KernelError, Tensor};
 use tensor_wasm_shared::AbiError;
 
 use crate::memory::HostUsage;
+use crate::sync::lock;
 
 /// A failed guest ABI call: the code the guest sees and the message
 /// `last_error` gives.
@@ -135,152 +136,21 @@ struct Slot {
     tensor: Tensor,
     /// Set for asset handles, which count against no quota here.
     asset: bool,
+    /// Which tensor this is, among all the table ever held: a handle reused
+    /// for another tensor gets another serial.
+    serial: u64,
 }
 
-/// One instance's live tensors by handle.
-#[derive(Debug)]
-pub struct TensorTable {
+/// The table's contents, behind the lock that [`TableView`] shares.
+#[derive(Debug, Default)]
+struct Slots {
     slots: BTreeMap<i32, Slot>,
     assets: HashMap<String, i32>,
     next: i32,
-    usage: Arc<TenantUsage>,
+    serials: u64,
 }
 
-impl TensorTable {
-    pub fn new(usage: Arc<TenantUsage>) -> Self {
-        TensorTable {
-            slots: BTreeMap::new(),
-            assets: HashMap::new(),
-            next: 1,
-            usage,
-        }
-    }
-
-    pub fn usage(&self) -> &Arc<TenantUsage> {
-        &self.usage
-    }
-
-    /// A tensor by handle.
-    pub fn get(&self, h: i32) -> Result<&Tensor, AbiFailure> {
-        self.slots.get(&h).map(|s| &s.tensor).ok_or_else(|| {
-            AbiFailure::new(AbiError::BadHandle, format!("no tensor has handle {h}"))
-        })
-    }
-
-    /// Stores a new tensor, charging its tenant, and returns its handle.
-    pub fn insert(&mut self, tensor: Tensor) -> Result<i32, AbiFailure> {
-        self.usage.reserve(tensor.nbytes(), false)?;
-        let h = self.fresh_handle();
-        self.slots.insert(
-            h,
-            Slot {
-                tensor,
-                asset: false,
-            },
-        );
-        Ok(h)
-    }
-
-    /// The handle of asset `name`, inserting `tensor` the first time.
-    pub fn asset(
-        &mut self,
-        name: &str,
-        tensor: impl FnOnce() -> Option<Tensor>,
-    ) -> Result<i32, AbiFailure> {
-        if let Some(&h) = self.assets.get(name) {
-            return Ok(h);
-        }
-        let tensor = tensor().ok_or_else(|| {
-            AbiFailure::new(AbiError::NameNotFound, format!("no asset named {name:?}"))
-        })?;
-        let h = self.fresh_handle();
-        self.slots.insert(
-            h,
-            Slot {
-                tensor,
-                asset: true,
-            },
-        );
-        self.assets.insert(name.to_string(), h);
-        Ok(h)
-    }
-
-    /// Frees a handle; freeing an asset handle only forgets it.
-    pub fn free(&mut self, h: i32) -> Result<(), AbiFailure> {
-        let slot = self.slots.remove(&h).ok_or_else(|| {
-            AbiFailure::new(AbiError::BadHandle, format!("no tensor has handle {h}"))
-        })?;
-        if slot.asset {
-            self.assets.retain(|_, v| *v != h);
-        } else {
-            self.usage.release(slot.tensor.nbytes(), false);
-        }
-        Ok(())
-    }
-
-    /// Puts a tensor back under a known handle (snapshot import). Charges
-    /// the tenant like [`TensorTable::insert`].
-    pub fn restore(&mut self, h: i32, tensor: Tensor) -> Result<(), AbiFailure> {
-        if h <= 0 || self.slots.contains_key(&h) {
-            return Err(AbiFailure::new(
-                AbiError::BadHandle,
-                format!("handle {h} cannot be restored"),
-            ));
-        }
-        self.usage.reserve(tensor.nbytes(), false)?;
-        self.slots.insert(
-            h,
-            Slot {
-                tensor,
-                asset: false,
-            },
-        );
-        self.next = self.next.max(h.saturating_add(1));
-        Ok(())
-    }
-
-    /// Puts an asset handle back under its number (snapshot import).
-    pub fn restore_asset(&mut self, name: &str, h: i32, tensor: Tensor) -> Result<(), AbiFailure> {
-        if h <= 0 || self.slots.contains_key(&h) || self.assets.contains_key(name) {
-            return Err(AbiFailure::new(
-                AbiError::BadHandle,
-                format!("asset handle {h} cannot be restored"),
-            ));
-        }
-        self.slots.insert(
-            h,
-            Slot {
-                tensor,
-                asset: true,
-            },
-        );
-        self.assets.insert(name.to_string(), h);
-        self.next = self.next.max(h.saturating_add(1));
-        Ok(())
-    }
-
-    /// Every guest-owned tensor with its handle, in handle order (assets
-    /// excluded: they travel with their function).
-    pub fn owned(&self) -> impl Iterator<Item = (i32, &Tensor)> {
-        self.slots
-            .iter()
-            .filter(|(_, s)| !s.asset)
-            .map(|(h, s)| (*h, &s.tensor))
-    }
-
-    /// Asset handles by name.
-    pub fn asset_handles(&self) -> &HashMap<String, i32> {
-        &self.assets
-    }
-
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
+impl Slots {
     fn fresh_handle(&mut self) -> i32 {
         // Handles grow until i32::MAX, then the lowest free one is reused;
         // the live-tensor quota keeps the table far smaller than that.
@@ -293,11 +163,217 @@ impl TensorTable {
             .find(|h| !self.slots.contains_key(h))
             .unwrap_or(i32::MAX)
     }
+
+    fn put(&mut self, h: i32, tensor: Tensor, asset: bool) {
+        self.serials += 1;
+        let serial = self.serials;
+        self.slots.insert(
+            h,
+            Slot {
+                tensor,
+                asset,
+                serial,
+            },
+        );
+    }
+}
+
+/// One instance's live tensors by handle.
+///
+/// The instance changes it; a migration reads it while the instance runs
+/// through a [`TableView`]: the contents sit behind a lock that each access
+/// takes briefly (uncontended but for a migration's listing).
+#[derive(Debug)]
+pub struct TensorTable {
+    inner: Arc<Mutex<Slots>>,
+    usage: Arc<TenantUsage>,
+}
+
+/// One entry of a [`TableView::listing`].
+#[derive(Clone, Debug)]
+pub struct TableEntry {
+    pub handle: i32,
+    pub serial: u64,
+    pub tensor: Tensor,
+    /// The asset's name, for an asset handle.
+    pub asset: Option<String>,
+}
+
+/// A reader of an instance's tensor table, held apart from the instance.
+#[derive(Clone, Debug)]
+pub struct TableView(Arc<Mutex<Slots>>);
+
+impl TableView {
+    /// Every handle with its tensor, in handle order.
+    pub fn listing(&self) -> Vec<TableEntry> {
+        let s = lock(&self.0);
+        let names: HashMap<i32, &String> = s.assets.iter().map(|(n, h)| (*h, n)).collect();
+        s.slots
+            .iter()
+            .map(|(&handle, slot)| TableEntry {
+                handle,
+                serial: slot.serial,
+                tensor: slot.tensor.clone(),
+                asset: slot
+                    .asset
+                    .then(|| names.get(&handle).map(|n| (*n).clone()))
+                    .flatten(),
+            })
+            .collect()
+    }
+}
+
+fn bad_handle(h: i32) -> AbiFailure {
+    AbiFailure::new(AbiError::BadHandle, format!("no tensor has handle {h}"))
+}
+
+impl TensorTable {
+    pub fn new(usage: Arc<TenantUsage>) -> Self {
+        TensorTable {
+            inner: Arc::new(Mutex::new(Slots {
+                next: 1,
+                ..Slots::default()
+            })),
+            usage,
+        }
+    }
+
+    pub fn usage(&self) -> &Arc<TenantUsage> {
+        &self.usage
+    }
+
+    /// A reader of this table that outlives no tensor: it clones what it
+    /// lists.
+    pub fn view(&self) -> TableView {
+        TableView(self.inner.clone())
+    }
+
+    /// A tensor by handle.
+    pub fn get(&self, h: i32) -> Result<Tensor, AbiFailure> {
+        lock(&self.inner)
+            .slots
+            .get(&h)
+            .map(|s| s.tensor.clone())
+            .ok_or_else(|| bad_handle(h))
+    }
+
+    /// Stores a new tensor, charging its tenant, and returns its handle.
+    pub fn insert(&mut self, tensor: Tensor) -> Result<i32, AbiFailure> {
+        self.usage.reserve(tensor.nbytes(), false)?;
+        let mut s = lock(&self.inner);
+        let h = s.fresh_handle();
+        s.put(h, tensor, false);
+        Ok(h)
+    }
+
+    /// The handle of asset `name`, inserting `tensor` the first time.
+    pub fn asset(
+        &mut self,
+        name: &str,
+        tensor: impl FnOnce() -> Option<Tensor>,
+    ) -> Result<i32, AbiFailure> {
+        let mut s = lock(&self.inner);
+        if let Some(&h) = s.assets.get(name) {
+            return Ok(h);
+        }
+        let tensor = tensor().ok_or_else(|| {
+            AbiFailure::new(AbiError::NameNotFound, format!("no asset named {name:?}"))
+        })?;
+        let h = s.fresh_handle();
+        s.put(h, tensor, true);
+        s.assets.insert(name.to_string(), h);
+        Ok(h)
+    }
+
+    /// Frees a handle; freeing an asset handle only forgets it.
+    pub fn free(&mut self, h: i32) -> Result<(), AbiFailure> {
+        let mut s = lock(&self.inner);
+        let slot = s.slots.remove(&h).ok_or_else(|| bad_handle(h))?;
+        if slot.asset {
+            s.assets.retain(|_, v| *v != h);
+        } else {
+            drop(s);
+            self.usage.release(slot.tensor.nbytes(), false);
+        }
+        Ok(())
+    }
+
+    /// Puts a tensor under a known handle (snapshot import, migration),
+    /// replacing what the handle held. Charges the tenant like
+    /// [`TensorTable::insert`].
+    pub fn restore(&mut self, h: i32, tensor: Tensor) -> Result<(), AbiFailure> {
+        if h <= 0 {
+            return Err(AbiFailure::new(
+                AbiError::BadHandle,
+                format!("handle {h} cannot be restored"),
+            ));
+        }
+        self.usage.reserve(tensor.nbytes(), false)?;
+        let mut s = lock(&self.inner);
+        if let Some(old) = s.slots.remove(&h) {
+            s.assets.retain(|_, v| *v != h);
+            if !old.asset {
+                self.usage.release(old.tensor.nbytes(), false);
+            }
+        }
+        s.put(h, tensor, false);
+        s.next = s.next.max(h.saturating_add(1));
+        Ok(())
+    }
+
+    /// Puts an asset handle under its number (snapshot import, migration),
+    /// replacing what the handle held.
+    pub fn restore_asset(&mut self, name: &str, h: i32, tensor: Tensor) -> Result<(), AbiFailure> {
+        let mut s = lock(&self.inner);
+        if h <= 0 || s.assets.get(name).is_some_and(|&other| other != h) {
+            return Err(AbiFailure::new(
+                AbiError::BadHandle,
+                format!("asset handle {h} cannot be restored"),
+            ));
+        }
+        if let Some(old) = s.slots.remove(&h)
+            && !old.asset
+        {
+            self.usage.release(old.tensor.nbytes(), false);
+        }
+        s.put(h, tensor, true);
+        s.assets.insert(name.to_string(), h);
+        s.next = s.next.max(h.saturating_add(1));
+        Ok(())
+    }
+
+    /// Every guest-owned tensor with its handle, in handle order (assets
+    /// excluded: they travel with their function).
+    pub fn owned(&self) -> Vec<(i32, Tensor)> {
+        lock(&self.inner)
+            .slots
+            .iter()
+            .filter(|(_, s)| !s.asset)
+            .map(|(h, s)| (*h, s.tensor.clone()))
+            .collect()
+    }
+
+    /// Asset handles by name.
+    pub fn asset_handles(&self) -> HashMap<String, i32> {
+        lock(&self.inner).assets.clone()
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.inner).slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Drop for TensorTable {
     fn drop(&mut self) {
-        for slot in self.slots.values().filter(|s| !s.asset) {
+        let mut s = lock(&self.inner);
+        for slot in std::mem::take(&mut s.slots)
+            .into_values()
+            .filter(|s| !s.asset)
+        {
             self.usage.release(slot.tensor.nbytes(), false);
         }
     }

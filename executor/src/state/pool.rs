@@ -1,14 +1,14 @@
 //! A function's warm instances: the one owner of its instance slots, its
 //! idle instances and the tenant-wide instance count they hold.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ExecError;
-use crate::instance::{InvokeError, WarmInstance};
+use crate::instance::{InstanceShared, InvokeError, WarmInstance};
 use crate::sync::lock;
 
 /// How many warm instances a tenant has. Only an [`InstanceClaim`] moves
@@ -82,6 +82,9 @@ pub struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
 /// A function's instance slots and idle instances.
 pub struct Pool {
     idle: std::sync::Mutex<Vec<PooledInstance>>,
+    /// Every instance of the function alive now, idle or running, as others
+    /// may see it (a migration reads them while they run).
+    live: std::sync::Mutex<Vec<Weak<InstanceShared>>>,
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     max_waiting: usize,
@@ -112,6 +115,7 @@ impl Pool {
     ) -> Pool {
         Pool {
             idle: std::sync::Mutex::new(Vec::new()),
+            live: std::sync::Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(max_instances)),
             waiting: AtomicUsize::new(0),
             max_waiting,
@@ -183,6 +187,7 @@ impl Pool {
                 ))
             })?;
         let inst = create().map_err(ExecError::Invoke)?;
+        self.track(&inst);
         Ok(PooledInstance {
             inst,
             _claim: claim,
@@ -196,11 +201,26 @@ impl Pool {
 
     /// Adds an instance restored from a snapshot.
     pub fn adopt(&self, inst: WarmInstance) {
+        self.track(&inst);
         let claim = self.instances.claim();
         lock(&self.idle).push(PooledInstance {
             inst,
             _claim: claim,
         });
+    }
+
+    fn track(&self, inst: &WarmInstance) {
+        let mut live = lock(&self.live);
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(inst.shared()));
+    }
+
+    /// Every instance alive now, idle or running, by id.
+    pub fn live(&self) -> Vec<Arc<InstanceShared>> {
+        let mut v: Vec<Arc<InstanceShared>> =
+            lock(&self.live).iter().filter_map(Weak::upgrade).collect();
+        v.sort_by_key(|i| i.id);
+        v
     }
 
     /// Runs `f` over the idle instances, the lock held: for an export,

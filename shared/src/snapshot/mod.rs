@@ -25,6 +25,8 @@ use hmac::{Hmac, Mac};
 use rkyv::rancor;
 use sha2::Sha256;
 
+pub mod stream;
+
 /// First bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"TWSNAP\0\x01";
 /// The format this build writes.
@@ -71,7 +73,7 @@ pub struct InstanceSnapshot {
 }
 
 /// A global's value: `kind` 0 i32, 1 i64, 2 f32, 3 f64; `bits` its bits.
-#[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct GlobalSnapshot {
     pub index: u32,
     pub kind: u8,

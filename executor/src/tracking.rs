@@ -1,0 +1,336 @@
+//! Which pages of an instance's linear memory were written since the last
+//! look: what a migration round must carry (`ARCHITECTURE.md`, "Tracking
+//! written pages").
+//!
+//! Two methods, one per executor, chosen at start ([`PageTracking::open`]):
+//!
+//! - **write-protect**: the instance's memory is registered with a
+//!   userfaultfd in asynchronous write-protect mode
+//!   ([`crate::sys::WriteTracker`]); a round costs what was written.
+//! - **hashing**: where userfaultfd is not allowed, each round hashes every
+//!   page (XXH3) and reports those whose hash changed; a round costs a pass
+//!   over the whole memory.
+//!
+//! Either way a round reads memory while the guest may run. A page written
+//! during its copy is reported again by the next round (write-protect marks
+//! it clean before the copy; hashing hashes the bytes it copied), so only
+//! the last round, taken with the tenant frozen, needs to be exact, and is.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::sys::{MemoryView, WriteTracker};
+
+/// Bytes of a page: the unit both methods report.
+pub const PAGE: usize = 4096;
+
+/// How this executor tracks written pages.
+#[derive(Clone, Debug)]
+pub enum PageTracking {
+    WriteProtect(Arc<WriteTracker>),
+    Hashing,
+}
+
+impl PageTracking {
+    /// Write-protect where the kernel offers it, else hashing (logged once,
+    /// with the reason).
+    pub fn open() -> PageTracking {
+        match WriteTracker::open() {
+            Ok(t) => PageTracking::WriteProtect(Arc::new(t)),
+            Err(e) => {
+                tracing::info!(error = %e, "no write-protect page tracking; migration rounds hash memory");
+                PageTracking::Hashing
+            }
+        }
+    }
+
+    /// `"write-protect"` or `"hashing"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PageTracking::WriteProtect(_) => "write-protect",
+            PageTracking::Hashing => "hashing",
+        }
+    }
+
+    /// Starts tracking an instance's memory. Every page counts as written
+    /// until the first [`MemoryTracker::changed`].
+    pub fn start(&self, view: &MemoryView) -> MemoryTracker {
+        let state = match self {
+            PageTracking::WriteProtect(wt) => match view.region() {
+                Some(r) => {
+                    let (base, len) = (r.base, page_up(r.reserved));
+                    match wt.track(base, len) {
+                        Ok(()) => State::WriteProtect {
+                            tracker: wt.clone(),
+                            base,
+                            len,
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot write-protect an instance's memory; hashing it");
+                            State::Hashing(Vec::new())
+                        }
+                    }
+                }
+                None => State::Hashing(Vec::new()),
+            },
+            PageTracking::Hashing => State::Hashing(Vec::new()),
+        };
+        MemoryTracker { state, first: true }
+    }
+}
+
+fn page_up(n: usize) -> usize {
+    n.div_ceil(PAGE) * PAGE
+}
+
+enum State {
+    WriteProtect {
+        tracker: Arc<WriteTracker>,
+        base: usize,
+        len: usize,
+    },
+    /// XXH3 of each page at the last look.
+    Hashing(Vec<u64>),
+}
+
+/// One instance's memory, tracked across rounds.
+pub struct MemoryTracker {
+    state: State,
+    first: bool,
+}
+
+impl std::fmt::Debug for MemoryTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTracker")
+            .field("first", &self.first)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The instance went while it was being read.
+#[derive(Debug, thiserror::Error)]
+#[error("the instance is gone")]
+pub struct Gone;
+
+impl MemoryTracker {
+    /// Whether this tracker write-protects (else it hashes).
+    pub fn write_protects(&self) -> bool {
+        matches!(self.state, State::WriteProtect { .. })
+    }
+
+    /// The byte ranges of `[0, size)` to send now, coalesced and in order,
+    /// `size` being the memory's size as `view` knows it: at the first
+    /// call every page that is not all zeros (the reader's copy starts
+    /// zeroed), then the pages written since the call before. `scratch`
+    /// holds a page-aligned read buffer between calls.
+    pub fn changed(
+        &mut self,
+        view: &MemoryView,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Vec<Range<usize>>, Gone> {
+        let size = view.region().ok_or(Gone)?.size;
+        let first = std::mem::replace(&mut self.first, false);
+        match &mut self.state {
+            State::WriteProtect { tracker, base, len } => {
+                if first {
+                    // Marks every page clean before the copy, so that a
+                    // write during it is reported next time.
+                    let _ = tracker.written(*base, *len, &mut Vec::new());
+                    return nonzero_pages(view, size, scratch);
+                }
+                let mut written = Vec::new();
+                if let Err(e) = tracker.written(*base, *len, &mut written) {
+                    tracing::warn!(error = %e, "page scan failed; sending the whole memory");
+                    return nonzero_pages(view, size, scratch);
+                }
+                Ok(coalesce(
+                    written
+                        .into_iter()
+                        .map(|r| (r.start - *base).min(size)..(r.end - *base).min(size))
+                        .filter(|r| !r.is_empty()),
+                ))
+            }
+            State::Hashing(hashes) => {
+                let pages = size / PAGE;
+                let mut out = Vec::new();
+                let zero = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE]);
+                for_each_chunk(view, size, scratch, |offset, bytes| {
+                    for (i, page) in bytes.chunks(PAGE).enumerate() {
+                        let n = offset / PAGE + i;
+                        let h = xxhash_rust::xxh3::xxh3_64(page);
+                        // A page the reader has not had is zeros there.
+                        let before = hashes.get(n).copied().unwrap_or(zero);
+                        if (first || h != before) && (h != zero || hashes.get(n).is_some()) {
+                            out.push(n * PAGE..(n + 1) * PAGE);
+                        }
+                        if n < hashes.len() {
+                            hashes[n] = h;
+                        } else {
+                            hashes.push(h);
+                        }
+                    }
+                })?;
+                hashes.truncate(pages);
+                Ok(coalesce(out.into_iter()))
+            }
+        }
+    }
+
+    /// Stops tracking (the instance may live on).
+    pub fn stop(self) {
+        if let State::WriteProtect { tracker, base, len } = &self.state
+            && let Err(e) = tracker.untrack(*base, *len)
+        {
+            tracing::debug!(error = %e, "untracking an instance's memory");
+        }
+    }
+}
+
+/// Bytes read from memory at once: 1 MiB.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Calls `f` with each chunk of `[0, size)` read through `view`.
+fn for_each_chunk(
+    view: &MemoryView,
+    size: usize,
+    scratch: &mut Vec<u8>,
+    mut f: impl FnMut(usize, &[u8]),
+) -> Result<(), Gone> {
+    scratch.resize(READ_CHUNK, 0);
+    let mut offset = 0;
+    while offset < size {
+        let n = READ_CHUNK.min(size - offset);
+        if !view.read(offset, &mut scratch[..n]) {
+            return Err(Gone);
+        }
+        f(offset, &scratch[..n]);
+        offset += n;
+    }
+    Ok(())
+}
+
+/// The pages of `[0, size)` that hold anything but zeros.
+fn nonzero_pages(
+    view: &MemoryView,
+    size: usize,
+    scratch: &mut Vec<u8>,
+) -> Result<Vec<Range<usize>>, Gone> {
+    let mut out = Vec::new();
+    for_each_chunk(view, size, scratch, |offset, bytes| {
+        for (i, page) in bytes.chunks(PAGE).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                let at = offset + i * PAGE;
+                out.push(at..at + page.len());
+            }
+        }
+    })?;
+    Ok(coalesce(out.into_iter()))
+}
+
+/// Sorted ranges with touching ones merged.
+fn coalesce(ranges: impl Iterator<Item = Range<usize>>) -> Vec<Range<usize>> {
+    let mut v: Vec<Range<usize>> = ranges.collect();
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<usize>> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page-aligned buffer standing in for an instance's memory.
+    struct Mem {
+        buf: Vec<u8>,
+        pad: usize,
+        view: MemoryView,
+    }
+
+    impl Mem {
+        fn new(pages: usize) -> Mem {
+            let mut buf = vec![0u8; (pages + 1) * PAGE];
+            let addr = buf.as_mut_ptr() as usize;
+            let pad = (PAGE - addr % PAGE) % PAGE;
+            let view = MemoryView::default();
+            view.update(buf[pad..].as_mut_ptr(), pages * PAGE, pages * PAGE);
+            Mem { buf, pad, view }
+        }
+
+        fn write(&mut self, offset: usize, b: u8) {
+            self.buf[self.pad + offset] = b;
+        }
+    }
+
+    fn check(tracking: PageTracking) {
+        let mut mem = Mem::new(64);
+        let mut t = tracking.start(&mem.view);
+        let mut scratch = Vec::new();
+        mem.write(5 * PAGE + 7, 1);
+        mem.write(6 * PAGE, 2);
+        mem.write(40 * PAGE + 100, 3);
+        // First: every non-zero page.
+        assert_eq!(
+            t.changed(&mem.view, &mut scratch).unwrap(),
+            vec![5 * PAGE..7 * PAGE, 40 * PAGE..41 * PAGE]
+        );
+        // Nothing written since.
+        assert_eq!(t.changed(&mem.view, &mut scratch).unwrap(), vec![]);
+        // A page written back to zero is reported too.
+        mem.write(40 * PAGE + 100, 0);
+        mem.write(63 * PAGE + 4095, 9);
+        assert_eq!(
+            t.changed(&mem.view, &mut scratch).unwrap(),
+            vec![40 * PAGE..41 * PAGE, 63 * PAGE..64 * PAGE]
+        );
+        mem.view.close();
+        assert!(t.changed(&mem.view, &mut scratch).is_err(), "gone");
+        t.stop();
+    }
+
+    #[test]
+    fn hashing_reports_the_pages_written() {
+        check(PageTracking::Hashing);
+    }
+
+    /// Whether this process may use asynchronous write-protect: Linux 6.7
+    /// or later, root (or unprivileged userfaultfd allowed), no seccomp
+    /// filter.
+    fn write_protect_expected() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut v = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let unfiltered = status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "0"]));
+        let allowed = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+            .is_ok_and(|s| s.trim() == "1")
+            || status
+                .lines()
+                .any(|l| l.split_whitespace().eq(["Uid:", "0", "0", "0", "0"]));
+        (major, minor) >= (6, 7) && unfiltered && allowed
+    }
+
+    #[test]
+    fn write_protect_reports_the_pages_written_where_the_kernel_allows_it() {
+        let tracking = PageTracking::open();
+        if write_protect_expected() {
+            assert!(
+                matches!(tracking, PageTracking::WriteProtect(_)),
+                "this kernel and process should offer write-protect tracking: {:?}",
+                WriteTracker::open().err()
+            );
+            check(tracking);
+        } else {
+            assert!(matches!(tracking, PageTracking::Hashing));
+        }
+    }
+}
