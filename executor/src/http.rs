@@ -31,6 +31,7 @@ use tensor_wasm_shared::{ErrorCode, headers};
 
 use crate::assets::{AssetError, StagedAsset};
 use crate::body::{self, RequestBody, media_type};
+use tensor_wasm_shared::snapshot::stream::StreamKind;
 use crate::error::ExecError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -150,6 +151,19 @@ pub fn router(app: Arc<App>) -> Router {
             get(tenant_module),
         )
         .route("/internal/modules", post(precompile))
+        .route("/internal/tenants/{tenant}/outbound", post(start_outbound))
+        .route(
+            "/internal/outbound/{session}",
+            get(outbound_manifest).delete(end_outbound),
+        )
+        .route("/internal/outbound/{session}/round", get(outbound_round))
+        .route("/internal/outbound/{session}/final", post(outbound_final))
+        .route("/internal/tenants/{tenant}/assets/{sha256}", get(tenant_assets))
+        .route(
+            "/internal/tenants/{tenant}/inbound",
+            post(pull_inbound).delete(discard_inbound),
+        )
+        .route("/internal/tenants/{tenant}/inbound/commit", post(commit_inbound))
         .route(
             "/internal/tenants/{tenant}",
             axum::routing::delete(drop_tenant),
@@ -772,4 +786,192 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         m.render(),
     )
         .into_response()
+}
+
+/// Step 1 of a move, on the source: an outbound session for the tenant,
+/// answered with its manifest.
+async fn start_outbound(
+    State(app): State<Arc<App>>,
+    ApiPath(tenant): ApiPath<String>,
+) -> Result<Response, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    let session = app.registry.start_outbound(&tenant)?;
+    tracing::info!(%tenant, session = %session.id, tracking = app.registry.page_tracking().name(), "outbound session started");
+    Ok(axum::Json(manifest(&app, &session)).into_response())
+}
+
+fn manifest(app: &App, s: &crate::outbound::Outbound) -> crate::moves::Manifest {
+    crate::moves::Manifest {
+        session: s.id.clone(),
+        tenant: s.tenant_id().to_string(),
+        page_tracking: app.registry.page_tracking().name().to_string(),
+        functions: s.tenant.function_list().iter().map(|f| f.info.clone()).collect(),
+    }
+}
+
+async fn outbound_manifest(
+    State(app): State<Arc<App>>,
+    ApiPath(session): ApiPath<String>,
+) -> Result<Response, ExecError> {
+    let s = app.registry.outbound_session(&session)?;
+    Ok(axum::Json(manifest(&app, &s)).into_response())
+}
+
+/// Ends a session without a move: the tenant thaws if the final round froze
+/// it.
+async fn end_outbound(
+    State(app): State<Arc<App>>,
+    ApiPath(session): ApiPath<String>,
+) -> Result<StatusCode, ExecError> {
+    app.registry.end_outbound(&session)?;
+    tracing::info!(%session, "outbound session ended; the tenant stays");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Streams one round of `s`, written on the blocking pool as it is sent.
+fn round_response(s: Arc<crate::outbound::Outbound>, kind: StreamKind) -> Response {
+    let (mut w, stream) = crate::pipe::chunk_pipe();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        match s.round(kind, &mut w) {
+            Ok(stats) => {
+                tracing::debug!(tenant = %s.tenant_id(), session = %s.id, ?kind, bytes = stats.bytes, pages = stats.page_bytes, tensors = stats.tensor_bytes, ms = started.elapsed().as_secs_f64() * 1e3, "round sent");
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %s.tenant_id(), session = %s.id, error = %e, "round failed");
+                w.fail(std::io::Error::other(e.to_string()));
+            }
+        }
+    });
+    ([(header::CONTENT_TYPE, body::OCTET_STREAM)], Body::from_stream(stream)).into_response()
+}
+
+async fn outbound_round(
+    State(app): State<Arc<App>>,
+    ApiPath(session): ApiPath<String>,
+) -> Result<Response, ExecError> {
+    let s = app.registry.outbound_session(&session)?;
+    Ok(round_response(s, StreamKind::Round))
+}
+
+/// Freezes the tenant, waits for its work to finish, and streams the
+/// final round. The tenant stays frozen.
+async fn outbound_final(
+    State(app): State<Arc<App>>,
+    ApiPath(session): ApiPath<String>,
+) -> Result<Response, ExecError> {
+    let s = app.registry.outbound_session(&session)?;
+    if !s.freeze(crate::snapshot::DRAIN_TIMEOUT).await {
+        return Err(ExecError::Capacity(format!(
+            "tenant {} still had work in flight after {:?}",
+            s.tenant_id(),
+            crate::snapshot::DRAIN_TIMEOUT
+        )));
+    }
+    tracing::info!(tenant = %s.tenant_id(), session = %s.id, "tenant frozen for its final round");
+    Ok(round_response(s, StreamKind::Final))
+}
+
+/// A tenant's assets file, by SHA-256, as a stream.
+async fn tenant_assets(
+    State(app): State<Arc<App>>,
+    ApiPath((tenant, sha)): ApiPath<(String, String)>,
+) -> Result<Response, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    app.registry.tenant_here(&tenant)?;
+    if !app.registry.asset_store().contains(tenant.as_str(), &sha) {
+        return Err(ExecError::NotFound(format!("assets file {sha}")));
+    }
+    let path = app.registry.asset_store().path(tenant.as_str(), &sha);
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ExecError::Asset(AssetError::Io(e)))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ExecError::Asset(AssetError::Io(e)))?
+        .len();
+    let stream = tokio_util_shim::file_stream(file);
+    Ok((
+        [
+            (header::CONTENT_TYPE, body::OCTET_STREAM.to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// What a destination is asked to pull.
+#[derive(Debug, Deserialize)]
+struct PullRequest {
+    /// The source's `host:port`.
+    source: String,
+    session: String,
+    #[serde(flatten)]
+    options: crate::moves::PullOptions,
+}
+
+/// Step 2 of a move, on the destination: pulls the tenant while it runs.
+async fn pull_inbound(
+    State(app): State<Arc<App>>,
+    ApiPath(tenant): ApiPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    let bytes = read_body(&headers, body, SMALL_PART_BYTES).await?;
+    let req: PullRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ExecError::InvalidJson(format!("pull request: {e}")))?;
+    let peer = crate::peer::Peer::new(&req.source, &app.internal_token);
+    let report = crate::moves::pull(&app.registry, peer, &tenant, &req.session, req.options).await?;
+    let bytes: u64 = report.rounds.iter().map(|r| r.applied.bytes).sum();
+    tracing::info!(%tenant, source = %req.source, rounds = report.rounds.len(), bytes, blob_bytes = report.blob_bytes, ms = report.ms, "tenant pulled while it runs");
+    Ok(axum::Json(report).into_response())
+}
+
+/// Step 4 of a move, on the destination: the final round, then the tenant
+/// is published here.
+async fn commit_inbound(
+    State(app): State<Arc<App>>,
+    ApiPath(tenant): ApiPath<String>,
+) -> Result<Response, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    let report = crate::moves::commit(&app.registry, &tenant).await?;
+    tracing::info!(%tenant, bytes = report.applied.bytes, ms = report.ms, "tenant committed here");
+    Ok(axum::Json(report).into_response())
+}
+
+/// Undo: discards what was staged, unless it was committed; says which.
+async fn discard_inbound(
+    State(app): State<Arc<App>>,
+    ApiPath(tenant): ApiPath<String>,
+) -> Result<Response, ExecError> {
+    let tenant = path_tenant(&tenant)?;
+    let state = app.registry.discard_inbound(&tenant).await;
+    tracing::info!(%tenant, ?state, "inbound move discarded");
+    Ok(axum::Json(serde_json::json!({ "state": state })).into_response())
+}
+
+mod tokio_util_shim {
+    //! A file as a stream of chunks.
+    use bytes::Bytes;
+    use tokio::io::AsyncReadExt;
+
+    pub fn file_stream(
+        file: tokio::fs::File,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+        futures_util::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; crate::pipe::CHUNK];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(Bytes::from(buf)), Some(file)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
 }

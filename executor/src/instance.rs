@@ -340,25 +340,7 @@ impl WarmInstance {
             .memory
             .ok_or_else(|| SnapshotStateError("instance has no memory".into()))?;
         let mem = memory.data(&self.store).to_vec();
-        let mut out_globals = Vec::with_capacity(globals.len());
-        for &index in globals {
-            let g = self
-                .instance
-                .get_global(&mut self.store, &format!("{GLOBAL_EXPORT_PREFIX}{index}"))
-                .ok_or_else(|| SnapshotStateError(format!("global {index} is not exported")))?;
-            let (kind, bits) = match g.get(&mut self.store) {
-                Val::I32(v) => (0, u64::from(v as u32)),
-                Val::I64(v) => (1, v as u64),
-                Val::F32(v) => (2, u64::from(v)),
-                Val::F64(v) => (3, v),
-                other => {
-                    return Err(SnapshotStateError(format!(
-                        "global {index} holds {other:?}, which cannot be snapshotted"
-                    )));
-                }
-            };
-            out_globals.push(GlobalSnapshot { index, kind, bits });
-        }
+        let out_globals = self.globals(globals)?;
         let st = self.store.data();
         let mut tensors = Vec::new();
         for (handle, t) in st.tensors.owned() {
@@ -391,6 +373,123 @@ impl WarmInstance {
         })
     }
 
+    /// Makes the linear memory `size` bytes of zeros (an instance being
+    /// rebuilt from a stream of pages, whose source sends only the pages
+    /// that are not zeros): what instantiation wrote is cleared, and the
+    /// memory grows to `size`, charged to the tenant's host memory.
+    pub fn zero_memory(&mut self, size: usize) -> Result<(), SnapshotStateError> {
+        let memory = self
+            .store
+            .data()
+            .memory
+            .ok_or_else(|| SnapshotStateError("instance has no memory".into()))?;
+        memory.data_mut(&mut self.store).fill(0);
+        self.grow_memory(size)
+    }
+
+    /// Grows the linear memory to `size` bytes (whole 64 KiB pages), if it
+    /// is smaller.
+    pub fn grow_memory(&mut self, size: usize) -> Result<(), SnapshotStateError> {
+        let memory = self
+            .store
+            .data()
+            .memory
+            .ok_or_else(|| SnapshotStateError("instance has no memory".into()))?;
+        if !size.is_multiple_of(65536) {
+            return Err(SnapshotStateError(format!(
+                "a memory of {size} bytes is not whole pages"
+            )));
+        }
+        let have = memory.data_size(&self.store);
+        if size > have {
+            memory
+                .grow(&mut self.store, ((size - have) / 65536) as u64)
+                .map_err(|e| {
+                    let refused = self.store.data_mut().limits.refused.take();
+                    SnapshotStateError(match refused {
+                        Some(r) => format!("a memory of {size} bytes: {r}"),
+                        None => format!("a memory of {size} bytes: {e}"),
+                    })
+                })?;
+        }
+        self.publish_memory();
+        Ok(())
+    }
+
+    /// Writes `bytes` into the linear memory at `offset`.
+    pub fn write_memory(&mut self, offset: usize, bytes: &[u8]) -> Result<(), SnapshotStateError> {
+        let memory = self
+            .store
+            .data()
+            .memory
+            .ok_or_else(|| SnapshotStateError("instance has no memory".into()))?;
+        let data = memory.data_mut(&mut self.store);
+        let end = offset
+            .checked_add(bytes.len())
+            .filter(|&e| e <= data.len())
+            .ok_or_else(|| {
+                SnapshotStateError(format!(
+                    "{} bytes at {offset} lie past a memory of {}",
+                    bytes.len(),
+                    data.len()
+                ))
+            })?;
+        data[offset..end].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// The instance's tensor table.
+    pub fn tensors_mut(&mut self) -> &mut TensorTable {
+        &mut self.store.data_mut().tensors
+    }
+
+    /// The mutable globals at `globals` (exported as `__tw_global_<index>`
+    /// by the rewrite).
+    pub fn globals(&mut self, globals: &[u32]) -> Result<Vec<GlobalSnapshot>, SnapshotStateError> {
+        let mut out = Vec::with_capacity(globals.len());
+        for &index in globals {
+            let g = self
+                .instance
+                .get_global(&mut self.store, &format!("{GLOBAL_EXPORT_PREFIX}{index}"))
+                .ok_or_else(|| SnapshotStateError(format!("global {index} is not exported")))?;
+            let (kind, bits) = match g.get(&mut self.store) {
+                Val::I32(v) => (0, u64::from(v as u32)),
+                Val::I64(v) => (1, v as u64),
+                Val::F32(v) => (2, u64::from(v)),
+                Val::F64(v) => (3, v),
+                other => {
+                    return Err(SnapshotStateError(format!(
+                        "global {index} holds {other:?}, which cannot be snapshotted"
+                    )));
+                }
+            };
+            out.push(GlobalSnapshot { index, kind, bits });
+        }
+        Ok(out)
+    }
+
+    /// Sets the mutable globals `globals` names.
+    pub fn set_globals(&mut self, globals: &[GlobalSnapshot]) -> Result<(), SnapshotStateError> {
+        for g in globals {
+            let name = format!("{GLOBAL_EXPORT_PREFIX}{}", g.index);
+            let global = self
+                .instance
+                .get_global(&mut self.store, &name)
+                .ok_or_else(|| SnapshotStateError(format!("global {} is not exported", g.index)))?;
+            let val = match g.kind {
+                0 => Val::I32(g.bits as u32 as i32),
+                1 => Val::I64(g.bits as i64),
+                2 => Val::F32(g.bits as u32),
+                3 => Val::F64(g.bits),
+                k => return Err(SnapshotStateError(format!("global kind {k}"))),
+            };
+            global
+                .set(&mut self.store, val)
+                .map_err(|e| SnapshotStateError(format!("global {}: {e}", g.index)))?;
+        }
+        Ok(())
+    }
+
     /// An instance resumed from `snap`: instantiated without `init`, its
     /// memory, globals and tensors put back (tensors uploaded to the device
     /// and charged to the tenant).
@@ -419,23 +518,7 @@ impl WarmInstance {
             .map_err(|e| SnapshotStateError(format!("memory of {want} bytes: {e}")))?;
         memory.data_mut(&mut inst.store)[..want].copy_from_slice(&snap.memory);
         inst.publish_memory();
-        for g in &snap.globals {
-            let name = format!("{GLOBAL_EXPORT_PREFIX}{}", g.index);
-            let global = inst
-                .instance
-                .get_global(&mut inst.store, &name)
-                .ok_or_else(|| SnapshotStateError(format!("global {} is not exported", g.index)))?;
-            let val = match g.kind {
-                0 => Val::I32(g.bits as u32 as i32),
-                1 => Val::I64(g.bits as i64),
-                2 => Val::F32(g.bits as u32),
-                3 => Val::F64(g.bits),
-                k => return Err(SnapshotStateError(format!("global kind {k}"))),
-            };
-            global
-                .set(&mut inst.store, val)
-                .map_err(|e| SnapshotStateError(format!("global {}: {e}", g.index)))?;
-        }
+        inst.set_globals(&snap.globals)?;
         let st = inst.store.data_mut();
         for t in &snap.tensors {
             let dtype = DType::from_code(i32::from(t.dtype))

@@ -33,7 +33,10 @@ use crate::config::{EngineLimits, TenantQuotas};
 use crate::engine::Runtime;
 use crate::error::ExecError;
 use crate::instance::{InstanceSetup, Response, WarmInstance};
+use crate::inbound::{Inbound, InboundState};
 use crate::logs::FunctionLog;
+use crate::outbound::{Outbound, Sessions};
+use crate::tracking::PageTracking;
 use crate::memory::{HostBudget, HostUsage};
 use crate::metrics::Metrics;
 use crate::state::{
@@ -73,6 +76,12 @@ pub struct Registry {
     /// `TENSOR_WASM_SNAPSHOT_KEY`: signs exports, and imports must carry a
     /// valid signature when set.
     snapshot_key: Option<Vec<u8>>,
+    /// How memory pages written are tracked for migrations.
+    tracking: PageTracking,
+    /// Tenants on their way out (migration sources), by session.
+    pub(crate) outbound: Sessions,
+    /// Tenants being built here (migration destinations, imports).
+    inbound: std::sync::Mutex<BTreeMap<TenantId, Arc<Inbound>>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -111,6 +120,9 @@ impl Registry {
             job_slots: Arc::new(Semaphore::new(job_slots)),
             host_budget: HostBudget::new(host_memory),
             snapshot_key: None,
+            tracking: PageTracking::open(),
+            outbound: Sessions::default(),
+            inbound: std::sync::Mutex::new(BTreeMap::new()),
             metrics,
         }
     }
@@ -130,6 +142,15 @@ impl Registry {
         if let Some(t) = tenants.get(id) {
             return Ok(t.clone());
         }
+        let t = self.new_tenant(id)?;
+        tenants.insert(id.clone(), t.clone());
+        Ok(t)
+    }
+
+    /// A tenant object with no functions, not yet in the registry: what an
+    /// import or a migration builds before it publishes it
+    /// ([`publish`](Self::publish)).
+    pub(crate) fn new_tenant(&self, id: &TenantId) -> Result<Arc<Tenant>, ExecError> {
         let backend = (self.backends)().map_err(ExecError::Internal)?;
         let host = Arc::new(HostUsage::new(
             self.quotas.host_memory_bytes,
@@ -139,7 +160,7 @@ impl Registry {
         if backend.kind() == BackendKind::Cpu {
             usage = usage.in_host_memory(host.clone());
         }
-        let t = Arc::new(Tenant::new(
+        Ok(Arc::new(Tenant::new(
             id.clone(),
             backend,
             usage,
@@ -148,9 +169,31 @@ impl Registry {
                 count: self.limits.max_finished_jobs,
                 bytes: self.quotas.finished_job_bytes,
             },
-        ));
-        tenants.insert(id.clone(), t.clone());
-        Ok(t)
+        )))
+    }
+
+    /// Makes `t` the registry's tenant of its id. With `replace`, a tenant
+    /// already there is swapped out in the same step and returned (removed:
+    /// its pending jobs stop); without, a tenant there with functions is
+    /// `tenant_exists`.
+    pub(crate) fn publish(
+        &self,
+        t: Arc<Tenant>,
+        replace: bool,
+    ) -> Result<Option<Arc<Tenant>>, ExecError> {
+        let mut tenants = write_lock(&self.tenants);
+        if let Some(old) = tenants.get(&t.id)
+            && old.function_count() > 0
+            && !replace
+        {
+            return Err(ExecError::TenantExists(t.id.to_string()));
+        }
+        let old = tenants.insert(t.id.clone(), t);
+        drop(tenants);
+        if let Some(old) = &old {
+            old.remove();
+        }
+        Ok(old)
     }
 
     /// The engine registrations compile with.
@@ -192,9 +235,105 @@ impl Registry {
             .remove(id)
             .ok_or_else(|| ExecError::TenantNotHere(id.to_string()))?;
         t.remove();
+        if let Some(session) = self.outbound.remove_tenant(id) {
+            session.end();
+        }
+        lock(&self.inbound).remove(id);
         self.store.remove_tenant(id);
         self.asset_store.remove_tenant(id.as_str());
         Ok(())
+    }
+
+    /// How this executor tracks the pages a migration's rounds carry.
+    pub fn page_tracking(&self) -> &PageTracking {
+        &self.tracking
+    }
+
+    /// Starts moving `tenant` out: a new outbound session (ending any
+    /// earlier one of the tenant).
+    pub fn start_outbound(&self, tenant: &TenantId) -> Result<Arc<Outbound>, ExecError> {
+        let t = self.tenant_here(tenant)?;
+        let id = format!("{:016x}{:016x}", random_bits(), random_bits());
+        let session = Arc::new(Outbound::new(
+            id,
+            t,
+            self.tracking.clone(),
+            self.snapshot_key.clone(),
+        ));
+        if let Some(old) = self.outbound.insert(session.clone()) {
+            old.end();
+        }
+        Ok(session)
+    }
+
+    /// An outbound session by id.
+    pub fn outbound_session(&self, id: &str) -> Result<Arc<Outbound>, ExecError> {
+        self.outbound
+            .get(id)
+            .ok_or_else(|| ExecError::NotFound(format!("migration session {id}")))
+    }
+
+    /// Ends an outbound session without a move: its tenant thaws.
+    pub fn end_outbound(&self, id: &str) -> Result<(), ExecError> {
+        let s = self
+            .outbound
+            .remove(id)
+            .ok_or_else(|| ExecError::NotFound(format!("migration session {id}")))?;
+        s.end();
+        Ok(())
+    }
+
+    /// Starts building `tenant` here (a migration from `origin`, or an
+    /// import). A tenant here with functions is `tenant_exists` unless
+    /// `replace`; an earlier inbound of the tenant is discarded.
+    pub async fn start_inbound(
+        &self,
+        tenant: &TenantId,
+        origin: Option<(crate::peer::Peer, String)>,
+        replace: bool,
+    ) -> Result<Arc<Inbound>, ExecError> {
+        if !replace
+            && self
+                .existing_tenant(tenant)
+                .is_some_and(|t| t.function_count() > 0)
+        {
+            return Err(ExecError::TenantExists(tenant.to_string()));
+        }
+        let earlier = lock(&self.inbound).remove(tenant);
+        if let Some(earlier) = earlier {
+            earlier.discard().await;
+        }
+        let inbound = Arc::new(Inbound::new(self.new_tenant(tenant)?, origin));
+        lock(&self.inbound).insert(tenant.clone(), inbound.clone());
+        Ok(inbound)
+    }
+
+    /// The inbound tenant of that id, if any.
+    pub fn inbound(&self, tenant: &TenantId) -> Option<Arc<Inbound>> {
+        lock(&self.inbound).get(tenant).cloned()
+    }
+
+    /// Discards an inbound tenant, unless it was committed; says which.
+    pub async fn discard_inbound(&self, tenant: &TenantId) -> InboundState {
+        let Some(inbound) = self.inbound(tenant) else {
+            return InboundState::None;
+        };
+        let state = inbound.discard().await;
+        if state == InboundState::Discarded {
+            let mut map = lock(&self.inbound);
+            if map.get(tenant).is_some_and(|i| Arc::ptr_eq(i, &inbound)) {
+                map.remove(tenant);
+            }
+            drop(map);
+            // Assets files fetched for it, unless the tenant lives here.
+            if self
+                .existing_tenant(tenant)
+                .is_none_or(|t| t.function_count() == 0)
+            {
+                self.asset_store.remove_tenant(tenant.as_str());
+            }
+        }
+        state
     }
 
     /// The state directory.
@@ -301,6 +440,25 @@ impl Registry {
             ));
         }
         let tenant = self.tenant_or_create(tenant_id)?;
+        self.register_in(&tenant, reg, restored, persist)
+    }
+
+    /// Registers `reg` into `tenant`, published or not (an import builds a
+    /// tenant before it publishes it).
+    pub(crate) fn register_in(
+        &self,
+        tenant: &Arc<Tenant>,
+        reg: Registration,
+        restored: Option<FunctionInfo>,
+        persist: bool,
+    ) -> Result<FunctionInfo, ExecError> {
+        let tenant_id = &tenant.id;
+        if reg.name.is_empty() || reg.name.len() > 128 || reg.name.chars().any(char::is_control) {
+            return Err(ExecError::InvalidInput(
+                "function names are 1 to 128 printable characters".into(),
+            ));
+        }
+        let tenant = tenant.clone();
         // One registration or delete of a tenant at a time: the function
         // quota and the assets files' reference counts hold across them.
         let _serial = lock(&tenant.registering);
@@ -418,6 +576,30 @@ impl Registry {
             self.forget_unused_assets(&tenant, old);
         }
         Ok(info)
+    }
+
+    /// Writes every function of `tenant` to the state directory (an
+    /// imported tenant, before it is published).
+    pub(crate) fn persist_tenant(&self, tenant: &Tenant) -> Result<(), ExecError> {
+        for f in tenant.function_list() {
+            self.store
+                .save(&tenant.id, &f.info, &f.wasm)
+                .map_err(ExecError::Persist)?;
+        }
+        Ok(())
+    }
+
+    /// After `new` replaced `old` (a restore): the files of `old`'s
+    /// functions that `new` lacks, and assets files it does not use, go.
+    pub(crate) fn forget_replaced(&self, old: &Tenant, new: &Tenant) {
+        for f in old.function_list() {
+            if new.function(&f.info.id).is_none() {
+                self.store.remove(&old.id, &f.info.id);
+            }
+        }
+        let keep = new.asset_files();
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        self.asset_store.retain(new.id.as_str(), &keep);
     }
 
     /// Validates (when just received), loads and stores `source` for

@@ -51,11 +51,18 @@ pub fn map_readonly(file: &std::fs::File) -> std::io::Result<MappedFile> {
 /// once the instance is going.
 #[derive(Debug, Default)]
 pub struct MemoryView {
-    region: std::sync::RwLock<Option<Region>>,
+    state: std::sync::RwLock<ViewState>,
+}
+
+#[derive(Debug, Default)]
+struct ViewState {
+    region: Option<Region>,
+    /// The tracker its pages are registered with, while they are.
+    tracker: Option<std::sync::Arc<WriteTracker>>,
 }
 
 /// Where a memory lives: its base address, the bytes known accessible, and
-/// the bytes reserved for it (its limit), page-aligned.
+/// the bytes reserved for it (its limit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Region {
     pub base: usize,
@@ -63,12 +70,27 @@ pub struct Region {
     pub reserved: usize,
 }
 
+impl Region {
+    /// The reserved bytes, rounded up to whole pages: what is registered.
+    fn tracked_len(&self) -> usize {
+        self.reserved.div_ceil(4096) * 4096
+    }
+}
+
 impl MemoryView {
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, ViewState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, ViewState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Records where the memory is, as its owner sees it after a call: it
     /// never shrinks, so bytes below `size` stay readable until
     /// [`close`](Self::close).
     pub fn update(&self, base: *mut u8, size: usize, reserved: usize) {
-        *self.region.write().unwrap_or_else(|p| p.into_inner()) = Some(Region {
+        self.write_state().region = Some(Region {
             base: base as usize,
             size,
             reserved: reserved.max(size),
@@ -77,14 +99,14 @@ impl MemoryView {
 
     /// The memory's region, unless the instance is gone.
     pub fn region(&self) -> Option<Region> {
-        *self.region.read().unwrap_or_else(|p| p.into_inner())
+        self.read_state().region
     }
 
     /// Copies `out.len()` bytes at `offset`; false when the instance is
     /// gone or the range lies past the bytes known accessible.
     pub fn read(&self, offset: usize, out: &mut [u8]) -> bool {
-        let guard = self.region.read().unwrap_or_else(|p| p.into_inner());
-        let Some(r) = *guard else {
+        let guard = self.read_state();
+        let Some(r) = guard.region else {
             return false;
         };
         if offset.checked_add(out.len()).is_none_or(|end| end > r.size) {
@@ -111,10 +133,55 @@ impl MemoryView {
         true
     }
 
-    /// The instance is going: no read starts after this returns, and none
-    /// is under way.
+    /// Registers the memory's reserved pages with `tracker`, all marked
+    /// clean; false when the instance is gone.
+    pub fn track_writes(&self, tracker: &std::sync::Arc<WriteTracker>) -> std::io::Result<bool> {
+        let mut st = self.write_state();
+        let Some(r) = st.region else {
+            return Ok(false);
+        };
+        if st.tracker.is_none() {
+            tracker.track(r.base, r.tracked_len())?;
+            st.tracker = Some(tracker.clone());
+        }
+        Ok(true)
+    }
+
+    /// Appends the byte ranges (offsets into the memory) written since the
+    /// last call, or since [`track_writes`](Self::track_writes), and marks
+    /// them clean; false when the instance is gone.
+    pub fn written(&self, out: &mut Vec<std::ops::Range<usize>>) -> std::io::Result<bool> {
+        let st = self.read_state();
+        let (Some(r), Some(t)) = (st.region, &st.tracker) else {
+            return Ok(false);
+        };
+        let mut pages = Vec::new();
+        t.written(r.base, r.tracked_len(), &mut pages)?;
+        out.extend(pages.into_iter().map(|p| p.start - r.base..p.end - r.base));
+        Ok(true)
+    }
+
+    /// Stops tracking writes (the instance may live on).
+    pub fn untrack_writes(&self) {
+        let mut st = self.write_state();
+        if let (Some(r), Some(t)) = (st.region, st.tracker.take())
+            && let Err(e) = t.untrack(r.base, r.tracked_len())
+        {
+            tracing::debug!(error = %e, "untracking an instance's memory");
+        }
+    }
+
+    /// The instance is going: no read starts after this returns, none is
+    /// under way, and its pages are no longer registered with any tracker
+    /// (its slot may go to another instance next).
     pub fn close(&self) {
-        *self.region.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut st = self.write_state();
+        if let (Some(r), Some(t)) = (st.region, st.tracker.take())
+            && let Err(e) = t.untrack(r.base, r.tracked_len())
+        {
+            tracing::warn!(error = %e, "untracking a closing instance's memory");
+        }
+        st.region = None;
     }
 }
 

@@ -55,40 +55,30 @@ impl PageTracking {
     /// Starts tracking an instance's memory. Every page counts as written
     /// until the first [`MemoryTracker::changed`].
     pub fn start(&self, view: &MemoryView) -> MemoryTracker {
-        let state = match self {
-            PageTracking::WriteProtect(wt) => match view.region() {
-                Some(r) => {
-                    let (base, len) = (r.base, page_up(r.reserved));
-                    match wt.track(base, len) {
-                        Ok(()) => State::WriteProtect {
-                            tracker: wt.clone(),
-                            base,
-                            len,
-                        },
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot write-protect an instance's memory; hashing it");
-                            State::Hashing(Vec::new())
-                        }
-                    }
+        let write_protect = match self {
+            PageTracking::WriteProtect(wt) => match view.track_writes(wt) {
+                Ok(tracked) => tracked,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write-protect an instance's memory; hashing it");
+                    false
                 }
-                None => State::Hashing(Vec::new()),
             },
-            PageTracking::Hashing => State::Hashing(Vec::new()),
+            PageTracking::Hashing => false,
         };
-        MemoryTracker { state, first: true }
+        MemoryTracker {
+            state: if write_protect {
+                State::WriteProtect
+            } else {
+                State::Hashing(Vec::new())
+            },
+            first: true,
+        }
     }
 }
 
-fn page_up(n: usize) -> usize {
-    n.div_ceil(PAGE) * PAGE
-}
-
 enum State {
-    WriteProtect {
-        tracker: Arc<WriteTracker>,
-        base: usize,
-        len: usize,
-    },
+    /// Registered with the executor's write tracker through the view.
+    WriteProtect,
     /// XXH3 of each page at the last look.
     Hashing(Vec<u64>),
 }
@@ -131,22 +121,26 @@ impl MemoryTracker {
         let size = view.region().ok_or(Gone)?.size;
         let first = std::mem::replace(&mut self.first, false);
         match &mut self.state {
-            State::WriteProtect { tracker, base, len } => {
+            State::WriteProtect => {
                 if first {
                     // Marks every page clean before the copy, so that a
                     // write during it is reported next time.
-                    let _ = tracker.written(*base, *len, &mut Vec::new());
+                    view.written(&mut Vec::new()).map_err(|_| Gone)?;
                     return nonzero_pages(view, size, scratch);
                 }
                 let mut written = Vec::new();
-                if let Err(e) = tracker.written(*base, *len, &mut written) {
-                    tracing::warn!(error = %e, "page scan failed; sending the whole memory");
-                    return nonzero_pages(view, size, scratch);
+                match view.written(&mut written) {
+                    Ok(true) => {}
+                    Ok(false) => return Err(Gone),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "page scan failed; sending the whole memory");
+                        return nonzero_pages(view, size, scratch);
+                    }
                 }
                 Ok(coalesce(
                     written
                         .into_iter()
-                        .map(|r| (r.start - *base).min(size)..(r.end - *base).min(size))
+                        .map(|r| r.start.min(size)..r.end.min(size))
                         .filter(|r| !r.is_empty()),
                 ))
             }
@@ -177,11 +171,9 @@ impl MemoryTracker {
     }
 
     /// Stops tracking (the instance may live on).
-    pub fn stop(self) {
-        if let State::WriteProtect { tracker, base, len } = &self.state
-            && let Err(e) = tracker.untrack(*base, *len)
-        {
-            tracing::debug!(error = %e, "untracking an instance's memory");
+    pub fn stop(self, view: &MemoryView) {
+        if matches!(self.state, State::WriteProtect) {
+            view.untrack_writes();
         }
     }
 }
@@ -290,7 +282,109 @@ mod tests {
         );
         mem.view.close();
         assert!(t.changed(&mem.view, &mut scratch).is_err(), "gone");
-        t.stop();
+        t.stop(&mem.view);
+    }
+
+    /// Writes 4 bytes of its raw body at the offset its first 4 name;
+    /// grows its memory by a page when the offset is past it.
+    const POKE: &str = r#"(module
+      (import "tensor" "input_read" (func $input_read (param i32 i32 i32) (result i32)))
+      (memory (export "memory") 1 64)
+      (data (i32.const 8192) "image")
+      (func (export "handle") (result i32)
+        (drop (call $input_read (i32.const 0) (i32.const 0) (i32.const 8)))
+        (if (i32.ge_u (i32.load (i32.const 0)) (i32.mul (memory.size) (i32.const 65536)))
+          (then (drop (memory.grow (i32.const 1)))))
+        (i32.store (i32.load (i32.const 0)) (i32.load (i32.const 4)))
+        (i32.const 0)))"#;
+
+    fn instance() -> crate::instance::WarmInstance {
+        use std::collections::HashMap;
+        use std::time::Duration;
+
+        use crate::config::EngineLimits;
+        use crate::engine::Runtime;
+        use crate::instance::{InstanceSetup, WarmInstance};
+        use crate::memory::{HostBudget, HostUsage};
+
+        let rt = Runtime::new(
+            EngineLimits {
+                total_instances: 4,
+                ..EngineLimits::default()
+            },
+            None,
+        )
+        .unwrap();
+        let info = crate::wasm::inspect(&wat::parse_str(POKE).unwrap(), 1 << 20).unwrap();
+        let module = rt.compile(&info.rewritten).unwrap();
+        let pre = rt.linker().instantiate_pre(&module).unwrap();
+        let setup = InstanceSetup {
+            backend: Arc::new(tensor_wasm_kernels::CpuBackend::default()),
+            assets: Arc::new(HashMap::new()),
+            usage: Arc::new(crate::tensors::TenantUsage::new(1 << 30, 1 << 20)),
+            host: Arc::new(HostUsage::new(u64::MAX, HostBudget::new(u64::MAX))),
+            log: crate::logs::FunctionLog::new(1024),
+            metrics: Arc::new(crate::metrics::Metrics::new("cpu", &[])),
+            memory_limit: 64 * 65536,
+            max_output_bytes: 1 << 20,
+            max_error_message: 1024,
+            max_table_elements: 1000,
+        };
+        WarmInstance::create(&pre, &setup, true, Duration::from_secs(10)).unwrap()
+    }
+
+    fn poke(inst: &mut crate::instance::WarmInstance, offset: u32, value: u32) {
+        let mut body = offset.to_le_bytes().to_vec();
+        body.extend_from_slice(&value.to_le_bytes());
+        inst.invoke(
+            crate::instance::Request {
+                body: body.into(),
+                ..Default::default()
+            },
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+    }
+
+    /// The memory of a real instance (the engine's pooling allocator, its
+    /// copy-on-write image of data segments), written by the guest.
+    fn check_instance(tracking: PageTracking) {
+        let mut inst = instance();
+        let view = &inst.shared().clone().memory;
+        let mut t = tracking.start(view);
+        let mut scratch = Vec::new();
+        poke(&mut inst, 20000, 7);
+        assert_eq!(
+            t.changed(view, &mut scratch).unwrap(),
+            vec![0..PAGE, 2 * PAGE..3 * PAGE, 4 * PAGE..5 * PAGE],
+            "the body at 0, the data segment at 8192, the poke at 20000"
+        );
+        assert_eq!(t.changed(view, &mut scratch).unwrap(), vec![]);
+        // A write in the image's page, and one in a page grown since.
+        poke(&mut inst, 8200, 1);
+        poke(&mut inst, 65536 + 100, 2);
+        let mut got = t.changed(view, &mut scratch).unwrap();
+        got.retain(|r| r.start != 0);
+        assert_eq!(got, vec![2 * PAGE..3 * PAGE, 16 * PAGE..17 * PAGE]);
+        let mut bytes = [0u8; 4];
+        assert!(view.read(65536 + 100, &mut bytes));
+        assert_eq!(u32::from_le_bytes(bytes), 2);
+        t.stop(view);
+        drop(inst);
+        assert!(!view.read(0, &mut bytes), "no read once the instance is gone");
+    }
+
+    #[test]
+    fn hashing_tracks_an_instances_memory() {
+        check_instance(PageTracking::Hashing);
+    }
+
+    #[test]
+    fn write_protect_tracks_an_instances_memory() {
+        let tracking = PageTracking::open();
+        if write_protect_expected() {
+            check_instance(tracking);
+        }
     }
 
     #[test]

@@ -348,6 +348,29 @@ impl<W: Write> Writer<W> {
         self.frame(t, &p)
     }
 
+    /// Writes a `Pages` record from a slice (at most [`CHUNK`] bytes),
+    /// without building the record first.
+    pub fn pages(&mut self, instance: u64, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        if self.owed > 0 || bytes.len() > CHUNK {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "pages inside announced data, or over one chunk",
+            ));
+        }
+        let mut fields = [0u8; 16];
+        fields[..8].copy_from_slice(&instance.to_le_bytes());
+        fields[8..].copy_from_slice(&offset.to_le_bytes());
+        let mut head = [0u8; 5];
+        head[0] = tag::PAGES;
+        head[1..].copy_from_slice(&((16 + bytes.len()) as u32).to_le_bytes());
+        for part in [&head[..], &fields, bytes] {
+            self.out.write_all(part)?;
+            self.seal.update(part);
+        }
+        self.written += (5 + 16 + bytes.len()) as u64;
+        Ok(())
+    }
+
     /// Writes `bytes` of the announced data, in chunks.
     pub fn data(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if bytes.len() as u64 > self.owed {

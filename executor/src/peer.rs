@@ -1,0 +1,189 @@
+//! Another executor's internal API, as a migration's destination calls it
+//! to pull a tenant from its source (`docs/API.md`, "Internal API"): the
+//! session's manifest, modules and assets files by hash, and rounds as
+//! streams. Bytes go executor to executor; the proxy only names the source.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::header::{AUTHORIZATION, HOST};
+use hyper_util::rt::TokioIo;
+use tensor_wasm_shared::error::ErrorBody;
+use tensor_wasm_shared::{ErrorCode, TenantId};
+
+/// Longest wait for the source to answer a control call (not a stream): 30 s.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a call to the source failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot reach executor {addr}: {message}")]
+    Unreachable { addr: String, message: String },
+    #[error("executor {addr} answered {status}: {message}")]
+    Status {
+        addr: String,
+        status: u16,
+        code: Option<ErrorCode>,
+        message: String,
+    },
+    #[error("executor {addr} did not answer within {0:?}", CALL_TIMEOUT)]
+    Timeout { addr: String },
+}
+
+impl PeerError {
+    /// The source's error code, when it answered one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            PeerError::Status { code, .. } => *code,
+            _ => None,
+        }
+    }
+}
+
+/// A response whose body arrives as it is read.
+pub type BodyStream = hyper::body::Incoming;
+
+/// The internal API of the executor at `addr`.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    addr: String,
+    token: String,
+}
+
+impl Peer {
+    pub fn new(addr: &str, token: &str) -> Peer {
+        Peer {
+            addr: addr.to_string(),
+            token: token.to_string(),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends one request on a new connection; a 2xx answer's body as a
+    /// stream (the connection lives until it is read), else the error.
+    async fn send(&self, method: &str, path: &str) -> Result<BodyStream, PeerError> {
+        let unreachable = |e: &dyn std::fmt::Display| PeerError::Unreachable {
+            addr: self.addr.clone(),
+            message: e.to_string(),
+        };
+        let stream = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, &self.addr)
+            .header(AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| unreachable(&e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(response.into_body());
+        }
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => (Some(b.error.code), b.error.message),
+            Err(_) => (
+                None,
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+            ),
+        };
+        Err(PeerError::Status {
+            addr: self.addr.clone(),
+            status,
+            code,
+            message,
+        })
+    }
+
+    /// One whole answer, within [`CALL_TIMEOUT`].
+    async fn call(&self, method: &str, path: &str) -> Result<Bytes, PeerError> {
+        let timeout = PeerError::Timeout {
+            addr: self.addr.clone(),
+        };
+        let work = async {
+            let body = self.send(method, path).await?;
+            body.collect()
+                .await
+                .map(|c| c.to_bytes())
+                .map_err(|e| PeerError::Unreachable {
+                    addr: self.addr.clone(),
+                    message: e.to_string(),
+                })
+        };
+        tokio::time::timeout(CALL_TIMEOUT, work)
+            .await
+            .map_err(|_| timeout)?
+    }
+
+    /// The manifest of session `session`: its tenant and functions.
+    pub async fn manifest(&self, session: &str) -> Result<Bytes, PeerError> {
+        self.call("GET", &format!("/internal/outbound/{session}"))
+            .await
+    }
+
+    /// The module of `tenant`'s function `id`, as registered.
+    pub async fn module(&self, tenant: &TenantId, id: &str) -> Result<Bytes, PeerError> {
+        self.call("GET", &format!("/internal/tenants/{tenant}/modules/{id}"))
+            .await
+    }
+
+    /// `tenant`'s assets file `sha256`, as a stream.
+    pub async fn assets(&self, tenant: &TenantId, sha256: &str) -> Result<BodyStream, PeerError> {
+        self.send("GET", &format!("/internal/tenants/{tenant}/assets/{sha256}"))
+            .await
+    }
+
+    /// The next round of session `session`, as a stream.
+    pub async fn round(&self, session: &str) -> Result<BodyStream, PeerError> {
+        self.send("GET", &format!("/internal/outbound/{session}/round"))
+            .await
+    }
+
+    /// The final round of session `session` (the source freezes the
+    /// tenant first), as a stream.
+    pub async fn final_round(&self, session: &str) -> Result<BodyStream, PeerError> {
+        self.send("POST", &format!("/internal/outbound/{session}/final"))
+            .await
+    }
+}
+
+/// Reads a body into a channel, chunk by chunk.
+pub async fn forward(body: BodyStream, tx: crate::pipe::ChunkSender) {
+    let mut body = body;
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data()
+                    && tx.send(Ok(data)).await.is_err()
+                {
+                    return;
+                }
+            }
+            Some(Err(e)) => {
+                let _ = tx.send(Err(std::io::Error::other(e))).await;
+                return;
+            }
+            None => return,
+        }
+    }
+}
