@@ -31,11 +31,11 @@ use tensor_wasm_shared::{ErrorCode, headers};
 
 use crate::assets::{AssetError, StagedAsset};
 use crate::body::{self, RequestBody, media_type};
-use tensor_wasm_shared::snapshot::stream::StreamKind;
 use crate::error::ExecError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::{AssetSource, Registration};
+use tensor_wasm_shared::snapshot::stream::StreamKind;
 
 /// Header naming the tenant a request acts for.
 pub const TENANT_HEADER: &str = headers::TENANT;
@@ -158,12 +158,18 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/internal/outbound/{session}/round", get(outbound_round))
         .route("/internal/outbound/{session}/final", post(outbound_final))
-        .route("/internal/tenants/{tenant}/assets/{sha256}", get(tenant_assets))
+        .route(
+            "/internal/tenants/{tenant}/assets/{sha256}",
+            get(tenant_assets),
+        )
         .route(
             "/internal/tenants/{tenant}/inbound",
             post(pull_inbound).delete(discard_inbound),
         )
-        .route("/internal/tenants/{tenant}/inbound/commit", post(commit_inbound))
+        .route(
+            "/internal/tenants/{tenant}/inbound/commit",
+            post(commit_inbound),
+        )
         .route(
             "/internal/tenants/{tenant}",
             axum::routing::delete(drop_tenant),
@@ -805,7 +811,12 @@ fn manifest(app: &App, s: &crate::outbound::Outbound) -> crate::moves::Manifest 
         session: s.id.clone(),
         tenant: s.tenant_id().to_string(),
         page_tracking: app.registry.page_tracking().name().to_string(),
-        functions: s.tenant.function_list().iter().map(|f| f.info.clone()).collect(),
+        functions: s
+            .tenant
+            .function_list()
+            .iter()
+            .map(|f| f.info.clone())
+            .collect(),
     }
 }
 
@@ -843,7 +854,11 @@ fn round_response(s: Arc<crate::outbound::Outbound>, kind: StreamKind) -> Respon
             }
         }
     });
-    ([(header::CONTENT_TYPE, body::OCTET_STREAM)], Body::from_stream(stream)).into_response()
+    (
+        [(header::CONTENT_TYPE, body::OCTET_STREAM)],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn outbound_round(
@@ -924,7 +939,8 @@ async fn pull_inbound(
     let req: PullRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ExecError::InvalidJson(format!("pull request: {e}")))?;
     let peer = crate::peer::Peer::new(&req.source, &app.internal_token);
-    let report = crate::moves::pull(&app.registry, peer, &tenant, &req.session, req.options).await?;
+    let report =
+        crate::moves::pull(&app.registry, peer, &tenant, &req.session, req.options).await?;
     let bytes: u64 = report.rounds.iter().map(|r| r.applied.bytes).sum();
     tracing::info!(%tenant, source = %req.source, rounds = report.rounds.len(), bytes, blob_bytes = report.blob_bytes, ms = report.ms, "tenant pulled while it runs");
     Ok(axum::Json(report).into_response())

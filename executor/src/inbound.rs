@@ -230,13 +230,18 @@ impl Inbound {
                     )));
                 }
                 if !kinds.contains(&kind) {
-                    return Err(invalid(format!("a {kind:?} stream where {kinds:?} was due")));
+                    return Err(invalid(format!(
+                        "a {kind:?} stream where {kinds:?} was due"
+                    )));
                 }
                 kind
             }
             _ => return Err(invalid("the stream does not start with its tenant")),
         };
-        let whole = matches!(kind, StreamKind::Whole | StreamKind::Local | StreamKind::Final);
+        let whole = matches!(
+            kind,
+            StreamKind::Whole | StreamKind::Local | StreamKind::Final
+        );
         let mut functions_seen: Vec<FunctionId> = Vec::new();
         // Blobs the stream itself carries, looked up before `blobs`.
         let mut inline = InlineBlobs::default();
@@ -263,7 +268,9 @@ impl Inbound {
                             if len > cap {
                                 return Err(invalid(format!("assets of {len} bytes")));
                             }
-                            let mut up = registry.asset_store().upload(self.tenant.id.as_str(), cap)?;
+                            let mut up = registry
+                                .asset_store()
+                                .upload(self.tenant.id.as_str(), cap)?;
                             copy_data(reader, len, &mut up)?;
                             let staged = up.finish()?;
                             if staged.sha256 != sha {
@@ -304,10 +311,9 @@ impl Inbound {
                     memory,
                     fresh,
                 } => {
-                    let f = self
-                        .tenant
-                        .function(&function)
-                        .ok_or_else(|| invalid(format!("an instance of unknown function {function}")))?;
+                    let f = self.tenant.function(&function).ok_or_else(|| {
+                        invalid(format!("an instance of unknown function {function}"))
+                    })?;
                     if memory > f.config.memory_limit_bytes || memory % 65536 != 0 {
                         return Err(invalid(format!("a memory of {memory} bytes")));
                     }
@@ -317,9 +323,7 @@ impl Inbound {
                         }
                         let quota = registry.quotas.instances;
                         if st.instances.len() + self.tenant.instance_count() >= quota {
-                            return Err(ExecError::Quota(format!(
-                                "more than {quota} instances"
-                            )));
+                            return Err(ExecError::Quota(format!("more than {quota} instances")));
                         }
                         let mut inst = WarmInstance::create(&f.pre, &f.setup, false, f.deadline())
                             .map_err(|e| match e {
@@ -368,7 +372,8 @@ impl Inbound {
                     len,
                 } => {
                     let s = staged(st, instance)?;
-                    let dtype = DType::from_code(i32::from(dtype)).map_err(|e| invalid(e.to_string()))?;
+                    let dtype =
+                        DType::from_code(i32::from(dtype)).map_err(|e| invalid(e.to_string()))?;
                     let dims: Vec<usize> = dims
                         .iter()
                         .map(|&d| usize::try_from(d).map_err(|_| invalid("a tensor dim")))
@@ -448,7 +453,11 @@ impl Inbound {
                     if st.jobs.iter().any(|(j, _)| j.id == info.id) {
                         return Err(invalid(format!("job id {:?}", info.id)));
                     }
-                    let open = st.jobs.iter().filter(|(j, _)| !j.status.is_finished()).count();
+                    let open = st
+                        .jobs
+                        .iter()
+                        .filter(|(j, _)| !j.status.is_finished())
+                        .count();
                     if st.jobs.len() >= registry.quotas.pending_jobs + limits.max_finished_jobs
                         || (!info.status.is_finished() && open >= registry.quotas.pending_jobs)
                     {

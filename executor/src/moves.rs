@@ -78,7 +78,9 @@ pub struct Manifest {
 
 fn peer_error(e: PeerError) -> ExecError {
     match e.code() {
-        Some(tensor_wasm_shared::ErrorCode::TenantNotHere) => ExecError::TenantNotHere(e.to_string()),
+        Some(tensor_wasm_shared::ErrorCode::TenantNotHere) => {
+            ExecError::TenantNotHere(e.to_string())
+        }
         _ => ExecError::Capacity(format!("the source: {e}")),
     }
 }
@@ -117,10 +119,9 @@ pub async fn pull(
     options: PullOptions,
 ) -> Result<PullReport, ExecError> {
     let started = Instant::now();
-    let manifest: Manifest = serde_json::from_slice(
-        &peer.manifest(session).await.map_err(peer_error)?,
-    )
-    .map_err(|e| ExecError::Capacity(format!("the source's manifest: {e}")))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&peer.manifest(session).await.map_err(peer_error)?)
+            .map_err(|e| ExecError::Capacity(format!("the source's manifest: {e}")))?;
     if manifest.tenant != tenant.as_str() {
         return Err(ExecError::InvalidInput(format!(
             "session {session} moves tenant {}, not {tenant}",
@@ -130,7 +131,10 @@ pub async fn pull(
     let inbound = registry
         .start_inbound(tenant, Some((peer.clone(), session.to_string())), false)
         .await?;
-    let result = pull_into(registry, &inbound, &peer, tenant, session, manifest, options).await;
+    let result = pull_into(
+        registry, &inbound, &peer, tenant, session, manifest, options,
+    )
+    .await;
     if result.is_err() {
         registry.discard_inbound(tenant).await;
     }
@@ -189,7 +193,9 @@ pub async fn commit(registry: &Arc<Registry>, tenant: &TenantId) -> Result<Round
         .inbound(tenant)
         .ok_or_else(|| ExecError::NotFound(format!("an inbound move of tenant {tenant}")))?;
     let Some((peer, session)) = inbound.origin.clone() else {
-        return Err(ExecError::Internal("an import has no source to commit from".into()));
+        return Err(ExecError::Internal(
+            "an import has no source to commit from".into(),
+        ));
     };
     let body = peer.final_round(&session).await.map_err(peer_error)?;
     let blobs = PeerBlobs {
@@ -241,7 +247,10 @@ async fn fetch(
     tenant: &TenantId,
     info: &FunctionInfo,
 ) -> Result<(Fetched, u64), ExecError> {
-    let wasm = peer.module(tenant, info.id.as_str()).await.map_err(peer_error)?;
+    let wasm = peer
+        .module(tenant, info.id.as_str())
+        .await
+        .map_err(peer_error)?;
     let mut bytes = wasm.len() as u64;
     let assets = match &info.assets_sha256 {
         Some(sha) if registry.asset_store().contains(tenant.as_str(), sha) => {
@@ -301,11 +310,11 @@ async fn fetch_assets(
         }
     }
     drop(tx);
-    let staged = writer
-        .await
-        .map_err(ExecError::task("fetching assets"))??;
+    let staged = writer.await.map_err(ExecError::task("fetching assets"))??;
     if let Some(e) = failed {
-        return Err(ExecError::Capacity(format!("fetching assets {sha256}: {e}")));
+        return Err(ExecError::Capacity(format!(
+            "fetching assets {sha256}: {e}"
+        )));
     }
     if staged.sha256 != sha256 {
         return Err(ExecError::InvalidInput(format!(

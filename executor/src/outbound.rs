@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tensor_wasm_kernels::{Backend, Storage, Tensor};
-use tensor_wasm_shared::snapshot::stream::{CHUNK, Record, StreamKind, Writer};
 use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::snapshot::stream::{CHUNK, Record, StreamKind, Writer};
 
 use crate::error::ExecError;
 use crate::instance::InstanceShared;
@@ -195,8 +195,7 @@ impl Outbound {
                         if !shared.memory.read(at, &mut r.scratch[..n]) {
                             break;
                         }
-                        w.pages(shared.id, at as u64, &r.scratch[..n])
-                            .map_err(io)?;
+                        w.pages(shared.id, at as u64, &r.scratch[..n]).map_err(io)?;
                         stats.page_bytes += n as u64;
                         at += n;
                     }

@@ -149,8 +149,11 @@ impl Peer {
 
     /// `tenant`'s assets file `sha256`, as a stream.
     pub async fn assets(&self, tenant: &TenantId, sha256: &str) -> Result<BodyStream, PeerError> {
-        self.send("GET", &format!("/internal/tenants/{tenant}/assets/{sha256}"))
-            .await
+        self.send(
+            "GET",
+            &format!("/internal/tenants/{tenant}/assets/{sha256}"),
+        )
+        .await
     }
 
     /// The next round of session `session`, as a stream.

@@ -170,7 +170,11 @@ mod tests {
         }
         writer.await.unwrap();
         assert_eq!(got.len(), 5_000_000);
-        assert!(got.chunks(1000).enumerate().all(|(i, c)| c[0] == (i % 251) as u8));
+        assert!(
+            got.chunks(1000)
+                .enumerate()
+                .all(|(i, c)| c[0] == (i % 251) as u8)
+        );
 
         let (tx, mut r) = chunk_reader();
         let reader = tokio::task::spawn_blocking(move || {

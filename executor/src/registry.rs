@@ -32,19 +32,19 @@ use crate::body::RequestBody;
 use crate::config::{EngineLimits, TenantQuotas};
 use crate::engine::Runtime;
 use crate::error::ExecError;
-use crate::instance::{InstanceSetup, Response, WarmInstance};
 use crate::inbound::{Inbound, InboundState};
+use crate::instance::{InstanceSetup, Response, WarmInstance};
 use crate::logs::FunctionLog;
-use crate::outbound::{Outbound, Sessions};
-use crate::tracking::PageTracking;
 use crate::memory::{HostBudget, HostUsage};
 use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Sessions};
 use crate::state::{
     AssetSource, Function, FunctionStore, Inflight, JobCaps, Pool, Registration, ResolvedConfig,
     Slot, Tenant, Wait,
 };
 use crate::sync::{lock, now_rfc3339, random_bits, read_lock, write_lock};
 use crate::tensors::TenantUsage;
+use crate::tracking::PageTracking;
 use crate::wasm;
 
 /// Makes the backend a tenant's tensors live on (one per tenant, so that on

@@ -371,7 +371,10 @@ mod tests {
         assert_eq!(u32::from_le_bytes(bytes), 2);
         t.stop(view);
         drop(inst);
-        assert!(!view.read(0, &mut bytes), "no read once the instance is gone");
+        assert!(
+            !view.read(0, &mut bytes),
+            "no read once the instance is gone"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod examples;
 mod harness;
 mod jobs;
 mod memory;
+mod migration;
 mod registration;
 mod snapshots;
 mod tenancy;
