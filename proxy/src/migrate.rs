@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use crate::fleet::{CloseError, Executor, Fleet};
 use crate::metrics::ProxyMetrics;
 use crate::placement::{Candidate, PlacementError};
-use crate::upstream::{CONTROL_TIMEOUT, UpstreamError};
+use crate::upstream::{CONTROL_TIMEOUT, InboundState, UpstreamError};
 
 /// One finished move.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -57,8 +57,59 @@ pub struct MoveReport {
     pub to: ExecutorId,
     /// How long the tenant's requests were held, in ms.
     pub pause_ms: f64,
-    /// Snapshot size.
+    /// Bytes moved in all.
     pub bytes: u64,
+    /// Bytes moved while the tenant ran (modules, assets, pre-copy rounds).
+    pub precopy_bytes: u64,
+    /// Bytes moved in the pause (the final round, or the whole snapshot).
+    pub pause_bytes: u64,
+    /// Streams sent: the pre-copy rounds and the final one.
+    pub rounds: u32,
+    pub protocol: Protocol,
+}
+
+impl MoveReport {
+    /// A move to where the tenant is.
+    fn none(t: &TenantId, at: &ExecutorId) -> MoveReport {
+        MoveReport {
+            tenant: t.to_string(),
+            from: at.clone(),
+            to: at.clone(),
+            pause_ms: 0.0,
+            bytes: 0,
+            precopy_bytes: 0,
+            pause_bytes: 0,
+            rounds: 0,
+            protocol: Protocol::None,
+        }
+    }
+}
+
+/// How a tenant moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// Copied while it ran; only the last changes in the pause.
+    PreCopy,
+    /// Exported and imported whole in the pause (executors of an older
+    /// release).
+    StopAndCopy,
+    /// It was there already.
+    None,
+}
+
+/// Why pre-copy did not move a tenant.
+enum Fallback {
+    /// The destination is of an older release: move by stop-and-copy.
+    StopAndCopy,
+    Failed(MigrateError),
+}
+
+/// What a destination says of a tenant after a failed or unknown commit.
+enum Decided {
+    Committed,
+    Undone,
+    Unknown,
 }
 
 /// A move that did not happen.
@@ -146,6 +197,10 @@ pub struct Orchestrator {
     /// One fleet-wide operation (drain, rebalance) at a time; single moves
     /// are serialised per tenant by its gate.
     bulk: tokio::sync::Mutex<()>,
+    /// Moves that recovery must finish or undo, their tenants' gates held
+    /// closed meanwhile: found at start-up, or left undecided by a failed
+    /// commit.
+    held: tokio::sync::Mutex<Vec<HeldMove>>,
 }
 
 impl Orchestrator {
@@ -154,6 +209,7 @@ impl Orchestrator {
             fleet,
             metrics,
             bulk: tokio::sync::Mutex::new(()),
+            held: tokio::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -224,20 +280,210 @@ impl Orchestrator {
         let src = self.home(&t)?;
         let dest = self.known(to)?;
         if src.id == dest.id {
-            return Ok(MoveReport {
-                tenant: t.to_string(),
-                from: src.id.clone(),
-                to: dest.id.clone(),
-                pause_ms: 0.0,
-                bytes: 0,
-            });
+            return Ok(MoveReport::none(&t, &src.id));
         }
         if !dest.is_healthy() {
             return Err(MigrateError::ExecutorDown(dest.id.clone()));
         }
+        // Step 1: an outbound session on the source. A source of an older
+        // release has no such route: it moves by stop-and-copy.
+        match self.fleet.client(&src).start_outbound(&t).await {
+            Ok(session) => match self.precopy(&t, &src, &dest, session).await {
+                Err(Fallback::StopAndCopy) => self.stop_and_copy(&t, &src, &dest).await,
+                Err(Fallback::Failed(e)) => Err(e),
+                Ok(r) => Ok(r),
+            },
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                self.stop_and_copy(&t, &src, &dest).await
+            }
+            // A has never seen T: there is nothing to carry.
+            Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {
+                self.stop_and_copy(&t, &src, &dest).await
+            }
+            Err(e) => Err(MigrateError::ExportFailed(src.id.clone(), e)),
+        }
+    }
+
+    /// Pre-copy, steps 1–5 of the module doc; `session` is the source's.
+    async fn precopy(
+        &self,
+        t: &TenantId,
+        src: &Executor,
+        dest: &Executor,
+        session: String,
+    ) -> Result<MoveReport, Fallback> {
+        let to = self.fleet.client(dest);
+        // 1. Record the move with its session.
+        let recorded = self
+            .fleet
+            .placements()
+            .begin_move_with(t, &dest.id, Some(session.clone()));
+        if let Err(e) = recorded {
+            self.end_session(src, &session).await;
+            return Err(Fallback::Failed(match e {
+                PlacementError::AlreadyMoving(t) => MigrateError::AlreadyMoving(t),
+                e => e.into(),
+            }));
+        }
+        // 2. B pulls T from A while T runs.
+        let pulled = match to.pull(t, &src.addr, &session).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.undo(t, src, dest, &session).await;
+                // A destination of an older release has no such route (a
+                // pull answers `not_found` for nothing else: the source's
+                // refusals come back as its own codes).
+                if e.code() == Some(ErrorCode::NotFound) {
+                    return Err(Fallback::StopAndCopy);
+                }
+                return Err(Fallback::Failed(MigrateError::ImportFailed(
+                    dest.id.clone(),
+                    e,
+                )));
+            }
+        };
+        // 3. Close the gate and wait for T's requests in flight to A.
+        let closed = match self
+            .fleet
+            .close_gate(t.as_str(), self.fleet.queue.deadline)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                self.undo(t, src, dest, &session).await;
+                return Err(Fallback::Failed(match e {
+                    CloseError::AlreadyClosed => MigrateError::AlreadyMoving(t.to_string()),
+                    CloseError::Busy(d) => MigrateError::Busy(t.to_string(), d),
+                }));
+            }
+        };
+        let paused_at = Instant::now();
+        // 4. B takes the final round (A freezes T) and publishes T.
+        let pause_bytes = match to.commit(t).await {
+            Ok(c) => c.bytes,
+            Err(e) => match self.decide(t, dest).await {
+                Decided::Committed => 0,
+                Decided::Undone => {
+                    self.end_session(src, &session).await;
+                    self.abort_record(t);
+                    drop(closed);
+                    return Err(Fallback::Failed(MigrateError::ImportFailed(
+                        dest.id.clone(),
+                        e,
+                    )));
+                }
+                Decided::Unknown => {
+                    // B may have published T: recovery holds T's gate and
+                    // asks B again until it answers.
+                    tracing::error!(tenant = %t, to = %dest.id, error = %e, "commit failed and the destination does not say whether it published the tenant; recovery decides");
+                    self.hand_to_recovery(t, closed).await;
+                    return Err(Fallback::Failed(MigrateError::ImportFailed(
+                        dest.id.clone(),
+                        e,
+                    )));
+                }
+            },
+        };
+        // 5. Point T at B, release the queue, and let A drop its copy.
+        if let Err(e) = self.fleet.placements().finish_move(t) {
+            return Err(Fallback::Failed(e.into()));
+        }
+        drop(closed);
+        let pause_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+        self.drop_on(src, t).await;
+        Ok(MoveReport {
+            tenant: t.to_string(),
+            from: src.id.clone(),
+            to: dest.id.clone(),
+            pause_ms,
+            bytes: pulled.bytes + pulled.blob_bytes + pause_bytes,
+            precopy_bytes: pulled.bytes + pulled.blob_bytes,
+            pause_bytes,
+            rounds: pulled.rounds + 1,
+            protocol: Protocol::PreCopy,
+        })
+    }
+
+    /// Whether `dest` published `t`: its answer to a discard (which also
+    /// cancels anything it still staged), else whether it lists `t`.
+    async fn decide(&self, t: &TenantId, dest: &Executor) -> Decided {
+        let client = self.fleet.client(dest);
+        match client.discard(t).await {
+            Ok(InboundState::Committed) => return Decided::Committed,
+            Ok(_) => {}
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+            Err(e) => {
+                tracing::warn!(tenant = %t, executor = %dest.id, error = %e, "the destination did not answer a discard");
+                return Decided::Unknown;
+            }
+        }
+        // It discarded (or had nothing): unless it serves T already (it
+        // committed, then restarted).
+        match client.info(CONTROL_TIMEOUT).await {
+            Ok(info) if info.tenants.iter().any(|x| x == t.as_str()) => Decided::Committed,
+            Ok(_) => Decided::Undone,
+            Err(e) if e.is_unreachable() => Decided::Unknown,
+            Err(_) => Decided::Undone,
+        }
+    }
+
+    /// Undo before the commit: B discards, A ends the session, the record
+    /// goes. Best effort on each executor: a session of a restarted source
+    /// is gone with its freeze.
+    async fn undo(&self, t: &TenantId, src: &Executor, dest: &Executor, session: &str) {
+        if let Err(e) = self.fleet.client(dest).discard(t).await {
+            tracing::warn!(tenant = %t, executor = %dest.id, error = %e, "discard on an undone move failed");
+        }
+        self.end_session(src, session).await;
+        self.abort_record(t);
+    }
+
+    /// Ends `session` on `src` (thawing the tenant if it froze it).
+    async fn end_session(&self, src: &Executor, session: &str) {
+        match self.fleet.client(src).end_outbound(session).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+            Err(e) => {
+                tracing::warn!(executor = %src.id, %session, error = %e, "could not end an outbound session")
+            }
+        }
+    }
+
+    fn abort_record(&self, t: &TenantId) {
+        if let Err(e) = self.fleet.placements().abort_move(t) {
+            tracing::error!(tenant = %t, error = %e, "cannot clear an aborted move");
+        }
+    }
+
+    /// Keeps `t`'s gate closed and its move recorded for recovery, which
+    /// finishes or undoes it once the executors answer.
+    async fn hand_to_recovery(&self, t: &TenantId, closed: crate::fleet::Closed) {
+        let mv = {
+            let p = self.fleet.placements();
+            p.state().moving.get(t.as_str()).cloned()
+        };
+        if let Some(mv) = mv {
+            self.held.lock().await.push(HeldMove {
+                tenant: t.clone(),
+                mv,
+                _closed: closed,
+            });
+        }
+    }
+
+    /// Stop-and-copy (the protocol before pre-copy, for executors of an
+    /// older release): prewarm, record, close the gate, export through the
+    /// proxy's state directory, import, drop.
+    async fn stop_and_copy(
+        &self,
+        t: &TenantId,
+        src: &Executor,
+        dest: &Executor,
+    ) -> Result<MoveReport, MigrateError> {
+        let t = t.clone();
         // 0. While T still runs, B compiles T's modules into its cache, so
         //    that the import inside the pause does not compile.
-        self.prewarm(&src, &dest, &t).await;
+        self.prewarm(src, dest, &t).await;
         // 1. Record, then close the gate.
         self.fleet
             .placements()
@@ -246,11 +492,7 @@ impl Orchestrator {
                 PlacementError::AlreadyMoving(t) => MigrateError::AlreadyMoving(t),
                 e => e.into(),
             })?;
-        let abort = |this: &Self| {
-            if let Err(e) = this.fleet.placements().abort_move(&t) {
-                tracing::error!(tenant = %t, error = %e, "cannot clear an aborted move");
-            }
-        };
+        let abort = |this: &Self| this.abort_record(&t);
         // 2. Wait for requests in flight.
         let closed = match self
             .fleet
@@ -268,12 +510,12 @@ impl Orchestrator {
         };
         let paused_at = Instant::now();
         // 3. Export and keep the bytes.
-        let snapshot = match self.fleet.client(&src).export(&t).await {
+        let snapshot = match self.fleet.client(src).export(&t).await {
             Ok(b) => Some(b),
             // A has never seen T: there is nothing to carry.
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
             Err(e) => {
-                self.thaw(&src, &t).await;
+                self.thaw(src, &t).await;
                 abort(self);
                 return Err(MigrateError::ExportFailed(src.id.clone(), e));
             }
@@ -282,20 +524,20 @@ impl Orchestrator {
         if let Some(snapshot) = &snapshot {
             let path = self.snapshot_path(&t);
             if let Err(e) = store(&path, snapshot.clone()).await {
-                self.thaw(&src, &t).await;
+                self.thaw(src, &t).await;
                 abort(self);
                 return Err(MigrateError::Store(path, e));
             }
             let recorded = self.fleet.placements().record_snapshot(&t, path.clone());
             if let Err(e) = recorded {
-                self.thaw(&src, &t).await;
+                self.thaw(src, &t).await;
                 abort(self);
                 remove_file(&path).await;
                 return Err(e.into());
             }
             // 4. Import on B; on failure A thaws T and keeps it.
-            if let Err(e) = self.fleet.client(&dest).import(&t, snapshot.clone()).await {
-                if self.thaw(&src, &t).await {
+            if let Err(e) = self.fleet.client(dest).import(&t, snapshot.clone()).await {
+                if self.thaw(src, &t).await {
                     abort(self);
                     remove_file(&path).await;
                 } else {
@@ -311,7 +553,7 @@ impl Orchestrator {
         drop(closed);
         let pause_ms = paused_at.elapsed().as_secs_f64() * 1e3;
         if snapshot.is_some() {
-            self.drop_on(&src, &t).await;
+            self.drop_on(src, &t).await;
             remove_file(&self.snapshot_path(&t)).await;
         }
         Ok(MoveReport {
@@ -320,6 +562,10 @@ impl Orchestrator {
             to: dest.id.clone(),
             pause_ms,
             bytes,
+            precopy_bytes: 0,
+            pause_bytes: bytes,
+            rounds: 1,
+            protocol: Protocol::StopAndCopy,
         })
     }
 
@@ -378,10 +624,11 @@ impl Orchestrator {
 
     /// Closes the gates of tenants whose move is recorded in the placement
     /// file, so none of their requests reaches an executor before the move
-    /// is finished or undone. Call at start-up, before serving.
-    pub fn hold_recorded_moves(&self) -> Vec<HeldMove> {
+    /// is finished or undone, and holds them for [`recover`](Self::recover).
+    /// Call at start-up, before serving; returns how many.
+    pub fn hold_recorded_moves(&self) -> usize {
         let pending = self.fleet.placements().pending_moves();
-        pending
+        let found: Vec<HeldMove> = pending
             .into_iter()
             .filter_map(|(tenant, mv)| {
                 let closed = self.fleet.close_now(tenant.as_str())?;
@@ -391,12 +638,20 @@ impl Orchestrator {
                     _closed: closed,
                 })
             })
-            .collect()
+            .collect();
+        let n = found.len();
+        match self.held.try_lock() {
+            Ok(mut held) => held.extend(found),
+            Err(_) => tracing::error!("recorded moves found while recovery runs"),
+        }
+        n
     }
 
-    /// Finishes the held moves (module doc); those whose executors do not
-    /// answer yet stay in `held` (gate still closed) for the next call.
-    pub async fn recover(&self, held: &mut Vec<HeldMove>) {
+    /// Finishes or undoes the held moves (module doc); those whose
+    /// executors do not answer yet stay held (gate still closed) for the
+    /// next call, at the next upkeep tick.
+    pub async fn recover(&self) {
+        let mut held = self.held.lock().await;
         let mut left = Vec::new();
         for h in held.drain(..) {
             match self.recover_one(&h.tenant, &h.mv).await {
@@ -410,6 +665,17 @@ impl Orchestrator {
         *held = left;
     }
 
+    /// Moves held for recovery now.
+    pub async fn held_moves(&self) -> usize {
+        self.held.lock().await.len()
+    }
+
+    /// Takes the held moves out, for a test to recover them one by one.
+    #[cfg(test)]
+    pub(crate) async fn take_held(&self) -> Vec<HeldMove> {
+        std::mem::take(&mut *self.held.lock().await)
+    }
+
     async fn recover_one(
         &self,
         t: &TenantId,
@@ -417,6 +683,9 @@ impl Orchestrator {
     ) -> Result<bool, MigrateError> {
         let src = self.fleet.executor(mv.from.as_str());
         let dest = self.fleet.executor(mv.to.as_str());
+        if let Some(session) = &mv.session {
+            return self.recover_precopy(t, mv, src, dest, session).await;
+        }
         let stored = match &mv.snapshot {
             Some(path) => tokio::fs::read(path).await.ok().map(Bytes::from),
             None => None,
@@ -474,6 +743,43 @@ impl Orchestrator {
         }
         tracing::info!(tenant = %t, from = %mv.from, to = %mv.to, "recorded move finished");
         Ok(true)
+    }
+
+    /// Recovery of a pre-copy move: finished if the destination published
+    /// the tenant, undone otherwise; held while the destination does not
+    /// answer (it may have published it).
+    async fn recover_precopy(
+        &self,
+        t: &TenantId,
+        mv: &crate::placement::Move,
+        src: Option<Arc<Executor>>,
+        dest: Option<Arc<Executor>>,
+        session: &str,
+    ) -> Result<bool, MigrateError> {
+        let decided = match &dest {
+            Some(dest) => self.decide(t, dest).await,
+            // A destination no longer registered cannot have it.
+            None => Decided::Undone,
+        };
+        match decided {
+            Decided::Unknown => Ok(false),
+            Decided::Committed => {
+                self.fleet.placements().finish_move(t)?;
+                if let Some(src) = &src {
+                    self.drop_on(src, t).await;
+                }
+                tracing::info!(tenant = %t, from = %mv.from, to = %mv.to, "recorded move finished: the destination had committed");
+                Ok(true)
+            }
+            Decided::Undone => {
+                if let Some(src) = &src {
+                    self.end_session(src, session).await;
+                }
+                self.fleet.placements().abort_move(t)?;
+                tracing::info!(tenant = %t, from = %mv.from, to = %mv.to, "recorded move undone: the tenant stays on its source");
+                Ok(true)
+            }
+        }
     }
 
     /// Stops placing on `executor` and moves each of its tenants to where

@@ -40,8 +40,12 @@ pub struct Move {
     pub from: ExecutorId,
     pub to: ExecutorId,
     /// The exported snapshot, kept in the state directory until the import
-    /// succeeds.
+    /// succeeds (stop-and-copy).
     pub snapshot: Option<PathBuf>,
+    /// The source's outbound session (pre-copy): the destination pulls from
+    /// it, and undoing the move ends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// What the file holds.
@@ -172,6 +176,16 @@ impl Placements {
         tenant: &TenantId,
         to: &ExecutorId,
     ) -> Result<Move, PlacementError> {
+        self.begin_move_with(tenant, to, None)
+    }
+
+    /// Records a move, pre-copy from the source's `session` when given.
+    pub fn begin_move_with(
+        &mut self,
+        tenant: &TenantId,
+        to: &ExecutorId,
+        session: Option<String>,
+    ) -> Result<Move, PlacementError> {
         if self.state.moving.contains_key(tenant.as_str()) {
             return Err(PlacementError::AlreadyMoving(tenant.to_string()));
         }
@@ -183,6 +197,7 @@ impl Placements {
             from,
             to: to.clone(),
             snapshot: None,
+            session,
         };
         self.state.moving.insert(tenant.to_string(), m.clone());
         self.save()?;

@@ -39,7 +39,7 @@ use crate::audit::{AuditConfig, AuditLog};
 use crate::auth::{TokenError, TokenTable};
 use crate::fleet::{Fleet, QueueLimits, RegisterError};
 use crate::metrics::ProxyMetrics;
-use crate::migrate::{HeldMove, Orchestrator};
+use crate::migrate::Orchestrator;
 use crate::ratelimit::{Rate, RateError, RateLimits};
 use crate::service::{PublicProxy, Shared};
 use crate::upstream::{PROBE_TIMEOUT, UpstreamError};
@@ -181,8 +181,8 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
     )?);
     let orchestrator = Arc::new(Orchestrator::new(fleet.clone(), metrics.clone()));
     let held = orchestrator.hold_recorded_moves();
-    if !held.is_empty() {
-        tracing::info!(moves = held.len(), "found unfinished moves; finishing them");
+    if held > 0 {
+        tracing::info!(moves = held, "found unfinished moves; finishing them");
     }
     let shared = Arc::new(Shared::new(
         tokens,
@@ -229,7 +229,6 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
             shared: shared.clone(),
             orchestrator,
             interval: config.health_interval,
-            held: tokio::sync::Mutex::new(held),
             dns: config.executor_dns.clone(),
         },
     ));
@@ -306,7 +305,6 @@ struct Upkeep {
     shared: Arc<Shared>,
     orchestrator: Arc<Orchestrator>,
     interval: Duration,
-    held: tokio::sync::Mutex<Vec<HeldMove>>,
     dns: Option<String>,
 }
 
@@ -376,12 +374,7 @@ impl BackgroundService for Upkeep {
                 self.discover(name).await;
             }
             self.probe_all().await;
-            {
-                let mut held = self.held.lock().await;
-                if !held.is_empty() {
-                    self.orchestrator.recover(&mut held).await;
-                }
-            }
+            self.orchestrator.recover().await;
             ticks = ticks.wrapping_add(1);
             if ticks.is_multiple_of(PRUNE_EVERY) {
                 self.shared.limits.prune();

@@ -1,5 +1,6 @@
 //! The proxy's own calls to executors: health probes, `/internal/info`, and
-//! the prewarm/export/import/thaw/drop steps of a migration.
+//! the steps of a migration, pre-copy (outbound, pull, commit, discard) and
+//! stop-and-copy (prewarm, export, import, thaw), and drop.
 //!
 //! Every such call goes through [`ExecutorApi`], one typed method per call
 //! of the executor's internal API (executor/src/http.rs), so that the
@@ -141,6 +142,62 @@ pub trait ExecutorApi: Send + Sync + fmt::Debug {
     /// `DELETE /internal/tenants/{t}`: forgets the tenant and its state
     /// (step 5 on the source, restore, purge).
     async fn drop_tenant(&self, tenant: &TenantId) -> Result<(), UpstreamError>;
+
+    /// `POST /internal/tenants/{t}/outbound`: starts tracking what the
+    /// tenant changes and answers the session id (pre-copy step 1, on the
+    /// source). An executor without the route answers
+    /// [`ErrorCode::NotFound`]: it moves tenants by stop-and-copy only.
+    async fn start_outbound(&self, tenant: &TenantId) -> Result<String, UpstreamError>;
+
+    /// `DELETE /internal/outbound/{s}`: ends a session without a move; the
+    /// tenant thaws if its final round froze it (undo, on the source).
+    async fn end_outbound(&self, session: &str) -> Result<(), UpstreamError>;
+
+    /// `POST /internal/tenants/{t}/inbound`: pulls the tenant from
+    /// `source`'s session while it runs there (pre-copy step 2, on the
+    /// destination); answers what it copied.
+    async fn pull(
+        &self,
+        tenant: &TenantId,
+        source: &str,
+        session: &str,
+    ) -> Result<Transfer, UpstreamError>;
+
+    /// `POST /internal/tenants/{t}/inbound/commit`: takes the final round
+    /// (the source freezes the tenant) and publishes the tenant (pre-copy
+    /// step 4, on the destination); answers what crossed in the pause.
+    async fn commit(&self, tenant: &TenantId) -> Result<Transfer, UpstreamError>;
+
+    /// `DELETE /internal/tenants/{t}/inbound`: discards what the
+    /// destination staged, unless it committed; answers which (undo and
+    /// recovery, on the destination).
+    async fn discard(&self, tenant: &TenantId) -> Result<InboundState, UpstreamError>;
+}
+
+/// Bytes a pull or commit moved, as the destination counted them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Deserialize)]
+pub struct Transfer {
+    /// Bytes of the streams.
+    pub bytes: u64,
+    /// Bytes of modules and assets files fetched (a pull).
+    pub blob_bytes: u64,
+    /// Rounds (a pull).
+    pub rounds: u32,
+    /// How long it took on the destination, in ms.
+    pub ms: f64,
+}
+
+/// Where a destination's copy of a tenant stands after a discard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InboundState {
+    /// It had none.
+    None,
+    Staging,
+    /// It had one, now gone.
+    Discarded,
+    /// It committed: the tenant is served there.
+    Committed,
 }
 
 /// Makes the [`ExecutorApi`] of the executor at an address; the fleet's
@@ -367,6 +424,94 @@ impl ExecutorApi for ExecutorClient {
         self.delete(&format!("/internal/tenants/{tenant}"), CONTROL_TIMEOUT)
             .await
             .map(drop)
+    }
+
+    async fn start_outbound(&self, tenant: &TenantId) -> Result<String, UpstreamError> {
+        let body = self
+            .post(
+                &tenant_path(tenant, "outbound"),
+                Bytes::new(),
+                CONTROL_TIMEOUT,
+            )
+            .await?;
+        let v: serde_json::Value = self.json(&body)?;
+        v["session"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| self.bad_answer("no session in the answer"))
+    }
+
+    async fn end_outbound(&self, session: &str) -> Result<(), UpstreamError> {
+        self.delete(&format!("/internal/outbound/{session}"), CONTROL_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    async fn pull(
+        &self,
+        tenant: &TenantId,
+        source: &str,
+        session: &str,
+    ) -> Result<Transfer, UpstreamError> {
+        let req = serde_json::json!({ "source": source, "session": session }).to_string();
+        let body = self
+            .post(
+                &tenant_path(tenant, "inbound"),
+                Bytes::from(req),
+                TRANSFER_TIMEOUT,
+            )
+            .await?;
+        let v: serde_json::Value = self.json(&body)?;
+        let rounds = v["rounds"].as_array().map_or(&[][..], Vec::as_slice);
+        Ok(Transfer {
+            bytes: rounds.iter().filter_map(|r| r["bytes"].as_u64()).sum(),
+            blob_bytes: v["blob_bytes"].as_u64().unwrap_or(0),
+            rounds: rounds.len() as u32,
+            ms: v["ms"].as_f64().unwrap_or(0.0),
+        })
+    }
+
+    async fn commit(&self, tenant: &TenantId) -> Result<Transfer, UpstreamError> {
+        let body = self
+            .post(
+                &format!("/internal/tenants/{tenant}/inbound/commit"),
+                Bytes::new(),
+                TRANSFER_TIMEOUT,
+            )
+            .await?;
+        let v: serde_json::Value = self.json(&body)?;
+        Ok(Transfer {
+            bytes: v["bytes"].as_u64().unwrap_or(0),
+            ms: v["ms"].as_f64().unwrap_or(0.0),
+            ..Transfer::default()
+        })
+    }
+
+    async fn discard(&self, tenant: &TenantId) -> Result<InboundState, UpstreamError> {
+        let body = self
+            .delete(&tenant_path(tenant, "inbound"), CONTROL_TIMEOUT)
+            .await?;
+        let v: serde_json::Value = self.json(&body)?;
+        serde_json::from_value(v["state"].clone()).map_err(|source| UpstreamError::BadAnswer {
+            addr: self.addr.clone(),
+            source,
+        })
+    }
+}
+
+impl ExecutorClient {
+    fn json(&self, body: &[u8]) -> Result<serde_json::Value, UpstreamError> {
+        serde_json::from_slice(body).map_err(|source| UpstreamError::BadAnswer {
+            addr: self.addr.clone(),
+            source,
+        })
+    }
+
+    fn bad_answer(&self, what: &str) -> UpstreamError {
+        UpstreamError::BadAnswer {
+            addr: self.addr.clone(),
+            source: <serde_json::Error as serde::de::Error>::custom(what),
+        }
     }
 }
 

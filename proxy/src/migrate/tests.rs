@@ -48,10 +48,22 @@ impl Setup {
     /// With `deadline` for requests held at a gate and for the wait of
     /// step 2.
     fn with_deadline(deadline: Duration) -> Setup {
+        Setup::build(deadline, false, false)
+    }
+
+    /// With executors of this release (pre-copy) or an older one.
+    fn build(deadline: Duration, a_precopy: bool, b_precopy: bool) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let net = Arc::new(Net::default());
-        let a = net.add(A, A_ADDR);
-        let b = net.add(B, B_ADDR);
+        let add = |precopy: bool, id: &str, addr: &str| {
+            if precopy {
+                net.add_precopy(id, addr)
+            } else {
+                net.add(id, addr)
+            }
+        };
+        let a = add(a_precopy, A, A_ADDR);
+        let b = add(b_precopy, B, B_ADDR);
         let both = [(A.into(), A_ADDR.into()), (B.into(), B_ADDR.into())];
         let (fleet, orch) = Setup::proxy(dir.path(), &net, deadline, &both);
         Setup {
@@ -95,6 +107,14 @@ impl Setup {
     /// Tenant `acme` placed on A, which holds it with state `state`.
     fn acme_on_a() -> Setup {
         let s = Setup::new();
+        s.place("acme", A);
+        s.a.hold_tenant("acme", b"state", &[]);
+        s
+    }
+
+    /// `acme` on A, both executors of this release.
+    fn precopy() -> Setup {
+        let s = Setup::build(Duration::from_secs(30), true, true);
         s.place("acme", A);
         s.a.hold_tenant("acme", b"state", &[]);
         s
@@ -228,6 +248,7 @@ async fn step0_the_destination_precompiles_the_modules_while_the_tenant_runs() {
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 outbound acme",
             "cpu0 modules acme",
             "cpu0 module acme f1",
             "cpu1 precompile",
@@ -253,6 +274,7 @@ async fn step0_is_best_effort_a_failed_prewarm_does_not_stop_the_move() {
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 outbound acme",
             "cpu0 modules acme",
             "cpu0 module acme f1",
             "cpu0 module acme f2",
@@ -272,6 +294,7 @@ async fn step0_is_best_effort_a_failed_prewarm_does_not_stop_the_move() {
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu1 outbound beta",
             "cpu1 modules beta",
             "cpu1 export beta",
             "cpu0 import beta",
@@ -293,6 +316,7 @@ async fn step1_the_move_is_recorded_and_the_gate_closed_before_the_export() {
             from: x(A),
             to: x(B),
             snapshot: None,
+            session: None,
         })
     );
     assert_eq!(s.home("acme").as_deref(), Some(A));
@@ -322,6 +346,7 @@ async fn step1_the_move_is_recorded_and_the_gate_closed_before_the_export() {
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 outbound acme",
             "cpu0 modules acme",
             "cpu0 export acme",
             "cpu1 import acme",
@@ -337,7 +362,10 @@ async fn step2_the_export_waits_for_requests_in_flight() {
     let mv = s.spawn_migrate("acme", B);
     until("the gate closes", || s.fleet.gate_closed("acme")).await;
     until("the move waits", || s.recorded("acme").is_some()).await;
-    assert_eq!(s.calls(), calls(&["cpu0 modules acme"]));
+    assert_eq!(
+        s.calls(),
+        calls(&["cpu0 outbound acme", "cpu0 modules acme"])
+    );
     assert_eq!(s.fleet.gate_counts("acme"), (1, 0));
     drop(in_flight);
     mv.await.unwrap().unwrap();
@@ -357,7 +385,10 @@ async fn step2_requests_in_flight_past_the_deadline_abort_the_move() {
     let e = s.orch.migrate("acme", B).await.unwrap_err();
     assert!(matches!(e, MigrateError::Busy(..)), "{e}");
     assert_eq!(code(&e), ErrorCode::DeadlineExceeded);
-    assert_eq!(s.calls(), calls(&["cpu0 modules acme"]));
+    assert_eq!(
+        s.calls(),
+        calls(&["cpu0 outbound acme", "cpu0 modules acme"])
+    );
     assert_eq!(s.home("acme").as_deref(), Some(A));
     assert_eq!(s.recorded("acme"), None);
     assert!(!s.fleet.gate_closed("acme"));
@@ -393,6 +424,7 @@ async fn step4_the_destination_imports_the_exported_state() {
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 outbound acme",
             "cpu0 modules acme",
             "cpu0 export acme",
             "cpu1 import acme",
@@ -427,6 +459,7 @@ async fn step5_the_placement_flips_and_the_gate_opens_before_the_source_drops() 
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 outbound acme",
             "cpu0 modules acme",
             "cpu0 export acme",
             "cpu1 import acme",
@@ -468,7 +501,12 @@ async fn an_export_that_fails_thaws_the_source_and_keeps_the_tenant() {
     assert_eq!(code(&e), ErrorCode::ExecutorUnavailable);
     assert_eq!(
         s.calls(),
-        calls(&["cpu0 modules acme", "cpu0 export acme", "cpu0 thaw acme"])
+        calls(&[
+            "cpu0 outbound acme",
+            "cpu0 modules acme",
+            "cpu0 export acme",
+            "cpu0 thaw acme"
+        ])
     );
     assert_stayed_on_a(&s);
     assert!(!s.a.tenant("acme").unwrap().frozen);
@@ -481,7 +519,14 @@ async fn tenant_not_here_on_export_moves_an_empty_tenant() {
     s.place("acme", A);
     let r = s.orch.migrate("acme", B).await.unwrap();
     assert_eq!(r.bytes, 0);
-    assert_eq!(s.calls(), calls(&["cpu0 modules acme", "cpu0 export acme"]));
+    assert_eq!(
+        s.calls(),
+        calls(&[
+            "cpu0 outbound acme",
+            "cpu0 modules acme",
+            "cpu0 export acme"
+        ])
+    );
     assert_eq!(s.home("acme").as_deref(), Some(B));
     assert_eq!(s.recorded("acme"), None);
     assert!(!s.stored("acme").exists());
@@ -504,7 +549,12 @@ async fn not_found_on_export_is_a_failed_export_not_an_empty_tenant() {
     assert_eq!(code(&e), ErrorCode::ExecutorUnavailable);
     assert_eq!(
         s.calls(),
-        calls(&["cpu0 modules acme", "cpu0 export acme", "cpu0 thaw acme"])
+        calls(&[
+            "cpu0 outbound acme",
+            "cpu0 modules acme",
+            "cpu0 export acme",
+            "cpu0 thaw acme"
+        ])
     );
     assert_stayed_on_a(&s);
     assert_eq!(s.a.tenant("acme").unwrap().state, bytes(b"state"));
@@ -520,6 +570,7 @@ async fn an_import_refused_thaws_the_source_and_keeps_the_tenant() {
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 outbound acme",
             "cpu0 modules acme",
             "cpu0 export acme",
             "cpu1 import acme",
@@ -542,6 +593,7 @@ async fn an_import_refused_with_a_source_that_does_not_thaw_stays_recorded() {
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 outbound acme",
             "cpu0 modules acme",
             "cpu0 export acme",
             "cpu1 import acme",
@@ -562,10 +614,8 @@ async fn an_unreachable_source_fails_the_move_and_keeps_the_tenant() {
     let e = s.orch.migrate("acme", B).await.unwrap_err();
     assert!(matches!(e, MigrateError::ExportFailed(..)), "{e}");
     assert_eq!(code(&e), ErrorCode::ExecutorUnavailable);
-    assert_eq!(
-        s.calls(),
-        calls(&["cpu0 modules acme", "cpu0 export acme", "cpu0 thaw acme"])
-    );
+    // The first call fails: nothing was recorded, frozen or moved.
+    assert_eq!(s.calls(), calls(&["cpu0 outbound acme"]));
     assert_stayed_on_a(&s);
 }
 
@@ -579,6 +629,7 @@ async fn an_unreachable_destination_fails_the_move_and_the_source_thaws() {
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 outbound acme",
             "cpu0 modules acme",
             "cpu0 export acme",
             "cpu1 import acme",
@@ -609,6 +660,7 @@ async fn a_failed_drop_on_the_source_after_the_flip_still_moves_the_tenant() {
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 outbound acme",
             "cpu0 modules acme",
             "cpu0 export acme",
             "cpu1 import acme",
@@ -631,12 +683,10 @@ async fn freeze(s: &Setup, exec: &Scripted) {
 }
 
 /// Restarts the proxy and holds its recorded moves: one, gate closed.
-fn restart_holding(s: &mut Setup) -> Vec<HeldMove> {
+fn restart_holding(s: &mut Setup) {
     s.restart();
-    let held = s.orch.hold_recorded_moves();
-    assert_eq!(held.len(), 1);
+    assert_eq!(s.orch.hold_recorded_moves(), 1);
     assert!(s.fleet.gate_closed("acme"));
-    held
 }
 
 #[tokio::test]
@@ -644,9 +694,9 @@ async fn recovery_of_a_move_without_stored_bytes_thaws_the_source() {
     let mut s = Setup::acme_on_a();
     freeze(&s, &s.a).await;
     s.record_move("acme", None);
-    let mut held = restart_holding(&mut s);
-    s.orch.recover(&mut held).await;
-    assert!(held.is_empty());
+    restart_holding(&mut s);
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
     assert_eq!(s.calls(), calls(&["cpu0 thaw acme"]));
     assert_stayed_on_a(&s);
     assert!(!s.a.tenant("acme").unwrap().frozen);
@@ -657,16 +707,16 @@ async fn recovery_of_a_move_without_stored_bytes_waits_for_its_source() {
     let mut s = Setup::acme_on_a();
     freeze(&s, &s.a).await;
     s.record_move("acme", None);
-    let mut held = restart_holding(&mut s);
+    restart_holding(&mut s);
     s.a.set_down(true);
-    s.orch.recover(&mut held).await;
+    s.orch.recover().await;
     // Still held, gate closed, record kept: tried again next tick.
-    assert_eq!(held.len(), 1);
+    assert_eq!(s.orch.held_moves().await, 1);
     assert!(s.fleet.gate_closed("acme"));
     assert!(s.recorded("acme").is_some());
     s.a.set_down(false);
-    s.orch.recover(&mut held).await;
-    assert!(held.is_empty());
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
     assert_eq!(s.calls(), calls(&["cpu0 thaw acme", "cpu0 thaw acme"]));
     assert_stayed_on_a(&s);
     assert!(!s.a.tenant("acme").unwrap().frozen);
@@ -677,9 +727,9 @@ async fn recovery_of_a_move_without_stored_bytes_from_a_forgotten_source_forgets
     let mut s = Setup::acme_on_a();
     s.record_move("acme", None);
     s.fleet.forget(A).unwrap();
-    let mut held = restart_holding(&mut s);
-    s.orch.recover(&mut held).await;
-    assert!(held.is_empty());
+    restart_holding(&mut s);
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
     assert_eq!(s.calls(), Vec::<String>::new());
     assert_eq!(s.recorded("acme"), None);
     assert!(!s.fleet.gate_closed("acme"));
@@ -691,9 +741,9 @@ async fn recovery_of_a_move_whose_stored_bytes_are_gone_thaws_the_source() {
     freeze(&s, &s.a).await;
     s.record_move("acme", Some(b"state"));
     std::fs::remove_file(s.stored("acme")).unwrap();
-    let mut held = restart_holding(&mut s);
-    s.orch.recover(&mut held).await;
-    assert!(held.is_empty());
+    restart_holding(&mut s);
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
     assert_eq!(s.calls(), calls(&["cpu0 thaw acme"]));
     assert_stayed_on_a(&s);
 }
@@ -703,9 +753,9 @@ async fn recovery_of_a_move_with_stored_bytes_imports_them_and_drops_the_source(
     let mut s = Setup::acme_on_a();
     freeze(&s, &s.a).await;
     s.record_move("acme", Some(b"state"));
-    let mut held = restart_holding(&mut s);
-    s.orch.recover(&mut held).await;
-    assert!(held.is_empty());
+    restart_holding(&mut s);
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
     assert_eq!(
         s.calls(),
         calls(&["cpu1 info", "cpu1 import acme", "cpu0 drop acme"])
@@ -724,9 +774,9 @@ async fn recovery_of_a_move_the_destination_imported_already_skips_the_import() 
     freeze(&s, &s.a).await;
     s.record_move("acme", Some(b"state"));
     s.b.hold_tenant("acme", b"state", &[]);
-    let mut held = restart_holding(&mut s);
-    s.orch.recover(&mut held).await;
-    assert!(held.is_empty());
+    restart_holding(&mut s);
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
     assert_eq!(s.calls(), calls(&["cpu1 info", "cpu0 drop acme"]));
     assert_eq!(s.home("acme").as_deref(), Some(B));
     assert_eq!(s.recorded("acme"), None);
@@ -738,18 +788,18 @@ async fn recovery_of_a_move_with_stored_bytes_waits_for_its_destination() {
     let mut s = Setup::acme_on_a();
     freeze(&s, &s.a).await;
     s.record_move("acme", Some(b"state"));
-    let mut held = restart_holding(&mut s);
+    restart_holding(&mut s);
     s.b.set_down(true);
-    s.orch.recover(&mut held).await;
-    assert_eq!(held.len(), 1);
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 1);
     assert!(s.fleet.gate_closed("acme"));
     assert_eq!(s.calls(), calls(&["cpu1 info"]));
     assert!(s.recorded("acme").is_some());
     assert!(s.stored("acme").exists());
     assert_eq!(s.home("acme").as_deref(), Some(A));
     s.b.set_down(false);
-    s.orch.recover(&mut held).await;
-    assert!(held.is_empty());
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
     assert_eq!(
         s.calls(),
         calls(&["cpu1 info", "cpu1 import acme", "cpu0 drop acme"])
@@ -763,7 +813,8 @@ async fn recovery_of_a_move_the_destination_refuses_keeps_the_tenant_on_its_sour
     freeze(&s, &s.a).await;
     s.record_move("acme", Some(b"state"));
     s.b.fail(Op::Import, Fault::Answer(ErrorCode::InvalidInput));
-    let held = restart_holding(&mut s);
+    restart_holding(&mut s);
+    let held = s.orch.take_held().await;
     let e = s
         .orch
         .recover_one(&held[0].tenant, &held[0].mv)
@@ -785,9 +836,9 @@ async fn recovery_after_the_source_died_resumes_the_tenant_on_its_destination() 
     let mut s = Setup::acme_on_a();
     s.record_move("acme", Some(b"state"));
     s.a.set_down(true);
-    let mut held = restart_holding(&mut s);
-    s.orch.recover(&mut held).await;
-    assert!(held.is_empty());
+    restart_holding(&mut s);
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
     assert_eq!(
         s.calls(),
         calls(&["cpu1 info", "cpu1 import acme", "cpu0 drop acme"])
@@ -954,4 +1005,235 @@ async fn purge_of_an_unknown_tenant_calls_nothing() {
     let e = s.orch.purge("nobody").await.unwrap_err();
     assert_eq!(code(&e), ErrorCode::NotFound);
     assert_eq!(s.calls(), Vec::<String>::new());
+}
+
+// ---- Pre-copy ---------------------------------------------------------------
+
+const SESSION: &str = "s-cpu0-acme";
+
+#[tokio::test]
+async fn precopy_step1_and_2_the_session_is_recorded_and_the_tenant_runs_while_it_is_pulled() {
+    let s = Setup::precopy();
+    let pull = s.b.hold(Op::Pull);
+    let mv = s.spawn_migrate("acme", B);
+    until("B pulls", || pull.reached()).await;
+    assert_eq!(
+        s.recorded("acme"),
+        Some(Move {
+            from: x(A),
+            to: x(B),
+            snapshot: None,
+            session: Some(SESSION.into()),
+        })
+    );
+    // The gate stays open: requests of acme go to A meanwhile.
+    assert!(!s.fleet.gate_closed("acme"));
+    let r = s.fleet.route(&t("acme")).await.unwrap();
+    assert_eq!(r.executor.id.as_str(), A);
+    drop(r);
+    pull.release();
+    let report = mv.await.unwrap().unwrap();
+    assert_eq!(report.protocol, Protocol::PreCopy);
+    assert_eq!(report.precopy_bytes, 5, "the pull copied the state");
+    assert_eq!(report.pause_bytes, 5, "the final round");
+}
+
+#[tokio::test]
+async fn precopy_step3_to_5_the_gate_closes_for_the_commit_and_opens_at_the_destination() {
+    let s = Setup::precopy();
+    let commit = s.b.hold(Op::Commit);
+    let mv = s.spawn_migrate("acme", B);
+    until("B commits", || commit.reached()).await;
+    assert!(s.fleet.gate_closed("acme"));
+    assert_eq!(s.home("acme").as_deref(), Some(A));
+    // A request now waits at the gate, then goes to B.
+    let fleet = s.fleet.clone();
+    let waiting = tokio::spawn(async move {
+        let r = fleet.route(&t("acme")).await.unwrap();
+        r.executor.id.to_string()
+    });
+    until("the request waits", || s.fleet.gate_counts("acme").1 == 1).await;
+    commit.release();
+    mv.await.unwrap().unwrap();
+    assert_eq!(waiting.await.unwrap(), B);
+    assert_eq!(
+        s.calls(),
+        calls(&[
+            "cpu0 outbound acme",
+            "cpu1 pull acme",
+            "cpu1 commit acme",
+            "cpu0 drop acme",
+        ])
+    );
+    assert_eq!(s.home("acme").as_deref(), Some(B));
+    assert_eq!(s.recorded("acme"), None);
+    assert!(s.a.tenant("acme").is_none(), "A dropped its copy");
+    assert!(s.a.sessions().is_empty());
+    assert_eq!(s.b.tenant("acme").unwrap().state, bytes(b"state"));
+}
+
+#[tokio::test]
+async fn precopy_a_failed_pull_is_undone_and_the_tenant_stays() {
+    let s = Setup::precopy();
+    s.b.fail_once(Op::Pull, Fault::Answer(ErrorCode::CapacityExhausted));
+    let e = s.orch.migrate("acme", B).await.unwrap_err();
+    assert_eq!(code(&e), ErrorCode::ImportFailed);
+    assert_eq!(
+        s.calls(),
+        calls(&[
+            "cpu0 outbound acme",
+            "cpu1 pull acme",
+            "cpu1 discard acme",
+            &format!("cpu0 end-outbound {SESSION}"),
+        ])
+    );
+    assert_stayed_on_a(&s);
+    assert!(s.a.sessions().is_empty(), "the session ended");
+    assert!(!s.a.tenant("acme").unwrap().frozen);
+}
+
+#[tokio::test]
+async fn precopy_a_destination_of_an_older_release_gets_the_tenant_by_stop_and_copy() {
+    let s = Setup::build(Duration::from_secs(30), true, false);
+    s.place("acme", A);
+    s.a.hold_tenant("acme", b"state", &[]);
+    let report = s.orch.migrate("acme", B).await.unwrap();
+    assert_eq!(report.protocol, Protocol::StopAndCopy);
+    assert_eq!(
+        s.calls(),
+        calls(&[
+            "cpu0 outbound acme",
+            "cpu1 pull acme",
+            "cpu1 discard acme",
+            &format!("cpu0 end-outbound {SESSION}"),
+            "cpu0 modules acme",
+            "cpu0 export acme",
+            "cpu1 import acme",
+            "cpu0 drop acme",
+        ])
+    );
+    assert_eq!(s.home("acme").as_deref(), Some(B));
+}
+
+#[tokio::test]
+async fn precopy_a_failed_commit_the_destination_did_not_publish_is_undone() {
+    let s = Setup::precopy();
+    s.b.fail_once(Op::Commit, Fault::Answer(ErrorCode::Internal));
+    let e = s.orch.migrate("acme", B).await.unwrap_err();
+    assert_eq!(code(&e), ErrorCode::ImportFailed);
+    assert_eq!(
+        s.calls(),
+        calls(&[
+            "cpu0 outbound acme",
+            "cpu1 pull acme",
+            "cpu1 commit acme",
+            "cpu1 discard acme",
+            "cpu1 info",
+            &format!("cpu0 end-outbound {SESSION}"),
+        ])
+    );
+    assert_stayed_on_a(&s);
+    assert!(s.b.staged().is_empty());
+}
+
+#[tokio::test]
+async fn precopy_a_commit_whose_outcome_is_unknown_is_held_for_recovery() {
+    let s = Setup::precopy();
+    let commit = s.b.hold(Op::Commit);
+    let mv = s.spawn_migrate("acme", B);
+    until("B commits", || commit.reached()).await;
+    // B goes away with the commit's answer: did it publish acme?
+    s.b.set_down(true);
+    commit.release();
+    let e = mv.await.unwrap().unwrap_err();
+    assert_eq!(code(&e), ErrorCode::ImportFailed);
+    assert_eq!(s.orch.held_moves().await, 1);
+    assert!(
+        s.fleet.gate_closed("acme"),
+        "no request reaches either copy"
+    );
+    assert!(s.recorded("acme").is_some());
+    // Recovery asks again at each tick until B answers.
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 1);
+    s.b.set_down(false);
+    s.calls();
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
+    // B never committed (its commit failed before it began): undone.
+    assert_eq!(
+        s.calls(),
+        calls(&[
+            "cpu1 discard acme",
+            "cpu1 info",
+            &format!("cpu0 end-outbound {SESSION}"),
+        ])
+    );
+    assert_stayed_on_a(&s);
+}
+
+/// Starts a session on A and a pull on B, as steps 1 and 2 did, and
+/// records the move.
+async fn precopy_recorded(s: &Setup) {
+    let session = s.a.start_outbound(&t("acme")).await.unwrap();
+    s.b.pull(&t("acme"), A_ADDR, &session).await.unwrap();
+    s.fleet
+        .placements()
+        .begin_move_with(&t("acme"), &x(B), Some(session))
+        .unwrap();
+    s.calls();
+}
+
+#[tokio::test]
+async fn precopy_recovery_undoes_a_move_the_destination_did_not_commit() {
+    let mut s = Setup::precopy();
+    precopy_recorded(&s).await;
+    restart_holding(&mut s);
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
+    assert_eq!(
+        s.calls(),
+        calls(&[
+            "cpu1 discard acme",
+            "cpu1 info",
+            &format!("cpu0 end-outbound {SESSION}"),
+        ])
+    );
+    assert_stayed_on_a(&s);
+    assert!(s.b.staged().is_empty());
+}
+
+#[tokio::test]
+async fn precopy_recovery_finishes_a_move_the_destination_committed() {
+    let mut s = Setup::precopy();
+    precopy_recorded(&s).await;
+    // The proxy died after B committed, before it recorded the end.
+    s.b.commit(&t("acme")).await.unwrap();
+    assert!(s.a.tenant("acme").unwrap().frozen);
+    restart_holding(&mut s);
+    s.calls();
+    s.orch.recover().await;
+    assert_eq!(s.orch.held_moves().await, 0);
+    assert_eq!(s.calls(), calls(&["cpu1 discard acme", "cpu0 drop acme"]));
+    assert_eq!(s.home("acme").as_deref(), Some(B));
+    assert_eq!(s.recorded("acme"), None);
+    assert!(!s.fleet.gate_closed("acme"));
+    assert!(s.a.tenant("acme").is_none());
+}
+
+#[tokio::test]
+async fn precopy_recovery_with_a_destination_that_restarted_after_its_commit_finishes() {
+    let mut s = Setup::precopy();
+    precopy_recorded(&s).await;
+    s.b.commit(&t("acme")).await.unwrap();
+    // A restart forgets the inbound move; the tenant is served there.
+    s.b.forget_inbound();
+    restart_holding(&mut s);
+    s.calls();
+    s.orch.recover().await;
+    assert_eq!(
+        s.calls(),
+        calls(&["cpu1 discard acme", "cpu1 info", "cpu0 drop acme"])
+    );
+    assert_eq!(s.home("acme").as_deref(), Some(B));
 }

@@ -23,7 +23,7 @@ use tensor_wasm_shared::api::{DeviceDescription, ExecutorInfo, ExecutorStats};
 use tensor_wasm_shared::{ErrorCode, TenantId};
 use tokio::sync::Semaphore;
 
-use super::{Connector, ExecutorApi, UpstreamError};
+use super::{Connector, ExecutorApi, InboundState, Transfer, UpstreamError};
 use crate::fleet::lock;
 
 /// The kinds of call, as the log names them.
@@ -38,6 +38,11 @@ pub(crate) enum Op {
     Import,
     Thaw,
     Drop,
+    StartOutbound,
+    EndOutbound,
+    Pull,
+    Commit,
+    Discard,
 }
 
 impl Op {
@@ -52,6 +57,11 @@ impl Op {
             Op::Import => "import",
             Op::Thaw => "thaw",
             Op::Drop => "drop",
+            Op::StartOutbound => "outbound",
+            Op::EndOutbound => "end-outbound",
+            Op::Pull => "pull",
+            Op::Commit => "commit",
+            Op::Discard => "discard",
         }
     }
 }
@@ -106,9 +116,54 @@ pub(crate) struct Scripted {
     /// Faults of the next call only; before `faults`.
     once: Mutex<HashMap<Op, Fault>>,
     holds: Mutex<HashMap<Op, Arc<Hold>>>,
+    /// Whether it has the pre-copy routes (an older release has not: they
+    /// answer `not_found`).
+    precopy: bool,
+    /// Outbound sessions: id → (tenant, whether its final round froze it).
+    sessions: Mutex<HashMap<String, (String, bool)>>,
+    /// Inbound tenants pulled and not committed: tenant → (state, source
+    /// address, session).
+    staged: Mutex<HashMap<String, (Bytes, String, String)>>,
+    /// Tenants it committed since.
+    committed: Mutex<Vec<String>>,
+    /// The other executors, by address, for pulls.
+    peers: Arc<Mutex<HashMap<String, Arc<Scripted>>>>,
 }
 
 impl Scripted {
+    /// Its outbound sessions, by id.
+    pub(crate) fn sessions(&self) -> HashMap<String, (String, bool)> {
+        lock(&self.sessions).clone()
+    }
+
+    /// Forgets its inbound moves, as a restart does.
+    pub(crate) fn forget_inbound(&self) {
+        lock(&self.staged).clear();
+        lock(&self.committed).clear();
+    }
+
+    /// The tenants it holds staged.
+    pub(crate) fn staged(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.staged).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn peer(&self, addr: &str) -> Result<Arc<Scripted>, UpstreamError> {
+        lock(&self.peers)
+            .get(addr)
+            .filter(|p| !p.down.load(Ordering::Acquire))
+            .cloned()
+            .ok_or_else(|| self.answer(ErrorCode::ExecutorUnavailable))
+    }
+
+    fn route(&self) -> Result<(), UpstreamError> {
+        if self.precopy {
+            Ok(())
+        } else {
+            Err(self.answer(ErrorCode::NotFound))
+        }
+    }
     /// Gives it `tenant` with `state`, thawed, and these modules.
     pub(crate) fn hold_tenant(&self, tenant: &str, state: &[u8], modules: &[(&str, &[u8])]) {
         let t = Tenant {
@@ -292,10 +347,113 @@ impl ExecutorApi for Scripted {
 
     async fn drop_tenant(&self, tenant: &TenantId) -> Result<(), UpstreamError> {
         self.enter(Op::Drop, Some(tenant), None).await?;
+        lock(&self.sessions).retain(|_, (t, _)| t != tenant.as_str());
         match lock(&self.tenants).remove(tenant.as_str()) {
             Some(_) => Ok(()),
             None => Err(self.answer(ErrorCode::TenantNotHere)),
         }
+    }
+
+    async fn start_outbound(&self, tenant: &TenantId) -> Result<String, UpstreamError> {
+        self.enter(Op::StartOutbound, Some(tenant), None).await?;
+        self.route()?;
+        self.with_tenant(tenant, |_| Ok(()))?;
+        let id = format!("s-{}-{}", self.id, tenant);
+        lock(&self.sessions).insert(id.clone(), (tenant.to_string(), false));
+        Ok(id)
+    }
+
+    async fn end_outbound(&self, session: &str) -> Result<(), UpstreamError> {
+        self.enter(Op::EndOutbound, None, Some(session)).await?;
+        self.route()?;
+        let (tenant, froze) = lock(&self.sessions)
+            .remove(session)
+            .ok_or_else(|| self.answer(ErrorCode::NotFound))?;
+        if froze && let Some(t) = lock(&self.tenants).get_mut(&tenant) {
+            t.frozen = false;
+        }
+        Ok(())
+    }
+
+    async fn pull(
+        &self,
+        tenant: &TenantId,
+        source: &str,
+        session: &str,
+    ) -> Result<Transfer, UpstreamError> {
+        self.enter(Op::Pull, Some(tenant), None).await?;
+        self.route()?;
+        if lock(&self.tenants).contains_key(tenant.as_str()) {
+            return Err(self.answer(ErrorCode::TenantExists));
+        }
+        let src = self.peer(source)?;
+        if lock(&src.sessions).get(session).map(|(t, _)| t.as_str()) != Some(tenant.as_str()) {
+            return Err(self.answer(ErrorCode::NotFound));
+        }
+        let state = src
+            .tenant(tenant.as_str())
+            .ok_or_else(|| self.answer(ErrorCode::TenantNotHere))?
+            .state;
+        let bytes = state.len() as u64;
+        lock(&self.staged).insert(
+            tenant.to_string(),
+            (state, source.to_string(), session.to_string()),
+        );
+        Ok(Transfer {
+            bytes,
+            rounds: 1,
+            ..Transfer::default()
+        })
+    }
+
+    async fn commit(&self, tenant: &TenantId) -> Result<Transfer, UpstreamError> {
+        self.enter(Op::Commit, Some(tenant), None).await?;
+        self.route()?;
+        let (_, source, session) = lock(&self.staged)
+            .get(tenant.as_str())
+            .cloned()
+            .ok_or_else(|| self.answer(ErrorCode::NotFound))?;
+        // The final round: the source freezes the tenant and sends it.
+        let src = self.peer(&source)?;
+        let state = {
+            let mut sessions = lock(&src.sessions);
+            let entry = sessions
+                .get_mut(&session)
+                .ok_or_else(|| self.answer(ErrorCode::NotFound))?;
+            entry.1 = true;
+            let mut tenants = lock(&src.tenants);
+            let t = tenants
+                .get_mut(tenant.as_str())
+                .ok_or_else(|| self.answer(ErrorCode::TenantNotHere))?;
+            t.frozen = true;
+            t.state.clone()
+        };
+        lock(&self.staged).remove(tenant.as_str());
+        let bytes = state.len() as u64;
+        lock(&self.tenants).insert(
+            tenant.to_string(),
+            Tenant {
+                state,
+                ..Tenant::default()
+            },
+        );
+        lock(&self.committed).push(tenant.to_string());
+        Ok(Transfer {
+            bytes,
+            ..Transfer::default()
+        })
+    }
+
+    async fn discard(&self, tenant: &TenantId) -> Result<InboundState, UpstreamError> {
+        self.enter(Op::Discard, Some(tenant), None).await?;
+        self.route()?;
+        if lock(&self.staged).remove(tenant.as_str()).is_some() {
+            return Ok(InboundState::Discarded);
+        }
+        if lock(&self.committed).iter().any(|t| t == tenant.as_str()) {
+            return Ok(InboundState::Committed);
+        }
+        Ok(InboundState::None)
     }
 }
 
@@ -303,12 +461,22 @@ impl ExecutorApi for Scripted {
 #[derive(Debug, Default)]
 pub(crate) struct Net {
     log: Arc<Mutex<Vec<String>>>,
-    executors: Mutex<HashMap<String, Arc<Scripted>>>,
+    executors: Arc<Mutex<HashMap<String, Arc<Scripted>>>>,
 }
 
 impl Net {
-    /// Adds executor `id` at `addr`.
+    /// Adds executor `id` at `addr`, of a release that moves tenants by
+    /// stop-and-copy only.
     pub(crate) fn add(&self, id: &str, addr: &str) -> Arc<Scripted> {
+        self.add_with(id, addr, false)
+    }
+
+    /// Adds executor `id` at `addr`, with the pre-copy routes.
+    pub(crate) fn add_precopy(&self, id: &str, addr: &str) -> Arc<Scripted> {
+        self.add_with(id, addr, true)
+    }
+
+    fn add_with(&self, id: &str, addr: &str, precopy: bool) -> Arc<Scripted> {
         let e = Arc::new(Scripted {
             id: id.to_string(),
             addr: addr.to_string(),
@@ -319,6 +487,11 @@ impl Net {
             faults: Mutex::new(HashMap::new()),
             once: Mutex::new(HashMap::new()),
             holds: Mutex::new(HashMap::new()),
+            precopy,
+            sessions: Mutex::new(HashMap::new()),
+            staged: Mutex::new(HashMap::new()),
+            committed: Mutex::new(Vec::new()),
+            peers: self.executors.clone(),
         });
         lock(&self.executors).insert(addr.to_string(), e.clone());
         e
@@ -338,7 +511,7 @@ impl Connector for Net {
         }
         let nobody = Net {
             log: self.log.clone(),
-            executors: Mutex::new(HashMap::new()),
+            executors: Arc::new(Mutex::new(HashMap::new())),
         }
         .add(addr, addr);
         nobody.set_down(true);
