@@ -42,6 +42,8 @@ pub enum ExecError {
     TenantExists(String),
     #[error("tenant {0} is not on this executor")]
     TenantNotHere(String),
+    #[error("{0} is not here")]
+    MoveNotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -103,6 +105,7 @@ impl ExecError {
             ExecError::TenantFrozen(_) => ErrorCode::TenantFrozen,
             ExecError::TenantExists(_) => ErrorCode::TenantExists,
             ExecError::TenantNotHere(_) => ErrorCode::TenantNotHere,
+            ExecError::MoveNotFound(_) => ErrorCode::MoveNotFound,
             ExecError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             ExecError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             ExecError::Wasm(WasmError::Invalid(_)) => ErrorCode::InvalidWasm,

@@ -846,7 +846,12 @@ fn round_response(s: Arc<crate::outbound::Outbound>, kind: StreamKind) -> Respon
         let started = Instant::now();
         match s.round(kind, &mut w) {
             Ok(stats) => {
-                tracing::debug!(tenant = %s.tenant_id(), session = %s.id, ?kind, bytes = stats.bytes, pages = stats.page_bytes, tensors = stats.tensor_bytes, ms = started.elapsed().as_secs_f64() * 1e3, "round sent");
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                if kind == StreamKind::Final {
+                    tracing::info!(tenant = %s.tenant_id(), session = %s.id, bytes = stats.bytes, pages = stats.page_bytes, tensors = stats.tensor_bytes, ms, "final round sent");
+                } else {
+                    tracing::debug!(tenant = %s.tenant_id(), session = %s.id, bytes = stats.bytes, pages = stats.page_bytes, tensors = stats.tensor_bytes, ms, "round sent");
+                }
             }
             Err(e) => {
                 tracing::warn!(tenant = %s.tenant_id(), session = %s.id, error = %e, "round failed");
@@ -895,7 +900,7 @@ async fn tenant_assets(
     let tenant = path_tenant(&tenant)?;
     app.registry.tenant_here(&tenant)?;
     if !app.registry.asset_store().contains(tenant.as_str(), &sha) {
-        return Err(ExecError::NotFound(format!("assets file {sha}")));
+        return Err(ExecError::MoveNotFound(format!("assets file {sha}")));
     }
     let path = app.registry.asset_store().path(tenant.as_str(), &sha);
     let file = tokio::fs::File::open(&path)

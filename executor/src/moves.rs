@@ -191,7 +191,7 @@ pub async fn commit(registry: &Arc<Registry>, tenant: &TenantId) -> Result<Round
     let t0 = Instant::now();
     let inbound = registry
         .inbound(tenant)
-        .ok_or_else(|| ExecError::NotFound(format!("an inbound move of tenant {tenant}")))?;
+        .ok_or_else(|| ExecError::MoveNotFound(format!("an inbound move of tenant {tenant}")))?;
     let Some((peer, session)) = inbound.origin.clone() else {
         return Err(ExecError::Internal(
             "an import has no source to commit from".into(),

@@ -270,7 +270,7 @@ impl Registry {
     pub fn outbound_session(&self, id: &str) -> Result<Arc<Outbound>, ExecError> {
         self.outbound
             .get(id)
-            .ok_or_else(|| ExecError::NotFound(format!("migration session {id}")))
+            .ok_or_else(|| ExecError::MoveNotFound(format!("migration session {id}")))
     }
 
     /// Ends an outbound session without a move: its tenant thaws.
@@ -278,7 +278,7 @@ impl Registry {
         let s = self
             .outbound
             .remove(id)
-            .ok_or_else(|| ExecError::NotFound(format!("migration session {id}")))?;
+            .ok_or_else(|| ExecError::MoveNotFound(format!("migration session {id}")))?;
         s.end();
         Ok(())
     }

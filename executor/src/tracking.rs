@@ -105,7 +105,7 @@ pub struct Gone;
 impl MemoryTracker {
     /// Whether this tracker write-protects (else it hashes).
     pub fn write_protects(&self) -> bool {
-        matches!(self.state, State::WriteProtect { .. })
+        matches!(self.state, State::WriteProtect)
     }
 
     /// The byte ranges of `[0, size)` to send now, coalesced and in order,

@@ -442,7 +442,8 @@ impl Orchestrator {
     async fn end_session(&self, src: &Executor, session: &str) {
         match self.fleet.client(src).end_outbound(session).await {
             Ok(()) => {}
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => {}
+            // Ended already, or gone with a restart of the source.
+            Err(e) if e.code() == Some(ErrorCode::MoveNotFound) => {}
             Err(e) => {
                 tracing::warn!(executor = %src.id, %session, error = %e, "could not end an outbound session")
             }
@@ -618,6 +619,36 @@ impl Orchestrator {
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
             Err(e) => {
                 tracing::warn!(tenant = %t, executor = %exec.id, error = %e, "could not drop a moved tenant from its source")
+            }
+        }
+    }
+
+    /// Drops from `exec` the tenants it holds that are placed on another
+    /// executor and not moving: copies a move left behind because its
+    /// source was down when the move ended (it came back with the tenant's
+    /// functions from its state directory). The placement file decides
+    /// where a tenant lives; such a copy is never served, and would make a
+    /// later move to `exec` fail with `tenant_exists`.
+    pub async fn reconcile(&self, exec: &Executor) {
+        let info = match self.fleet.client(exec).info(CONTROL_TIMEOUT).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!(executor = %exec.id, error = %e, "no info to reconcile");
+                return;
+            }
+        };
+        for name in info.tenants {
+            let Ok(t) = TenantId::new(&name) else {
+                continue;
+            };
+            let stale = {
+                let p = self.fleet.placements();
+                p.get(&t).is_some_and(|home| home != &exec.id)
+                    && !p.state().moving.contains_key(t.as_str())
+            };
+            if stale {
+                tracing::warn!(tenant = %t, executor = %exec.id, "dropping a copy left behind by a move; the tenant lives elsewhere");
+                self.drop_on(exec, &t).await;
             }
         }
     }

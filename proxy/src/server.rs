@@ -308,20 +308,32 @@ struct Upkeep {
     dns: Option<String>,
 }
 
+/// Ticks between reconciliations of every executor's tenants with the
+/// placement table (also done at the first tick and when an executor comes
+/// back): 25, so a copy a move left behind on an executor that restarted
+/// goes within seconds.
+const RECONCILE_EVERY: u32 = 25;
+
 /// Ticks between prunings of idle rate-limiter keys.
 const PRUNE_EVERY: u32 = 60;
 
 impl Upkeep {
-    async fn probe_all(&self) {
+    /// Probes every executor; one that is back is reconciled, and with
+    /// `all`, every one that answers.
+    async fn probe_all(&self, all: bool) {
         let fleet = &self.shared.fleet;
         let probes = fleet.executors().into_iter().map(|exec| async move {
             let ok = fleet.client(&exec).health().await.is_ok();
-            if exec.set_healthy(ok) {
+            let changed = exec.set_healthy(ok);
+            if changed {
                 if ok {
                     tracing::info!(executor = %exec.id, "executor healthy again");
                 } else {
                     tracing::warn!(executor = %exec.id, addr = %exec.addr, "executor failed its health probe");
                 }
+            }
+            if ok && (changed || all) {
+                self.orchestrator.reconcile(&exec).await;
             }
         });
         futures_util::future::join_all(probes).await;
@@ -373,7 +385,7 @@ impl BackgroundService for Upkeep {
             if let Some(name) = &self.dns {
                 self.discover(name).await;
             }
-            self.probe_all().await;
+            self.probe_all(ticks.is_multiple_of(RECONCILE_EVERY)).await;
             self.orchestrator.recover().await;
             ticks = ticks.wrapping_add(1);
             if ticks.is_multiple_of(PRUNE_EVERY) {

@@ -30,6 +30,11 @@ pub enum ErrorCode {
     /// between the proxy and executors; distinct from `not_found`, which an
     /// executor answers for a route it does not have.
     TenantNotHere,
+    /// An internal route of a move named what this executor does not hold:
+    /// a migration session, an inbound move, or an assets file of the
+    /// tenant. Only between executors and the proxy; distinct from
+    /// `not_found` for the same reason as `tenant_not_here`.
+    MoveNotFound,
     /// A migration, snapshot or restore of the tenant is already running.
     MigrationRunning,
     PayloadTooLarge,
@@ -51,7 +56,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidInput,
         ErrorCode::Unauthorized,
@@ -65,6 +70,7 @@ impl ErrorCode {
         ErrorCode::TenantFrozen,
         ErrorCode::TenantExists,
         ErrorCode::TenantNotHere,
+        ErrorCode::MoveNotFound,
         ErrorCode::MigrationRunning,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UnsupportedMediaType,
@@ -90,7 +96,7 @@ impl ErrorCode {
             InvalidJson | InvalidInput => 400,
             Unauthorized => 401,
             TenantScopeDenied => 403,
-            FunctionNotFound | JobNotFound | NotFound | TenantNotHere => 404,
+            FunctionNotFound | JobNotFound | NotFound | TenantNotHere | MoveNotFound => 404,
             MethodNotAllowed => 405,
             FunctionExists | JobRunning | TenantFrozen | TenantExists | MigrationRunning => 409,
             PayloadTooLarge => 413,
@@ -121,6 +127,7 @@ impl ErrorCode {
             TenantFrozen => "tenant_frozen",
             TenantExists => "tenant_exists",
             TenantNotHere => "tenant_not_here",
+            MoveNotFound => "move_not_found",
             MigrationRunning => "migration_running",
             PayloadTooLarge => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",

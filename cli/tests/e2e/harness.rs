@@ -17,6 +17,10 @@ pub struct ExecutorProcess {
     pub addr: String,
     pub id: String,
     agent: ureq::Agent,
+    state: PathBuf,
+    extra: Vec<String>,
+    /// Its log lines so far (stderr).
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 pub fn free_port() -> u16 {
@@ -34,7 +38,11 @@ impl ExecutorProcess {
 
     /// Starts with extra flags.
     pub fn start_with(id: &str, state: &Path, extra: &[&str]) -> ExecutorProcess {
-        let port = free_port();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_on(id, state, &extra, free_port())
+    }
+
+    fn start_on(id: &str, state: &Path, extra: &[String], port: u16) -> ExecutorProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
             .args([
                 "executor",
@@ -57,16 +65,21 @@ impl ExecutorProcess {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // Wait for the "executor ready" line.
+        // Keep every line; wait for the "executor ready" one.
         let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("executor ready") {
-                    let _ = tx.send(());
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("executor ready") {
+                        let _ = tx.send(());
+                    }
+                    log.lock().unwrap().push(line);
                 }
-            }
-        });
+            });
+        }
         rx.recv_timeout(Duration::from_secs(60))
             .expect("executor did not become ready");
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -80,6 +93,63 @@ impl ExecutorProcess {
             addr: format!("127.0.0.1:{port}"),
             id: id.to_string(),
             agent,
+            state: state.to_path_buf(),
+            extra: extra.to_vec(),
+            log,
+        }
+    }
+
+    /// Starts it again (after it was killed): same id, state directory,
+    /// flags and port.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port: u16 = self.addr.rsplit(':').next().unwrap().parse().unwrap();
+        let start = Instant::now();
+        // The old socket may linger a moment.
+        while TcpListener::bind(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "port {port} stays taken"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *self = Self::start_on(
+            &self.id.clone(),
+            &self.state.clone(),
+            &self.extra.clone(),
+            port,
+        );
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Lines logged so far: a mark for [`wait_log_after`](Self::wait_log_after).
+    pub fn log_mark(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Waits until a line logged after `mark` contains every one of
+    /// `needles` (at most 60 s).
+    pub fn wait_log_after(&self, mark: usize, needles: &[&str]) {
+        let start = Instant::now();
+        loop {
+            let found = self.log.lock().unwrap()[mark..]
+                .iter()
+                .any(|l| needles.iter().all(|n| l.contains(n)));
+            if found {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{} never logged {needles:?}:\n{}",
+                self.id,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

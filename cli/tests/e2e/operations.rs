@@ -231,6 +231,118 @@ fn a_restarted_proxy_finishes_or_undoes_recorded_moves() {
     assert!(!stored.exists(), "stored bytes deleted once imported");
 }
 
+/// A proxy killed at each step of a pre-copy move, its executors left as
+/// that step left them; the restarted proxy finishes the move where the
+/// destination committed and undoes it everywhere else, and every tenant is
+/// served, warm, by exactly one executor.
+#[test]
+fn a_restarted_proxy_finishes_or_undoes_pre_copy_moves_at_every_step() {
+    let options = || ProxyOptions {
+        tokens: tenants(4),
+        ..ProxyOptions::default()
+    };
+    let mut fleet = TestFleet::start(2, options());
+    let ids: Vec<String> = (0..4)
+        .map(|i| {
+            let id = fleet.deploy_counter(&format!("tok-t{i}"));
+            assert_eq!(fleet.proxy.migrate(&format!("t{i}"), "cpu0").status, 200);
+            for n in 1..=2 {
+                let r = fleet.count(&format!("tok-t{i}"), &id);
+                assert_eq!(parse_counter(&r.body).0, n);
+            }
+            id
+        })
+        .collect();
+    fleet.proxy.child.kill().unwrap();
+    fleet.proxy.child.wait().unwrap();
+
+    let (a, b) = (fleet.executor("cpu0"), fleet.executor("cpu1"));
+    let call = |ex: &crate::harness::ExecutorProcess, method: &str, path: &str, body: &[u8]| {
+        let (status, out) = ex.request(method, path, None, "application/json", body);
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {}",
+            String::from_utf8_lossy(&out)
+        );
+        out
+    };
+    let start = |t: &str| {
+        let out = call(a, "POST", &format!("/internal/tenants/{t}/outbound"), b"");
+        serde_json::from_slice::<serde_json::Value>(&out).unwrap()["session"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let pull = |t: &str, session: &str| {
+        let body = serde_json::json!({"source": a.addr, "session": session}).to_string();
+        call(
+            b,
+            "POST",
+            &format!("/internal/tenants/{t}/inbound"),
+            body.as_bytes(),
+        );
+    };
+    // t0: step 1 done (a session on the source). t1: step 2 done (staged on
+    // the destination). t2: in step 4, the source froze it and sent its
+    // final round, the destination did not commit. t3: in step 4, the
+    // destination committed.
+    let mut moving = serde_json::Map::new();
+    for (i, t) in ["t0", "t1", "t2", "t3"].iter().enumerate() {
+        let session = start(t);
+        if i >= 1 {
+            pull(t, &session);
+        }
+        if i == 2 {
+            call(
+                a,
+                "POST",
+                &format!("/internal/outbound/{session}/final"),
+                b"",
+            );
+        }
+        if i == 3 {
+            call(
+                b,
+                "POST",
+                &format!("/internal/tenants/{t}/inbound/commit"),
+                b"",
+            );
+        }
+        moving.insert(
+            t.to_string(),
+            serde_json::json!({"from": "cpu0", "to": "cpu1", "snapshot": null, "session": session}),
+        );
+    }
+    let state = fleet.proxy_state();
+    let file = state.join("placements.json");
+    let mut table: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    table["moving"] = serde_json::Value::Object(moving);
+    std::fs::write(&file, serde_json::to_vec(&table).unwrap()).unwrap();
+
+    fleet.proxy = ProxyProcess::start(&state, &[], options());
+    for (i, home) in ["cpu0", "cpu0", "cpu0", "cpu1"].iter().enumerate() {
+        let t = format!("t{i}");
+        let r = fleet.count(&format!("tok-t{i}"), &ids[i]);
+        assert_eq!(r.status, 200, "{t}: {}", r.text());
+        assert_eq!(parse_counter(&r.body), (3, vec![3.0; 4]), "{t} warm");
+        assert_eq!(fleet.proxy.placement(&t).as_deref(), Some(*home), "{t}");
+    }
+    let table = fleet.proxy.admin("GET", "/admin/placements", None).json();
+    assert_eq!(table["moving"], serde_json::json!({}));
+    let mut on_a = tenants_on(fleet.executor("cpu0"));
+    let mut on_b = tenants_on(fleet.executor("cpu1"));
+    on_a.sort();
+    on_b.sort();
+    assert_eq!(
+        (on_a, on_b),
+        (
+            vec!["t0".to_string(), "t1".into(), "t2".into()],
+            vec!["t3".to_string()]
+        )
+    );
+}
+
 #[test]
 fn tokens_rotate_on_sighup_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -437,11 +549,19 @@ fn big_acme_on_cpu0_and_beta_on(beta_on: &str) -> (TestFleet, String, String) {
     (fleet, id, beta)
 }
 
-/// Starts a migration of acme to `to` on a thread, waits until the proxy
-/// has stored the exported bytes (step 3 done), then SIGKILLs `victim`.
-fn kill_mid_move(fleet: &mut TestFleet, to: &str, victim: &str) -> crate::harness::Resp {
+/// Starts a migration of acme to `to` on a thread, waits until `when`
+/// (the executor `watch` logged it), then SIGKILLs `victim`; the move's
+/// answer.
+fn kill_mid_move(
+    fleet: &mut TestFleet,
+    to: &str,
+    watch: &str,
+    when: &str,
+    victim: &str,
+) -> crate::harness::Resp {
     let admin = fleet.proxy.admin.clone();
     let to = to.to_string();
+    let mark = fleet.executor(watch).log_mark();
     let mover = std::thread::spawn(move || {
         let body = serde_json::json!({ "to": to }).to_string();
         admin.call(
@@ -454,27 +574,40 @@ fn kill_mid_move(fleet: &mut TestFleet, to: &str, victim: &str) -> crate::harnes
             Some(("application/json", body.as_bytes())),
         )
     });
-    let stored = fleet.proxy_state().join("moves").join("acme.twsnap");
-    let start = Instant::now();
-    while !stored.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "export never stored"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    fleet.executor(watch).wait_log_after(mark, &[when, "acme"]);
     let victim = fleet.executors.iter_mut().find(|e| e.id == victim).unwrap();
     victim.child.kill().unwrap();
     victim.child.wait().unwrap();
     mover.join().unwrap()
 }
 
+/// The tenants `ex` holds, by its own account.
+fn held_by(fleet: &TestFleet, ex: &str) -> Vec<String> {
+    let (status, body) =
+        fleet
+            .executor(ex)
+            .request("GET", "/internal/info", None, "application/json", b"");
+    assert_eq!(status, 200);
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
-fn a_destination_killed_during_import_leaves_the_tenant_on_its_source() {
+fn a_destination_killed_during_the_pull_leaves_the_tenant_on_its_source() {
     let (mut fleet, id, beta) = big_acme_on_cpu0_and_beta_on("cpu0");
     assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body[..20]).0, 1);
 
-    let r = kill_mid_move(&mut fleet, "cpu1", "cpu1");
+    let r = kill_mid_move(
+        &mut fleet,
+        "cpu1",
+        "cpu0",
+        "outbound session started",
+        "cpu1",
+    );
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.code(), "import_failed");
     assert_eq!(fleet.proxy.placement("acme").as_deref(), Some("cpu0"));
@@ -491,16 +624,64 @@ fn a_destination_killed_during_import_leaves_the_tenant_on_its_source() {
         (200, 1),
         "bystander unaffected"
     );
+    // Back, the destination holds nothing of it.
+    fleet
+        .executors
+        .iter_mut()
+        .find(|e| e.id == "cpu1")
+        .unwrap()
+        .restart();
+    assert!(!held_by(&fleet, "cpu1").contains(&"acme".to_string()));
 }
 
 #[test]
-fn a_source_killed_after_its_export_resumes_the_tenant_from_the_snapshot() {
+fn a_source_killed_during_the_pull_keeps_the_tenant_placed_there() {
+    let (mut fleet, id, beta) = big_acme_on_cpu0_and_beta_on("cpu1");
+    assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body[..20]).0, 1);
+
+    let r = kill_mid_move(
+        &mut fleet,
+        "cpu1",
+        "cpu0",
+        "outbound session started",
+        "cpu0",
+    );
+    assert_ne!(r.status, 200, "{}", r.text());
+    assert_eq!(fleet.proxy.placement("acme").as_deref(), Some("cpu0"));
+    assert!(
+        !held_by(&fleet, "cpu1").contains(&"acme".to_string()),
+        "the destination kept nothing"
+    );
+    let r = fleet.count("tok-beta", &beta);
+    assert_eq!((r.status, parse_counter(&r.body).0), (200, 1));
+    // The source comes back with the tenant's functions (its warm state
+    // went with the process, as in any crash).
+    fleet
+        .executors
+        .iter_mut()
+        .find(|e| e.id == "cpu0")
+        .unwrap()
+        .restart();
+    let start = Instant::now();
+    let r = loop {
+        let r = fleet.count("tok-acme", &id);
+        if r.status == 200 || start.elapsed() > Duration::from_secs(30) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(parse_counter(&r.body[..20]).0, 1, "cold, not lost");
+}
+
+#[test]
+fn a_source_killed_after_its_final_round_resumes_the_tenant_on_its_destination() {
     let (mut fleet, id, beta) = big_acme_on_cpu0_and_beta_on("cpu1");
     for n in 1..=2 {
         assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body[..20]).0, n);
     }
 
-    let r = kill_mid_move(&mut fleet, "cpu1", "cpu0");
+    let r = kill_mid_move(&mut fleet, "cpu1", "cpu0", "final round sent", "cpu0");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(fleet.proxy.placement("acme").as_deref(), Some("cpu1"));
     let r = fleet.count("tok-acme", &id);
@@ -508,7 +689,7 @@ fn a_source_killed_after_its_export_resumes_the_tenant_from_the_snapshot() {
     assert_eq!(
         parse_counter(&r.body[..20]).0,
         3,
-        "resumed from the snapshot"
+        "resumed from the final round, warm"
     );
     let r = fleet.count("tok-beta", &beta);
     assert_eq!(
@@ -516,4 +697,20 @@ fn a_source_killed_after_its_export_resumes_the_tenant_from_the_snapshot() {
         (200, 1),
         "bystander unaffected"
     );
+    // The source comes back; its stale copy is dropped, not served.
+    fleet
+        .executors
+        .iter_mut()
+        .find(|e| e.id == "cpu0")
+        .unwrap()
+        .restart();
+    let start = Instant::now();
+    while held_by(&fleet, "cpu0").contains(&"acme".to_string()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the source still holds acme"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body[..20]).0, 4);
 }

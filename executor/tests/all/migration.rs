@@ -58,7 +58,7 @@ fn count(ex: &TestExecutor, id: &str) -> (u32, Vec<f32>, u32) {
 
 /// The checksum the guest computes after `n` calls.
 fn checksum(n: u32) -> u32 {
-    let mut region = vec![0u8; 32];
+    let mut region = [0u8; 32];
     for k in 1..=n {
         region[(k % 32) as usize] = k as u8;
     }

@@ -368,7 +368,7 @@ impl ExecutorApi for Scripted {
         self.route()?;
         let (tenant, froze) = lock(&self.sessions)
             .remove(session)
-            .ok_or_else(|| self.answer(ErrorCode::NotFound))?;
+            .ok_or_else(|| self.answer(ErrorCode::MoveNotFound))?;
         if froze && let Some(t) = lock(&self.tenants).get_mut(&tenant) {
             t.frozen = false;
         }
@@ -388,7 +388,8 @@ impl ExecutorApi for Scripted {
         }
         let src = self.peer(source)?;
         if lock(&src.sessions).get(session).map(|(t, _)| t.as_str()) != Some(tenant.as_str()) {
-            return Err(self.answer(ErrorCode::NotFound));
+            // The source's refusal, as a destination passes it on.
+            return Err(self.answer(ErrorCode::CapacityExhausted));
         }
         let state = src
             .tenant(tenant.as_str())
@@ -412,14 +413,14 @@ impl ExecutorApi for Scripted {
         let (_, source, session) = lock(&self.staged)
             .get(tenant.as_str())
             .cloned()
-            .ok_or_else(|| self.answer(ErrorCode::NotFound))?;
+            .ok_or_else(|| self.answer(ErrorCode::MoveNotFound))?;
         // The final round: the source freezes the tenant and sends it.
         let src = self.peer(&source)?;
         let state = {
             let mut sessions = lock(&src.sessions);
             let entry = sessions
                 .get_mut(&session)
-                .ok_or_else(|| self.answer(ErrorCode::NotFound))?;
+                .ok_or_else(|| self.answer(ErrorCode::CapacityExhausted))?;
             entry.1 = true;
             let mut tenants = lock(&src.tenants);
             let t = tenants
