@@ -1,39 +1,56 @@
-//! Live migration of tenants between executors (`ARCHITECTURE.md`), and the
-//! admin operations built on it: drain, rebalance, snapshot, restore, purge.
+//! Live migration of tenants between executors (`ARCHITECTURE.md`, "Live
+//! migration"), and the admin operations built on it: drain, rebalance,
+//! snapshot, restore, purge.
 //!
-//! Moving tenant T from executor A to B:
+//! Moving tenant T from executor A to B, pre-copy:
 //!
-//! 0. While T still runs, B compiles T's modules (fetched from A) into its
-//!    module cache, so that the import in step 4 does not compile inside
-//!    T's pause. Best effort: without it the import compiles.
-//! 1. Record "T moving A→B" in the placement file, then close T's gate
-//!    ([`crate::fleet`]): new requests of T wait in the proxy's bounded
-//!    queue; other tenants are untouched.
-//! 2. Wait until T has no request in flight to A (deadline: the queue's; on
-//!    timeout the move is aborted and the queue released to A).
-//! 3. A exports T: running jobs finish, pending ones are included, A freezes
-//!    T and returns the snapshot. The proxy writes the bytes to
-//!    `<state>/moves/<T>.twsnap` (fsync) and records the path before it
-//!    goes on, so the bytes outlive A.
-//! 4. B imports them. If B fails, A thaws T, the move record is dropped and
-//!    the queue drains to A: the tenant never left.
-//! 5. The placement file points T at B, the gate opens and the queue drains
-//!    to B; then A drops T and the stored bytes are deleted.
+//! 1. A starts an outbound session for T (it tracks the pages T writes);
+//!    the placement file records "T moving A→B, session S".
+//! 2. B pulls T from A while T runs: modules and assets by hash, then
+//!    rounds of what changed since the last, until one is small. The gate
+//!    stays open: T's requests go to A.
+//! 3. T's gate closes; the proxy waits until T has no request in flight to
+//!    A (deadline: the queue's; on timeout the move is undone).
+//! 4. B commits: it takes the final round from A (A freezes T first),
+//!    applies it, persists T's functions and publishes T.
+//! 5. The placement file points T at B, the gate opens and the queue
+//!    drains to B; then A drops T.
+//!
+//! Undo (a failure before step 5): B discards what it staged, A ends the
+//! session (thawing T), the record goes, the gate opens at A. A failed
+//! commit is first asked of B (`Orchestrator::decide`): a discard answers
+//! whether B committed, and if it did the move is finished instead; if B
+//! does not answer, the move is held for recovery, gate closed.
+//!
+//! Why no request is lost: a request is either in flight before step 3 (and
+//! step 3 waits for its answer), or it waits at the gate until step 5 or
+//! the undo decides where T lives, and then goes there. T is frozen on A
+//! only from its final round, while the gate is closed; B serves T only
+//! once the placement says B, after B published it.
+//!
+//! A proxy that starts and finds a move recorded ([`Orchestrator::recover`])
+//! holds T's gate and decides as after a failed commit: finished if B
+//! committed, undone otherwise, held while B does not answer.
+//!
+//! Executors of an older release have no outbound or inbound routes
+//! (`not_found`): T then moves by stop-and-copy, the protocol before
+//! pre-copy, whose pause grows with T:
+//!
+//! 0. B compiles T's modules (fetched from A) into its module cache while T
+//!    runs; best effort.
+//! 1. Record "T moving A→B", close T's gate, wait for its requests in
+//!    flight.
+//! 2. A exports T (freezing it); the proxy writes the bytes to
+//!    `<state>/moves/<T>.twsnap` (fsync) and records the path, so the bytes
+//!    outlive A.
+//! 3. B imports them; if B fails, A thaws T and the move is undone.
+//! 4. The placement points T at B, the gate opens, A drops T, the stored
+//!    bytes go. A recovering proxy imports stored bytes to B (unless B has
+//!    T), or, without them, thaws T on A.
 //!
 //! Each executor call above is one method of
 //! [`crate::upstream::ExecutorApi`]; proxy/src/migrate/tests.rs walks the
 //! steps and their failures against in-memory executors.
-//!
-//! Why no request is lost: a request is either in flight before step 1 (and
-//! step 2 waits for its answer), or it waits at the gate until step 4 or 5
-//! has decided where T lives, and then goes there. T is frozen on A only
-//! between steps 3 and 4/5, while no request of T can reach A.
-//!
-//! A proxy that starts and finds a move recorded ([`Orchestrator::recover`])
-//! finishes it: with stored bytes, it imports them to B unless B already
-//! has T, then drops T from A; without, the export never completed, so it
-//! thaws T on A and forgets the move. If A died after step 3, T resumes on
-//! B from the stored bytes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
