@@ -132,3 +132,144 @@ fn a_gigabyte_of_assets_deploys_from_the_cli_and_reads_back_exactly() {
         }
     }
 }
+
+/// 256 MiB of linear memory, filled by `init`; each call bumps a counter,
+/// checks its 1 GiB asset is there, fills 1 MiB of memory with the counter
+/// at a place that moves, and answers the counter and a checksum (one
+/// byte of every MiB).
+const BIG_TENANT: &str = r#"(module
+  (import "tensor" "asset" (func $asset (param i32 i32) (result i32)))
+  (import "tensor" "output_write" (func $output_write (param i32 i32) (result i32)))
+  (memory (export "memory") 4096)
+  (data (i32.const 0) "w")
+  (global $n (mut i32) (i32.const 0))
+  (func (export "init") (result i32)
+    (memory.fill (i32.const 1048576) (i32.const 7) (i32.const 267386880))
+    (i32.const 0))
+  (func (export "handle") (result i32)
+    (local $at i32) (local $sum i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (if (i32.lt_s (call $asset (i32.const 0) (i32.const 1)) (i32.const 0)) (then unreachable))
+    (local.set $at (i32.mul
+      (i32.add (i32.const 1) (i32.rem_u (global.get $n) (i32.const 255)))
+      (i32.const 1048576)))
+    (memory.fill (local.get $at) (global.get $n) (i32.const 1048576))
+    (local.set $at (i32.const 1048576))
+    (loop $l
+      (local.set $sum (i32.add (local.get $sum) (i32.load8_u (i32.add (local.get $at) (i32.const 12345)))))
+      (local.set $at (i32.add (local.get $at) (i32.const 1048576)))
+      (br_if $l (i32.lt_u (local.get $at) (i32.const 268435456))))
+    (i32.store (i32.const 16) (global.get $n))
+    (i32.store (i32.const 20) (local.get $sum))
+    (drop (call $output_write (i32.const 16) (i32.const 8)))
+    (i32.const 0)))"#;
+
+/// The checksum `BIG_TENANT` answers after `n` calls.
+fn big_checksum(n: u32) -> u32 {
+    let mut blocks = [7u8; 255];
+    for k in 1..=n {
+        blocks[(k % 255) as usize] = k as u8;
+    }
+    blocks.iter().map(|&b| u32::from(b)).sum()
+}
+
+/// A tenant the size of a real model (1 GiB of assets, 256 MiB of memory
+/// that every call changes) moves back and forth under steady load: no
+/// call fails, and its state carries on across every move.
+#[test]
+fn a_tenant_with_a_gigabyte_of_assets_moves_back_and_forth_under_load() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let fleet = Arc::new(TestFleet::start(2, ProxyOptions::default()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.safetensors");
+    {
+        const LEN: usize = 1 << 30;
+        let header = format!(
+            r#"{{"w":{{"dtype":"U8","shape":[{LEN}],"data_offsets":[0,{LEN}]}}}}"#
+        );
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        for _ in 0..LEN / chunk.len() {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    std::fs::write(dir.path().join("big.wat"), BIG_TENANT).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["deploy", "big.wat", "--assets"])
+        .arg(&path)
+        .args(["--config", r#"{"memory_limit_bytes": 536870912}"#, "--json"])
+        .current_dir(dir.path())
+        .env("TENSOR_WASM_URL", &fleet.proxy.api.base)
+        .env("TENSOR_WASM_TOKEN", "tok-acme")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_file(&path).unwrap();
+    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let call = move |fleet: &TestFleet| {
+        let r = fleet.proxy.call(
+            "tok-acme",
+            "POST",
+            &format!("/functions/{id}/invoke"),
+            Some(("text/plain", b"")),
+        );
+        assert_eq!(r.status, 200, "a call failed: {}", r.text());
+        let n = u32::from_le_bytes(r.body[..4].try_into().unwrap());
+        let sum = u32::from_le_bytes(r.body[4..8].try_into().unwrap());
+        (n, sum)
+    };
+    assert_eq!(call(&fleet), (1, big_checksum(1)));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (fleet, stop) = (fleet.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut last = 1;
+            while !stop.load(Ordering::Relaxed) {
+                let (n, sum) = call(&fleet);
+                assert_eq!(n, last + 1, "every call counted once, in order");
+                assert_eq!(sum, big_checksum(n), "memory carried on at call {n}");
+                last = n;
+            }
+            last
+        })
+    };
+    let mut reports = Vec::new();
+    for _ in 0..4 {
+        let from = fleet.proxy.placement("acme").unwrap();
+        let to = if from == "cpu0" { "cpu1" } else { "cpu0" };
+        let r = fleet.proxy.migrate("acme", to);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let report = r.json();
+        assert_eq!(report["protocol"], "pre-copy", "{report}");
+        assert!(
+            report["precopy_bytes"].as_u64().unwrap() > 1 << 30,
+            "the assets and memory crossed before the pause: {report}"
+        );
+        assert_eq!(fleet.proxy.placement("acme").as_deref(), Some(to));
+        reports.push(report);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let calls = client.join().expect("no failed call");
+    assert!(calls > 8, "the client kept calling: {calls}");
+    let home = fleet.proxy.placement("acme").unwrap();
+    let away = if home == "cpu0" { "cpu1" } else { "cpu0" };
+    assert!(crate::harness::tenants_on(fleet.executor(&home)).contains(&"acme".to_string()));
+    assert!(!crate::harness::tenants_on(fleet.executor(away)).contains(&"acme".to_string()));
+    let pauses: Vec<f64> = reports
+        .iter()
+        .map(|r| r["pause_ms"].as_f64().unwrap())
+        .collect();
+    let in_pause: Vec<u64> = reports
+        .iter()
+        .map(|r| r["pause_bytes"].as_u64().unwrap())
+        .collect();
+    eprintln!("moves of a 1.25 GiB tenant: pauses {pauses:?} ms, bytes in the pause {in_pause:?}, calls {calls}");
+}
