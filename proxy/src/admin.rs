@@ -82,6 +82,10 @@ struct RegisterBody {
 #[derive(Deserialize)]
 struct MigrateBody {
     to: String,
+    /// `"stop-and-copy"` forces the protocol before pre-copy (to compare
+    /// them, or to move a tenant an older executor would refuse to pull).
+    #[serde(default)]
+    protocol: Option<String>,
 }
 
 impl AdminApi {
@@ -249,7 +253,19 @@ impl AdminApi {
                     Ok(b) => b,
                     Err(e) => return Answer::error(e),
                 };
-                match orch.migrate(t, &body.to).await {
+                let stop_and_copy = match body.protocol.as_deref() {
+                    None | Some("pre-copy") => false,
+                    Some("stop-and-copy") => true,
+                    Some(other) => {
+                        return Answer::error(ApiError::new(
+                            ErrorCode::InvalidInput,
+                            format!(
+                                "protocol {other:?}: \"pre-copy\" (the default) or \"stop-and-copy\""
+                            ),
+                        ));
+                    }
+                };
+                match orch.migrate_with(t, &body.to, stop_and_copy).await {
                     Ok(r) => Answer::json(200, serde_json::to_value(r).unwrap_or_default()),
                     Err(e) => Answer::error(e.api_error()),
                 }

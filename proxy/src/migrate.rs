@@ -82,6 +82,10 @@ pub struct MoveReport {
     pub pause_bytes: u64,
     /// Streams sent: the pre-copy rounds and the final one.
     pub rounds: u32,
+    /// How long the copy while the tenant ran took, in ms, and its last
+    /// round (whose start the final round's changes are counted from).
+    pub precopy_ms: f64,
+    pub last_round_ms: f64,
     pub protocol: Protocol,
 }
 
@@ -97,6 +101,8 @@ impl MoveReport {
             precopy_bytes: 0,
             pause_bytes: 0,
             rounds: 0,
+            precopy_ms: 0.0,
+            last_round_ms: 0.0,
             protocol: Protocol::None,
         }
     }
@@ -271,15 +277,33 @@ impl Orchestrator {
         tenant: &str,
         to: &str,
     ) -> Result<MoveReport, MigrateError> {
+        self.migrate_with(tenant, to, false).await
+    }
+
+    /// As [`migrate`](Self::migrate); with `stop_and_copy`, by the protocol
+    /// before pre-copy whatever the executors offer.
+    pub async fn migrate_with(
+        self: &Arc<Self>,
+        tenant: &str,
+        to: &str,
+        stop_and_copy: bool,
+    ) -> Result<MoveReport, MigrateError> {
         let (this, tenant, to) = (self.clone(), tenant.to_string(), to.to_string());
-        match tokio::spawn(async move { this.migrate_logged(&tenant, &to).await }).await {
+        match tokio::spawn(async move { this.migrate_logged(&tenant, &to, stop_and_copy).await })
+            .await
+        {
             Ok(r) => r,
             Err(e) => Err(MigrateError::Task(e.to_string())),
         }
     }
 
-    async fn migrate_logged(&self, tenant: &str, to: &str) -> Result<MoveReport, MigrateError> {
-        let result = self.migrate_inner(tenant, to).await;
+    async fn migrate_logged(
+        &self,
+        tenant: &str,
+        to: &str,
+        stop_and_copy: bool,
+    ) -> Result<MoveReport, MigrateError> {
+        let result = self.migrate_inner(tenant, to, stop_and_copy).await;
         let label = if result.is_ok() { "success" } else { "failed" };
         self.metrics.migrations.with_label_values(&[label]).inc();
         match &result {
@@ -292,7 +316,12 @@ impl Orchestrator {
         result
     }
 
-    async fn migrate_inner(&self, tenant: &str, to: &str) -> Result<MoveReport, MigrateError> {
+    async fn migrate_inner(
+        &self,
+        tenant: &str,
+        to: &str,
+        stop_and_copy: bool,
+    ) -> Result<MoveReport, MigrateError> {
         let t = Self::tenant(tenant)?;
         let src = self.home(&t)?;
         let dest = self.known(to)?;
@@ -301,6 +330,9 @@ impl Orchestrator {
         }
         if !dest.is_healthy() {
             return Err(MigrateError::ExecutorDown(dest.id.clone()));
+        }
+        if stop_and_copy {
+            return self.stop_and_copy(&t, &src, &dest).await;
         }
         // Step 1: an outbound session on the source. A source of an older
         // release has no such route: it moves by stop-and-copy.
@@ -343,6 +375,7 @@ impl Orchestrator {
             }));
         }
         // 2. B pulls T from A while T runs.
+        let pull_started = Instant::now();
         let pulled = match to.pull(t, &src.addr, &session).await {
             Ok(p) => p,
             Err(e) => {
@@ -359,6 +392,7 @@ impl Orchestrator {
                 )));
             }
         };
+        let precopy_ms = pull_started.elapsed().as_secs_f64() * 1e3;
         // 3. Close the gate and wait for T's requests in flight to A.
         let closed = match self
             .fleet
@@ -417,6 +451,8 @@ impl Orchestrator {
             precopy_bytes: pulled.bytes + pulled.blob_bytes,
             pause_bytes,
             rounds: pulled.rounds + 1,
+            precopy_ms,
+            last_round_ms: pulled.last_round_ms,
             protocol: Protocol::PreCopy,
         })
     }
@@ -583,6 +619,8 @@ impl Orchestrator {
             precopy_bytes: 0,
             pause_bytes: bytes,
             rounds: 1,
+            precopy_ms: 0.0,
+            last_round_ms: 0.0,
             protocol: Protocol::StopAndCopy,
         })
     }

@@ -185,6 +185,8 @@ pub struct Transfer {
     pub rounds: u32,
     /// How long it took on the destination, in ms.
     pub ms: f64,
+    /// How long its last round took, in ms (a pull).
+    pub last_round_ms: f64,
 }
 
 /// Where a destination's copy of a tenant stands after a discard.
@@ -468,6 +470,7 @@ impl ExecutorApi for ExecutorClient {
             blob_bytes: v["blob_bytes"].as_u64().unwrap_or(0),
             rounds: rounds.len() as u32,
             ms: v["ms"].as_f64().unwrap_or(0.0),
+            last_round_ms: rounds.last().and_then(|r| r["ms"].as_f64()).unwrap_or(0.0),
         })
     }
 

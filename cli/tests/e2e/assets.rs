@@ -186,9 +186,8 @@ fn a_tenant_with_a_gigabyte_of_assets_moves_back_and_forth_under_load() {
     let path = dir.path().join("weights.safetensors");
     {
         const LEN: usize = 1 << 30;
-        let header = format!(
-            r#"{{"w":{{"dtype":"U8","shape":[{LEN}],"data_offsets":[0,{LEN}]}}}}"#
-        );
+        let header =
+            format!(r#"{{"w":{{"dtype":"U8","shape":[{LEN}],"data_offsets":[0,{LEN}]}}}}"#);
         let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
         f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
         f.write_all(header.as_bytes()).unwrap();
@@ -207,7 +206,11 @@ fn a_tenant_with_a_gigabyte_of_assets_moves_back_and_forth_under_load() {
         .env("TENSOR_WASM_TOKEN", "tok-acme")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_file(&path).unwrap();
     let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
         .as_str()
@@ -271,5 +274,7 @@ fn a_tenant_with_a_gigabyte_of_assets_moves_back_and_forth_under_load() {
         .iter()
         .map(|r| r["pause_bytes"].as_u64().unwrap())
         .collect();
-    eprintln!("moves of a 1.25 GiB tenant: pauses {pauses:?} ms, bytes in the pause {in_pause:?}, calls {calls}");
+    eprintln!(
+        "moves of a 1.25 GiB tenant: pauses {pauses:?} ms, bytes in the pause {in_pause:?}, calls {calls}"
+    );
 }
