@@ -675,9 +675,18 @@ async fn export_tenant(
     Ok(([(header::CONTENT_TYPE, body::OCTET_STREAM)], bytes).into_response())
 }
 
+/// `?replace=true`: an admin restore, which swaps the tenant's state for
+/// the snapshot's instead of refusing a tenant that is here.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ImportQuery {
+    #[serde(default)]
+    replace: bool,
+}
+
 async fn import_tenant(
     State(app): State<Arc<App>>,
     ApiPath(tenant): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ImportQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
@@ -685,9 +694,13 @@ async fn import_tenant(
     let limit = usize::try_from(crate::snapshot::MAX_SNAPSHOT_BYTES).unwrap_or(usize::MAX);
     let bytes = read_body(&headers, body, limit).await?;
     let started = Instant::now();
-    app.registry.import_tenant(&tenant, bytes).await?;
+    if q.replace {
+        app.registry.import_replacing(&tenant, bytes).await?;
+    } else {
+        app.registry.import_tenant(&tenant, bytes).await?;
+    }
     let functions = app.registry.functions(&tenant).len();
-    tracing::info!(%tenant, functions, ms = started.elapsed().as_millis() as u64, "tenant imported");
+    tracing::info!(%tenant, functions, replace = q.replace, ms = started.elapsed().as_millis() as u64, "tenant imported");
     Ok(axum::Json(serde_json::json!({"tenant": tenant, "functions": functions})).into_response())
 }
 

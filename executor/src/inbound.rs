@@ -93,6 +93,25 @@ struct InlineBlobs {
     assets: HashMap<String, StagedAsset>,
 }
 
+/// No blobs but those the stream carries (a whole snapshot).
+#[derive(Debug)]
+pub struct StreamBlobs;
+
+impl Blobs for StreamBlobs {
+    fn module(&mut self, info: &FunctionInfo) -> Result<Vec<u8>, ExecError> {
+        Err(invalid(format!(
+            "the stream does not carry the module of function {}",
+            info.id
+        )))
+    }
+
+    fn assets(&mut self, sha256: &str) -> Result<AssetSource, ExecError> {
+        Err(invalid(format!(
+            "the stream does not carry assets file {sha256}"
+        )))
+    }
+}
+
 /// Blobs this executor holds already: assets files in the tenant's store
 /// (a snapshot that does not carry them); no modules.
 #[derive(Debug)]
@@ -363,6 +382,7 @@ impl Inbound {
                         .write_memory(offset, &bytes)
                         .map_err(|e| invalid(e.0))?;
                     applied.page_bytes += bytes.len() as u64;
+                    reader.recycle(bytes);
                 }
                 Record::Tensor {
                     instance,
@@ -391,11 +411,14 @@ impl Inbound {
                         return Err(invalid(format!("tensor handle {handle}")));
                     }
                     let data = read_data(reader, len)?;
-                    let backend = self.tenant.backend.clone();
-                    let tensor = backend
-                        .from_bytes(dtype, &dims, &data)
+                    let n = data.len();
+                    // The CPU backend keeps these bytes as the tensor's
+                    // own (no second copy); a device backend uploads them.
+                    let tensor = self
+                        .tenant
+                        .backend
+                        .from_shared(dtype, &dims, Arc::new(data), 0..n)
                         .map_err(ExecError::Kernel)?;
-                    drop(data);
                     s.inst
                         .tensors_mut()
                         .restore(handle, tensor)
@@ -602,7 +625,10 @@ fn read_data(reader: &mut Reader<impl Read>, len: u64) -> Result<Vec<u8>, ExecEr
     let mut out = Vec::with_capacity(usize::try_from(len).map_err(|_| invalid("a length"))?);
     while (out.len() as u64) < len {
         match reader.next_record().map_err(ExecError::Snapshot)? {
-            Some(Record::Data(d)) => out.extend_from_slice(&d),
+            Some(Record::Data(d)) => {
+                out.extend_from_slice(&d);
+                reader.recycle(d);
+            }
             _ => return Err(invalid("data cut short")),
         }
     }
@@ -621,6 +647,7 @@ fn copy_data(
             Some(Record::Data(d)) => {
                 up.write(&d)?;
                 got += d.len() as u64;
+                reader.recycle(d);
             }
             _ => return Err(invalid("data cut short")),
         }

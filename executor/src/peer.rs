@@ -170,15 +170,33 @@ impl Peer {
     }
 }
 
-/// Reads a body into a channel, chunk by chunk.
+/// Feeds a streamed body into `tx`. The frames the connection yields are
+/// small (what one socket read brought): those that are ready together
+/// are gathered into chunks of up to [`crate::pipe::CHUNK`] bytes, so that
+/// the reading thread wakes once per chunk rather than once per read.
 pub async fn forward(body: BodyStream, tx: crate::pipe::ChunkSender) {
+    use futures_util::FutureExt;
     let mut body = body;
+    let mut gathered = bytes::BytesMut::new();
+    let mut next = None;
     loop {
-        match body.frame().await {
+        let frame = match next.take() {
+            Some(f) => f,
+            None => body.frame().await,
+        };
+        match frame {
             Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data()
-                    && tx.send(Ok(data)).await.is_err()
-                {
+                if let Ok(data) = frame.into_data() {
+                    gathered.extend_from_slice(&data);
+                }
+                if gathered.len() < crate::pipe::CHUNK {
+                    // Another frame ready now joins this chunk.
+                    if let Some(ready) = body.frame().now_or_never() {
+                        next = Some(ready);
+                        continue;
+                    }
+                }
+                if !gathered.is_empty() && tx.send(Ok(gathered.split().freeze())).await.is_err() {
                     return;
                 }
             }
@@ -186,7 +204,12 @@ pub async fn forward(body: BodyStream, tx: crate::pipe::ChunkSender) {
                 let _ = tx.send(Err(std::io::Error::other(e))).await;
                 return;
             }
-            None => return,
+            None => {
+                if !gathered.is_empty() {
+                    let _ = tx.send(Ok(gathered.split().freeze())).await;
+                }
+                return;
+            }
         }
     }
 }

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use tensor_wasm_kernels::DType;
 use tensor_wasm_shared::api::{FunctionInfo, JobInfo};
+use tensor_wasm_shared::snapshot::stream::{Reader, StreamKind};
 use tensor_wasm_shared::snapshot::{self, FunctionSnapshot, JobSnapshot, TenantSnapshot};
 use tensor_wasm_shared::{FunctionId, JobId, TenantId};
 
@@ -191,6 +192,70 @@ impl Registry {
             .ok_or_else(|| ExecError::Internal("imported tenant vanished".into()))?;
         for job_id in restored {
             self.spawn_job(t.clone(), job_id);
+        }
+        Ok(())
+    }
+
+    /// Replaces `tenant`'s state here with a snapshot's without dropping it
+    /// first (an admin restore): the snapshot's tenant is built off to the
+    /// side, checked record by record as a migration's is, and swapped in
+    /// for the tenant in one step. On any failure the tenant here is left
+    /// as it was. A tenant not here is imported.
+    pub async fn import_replacing(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        bytes: bytes::Bytes,
+    ) -> Result<(), ExecError> {
+        let key = self.snapshot_key().map(<[u8]>::to_vec);
+        let inbound = self.start_inbound(tenant, None, true).await?;
+        let (registry, staged, id) = (self.clone(), inbound.clone(), tenant.clone());
+        let result = tokio::task::spawn_blocking(move || -> Result<Vec<JobId>, ExecError> {
+            let snap = snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES)
+                .map_err(ExecError::Snapshot)?;
+            drop(bytes);
+            registry.check_snapshot(&id, &snap)?;
+            // The snapshot as a whole format 2 stream, written on a thread
+            // into a pipe and applied as it is read.
+            let (rx, tx) = std::io::pipe()
+                .map_err(|e| ExecError::Internal(format!("a pipe for a restore: {e}")))?;
+            let signing = key.clone();
+            let writer = std::thread::Builder::new()
+                .name("restore-stream".into())
+                .spawn(move || {
+                    tensor_wasm_shared::snapshot::stream::write_snapshot(
+                        &snap,
+                        tx,
+                        signing.as_deref(),
+                    )
+                    .map(drop)
+                })
+                .map_err(|e| ExecError::Internal(format!("a thread for a restore: {e}")))?;
+            let applied = (|| {
+                let mut r = Reader::new(rx, key.as_deref(), MAX_SNAPSHOT_BYTES)
+                    .map_err(ExecError::Snapshot)?;
+                let mut no_blobs = crate::inbound::StreamBlobs;
+                staged.apply(&registry, &mut r, &[StreamKind::Whole], &mut no_blobs)
+            })();
+            // The reader dropped its end of the pipe: the writer ends.
+            let written = writer
+                .join()
+                .map_err(|_| ExecError::Internal("the restore stream's writer panicked".into()))?;
+            applied?;
+            written.map_err(|e| ExecError::Internal(format!("writing the restore stream: {e}")))?;
+            staged.commit(&registry, true)
+        })
+        .await
+        .map_err(ExecError::task("restore"))
+        .and_then(|r| r);
+        let pending = match result {
+            Ok(p) => p,
+            Err(e) => {
+                self.discard_inbound(tenant).await;
+                return Err(e);
+            }
+        };
+        for job in pending {
+            self.spawn_job(inbound.tenant.clone(), job);
         }
         Ok(())
     }

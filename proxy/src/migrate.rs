@@ -981,8 +981,10 @@ impl Orchestrator {
     }
 
     /// Replaces `tenant`'s state on its executor (placing it first if it is
-    /// new) with `snapshot`. The old state is exported first and put back
-    /// if the executor refuses the new one.
+    /// new) with `snapshot`. The executor builds the new state off to the
+    /// side and swaps it in, so the tenant is never dropped before its new
+    /// state is in place, and is left as it was if the executor refuses
+    /// the snapshot.
     pub async fn restore(&self, tenant: &str, snapshot: Bytes) -> Result<ExecutorId, MigrateError> {
         let t = Self::tenant(tenant)?;
         let (exec, placed_now) = match self.home(&t) {
@@ -996,39 +998,60 @@ impl Orchestrator {
         };
         let closed = self.close(&t).await?;
         let client = self.fleet.client(&exec);
-        let previous = match client.export(&t).await {
+        // The executor swaps the state in one step; one of an older
+        // release holding the tenant refuses, and is restored by saving,
+        // dropping and importing.
+        let imported = match client.import_replacing(&t, snapshot.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some(ErrorCode::TenantExists) => {
+                self.restore_by_dropping(&t, &exec, snapshot).await
+            }
+            Err(e) => Err(import_error(&exec.id, e)),
+        };
+        if let Err(e) = imported {
+            if placed_now {
+                // A tenant that came only with this snapshot stays unknown.
+                self.fleet.placements().remove(&t)?;
+            }
+            drop(closed);
+            return Err(e);
+        }
+        drop(closed);
+        tracing::info!(tenant = %t, executor = %exec.id, "tenant restored from a snapshot");
+        Ok(exec.id.clone())
+    }
+
+    /// A restore on an executor of an older release, which cannot swap a
+    /// tenant's state: saves the state, drops the tenant, imports the
+    /// snapshot, and puts the saved state back if the import fails. The
+    /// tenant's gate is closed.
+    async fn restore_by_dropping(
+        &self,
+        t: &TenantId,
+        exec: &Executor,
+        snapshot: Bytes,
+    ) -> Result<(), MigrateError> {
+        let client = self.fleet.client(exec);
+        let previous = match client.export(t).await {
             Ok(b) => Some(b),
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
             Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
         };
         if previous.is_some() {
             client
-                .drop_tenant(&t)
+                .drop_tenant(t)
                 .await
                 .map_err(|e| MigrateError::Executor(exec.id.clone(), e))?;
         }
-        if let Err(e) = client.import(&t, snapshot).await {
+        if let Err(e) = client.import(t, snapshot).await {
             if let Some(previous) = previous
-                && let Err(back) = client.import(&t, previous).await
+                && let Err(back) = client.import(t, previous).await
             {
                 tracing::error!(tenant = %t, error = %back, "restore failed and the previous state could not be put back");
             }
-            if placed_now {
-                // A tenant that came only with this snapshot stays unknown.
-                self.fleet.placements().remove(&t)?;
-            }
-            drop(closed);
-            // A snapshot the executor refuses (corrupt, unsigned, another
-            // tenant's) is the request's fault, not the fleet's.
-            return Err(if e.code() == Some(ErrorCode::InvalidInput) {
-                MigrateError::SnapshotRefused(exec.id.clone(), e)
-            } else {
-                MigrateError::ImportFailed(exec.id.clone(), e)
-            });
+            return Err(import_error(&exec.id, e));
         }
-        drop(closed);
-        tracing::info!(tenant = %t, executor = %exec.id, "tenant restored from a snapshot");
-        Ok(exec.id.clone())
+        Ok(())
     }
 
     /// Purges `tenant` everywhere: its executor drops it, the proxy forgets
@@ -1082,6 +1105,16 @@ async fn remove_file(path: &Path) {
         && e.kind() != std::io::ErrorKind::NotFound
     {
         tracing::warn!(path = %path.display(), error = %e, "could not delete a stored snapshot");
+    }
+}
+
+/// An import's failure: a snapshot the executor refuses (corrupt,
+/// unsigned, another tenant's) is the request's fault, not the fleet's.
+fn import_error(at: &ExecutorId, e: UpstreamError) -> MigrateError {
+    if e.code() == Some(ErrorCode::InvalidInput) {
+        MigrateError::SnapshotRefused(at.clone(), e)
+    } else {
+        MigrateError::ImportFailed(at.clone(), e)
     }
 }
 

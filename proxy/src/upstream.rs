@@ -135,6 +135,17 @@ pub trait ExecutorApi: Send + Sync + fmt::Debug {
     /// snapshot (step 4 on the destination, recovery, restore).
     async fn import(&self, tenant: &TenantId, snapshot: Bytes) -> Result<(), UpstreamError>;
 
+    /// `POST /internal/tenants/{t}/import?replace=true`: replaces the
+    /// tenant's state with the snapshot's in one step, the tenant left as
+    /// it was on any failure (an admin restore); a tenant not there is
+    /// imported. An executor of an older release ignores `replace` and
+    /// answers `tenant_exists` for a tenant it holds.
+    async fn import_replacing(
+        &self,
+        tenant: &TenantId,
+        snapshot: Bytes,
+    ) -> Result<(), UpstreamError>;
+
     /// `POST /internal/tenants/{t}/thaw`: unfreezes a tenant an export froze
     /// (a move or snapshot that ends with the tenant where it was).
     async fn thaw(&self, tenant: &TenantId) -> Result<(), UpstreamError>;
@@ -414,6 +425,20 @@ impl ExecutorApi for ExecutorClient {
         self.post(&tenant_path(tenant, "import"), snapshot, TRANSFER_TIMEOUT)
             .await
             .map(drop)
+    }
+
+    async fn import_replacing(
+        &self,
+        tenant: &TenantId,
+        snapshot: Bytes,
+    ) -> Result<(), UpstreamError> {
+        self.post(
+            &tenant_path(tenant, "import?replace=true"),
+            snapshot,
+            TRANSFER_TIMEOUT,
+        )
+        .await
+        .map(drop)
     }
 
     async fn thaw(&self, tenant: &TenantId) -> Result<(), UpstreamError> {

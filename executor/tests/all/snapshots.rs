@@ -228,6 +228,83 @@ fn bad_snapshots_are_refused_and_change_nothing() {
     );
 }
 
+/// A restore: `import?replace=true` swaps a live tenant's state for a
+/// snapshot's in one step (state, device tensor, jobs, a function it had
+/// then and not now); a refused snapshot leaves the tenant as it was.
+#[test]
+fn a_restore_swaps_the_state_in_and_a_refused_one_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestExecutor::start_in(dir.path(), small_limits(), TenantQuotas::default());
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    let other = a.deploy("t2", "acc", ACCUMULATOR);
+    call(&a, "t1", &id, [1.0, 2.0, 3.0]);
+    let then = export(&a, "t1");
+    assert_eq!(
+        a.internal("POST", "/internal/tenants/t1/thaw", b"").status,
+        204
+    );
+    call(&a, "t1", &id, [5.0, 5.0, 5.0]);
+    // A function registered after the snapshot goes with the restore.
+    let later = a.deploy("t1", "later", ACCUMULATOR);
+    assert_eq!(call(&a, "t1", &later, [1.0, 1.0, 1.0]).1, 1);
+
+    // Without `replace`, a tenant here is refused.
+    let r = a.internal("POST", "/internal/tenants/t1/import", &then);
+    assert_eq!((r.status, r.code().as_str()), (409, "tenant_exists"));
+
+    // Refused snapshots: corrupt, and another tenant's. Nothing changes.
+    let mut flipped = then.clone();
+    let n = flipped.len();
+    flipped[n - 10] ^= 0x40;
+    for (what, path) in [
+        (&flipped, "/internal/tenants/t1/import?replace=true"),
+        (&then, "/internal/tenants/t2/import?replace=true"),
+    ] {
+        let r = a.internal("POST", path, what);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (400, "invalid_input"),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    assert_eq!(
+        call(&a, "t1", &id, [0.0, 0.0, 0.0]),
+        (vec![6.0, 7.0, 8.0], 3)
+    );
+    assert_eq!(call(&a, "t2", &other, [1.0, 1.0, 1.0]).1, 1);
+
+    // The restore: the count and the device tensor are back where the
+    // snapshot took them, and the later function is gone.
+    let r = a.internal("POST", "/internal/tenants/t1/import?replace=true", &then);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        call(&a, "t1", &id, [1.0, 1.0, 1.0]),
+        (vec![2.0, 3.0, 4.0], 2)
+    );
+    let fns = a.get("t1", "/functions").json();
+    assert_eq!(fns["functions"].as_array().unwrap().len(), 1, "{fns}");
+    assert_eq!(fns["functions"][0]["id"], id.as_str());
+    let r = a.post(
+        "t1",
+        &format!("/functions/{later}/invoke"),
+        "application/json",
+        &f32_inputs(&[("x", &[3], &[0.0; 3])]),
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    // Other tenants carried on untouched.
+    assert_eq!(call(&a, "t2", &other, [1.0, 1.0, 1.0]).1, 2);
+    // What was restored is what a restart finds.
+    drop(a);
+    let a = TestExecutor::start_in(dir.path(), small_limits(), TenantQuotas::default());
+    assert_eq!(
+        call(&a, "t1", &id, [0.0, 0.0, 0.0]),
+        (vec![2.0, 3.0, 4.0], 3)
+    );
+    let fns = a.get("t1", "/functions").json();
+    assert_eq!(fns["functions"].as_array().unwrap().len(), 1, "{fns}");
+}
+
 #[test]
 fn snapshots_that_would_pass_the_quotas_or_overwrite_themselves_are_refused() {
     use tensor_wasm_shared::snapshot::{JobSnapshot, decode, encode};
