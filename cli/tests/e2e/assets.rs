@@ -137,7 +137,7 @@ fn a_gigabyte_of_assets_deploys_from_the_cli_and_reads_back_exactly() {
 /// checks its 1 GiB asset is there, fills 1 MiB of memory with the counter
 /// at a place that moves, and answers the counter and a checksum (one
 /// byte of every MiB).
-const BIG_TENANT: &str = r#"(module
+pub const BIG_TENANT: &str = r#"(module
   (import "tensor" "asset" (func $asset (param i32 i32) (result i32)))
   (import "tensor" "output_write" (func $output_write (param i32 i32) (result i32)))
   (memory (export "memory") 4096)
@@ -165,12 +165,55 @@ const BIG_TENANT: &str = r#"(module
     (i32.const 0)))"#;
 
 /// The checksum `BIG_TENANT` answers after `n` calls.
-fn big_checksum(n: u32) -> u32 {
+pub fn big_checksum(n: u32) -> u32 {
     let mut blocks = [7u8; 255];
     for k in 1..=n {
         blocks[(k % 255) as usize] = k as u8;
     }
     blocks.iter().map(|&b| u32::from(b)).sum()
+}
+
+/// Writes a safetensors file of one 1 GiB `U8` tensor named `w`.
+pub fn write_gigabyte_weights(path: &std::path::Path) {
+    const LEN: usize = 1 << 30;
+    let header = format!(r#"{{"w":{{"dtype":"U8","shape":[{LEN}],"data_offsets":[0,{LEN}]}}}}"#);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(header.as_bytes()).unwrap();
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    for _ in 0..LEN / chunk.len() {
+        f.write_all(&chunk).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// Deploys [`BIG_TENANT`] with `weights` as its assets through the CLI
+/// (`dir` holds its source); the function's id.
+pub fn deploy_big_tenant(
+    url: &str,
+    token: &str,
+    weights: &std::path::Path,
+    dir: &std::path::Path,
+) -> String {
+    std::fs::write(dir.join("big.wat"), BIG_TENANT).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["deploy", "big.wat", "--assets"])
+        .arg(weights)
+        .args(["--config", r#"{"memory_limit_bytes": 536870912}"#, "--json"])
+        .current_dir(dir)
+        .env("TENSOR_WASM_URL", url)
+        .env("TENSOR_WASM_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// A tenant the size of a real model (1 GiB of assets, 256 MiB of memory
@@ -184,38 +227,9 @@ fn a_tenant_with_a_gigabyte_of_assets_moves_back_and_forth_under_load() {
     let fleet = Arc::new(TestFleet::start(2, ProxyOptions::default()));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weights.safetensors");
-    {
-        const LEN: usize = 1 << 30;
-        let header =
-            format!(r#"{{"w":{{"dtype":"U8","shape":[{LEN}],"data_offsets":[0,{LEN}]}}}}"#);
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
-        f.write_all(header.as_bytes()).unwrap();
-        let chunk: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
-        for _ in 0..LEN / chunk.len() {
-            f.write_all(&chunk).unwrap();
-        }
-    }
-    std::fs::write(dir.path().join("big.wat"), BIG_TENANT).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["deploy", "big.wat", "--assets"])
-        .arg(&path)
-        .args(["--config", r#"{"memory_limit_bytes": 536870912}"#, "--json"])
-        .current_dir(dir.path())
-        .env("TENSOR_WASM_URL", &fleet.proxy.api.base)
-        .env("TENSOR_WASM_TOKEN", "tok-acme")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    write_gigabyte_weights(&path);
+    let id = deploy_big_tenant(&fleet.proxy.api.base, "tok-acme", &path, dir.path());
     std::fs::remove_file(&path).unwrap();
-    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let call = move |fleet: &TestFleet| {
         let r = fleet.proxy.call(
             "tok-acme",

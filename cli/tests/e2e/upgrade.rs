@@ -1,7 +1,9 @@
 //! Upgrading a whole fleet under load (`tensor-wasm upgrade`): every
-//! executor, then the proxy, while an open-loop client calls 50 stateful
-//! tenants at a constant rate. No request may fail and no tenant may lose
-//! a sample.
+//! executor, then the proxy, while an open-loop client calls 20 small
+//! stateful tenants at a constant rate and two tenants the size of a real
+//! model (1 GiB of assets, 256 MiB of memory that every call changes) are
+//! called back to back. No request may fail and no tenant may lose a
+//! sample or a call.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,11 +12,15 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::assets::{big_checksum, deploy_big_tenant, write_gigabyte_weights};
 use crate::harness::{RawError, UpProcess, multipart, percentile, raw_post};
 
-const TENANTS: usize = 50;
-/// Requests per second, open loop.
-const RATE: f64 = 300.0;
+/// Small tenants (running-mean).
+const TENANTS: usize = 20;
+/// Requests per second to the small tenants, open loop.
+const RATE: f64 = 200.0;
+/// Tenants of 1.25 GiB each ([`crate::assets::BIG_TENANT`]).
+const BIG: usize = 2;
 
 /// Where the load was, in order: before the upgrade, while the executors
 /// upgrade, while the proxy hands its sockets over (`upgrade
@@ -106,7 +112,8 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
     };
     let dir = tempfile::tempdir().unwrap();
     let tokens: Vec<String> = (0..TENANTS).map(|i| format!("tok-{i}")).collect();
-    let list: Vec<String> = (0..TENANTS).map(|i| format!("tok-{i}:t{i}")).collect();
+    let mut list: Vec<String> = (0..TENANTS).map(|i| format!("tok-{i}:t{i}")).collect();
+    list.extend((0..BIG).map(|i| format!("tok-big{i}:big{i}")));
     let up = UpProcess::start_with_env(
         &dir.path().join("state"),
         &["--cpu-executors", "2"],
@@ -132,6 +139,12 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
         fns.push(r.json()["id"].as_str().unwrap().to_string());
     }
     let addr = up.api.base.trim_start_matches("http://").to_string();
+    let weights = dir.path().join("weights.safetensors");
+    write_gigabyte_weights(&weights);
+    let big_fns: Vec<String> = (0..BIG)
+        .map(|i| deploy_big_tenant(&up.api.base, &format!("tok-big{i}"), &weights, dir.path()))
+        .collect();
+    std::fs::remove_file(&weights).unwrap();
 
     // The open-loop client: request k starts at k / RATE seconds, for
     // tenant k mod TENANTS, sending the sample value k.
@@ -205,6 +218,16 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
         })
     };
 
+    let big_clients: Vec<_> = big_fns
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (addr, stop) = (addr.clone(), stop.clone());
+            let (token, path) = (format!("tok-big{i}"), format!("/functions/{id}/invoke"));
+            std::thread::spawn(move || big_client(&addr, &path, &token, &stop))
+        })
+        .collect();
+
     std::thread::sleep(Duration::from_secs(2));
     let binary = new_binary(dir.path());
     phase.store(EXECUTORS, Ordering::SeqCst);
@@ -212,7 +235,7 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
     let report = upgrade(&up, "--executor-binary", &binary);
     let executors_took = upgrade_started.elapsed();
     let pauses = pauses(&report);
-    assert_eq!(pauses.len(), TENANTS, "every tenant moved once");
+    assert_eq!(pauses.len(), TENANTS + BIG, "every tenant moved once");
     phase.store(HANDING_OFF, Ordering::SeqCst);
     upgrade(&up, "--proxy-binary", &binary);
     phase.store(AFTER, Ordering::SeqCst);
@@ -222,6 +245,15 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
     for w in workers {
         w.join().unwrap();
     }
+    let big_calls: Vec<u32> = big_clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("tenant big{i}: {e}"))
+        })
+        .collect();
 
     // Every request answered 200.
     let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
@@ -320,7 +352,8 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
     eprintln!(
         "UPGRADE REPORT tenants={TENANTS} rate={RATE}/s sent={sent} failed=0 resent_unanswered={}\n\
          steady: n={} p50={:.2} ms p99={:.2} ms | during upgrade: n={} p50={:.2} ms p99={:.2} ms\n\
-         executors upgraded in {:.2} s ({TENANTS} tenants moved); per-tenant pause p50={:.2} ms p99={:.2} ms max={:.2} ms",
+         big tenants ({BIG} of 1.25 GiB): {big_calls:?} calls, none failed\n\
+         executors upgraded in {:.2} s ({} tenants moved); per-tenant pause p50={:.2} ms p99={:.2} ms max={:.2} ms",
         resent.len(),
         steady.len(),
         percentile(&steady, 50.0),
@@ -329,10 +362,47 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
         percentile(&during, 50.0),
         percentile(&during, 99.0),
         executors_took.as_secs_f64(),
+        TENANTS + BIG,
         percentile(&pauses, 50.0),
         percentile(&pauses, 99.0),
         pauses.last().copied().unwrap_or(0.0),
     );
+}
+
+/// Calls a [`crate::assets::BIG_TENANT`] function back to back until
+/// `stop`, checking that every call counts once and in order and that its
+/// memory carries on; the calls made, or what went wrong.
+fn big_client(addr: &str, path: &str, token: &str, stop: &AtomicBool) -> Result<u32, String> {
+    let mut last = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let mut resends = 0;
+        let (status, body) = loop {
+            match raw_post(addr, path, token, b"{}", Duration::from_secs(60)) {
+                Ok(r) => break r,
+                // Only the proxy's hand-off closes a connection unanswered
+                // (the small tenants' load checks when): sent again.
+                Err(RawError::Unanswered(_)) if resends < MAX_RESENDS => resends += 1,
+                Err(e) => return Err(format!("call {}: {e:?}", last + 1)),
+            }
+        };
+        if status != 200 || body.len() != 8 {
+            return Err(format!(
+                "call {}: {status} {}",
+                last + 1,
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        let n = u32::from_le_bytes(body[..4].try_into().unwrap());
+        let sum = u32::from_le_bytes(body[4..].try_into().unwrap());
+        if n != last + 1 {
+            return Err(format!("call {} counted as {n}", last + 1));
+        }
+        if sum != big_checksum(n) {
+            return Err(format!("call {n}: the memory did not carry on"));
+        }
+        last = n;
+    }
+    Ok(last)
 }
 
 /// Runs `upgrade --executor-binary` and SIGKILLs it once `after` tenants
