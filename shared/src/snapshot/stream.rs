@@ -1092,4 +1092,116 @@ mod tests {
         }
         assert!(matches!(err, Some(SnapshotError::TooLarge(..))));
     }
+
+    #[test]
+    fn a_format_1_snapshot_reads_back_as_a_whole_stream() {
+        use crate::snapshot::{
+            AssetHandle, FunctionSnapshot, InstanceSnapshot, JobSnapshot, TenantSnapshot,
+            TensorSnapshot,
+        };
+        let mut memory = vec![0u8; 3 * CHUNK];
+        memory[CHUNK + 5] = 9; // only the middle chunk is not zeros
+        let snap = TenantSnapshot {
+            tenant: "t1".into(),
+            functions: vec![FunctionSnapshot {
+                info_json: r#"{"id":"f-1","name":"n"}"#.into(),
+                wasm: b"\0asm-ish".to_vec(),
+                assets: Some(vec![7; 10]),
+                instances: vec![InstanceSnapshot {
+                    memory,
+                    globals: vec![GlobalSnapshot {
+                        index: 1,
+                        kind: 0,
+                        bits: 42,
+                    }],
+                    tensors: vec![TensorSnapshot {
+                        handle: 3,
+                        dtype: 0,
+                        dims: vec![2],
+                        data: vec![1; 8],
+                    }],
+                    asset_handles: vec![AssetHandle {
+                        name: "w".into(),
+                        handle: 1,
+                    }],
+                }],
+            }],
+            jobs: vec![JobSnapshot {
+                info_json: "{}".into(),
+                content_type: Some("text/plain".into()),
+                body: Some(b"hi".to_vec()),
+            }],
+        };
+        let bytes = write_snapshot(&snap, Vec::new(), Some(b"k")).unwrap();
+        let got = read_all(&bytes, Some(b"k")).unwrap();
+        use sha2::Digest;
+        let sha = |b: &[u8]| -> [u8; 32] { sha2::Sha256::digest(b).into() };
+        assert_eq!(
+            got,
+            vec![
+                Record::Tenant {
+                    tenant: "t1".into(),
+                    kind: StreamKind::Whole
+                },
+                Record::Blob {
+                    kind: BlobKind::Module,
+                    sha256: sha(b"\0asm-ish"),
+                    len: 8
+                },
+                Record::Data(b"\0asm-ish".to_vec()),
+                Record::Blob {
+                    kind: BlobKind::Assets,
+                    sha256: sha(&[7; 10]),
+                    len: 10
+                },
+                Record::Data(vec![7; 10]),
+                Record::Function {
+                    info_json: r#"{"id":"f-1","name":"n"}"#.into()
+                },
+                Record::Instance {
+                    id: 1,
+                    function: "f-1".into(),
+                    memory: 3 * CHUNK as u64,
+                    fresh: true
+                },
+                Record::Pages {
+                    instance: 1,
+                    offset: CHUNK as u64,
+                    bytes: snap.functions[0].instances[0].memory[CHUNK..2 * CHUNK].to_vec()
+                },
+                Record::Tensor {
+                    instance: 1,
+                    handle: 3,
+                    dtype: 0,
+                    dims: vec![2],
+                    len: 8
+                },
+                Record::Data(vec![1; 8]),
+                Record::Asset {
+                    instance: 1,
+                    handle: 1,
+                    name: "w".into()
+                },
+                Record::Globals {
+                    instance: 1,
+                    globals: vec![GlobalSnapshot {
+                        index: 1,
+                        kind: 0,
+                        bits: 42
+                    }]
+                },
+                Record::Job {
+                    info_json: "{}".into(),
+                    content_type: Some("text/plain".into()),
+                    body: Some(2)
+                },
+                Record::Data(b"hi".to_vec()),
+            ]
+        );
+        // Signed: another key refuses it.
+        assert!(matches!(
+            read_all(&bytes, Some(b"other")),
+            Err(SnapshotError::BadSignature)
+        ));
+    }
 }
