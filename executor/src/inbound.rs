@@ -560,7 +560,8 @@ impl Inbound {
             }
         }
         registry.persist_tenant(&self.tenant)?;
-        if let Some(old) = registry.publish(self.tenant.clone(), replace)? {
+        let old = registry.publish(self.tenant.clone(), replace)?;
+        if replace {
             registry.forget_replaced(&old, &self.tenant);
         }
         st.state = InboundState::Committed;

@@ -173,14 +173,14 @@ impl Registry {
     }
 
     /// Makes `t` the registry's tenant of its id. With `replace`, a tenant
-    /// already there is swapped out in the same step and returned (removed:
-    /// its pending jobs stop); without, a tenant there with functions is
-    /// `tenant_exists`.
+    /// already there is swapped out in the same step (removed: its pending
+    /// jobs stop) and its functions returned; without, a tenant there with
+    /// functions is `tenant_exists`.
     pub(crate) fn publish(
         &self,
         t: Arc<Tenant>,
         replace: bool,
-    ) -> Result<Option<Arc<Tenant>>, ExecError> {
+    ) -> Result<Vec<Arc<crate::state::Function>>, ExecError> {
         let mut tenants = write_lock(&self.tenants);
         if let Some(old) = tenants.get(&t.id)
             && old.function_count() > 0
@@ -190,10 +190,7 @@ impl Registry {
         }
         let old = tenants.insert(t.id.clone(), t);
         drop(tenants);
-        if let Some(old) = &old {
-            old.remove();
-        }
-        Ok(old)
+        Ok(old.map(|old| old.remove()).unwrap_or_default())
     }
 
     /// The engine registrations compile with.
@@ -589,12 +586,13 @@ impl Registry {
         Ok(())
     }
 
-    /// After `new` replaced `old` (a restore): the files of `old`'s
-    /// functions that `new` lacks, and assets files it does not use, go.
-    pub(crate) fn forget_replaced(&self, old: &Tenant, new: &Tenant) {
-        for f in old.function_list() {
+    /// After `new` replaced a tenant whose functions were `old` (a
+    /// restore): the files of those functions that `new` lacks, and assets
+    /// files it does not use, go.
+    pub(crate) fn forget_replaced(&self, old: &[Arc<crate::state::Function>], new: &Tenant) {
+        for f in old {
             if new.function(&f.info.id).is_none() {
-                self.store.remove(&old.id, &f.info.id);
+                self.store.remove(&new.id, &f.info.id);
             }
         }
         let keep = new.asset_files();

@@ -222,7 +222,7 @@ impl Registry {
             let writer = std::thread::Builder::new()
                 .name("restore-stream".into())
                 .spawn(move || {
-                    tensor_wasm_shared::snapshot::stream::write_snapshot(
+                    snapshot::stream::write_snapshot(
                         &snap,
                         tx,
                         signing.as_deref(),

@@ -146,10 +146,12 @@ impl Tenant {
 
     /// Marks the tenant gone from this executor and forgets its functions
     /// and jobs; a job still running finds its record gone.
-    pub fn remove(&self) {
+    pub fn remove(&self) -> Vec<Arc<Function>> {
         self.removed.store(true, Ordering::Release);
         self.jobs().clear();
-        write_lock(&self.functions).clear();
+        std::mem::take(&mut *write_lock(&self.functions))
+            .into_values()
+            .collect()
     }
 
     /// True once the tenant has left this executor.
