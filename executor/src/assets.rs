@@ -319,6 +319,7 @@ impl AssetStore {
                 len: 0,
             },
             hasher: Sha256::new(),
+            aside: None,
             cap,
         })
     }
@@ -396,19 +397,74 @@ pub struct AssetUpload {
     file: std::io::BufWriter<std::fs::File>,
     staged: StagedAsset,
     hasher: Sha256,
+    /// Set by [`hash_aside`](AssetUpload::hash_aside).
+    aside: Option<AsideHasher>,
     cap: u64,
+}
+
+/// Hashes an upload's bytes on a thread of its own.
+#[derive(Debug)]
+struct AsideHasher {
+    tx: std::sync::mpsc::SyncSender<bytes::Bytes>,
+    thread: std::thread::JoinHandle<Sha256>,
 }
 
 impl AssetUpload {
     /// Appends `chunk`; past the cap, [`AssetError::TooLarge`].
     pub fn write(&mut self, chunk: &[u8]) -> Result<(), AssetError> {
+        if self.aside.is_some() {
+            return self.write_bytes(bytes::Bytes::copy_from_slice(chunk));
+        }
+        self.append(chunk)?;
+        self.hasher.update(chunk);
+        Ok(())
+    }
+
+    /// As [`write`](Self::write), handing the bytes to the hashing thread
+    /// without a copy when there is one.
+    pub fn write_bytes(&mut self, chunk: bytes::Bytes) -> Result<(), AssetError> {
+        self.append(&chunk)?;
+        match &self.aside {
+            Some(a) => {
+                a.tx.send(chunk)
+                    .map_err(|_| AssetError::Io(std::io::Error::other("the hashing thread went")))
+            }
+            None => {
+                self.hasher.update(&chunk);
+                Ok(())
+            }
+        }
+    }
+
+    fn append(&mut self, chunk: &[u8]) -> Result<(), AssetError> {
         let len = self.staged.len + chunk.len() as u64;
         if len > self.cap {
             return Err(AssetError::TooLarge { limit: self.cap });
         }
         self.file.write_all(chunk).map_err(AssetError::Io)?;
-        self.hasher.update(chunk);
         self.staged.len = len;
+        Ok(())
+    }
+
+    /// Hashes what is written from here on on a thread of its own, so that
+    /// writing the file and hashing it (about as costly) overlap: for a
+    /// fetch that has nothing else to do meanwhile (a migration's).
+    pub fn hash_aside(&mut self) -> Result<(), AssetError> {
+        if self.aside.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
+        let mut hasher = std::mem::take(&mut self.hasher);
+        let thread = std::thread::Builder::new()
+            .name("assets-hash".into())
+            .spawn(move || {
+                for chunk in rx {
+                    hasher.update(&chunk);
+                }
+                hasher
+            })
+            .map_err(AssetError::Io)?;
+        self.aside = Some(AsideHasher { tx, thread });
         Ok(())
     }
 
@@ -422,12 +478,28 @@ impl AssetUpload {
     }
 
     /// Flushes and syncs the file; its hash is known from here on.
-    pub fn finish(mut self) -> Result<StagedAsset, AssetError> {
+    pub fn finish(self) -> Result<StagedAsset, AssetError> {
+        let (staged, file) = self.finish_unsynced()?;
+        file.sync_all().map_err(AssetError::Io)?;
+        Ok(staged)
+    }
+
+    /// Flushes the file, and hands back with it a handle that syncs it to
+    /// disk: for a caller that syncs while it goes on (a migration syncs
+    /// fetched files while it copies the tenant's memory, and waits for
+    /// them before the tenant moves).
+    pub fn finish_unsynced(mut self) -> Result<(StagedAsset, std::fs::File), AssetError> {
         self.file.flush().map_err(AssetError::Io)?;
-        self.file.get_ref().sync_all().map_err(AssetError::Io)?;
+        let file = self.file.get_ref().try_clone().map_err(AssetError::Io)?;
+        if let Some(AsideHasher { tx, thread }) = self.aside.take() {
+            drop(tx);
+            self.hasher = thread.join().map_err(|_| {
+                AssetError::Io(std::io::Error::other("the hashing thread panicked"))
+            })?;
+        }
         let mut staged = std::mem::take(&mut self.staged);
         staged.sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        Ok(staged)
+        Ok((staged, file))
     }
 }
 

@@ -916,15 +916,16 @@ async fn tenant_assets(
         return Err(ExecError::MoveNotFound(format!("assets file {sha}")));
     }
     let path = app.registry.asset_store().path(tenant.as_str(), &sha);
-    let file = tokio::fs::File::open(&path)
+    // Mapped, and sent as slices of the mapping: no copy in this process.
+    let mapped = tokio::task::spawn_blocking(move || crate::assets::map(&path))
         .await
-        .map_err(|e| ExecError::Asset(AssetError::Io(e)))?;
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| ExecError::Asset(AssetError::Io(e)))?
-        .len();
-    let stream = tokio_util_shim::file_stream(file);
+        .map_err(ExecError::task("mapping assets"))??;
+    let len = (*mapped).as_ref().len();
+    let whole = Bytes::from_owner(MappedBytes(mapped));
+    let stream =
+        futures_util::stream::iter((0..len).step_by(crate::pipe::CHUNK).map(move |at| {
+            Ok::<_, std::io::Error>(whole.slice(at..len.min(at + crate::pipe::CHUNK)))
+        }));
     Ok((
         [
             (header::CONTENT_TYPE, body::OCTET_STREAM.to_string()),
@@ -987,25 +988,11 @@ async fn discard_inbound(
     Ok(axum::Json(serde_json::json!({ "state": state })).into_response())
 }
 
-mod tokio_util_shim {
-    //! A file as a stream of chunks.
-    use bytes::Bytes;
-    use tokio::io::AsyncReadExt;
+/// A mapped file as the owner of a [`Bytes`].
+struct MappedBytes(tensor_wasm_kernels::SharedBytes);
 
-    pub fn file_stream(
-        file: tokio::fs::File,
-    ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-        futures_util::stream::unfold(Some(file), |file| async move {
-            let mut file = file?;
-            let mut buf = vec![0u8; crate::pipe::CHUNK];
-            match file.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(Bytes::from(buf)), Some(file)))
-                }
-                Err(e) => Some((Err(e), None)),
-            }
-        })
+impl AsRef<[u8]> for MappedBytes {
+    fn as_ref(&self) -> &[u8] {
+        (*self.0).as_ref()
     }
 }

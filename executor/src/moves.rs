@@ -153,8 +153,11 @@ async fn pull_into(
     options: PullOptions,
 ) -> Result<PullReport, ExecError> {
     let mut report = PullReport::default();
+    // Fetched files sync to disk while the rounds copy; the pull ends once
+    // they are on disk, before the tenant can move here.
+    let mut syncs = Vec::new();
     for info in manifest.functions {
-        let (blobs, bytes) = fetch(registry, peer, tenant, &info).await?;
+        let (blobs, bytes) = fetch(registry, peer, tenant, &info, &mut syncs).await?;
         report.blob_bytes += bytes;
         let (registry, inbound) = (registry.clone(), inbound.clone());
         tokio::task::spawn_blocking(move || {
@@ -181,6 +184,9 @@ async fn pull_into(
         if i > 0 && applied.bytes <= options.converged_bytes {
             break;
         }
+    }
+    for sync in syncs {
+        synced(sync).await?;
     }
     Ok(report)
 }
@@ -240,12 +246,14 @@ pub async fn commit(registry: &Arc<Registry>, tenant: &TenantId) -> Result<Round
 }
 
 /// A function's module, and its assets file unless the tenant's store here
-/// has it, fetched from the source; the bytes fetched.
+/// has it, fetched from the source; the bytes fetched. The sync of a
+/// fetched file to disk goes on in `syncs`.
 async fn fetch(
     registry: &Arc<Registry>,
     peer: &Peer,
     tenant: &TenantId,
     info: &FunctionInfo,
+    syncs: &mut Vec<Sync>,
 ) -> Result<(Fetched, u64), ExecError> {
     let wasm = peer
         .module(tenant, info.id.as_str())
@@ -257,7 +265,8 @@ async fn fetch(
             Some(AssetSource::Stored(sha.clone()))
         }
         Some(sha) => {
-            let staged = fetch_assets(registry, peer, tenant, sha).await?;
+            let (staged, sync) = fetch_assets(registry, peer, tenant, sha).await?;
+            syncs.push(sync);
             bytes += staged.len;
             Some(AssetSource::Staged(staged))
         }
@@ -272,57 +281,52 @@ async fn fetch(
     ))
 }
 
+/// A fetched file's sync to disk, under way.
+type Sync = tokio::task::JoinHandle<std::io::Result<()>>;
+
+/// Waits for `sync`.
+async fn synced(sync: Sync) -> Result<(), ExecError> {
+    sync.await
+        .map_err(ExecError::task("syncing assets"))?
+        .map_err(|e| ExecError::Internal(format!("syncing a fetched assets file: {e}")))
+}
+
 /// Streams the source's assets file `sha256` into the store here,
-/// checking that the bytes hash to their name.
+/// checking that the bytes hash to their name; with it, the sync of the
+/// file to disk, under way.
 async fn fetch_assets(
     registry: &Arc<Registry>,
     peer: &Peer,
     tenant: &TenantId,
     sha256: &str,
-) -> Result<StagedAsset, ExecError> {
+) -> Result<(StagedAsset, Sync), ExecError> {
     let body = peer.assets(tenant, sha256).await.map_err(peer_error)?;
     let cap = registry.quotas.asset_cap();
     let up = registry.asset_store().upload(tenant.as_str(), cap)?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(crate::pipe::CHUNKS_IN_FLIGHT);
-    let writer = tokio::task::spawn_blocking(move || {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(crate::pipe::CHUNKS_IN_FLIGHT);
+    let feeding = tokio::spawn(crate::peer::forward(body, tx));
+    let written = tokio::task::spawn_blocking(move || {
         let mut up = up;
+        up.hash_aside()?;
         while let Some(chunk) = rx.blocking_recv() {
-            up.write(&chunk)?;
+            let chunk: bytes::Bytes = chunk.map_err(|e| {
+                ExecError::Capacity(format!("fetching assets from the source: {e}"))
+            })?;
+            up.write_bytes(chunk)?;
         }
-        up.finish()
-    });
-    let mut body = body;
-    let mut failed = None;
-    use http_body_util::BodyExt;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => {
-                if let Ok(data) = f.into_data()
-                    && tx.send(data).await.is_err()
-                {
-                    break;
-                }
-            }
-            Err(e) => {
-                failed = Some(e.to_string());
-                break;
-            }
-        }
-    }
-    drop(tx);
-    let staged = writer.await.map_err(ExecError::task("fetching assets"))??;
-    if let Some(e) = failed {
-        return Err(ExecError::Capacity(format!(
-            "fetching assets {sha256}: {e}"
-        )));
-    }
+        Ok::<_, ExecError>(up.finish_unsynced()?)
+    })
+    .await
+    .map_err(ExecError::task("fetching assets"));
+    feeding.abort();
+    let (staged, file) = written??;
     if staged.sha256 != sha256 {
         return Err(ExecError::InvalidInput(format!(
             "assets {sha256} arrived as {}",
             staged.sha256
         )));
     }
-    Ok(staged)
+    Ok((staged, tokio::task::spawn_blocking(move || file.sync_all())))
 }
 
 /// A function's blobs fetched before staging it.
@@ -372,13 +376,11 @@ impl Blobs for PeerBlobs {
         {
             return Ok(AssetSource::Stored(sha256.to_string()));
         }
-        self.runtime
-            .block_on(fetch_assets(
-                &self.registry,
-                &self.peer,
-                &self.tenant,
-                sha256,
-            ))
-            .map(AssetSource::Staged)
+        self.runtime.block_on(async {
+            let (staged, sync) =
+                fetch_assets(&self.registry, &self.peer, &self.tenant, sha256).await?;
+            synced(sync).await?;
+            Ok(AssetSource::Staged(staged))
+        })
     }
 }

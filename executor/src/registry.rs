@@ -180,7 +180,7 @@ impl Registry {
         &self,
         t: Arc<Tenant>,
         replace: bool,
-    ) -> Result<Vec<Arc<crate::state::Function>>, ExecError> {
+    ) -> Result<Vec<Arc<Function>>, ExecError> {
         let mut tenants = write_lock(&self.tenants);
         if let Some(old) = tenants.get(&t.id)
             && old.function_count() > 0
@@ -589,7 +589,7 @@ impl Registry {
     /// After `new` replaced a tenant whose functions were `old` (a
     /// restore): the files of those functions that `new` lacks, and assets
     /// files it does not use, go.
-    pub(crate) fn forget_replaced(&self, old: &[Arc<crate::state::Function>], new: &Tenant) {
+    pub(crate) fn forget_replaced(&self, old: &[Arc<Function>], new: &Tenant) {
         for f in old {
             if new.function(&f.info.id).is_none() {
                 self.store.remove(&new.id, &f.info.id);

@@ -222,12 +222,7 @@ impl Registry {
             let writer = std::thread::Builder::new()
                 .name("restore-stream".into())
                 .spawn(move || {
-                    snapshot::stream::write_snapshot(
-                        &snap,
-                        tx,
-                        signing.as_deref(),
-                    )
-                    .map(drop)
+                    snapshot::stream::write_snapshot(&snap, tx, signing.as_deref()).map(drop)
                 })
                 .map_err(|e| ExecError::Internal(format!("a thread for a restore: {e}")))?;
             let applied = (|| {
