@@ -961,7 +961,7 @@ async fn pull_inbound(
     let report =
         crate::moves::pull(&app.registry, peer, &tenant, &req.session, req.options).await?;
     let bytes: u64 = report.rounds.iter().map(|r| r.applied.bytes).sum();
-    tracing::info!(%tenant, source = %req.source, rounds = report.rounds.len(), bytes, blob_bytes = report.blob_bytes, ms = report.ms, "tenant pulled while it runs");
+    tracing::info!(%tenant, source = %req.source, rounds = report.rounds.len(), bytes, blob_bytes = report.blob_bytes, blob_ms = report.blob_ms, ms = report.ms, "tenant pulled while it runs");
     Ok(axum::Json(report).into_response())
 }
 

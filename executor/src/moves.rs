@@ -54,6 +54,9 @@ impl Default for PullOptions {
 pub struct PullReport {
     /// Bytes of modules and assets files fetched.
     pub blob_bytes: u64,
+    /// How long fetching them and staging the functions took.
+    #[serde(default)]
+    pub blob_ms: f64,
     pub rounds: Vec<RoundReport>,
     pub ms: f64,
 }
@@ -152,6 +155,7 @@ async fn pull_into(
     manifest: Manifest,
     options: PullOptions,
 ) -> Result<PullReport, ExecError> {
+    let started = Instant::now();
     let mut report = PullReport::default();
     // Fetched files sync to disk while the rounds copy; the pull ends once
     // they are on disk, before the tenant can move here.
@@ -167,6 +171,7 @@ async fn pull_into(
         .await
         .map_err(ExecError::task("staging a function"))??;
     }
+    report.blob_ms = started.elapsed().as_secs_f64() * 1e3;
     for i in 0..options.max_rounds.max(1) {
         let t0 = Instant::now();
         let body = peer.round(session).await.map_err(peer_error)?;

@@ -36,7 +36,7 @@ use crate::error::ExecError;
 use crate::instance::InstanceShared;
 use crate::state::Tenant;
 use crate::sync::lock;
-use crate::tracking::{MemoryTracker, PageTracking};
+use crate::tracking::{MemoryTracker, PageTracking, nonzero_runs};
 
 /// What the destination has of one instance.
 struct Sent {
@@ -195,8 +195,18 @@ impl Outbound {
                         if !shared.memory.read(at, &mut r.scratch[..n]) {
                             break;
                         }
-                        w.pages(shared.id, at as u64, &r.scratch[..n]).map_err(io)?;
-                        stats.page_bytes += n as u64;
+                        if fresh {
+                            // The destination's copy starts zeroed.
+                            for run in nonzero_runs(&r.scratch[..n]) {
+                                let bytes = &r.scratch[run.clone()];
+                                w.pages(shared.id, (at + run.start) as u64, bytes)
+                                    .map_err(io)?;
+                                stats.page_bytes += bytes.len() as u64;
+                            }
+                        } else {
+                            w.pages(shared.id, at as u64, &r.scratch[..n]).map_err(io)?;
+                            stats.page_bytes += n as u64;
+                        }
                         at += n;
                     }
                 }

@@ -110,9 +110,12 @@ impl MemoryTracker {
 
     /// The byte ranges of `[0, size)` to send now, coalesced and in order,
     /// `size` being the memory's size as `view` knows it: at the first
-    /// call every page that is not all zeros (the reader's copy starts
-    /// zeroed), then the pages written since the call before. `scratch`
-    /// holds a page-aligned read buffer between calls.
+    /// call the pages that may not be zeros (the reader's copy starts
+    /// zeroed: with write-protection the whole memory, which the caller
+    /// reads once and sends without its zero pages; hashing, which reads
+    /// it anyway, the pages that are not zeros), then the pages written
+    /// since the call before. `scratch` holds a page-aligned read buffer
+    /// between calls.
     pub fn changed(
         &mut self,
         view: &MemoryView,
@@ -126,7 +129,7 @@ impl MemoryTracker {
                     // Marks every page clean before the copy, so that a
                     // write during it is reported next time.
                     view.written(&mut Vec::new()).map_err(|_| Gone)?;
-                    return nonzero_pages(view, size, scratch);
+                    return Ok(whole(size));
                 }
                 let mut written = Vec::new();
                 match view.written(&mut written) {
@@ -134,7 +137,7 @@ impl MemoryTracker {
                     Ok(false) => return Err(Gone),
                     Err(e) => {
                         tracing::warn!(error = %e, "page scan failed; sending the whole memory");
-                        return nonzero_pages(view, size, scratch);
+                        return Ok(whole(size));
                     }
                 }
                 Ok(coalesce(
@@ -201,22 +204,29 @@ fn for_each_chunk(
     Ok(())
 }
 
-/// The pages of `[0, size)` that hold anything but zeros.
-fn nonzero_pages(
-    view: &MemoryView,
-    size: usize,
-    scratch: &mut Vec<u8>,
-) -> Result<Vec<Range<usize>>, Gone> {
-    let mut out = Vec::new();
-    for_each_chunk(view, size, scratch, |offset, bytes| {
-        for (i, page) in bytes.chunks(PAGE).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                let at = offset + i * PAGE;
-                out.push(at..at + page.len());
-            }
+/// `[0, size)` as the ranges to send (none when empty).
+fn whole(size: usize) -> Vec<Range<usize>> {
+    std::iter::once(0..size).filter(|r| !r.is_empty()).collect()
+}
+
+/// The runs of pages of `bytes` that are not all zeros, as ranges of it.
+pub fn nonzero_runs(bytes: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        // A fold without an early exit, which the compiler vectorizes.
+        let zero = |p: &[u8]| p.iter().fold(0u8, |acc, &b| acc | b) == 0;
+        while at < bytes.len() && zero(&bytes[at..(at + PAGE).min(bytes.len())]) {
+            at += PAGE;
         }
-    })?;
-    Ok(coalesce(out.into_iter()))
+        if at >= bytes.len() {
+            return None;
+        }
+        let start = at;
+        while at < bytes.len() && !zero(&bytes[at..(at + PAGE).min(bytes.len())]) {
+            at += PAGE;
+        }
+        Some(start..at.min(bytes.len()))
+    })
 }
 
 /// Sorted ranges with touching ones merged.
@@ -354,11 +364,26 @@ mod tests {
         let mut t = tracking.start(view);
         let mut scratch = Vec::new();
         poke(&mut inst, 20000, 7);
-        assert_eq!(
-            t.changed(view, &mut scratch).unwrap(),
-            vec![0..PAGE, 2 * PAGE..3 * PAGE, 4 * PAGE..5 * PAGE],
-            "the body at 0, the data segment at 8192, the poke at 20000"
-        );
+        let first = t.changed(view, &mut scratch).unwrap();
+        if t.write_protects() {
+            assert_eq!(first, whole(65536), "the whole memory, read once");
+            assert_eq!(
+                nonzero_runs(&{
+                    let mut all = vec![0u8; 65536];
+                    assert!(view.read(0, &mut all));
+                    all
+                })
+                .collect::<Vec<_>>(),
+                vec![0..PAGE, 2 * PAGE..3 * PAGE, 4 * PAGE..5 * PAGE],
+                "of which the caller sends the pages that are not zeros"
+            );
+        } else {
+            assert_eq!(
+                first,
+                vec![0..PAGE, 2 * PAGE..3 * PAGE, 4 * PAGE..5 * PAGE],
+                "the body at 0, the data segment at 8192, the poke at 20000"
+            );
+        }
         assert_eq!(t.changed(view, &mut scratch).unwrap(), vec![]);
         // A write in the image's page, and one in a page grown since.
         poke(&mut inst, 8200, 1);
