@@ -7,9 +7,17 @@ use std::time::Duration;
 use anyhow::Context;
 use tensor_wasm_executor::config::{EngineLimits, TenantQuotas};
 use tensor_wasm_executor::server::{DeviceChoice, Executor, ExecutorConfig};
+use tensor_wasm_executor::tracking::TrackingChoice;
 use tensor_wasm_shared::names::env;
 
 /// Flags of `tensor-wasm executor`; each has an environment fallback.
+/// `--page-tracking`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum PageTrackingArg {
+    Auto,
+    Hashing,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Stable executor name: gpu0, mig-<uuid8>, cpu0, or a pod name.
@@ -76,10 +84,15 @@ pub struct Args {
     /// Warm instances a tenant may hold.
     #[arg(long, env = env::TENANT_INSTANCES, default_value_t = 64)]
     tenant_instances: usize,
-    /// Key that signs exported snapshots (HMAC-SHA256); when set, imported
-    /// snapshots must be signed with it.
+    /// Key that signs exported snapshots and migration rounds; when set,
+    /// imported snapshots and rounds must be signed with it.
     #[arg(long, env = env::SNAPSHOT_KEY, hide_env_values = true)]
     snapshot_key: Option<String>,
+    /// How a live migration finds the pages a tenant wrote between rounds:
+    /// `auto` (userfaultfd write-protection where the kernel offers it,
+    /// else hashing) or `hashing`.
+    #[arg(long, env = env::PAGE_TRACKING, value_enum, default_value_t = PageTrackingArg::Auto)]
+    page_tracking: PageTrackingArg,
     /// Largest invoke body, in bytes.
     #[arg(long, env = env::MAX_BODY_BYTES, default_value_t = 64 << 20)]
     max_body_bytes: usize,
@@ -143,6 +156,10 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         limits,
         quotas,
         snapshot_key: args.snapshot_key.map(String::into_bytes),
+        page_tracking: match args.page_tracking {
+            PageTrackingArg::Auto => TrackingChoice::Auto,
+            PageTrackingArg::Hashing => TrackingChoice::Hashing,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -127,6 +127,14 @@ impl Registry {
         }
     }
 
+    /// Tracks written pages as `choice` says.
+    pub fn with_page_tracking(mut self, choice: crate::tracking::TrackingChoice) -> Registry {
+        if choice != crate::tracking::TrackingChoice::Auto {
+            self.tracking = PageTracking::choose(choice);
+        }
+        self
+    }
+
     /// Signs and checks snapshots with `key`.
     pub fn with_snapshot_key(mut self, key: Option<Vec<u8>>) -> Registry {
         self.snapshot_key = key.filter(|k| !k.is_empty());

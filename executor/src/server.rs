@@ -60,6 +60,8 @@ pub struct ExecutorConfig {
     /// `TENSOR_WASM_SNAPSHOT_KEY`: signs exported snapshots; when set,
     /// imports must carry a valid signature.
     pub snapshot_key: Option<Vec<u8>>,
+    /// How migration rounds find the pages written (`--page-tracking`).
+    pub page_tracking: crate::tracking::TrackingChoice,
 }
 
 /// Why an executor could not start or keep serving.
@@ -202,7 +204,8 @@ impl Executor {
                 cfg.quotas.clone(),
                 metrics.clone(),
             )
-            .with_snapshot_key(cfg.snapshot_key.clone()),
+            .with_snapshot_key(cfg.snapshot_key.clone())
+            .with_page_tracking(cfg.page_tracking),
         );
         let warm = registry.load_warm_state().await;
         let reg = registry.clone();

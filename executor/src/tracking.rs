@@ -24,6 +24,16 @@ use crate::sys::{MemoryView, WriteTracker};
 /// Bytes of a page: the unit both methods report.
 pub const PAGE: usize = 4096;
 
+/// What an operator asks for (`--page-tracking`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TrackingChoice {
+    /// Write-protect where the kernel offers it, else hashing.
+    #[default]
+    Auto,
+    /// Hashing, even where write-protect is offered.
+    Hashing,
+}
+
 /// How this executor tracks written pages.
 #[derive(Clone, Debug)]
 pub enum PageTracking {
@@ -35,6 +45,15 @@ impl PageTracking {
     /// Write-protect where the kernel offers it, else hashing (logged once,
     /// with the reason).
     pub fn open() -> PageTracking {
+        Self::choose(TrackingChoice::Auto)
+    }
+
+    /// As the operator chose: [`open`](Self::open), or hashing.
+    pub fn choose(choice: TrackingChoice) -> PageTracking {
+        if choice == TrackingChoice::Hashing {
+            tracing::info!("migration rounds hash memory (--page-tracking hashing)");
+            return PageTracking::Hashing;
+        }
         match WriteTracker::open() {
             Ok(t) => PageTracking::WriteProtect(Arc::new(t)),
             Err(e) => {

@@ -2,7 +2,7 @@
 //! executor, then the proxy, while an open-loop client calls 20 small
 //! stateful tenants at a constant rate and two tenants the size of a real
 //! model (1 GiB of assets, 256 MiB of memory that every call changes) are
-//! called back to back. No request may fail and no tenant may lose a
+//! called at 50 calls/s each. No request may fail and no tenant may lose a
 //! sample or a call.
 
 use std::collections::BTreeMap;
@@ -21,6 +21,8 @@ const TENANTS: usize = 20;
 const RATE: f64 = 200.0;
 /// Tenants of 1.25 GiB each ([`crate::assets::BIG_TENANT`]).
 const BIG: usize = 2;
+/// Calls per second to each big tenant, each writing 1 MiB of its memory.
+const BIG_RATE: f64 = 50.0;
 
 /// Where the load was, in order: before the upgrade, while the executors
 /// upgrade, while the proxy hands its sockets over (`upgrade
@@ -120,6 +122,7 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
         &[
             ("TENSOR_WASM_API_TOKENS", list.join(",").as_str()),
             ("TENSOR_WASM_API_RATE_LIMIT_QPS", "1000"),
+            ("TENSOR_WASM_API_RATE_LIMIT_BURST", "1000"),
         ],
     );
     let config = br#"{"max_instances": 1}"#;
@@ -369,12 +372,18 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
     );
 }
 
-/// Calls a [`crate::assets::BIG_TENANT`] function back to back until
-/// `stop`, checking that every call counts once and in order and that its
-/// memory carries on; the calls made, or what went wrong.
+/// Calls a [`crate::assets::BIG_TENANT`] function at [`BIG_RATE`] until
+/// `stop`, one call at a time, checking that every call counts once and in
+/// order and that its memory carries on; the calls made, or what went
+/// wrong.
 fn big_client(addr: &str, path: &str, token: &str, stop: &AtomicBool) -> Result<u32, String> {
     let mut last = 0u32;
+    let start = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        let due = start + Duration::from_secs_f64(f64::from(last) / BIG_RATE);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
         let mut resends = 0;
         let (status, body) = loop {
             match raw_post(addr, path, token, b"{}", Duration::from_secs(60)) {

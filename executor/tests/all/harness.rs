@@ -60,6 +60,7 @@ impl TestExecutor {
             limits,
             quotas,
             snapshot_key: key.map(<[u8]>::to_vec),
+            page_tracking: Default::default(),
         };
         let executor = rt.block_on(Executor::start(cfg, "")).unwrap();
         let addr = executor.local_addr().unwrap();
