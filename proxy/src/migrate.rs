@@ -1006,6 +1006,8 @@ impl Orchestrator {
             Err(e) if e.code() == Some(ErrorCode::TenantExists) => {
                 self.restore_by_dropping(&t, &exec, snapshot).await
             }
+            // Unreachable: the tenant, if it is there, is as it was.
+            Err(e) if e.code().is_none() => Err(MigrateError::Executor(exec.id.clone(), e)),
             Err(e) => Err(import_error(&exec.id, e)),
         };
         if let Err(e) = imported {

@@ -865,10 +865,8 @@ async fn restore_replaces_the_state_of_a_placed_tenant() {
     let s = Setup::acme_on_a();
     let on = s.orch.restore("acme", bytes(b"new")).await.unwrap();
     assert_eq!(on.as_str(), A);
-    assert_eq!(
-        s.calls(),
-        calls(&["cpu0 export acme", "cpu0 drop acme", "cpu0 import acme"])
-    );
+    // One step on the executor: the tenant is never dropped first.
+    assert_eq!(s.calls(), calls(&["cpu0 restore acme"]));
     assert_eq!(s.a.tenant("acme").unwrap().state, bytes(b"new"));
     assert_eq!(s.home("acme").as_deref(), Some(A));
     assert!(!s.fleet.gate_closed("acme"));
@@ -879,24 +877,84 @@ async fn restore_places_a_new_tenant_and_imports_it() {
     let s = Setup::new();
     let on = s.orch.restore("fresh", bytes(b"new")).await.unwrap();
     assert_eq!(s.home("fresh"), Some(on.to_string()));
-    assert_eq!(
-        s.calls(),
-        [format!("{on} export fresh"), format!("{on} import fresh")]
-    );
+    assert_eq!(s.calls(), [format!("{on} restore fresh")]);
     let exec = if on.as_str() == A { &s.a } else { &s.b };
     assert_eq!(exec.tenant("fresh").unwrap().state, bytes(b"new"));
 }
 
 #[tokio::test]
-async fn restore_refused_puts_the_previous_state_back() {
+async fn restore_refused_leaves_the_state_as_it_was() {
     let s = Setup::acme_on_a();
-    s.a.fail_once(Op::Import, Fault::Answer(ErrorCode::InvalidInput));
+    s.a.fail_once(Op::Restore, Fault::Answer(ErrorCode::InvalidInput));
     let e = s.orch.restore("acme", bytes(b"bad")).await.unwrap_err();
     assert!(matches!(e, MigrateError::SnapshotRefused(..)), "{e}");
     assert_eq!(code(&e), ErrorCode::InvalidInput);
+    assert_eq!(s.calls(), calls(&["cpu0 restore acme"]));
+    assert_eq!(s.a.tenant("acme").unwrap().state, bytes(b"state"));
+    assert_eq!(s.home("acme").as_deref(), Some(A));
+    assert!(!s.fleet.gate_closed("acme"));
+}
+
+#[tokio::test]
+async fn restore_failing_otherwise_is_an_import_failure() {
+    let s = Setup::acme_on_a();
+    s.a.fail_once(Op::Restore, Fault::Answer(ErrorCode::Internal));
+    let e = s.orch.restore("acme", bytes(b"new")).await.unwrap_err();
+    assert!(matches!(e, MigrateError::ImportFailed(..)), "{e}");
+    assert_eq!(code(&e), ErrorCode::ImportFailed);
+    assert_eq!(s.calls(), calls(&["cpu0 restore acme"]));
+    assert_eq!(s.a.tenant("acme").unwrap().state, bytes(b"state"));
+}
+
+#[tokio::test]
+async fn restore_of_a_new_tenant_refused_leaves_it_unplaced() {
+    let s = Setup::new();
+    s.a.fail(Op::Restore, Fault::Answer(ErrorCode::InvalidInput));
+    s.b.fail(Op::Restore, Fault::Answer(ErrorCode::InvalidInput));
+    let e = s.orch.restore("fresh", bytes(b"bad")).await.unwrap_err();
+    assert_eq!(code(&e), ErrorCode::InvalidInput);
+    let seen = s.calls();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].ends_with(" restore fresh"));
+    assert_eq!(s.home("fresh"), None);
+    assert!(!s.fleet.gate_closed("fresh"));
+}
+
+/// An executor of the older release answers `tenant_exists` to a restore
+/// of a tenant it holds: it is restored by saving, dropping, importing.
+fn older(s: &Setup) {
+    s.a.fail(Op::Restore, Fault::Answer(ErrorCode::TenantExists));
+}
+
+#[tokio::test]
+async fn an_older_executor_is_restored_by_saving_dropping_and_importing() {
+    let s = Setup::acme_on_a();
+    older(&s);
+    s.orch.restore("acme", bytes(b"new")).await.unwrap();
     assert_eq!(
         s.calls(),
         calls(&[
+            "cpu0 restore acme",
+            "cpu0 export acme",
+            "cpu0 drop acme",
+            "cpu0 import acme"
+        ])
+    );
+    assert_eq!(s.a.tenant("acme").unwrap().state, bytes(b"new"));
+    assert!(!s.fleet.gate_closed("acme"));
+}
+
+#[tokio::test]
+async fn an_older_executor_refusing_the_snapshot_gets_the_previous_state_back() {
+    let s = Setup::acme_on_a();
+    older(&s);
+    s.a.fail_once(Op::Import, Fault::Answer(ErrorCode::InvalidInput));
+    let e = s.orch.restore("acme", bytes(b"bad")).await.unwrap_err();
+    assert!(matches!(e, MigrateError::SnapshotRefused(..)), "{e}");
+    assert_eq!(
+        s.calls(),
+        calls(&[
+            "cpu0 restore acme",
             "cpu0 export acme",
             "cpu0 drop acme",
             "cpu0 import acme",
@@ -909,47 +967,15 @@ async fn restore_refused_puts_the_previous_state_back() {
 }
 
 #[tokio::test]
-async fn restore_failing_otherwise_is_an_import_failure() {
-    let s = Setup::acme_on_a();
-    s.a.fail_once(Op::Import, Fault::Answer(ErrorCode::Internal));
-    let e = s.orch.restore("acme", bytes(b"new")).await.unwrap_err();
-    assert!(matches!(e, MigrateError::ImportFailed(..)), "{e}");
-    assert_eq!(code(&e), ErrorCode::ImportFailed);
-    assert_eq!(
-        s.calls(),
-        calls(&[
-            "cpu0 export acme",
-            "cpu0 drop acme",
-            "cpu0 import acme",
-            "cpu0 import acme",
-        ])
-    );
-    assert_eq!(s.a.tenant("acme").unwrap().state, bytes(b"state"));
-}
-
-#[tokio::test]
-async fn restore_of_a_new_tenant_refused_leaves_it_unplaced() {
-    let s = Setup::new();
-    s.a.fail(Op::Import, Fault::Answer(ErrorCode::InvalidInput));
-    s.b.fail(Op::Import, Fault::Answer(ErrorCode::InvalidInput));
-    let e = s.orch.restore("fresh", bytes(b"bad")).await.unwrap_err();
-    assert_eq!(code(&e), ErrorCode::InvalidInput);
-    let seen = s.calls();
-    assert_eq!(seen.len(), 2, "{seen:?}");
-    assert!(seen[0].ends_with(" export fresh") && seen[1].ends_with(" import fresh"));
-    assert_eq!(s.home("fresh"), None);
-    assert!(!s.fleet.gate_closed("fresh"));
-}
-
-#[tokio::test]
-async fn restore_with_not_found_on_export_changes_nothing() {
+async fn an_older_executor_without_export_changes_nothing() {
     // Not "no previous state": the executor lacks the route.
     let s = Setup::acme_on_a();
+    older(&s);
     s.a.fail(Op::Export, Fault::Answer(ErrorCode::NotFound));
     let e = s.orch.restore("acme", bytes(b"new")).await.unwrap_err();
     assert!(matches!(e, MigrateError::Executor(..)), "{e}");
     assert_eq!(code(&e), ErrorCode::NotFound);
-    assert_eq!(s.calls(), calls(&["cpu0 export acme"]));
+    assert_eq!(s.calls(), calls(&["cpu0 restore acme", "cpu0 export acme"]));
     assert_eq!(s.a.tenant("acme").unwrap().state, bytes(b"state"));
     assert!(!s.fleet.gate_closed("acme"));
 }
@@ -960,7 +986,7 @@ async fn restore_on_an_unreachable_executor_is_unavailable() {
     s.a.set_down(true);
     let e = s.orch.restore("acme", bytes(b"new")).await.unwrap_err();
     assert_eq!(code(&e), ErrorCode::ExecutorUnavailable);
-    assert_eq!(s.calls(), calls(&["cpu0 export acme"]));
+    assert_eq!(s.calls(), calls(&["cpu0 restore acme"]));
     assert_eq!(s.home("acme").as_deref(), Some(A));
 }
 

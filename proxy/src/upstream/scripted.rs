@@ -36,6 +36,7 @@ pub(crate) enum Op {
     Precompile,
     Export,
     Import,
+    Restore,
     Thaw,
     Drop,
     StartOutbound,
@@ -55,6 +56,7 @@ impl Op {
             Op::Precompile => "precompile",
             Op::Export => "export",
             Op::Import => "import",
+            Op::Restore => "restore",
             Op::Thaw => "thaw",
             Op::Drop => "drop",
             Op::StartOutbound => "outbound",
@@ -328,7 +330,7 @@ impl ExecutorApi for Scripted {
         tenant: &TenantId,
         snapshot: Bytes,
     ) -> Result<(), UpstreamError> {
-        self.enter(Op::Import, Some(tenant), None).await?;
+        self.enter(Op::Restore, Some(tenant), None).await?;
         let t = Tenant {
             state: snapshot,
             ..Tenant::default()
