@@ -37,19 +37,7 @@ fn invalid(msg: impl Into<String>) -> ExecError {
     ExecError::InvalidInput(format!("snapshot refused: {}", msg.into()))
 }
 
-/// Where an inbound tenant stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InboundState {
-    /// No inbound tenant of that id.
-    None,
-    /// Being staged.
-    Staging,
-    /// Discarded: nothing of it is left.
-    Discarded,
-    /// Published: the tenant is served here.
-    Committed,
-}
+pub use tensor_wasm_shared::api::InboundState;
 
 /// An instance being rebuilt.
 struct Staged {

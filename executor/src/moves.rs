@@ -258,7 +258,7 @@ async fn fetch(
     peer: &Peer,
     tenant: &TenantId,
     info: &FunctionInfo,
-    syncs: &mut Vec<Sync>,
+    syncs: &mut Vec<FileSync>,
 ) -> Result<(Fetched, u64), ExecError> {
     let wasm = peer
         .module(tenant, info.id.as_str())
@@ -287,10 +287,10 @@ async fn fetch(
 }
 
 /// A fetched file's sync to disk, under way.
-type Sync = tokio::task::JoinHandle<std::io::Result<()>>;
+type FileSync = tokio::task::JoinHandle<std::io::Result<()>>;
 
 /// Waits for `sync`.
-async fn synced(sync: Sync) -> Result<(), ExecError> {
+async fn synced(sync: FileSync) -> Result<(), ExecError> {
     sync.await
         .map_err(ExecError::task("syncing assets"))?
         .map_err(|e| ExecError::Internal(format!("syncing a fetched assets file: {e}")))
@@ -304,7 +304,7 @@ async fn fetch_assets(
     peer: &Peer,
     tenant: &TenantId,
     sha256: &str,
-) -> Result<(StagedAsset, Sync), ExecError> {
+) -> Result<(StagedAsset, FileSync), ExecError> {
     let body = peer.assets(tenant, sha256).await.map_err(peer_error)?;
     let cap = registry.quotas.asset_cap();
     let up = registry.asset_store().upload(tenant.as_str(), cap)?;

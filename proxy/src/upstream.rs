@@ -200,18 +200,7 @@ pub struct Transfer {
     pub last_round_ms: f64,
 }
 
-/// Where a destination's copy of a tenant stands after a discard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InboundState {
-    /// It had none.
-    None,
-    Staging,
-    /// It had one, now gone.
-    Discarded,
-    /// It committed: the tenant is served there.
-    Committed,
-}
+pub use tensor_wasm_shared::api::InboundState;
 
 /// Makes the [`ExecutorApi`] of the executor at an address; the fleet's
 /// seam, replaced in unit tests by in-memory executors.

@@ -1,6 +1,7 @@
 //! Bodies of the public HTTP API (`docs/API.md`) that more than one component
-//! reads or writes: JSON tensors, function records, invoke bodies, and the
-//! executor description of `/internal/info` and `/admin/executors`.
+//! reads or writes: JSON tensors, function records, invoke bodies, the
+//! executor description of `/internal/info` and `/admin/executors`, and
+//! where an inbound move stands (the internal migration routes).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -709,4 +710,20 @@ pub struct JobAccepted {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobList {
     pub jobs: Vec<JobInfo>,
+}
+
+/// Where a destination's inbound copy of a tenant stands (the internal
+/// migration routes, `docs/API.md`): what the executor answers and the
+/// proxy's recovery reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InboundState {
+    /// No inbound tenant of that id.
+    None,
+    /// Being staged.
+    Staging,
+    /// Discarded: nothing of it is left.
+    Discarded,
+    /// Published: the tenant is served there.
+    Committed,
 }
