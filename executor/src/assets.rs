@@ -5,7 +5,10 @@
 //! on the way ([`AssetUpload`]); the file is then validated ([`inspect`]:
 //! header bounds, dtypes, shapes, offsets that tile the data exactly, with
 //! no gap or overlap) before anything is registered, and renamed to its
-//! SHA-256 (`<state>/assets/<tenant>/<sha256>.safetensors`).
+//! SHA-256 (`<state>/assets/<tenant>/<sha256>.safetensors`), with the
+//! BLAKE3 of its bytes beside it (`<sha256>.blake3`): what a migration's
+//! destination checks the bytes it fetches against, at a third of the cost
+//! of recomputing the SHA-256 ([`AssetStore::upload_vouched`]).
 //!
 //! A file is loaded once per tenant ([`LoadedAssets`]): memory-mapped and
 //! borrowed without a copy by the CPU backend, uploaded once to the device
@@ -53,6 +56,9 @@ pub enum AssetError {
     TooLarge { limit: u64 },
     #[error("assets store: {0}")]
     Io(#[source] std::io::Error),
+    /// Bytes a peer sent are not the file it named.
+    #[error("assets file does not match: {0}")]
+    Mismatch(String),
 }
 
 /// The dtype of a safetensors tensor, when we support it.
@@ -278,6 +284,18 @@ pub struct AssetStore {
 /// Name prefix of uploads in progress; leftovers are removed at start-up.
 const UPLOAD_PREFIX: &str = ".upload-";
 
+/// Writes of an upload are gathered up to 64 KiB; larger chunks (what a
+/// peer's stream brings) go to the file without a copy.
+const UPLOAD_BUFFER: usize = 64 << 10;
+
+/// Writeback of an upload starts every 8 MiB.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Suffix of the file beside `<sha256>.safetensors` that records the
+/// BLAKE3 digest of its bytes, which a destination of a move checks
+/// instead of recomputing the SHA-256.
+const DIGEST_SUFFIX: &str = ".blake3";
+
 impl AssetStore {
     /// The store under `state_dir`.
     pub fn new(state_dir: &Path) -> AssetStore {
@@ -312,16 +330,60 @@ impl AssetStore {
             .open(&path)
             .map_err(AssetError::Io)?;
         Ok(AssetUpload {
-            file: std::io::BufWriter::with_capacity(1 << 20, file),
+            file: std::io::BufWriter::with_capacity(UPLOAD_BUFFER, file),
             staged: StagedAsset {
                 path,
                 sha256: String::new(),
+                blake3: String::new(),
                 len: 0,
+                synced: false,
             },
-            hasher: Sha256::new(),
+            hasher: Digests::naming(),
             aside: None,
             cap,
+            vouched: None,
+            written_back: 0,
         })
+    }
+
+    /// As [`upload`](Self::upload), for the bytes a peer executor vouches
+    /// are its file `sha256` with BLAKE3 digest `blake3`: only the BLAKE3
+    /// is computed (several times cheaper than SHA-256), and
+    /// [`finish`](AssetUpload::finish) fails unless the bytes match it.
+    pub fn upload_vouched(
+        &self,
+        tenant: &str,
+        cap: u64,
+        sha256: &str,
+        blake3: &str,
+    ) -> Result<AssetUpload, AssetError> {
+        if !is_sha256(sha256) {
+            return Err(AssetError::Mismatch(format!("{sha256:?} is not a SHA-256")));
+        }
+        let blake3 = blake3::Hash::from_hex(blake3)
+            .map_err(|_| AssetError::Mismatch(format!("{blake3:?} is not a BLAKE3 digest")))?;
+        let mut up = self.upload(tenant, cap)?;
+        up.hasher = Digests::default();
+        up.vouched = Some((sha256.to_string(), blake3));
+        Ok(up)
+    }
+
+    /// The BLAKE3 digest of `tenant`'s file `sha256`, recorded beside it
+    /// when it was stored; `None` for a file stored by a release that did
+    /// not record it.
+    pub fn blake3(&self, tenant: &str, sha256: &str) -> Option<String> {
+        if !is_sha256(sha256) {
+            return None;
+        }
+        let hex = std::fs::read_to_string(self.digest_path(tenant, sha256)).ok()?;
+        let hex = hex.trim();
+        blake3::Hash::from_hex(hex).ok().map(|_| hex.to_string())
+    }
+
+    /// Where the BLAKE3 digest of the file of `sha256` is recorded.
+    fn digest_path(&self, tenant: &str, sha256: &str) -> PathBuf {
+        self.tenant_dir(tenant)
+            .join(format!("{sha256}{DIGEST_SUFFIX}"))
     }
 
     /// Stages bytes already in memory (a snapshot's, an older layout's).
@@ -332,20 +394,46 @@ impl AssetStore {
     }
 
     /// Moves a validated upload to its content address (dropping it if the
-    /// tenant holds those bytes already); returns the final path.
+    /// tenant holds those bytes already); returns the final path. The name
+    /// is synced to disk with the file, unless the file was not synced
+    /// ([`AssetUpload::finish_unsynced`]): then its caller syncs both, the
+    /// file and then [`sync_dir`](Self::sync_dir), before relying on them
+    /// (on ext4, syncing the folder writes the new file's data too, which
+    /// a migration does while it copies the tenant's memory).
     pub fn commit(&self, tenant: &str, mut staged: StagedAsset) -> Result<PathBuf, AssetError> {
         let fin = self.path(tenant, &staged.sha256);
         if fin.is_file() {
             return Ok(fin);
         }
+        // The digest first: a crash before the rename leaves it alone,
+        // and `retain` removes it with the file's other leftovers.
+        std::fs::write(self.digest_path(tenant, &staged.sha256), &staged.blake3)
+            .map_err(AssetError::Io)?;
         std::fs::rename(&staged.path, &fin).map_err(AssetError::Io)?;
         staged.path = PathBuf::new();
-        if let Some(dir) = fin.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(AssetError::Io)?;
+        if staged.synced {
+            self.sync_dir(tenant)?;
         }
         Ok(fin)
+    }
+
+    /// Syncs the names of `tenant`'s files to disk.
+    pub fn sync_dir(&self, tenant: &str) -> Result<(), AssetError> {
+        std::fs::File::open(self.tenant_dir(tenant))
+            .and_then(|d| d.sync_all())
+            .map_err(AssetError::Io)
+    }
+
+    /// Removes `tenant`'s file `sha256` and its digest; a file that is not
+    /// there is no error.
+    pub fn remove(&self, tenant: &str, sha256: &str) -> std::io::Result<()> {
+        for path in [self.path(tenant, sha256), self.digest_path(tenant, sha256)] {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Removes `tenant`'s files that are not in `keep`, and any upload left
@@ -358,6 +446,7 @@ impl AssetStore {
             let name = e.file_name().to_string_lossy().into_owned();
             let kept = name
                 .strip_suffix(".safetensors")
+                .or_else(|| name.strip_suffix(DIGEST_SUFFIX))
                 .is_some_and(|h| keep.contains(&h));
             if !kept {
                 let _ = std::fs::remove_file(e.path());
@@ -396,17 +485,53 @@ pub fn is_sha256(s: &str) -> bool {
 pub struct AssetUpload {
     file: std::io::BufWriter<std::fs::File>,
     staged: StagedAsset,
-    hasher: Sha256,
+    hasher: Digests,
     /// Set by [`hash_aside`](AssetUpload::hash_aside).
     aside: Option<AsideHasher>,
     cap: u64,
+    /// The name and BLAKE3 digest a peer vouched for.
+    vouched: Option<(String, blake3::Hash)>,
+    /// Bytes handed to the disk's writeback so far.
+    written_back: u64,
+}
+
+/// The digests an upload computes: SHA-256, the file's name, unless a
+/// peer vouched for it; BLAKE3 always, recorded beside the file.
+#[derive(Clone, Default)]
+struct Digests {
+    sha256: Option<Sha256>,
+    blake3: blake3::Hasher,
+}
+
+impl Digests {
+    fn naming() -> Digests {
+        Digests {
+            sha256: Some(Sha256::new()),
+            blake3: blake3::Hasher::new(),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        if let Some(s) = &mut self.sha256 {
+            s.update(bytes);
+        }
+        self.blake3.update(bytes);
+    }
+}
+
+impl std::fmt::Debug for Digests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Digests")
+            .field("sha256", &self.sha256.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Hashes an upload's bytes on a thread of its own.
 #[derive(Debug)]
 struct AsideHasher {
     tx: std::sync::mpsc::SyncSender<bytes::Bytes>,
-    thread: std::thread::JoinHandle<Sha256>,
+    thread: std::thread::JoinHandle<Digests>,
 }
 
 impl AssetUpload {
@@ -443,6 +568,13 @@ impl AssetUpload {
         }
         self.file.write_all(chunk).map_err(AssetError::Io)?;
         self.staged.len = len;
+        // The disk writes the file while the rest arrives, so that the
+        // sync at the end has little left to do.
+        let written = len - self.file.buffer().len() as u64;
+        if written >= self.written_back + WRITEBACK_STEP {
+            crate::sys::start_writeback(self.file.get_ref(), self.written_back);
+            self.written_back = written;
+        }
         Ok(())
     }
 
@@ -479,8 +611,9 @@ impl AssetUpload {
 
     /// Flushes and syncs the file; its hash is known from here on.
     pub fn finish(self) -> Result<StagedAsset, AssetError> {
-        let (staged, file) = self.finish_unsynced()?;
+        let (mut staged, file) = self.finish_unsynced()?;
         file.sync_all().map_err(AssetError::Io)?;
+        staged.synced = true;
         Ok(staged)
     }
 
@@ -497,8 +630,25 @@ impl AssetUpload {
                 AssetError::Io(std::io::Error::other("the hashing thread panicked"))
             })?;
         }
+        let digests = std::mem::take(&mut self.hasher);
+        let blake3 = digests.blake3.finalize();
+        let sha256 = match (digests.sha256, self.vouched.take()) {
+            (Some(s), _) => hex::encode(s.finalize()),
+            (None, Some((sha256, expected))) if expected == blake3 => sha256,
+            (None, Some((sha256, expected))) => {
+                return Err(AssetError::Mismatch(format!(
+                    "the bytes of {sha256} hash to BLAKE3 {blake3}, not {expected}"
+                )));
+            }
+            (None, None) => {
+                return Err(AssetError::Mismatch(
+                    "an upload with nothing to name it".into(),
+                ));
+            }
+        };
         let mut staged = std::mem::take(&mut self.staged);
-        staged.sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        staged.sha256 = sha256;
+        staged.blake3 = blake3.to_hex().to_string();
         Ok((staged, file))
     }
 }
@@ -510,8 +660,12 @@ pub struct StagedAsset {
     path: PathBuf,
     /// SHA-256 of the bytes, hex.
     pub sha256: String,
+    /// BLAKE3 of the bytes, hex.
+    pub blake3: String,
     /// Size in bytes.
     pub len: u64,
+    /// Whether the file is on disk (else its receiver syncs it).
+    synced: bool,
 }
 
 impl StagedAsset {
@@ -664,11 +818,53 @@ mod tests {
         // The same bytes again: one file.
         let again = store.stage_bytes("t", b"hello").unwrap();
         assert_eq!(store.commit("t", again).unwrap(), path);
-        assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), 1);
+        // The file and its recorded BLAKE3 digest.
+        assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), 2);
         let sha = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
         assert!(store.contains("t", sha));
         assert!(!store.contains("u", sha), "per tenant");
+        assert_eq!(
+            store.blake3("t", sha).unwrap(),
+            blake3::hash(b"hello").to_hex().as_str()
+        );
+        store.retain("t", &[sha]);
+        assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), 2, "kept");
         store.retain("t", &[]);
         assert!(!store.contains("t", sha));
+        assert_eq!(store.blake3("t", sha), None);
+        assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn vouched_uploads_are_checked_by_their_blake3() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AssetStore::new(dir.path());
+        let sha = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        let good = blake3::hash(b"hello").to_hex();
+        for aside in [false, true] {
+            let mut up = store.upload_vouched("t", 10, sha, &good).unwrap();
+            if aside {
+                up.hash_aside().unwrap();
+            }
+            up.write(b"hello").unwrap();
+            let staged = up.finish().unwrap();
+            assert_eq!(
+                (staged.sha256.as_str(), staged.blake3.as_str()),
+                (sha, good.as_str())
+            );
+
+            // Other bytes under the same name and digest are refused.
+            let mut up = store.upload_vouched("t", 10, sha, &good).unwrap();
+            if aside {
+                up.hash_aside().unwrap();
+            }
+            up.write(b"hellO").unwrap();
+            assert!(matches!(up.finish(), Err(AssetError::Mismatch(_))));
+        }
+        // A name or digest that is not one is refused before any byte.
+        assert!(store.upload_vouched("t", 10, "../x", &good).is_err());
+        assert!(store.upload_vouched("t", 10, sha, "nope").is_err());
+        let tdir = dir.path().join("assets").join("t");
+        assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), 0, "no leftover");
     }
 }

@@ -915,7 +915,9 @@ async fn tenant_assets(
     if !app.registry.asset_store().contains(tenant.as_str(), &sha) {
         return Err(ExecError::MoveNotFound(format!("assets file {sha}")));
     }
-    let path = app.registry.asset_store().path(tenant.as_str(), &sha);
+    let store = app.registry.asset_store();
+    let path = store.path(tenant.as_str(), &sha);
+    let blake3 = store.blake3(tenant.as_str(), &sha);
     // Mapped, and sent as slices of the mapping: no copy in this process.
     let mapped = tokio::task::spawn_blocking(move || crate::assets::map(&path))
         .await
@@ -926,14 +928,20 @@ async fn tenant_assets(
         futures_util::stream::iter((0..len).step_by(crate::pipe::CHUNK).map(move |at| {
             Ok::<_, std::io::Error>(whole.slice(at..len.min(at + crate::pipe::CHUNK)))
         }));
-    Ok((
+    let mut response = (
         [
             (header::CONTENT_TYPE, body::OCTET_STREAM.to_string()),
             (header::CONTENT_LENGTH, len.to_string()),
         ],
         Body::from_stream(stream),
     )
-        .into_response())
+        .into_response();
+    if let Some(digest) = blake3.and_then(|d| HeaderValue::from_str(&d).ok()) {
+        response
+            .headers_mut()
+            .insert(crate::peer::ASSETS_BLAKE3, digest);
+    }
+    Ok(response)
 }
 
 /// What a destination is asked to pull.

@@ -42,6 +42,10 @@ impl PeerError {
     }
 }
 
+/// Header of an assets file's answer: the BLAKE3 digest of its bytes,
+/// recorded when the file was stored (`docs/API.md`, "Internal API").
+pub const ASSETS_BLAKE3: &str = "x-tensor-wasm-assets-blake3";
+
 /// A response whose body arrives as it is read.
 pub type BodyStream = hyper::body::Incoming;
 
@@ -67,6 +71,15 @@ impl Peer {
     /// Sends one request on a new connection; a 2xx answer's body as a
     /// stream (the connection lives until it is read), else the error.
     async fn send(&self, method: &str, path: &str) -> Result<BodyStream, PeerError> {
+        Ok(self.send_for(method, path).await?.into_body())
+    }
+
+    /// As [`send`](Self::send), with the answer's headers.
+    async fn send_for(
+        &self,
+        method: &str,
+        path: &str,
+    ) -> Result<hyper::Response<BodyStream>, PeerError> {
         let unreachable = |e: &dyn std::fmt::Display| PeerError::Unreachable {
             addr: self.addr.clone(),
             message: e.to_string(),
@@ -92,7 +105,7 @@ impl Peer {
             .map_err(|e| unreachable(&e))?;
         let status = response.status().as_u16();
         if (200..300).contains(&status) {
-            return Ok(response.into_body());
+            return Ok(response);
         }
         let bytes = response
             .into_body()
@@ -147,13 +160,26 @@ impl Peer {
             .await
     }
 
-    /// `tenant`'s assets file `sha256`, as a stream.
-    pub async fn assets(&self, tenant: &TenantId, sha256: &str) -> Result<BodyStream, PeerError> {
-        self.send(
-            "GET",
-            &format!("/internal/tenants/{tenant}/assets/{sha256}"),
-        )
-        .await
+    /// `tenant`'s assets file `sha256`, as a stream, with the BLAKE3
+    /// digest the source vouches for when it recorded one
+    /// ([`ASSETS_BLAKE3`]).
+    pub async fn assets(
+        &self,
+        tenant: &TenantId,
+        sha256: &str,
+    ) -> Result<(Option<String>, BodyStream), PeerError> {
+        let response = self
+            .send_for(
+                "GET",
+                &format!("/internal/tenants/{tenant}/assets/{sha256}"),
+            )
+            .await?;
+        let blake3 = response
+            .headers()
+            .get(ASSETS_BLAKE3)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok((blake3, response.into_body()))
     }
 
     /// The next round of session `session`, as a stream.
@@ -170,10 +196,11 @@ impl Peer {
     }
 }
 
-/// Feeds a streamed body into `tx`. The frames the connection yields are
-/// small (what one socket read brought): those that are ready together
-/// are gathered into chunks of up to [`crate::pipe::CHUNK`] bytes, so that
-/// the reading thread wakes once per chunk rather than once per read.
+/// Feeds a streamed body into `tx`. Frames of at least [`WHOLE_FRAME`]
+/// bytes go on as they are, without a copy; smaller ones (what one short
+/// socket read brought) that are ready together are gathered into chunks of
+/// up to [`crate::pipe::CHUNK`] bytes, so that the reading thread wakes
+/// once per chunk rather than once per read.
 pub async fn forward(body: BodyStream, tx: crate::pipe::ChunkSender) {
     use futures_util::FutureExt;
     let mut body = body;
@@ -186,9 +213,17 @@ pub async fn forward(body: BodyStream, tx: crate::pipe::ChunkSender) {
         };
         match frame {
             Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    gathered.extend_from_slice(&data);
+                let data = frame.into_data().unwrap_or_default();
+                if data.len() >= WHOLE_FRAME {
+                    let gathered = (!gathered.is_empty()).then(|| gathered.split().freeze());
+                    for chunk in gathered.into_iter().chain([data]) {
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
                 }
+                gathered.extend_from_slice(&data);
                 if gathered.len() < crate::pipe::CHUNK {
                     // Another frame ready now joins this chunk.
                     if let Some(ready) = body.frame().now_or_never() {
@@ -213,3 +248,6 @@ pub async fn forward(body: BodyStream, tx: crate::pipe::ChunkSender) {
         }
     }
 }
+
+/// Frames this large are handed on whole: 64 KiB.
+const WHOLE_FRAME: usize = 64 << 10;

@@ -667,13 +667,10 @@ impl Registry {
     /// its functions still uses it. Called with the tenant's registration
     /// lock.
     fn forget_unused_assets(&self, tenant: &Tenant, sha256: &str) {
-        if !tenant.asset_files().iter().any(|s| s == sha256) {
-            let path = self.asset_store.path(tenant.id.as_str(), sha256);
-            if let Err(e) = std::fs::remove_file(&path)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(tenant = %tenant.id, file = %path.display(), error = %e, "cannot remove an unused assets file");
-            }
+        if !tenant.asset_files().iter().any(|s| s == sha256)
+            && let Err(e) = self.asset_store.remove(tenant.id.as_str(), sha256)
+        {
+            tracing::warn!(tenant = %tenant.id, file = %sha256, error = %e, "cannot remove an unused assets file");
         }
     }
 

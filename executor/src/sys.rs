@@ -22,6 +22,21 @@ pub fn deserialize_module(engine: &Engine, bytes: Authenticated<'_>) -> wasmtime
     unsafe { Module::deserialize(engine, bytes.0) }
 }
 
+/// Starts writing `file`'s dirty pages from `offset` on to disk, without
+/// waiting: a later `fsync` then has little left to write. Best effort (an
+/// error only means the `fsync` does it all).
+pub fn start_writeback(file: &std::fs::File, offset: u64) {
+    use std::os::fd::AsRawFd;
+    let Ok(offset) = libc::off64_t::try_from(offset) else {
+        return;
+    };
+    // SAFETY: `sync_file_range` reads no memory of ours; the descriptor is
+    // open for the whole call (borrowed from `file`), and a length of 0
+    // means "to the end of the file".
+    let _ =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), offset, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 /// A file mapped read-only.
 #[derive(Debug)]
 pub struct MappedFile(memmap2::Mmap);

@@ -133,6 +133,117 @@ fn a_gigabyte_of_assets_deploys_from_the_cli_and_reads_back_exactly() {
     }
 }
 
+/// A migration's destination checks the assets file it fetches against
+/// the BLAKE3 digest the source recorded beside it: a file whose digest
+/// does not match stays where it was (the move fails, the tenant is whole
+/// on its executor); a file without one (stored by an earlier release) is
+/// checked by its SHA-256 name, moves, and gets its digest recorded.
+#[test]
+fn fetched_assets_are_checked_against_the_recorded_digest() {
+    const ROWS: usize = 256;
+    const COLS: usize = 1024;
+    let fleet = TestFleet::start(2, ProxyOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.safetensors");
+    let header = format!(
+        r#"{{"w":{{"dtype":"U8","shape":[{ROWS},{COLS}],"data_offsets":[0,{}]}}}}"#,
+        ROWS * COLS
+    );
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header.as_bytes());
+    let mut buf = Vec::new();
+    for r in 0..ROWS {
+        row(r, COLS, &mut buf);
+        file.extend_from_slice(&buf);
+    }
+    std::fs::write(&path, &file).unwrap();
+    let sha = hex::encode(sha2::Sha256::digest(&file));
+    std::fs::write(dir.path().join("read-rows.wat"), READ_ROWS).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["deploy", "read-rows.wat", "--assets"])
+        .arg(&path)
+        .args(["--name", "rows", "--json"])
+        .current_dir(dir.path())
+        .env("TENSOR_WASM_URL", &fleet.proxy.api.base)
+        .env("TENSOR_WASM_TOKEN", "tok-acme")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = info["id"].as_str().unwrap().to_string();
+    let digest_on = |ex: &str| {
+        fleet
+            .dir
+            .path()
+            .join(ex)
+            .join("assets/acme")
+            .join(format!("{sha}.blake3"))
+    };
+    let rows_read_back = || {
+        let idx: Vec<i32> = (0..ROWS as i32).collect();
+        let body = serde_json::json!({
+            "inputs": {"idx": {"dtype": "i32", "shape": [ROWS], "data": idx}}
+        })
+        .to_string();
+        let r = fleet.proxy.api.call(
+            "POST",
+            &format!("/functions/{id}/invoke"),
+            &[
+                ("authorization", "Bearer tok-acme"),
+                ("accept", "application/x-safetensors"),
+            ],
+            Some(("application/json", body.as_bytes())),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let st = safetensors::SafeTensors::deserialize(&r.body).unwrap();
+        st.tensor("y").unwrap().data() == &file[8 + header.len()..]
+    };
+    let home = fleet.proxy.placement("acme").unwrap();
+    let away = if home == "cpu0" { "cpu1" } else { "cpu0" };
+    let recorded = std::fs::read_to_string(digest_on(&home)).unwrap();
+    assert_eq!(
+        recorded,
+        blake3::hash(&file).to_hex().as_str(),
+        "recorded at registration"
+    );
+
+    // A digest that is not the file's: the destination refuses the bytes.
+    std::fs::write(
+        digest_on(&home),
+        blake3::hash(b"other bytes").to_hex().as_str(),
+    )
+    .unwrap();
+    let r = fleet.proxy.migrate("acme", away);
+    assert_ne!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        fleet.proxy.placement("acme").as_deref(),
+        Some(home.as_str())
+    );
+    assert!(rows_read_back(), "the tenant is whole where it was");
+    assert!(!crate::harness::tenants_on(fleet.executor(away)).contains(&"acme".to_string()));
+    assert!(
+        !digest_on(away).exists(),
+        "nothing kept of the refused file"
+    );
+
+    // No digest (a file of an earlier release): checked by its name.
+    std::fs::remove_file(digest_on(&home)).unwrap();
+    let r = fleet.proxy.migrate("acme", away);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(fleet.proxy.placement("acme").as_deref(), Some(away));
+    assert!(rows_read_back(), "every byte arrived");
+    let recorded = std::fs::read_to_string(digest_on(away)).unwrap();
+    assert_eq!(
+        recorded,
+        blake3::hash(&file).to_hex().as_str(),
+        "recorded on arrival"
+    );
+}
+
 /// 256 MiB of linear memory, filled by `init`; each call bumps a counter,
 /// checks its 1 GiB asset is there, fills 1 MiB of memory with the counter
 /// at a place that moves, and answers the counter and a checksum (one

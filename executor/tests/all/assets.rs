@@ -102,6 +102,11 @@ fn files(state: &Path, tenant: &str) -> Vec<String> {
     v
 }
 
+/// What the store holds for one file: the file and its BLAKE3 digest.
+fn kept(sha: &str) -> [String; 2] {
+    [format!("{sha}.blake3"), format!("{sha}.safetensors")]
+}
+
 fn device_bytes(ex: &TestExecutor) -> u64 {
     ex.internal("GET", "/internal/info", b"").json()["device"]["memory_used"]
         .as_u64()
@@ -208,11 +213,11 @@ fn assets_are_kept_by_content_and_shared_within_a_tenant_only() {
         b.json()["id"].as_str().unwrap().to_string(),
     );
     // One file and one charge for two functions.
-    assert_eq!(files(dir.path(), "t1"), [format!("{sha}.safetensors")]);
+    assert_eq!(files(dir.path(), "t1"), kept(&sha));
     assert_eq!(device_bytes(&ex), 64 * 1024);
     // Another tenant with the same bytes has its own copy and charge.
     assert_eq!(register(&ex, "t2", "a", &file).status, 201);
-    assert_eq!(files(dir.path(), "t2"), [format!("{sha}.safetensors")]);
+    assert_eq!(files(dir.path(), "t2"), kept(&sha));
     assert_eq!(device_bytes(&ex), 2 * 64 * 1024);
     // Both functions read the same rows.
     let expect: Vec<u8> = [5usize, 63, 0]
@@ -226,7 +231,7 @@ fn assets_are_kept_by_content_and_shared_within_a_tenant_only() {
     assert_eq!(read_rows(&ex, "t1", &b, &[5, 63, 0]), expect);
     // The file stays while a function uses it, and goes with the last.
     assert_eq!(ex.delete("t1", &format!("/functions/{a}")).status, 204);
-    assert_eq!(files(dir.path(), "t1").len(), 1);
+    assert_eq!(files(dir.path(), "t1").len(), 2);
     assert_eq!(read_rows(&ex, "t1", &b, &[63]), expect[1024..2048]);
     assert_eq!(ex.delete("t1", &format!("/functions/{b}")).status, 204);
     assert_eq!(files(dir.path(), "t1"), Vec::<String>::new());
@@ -244,10 +249,7 @@ fn assets_are_kept_by_content_and_shared_within_a_tenant_only() {
     );
     assert_eq!(r.status, 201, "{}", r.text());
     let other_sha = hex::encode(sha2::Sha256::digest(&other));
-    assert_eq!(
-        files(dir.path(), "t2"),
-        [format!("{other_sha}.safetensors")]
-    );
+    assert_eq!(files(dir.path(), "t2"), kept(&other_sha));
     assert_eq!(device_bytes(&ex), 64);
 }
 
@@ -289,7 +291,7 @@ fn assets_past_the_cap_or_the_quota_are_refused_as_they_arrive() {
         register(&ex, "t1", "h", &rows_file(3, 256 << 10)).status,
         201
     );
-    assert_eq!(files(dir.path(), "t1").len(), 1, "no partial upload left");
+    assert_eq!(files(dir.path(), "t1").len(), 2, "no partial upload left");
     // Without an operator cap, the cap is the quota.
     let dir = tempfile::tempdir().unwrap();
     let quotas = TenantQuotas {
@@ -342,7 +344,7 @@ fn assets_come_back_after_a_restart_and_from_the_older_layout() {
     let ex = TestExecutor::start_in(dir.path(), small_limits(), TenantQuotas::default());
     assert_eq!(read_rows(&ex, "t1", &id, &[3]), row(3));
     assert!(!fdir.join("assets.safetensors").exists());
-    assert_eq!(files(dir.path(), "t1"), [format!("{sha}.safetensors")]);
+    assert_eq!(files(dir.path(), "t1"), kept(&sha));
     let info: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
     assert_eq!(info["assets_sha256"], sha.as_str());
 }
