@@ -22,10 +22,25 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const FEATURES: &str = if cfg!(feature = "cuda") { "cuda" } else { "" };
 
 #[derive(Debug, Parser)]
-#[command(name = "tensor-wasm", version = LONG_VERSION.as_str(), about = "Multi-tenant WebAssembly functions over GPU tensor kernels")]
+#[command(
+    name = "tensor-wasm",
+    version = LONG_VERSION.as_str(),
+    disable_version_flag = true,
+    arg_required_else_help = true,
+    about = "Multi-tenant WebAssembly functions over GPU tensor kernels"
+)]
 struct Cli {
+    /// Print what this binary is: version, commit, compiler, profile,
+    /// target and features.
+    #[arg(short = 'V', long)]
+    version: bool,
+    /// With `--version`: as JSON, with the snapshot formats it reads and
+    /// writes and the guest ABI versions it runs (what `tensor-wasm upgrade`
+    /// checks before it starts a new binary).
+    #[arg(long, requires = "version")]
+    json: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,8 +78,24 @@ static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
+#[allow(clippy::print_stdout)]
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.version {
+        if cli.json {
+            let report = tensor_wasm_shared::build::BuildReport::this_build(FEATURES);
+            println!("{}", serde_json::json!(report));
+        } else {
+            println!("tensor-wasm {}", LONG_VERSION.as_str());
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
+    let Some(command) = cli.command else {
+        // `arg_required_else_help` answers a bare `tensor-wasm`; this is
+        // `tensor-wasm --json` and the like.
+        let _ = Cli::command().print_help();
+        return std::process::ExitCode::FAILURE;
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -72,7 +103,7 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
+    let result = match command {
         Command::Executor(args) => executor::run(args, FEATURES),
         Command::Proxy(args) => proxy::run(args),
         Command::Up(args) => up::run(args),

@@ -21,6 +21,11 @@
 //! `--abort` instead un-cordons the executors not yet replaced and forgets
 //! the record.
 //!
+//! Before any of it, the pre-flight check ([`preflight`]; alone with
+//! `--check`) refuses an upgrade whose new binary could not read what the
+//! fleet writes, or whose writes the fleet could not read back on a
+//! rollback, and one with an executor that does not answer.
+//!
 //! The proxy (`--proxy-binary`): the supervisor starts the new binary with
 //! `-u`, which waits for the listening sockets; it then sends the old proxy
 //! SIGQUIT, which hands them over, answers `Connection: close` while it
@@ -36,6 +41,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::up::control::{self, ChildStatus, Role, StartExecutor};
 use tensor_wasm_shared::names::env;
+
+mod preflight;
 
 /// Flags of `tensor-wasm upgrade`.
 #[derive(Debug, clap::Args)]
@@ -66,6 +73,12 @@ pub struct Args {
     /// Undo a stopped executor upgrade's cordons and forget its record.
     #[arg(long)]
     abort: bool,
+    /// Only the pre-flight check, which every upgrade runs first: what the
+    /// new binaries are, whether every tenant can move onto them and back
+    /// (snapshot formats, guest ABI), jobs in flight. Changes nothing;
+    /// exits non-zero when the upgrade would be refused.
+    #[arg(long, conflicts_with = "abort")]
+    check: bool,
     /// Print progress as lines instead of a progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -199,16 +212,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    if let Some(binary) = &args.executor_binary {
-        let binary = binary
-            .canonicalize()
-            .with_context(|| format!("executor binary {} not found", binary.display()))?;
-        upgrade_executors(&state, &admin, &binary, &record_path, args.no_progress)?;
+    let found = |b: &Option<PathBuf>, role: &str| -> anyhow::Result<Option<PathBuf>> {
+        b.as_ref()
+            .map(|b| {
+                b.canonicalize()
+                    .with_context(|| format!("{role} binary {} not found", b.display()))
+            })
+            .transpose()
+    };
+    let executor_binary = found(&args.executor_binary, "executor")?;
+    let proxy_binary = found(&args.proxy_binary, "proxy")?;
+    let check = preflight::check(&admin, executor_binary.as_deref(), proxy_binary.as_deref())?;
+    for line in check.lines() {
+        println!("{line}");
     }
-    if let Some(binary) = &args.proxy_binary {
-        let binary = binary
-            .canonicalize()
-            .with_context(|| format!("proxy binary {} not found", binary.display()))?;
+    if check.refused() {
+        bail!(
+            "upgrade refused: {} (nothing was changed)",
+            check.blockers.join("; ")
+        );
+    }
+    if args.check {
+        return Ok(());
+    }
+    if let Some(binary) = &executor_binary {
+        upgrade_executors(&state, &admin, binary, &record_path, args.no_progress)?;
+    }
+    if let Some(binary) = proxy_binary {
         println!("proxy: handing the sockets to {}", binary.display());
         let r = control::upgrade_proxy(&state, binary)?;
         println!("proxy: now pid {}", r.pid);

@@ -785,6 +785,8 @@ pub fn executor_info(app: &App) -> ExecutorInfo {
             jobs_in_flight: app.registry.jobs_in_flight(),
             kernel_dispatches_total: app.metrics.dispatches_total(),
         },
+        snapshot_formats: Some(tensor_wasm_shared::build::SnapshotFormats::this_build()),
+        guest_abi: Some(tensor_wasm_shared::build::GUEST_ABI.to_vec()),
     }
 }
 

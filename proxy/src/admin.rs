@@ -168,6 +168,8 @@ impl AdminApi {
             "device": info.as_ref().map(|i| serde_json::to_value(&i.device).unwrap_or_default()),
             "tenants": tenants,
             "stats": info.as_ref().map(|i| serde_json::to_value(&i.stats).unwrap_or_default()),
+            "snapshot_formats": info.as_ref().and_then(|i| i.snapshot_formats.clone()),
+            "guest_abi": info.as_ref().and_then(|i| i.guest_abi.clone()),
         })
     }
 

@@ -490,6 +490,13 @@ pub struct ExecutorInfo {
     pub device: DeviceDescription,
     pub tenants: Vec<String>,
     pub stats: ExecutorStats,
+    /// The snapshot formats it reads and writes; `None` from release 0.1,
+    /// which did not report them (format 1 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_formats: Option<crate::build::SnapshotFormats>,
+    /// The guest ABI versions it runs; `None` from release 0.1 (v1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_abi: Option<Vec<u32>>,
 }
 
 #[cfg(test)]

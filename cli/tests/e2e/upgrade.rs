@@ -497,3 +497,134 @@ fn an_interrupted_upgrade_can_be_aborted_or_resumed() {
     assert_eq!(up.child_ids(), ["cpu0.1", "cpu1.1", "proxy"]);
     assert!(!up.state.join("upgrade.json").exists());
 }
+
+/// `tensor-wasm --version --json`: what `upgrade` reads of a new binary.
+#[test]
+fn version_json_names_the_formats_and_abi() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["--version", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["version"], env!("CARGO_PKG_VERSION"));
+    assert!(r["rustc"].as_str().unwrap().starts_with("rustc "), "{r}");
+    assert_eq!(r["snapshot_formats"]["reads"], serde_json::json!([1, 2]));
+    assert_eq!(r["snapshot_formats"]["writes"], serde_json::json!([1]));
+    assert_eq!(r["guest_abi"], serde_json::json!([1]));
+    // `--json` alone is a usage error, not a silent no-op.
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+/// A binary that says, as this build's `--version --json` would, that it
+/// reads and writes `formats` only: what a release with another snapshot
+/// format reports. It runs nothing else.
+fn binary_reporting(dir: &Path, formats: &[u32]) -> PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["--version", "--json"])
+        .output()
+        .unwrap();
+    let mut report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["version"] = "9.0.0".into();
+    report["snapshot_formats"] =
+        serde_json::json!({"reads": formats, "writes": formats, "negotiated": []});
+    let path = dir.join("tensor-wasm-other-format");
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\n[ \"$1 $2\" = '--version --json' ] || exit 2\necho '{report}'\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Runs `tensor-wasm upgrade` with `args`; (success, stdout + stderr).
+fn try_upgrade(up: &UpProcess, args: &[&str], binary: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .arg("upgrade")
+        .args(args)
+        .arg(binary)
+        .arg("--state-dir")
+        .arg(&up.state)
+        .arg("--admin-url")
+        .arg(&up.admin.base)
+        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The pre-flight check refuses a new binary whose snapshot formats do not
+/// meet the fleet's, naming them, and changes nothing; `--check` alone
+/// passes a binary of this release.
+#[test]
+fn an_upgrade_to_a_binary_of_another_snapshot_format_is_refused_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = UpProcess::start_with_env(
+        &dir.path().join("state"),
+        &["--cpu-executors", "2"],
+        &[("TENSOR_WASM_API_TOKENS", "tok-acme:acme")],
+    );
+    let id = up.deploy_counter("tok-acme");
+    assert_eq!(up.count("tok-acme", &id).status, 200);
+    let before = up.child_ids();
+
+    // Format 3 only: it could not read the fleet's format 1 files, and the
+    // fleet could not read what it writes after a rollback.
+    let other = binary_reporting(dir.path(), &[3]);
+    for args in [
+        &["--check", "--executor-binary"][..],
+        &["--no-progress", "--executor-binary"],
+    ] {
+        let (ok, text) = try_upgrade(&up, args, &other);
+        eprintln!("{text}");
+        assert!(!ok, "{args:?} went ahead: {text}");
+        assert!(text.contains("upgrade refused"), "{text}");
+        assert!(
+            text.contains("the fleet writes snapshot format 1, which the new binary cannot read"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "the new binary writes snapshot format 3, which the fleet cannot read back"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("cpu0") && text.contains("cpu1"), "{text}");
+        assert_eq!(up.child_ids(), before, "nothing was started or stopped");
+        assert!(!up.state.join("upgrade.json").exists());
+        let r = up.count("tok-acme", &id);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    // This release's binary passes, and `--check` stops there.
+    let (ok, text) = try_upgrade(
+        &up,
+        &["--check", "--executor-binary"],
+        &new_binary(dir.path()),
+    );
+    eprintln!("{text}");
+    assert!(ok, "{text}");
+    assert!(text.contains("ok: every tenant can move"), "{text}");
+    assert!(text.contains("jobs in flight: 0"), "{text}");
+    assert_eq!(up.child_ids(), before, "a check moves nothing");
+    assert_eq!(
+        crate::harness::parse_counter(&up.count("tok-acme", &id).body).0,
+        4,
+        "every call counted, none lost"
+    );
+}

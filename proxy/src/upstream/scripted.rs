@@ -293,6 +293,8 @@ impl ExecutorApi for Scripted {
             },
             tenants: lock(&self.tenants).keys().cloned().collect(),
             stats: ExecutorStats::default(),
+            snapshot_formats: None,
+            guest_abi: None,
         })
     }
 

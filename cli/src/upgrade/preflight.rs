@@ -1,0 +1,257 @@
+//! The pre-flight check of `tensor-wasm upgrade` (`docs/UPGRADE.md`,
+//! "Pre-flight"): what the new binaries are, whether every executor's
+//! tenants can move onto them and back again, and what is in flight. Every
+//! upgrade runs it first; `--check` runs it alone. It changes nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tensor_wasm_shared::build::{BuildReport, SnapshotFormats, upgrade_blockers};
+
+use super::Admin;
+
+/// How long a new binary may take to say what it is: 10 s.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the check found.
+#[derive(Debug)]
+pub struct Preflight {
+    /// Each new binary, with what it says it is.
+    pub binaries: Vec<(&'static str, PathBuf, BuildReport)>,
+    /// The running executors, as the proxy lists them.
+    pub executors: Vec<Running>,
+    /// Why the upgrade must not start; empty when it may.
+    pub blockers: Vec<String>,
+}
+
+/// One running executor.
+#[derive(Debug)]
+pub struct Running {
+    pub id: String,
+    pub version: String,
+    pub healthy: bool,
+    pub formats: SnapshotFormats,
+    pub guest_abi: Vec<u32>,
+    /// Whether it reported its formats (release 0.1 did not).
+    pub reported: bool,
+    pub tenants: usize,
+    pub jobs_in_flight: u64,
+}
+
+impl Preflight {
+    pub fn refused(&self) -> bool {
+        !self.blockers.is_empty()
+    }
+
+    /// Jobs running or queued across the fleet.
+    pub fn jobs_in_flight(&self) -> u64 {
+        self.executors.iter().map(|e| e.jobs_in_flight).sum()
+    }
+
+    /// The check, as lines for a terminal.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec!["pre-flight:".to_string()];
+        for (role, path, r) in &self.binaries {
+            out.push(format!(
+                "  new {role} binary {}: {} (git {}), snapshot formats: reads {}, writes {}; guest ABI {}",
+                path.display(),
+                r.version,
+                r.git_sha,
+                join(&r.snapshot_formats.reads),
+                join(&r.snapshot_formats.writes),
+                abi(&r.guest_abi),
+            ));
+        }
+        for e in &self.executors {
+            out.push(format!(
+                "  executor {}: {}{}, {} tenants, {} jobs in flight; snapshot formats: reads {}, writes {}{}",
+                e.id,
+                if e.version.is_empty() {
+                    "version unknown"
+                } else {
+                    &e.version
+                },
+                if e.healthy { "" } else { " (not answering)" },
+                e.tenants,
+                e.jobs_in_flight,
+                join(&e.formats.reads),
+                join(&e.formats.writes),
+                if e.reported {
+                    ""
+                } else {
+                    " (release 0.1: not reported)"
+                },
+            ));
+        }
+        out.push(format!(
+            "  jobs in flight: {} (they move with their tenants)",
+            self.jobs_in_flight()
+        ));
+        if self.blockers.is_empty() {
+            out.push("  ok: every tenant can move onto the new binary and back".into());
+        }
+        for b in &self.blockers {
+            out.push(format!("  refused: {b}"));
+        }
+        out
+    }
+}
+
+/// Runs the check for the new `executor` and `proxy` binaries.
+pub fn check(
+    admin: &Admin,
+    executor: Option<&Path>,
+    proxy: Option<&Path>,
+) -> anyhow::Result<Preflight> {
+    let mut blockers = Vec::new();
+    let mut binaries = Vec::new();
+    for (role, path) in [("executor", executor), ("proxy", proxy)] {
+        let Some(path) = path else { continue };
+        match describe(path) {
+            Ok(r) => binaries.push((role, path.to_path_buf(), r)),
+            Err(e) => blockers.push(format!(
+                "cannot tell what the new {role} binary {} is: {e}",
+                path.display()
+            )),
+        }
+    }
+    let executors = running(admin)?;
+    if let Some((_, _, new)) = binaries.iter().find(|(role, _, _)| *role == "executor") {
+        // One line per reason, naming every executor it holds for.
+        let mut why: Vec<(String, Vec<&str>)> = Vec::new();
+        for e in &executors {
+            let found = upgrade_blockers(
+                &e.formats,
+                &e.guest_abi,
+                &new.snapshot_formats,
+                &new.guest_abi,
+            );
+            for w in found {
+                match why.iter_mut().find(|(text, _)| *text == w) {
+                    Some((_, ids)) => ids.push(&e.id),
+                    None => why.push((w, vec![&e.id])),
+                }
+            }
+        }
+        blockers.extend(
+            why.into_iter()
+                .map(|(w, ids)| format!("executors {}: {w}", ids.join(", "))),
+        );
+    }
+    for e in executors.iter().filter(|e| !e.healthy) {
+        blockers.push(format!(
+            "executor {} does not answer: its {} tenants could not move",
+            e.id, e.tenants
+        ));
+    }
+    Ok(Preflight {
+        binaries,
+        executors,
+        blockers,
+    })
+}
+
+/// The executors as the proxy lists them, each with what it reported.
+fn running(admin: &Admin) -> anyhow::Result<Vec<Running>> {
+    let list = admin.call("GET", "/admin/executors", None)?;
+    let entries = list["executors"].as_array().cloned().unwrap_or_default();
+    Ok(entries
+        .iter()
+        .map(|e| {
+            let formats: Option<SnapshotFormats> =
+                serde_json::from_value(e["snapshot_formats"].clone()).ok();
+            let guest_abi: Option<Vec<u32>> = serde_json::from_value(e["guest_abi"].clone()).ok();
+            Running {
+                id: e["id"].as_str().unwrap_or_default().to_string(),
+                version: e["version"].as_str().unwrap_or_default().to_string(),
+                healthy: e["healthy"].as_bool().unwrap_or(false),
+                reported: formats.is_some(),
+                formats: formats.unwrap_or_else(SnapshotFormats::release_0_1),
+                guest_abi: guest_abi.unwrap_or_else(|| vec![1]),
+                tenants: e["tenants"].as_array().map_or(0, Vec::len),
+                jobs_in_flight: e["stats"]["jobs_in_flight"].as_u64().unwrap_or(0),
+            }
+        })
+        .collect())
+}
+
+/// What the binary at `path` says it is (`--version --json`). A binary of
+/// release 0.1, which has no `--json`, is known by its plain `--version`.
+pub fn describe(path: &Path) -> Result<BuildReport, String> {
+    let (ok, stdout) = run(path, &["--version", "--json"])?;
+    if ok {
+        return serde_json::from_slice(&stdout)
+            .map_err(|e| format!("its `--version --json` is not a build report: {e}"));
+    }
+    let (ok, stdout) = run(path, &["--version"])?;
+    let text = String::from_utf8_lossy(&stdout);
+    let version = text
+        .strip_prefix("tensor-wasm 0.1.")
+        .and_then(|rest| rest.split_whitespace().next())
+        .filter(|_| ok);
+    match version {
+        Some(patch) => Ok(BuildReport {
+            version: format!("0.1.{patch}"),
+            git_sha: "unknown".into(),
+            rustc: String::new(),
+            profile: String::new(),
+            target: String::new(),
+            features: Vec::new(),
+            snapshot_formats: SnapshotFormats::release_0_1(),
+            guest_abi: vec![1],
+        }),
+        None => Err(format!(
+            "it does not answer `--version --json` (it said {:?})",
+            text.trim()
+        )),
+    }
+}
+
+/// Runs `path args…` to its end within [`DESCRIBE_TIMEOUT`]: whether it
+/// succeeded, and its stdout.
+fn run(path: &Path, args: &[&str]) -> Result<(bool, Vec<u8>), String> {
+    let mut child = Command::new(path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if started.elapsed() < DESCRIBE_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "it did not answer `{}` within {DESCRIBE_TIMEOUT:?}",
+                    args.join(" ")
+                ));
+            }
+            Err(e) => return Err(format!("cannot wait for it: {e}")),
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("cannot read its answer: {e}"))?;
+    Ok((out.status.success(), out.stdout))
+}
+
+fn join(v: &[u32]) -> String {
+    if v.is_empty() {
+        return "none".into();
+    }
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+}
+
+fn abi(v: &[u32]) -> String {
+    v.iter()
+        .map(|v| format!("v{v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
