@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use crate::up::control::{self, ChildStatus, Role, StartExecutor};
 use tensor_wasm_shared::names::env;
 
+mod backup;
 mod preflight;
 
 /// Flags of `tensor-wasm upgrade`.
@@ -73,6 +74,16 @@ pub struct Args {
     /// Undo a stopped executor upgrade's cordons and forget its record.
     #[arg(long)]
     abort: bool,
+    /// Before anything changes, save a snapshot of every tenant (signed
+    /// when the executors have a snapshot key) and a copy of the audit
+    /// log's current segment under DIR/<version>-<unix time>/, with a
+    /// `backup.json` listing them. Also with `--check`.
+    #[arg(long, value_name = "DIR")]
+    backup: Option<PathBuf>,
+    /// The fleet's audit log, copied by `--backup`; default
+    /// `<state>/logs/audit.log` (where `tensor-wasm up` keeps it).
+    #[arg(long, value_name = "PATH")]
+    audit_log: Option<PathBuf>,
     /// Only the pre-flight check, which every upgrade runs first: what the
     /// new binaries are, whether every tenant can move onto them and back
     /// (snapshot formats, guest ABI), jobs in flight. Changes nothing;
@@ -143,6 +154,31 @@ impl Admin {
             bail!("{method} {path}: {status} {code}: {message}");
         }
         Ok(value)
+    }
+}
+
+impl Admin {
+    /// `POST path` with no body, its answer streamed into `sink`; the
+    /// bytes written.
+    fn download(&self, path: &str, sink: &mut dyn std::io::Write) -> anyhow::Result<u64> {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("authorization", &format!("Bearer {}", self.token))
+            .send_empty()
+            .with_context(|| format!("admin API at {} unreachable", self.url))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            let value: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+            let code = value["error"]["code"].as_str().unwrap_or("");
+            let message = value["error"]["message"].as_str().unwrap_or(&text);
+            bail!("POST {path}: {status} {code}: {message}");
+        }
+        let mut body = resp.into_body().into_with_config().limit(u64::MAX).reader();
+        Ok(std::io::copy(&mut body, sink)?)
     }
 }
 
@@ -231,6 +267,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "upgrade refused: {} (nothing was changed)",
             check.blockers.join("; ")
         );
+    }
+    if let Some(dir) = &args.backup {
+        let audit_log = args
+            .audit_log
+            .clone()
+            .unwrap_or_else(|| state.join("logs").join("audit.log"));
+        let b = backup::write(&admin, dir, &check.fleet_version(), &audit_log)?;
+        let bytes: u64 = b.tenants.iter().map(|t| t.bytes).sum();
+        println!(
+            "backup: {} tenants ({bytes} bytes){} in {}",
+            b.tenants.len(),
+            b.audit
+                .as_ref()
+                .map(|a| format!(" and {} audit records", a.records))
+                .unwrap_or_default(),
+            b.dir.display()
+        );
+        let unsigned = b.tenants.iter().filter(|t| !t.signed).count();
+        if unsigned > 0 {
+            println!(
+                "backup: {unsigned} snapshots are not signed: give every executor the same {}",
+                env::SNAPSHOT_KEY
+            );
+        }
     }
     if args.check {
         return Ok(());

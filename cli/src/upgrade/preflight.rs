@@ -44,6 +44,23 @@ impl Preflight {
         !self.blockers.is_empty()
     }
 
+    /// The release the executors run, or `mixed`.
+    pub fn fleet_version(&self) -> String {
+        let mut versions: Vec<&str> = self
+            .executors
+            .iter()
+            .map(|e| e.version.as_str())
+            .filter(|v| !v.is_empty())
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        match versions.as_slice() {
+            [one] => (*one).to_string(),
+            [] => "unknown".into(),
+            _ => "mixed".into(),
+        }
+    }
+
     /// Jobs running or queued across the fleet.
     pub fn jobs_in_flight(&self) -> u64 {
         self.executors.iter().map(|e| e.jobs_in_flight).sum()

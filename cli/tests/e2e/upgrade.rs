@@ -628,3 +628,116 @@ fn an_upgrade_to_a_binary_of_another_snapshot_format_is_refused_before_it_starts
         "every call counted, none lost"
     );
 }
+
+/// `--backup` saves every tenant (signed under the fleet's snapshot key)
+/// and the audit log before anything changes; a saved snapshot, checked by
+/// `snapshot inspect` with the key, restores its tenant to the moment of
+/// the backup.
+#[test]
+fn a_backup_holds_every_tenant_and_the_audit_log_and_restores_them() {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let key = "backup-test-key";
+    let up = UpProcess::start_with_env(
+        &dir.path().join("state"),
+        &["--cpu-executors", "2"],
+        &[
+            ("TENSOR_WASM_API_TOKENS", "tok-a:a,tok-b:b,tok-c:c"),
+            ("TENSOR_WASM_SNAPSHOT_KEY", key),
+        ],
+    );
+    let ids: Vec<String> = ["tok-a", "tok-b", "tok-c"]
+        .iter()
+        .map(|t| up.deploy_counter(t))
+        .collect();
+    let calls = |token: &str, id: &str| crate::harness::parse_counter(&up.count(token, id).body).0;
+    assert_eq!((calls("tok-a", &ids[0]), calls("tok-a", &ids[0])), (1, 2));
+    assert_eq!(calls("tok-b", &ids[1]), 1);
+    let before = up.child_ids();
+
+    let backups = dir.path().join("backups");
+    let (ok, text) = try_upgrade(
+        &up,
+        &[
+            "--check",
+            "--backup",
+            backups.to_str().unwrap(),
+            "--executor-binary",
+        ],
+        &new_binary(dir.path()),
+    );
+    eprintln!("{text}");
+    assert!(ok, "{text}");
+    assert!(text.contains("backup: 3 tenants"), "{text}");
+    assert!(!text.contains("not signed"), "{text}");
+    assert_eq!(
+        up.child_ids(),
+        before,
+        "a check with a backup moves nothing"
+    );
+    let folders: Vec<_> = std::fs::read_dir(&backups).unwrap().flatten().collect();
+    assert_eq!(folders.len(), 1);
+    let folder = folders[0].path();
+    let name = folder.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&format!("{}-", env!("CARGO_PKG_VERSION"))),
+        "{name}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("backup.json")).unwrap()).unwrap();
+    assert_eq!(manifest["version"], env!("CARGO_PKG_VERSION"));
+    let saved = manifest["tenants"].as_array().unwrap();
+    let names: Vec<&str> = saved
+        .iter()
+        .map(|t| t["tenant"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    for t in saved {
+        let file = folder.join(t["file"].as_str().unwrap());
+        let bytes = std::fs::read(&file).unwrap();
+        assert_eq!(t["bytes"], bytes.len() as u64);
+        assert_eq!(t["sha256"], hex::encode(sha2::Sha256::digest(&bytes)));
+        assert_eq!(t["signed"], true);
+        // Checked as an executor checks it, signature included.
+        let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+            .args(["snapshot", "inspect", "--json", "--key", key])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(view["tenant"], t["tenant"], "{view}");
+    }
+    // The audit log up to the backup: every deploy is in it, whole.
+    let audit = std::fs::read_to_string(folder.join("audit.log")).unwrap();
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a whole record"))
+        .collect();
+    assert_eq!(manifest["audit"]["records"], records.len() as u64);
+    let deploys = records
+        .iter()
+        .filter(|r| r["action"] == "functions.create" && r["status"] == 201)
+        .count();
+    assert_eq!(deploys, 3, "{audit}");
+
+    // Tenant a goes on, then comes back to the backup.
+    assert_eq!(calls("tok-a", &ids[0]), 3);
+    let snapshot = std::fs::read(folder.join("a.twsnap")).unwrap();
+    let r = up.admin.call(
+        "POST",
+        "/admin/tenants/a/restore",
+        &[(
+            "authorization",
+            &format!("Bearer {}", up.secret("admin-token")),
+        )],
+        Some(("application/octet-stream", &snapshot)),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(calls("tok-a", &ids[0]), 3, "the backup held two calls");
+    assert_eq!(calls("tok-b", &ids[1]), 2, "b untouched");
+}
