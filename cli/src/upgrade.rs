@@ -84,6 +84,17 @@ pub struct Args {
     /// `<state>/logs/audit.log` (where `tensor-wasm up` keeps it).
     #[arg(long, value_name = "PATH")]
     audit_log: Option<PathBuf>,
+    /// Prometheus that scrapes the fleet with the rules of
+    /// `deploy/prometheus/tensor-wasm-rules.yml`: the upgrade is refused
+    /// with less than 30 % of the availability SLO's 30-day error budget
+    /// left (or none readable).
+    #[arg(long, value_name = "URL")]
+    prometheus: Option<String>,
+    /// Go ahead although the error budget check refuses; recorded in the
+    /// proxy's audit log (`admin.upgrade.override`). Never overrides a
+    /// snapshot format or guest ABI mismatch.
+    #[arg(long)]
+    force: bool,
     /// Only the pre-flight check, which every upgrade runs first: what the
     /// new binaries are, whether every tenant can move onto them and back
     /// (snapshot formats, guest ABI), jobs in flight. Changes nothing;
@@ -258,15 +269,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let executor_binary = found(&args.executor_binary, "executor")?;
     let proxy_binary = found(&args.proxy_binary, "proxy")?;
-    let check = preflight::check(&admin, executor_binary.as_deref(), proxy_binary.as_deref())?;
+    let check = preflight::check(
+        &admin,
+        executor_binary.as_deref(),
+        proxy_binary.as_deref(),
+        args.prometheus.as_deref(),
+    )?;
     for line in check.lines() {
         println!("{line}");
     }
-    if check.refused() {
-        bail!(
-            "upgrade refused: {} (nothing was changed)",
-            check.blockers.join("; ")
-        );
+    if check.refused(args.force) {
+        let why: Vec<&str> = check
+            .blockers
+            .iter()
+            .map(String::as_str)
+            .chain(check.overridable.iter().map(|(_, w)| w.as_str()))
+            .collect();
+        bail!("upgrade refused: {} (nothing was changed)", why.join("; "));
+    }
+    for (name, why) in &check.overridable {
+        // Forced: the proxy's audit log keeps that it was.
+        admin.call(
+            "POST",
+            &format!("/admin/upgrade/overrides/{name}"),
+            Some(serde_json::json!({})),
+        )?;
+        println!("forced past the {name} check: {why} (recorded in the audit log)");
     }
     if let Some(dir) = &args.backup {
         let audit_log = args

@@ -14,6 +14,7 @@
 //! | `POST /admin/tenants/{t}/snapshot` | the tenant's snapshot bytes |
 //! | `POST /admin/tenants/{t}/restore` | replace its state with the posted snapshot |
 //! | `DELETE /admin/tenants/{t}` | purge it everywhere |
+//! | `POST /admin/upgrade/overrides/{check}` | records (audited) that an upgrade overrides a pre-flight check |
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -37,6 +38,9 @@ use crate::service::{REQUEST_ID_HEADER, Shared};
 /// Largest admin request body: a snapshot to restore. The executor checks
 /// the snapshot's own limits; this only bounds the proxy's memory.
 const MAX_ADMIN_BODY: usize = 4 << 30;
+/// The pre-flight checks of `tensor-wasm upgrade` that `--force` may
+/// override (`POST /admin/upgrade/overrides/{check}` records it).
+const UPGRADE_CHECKS: &[&str] = &["error-budget"];
 /// How long `GET /admin/executors` waits for each executor's info.
 const INFO_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -298,6 +302,21 @@ impl AdminApi {
                 Ok(()) => Answer::json(200, json!({ "tenant": t, "purged": true })),
                 Err(e) => Answer::error(e.api_error()),
             },
+            // What it does is its audit record: an upgrade went ahead
+            // against a pre-flight check (`tensor-wasm upgrade --force`).
+            ("POST", ["admin", "upgrade", "overrides", check]) => {
+                if !UPGRADE_CHECKS.contains(check) {
+                    return Answer::error(ApiError::new(
+                        ErrorCode::InvalidInput,
+                        format!(
+                            "no pre-flight check {check:?}; the checks are {}",
+                            UPGRADE_CHECKS.join(", ")
+                        ),
+                    ));
+                }
+                tracing::warn!(check = %check, "an upgrade overrides a pre-flight check");
+                Answer::json(200, json!({ "check": check, "overridden": true }))
+            }
             _ => Answer::error(ApiError::new(
                 ErrorCode::NotFound,
                 format!("no admin route {method} {path}"),
@@ -328,6 +347,7 @@ fn action(method: &str, path: &str) -> (&'static str, Option<String>) {
             ("admin.tenants.restore", Some(t.to_string()))
         }
         ("DELETE", ["admin", "tenants", t]) => ("admin.tenants.purge", Some(t.to_string())),
+        ("POST", ["admin", "upgrade", "overrides", _]) => ("admin.upgrade.override", None),
         _ => ("admin.other", None),
     }
 }

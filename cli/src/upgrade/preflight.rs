@@ -14,6 +14,14 @@ use super::Admin;
 /// How long a new binary may take to say what it is: 10 s.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The recording rule of the availability SLO's unspent error budget
+/// (`deploy/prometheus/tensor-wasm-rules.yml`).
+pub const BUDGET_RULE: &str = "tensor_wasm:availability:error_budget_remaining30d";
+
+/// Below this share of its error budget left, the fleet does not upgrade
+/// without `--force`: 30 %.
+pub const MIN_ERROR_BUDGET: f64 = 0.3;
+
 /// What the check found.
 #[derive(Debug)]
 pub struct Preflight {
@@ -23,6 +31,12 @@ pub struct Preflight {
     pub executors: Vec<Running>,
     /// Why the upgrade must not start; empty when it may.
     pub blockers: Vec<String>,
+    /// The share of the error budget left, when Prometheus was asked.
+    pub error_budget: Option<f64>,
+    /// Checks that refuse the upgrade unless `--force` overrides them: the
+    /// check's name (as `POST /admin/upgrade/overrides/{check}` takes it)
+    /// and why.
+    pub overridable: Vec<(&'static str, String)>,
 }
 
 /// One running executor.
@@ -40,8 +54,10 @@ pub struct Running {
 }
 
 impl Preflight {
-    pub fn refused(&self) -> bool {
-        !self.blockers.is_empty()
+    /// Whether the upgrade must not start: a blocker, or an overridable
+    /// check not overridden.
+    pub fn refused(&self, force: bool) -> bool {
+        !self.blockers.is_empty() || (!force && !self.overridable.is_empty())
     }
 
     /// The release the executors run, or `mixed`.
@@ -105,11 +121,21 @@ impl Preflight {
             "  jobs in flight: {} (they move with their tenants)",
             self.jobs_in_flight()
         ));
+        if let Some(b) = self.error_budget {
+            out.push(format!(
+                "  error budget: {:.1} % left over 30 days (the upgrade needs {:.0} %)",
+                b * 100.0,
+                MIN_ERROR_BUDGET * 100.0
+            ));
+        }
         if self.blockers.is_empty() {
             out.push("  ok: every tenant can move onto the new binary and back".into());
         }
         for b in &self.blockers {
             out.push(format!("  refused: {b}"));
+        }
+        for (check, why) in &self.overridable {
+            out.push(format!("  refused ({check}; --force overrides): {why}"));
         }
         out
     }
@@ -120,6 +146,7 @@ pub fn check(
     admin: &Admin,
     executor: Option<&Path>,
     proxy: Option<&Path>,
+    prometheus: Option<&str>,
 ) -> anyhow::Result<Preflight> {
     let mut blockers = Vec::new();
     let mut binaries = Vec::new();
@@ -162,10 +189,58 @@ pub fn check(
             e.id, e.tenants
         ));
     }
+    let mut overridable = Vec::new();
+    let mut error_budget = None;
+    if let Some(url) = prometheus {
+        match budget(&admin.agent, url) {
+            Ok(b) => {
+                error_budget = Some(b);
+                if b < MIN_ERROR_BUDGET {
+                    overridable.push((
+                        "error-budget",
+                        format!(
+                            "{:.1} % of the 30-day error budget is left, under {:.0} %",
+                            b * 100.0,
+                            MIN_ERROR_BUDGET * 100.0
+                        ),
+                    ));
+                }
+            }
+            Err(e) => overridable.push(("error-budget", format!("{e:#}"))),
+        }
+    }
     Ok(Preflight {
         binaries,
         executors,
         blockers,
+        error_budget,
+        overridable,
+    })
+}
+
+/// The share of the error budget left, from Prometheus at `url`.
+fn budget(agent: &ureq::Agent, url: &str) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let query = format!("{}/api/v1/query", url.trim_end_matches('/'));
+    let mut resp = agent
+        .get(&query)
+        .query("query", BUDGET_RULE)
+        .call()
+        .with_context(|| format!("cannot ask Prometheus at {url} for the error budget"))?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    if status != 200 {
+        anyhow::bail!("Prometheus at {url} answered {status} for {BUDGET_RULE}: {text}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("Prometheus at {url} answered no JSON"))?;
+    let value = v["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|s| s.parse::<f64>().ok());
+    value.with_context(|| {
+        format!(
+            "Prometheus at {url} has no sample of {BUDGET_RULE} (are the rules of deploy/prometheus/tensor-wasm-rules.yml loaded, and the proxy scraped?)"
+        )
     })
 }
 

@@ -741,3 +741,213 @@ fn a_backup_holds_every_tenant_and_the_audit_log_and_restores_them() {
     assert_eq!(calls("tok-a", &ids[0]), 3, "the backup held two calls");
     assert_eq!(calls("tok-b", &ids[1]), 2, "b untouched");
 }
+
+/// A real Prometheus, scraping the proxy every second with the fleet's own
+/// rules (`deploy/prometheus/tensor-wasm-rules.yml`); stopped on drop.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Started against `target` (`host:port` of the proxy's public
+    /// listener); `None` where the machine has no `prometheus` (CI installs
+    /// it; `TENSOR_WASM_REQUIRE_PROMETHEUS` makes that a failure).
+    fn start(target: &str) -> Option<Prometheus> {
+        if Command::new("prometheus")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("TENSOR_WASM_REQUIRE_PROMETHEUS").is_none(),
+                "no prometheus binary"
+            );
+            eprintln!("skipped: no prometheus binary (apt-get install prometheus)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/prometheus/tensor-wasm-rules.yml");
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             rule_files: [{:?}]\n\
+             scrape_configs:\n  - job_name: proxy\n    static_configs: [{{targets: [{target:?}]}}]\n",
+            rules.canonicalize().unwrap()
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let port = crate::harness::free_port();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = Prometheus {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let ready = crate::harness::Api::new(&p.url);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ready
+            .try_call("GET", "/-/ready", &[], None)
+            .ok()
+            .map(|r| r.status)
+            != Some(200)
+        {
+            assert!(Instant::now() < deadline, "prometheus did not get ready");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(p)
+    }
+
+    /// The newest value of `query`, once there is one that `accept`s.
+    fn wait_for(&self, query: &str, accept: impl Fn(f64) -> bool) -> f64 {
+        let api = crate::harness::Api::new(&self.url);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let path = format!("/api/v1/query?query={query}");
+            let value = api.try_call("GET", &path, &[], None).ok().and_then(|r| {
+                r.json()["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .and_then(|s| s.parse::<f64>().ok())
+            });
+            if let Some(v) = value.filter(|v| accept(*v)) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{query} never came right: {value:?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With `--prometheus`, the upgrade reads the fleet's error budget from a
+/// real Prometheus: it goes ahead while the budget is whole, refuses once
+/// 5xx answers have spent it, and goes ahead with `--force`, which the
+/// proxy's audit log records.
+#[test]
+fn an_upgrade_is_refused_when_the_error_budget_is_spent_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = UpProcess::start_with_env(
+        &dir.path().join("state"),
+        &["--cpu-executors", "2"],
+        &[("TENSOR_WASM_API_TOKENS", "tok-acme:acme")],
+    );
+    let target = up.api.base.trim_start_matches("http://").to_string();
+    let Some(prom) = Prometheus::start(&target) else {
+        return;
+    };
+    let id = up.deploy_counter("tok-acme");
+    for _ in 0..20 {
+        assert_eq!(up.count("tok-acme", &id).status, 200);
+    }
+    let rule = "tensor_wasm:availability:error_budget_remaining30d";
+    assert_eq!(prom.wait_for(rule, |v| v == 1.0), 1.0);
+    let binary = new_binary(dir.path());
+    let with_budget = [
+        "--check",
+        "--prometheus",
+        prom.url.as_str(),
+        "--executor-binary",
+    ];
+    let (ok, text) = try_upgrade(&up, &with_budget, &binary);
+    eprintln!("{text}");
+    assert!(ok, "{text}");
+    assert!(text.contains("error budget: 100.0 % left"), "{text}");
+
+    // A function that traps: every call is a 500, and the budget goes.
+    let trap = wat::parse_str(
+        r#"(module (memory (export "memory") 1) (func (export "handle") (result i32) unreachable))"#,
+    )
+    .unwrap();
+    let r = up.api.call(
+        "POST",
+        "/functions?name=trap",
+        &[("authorization", "Bearer tok-acme")],
+        Some(("application/wasm", &trap)),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let trap_id = r.json()["id"].as_str().unwrap().to_string();
+    // Prometheus counts a counter's increase from the first sample it
+    // scrapes, so the calls go on until the budget shows them.
+    let stop = AtomicBool::new(false);
+    let left = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                assert_eq!(up.count("tok-acme", &trap_id).status, 500);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let left = prom.wait_for(rule, |v| v < 0.3);
+        stop.store(true, Ordering::Relaxed);
+        left
+    });
+    let (ok, text) = try_upgrade(&up, &with_budget, &binary);
+    eprintln!("{text}");
+    assert!(!ok, "went ahead with {left} of the budget: {text}");
+    assert!(
+        text.contains("of the 30-day error budget is left, under 30 %"),
+        "{text}"
+    );
+    assert!(text.contains("--force overrides"), "{text}");
+
+    // Forced: it goes ahead, and the audit log says so.
+    let forced = [
+        "--check",
+        "--force",
+        "--prometheus",
+        prom.url.as_str(),
+        "--executor-binary",
+    ];
+    let (ok, text) = try_upgrade(&up, &forced, &binary);
+    eprintln!("{text}");
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("forced past the error-budget check"),
+        "{text}"
+    );
+    let audit = up.state.join("logs").join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(&audit).unwrap_or_default();
+        let overrides: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|r: &serde_json::Value| r["action"] == "admin.upgrade.override")
+            .collect();
+        if let Some(r) = overrides.first() {
+            assert_eq!(
+                r["resource"], "/admin/upgrade/overrides/error-budget",
+                "{r}"
+            );
+            assert_eq!(r["status"], 200, "{r}");
+            assert_eq!(overrides.len(), 1, "one forced upgrade, one record");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no override in the audit log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
