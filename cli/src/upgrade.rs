@@ -24,7 +24,12 @@
 //! Before any of it, the pre-flight check ([`preflight`]; alone with
 //! `--check`) refuses an upgrade whose new binary could not read what the
 //! fleet writes, or whose writes the fleet could not read back on a
-//! rollback, and one with an executor that does not answer.
+//! rollback, one with an executor that does not answer, and (with
+//! `--prometheus`, unless `--force`) one with less than 30 % of the error
+//! budget left; `--backup` then saves every tenant ([`backup`]). The
+//! binaries about to be replaced are kept under `<state>/binaries/` and
+//! named in `<state>/previous.json`; `--rollback` upgrades back onto them,
+//! the proxy first.
 //!
 //! The proxy (`--proxy-binary`): the supervisor starts the new binary with
 //! `-u`, which waits for the listening sockets; it then sends the old proxy
@@ -36,8 +41,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
+
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::up::control::{self, ChildStatus, Role, StartExecutor};
 use tensor_wasm_shared::names::env;
@@ -84,6 +92,12 @@ pub struct Args {
     /// `<state>/logs/audit.log` (where `tensor-wasm up` keeps it).
     #[arg(long, value_name = "PATH")]
     audit_log: Option<PathBuf>,
+    /// Move the fleet back onto the binaries the last upgrade replaced
+    /// (kept under `<state>/binaries/`, named in `<state>/previous.json`):
+    /// the proxy first, then every executor, by the same live migration.
+    /// A stopped upgrade is aborted first.
+    #[arg(long, conflicts_with_all = ["abort", "executor_binary", "proxy_binary"])]
+    rollback: bool,
     /// Prometheus that scrapes the fleet with the rules of
     /// `deploy/prometheus/tensor-wasm-rules.yml`: the upgrade is refused
     /// with less than 30 % of the availability SLO's 30-day error budget
@@ -213,8 +227,12 @@ fn save(path: &Path, record: &Record) -> anyhow::Result<()> {
 
 #[allow(clippy::print_stdout)]
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.executor_binary.is_none() && args.proxy_binary.is_none() && !args.abort {
-        bail!("nothing to upgrade: give --executor-binary and/or --proxy-binary");
+    if args.executor_binary.is_none()
+        && args.proxy_binary.is_none()
+        && !args.abort
+        && !args.rollback
+    {
+        bail!("nothing to upgrade: give --executor-binary and/or --proxy-binary, or --rollback");
     }
     let state = args.state_dir.clone();
     let token = match &args.admin_token {
@@ -241,23 +259,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let record_path = state.join("upgrade.json");
 
     if args.abort {
-        let Ok(bytes) = std::fs::read(&record_path) else {
-            println!("no executor upgrade in progress");
-            return Ok(());
-        };
-        let record: Record = serde_json::from_slice(&bytes).context("upgrade.json is corrupt")?;
-        for (old, step) in &record.steps {
-            if !step.done {
-                admin.call("POST", &format!("/admin/executors/{old}/uncordon"), None)?;
-                println!(
-                    "{old}: placing tenants again ({} keeps what it has)",
-                    step.new_id
-                );
-            }
-        }
-        std::fs::remove_file(&record_path)?;
-        return Ok(());
+        return abort(&admin, &record_path);
     }
+    let previous_path = state.join(PREVIOUS);
+    let (executor_arg, proxy_arg) = if args.rollback {
+        let previous: Previous = std::fs::read(&previous_path)
+            .ok()
+            .map(|b| serde_json::from_slice(&b))
+            .transpose()
+            .context("previous.json is corrupt")?
+            .context("no upgrade to roll back: previous.json names no replaced binaries")?;
+        (previous.executor, previous.proxy)
+    } else {
+        (args.executor_binary.clone(), args.proxy_binary.clone())
+    };
 
     let found = |b: &Option<PathBuf>, role: &str| -> anyhow::Result<Option<PathBuf>> {
         b.as_ref()
@@ -267,8 +282,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             })
             .transpose()
     };
-    let executor_binary = found(&args.executor_binary, "executor")?;
-    let proxy_binary = found(&args.proxy_binary, "proxy")?;
+    let executor_binary = found(&executor_arg, "executor")?;
+    let proxy_binary = found(&proxy_arg, "proxy")?;
     let check = preflight::check(
         &admin,
         executor_binary.as_deref(),
@@ -323,6 +338,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.check {
         return Ok(());
     }
+    if args.rollback && record_path.exists() {
+        println!("rollback: aborting the upgrade in progress first");
+        abort(&admin, &record_path)?;
+    }
+    keep_previous(&state, executor_binary.as_deref(), proxy_binary.as_deref())?;
+    if args.rollback {
+        // Back out in the reverse order: an older proxy works in front of
+        // newer executors, not always the other way round.
+        if let Some(binary) = proxy_binary {
+            println!("proxy: handing the sockets back to {}", binary.display());
+            let r = control::upgrade_proxy(&state, binary)?;
+            println!("proxy: now pid {}", r.pid);
+        }
+        if let Some(binary) = &executor_binary {
+            upgrade_executors(&state, &admin, binary, &record_path, args.no_progress)?;
+        }
+        println!("rolled back; `tensor-wasm upgrade --rollback` again goes forward");
+        return Ok(());
+    }
     if let Some(binary) = &executor_binary {
         upgrade_executors(&state, &admin, binary, &record_path, args.no_progress)?;
     }
@@ -330,6 +364,109 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("proxy: handing the sockets to {}", binary.display());
         let r = control::upgrade_proxy(&state, binary)?;
         println!("proxy: now pid {}", r.pid);
+    }
+    Ok(())
+}
+
+/// Un-cordons the executors a stopped upgrade has not replaced, and
+/// forgets its record.
+#[allow(clippy::print_stdout)]
+fn abort(admin: &Admin, record_path: &Path) -> anyhow::Result<()> {
+    let Ok(bytes) = std::fs::read(record_path) else {
+        println!("no executor upgrade in progress");
+        return Ok(());
+    };
+    let record: Record = serde_json::from_slice(&bytes).context("upgrade.json is corrupt")?;
+    for (old, step) in &record.steps {
+        if !step.done {
+            admin.call("POST", &format!("/admin/executors/{old}/uncordon"), None)?;
+            println!(
+                "{old}: placing tenants again ({} keeps what it has)",
+                step.new_id
+            );
+        }
+    }
+    std::fs::remove_file(record_path)?;
+    Ok(())
+}
+
+/// `<state>/previous.json`: the binaries the last upgrade replaced, kept
+/// under `<state>/binaries/` for `--rollback`.
+const PREVIOUS: &str = "previous.json";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Previous {
+    executor: Option<PathBuf>,
+    proxy: Option<PathBuf>,
+}
+
+/// Before an upgrade changes anything: keeps a copy of each binary it is
+/// about to replace under `<state>/binaries/` (named by its contents'
+/// hash, so the file stays what it was even if the original path is
+/// overwritten) and names them in `previous.json`. An upgrade resumed
+/// after a stop keeps the record it made first.
+#[allow(clippy::print_stdout)]
+fn keep_previous(
+    state: &Path,
+    executor: Option<&Path>,
+    proxy: Option<&Path>,
+) -> anyhow::Result<()> {
+    let children = control::ls(state)?;
+    let replaced = |role: Role, to: Option<&Path>| -> Option<PathBuf> {
+        let to = to?;
+        children
+            .iter()
+            .filter(|c| c.role == role)
+            .map(|c| c.binary.clone())
+            .find(|b| b != to)
+    };
+    let (executor, proxy) = (
+        replaced(Role::Executor, executor),
+        replaced(Role::Proxy, proxy),
+    );
+    if executor.is_none() && proxy.is_none() {
+        return Ok(());
+    }
+    let path = state.join(PREVIOUS);
+    if state.join("upgrade.json").exists() && path.exists() {
+        return Ok(());
+    }
+    let dir = state.join("binaries");
+    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+    let keep = |b: Option<PathBuf>| -> anyhow::Result<Option<PathBuf>> {
+        let Some(b) = b else { return Ok(None) };
+        if b.starts_with(&dir) {
+            return Ok(Some(b));
+        }
+        let bytes = std::fs::read(&b).with_context(|| format!("keeping {}", b.display()))?;
+        let name = format!(
+            "tensor-wasm-{}",
+            &hex::encode(sha2::Sha256::digest(&bytes))[..16]
+        );
+        let kept = dir.join(name);
+        if !kept.exists() {
+            let part = kept.with_extension("part");
+            std::fs::write(&part, &bytes)?;
+            std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::File::open(&part)?.sync_all()?;
+            std::fs::rename(&part, &kept)?;
+        }
+        Ok(Some(kept))
+    };
+    let previous = Previous {
+        executor: keep(executor)?,
+        proxy: keep(proxy)?,
+    };
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&previous)?)?;
+    std::fs::rename(&tmp, &path)?;
+    for (role, b) in [("executor", &previous.executor), ("proxy", &previous.proxy)] {
+        if let Some(b) = b {
+            println!(
+                "{role}: the replaced binary is kept as {} for --rollback",
+                b.display()
+            );
+        }
     }
     Ok(())
 }

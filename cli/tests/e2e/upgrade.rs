@@ -951,3 +951,126 @@ fn an_upgrade_is_refused_when_the_error_budget_is_spent_unless_forced() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The binaries each executor runs, from the supervisor.
+fn executor_binaries(up: &UpProcess) -> Vec<(String, PathBuf)> {
+    let ls = up.control(serde_json::json!({"op": "ls"}));
+    ls["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["role"] == "executor")
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_string(),
+                PathBuf::from(c["binary"].as_str().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// A finished upgrade rolls back onto the binary it replaced, kept by
+/// content although the original file changed since, by the same live
+/// migration: every tenant's count carries on; and the rollback can itself
+/// be rolled back.
+#[test]
+fn a_finished_upgrade_rolls_back_onto_the_binary_it_replaced() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let list: Vec<String> = (0..4).map(|i| format!("tok-{i}:t{i}")).collect();
+    let up = UpProcess::start_with_env(
+        &dir.path().join("state"),
+        &["--cpu-executors", "2"],
+        &[("TENSOR_WASM_API_TOKENS", list.join(",").as_str())],
+    );
+    let fns: Vec<String> = (0..4)
+        .map(|i| up.deploy_counter(&format!("tok-{i}")))
+        .collect();
+    let count_all = |expect: u32| {
+        for (i, id) in fns.iter().enumerate() {
+            let r = up.count(&format!("tok-{i}"), id);
+            assert_eq!(r.status, 200, "t{i}: {}", r.text());
+            assert_eq!(crate::harness::parse_counter(&r.body).0, expect, "t{i}");
+        }
+    };
+    count_all(1);
+    // The fleet moves onto a copy ("old"), then onto another ("next"); the
+    // old copy is then overwritten: the rollback must not depend on the
+    // old path still holding the old binary.
+    let old = dir.path().join("tensor-wasm-old");
+    std::fs::copy(env!("CARGO_BIN_EXE_tensor-wasm"), &old).unwrap();
+    upgrade(&up, "--executor-binary", &old);
+    count_all(2);
+    // Another build, as far as its bytes go (an ELF file runs the same
+    // with bytes after its end).
+    let next = new_binary(dir.path());
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&next)
+        .unwrap()
+        .write_all(b"another build")
+        .unwrap();
+    upgrade(&up, "--executor-binary", &next);
+    count_all(3);
+    let next = next.canonicalize().unwrap();
+    assert!(executor_binaries(&up).iter().all(|(_, b)| *b == next));
+    std::fs::write(&old, b"#!/bin/sh\nexit 1\n").unwrap();
+
+    // Back onto the kept copy of the old binary.
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["upgrade", "--no-progress", "--rollback", "--state-dir"])
+        .arg(&up.state)
+        .arg("--admin-url")
+        .arg(&up.admin.base)
+        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    count_all(4);
+    let running = executor_binaries(&up);
+    assert_eq!(
+        running
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .collect::<Vec<_>>(),
+        ["cpu0.3", "cpu1.3"]
+    );
+    let kept = &running[0].1;
+    assert!(kept.starts_with(up.state.join("binaries")), "{kept:?}");
+    assert!(running.iter().all(|(_, b)| b == kept));
+    assert_eq!(
+        std::fs::read(kept).unwrap(),
+        std::fs::read(env!("CARGO_BIN_EXE_tensor-wasm")).unwrap(),
+        "the old binary, byte for byte"
+    );
+    // And forward again: the rollback kept what it replaced.
+    let previous: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(up.state.join("previous.json")).unwrap()).unwrap();
+    let forward = PathBuf::from(previous["executor"].as_str().unwrap());
+    assert_ne!(&forward, kept);
+    assert_eq!(
+        std::fs::read(&forward).unwrap(),
+        std::fs::read(&next).unwrap()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["upgrade", "--no-progress", "--rollback", "--state-dir"])
+        .arg(&up.state)
+        .arg("--admin-url")
+        .arg(&up.admin.base)
+        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    count_all(5);
+    assert!(executor_binaries(&up).iter().all(|(_, b)| *b == forward));
+}
