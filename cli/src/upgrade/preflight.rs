@@ -18,6 +18,9 @@ const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`deploy/prometheus/tensor-wasm-rules.yml`).
 pub const BUDGET_RULE: &str = "tensor_wasm:availability:error_budget_remaining30d";
 
+/// How long Prometheus may take to answer the budget query: 10 s.
+const PROMETHEUS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Below this share of its error budget left, the fleet does not upgrade
 /// without `--force`: 30 %.
 pub const MIN_ERROR_BUDGET: f64 = 0.3;
@@ -225,6 +228,9 @@ fn budget(agent: &ureq::Agent, url: &str) -> anyhow::Result<f64> {
     let mut resp = agent
         .get(&query)
         .query("query", BUDGET_RULE)
+        .config()
+        .timeout_global(Some(PROMETHEUS_TIMEOUT))
+        .build()
         .call()
         .with_context(|| format!("cannot ask Prometheus at {url} for the error budget"))?;
     let status = resp.status().as_u16();
