@@ -84,13 +84,37 @@ fn a_gigabyte_of_assets_deploys_from_the_cli_and_reads_back_exactly() {
         }
     }
     let sha = hex::encode(hasher.finalize());
-    std::fs::write(dir.path().join("read-rows.wat"), READ_ROWS).unwrap();
+    let info = deploy_read_rows(&fleet, dir.path(), &path, "big");
+    assert_eq!(info["assets"], serde_json::json!(["w"]));
+    assert_eq!(info["assets_sha256"], sha.as_str(), "received exactly");
+    let id = info["id"].as_str().unwrap().to_string();
 
+    // Every row back, 1024 at a time (32 MiB per answer).
+    let mut want = Vec::with_capacity(COLS);
+    for first in (0..ROWS).step_by(1024) {
+        let got = read_rows(&fleet, &id, first..first + 1024);
+        assert_eq!(got.len(), 1024 * COLS);
+        for (k, got_row) in got.chunks(COLS).enumerate() {
+            row(first + k, COLS, &mut want);
+            assert!(got_row == want.as_slice(), "row {} differs", first + k);
+        }
+    }
+}
+
+/// Deploys [`READ_ROWS`] with the assets file `weights` through the CLI,
+/// as tenant acme; the function's record.
+fn deploy_read_rows(
+    fleet: &TestFleet,
+    dir: &std::path::Path,
+    weights: &std::path::Path,
+    name: &str,
+) -> serde_json::Value {
+    std::fs::write(dir.join("read-rows.wat"), READ_ROWS).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
         .args(["deploy", "read-rows.wat", "--assets"])
-        .arg(&path)
-        .args(["--name", "big", "--json"])
-        .current_dir(dir.path())
+        .arg(weights)
+        .args(["--name", name, "--json"])
+        .current_dir(dir)
         .env("TENSOR_WASM_URL", &fleet.proxy.api.base)
         .env("TENSOR_WASM_TOKEN", "tok-acme")
         .output()
@@ -100,37 +124,31 @@ fn a_gigabyte_of_assets_deploys_from_the_cli_and_reads_back_exactly() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(info["assets"], serde_json::json!(["w"]));
-    assert_eq!(info["assets_sha256"], sha.as_str(), "received exactly");
-    let id = info["id"].as_str().unwrap().to_string();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
 
-    // Every row back, 1024 at a time (32 MiB per answer).
-    let mut want = Vec::with_capacity(COLS);
-    for first in (0..ROWS).step_by(1024) {
-        let idx: Vec<i32> = (first as i32..first as i32 + 1024).collect();
-        let body = serde_json::json!({
-            "inputs": {"idx": {"dtype": "i32", "shape": [idx.len()], "data": idx}}
-        })
-        .to_string();
-        let r = fleet.proxy.api.call(
-            "POST",
-            &format!("/functions/{id}/invoke"),
-            &[
-                ("authorization", "Bearer tok-acme"),
-                ("accept", "application/x-safetensors"),
-            ],
-            Some(("application/json", body.as_bytes())),
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let st = safetensors::SafeTensors::deserialize(&r.body).unwrap();
-        let got = st.tensor("y").unwrap();
-        assert_eq!(got.shape(), [1024, COLS]);
-        for (k, got_row) in got.data().chunks(COLS).enumerate() {
-            row(first + k, COLS, &mut want);
-            assert!(got_row == want.as_slice(), "row {} differs", first + k);
-        }
-    }
+/// Rows `rows` of asset "w", read back through the proxy by function `id`
+/// of [`READ_ROWS`]: their bytes, in order.
+fn read_rows(fleet: &TestFleet, id: &str, rows: std::ops::Range<usize>) -> Vec<u8> {
+    let idx: Vec<i32> = rows.map(|r| r as i32).collect();
+    let body = serde_json::json!({
+        "inputs": {"idx": {"dtype": "i32", "shape": [idx.len()], "data": idx}}
+    })
+    .to_string();
+    let r = fleet.proxy.api.call(
+        "POST",
+        &format!("/functions/{id}/invoke"),
+        &[
+            ("authorization", "Bearer tok-acme"),
+            ("accept", "application/x-safetensors"),
+        ],
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let st = safetensors::SafeTensors::deserialize(&r.body).unwrap();
+    let got = st.tensor("y").unwrap();
+    assert_eq!(got.shape()[0], idx.len());
+    got.data().to_vec()
 }
 
 /// A migration's destination checks the assets file it fetches against
@@ -158,22 +176,7 @@ fn fetched_assets_are_checked_against_the_recorded_digest() {
     }
     std::fs::write(&path, &file).unwrap();
     let sha = hex::encode(sha2::Sha256::digest(&file));
-    std::fs::write(dir.path().join("read-rows.wat"), READ_ROWS).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["deploy", "read-rows.wat", "--assets"])
-        .arg(&path)
-        .args(["--name", "rows", "--json"])
-        .current_dir(dir.path())
-        .env("TENSOR_WASM_URL", &fleet.proxy.api.base)
-        .env("TENSOR_WASM_TOKEN", "tok-acme")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info = deploy_read_rows(&fleet, dir.path(), &path, "rows");
     let id = info["id"].as_str().unwrap().to_string();
     let digest_on = |ex: &str| {
         fleet
@@ -183,25 +186,7 @@ fn fetched_assets_are_checked_against_the_recorded_digest() {
             .join("assets/acme")
             .join(format!("{sha}.blake3"))
     };
-    let rows_read_back = || {
-        let idx: Vec<i32> = (0..ROWS as i32).collect();
-        let body = serde_json::json!({
-            "inputs": {"idx": {"dtype": "i32", "shape": [ROWS], "data": idx}}
-        })
-        .to_string();
-        let r = fleet.proxy.api.call(
-            "POST",
-            &format!("/functions/{id}/invoke"),
-            &[
-                ("authorization", "Bearer tok-acme"),
-                ("accept", "application/x-safetensors"),
-            ],
-            Some(("application/json", body.as_bytes())),
-        );
-        assert_eq!(r.status, 200, "{}", r.text());
-        let st = safetensors::SafeTensors::deserialize(&r.body).unwrap();
-        st.tensor("y").unwrap().data() == &file[8 + header.len()..]
-    };
+    let rows_read_back = || read_rows(&fleet, &id, 0..ROWS) == file[8 + header.len()..];
     let home = fleet.proxy.placement("acme").unwrap();
     let away = if home == "cpu0" { "cpu1" } else { "cpu0" };
     let recorded = std::fs::read_to_string(digest_on(&home)).unwrap();

@@ -74,11 +74,23 @@ fn new_binary(dir: &Path) -> PathBuf {
     to
 }
 
-/// Runs `tensor-wasm upgrade`; its stdout.
+/// Runs `tensor-wasm upgrade --no-progress FLAG BINARY`, which must succeed; its stdout.
 fn upgrade(up: &UpProcess, flag: &str, binary: &Path) -> String {
+    let (ok, stdout, stderr) = run_upgrade(
+        up,
+        &["--no-progress".as_ref(), flag.as_ref(), binary.as_os_str()],
+    );
+    eprintln!("{stdout}");
+    assert!(ok, "upgrade {flag} failed: {stdout}{stderr}");
+    stdout
+}
+
+/// Runs `tensor-wasm upgrade ARGS` against `up`'s fleet: whether it
+/// succeeded, its stdout and its stderr.
+fn run_upgrade(up: &UpProcess, args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["upgrade", "--no-progress", flag])
-        .arg(binary)
+        .arg("upgrade")
+        .args(args)
         .arg("--state-dir")
         .arg(&up.state)
         .arg("--admin-url")
@@ -86,14 +98,11 @@ fn upgrade(up: &UpProcess, flag: &str, binary: &Path) -> String {
         .env_remove("TENSOR_WASM_ADMIN_TOKEN")
         .output()
         .unwrap();
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(
+    (
         out.status.success(),
-        "upgrade {flag} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Per-tenant pauses (ms) from `upgrade --no-progress` lines
@@ -447,25 +456,43 @@ fn interrupted_upgrade(up: &UpProcess, binary: &Path, after: usize) {
     let _ = child.wait();
 }
 
-#[test]
-fn an_interrupted_upgrade_can_be_aborted_or_resumed() {
-    let dir = tempfile::tempdir().unwrap();
-    let list: Vec<String> = (0..10).map(|i| format!("tok-{i}:t{i}")).collect();
+/// `tensor-wasm up` with two CPU executors and `n` counter tenants
+/// (`tok-i` for tenant `ti`); the fleet and the tenants' function ids.
+fn counter_fleet(dir: &Path, n: usize) -> (UpProcess, Vec<String>) {
+    let list: Vec<String> = (0..n).map(|i| format!("tok-{i}:t{i}")).collect();
     let up = UpProcess::start_with_env(
-        &dir.path().join("state"),
+        &dir.join("state"),
         &["--cpu-executors", "2"],
         &[("TENSOR_WASM_API_TOKENS", list.join(",").as_str())],
     );
-    let fns: Vec<String> = (0..10)
+    let fns = (0..n)
         .map(|i| up.deploy_counter(&format!("tok-{i}")))
         .collect();
-    let count_all = |expect: u32| {
-        for (i, id) in fns.iter().enumerate() {
-            let r = up.count(&format!("tok-{i}"), id);
-            assert_eq!(r.status, 200, "t{i}: {}", r.text());
-            assert_eq!(crate::harness::parse_counter(&r.body).0, expect, "t{i}");
-        }
-    };
+    (up, fns)
+}
+
+/// One call of every counter tenant of [`counter_fleet`]: each answers
+/// 200 with its `expect`-th call.
+fn count_all(up: &UpProcess, fns: &[String], expect: u32) {
+    for (i, id) in fns.iter().enumerate() {
+        let r = up.count(&format!("tok-{i}"), id);
+        assert_eq!(r.status, 200, "t{i}: {}", r.text());
+        assert_eq!(crate::harness::parse_counter(&r.body).0, expect, "t{i}");
+    }
+}
+
+/// `tensor-wasm upgrade --rollback`, which must succeed.
+fn rollback(up: &UpProcess) {
+    let (ok, stdout, stderr) = run_upgrade(up, &["--no-progress".as_ref(), "--rollback".as_ref()]);
+    eprintln!("{stdout}");
+    assert!(ok, "rollback failed: {stdout}{stderr}");
+}
+
+#[test]
+fn an_interrupted_upgrade_can_be_aborted_or_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, fns) = counter_fleet(dir.path(), 10);
+    let count_all = |expect: u32| count_all(&up, &fns, expect);
     count_all(1);
     let binary = new_binary(dir.path());
 
@@ -498,19 +525,24 @@ fn an_interrupted_upgrade_can_be_aborted_or_resumed() {
     assert!(!up.state.join("upgrade.json").exists());
 }
 
-/// `tensor-wasm --version --json`: what `upgrade` reads of a new binary.
-#[test]
-fn version_json_names_the_formats_and_abi() {
+/// Runs `tensor-wasm ARGS`, which must succeed; its stdout as JSON.
+fn cli_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["--version", "--json"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "tensor-wasm {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `tensor-wasm --version --json`: what `upgrade` reads of a new binary.
+#[test]
+fn version_json_names_the_formats_and_abi() {
+    let r = cli_json(&["--version".as_ref(), "--json".as_ref()]);
     assert_eq!(r["version"], env!("CARGO_PKG_VERSION"));
     assert!(r["rustc"].as_str().unwrap().starts_with("rustc "), "{r}");
     assert_eq!(r["snapshot_formats"]["reads"], serde_json::json!([1, 2]));
@@ -528,11 +560,7 @@ fn version_json_names_the_formats_and_abi() {
 /// reads and writes `formats` only: what a release with another snapshot
 /// format reports. It runs nothing else.
 fn binary_reporting(dir: &Path, formats: &[u32]) -> PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["--version", "--json"])
-        .output()
-        .unwrap();
-    let mut report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut report = cli_json(&["--version".as_ref(), "--json".as_ref()]);
     report["version"] = "9.0.0".into();
     report["snapshot_formats"] =
         serde_json::json!({"reads": formats, "writes": formats, "negotiated": []});
@@ -549,23 +577,10 @@ fn binary_reporting(dir: &Path, formats: &[u32]) -> PathBuf {
 
 /// Runs `tensor-wasm upgrade` with `args`; (success, stdout + stderr).
 fn try_upgrade(up: &UpProcess, args: &[&str], binary: &Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .arg("upgrade")
-        .args(args)
-        .arg(binary)
-        .arg("--state-dir")
-        .arg(&up.state)
-        .arg("--admin-url")
-        .arg(&up.admin.base)
-        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    all.push(binary.as_os_str());
+    let (ok, stdout, stderr) = run_upgrade(up, &all);
+    (ok, format!("{stdout}{stderr}"))
 }
 
 /// The pre-flight check refuses a new binary whose snapshot formats do not
@@ -699,17 +714,14 @@ fn a_backup_holds_every_tenant_and_the_audit_log_and_restores_them() {
         assert_eq!(t["sha256"], hex::encode(sha2::Sha256::digest(&bytes)));
         assert_eq!(t["signed"], true);
         // Checked as an executor checks it, signature included.
-        let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-            .args(["snapshot", "inspect", "--json", "--key", key])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let view = cli_json(&[
+            "snapshot".as_ref(),
+            "inspect".as_ref(),
+            "--json".as_ref(),
+            "--key".as_ref(),
+            key.as_ref(),
+            file.as_os_str(),
+        ]);
         assert_eq!(view["tenant"], t["tenant"], "{view}");
     }
     // The audit log up to the backup: every deploy is in it, whole.
@@ -977,22 +989,8 @@ fn executor_binaries(up: &UpProcess) -> Vec<(String, PathBuf)> {
 fn a_finished_upgrade_rolls_back_onto_the_binary_it_replaced() {
     use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
-    let list: Vec<String> = (0..4).map(|i| format!("tok-{i}:t{i}")).collect();
-    let up = UpProcess::start_with_env(
-        &dir.path().join("state"),
-        &["--cpu-executors", "2"],
-        &[("TENSOR_WASM_API_TOKENS", list.join(",").as_str())],
-    );
-    let fns: Vec<String> = (0..4)
-        .map(|i| up.deploy_counter(&format!("tok-{i}")))
-        .collect();
-    let count_all = |expect: u32| {
-        for (i, id) in fns.iter().enumerate() {
-            let r = up.count(&format!("tok-{i}"), id);
-            assert_eq!(r.status, 200, "t{i}: {}", r.text());
-            assert_eq!(crate::harness::parse_counter(&r.body).0, expect, "t{i}");
-        }
-    };
+    let (up, fns) = counter_fleet(dir.path(), 4);
+    let count_all = |expect: u32| count_all(&up, &fns, expect);
     count_all(1);
     // The fleet moves onto a copy ("old"), then onto another ("next"); the
     // old copy is then overwritten: the rollback must not depend on the
@@ -1017,21 +1015,7 @@ fn a_finished_upgrade_rolls_back_onto_the_binary_it_replaced() {
     std::fs::write(&old, b"#!/bin/sh\nexit 1\n").unwrap();
 
     // Back onto the kept copy of the old binary.
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["upgrade", "--no-progress", "--rollback", "--state-dir"])
-        .arg(&up.state)
-        .arg("--admin-url")
-        .arg(&up.admin.base)
-        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{text}");
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rollback(&up);
     count_all(4);
     let running = executor_binaries(&up);
     assert_eq!(
@@ -1058,19 +1042,7 @@ fn a_finished_upgrade_rolls_back_onto_the_binary_it_replaced() {
         std::fs::read(&forward).unwrap(),
         std::fs::read(&next).unwrap()
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["upgrade", "--no-progress", "--rollback", "--state-dir"])
-        .arg(&up.state)
-        .arg("--admin-url")
-        .arg(&up.admin.base)
-        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rollback(&up);
     count_all(5);
     assert!(executor_binaries(&up).iter().all(|(_, b)| *b == forward));
 }
