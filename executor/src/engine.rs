@@ -181,8 +181,11 @@ impl Runtime {
         std::thread::Builder::new()
             .name("compile".into())
             .spawn(move || {
-                let _running = running;
-                let _ = tx.send(Module::new(&engine, &bytes));
+                let compiled = Module::new(&engine, &bytes);
+                // Uncounted before the answer goes: whoever receives it
+                // sees this thread's slot free (its work is done).
+                drop(running);
+                let _ = tx.send(compiled);
             })
             .map_err(|e| CompileError::Rejected(format!("cannot start compiler thread: {e}")))?;
         let module = match rx.recv_timeout(self.limits.compile_timeout) {
