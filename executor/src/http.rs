@@ -861,6 +861,8 @@ fn round_response(s: Arc<crate::outbound::Outbound>, kind: StreamKind) -> Respon
         let started = Instant::now();
         match s.round(kind, &mut w) {
             Ok(stats) => {
+                // Its last bytes go to the response before it says so.
+                drop(w);
                 let ms = started.elapsed().as_secs_f64() * 1e3;
                 if kind == StreamKind::Final {
                     tracing::info!(tenant = %s.tenant_id(), session = %s.id, bytes = stats.bytes, pages = stats.page_bytes, tensors = stats.tensor_bytes, ms, "final round sent");

@@ -237,6 +237,9 @@ pub async fn commit(registry: &Arc<Registry>, tenant: &TenantId) -> Result<Round
             return Err(e);
         }
     };
+    // From here on the source is not needed: what it sent is checked
+    // (its End verified) and staged here.
+    tracing::info!(%tenant, bytes = applied.bytes, "final round received");
     let (r, i) = (registry.clone(), inbound.clone());
     let pending = tokio::task::spawn_blocking(move || i.commit(&r, false))
         .await
