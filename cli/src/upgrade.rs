@@ -52,6 +52,7 @@ use tensor_wasm_shared::names::env;
 
 mod backup;
 mod preflight;
+mod verify;
 
 /// Flags of `tensor-wasm upgrade`.
 #[derive(Debug, clap::Args)]
@@ -343,6 +344,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         abort(&admin, &record_path)?;
     }
     keep_previous(&state, executor_binary.as_deref(), proxy_binary.as_deref())?;
+    let new_executor = executor_binary.as_ref().and_then(|_| {
+        check
+            .binaries
+            .iter()
+            .find(|(role, _, _)| *role == "executor")
+            .map(|(_, _, report)| report)
+    });
     if args.rollback {
         // Back out in the reverse order: an older proxy works in front of
         // newer executors, not always the other way round.
@@ -354,6 +362,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(binary) = &executor_binary {
             upgrade_executors(&state, &admin, binary, &record_path, args.no_progress)?;
         }
+        verify_fleet(&admin, new_executor)?;
         println!("rolled back; `tensor-wasm upgrade --rollback` again goes forward");
         return Ok(());
     }
@@ -365,7 +374,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let r = control::upgrade_proxy(&state, binary)?;
         println!("proxy: now pid {}", r.pid);
     }
-    Ok(())
+    verify_fleet(&admin, new_executor)
+}
+
+/// The verification at the end ([`verify`]): printed when it passes, an
+/// error naming every problem when it does not.
+#[allow(clippy::print_stdout)]
+fn verify_fleet(
+    admin: &Admin,
+    expected: Option<&tensor_wasm_shared::build::BuildReport>,
+) -> anyhow::Result<()> {
+    let executors = admin.call("GET", "/admin/executors", None)?;
+    let placements = admin.call("GET", "/admin/placements", None)?;
+    match verify::check(&executors, &placements, expected) {
+        Ok(v) => {
+            let on = expected
+                .map(|r| format!(", all on {} (git {})", r.version, r.git_sha))
+                .unwrap_or_default();
+            println!(
+                "verified: {} executors answer{on}; {} tenants placed, each on one of them",
+                v.executors, v.tenants
+            );
+            Ok(())
+        }
+        Err(problems) => bail!(
+            "verification failed: {} (`tensor-wasm upgrade --rollback` moves the fleet back)",
+            problems.join("; ")
+        ),
+    }
 }
 
 /// Un-cordons the executors a stopped upgrade has not replaced, and

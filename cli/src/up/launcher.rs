@@ -75,7 +75,8 @@ pub struct Launcher {
     pub me: PathBuf,
     /// Set on every child (the tokens `up` made).
     env: Vec<(String, String)>,
-    /// The proxy's flags; fixed once the first executors run.
+    /// The proxy's flags but its executors; fixed once the first executors
+    /// run.
     proxy_args: Vec<OsString>,
 }
 
@@ -89,20 +90,16 @@ impl Launcher {
         }
     }
 
-    /// The proxy listens on `listen` and `admin_listen` and routes to
-    /// `executors`. The executors share the machine's memory: unless the
-    /// environment sets `--host-memory-bytes`, each gets its part of the
-    /// default budget.
+    /// The proxy listens on `listen` and `admin_listen` (it routes to the
+    /// executors running when it starts: [`proxy`](Self::proxy)). The
+    /// `executors` share the machine's memory: unless the environment sets
+    /// `--host-memory-bytes`, each gets its part of the default budget.
     pub fn set_proxy(&mut self, listen: &str, admin_listen: &str, executors: &[ExecutorSpec]) {
         let var = tensor_wasm_shared::names::env::HOST_MEMORY_BYTES;
         if std::env::var_os(var).is_none() && !self.env.iter().any(|(k, _)| k == var) {
             let share = tensor_wasm_executor::memory::default_budget(executors.len() as u64);
             self.env.push((var.to_string(), share.to_string()));
         }
-        let list: Vec<String> = executors
-            .iter()
-            .map(|s| format!("{}={}", s.id, s.addr()))
-            .collect();
         self.proxy_args = vec![
             "--listen".into(),
             listen.into(),
@@ -110,8 +107,6 @@ impl Launcher {
             admin_listen.into(),
             "--state-dir".into(),
             self.state.join("proxy").into(),
-            "--executor".into(),
-            list.join(",").into(),
             "--audit-log".into(),
             self.state.join("logs").join("audit.log").into(),
         ];
@@ -141,12 +136,27 @@ impl Launcher {
             .with_context(|| format!("cannot start {} executor", binary.display()))
     }
 
-    /// Starts the proxy from `binary` (this one when None); with `upgrade`,
-    /// one that takes the running proxy's sockets over (`-u`).
-    pub fn proxy(&self, binary: Option<&Path>, upgrade: bool) -> anyhow::Result<Child> {
+    /// Starts the proxy from `binary` (this one when None), routing to
+    /// `executors`, the ones running now: an executor an upgrade replaced
+    /// and the proxy forgot must not come back with a restarted (or
+    /// upgraded) proxy. With `upgrade`, one that takes the running proxy's
+    /// sockets over (`-u`).
+    pub fn proxy(
+        &self,
+        binary: Option<&Path>,
+        upgrade: bool,
+        executors: &[ExecutorSpec],
+    ) -> anyhow::Result<Child> {
         let log = self.log_file("proxy")?;
         let mut cmd = Command::new(binary.unwrap_or(self.me.as_path()));
         cmd.arg("proxy").args(&self.proxy_args);
+        if !executors.is_empty() {
+            let list: Vec<String> = executors
+                .iter()
+                .map(|s| format!("{}={}", s.id, s.addr()))
+                .collect();
+            cmd.arg("--executor").arg(list.join(","));
+        }
         if upgrade {
             cmd.arg("-u");
         }

@@ -90,7 +90,7 @@ impl Supervisor {
     /// Starts the proxy from the calling thread and waits until it answers
     /// on `port`; for the start-up, before [`supervise`] runs.
     pub fn boot_proxy(&mut self, port: u16) -> anyhow::Result<()> {
-        let mut proxy = self.launcher.proxy(None, false)?;
+        let mut proxy = self.launcher.proxy(None, false, &self.executor_specs())?;
         wait_healthy(port, &mut proxy, "proxy")?;
         self.proxy = Some(proxy);
         self.proxy_started = Instant::now();
@@ -200,7 +200,11 @@ impl Supervisor {
             Some(Err(_)) | None => true,
         };
         if proxy_down && self.proxy_started.elapsed() >= RESTART_BACKOFF {
-            match self.launcher.proxy(self.proxy_binary.as_deref(), false) {
+            let executors = self.executor_specs();
+            match self
+                .launcher
+                .proxy(self.proxy_binary.as_deref(), false, &executors)
+            {
                 Ok(child) => {
                     self.proxy = Some(child);
                     self.proxy_restarts += 1;
@@ -216,7 +220,10 @@ impl Supervisor {
         match what {
             Spawn::Executor(spec) => self.launcher.executor(&spec),
             Spawn::UpgradedProxy(binary) => {
-                let child = self.launcher.proxy(Some(binary.as_path()), true);
+                let executors = self.executor_specs();
+                let child = self
+                    .launcher
+                    .proxy(Some(binary.as_path()), true, &executors);
                 if child.is_ok() {
                     self.proxy_binary = Some(binary);
                 }

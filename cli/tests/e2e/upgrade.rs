@@ -82,6 +82,10 @@ fn upgrade(up: &UpProcess, flag: &str, binary: &Path) -> String {
     );
     eprintln!("{stdout}");
     assert!(ok, "upgrade {flag} failed: {stdout}{stderr}");
+    assert!(
+        stdout.contains("verified: 2 executors answer"),
+        "the upgrade verified the fleet: {stdout}"
+    );
     stdout
 }
 
@@ -486,6 +490,10 @@ fn rollback(up: &UpProcess) {
     let (ok, stdout, stderr) = run_upgrade(up, &["--no-progress".as_ref(), "--rollback".as_ref()]);
     eprintln!("{stdout}");
     assert!(ok, "rollback failed: {stdout}{stderr}");
+    assert!(
+        stdout.contains("verified: 2 executors answer"),
+        "the rollback verified the fleet: {stdout}"
+    );
 }
 
 #[test]
