@@ -99,6 +99,11 @@ pub struct Args {
     /// A stopped upgrade is aborted first.
     #[arg(long, conflicts_with_all = ["abort", "executor_binary", "proxy_binary"])]
     rollback: bool,
+    /// Write the upgrade's report as JSON to FILE: the binaries, the
+    /// pre-flight, the backup, every move (pause, bytes, protocol), the
+    /// pause distribution, what was verified and what was not.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     /// Prometheus that scrapes the fleet with the rules of
     /// `deploy/prometheus/tensor-wasm-rules.yml`: the upgrade is refused
     /// with less than 30 % of the availability SLO's 30-day error budget
@@ -344,6 +349,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         abort(&admin, &record_path)?;
     }
     keep_previous(&state, executor_binary.as_deref(), proxy_binary.as_deref())?;
+    let started = std::time::SystemTime::now();
+    let mut moves = Vec::new();
     let new_executor = executor_binary.as_ref().and_then(|_| {
         check
             .binaries
@@ -360,48 +367,135 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("proxy: now pid {}", r.pid);
         }
         if let Some(binary) = &executor_binary {
-            upgrade_executors(&state, &admin, binary, &record_path, args.no_progress)?;
+            upgrade_executors(
+                &state,
+                &admin,
+                binary,
+                &record_path,
+                args.no_progress,
+                &mut moves,
+            )?;
         }
-        verify_fleet(&admin, new_executor)?;
+        finish(
+            &admin,
+            new_executor,
+            &check,
+            &moves,
+            args.report.as_deref(),
+            started,
+        )?;
         println!("rolled back; `tensor-wasm upgrade --rollback` again goes forward");
         return Ok(());
     }
     if let Some(binary) = &executor_binary {
-        upgrade_executors(&state, &admin, binary, &record_path, args.no_progress)?;
+        upgrade_executors(
+            &state,
+            &admin,
+            binary,
+            &record_path,
+            args.no_progress,
+            &mut moves,
+        )?;
     }
     if let Some(binary) = proxy_binary {
         println!("proxy: handing the sockets to {}", binary.display());
         let r = control::upgrade_proxy(&state, binary)?;
         println!("proxy: now pid {}", r.pid);
     }
-    verify_fleet(&admin, new_executor)
+    finish(
+        &admin,
+        new_executor,
+        &check,
+        &moves,
+        args.report.as_deref(),
+        started,
+    )
 }
 
-/// The verification at the end ([`verify`]): printed when it passes, an
-/// error naming every problem when it does not.
-#[allow(clippy::print_stdout)]
-fn verify_fleet(
+/// The end of an upgrade: verifies the fleet ([`verify_fleet`]), writes
+/// the report to `report` when asked (whether or not verification
+/// passed), and fails when it did not.
+fn finish(
     admin: &Admin,
     expected: Option<&tensor_wasm_shared::build::BuildReport>,
+    check: &preflight::Preflight,
+    moves: &[serde_json::Value],
+    report: Option<&Path>,
+    started: std::time::SystemTime,
 ) -> anyhow::Result<()> {
-    let executors = admin.call("GET", "/admin/executors", None)?;
-    let placements = admin.call("GET", "/admin/placements", None)?;
-    match verify::check(&executors, &placements, expected) {
-        Ok(v) => {
-            let on = expected
-                .map(|r| format!(", all on {} (git {})", r.version, r.git_sha))
-                .unwrap_or_default();
-            println!(
-                "verified: {} executors answer{on}; {} tenants placed, each on one of them",
-                v.executors, v.tenants
-            );
-            Ok(())
-        }
+    let verified = verify_fleet(admin, expected)?;
+    if let Some(path) = report {
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let mut pauses: Vec<f64> = moves
+            .iter()
+            .filter_map(|m| m["pause_ms"].as_f64())
+            .collect();
+        pauses.sort_by(f64::total_cmp);
+        let at = |q: f64| -> Option<f64> {
+            let i = ((pauses.len() as f64 * q).ceil() as usize).max(1) - 1;
+            pauses.get(i.min(pauses.len().saturating_sub(1))).copied()
+        };
+        let json = serde_json::json!({
+            "started_unix": unix(started),
+            "finished_unix": unix(std::time::SystemTime::now()),
+            "binaries": check.binaries.iter().map(|(role, path, r)| serde_json::json!({
+                "role": role, "path": path, "build": r,
+            })).collect::<Vec<_>>(),
+            "preflight": {
+                "blockers": check.blockers,
+                "overridden": check.overridable.iter().map(|(c, why)| serde_json::json!({"check": c, "why": why})).collect::<Vec<_>>(),
+                "error_budget": check.error_budget,
+                "jobs_in_flight": check.jobs_in_flight(),
+            },
+            "moves": moves,
+            "pause_ms": {"p50": at(0.5), "p99": at(0.99), "max": pauses.last()},
+            "verified": match &verified {
+                Ok(v) => serde_json::json!({"executors": v.executors, "tenants": v.tenants}),
+                Err(_) => serde_json::Value::Null,
+            },
+            "problems": verified.as_ref().err().cloned().unwrap_or_default(),
+            "not_checked": [
+                "each moved tenant answered after its move",
+                "counters advance",
+                "audit log continuity",
+                "the proxy's build_info",
+            ],
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("--report {}", path.display()))?;
+    }
+    match verified {
+        Ok(_) => Ok(()),
         Err(problems) => bail!(
             "verification failed: {} (`tensor-wasm upgrade --rollback` moves the fleet back)",
             problems.join("; ")
         ),
     }
+}
+
+/// The verification at the end ([`verify`]), printed when it passes;
+/// what it found either way.
+#[allow(clippy::print_stdout)]
+fn verify_fleet(
+    admin: &Admin,
+    expected: Option<&tensor_wasm_shared::build::BuildReport>,
+) -> anyhow::Result<Result<verify::Verified, Vec<String>>> {
+    let executors = admin.call("GET", "/admin/executors", None)?;
+    let placements = admin.call("GET", "/admin/placements", None)?;
+    let verified = verify::check(&executors, &placements, expected);
+    if let Ok(v) = &verified {
+        let on = expected
+            .map(|r| format!(", all on {} (git {})", r.version, r.git_sha))
+            .unwrap_or_default();
+        println!(
+            "verified: {} executors answer{on}; {} tenants placed, each on one of them",
+            v.executors, v.tenants
+        );
+    }
+    Ok(verified)
 }
 
 /// Un-cordons the executors a stopped upgrade has not replaced, and
@@ -514,6 +608,7 @@ fn upgrade_executors(
     binary: &Path,
     record_path: &Path,
     no_progress: bool,
+    moves: &mut Vec<serde_json::Value>,
 ) -> anyhow::Result<()> {
     let mut record: Record = match std::fs::read(record_path) {
         Ok(b) => serde_json::from_slice(&b).context("upgrade.json is corrupt")?,
@@ -619,6 +714,7 @@ fn upgrade_executors(
                             r["bytes"]
                         );
                     }
+                    moves.push(r);
                 }
                 Err(e) => {
                     bar.println(format!("{tenant}: stays on {}: {e:#}", old.id));

@@ -1016,7 +1016,41 @@ fn a_finished_upgrade_rolls_back_onto_the_binary_it_replaced() {
         .unwrap()
         .write_all(b"another build")
         .unwrap();
-    upgrade(&up, "--executor-binary", &next);
+    // With a report of what the upgrade did and checked.
+    let report_path = dir.path().join("report.json");
+    let (ok, stdout, stderr) = run_upgrade(
+        &up,
+        &[
+            "--no-progress".as_ref(),
+            "--report".as_ref(),
+            report_path.as_os_str(),
+            "--executor-binary".as_ref(),
+            next.as_os_str(),
+        ],
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let moves = report["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 4, "every tenant moved once: {report}");
+    for m in moves {
+        assert_eq!(m["protocol"], "pre-copy", "{m}");
+        assert!(m["pause_ms"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["bytes"].as_u64().unwrap() > 0, "{m}");
+    }
+    let (p50, max) = (
+        report["pause_ms"]["p50"].as_f64().unwrap(),
+        report["pause_ms"]["max"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= max, "{report}");
+    assert_eq!(report["verified"]["executors"], 2, "{report}");
+    assert_eq!(report["verified"]["tenants"], 4, "{report}");
+    assert_eq!(report["problems"], serde_json::json!([]));
+    assert_eq!(
+        report["binaries"][0]["build"]["version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(!report["not_checked"].as_array().unwrap().is_empty());
     count_all(3);
     let next = next.canonicalize().unwrap();
     assert!(executor_binaries(&up).iter().all(|(_, b)| *b == next));
