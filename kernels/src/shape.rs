@@ -254,9 +254,11 @@ impl BatchOffsets {
     /// The offsets of an operand with batch dims `operand`, broadcast to
     /// `batch_dims`, whose matrices hold `matrix` elements each.
     fn new(operand: &[usize], batch_dims: &[usize], matrix: usize) -> BatchOffsets {
+        // Saturating, as `contiguous_strides` is: a stride only overflows
+        // in a batch with a zero dim, which has no entry to ask for.
         let strides = broadcast_strides(operand, batch_dims)
             .into_iter()
-            .map(|s| s * matrix)
+            .map(|s| s.saturating_mul(matrix))
             .collect();
         BatchOffsets {
             dims: batch_dims.to_vec(),
@@ -685,6 +687,14 @@ pub fn plan_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_offsets_of_an_empty_batch_with_huge_dims_do_not_overflow() {
+        // A zero dim leaves the dims after it with a huge stride.
+        let dims = [2, 0, usize::MAX / 2];
+        let offsets = BatchOffsets::new(&dims, &dims, 4);
+        assert_eq!(offsets.strides[1], usize::MAX);
+    }
 
     fn lim() -> Limits {
         Limits::default()
