@@ -174,31 +174,33 @@ impl Admin {
                 .header("authorization", &auth)
                 .send_empty(),
         };
-        let mut resp = result.with_context(|| format!("admin API at {} unreachable", self.url))?;
-        let status = resp.status().as_u16();
+        let mut resp = self.answered(method, path, result)?;
         let text = resp.body_mut().read_to_string().unwrap_or_default();
-        let value: serde_json::Value =
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-        if !(200..300).contains(&status) {
-            let code = value["error"]["code"].as_str().unwrap_or("");
-            let message = value["error"]["message"].as_str().unwrap_or(&text);
-            bail!("{method} {path}: {status} {code}: {message}");
-        }
-        Ok(value)
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
     }
-}
 
-impl Admin {
     /// `POST path` with no body, its answer streamed into `sink`; the
     /// bytes written.
     fn download(&self, path: &str, sink: &mut dyn std::io::Write) -> anyhow::Result<u64> {
         let url = format!("{}{path}", self.url.trim_end_matches('/'));
-        let mut resp = self
+        let result = self
             .agent
             .post(&url)
             .header("authorization", &format!("Bearer {}", self.token))
-            .send_empty()
-            .with_context(|| format!("admin API at {} unreachable", self.url))?;
+            .send_empty();
+        let resp = self.answered("POST", path, result)?;
+        let mut body = resp.into_body().into_with_config().limit(u64::MAX).reader();
+        Ok(std::io::copy(&mut body, sink)?)
+    }
+
+    /// A 2xx answer, else the API's error (its code and message).
+    fn answered(
+        &self,
+        method: &str,
+        path: &str,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        let mut resp = result.with_context(|| format!("admin API at {} unreachable", self.url))?;
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             let text = resp.body_mut().read_to_string().unwrap_or_default();
@@ -206,10 +208,9 @@ impl Admin {
                 serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
             let code = value["error"]["code"].as_str().unwrap_or("");
             let message = value["error"]["message"].as_str().unwrap_or(&text);
-            bail!("POST {path}: {status} {code}: {message}");
+            bail!("{method} {path}: {status} {code}: {message}");
         }
-        let mut body = resp.into_body().into_with_config().limit(u64::MAX).reader();
-        Ok(std::io::copy(&mut body, sink)?)
+        Ok(resp)
     }
 }
 
@@ -358,49 +359,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .find(|(role, _, _)| *role == "executor")
             .map(|(_, _, report)| report)
     });
-    if args.rollback {
-        // Back out in the reverse order: an older proxy works in front of
-        // newer executors, not always the other way round.
-        if let Some(binary) = proxy_binary {
-            println!("proxy: handing the sockets back to {}", binary.display());
-            let r = control::upgrade_proxy(&state, binary)?;
-            println!("proxy: now pid {}", r.pid);
-        }
-        if let Some(binary) = &executor_binary {
-            upgrade_executors(
+    let executors = |moves: &mut Vec<serde_json::Value>| -> anyhow::Result<()> {
+        match &executor_binary {
+            Some(binary) => upgrade_executors(
                 &state,
                 &admin,
                 binary,
                 &record_path,
                 args.no_progress,
-                &mut moves,
-            )?;
+                moves,
+            ),
+            None => Ok(()),
         }
-        finish(
-            &admin,
-            new_executor,
-            &check,
-            &moves,
-            args.report.as_deref(),
-            started,
-        )?;
-        println!("rolled back; `tensor-wasm upgrade --rollback` again goes forward");
-        return Ok(());
-    }
-    if let Some(binary) = &executor_binary {
-        upgrade_executors(
-            &state,
-            &admin,
-            binary,
-            &record_path,
-            args.no_progress,
-            &mut moves,
-        )?;
-    }
-    if let Some(binary) = proxy_binary {
-        println!("proxy: handing the sockets to {}", binary.display());
-        let r = control::upgrade_proxy(&state, binary)?;
-        println!("proxy: now pid {}", r.pid);
+    };
+    let proxy = || -> anyhow::Result<()> {
+        if let Some(binary) = &proxy_binary {
+            println!("proxy: handing the sockets to {}", binary.display());
+            let r = control::upgrade_proxy(&state, binary.clone())?;
+            println!("proxy: now pid {}", r.pid);
+        }
+        Ok(())
+    };
+    if args.rollback {
+        // Back out in the reverse order: an older proxy works in front of
+        // newer executors, not always the other way round.
+        proxy()?;
+        executors(&mut moves)?;
+    } else {
+        executors(&mut moves)?;
+        proxy()?;
     }
     finish(
         &admin,
@@ -409,7 +396,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &moves,
         args.report.as_deref(),
         started,
-    )
+    )?;
+    if args.rollback {
+        println!("rolled back; `tensor-wasm upgrade --rollback` again goes forward");
+    }
+    Ok(())
 }
 
 /// The end of an upgrade: verifies the fleet ([`verify_fleet`]), writes
@@ -568,15 +559,16 @@ fn keep_previous(
         if b.starts_with(&dir) {
             return Ok(Some(b));
         }
-        let bytes = std::fs::read(&b).with_context(|| format!("keeping {}", b.display()))?;
-        let name = format!(
-            "tensor-wasm-{}",
-            &hex::encode(sha2::Sha256::digest(&bytes))[..16]
-        );
+        // Hashed as it is read: a binary is hundreds of MB.
+        let mut hash = sha2::Sha256::new();
+        std::fs::File::open(&b)
+            .and_then(|mut f| std::io::copy(&mut f, &mut hash))
+            .with_context(|| format!("keeping {}", b.display()))?;
+        let name = format!("tensor-wasm-{}", &hex::encode(hash.finalize())[..16]);
         let kept = dir.join(name);
         if !kept.exists() {
             let part = kept.with_extension("part");
-            std::fs::write(&part, &bytes)?;
+            std::fs::copy(&b, &part).with_context(|| format!("keeping {}", b.display()))?;
             std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))?;
             std::fs::File::open(&part)?.sync_all()?;
             std::fs::rename(&part, &kept)?;

@@ -104,35 +104,41 @@ pub fn upgrade_blockers(
     for f in from.writes.iter().filter(|f| !to.reads.contains(f)) {
         why.push(format!(
             "the fleet writes snapshot format {f}, which the new binary cannot read (it reads {})",
-            list(&to.reads)
+            formats_text(&to.reads)
         ));
     }
     for f in to.writes.iter().filter(|f| !from.reads.contains(f)) {
         why.push(format!(
             "the new binary writes snapshot format {f}, which the fleet cannot read back on a rollback (it reads {})",
-            list(&from.reads)
+            formats_text(&from.reads)
         ));
     }
     for v in from_abi.iter().filter(|v| !to_abi.contains(v)) {
         why.push(format!(
             "the fleet runs guest ABI v{v}, which the new binary does not (it runs {})",
-            to_abi
-                .iter()
-                .map(|v| format!("v{v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            abi_text(to_abi)
         ));
     }
     why
 }
 
-fn list(formats: &[u32]) -> String {
+/// Snapshot formats as people read them: `1, 2` (`none` for none).
+pub fn formats_text(formats: &[u32]) -> String {
     if formats.is_empty() {
         return "none".into();
     }
     formats
         .iter()
         .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Guest ABI versions as people read them: `v1, v2`.
+pub fn abi_text(versions: &[u32]) -> String {
+    versions
+        .iter()
+        .map(|v| format!("v{v}"))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -136,8 +136,9 @@ fn save(conn: &Conn, t: &str, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first bytes of `path`, checked to be a snapshot header.
-fn read_header(path: &Path) -> anyhow::Result<(u32, bool)> {
+/// The first bytes of `path`, checked to be a snapshot header: its format
+/// version and whether it is signed.
+pub(crate) fn read_header(path: &Path) -> anyhow::Result<(u32, bool)> {
     let mut head = [0u8; HEADER_LEN];
     let mut file = File::open(path).with_context(|| path.display().to_string())?;
     file.read_exact(&mut head)

@@ -15,7 +15,7 @@
 //! Every file is written under a `.part` name, synced and renamed, and
 //! `backup.json` last: a folder with a `backup.json` is whole.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,7 +23,6 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use sha2::Digest;
 use tensor_wasm_shared::TenantId;
-use tensor_wasm_shared::snapshot::{FLAG_KEYED, HEADER_LEN, MAGIC};
 
 use super::Admin;
 
@@ -91,7 +90,7 @@ pub fn write(admin: &Admin, dir: &Path, version: &str, audit_log: &Path) -> anyh
             admin.download(&format!("/admin/tenants/{tenant}/snapshot"), sink)
         })
         .with_context(|| format!("backing up tenant {tenant}"))?;
-        let signed = signed(&folder.join(&file))?;
+        let (_, signed) = crate::client::snapshot::read_header(&folder.join(&file))?;
         saved.push(Saved {
             tenant,
             file,
@@ -172,19 +171,6 @@ impl<W: Write> Write for Hashing<W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
     }
-}
-
-/// Whether the snapshot file at `path` says it is signed.
-fn signed(path: &Path) -> anyhow::Result<bool> {
-    let mut head = [0u8; HEADER_LEN];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .with_context(|| path.display().to_string())?;
-    if head[..MAGIC.len()] != MAGIC {
-        bail!("{} is not a snapshot", path.display());
-    }
-    let flags = u32::from_le_bytes(head[12..16].try_into().unwrap_or([0; 4]));
-    Ok(flags & FLAG_KEYED != 0)
 }
 
 /// Copies the audit log's current segment up to its last whole record (a

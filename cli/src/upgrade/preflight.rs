@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tensor_wasm_shared::build::{BuildReport, SnapshotFormats, upgrade_blockers};
+use tensor_wasm_shared::build::{
+    BuildReport, SnapshotFormats, abi_text, formats_text, upgrade_blockers,
+};
 
 use super::Admin;
 
@@ -94,9 +96,9 @@ impl Preflight {
                 path.display(),
                 r.version,
                 r.git_sha,
-                join(&r.snapshot_formats.reads),
-                join(&r.snapshot_formats.writes),
-                abi(&r.guest_abi),
+                formats_text(&r.snapshot_formats.reads),
+                formats_text(&r.snapshot_formats.writes),
+                abi_text(&r.guest_abi),
             ));
         }
         for e in &self.executors {
@@ -111,8 +113,8 @@ impl Preflight {
                 if e.healthy { "" } else { " (not answering)" },
                 e.tenants,
                 e.jobs_in_flight,
-                join(&e.formats.reads),
-                join(&e.formats.writes),
+                formats_text(&e.formats.reads),
+                formats_text(&e.formats.writes),
                 if e.reported {
                     ""
                 } else {
@@ -338,18 +340,4 @@ fn run(path: &Path, args: &[&str]) -> Result<(bool, Vec<u8>), String> {
         .wait_with_output()
         .map_err(|e| format!("cannot read its answer: {e}"))?;
     Ok((out.status.success(), out.stdout))
-}
-
-fn join(v: &[u32]) -> String {
-    if v.is_empty() {
-        return "none".into();
-    }
-    v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
-}
-
-fn abi(v: &[u32]) -> String {
-    v.iter()
-        .map(|v| format!("v{v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
