@@ -768,6 +768,7 @@ async fn info(State(app): State<Arc<App>>) -> axum::Json<ExecutorInfo> {
 pub fn executor_info(app: &App) -> ExecutorInfo {
     let mut device = app.device.clone();
     device.memory_used = app.registry.device_bytes();
+    let states = app.registry.tenant_states();
     ExecutorInfo {
         id: app.id.clone(),
         addr: app.addr.clone(),
@@ -787,6 +788,19 @@ pub fn executor_info(app: &App) -> ExecutorInfo {
         },
         snapshot_formats: Some(tensor_wasm_shared::build::SnapshotFormats::this_build()),
         guest_abi: Some(tensor_wasm_shared::build::GUEST_ABI.to_vec()),
+        frozen: Some(
+            states
+                .iter()
+                .filter(|(_, frozen, _)| *frozen)
+                .map(|(t, _, _)| t.as_str().to_string())
+                .collect(),
+        ),
+        tenant_device_bytes: Some(
+            states
+                .into_iter()
+                .map(|(t, _, bytes)| (t.as_str().to_string(), bytes))
+                .collect(),
+        ),
     }
 }
 

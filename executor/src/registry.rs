@@ -395,6 +395,16 @@ impl Registry {
             .sum()
     }
 
+    /// Each tenant with functions: whether it is frozen, and the device
+    /// bytes it holds.
+    pub fn tenant_states(&self) -> Vec<(TenantId, bool, u64)> {
+        read_lock(&self.tenants)
+            .values()
+            .filter(|t| t.function_count() > 0)
+            .map(|t| (t.id.clone(), t.is_frozen(), t.usage.bytes()))
+            .collect()
+    }
+
     /// Warm instances of all tenants, idle or running.
     pub fn active_instances(&self) -> u64 {
         read_lock(&self.tenants)

@@ -174,6 +174,8 @@ impl AdminApi {
             "stats": info.as_ref().map(|i| serde_json::to_value(&i.stats).unwrap_or_default()),
             "snapshot_formats": info.as_ref().and_then(|i| i.snapshot_formats.clone()),
             "guest_abi": info.as_ref().and_then(|i| i.guest_abi.clone()),
+            "frozen": info.as_ref().and_then(|i| i.frozen.clone()),
+            "tenant_device_bytes": info.as_ref().and_then(|i| i.tenant_device_bytes.clone()),
         })
     }
 
@@ -360,12 +362,16 @@ impl ServeHttp for AdminApi {
         let req = session.req_header();
         let method = req.method.as_str().to_string();
         let path = req.uri.path().to_string();
+        // `/healthz` and `/metrics` are answered without a token or an
+        // audit record, as on the public listener.
+        let quiet = matches!(path.as_str(), "/healthz" | "/metrics");
         let request_id = match req
             .headers
             .get(REQUEST_ID_HEADER)
             .and_then(|v| headers::accept_request_id(v.as_bytes()))
         {
             Some(id) => id.to_string(),
+            None if quiet => self.shared.next_quiet_id(),
             None => self.shared.next_request_id(),
         };
         let presented = req
@@ -381,6 +387,12 @@ impl ServeHttp for AdminApi {
                 content_type: "text/plain",
                 body: Bytes::from_static(b"ok\n"),
             }
+        } else if path == "/metrics" {
+            Answer {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: Bytes::from(self.shared.metrics.render()),
+            }
         } else if !self.authorized(session) {
             let msg = if self.token.is_none() {
                 "the admin API is disabled: set TENSOR_WASM_ADMIN_TOKEN"
@@ -392,9 +404,7 @@ impl ServeHttp for AdminApi {
             self.handle(session, &method, &path).await
         };
 
-        if path != "/healthz"
-            && let Some(audit) = &self.shared.audit
-        {
+        if !quiet && let Some(audit) = &self.shared.audit {
             let (action, tenant) = action(&method, &path);
             audit.record(&AuditRecord {
                 time: humantime::format_rfc3339_millis(arrived_at).to_string(),

@@ -3,7 +3,9 @@
 //!
 //! Label values are bounded: `route` is a template from
 //! [`crate::routes::classify`], `method` one of a handful, `status` a
-//! three-digit code. Tenant ids never become labels.
+//! three-digit code, `executor` an executor the proxy has routed to (the
+//! fleet's size, plus one per replacement an upgrade starts). Tenant ids
+//! never become labels.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -32,6 +34,10 @@ pub struct ProxyMetrics {
     pub migrations: IntCounterVec,
     pub migration_pause: Histogram,
     pub audit_records: IntCounter,
+    /// Requests routed to an executor, by executor and status: what an
+    /// upgrade's canary compares before and after (`docs/UPGRADE.md`).
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
 }
 
 impl ProxyMetrics {
@@ -80,6 +86,23 @@ impl ProxyMetrics {
         .expect("valid");
         let audit_records =
             IntCounter::new(m::AUDIT_RECORDS_TOTAL, "Audit records written.").expect("valid");
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                m::UPSTREAM_REQUESTS_TOTAL,
+                "Requests routed to an executor, by executor and status.",
+            ),
+            &["executor", "status"],
+        )
+        .expect("valid");
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                m::UPSTREAM_REQUEST_DURATION_SECONDS,
+                "Time from the arrival of a request routed to an executor to the end of its answer.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["executor"],
+        )
+        .expect("valid");
         let (names, values): (Vec<&str>, Vec<&str>) = build.iter().copied().unzip();
         let build_info = IntGaugeVec::new(Opts::new(BUILD_INFO, "Build of this process."), &names)
             .expect("valid");
@@ -91,6 +114,8 @@ impl ProxyMetrics {
         reg(Box::new(migrations.clone()));
         reg(Box::new(migration_pause.clone()));
         reg(Box::new(audit_records.clone()));
+        reg(Box::new(upstream_requests.clone()));
+        reg(Box::new(upstream_duration.clone()));
         reg(Box::new(build_info));
         // Show the result series from the start so that alerts on their
         // rate see a zero rather than no data.
@@ -106,6 +131,8 @@ impl ProxyMetrics {
             migrations,
             migration_pause,
             audit_records,
+            upstream_requests,
+            upstream_duration,
         }
     }
 

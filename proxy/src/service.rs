@@ -94,17 +94,30 @@ impl Shared {
             .clone()
     }
 
+    /// The id of a request that will have an audit record: the next in
+    /// the process's sequence (`docs/AUDIT-LOG.md`, "Request ids").
     pub fn next_request_id(&self) -> String {
         self.ids.next()
+    }
+
+    /// The id of a request that has no audit record (health checks and
+    /// metrics scrapes): outside the sequence, so that the audited ids stay
+    /// gapless.
+    pub fn next_quiet_id(&self) -> String {
+        self.ids.next_quiet()
     }
 }
 
 /// Request ids: a random per-process prefix and a counter, so ids are
-/// unique across restarts without a random draw per request.
+/// unique across restarts without a random draw per request. Audited
+/// requests take `<prefix><8 hex digits>` from one counter, so that a gap
+/// in the audit log's sequence is a lost record; unaudited ones take
+/// `<prefix>q<n>` from another.
 #[derive(Debug)]
 struct RequestIds {
     prefix: u64,
     next: AtomicU64,
+    next_quiet: AtomicU64,
 }
 
 impl RequestIds {
@@ -121,12 +134,18 @@ impl RequestIds {
         RequestIds {
             prefix: h.finish(),
             next: AtomicU64::new(0),
+            next_quiet: AtomicU64::new(0),
         }
     }
 
     fn next(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{:016x}{:08x}", self.prefix, n as u32)
+    }
+
+    fn next_quiet(&self) -> String {
+        let n = self.next_quiet.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}q{n}", self.prefix)
     }
 }
 
@@ -240,23 +259,26 @@ impl ProxyHttp for PublicProxy {
         let shared = &self.shared;
         shared.metrics.in_flight.inc();
         let req = session.req_header();
+        ctx.method = method_label(req.method.as_str());
+        ctx.name = classify(req.method.as_str(), req.uri.path());
+        // Health checks and scrapes are answered below without an audit
+        // record.
+        ctx.quiet = matches!(ctx.name.template, "/healthz" | "/metrics");
         ctx.request_id = match req
             .headers
             .get(REQUEST_ID_HEADER)
             .and_then(|v| headers::accept_request_id(v.as_bytes()))
         {
             Some(id) => id.to_string(),
+            None if ctx.quiet => shared.next_quiet_id(),
             None => shared.next_request_id(),
         };
-        ctx.method = method_label(req.method.as_str());
-        ctx.name = classify(req.method.as_str(), req.uri.path());
         if self.shared.fleet.handing_off() {
             session.set_keepalive(None);
         }
 
         match ctx.name.template {
             "/healthz" => {
-                ctx.quiet = true;
                 self.answer(
                     session,
                     ctx,
@@ -269,7 +291,6 @@ impl ProxyHttp for PublicProxy {
                 return Ok(true);
             }
             "/metrics" => {
-                ctx.quiet = true;
                 let text = shared.metrics.render();
                 self.answer(
                     session,
@@ -505,9 +526,19 @@ impl ProxyHttp for PublicProxy {
         m.requests
             .with_label_values(&[ctx.method, ctx.name.template, status_label])
             .inc();
+        let took = ctx.arrived.elapsed().as_secs_f64();
         m.duration
             .with_label_values(&[ctx.name.template])
-            .observe(ctx.arrived.elapsed().as_secs_f64());
+            .observe(took);
+        if let Some(route) = &ctx.route {
+            let executor = route.executor.id.as_str();
+            m.upstream_requests
+                .with_label_values(&[executor, status_label])
+                .inc();
+            m.upstream_duration
+                .with_label_values(&[executor])
+                .observe(took);
+        }
         if !ctx.quiet {
             self.audit(session, ctx, status);
         }

@@ -497,6 +497,14 @@ pub struct ExecutorInfo {
     /// The guest ABI versions it runs; `None` from release 0.1 (v1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_abi: Option<Vec<u32>>,
+    /// Its tenants frozen now (an export or a move of them under way):
+    /// they cannot move until that ends. `None` from earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<Vec<String>>,
+    /// Device memory each of its tenants holds (tensors and assets), in
+    /// bytes. `None` from earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_device_bytes: Option<BTreeMap<String, u64>>,
 }
 
 #[cfg(test)]

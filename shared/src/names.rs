@@ -13,6 +13,9 @@ pub mod proxy_metrics {
     pub const MIGRATIONS_TOTAL: &str = "tensor_wasm_migrations_total";
     pub const MIGRATION_PAUSE_SECONDS: &str = "tensor_wasm_migration_pause_seconds";
     pub const AUDIT_RECORDS_TOTAL: &str = "tensor_wasm_audit_records_total";
+    pub const UPSTREAM_REQUESTS_TOTAL: &str = "tensor_wasm_upstream_requests_total";
+    pub const UPSTREAM_REQUEST_DURATION_SECONDS: &str =
+        "tensor_wasm_upstream_request_duration_seconds";
 }
 
 /// Metrics counted by executors.
@@ -124,6 +127,8 @@ mod tests {
             proxy_metrics::MIGRATIONS_TOTAL,
             proxy_metrics::MIGRATION_PAUSE_SECONDS,
             proxy_metrics::AUDIT_RECORDS_TOTAL,
+            proxy_metrics::UPSTREAM_REQUESTS_TOTAL,
+            proxy_metrics::UPSTREAM_REQUEST_DURATION_SECONDS,
             executor_metrics::ACTIVE_INSTANCES,
             executor_metrics::JOBS_IN_FLIGHT,
             executor_metrics::KERNEL_DISPATCHES_TOTAL,

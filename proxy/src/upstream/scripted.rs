@@ -295,6 +295,8 @@ impl ExecutorApi for Scripted {
             stats: ExecutorStats::default(),
             snapshot_formats: None,
             guest_abi: None,
+            frozen: None,
+            tenant_device_bytes: None,
         })
     }
 
