@@ -31,6 +31,16 @@
 //! named in `<state>/previous.json`; `--rollback` upgrades back onto them,
 //! the proxy first.
 //!
+//! The first executor is a canary ([`canary`]): before it is replaced the
+//! requests the proxy routes to it are watched for `--canary-window` (the
+//! baseline), then the same window on its replacement; past the
+//! thresholds its tenants move back onto it, its replacement is stopped,
+//! and the upgrade stops there. At the end the fleet is verified
+//! ([`verify`], [`audit`]): every executor answers on the new build, every
+//! tenant is placed, the proxy's `build_info`, each moved tenant answered
+//! after its move, the counters of the executors serving them advance, and
+//! the audit log holds every request id the proxy answered meanwhile.
+//!
 //! The proxy (`--proxy-binary`): the supervisor starts the new binary with
 //! `-u`, which waits for the listening sockets; it then sends the old proxy
 //! SIGQUIT, which hands them over, answers `Connection: close` while it
@@ -50,7 +60,10 @@ use sha2::Digest;
 use crate::up::control::{self, ChildStatus, Role, StartExecutor};
 use tensor_wasm_shared::names::env;
 
+mod audit;
 mod backup;
+mod canary;
+mod metrics;
 mod preflight;
 mod verify;
 
@@ -124,6 +137,54 @@ pub struct Args {
     /// Print progress as lines instead of a progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// How long the canary is watched: the first executor's requests are
+    /// counted this long before it is replaced (the baseline), then as long
+    /// on its replacement. `0s` upgrades without a canary; a rollback has
+    /// none.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    canary_window: Duration,
+    /// The share of its requests answered 5xx that the canary may add to
+    /// the baseline's before it fails.
+    #[arg(long, value_name = "RATE", default_value_t = 0.01)]
+    canary_max_error_rate: f64,
+    /// The factor by which the canary's p99 latency may exceed the
+    /// baseline's before it fails (a p99 of 25 ms or less never fails).
+    #[arg(long, value_name = "FACTOR", default_value_t = 2.0)]
+    canary_max_latency_ratio: f64,
+    /// Requests the canary must see in its window to be judged; with fewer
+    /// the upgrade goes on and the report says it was not judged.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    canary_min_requests: u64,
+}
+
+impl Args {
+    /// The canary's thresholds, when there is one.
+    fn canary(&self) -> anyhow::Result<Option<canary::Thresholds>> {
+        if self.rollback || self.canary_window.is_zero() {
+            return Ok(None);
+        }
+        if !(0.0..=1.0).contains(&self.canary_max_error_rate) {
+            bail!("--canary-max-error-rate is a share of requests, between 0 and 1");
+        }
+        if self.canary_max_latency_ratio.is_nan() || self.canary_max_latency_ratio < 1.0 {
+            bail!("--canary-max-latency-ratio is a factor of at least 1");
+        }
+        Ok(Some(canary::Thresholds {
+            window: self.canary_window,
+            max_error_rate: self.canary_max_error_rate,
+            max_latency_ratio: self.canary_max_latency_ratio,
+            min_requests: self.canary_min_requests,
+        }))
+    }
+}
+
+/// What the upgrade did, for the verification and the report.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Each move, as the admin API answered it, with `finished_unix`.
+    moves: Vec<serde_json::Value>,
+    /// The canary's baseline, window and verdict.
+    canary: Option<serde_json::Value>,
 }
 
 /// `upgrade.json`.
@@ -177,6 +238,14 @@ impl Admin {
         let mut resp = self.answered(method, path, result)?;
         let text = resp.body_mut().read_to_string().unwrap_or_default();
         Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The proxy's metrics (`GET /metrics` on the admin listener).
+    fn metrics(&self) -> anyhow::Result<Vec<metrics::Sample>> {
+        let url = format!("{}/metrics", self.url.trim_end_matches('/'));
+        let resp = self.answered("GET", "/metrics", self.agent.get(&url).call())?;
+        let text = resp.into_body().read_to_string()?;
+        Ok(metrics::parse(&text))
     }
 
     /// `POST path` with no body, its answer streamed into `sink`; the
@@ -241,6 +310,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     {
         bail!("nothing to upgrade: give --executor-binary and/or --proxy-binary, or --rollback");
     }
+    let canary = args.canary()?;
     let state = args.state_dir.clone();
     let token = match &args.admin_token {
         Some(t) => t.clone(),
@@ -318,11 +388,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?;
         println!("forced past the {name} check: {why} (recorded in the audit log)");
     }
+    let audit_log = args
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| state.join("logs").join("audit.log"));
     if let Some(dir) = &args.backup {
-        let audit_log = args
-            .audit_log
-            .clone()
-            .unwrap_or_else(|| state.join("logs").join("audit.log"));
         let b = backup::write(&admin, dir, &check.fleet_version(), &audit_log)?;
         let bytes: u64 = b.tenants.iter().map(|t| t.bytes).sum();
         println!(
@@ -351,15 +421,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     keep_previous(&state, executor_binary.as_deref(), proxy_binary.as_deref())?;
     let started = std::time::SystemTime::now();
-    let mut moves = Vec::new();
-    let new_executor = executor_binary.as_ref().and_then(|_| {
+    let audit_offset = audit::offset(&audit_log);
+    let mut progress = Progress::default();
+    let new_build = |role: &str| {
         check
             .binaries
             .iter()
-            .find(|(role, _, _)| *role == "executor")
+            .find(|(r, _, _)| *r == role)
             .map(|(_, _, report)| report)
-    });
-    let executors = |moves: &mut Vec<serde_json::Value>| -> anyhow::Result<()> {
+    };
+    let executors = |progress: &mut Progress| -> anyhow::Result<()> {
         match &executor_binary {
             Some(binary) => upgrade_executors(
                 &state,
@@ -367,7 +438,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 binary,
                 &record_path,
                 args.no_progress,
-                moves,
+                canary,
+                progress,
             ),
             None => Ok(()),
         }
@@ -380,46 +452,73 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    if args.rollback {
+    let changed = if args.rollback {
         // Back out in the reverse order: an older proxy works in front of
         // newer executors, not always the other way round.
-        proxy()?;
-        executors(&mut moves)?;
+        proxy().and_then(|()| executors(&mut progress))
     } else {
-        executors(&mut moves)?;
-        proxy()?;
-    }
-    finish(
-        &admin,
-        new_executor,
-        &check,
-        &moves,
-        args.report.as_deref(),
+        executors(&mut progress).and_then(|()| proxy())
+    };
+    let report = Report {
+        check: &check,
+        progress: &progress,
         started,
-    )?;
+    };
+    if let Err(e) = changed {
+        if let Some(path) = &args.report {
+            report.write(path, None, Some(&format!("{e:#}")))?;
+        }
+        return Err(e);
+    }
+    let expected = Expected {
+        executor: executor_binary.as_ref().and_then(|_| new_build("executor")),
+        proxy: proxy_binary.as_ref().and_then(|_| new_build("proxy")),
+    };
+    let audit = audit_offset.map(|offset| (audit_log.as_path(), offset));
+    let verification = verify_fleet(&admin, &expected, &progress, audit)?;
+    if let Some(path) = &args.report {
+        report.write(path, Some(&verification), None)?;
+    }
+    if !verification.problems.is_empty() {
+        bail!(
+            "verification failed: {} (`tensor-wasm upgrade --rollback` moves the fleet back)",
+            verification.problems.join("; ")
+        );
+    }
     if args.rollback {
         println!("rolled back; `tensor-wasm upgrade --rollback` again goes forward");
     }
     Ok(())
 }
 
-/// The end of an upgrade: verifies the fleet ([`verify_fleet`]), writes
-/// the report to `report` when asked (whether or not verification
-/// passed), and fails when it did not.
-fn finish(
-    admin: &Admin,
-    expected: Option<&tensor_wasm_shared::build::BuildReport>,
-    check: &preflight::Preflight,
-    moves: &[serde_json::Value],
-    report: Option<&Path>,
+/// What the new binaries said they are, for the verification.
+struct Expected<'a> {
+    executor: Option<&'a tensor_wasm_shared::build::BuildReport>,
+    proxy: Option<&'a tensor_wasm_shared::build::BuildReport>,
+}
+
+/// The report `--report` writes.
+struct Report<'a> {
+    check: &'a preflight::Preflight,
+    progress: &'a Progress,
     started: std::time::SystemTime,
-) -> anyhow::Result<()> {
-    let verified = verify_fleet(admin, expected)?;
-    if let Some(path) = report {
+}
+
+impl Report<'_> {
+    /// Writes the report: the binaries, the pre-flight, the canary, every
+    /// move, the pauses, and the verification, or the error that stopped
+    /// the upgrade before it.
+    fn write(
+        &self,
+        path: &Path,
+        verification: Option<&Verification>,
+        stopped: Option<&str>,
+    ) -> anyhow::Result<()> {
         let unix = |t: std::time::SystemTime| {
             t.duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64())
         };
+        let moves = &self.progress.moves;
         let mut pauses: Vec<f64> = moves
             .iter()
             .filter_map(|m| m["pause_ms"].as_f64())
@@ -429,8 +528,9 @@ fn finish(
             let i = ((pauses.len() as f64 * q).ceil() as usize).max(1) - 1;
             pauses.get(i.min(pauses.len().saturating_sub(1))).copied()
         };
+        let check = self.check;
         let json = serde_json::json!({
-            "started_unix": unix(started),
+            "started_unix": unix(self.started),
             "finished_unix": unix(std::time::SystemTime::now()),
             "binaries": check.binaries.iter().map(|(role, path, r)| serde_json::json!({
                 "role": role, "path": path, "build": r,
@@ -441,52 +541,204 @@ fn finish(
                 "error_budget": check.error_budget,
                 "jobs_in_flight": check.jobs_in_flight(),
             },
+            "canary": self.progress.canary,
             "moves": moves,
+            "bytes_moved": moves.iter().filter_map(|m| m["bytes"].as_u64()).sum::<u64>(),
             "pause_ms": {"p50": at(0.5), "p99": at(0.99), "max": pauses.last()},
-            "verified": match &verified {
-                Ok(v) => serde_json::json!({"executors": v.executors, "tenants": v.tenants}),
-                Err(_) => serde_json::Value::Null,
-            },
-            "problems": verified.as_ref().err().cloned().unwrap_or_default(),
-            "not_checked": [
-                "each moved tenant answered after its move",
-                "counters advance",
-                "audit log continuity",
-                "the proxy's build_info",
-            ],
+            "stopped": stopped,
+            "verified": verification.map(|v| &v.passed),
+            "problems": verification.map(|v| &v.problems),
+            "not_checked": verification.map_or_else(
+                || vec!["nothing: the upgrade stopped before its verification".to_string()],
+                |v| v.not_checked.clone(),
+            ),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
-            .with_context(|| format!("--report {}", path.display()))?;
-    }
-    match verified {
-        Ok(_) => Ok(()),
-        Err(problems) => bail!(
-            "verification failed: {} (`tensor-wasm upgrade --rollback` moves the fleet back)",
-            problems.join("; ")
-        ),
+            .with_context(|| format!("--report {}", path.display()))
     }
 }
 
-/// The verification at the end ([`verify`]), printed when it passes;
-/// what it found either way.
+/// What the verification found: each line printed and reported.
+#[derive(Debug, Default)]
+struct Verification {
+    passed: Vec<String>,
+    problems: Vec<String>,
+    not_checked: Vec<String>,
+}
+
+/// How long the verification waits for the audit records of requests
+/// still in flight before it calls a missing id lost.
+const AUDIT_SETTLE: Duration = Duration::from_secs(10);
+
+/// How long the verification waits for another moved tenant to answer
+/// before it calls the rest idle.
+const IDLE_SETTLE: Duration = Duration::from_secs(1);
+
+/// The verification at the end (`docs/UPGRADE.md`, "Verification"): the
+/// executors and placements ([`verify`]); the proxy's `build_info`; from
+/// the audit log at `audit` (its path and its length when the upgrade
+/// began), each moved tenant answered after its move and no request id is
+/// missing ([`audit`]); the counters of the executors that served them
+/// advanced. Prints what passed.
 #[allow(clippy::print_stdout)]
 fn verify_fleet(
     admin: &Admin,
-    expected: Option<&tensor_wasm_shared::build::BuildReport>,
-) -> anyhow::Result<Result<verify::Verified, Vec<String>>> {
+    expected: &Expected<'_>,
+    progress: &Progress,
+    audit: Option<(&Path, u64)>,
+) -> anyhow::Result<Verification> {
+    let mut v = Verification::default();
     let executors = admin.call("GET", "/admin/executors", None)?;
     let placements = admin.call("GET", "/admin/placements", None)?;
-    let verified = verify::check(&executors, &placements, expected);
-    if let Ok(v) = &verified {
-        let on = expected
-            .map(|r| format!(", all on {} (git {})", r.version, r.git_sha))
-            .unwrap_or_default();
-        println!(
-            "verified: {} executors answer{on}; {} tenants placed, each on one of them",
-            v.executors, v.tenants
-        );
+    match verify::check(&executors, &placements, expected.executor) {
+        Ok(fleet) => {
+            let on = expected
+                .executor
+                .map(|r| format!(", all on {} (git {})", r.version, r.git_sha))
+                .unwrap_or_default();
+            v.passed.push(format!(
+                "{} executors answer{on}; {} tenants placed, each on one of them",
+                fleet.executors, fleet.tenants
+            ));
+        }
+        Err(problems) => v.problems.extend(problems),
     }
-    Ok(verified)
+
+    let samples = admin.metrics()?;
+    match (verify::proxy_build(&samples), expected.proxy) {
+        (None, _) => v
+            .problems
+            .push("the proxy's metrics have no build_info".into()),
+        (Some((version, git)), Some(want)) if version != want.version || git != want.git_sha => {
+            v.problems.push(format!(
+                "the proxy's build_info names {version} (git {git}), not the new binary's {} (git {})",
+                want.version, want.git_sha
+            ));
+        }
+        (Some((version, git)), want) => v.passed.push(format!(
+            "the proxy's build_info names {version} (git {git}){}",
+            if want.is_some() {
+                ""
+            } else {
+                " (not upgraded)"
+            }
+        )),
+    }
+
+    let moved: Vec<(String, std::time::SystemTime)> = progress
+        .moves
+        .iter()
+        .filter_map(|m| {
+            let at = std::time::UNIX_EPOCH
+                + Duration::try_from_secs_f64(m["finished_unix"].as_f64()?).ok()?;
+            Some((m["tenant"].as_str()?.to_string(), at))
+        })
+        .collect();
+    let Some((path, offset)) = audit else {
+        v.not_checked.push(
+            "each moved tenant answered after its move, and audit continuity: no audit log (--audit-log)"
+                .into(),
+        );
+        return Ok(print(v));
+    };
+    // Requests in flight now get their records when they finish: a
+    // missing id is only lost once the wait is over. Tenants moved last
+    // may not have been called yet: the wait goes on while more of them
+    // answer, and ends a second after the last one did.
+    let waited = std::time::Instant::now();
+    let mut progressed = (waited, usize::MAX);
+    let (records, gaps, answered) = loop {
+        let records = audit::read(path, offset)
+            .with_context(|| format!("reading the audit log {}", path.display()))?;
+        let gaps = audit::gaps(&records);
+        let answered = audit::answered_after(&records.after, &moved);
+        if answered.idle.len() != progressed.1 {
+            progressed = (std::time::Instant::now(), answered.idle.len());
+        }
+        let settled = answered.idle.is_empty() || progressed.0.elapsed() > IDLE_SETTLE;
+        if (gaps.is_empty() && settled) || waited.elapsed() > AUDIT_SETTLE {
+            break (records, gaps, answered);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    if gaps.is_empty() {
+        v.passed.push(format!(
+            "the audit log holds a record for every request id the proxy answered since the upgrade began ({} records)",
+            records.after.len()
+        ));
+    } else {
+        v.problems.extend(gaps);
+    }
+    if !moved.is_empty() {
+        v.passed.push(format!(
+            "{} of {} moved tenants answered after their move",
+            answered.answered.len(),
+            moved.len()
+        ));
+    }
+    for t in &answered.failing {
+        v.problems
+            .push(format!("tenant {t} answered only 5xx after its move"));
+    }
+    if !answered.idle.is_empty() {
+        v.not_checked.push(format!(
+            "{} moved tenants had no request after their move: {}",
+            answered.idle.len(),
+            answered.idle.join(", ")
+        ));
+    }
+
+    // Counters advance: each executor that served a moved tenant since
+    // counted it, at the proxy and in its own metrics.
+    let placed = &placements["placements"];
+    let serving: std::collections::BTreeSet<&str> = answered
+        .answered
+        .iter()
+        .filter_map(|t| placed[t.as_str()].as_str())
+        .collect();
+    for e in executors["executors"].as_array().into_iter().flatten() {
+        let (Some(id), Some(addr)) = (e["id"].as_str(), e["addr"].as_str()) else {
+            continue;
+        };
+        if !serving.contains(id) {
+            continue;
+        }
+        let at_proxy = canary::Counts::of(&samples, id).requests;
+        let own = admin
+            .agent
+            .get(&format!("http://{addr}/metrics"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .map(|text| verify::invocations(&metrics::parse(&text)));
+        match own {
+            Some(n) if n > 0 && at_proxy > 0 => v.passed.push(format!(
+                "counters advance on {id}: {at_proxy} requests at the proxy, {n} invocations in its own metrics"
+            )),
+            Some(n) => v.problems.push(format!(
+                "{id} served moved tenants but counts {at_proxy} requests at the proxy and {n} invocations itself"
+            )),
+            None => v
+                .problems
+                .push(format!("{id}'s metrics ({addr}/metrics) do not answer")),
+        }
+    }
+    if serving.is_empty() {
+        v.not_checked
+            .push("counters advance: no moved tenant was called after its move".into());
+    }
+    Ok(print(v))
+}
+
+#[allow(clippy::print_stdout)]
+fn print(v: Verification) -> Verification {
+    for line in &v.passed {
+        println!("verified: {line}");
+    }
+    for line in &v.not_checked {
+        println!("not checked: {line}");
+    }
+    v
 }
 
 /// Un-cordons the executors a stopped upgrade has not replaced, and
@@ -600,7 +852,8 @@ fn upgrade_executors(
     binary: &Path,
     record_path: &Path,
     no_progress: bool,
-    moves: &mut Vec<serde_json::Value>,
+    canary: Option<canary::Thresholds>,
+    progress: &mut Progress,
 ) -> anyhow::Result<()> {
     let mut record: Record = match std::fs::read(record_path) {
         Ok(b) => serde_json::from_slice(&b).context("upgrade.json is corrupt")?,
@@ -612,6 +865,9 @@ fn upgrade_executors(
             record.binary.display()
         );
     }
+    // A resumed upgrade that already replaced an executor passed its
+    // canary then.
+    let mut canary = canary.filter(|_| !record.steps.values().any(|s| s.done));
     record.binary = binary.to_path_buf();
     let children = control::ls(state)?;
     let replacements: Vec<&str> = record.steps.values().map(|s| s.new_id.as_str()).collect();
@@ -640,6 +896,31 @@ fn upgrade_executors(
             .clone();
         save(record_path, &record)?;
 
+        // 0. The canary's baseline: the old executor, before anything
+        //    changes.
+        let baseline = match canary.take() {
+            Some(t) => {
+                println!(
+                    "canary: {}, watched for {} before and after its upgrade",
+                    old.id,
+                    humantime::format_duration(t.window)
+                );
+                let first = canary::Counts::of(&admin.metrics()?, &old.id);
+                std::thread::sleep(t.window);
+                let baseline = canary::Counts::of(&admin.metrics()?, &old.id).since(&first);
+                let b = baseline.summary();
+                println!(
+                    "canary: baseline on {}: {} requests, {} failed, p99 {}",
+                    old.id,
+                    b.requests,
+                    b.errors,
+                    ms(b.p99_s)
+                );
+                Some((t, baseline))
+            }
+            None => None,
+        };
+
         // 1. Start and register the replacement.
         let running = children.iter().find(|c| c.id == new_id).cloned();
         let new = match running {
@@ -662,66 +943,55 @@ fn upgrade_executors(
         // 2. Cordon the old one.
         admin.call("POST", &format!("/admin/executors/{}/cordon", old.id), None)?;
         // 3. Move its tenants.
-        let placements = admin.call("GET", "/admin/placements", None)?;
-        let tenants: Vec<String> = placements["placements"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .filter(|(_, e)| e.as_str() == Some(old.id.as_str()))
-                    .map(|(t, _)| t.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let bar = if no_progress {
-            indicatif::ProgressBar::hidden()
-        } else {
-            indicatif::ProgressBar::new(tenants.len() as u64)
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} tenants {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{} → {}", old.id, new.id));
-        let mut failed = Vec::new();
-        for tenant in &tenants {
-            match admin.call(
-                "POST",
-                &format!("/admin/tenants/{tenant}/migrate"),
-                Some(serde_json::json!({"to": new.id})),
-            ) {
-                Ok(r) => {
-                    bar.set_message(format!(
-                        "{tenant} paused {:.1} ms",
-                        r["pause_ms"].as_f64().unwrap_or(0.0)
-                    ));
-                    if no_progress {
-                        println!(
-                            "{tenant}: {} → {} in {:.1} ms ({} bytes)",
-                            old.id,
-                            new.id,
-                            r["pause_ms"].as_f64().unwrap_or(0.0),
-                            r["bytes"]
-                        );
-                    }
-                    moves.push(r);
-                }
-                Err(e) => {
-                    bar.println(format!("{tenant}: stays on {}: {e:#}", old.id));
-                    failed.push(tenant.clone());
-                }
-            }
-            bar.inc(1);
-        }
-        bar.finish();
+        let tenants = placed_on(admin, &old.id)?;
+        let failed = move_tenants(admin, &tenants, &old.id, &new.id, no_progress, progress);
         if !failed.is_empty() {
             bail!(
                 "{} tenants could not move off {} (they run there still); fix the cause and run the upgrade again, or `tensor-wasm upgrade --abort`",
                 failed.len(),
                 old.id
             );
+        }
+        // The canary: the same window on the replacement.
+        if let Some((t, baseline)) = baseline {
+            let (verdict, window) = watch(admin, &new.id, &baseline, &t)?;
+            let w = window.summary();
+            let (result, why) = match &verdict {
+                canary::Verdict::Pass => ("passed", None),
+                canary::Verdict::Fail(why) => ("failed", Some(why.as_str())),
+                canary::Verdict::Unjudged(why) => ("not judged", Some(why.as_str())),
+            };
+            println!(
+                "canary: {} on {}: {} requests, {} failed, p99 {}{}",
+                result,
+                new.id,
+                w.requests,
+                w.errors,
+                ms(w.p99_s),
+                why.map(|w| format!(": {w}")).unwrap_or_default()
+            );
+            progress.canary = Some(serde_json::json!({
+                "old": old.id,
+                "new": new.id,
+                "window_s": t.window.as_secs_f64(),
+                "max_error_rate": t.max_error_rate,
+                "max_latency_ratio": t.max_latency_ratio,
+                "min_requests": t.min_requests,
+                "baseline": baseline.summary(),
+                "canary": w,
+                "result": result,
+                "why": why,
+            }));
+            if let canary::Verdict::Fail(why) = verdict {
+                back_out(admin, state, &old.id, &new.id, no_progress, progress)?;
+                std::fs::remove_file(record_path)?;
+                bail!(
+                    "canary failed: {} (running {}): {why}; its tenants are back on {} (the binary it ran before) and no other executor was touched",
+                    new.id,
+                    binary.display(),
+                    old.id
+                );
+            }
         }
         // 4. Forget and stop the old one.
         admin.call("DELETE", &format!("/admin/executors/{}", old.id), None)?;
@@ -739,6 +1009,145 @@ fn upgrade_executors(
     }
     std::fs::remove_file(record_path)?;
     Ok(())
+}
+
+/// The tenants the proxy places on `executor`.
+fn placed_on(admin: &Admin, executor: &str) -> anyhow::Result<Vec<String>> {
+    let placements = admin.call("GET", "/admin/placements", None)?;
+    Ok(placements["placements"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, e)| e.as_str() == Some(executor))
+                .map(|(t, _)| t.clone())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Moves each of `tenants` from `from` to `to` by live migration,
+/// recording each move in `progress`; the tenants that could not move
+/// (they stay on `from`).
+#[allow(clippy::print_stdout)]
+fn move_tenants(
+    admin: &Admin,
+    tenants: &[String],
+    from: &str,
+    to: &str,
+    no_progress: bool,
+    progress: &mut Progress,
+) -> Vec<String> {
+    let bar = if no_progress {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(tenants.len() as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} tenants {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{from} → {to}"));
+    let mut failed = Vec::new();
+    for tenant in tenants {
+        match admin.call(
+            "POST",
+            &format!("/admin/tenants/{tenant}/migrate"),
+            Some(serde_json::json!({"to": to})),
+        ) {
+            Ok(mut r) => {
+                let pause = r["pause_ms"].as_f64().unwrap_or(0.0);
+                bar.set_message(format!("{tenant} paused {pause:.1} ms"));
+                if no_progress {
+                    println!(
+                        "{tenant}: {from} → {to} in {pause:.1} ms ({} bytes)",
+                        r["bytes"]
+                    );
+                }
+                r["finished_unix"] = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64())
+                    .into();
+                progress.moves.push(r);
+            }
+            Err(e) => {
+                bar.println(format!("{tenant}: stays on {from}: {e:#}"));
+                failed.push(tenant.clone());
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish();
+    failed
+}
+
+/// How often the canary's window is read: a failing canary is stopped
+/// as soon as its errors decide it.
+const CANARY_POLL: Duration = Duration::from_millis(500);
+
+/// Watches the requests the proxy routes to `executor` for the window
+/// (stopping early once errors fail it): the verdict against `baseline`,
+/// and the window's counts.
+fn watch(
+    admin: &Admin,
+    executor: &str,
+    baseline: &canary::Counts,
+    t: &canary::Thresholds,
+) -> anyhow::Result<(canary::Verdict, canary::Counts)> {
+    let first = canary::Counts::of(&admin.metrics()?, executor);
+    let until = std::time::Instant::now() + t.window;
+    // Early, only errors may decide: latency is judged on the whole window.
+    let errors_only = canary::Thresholds {
+        max_latency_ratio: f64::INFINITY,
+        ..*t
+    };
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        std::thread::sleep(left.min(CANARY_POLL));
+        let window = canary::Counts::of(&admin.metrics()?, executor).since(&first);
+        if left <= CANARY_POLL {
+            return Ok((canary::judge(baseline, &window, t), window));
+        }
+        if let v @ canary::Verdict::Fail(_) = canary::judge(baseline, &window, &errors_only) {
+            return Ok((v, window));
+        }
+    }
+}
+
+/// A failed canary: its tenants go back from `new` onto `old` (which kept
+/// running, cordoned) by live migration, and `new` is forgotten and
+/// stopped.
+#[allow(clippy::print_stdout)]
+fn back_out(
+    admin: &Admin,
+    state: &Path,
+    old: &str,
+    new: &str,
+    no_progress: bool,
+    progress: &mut Progress,
+) -> anyhow::Result<()> {
+    admin.call("POST", &format!("/admin/executors/{old}/uncordon"), None)?;
+    admin.call("POST", &format!("/admin/executors/{new}/cordon"), None)?;
+    let tenants = placed_on(admin, new)?;
+    let failed = move_tenants(admin, &tenants, new, old, no_progress, progress);
+    if !failed.is_empty() {
+        bail!(
+            "the canary failed, and {} of its tenants could not move back to {old} (they run on {new} still): {}; `tensor-wasm upgrade --rollback` moves them",
+            failed.len(),
+            failed.join(", ")
+        );
+    }
+    admin.call("DELETE", &format!("/admin/executors/{new}"), None)?;
+    control::stop(state, new)?;
+    println!(
+        "canary: {} tenants moved back to {old}; {new} stopped",
+        tenants.len()
+    );
+    Ok(())
+}
+
+fn ms(s: Option<f64>) -> String {
+    s.map_or_else(|| "n/a".into(), |s| format!("{:.1} ms", s * 1e3))
 }
 
 #[cfg(test)]

@@ -56,6 +56,47 @@ pub struct Running {
     pub reported: bool,
     pub tenants: usize,
     pub jobs_in_flight: u64,
+    /// Its tenants frozen now (none reported by earlier releases).
+    pub frozen: Vec<String>,
+    /// Device bytes each tenant holds (none reported by earlier releases).
+    pub tenant_device_bytes: Vec<(String, u64)>,
+    /// Device memory free on its device, when the device reports a total.
+    pub device_free: Option<u64>,
+}
+
+/// Why tenants could not move off `executors`: a frozen tenant (an export
+/// or a move of it under way) cannot be moved until that ends; and with
+/// `beside` (an executor upgrade, whose replacement starts on the same
+/// device while the old one still holds its tenants), a tenant holding
+/// more device memory than its device has free does not fit beside it.
+pub fn unmovable(executors: &[Running], beside: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in executors {
+        if !e.frozen.is_empty() {
+            out.push(format!(
+                "executor {}: tenants {} are frozen (an export or a move of them is under way) and cannot move until it ends",
+                e.id,
+                e.frozen.join(", ")
+            ));
+        }
+        let Some(free) = e.device_free.filter(|_| beside) else {
+            continue;
+        };
+        let too_big: Vec<String> = e
+            .tenant_device_bytes
+            .iter()
+            .filter(|(_, b)| *b > free)
+            .map(|(t, b)| format!("{t} ({b} bytes)"))
+            .collect();
+        if !too_big.is_empty() {
+            out.push(format!(
+                "executor {}: tenants {} hold more device memory than the {free} bytes free on its device, where the replacement must take them beside it",
+                e.id,
+                too_big.join(", ")
+            ));
+        }
+    }
+    out
 }
 
 impl Preflight {
@@ -188,6 +229,10 @@ pub fn check(
                 .map(|(w, ids)| format!("executors {}: {w}", ids.join(", "))),
         );
     }
+    blockers.extend(unmovable(
+        &executors,
+        binaries.iter().any(|(role, _, _)| *role == "executor"),
+    ));
     for e in executors.iter().filter(|e| !e.healthy) {
         blockers.push(format!(
             "executor {} does not answer: its {} tenants could not move",
@@ -271,6 +316,22 @@ fn running(admin: &Admin) -> anyhow::Result<Vec<Running>> {
                 guest_abi: guest_abi.unwrap_or_else(|| vec![1]),
                 tenants: e["tenants"].as_array().map_or(0, Vec::len),
                 jobs_in_flight: e["stats"]["jobs_in_flight"].as_u64().unwrap_or(0),
+                frozen: serde_json::from_value(e["frozen"].clone()).unwrap_or_default(),
+                tenant_device_bytes: e["tenant_device_bytes"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(t, b)| (t.clone(), b.as_u64().unwrap_or(0)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                device_free: match (
+                    e["device"]["memory_total"].as_u64(),
+                    e["device"]["memory_used"].as_u64(),
+                ) {
+                    (Some(total), Some(used)) if total > 0 => Some(total.saturating_sub(used)),
+                    _ => None,
+                },
             }
         })
         .collect())
@@ -340,4 +401,47 @@ fn run(path: &Path, args: &[&str]) -> Result<(bool, Vec<u8>), String> {
         .wait_with_output()
         .map_err(|e| format!("cannot read its answer: {e}"))?;
     Ok((out.status.success(), out.stdout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn executor(id: &str, frozen: &[&str], bytes: &[(&str, u64)], free: Option<u64>) -> Running {
+        Running {
+            id: id.into(),
+            version: "0.2.0".into(),
+            healthy: true,
+            formats: SnapshotFormats::this_build(),
+            guest_abi: vec![1],
+            reported: true,
+            tenants: bytes.len(),
+            jobs_in_flight: 0,
+            frozen: frozen.iter().map(|t| t.to_string()).collect(),
+            tenant_device_bytes: bytes.iter().map(|(t, b)| (t.to_string(), *b)).collect(),
+            device_free: free,
+        }
+    }
+
+    #[test]
+    fn frozen_tenants_and_tenants_that_do_not_fit_beside_are_named() {
+        let fleet = [
+            executor("gpu0", &["a"], &[("a", 10), ("b", 100)], Some(50)),
+            executor("gpu1", &[], &[("c", 40)], Some(50)),
+            // A device that reports no total is not judged by size.
+            executor("cpu0", &[], &[("d", 1 << 40)], None),
+        ];
+        let found = unmovable(&fleet, true);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].contains("gpu0: tenants a are frozen"), "{found:?}");
+        assert!(
+            found[1].contains(
+                "gpu0: tenants b (100 bytes) hold more device memory than the 50 bytes free"
+            ),
+            "{found:?}"
+        );
+        // A proxy-only upgrade moves no tenant beside another.
+        assert_eq!(unmovable(&fleet, false).len(), 1);
+        assert!(unmovable(&fleet[1..], true).is_empty());
+    }
 }

@@ -5,6 +5,9 @@
 //! `--rollback`.
 
 use tensor_wasm_shared::build::{BuildReport, SnapshotFormats};
+use tensor_wasm_shared::names::{BUILD_INFO, executor_metrics};
+
+use super::metrics::Sample;
 
 /// What was checked, for the report.
 #[derive(Debug, Default, PartialEq)]
@@ -76,6 +79,28 @@ pub fn check(
     }
 }
 
+/// The version and git sha in the proxy's `build_info`.
+pub fn proxy_build(samples: &[Sample]) -> Option<(String, String)> {
+    samples
+        .iter()
+        .find(|s| s.name == BUILD_INFO && s.label("component") == Some("proxy"))
+        .map(|s| {
+            (
+                s.label("version").unwrap_or("").to_string(),
+                s.label("git_sha").unwrap_or("").to_string(),
+            )
+        })
+}
+
+/// Invocations an executor counted, whatever their result.
+pub fn invocations(samples: &[Sample]) -> u64 {
+    samples
+        .iter()
+        .filter(|s| s.name == executor_metrics::INVOCATIONS_TOTAL)
+        .map(|s| s.value as u64)
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +160,22 @@ mod tests {
         let problems = check(&executors, &placements, None).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(check(&json!({"executors": []}), &json!({}), None).is_err());
+    }
+
+    #[test]
+    fn build_info_and_invocations_from_metrics() {
+        let text = format!(
+            "{BUILD_INFO}{{component=\"executor\",version=\"9\",git_sha=\"x\"}} 1\n\
+             {BUILD_INFO}{{component=\"proxy\",version=\"0.2.0\",git_sha=\"abc\"}} 1\n\
+             {i}{{result=\"ok\"}} 5\n{i}{{result=\"trap\"}} 2\n",
+            i = executor_metrics::INVOCATIONS_TOTAL
+        );
+        let samples = crate::upgrade::metrics::parse(&text);
+        assert_eq!(
+            proxy_build(&samples),
+            Some(("0.2.0".to_string(), "abc".to_string()))
+        );
+        assert_eq!(invocations(&samples), 7);
+        assert_eq!(proxy_build(&[]), None);
     }
 }

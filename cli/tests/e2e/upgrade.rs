@@ -92,9 +92,17 @@ fn upgrade(up: &UpProcess, flag: &str, binary: &Path) -> String {
 /// Runs `tensor-wasm upgrade ARGS` against `up`'s fleet: whether it
 /// succeeded, its stdout and its stderr.
 fn run_upgrade(up: &UpProcess, args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    // Without a canary unless the test asks for one: its default window
+    // is a minute each way.
+    let canary: &[&str] = if args.iter().any(|a| *a == "--canary-window") {
+        &[]
+    } else {
+        &["--canary-window", "0s"]
+    };
     let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
         .arg("upgrade")
         .args(args)
+        .args(canary)
         .arg("--state-dir")
         .arg(&up.state)
         .arg("--admin-url")
@@ -248,10 +256,47 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
     let binary = new_binary(dir.path());
     phase.store(EXECUTORS, Ordering::SeqCst);
     let upgrade_started = Instant::now();
-    let report = upgrade(&up, "--executor-binary", &binary);
+    // With everything an operator would ask for: a backup first, a
+    // canary, and the report of the verification.
+    let (backup_dir, report_path) = (dir.path().join("backup"), dir.path().join("report.json"));
+    let (ok, stdout, stderr) = run_upgrade(
+        &up,
+        &[
+            "--no-progress".as_ref(),
+            "--backup".as_ref(),
+            backup_dir.as_os_str(),
+            "--canary-window".as_ref(),
+            "2s".as_ref(),
+            "--report".as_ref(),
+            report_path.as_os_str(),
+            "--executor-binary".as_ref(),
+            binary.as_os_str(),
+        ],
+    );
+    eprintln!("{stdout}");
+    assert!(ok, "upgrade failed: {stdout}{stderr}");
     let executors_took = upgrade_started.elapsed();
-    let pauses = pauses(&report);
+    let pauses = pauses(&stdout);
     assert_eq!(pauses.len(), TENANTS + BIG, "every tenant moved once");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    check_report(&report, TENANTS + BIG);
+    let backups: Vec<_> = std::fs::read_dir(&backup_dir).unwrap().collect();
+    assert_eq!(backups.len(), 1, "one backup folder");
+    let folder = backups[0].as_ref().unwrap().path();
+    let snapshots = std::fs::read_dir(&folder)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "twsnap")
+        })
+        .count();
+    assert_eq!(snapshots, TENANTS + BIG, "a snapshot of every tenant");
+    // Gigabytes the test no longer needs.
+    std::fs::remove_dir_all(&backup_dir).unwrap();
     phase.store(HANDING_OFF, Ordering::SeqCst);
     upgrade(&up, "--proxy-binary", &binary);
     phase.store(AFTER, Ordering::SeqCst);
@@ -385,6 +430,53 @@ fn the_whole_fleet_upgrades_under_load_without_a_failed_request() {
     );
 }
 
+/// The report of an upgrade under load checks out: the canary was judged
+/// and passed, every tenant moved once and answered after its move, no
+/// request id is missing from the audit log, the counters advance, the
+/// proxy's build is named, and nothing is a problem.
+fn check_report(report: &serde_json::Value, tenants: usize) {
+    let canary = &report["canary"];
+    assert_eq!(canary["result"], "passed", "{canary}");
+    assert_eq!(canary["baseline"]["errors"], 0, "{canary}");
+    assert_eq!(canary["canary"]["errors"], 0, "{canary}");
+    assert!(
+        canary["canary"]["requests"].as_u64().unwrap() >= 20,
+        "{canary}"
+    );
+    let moves = report["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), tenants, "{report}");
+    let bytes: u64 = moves.iter().map(|m| m["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(report["bytes_moved"], bytes);
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    let verified: Vec<&str> = report["verified"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let has = |what: &str| {
+        assert!(
+            verified.iter().any(|v| v.contains(what)),
+            "{what:?} not in {verified:#?}"
+        )
+    };
+    has("2 executors answer");
+    has(&format!("{tenants} tenants placed"));
+    has("the proxy's build_info names");
+    has(&format!(
+        "{tenants} of {tenants} moved tenants answered after their move"
+    ));
+    has("a record for every request id the proxy answered");
+    assert_eq!(
+        verified
+            .iter()
+            .filter(|v| v.starts_with("counters advance on"))
+            .count(),
+        2,
+        "{verified:#?}"
+    );
+}
+
 /// Calls a [`crate::assets::BIG_TENANT`] function at [`BIG_RATE`] until
 /// `stop`, one call at a time, checking that every call counts once and in
 /// order and that its memory carries on; the calls made, or what went
@@ -432,7 +524,13 @@ fn big_client(addr: &str, path: &str, token: &str, stop: &AtomicBool) -> Result<
 fn interrupted_upgrade(up: &UpProcess, binary: &Path, after: usize) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["upgrade", "--no-progress", "--executor-binary"])
+        .args([
+            "upgrade",
+            "--no-progress",
+            "--canary-window",
+            "0s",
+            "--executor-binary",
+        ])
         .arg(binary)
         .arg("--state-dir")
         .arg(&up.state)
@@ -1043,9 +1141,13 @@ fn a_finished_upgrade_rolls_back_onto_the_binary_it_replaced() {
         report["pause_ms"]["max"].as_f64().unwrap(),
     );
     assert!(p50 > 0.0 && p50 <= max, "{report}");
-    assert_eq!(report["verified"]["executors"], 2, "{report}");
-    assert_eq!(report["verified"]["tenants"], 4, "{report}");
+    let verified = report["verified"].to_string();
+    assert!(
+        verified.contains("2 executors answer") && verified.contains("4 tenants placed"),
+        "{report}"
+    );
     assert_eq!(report["problems"], serde_json::json!([]));
+    assert!(report["canary"].is_null(), "no canary was asked for");
     assert_eq!(
         report["binaries"][0]["build"]["version"],
         env!("CARGO_PKG_VERSION")
@@ -1087,4 +1189,290 @@ fn a_finished_upgrade_rolls_back_onto_the_binary_it_replaced() {
     rollback(&up);
     count_all(5);
     assert!(executor_binaries(&up).iter().all(|(_, b)| *b == forward));
+}
+
+/// A function that holds a 32 MiB tensor for the length of a call: fine
+/// under the default quota, a trap (500) on an executor whose tenants may
+/// hold 16 MiB of host memory.
+const SCRATCH_32MIB: &str = r#"(module
+  (import "tensor" "zeros" (func $zeros (param i32 i32 i32) (result i32)))
+  (import "tensor" "free" (func $free (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "\00\00\80\00")
+  (func (export "handle") (result i32)
+    (local $h i32)
+    (local.set $h (call $zeros (i32.const 0) (i32.const 0) (i32.const 1)))
+    (if (i32.lt_s (local.get $h) (i32.const 0)) (then unreachable))
+    (drop (call $free (local.get $h)))
+    (i32.const 0)))"#;
+
+/// An invocation with an empty `text/plain` body on a fresh connection.
+fn plain_call(addr: &str, path: &str, token: &str) -> Result<(u16, Vec<u8>), RawError> {
+    crate::harness::raw_request(
+        addr,
+        "POST",
+        path,
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "text/plain"),
+        ],
+        b"",
+        Duration::from_secs(30),
+    )
+}
+
+/// "A new binary" with a regression: this build, with a tenant host-memory
+/// quota of 16 MiB instead of 4 GiB, so that [`SCRATCH_32MIB`] answers 500
+/// on it while every other function works.
+fn regressed_binary(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("tensor-wasm-regressed");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nTENSOR_WASM_TENANT_HOST_MEMORY_BYTES=16777216 exec '{}' \"$@\"\n",
+            env!("CARGO_BIN_EXE_tensor-wasm")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn a_failing_canary_moves_its_tenants_back_and_stops_the_upgrade() {
+    const COUNTERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let mut list: Vec<String> = (0..COUNTERS).map(|i| format!("tok-{i}:t{i}")).collect();
+    list.push("tok-scratch:scratch".into());
+    let up = UpProcess::start_with_env(
+        &dir.path().join("state"),
+        &["--cpu-executors", "2"],
+        &[
+            ("TENSOR_WASM_API_TOKENS", list.join(",").as_str()),
+            ("TENSOR_WASM_API_RATE_LIMIT_QPS", "1000"),
+            ("TENSOR_WASM_API_RATE_LIMIT_BURST", "1000"),
+        ],
+    );
+    let mut tokens: Vec<String> = (0..COUNTERS).map(|i| format!("tok-{i}")).collect();
+    let mut fns: Vec<String> = tokens.iter().map(|t| up.deploy_counter(t)).collect();
+    let r = up.api.call(
+        "POST",
+        "/functions?name=scratch",
+        &[("authorization", "Bearer tok-scratch")],
+        Some(("application/wasm", &wat::parse_str(SCRATCH_32MIB).unwrap())),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    tokens.push("tok-scratch".into());
+    fns.push(r.json()["id"].as_str().unwrap().to_string());
+
+    // The canary is the first executor the supervisor lists: the scratch
+    // tenant lives there, with whichever counters the hashing put there.
+    let ls = up.control(serde_json::json!({"op": "ls"}));
+    let executors: Vec<(String, String)> = ls["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["role"] == "executor")
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_string(),
+                c["binary"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let canary = executors[0].0.clone();
+    let admin_auth = format!("Bearer {}", up.secret("admin-token"));
+    let body = serde_json::json!({"to": canary}).to_string();
+    let r = up.admin.call(
+        "POST",
+        "/admin/tenants/scratch/migrate",
+        &[("authorization", &admin_auth)],
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Every tenant is called in a loop until the upgrade is over.
+    let addr = up.api.base.trim_start_matches("http://").to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = tokens
+        .iter()
+        .zip(&fns)
+        .map(|(token, id)| {
+            let (addr, stop, token) = (addr.clone(), stop.clone(), token.clone());
+            let path = format!("/functions/{id}/invoke");
+            std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    statuses.push(match plain_call(&addr, &path, &token) {
+                        Ok((status, _)) => status,
+                        Err(e) => panic!("{token}: {e:?}"),
+                    });
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                statuses
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let regressed = regressed_binary(dir.path());
+    let report_path = dir.path().join("report.json");
+    let (ok, stdout, stderr) = run_upgrade(
+        &up,
+        &[
+            "--no-progress".as_ref(),
+            "--canary-window".as_ref(),
+            "3s".as_ref(),
+            "--report".as_ref(),
+            report_path.as_os_str(),
+            "--executor-binary".as_ref(),
+            regressed.as_os_str(),
+        ],
+    );
+    eprintln!("{stdout}{stderr}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let statuses: Vec<Vec<u16>> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+
+    assert!(!ok, "the upgrade stopped");
+    assert!(
+        stderr.contains(&format!("canary failed: {canary}.1")),
+        "{stderr}"
+    );
+    // No counter tenant saw a failure, wherever it was; the scratch tenant
+    // failed on the canary only, and answers again.
+    for (i, s) in statuses[..COUNTERS].iter().enumerate() {
+        assert!(s.len() > 20, "t{i} was called");
+        assert!(s.iter().all(|&st| st == 200), "t{i}: {s:?}");
+        let r = up.count(&tokens[i], &fns[i]);
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            crate::harness::parse_counter(&r.body).0 as usize,
+            s.len() + 1,
+            "t{i} counted every call once"
+        );
+    }
+    let scratch = &statuses[COUNTERS];
+    assert!(scratch.contains(&500), "the regression showed: {scratch:?}");
+    assert!(scratch.iter().all(|&st| st == 200 || st == 500));
+    let after = plain_call(
+        &addr,
+        &format!("/functions/{}/invoke", fns[COUNTERS]),
+        "tok-scratch",
+    )
+    .unwrap();
+    assert_eq!(after.0, 200, "back on the old binary");
+
+    // The fleet is as it was: the same executors on the same binary,
+    // every tenant on one of them, nothing left recorded.
+    let running = up.control(serde_json::json!({"op": "ls"}));
+    let now: Vec<(String, String)> = running["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["role"] == "executor")
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_string(),
+                c["binary"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(now, executors);
+    let placements = up.admin.call(
+        "GET",
+        "/admin/placements",
+        &[("authorization", &admin_auth)],
+        None,
+    );
+    let placements = placements.json();
+    assert_eq!(placements["placements"]["scratch"], canary.as_str());
+    for (t, on) in placements["placements"].as_object().unwrap() {
+        assert!(
+            executors.iter().any(|(id, _)| on == id.as_str()),
+            "{t} on {on}"
+        );
+    }
+    assert!(!up.state.join("upgrade.json").exists());
+
+    // The report says what happened.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let c = &report["canary"];
+    assert_eq!(c["result"], "failed", "{report}");
+    assert_eq!(c["old"], canary.as_str());
+    assert_eq!(c["baseline"]["errors"], 0, "{c}");
+    assert!(c["canary"]["errors"].as_u64().unwrap() > 0, "{c}");
+    assert!(c["why"].as_str().unwrap().contains("failed (5xx)"), "{c}");
+    assert!(
+        report["stopped"]
+            .as_str()
+            .unwrap()
+            .contains("canary failed"),
+        "{report}"
+    );
+    // Each canary tenant moved there and back.
+    let moves = report["moves"].as_array().unwrap();
+    let there = moves
+        .iter()
+        .filter(|m| m["to"] == format!("{canary}.1"))
+        .count();
+    let back = moves.iter().filter(|m| m["to"] == canary.as_str()).count();
+    assert!(there >= 1 && there == back, "{moves:?}");
+}
+
+#[test]
+fn a_frozen_tenant_holds_the_upgrade_back_until_it_thaws() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, fns) = counter_fleet(dir.path(), 2);
+    count_all(&up, &fns, 1);
+    // t0 frozen as an export leaves it (the executor's internal API).
+    let auth = format!("Bearer {}", up.secret("admin-token"));
+    let placements = up
+        .admin
+        .call(
+            "GET",
+            "/admin/placements",
+            &[("authorization", &auth)],
+            None,
+        )
+        .json();
+    let on = placements["placements"]["t0"].as_str().unwrap().to_string();
+    let ls = up.control(serde_json::json!({"op": "ls"}));
+    let addr = ls["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == on.as_str())
+        .unwrap()["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let internal = up.secret("internal-token");
+    let internal_call = |action: &str| {
+        crate::harness::raw_request(
+            &addr,
+            "POST",
+            &format!("/internal/tenants/t0/{action}"),
+            &[("authorization", &format!("Bearer {internal}"))],
+            b"",
+            Duration::from_secs(30),
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(internal_call("export"), 200);
+
+    let binary = new_binary(dir.path());
+    let (ok, out) = try_upgrade(&up, &["--check", "--executor-binary"], &binary);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("executor {on}: tenants t0 are frozen")),
+        "{out}"
+    );
+    assert_eq!(internal_call("thaw"), 204);
+    let (ok, out) = try_upgrade(&up, &["--check", "--executor-binary"], &binary);
+    assert!(ok, "{out}");
+    count_all(&up, &fns, 2);
 }
