@@ -60,6 +60,22 @@ use sha2::Digest;
 use crate::up::control::{self, ChildStatus, Role, StartExecutor};
 use tensor_wasm_shared::names::env;
 
+/// With `--json` the report is standard output's only content, and the
+/// progress lines go to standard error.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A progress line: on standard output, or standard error under `--json`.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        #[allow(clippy::print_stdout, clippy::print_stderr)]
+        if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($arg)*);
+        } else {
+            println!($($arg)*);
+        }
+    }};
+}
+
 mod audit;
 mod backup;
 mod canary;
@@ -68,7 +84,7 @@ mod preflight;
 mod verify;
 
 /// Flags of `tensor-wasm upgrade`.
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct Args {
     /// New executor binary to roll every executor to.
     #[arg(long)]
@@ -137,6 +153,15 @@ pub struct Args {
     /// Print progress as lines instead of a progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// When the verification at the end fails, stop there instead of
+    /// rolling back by itself (`--rollback` does it later).
+    #[arg(long)]
+    no_auto_rollback: bool,
+    /// Print the report (as `--report` writes it) on standard output at
+    /// the end, whether the upgrade passed or not; progress lines go to
+    /// standard error.
+    #[arg(long)]
+    json: bool,
     /// How long the canary is watched: the first executor's requests are
     /// counted this long before it is replaced (the baseline), then as long
     /// on its replacement. `0s` upgrades without a canary; a rollback has
@@ -301,7 +326,6 @@ fn save(path: &Path, record: &Record) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::print_stdout)]
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.executor_binary.is_none()
         && args.proxy_binary.is_none()
@@ -311,6 +335,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("nothing to upgrade: give --executor-binary and/or --proxy-binary, or --rollback");
     }
     let canary = args.canary()?;
+    if args.json {
+        JSON.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let state = args.state_dir.clone();
     let token = match &args.admin_token {
         Some(t) => t.clone(),
@@ -368,7 +395,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.prometheus.as_deref(),
     )?;
     for line in check.lines() {
-        println!("{line}");
+        say!("{line}");
     }
     if check.refused(args.force) {
         let why: Vec<&str> = check
@@ -377,7 +404,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(String::as_str)
             .chain(check.overridable.iter().map(|(_, w)| w.as_str()))
             .collect();
-        bail!("upgrade refused: {} (nothing was changed)", why.join("; "));
+        let refused = format!("upgrade refused: {} (nothing was changed)", why.join("; "));
+        let nothing = Progress::default();
+        let report = Report {
+            check: &check,
+            progress: &nothing,
+            started: std::time::SystemTime::now(),
+        };
+        report.emit(&args, None, Some(&refused), None)?;
+        bail!("{refused}");
     }
     for (name, why) in &check.overridable {
         // Forced: the proxy's audit log keeps that it was.
@@ -386,7 +421,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &format!("/admin/upgrade/overrides/{name}"),
             Some(serde_json::json!({})),
         )?;
-        println!("forced past the {name} check: {why} (recorded in the audit log)");
+        say!("forced past the {name} check: {why} (recorded in the audit log)");
     }
     let audit_log = args
         .audit_log
@@ -395,7 +430,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.backup {
         let b = backup::write(&admin, dir, &check.fleet_version(), &audit_log)?;
         let bytes: u64 = b.tenants.iter().map(|t| t.bytes).sum();
-        println!(
+        say!(
             "backup: {} tenants ({bytes} bytes){} in {}",
             b.tenants.len(),
             b.audit
@@ -406,17 +441,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         let unsigned = b.tenants.iter().filter(|t| !t.signed).count();
         if unsigned > 0 {
-            println!(
+            say!(
                 "backup: {unsigned} snapshots are not signed: give every executor the same {}",
                 env::SNAPSHOT_KEY
             );
         }
     }
     if args.check {
-        return Ok(());
+        let nothing = Progress::default();
+        let report = Report {
+            check: &check,
+            progress: &nothing,
+            started: std::time::SystemTime::now(),
+        };
+        return report.emit(&args, None, Some("--check: nothing was changed"), None);
     }
     if args.rollback && record_path.exists() {
-        println!("rollback: aborting the upgrade in progress first");
+        say!("rollback: aborting the upgrade in progress first");
         abort(&admin, &record_path)?;
     }
     keep_previous(&state, executor_binary.as_deref(), proxy_binary.as_deref())?;
@@ -446,9 +487,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let proxy = || -> anyhow::Result<()> {
         if let Some(binary) = &proxy_binary {
-            println!("proxy: handing the sockets to {}", binary.display());
+            say!("proxy: handing the sockets to {}", binary.display());
             let r = control::upgrade_proxy(&state, binary.clone())?;
-            println!("proxy: now pid {}", r.pid);
+            say!("proxy: now pid {}", r.pid);
         }
         Ok(())
     };
@@ -465,9 +506,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         started,
     };
     if let Err(e) = changed {
-        if let Some(path) = &args.report {
-            report.write(path, None, Some(&format!("{e:#}")))?;
-        }
+        report.emit(&args, None, Some(&format!("{e:#}")), None)?;
         return Err(e);
     }
     let expected = Expected {
@@ -476,17 +515,54 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let audit = audit_offset.map(|offset| (audit_log.as_path(), offset));
     let verification = verify_fleet(&admin, &expected, &progress, audit)?;
-    if let Some(path) = &args.report {
-        report.write(path, Some(&verification), None)?;
-    }
-    if !verification.problems.is_empty() {
-        bail!(
-            "verification failed: {} (`tensor-wasm upgrade --rollback` moves the fleet back)",
-            verification.problems.join("; ")
+    if !progress.moves.is_empty() {
+        let r = report.json(Some(&verification), None);
+        let ms = |v: &serde_json::Value| v.as_f64().map_or("n/a".into(), |p| format!("{p:.1} ms"));
+        say!(
+            "moved {} tenants ({} bytes) in {:.1} s; pause p50 {}, p99 {}, max {}",
+            progress.moves.len(),
+            r["bytes_moved"],
+            r["finished_unix"].as_f64().unwrap_or(0.0) - r["started_unix"].as_f64().unwrap_or(0.0),
+            ms(&r["pause_ms"]["p50"]),
+            ms(&r["pause_ms"]["p99"]),
+            ms(&r["pause_ms"]["max"]),
         );
     }
+    let problems = verification.problems.join("; ");
+    // A failed verification: the new binaries are what failed, so the
+    // fleet goes back onto the kept ones, by the same live migration,
+    // verified in turn.
+    let rolled_back =
+        (!problems.is_empty() && !args.rollback && !args.no_auto_rollback).then(|| {
+            say!("verification failed: {problems}; rolling back");
+            run(Args {
+                rollback: true,
+                executor_binary: None,
+                proxy_binary: None,
+                backup: None,
+                report: None,
+                json: false,
+                prometheus: None,
+                force: false,
+                ..args.clone()
+            })
+            .map_err(|e| format!("{e:#}"))
+        });
+    report.emit(&args, Some(&verification), None, rolled_back.as_ref())?;
+    match rolled_back {
+        _ if problems.is_empty() => {}
+        None => bail!(
+            "verification failed: {problems} (`tensor-wasm upgrade --rollback` moves the fleet back)"
+        ),
+        Some(Ok(())) => bail!(
+            "verification failed: {problems}; the fleet was rolled back onto the binaries it ran before"
+        ),
+        Some(Err(e)) => {
+            bail!("verification failed: {problems}; the rollback failed too: {e}")
+        }
+    }
     if args.rollback {
-        println!("rolled back; `tensor-wasm upgrade --rollback` again goes forward");
+        say!("rolled back; `tensor-wasm upgrade --rollback` again goes forward");
     }
     Ok(())
 }
@@ -505,15 +581,45 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
-    /// Writes the report: the binaries, the pre-flight, the canary, every
-    /// move, the pauses, and the verification, or the error that stopped
-    /// the upgrade before it.
-    fn write(
+    /// Writes the report to `--report` and, with `--json`, to standard
+    /// output.
+    fn emit(
         &self,
-        path: &Path,
+        args: &Args,
         verification: Option<&Verification>,
         stopped: Option<&str>,
+        rolled_back: Option<&Result<(), String>>,
     ) -> anyhow::Result<()> {
+        if args.report.is_none() && !args.json {
+            return Ok(());
+        }
+        let mut report = self.json(verification, stopped);
+        report["rolled_back"] = match rolled_back {
+            None => serde_json::Value::Null,
+            Some(Ok(())) => serde_json::json!({"ok": true}),
+            Some(Err(e)) => serde_json::json!({"ok": false, "error": e}),
+        };
+        let json = serde_json::to_vec_pretty(&report)?;
+        if let Some(path) = &args.report {
+            std::fs::write(path, &json).with_context(|| format!("--report {}", path.display()))?;
+        }
+        if args.json {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&json)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
+    /// The report: the binaries, the pre-flight, the canary, every move,
+    /// the pauses, and the verification, or the error that stopped the
+    /// upgrade before it.
+    fn json(
+        &self,
+        verification: Option<&Verification>,
+        stopped: Option<&str>,
+    ) -> serde_json::Value {
         let unix = |t: std::time::SystemTime| {
             t.duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64())
@@ -529,7 +635,7 @@ impl Report<'_> {
             pauses.get(i.min(pauses.len().saturating_sub(1))).copied()
         };
         let check = self.check;
-        let json = serde_json::json!({
+        serde_json::json!({
             "started_unix": unix(self.started),
             "finished_unix": unix(std::time::SystemTime::now()),
             "binaries": check.binaries.iter().map(|(role, path, r)| serde_json::json!({
@@ -552,9 +658,7 @@ impl Report<'_> {
                 || vec!["nothing: the upgrade stopped before its verification".to_string()],
                 |v| v.not_checked.clone(),
             ),
-        });
-        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
-            .with_context(|| format!("--report {}", path.display()))
+        })
     }
 }
 
@@ -580,7 +684,6 @@ const IDLE_SETTLE: Duration = Duration::from_secs(1);
 /// began), each moved tenant answered after its move and no request id is
 /// missing ([`audit`]); the counters of the executors that served them
 /// advanced. Prints what passed.
-#[allow(clippy::print_stdout)]
 fn verify_fleet(
     admin: &Admin,
     expected: &Expected<'_>,
@@ -730,30 +833,28 @@ fn verify_fleet(
     Ok(print(v))
 }
 
-#[allow(clippy::print_stdout)]
 fn print(v: Verification) -> Verification {
     for line in &v.passed {
-        println!("verified: {line}");
+        say!("verified: {line}");
     }
     for line in &v.not_checked {
-        println!("not checked: {line}");
+        say!("not checked: {line}");
     }
     v
 }
 
 /// Un-cordons the executors a stopped upgrade has not replaced, and
 /// forgets its record.
-#[allow(clippy::print_stdout)]
 fn abort(admin: &Admin, record_path: &Path) -> anyhow::Result<()> {
     let Ok(bytes) = std::fs::read(record_path) else {
-        println!("no executor upgrade in progress");
+        say!("no executor upgrade in progress");
         return Ok(());
     };
     let record: Record = serde_json::from_slice(&bytes).context("upgrade.json is corrupt")?;
     for (old, step) in &record.steps {
         if !step.done {
             admin.call("POST", &format!("/admin/executors/{old}/uncordon"), None)?;
-            println!(
+            say!(
                 "{old}: placing tenants again ({} keeps what it has)",
                 step.new_id
             );
@@ -778,7 +879,6 @@ struct Previous {
 /// hash, so the file stays what it was even if the original path is
 /// overwritten) and names them in `previous.json`. An upgrade resumed
 /// after a stop keeps the record it made first.
-#[allow(clippy::print_stdout)]
 fn keep_previous(
     state: &Path,
     executor: Option<&Path>,
@@ -836,7 +936,7 @@ fn keep_previous(
     std::fs::rename(&tmp, &path)?;
     for (role, b) in [("executor", &previous.executor), ("proxy", &previous.proxy)] {
         if let Some(b) = b {
-            println!(
+            say!(
                 "{role}: the replaced binary is kept as {} for --rollback",
                 b.display()
             );
@@ -845,7 +945,6 @@ fn keep_previous(
     Ok(())
 }
 
-#[allow(clippy::print_stdout)]
 fn upgrade_executors(
     state: &Path,
     admin: &Admin,
@@ -879,11 +978,11 @@ fn upgrade_executors(
         .cloned()
         .collect();
     if todo.is_empty() {
-        println!("every executor already runs {}", binary.display());
+        say!("every executor already runs {}", binary.display());
         let _ = std::fs::remove_file(record_path);
         return Ok(());
     }
-    println!("upgrading {} executors to {}", todo.len(), binary.display());
+    say!("upgrading {} executors to {}", todo.len(), binary.display());
     for old in todo {
         let new_id = record
             .steps
@@ -900,7 +999,7 @@ fn upgrade_executors(
         //    changes.
         let baseline = match canary.take() {
             Some(t) => {
-                println!(
+                say!(
                     "canary: {}, watched for {} before and after its upgrade",
                     old.id,
                     humantime::format_duration(t.window)
@@ -909,7 +1008,7 @@ fn upgrade_executors(
                 std::thread::sleep(t.window);
                 let baseline = canary::Counts::of(&admin.metrics()?, &old.id).since(&first);
                 let b = baseline.summary();
-                println!(
+                say!(
                     "canary: baseline on {}: {} requests, {} failed, p99 {}",
                     old.id,
                     b.requests,
@@ -961,7 +1060,7 @@ fn upgrade_executors(
                 canary::Verdict::Fail(why) => ("failed", Some(why.as_str())),
                 canary::Verdict::Unjudged(why) => ("not judged", Some(why.as_str())),
             };
-            println!(
+            say!(
                 "canary: {} on {}: {} requests, {} failed, p99 {}{}",
                 result,
                 new.id,
@@ -1000,7 +1099,7 @@ fn upgrade_executors(
             step.done = true;
         }
         save(record_path, &record)?;
-        println!(
+        say!(
             "{}: replaced by {} ({} tenants moved)",
             old.id,
             new.id,
@@ -1028,7 +1127,6 @@ fn placed_on(admin: &Admin, executor: &str) -> anyhow::Result<Vec<String>> {
 /// Moves each of `tenants` from `from` to `to` by live migration,
 /// recording each move in `progress`; the tenants that could not move
 /// (they stay on `from`).
-#[allow(clippy::print_stdout)]
 fn move_tenants(
     admin: &Admin,
     tenants: &[String],
@@ -1059,7 +1157,7 @@ fn move_tenants(
                 let pause = r["pause_ms"].as_f64().unwrap_or(0.0);
                 bar.set_message(format!("{tenant} paused {pause:.1} ms"));
                 if no_progress {
-                    println!(
+                    say!(
                         "{tenant}: {from} → {to} in {pause:.1} ms ({} bytes)",
                         r["bytes"]
                     );
@@ -1117,7 +1215,6 @@ fn watch(
 /// A failed canary: its tenants go back from `new` onto `old` (which kept
 /// running, cordoned) by live migration, and `new` is forgotten and
 /// stopped.
-#[allow(clippy::print_stdout)]
 fn back_out(
     admin: &Admin,
     state: &Path,
@@ -1139,7 +1236,7 @@ fn back_out(
     }
     admin.call("DELETE", &format!("/admin/executors/{new}"), None)?;
     control::stop(state, new)?;
-    println!(
+    say!(
         "canary: {} tenants moved back to {old}; {new} stopped",
         tenants.len()
     );

@@ -1239,162 +1239,194 @@ fn regressed_binary(dir: &Path) -> PathBuf {
     path
 }
 
+/// Counter tenants called by [`ScratchFleet::load`].
+const COUNTERS: usize = 4;
+
+/// `tensor-wasm up` with two CPU executors, [`COUNTERS`] counter tenants
+/// (`t0`…) and a tenant `scratch` running [`SCRATCH_32MIB`], placed on the
+/// first executor the supervisor lists: the one an upgrade replaces first.
+struct ScratchFleet {
+    up: UpProcess,
+    /// `tok-0`… then `tok-scratch`.
+    tokens: Vec<String>,
+    /// Their functions, in the same order.
+    fns: Vec<String>,
+    /// (id, binary) of each executor, in the supervisor's order.
+    executors: Vec<(String, String)>,
+    admin_auth: String,
+}
+
+impl ScratchFleet {
+    fn start(dir: &Path) -> ScratchFleet {
+        let mut list: Vec<String> = (0..COUNTERS).map(|i| format!("tok-{i}:t{i}")).collect();
+        list.push("tok-scratch:scratch".into());
+        let up = UpProcess::start_with_env(
+            &dir.join("state"),
+            &["--cpu-executors", "2"],
+            &[
+                ("TENSOR_WASM_API_TOKENS", list.join(",").as_str()),
+                ("TENSOR_WASM_API_RATE_LIMIT_QPS", "1000"),
+                ("TENSOR_WASM_API_RATE_LIMIT_BURST", "1000"),
+            ],
+        );
+        let mut tokens: Vec<String> = (0..COUNTERS).map(|i| format!("tok-{i}")).collect();
+        let mut fns: Vec<String> = tokens.iter().map(|t| up.deploy_counter(t)).collect();
+        let r = up.api.call(
+            "POST",
+            "/functions?name=scratch",
+            &[("authorization", "Bearer tok-scratch")],
+            Some(("application/wasm", &wat::parse_str(SCRATCH_32MIB).unwrap())),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        tokens.push("tok-scratch".into());
+        fns.push(r.json()["id"].as_str().unwrap().to_string());
+        let admin_auth = format!("Bearer {}", up.secret("admin-token"));
+        let fleet = ScratchFleet {
+            executors: executor_binaries(&up)
+                .into_iter()
+                .map(|(id, b)| (id, b.to_string_lossy().into_owned()))
+                .collect(),
+            up,
+            tokens,
+            fns,
+            admin_auth,
+        };
+        let body = serde_json::json!({"to": fleet.executors[0].0}).to_string();
+        let r = fleet.up.admin.call(
+            "POST",
+            "/admin/tenants/scratch/migrate",
+            &[("authorization", &fleet.admin_auth)],
+            Some(("application/json", body.as_bytes())),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        fleet
+    }
+
+    /// Calls every tenant in a loop until `stop`: each client's statuses.
+    fn load(&self, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<Vec<u16>>> {
+        let addr = self.up.api.base.trim_start_matches("http://").to_string();
+        self.tokens
+            .iter()
+            .zip(&self.fns)
+            .map(|(token, id)| {
+                let (addr, stop, token) = (addr.clone(), stop.clone(), token.clone());
+                let path = format!("/functions/{id}/invoke");
+                std::thread::spawn(move || {
+                    let mut statuses = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        statuses.push(match plain_call(&addr, &path, &token) {
+                            Ok((status, _)) => status,
+                            Err(e) => panic!("{token}: {e:?}"),
+                        });
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    statuses
+                })
+            })
+            .collect()
+    }
+
+    /// Runs `upgrade ARGS --executor-binary <regressed>` under load:
+    /// whether it succeeded, its stdout and stderr, and each client's
+    /// statuses.
+    fn upgrade_under_load(
+        &self,
+        dir: &Path,
+        args: &[&std::ffi::OsStr],
+    ) -> (bool, String, String, Vec<Vec<u16>>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = self.load(&stop);
+        std::thread::sleep(Duration::from_millis(500));
+        let regressed = regressed_binary(dir);
+        let mut all = args.to_vec();
+        all.extend([
+            "--no-progress".as_ref(),
+            "--executor-binary".as_ref(),
+            regressed.as_os_str(),
+        ]);
+        let (ok, stdout, stderr) = run_upgrade(&self.up, &all);
+        eprintln!("{stdout}{stderr}");
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        let statuses = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        (ok, stdout, stderr, statuses)
+    }
+
+    /// No counter tenant saw a failure and each counted every call once;
+    /// the scratch tenant failed only with 500 and answers again now.
+    fn check_tenants(&self, statuses: &[Vec<u16>]) {
+        for (i, s) in statuses[..COUNTERS].iter().enumerate() {
+            assert!(s.len() > 20, "t{i} was called");
+            assert!(s.iter().all(|&st| st == 200), "t{i}: {s:?}");
+            let r = self.up.count(&self.tokens[i], &self.fns[i]);
+            assert_eq!(r.status, 200);
+            assert_eq!(
+                crate::harness::parse_counter(&r.body).0 as usize,
+                s.len() + 1,
+                "t{i} counted every call once"
+            );
+        }
+        let scratch = &statuses[COUNTERS];
+        assert!(scratch.contains(&500), "the regression showed: {scratch:?}");
+        assert!(scratch.iter().all(|&st| st == 200 || st == 500));
+        let addr = self.up.api.base.trim_start_matches("http://");
+        let path = format!("/functions/{}/invoke", self.fns[COUNTERS]);
+        assert_eq!(plain_call(addr, &path, "tok-scratch").unwrap().0, 200);
+    }
+
+    /// Where the proxy places each tenant.
+    fn placements(&self) -> serde_json::Value {
+        self.up
+            .admin
+            .call(
+                "GET",
+                "/admin/placements",
+                &[("authorization", &self.admin_auth)],
+                None,
+            )
+            .json()["placements"]
+            .clone()
+    }
+}
+
 #[test]
 fn a_failing_canary_moves_its_tenants_back_and_stops_the_upgrade() {
-    const COUNTERS: usize = 4;
     let dir = tempfile::tempdir().unwrap();
-    let mut list: Vec<String> = (0..COUNTERS).map(|i| format!("tok-{i}:t{i}")).collect();
-    list.push("tok-scratch:scratch".into());
-    let up = UpProcess::start_with_env(
-        &dir.path().join("state"),
-        &["--cpu-executors", "2"],
-        &[
-            ("TENSOR_WASM_API_TOKENS", list.join(",").as_str()),
-            ("TENSOR_WASM_API_RATE_LIMIT_QPS", "1000"),
-            ("TENSOR_WASM_API_RATE_LIMIT_BURST", "1000"),
-        ],
-    );
-    let mut tokens: Vec<String> = (0..COUNTERS).map(|i| format!("tok-{i}")).collect();
-    let mut fns: Vec<String> = tokens.iter().map(|t| up.deploy_counter(t)).collect();
-    let r = up.api.call(
-        "POST",
-        "/functions?name=scratch",
-        &[("authorization", "Bearer tok-scratch")],
-        Some(("application/wasm", &wat::parse_str(SCRATCH_32MIB).unwrap())),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    tokens.push("tok-scratch".into());
-    fns.push(r.json()["id"].as_str().unwrap().to_string());
-
-    // The canary is the first executor the supervisor lists: the scratch
-    // tenant lives there, with whichever counters the hashing put there.
-    let ls = up.control(serde_json::json!({"op": "ls"}));
-    let executors: Vec<(String, String)> = ls["result"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["role"] == "executor")
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap().to_string(),
-                c["binary"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    let canary = executors[0].0.clone();
-    let admin_auth = format!("Bearer {}", up.secret("admin-token"));
-    let body = serde_json::json!({"to": canary}).to_string();
-    let r = up.admin.call(
-        "POST",
-        "/admin/tenants/scratch/migrate",
-        &[("authorization", &admin_auth)],
-        Some(("application/json", body.as_bytes())),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-
-    // Every tenant is called in a loop until the upgrade is over.
-    let addr = up.api.base.trim_start_matches("http://").to_string();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = tokens
-        .iter()
-        .zip(&fns)
-        .map(|(token, id)| {
-            let (addr, stop, token) = (addr.clone(), stop.clone(), token.clone());
-            let path = format!("/functions/{id}/invoke");
-            std::thread::spawn(move || {
-                let mut statuses = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    statuses.push(match plain_call(&addr, &path, &token) {
-                        Ok((status, _)) => status,
-                        Err(e) => panic!("{token}: {e:?}"),
-                    });
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                statuses
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(500));
-
-    let regressed = regressed_binary(dir.path());
+    let fleet = ScratchFleet::start(dir.path());
+    let canary = fleet.executors[0].0.clone();
     let report_path = dir.path().join("report.json");
-    let (ok, stdout, stderr) = run_upgrade(
-        &up,
+    let (ok, _, stderr, statuses) = fleet.upgrade_under_load(
+        dir.path(),
         &[
-            "--no-progress".as_ref(),
             "--canary-window".as_ref(),
             "3s".as_ref(),
             "--report".as_ref(),
             report_path.as_os_str(),
-            "--executor-binary".as_ref(),
-            regressed.as_os_str(),
         ],
     );
-    eprintln!("{stdout}{stderr}");
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let statuses: Vec<Vec<u16>> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-
     assert!(!ok, "the upgrade stopped");
     assert!(
         stderr.contains(&format!("canary failed: {canary}.1")),
         "{stderr}"
     );
-    // No counter tenant saw a failure, wherever it was; the scratch tenant
-    // failed on the canary only, and answers again.
-    for (i, s) in statuses[..COUNTERS].iter().enumerate() {
-        assert!(s.len() > 20, "t{i} was called");
-        assert!(s.iter().all(|&st| st == 200), "t{i}: {s:?}");
-        let r = up.count(&tokens[i], &fns[i]);
-        assert_eq!(r.status, 200);
-        assert_eq!(
-            crate::harness::parse_counter(&r.body).0 as usize,
-            s.len() + 1,
-            "t{i} counted every call once"
-        );
-    }
-    let scratch = &statuses[COUNTERS];
-    assert!(scratch.contains(&500), "the regression showed: {scratch:?}");
-    assert!(scratch.iter().all(|&st| st == 200 || st == 500));
-    let after = plain_call(
-        &addr,
-        &format!("/functions/{}/invoke", fns[COUNTERS]),
-        "tok-scratch",
-    )
-    .unwrap();
-    assert_eq!(after.0, 200, "back on the old binary");
+    fleet.check_tenants(&statuses);
 
     // The fleet is as it was: the same executors on the same binary,
     // every tenant on one of them, nothing left recorded.
-    let running = up.control(serde_json::json!({"op": "ls"}));
-    let now: Vec<(String, String)> = running["result"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["role"] == "executor")
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap().to_string(),
-                c["binary"].as_str().unwrap().to_string(),
-            )
-        })
+    let now: Vec<(String, String)> = executor_binaries(&fleet.up)
+        .into_iter()
+        .map(|(id, b)| (id, b.to_string_lossy().into_owned()))
         .collect();
-    assert_eq!(now, executors);
-    let placements = up.admin.call(
-        "GET",
-        "/admin/placements",
-        &[("authorization", &admin_auth)],
-        None,
-    );
-    let placements = placements.json();
-    assert_eq!(placements["placements"]["scratch"], canary.as_str());
-    for (t, on) in placements["placements"].as_object().unwrap() {
+    assert_eq!(now, fleet.executors);
+    let placements = fleet.placements();
+    assert_eq!(placements["scratch"], canary.as_str());
+    for (t, on) in placements.as_object().unwrap() {
         assert!(
-            executors.iter().any(|(id, _)| on == id.as_str()),
+            fleet.executors.iter().any(|(id, _)| on == id.as_str()),
             "{t} on {on}"
         );
     }
-    assert!(!up.state.join("upgrade.json").exists());
+    assert!(!fleet.up.state.join("upgrade.json").exists());
 
     // The report says what happened.
     let report: serde_json::Value =
@@ -1420,6 +1452,57 @@ fn a_failing_canary_moves_its_tenants_back_and_stops_the_upgrade() {
         .count();
     let back = moves.iter().filter(|m| m["to"] == canary.as_str()).count();
     assert!(there >= 1 && there == back, "{moves:?}");
+}
+
+/// Without a canary the same regression reaches every executor; the
+/// verification finds the tenant that only fails since its move, and the
+/// command rolls the fleet back by itself.
+#[test]
+fn a_failed_verification_rolls_the_fleet_back_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = ScratchFleet::start(dir.path());
+    let report_path = dir.path().join("report.json");
+    let (ok, stdout, stderr, statuses) = fleet.upgrade_under_load(
+        dir.path(),
+        &[
+            "--canary-window".as_ref(),
+            "0s".as_ref(),
+            "--report".as_ref(),
+            report_path.as_os_str(),
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("verification failed: tenant scratch answered only 5xx after its move")
+            && stderr.contains("the fleet was rolled back onto the binaries it ran before"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("rolling back"), "{stdout}");
+    fleet.check_tenants(&statuses);
+
+    // Every executor was replaced twice (onto the regression and back),
+    // and runs the kept copy of the binary it ran before.
+    let now = executor_binaries(&fleet.up);
+    assert_eq!(
+        now.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["cpu0.2", "cpu1.2"]
+    );
+    for (_, b) in &now {
+        assert!(b.starts_with(fleet.up.state.join("binaries")), "{b:?}");
+        assert_eq!(
+            std::fs::read(b).unwrap(),
+            std::fs::read(&fleet.executors[0].1).unwrap()
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(report["rolled_back"]["ok"], true, "{report}");
+    assert!(
+        report["problems"]
+            .to_string()
+            .contains("tenant scratch answered only 5xx after its move"),
+        "{report}"
+    );
 }
 
 #[test]
@@ -1465,12 +1548,38 @@ fn a_frozen_tenant_holds_the_upgrade_back_until_it_thaws() {
     assert_eq!(internal_call("export"), 200);
 
     let binary = new_binary(dir.path());
+    let frozen = format!("executor {on}: tenants t0 are frozen");
     let (ok, out) = try_upgrade(&up, &["--check", "--executor-binary"], &binary);
     assert!(!ok, "{out}");
-    assert!(
-        out.contains(&format!("executor {on}: tenants t0 are frozen")),
-        "{out}"
+    assert!(out.contains(&frozen), "{out}");
+    // The same as JSON, alone on standard output.
+    let (ok, stdout, stderr) = run_upgrade(
+        &up,
+        &[
+            "--json".as_ref(),
+            "--executor-binary".as_ref(),
+            binary.as_os_str(),
+        ],
     );
+    assert!(!ok);
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(
+        report["preflight"]["blockers"][0]
+            .as_str()
+            .unwrap()
+            .contains(&frozen),
+        "{report}"
+    );
+    assert!(
+        report["stopped"]
+            .as_str()
+            .unwrap()
+            .starts_with("upgrade refused"),
+        "{report}"
+    );
+    assert!(stderr.contains("pre-flight:"), "{stderr}");
+    assert!(report["moves"].as_array().unwrap().is_empty());
     assert_eq!(internal_call("thaw"), 204);
     let (ok, out) = try_upgrade(&up, &["--check", "--executor-binary"], &binary);
     assert!(ok, "{out}");
