@@ -57,6 +57,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use crate::client::observe::{PromSample, parse_prometheus};
 use crate::up::control::{self, ChildStatus, Role, StartExecutor};
 use tensor_wasm_shared::names::env;
 
@@ -79,7 +80,6 @@ macro_rules! say {
 mod audit;
 mod backup;
 mod canary;
-mod metrics;
 mod preflight;
 mod verify;
 
@@ -266,11 +266,11 @@ impl Admin {
     }
 
     /// The proxy's metrics (`GET /metrics` on the admin listener).
-    fn metrics(&self) -> anyhow::Result<Vec<metrics::Sample>> {
+    fn metrics(&self) -> anyhow::Result<Vec<PromSample>> {
         let url = format!("{}/metrics", self.url.trim_end_matches('/'));
         let resp = self.answered("GET", "/metrics", self.agent.get(&url).call())?;
         let text = resp.into_body().read_to_string()?;
-        Ok(metrics::parse(&text))
+        Ok(parse_prometheus(&text))
     }
 
     /// `POST path` with no body, its answer streamed into `sink`; the
@@ -813,7 +813,7 @@ fn verify_fleet(
             .call()
             .ok()
             .and_then(|mut r| r.body_mut().read_to_string().ok())
-            .map(|text| verify::invocations(&metrics::parse(&text)));
+            .map(|text| verify::invocations(&parse_prometheus(&text)));
         match own {
             Some(n) if n > 0 && at_proxy > 0 => v.passed.push(format!(
                 "counters advance on {id}: {at_proxy} requests at the proxy, {n} invocations in its own metrics"

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tensor_wasm_shared::names::proxy_metrics as m;
 
-use super::metrics::Sample;
+use crate::client::observe::PromSample as Sample;
 
 /// A p99 at or under this is never judged slow: one histogram bucket of
 /// noise on a busy machine is not a regression.
@@ -187,7 +187,7 @@ fn seconds(s: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upgrade::metrics::parse;
+    use crate::client::observe::parse_prometheus as parse;
 
     const T: Thresholds = Thresholds {
         window: Duration::from_secs(60),

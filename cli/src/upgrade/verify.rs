@@ -7,7 +7,7 @@
 use tensor_wasm_shared::build::{BuildReport, SnapshotFormats};
 use tensor_wasm_shared::names::{BUILD_INFO, executor_metrics};
 
-use super::metrics::Sample;
+use crate::client::observe::PromSample as Sample;
 
 /// What was checked, for the report.
 #[derive(Debug, Default, PartialEq)]
@@ -170,7 +170,7 @@ mod tests {
              {i}{{result=\"ok\"}} 5\n{i}{{result=\"trap\"}} 2\n",
             i = executor_metrics::INVOCATIONS_TOTAL
         );
-        let samples = crate::upgrade::metrics::parse(&text);
+        let samples = crate::client::observe::parse_prometheus(&text);
         assert_eq!(
             proxy_build(&samples),
             Some(("0.2.0".to_string(), "abc".to_string()))

@@ -831,6 +831,21 @@ impl UpProcess {
     }
 
     /// Ids of the supervised children, in the supervisor's order.
+    /// Where the proxy places each tenant (`GET /admin/placements`):
+    /// tenant → executor id.
+    pub fn placements(&self) -> serde_json::Value {
+        let auth = format!("Bearer {}", self.secret("admin-token"));
+        self.admin
+            .call(
+                "GET",
+                "/admin/placements",
+                &[("authorization", &auth)],
+                None,
+            )
+            .json()["placements"]
+            .clone()
+    }
+
     pub fn child_ids(&self) -> Vec<String> {
         self.children().into_iter().map(|(id, _)| id).collect()
     }

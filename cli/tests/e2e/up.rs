@@ -27,20 +27,7 @@ fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
 
     let children = up.children();
     assert_eq!(children.len(), 3, "{children:?}");
-    let admin_auth = format!("Bearer {}", up.secret("admin-token"));
-    let placements = up
-        .admin
-        .call(
-            "GET",
-            "/admin/placements",
-            &[("authorization", &admin_auth)],
-            None,
-        )
-        .json();
-    let home = placements["placements"]["dev"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let home = up.placements()["dev"].as_str().unwrap().to_string();
     let (_, pid) = children.iter().find(|(i, _)| *i == home).unwrap().clone();
 
     // SIGKILL the tenant's executor: the supervisor restarts it, and the

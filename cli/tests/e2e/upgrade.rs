@@ -1253,7 +1253,6 @@ struct ScratchFleet {
     fns: Vec<String>,
     /// (id, binary) of each executor, in the supervisor's order.
     executors: Vec<(String, String)>,
-    admin_auth: String,
 }
 
 impl ScratchFleet {
@@ -1280,7 +1279,6 @@ impl ScratchFleet {
         assert_eq!(r.status, 201, "{}", r.text());
         tokens.push("tok-scratch".into());
         fns.push(r.json()["id"].as_str().unwrap().to_string());
-        let admin_auth = format!("Bearer {}", up.secret("admin-token"));
         let fleet = ScratchFleet {
             executors: executor_binaries(&up)
                 .into_iter()
@@ -1289,13 +1287,15 @@ impl ScratchFleet {
             up,
             tokens,
             fns,
-            admin_auth,
         };
         let body = serde_json::json!({"to": fleet.executors[0].0}).to_string();
         let r = fleet.up.admin.call(
             "POST",
             "/admin/tenants/scratch/migrate",
-            &[("authorization", &fleet.admin_auth)],
+            &[(
+                "authorization",
+                &format!("Bearer {}", fleet.up.secret("admin-token")),
+            )],
             Some(("application/json", body.as_bytes())),
         );
         assert_eq!(r.status, 200, "{}", r.text());
@@ -1373,20 +1373,6 @@ impl ScratchFleet {
         let path = format!("/functions/{}/invoke", self.fns[COUNTERS]);
         assert_eq!(plain_call(addr, &path, "tok-scratch").unwrap().0, 200);
     }
-
-    /// Where the proxy places each tenant.
-    fn placements(&self) -> serde_json::Value {
-        self.up
-            .admin
-            .call(
-                "GET",
-                "/admin/placements",
-                &[("authorization", &self.admin_auth)],
-                None,
-            )
-            .json()["placements"]
-            .clone()
-    }
 }
 
 #[test]
@@ -1418,7 +1404,7 @@ fn a_failing_canary_moves_its_tenants_back_and_stops_the_upgrade() {
         .map(|(id, b)| (id, b.to_string_lossy().into_owned()))
         .collect();
     assert_eq!(now, fleet.executors);
-    let placements = fleet.placements();
+    let placements = fleet.up.placements();
     assert_eq!(placements["scratch"], canary.as_str());
     for (t, on) in placements.as_object().unwrap() {
         assert!(
@@ -1511,17 +1497,7 @@ fn a_frozen_tenant_holds_the_upgrade_back_until_it_thaws() {
     let (up, fns) = counter_fleet(dir.path(), 2);
     count_all(&up, &fns, 1);
     // t0 frozen as an export leaves it (the executor's internal API).
-    let auth = format!("Bearer {}", up.secret("admin-token"));
-    let placements = up
-        .admin
-        .call(
-            "GET",
-            "/admin/placements",
-            &[("authorization", &auth)],
-            None,
-        )
-        .json();
-    let on = placements["placements"]["t0"].as_str().unwrap().to_string();
+    let on = up.placements()["t0"].as_str().unwrap().to_string();
     let ls = up.control(serde_json::json!({"op": "ls"}));
     let addr = ls["result"]
         .as_array()
