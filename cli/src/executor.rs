@@ -121,6 +121,16 @@ pub struct Args {
     /// How long finished jobs stay answerable, in seconds.
     #[arg(long, env = env::JOB_RETENTION_SECS, default_value_t = 3600)]
     job_retention_secs: u64,
+    /// How long a graceful stop (SIGTERM) may take: 40 % of it for the
+    /// requests in flight, the rest for saving every tenant's warm state.
+    /// Keep it under the supervisor's stop timeout.
+    #[arg(
+        long,
+        env = env::SHUTDOWN_BUDGET_SECS,
+        default_value_t = tensor_wasm_executor::server::SHUTDOWN_BUDGET.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    shutdown_budget_secs: u64,
 }
 
 pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
@@ -147,6 +157,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         pending_job_bytes: args.tenant_pending_job_bytes,
         finished_job_bytes: args.tenant_finished_job_bytes,
     };
+    let shutdown_budget = Duration::from_secs(args.shutdown_budget_secs);
     let cfg = ExecutorConfig {
         id: args.id,
         listen: args.listen,
@@ -165,12 +176,18 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
-        let executor = Executor::start(cfg, features).await?;
+    let result = runtime.block_on(async move {
+        let executor = Executor::start(cfg, features)
+            .await?
+            .with_shutdown_budget(shutdown_budget);
         executor.serve(shutdown_signal()).await?;
         tracing::info!("executor stopped");
         Ok(())
-    })
+    });
+    // An invocation cut off by the end of the drain still runs on a
+    // blocking thread until its deadline: the process does not wait for it.
+    runtime.shutdown_background();
+    result
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

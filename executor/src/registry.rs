@@ -236,17 +236,31 @@ impl Registry {
     /// Forgets a tenant: its functions (and their files), instances, jobs.
     /// Its pending jobs stop waiting.
     pub fn drop_tenant(&self, id: &TenantId) -> Result<(), ExecError> {
-        let t = write_lock(&self.tenants)
-            .remove(id)
-            .ok_or_else(|| ExecError::TenantNotHere(id.to_string()))?;
+        if !self.forget(id) {
+            return Err(ExecError::TenantNotHere(id.to_string()));
+        }
+        self.store.remove_tenant(id);
+        self.asset_store.remove_tenant(id.as_str());
+        Ok(())
+    }
+
+    /// Forgets `id` in memory only: its functions and assets stay on disk,
+    /// to be registered again from there ([`Registry::load_persisted`]).
+    pub fn forget_tenant(&self, id: &TenantId) {
+        self.forget(id);
+    }
+
+    /// Removes `id`'s instances, sessions and entry; whether it was here.
+    fn forget(&self, id: &TenantId) -> bool {
+        let Some(t) = write_lock(&self.tenants).remove(id) else {
+            return false;
+        };
         t.remove();
         if let Some(session) = self.outbound.remove_tenant(id) {
             session.end();
         }
         lock(&self.inbound).remove(id);
-        self.store.remove_tenant(id);
-        self.asset_store.remove_tenant(id.as_str());
-        Ok(())
+        true
     }
 
     /// How this executor tracks the pages a migration's rounds carry.

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tensor_wasm_kernels::{Backend, CpuBackend, Limits};
 use tensor_wasm_shared::api::DeviceDescription;
@@ -15,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::registry::{BackendFactory, Registry};
 
 /// How often finished jobs past their retention are dropped: 30 s.
-const JANITOR_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
+const JANITOR_PERIOD: Duration = Duration::from_secs(30);
 
 /// Which device the executor drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,7 +180,17 @@ pub fn open_device(
 pub struct Executor {
     pub app: Arc<App>,
     listener: tokio::net::TcpListener,
+    shutdown_budget: Duration,
 }
+
+/// How long a graceful stop may take, from the signal to the process's
+/// exit: 25 s, under `tensor-wasm up`'s 30 s, the systemd units' 120 s and
+/// the pods' 60 s (`docs/CONFIG.md`).
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(25);
+
+/// The share of the shutdown budget requests in flight get to finish;
+/// the rest is the warm-state save's.
+const DRAIN_SHARE: f64 = 0.4;
 
 impl Executor {
     /// Opens the device, reloads persisted functions and binds the listener.
@@ -220,6 +231,7 @@ impl Executor {
             .map_err(|e| ServeError::Bind(cfg.listen, e))?;
         tracing::info!(id = %cfg.id, %addr, device = %device.name, functions = loaded, warm_tenants = warm, "executor ready");
         Ok(Executor {
+            shutdown_budget: SHUTDOWN_BUDGET,
             app: Arc::new(App {
                 registry,
                 metrics,
@@ -233,12 +245,21 @@ impl Executor {
         })
     }
 
+    /// Bounds a graceful stop ([`SHUTDOWN_BUDGET`] unless set).
+    pub fn with_shutdown_budget(mut self, budget: Duration) -> Executor {
+        self.shutdown_budget = budget;
+        self
+    }
+
     /// The address it listens on.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    /// Serves until `shutdown` resolves, then lets in-flight requests
+    /// finish and writes every tenant's warm state, within the shutdown
+    /// budget: requests get [`DRAIN_SHARE`] of it (those still running
+    /// then are cut off), the save the rest, tenants in parallel.
     /// Meanwhile prunes finished jobs past their retention.
     pub async fn serve(
         self,
@@ -253,12 +274,31 @@ impl Executor {
                 registry.prune_jobs();
             }
         });
-        let served = axum::serve(self.listener, http::router(self.app))
+        let (signalled_tx, mut signalled) = tokio::sync::watch::channel(None);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = signalled_tx.send(Some(tokio::time::Instant::now()));
+        };
+        let budget = self.shutdown_budget;
+        let drain = budget.mul_f64(DRAIN_SHARE);
+        let serving = axum::serve(self.listener, http::router(self.app))
             .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServeError::Serve);
+            .into_future();
+        let drained = async {
+            let _ = signalled.wait_for(Option::is_some).await;
+            tokio::time::sleep(drain).await;
+        };
+        let served = tokio::select! {
+            served = serving => served.map_err(ServeError::Serve),
+            () = drained => {
+                tracing::warn!(?drain, "requests still in flight when the drain ended: cut off");
+                Ok(())
+            }
+        };
         janitor.abort();
-        let saved = registry_for_shutdown.save_warm_state().await;
+        let since = (*signalled.borrow()).unwrap_or_else(tokio::time::Instant::now);
+        let left = budget.saturating_sub(since.elapsed());
+        let saved = registry_for_shutdown.save_warm_state(left).await;
         tracing::info!(tenants = saved, "warm state written");
         served
     }

@@ -20,6 +20,7 @@
 //! start running. If any step fails the tenant is removed again, so the
 //! importer is left as it was.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -168,6 +169,27 @@ impl Registry {
         tenant: &TenantId,
         bytes: bytes::Bytes,
     ) -> Result<(), ExecError> {
+        self.import(tenant, bytes, OnFailure::Drop).await
+    }
+
+    /// [`Registry::import_tenant`] for warm state at start-up: the
+    /// tenant's functions are on disk already, so a failure forgets what
+    /// the import built in memory and leaves the files, from which the
+    /// tenant starts cold.
+    async fn import_tenant_keeping_files(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        bytes: bytes::Bytes,
+    ) -> Result<(), ExecError> {
+        self.import(tenant, bytes, OnFailure::KeepFiles).await
+    }
+
+    async fn import(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        bytes: bytes::Bytes,
+        on_failure: OnFailure,
+    ) -> Result<(), ExecError> {
         if self
             .existing_tenant(tenant)
             .is_some_and(|t| !t.function_list().is_empty())
@@ -181,9 +203,14 @@ impl Registry {
             let snap = snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES)
                 .map_err(ExecError::Snapshot)?;
             let plan = registry.check_snapshot(&id, &snap)?;
-            registry.apply_snapshot(&id, snap, plan).inspect_err(|_| {
-                let _ = registry.drop_tenant(&id);
-            })
+            registry
+                .apply_snapshot(&id, snap, plan)
+                .inspect_err(|_| match on_failure {
+                    OnFailure::Drop => {
+                        let _ = registry.drop_tenant(&id);
+                    }
+                    OnFailure::KeepFiles => registry.forget_tenant(&id),
+                })
         })
         .await
         .map_err(ExecError::task("import"))??;
@@ -435,6 +462,16 @@ impl Registry {
     }
 }
 
+/// What a failed import leaves behind.
+#[derive(Clone, Copy, Debug)]
+enum OnFailure {
+    /// Nothing: the tenant is dropped with its files (it came with the
+    /// snapshot).
+    Drop,
+    /// Its files: they were there before the import.
+    KeepFiles,
+}
+
 /// Folder of the state directory that holds warm state across a graceful
 /// restart: one snapshot per tenant.
 pub const WARM_DIR: &str = "warm";
@@ -442,35 +479,75 @@ pub const WARM_DIR: &str = "warm";
 impl Registry {
     /// Writes every tenant's warm state (a snapshot) under the state
     /// directory; called on a graceful shutdown, after the last request.
+    /// Tenants are saved in parallel, as many at a time as the machine has
+    /// cores (each holds its snapshot in memory while it is written), and
+    /// the save stops at `budget`: a tenant not written by then (one still
+    /// running work, a slow disk) is named in the log and comes back cold.
     /// Returns how many tenants were saved.
-    pub async fn save_warm_state(&self) -> usize {
+    pub async fn save_warm_state(self: &Arc<Self>, budget: Duration) -> usize {
         let dir = self.state_dir().join(WARM_DIR);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::error!(error = %e, "cannot create {}", dir.display());
             return 0;
         }
-        let mut saved = 0;
-        for tenant in self.tenant_ids() {
-            match self.export_tenant(&tenant).await {
-                Ok(bytes) => {
-                    let path = dir.join(format!("{tenant}.twsnap"));
-                    match crate::engine::write_private(&path.with_extension("tmp"), &bytes)
-                        .and_then(|()| std::fs::rename(path.with_extension("tmp"), &path))
-                    {
-                        Ok(()) => saved += 1,
-                        Err(e) => tracing::error!(%tenant, error = %e, "cannot write warm state"),
-                    }
+        let parallel = std::thread::available_parallelism().map_or(2, usize::from);
+        let slots = Arc::new(tokio::sync::Semaphore::new(parallel));
+        let mut saves = tokio::task::JoinSet::new();
+        let tenants = self.tenant_ids();
+        for tenant in tenants.iter().cloned() {
+            let (registry, slots, dir) = (self.clone(), slots.clone(), dir.clone());
+            saves.spawn(async move {
+                let _slot = slots.acquire_owned().await;
+                let saved = registry.save_one(&tenant, &dir).await;
+                (tenant, saved)
+            });
+        }
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut saved = Vec::new();
+        while !saves.is_empty() {
+            match tokio::time::timeout_at(deadline, saves.join_next()).await {
+                Ok(Some(Ok((tenant, Ok(()))))) => saved.push(tenant),
+                Ok(Some(Ok((tenant, Err(e))))) => {
+                    tracing::error!(%tenant, error = %e, "cannot save warm state")
                 }
-                Err(e) => tracing::error!(%tenant, error = %e, "cannot export warm state"),
+                Ok(Some(Err(e))) => tracing::error!(error = %e, "a warm-state save failed"),
+                Ok(None) => break,
+                Err(_) => {
+                    let late: Vec<String> = tenants
+                        .iter()
+                        .filter(|t| !saved.contains(t))
+                        .map(ToString::to_string)
+                        .collect();
+                    tracing::error!(?budget, tenants = ?late, "warm state not saved within the shutdown budget: these tenants come back cold");
+                    saves.abort_all();
+                    break;
+                }
             }
         }
-        saved
+        saved.len()
+    }
+
+    /// Exports `tenant` and writes it to `dir/<tenant>.twsnap` (through a
+    /// temporary file and a rename).
+    async fn save_one(self: &Arc<Self>, tenant: &TenantId, dir: &Path) -> Result<(), ExecError> {
+        let bytes = self.export_tenant(tenant).await?;
+        let path = dir.join(format!("{tenant}.twsnap"));
+        tokio::task::spawn_blocking(move || {
+            let tmp = path.with_extension("tmp");
+            crate::engine::write_private(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &path))
+        })
+        .await
+        .map_err(ExecError::task("warm-state write"))?
+        .map_err(|e| ExecError::Internal(format!("cannot write warm state: {e}")))
     }
 
     /// Resumes the tenants whose warm state a graceful shutdown wrote, then
     /// removes those files (a crash afterwards loses only warm state; the
-    /// functions themselves are persisted separately). Returns how many
-    /// tenants came back warm.
+    /// functions themselves are persisted separately). A file that is
+    /// refused (corrupt, torn, no longer within this executor's limits) is
+    /// kept as `<tenant>.twsnap.refused` for inspection, and its tenant
+    /// starts cold from its registered functions, which a refused warm
+    /// state never removes. Returns how many tenants came back warm.
     pub async fn load_warm_state(self: &Arc<Self>) -> usize {
         let dir = self.state_dir().join(WARM_DIR);
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -483,23 +560,34 @@ impl Registry {
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .and_then(|s| TenantId::new(s).ok());
-            let (Some(tenant), Some("twsnap")) =
-                (tenant, path.extension().and_then(|e| e.to_str()))
-            else {
+            let extension = path.extension().and_then(|e| e.to_str());
+            if extension == Some("refused") {
+                continue;
+            }
+            let (Some(tenant), Some("twsnap")) = (tenant, extension) else {
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
             let result = match std::fs::read(&path) {
-                Ok(bytes) => self.import_tenant(&tenant, bytes::Bytes::from(bytes)).await,
+                Ok(bytes) => {
+                    self.import_tenant_keeping_files(&tenant, bytes::Bytes::from(bytes))
+                        .await
+                }
                 Err(e) => Err(ExecError::Internal(e.to_string())),
             };
             match result {
-                Ok(()) => loaded += 1,
+                Ok(()) => {
+                    loaded += 1;
+                    let _ = std::fs::remove_file(&path);
+                }
                 Err(e) => {
-                    tracing::warn!(%tenant, error = %e, "warm state not restored; starting the tenant cold")
+                    let kept = path.with_extension("twsnap.refused");
+                    tracing::warn!(%tenant, error = %e, kept = %kept.display(), "warm state not restored; starting the tenant cold");
+                    if std::fs::rename(&path, &kept).is_err() {
+                        let _ = std::fs::remove_file(&path);
+                    }
                 }
             }
-            let _ = std::fs::remove_file(&path);
         }
         loaded
     }

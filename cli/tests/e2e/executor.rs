@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::harness::{COUNTER, ExecutorProcess, counter_call, deploy_counter_on};
+use crate::harness::{COUNTER, ExecutorProcess, counter_call, deploy_counter_on, multipart};
 
 #[test]
 fn a_tenant_moves_between_executor_processes() {
@@ -169,4 +169,121 @@ fn malformed_query_strings_get_typed_errors() {
         let v: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error body");
         assert_eq!(v["error"]["code"], "invalid_input", "{path}: {v}");
     }
+}
+
+/// Counts its calls, and takes 8 MiB of memory on its first (a refusal of
+/// the growth is not an error): warm state that needs more host memory
+/// than a 4 MiB quota allows.
+const GROWER: &str = r#"(module
+  (import "tensor" "output_write" (func $output_write (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $n (mut i32) (i32.const 0))
+  (func (export "handle") (result i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (if (i32.lt_u (memory.size) (i32.const 128))
+      (then (drop (memory.grow (i32.const 128)))))
+    (i32.store (i32.const 0) (global.get $n))
+    (drop (call $output_write (i32.const 0) (i32.const 4)))
+    (i32.const 0)))"#;
+
+/// One call of the grower: its count.
+fn grow_call(ex: &ExecutorProcess, id: &str) -> u32 {
+    let (status, body) = ex.request(
+        "POST",
+        &format!("/functions/{id}/invoke"),
+        Some("acme"),
+        "text/plain",
+        b"",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    u32::from_le_bytes(body[..4].try_into().unwrap())
+}
+
+/// Warm state that no longer fits (the quota shrank across the restart)
+/// is refused and kept aside; the tenant starts cold from its registered
+/// functions, which are never removed for it.
+#[test]
+fn refused_warm_state_starts_the_tenant_cold_with_its_functions() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = ExecutorProcess::start("cpu-g", dir.path());
+    let (status, body) = ex.request(
+        "POST",
+        "/functions?name=grower",
+        Some("acme"),
+        "application/wasm",
+        &wat::parse_str(GROWER).unwrap(),
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(grow_call(&ex, &id), 1);
+    assert_eq!(grow_call(&ex, &id), 2);
+    ex.stop();
+    let warm = dir.path().join("warm");
+    assert!(warm.join("acme.twsnap").exists());
+
+    let ex = ExecutorProcess::start_with(
+        "cpu-g",
+        dir.path(),
+        &["--tenant-host-memory-bytes", "4194304"],
+    );
+    assert_eq!(grow_call(&ex, &id), 1, "cold, from the registered function");
+    assert!(warm.join("acme.twsnap.refused").exists(), "kept aside");
+    assert!(!warm.join("acme.twsnap").exists());
+    ex.stop();
+
+    // And warm again under the old quota: nothing was lost on the way.
+    let ex = ExecutorProcess::start("cpu-g", dir.path());
+    assert_eq!(grow_call(&ex, &id), 2);
+}
+
+/// A graceful stop is bounded: an invocation still running when the drain
+/// ends is cut off, the other tenants' warm state is saved, and the
+/// process exits (`ExecutorProcess::stop` fails the test after 30 s; the
+/// invocation would run for 120).
+#[test]
+fn a_graceful_stop_cuts_off_a_long_invocation_and_saves_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = ExecutorProcess::start_with("cpu-b", dir.path(), &["--shutdown-budget-secs", "4"]);
+    let id = deploy_counter_on(&ex);
+    counter_call(&ex, &id);
+    counter_call(&ex, &id);
+    let spin = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "handle") (result i32) (loop $l (br $l)) (i32.const 0)))"#).unwrap();
+    let (ct, body) = multipart(&[
+        ("module", "application/wasm", &spin),
+        ("config", "application/json", br#"{"deadline_ms": 120000}"#),
+    ]);
+    let (status, body) = ex.request("POST", "/functions?name=spin", Some("spinner"), &ct, &body);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let spin_id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let addr = ex.addr.clone();
+    let spinning = std::thread::spawn(move || {
+        crate::harness::raw_request(
+            &addr,
+            "POST",
+            &format!("/functions/{spin_id}/invoke"),
+            &[
+                (
+                    "authorization",
+                    &format!("Bearer {}", crate::harness::TOKEN),
+                ),
+                ("x-tensor-wasm-tenant", "spinner"),
+                ("content-type", "text/plain"),
+            ],
+            b"",
+            std::time::Duration::from_secs(60),
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    ex.stop();
+    // Cut off: the connection closed without an answer.
+    assert!(spinning.join().unwrap().is_err());
+
+    let ex = ExecutorProcess::start("cpu-b", dir.path());
+    assert_eq!(counter_call(&ex, &id), (3, vec![3.0; 4]), "saved warm");
 }
