@@ -63,18 +63,69 @@ pub struct Executor {
     /// Resolved once at registration.
     pub sock: SocketAddr,
     healthy: AtomicBool,
+    /// When it last went down (a failed probe or connection); none while
+    /// it answers.
+    down_since: Mutex<Option<Instant>>,
+    /// Woken when it answers again.
+    recovered: Notify,
     /// The last `/internal/info` it gave.
     info: Mutex<Option<ExecutorInfo>>,
 }
 
 impl Executor {
+    fn new(id: ExecutorId, addr: &str, sock: SocketAddr) -> Executor {
+        Executor {
+            id,
+            addr: addr.to_string(),
+            sock,
+            healthy: AtomicBool::new(true),
+            down_since: Mutex::new(None),
+            recovered: Notify::new(),
+            info: Mutex::new(None),
+        }
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
     }
 
     /// Records a probe's verdict; true when it changed.
     pub fn set_healthy(&self, healthy: bool) -> bool {
-        self.healthy.swap(healthy, Ordering::AcqRel) != healthy
+        let changed = self.healthy.swap(healthy, Ordering::AcqRel) != healthy;
+        if changed {
+            *lock(&self.down_since) = (!healthy).then(Instant::now);
+            if healthy {
+                self.recovered.notify_waiters();
+            }
+        }
+        changed
+    }
+
+    /// Waits for the executor to answer again (a restart: `docs/API.md`,
+    /// "Errors", `executor_unavailable`), while it has been down less than
+    /// `window` and `until` has not passed: whether it answers. Requests
+    /// arriving later than `window` after it went down are not held: an
+    /// executor that does not come back costs each request one wait at
+    /// most, and only in the first `window`.
+    pub async fn wait_recovered(&self, window: Duration, until: Instant) -> bool {
+        loop {
+            let notified = self.recovered.notified();
+            let mut notified = pin!(notified);
+            notified.as_mut().enable();
+            if self.is_healthy() {
+                return true;
+            }
+            let Some(since) = *lock(&self.down_since) else {
+                return false;
+            };
+            let give_up = (since + window).min(until);
+            if Instant::now() >= give_up {
+                return false;
+            }
+            if tokio::time::timeout_at(give_up, notified).await.is_err() {
+                return self.is_healthy();
+            }
+        }
     }
 
     pub fn last_info(&self) -> Option<ExecutorInfo> {
@@ -271,13 +322,7 @@ impl Fleet {
             .next()
             .ok_or_else(|| RegisterError::BadAddr(addr.to_string(), "no address".into()))?;
         lock(&self.placements).add_executor(&id, addr)?;
-        let exec = Arc::new(Executor {
-            id: id.clone(),
-            addr: addr.to_string(),
-            sock,
-            healthy: AtomicBool::new(true),
-            info: Mutex::new(None),
-        });
+        let exec = Arc::new(Executor::new(id.clone(), addr, sock));
         self.executors
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -371,22 +416,40 @@ impl Fleet {
         loop {
             let notified = gate.changed.notified();
             let mut notified = pin!(notified);
-            {
+            let open = {
                 let mut st = lock(&gate.state);
-                if !st.closed {
+                if st.closed {
+                    if st.waiting >= self.queue.capacity {
+                        return Err(RouteError::QueueFull(tenant.to_string()));
+                    }
+                    st.waiting += 1;
+                    // Registered before the lock is released, so an
+                    // opening between here and the await is not missed.
+                    notified.as_mut().enable();
+                } else {
                     st.in_flight += 1;
-                    drop(st);
-                    let lease = Lease { gate: gate.clone() };
-                    let executor = self.executor_for(tenant)?;
-                    return Ok(Route { executor, lease });
                 }
-                if st.waiting >= self.queue.capacity {
-                    return Err(RouteError::QueueFull(tenant.to_string()));
+                !st.closed
+            };
+            if open {
+                let lease = Lease { gate: gate.clone() };
+                match self.executor_for(tenant) {
+                    Ok(executor) => return Ok(Route { executor, lease }),
+                    // Down: held while it may be restarting, then routed
+                    // again.
+                    Err(RouteError::ExecutorDown(id)) => {
+                        drop(lease);
+                        let back = match self.executor(id.as_str()) {
+                            Some(exec) => exec.wait_recovered(self.queue.deadline, deadline).await,
+                            None => false,
+                        };
+                        if back {
+                            continue;
+                        }
+                        return Err(RouteError::ExecutorDown(id));
+                    }
+                    Err(e) => return Err(e),
                 }
-                st.waiting += 1;
-                // Registered before the lock is released, so an opening
-                // between here and the await is not missed.
-                notified.as_mut().enable();
             }
             // Counted out when the wait ends, or when the request is
             // dropped while it waits.

@@ -149,6 +149,10 @@ impl RequestIds {
     }
 }
 
+/// Refused connections after which a request is answered 503 even if its
+/// hold deadline has not passed.
+const MAX_CONNECT_RETRIES: u8 = 8;
+
 /// The public proxy service.
 #[derive(Debug)]
 pub struct PublicProxy {
@@ -170,6 +174,9 @@ pub struct Ctx {
     status: u16,
     /// Skip the audit record (health and metrics scrapes).
     quiet: bool,
+    /// Connections to its executor refused so far (retried while the
+    /// executor may be restarting).
+    connect_failures: u8,
 }
 
 impl PublicProxy {
@@ -252,6 +259,7 @@ impl ProxyHttp for PublicProxy {
             route: None,
             status: 0,
             quiet: false,
+            connect_failures: 0,
         }
     }
 
@@ -413,6 +421,19 @@ impl ProxyHttp for PublicProxy {
                 "request reached upstream selection unrouted",
             ));
         };
+        // A retry after a refused connection: the request never reached
+        // the executor, so it waits for the executor's restart within the
+        // hold deadline, as a moving tenant's requests wait for the move.
+        if ctx.connect_failures > 0 {
+            let hold = self.shared.fleet.queue.deadline;
+            let until = tokio::time::Instant::from_std(ctx.arrived) + hold;
+            if !route.executor.wait_recovered(hold, until).await {
+                return Err(Error::explain(
+                    ConnectRefused,
+                    "the tenant's executor did not come back within the hold deadline",
+                ));
+            }
+        }
         let mut peer = HttpPeer::new(route.executor.sock, false, String::new());
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE);
@@ -465,7 +486,33 @@ impl ProxyHttp for PublicProxy {
         {
             tracing::warn!(executor = %route.executor.id, peer = %peer, error = %e, "executor unreachable; marked down");
         }
-        e.set_retry(false);
+        // Nothing reached the executor: try again once it is back
+        // (`upstream_peer` waits for that, within the hold deadline).
+        ctx.connect_failures = ctx.connect_failures.saturating_add(1);
+        e.set_retry(ctx.connect_failures < MAX_CONNECT_RETRIES);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        // As pingora decides, but for every method: a request that failed
+        // on a pooled connection before any answer (the executor closed
+        // it, or died since it was pooled) is sent again on a fresh one,
+        // where a refusal waits for the executor's restart
+        // (`fail_to_connect`). Invocations are not idempotent; an executor
+        // that died with the request read lost what it did with it.
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
         e
     }
 
@@ -493,6 +540,9 @@ impl ProxyHttp for PublicProxy {
             },
         };
         let mut error_code = 0;
+        if let Some(error) = &code {
+            tracing::warn!(request_id = %ctx.request_id, error = %e, code = %error.code.as_str(), "request failed");
+        }
         if let Some(error) = code {
             error_code = error.http_status();
             // The connection is not reused after a failure: say so, or a

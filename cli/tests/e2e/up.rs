@@ -136,3 +136,46 @@ fn a_killed_supervisor_leaves_no_orphans() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An executor killed outright is restarted by `up`; the proxy holds its
+/// tenants' requests while it comes back instead of failing them (within
+/// the hold deadline, raised here so that a slow restart on a busy machine
+/// cannot fail the test).
+#[test]
+fn requests_wait_for_a_killed_executor_to_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = UpProcess::start_with_env(
+        &dir.path().join("state"),
+        &["--cpu-executors", "1"],
+        &[("TENSOR_WASM_MIGRATION_QUEUE_DEADLINE_MS", "30000")],
+    );
+    let token = up.secret("dev-token");
+    let id = up.deploy_counter(&token);
+    assert_eq!(up.count(&token, &id).status, 200);
+    let (_, pid) = up
+        .children()
+        .into_iter()
+        .find(|(i, _)| i == "cpu0")
+        .unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    // Once the process is gone (a request it had read would have died
+    // with it), every call until the executor is back and beyond is
+    // answered 200: the first ones waited for the restart.
+    let start = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "not reaped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut calls = 0;
+    let mut restarted = false;
+    while !restarted || calls < 5 {
+        let r = up.count(&token, &id);
+        assert_eq!(r.status, 200, "call {calls}: {}", r.text());
+        calls += 1;
+        restarted = up.children().iter().any(|(i, p)| i == "cpu0" && *p != pid);
+        assert!(start.elapsed() < Duration::from_secs(60), "no restart");
+    }
+}
