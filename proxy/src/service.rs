@@ -505,8 +505,10 @@ impl ProxyHttp for PublicProxy {
         // on a pooled connection before any answer (the executor closed
         // it, or died since it was pooled) is sent again on a fresh one,
         // where a refusal waits for the executor's restart
-        // (`fail_to_connect`). Invocations are not idempotent; an executor
-        // that died with the request read lost what it did with it.
+        // (`fail_to_connect`). Invocations are not idempotent, but an
+        // executor that died with the request read lost what it did with
+        // it: nothing is durable before a reply. (Once replies can follow
+        // durable effects, such a resend needs an idempotency key.)
         let mut e = e.more_context(format!("Peer: {peer}"));
         if session.as_ref().retry_buffer_truncated() {
             e.set_retry(false);
