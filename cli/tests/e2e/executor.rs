@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use crate::harness::{COUNTER, ExecutorProcess, counter_call, deploy_counter_on, multipart};
+use crate::harness::{
+    COUNTER, ExecutorProcess, counter_call, deploy_counter_on, invoke_ok, multipart,
+};
 
 #[test]
 fn a_tenant_moves_between_executor_processes() {
@@ -188,15 +190,7 @@ const GROWER: &str = r#"(module
 
 /// One call of the grower: its count.
 fn grow_call(ex: &ExecutorProcess, id: &str) -> u32 {
-    let (status, body) = ex.request(
-        "POST",
-        &format!("/functions/{id}/invoke"),
-        Some("acme"),
-        "text/plain",
-        b"",
-    );
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    u32::from_le_bytes(body[..4].try_into().unwrap())
+    u32::from_le_bytes(invoke_ok(ex, id)[..4].try_into().unwrap())
 }
 
 /// Warm state that no longer fits (the quota shrank across the restart)

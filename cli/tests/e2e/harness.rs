@@ -241,7 +241,9 @@ pub const COUNTER: &str = r#"(module
     (drop (call $output_write (i32.const 200) (i32.const 20)))
     (i32.const 0)))"#;
 
-pub fn counter_call(ex: &ExecutorProcess, id: &str) -> (u32, Vec<f32>) {
+/// Invokes tenant `acme`'s function `id` with an empty body, which must
+/// answer 200; the answer's body.
+pub fn invoke_ok(ex: &ExecutorProcess, id: &str) -> Vec<u8> {
     let (status, body) = ex.request(
         "POST",
         &format!("/functions/{id}/invoke"),
@@ -250,6 +252,11 @@ pub fn counter_call(ex: &ExecutorProcess, id: &str) -> (u32, Vec<f32>) {
         b"",
     );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    body
+}
+
+pub fn counter_call(ex: &ExecutorProcess, id: &str) -> (u32, Vec<f32>) {
+    let body = invoke_ok(ex, id);
     let n = u32::from_le_bytes(body[..4].try_into().unwrap());
     let sum = body[4..]
         .chunks(4)
