@@ -281,3 +281,35 @@ fn a_graceful_stop_cuts_off_a_long_invocation_and_saves_the_rest() {
     let ex = ExecutorProcess::start("cpu-b", dir.path());
     assert_eq!(counter_call(&ex, &id), (3, vec![3.0; 4]), "saved warm");
 }
+
+/// A warm-state file damaged on disk (one bit flipped, or cut short as a
+/// crash mid-write would leave it) fails its checksum: it is kept aside and
+/// the tenant starts cold from its registered functions.
+#[test]
+fn damaged_warm_state_is_refused_and_the_tenant_starts_cold() {
+    for damage in ["flip", "truncate"] {
+        let dir = tempfile::tempdir().unwrap();
+        let ex = ExecutorProcess::start("cpu-d", dir.path());
+        let id = deploy_counter_on(&ex);
+        counter_call(&ex, &id);
+        counter_call(&ex, &id);
+        ex.stop();
+        let file = dir.path().join("warm").join("acme.twsnap");
+        let mut bytes = std::fs::read(&file).unwrap();
+        match damage {
+            "flip" => {
+                let at = bytes.len() / 2;
+                bytes[at] ^= 0x10;
+            }
+            _ => bytes.truncate(bytes.len() * 2 / 3),
+        }
+        std::fs::write(&file, &bytes).unwrap();
+
+        let ex = ExecutorProcess::start("cpu-d", dir.path());
+        assert_eq!(counter_call(&ex, &id).0, 1, "{damage}: cold");
+        assert!(
+            dir.path().join("warm").join("acme.twsnap.refused").exists(),
+            "{damage}: kept aside"
+        );
+    }
+}
