@@ -212,6 +212,35 @@ struct Progress {
     canary: Option<serde_json::Value>,
 }
 
+/// The moves' bytes and pauses (ms).
+struct MoveStats {
+    bytes: u64,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    max: Option<f64>,
+}
+
+impl Progress {
+    fn stats(&self) -> MoveStats {
+        let mut pauses: Vec<f64> = self
+            .moves
+            .iter()
+            .filter_map(|m| m["pause_ms"].as_f64())
+            .collect();
+        pauses.sort_by(f64::total_cmp);
+        let at = |q: f64| -> Option<f64> {
+            let i = ((pauses.len() as f64 * q).ceil() as usize).max(1) - 1;
+            pauses.get(i.min(pauses.len().saturating_sub(1))).copied()
+        };
+        MoveStats {
+            bytes: self.moves.iter().filter_map(|m| m["bytes"].as_u64()).sum(),
+            p50: at(0.5),
+            p99: at(0.99),
+            max: pauses.last().copied(),
+        }
+    }
+}
+
 /// `upgrade.json`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Record {
@@ -405,13 +434,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .chain(check.overridable.iter().map(|(_, w)| w.as_str()))
             .collect();
         let refused = format!("upgrade refused: {} (nothing was changed)", why.join("; "));
-        let nothing = Progress::default();
-        let report = Report {
-            check: &check,
-            progress: &nothing,
-            started: std::time::SystemTime::now(),
-        };
-        report.emit(&args, None, Some(&refused), None)?;
+        Report::unchanged(&check, &args, &refused)?;
         bail!("{refused}");
     }
     for (name, why) in &check.overridable {
@@ -448,13 +471,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if args.check {
-        let nothing = Progress::default();
-        let report = Report {
-            check: &check,
-            progress: &nothing,
-            started: std::time::SystemTime::now(),
-        };
-        return report.emit(&args, None, Some("--check: nothing was changed"), None);
+        return Report::unchanged(&check, &args, "--check: nothing was changed");
     }
     if args.rollback && record_path.exists() {
         say!("rollback: aborting the upgrade in progress first");
@@ -516,16 +533,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let audit = audit_offset.map(|offset| (audit_log.as_path(), offset));
     let verification = verify_fleet(&admin, &expected, &progress, audit)?;
     if !progress.moves.is_empty() {
-        let r = report.json(Some(&verification), None);
-        let ms = |v: &serde_json::Value| v.as_f64().map_or("n/a".into(), |p| format!("{p:.1} ms"));
+        let m = progress.stats();
         say!(
             "moved {} tenants ({} bytes) in {:.1} s; pause p50 {}, p99 {}, max {}",
             progress.moves.len(),
-            r["bytes_moved"],
-            r["finished_unix"].as_f64().unwrap_or(0.0) - r["started_unix"].as_f64().unwrap_or(0.0),
-            ms(&r["pause_ms"]["p50"]),
-            ms(&r["pause_ms"]["p99"]),
-            ms(&r["pause_ms"]["max"]),
+            m.bytes,
+            started.elapsed().unwrap_or_default().as_secs_f64(),
+            ms(m.p50.map(|p| p / 1e3)),
+            ms(m.p99.map(|p| p / 1e3)),
+            ms(m.max.map(|p| p / 1e3)),
         );
     }
     let problems = verification.problems.join("; ");
@@ -581,6 +597,17 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
+    /// Writes the report of an upgrade that changed nothing (refused, or
+    /// `--check`), `why` as what stopped it.
+    fn unchanged(check: &preflight::Preflight, args: &Args, why: &str) -> anyhow::Result<()> {
+        let report = Report {
+            check,
+            progress: &Progress::default(),
+            started: std::time::SystemTime::now(),
+        };
+        report.emit(args, None, Some(why), None)
+    }
+
     /// Writes the report to `--report` and, with `--json`, to standard
     /// output.
     fn emit(
@@ -625,15 +652,7 @@ impl Report<'_> {
                 .map_or(0.0, |d| d.as_secs_f64())
         };
         let moves = &self.progress.moves;
-        let mut pauses: Vec<f64> = moves
-            .iter()
-            .filter_map(|m| m["pause_ms"].as_f64())
-            .collect();
-        pauses.sort_by(f64::total_cmp);
-        let at = |q: f64| -> Option<f64> {
-            let i = ((pauses.len() as f64 * q).ceil() as usize).max(1) - 1;
-            pauses.get(i.min(pauses.len().saturating_sub(1))).copied()
-        };
+        let m = self.progress.stats();
         let check = self.check;
         serde_json::json!({
             "started_unix": unix(self.started),
@@ -649,8 +668,8 @@ impl Report<'_> {
             },
             "canary": self.progress.canary,
             "moves": moves,
-            "bytes_moved": moves.iter().filter_map(|m| m["bytes"].as_u64()).sum::<u64>(),
-            "pause_ms": {"p50": at(0.5), "p99": at(0.99), "max": pauses.last()},
+            "bytes_moved": m.bytes,
+            "pause_ms": {"p50": m.p50, "p99": m.p99, "max": m.max},
             "stopped": stopped,
             "verified": verification.map(|v| &v.passed),
             "problems": verification.map(|v| &v.problems),
@@ -673,6 +692,9 @@ struct Verification {
 /// How long the verification waits for the audit records of requests
 /// still in flight before it calls a missing id lost.
 const AUDIT_SETTLE: Duration = Duration::from_secs(10);
+
+/// How long an executor may take to answer `/metrics`.
+const EXECUTOR_METRICS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the verification waits for another moved tenant to answer
 /// before it calls the rest idle.
@@ -748,22 +770,24 @@ fn verify_fleet(
     // missing id is only lost once the wait is over. Tenants moved last
     // may not have been called yet: the wait goes on while more of them
     // answer, and ends a second after the last one did.
+    let reading = || format!("reading the audit log {}", path.display());
+    let mut tail = audit::Tail::open(path, offset).with_context(reading)?;
     let waited = std::time::Instant::now();
     let mut progressed = (waited, usize::MAX);
-    let (records, gaps, answered) = loop {
-        let records = audit::read(path, offset)
-            .with_context(|| format!("reading the audit log {}", path.display()))?;
-        let gaps = audit::gaps(&records);
-        let answered = audit::answered_after(&records.after, &moved);
+    let (gaps, answered) = loop {
+        let gaps = audit::gaps(&tail.records);
+        let answered = audit::answered_after(&tail.records.after, &moved);
         if answered.idle.len() != progressed.1 {
             progressed = (std::time::Instant::now(), answered.idle.len());
         }
         let settled = answered.idle.is_empty() || progressed.0.elapsed() > IDLE_SETTLE;
         if (gaps.is_empty() && settled) || waited.elapsed() > AUDIT_SETTLE {
-            break (records, gaps, answered);
+            break (gaps, answered);
         }
         std::thread::sleep(Duration::from_millis(250));
+        tail.refresh().with_context(reading)?;
     };
+    let records = &tail.records;
     if gaps.is_empty() {
         v.passed.push(format!(
             "the audit log holds a record for every request id the proxy answered since the upgrade began ({} records)",
@@ -810,6 +834,9 @@ fn verify_fleet(
         let own = admin
             .agent
             .get(&format!("http://{addr}/metrics"))
+            .config()
+            .timeout_global(Some(EXECUTOR_METRICS_TIMEOUT))
+            .build()
             .call()
             .ok()
             .and_then(|mut r| r.body_mut().read_to_string().ok())

@@ -236,7 +236,7 @@ impl Registry {
     /// Forgets a tenant: its functions (and their files), instances, jobs.
     /// Its pending jobs stop waiting.
     pub fn drop_tenant(&self, id: &TenantId) -> Result<(), ExecError> {
-        if !self.forget(id) {
+        if !self.forget_tenant(id) {
             return Err(ExecError::TenantNotHere(id.to_string()));
         }
         self.store.remove_tenant(id);
@@ -244,14 +244,10 @@ impl Registry {
         Ok(())
     }
 
-    /// Forgets `id` in memory only: its functions and assets stay on disk,
-    /// to be registered again from there ([`Registry::load_persisted`]).
-    pub fn forget_tenant(&self, id: &TenantId) {
-        self.forget(id);
-    }
-
-    /// Removes `id`'s instances, sessions and entry; whether it was here.
-    fn forget(&self, id: &TenantId) -> bool {
+    /// Forgets `id` in memory only (its instances, sessions and entry):
+    /// its functions and assets stay on disk, to be registered again from
+    /// there ([`Registry::load_persisted`]). Whether it was here.
+    pub fn forget_tenant(&self, id: &TenantId) -> bool {
         let Some(t) = write_lock(&self.tenants).remove(id) else {
             return false;
         };

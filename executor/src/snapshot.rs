@@ -172,18 +172,6 @@ impl Registry {
         self.import(tenant, bytes, OnFailure::Drop).await
     }
 
-    /// [`Registry::import_tenant`] for warm state at start-up: the
-    /// tenant's functions are on disk already, so a failure forgets what
-    /// the import built in memory and leaves the files, from which the
-    /// tenant starts cold.
-    async fn import_tenant_keeping_files(
-        self: &Arc<Self>,
-        tenant: &TenantId,
-        bytes: bytes::Bytes,
-    ) -> Result<(), ExecError> {
-        self.import(tenant, bytes, OnFailure::KeepFiles).await
-    }
-
     async fn import(
         self: &Arc<Self>,
         tenant: &TenantId,
@@ -209,7 +197,9 @@ impl Registry {
                     OnFailure::Drop => {
                         let _ = registry.drop_tenant(&id);
                     }
-                    OnFailure::KeepFiles => registry.forget_tenant(&id),
+                    OnFailure::KeepFiles => {
+                        registry.forget_tenant(&id);
+                    }
                 })
         })
         .await
@@ -569,8 +559,10 @@ impl Registry {
                 continue;
             };
             let result = match std::fs::read(&path) {
+                // The tenant's functions are on disk already: a failure
+                // leaves them, and it starts cold from there.
                 Ok(bytes) => {
-                    self.import_tenant_keeping_files(&tenant, bytes::Bytes::from(bytes))
+                    self.import(&tenant, bytes::Bytes::from(bytes), OnFailure::KeepFiles)
                         .await
                 }
                 Err(e) => Err(ExecError::Internal(e.to_string())),

@@ -439,6 +439,16 @@ impl Fleet {
                     // again.
                     Err(RouteError::ExecutorDown(id)) => {
                         drop(lease);
+                        // Counted with the tenant's requests waiting for a
+                        // move: the same cap holds.
+                        {
+                            let mut st = lock(&gate.state);
+                            if st.waiting >= self.queue.capacity {
+                                return Err(RouteError::QueueFull(tenant.to_string()));
+                            }
+                            st.waiting += 1;
+                        }
+                        let _waiting = Waiting(&gate);
                         let back = match self.executor(id.as_str()) {
                             Some(exec) => exec.wait_recovered(self.queue.deadline, deadline).await,
                             None => false,

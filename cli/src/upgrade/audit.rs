@@ -4,7 +4,8 @@
 //! each moved tenant answered after its move ([`answered_after`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use tensor_wasm_shared::audit::{AuditRecord, Outcome};
@@ -22,28 +23,70 @@ pub fn offset(path: &Path) -> Option<u64> {
 }
 
 /// The records of the log at `path`, split at byte `offset` of the file
-/// that was live when the upgrade began. If the log rotated since, that
-/// file is now `<path>.1` and everything in the live one is after. Lines
-/// that do not parse (a record being written) are skipped.
-pub fn read(path: &Path, offset: u64) -> std::io::Result<Records> {
-    let live = std::fs::read(path)?;
-    let rotated_path = {
-        let mut p = path.as_os_str().to_owned();
-        p.push(".1");
-        std::path::PathBuf::from(p)
-    };
-    let (was_live, now) = if (live.len() as u64) < offset {
-        (std::fs::read(rotated_path)?, live)
-    } else {
-        (live, Vec::new())
-    };
-    let at = (offset as usize).min(was_live.len());
-    let mut after = lines(&was_live[at..]);
-    after.extend(lines(&now));
-    Ok(Records {
-        before: lines(&was_live[..at]),
-        after,
-    })
+/// that was live when the upgrade began, read once and then as they are
+/// appended ([`Tail::refresh`]).
+#[derive(Debug)]
+pub struct Tail {
+    path: PathBuf,
+    offset: u64,
+    /// Bytes of the live file read, up to its last whole record.
+    read: u64,
+    pub records: Records,
+}
+
+impl Tail {
+    /// Reads the log. If it rotated since the upgrade began, the file that
+    /// was live then is now `<path>.1` and everything in the live one is
+    /// after. Lines that do not parse are skipped.
+    pub fn open(path: &Path, offset: u64) -> std::io::Result<Tail> {
+        let live = std::fs::read(path)?;
+        let whole = whole_lines(&live);
+        let (was_live, now) = if (live.len() as u64) < offset {
+            let mut rotated = path.as_os_str().to_owned();
+            rotated.push(".1");
+            (std::fs::read(PathBuf::from(rotated))?, whole)
+        } else {
+            (whole.to_vec(), &[][..])
+        };
+        let at = (offset as usize).min(was_live.len());
+        let mut after = lines(&was_live[at..]);
+        after.extend(lines(now));
+        Ok(Tail {
+            path: path.to_path_buf(),
+            offset,
+            read: whole.len() as u64,
+            records: Records {
+                before: lines(&was_live[..at]),
+                after,
+            },
+        })
+    }
+
+    /// Adds the records appended since the last read (a record being
+    /// written waits for the next). A rotation meanwhile reads it all
+    /// again.
+    pub fn refresh(&mut self) -> std::io::Result<()> {
+        let mut file = std::fs::File::open(&self.path)?;
+        if file.metadata()?.len() < self.read {
+            *self = Tail::open(&self.path, self.offset)?;
+            return Ok(());
+        }
+        file.seek(SeekFrom::Start(self.read))?;
+        let mut new = Vec::new();
+        file.read_to_end(&mut new)?;
+        let whole = whole_lines(&new);
+        self.records.after.extend(lines(whole));
+        self.read += whole.len() as u64;
+        Ok(())
+    }
+}
+
+/// `bytes` up to and including its last newline.
+fn whole_lines(bytes: &[u8]) -> &[u8] {
+    bytes
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(&[][..], |i| &bytes[..=i])
 }
 
 fn lines(bytes: &[u8]) -> Vec<AuditRecord> {
@@ -237,14 +280,33 @@ mod tests {
         old.extend(line(1));
         std::fs::write(dir.path().join("audit.log.1"), &old).unwrap();
         // The live file is shorter than the offset: it rotated, and what
-        // it holds (a record being written) is after.
-        std::fs::write(&path, b"{\"torn").unwrap();
-        let r = read(&path, offset).unwrap();
+        // it holds is after; a record being written waits for its end.
+        let two = line(2);
+        std::fs::write(&path, &two[..10]).unwrap();
+        let mut tail = Tail::open(&path, offset).unwrap();
+        let r = &tail.records;
         assert_eq!((r.before.len(), r.after.len()), (1, 1));
         assert_eq!(r.after[0].request_id, id(P, 1));
-        // Not rotated.
+        std::fs::write(&path, &two).unwrap();
+        tail.refresh().unwrap();
+        assert_eq!(tail.records.after.len(), 2);
+        assert_eq!(tail.records.after[1].request_id, id(P, 2));
+        // Not rotated; then appended to.
         std::fs::write(&path, [old, line(2)].concat()).unwrap();
-        let r = read(&path, offset).unwrap();
-        assert_eq!((r.before.len(), r.after.len()), (1, 2));
+        let mut tail = Tail::open(&path, offset).unwrap();
+        assert_eq!(
+            (tail.records.before.len(), tail.records.after.len()),
+            (1, 2)
+        );
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&line(3)).unwrap();
+        tail.refresh().unwrap();
+        tail.refresh().unwrap();
+        assert_eq!(tail.records.after.len(), 3, "each record once");
+        assert_eq!(tail.records.after[2].request_id, id(P, 3));
     }
 }
