@@ -131,6 +131,16 @@ pub struct Args {
         value_parser = clap::value_parser!(u64).range(1..=3600)
     )]
     shutdown_budget_secs: u64,
+    /// Interval of a `periodic` function's checkpoints when it sets no
+    /// `checkpoint_ms`, in milliseconds: a crash loses at most this much
+    /// of its work.
+    #[arg(
+        long,
+        env = env::CHECKPOINT_MS,
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(100..=3_600_000)
+    )]
+    checkpoint_ms: u64,
 }
 
 pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
@@ -140,6 +150,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         max_module_bytes: args.max_module_bytes,
         total_instances: args.total_instances,
         job_retention: Duration::from_secs(args.job_retention_secs),
+        default_checkpoint: Duration::from_millis(args.checkpoint_ms),
         host_memory_bytes: args
             .host_memory_bytes
             .unwrap_or_else(|| tensor_wasm_executor::memory::default_budget(1)),

@@ -51,6 +51,9 @@ pub struct EngineLimits {
     pub job_concurrency: usize,
     /// How long a finished job stays answerable: 1 h.
     pub job_retention: Duration,
+    /// Interval of a `periodic` function's checkpoints when it sets none:
+    /// 1 s (`--checkpoint-ms`).
+    pub default_checkpoint: Duration,
     /// Finished jobs kept per tenant before the oldest go early: 10 000.
     pub max_finished_jobs: usize,
     /// Caps on tensors and ops, passed to the kernel backend.
@@ -80,6 +83,7 @@ impl Default for EngineLimits {
             max_error_message: 4 << 10,
             job_concurrency: 16,
             job_retention: Duration::from_secs(3600),
+            default_checkpoint: Duration::from_secs(1),
             max_finished_jobs: 10_000,
             tensor: Limits::default(),
             host_memory_bytes: crate::memory::default_budget(1),

@@ -75,6 +75,11 @@ pub enum ExecError {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// A `strict` invocation ran, but its checkpoint could not be made
+    /// durable (a full or failing disk): its effects may or may not
+    /// survive a crash.
+    #[error("the invocation ran but its checkpoint failed: {0}")]
+    Checkpoint(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -134,6 +139,7 @@ impl ExecError {
             ExecError::Asset(_) | ExecError::Codec(_) | ExecError::Snapshot(_) => {
                 ErrorCode::InvalidInput
             }
+            ExecError::Checkpoint(_) => ErrorCode::CheckpointFailed,
             ExecError::Persist(_) | ExecError::Task { .. } | ExecError::Internal(_) => {
                 ErrorCode::Internal
             }

@@ -218,6 +218,50 @@ impl Inbound {
         result
     }
 
+    /// Applies one checkpoint frame (a round of changes to the staged
+    /// instance `instance`) to a tenant being recovered. A frame that
+    /// cannot be applied drops that instance only: the others stand.
+    pub fn apply_frame(
+        &self,
+        registry: &Registry,
+        reader: &mut Reader<impl Read>,
+        instance: u64,
+    ) -> Result<Applied, ExecError> {
+        let mut staging = self.staging.blocking_lock();
+        let mut none = StreamBlobs;
+        let result = self.apply_locked(
+            &mut staging,
+            registry,
+            reader,
+            &[StreamKind::Round],
+            &mut none,
+        );
+        if result.is_err() {
+            staging.instances.remove(&instance);
+        }
+        result
+    }
+
+    /// Drops the staged instance `id`, if there is one.
+    pub fn forget_instance(&self, id: u64) {
+        self.staging.blocking_lock().instances.remove(&id);
+    }
+
+    /// Puts every staged instance in its function's pool, returning each
+    /// with the id its records named it by: the end of a recovery, which
+    /// adds instances to a tenant already published.
+    pub fn adopt_staged(&self) -> Vec<(u64, Arc<crate::instance::InstanceShared>)> {
+        let mut st = self.staging.blocking_lock();
+        let mut adopted = Vec::new();
+        for (id, s) in std::mem::take(&mut st.instances) {
+            if let Some(f) = self.tenant.function(&s.function) {
+                adopted.push((id, s.inst.shared().clone()));
+                f.pool.adopt(s.inst);
+            }
+        }
+        adopted
+    }
+
     fn apply_locked(
         &self,
         st: &mut Staging,

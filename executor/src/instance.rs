@@ -122,7 +122,11 @@ pub struct InstanceShared {
     /// Unique among this executor's instances, for its life.
     pub id: u64,
     pub memory: MemoryView,
+    /// Those reading the memory's written pages.
+    pub readers: crate::tracking::Readers,
     pub tensors: TableView,
+    /// Invocations run on it so far.
+    pub invocations: AtomicU64,
 }
 
 /// Ids of instances, in order of creation.
@@ -229,7 +233,9 @@ impl WarmInstance {
         let shared = Arc::new(InstanceShared {
             id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             memory: MemoryView::default(),
+            readers: Default::default(),
             tensors: store.data().tensors.view(),
+            invocations: AtomicU64::new(0),
         });
         let mut inst = WarmInstance {
             store,
@@ -265,6 +271,7 @@ impl WarmInstance {
         request: Request,
         deadline: Duration,
     ) -> Result<Response, InvokeError> {
+        self.shared.invocations.fetch_add(1, Ordering::Relaxed);
         {
             let st = self.store.data_mut();
             st.call = CallCtx {

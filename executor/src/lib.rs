@@ -31,6 +31,7 @@
 pub mod assets;
 pub mod body;
 pub mod config;
+pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod host;

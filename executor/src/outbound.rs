@@ -38,12 +38,111 @@ use crate::state::Tenant;
 use crate::sync::lock;
 use crate::tracking::{MemoryTracker, PageTracking, nonzero_runs};
 
-/// What the destination has of one instance.
-struct Sent {
-    shared: Arc<InstanceShared>,
+/// What a reader (a migration's destination, the checkpoint journal) has
+/// of one instance, and the tracking of what changed since.
+#[derive(Debug)]
+pub struct Sent {
+    pub shared: Arc<InstanceShared>,
     tracker: MemoryTracker,
     /// Handle → serial of every tensor and asset handle it has.
     tensors: HashMap<i32, u64>,
+}
+
+impl Sent {
+    /// A reader that has nothing of `shared` yet.
+    pub fn new(shared: Arc<InstanceShared>, tracking: &PageTracking) -> Sent {
+        let tracker = tracking.start(&shared.memory, &shared.readers);
+        Sent {
+            shared,
+            tracker,
+            tensors: HashMap::new(),
+        }
+    }
+
+    /// A reader that has `shared` as it is now (an instance just rebuilt
+    /// from what the reader holds).
+    pub fn synced(shared: Arc<InstanceShared>, tracking: &PageTracking) -> Sent {
+        let tracker = tracking.start_synced(&shared.memory, &shared.readers);
+        let tensors = shared
+            .tensors
+            .listing()
+            .iter()
+            .map(|e| (e.handle, e.serial))
+            .collect();
+        Sent {
+            shared,
+            tracker,
+            tensors,
+        }
+    }
+
+    /// Stops tracking (the instance may live on).
+    pub fn stop(self) {
+        self.tracker.stop(&self.shared.memory, &self.shared.readers);
+    }
+}
+
+/// How a round names one instance.
+#[derive(Clone, Copy, Debug)]
+pub struct Named<'a> {
+    /// The id its records carry.
+    pub id: u64,
+    pub function: &'a str,
+    /// Its memory's size.
+    pub size: usize,
+    /// The reader has nothing of it.
+    pub fresh: bool,
+}
+
+/// Writes what the reader of `sent` lacks of its instance: the instance
+/// record, the pages written since its last look (every page that is not
+/// zeros when `fresh`), the tensors made and the handles freed. False when
+/// the instance went as it was read (then nothing but its record went).
+pub fn write_instance<W: Write>(
+    w: &mut Writer<W>,
+    sent: &mut Sent,
+    named: Named<'_>,
+    scratch: &mut Vec<u8>,
+    backend: &dyn Backend,
+    stats: &mut RoundStats,
+) -> std::io::Result<bool> {
+    let shared = sent.shared.clone();
+    w.record(&Record::Instance {
+        id: named.id,
+        function: named.function.to_string(),
+        memory: named.size as u64,
+        fresh: named.fresh,
+    })?;
+    let Ok(ranges) = sent
+        .tracker
+        .changed(&shared.memory, &shared.readers, scratch)
+    else {
+        return Ok(false);
+    };
+    for range in ranges {
+        let mut at = range.start;
+        while at < range.end {
+            let n = CHUNK.min(range.end - at);
+            scratch.resize(n, 0);
+            if !shared.memory.read(at, &mut scratch[..n]) {
+                break;
+            }
+            if named.fresh {
+                // The reader's copy starts zeroed.
+                for run in nonzero_runs(&scratch[..n]) {
+                    let bytes = &scratch[run.clone()];
+                    w.pages(named.id, (at + run.start) as u64, bytes)?;
+                    stats.page_bytes += bytes.len() as u64;
+                }
+            } else {
+                w.pages(named.id, at as u64, &scratch[..n])?;
+                stats.page_bytes += n as u64;
+            }
+            at += n;
+        }
+    }
+    stats.tensor_bytes += write_tensors(w, sent, named.id, backend)?;
+    Ok(true)
 }
 
 /// The state a round reads and advances.
@@ -165,52 +264,28 @@ impl Outbound {
                 };
                 seen.push(shared.id);
                 let fresh = !r.instances.contains_key(&shared.id);
-                if fresh {
-                    let tracker = self.tracking.start(&shared.memory);
-                    r.instances.insert(
-                        shared.id,
-                        Sent {
-                            shared: shared.clone(),
-                            tracker,
-                            tensors: HashMap::new(),
-                        },
-                    );
-                }
-                let sent = r.instances.get_mut(&shared.id).expect("inserted above");
-                w.record(&Record::Instance {
-                    id: shared.id,
-                    function: f.info.id.to_string(),
-                    memory: size as u64,
-                    fresh,
-                })
+                let sent = r
+                    .instances
+                    .entry(shared.id)
+                    .or_insert_with(|| Sent::new(shared.clone(), &self.tracking));
+                let id = shared.id;
+                let written = write_instance(
+                    &mut w,
+                    sent,
+                    Named {
+                        id,
+                        function: &f.info.id,
+                        size,
+                        fresh,
+                    },
+                    &mut r.scratch,
+                    backend.as_ref(),
+                    &mut stats,
+                )
                 .map_err(io)?;
-                let Ok(ranges) = sent.tracker.changed(&shared.memory, &mut r.scratch) else {
+                if !written {
                     continue; // gone since: Gone follows next round
-                };
-                for range in ranges {
-                    let mut at = range.start;
-                    while at < range.end {
-                        let n = CHUNK.min(range.end - at);
-                        r.scratch.resize(n, 0);
-                        if !shared.memory.read(at, &mut r.scratch[..n]) {
-                            break;
-                        }
-                        if fresh {
-                            // The destination's copy starts zeroed.
-                            for run in nonzero_runs(&r.scratch[..n]) {
-                                let bytes = &r.scratch[run.clone()];
-                                w.pages(shared.id, (at + run.start) as u64, bytes)
-                                    .map_err(io)?;
-                                stats.page_bytes += bytes.len() as u64;
-                            }
-                        } else {
-                            w.pages(shared.id, at as u64, &r.scratch[..n]).map_err(io)?;
-                            stats.page_bytes += n as u64;
-                        }
-                        at += n;
-                    }
                 }
-                stats.tensor_bytes += write_tensors(&mut w, sent, backend.as_ref()).map_err(io)?;
                 stats.instances += 1;
             }
         }
@@ -222,7 +297,7 @@ impl Outbound {
             .collect();
         for id in gone {
             if let Some(sent) = r.instances.remove(&id) {
-                sent.tracker.stop(&sent.shared.memory);
+                sent.stop();
             }
             w.record(&Record::Gone { instance: id }).map_err(io)?;
         }
@@ -304,7 +379,7 @@ impl Outbound {
     pub fn end(&self) {
         let mut r = lock(&self.rounds);
         for (_, sent) in std::mem::take(&mut r.instances) {
-            sent.tracker.stop(&sent.shared.memory);
+            sent.stop();
         }
         r.poisoned = true;
         drop(r);
@@ -335,15 +410,15 @@ impl From<ExecError> for FinalError {
     }
 }
 
-/// Writes the tensors of `sent` that the destination lacks (new handles,
-/// or handles now naming another tensor) and frees the handles that went;
-/// returns the tensor bytes written.
+/// Writes the tensors of `sent` that its reader lacks (new handles, or
+/// handles now naming another tensor) as records of `instance`, and frees
+/// the handles that went; returns the tensor bytes written.
 fn write_tensors<W: Write>(
     w: &mut Writer<W>,
     sent: &mut Sent,
+    instance: u64,
     backend: &dyn Backend,
 ) -> std::io::Result<u64> {
-    let instance = sent.shared.id;
     let listing = sent.shared.tensors.listing();
     let mut bytes = 0;
     let now: HashMap<i32, u64> = listing.iter().map(|e| (e.handle, e.serial)).collect();

@@ -22,7 +22,7 @@ use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 use tensor_wasm_kernels::{Backend, BackendKind, SharedBytes};
-use tensor_wasm_shared::api::FunctionInfo;
+use tensor_wasm_shared::api::{Durability, FunctionInfo};
 use tensor_wasm_shared::{FunctionId, TenantId};
 use tokio::sync::Semaphore;
 
@@ -241,6 +241,7 @@ impl Registry {
         }
         self.store.remove_tenant(id);
         self.asset_store.remove_tenant(id.as_str());
+        crate::durable::remove_journal(&self.state_dir, id);
         Ok(())
     }
 
@@ -257,6 +258,19 @@ impl Registry {
         }
         lock(&self.inbound).remove(id);
         true
+    }
+
+    /// `t`'s checkpoint journal, made empty at its first use.
+    pub(crate) fn journal(&self, t: &Tenant) -> Arc<crate::durable::Journal> {
+        t.journal
+            .get_or_init(|| {
+                Arc::new(crate::durable::Journal::new(
+                    &self.state_dir,
+                    t.id.clone(),
+                    self.tracking.clone(),
+                ))
+            })
+            .clone()
     }
 
     /// How this executor tracks the pages a migration's rounds carry.
@@ -539,7 +553,7 @@ impl Registry {
         };
         let info = match restored {
             Some(mut info) => {
-                info.config = config.to_config();
+                info.config = config.to_config(&self.limits);
                 info.assets = assets.names();
                 info.assets_sha256 = assets.sha256().map(str::to_string);
                 info
@@ -552,7 +566,7 @@ impl Registry {
                 sha256: hex::encode(Sha256::digest(&reg.wasm)),
                 exports: inspected.exports.clone(),
                 created_at: now_rfc3339(),
-                config: config.to_config(),
+                config: config.to_config(&self.limits),
                 assets: assets.names(),
                 assets_sha256: assets.sha256().map(str::to_string),
             },
@@ -770,20 +784,34 @@ impl Registry {
     {
         let f = target.function.clone();
         let backend = target.tenant.backend.clone();
+        let journal =
+            crate::durable::journaled(f.config.durability).then(|| self.journal(&target.tenant));
+        let strict = f.config.durability == Durability::Strict;
         let result = tokio::task::spawn_blocking(move || {
-            let response = {
+            let (response, frame) = {
                 let request = body.decode(backend.as_ref())?;
                 let mut inst = f.pool.checkout(&slot, || {
                     WarmInstance::create(&f.pre, &f.setup, true, f.deadline())
                 })?;
                 match inst.inst.invoke(request, f.deadline()) {
                     Ok(r) => {
+                        // A strict invocation's effects are written while
+                        // the instance is still held, so exactly.
+                        let frame = match &journal {
+                            Some(j) if strict => Some(j.capture(&mut inst.inst, &f)),
+                            _ => None,
+                        };
                         f.pool.checkin(inst);
-                        r
+                        (r, frame)
                     }
                     // A trap or a deadline leaves the instance unusable: it
                     // is dropped, and its claim with it.
-                    Err(e) if e.kills_instance() => return Err(ExecError::Invoke(e)),
+                    Err(e) if e.kills_instance() => {
+                        if let Some(j) = &journal {
+                            j.gone(inst.inst.shared());
+                        }
+                        return Err(ExecError::Invoke(e));
+                    }
                     Err(e) => {
                         f.pool.checkin(inst);
                         return Err(ExecError::Invoke(e));
@@ -791,6 +819,11 @@ impl Registry {
                 }
             };
             drop(slot);
+            // Answered only once on disk (with the others' frames written
+            // meanwhile: one sync for the lot).
+            if let (Some(j), Some(frame)) = (&journal, frame) {
+                j.wait_durable(frame?)?;
+            }
             encode(response, backend.as_ref())
         })
         .await

@@ -18,6 +18,10 @@ use crate::registry::{BackendFactory, Registry};
 /// How often finished jobs past their retention are dropped: 30 s.
 const JANITOR_PERIOD: Duration = Duration::from_secs(30);
 
+/// How often the checkpointer looks for instances with a frame due: 100 ms,
+/// the shortest interval a function may ask for.
+const CHECKPOINT_PERIOD: Duration = crate::state::MIN_CHECKPOINT;
+
 /// Which device the executor drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -223,13 +227,16 @@ impl Executor {
         let loaded = tokio::task::spawn_blocking(move || reg.load_persisted())
             .await
             .unwrap_or(0);
+        // Before the listener: `/healthz` answers only once every tenant
+        // is back as of its last checkpoint.
+        let resumed = registry.recover_journals().await;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| ServeError::Bind(cfg.listen, e))?;
         let addr = listener
             .local_addr()
             .map_err(|e| ServeError::Bind(cfg.listen, e))?;
-        tracing::info!(id = %cfg.id, %addr, device = %device.name, functions = loaded, warm_tenants = warm, "executor ready");
+        tracing::info!(id = %cfg.id, %addr, device = %device.name, functions = loaded, warm_tenants = warm, resumed_tenants = resumed, "executor ready");
         Ok(Executor {
             shutdown_budget: SHUTDOWN_BUDGET,
             app: Arc::new(App {
@@ -267,11 +274,20 @@ impl Executor {
     ) -> Result<(), ServeError> {
         let registry = self.app.registry.clone();
         let registry_for_shutdown = registry.clone();
+        let checkpoints = registry.clone();
         let janitor = tokio::spawn(async move {
             let mut tick = tokio::time::interval(JANITOR_PERIOD);
             loop {
                 tick.tick().await;
                 registry.prune_jobs();
+            }
+        });
+        let checkpointer = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                checkpoints.checkpoint_pass(false).await;
             }
         });
         let (signalled_tx, mut signalled) = tokio::sync::watch::channel(None);
@@ -296,7 +312,16 @@ impl Executor {
             }
         };
         janitor.abort();
+        checkpointer.abort();
         let since = (*signalled.borrow()).unwrap_or_else(tokio::time::Instant::now);
+        // The last checkpoints: what ran since each instance's last frame.
+        let left = budget.saturating_sub(since.elapsed());
+        if tokio::time::timeout(left, registry_for_shutdown.checkpoint_pass(true))
+            .await
+            .is_err()
+        {
+            tracing::error!("the last checkpoints did not finish within the shutdown budget");
+        }
         let left = budget.saturating_sub(since.elapsed());
         let saved = registry_for_shutdown.save_warm_state(left).await;
         tracing::info!(tenants = saved, "warm state written");

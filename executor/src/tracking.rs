@@ -15,10 +15,17 @@
 //! during its copy is reported again by the next round (write-protect marks
 //! it clean before the copy; hashing hashes the bytes it copied), so only
 //! the last round, taken with the tenant frozen, needs to be exact, and is.
+//!
+//! An instance may have several readers at once (a migration's session and
+//! the checkpoint journal, [`crate::durable`]), each with its own idea of
+//! what it has. The kernel keeps one mark per page, so with write-protect
+//! every reader goes through the instance's [`Readers`]: a look takes the
+//! kernel's marks once and hands them to every reader's own set.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use crate::sync::lock;
 use crate::sys::{MemoryView, WriteTracker};
 
 /// Bytes of a page: the unit both methods report.
@@ -71,35 +78,127 @@ impl PageTracking {
         }
     }
 
-    /// Starts tracking an instance's memory. Every page counts as written
-    /// until the first [`MemoryTracker::changed`].
-    pub fn start(&self, view: &MemoryView) -> MemoryTracker {
-        let write_protect = match self {
-            PageTracking::WriteProtect(wt) => match view.track_writes(wt) {
-                Ok(tracked) => tracked,
+    /// Starts tracking an instance's memory (its `view`, read by
+    /// `readers`). Every page counts as written until the first
+    /// [`MemoryTracker::changed`].
+    pub fn start(&self, view: &MemoryView, readers: &Readers) -> MemoryTracker {
+        let reader = match self {
+            PageTracking::WriteProtect(wt) => match readers.join(view, wt) {
+                Ok(reader) => reader,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot write-protect an instance's memory; hashing it");
-                    false
+                    None
                 }
             },
-            PageTracking::Hashing => false,
+            PageTracking::Hashing => None,
         };
         MemoryTracker {
-            state: if write_protect {
-                State::WriteProtect
-            } else {
-                State::Hashing(Vec::new())
+            state: match reader {
+                Some(id) => State::WriteProtect(id),
+                None => State::Hashing(Vec::new()),
             },
             first: true,
         }
     }
+
+    /// Starts tracking memory whose reader has it as it is now (an
+    /// instance just rebuilt from it): the first
+    /// [`MemoryTracker::changed`] reports only what is written from here
+    /// on. Hashing reads the memory once to know it.
+    pub fn start_synced(&self, view: &MemoryView, readers: &Readers) -> MemoryTracker {
+        let mut t = self.start(view, readers);
+        let mut scratch = Vec::new();
+        if t.changed(view, readers, &mut scratch).is_err() {
+            tracing::debug!("an instance went as its tracking started");
+        }
+        t
+    }
 }
 
 enum State {
-    /// Registered with the executor's write tracker through the view.
-    WriteProtect,
+    /// One of the instance's [`Readers`], by id.
+    WriteProtect(u64),
     /// XXH3 of each page at the last look.
     Hashing(Vec<u64>),
+}
+
+/// Those reading one instance's memory with write-protect, each with the
+/// pages written since its own last look (a bit per page). The memory is
+/// registered with the write tracker while any reader is.
+#[derive(Debug, Default)]
+pub struct Readers(Mutex<ReaderSets>);
+
+#[derive(Debug, Default)]
+struct ReaderSets {
+    next: u64,
+    sets: Vec<(u64, Vec<u64>)>,
+}
+
+impl Readers {
+    /// A new reader, registering the memory with `wt` if it is the first;
+    /// `None` when the instance is gone.
+    fn join(&self, view: &MemoryView, wt: &Arc<WriteTracker>) -> std::io::Result<Option<u64>> {
+        let mut r = lock(&self.0);
+        if r.sets.is_empty() && !view.track_writes(wt)? {
+            return Ok(None);
+        }
+        r.next += 1;
+        let id = r.next;
+        r.sets.push((id, Vec::new()));
+        Ok(Some(id))
+    }
+
+    /// Takes the kernel's marks into every reader's set, then empties the
+    /// set of `id` into `out`. False when the instance is gone; on a scan
+    /// error every reader counts every page of `size` as written.
+    fn take(
+        &self,
+        view: &MemoryView,
+        id: u64,
+        size: usize,
+        out: &mut Vec<Range<usize>>,
+    ) -> std::io::Result<bool> {
+        let mut r = lock(&self.0);
+        let mut written = Vec::new();
+        let scanned = view.written(&mut written);
+        if matches!(scanned, Ok(false)) {
+            return Ok(false);
+        }
+        if scanned.is_err() {
+            written = whole(size);
+        }
+        for (_, set) in &mut r.sets {
+            for range in &written {
+                for page in range.start / PAGE..range.end.div_ceil(PAGE) {
+                    let (word, bit) = (page / 64, page % 64);
+                    if set.len() <= word {
+                        set.resize(word + 1, 0);
+                    }
+                    set[word] |= 1 << bit;
+                }
+            }
+        }
+        if let Some((_, set)) = r.sets.iter_mut().find(|(s, _)| *s == id) {
+            for (word, bits) in std::mem::take(set).into_iter().enumerate() {
+                let mut bits = bits;
+                while bits != 0 {
+                    let page = word * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    out.push(page * PAGE..(page + 1) * PAGE);
+                }
+            }
+        }
+        scanned.map(|_| true)
+    }
+
+    /// Removes reader `id`; the last one unregisters the memory.
+    fn leave(&self, view: &MemoryView, id: u64) {
+        let mut r = lock(&self.0);
+        r.sets.retain(|(s, _)| *s != id);
+        if r.sets.is_empty() {
+            view.untrack_writes();
+        }
+    }
 }
 
 /// One instance's memory, tracked across rounds.
@@ -124,7 +223,7 @@ pub struct Gone;
 impl MemoryTracker {
     /// Whether this tracker write-protects (else it hashes).
     pub fn write_protects(&self) -> bool {
-        matches!(self.state, State::WriteProtect)
+        matches!(self.state, State::WriteProtect(_))
     }
 
     /// The byte ranges of `[0, size)` to send now, coalesced and in order,
@@ -138,26 +237,26 @@ impl MemoryTracker {
     pub fn changed(
         &mut self,
         view: &MemoryView,
+        readers: &Readers,
         scratch: &mut Vec<u8>,
     ) -> Result<Vec<Range<usize>>, Gone> {
         let size = view.region().ok_or(Gone)?.size;
         let first = std::mem::replace(&mut self.first, false);
         match &mut self.state {
-            State::WriteProtect => {
-                if first {
-                    // Marks every page clean before the copy, so that a
-                    // write during it is reported next time.
-                    view.written(&mut Vec::new()).map_err(|_| Gone)?;
-                    return Ok(whole(size));
-                }
+            State::WriteProtect(id) => {
                 let mut written = Vec::new();
-                match view.written(&mut written) {
+                match readers.take(view, *id, size, &mut written) {
                     Ok(true) => {}
                     Ok(false) => return Err(Gone),
                     Err(e) => {
                         tracing::warn!(error = %e, "page scan failed; sending the whole memory");
                         return Ok(whole(size));
                     }
+                }
+                if first {
+                    // The marks were taken before the copy, so that a
+                    // write during it is reported next time.
+                    return Ok(whole(size));
                 }
                 Ok(coalesce(
                     written
@@ -193,9 +292,9 @@ impl MemoryTracker {
     }
 
     /// Stops tracking (the instance may live on).
-    pub fn stop(self, view: &MemoryView) {
-        if matches!(self.state, State::WriteProtect) {
-            view.untrack_writes();
+    pub fn stop(self, view: &MemoryView, readers: &Readers) {
+        if let State::WriteProtect(id) = self.state {
+            readers.leave(view, id);
         }
     }
 }
@@ -271,6 +370,7 @@ mod tests {
         buf: Vec<u8>,
         pad: usize,
         view: MemoryView,
+        readers: Readers,
     }
 
     impl Mem {
@@ -280,7 +380,12 @@ mod tests {
             let pad = (PAGE - addr % PAGE) % PAGE;
             let view = MemoryView::default();
             view.update(buf[pad..].as_mut_ptr(), pages * PAGE, pages * PAGE);
-            Mem { buf, pad, view }
+            Mem {
+                buf,
+                pad,
+                view,
+                readers: Readers::default(),
+            }
         }
 
         fn write(&mut self, offset: usize, b: u8) {
@@ -290,14 +395,14 @@ mod tests {
 
     fn check(tracking: PageTracking) {
         let mut mem = Mem::new(64);
-        let mut t = tracking.start(&mem.view);
+        let mut t = tracking.start(&mem.view, &mem.readers);
         let mut scratch = Vec::new();
         mem.write(5 * PAGE + 7, 1);
         mem.write(6 * PAGE, 2);
         mem.write(40 * PAGE + 100, 3);
         // First: the pages that may not be zeros (write-protect: all of
         // them, of which the caller sends the non-zero runs).
-        let first = t.changed(&mem.view, &mut scratch).unwrap();
+        let first = t.changed(&mem.view, &mem.readers, &mut scratch).unwrap();
         let nonzero = vec![5 * PAGE..7 * PAGE, 40 * PAGE..41 * PAGE];
         if t.write_protects() {
             assert_eq!(first, whole(64 * PAGE));
@@ -308,17 +413,23 @@ mod tests {
             assert_eq!(first, nonzero);
         }
         // Nothing written since.
-        assert_eq!(t.changed(&mem.view, &mut scratch).unwrap(), vec![]);
+        assert_eq!(
+            t.changed(&mem.view, &mem.readers, &mut scratch).unwrap(),
+            vec![]
+        );
         // A page written back to zero is reported too.
         mem.write(40 * PAGE + 100, 0);
         mem.write(63 * PAGE + 4095, 9);
         assert_eq!(
-            t.changed(&mem.view, &mut scratch).unwrap(),
+            t.changed(&mem.view, &mem.readers, &mut scratch).unwrap(),
             vec![40 * PAGE..41 * PAGE, 63 * PAGE..64 * PAGE]
         );
         mem.view.close();
-        assert!(t.changed(&mem.view, &mut scratch).is_err(), "gone");
-        t.stop(&mem.view);
+        assert!(
+            t.changed(&mem.view, &mem.readers, &mut scratch).is_err(),
+            "gone"
+        );
+        t.stop(&mem.view, &mem.readers);
     }
 
     /// Writes 4 bytes of its raw body at the offset its first 4 name;
@@ -386,11 +497,12 @@ mod tests {
     /// copy-on-write image of data segments), written by the guest.
     fn check_instance(tracking: PageTracking) {
         let mut inst = instance();
-        let view = &inst.shared().clone().memory;
-        let mut t = tracking.start(view);
+        let shared = inst.shared().clone();
+        let (view, readers) = (&shared.memory, &shared.readers);
+        let mut t = tracking.start(view, readers);
         let mut scratch = Vec::new();
         poke(&mut inst, 20000, 7);
-        let first = t.changed(view, &mut scratch).unwrap();
+        let first = t.changed(view, readers, &mut scratch).unwrap();
         if t.write_protects() {
             assert_eq!(first, whole(65536), "the whole memory, read once");
             assert_eq!(
@@ -410,17 +522,17 @@ mod tests {
                 "the body at 0, the data segment at 8192, the poke at 20000"
             );
         }
-        assert_eq!(t.changed(view, &mut scratch).unwrap(), vec![]);
+        assert_eq!(t.changed(view, readers, &mut scratch).unwrap(), vec![]);
         // A write in the image's page, and one in a page grown since.
         poke(&mut inst, 8200, 1);
         poke(&mut inst, 65536 + 100, 2);
-        let mut got = t.changed(view, &mut scratch).unwrap();
+        let mut got = t.changed(view, readers, &mut scratch).unwrap();
         got.retain(|r| r.start != 0);
         assert_eq!(got, vec![2 * PAGE..3 * PAGE, 16 * PAGE..17 * PAGE]);
         let mut bytes = [0u8; 4];
         assert!(view.read(65536 + 100, &mut bytes));
         assert_eq!(u32::from_le_bytes(bytes), 2);
-        t.stop(view);
+        t.stop(view, readers);
         drop(inst);
         assert!(
             !view.read(0, &mut bytes),
@@ -438,6 +550,52 @@ mod tests {
         let tracking = PageTracking::open();
         if write_protect_expected() {
             check_instance(tracking);
+        }
+    }
+
+    /// Two readers of one memory each see every page written since their
+    /// own last look, though the kernel keeps one mark per page.
+    fn check_two_readers(tracking: PageTracking) {
+        let mut mem = Mem::new(16);
+        let mut scratch = Vec::new();
+        let mut a = tracking.start(&mem.view, &mem.readers);
+        let mut b = tracking.start(&mem.view, &mem.readers);
+        a.changed(&mem.view, &mem.readers, &mut scratch).unwrap();
+        b.changed(&mem.view, &mem.readers, &mut scratch).unwrap();
+        mem.write(3 * PAGE, 1);
+        assert_eq!(
+            a.changed(&mem.view, &mem.readers, &mut scratch).unwrap(),
+            vec![3 * PAGE..4 * PAGE]
+        );
+        mem.write(9 * PAGE, 1);
+        assert_eq!(
+            b.changed(&mem.view, &mem.readers, &mut scratch).unwrap(),
+            vec![3 * PAGE..4 * PAGE, 9 * PAGE..10 * PAGE],
+            "b sees the page a's look took from the kernel"
+        );
+        assert_eq!(
+            a.changed(&mem.view, &mem.readers, &mut scratch).unwrap(),
+            vec![9 * PAGE..10 * PAGE]
+        );
+        // One reader going leaves the other tracking.
+        a.stop(&mem.view, &mem.readers);
+        mem.write(0, 5);
+        assert_eq!(
+            b.changed(&mem.view, &mem.readers, &mut scratch).unwrap(),
+            vec![0..PAGE]
+        );
+        b.stop(&mem.view, &mem.readers);
+    }
+
+    #[test]
+    fn hashing_serves_two_readers() {
+        check_two_readers(PageTracking::Hashing);
+    }
+
+    #[test]
+    fn write_protect_serves_two_readers() {
+        if write_protect_expected() {
+            check_two_readers(PageTracking::open());
         }
     }
 

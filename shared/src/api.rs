@@ -400,6 +400,41 @@ pub struct FunctionConfig {
     /// Most warm instances.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_instances: Option<u32>,
+    /// What a crash of the executor may lose of the warm state
+    /// (`docs/API.md`, "Durability"); `periodic` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<Durability>,
+    /// Interval of a `periodic` function's checkpoints, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_ms: Option<u64>,
+}
+
+/// What a crash of the executor (or its host) may lose of a function's
+/// warm state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Everything: the state lives in memory only (and is saved on a
+    /// graceful stop).
+    None,
+    /// At most the work since the last checkpoint, taken every
+    /// `checkpoint_ms`.
+    #[default]
+    Periodic,
+    /// Nothing a client saw answered: an invocation is answered once its
+    /// effects are on disk.
+    Strict,
+}
+
+impl Durability {
+    /// Its name in configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::None => "none",
+            Durability::Periodic => "periodic",
+            Durability::Strict => "strict",
+        }
+    }
 }
 
 /// A registered function, as `POST /functions` and `GET /functions/{id}`

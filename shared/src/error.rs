@@ -52,11 +52,12 @@ pub enum ErrorCode {
     CapacityExhausted,
     TenantMoving,
     DeadlineExceeded,
+    CheckpointFailed,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 31] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidInput,
         ErrorCode::Unauthorized,
@@ -87,6 +88,7 @@ impl ErrorCode {
         ErrorCode::CapacityExhausted,
         ErrorCode::TenantMoving,
         ErrorCode::DeadlineExceeded,
+        ErrorCode::CheckpointFailed,
     ];
 
     /// The HTTP status this code is answered with.
@@ -107,6 +109,7 @@ impl ErrorCode {
             ImportFailed => 502,
             ExecutorUnavailable | CapacityExhausted | TenantMoving => 503,
             DeadlineExceeded => 504,
+            CheckpointFailed => 507,
         }
     }
 
@@ -144,6 +147,7 @@ impl ErrorCode {
             CapacityExhausted => "capacity_exhausted",
             TenantMoving => "tenant_moving",
             DeadlineExceeded => "deadline_exceeded",
+            CheckpointFailed => "checkpoint_failed",
         }
     }
 }

@@ -68,6 +68,7 @@ pub mod env {
     pub const TENANT_FINISHED_JOB_BYTES: &str = "TENSOR_WASM_TENANT_FINISHED_JOB_BYTES";
     pub const JOB_RETENTION_SECS: &str = "TENSOR_WASM_JOB_RETENTION_SECS";
     pub const SHUTDOWN_BUDGET_SECS: &str = "TENSOR_WASM_SHUTDOWN_BUDGET_SECS";
+    pub const CHECKPOINT_MS: &str = "TENSOR_WASM_CHECKPOINT_MS";
 
     // The proxy (`tensor-wasm proxy`; `up` passes the listeners on).
     pub const PROXY_LISTEN: &str = "TENSOR_WASM_PROXY_LISTEN";

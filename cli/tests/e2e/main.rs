@@ -4,6 +4,7 @@
 
 mod assets;
 mod client;
+mod durable;
 mod executor;
 mod harness;
 mod operations;

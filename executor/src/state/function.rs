@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tensor_wasm_shared::api::{FunctionConfig, FunctionInfo};
+use tensor_wasm_shared::api::{Durability, FunctionConfig, FunctionInfo};
 use wasmtime::InstancePre;
 
 use crate::assets::{Assets, StagedAsset};
@@ -44,7 +44,17 @@ pub struct ResolvedConfig {
     pub memory_limit_bytes: u64,
     /// Most warm instances (the pool's slots).
     pub max_instances: u32,
+    /// What a crash may lose of its warm state.
+    pub durability: Durability,
+    /// Interval of its checkpoints when `periodic`.
+    pub checkpoint: Duration,
 }
+
+/// Shortest checkpoint interval a function may ask for: 100 ms.
+pub const MIN_CHECKPOINT: Duration = Duration::from_millis(100);
+
+/// Longest checkpoint interval a function may ask for: 1 h.
+pub const MAX_CHECKPOINT: Duration = Duration::from_secs(3600);
 
 impl ResolvedConfig {
     /// `c` with `limits`' defaults for what it leaves out, each value
@@ -65,15 +75,27 @@ impl ResolvedConfig {
                 .max_instances
                 .unwrap_or(limits.default_max_instances)
                 .clamp(1, limits.max_instances_per_function.max(1)),
+            durability: c.durability.unwrap_or_default(),
+            checkpoint: c
+                .checkpoint_ms
+                .map_or(limits.default_checkpoint, Duration::from_millis)
+                .clamp(MIN_CHECKPOINT, MAX_CHECKPOINT),
         }
     }
 
-    /// The public form, every field filled in.
-    pub fn to_config(self) -> FunctionConfig {
+    /// The public form, every field filled in but the durability's, which
+    /// appear when they are not the defaults: a function record an older
+    /// executor (which knows no durability) can still read, so that a
+    /// tenant can move back to it.
+    pub fn to_config(self, limits: &EngineLimits) -> FunctionConfig {
+        let periodic = self.durability == Durability::Periodic;
         FunctionConfig {
             deadline_ms: Some(self.deadline.as_millis() as u64),
             memory_limit_bytes: Some(self.memory_limit_bytes),
             max_instances: Some(self.max_instances),
+            durability: (!periodic).then_some(self.durability),
+            checkpoint_ms: (periodic && self.checkpoint != limits.default_checkpoint)
+                .then_some(self.checkpoint.as_millis() as u64),
         }
     }
 }

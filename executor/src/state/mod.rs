@@ -50,7 +50,9 @@ mod pool;
 mod store;
 mod tenant;
 
-pub use function::{AssetSource, Function, Registration, ResolvedConfig};
+pub use function::{
+    AssetSource, Function, MAX_CHECKPOINT, MIN_CHECKPOINT, Registration, ResolvedConfig,
+};
 pub use jobs::{JobCaps, JobRecord, JobTable};
 pub use pool::{InstanceClaim, InstanceCount, Pool, PooledInstance, Slot, Wait};
 pub use store::{FunctionStore, PersistedFunction};

@@ -199,6 +199,14 @@ impl Pool {
         lock(&self.idle).push(p);
     }
 
+    /// Takes the idle instance `id` out of the pool, if it is idle; the
+    /// caller holds a [`Slot`] and checks it back in.
+    pub fn take_idle(&self, _slot: &Slot, id: u64) -> Option<PooledInstance> {
+        let mut idle = lock(&self.idle);
+        let at = idle.iter().position(|p| p.inst.shared().id == id)?;
+        Some(idle.swap_remove(at))
+    }
+
     /// Adds an instance restored from a snapshot.
     pub fn adopt(&self, inst: WarmInstance) {
         self.track(&inst);

@@ -47,6 +47,8 @@ pub struct Tenant {
     /// Held by a registration or a delete of the tenant's functions, so
     /// that they happen one at a time.
     pub(crate) registering: Mutex<()>,
+    /// Its checkpoints (`crate::durable`), once it has any.
+    pub(crate) journal: std::sync::OnceLock<Arc<crate::durable::Journal>>,
 }
 
 /// One admitted unit of work (an invocation or a running job); the tenant
@@ -96,6 +98,7 @@ impl Tenant {
             jobs: Mutex::new(JobTable::new(job_caps)),
             assets: Mutex::new(HashMap::new()),
             registering: Mutex::new(()),
+            journal: std::sync::OnceLock::new(),
         }
     }
 

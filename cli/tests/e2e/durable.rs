@@ -1,0 +1,298 @@
+//! Durable warm state (`docs/API.md`, "Durability"): an executor killed
+//! with SIGKILL under load comes back with every `strict` answer its
+//! clients saw, and `periodic` tenants as of a recent checkpoint; damaged
+//! journals and a full disk lose nothing that was good before.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::harness::{COUNTER, ExecutorProcess, RawError, multipart, parse_counter, raw_request};
+
+/// Registers the counter for `tenant` with `config`; its id.
+fn deploy(ex: &ExecutorProcess, tenant: &str, config: &str) -> String {
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    let (ct, body) = multipart(&[
+        ("module", "application/wasm", &wasm),
+        ("config", "application/json", config.as_bytes()),
+    ]);
+    let (status, body) = ex.request("POST", "/functions?name=counter", Some(tenant), &ct, &body);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// One call of `tenant`'s counter on a fresh connection: its status and
+/// body, or why there was none.
+fn call(addr: &str, tenant: &str, id: &str) -> Result<(u16, Vec<u8>), RawError> {
+    raw_request(
+        addr,
+        "POST",
+        &format!("/functions/{id}/invoke"),
+        &[
+            (
+                "authorization",
+                &format!("Bearer {}", crate::harness::TOKEN),
+            ),
+            ("x-tensor-wasm-tenant", tenant),
+            ("content-type", "text/plain"),
+        ],
+        b"",
+        Duration::from_secs(30),
+    )
+}
+
+/// A call that must answer 200: the count, checked against the tensor
+/// that grows with it (memory, a global and a tensor agree).
+fn count(ex: &ExecutorProcess, tenant: &str, id: &str) -> u32 {
+    let (status, body) = call(&ex.addr, tenant, id).unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (n, sum) = parse_counter(&body);
+    assert_eq!(sum, vec![n as f32; 4], "global and tensor agree");
+    n
+}
+
+/// Every count answered 200, with when.
+type Answers = Vec<(Instant, u32)>;
+
+/// Calls `tenant`'s counter from `clients` threads until `stop`.
+fn load(
+    addr: &str,
+    tenant: &str,
+    id: &str,
+    clients: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Answers>> {
+    (0..clients)
+        .map(|_| {
+            let (addr, tenant, id, stop) = (
+                addr.to_string(),
+                tenant.to_string(),
+                id.to_string(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match call(&addr, &tenant, &id) {
+                        Ok((200, body)) => seen.push((Instant::now(), parse_counter(&body).0)),
+                        Ok((status, body)) => panic!(
+                            "{tenant}: {status} before the kill: {}",
+                            String::from_utf8_lossy(&body)
+                        ),
+                        // The kill: no answer.
+                        Err(_) => break,
+                    }
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// SIGKILL under a steady load of a `strict` and a `periodic` tenant:
+/// after the restart the strict counter goes on from at least the last
+/// count any client was answered (at most the calls in flight past it),
+/// and the periodic one from a count answered within about a checkpoint
+/// interval of the kill.
+#[test]
+fn sigkill_under_load_loses_no_strict_answer_and_little_periodic_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ex = ExecutorProcess::start("cpu-k", dir.path());
+    let strict = deploy(&ex, "acme", r#"{"durability": "strict"}"#);
+    let periodic = deploy(
+        &ex,
+        "beta",
+        r#"{"durability": "periodic", "checkpoint_ms": 200}"#,
+    );
+    let clients = 4;
+    let stop = Arc::new(AtomicBool::new(false));
+    let strict_load = load(&ex.addr, "acme", &strict, clients, &stop);
+    let periodic_load = load(&ex.addr, "beta", &periodic, clients, &stop);
+    std::thread::sleep(Duration::from_secs(3));
+    let killed = Instant::now();
+    ex.restart(); // SIGKILL, then the same id, state directory and port
+    stop.store(true, Ordering::Relaxed);
+    let gather = |handles: Vec<std::thread::JoinHandle<Answers>>| -> Answers {
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    };
+    let strict_seen = gather(strict_load);
+    let periodic_seen = gather(periodic_load);
+    let acked = strict_seen.iter().map(|(_, n)| *n).max().unwrap();
+    assert!(acked > 20, "a steady load: {acked} strict calls answered");
+
+    let next = count(&ex, "acme", &strict);
+    assert!(
+        next > acked && next <= acked + 1 + clients as u32,
+        "strict: answered up to {acked} before the kill, {next} after"
+    );
+
+    let periodic_acked = periodic_seen.iter().map(|(_, n)| *n).max().unwrap();
+    let next = count(&ex, "beta", &periodic);
+    // What was answered a generous interval before the kill (200 ms
+    // interval, 100 ms passes, the sync): that much must have survived.
+    let settled = periodic_seen
+        .iter()
+        .filter(|(at, _)| *at + Duration::from_secs(2) < killed)
+        .map(|(_, n)| *n)
+        .max()
+        .unwrap_or(0);
+    assert!(settled > 0, "periodic calls answered well before the kill");
+    assert!(
+        next > settled && next <= periodic_acked + 1 + clients as u32,
+        "periodic: {settled} answered 2 s before the kill, {periodic_acked} in all, {next} after"
+    );
+    assert!(
+        ex.log_text()
+            .contains("tenant resumed from its checkpoints"),
+        "{}",
+        ex.log_text()
+    );
+}
+
+/// The journal's only file, `durable/<tenant>/<generation>.journal`.
+fn journal_file(state: &Path, tenant: &str) -> std::path::PathBuf {
+    let dir = state.join("durable").join(tenant);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files.pop().expect("a journal")
+}
+
+/// A journal cut short (a crash mid-write) or with a bit flipped on disk:
+/// the damaged frame and what follows are refused, the tenant resumes from
+/// the frames before it, and the journal goes on from there.
+#[test]
+fn a_damaged_journal_resumes_from_the_last_good_frame() {
+    for damage in ["truncate", "flip"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ex = ExecutorProcess::start("cpu-j", dir.path());
+        let id = deploy(&ex, "acme", r#"{"durability": "strict"}"#);
+        for n in 1..=5 {
+            assert_eq!(count(&ex, "acme", &id), n);
+        }
+        // Each strict call wrote one frame; the checkpointer adds none to
+        // an instance whose frames are current.
+        ex.restart();
+        assert_eq!(
+            count(&ex, "acme", &id),
+            6,
+            "{damage}: whole, all of it back"
+        );
+        let file = journal_file(dir.path(), "acme");
+        let _ = ex.child.kill();
+        let _ = ex.child.wait();
+        let mut bytes = std::fs::read(&file).unwrap();
+        if damage == "truncate" {
+            // Cut into the last frame (call 6's): calls 1..5 stand.
+            bytes.truncate(bytes.len() - 10);
+        } else {
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x04;
+        }
+        std::fs::write(&file, &bytes).unwrap();
+        ex.restart();
+        let next = count(&ex, "acme", &id);
+        if damage == "truncate" {
+            assert_eq!(next, 6, "the frames before the cut");
+        } else {
+            // Frames 1..6 were there; the flipped one and those after it
+            // are refused.
+            assert!(
+                (1..=6).contains(&next),
+                "{damage}: from the frames before the flipped one, got {next}"
+            );
+        }
+        assert!(
+            ex.log_text().contains("a damaged checkpoint frame"),
+            "{}",
+            ex.log_text()
+        );
+        // The journal goes on from the good frames.
+        let again = count(&ex, "acme", &id);
+        ex.restart();
+        assert_eq!(
+            count(&ex, "acme", &id),
+            again + 1,
+            "{damage}: journaled again"
+        );
+    }
+}
+
+/// A full disk: strict calls answer `checkpoint_failed` while the tenant
+/// keeps serving its other functions, the last good checkpoint stays
+/// intact through a kill, and once there is room again checkpoints resume.
+/// The state directory is a 48 MiB tmpfs, filled by a file.
+#[test]
+fn a_full_disk_keeps_the_tenant_serving_and_its_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("state");
+    std::fs::create_dir(&mount).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&mount)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mounting a tmpfs (the tests run as root)"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+
+    let mut ex = ExecutorProcess::start("cpu-f", &mount);
+    let id = deploy(&ex, "acme", r#"{"durability": "strict"}"#);
+    let other = deploy(&ex, "acme-none", r#"{"durability": "none"}"#);
+    for n in 1..=3 {
+        assert_eq!(count(&ex, "acme", &id), n);
+    }
+    // Fill the disk.
+    let filler = mount.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut failed = 0;
+    for _ in 0..3 {
+        let (status, body) = call(&ex.addr, "acme", &id).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 507, "{v}");
+        assert_eq!(v["error"]["code"], "checkpoint_failed");
+        failed += 1;
+    }
+    // Another tenant, without durability, is unaffected.
+    assert_eq!(count(&ex, "acme-none", &other), 1);
+
+    // Killed while the disk is full: the checkpoint of call 3 is intact.
+    let _ = ex.child.kill();
+    let _ = ex.child.wait();
+    std::fs::remove_file(&filler).unwrap();
+    ex.restart();
+    assert_eq!(count(&ex, "acme", &id), 4, "after {failed} failed calls");
+
+    // Room again: checkpoints go on.
+    for n in 5..=6 {
+        assert_eq!(count(&ex, "acme", &id), n);
+    }
+    ex.restart();
+    assert_eq!(count(&ex, "acme", &id), 7);
+}

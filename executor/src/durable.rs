@@ -1,0 +1,890 @@
+//! Checkpoints of tenants' warm state on the executor's disk, so that a
+//! crash loses no more than each function's durability allows
+//! (`ARCHITECTURE.md`, "Durable state"; `docs/API.md`, "Durability").
+//!
+//! Each tenant has a journal, `durable/<tenant>/<generation>.journal`: a
+//! sequence of frames, each one instance's changes since its previous
+//! frame, as a format 2 stream of the records a migration's rounds carry,
+//! written by the same code ([`crate::outbound::write_instance`]): its
+//! size, the pages written (through the instance's own page tracking, so
+//! a frame costs what changed), the tensors made and the handles freed,
+//! and its mutable globals. A frame is taken only while its taker holds the
+//! instance (a `strict` invocation before its instance goes back to the
+//! pool; the checkpointer holding one of the pool's slots), so it is
+//! exact, never torn.
+//!
+//! A frame on disk:
+//!
+//! ```text
+//! "TWJ1" | flags u32 | instance u64 | len u64 | XXH3 of the 24 bytes before (u64)
+//! payload: len bytes (a format 2 stream)
+//! BLAKE3 of the payload (32 bytes)
+//! ```
+//!
+//! The header is written last, so a frame cut short by a crash or a full
+//! disk never has a valid header; a bit flipped anywhere fails a checksum.
+//! Recovery ([`recover`]) applies the frames in order and stops at the
+//! first that fails: every instance then stands as of its last good frame.
+//!
+//! A journal rolls to a new generation once it holds twice what a fresh
+//! copy of its instances takes (64 MiB at least): each instance's next
+//! frame is then a fresh copy in the new file, and a generation goes once
+//! no instance has its fresh copy in it or the one after.
+//!
+//! `strict` invocations wait for their frame to be synced. Syncs are shared
+//! (group commit): one waiter syncs everything written so far while the
+//! others wait for it, so a burst of invocations costs one `fdatasync`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::api::Durability;
+use tensor_wasm_shared::snapshot::stream::{Reader, Record, StreamKind, Writer};
+
+use crate::error::ExecError;
+use crate::inbound::Inbound;
+use crate::instance::{InstanceShared, WarmInstance};
+use crate::outbound::{Named, RoundStats, Sent, write_instance};
+use crate::registry::Registry;
+use crate::state::{Function, Tenant};
+use crate::sync::lock;
+use crate::tracking::PageTracking;
+
+/// Folder of the state directory that holds the journals.
+pub const DURABLE_DIR: &str = "durable";
+
+const MAGIC: &[u8; 4] = b"TWJ1";
+const HEADER: usize = 32;
+const TRAILER: usize = 32;
+/// The frame is a fresh copy of its instance.
+const FRESH: u32 = 1;
+/// The instance went (a trap, a deadline): recovery drops it.
+const GONE: u32 = 2;
+
+/// Largest frame read back: 8 GiB, as a snapshot.
+const MAX_FRAME: u64 = crate::snapshot::MAX_SNAPSHOT_BYTES;
+
+/// A generation's journal grows to at least this before it rolls: 64 MiB.
+const MIN_ROLL_BYTES: u64 = 64 << 20;
+
+/// Bytes written to the file at once: 1 MiB.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// What the journal has of one instance.
+#[derive(Debug)]
+struct Capture {
+    /// The id its frames carry (kept across restarts).
+    jid: u64,
+    sent: Sent,
+    /// The generation of its last fresh copy.
+    based: u64,
+    /// Bytes of that copy.
+    fresh_bytes: u64,
+    /// Its invocation count at its last frame.
+    invocations: u64,
+    at: Instant,
+}
+
+/// The file frames go to.
+#[derive(Debug)]
+struct Log {
+    generation: u64,
+    file: Option<Arc<File>>,
+    /// Bytes of the generation's file.
+    bytes: u64,
+    /// Frames written, counted from the journal's opening.
+    written: u64,
+    next_jid: u64,
+    /// Generations on disk.
+    generations: BTreeSet<u64>,
+}
+
+/// How far the frames are on disk.
+#[derive(Debug, Default)]
+struct Synced {
+    /// Frames written and synced.
+    durable: u64,
+    syncing: bool,
+    /// The last sync failed with this; cleared by the next that works.
+    failed: Option<String>,
+}
+
+/// One tenant's journal.
+pub struct Journal {
+    tenant: TenantId,
+    dir: PathBuf,
+    tracking: PageTracking,
+    /// By the instance's id in this process.
+    captures: Mutex<HashMap<u64, Capture>>,
+    log: Mutex<Log>,
+    synced: Mutex<Synced>,
+    synced_cv: Condvar,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        for (_, c) in lock(&self.captures).drain() {
+            c.sent.stop();
+        }
+    }
+}
+
+/// A frame was taken but not written: the tenant keeps serving, and its
+/// instances' next frames are fresh copies in a new generation.
+fn io_error(what: &str, e: std::io::Error) -> ExecError {
+    ExecError::Checkpoint(format!("{what}: {e}"))
+}
+
+/// The folder of `tenant`'s journal.
+pub fn journal_dir(state_dir: &Path, tenant: &TenantId) -> PathBuf {
+    state_dir.join(DURABLE_DIR).join(tenant.as_str())
+}
+
+fn generation_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("{generation:08}.journal"))
+}
+
+/// The generations in `dir`, in order.
+fn generations(dir: &Path) -> BTreeSet<u64> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeSet::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let name = name.to_str()?;
+            name.strip_suffix(".journal")?.parse().ok()
+        })
+        .collect()
+}
+
+impl Journal {
+    /// An empty journal of `tenant` under `state_dir` (nothing is written
+    /// until its first frame).
+    pub fn new(state_dir: &Path, tenant: TenantId, tracking: PageTracking) -> Journal {
+        let dir = journal_dir(state_dir, &tenant);
+        Journal {
+            tenant,
+            dir,
+            tracking,
+            captures: Mutex::new(HashMap::new()),
+            log: Mutex::new(Log {
+                generation: 1,
+                file: None,
+                bytes: 0,
+                written: 0,
+                next_jid: 1,
+                generations: BTreeSet::new(),
+            }),
+            synced: Mutex::new(Synced::default()),
+            synced_cv: Condvar::new(),
+        }
+    }
+
+    /// Writes a frame of `inst` (held by the caller) of function `f`: what
+    /// changed since its last frame, or all of it. Returns the frame's
+    /// number for [`wait_durable`](Self::wait_durable). Blocking.
+    pub fn capture(&self, inst: &mut WarmInstance, f: &Function) -> Result<u64, ExecError> {
+        let shared = inst.shared().clone();
+        let globals = inst
+            .globals(&f.mutable_globals)
+            .map_err(|e| ExecError::Internal(format!("instance {}: {e}", shared.id)))?;
+        let size =
+            shared.memory.region().map(|r| r.size).ok_or_else(|| {
+                ExecError::Internal("a checkpoint of an instance that went".into())
+            })?;
+        let mut captures = lock(&self.captures);
+        let mut log = lock(&self.log);
+        let generation = log.generation;
+        let entry = captures.entry(shared.id);
+        let capture = entry.or_insert_with(|| {
+            let jid = log.next_jid;
+            log.next_jid += 1;
+            Capture {
+                jid,
+                sent: Sent::new(shared.clone(), &self.tracking),
+                based: 0,
+                fresh_bytes: 0,
+                invocations: 0,
+                at: Instant::now(),
+            }
+        });
+        let fresh = capture.based < generation;
+        if fresh && capture.based != 0 {
+            // A new generation: the copy starts over from nothing.
+            let sent =
+                std::mem::replace(&mut capture.sent, Sent::new(shared.clone(), &self.tracking));
+            sent.stop();
+        }
+        let backend = shared_backend(f);
+        let written = self.write_frame(&mut log, capture.jid, if fresh { FRESH } else { 0 }, |w| {
+            let mut stats = RoundStats::default();
+            let mut scratch = Vec::new();
+            write_instance(
+                w,
+                &mut capture.sent,
+                Named {
+                    id: capture.jid,
+                    function: &f.info.id,
+                    size,
+                    fresh,
+                },
+                &mut scratch,
+                backend.as_ref(),
+                &mut stats,
+            )?;
+            w.record(&Record::Globals {
+                instance: capture.jid,
+                globals: globals.clone(),
+            })?;
+            Ok(())
+        });
+        match written {
+            Ok((n, bytes)) => {
+                if fresh {
+                    capture.based = generation;
+                    capture.fresh_bytes = bytes;
+                }
+                capture.invocations = shared
+                    .invocations
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                capture.at = Instant::now();
+                let fresh_total: u64 = captures.values().map(|c| c.fresh_bytes).sum();
+                if log.bytes > MIN_ROLL_BYTES.max(2 * fresh_total) {
+                    self.roll(&mut log);
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                // What the tracker marked clean never reached the disk:
+                // every instance starts over in a new generation.
+                self.roll(&mut log);
+                Err(e)
+            }
+        }
+    }
+
+    /// Records that instance `shared` went, so that recovery drops it.
+    pub fn gone(&self, shared: &InstanceShared) {
+        let Some(c) = lock(&self.captures).remove(&shared.id) else {
+            return;
+        };
+        c.sent.stop();
+        let mut log = lock(&self.log);
+        if let Err(e) = self.write_frame(&mut log, c.jid, GONE, |w| {
+            w.record(&Record::Gone { instance: c.jid })
+        }) {
+            tracing::warn!(tenant = %self.tenant, error = %e, "cannot journal an instance that went");
+            self.roll(&mut log);
+        }
+    }
+
+    /// Starts a new generation: every instance's next frame is a fresh
+    /// copy.
+    fn roll(&self, log: &mut Log) {
+        log.generation += 1;
+        log.file = None;
+        log.bytes = 0;
+    }
+
+    /// Writes one frame whose payload `body` writes; returns its number
+    /// and the payload's bytes. On failure the file is cut back to where
+    /// the frame began.
+    fn write_frame(
+        &self,
+        log: &mut Log,
+        jid: u64,
+        flags: u32,
+        body: impl FnOnce(&mut Writer<&mut Tee<'_>>) -> std::io::Result<()>,
+    ) -> Result<(u64, u64), ExecError> {
+        let file = match &log.file {
+            Some(f) => f.clone(),
+            None => {
+                std::fs::create_dir_all(&self.dir)
+                    .map_err(|e| io_error("creating the journal's folder", e))?;
+                let path = generation_path(&self.dir, log.generation);
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| io_error("opening the journal", e))?;
+                log.bytes = f
+                    .metadata()
+                    .map_err(|e| io_error("reading the journal's size", e))?
+                    .len();
+                let f = Arc::new(f);
+                log.file = Some(f.clone());
+                log.generations.insert(log.generation);
+                f
+            }
+        };
+        let start = log.bytes;
+        let result = (|| -> std::io::Result<u64> {
+            // A header that cannot be valid until the frame is whole.
+            file.write_all_at(&[0u8; HEADER], start)?;
+            let mut tee = Tee {
+                file: &file,
+                at: start + HEADER as u64,
+                buf: Vec::with_capacity(WRITE_BUFFER),
+                hasher: blake3::Hasher::new(),
+                len: 0,
+            };
+            {
+                let mut w = Writer::new(&mut tee, None)?;
+                w.record(&Record::Tenant {
+                    tenant: self.tenant.to_string(),
+                    kind: StreamKind::Round,
+                })?;
+                body(&mut w)?;
+                w.finish()?;
+            }
+            tee.flush()?;
+            let len = tee.len;
+            let digest = tee.hasher.finalize();
+            file.write_all_at(digest.as_bytes(), tee.at)?;
+            file.write_all_at(&header(flags, jid, len), start)?;
+            Ok(len)
+        })();
+        match result {
+            Ok(len) => {
+                log.bytes = start + HEADER as u64 + len + TRAILER as u64;
+                log.written += 1;
+                Ok((log.written, len))
+            }
+            Err(e) => {
+                if let Err(cut) = file.set_len(start) {
+                    tracing::error!(tenant = %self.tenant, error = %cut, "cannot cut a failed frame off the journal");
+                }
+                Err(io_error("writing a checkpoint", e))
+            }
+        }
+    }
+
+    /// Waits until frame `n` is on disk, syncing it if no one else is.
+    /// Blocking.
+    pub fn wait_durable(&self, n: u64) -> Result<(), ExecError> {
+        let mut s = lock(&self.synced);
+        loop {
+            if s.durable >= n {
+                return Ok(());
+            }
+            if !s.syncing {
+                break;
+            }
+            s = self
+                .synced_cv
+                .wait(s)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if s.durable < n
+                && !s.syncing
+                && let Some(e) = &s.failed
+            {
+                return Err(ExecError::Checkpoint(e.clone()));
+            }
+        }
+        s.syncing = true;
+        drop(s);
+        // Everything written up to now goes in this sync.
+        let (upto, file) = {
+            let log = lock(&self.log);
+            (log.written, log.file.clone())
+        };
+        let result = match file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        };
+        let mut s = lock(&self.synced);
+        s.syncing = false;
+        let out = match result {
+            Ok(()) => {
+                s.durable = s.durable.max(upto);
+                s.failed = None;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("syncing the journal: {e}");
+                s.failed = Some(msg.clone());
+                Err(ExecError::Checkpoint(msg))
+            }
+        };
+        self.synced_cv.notify_all();
+        out
+    }
+
+    /// Syncs what is written (a periodic checkpoint's end).
+    pub fn sync(&self) -> Result<(), ExecError> {
+        let n = lock(&self.log).written;
+        self.wait_durable(n)
+    }
+
+    /// Whether `shared` (of a function with `durability`, checkpointed
+    /// every `interval`) has a frame due: it has none in this generation,
+    /// or it ran since its last and `interval` has passed.
+    pub fn due(&self, shared: &InstanceShared, interval: std::time::Duration) -> bool {
+        let generation = lock(&self.log).generation;
+        match lock(&self.captures).get(&shared.id) {
+            None => true,
+            Some(c) => {
+                c.based < generation
+                    || (c.invocations
+                        != shared
+                            .invocations
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                        && c.at.elapsed() >= interval)
+            }
+        }
+    }
+
+    /// Journals the instances that went since the last look (not in
+    /// `live`), and removes the generations no instance needs: those
+    /// before the oldest fresh copy's, and one more kept in case that copy
+    /// is found damaged.
+    pub fn tidy(&self, live: &[u64]) {
+        let went: Vec<Arc<InstanceShared>> = lock(&self.captures)
+            .values()
+            .filter(|c| !live.contains(&c.sent.shared.id))
+            .map(|c| c.sent.shared.clone())
+            .collect();
+        for shared in went {
+            self.gone(&shared);
+        }
+        let oldest = {
+            let captures = lock(&self.captures);
+            let log = lock(&self.log);
+            captures
+                .values()
+                .map(|c| c.based)
+                .min()
+                .unwrap_or(log.generation)
+                .min(log.generation)
+        };
+        let mut log = lock(&self.log);
+        let old: Vec<u64> = log
+            .generations
+            .iter()
+            .copied()
+            .filter(|&g| g + 1 < oldest)
+            .collect();
+        for g in old {
+            let path = generation_path(&self.dir, g);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    log.generations.remove(&g);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    log.generations.remove(&g);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove an old journal")
+                }
+            }
+        }
+    }
+}
+
+fn shared_backend(f: &Function) -> Arc<dyn tensor_wasm_kernels::Backend> {
+    f.setup.backend.clone()
+}
+
+fn header(flags: u32, jid: u64, len: u64) -> [u8; HEADER] {
+    let mut h = [0u8; HEADER];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..8].copy_from_slice(&flags.to_le_bytes());
+    h[8..16].copy_from_slice(&jid.to_le_bytes());
+    h[16..24].copy_from_slice(&len.to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&h[..24]);
+    h[24..].copy_from_slice(&sum.to_le_bytes());
+    h
+}
+
+/// A frame's header, if it is valid: (flags, instance, payload length).
+fn parse_header(h: &[u8; HEADER]) -> Option<(u32, u64, u64)> {
+    let sum = u64::from_le_bytes(h[24..].try_into().ok()?);
+    if &h[..4] != MAGIC || xxhash_rust::xxh3::xxh3_64(&h[..24]) != sum {
+        return None;
+    }
+    let flags = u32::from_le_bytes(h[4..8].try_into().ok()?);
+    let jid = u64::from_le_bytes(h[8..16].try_into().ok()?);
+    let len = u64::from_le_bytes(h[16..24].try_into().ok()?);
+    (flags & !(FRESH | GONE) == 0 && len <= MAX_FRAME).then_some((flags, jid, len))
+}
+
+/// Writes at a position of a file through a buffer, hashing and counting
+/// what goes by.
+struct Tee<'a> {
+    file: &'a File,
+    at: u64,
+    buf: Vec<u8>,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl Write for Tee<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.hasher.update(b);
+        self.len += b.len() as u64;
+        if self.buf.len() + b.len() > WRITE_BUFFER {
+            self.flush()?;
+        }
+        if b.len() >= WRITE_BUFFER {
+            self.file.write_all_at(b, self.at)?;
+            self.at += b.len() as u64;
+        } else {
+            self.buf.extend_from_slice(b);
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.file.write_all_at(&self.buf, self.at)?;
+            self.at += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// One good frame found on disk.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    generation: u64,
+    /// Offset of its payload.
+    at: u64,
+    flags: u32,
+    jid: u64,
+    len: u64,
+}
+
+/// What a recovery found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    pub frames: u64,
+    pub instances: usize,
+    /// Bytes cut off the journal at its first damaged frame.
+    pub damaged_bytes: u64,
+}
+
+/// The good frames of generation `g` of `dir`, in order, and where the
+/// first damaged one starts (`None` when the file is whole).
+fn scan(dir: &Path, g: u64) -> std::io::Result<(Vec<Frame>, u64, Option<u64>)> {
+    let file = File::open(generation_path(dir, g))?;
+    let size = file.metadata()?.len();
+    let mut frames = Vec::new();
+    let mut at = 0u64;
+    let mut buf = vec![0u8; WRITE_BUFFER];
+    while at < size {
+        let mut h = [0u8; HEADER];
+        if size - at < (HEADER + TRAILER) as u64 || file.read_exact_at(&mut h, at).is_err() {
+            return Ok((frames, size, Some(at)));
+        }
+        let Some((flags, jid, len)) = parse_header(&h) else {
+            return Ok((frames, size, Some(at)));
+        };
+        let payload = at + HEADER as u64;
+        if len > size - payload - TRAILER as u64 {
+            return Ok((frames, size, Some(at)));
+        }
+        let mut hasher = blake3::Hasher::new();
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], payload + off)?;
+            hasher.update(&buf[..n]);
+            off += n as u64;
+        }
+        let mut sum = [0u8; TRAILER];
+        file.read_exact_at(&mut sum, payload + len)?;
+        if hasher.finalize().as_bytes() != &sum {
+            return Ok((frames, size, Some(at)));
+        }
+        frames.push(Frame {
+            generation: g,
+            at: payload,
+            flags,
+            jid,
+            len,
+        });
+        at = payload + len + TRAILER as u64;
+    }
+    Ok((frames, size, None))
+}
+
+/// Rebuilds `tenant`'s instances (its functions registered already) from
+/// its journal, up to the last good frame, and returns its journal, which
+/// goes on from there. A damaged frame and everything after it is cut off
+/// (and logged): each instance stands as of its last good frame, or its
+/// previous generation's. Blocking.
+pub fn recover(
+    registry: &Registry,
+    tenant: &Arc<Tenant>,
+) -> Result<(Journal, Recovered), ExecError> {
+    let journal = Journal::new(
+        registry.state_dir(),
+        tenant.id.clone(),
+        registry.page_tracking().clone(),
+    );
+    let dir = journal.dir.clone();
+    let mut found = generations(&dir);
+    let mut frames = Vec::new();
+    let mut report = Recovered::default();
+    let mut end = None;
+    for &g in &found {
+        let (mut good, size, damaged) =
+            scan(&dir, g).map_err(|e| io_error("reading a journal", e))?;
+        frames.append(&mut good);
+        if let Some(at) = damaged {
+            report.damaged_bytes += size - at;
+            end = Some((g, at));
+            break;
+        }
+    }
+    if let Some((g, at)) = end {
+        tracing::error!(tenant = %tenant.id, generation = g, offset = at, bytes = report.damaged_bytes, "a damaged checkpoint frame: the tenant resumes from the frames before it");
+        let cut = std::fs::OpenOptions::new()
+            .write(true)
+            .open(generation_path(&dir, g))
+            .and_then(|f| f.set_len(at).and_then(|()| f.sync_all()));
+        if let Err(e) = cut {
+            return Err(io_error("cutting a damaged journal", e));
+        }
+        for later in found.split_off(&(g + 1)) {
+            let _ = std::fs::remove_file(generation_path(&dir, later));
+        }
+    }
+    let inbound = Inbound::new(tenant.clone(), None);
+    let mut based: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut file: Option<(u64, File)> = None;
+    for fr in &frames {
+        if file.as_ref().is_none_or(|(g, _)| *g != fr.generation) {
+            let f = File::open(generation_path(&dir, fr.generation))
+                .map_err(|e| io_error("reading a journal", e))?;
+            file = Some((fr.generation, f));
+        }
+        let Some((_, f)) = &file else { continue };
+        report.frames += 1;
+        if fr.flags & (FRESH | GONE) != 0 {
+            inbound.forget_instance(fr.jid);
+            based.remove(&fr.jid);
+        }
+        if fr.flags & GONE != 0 {
+            continue;
+        }
+        if fr.flags & FRESH == 0 && !based.contains_key(&fr.jid) {
+            continue; // an instance dropped earlier: nothing to change
+        }
+        let payload = Positioned {
+            file: f,
+            at: fr.at,
+            end: fr.at + fr.len,
+        };
+        let mut reader = Reader::new(payload, None, MAX_FRAME).map_err(ExecError::Snapshot)?;
+        match inbound.apply_frame(registry, &mut reader, fr.jid) {
+            Ok(_) => {
+                if fr.flags & FRESH != 0 {
+                    based.insert(fr.jid, (fr.generation, fr.len));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %tenant.id, instance = fr.jid, error = %e, "a checkpointed instance cannot be rebuilt; it starts cold");
+                based.remove(&fr.jid);
+            }
+        }
+    }
+    let adopted = inbound.adopt_staged();
+    report.instances = adopted.len();
+    {
+        let mut captures = lock(&journal.captures);
+        let mut log = lock(&journal.log);
+        log.generations = found.clone();
+        log.generation = found.last().copied().unwrap_or(1);
+        log.next_jid = frames.iter().map(|f| f.jid).max().unwrap_or(0) + 1;
+        for (jid, shared) in adopted {
+            let (g, bytes) = based.get(&jid).copied().unwrap_or((0, 0));
+            let invocations = shared
+                .invocations
+                .load(std::sync::atomic::Ordering::Relaxed);
+            captures.insert(
+                shared.id,
+                Capture {
+                    jid,
+                    sent: Sent::synced(shared, &journal.tracking),
+                    based: g,
+                    fresh_bytes: bytes,
+                    invocations,
+                    at: Instant::now(),
+                },
+            );
+        }
+    }
+    Ok((journal, report))
+}
+
+/// The bytes `[at, end)` of a file, read in order.
+struct Positioned<'a> {
+    file: &'a File,
+    at: u64,
+    end: u64,
+}
+
+impl Read for Positioned<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = (self.end - self.at).min(out.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut out[..n], self.at)?;
+        self.at += got as u64;
+        Ok(got)
+    }
+}
+
+/// Whether instances of functions with `d` are journaled.
+pub fn journaled(d: Durability) -> bool {
+    d != Durability::None
+}
+
+/// Removes `tenant`'s journal (the tenant left this executor).
+pub fn remove_journal(state_dir: &Path, tenant: &TenantId) {
+    let dir = journal_dir(state_dir, tenant);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(%tenant, error = %e, "cannot remove the tenant's journal"),
+    }
+}
+
+impl Registry {
+    /// One pass of the checkpointer over every tenant that takes work: a
+    /// frame of each instance of a journaled function that has one due
+    /// (it ran since its last frame and its function's interval passed,
+    /// or it has no fresh copy in the current generation), taken while
+    /// holding one of its pool's slots, then one sync per tenant. A tenant
+    /// being frozen waits for its pass, as for an invocation. `last` (a
+    /// graceful stop): every instance that ran since its last frame, the
+    /// interval regardless.
+    pub async fn checkpoint_pass(self: &Arc<Self>, last: bool) {
+        for t in self.tenant_list() {
+            let Ok(admitted) = t.admit() else {
+                continue;
+            };
+            let mut live = Vec::new();
+            let mut wrote = false;
+            for f in t.function_list() {
+                if !journaled(f.config.durability) {
+                    continue;
+                }
+                let journal = self.journal(&t);
+                for shared in f.pool.live() {
+                    live.push(shared.id);
+                    let interval = if last {
+                        std::time::Duration::ZERO
+                    } else {
+                        f.config.checkpoint
+                    };
+                    if !journal.due(&shared, interval) {
+                        continue;
+                    }
+                    let Ok(slot) = f
+                        .pool
+                        .acquire(crate::state::Wait::Unbounded, &f.info.id, f.deadline())
+                        .await
+                    else {
+                        continue;
+                    };
+                    let (journal, f, id) = (journal.clone(), f.clone(), shared.id);
+                    let taken = tokio::task::spawn_blocking(move || {
+                        // Running or gone: the next pass looks again.
+                        let mut p = f.pool.take_idle(&slot, id)?;
+                        let result = journal.capture(&mut p.inst, &f);
+                        f.pool.checkin(p);
+                        Some(result)
+                    })
+                    .await;
+                    match taken {
+                        Ok(Some(Ok(_))) => wrote = true,
+                        Ok(Some(Err(e))) => {
+                            tracing::warn!(tenant = %t.id, error = %e, "a checkpoint failed; the tenant keeps serving")
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(tenant = %t.id, error = %e, "a checkpoint task failed")
+                        }
+                    }
+                }
+            }
+            if let Some(journal) = t.journal.get().cloned() {
+                let synced = tokio::task::spawn_blocking(move || {
+                    let synced = if wrote { journal.sync() } else { Ok(()) };
+                    journal.tidy(&live);
+                    synced
+                })
+                .await;
+                if let Ok(Err(e)) = synced {
+                    tracing::warn!(tenant = %t.id, error = %e, "a checkpoint sync failed; the tenant keeps serving");
+                }
+            }
+            drop(admitted);
+        }
+    }
+
+    /// Rebuilds the warm state of every tenant that did not come back warm
+    /// from its journal (its functions are registered already); a tenant
+    /// that came back warm, whose state is newer, starts a new journal.
+    /// Returns how many tenants resumed from a journal.
+    pub async fn recover_journals(self: &Arc<Self>) -> usize {
+        let root = self.state_dir().join(DURABLE_DIR);
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return 0;
+        };
+        let mut resumed = 0;
+        for entry in entries.flatten() {
+            let Some(tenant) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| TenantId::new(s).ok())
+            else {
+                continue;
+            };
+            let t = match self.existing_tenant(&tenant) {
+                Some(t) if t.instance_count() == 0 && t.function_count() > 0 => t,
+                _ => {
+                    remove_journal(self.state_dir(), &tenant);
+                    continue;
+                }
+            };
+            let registry = self.clone();
+            let t2 = t.clone();
+            let started = Instant::now();
+            match tokio::task::spawn_blocking(move || recover(&registry, &t2)).await {
+                Ok(Ok((journal, report))) => {
+                    tracing::info!(%tenant, frames = report.frames, instances = report.instances, damaged_bytes = report.damaged_bytes, elapsed = ?started.elapsed(), "tenant resumed from its checkpoints");
+                    let _ = t.journal.set(Arc::new(journal));
+                    resumed += 1;
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(%tenant, error = %e, "cannot resume the tenant from its checkpoints; it starts cold")
+                }
+                Err(e) => tracing::error!(%tenant, error = %e, "a recovery task failed"),
+            }
+        }
+        resumed
+    }
+}
