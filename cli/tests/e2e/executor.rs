@@ -284,9 +284,10 @@ fn a_graceful_stop_cuts_off_a_long_invocation_and_saves_the_rest() {
 
 /// A warm-state file damaged on disk (one bit flipped, or cut short as a
 /// crash mid-write would leave it) fails its checksum: it is kept aside and
-/// the tenant starts cold from its registered functions.
+/// the tenant resumes from its checkpoints (the graceful stop wrote the
+/// last), its registered functions untouched.
 #[test]
-fn damaged_warm_state_is_refused_and_the_tenant_starts_cold() {
+fn damaged_warm_state_is_refused_and_the_tenant_resumes_from_its_checkpoints() {
     for damage in ["flip", "truncate"] {
         let dir = tempfile::tempdir().unwrap();
         let ex = ExecutorProcess::start("cpu-d", dir.path());
@@ -306,7 +307,11 @@ fn damaged_warm_state_is_refused_and_the_tenant_starts_cold() {
         std::fs::write(&file, &bytes).unwrap();
 
         let ex = ExecutorProcess::start("cpu-d", dir.path());
-        assert_eq!(counter_call(&ex, &id).0, 1, "{damage}: cold");
+        assert_eq!(
+            counter_call(&ex, &id),
+            (3, vec![3.0; 4]),
+            "{damage}: from the checkpoint of call 2"
+        );
         assert!(
             dir.path().join("warm").join("acme.twsnap.refused").exists(),
             "{damage}: kept aside"

@@ -1,0 +1,252 @@
+//! Invocation cost of each durability, side by side in one run
+//! (`docs/API.md`, "Durability"):
+//!
+//!     cargo bench -p tensor-wasm-bench --bench durability
+//!     SECONDS=5 CLIENTS=32 STATE_DIR=/var/lib/x cargo bench -p tensor-wasm-bench --bench durability
+//!
+//! One tenant per row, on the executor's own invocation path (the registry,
+//! its pool, its journal, and the checkpointer pass every 100 ms as the
+//! server runs it), driven by CLIENTS concurrent callers (32) for SECONDS
+//! (5) each. Two functions: one that writes 4 KiB of its memory per call,
+//! one that writes 1 MiB, each at a place that moves. For `none`,
+//! `periodic` (1 s) and `strict` it prints latency p50 and p99, calls per
+//! second, the journal's bytes per second, and each against `none`; first
+//! the disk's own `fdatasync` p50 (4 KiB written, then synced), the floor
+//! under a `strict` call. The journal is written under STATE_DIR (a
+//! temporary folder by default: put it on the disk you mean to measure).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tensor_wasm_executor::body::RequestBody;
+use tensor_wasm_executor::config::{EngineLimits, TenantQuotas};
+use tensor_wasm_executor::engine::Runtime;
+use tensor_wasm_executor::metrics::Metrics;
+use tensor_wasm_executor::registry::{BackendFactory, Registry};
+use tensor_wasm_executor::state::Registration;
+use tensor_wasm_kernels::{Backend, CpuBackend};
+use tensor_wasm_shared::TenantId;
+use tensor_wasm_shared::api::{Durability, FunctionConfig};
+
+/// Writes `BYTES` of its memory per call, at a place that moves, and
+/// counts its calls in a global.
+fn writer(bytes: u32) -> String {
+    format!(
+        r#"(module
+  (memory (export "memory") 256)
+  (global $n (mut i32) (i32.const 0))
+  (func (export "handle") (result i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (memory.fill
+      (i32.rem_u (i32.mul (global.get $n) (i32.const {bytes})) (i32.const 16777216))
+      (global.get $n)
+      (i32.const {bytes}))
+    (i32.const 0)))"#
+    )
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn registry(dir: &Path) -> Arc<Registry> {
+    let limits = EngineLimits {
+        total_instances: 64,
+        ..EngineLimits::default()
+    };
+    let runtime = Runtime::new(limits, None).unwrap();
+    let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::default());
+    let factory: BackendFactory = Arc::new(move || Ok(cpu.clone()));
+    let metrics = Arc::new(Metrics::new("cpu", &[("component", "bench")]));
+    Arc::new(Registry::new(
+        runtime,
+        factory,
+        dir.to_path_buf(),
+        TenantQuotas::default(),
+        metrics,
+    ))
+}
+
+/// p-th percentile of sorted `v`.
+fn pct(v: &[Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The disk's own `fdatasync` p50: 4 KiB appended, then synced.
+fn fdatasync_p50(dir: &Path) -> Duration {
+    use std::io::Write;
+    let path = dir.join("fdatasync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let page = vec![1u8; 4096];
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        let start = Instant::now();
+        f.write_all(&page).unwrap();
+        f.sync_data().unwrap();
+        times.push(start.elapsed());
+    }
+    let _ = std::fs::remove_file(&path);
+    times.sort();
+    pct(&times, 0.5)
+}
+
+/// Bytes under `dir`, recursively.
+fn bytes_under(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => bytes_under(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+struct Row {
+    p50: Duration,
+    p99: Duration,
+    per_sec: f64,
+    journal_per_sec: f64,
+}
+
+fn run(
+    tokio: &tokio::runtime::Runtime,
+    dir: &Path,
+    bytes: u32,
+    durability: Durability,
+    clients: usize,
+    seconds: f64,
+) -> Row {
+    let reg = registry(dir);
+    let tenant = TenantId::new(format!("w{bytes}-{}", durability.as_str())).unwrap();
+    let info = reg
+        .register(
+            &tenant,
+            Registration {
+                name: "writer".into(),
+                wasm: wat::parse_str(writer(bytes)).unwrap(),
+                assets: None,
+                config: FunctionConfig {
+                    durability: Some(durability),
+                    ..FunctionConfig::default()
+                },
+                replace: false,
+            },
+        )
+        .unwrap();
+    let target = reg.resolve(&tenant, &info.id).unwrap();
+    let journal = dir.join("durable").join(tenant.as_str());
+    tokio.block_on(async {
+        let checkpointer = {
+            let reg = reg.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tick.tick().await;
+                    reg.checkpoint_pass(false).await;
+                }
+            })
+        };
+        // Warm: the instance made and its first full copy written.
+        reg.invoke(&target, RequestBody::default(), |r, _| Ok(r))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = bytes_under(&journal);
+        let start = Instant::now();
+        let end = start + Duration::from_secs_f64(seconds);
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (reg, target) = (reg.clone(), target.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut times = Vec::new();
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    reg.invoke(&target, RequestBody::default(), |r, _| Ok(r))
+                        .await
+                        .unwrap();
+                    times.push(t.elapsed());
+                }
+                times
+            }));
+        }
+        let mut times = Vec::new();
+        for t in tasks {
+            times.extend(t.await.unwrap());
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        checkpointer.abort();
+        times.sort();
+        Row {
+            p50: pct(&times, 0.5),
+            p99: pct(&times, 0.99),
+            per_sec: times.len() as f64 / elapsed,
+            journal_per_sec: bytes_under(&journal).saturating_sub(before) as f64 / elapsed,
+        }
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; this bench takes no arguments.
+    let clients = env_or("CLIENTS", 32usize);
+    let seconds = env_or("SECONDS", 5.0f64);
+    let state: PathBuf = std::env::var_os("STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tempfile::tempdir().unwrap().keep());
+    std::fs::create_dir_all(&state).unwrap();
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sync = fdatasync_p50(&state);
+    println!(
+        "durability: {clients} clients, {seconds} s per row, state under {}",
+        state.display()
+    );
+    println!("disk fdatasync p50 (4 KiB): {} ms", ms(sync));
+    println!(
+        "{:<10} {:<9} {:>9} {:>9} {:>9} {:>12} {:>10} {:>10}",
+        "writes", "mode", "p50 ms", "p99 ms", "calls/s", "journal MB/s", "p50 ×none", "tput ×none"
+    );
+    for bytes in [4096u32, 1 << 20] {
+        let mut none: Option<Row> = None;
+        for mode in [Durability::None, Durability::Periodic, Durability::Strict] {
+            let dir = state.join(format!("{bytes}-{}", mode.as_str()));
+            let row = run(&tokio, &dir, bytes, mode, clients, seconds);
+            let base = none.as_ref().unwrap_or(&row);
+            println!(
+                "{:<10} {:<9} {:>9} {:>9} {:>9.0} {:>12.1} {:>10.2} {:>10.2}",
+                if bytes == 4096 { "4 KiB" } else { "1 MiB" },
+                mode.as_str(),
+                ms(row.p50),
+                ms(row.p99),
+                row.per_sec,
+                row.journal_per_sec / 1e6,
+                row.p50.as_secs_f64() / base.p50.as_secs_f64(),
+                row.per_sec / base.per_sec,
+            );
+            if mode == Durability::None {
+                none = Some(row);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    println!(
+        "targets (4 KiB): strict p50 ≤ max(1.5 × none, none + fdatasync p50 = {} ms), strict calls/s ≥ 0.7 × none, periodic p50 ≤ 1.1 × none",
+        ms(sync)
+    );
+}
