@@ -2,11 +2,11 @@
 //! (`docs/API.md`, "Durability"):
 //!
 //!     cargo bench -p tensor-wasm-bench --bench durability
-//!     SECONDS=5 CLIENTS=32 STATE_DIR=/var/lib/x cargo bench -p tensor-wasm-bench --bench durability
+//!     DURATION=5 CLIENTS=32 STATE_DIR=/var/lib/x cargo bench -p tensor-wasm-bench --bench durability
 //!
 //! One tenant per row, on the executor's own invocation path (the registry,
 //! its pool, its journal, and the checkpointer pass every 100 ms as the
-//! server runs it), driven by CLIENTS concurrent callers (32) for SECONDS
+//! server runs it), driven by CLIENTS concurrent callers (32) for DURATION
 //! (5) each. Two functions: one that writes 4 KiB of its memory per call,
 //! one that writes 1 MiB, each at a place that moves. For `none`,
 //! `periodic` (1 s) and `strict` it prints latency p50 and p99, calls per
@@ -14,6 +14,9 @@
 //! the disk's own `fdatasync` p50 (4 KiB written, then synced), the floor
 //! under a `strict` call. The journal is written under STATE_DIR (a
 //! temporary folder by default: put it on the disk you mean to measure).
+
+// A report for a person: its table is what it prints.
+#![allow(clippy::print_stdout)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -203,7 +206,7 @@ fn ms(d: Duration) -> String {
 fn main() {
     // `cargo bench` passes `--bench`; this bench takes no arguments.
     let clients = env_or("CLIENTS", 32usize);
-    let seconds = env_or("SECONDS", 5.0f64);
+    let seconds = env_or("DURATION", 5.0f64);
     let state: PathBuf = std::env::var_os("STATE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| tempfile::tempdir().unwrap().keep());

@@ -21,8 +21,9 @@
 //! BLAKE3 of the payload (32 bytes)
 //! ```
 //!
-//! The header is written last, so a frame cut short by a crash or a full
-//! disk never has a valid header; a bit flipped anywhere fails a checksum.
+//! A frame of up to 1 MiB is written at once; a larger one streams out and
+//! its header is written last. A frame cut short by a crash or a full disk,
+//! or with a bit flipped anywhere, fails a checksum.
 //! Recovery ([`recover`]) applies the frames in order and stops at the
 //! first that fails: every instance then stands as of its last good frame.
 //!
@@ -96,8 +97,13 @@ struct Capture {
 struct Log {
     generation: u64,
     file: Option<Arc<File>>,
-    /// Bytes of the generation's file.
+    /// Bytes of the generation's file, `buf` included.
     bytes: u64,
+    /// Bytes written to the file: `buf` goes there next.
+    flushed: u64,
+    /// Small frames not yet written to the file: the next sync writes
+    /// them, so that a frame costs the invocation a copy, not a write.
+    buf: Vec<u8>,
     /// Frames written, counted from the journal's opening.
     written: u64,
     next_jid: u64,
@@ -113,6 +119,13 @@ struct Synced {
     syncing: bool,
     /// The last sync failed with this; cleared by the next that works.
     failed: Option<String>,
+    /// Frames up to this one were lost to a failed write or sync.
+    failed_upto: u64,
+    /// Frames written and not yet synced: (frame, instance, the instance's
+    /// invocation count the frame covers).
+    unsynced: Vec<(u64, u64, u64)>,
+    /// By instance: the invocation count its synced frames cover.
+    covered: HashMap<u64, u64>,
 }
 
 /// One tenant's journal.
@@ -125,6 +138,8 @@ pub struct Journal {
     log: Mutex<Log>,
     synced: Mutex<Synced>,
     synced_cv: Condvar,
+    /// Bumped at every sync: what async waiters wait on.
+    progress: tokio::sync::watch::Sender<()>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -187,12 +202,15 @@ impl Journal {
                 generation: 1,
                 file: None,
                 bytes: 0,
+                flushed: 0,
+                buf: Vec::new(),
                 written: 0,
                 next_jid: 1,
                 generations: BTreeSet::new(),
             }),
             synced: Mutex::new(Synced::default()),
             synced_cv: Condvar::new(),
+            progress: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -264,6 +282,9 @@ impl Journal {
                     .invocations
                     .load(std::sync::atomic::Ordering::Relaxed);
                 capture.at = Instant::now();
+                lock(&self.synced)
+                    .unsynced
+                    .push((n, shared.id, capture.invocations));
                 let fresh_total: u64 = captures.values().map(|c| c.fresh_bytes).sum();
                 if log.bytes > MIN_ROLL_BYTES.max(2 * fresh_total) {
                     self.roll(&mut log);
@@ -295,11 +316,33 @@ impl Journal {
     }
 
     /// Starts a new generation: every instance's next frame is a fresh
-    /// copy.
+    /// copy. The old file gets its frames and a sync first (the syncs that
+    /// follow are of the new one).
     fn roll(&self, log: &mut Log) {
+        if let Some(file) = log.file.take() {
+            let buf = std::mem::take(&mut log.buf);
+            let synced = file
+                .write_all_at(&buf, log.flushed)
+                .and_then(|()| file.sync_data());
+            if let Err(e) = synced {
+                self.lost(log.written, &format!("writing a journal: {e}"));
+                let _ = file.set_len(log.flushed);
+            }
+        }
+        log.buf.clear();
         log.generation += 1;
-        log.file = None;
         log.bytes = 0;
+        log.flushed = 0;
+    }
+
+    /// Frames up to `upto` never reached the disk: their waiters are
+    /// answered with `msg`.
+    fn lost(&self, upto: u64, msg: &str) {
+        let mut s = lock(&self.synced);
+        s.failed = Some(msg.to_string());
+        s.failed_upto = s.failed_upto.max(upto);
+        s.unsynced.retain(|&(n, _, _)| n > upto);
+        self.synced_cv.notify_all();
     }
 
     /// Writes one frame whose payload `body` writes; returns its number
@@ -329,6 +372,7 @@ impl Journal {
                     .metadata()
                     .map_err(|e| io_error("reading the journal's size", e))?
                     .len();
+                log.flushed = log.bytes;
                 let f = Arc::new(f);
                 log.file = Some(f.clone());
                 log.generations.insert(log.generation);
@@ -337,12 +381,11 @@ impl Journal {
         };
         let start = log.bytes;
         let result = (|| -> std::io::Result<u64> {
-            // A header that cannot be valid until the frame is whole.
-            file.write_all_at(&[0u8; HEADER], start)?;
             let mut tee = Tee {
                 file: &file,
                 at: start + HEADER as u64,
-                buf: Vec::with_capacity(WRITE_BUFFER),
+                buf: Vec::new(),
+                spilled: false,
                 hasher: blake3::Hasher::new(),
                 len: 0,
             };
@@ -355,24 +398,51 @@ impl Journal {
                 body(&mut w)?;
                 w.finish()?;
             }
-            tee.flush()?;
             let len = tee.len;
             let digest = tee.hasher.finalize();
-            file.write_all_at(digest.as_bytes(), tee.at)?;
-            file.write_all_at(&header(flags, jid, len), start)?;
+            let header = header(flags, jid, len);
+            if tee.spilled {
+                // The payload went out as it came; the header goes last,
+                // so the frame is valid only once whole.
+                tee.spill()?;
+                file.write_all_at(digest.as_bytes(), tee.at)?;
+                file.write_all_at(&header, start)?;
+            } else {
+                // A small frame: written with the next sync (or now, when
+                // the frames waiting pass the buffer), at once, its
+                // checksum covering a tear.
+                debug_assert_eq!(log.flushed + log.buf.len() as u64, start);
+                log.buf.extend_from_slice(&header);
+                log.buf.extend_from_slice(&tee.buf);
+                log.buf.extend_from_slice(digest.as_bytes());
+                if log.buf.len() > 4 * WRITE_BUFFER {
+                    file.write_all_at(&log.buf, log.flushed)?;
+                    log.flushed += log.buf.len() as u64;
+                    log.buf.clear();
+                }
+            }
             Ok(len)
         })();
         match result {
             Ok(len) => {
                 log.bytes = start + HEADER as u64 + len + TRAILER as u64;
+                if log.buf.is_empty() {
+                    log.flushed = log.bytes;
+                }
                 log.written += 1;
                 Ok((log.written, len))
             }
             Err(e) => {
-                if let Err(cut) = file.set_len(start) {
+                // The frames before it that were waiting in the buffer are
+                // lost with it: a new generation starts over.
+                if let Err(cut) = file.set_len(log.flushed) {
                     tracing::error!(tenant = %self.tenant, error = %cut, "cannot cut a failed frame off the journal");
                 }
-                Err(io_error("writing a checkpoint", e))
+                log.buf.clear();
+                log.bytes = log.flushed;
+                let e = io_error("writing a checkpoint", e);
+                self.lost(log.written, &e.to_string());
+                Err(e)
             }
         }
     }
@@ -392,40 +462,167 @@ impl Journal {
                 .synced_cv
                 .wait(s)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if s.durable < n
-                && !s.syncing
-                && let Some(e) = &s.failed
-            {
-                return Err(ExecError::Checkpoint(e.clone()));
-            }
+        }
+        if n <= s.failed_upto {
+            let e = s.failed.clone().unwrap_or_default();
+            return Err(ExecError::Checkpoint(e));
         }
         s.syncing = true;
         drop(s);
-        // Everything written up to now goes in this sync.
-        let (upto, file) = {
-            let log = lock(&self.log);
-            (log.written, log.file.clone())
+        self.sync_now()
+    }
+
+    /// Writes the frames waiting in the buffer and syncs the file, as the
+    /// one sync under way (the caller set `syncing`); wakes every waiter.
+    fn sync_now(&self) -> Result<(), ExecError> {
+        // Every frame so far goes in this sync: those waiting in the
+        // buffer are written first.
+        let (upto, file, buf, at) = {
+            let mut log = lock(&self.log);
+            let buf = std::mem::take(&mut log.buf);
+            let at = log.flushed;
+            log.flushed += buf.len() as u64;
+            (log.written, log.file.clone(), buf, at)
         };
         let result = match file {
-            Some(f) => f.sync_data(),
+            Some(f) => f.write_all_at(&buf, at).and_then(|()| f.sync_data()),
             None => Ok(()),
         };
+        if let Err(e) = &result {
+            // Lost: every frame up to now, and the file from `at` on. Its
+            // instances start over in a new generation.
+            let mut log = lock(&self.log);
+            let msg = format!("syncing the journal: {e}");
+            let upto = log.written;
+            if let Some(f) = log.file.take()
+                && let Err(cut) = f.set_len(at)
+            {
+                tracing::error!(tenant = %self.tenant, error = %cut, "cannot cut lost frames off the journal");
+            }
+            log.buf.clear();
+            self.roll(&mut log);
+            drop(log);
+            self.lost(upto, &msg);
+        }
         let mut s = lock(&self.synced);
         s.syncing = false;
         let out = match result {
             Ok(()) => {
                 s.durable = s.durable.max(upto);
                 s.failed = None;
+                let (done, left): (Vec<_>, Vec<_>) =
+                    s.unsynced.drain(..).partition(|&(n, _, _)| n <= upto);
+                s.unsynced = left;
+                for (_, instance, count) in done {
+                    let c = s.covered.entry(instance).or_insert(0);
+                    *c = (*c).max(count);
+                }
                 Ok(())
             }
-            Err(e) => {
-                let msg = format!("syncing the journal: {e}");
-                s.failed = Some(msg.clone());
-                Err(ExecError::Checkpoint(msg))
-            }
+            Err(e) => Err(ExecError::Checkpoint(format!("syncing the journal: {e}"))),
         };
         self.synced_cv.notify_all();
+        self.progress.send_replace(());
         out
+    }
+
+    /// Whether a sync is under way: a `strict` invocation that ends now
+    /// leaves its instance's frame to the next one that ends after it
+    /// (so that frames, like syncs, are shared by a batch).
+    pub fn syncing(&self) -> bool {
+        lock(&self.synced).syncing
+    }
+
+    /// Waits, without holding a thread, until frame `n` is on disk,
+    /// syncing it (on the blocking pool) if no one else is.
+    pub async fn durable(self: &Arc<Self>, n: u64) -> Result<(), ExecError> {
+        let mut progress = self.progress.subscribe();
+        loop {
+            let lead = {
+                let mut s = lock(&self.synced);
+                if s.durable >= n {
+                    return Ok(());
+                }
+                if n <= s.failed_upto {
+                    return Err(ExecError::Checkpoint(s.failed.clone().unwrap_or_default()));
+                }
+                !std::mem::replace(&mut s.syncing, true)
+            };
+            if lead {
+                let journal = self.clone();
+                // Its own failure is read back above.
+                let _ = tokio::task::spawn_blocking(move || journal.sync_now())
+                    .await
+                    .map_err(ExecError::task("checkpoint sync"))?;
+                continue;
+            }
+            let _ = progress.changed().await;
+        }
+    }
+
+    /// Waits until a synced frame covers the first `count` invocations of
+    /// `shared` (of function `f`), whose frame the invocation that ran it
+    /// left to a later one ([`syncing`](Self::syncing)). Such a frame is
+    /// written by the next invocation of the instance to end while no sync
+    /// runs; when none comes within a millisecond, by this waiter, which
+    /// takes the instance through one of its pool's slots.
+    pub async fn covered(
+        self: &Arc<Self>,
+        f: &Arc<Function>,
+        shared: &InstanceShared,
+        count: u64,
+    ) -> Result<(), ExecError> {
+        let mut progress = self.progress.subscribe();
+        loop {
+            let pending = {
+                let s = lock(&self.synced);
+                if s.covered.get(&shared.id).is_some_and(|&c| c >= count) {
+                    return Ok(());
+                }
+                s.unsynced
+                    .iter()
+                    .find(|&&(_, i, c)| i == shared.id && c >= count)
+                    .map(|&(n, _, _)| n)
+            };
+            if let Some(n) = pending {
+                self.durable(n).await?;
+                continue;
+            }
+            let quiet = std::time::Duration::from_millis(1);
+            if tokio::time::timeout(quiet, progress.changed())
+                .await
+                .is_ok()
+            {
+                continue;
+            }
+            if !self.capture_idle(f, shared.id).await? {
+                return Ok(()); // the instance went, its state with it
+            }
+        }
+    }
+
+    /// Writes a frame of the idle instance `id` of `f`, taken through one
+    /// of its pool's slots (a running one writes its own at its end).
+    /// False when the instance is gone.
+    async fn capture_idle(self: &Arc<Self>, f: &Arc<Function>, id: u64) -> Result<bool, ExecError> {
+        if !f.pool.live().iter().any(|s| s.id == id) {
+            return Ok(false);
+        }
+        let slot = f
+            .pool
+            .acquire(crate::state::Wait::Unbounded, &f.info.id, f.deadline())
+            .await?;
+        let (journal, f) = (self.clone(), f.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Some(mut p) = f.pool.take_idle(&slot, id) {
+                let written = journal.capture(&mut p.inst, &f);
+                f.pool.checkin(p);
+                written?;
+            }
+            Ok(true)
+        })
+        .await
+        .map_err(ExecError::task("checkpoint"))?
     }
 
     /// Syncs what is written (a periodic checkpoint's end).
@@ -527,11 +724,13 @@ fn parse_header(h: &[u8; HEADER]) -> Option<(u32, u64, u64)> {
 }
 
 /// Writes at a position of a file through a buffer, hashing and counting
-/// what goes by.
+/// what goes by. What fits in the buffer stays there until the frame ends
+/// (`spilled` false).
 struct Tee<'a> {
     file: &'a File,
     at: u64,
     buf: Vec<u8>,
+    spilled: bool,
     hasher: blake3::Hasher,
     len: u64,
 }
@@ -541,9 +740,11 @@ impl Write for Tee<'_> {
         self.hasher.update(b);
         self.len += b.len() as u64;
         if self.buf.len() + b.len() > WRITE_BUFFER {
-            self.flush()?;
+            self.spilled = true;
+            self.spill()?;
         }
         if b.len() >= WRITE_BUFFER {
+            self.spilled = true;
             self.file.write_all_at(b, self.at)?;
             self.at += b.len() as u64;
         } else {
@@ -552,7 +753,18 @@ impl Write for Tee<'_> {
         Ok(b.len())
     }
 
+    /// Writes out what is buffered once the frame has spilled; a frame
+    /// that has not stays whole in the buffer.
     fn flush(&mut self) -> std::io::Result<()> {
+        if self.spilled {
+            self.spill()?;
+        }
+        Ok(())
+    }
+}
+
+impl Tee<'_> {
+    fn spill(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             self.file.write_all_at(&self.buf, self.at)?;
             self.at += self.buf.len() as u64;

@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
@@ -56,6 +57,14 @@ pub type BackendFactory = Arc<dyn Fn() -> Result<Arc<dyn Backend>, String> + Sen
 pub struct Target {
     pub tenant: Arc<Tenant>,
     pub function: Arc<Function>,
+}
+
+/// How a `strict` invocation's effects reach the disk.
+enum Strict {
+    /// In this frame, which it wrote.
+    Frame(Result<u64, ExecError>),
+    /// In a later frame of its instance, covering its invocation count.
+    Later(Arc<crate::instance::InstanceShared>, u64),
 }
 
 /// Every tenant of this executor.
@@ -786,6 +795,7 @@ impl Registry {
         let backend = target.tenant.backend.clone();
         let journal =
             crate::durable::journaled(f.config.durability).then(|| self.journal(&target.tenant));
+        let durable = journal.clone();
         let strict = f.config.durability == Durability::Strict;
         let result = tokio::task::spawn_blocking(move || {
             let (response, frame) = {
@@ -796,9 +806,15 @@ impl Registry {
                 match inst.inst.invoke(request, f.deadline()) {
                     Ok(r) => {
                         // A strict invocation's effects are written while
-                        // the instance is still held, so exactly.
+                        // the instance is still held, so exactly; while a
+                        // sync runs, by the next invocation to end.
+                        let shared = inst.inst.shared().clone();
+                        let count = shared.invocations.load(Ordering::Relaxed);
                         let frame = match &journal {
-                            Some(j) if strict => Some(j.capture(&mut inst.inst, &f)),
+                            Some(j) if strict && !j.syncing() => {
+                                Some(Strict::Frame(j.capture(&mut inst.inst, &f)))
+                            }
+                            Some(_) if strict => Some(Strict::Later(shared, count)),
                             _ => None,
                         };
                         f.pool.checkin(inst);
@@ -819,17 +835,27 @@ impl Registry {
                 }
             };
             drop(slot);
-            // Answered only once on disk (with the others' frames written
-            // meanwhile: one sync for the lot).
-            if let (Some(j), Some(frame)) = (&journal, frame) {
-                j.wait_durable(frame?)?;
-            }
-            encode(response, backend.as_ref())
+            Ok((encode(response, backend.as_ref())?, frame))
         })
         .await
         .map_err(ExecError::task("invocation"));
+        let result = match result {
+            Ok(Ok((out, frame))) => {
+                // Answered only once on disk, with the frames written
+                // meanwhile: one sync for the lot.
+                match (&durable, frame) {
+                    (Some(j), Some(Strict::Frame(n))) => j.durable(n?).await?,
+                    (Some(j), Some(Strict::Later(shared, count))) => {
+                        j.covered(&target.function, &shared, count).await?
+                    }
+                    _ => {}
+                }
+                Ok(out)
+            }
+            Ok(Err(e)) | Err(e) => Err(e),
+        };
         drop(admitted);
-        result?
+        result
     }
 
     /// Registers every function persisted under the state directory.

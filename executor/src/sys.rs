@@ -170,8 +170,13 @@ impl MemoryView {
         let (Some(r), Some(t)) = (st.region, &st.tracker) else {
             return Ok(false);
         };
+        // Only the accessible bytes: a page past them cannot have been
+        // written (wasm memory never shrinks, and one grown since the last
+        // scan keeps its mark until a scan covers it). The whole
+        // reservation is registered; scanning it all would cost with the
+        // memory's limit, not its size.
         let mut pages = Vec::new();
-        t.written(r.base, r.tracked_len(), &mut pages)?;
+        t.written(r.base, r.size.div_ceil(4096) * 4096, &mut pages)?;
         out.extend(pages.into_iter().map(|p| p.start - r.base..p.end - r.base));
         Ok(true)
     }
