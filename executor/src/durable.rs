@@ -44,10 +44,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tensor_wasm_shared::TenantId;
-use tensor_wasm_shared::api::Durability;
+use tensor_wasm_shared::api::{Durability, JobInfo, JobStatus};
 use tensor_wasm_shared::snapshot::stream::{Reader, Record, StreamKind, Writer};
+use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
 
+use crate::body::RequestBody;
 use crate::error::ExecError;
 use crate::inbound::Inbound;
 use crate::instance::{InstanceShared, WarmInstance};
@@ -65,8 +66,12 @@ const HEADER: usize = 32;
 const TRAILER: usize = 32;
 /// The frame is a fresh copy of its instance.
 const FRESH: u32 = 1;
-/// The instance went (a trap, a deadline): recovery drops it.
+/// The instance went (a trap, a deadline): recovery drops it. With
+/// [`JOB`]: the job was cancelled or forgotten.
 const GONE: u32 = 2;
+/// A job's record (and its request while it waits): the latest frame of a
+/// job is what recovery puts back.
+const JOB: u32 = 4;
 
 /// Largest frame read back: 8 GiB, as a snapshot.
 const MAX_FRAME: u64 = crate::snapshot::MAX_SNAPSHOT_BYTES;
@@ -109,6 +114,10 @@ struct Log {
     next_jid: u64,
     /// Generations on disk.
     generations: BTreeSet<u64>,
+    /// The generation every job's latest record was last written to: the
+    /// checkpointer writes them all again after a roll, before the
+    /// generations that held them can go.
+    jobs_in: u64,
 }
 
 /// How far the frames are on disk.
@@ -207,6 +216,9 @@ impl Journal {
                 written: 0,
                 next_jid: 1,
                 generations: BTreeSet::new(),
+                // A tenant that arrives with jobs (a move, an import) has
+                // them written at the first pass.
+                jobs_in: 0,
             }),
             synced: Mutex::new(Synced::default()),
             synced_cv: Condvar::new(),
@@ -526,6 +538,62 @@ impl Journal {
         out
     }
 
+    /// Writes the record of job `info` (with its waiting request, if
+    /// any); returns the frame's number for [`durable`](Self::durable).
+    /// Blocking.
+    pub fn job(&self, info: &JobInfo, request: Option<&RequestBody>) -> Result<u64, ExecError> {
+        self.job_frame(JOB, info, request)
+    }
+
+    /// Writes that job `info` was cancelled or forgotten. Blocking.
+    pub fn job_gone(&self, info: &JobInfo) -> Result<u64, ExecError> {
+        self.job_frame(JOB | GONE, info, None)
+    }
+
+    fn job_frame(
+        &self,
+        flags: u32,
+        info: &JobInfo,
+        request: Option<&RequestBody>,
+    ) -> Result<u64, ExecError> {
+        let info_json =
+            serde_json::to_string(info).map_err(|e| ExecError::Internal(e.to_string()))?;
+        let mut log = lock(&self.log);
+        let (n, _) = self.write_frame(&mut log, 0, flags, |w| {
+            w.record(&Record::Job {
+                info_json: info_json.clone(),
+                content_type: request.and_then(|r| r.content_type.clone()),
+                body: request.map(|r| r.body.len() as u64),
+            })?;
+            if let Some(r) = request {
+                w.data(&r.body)?;
+            }
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
+    /// Whether the jobs' records are to be written again (a new
+    /// generation started since they last were).
+    pub fn jobs_stale(&self) -> bool {
+        let log = lock(&self.log);
+        log.jobs_in < log.generation
+    }
+
+    /// Writes every job's record again, into the current generation.
+    /// Blocking.
+    pub fn rewrite_jobs(&self, jobs: &[(JobInfo, Option<RequestBody>)]) -> Result<(), ExecError> {
+        let generation = lock(&self.log).generation;
+        for (info, request) in jobs {
+            self.job(info, request.as_ref())?;
+        }
+        let mut log = lock(&self.log);
+        if log.generation == generation {
+            log.jobs_in = generation;
+        }
+        Ok(())
+    }
+
     /// Whether a sync is under way: a `strict` invocation that ends now
     /// leaves its instance's frame to the next one that ends after it
     /// (so that frames, like syncs, are shared by a batch).
@@ -671,6 +739,7 @@ impl Journal {
                 .min()
                 .unwrap_or(log.generation)
                 .min(log.generation)
+                .min(log.jobs_in)
         };
         let mut log = lock(&self.log);
         let old: Vec<u64> = log
@@ -720,7 +789,7 @@ fn parse_header(h: &[u8; HEADER]) -> Option<(u32, u64, u64)> {
     let flags = u32::from_le_bytes(h[4..8].try_into().ok()?);
     let jid = u64::from_le_bytes(h[8..16].try_into().ok()?);
     let len = u64::from_le_bytes(h[16..24].try_into().ok()?);
-    (flags & !(FRESH | GONE) == 0 && len <= MAX_FRAME).then_some((flags, jid, len))
+    (flags & !(FRESH | GONE | JOB) == 0 && len <= MAX_FRAME).then_some((flags, jid, len))
 }
 
 /// Writes at a position of a file through a buffer, hashing and counting
@@ -790,6 +859,7 @@ struct Frame {
 pub struct Recovered {
     pub frames: u64,
     pub instances: usize,
+    pub jobs: usize,
     /// Bytes cut off the journal at its first damaged frame.
     pub damaged_bytes: u64,
 }
@@ -844,10 +914,7 @@ fn scan(dir: &Path, g: u64) -> std::io::Result<(Vec<Frame>, u64, Option<u64>)> {
 /// goes on from there. A damaged frame and everything after it is cut off
 /// (and logged): each instance stands as of its last good frame, or its
 /// previous generation's. Blocking.
-pub fn recover(
-    registry: &Registry,
-    tenant: &Arc<Tenant>,
-) -> Result<(Journal, Recovered), ExecError> {
+pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTenant, ExecError> {
     let journal = Journal::new(
         registry.state_dir(),
         tenant.id.clone(),
@@ -883,6 +950,8 @@ pub fn recover(
     }
     let inbound = Inbound::new(tenant.clone(), None);
     let mut based: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut jobs: std::collections::BTreeMap<String, (JobInfo, Option<RequestBody>)> =
+        std::collections::BTreeMap::new();
     let mut file: Option<(u64, File)> = None;
     for fr in &frames {
         if file.as_ref().is_none_or(|(g, _)| *g != fr.generation) {
@@ -892,6 +961,26 @@ pub fn recover(
         }
         let Some((_, f)) = &file else { continue };
         report.frames += 1;
+        if fr.flags & JOB != 0 {
+            let payload = Positioned {
+                file: f,
+                at: fr.at,
+                end: fr.at + fr.len,
+            };
+            let mut reader = Reader::new(payload, None, MAX_FRAME).map_err(ExecError::Snapshot)?;
+            match read_job(&mut reader) {
+                Ok((info, _)) if fr.flags & GONE != 0 => {
+                    jobs.remove(info.id.as_str());
+                }
+                Ok((info, request)) => {
+                    jobs.insert(info.id.to_string(), (info, request));
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant.id, error = %e, "a journaled job cannot be read; skipped")
+                }
+            }
+            continue;
+        }
         if fr.flags & (FRESH | GONE) != 0 {
             inbound.forget_instance(fr.jid);
             based.remove(&fr.jid);
@@ -922,12 +1011,16 @@ pub fn recover(
     }
     let adopted = inbound.adopt_staged();
     report.instances = adopted.len();
+    report.jobs = jobs.len();
     {
         let mut captures = lock(&journal.captures);
         let mut log = lock(&journal.log);
         log.generations = found.clone();
         log.generation = found.last().copied().unwrap_or(1);
         log.next_jid = frames.iter().map(|f| f.jid).max().unwrap_or(0) + 1;
+        // The jobs' records go to the current generation again at the
+        // first pass (with what recovery changed in them).
+        log.jobs_in = if jobs.is_empty() { log.generation } else { 0 };
         for (jid, shared) in adopted {
             let (g, bytes) = based.get(&jid).copied().unwrap_or((0, 0));
             let invocations = shared
@@ -946,7 +1039,61 @@ pub fn recover(
             );
         }
     }
-    Ok((journal, report))
+    Ok(RecoveredTenant {
+        journal,
+        report,
+        jobs: jobs.into_values().collect(),
+    })
+}
+
+/// A tenant rebuilt from its journal.
+#[derive(Debug)]
+pub struct RecoveredTenant {
+    pub journal: Journal,
+    pub report: Recovered,
+    /// Its jobs' latest records, with the requests of those that waited.
+    pub jobs: Vec<(JobInfo, Option<RequestBody>)>,
+}
+
+/// A job frame's record and request.
+fn read_job(reader: &mut Reader<impl Read>) -> Result<(JobInfo, Option<RequestBody>), ExecError> {
+    let bad = |m: &str| ExecError::InvalidInput(format!("a journaled job: {m}"));
+    let snap = ExecError::Snapshot;
+    if !matches!(
+        reader.next_record().map_err(snap)?,
+        Some(Record::Tenant { .. })
+    ) {
+        return Err(bad("no tenant record"));
+    }
+    let Some(Record::Job {
+        info_json,
+        content_type,
+        body,
+    }) = reader.next_record().map_err(snap)?
+    else {
+        return Err(bad("no job record"));
+    };
+    let info: JobInfo = serde_json::from_str(&info_json).map_err(|e| bad(&e.to_string()))?;
+    let request = match body {
+        Some(len) => {
+            let mut out = Vec::with_capacity(usize::try_from(len).map_err(|_| bad("a length"))?);
+            while (out.len() as u64) < len {
+                match reader.next_record().map_err(snap)? {
+                    Some(Record::Data(d)) => out.extend_from_slice(&d),
+                    _ => return Err(bad("its request cut short")),
+                }
+            }
+            Some(RequestBody {
+                content_type,
+                body: bytes::Bytes::from(out),
+            })
+        }
+        None => None,
+    };
+    if reader.next_record().map_err(snap)?.is_some() {
+        return Err(bad("records after the job"));
+    }
+    Ok((info, request))
 }
 
 /// The bytes `[at, end)` of a file, read in order.
@@ -1042,9 +1189,26 @@ impl Registry {
                     }
                 }
             }
+            if t.jobs().records().next().is_some() {
+                self.journal(&t);
+            }
             if let Some(journal) = t.journal.get().cloned() {
+                let stale = journal.jobs_stale().then(|| {
+                    t.jobs()
+                        .records()
+                        .map(|j| (j.info.clone(), j.request.clone()))
+                        .collect::<Vec<_>>()
+                });
                 let synced = tokio::task::spawn_blocking(move || {
-                    let synced = if wrote { journal.sync() } else { Ok(()) };
+                    let rewritten = match stale {
+                        Some(jobs) => journal.rewrite_jobs(&jobs).map(|()| true),
+                        None => Ok(false),
+                    };
+                    let synced = match rewritten {
+                        Ok(again) if wrote || again => journal.sync(),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    };
                     journal.tidy(&live);
                     synced
                 })
@@ -1054,6 +1218,35 @@ impl Registry {
                 }
             }
             drop(admitted);
+        }
+    }
+
+    /// Puts back the jobs a journal held: finished ones as they were,
+    /// waiting ones to run, and one that was running when the executor
+    /// stopped as failed (`job_interrupted`): it may or may not have taken
+    /// effect, and running it again could apply it twice.
+    fn restore_jobs(self: &Arc<Self>, t: &Arc<Tenant>, jobs: Vec<(JobInfo, Option<RequestBody>)>) {
+        let mut pending = Vec::new();
+        {
+            let mut table = t.jobs();
+            for (mut info, request) in jobs {
+                if info.status == JobStatus::Running {
+                    info.status = JobStatus::Failed;
+                    info.finished_at = Some(crate::sync::now_rfc3339());
+                    info.error = Some(ApiError::new(
+                        ErrorCode::JobInterrupted,
+                        "the executor stopped while the job ran: it may or may not have \
+                         taken effect, and it is not run again",
+                    ));
+                }
+                let id = info.id.clone();
+                if table.restore(info, request) {
+                    pending.push(id);
+                }
+            }
+        }
+        for id in pending {
+            self.spawn_job(t.clone(), id);
         }
     }
 
@@ -1086,9 +1279,14 @@ impl Registry {
             let t2 = t.clone();
             let started = Instant::now();
             match tokio::task::spawn_blocking(move || recover(&registry, &t2)).await {
-                Ok(Ok((journal, report))) => {
-                    tracing::info!(%tenant, frames = report.frames, instances = report.instances, damaged_bytes = report.damaged_bytes, elapsed = ?started.elapsed(), "tenant resumed from its checkpoints");
+                Ok(Ok(RecoveredTenant {
+                    journal,
+                    report,
+                    jobs,
+                })) => {
+                    tracing::info!(%tenant, frames = report.frames, instances = report.instances, jobs = report.jobs, damaged_bytes = report.damaged_bytes, elapsed = ?started.elapsed(), "tenant resumed from its checkpoints");
                     let _ = t.journal.set(Arc::new(journal));
+                    self.restore_jobs(&t, jobs);
                     resumed += 1;
                 }
                 Ok(Err(e)) => {

@@ -624,7 +624,7 @@ async fn invoke_async(
         content_type: ct,
         body: bytes,
     };
-    let accepted = app.registry.submit_job(target, request)?;
+    let accepted = app.registry.submit_job(target, request).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response())
 }
 
@@ -656,7 +656,7 @@ async fn delete_job(
     Tenant(tenant): Tenant,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ExecError> {
-    app.registry.delete_job(&tenant, &id)?;
+    app.registry.delete_job(&tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

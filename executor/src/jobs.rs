@@ -36,8 +36,9 @@ fn new_job_id() -> JobId {
 }
 
 impl Registry {
-    /// Accepts a job for `target`.
-    pub fn submit_job(
+    /// Accepts a job for `target`: answered once the job (its function
+    /// and request) is on disk, in its tenant's journal.
+    pub async fn submit_job(
         self: &Arc<Self>,
         target: Target,
         request: RequestBody,
@@ -47,6 +48,7 @@ impl Registry {
             return Err(ExecError::TenantFrozen(t.id.to_string()));
         }
         let job_id = new_job_id();
+        let record = request.clone();
         t.jobs().submit(
             job_id.clone(),
             &target.function.info.id,
@@ -54,8 +56,32 @@ impl Registry {
             self.quotas.pending_jobs,
             self.quotas.pending_job_bytes,
         )?;
+        let info = t.jobs().get(&job_id).map(|j| j.info.clone());
+        if let Some(info) = info
+            && let Err(e) = self.journal_job(&t, info, Some(record)).await
+        {
+            // Not durable: not accepted.
+            let _ = t.jobs().remove(&job_id);
+            return Err(e);
+        }
         self.spawn_job(t, job_id.clone());
         Ok(JobAccepted { job_id })
+    }
+
+    /// Writes job `info` (with its waiting request) to `t`'s journal and
+    /// waits until it is on disk.
+    async fn journal_job(
+        self: &Arc<Self>,
+        t: &Arc<Tenant>,
+        info: JobInfo,
+        request: Option<RequestBody>,
+    ) -> Result<(), ExecError> {
+        let journal = self.journal(t);
+        let j = journal.clone();
+        let n = tokio::task::spawn_blocking(move || j.job(&info, request.as_ref()))
+            .await
+            .map_err(ExecError::task("journal a job"))??;
+        journal.durable(n).await
     }
 
     /// Starts the task that runs a pending job (new, or restored from a
@@ -115,6 +141,15 @@ impl Registry {
             let Some(request) = t.jobs().start(&job_id) else {
                 return;
             };
+            // On disk as running before it runs: a restart fails it rather
+            // than run it twice.
+            let running = t.jobs().get(&job_id).map(|j| j.info.clone());
+            if let Some(info) = running
+                && let Err(e) = registry.journal_job(&t, info, None).await
+            {
+                t.jobs().finish(&job_id, Err(e.to_api()));
+                return;
+            }
             let target = Target {
                 tenant: t.clone(),
                 function: f,
@@ -125,7 +160,17 @@ impl Registry {
                 })
                 .await;
             drop(job_slot);
-            t.jobs().finish(&job_id, outcome.map_err(|e| e.to_api()));
+            // Its result is on disk before anyone can read it.
+            let Some(info) = t
+                .jobs()
+                .finished_info(&job_id, outcome.map_err(|e| e.to_api()))
+            else {
+                return;
+            };
+            if let Err(e) = registry.journal_job(&t, info.clone(), None).await {
+                tracing::warn!(tenant = %t.id, job = %job_id, error = %e, "a job's result is not on disk: a crash would show it interrupted");
+            }
+            t.jobs().finish_as(info);
         });
     }
 
@@ -153,11 +198,25 @@ impl Registry {
 
     /// Cancels a pending job, or forgets a finished one; a running job
     /// cannot be cancelled.
-    pub fn delete_job(&self, tenant: &TenantId, id: &str) -> Result<(), ExecError> {
-        self.existing_tenant(tenant)
-            .ok_or_else(|| ExecError::JobNotFound(id.to_string()))?
-            .jobs()
-            .remove(id)
+    pub async fn delete_job(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        id: &str,
+    ) -> Result<(), ExecError> {
+        let t = self
+            .existing_tenant(tenant)
+            .ok_or_else(|| ExecError::JobNotFound(id.to_string()))?;
+        let info = t.jobs().get(id).map(|j| j.info.clone());
+        t.jobs().remove(id)?;
+        let Some(info) = info else {
+            return Ok(());
+        };
+        let journal = self.journal(&t);
+        let j = journal.clone();
+        let n = tokio::task::spawn_blocking(move || j.job_gone(&info))
+            .await
+            .map_err(ExecError::task("journal a job"))??;
+        journal.durable(n).await
     }
 
     /// Forgets finished jobs past their retention, and the oldest finished

@@ -53,11 +53,12 @@ pub enum ErrorCode {
     TenantMoving,
     DeadlineExceeded,
     CheckpointFailed,
+    JobInterrupted,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 31] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidInput,
         ErrorCode::Unauthorized,
@@ -89,6 +90,7 @@ impl ErrorCode {
         ErrorCode::TenantMoving,
         ErrorCode::DeadlineExceeded,
         ErrorCode::CheckpointFailed,
+        ErrorCode::JobInterrupted,
     ];
 
     /// The HTTP status this code is answered with.
@@ -105,7 +107,7 @@ impl ErrorCode {
             UnsupportedMediaType => 415,
             InvalidWasm | ImportNotAllowed | MissingExport | QuotaExceeded => 422,
             RateLimited => 429,
-            GuestTrap | FunctionError | Internal => 500,
+            GuestTrap | FunctionError | Internal | JobInterrupted => 500,
             ImportFailed => 502,
             ExecutorUnavailable | CapacityExhausted | TenantMoving => 503,
             DeadlineExceeded => 504,
@@ -148,6 +150,7 @@ impl ErrorCode {
             TenantMoving => "tenant_moving",
             DeadlineExceeded => "deadline_exceeded",
             CheckpointFailed => "checkpoint_failed",
+            JobInterrupted => "job_interrupted",
         }
     }
 }

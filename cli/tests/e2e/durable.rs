@@ -296,3 +296,96 @@ fn a_full_disk_keeps_the_tenant_serving_and_its_last_good_checkpoint() {
     ex.restart();
     assert_eq!(count(&ex, "acme", &id), 7);
 }
+
+/// Spins until its deadline when its body's first byte is 1, else answers
+/// at once.
+const SPINNER: &str = r#"(module
+  (import "tensor" "input_read" (func $input_read (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "handle") (result i32)
+    (drop (call $input_read (i32.const 0) (i32.const 0) (i32.const 1)))
+    (if (i32.eq (i32.load8_u (i32.const 0)) (i32.const 1))
+      (then (loop $spin (br $spin))))
+    (i32.const 0)))"#;
+
+/// Job `id` of tenant `acme` as its executor reports it.
+fn job(ex: &ExecutorProcess, id: &str) -> serde_json::Value {
+    let (status, body) = ex.request("GET", &format!("/jobs/{id}"), Some("acme"), "", b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Waits until job `id` has `status`.
+fn wait_job(ex: &ExecutorProcess, id: &str, status: &str) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let j = job(ex, id);
+        if j["status"] == status {
+            return j;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "job {id} stays {j}, not {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Async jobs across a SIGKILL: accepted ones are on disk before their
+/// 202; a finished one keeps its result, a waiting one runs after the
+/// restart, and the one running at the kill is failed `job_interrupted`
+/// (not run twice).
+#[test]
+fn jobs_accepted_before_a_sigkill_finish_or_fail_as_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ex = ExecutorProcess::start("cpu-jobs", dir.path());
+    let wasm = wat::parse_str(SPINNER).unwrap();
+    let (ct, body) = multipart(&[
+        ("module", "application/wasm", &wasm),
+        ("config", "application/json", br#"{"deadline_ms": 120000}"#),
+    ]);
+    let (status, body) = ex.request("POST", "/functions?name=spinner", Some("acme"), &ct, &body);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let submit = |ex: &ExecutorProcess, first: u8| -> String {
+        let (status, body) = ex.request(
+            "POST",
+            &format!("/functions/{id}/invoke-async"),
+            Some("acme"),
+            "application/octet-stream",
+            &[first],
+        );
+        assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let finished = submit(&ex, 0);
+    let done = wait_job(&ex, &finished, "succeeded");
+    let running = submit(&ex, 1);
+    wait_job(&ex, &running, "running");
+    // Waits for the one instance the spinning job holds.
+    let waiting = submit(&ex, 0);
+    assert_eq!(job(&ex, &waiting)["status"], "pending");
+
+    ex.restart(); // SIGKILL, then the same state directory
+
+    assert_eq!(job(&ex, &finished), done, "a finished job keeps its result");
+    let interrupted = job(&ex, &running);
+    assert_eq!(interrupted["status"], "failed", "{interrupted}");
+    assert_eq!(interrupted["error"]["code"], "job_interrupted");
+    wait_job(&ex, &waiting, "succeeded");
+    // And a cancelled job stays cancelled across a kill.
+    let spin = submit(&ex, 1);
+    wait_job(&ex, &spin, "running");
+    let queued = submit(&ex, 0);
+    let (status, _) = ex.request("DELETE", &format!("/jobs/{queued}"), Some("acme"), "", b"");
+    assert_eq!(status, 204);
+    ex.restart();
+    let (status, _) = ex.request("GET", &format!("/jobs/{queued}"), Some("acme"), "", b"");
+    assert_eq!(status, 404, "cancelled before the kill");
+}

@@ -171,6 +171,13 @@ impl ExecutorProcess {
                 }
                 r.call()
             }
+            "DELETE" => {
+                let mut r = self.agent.delete(&url).header("authorization", &auth);
+                if let Some(t) = tenant {
+                    r = r.header("x-tensor-wasm-tenant", t);
+                }
+                r.call()
+            }
             _ => {
                 let mut r = self
                     .agent

@@ -192,34 +192,57 @@ impl JobTable {
     /// Records a job's outcome. Only a job still pending or running
     /// finishes, once; true if this call finished it.
     pub fn finish(&mut self, job_id: &str, outcome: Result<InvokeResponse, ApiError>) -> bool {
-        if self
+        match self.finished_info(job_id, outcome) {
+            Some(info) => self.finish_as(info),
+            None => false,
+        }
+    }
+
+    /// The record job `job_id` becomes when it finishes with `outcome`,
+    /// if it is pending or running: what is made durable before
+    /// [`finish_as`](Self::finish_as) shows it.
+    pub fn finished_info(
+        &self,
+        job_id: &str,
+        outcome: Result<InvokeResponse, ApiError>,
+    ) -> Option<JobInfo> {
+        let job = self
             .records
             .get(job_id)
+            .filter(|j| !j.info.status.is_finished())?;
+        let mut info = job.info.clone();
+        info.finished_at = Some(now_rfc3339());
+        match outcome {
+            Ok(result) => {
+                info.status = JobStatus::Succeeded;
+                info.result = Some(result);
+            }
+            Err(e) => {
+                info.status = JobStatus::Failed;
+                info.error = Some(e);
+            }
+        }
+        Some(info)
+    }
+
+    /// Finishes the job `info` names as `info` (from
+    /// [`finished_info`](Self::finished_info)), unless it finished already;
+    /// true if this call finished it.
+    pub fn finish_as(&mut self, info: JobInfo) -> bool {
+        if self
+            .records
+            .get(info.id.as_str())
             .is_none_or(|j| j.info.status.is_finished())
         {
             return false;
         }
         let stamp = self.finished_now();
-        let Some(job) = self
-            .records
-            .get_mut(job_id)
-            .filter(|j| !j.info.status.is_finished())
-        else {
+        let Some(job) = self.records.get_mut(info.id.as_str()) else {
             return false;
         };
         job.request = None;
-        job.info.finished_at = Some(now_rfc3339());
         job.finished = Some(stamp);
-        match outcome {
-            Ok(result) => {
-                job.info.status = JobStatus::Succeeded;
-                job.info.result = Some(result);
-            }
-            Err(e) => {
-                job.info.status = JobStatus::Failed;
-                job.info.error = Some(e);
-            }
-        }
+        job.info = info;
         self.in_flight -= 1;
         self.trim();
         true
