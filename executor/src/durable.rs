@@ -864,11 +864,60 @@ pub struct Recovered {
     pub damaged_bytes: u64,
 }
 
+/// Where frames are read from: a journal's file, or its bytes.
+trait Source {
+    fn size(&self) -> std::io::Result<u64>;
+    fn read_exact_at(&self, out: &mut [u8], at: u64) -> std::io::Result<()>;
+}
+
+impl Source for File {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn read_exact_at(&self, out: &mut [u8], at: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, out, at)
+    }
+}
+
+impl Source for [u8] {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.len() as u64)
+    }
+
+    fn read_exact_at(&self, out: &mut [u8], at: u64) -> std::io::Result<()> {
+        let at = usize::try_from(at).map_err(std::io::Error::other)?;
+        let bytes = at
+            .checked_add(out.len())
+            .and_then(|end| self.get(at..end))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        out.copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
 /// The good frames of generation `g` of `dir`, in order, and where the
 /// first damaged one starts (`None` when the file is whole).
 fn scan(dir: &Path, g: u64) -> std::io::Result<(Vec<Frame>, u64, Option<u64>)> {
     let file = File::open(generation_path(dir, g))?;
-    let size = file.metadata()?.len();
+    scan_source(&file, g)
+}
+
+/// How many good frames `bytes` (a journal file's) hold, and where the
+/// first damaged one starts (`None` when they are whole): what recovery
+/// checks before it applies anything.
+pub fn check_frames(bytes: &[u8]) -> (usize, Option<u64>) {
+    match scan_source(bytes, 1) {
+        Ok((frames, _, damaged)) => (frames.len(), damaged),
+        Err(_) => (0, Some(0)),
+    }
+}
+
+fn scan_source<S: Source + ?Sized>(
+    file: &S,
+    g: u64,
+) -> std::io::Result<(Vec<Frame>, u64, Option<u64>)> {
+    let size = file.size()?;
     let mut frames = Vec::new();
     let mut at = 0u64;
     let mut buf = vec![0u8; WRITE_BUFFER];
@@ -1296,5 +1345,56 @@ impl Registry {
             }
         }
         resumed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame as `write_frame` lays it out, around `payload`.
+    fn frame(flags: u32, jid: u64, payload: &[u8]) -> Vec<u8> {
+        let mut f = header(flags, jid, payload.len() as u64).to_vec();
+        f.extend_from_slice(payload);
+        f.extend_from_slice(blake3::hash(payload).as_bytes());
+        f
+    }
+
+    #[test]
+    fn whole_frames_are_read_and_damage_ends_the_journal() {
+        let mut bytes = frame(FRESH, 1, b"the first");
+        let second = bytes.len() as u64;
+        bytes.extend(frame(0, 1, b"the second, a little longer"));
+        assert_eq!(check_frames(&bytes), (2, None));
+        // Cut short, as a crash mid-write leaves it.
+        for cut in [1, 10, 33, 40] {
+            assert_eq!(
+                check_frames(&bytes[..bytes.len() - cut]),
+                (1, Some(second)),
+                "cut {cut}"
+            );
+        }
+        // A bit flipped in a payload, a checksum, a header.
+        for at in [HEADER + 2, second as usize - 1, second as usize + 20] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x20;
+            let (good, damaged) = check_frames(&flipped);
+            assert!(damaged.is_some() && good < 2, "flip at {at}");
+        }
+        // A header that claims more than the file holds, or unknown flags.
+        let mut long = frame(0, 1, b"x");
+        long[..HEADER].copy_from_slice(&header(0, 1, 1 << 40));
+        assert_eq!(check_frames(&long), (0, Some(0)));
+        let odd = frame(64, 1, b"x");
+        assert_eq!(check_frames(&odd), (0, Some(0)));
+        // A hole (zeros) where a frame should start, as a frame written
+        // past one never flushed leaves it.
+        let mut hole = frame(0, 1, b"a");
+        hole.extend(vec![0u8; 96]);
+        assert_eq!(
+            check_frames(&hole),
+            (1, Some(frame(0, 1, b"a").len() as u64))
+        );
+        assert_eq!(check_frames(&[]), (0, None));
     }
 }
