@@ -1124,19 +1124,10 @@ fn read_job(reader: &mut Reader<impl Read>) -> Result<(JobInfo, Option<RequestBo
     };
     let info: JobInfo = serde_json::from_str(&info_json).map_err(|e| bad(&e.to_string()))?;
     let request = match body {
-        Some(len) => {
-            let mut out = Vec::with_capacity(usize::try_from(len).map_err(|_| bad("a length"))?);
-            while (out.len() as u64) < len {
-                match reader.next_record().map_err(snap)? {
-                    Some(Record::Data(d)) => out.extend_from_slice(&d),
-                    _ => return Err(bad("its request cut short")),
-                }
-            }
-            Some(RequestBody {
-                content_type,
-                body: bytes::Bytes::from(out),
-            })
-        }
+        Some(len) => Some(RequestBody {
+            content_type,
+            body: bytes::Bytes::from(crate::inbound::read_data(reader, len)?),
+        }),
         None => None,
     };
     if reader.next_record().map_err(snap)?.is_some() {

@@ -654,7 +654,7 @@ fn sha2_256(b: &[u8]) -> [u8; 32] {
 }
 
 /// The `len` data bytes that follow, gathered.
-fn read_data(reader: &mut Reader<impl Read>, len: u64) -> Result<Vec<u8>, ExecError> {
+pub(crate) fn read_data(reader: &mut Reader<impl Read>, len: u64) -> Result<Vec<u8>, ExecError> {
     let mut out = Vec::with_capacity(usize::try_from(len).map_err(|_| invalid("a length"))?);
     while (out.len() as u64) < len {
         match reader.next_record().map_err(ExecError::Snapshot)? {

@@ -778,7 +778,10 @@ impl Registry {
     /// Runs an admitted invocation of `target` on the instance slot `slot`:
     /// one blocking hop that decodes `body` onto the tenant's backend, runs
     /// the guest on an idle (or new) instance, puts the instance back and
-    /// gives the slot up, then encodes the response with `encode`.
+    /// gives the slot up, then encodes the response with `encode`. A
+    /// `strict` function's answer then waits, off the blocking pool, until
+    /// a synced checkpoint frame holds what the call did
+    /// ([`crate::durable`]).
     pub(crate) async fn run<T, E>(
         &self,
         target: &Target,
