@@ -72,6 +72,9 @@ const GONE: u32 = 2;
 /// A job's record (and its request while it waits): the latest frame of a
 /// job is what recovery puts back.
 const JOB: u32 = 4;
+/// Read while the instance ran: torn until an exact frame of the same
+/// instance follows, and ignored by recovery when none does.
+const RACY: u32 = 8;
 
 /// Largest frame read back: 8 GiB, as a snapshot.
 const MAX_FRAME: u64 = crate::snapshot::MAX_SNAPSHOT_BYTES;
@@ -234,6 +237,28 @@ impl Journal {
         let globals = inst
             .globals(&f.mutable_globals)
             .map_err(|e| ExecError::Internal(format!("instance {}: {e}", shared.id)))?;
+        self.write_capture(&shared, Some(globals), f)
+    }
+
+    /// Writes a frame of `shared` read while it may run (no globals, which
+    /// only the instance's holder can read): what changed, or all of it
+    /// when it has no fresh copy in this generation. Torn as it may be, it
+    /// takes the bulk of the copy out of the instance's way: the exact
+    /// frame that must follow ([`capture`](Self::capture)) carries only
+    /// what was written meanwhile. Blocking.
+    pub fn precopy(&self, shared: &Arc<InstanceShared>, f: &Function) -> Result<u64, ExecError> {
+        self.write_capture(shared, None, f)
+    }
+
+    /// A frame of `shared`, exact when `globals` (read by the instance's
+    /// holder) are given, racy otherwise.
+    fn write_capture(
+        &self,
+        shared: &Arc<InstanceShared>,
+        globals: Option<Vec<tensor_wasm_shared::snapshot::GlobalSnapshot>>,
+        f: &Function,
+    ) -> Result<u64, ExecError> {
+        let exact = globals.is_some();
         let size =
             shared.memory.region().map(|r| r.size).ok_or_else(|| {
                 ExecError::Internal("a checkpoint of an instance that went".into())
@@ -262,7 +287,8 @@ impl Journal {
             sent.stop();
         }
         let backend = shared_backend(f);
-        let written = self.write_frame(&mut log, capture.jid, if fresh { FRESH } else { 0 }, |w| {
+        let flags = if fresh { FRESH } else { 0 } | if exact { 0 } else { RACY };
+        let written = self.write_frame(&mut log, capture.jid, flags, |w| {
             let mut stats = RoundStats::default();
             let mut scratch = Vec::new();
             write_instance(
@@ -278,10 +304,12 @@ impl Journal {
                 backend.as_ref(),
                 &mut stats,
             )?;
-            w.record(&Record::Globals {
-                instance: capture.jid,
-                globals: globals.clone(),
-            })?;
+            if let Some(globals) = &globals {
+                w.record(&Record::Globals {
+                    instance: capture.jid,
+                    globals: globals.clone(),
+                })?;
+            }
             Ok(())
         });
         match written {
@@ -290,13 +318,15 @@ impl Journal {
                     capture.based = generation;
                     capture.fresh_bytes = bytes;
                 }
-                capture.invocations = shared
-                    .invocations
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                capture.at = Instant::now();
-                lock(&self.synced)
-                    .unsynced
-                    .push((n, shared.id, capture.invocations));
+                if exact {
+                    capture.invocations = shared
+                        .invocations
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    capture.at = Instant::now();
+                    lock(&self.synced)
+                        .unsynced
+                        .push((n, shared.id, capture.invocations));
+                }
                 let fresh_total: u64 = captures.values().map(|c| c.fresh_bytes).sum();
                 if log.bytes > MIN_ROLL_BYTES.max(2 * fresh_total) {
                     self.roll(&mut log);
@@ -789,7 +819,7 @@ fn parse_header(h: &[u8; HEADER]) -> Option<(u32, u64, u64)> {
     let flags = u32::from_le_bytes(h[4..8].try_into().ok()?);
     let jid = u64::from_le_bytes(h[8..16].try_into().ok()?);
     let len = u64::from_le_bytes(h[16..24].try_into().ok()?);
-    (flags & !(FRESH | GONE | JOB) == 0 && len <= MAX_FRAME).then_some((flags, jid, len))
+    (flags & !(FRESH | GONE | JOB | RACY) == 0 && len <= MAX_FRAME).then_some((flags, jid, len))
 }
 
 /// Writes at a position of a file through a buffer, hashing and counting
@@ -997,12 +1027,27 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
             let _ = std::fs::remove_file(generation_path(&dir, later));
         }
     }
+    // A racy frame counts only when an exact frame of its instance follows
+    // it; the last ones of an instance whose exact frame never came (a
+    // crash between the two) are left out, so it stands as before them.
+    let mut confirmed = std::collections::HashSet::new();
+    let mut usable = vec![true; frames.len()];
+    for (i, fr) in frames.iter().enumerate().rev() {
+        if fr.flags & JOB != 0 {
+            continue;
+        }
+        if fr.flags & RACY != 0 {
+            usable[i] = confirmed.contains(&fr.jid);
+        } else {
+            confirmed.insert(fr.jid);
+        }
+    }
     let inbound = Inbound::new(tenant.clone(), None);
     let mut based: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut jobs: std::collections::BTreeMap<String, (JobInfo, Option<RequestBody>)> =
         std::collections::BTreeMap::new();
     let mut file: Option<(u64, File)> = None;
-    for fr in &frames {
+    for (fr, _) in frames.iter().zip(&usable).filter(|(_, u)| **u) {
         if file.as_ref().is_none_or(|(g, _)| *g != fr.generation) {
             let f = File::open(generation_path(&dir, fr.generation))
                 .map_err(|e| io_error("reading a journal", e))?;
@@ -1200,6 +1245,21 @@ impl Registry {
                     };
                     if !journal.due(&shared, interval) {
                         continue;
+                    }
+                    // The bulk while it runs, then only what it wrote
+                    // meanwhile while it is held: a checkpoint never holds
+                    // an instance for a copy of its whole memory.
+                    let (j, g, sh) = (journal.clone(), f.clone(), shared.clone());
+                    match tokio::task::spawn_blocking(move || j.precopy(&sh, &g)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(tenant = %t.id, error = %e, "a checkpoint failed; the tenant keeps serving");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(tenant = %t.id, error = %e, "a checkpoint task failed");
+                            continue;
+                        }
                     }
                     let Ok(slot) = f
                         .pool
