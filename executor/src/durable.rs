@@ -8,10 +8,13 @@
 //! written by the same code ([`crate::outbound::write_instance`]): its
 //! size, the pages written (through the instance's own page tracking, so
 //! a frame costs what changed), the tensors made and the handles freed,
-//! and its mutable globals. A frame is taken only while its taker holds the
-//! instance (a `strict` invocation before its instance goes back to the
-//! pool; the checkpointer holding one of the pool's slots), so it is
-//! exact, never torn.
+//! and its mutable globals. An exact frame is taken while its taker holds
+//! the instance (a `strict` invocation before its instance goes back to
+//! the pool; the checkpointer holding one of the pool's slots). The
+//! checkpointer first writes a racy frame, read while the instance runs
+//! (the bulk: a fresh copy, or an interval's pages), so that it holds the
+//! instance only for what was written meanwhile; a racy frame counts only
+//! once an exact frame of its instance follows it.
 //!
 //! A frame on disk:
 //!
