@@ -44,7 +44,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tensor_wasm_shared::api::{Durability, JobInfo, JobStatus};
@@ -152,8 +152,7 @@ pub struct Journal {
     captures: Mutex<HashMap<u64, Capture>>,
     log: Mutex<Log>,
     synced: Mutex<Synced>,
-    synced_cv: Condvar,
-    /// Bumped at every sync: what async waiters wait on.
+    /// Bumped at every sync and every loss: what waiters wait on.
     progress: tokio::sync::watch::Sender<()>,
 }
 
@@ -227,14 +226,13 @@ impl Journal {
                 jobs_in: 0,
             }),
             synced: Mutex::new(Synced::default()),
-            synced_cv: Condvar::new(),
             progress: tokio::sync::watch::Sender::new(()),
         }
     }
 
     /// Writes a frame of `inst` (held by the caller) of function `f`: what
     /// changed since its last frame, or all of it. Returns the frame's
-    /// number for [`wait_durable`](Self::wait_durable). Blocking.
+    /// number for [`durable`](Self::durable). Blocking.
     pub fn capture(&self, inst: &mut WarmInstance, f: &Function) -> Result<u64, ExecError> {
         let shared = inst.shared().clone();
         let globals = inst
@@ -289,7 +287,7 @@ impl Journal {
                 std::mem::replace(&mut capture.sent, Sent::new(shared.clone(), &self.tracking));
             sent.stop();
         }
-        let backend = shared_backend(f);
+        let backend = f.setup.backend.clone();
         let flags = if fresh { FRESH } else { 0 } | if exact { 0 } else { RACY };
         let written = self.write_frame(&mut log, capture.jid, flags, |w| {
             let mut stats = RoundStats::default();
@@ -387,7 +385,8 @@ impl Journal {
         s.failed = Some(msg.to_string());
         s.failed_upto = s.failed_upto.max(upto);
         s.unsynced.retain(|&(n, _, _)| n > upto);
-        self.synced_cv.notify_all();
+        drop(s);
+        self.progress.send_replace(());
     }
 
     /// Writes one frame whose payload `body` writes; returns its number
@@ -492,31 +491,6 @@ impl Journal {
         }
     }
 
-    /// Waits until frame `n` is on disk, syncing it if no one else is.
-    /// Blocking.
-    pub fn wait_durable(&self, n: u64) -> Result<(), ExecError> {
-        let mut s = lock(&self.synced);
-        loop {
-            if s.durable >= n {
-                return Ok(());
-            }
-            if !s.syncing {
-                break;
-            }
-            s = self
-                .synced_cv
-                .wait(s)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        if n <= s.failed_upto {
-            let e = s.failed.clone().unwrap_or_default();
-            return Err(ExecError::Checkpoint(e));
-        }
-        s.syncing = true;
-        drop(s);
-        self.sync_now()
-    }
-
     /// Writes the frames waiting in the buffer and syncs the file, as the
     /// one sync under way (the caller set `syncing`); wakes every waiter.
     fn sync_now(&self) -> Result<(), ExecError> {
@@ -566,7 +540,7 @@ impl Journal {
             }
             Err(e) => Err(ExecError::Checkpoint(format!("syncing the journal: {e}"))),
         };
-        self.synced_cv.notify_all();
+        drop(s);
         self.progress.send_replace(());
         out
     }
@@ -726,10 +700,10 @@ impl Journal {
         .map_err(ExecError::task("checkpoint"))?
     }
 
-    /// Syncs what is written (a periodic checkpoint's end).
-    pub fn sync(&self) -> Result<(), ExecError> {
-        let n = lock(&self.log).written;
-        self.wait_durable(n)
+    /// Frames written so far: [`durable`](Self::durable) of it syncs them
+    /// all (a checkpoint pass's end).
+    pub fn written(&self) -> u64 {
+        lock(&self.log).written
     }
 
     /// Whether `shared` (of a function with `durability`, checkpointed
@@ -796,10 +770,6 @@ impl Journal {
             }
         }
     }
-}
-
-fn shared_backend(f: &Function) -> Arc<dyn tensor_wasm_kernels::Backend> {
-    f.setup.backend.clone()
 }
 
 fn header(flags: u32, jid: u64, len: u64) -> [u8; HEADER] {
@@ -1058,13 +1028,13 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
         }
         let Some((_, f)) = &file else { continue };
         report.frames += 1;
+        let payload = Positioned {
+            file: f,
+            at: fr.at,
+            end: fr.at + fr.len,
+        };
+        let mut reader = Reader::new(payload, None, MAX_FRAME).map_err(ExecError::Snapshot)?;
         if fr.flags & JOB != 0 {
-            let payload = Positioned {
-                file: f,
-                at: fr.at,
-                end: fr.at + fr.len,
-            };
-            let mut reader = Reader::new(payload, None, MAX_FRAME).map_err(ExecError::Snapshot)?;
             match read_job(&mut reader) {
                 Ok((info, _)) if fr.flags & GONE != 0 => {
                     jobs.remove(info.id.as_str());
@@ -1088,12 +1058,6 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
         if fr.flags & FRESH == 0 && !based.contains_key(&fr.jid) {
             continue; // an instance dropped earlier: nothing to change
         }
-        let payload = Positioned {
-            file: f,
-            at: fr.at,
-            end: fr.at + fr.len,
-        };
-        let mut reader = Reader::new(payload, None, MAX_FRAME).map_err(ExecError::Snapshot)?;
         match inbound.apply_frame(registry, &mut reader, fr.jid) {
             Ok(_) => {
                 if fr.flags & FRESH != 0 {
@@ -1302,22 +1266,28 @@ impl Registry {
                         .map(|j| (j.info.clone(), j.request.clone()))
                         .collect::<Vec<_>>()
                 });
-                let synced = tokio::task::spawn_blocking(move || {
-                    let rewritten = match stale {
-                        Some(jobs) => journal.rewrite_jobs(&jobs).map(|()| true),
-                        None => Ok(false),
-                    };
-                    let synced = match rewritten {
-                        Ok(again) if wrote || again => journal.sync(),
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(e),
-                    };
-                    journal.tidy(&live);
-                    synced
+                let j = journal.clone();
+                let rewritten = tokio::task::spawn_blocking(move || match stale {
+                    Some(jobs) => j.rewrite_jobs(&jobs).map(|()| true),
+                    None => Ok(false),
                 })
-                .await;
-                if let Ok(Err(e)) = synced {
-                    tracing::warn!(tenant = %t.id, error = %e, "a checkpoint sync failed; the tenant keeps serving");
+                .await
+                .map_err(ExecError::task("checkpoint"))
+                .and_then(|r| r);
+                // Synced before an old generation, which may hold the jobs'
+                // earlier records, can go.
+                let synced = match rewritten {
+                    Ok(again) if wrote || again => journal.durable(journal.written()).await,
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                match synced {
+                    Ok(()) => {
+                        let _ = tokio::task::spawn_blocking(move || journal.tidy(&live)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant = %t.id, error = %e, "a checkpoint sync failed; the tenant keeps serving")
+                    }
                 }
             }
             drop(admitted);

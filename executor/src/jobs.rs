@@ -22,6 +22,7 @@ use tensor_wasm_shared::api::{JobAccepted, JobInfo, JobStatus};
 use tensor_wasm_shared::{JobId, TenantId};
 
 use crate::body::{self, RequestBody};
+use crate::durable::Journal;
 use crate::error::ExecError;
 use crate::registry::{Registry, Target};
 use crate::state::{Tenant, Wait};
@@ -76,9 +77,20 @@ impl Registry {
         info: JobInfo,
         request: Option<RequestBody>,
     ) -> Result<(), ExecError> {
+        self.journal_durably(t, move |j| j.job(&info, request.as_ref()))
+            .await
+    }
+
+    /// Writes a frame to `t`'s journal with `write` (on the blocking pool)
+    /// and waits until it is on disk.
+    async fn journal_durably(
+        self: &Arc<Self>,
+        t: &Arc<Tenant>,
+        write: impl FnOnce(&Journal) -> Result<u64, ExecError> + Send + 'static,
+    ) -> Result<(), ExecError> {
         let journal = self.journal(t);
         let j = journal.clone();
-        let n = tokio::task::spawn_blocking(move || j.job(&info, request.as_ref()))
+        let n = tokio::task::spawn_blocking(move || write(&j))
             .await
             .map_err(ExecError::task("journal a job"))??;
         journal.durable(n).await
@@ -211,12 +223,7 @@ impl Registry {
         let Some(info) = info else {
             return Ok(());
         };
-        let journal = self.journal(&t);
-        let j = journal.clone();
-        let n = tokio::task::spawn_blocking(move || j.job_gone(&info))
-            .await
-            .map_err(ExecError::task("journal a job"))??;
-        journal.durable(n).await
+        self.journal_durably(&t, move |j| j.job_gone(&info)).await
     }
 
     /// Forgets finished jobs past their retention, and the oldest finished

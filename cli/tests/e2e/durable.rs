@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use tensor_wasm_executor::durable::check_frames;
+
 use crate::harness::{COUNTER, ExecutorProcess, RawError, multipart, parse_counter, raw_request};
 
 /// Registers the counter for `tenant` with `config`; its id.
@@ -191,26 +193,30 @@ fn a_damaged_journal_resumes_from_the_last_good_frame() {
         let _ = ex.child.kill();
         let _ = ex.child.wait();
         let mut bytes = std::fs::read(&file).unwrap();
+        assert_eq!(check_frames(&bytes), (6, None), "a frame per call");
         if damage == "truncate" {
-            // Cut into the last frame (call 6's): calls 1..5 stand.
+            // Cut into the last frame (call 6's).
             bytes.truncate(bytes.len() - 10);
         } else {
-            let at = bytes.len() / 2;
+            // A bit in the back half: past the first frame (the instance's
+            // whole memory), into one of the calls' frames.
+            let at = bytes.len() * 3 / 4;
             bytes[at] ^= 0x04;
         }
         std::fs::write(&file, &bytes).unwrap();
+        // Frame n holds call n: the damaged one and those after it are
+        // refused, the ones before it stand.
+        let (good, damaged) = check_frames(&bytes);
+        assert!(
+            damaged.is_some() && (2..6).contains(&good),
+            "{damage}: {good} good frames"
+        );
         ex.restart();
-        let next = count(&ex, "acme", &id);
-        if damage == "truncate" {
-            assert_eq!(next, 6, "the frames before the cut");
-        } else {
-            // Frames 1..6 were there; the flipped one and those after it
-            // are refused.
-            assert!(
-                (1..=6).contains(&next),
-                "{damage}: from the frames before the flipped one, got {next}"
-            );
-        }
+        assert_eq!(
+            count(&ex, "acme", &id),
+            good as u32 + 1,
+            "{damage}: from the {good} frames before the damaged one"
+        );
         assert!(
             ex.log_text().contains("a damaged checkpoint frame"),
             "{}",
