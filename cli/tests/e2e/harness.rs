@@ -878,10 +878,54 @@ impl UpProcess {
 }
 
 impl Drop for UpProcess {
+    /// Kills the whole fleet at once and waits for it to be gone. Killing
+    /// only the supervisor would leave its children a graceful stop, which
+    /// writes every tenant's warm state into a folder the test is about to
+    /// delete: the folder outlives the test, gigabytes at a time.
     fn drop(&mut self) {
+        let fleet = descendants(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if fleet.is_empty() {
+            return;
+        }
+        let pids: Vec<String> = fleet.iter().map(u32::to_string).collect();
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(&pids)
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fleet.iter().any(|&pid| alive(pid)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
+}
+
+/// Every process below `pid`, read from each process's parent in
+/// `/proc/*/stat`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`; comm may hold spaces.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            Some((child, ppid.parse().ok()?))
+        })
+        .collect();
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(parent) = next.pop() {
+        for &(child, _) in parents.iter().filter(|&&(_, p)| p == parent) {
+            found.push(child);
+            next.push(child);
+        }
+    }
+    found
 }
 
 /// True while a process with `pid` exists.
