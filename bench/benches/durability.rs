@@ -3,6 +3,7 @@
 //!
 //!     cargo bench -p tensor-wasm-bench --bench durability
 //!     DURATION=5 CLIENTS=32 STATE_DIR=/var/lib/x cargo bench -p tensor-wasm-bench --bench durability
+//!     WRITES=4096 MODES=none,strict cargo bench -p tensor-wasm-bench --bench durability
 //!
 //! One tenant per row, on the executor's own invocation path (the registry,
 //! its pool, its journal, and the checkpointer pass every 100 ms as the
@@ -15,6 +16,8 @@
 //! the disk's own `fdatasync` p50 (4 KiB written, then synced), the floor
 //! under a `strict` call. The journal is written under STATE_DIR (a
 //! temporary folder by default: put it on the disk you mean to measure).
+//! WRITES (bytes per call, comma-separated) and MODES (none, periodic,
+//! strict) pick rows; the ratios are to `none`, or to the first row run.
 
 // A report for a person: its table is what it prints.
 #![allow(clippy::print_stdout)]
@@ -223,15 +226,22 @@ fn main() {
         "{:<10} {:<9} {:>9} {:>9} {:>9} {:>12} {:>10} {:>10}",
         "writes", "mode", "p50 ms", "p99 ms", "calls/s", "journal MB/s", "p50 ×none", "tput ×none"
     );
-    for bytes in [4096u32, 1 << 20] {
+    let sizes: Vec<u32> = std::env::var("WRITES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![4096, 1 << 20]);
+    for bytes in sizes {
         let mut none: Option<Row> = None;
         for mode in [Durability::None, Durability::Periodic, Durability::Strict] {
+            if std::env::var("MODES").is_ok_and(|m| !m.split(',').any(|m| m == mode.as_str())) {
+                continue;
+            }
             let dir = state.join(format!("{bytes}-{}", mode.as_str()));
             let row = run(&tokio, &dir, bytes, mode, clients, seconds);
             let base = none.as_ref().unwrap_or(&row);
             println!(
                 "{:<10} {:<9} {:>9} {:>9} {:>9.0} {:>12.1} {:>10.2} {:>10.2}",
-                if bytes == 4096 { "4 KiB" } else { "1 MiB" },
+                format!("{} KiB", bytes / 1024),
                 mode.as_str(),
                 ms(row.p50),
                 ms(row.p99),
@@ -240,7 +250,7 @@ fn main() {
                 row.p50.as_secs_f64() / base.p50.as_secs_f64(),
                 row.per_sec / base.per_sec,
             );
-            if mode == Durability::None {
+            if none.is_none() {
                 none = Some(row);
             }
             let _ = std::fs::remove_dir_all(&dir);

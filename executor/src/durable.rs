@@ -20,13 +20,15 @@
 //!
 //! ```text
 //! "TWJ1" | flags u32 | instance u64 | len u64 | XXH3 of the 24 bytes before (u64)
-//! payload: len bytes (a format 2 stream)
-//! BLAKE3 of the payload (32 bytes)
+//! payload: len bytes (a format 2 stream, unsigned, whose End record
+//!          carries the BLAKE3 of the stream's bytes before it)
 //! ```
 //!
-//! A frame of up to 1 MiB is written at once; a larger one streams out and
-//! its header is written last. A frame cut short by a crash or a full disk,
-//! or with a bit flipped anywhere, fails a checksum.
+//! A frame of up to 1 MiB is written at once, with the next sync, and
+//! hashed then (an invocation that takes a frame pays a copy of what it
+//! wrote, not a hash); a larger one streams out, hashed as it goes, and
+//! its header is written last. A frame cut short by a crash or a full
+//! disk, or with a bit flipped anywhere, fails a checksum.
 //! Recovery ([`recover`]) applies the frames in order and stops at the
 //! first that fails: every instance then stands as of its last good frame.
 //!
@@ -48,7 +50,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tensor_wasm_shared::api::{Durability, JobInfo, JobStatus};
-use tensor_wasm_shared::snapshot::stream::{Reader, Record, StreamKind, Writer};
+use tensor_wasm_shared::snapshot::stream::{
+    END_LEN, Reader, Record, STREAM_HEADER_LEN, StreamKind, Writer, end_checksum, end_record,
+};
 use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
 
 use crate::body::RequestBody;
@@ -66,7 +70,8 @@ pub const DURABLE_DIR: &str = "durable";
 
 const MAGIC: &[u8; 4] = b"TWJ1";
 const HEADER: usize = 32;
-const TRAILER: usize = 32;
+/// The smallest payload: a stream's header and its End.
+const MIN_PAYLOAD: u64 = (STREAM_HEADER_LEN + END_LEN) as u64;
 /// The frame is a fresh copy of its instance.
 const FRESH: u32 = 1;
 /// The instance went (a trap, a deadline): recovery drops it. With
@@ -112,9 +117,13 @@ struct Log {
     bytes: u64,
     /// Bytes written to the file: `buf` goes there next.
     flushed: u64,
-    /// Small frames not yet written to the file: the next sync writes
-    /// them, so that a frame costs the invocation a copy, not a write.
+    /// Small frames not yet written to the file: the next sync seals and
+    /// writes them, so that a frame costs the invocation a copy, not a
+    /// hash and a write.
     buf: Vec<u8>,
+    /// The payloads in `buf`, as ranges of it: their checksums are filled
+    /// in ([`seal_all`]) before `buf` goes to the file.
+    unsealed: Vec<std::ops::Range<usize>>,
     /// Frames written, counted from the journal's opening.
     written: u64,
     next_jid: u64,
@@ -218,6 +227,7 @@ impl Journal {
                 bytes: 0,
                 flushed: 0,
                 buf: Vec::new(),
+                unsealed: Vec::new(),
                 written: 0,
                 next_jid: 1,
                 generations: BTreeSet::new(),
@@ -363,7 +373,7 @@ impl Journal {
     /// follow are of the new one).
     fn roll(&self, log: &mut Log) {
         if let Some(file) = log.file.take() {
-            let buf = std::mem::take(&mut log.buf);
+            let buf = log.take_buf();
             let synced = file
                 .write_all_at(&buf, log.flushed)
                 .and_then(|()| file.sync_data());
@@ -373,6 +383,7 @@ impl Journal {
             }
         }
         log.buf.clear();
+        log.unsealed.clear();
         log.generation += 1;
         log.bytes = 0;
         log.flushed = 0;
@@ -434,42 +445,45 @@ impl Journal {
                 len: 0,
             };
             {
-                let mut w = Writer::new(&mut tee, None)?;
+                let mut w = Writer::unsealed(&mut tee)?;
                 w.record(&Record::Tenant {
                     tenant: self.tenant.to_string(),
                     kind: StreamKind::Round,
                 })?;
                 body(&mut w)?;
-                w.finish()?;
+                w.finish_unsealed()?;
             }
-            let len = tee.len;
-            let digest = tee.hasher.finalize();
+            let len = tee.len + END_LEN as u64;
             let header = header(flags, jid, len);
             if tee.spilled {
-                // The payload went out as it came; the header goes last,
-                // so the frame is valid only once whole.
+                // The payload went out as it came, hashed as it went; the
+                // header goes last, so the frame is valid only once whole.
                 tee.spill()?;
-                file.write_all_at(digest.as_bytes(), tee.at)?;
+                let end = end_record(tee.hasher.finalize().as_bytes());
+                file.write_all_at(&end, tee.at)?;
                 file.write_all_at(&header, start)?;
             } else {
-                // A small frame: written with the next sync (or now, when
-                // the frames waiting pass the buffer), at once, its
-                // checksum covering a tear.
+                // A small frame: sealed and written with the next sync (or
+                // now, when the frames waiting pass the buffer), at once,
+                // its checksum covering a tear.
                 debug_assert_eq!(log.flushed + log.buf.len() as u64, start);
                 log.buf.extend_from_slice(&header);
+                let payload = log.buf.len();
                 log.buf.extend_from_slice(&tee.buf);
-                log.buf.extend_from_slice(digest.as_bytes());
+                log.buf.extend_from_slice(&end_record(&[0; 32]));
+                let end = log.buf.len();
+                log.unsealed.push(payload..end);
                 if log.buf.len() > 4 * WRITE_BUFFER {
-                    file.write_all_at(&log.buf, log.flushed)?;
-                    log.flushed += log.buf.len() as u64;
-                    log.buf.clear();
+                    let buf = log.take_buf();
+                    file.write_all_at(&buf, log.flushed)?;
+                    log.flushed += buf.len() as u64;
                 }
             }
             Ok(len)
         })();
         match result {
             Ok(len) => {
-                log.bytes = start + HEADER as u64 + len + TRAILER as u64;
+                log.bytes = start + HEADER as u64 + len;
                 if log.buf.is_empty() {
                     log.flushed = log.bytes;
                 }
@@ -483,6 +497,7 @@ impl Journal {
                     tracing::error!(tenant = %self.tenant, error = %cut, "cannot cut a failed frame off the journal");
                 }
                 log.buf.clear();
+                log.unsealed.clear();
                 log.bytes = log.flushed;
                 let e = io_error("writing a checkpoint", e);
                 self.lost(log.written, &e.to_string());
@@ -496,13 +511,19 @@ impl Journal {
     fn sync_now(&self) -> Result<(), ExecError> {
         // Every frame so far goes in this sync: those waiting in the
         // buffer are written first.
-        let (upto, file, buf, at) = {
+        let (upto, file, (mut buf, unsealed), at) = {
             let mut log = lock(&self.log);
-            let buf = std::mem::take(&mut log.buf);
+            let buf = (
+                std::mem::take(&mut log.buf),
+                std::mem::take(&mut log.unsealed),
+            );
             let at = log.flushed;
-            log.flushed += buf.len() as u64;
+            log.flushed += buf.0.len() as u64;
             (log.written, log.file.clone(), buf, at)
         };
+        // Sealed here, by the sync's leader, not by the invocations that
+        // took the frames while holding their instances.
+        seal_all(&mut buf, &unsealed);
         let result = match file {
             Some(f) => f.write_all_at(&buf, at).and_then(|()| f.sync_data()),
             None => Ok(()),
@@ -519,6 +540,7 @@ impl Journal {
                 tracing::error!(tenant = %self.tenant, error = %cut, "cannot cut lost frames off the journal");
             }
             log.buf.clear();
+            log.unsealed.clear();
             self.roll(&mut log);
             drop(log);
             self.lost(upto, &msg);
@@ -795,9 +817,27 @@ fn parse_header(h: &[u8; HEADER]) -> Option<(u32, u64, u64)> {
     (flags & !(FRESH | GONE | JOB | RACY) == 0 && len <= MAX_FRAME).then_some((flags, jid, len))
 }
 
-/// Writes at a position of a file through a buffer, hashing and counting
-/// what goes by. What fits in the buffer stays there until the frame ends
-/// (`spilled` false).
+impl Log {
+    /// The frames waiting in the buffer, sealed, for the file.
+    fn take_buf(&mut self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.buf);
+        seal_all(&mut buf, &std::mem::take(&mut self.unsealed));
+        buf
+    }
+}
+
+/// Fills in the checksums of the payloads at `ranges` of `buf`.
+fn seal_all(buf: &mut [u8], ranges: &[std::ops::Range<usize>]) {
+    for r in ranges {
+        let sealed = tensor_wasm_shared::snapshot::stream::seal(&mut buf[r.clone()]);
+        debug_assert!(sealed, "a buffered frame ends with End");
+    }
+}
+
+/// Writes at a position of a file through a buffer, counting what goes
+/// by. What fits in the buffer stays there until the frame ends (`spilled`
+/// false), unhashed; once the frame spills, what goes to the file is
+/// hashed as it goes.
 struct Tee<'a> {
     file: &'a File,
     at: u64,
@@ -809,7 +849,6 @@ struct Tee<'a> {
 
 impl Write for Tee<'_> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.hasher.update(b);
         self.len += b.len() as u64;
         if self.buf.len() + b.len() > WRITE_BUFFER {
             self.spilled = true;
@@ -817,6 +856,7 @@ impl Write for Tee<'_> {
         }
         if b.len() >= WRITE_BUFFER {
             self.spilled = true;
+            self.hasher.update(b);
             self.file.write_all_at(b, self.at)?;
             self.at += b.len() as u64;
         } else {
@@ -838,6 +878,7 @@ impl Write for Tee<'_> {
 impl Tee<'_> {
     fn spill(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
+            self.hasher.update(&self.buf);
             self.file.write_all_at(&self.buf, self.at)?;
             self.at += self.buf.len() as u64;
             self.buf.clear();
@@ -926,27 +967,29 @@ fn scan_source<S: Source + ?Sized>(
     let mut buf = vec![0u8; WRITE_BUFFER];
     while at < size {
         let mut h = [0u8; HEADER];
-        if size - at < (HEADER + TRAILER) as u64 || file.read_exact_at(&mut h, at).is_err() {
+        if size - at < HEADER as u64 || file.read_exact_at(&mut h, at).is_err() {
             return Ok((frames, size, Some(at)));
         }
         let Some((flags, jid, len)) = parse_header(&h) else {
             return Ok((frames, size, Some(at)));
         };
         let payload = at + HEADER as u64;
-        if len > size - payload - TRAILER as u64 {
+        if len > size - payload || len < MIN_PAYLOAD {
             return Ok((frames, size, Some(at)));
         }
+        // The stream's End carries the checksum of its bytes before it.
+        let body = len - END_LEN as u64;
         let mut hasher = blake3::Hasher::new();
         let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(buf.len() as u64) as usize;
+        while off < body {
+            let n = (body - off).min(buf.len() as u64) as usize;
             file.read_exact_at(&mut buf[..n], payload + off)?;
             hasher.update(&buf[..n]);
             off += n as u64;
         }
-        let mut sum = [0u8; TRAILER];
-        file.read_exact_at(&mut sum, payload + len)?;
-        if hasher.finalize().as_bytes() != &sum {
+        let mut end = [0u8; END_LEN];
+        file.read_exact_at(&mut end, payload + body)?;
+        if end_checksum(&end).as_ref() != Some(hasher.finalize().as_bytes()) {
             return Ok((frames, size, Some(at)));
         }
         frames.push(Frame {
@@ -956,7 +999,7 @@ fn scan_source<S: Source + ?Sized>(
             jid,
             len,
         });
-        at = payload + len + TRAILER as u64;
+        at = payload + len;
     }
     Ok((frames, size, None))
 }
@@ -1376,19 +1419,26 @@ impl Registry {
 mod tests {
     use super::*;
 
-    /// A frame as `write_frame` lays it out, around `payload`.
-    fn frame(flags: u32, jid: u64, payload: &[u8]) -> Vec<u8> {
+    /// A frame as `write_frame` lays it out: a stream of one Tenant
+    /// record named `name`.
+    fn frame(flags: u32, jid: u64, name: &str) -> Vec<u8> {
+        let mut w = Writer::new(Vec::new(), None).unwrap();
+        w.record(&Record::Tenant {
+            tenant: name.into(),
+            kind: StreamKind::Round,
+        })
+        .unwrap();
+        let payload = w.finish().unwrap();
         let mut f = header(flags, jid, payload.len() as u64).to_vec();
-        f.extend_from_slice(payload);
-        f.extend_from_slice(blake3::hash(payload).as_bytes());
+        f.extend_from_slice(&payload);
         f
     }
 
     #[test]
     fn whole_frames_are_read_and_damage_ends_the_journal() {
-        let mut bytes = frame(FRESH, 1, b"the first");
+        let mut bytes = frame(FRESH, 1, "the first");
         let second = bytes.len() as u64;
-        bytes.extend(frame(0, 1, b"the second, a little longer"));
+        bytes.extend(frame(0, 1, "the second, a little longer"));
         assert_eq!(check_frames(&bytes), (2, None));
         // Cut short, as a crash mid-write leaves it.
         for cut in [1, 10, 33, 40] {
@@ -1406,18 +1456,18 @@ mod tests {
             assert!(damaged.is_some() && good < 2, "flip at {at}");
         }
         // A header that claims more than the file holds, or unknown flags.
-        let mut long = frame(0, 1, b"x");
+        let mut long = frame(0, 1, "x");
         long[..HEADER].copy_from_slice(&header(0, 1, 1 << 40));
         assert_eq!(check_frames(&long), (0, Some(0)));
-        let odd = frame(64, 1, b"x");
+        let odd = frame(64, 1, "x");
         assert_eq!(check_frames(&odd), (0, Some(0)));
         // A hole (zeros) where a frame should start, as a frame written
         // past one never flushed leaves it.
-        let mut hole = frame(0, 1, b"a");
+        let mut hole = frame(0, 1, "a");
         hole.extend(vec![0u8; 96]);
         assert_eq!(
             check_frames(&hole),
-            (1, Some(frame(0, 1, b"a").len() as u64))
+            (1, Some(frame(0, 1, "a").len() as u64))
         );
         assert_eq!(check_frames(&[]), (0, None));
     }

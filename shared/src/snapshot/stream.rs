@@ -143,7 +143,8 @@ const SIGNING_CONTEXT: &str = "tensor-wasm snapshot format 2 signature";
 
 /// The running checksum and signature of a stream.
 struct Seal {
-    hash: blake3::Hasher,
+    /// `None` for a stream sealed later ([`Writer::unsealed`]).
+    hash: Option<blake3::Hasher>,
     /// The signing key, derived from the snapshot key. The signature is
     /// keyed BLAKE3 of the checksum: one pass over the bytes makes both,
     /// where a MAC over the bytes would double the hashing of a move (and
@@ -154,18 +155,23 @@ struct Seal {
 impl Seal {
     fn new(key: Option<&[u8]>) -> Seal {
         Seal {
-            hash: blake3::Hasher::new(),
+            hash: Some(blake3::Hasher::new()),
             key: key.map(|k| blake3::derive_key(SIGNING_CONTEXT, k)),
         }
     }
 
     fn update(&mut self, b: &[u8]) {
-        self.hash.update(b);
+        if let Some(h) = &mut self.hash {
+            h.update(b);
+        }
     }
 
     /// The checksum, and the signature when keyed.
     fn finalize(&self) -> (blake3::Hash, Option<blake3::Hash>) {
-        let sum = self.hash.finalize();
+        let sum = self
+            .hash
+            .as_ref()
+            .map_or_else(|| blake3::hash(&[]), blake3::Hasher::finalize);
         let signature = self.key.map(|k| blake3::keyed_hash(&k, sum.as_bytes()));
         (sum, signature)
     }
@@ -204,6 +210,27 @@ impl<W: Write> Writer<W> {
         Ok(Writer {
             out,
             seal,
+            owed: 0,
+            written: STREAM_HEADER_LEN as u64,
+        })
+    }
+
+    /// Starts an unsigned stream whose checksum its writer fills in
+    /// later: it ends with [`finish_unsealed`](Self::finish_unsealed) and
+    /// [`end_record`] of the checksum of every byte before it (what
+    /// [`seal`] computes over a stream held whole). Writing costs a copy,
+    /// not a hash, so that the hashing can wait.
+    pub fn unsealed(mut out: W) -> std::io::Result<Writer<W>> {
+        let mut header = [0u8; STREAM_HEADER_LEN];
+        header[..8].copy_from_slice(&MAGIC);
+        header[8..12].copy_from_slice(&STREAM_VERSION.to_le_bytes());
+        out.write_all(&header)?;
+        Ok(Writer {
+            out,
+            seal: Seal {
+                hash: None,
+                key: None,
+            },
             owed: 0,
             written: STREAM_HEADER_LEN as u64,
         })
@@ -394,6 +421,18 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// Hands the output back without End, which the writer of an
+    /// [`unsealed`](Self::unsealed) stream adds ([`end_record`]).
+    pub fn finish_unsealed(self) -> std::io::Result<W> {
+        if self.owed > 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the stream ends before the announced data",
+            ));
+        }
+        Ok(self.out)
+    }
+
     /// Writes End (checksum and signature over everything before it) and
     /// hands the output back.
     pub fn finish(mut self) -> std::io::Result<W> {
@@ -401,6 +440,12 @@ impl<W: Write> Writer<W> {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "the stream ends before the announced data",
+            ));
+        }
+        if self.seal.hash.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "an unsealed stream ends with finish_unsealed",
             ));
         }
         let mut p = [0u8; 64];
@@ -417,6 +462,46 @@ impl<W: Write> Writer<W> {
         self.out.flush()?;
         Ok(self.out)
     }
+}
+
+/// Bytes of the End record that closes every stream.
+pub const END_LEN: usize = 5 + 64;
+
+/// The End record of an unsigned stream whose checksum (BLAKE3 of every
+/// byte before End) is `sum`.
+pub fn end_record(sum: &[u8; 32]) -> [u8; END_LEN] {
+    let mut end = [0u8; END_LEN];
+    end[0] = tag::END;
+    end[1..5].copy_from_slice(&64u32.to_le_bytes());
+    end[5..37].copy_from_slice(sum);
+    end
+}
+
+/// The checksum an unsigned stream's last [`END_LEN`] bytes carry, when
+/// they are an End record.
+pub fn end_checksum(tail: &[u8]) -> Option<[u8; 32]> {
+    let (head, p) = tail.split_at_checked(5)?;
+    if tail.len() != END_LEN || head[0] != tag::END || head[1..] != 64u32.to_le_bytes() {
+        return None;
+    }
+    p[32..]
+        .iter()
+        .all(|&b| b == 0)
+        .then(|| p[..32].try_into().ok())?
+}
+
+/// Fills in the checksum of a whole unsigned stream that ends with an End
+/// record (written by [`Writer::unsealed`]); false when `stream` does not.
+pub fn seal(stream: &mut [u8]) -> bool {
+    let Some(body) = stream.len().checked_sub(END_LEN) else {
+        return false;
+    };
+    if end_checksum(&stream[body..]).is_none() {
+        return false;
+    }
+    let sum = blake3::hash(&stream[..body]);
+    stream[body + 5..body + 37].copy_from_slice(sum.as_bytes());
+    true
 }
 
 /// Writes a format 1 snapshot as a whole format 2 stream on `out` (signed
@@ -1012,6 +1097,36 @@ mod tests {
             read_all(&keyed, Some(b"other")),
             Err(SnapshotError::BadSignature)
         );
+    }
+
+    #[test]
+    fn an_unsealed_stream_sealed_later_reads_as_a_sealed_one() {
+        let s = sample();
+        let mut w = Writer::unsealed(Vec::new()).unwrap();
+        for r in &s {
+            w.record(r).unwrap();
+        }
+        let mut bytes = w.finish_unsealed().unwrap();
+        bytes.extend_from_slice(&end_record(&[0; 32]));
+        assert_eq!(
+            read_all(&bytes, None),
+            Err(SnapshotError::Checksum),
+            "not sealed yet"
+        );
+        assert!(seal(&mut bytes));
+        assert_eq!(bytes, write(&s, None), "the same bytes as a sealed stream");
+        assert_eq!(read_all(&bytes, None).unwrap(), s);
+        let tail = &bytes[bytes.len() - END_LEN..];
+        let sum = blake3::hash(&bytes[..bytes.len() - END_LEN]);
+        assert_eq!(end_checksum(tail), Some(*sum.as_bytes()));
+        // Not an End record: too short, another tag, a signature.
+        assert!(!seal(&mut bytes[..10].to_vec()));
+        assert_eq!(end_checksum(&bytes[..END_LEN]), None);
+        let mut signed = tail.to_vec();
+        signed[END_LEN - 1] = 1;
+        assert_eq!(end_checksum(&signed), None);
+        let unsealed = Writer::unsealed(Vec::new()).unwrap();
+        assert!(unsealed.finish().is_err(), "End needs the checksum");
     }
 
     #[test]
