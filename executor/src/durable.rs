@@ -40,6 +40,8 @@
 //! `strict` invocations wait for their frame to be synced. Syncs are shared
 //! (group commit): one waiter syncs everything written so far while the
 //! others wait for it, so a burst of invocations costs one `fdatasync`.
+//! A sync wakes the waiters it answers, and one of those left to lead the
+//! next, not every waiter.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -90,6 +92,10 @@ const MAX_FRAME: u64 = crate::snapshot::MAX_SNAPSHOT_BYTES;
 /// A generation's journal grows to at least this before it rolls: 64 MiB.
 const MIN_ROLL_BYTES: u64 = 64 << 20;
 
+/// How long a waiter for the disk waits before it looks again, should
+/// the wake it waits for not come: 10 ms.
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Bytes written to the file at once: 1 MiB.
 const WRITE_BUFFER: usize = 1 << 20;
 
@@ -129,6 +135,10 @@ struct Log {
     next_jid: u64,
     /// Generations on disk.
     generations: BTreeSet<u64>,
+    /// Every instance whose fresh copy is older than this generation
+    /// makes one next, exact frames included: frames were lost, so what
+    /// its tracker marked clean may not be on disk.
+    fresh_from: u64,
     /// The generation every job's latest record was last written to: the
     /// checkpointer writes them all again after a roll, before the
     /// generations that held them can go.
@@ -150,6 +160,89 @@ struct Synced {
     unsynced: Vec<(u64, u64, u64)>,
     /// By instance: the invocation count its synced frames cover.
     covered: HashMap<u64, u64>,
+    /// Who waits for what: each is woken when it has it, so that a sync
+    /// wakes the answers it made durable and no others.
+    waiters: Vec<Waiter>,
+}
+
+/// An answer waiting for the disk.
+#[derive(Debug)]
+struct Waiter {
+    want: Want,
+    wake: tokio::sync::oneshot::Sender<()>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// Frame `n` synced (or lost).
+    Frame(u64),
+    /// A synced frame of `instance` covering its first `count` invocations,
+    /// or a frame written that would, once synced.
+    Covered { instance: u64, count: u64 },
+}
+
+impl Synced {
+    /// Registers a waiter for `want`.
+    fn wait(&mut self, want: Want) -> tokio::sync::oneshot::Receiver<()> {
+        let (wake, rx) = tokio::sync::oneshot::channel();
+        self.waiters.push(Waiter { want, wake });
+        rx
+    }
+
+    /// Wakes every waiter that has what it wants (all of them with
+    /// `all`), then, when no sync runs and some frame is still awaited,
+    /// the waiter of the earliest, to lead the next sync.
+    fn wake(&mut self, all: bool) {
+        let Synced {
+            durable,
+            failed_upto,
+            unsynced,
+            covered,
+            waiters,
+            syncing,
+            ..
+        } = self;
+        let mut woken = Vec::new();
+        let mut i = 0;
+        while i < waiters.len() {
+            let w = &waiters[i];
+            let done = all
+                || w.wake.is_closed()
+                || match w.want {
+                    Want::Frame(n) => n <= *durable || n <= *failed_upto,
+                    Want::Covered { instance, count } => {
+                        covered.get(&instance).is_some_and(|&c| c >= count)
+                            || unsynced
+                                .iter()
+                                .any(|&(_, i, c)| i == instance && c >= count)
+                    }
+                };
+            if done {
+                woken.push(waiters.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        for w in woken {
+            let _ = w.wake.send(());
+        }
+        while !*syncing
+            && let Some(lead) = waiters
+                .iter()
+                .enumerate()
+                .filter_map(|(i, w)| match w.want {
+                    Want::Frame(n) => Some((n, i)),
+                    Want::Covered { .. } => None,
+                })
+                .min()
+                .map(|(_, i)| i)
+        {
+            // One that went meanwhile cannot lead: the next can.
+            if waiters.swap_remove(lead).wake.send(()).is_ok() {
+                break;
+            }
+        }
+    }
 }
 
 /// One tenant's journal.
@@ -161,8 +254,6 @@ pub struct Journal {
     captures: Mutex<HashMap<u64, Capture>>,
     log: Mutex<Log>,
     synced: Mutex<Synced>,
-    /// Bumped at every sync and every loss: what waiters wait on.
-    progress: tokio::sync::watch::Sender<()>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -231,12 +322,12 @@ impl Journal {
                 written: 0,
                 next_jid: 1,
                 generations: BTreeSet::new(),
+                fresh_from: 0,
                 // A tenant that arrives with jobs (a move, an import) has
                 // them written at the first pass.
                 jobs_in: 0,
             }),
             synced: Mutex::new(Synced::default()),
-            progress: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -259,6 +350,13 @@ impl Journal {
     /// what was written meanwhile. Blocking.
     pub fn precopy(&self, shared: &Arc<InstanceShared>, f: &Function) -> Result<u64, ExecError> {
         self.write_capture(shared, None, f)
+    }
+
+    /// Whether `shared` has frames in this journal: a `strict` invocation
+    /// of one that has none leaves its first to [`covered`](Self::covered),
+    /// which copies the bulk while the instance runs.
+    pub fn has_capture(&self, shared: &InstanceShared) -> bool {
+        lock(&self.captures).contains_key(&shared.id)
     }
 
     /// A frame of `shared`, exact when `globals` (read by the instance's
@@ -290,7 +388,16 @@ impl Journal {
                 at: Instant::now(),
             }
         });
-        let fresh = capture.based < generation;
+        // An exact frame is a fresh copy only of an instance with none
+        // (or after a loss): after a roll, the checkpointer's racy frame
+        // makes the bulk of the new generation's copy, so that whoever
+        // holds the instance copies only what changed.
+        let fresh = capture.based < log.fresh_from
+            || if exact {
+                capture.based == 0
+            } else {
+                capture.based < generation
+            };
         if fresh && capture.based != 0 {
             // A new generation: the copy starts over from nothing.
             let sent =
@@ -340,14 +447,14 @@ impl Journal {
                 }
                 let fresh_total: u64 = captures.values().map(|c| c.fresh_bytes).sum();
                 if log.bytes > MIN_ROLL_BYTES.max(2 * fresh_total) {
-                    self.roll(&mut log);
+                    self.roll(&mut log, false);
                 }
                 Ok(n)
             }
             Err(e) => {
                 // What the tracker marked clean never reached the disk:
                 // every instance starts over in a new generation.
-                self.roll(&mut log);
+                self.roll(&mut log, true);
                 Err(e)
             }
         }
@@ -364,14 +471,15 @@ impl Journal {
             w.record(&Record::Gone { instance: c.jid })
         }) {
             tracing::warn!(tenant = %self.tenant, error = %e, "cannot journal an instance that went");
-            self.roll(&mut log);
+            self.roll(&mut log, true);
         }
     }
 
-    /// Starts a new generation: every instance's next frame is a fresh
-    /// copy. The old file gets its frames and a sync first (the syncs that
-    /// follow are of the new one).
-    fn roll(&self, log: &mut Log) {
+    /// Starts a new generation, in which every instance is to make a
+    /// fresh copy: its next racy frame, or, after frames were `lost`, its
+    /// next frame. The old file gets its frames and a sync first (the
+    /// syncs that follow are of the new one).
+    fn roll(&self, log: &mut Log, mut lost: bool) {
         if let Some(file) = log.file.take() {
             let buf = log.take_buf();
             let synced = file
@@ -380,11 +488,15 @@ impl Journal {
             if let Err(e) = synced {
                 self.lost(log.written, &format!("writing a journal: {e}"));
                 let _ = file.set_len(log.flushed);
+                lost = true;
             }
         }
         log.buf.clear();
         log.unsealed.clear();
         log.generation += 1;
+        if lost {
+            log.fresh_from = log.generation;
+        }
         log.bytes = 0;
         log.flushed = 0;
     }
@@ -396,8 +508,7 @@ impl Journal {
         s.failed = Some(msg.to_string());
         s.failed_upto = s.failed_upto.max(upto);
         s.unsynced.retain(|&(n, _, _)| n > upto);
-        drop(s);
-        self.progress.send_replace(());
+        s.wake(true);
     }
 
     /// Writes one frame whose payload `body` writes; returns its number
@@ -541,7 +652,7 @@ impl Journal {
             }
             log.buf.clear();
             log.unsealed.clear();
-            self.roll(&mut log);
+            self.roll(&mut log, true);
             drop(log);
             self.lost(upto, &msg);
         }
@@ -562,8 +673,7 @@ impl Journal {
             }
             Err(e) => Err(ExecError::Checkpoint(format!("syncing the journal: {e}"))),
         };
-        drop(s);
-        self.progress.send_replace(());
+        s.wake(false);
         out
     }
 
@@ -633,9 +743,8 @@ impl Journal {
     /// Waits, without holding a thread, until frame `n` is on disk,
     /// syncing it (on the blocking pool) if no one else is.
     pub async fn durable(self: &Arc<Self>, n: u64) -> Result<(), ExecError> {
-        let mut progress = self.progress.subscribe();
         loop {
-            let lead = {
+            let woken = {
                 let mut s = lock(&self.synced);
                 if s.durable >= n {
                     return Ok(());
@@ -643,53 +752,85 @@ impl Journal {
                 if n <= s.failed_upto {
                     return Err(ExecError::Checkpoint(s.failed.clone().unwrap_or_default()));
                 }
-                !std::mem::replace(&mut s.syncing, true)
+                if s.syncing {
+                    Some(s.wait(Want::Frame(n)))
+                } else {
+                    s.syncing = true;
+                    None
+                }
             };
-            if lead {
-                let journal = self.clone();
-                // Its own failure is read back above.
-                let _ = tokio::task::spawn_blocking(move || journal.sync_now())
-                    .await
-                    .map_err(ExecError::task("checkpoint sync"))?;
-                continue;
+            match woken {
+                // Woken once it is on disk, or to lead the next sync. A
+                // look now and then covers a waiter woken to lead that
+                // went (its request cancelled) before it could.
+                Some(woken) => {
+                    let _ = tokio::time::timeout(RECHECK, woken).await;
+                }
+                None => {
+                    let journal = self.clone();
+                    // Its own failure is read back above.
+                    let _ = tokio::task::spawn_blocking(move || journal.sync_now())
+                        .await
+                        .map_err(ExecError::task("checkpoint sync"))?;
+                }
             }
-            let _ = progress.changed().await;
         }
     }
 
     /// Waits until a synced frame covers the first `count` invocations of
     /// `shared` (of function `f`), whose frame the invocation that ran it
-    /// left to a later one ([`syncing`](Self::syncing)). Such a frame is
-    /// written by the next invocation of the instance to end while no sync
-    /// runs; when none comes within a millisecond, by this waiter, which
-    /// takes the instance through one of its pool's slots.
+    /// left to a later one ([`syncing`](Self::syncing)), or which has no
+    /// frame yet. Such a frame is written by the next invocation of the
+    /// instance to end while no sync runs; when none comes within a
+    /// millisecond, by this waiter, which takes the instance through one
+    /// of its pool's slots. An instance with no frame first gets a racy
+    /// one from this waiter, so that the exact frame is of what changed.
     pub async fn covered(
         self: &Arc<Self>,
         f: &Arc<Function>,
-        shared: &InstanceShared,
+        shared: &Arc<InstanceShared>,
         count: u64,
     ) -> Result<(), ExecError> {
-        let mut progress = self.progress.subscribe();
+        if !self.has_capture(shared) {
+            // Its first frame: a racy copy of its memory while it may run,
+            // which the exact frame below completes.
+            let (journal, f, sh) = (self.clone(), f.clone(), shared.clone());
+            tokio::task::spawn_blocking(move || {
+                if journal.has_capture(&sh) {
+                    return Ok(());
+                }
+                journal.precopy(&sh, &f).map(|_| ())
+            })
+            .await
+            .map_err(ExecError::task("checkpoint"))??;
+        }
         loop {
-            let pending = {
-                let s = lock(&self.synced);
+            let woken = {
+                let mut s = lock(&self.synced);
                 if s.covered.get(&shared.id).is_some_and(|&c| c >= count) {
                     return Ok(());
                 }
-                s.unsynced
+                match s
+                    .unsynced
                     .iter()
                     .find(|&&(_, i, c)| i == shared.id && c >= count)
-                    .map(|&(n, _, _)| n)
+                {
+                    Some(&(n, _, _)) => Err(n),
+                    None => Ok(s.wait(Want::Covered {
+                        instance: shared.id,
+                        count,
+                    })),
+                }
             };
-            if let Some(n) = pending {
-                self.durable(n).await?;
-                continue;
-            }
+            let woken = match woken {
+                Ok(woken) => woken,
+                Err(n) => {
+                    self.durable(n).await?;
+                    continue;
+                }
+            };
             let quiet = std::time::Duration::from_millis(1);
-            if tokio::time::timeout(quiet, progress.changed())
-                .await
-                .is_ok()
-            {
+            if tokio::time::timeout(quiet, woken).await.is_ok() {
                 continue;
             }
             if !self.capture_idle(f, shared.id).await? {

@@ -810,11 +810,13 @@ impl Registry {
                     Ok(r) => {
                         // A strict invocation's effects are written while
                         // the instance is still held, so exactly; while a
-                        // sync runs, by the next invocation to end.
+                        // sync runs, by the next invocation to end; the
+                        // first of an instance, after it is back
+                        // (`Journal::covered`).
                         let shared = inst.inst.shared().clone();
                         let count = shared.invocations.load(Ordering::Relaxed);
                         let frame = match &journal {
-                            Some(j) if strict && !j.syncing() => {
+                            Some(j) if strict && !j.syncing() && j.has_capture(&shared) => {
                                 Some(Strict::Frame(j.capture(&mut inst.inst, &f)))
                             }
                             Some(_) if strict => Some(Strict::Later(shared, count)),
