@@ -129,6 +129,11 @@ pub struct Inbound {
     pub origin: Option<(crate::peer::Peer, String)>,
     staging: tokio::sync::Mutex<Staging>,
     cancelled: AtomicBool,
+    /// The staged instances of journaled functions go into the tenant's
+    /// checkpoint journal as they are staged ([`journal_staged`](
+    /// Self::journal_staged)): a migration's destination, where the
+    /// tenant is new.
+    pub(crate) journals: bool,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -151,7 +156,45 @@ impl Inbound {
                 complete: false,
             }),
             cancelled: AtomicBool::new(false),
+            journals: false,
         }
+    }
+
+    /// Writes a checkpoint frame of every staged instance of a journaled
+    /// function into the tenant's journal: the first a fresh copy, the
+    /// next what the streams applied since changed. A migration's
+    /// destination calls it after each round, so that the bulk of the
+    /// tenant goes to disk while it still runs on its source, and after
+    /// the final round, with the jobs, so that what it brings is on disk
+    /// ([`crate::durable::Journal::durable`] of the number returned)
+    /// before it is published here: a crash of this executor after the
+    /// move loses none of it. Blocking.
+    pub fn journal_staged(&self, registry: &Registry) -> Result<Option<u64>, ExecError> {
+        if !self.journals {
+            return Ok(None);
+        }
+        let mut st = self.staging.blocking_lock();
+        if st.state != InboundState::Staging {
+            return Ok(None);
+        }
+        let mut journal = None;
+        for s in st.instances.values_mut() {
+            let Some(f) = self.tenant.function(&s.function) else {
+                continue;
+            };
+            if !crate::durable::journaled(f.config.durability) {
+                continue;
+            }
+            let j = journal.get_or_insert_with(|| registry.journal(&self.tenant));
+            j.capture(&mut s.inst, &f)?;
+        }
+        let Some(journal) = journal else {
+            return Ok(None);
+        };
+        if st.complete {
+            journal.rewrite_jobs(&st.jobs)?;
+        }
+        Ok(Some(journal.written()))
     }
 
     fn check_cancelled(&self) -> Result<(), ExecError> {

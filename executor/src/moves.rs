@@ -98,18 +98,25 @@ async fn apply_stream(
 ) -> Result<Applied, ExecError> {
     let (tx, reader) = crate::pipe::chunk_reader();
     let feeding = tokio::spawn(crate::peer::forward(body, tx));
-    let (registry, inbound) = (registry.clone(), inbound.clone());
+    let (r, i) = (registry.clone(), inbound.clone());
     let key = registry.snapshot_key().map(<[u8]>::to_vec);
     let applied = tokio::task::spawn_blocking(move || {
         let mut blobs = blobs;
-        let mut r =
+        let mut reader =
             Reader::new(reader, key.as_deref(), MAX_ROUND_BYTES).map_err(ExecError::Snapshot)?;
-        inbound.apply(&registry, &mut r, kinds, blobs.as_mut())
+        let applied = i.apply(&r, &mut reader, kinds, blobs.as_mut())?;
+        // What it brought goes to this executor's journal as it comes.
+        let written = i.journal_staged(&r)?;
+        Ok::<_, ExecError>((applied, written))
     })
     .await
     .map_err(ExecError::task("round"))?;
     feeding.abort();
-    applied
+    let (applied, written) = applied?;
+    if let (Some(n), Some(journal)) = (written, inbound.tenant.journal.get()) {
+        journal.durable(n).await?;
+    }
+    Ok(applied)
 }
 
 /// Step 2: stages `tenant` from `peer`'s session `session`, while the

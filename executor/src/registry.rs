@@ -341,7 +341,15 @@ impl Registry {
         if let Some(earlier) = earlier {
             earlier.discard().await;
         }
-        let inbound = Arc::new(Inbound::new(self.new_tenant(tenant)?, origin));
+        let mut inbound = Inbound::new(self.new_tenant(tenant)?, origin);
+        // A migration's destination journals what it stages, starting
+        // from nothing: a journal left by a tenant that was here before
+        // is of another life of it.
+        if inbound.origin.is_some() && self.existing_tenant(tenant).is_none() {
+            crate::durable::remove_journal(&self.state_dir, tenant);
+            inbound.journals = true;
+        }
+        let inbound = Arc::new(inbound);
         lock(&self.inbound).insert(tenant.clone(), inbound.clone());
         Ok(inbound)
     }
@@ -369,6 +377,10 @@ impl Registry {
                 .is_none_or(|t| t.function_count() == 0)
             {
                 self.asset_store.remove_tenant(tenant.as_str());
+            }
+            // What it journaled while staged.
+            if inbound.journals {
+                crate::durable::remove_journal(&self.state_dir, tenant);
             }
         }
         state

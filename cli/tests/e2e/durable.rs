@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use tensor_wasm_executor::durable::check_frames;
 
-use crate::harness::{COUNTER, ExecutorProcess, RawError, multipart, parse_counter, raw_request};
+use crate::harness::{
+    COUNTER, ExecutorProcess, ProxyOptions, RawError, TestFleet, multipart, parse_counter,
+    raw_request,
+};
 
 /// Registers the counter for `tenant` with `config`; its id.
 fn deploy(ex: &ExecutorProcess, tenant: &str, config: &str) -> String {
@@ -399,4 +402,54 @@ fn jobs_accepted_before_a_sigkill_finish_or_fail_as_documented() {
     ex.restart();
     let (status, _) = ex.request("GET", &format!("/jobs/{queued}"), Some("acme"), "", b"");
     assert_eq!(status, 404, "cancelled before the kill");
+}
+
+/// A tenant that moved here is on this executor's disk before it is
+/// published here: killed the moment the move is over, the executor
+/// resumes it with the state it brought, `strict` or `periodic` (its
+/// source's journal went with the move).
+#[test]
+fn an_executor_killed_right_after_a_tenant_arrived_resumes_it() {
+    let mut fleet = TestFleet::start(2, ProxyOptions::default());
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    let mut ids = Vec::new();
+    for (tenant, durability) in [("acme", "strict"), ("beta", "periodic")] {
+        let config = format!(r#"{{"durability": "{durability}"}}"#);
+        let (ct, body) = multipart(&[
+            ("module", "application/wasm", &wasm),
+            ("config", "application/json", config.as_bytes()),
+        ]);
+        let r = fleet.proxy.api.call(
+            "POST",
+            "/functions?name=counter",
+            &[("authorization", &format!("Bearer tok-{tenant}"))],
+            Some((&ct, &body)),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        assert_eq!(fleet.proxy.migrate(tenant, "cpu0").status, 200);
+        for n in 1..=3 {
+            let r = fleet.count(&format!("tok-{tenant}"), &id);
+            assert_eq!((r.status, parse_counter(&r.body).0), (200, n), "{tenant}");
+        }
+        ids.push((tenant, id));
+    }
+    for (tenant, id) in &ids {
+        let r = fleet.proxy.migrate(tenant, "cpu1");
+        assert_eq!(r.status, 200, "{}", r.text());
+        fleet
+            .executors
+            .iter_mut()
+            .find(|e| e.id == "cpu1")
+            .unwrap()
+            .restart();
+        let r = fleet.count(&format!("tok-{tenant}"), id);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            parse_counter(&r.body),
+            (4, vec![4.0; 4]),
+            "{tenant}: the state it brought, device tensor included"
+        );
+        assert_eq!(fleet.proxy.placement(tenant).as_deref(), Some("cpu1"));
+    }
 }
