@@ -103,6 +103,10 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if !matches!(command, Command::Client(_)) {
+        // Servers, the supervisor and upgrades write tenants' state.
+        sys::private_files();
+    }
     let result = match command {
         Command::Executor(args) => executor::run(args, FEATURES),
         Command::Proxy(args) => proxy::run(args),

@@ -21,6 +21,16 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Makes every file and folder this process (and the children it starts)
+/// creates from now on readable by its user only: the services' state is
+/// the tenants' (`SECURITY.md`, "Files on disk").
+pub fn private_files() {
+    // SAFETY: `umask` takes an integer, cannot fail, and touches no memory.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 /// Sends SIGTERM (a graceful stop) to a child.
 pub fn terminate(child: &Child) {
     signal(child, libc::SIGTERM);

@@ -202,7 +202,7 @@ impl Executor {
         if cfg.internal_token.is_empty() {
             return Err(ServeError::NoToken);
         }
-        std::fs::create_dir_all(&cfg.state_dir)
+        tensor_wasm_shared::files::private_dir(&cfg.state_dir)
             .map_err(|e| ServeError::StateDir(cfg.state_dir.clone(), e))?;
         let (backends, device, backend_kind) = open_device(cfg.device, cfg.limits.tensor)?;
         let build = tensor_wasm_shared::build::labels("executor", features);

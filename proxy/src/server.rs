@@ -128,7 +128,7 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
         tracing::warn!("no API tokens configured: every public request will get 401");
     }
     let limits = RateLimits::new(config.rate, &config.rate_overrides)?;
-    std::fs::create_dir_all(&config.state_dir)
+    tensor_wasm_shared::files::private_dir(&config.state_dir)
         .map_err(|e| ProxyError::Io(config.state_dir.clone(), e))?;
 
     let opt = Opt {

@@ -19,6 +19,7 @@
 //! - [`names`]: metric and configuration names.
 //! - [`headers`]: the proxy↔executor headers and the request-id rule.
 //! - [`build`]: what this binary is (version, commit, compiler).
+//! - [`files`]: state directories only their user can read.
 //! - [`snapshot`]: the tenant snapshot format and its validating reader.
 
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@ pub mod audit;
 pub mod build;
 pub mod dtype;
 pub mod error;
+pub mod files;
 pub mod headers;
 pub mod ids;
 pub mod names;

@@ -142,7 +142,7 @@ fn tokens(state: &Path) -> anyhow::Result<Tokens> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let state = args.state_dir.clone();
-    std::fs::create_dir_all(&state)
+    tensor_wasm_shared::files::private_dir(&state)
         .with_context(|| format!("cannot create {}", state.display()))?;
     let state = state.canonicalize()?;
     let me = std::env::current_exe().context("cannot find this binary")?;

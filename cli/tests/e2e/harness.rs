@@ -36,6 +36,11 @@ impl ExecutorProcess {
         Self::start_with(id, state, &[])
     }
 
+    /// Its state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
     /// Starts with extra flags.
     pub fn start_with(id: &str, state: &Path, extra: &[&str]) -> ExecutorProcess {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();

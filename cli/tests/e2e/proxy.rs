@@ -628,3 +628,36 @@ fn executors_are_discovered_through_dns() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(proxy.placement("acme").as_deref(), Some("pod-a"));
 }
+
+/// What the proxy and the executors write of their tenants (functions,
+/// compiled modules, journals, placements, the audit log) is theirs only:
+/// no file or folder under a state directory is open to other users.
+#[test]
+fn state_files_are_for_the_services_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let fleet = TestFleet::start(2, ProxyOptions::default());
+    let id = fleet.deploy_counter("tok-acme");
+    assert_eq!(fleet.count("tok-acme", &id).status, 200);
+    // The checkpointer's first pass writes the tenant's journal.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut open = Vec::new();
+    let mut seen = 0;
+    let mut walk = vec![fleet.proxy_state()];
+    walk.extend(fleet.executors.iter().map(|e| e.state_dir().to_path_buf()));
+    while let Some(path) = walk.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            walk.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+        if meta.is_file() || meta.is_dir() {
+            seen += 1;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                open.push(format!("{} {mode:o}", path.display()));
+            }
+        }
+    }
+    assert!(seen > 10, "only {seen} files and folders");
+    assert!(open.is_empty(), "open to others: {open:#?}");
+}
