@@ -74,6 +74,12 @@ pub struct ExecutorConfig {
 pub enum ServeError {
     #[error("the internal token is empty; set TENSOR_WASM_INTERNAL_TOKEN")]
     NoToken,
+    #[error(
+        "TENSOR_WASM_SNAPSHOT_KEY has {0} bytes; a snapshot key needs at least {min} \
+         (make one with `openssl rand -hex 32`)",
+        min = tensor_wasm_shared::snapshot::MIN_KEY_BYTES
+    )]
+    WeakKey(usize),
     #[error("cannot use the state directory {0}: {1}")]
     StateDir(PathBuf, std::io::Error),
     #[error("cannot listen on {0}: {1}")]
@@ -201,6 +207,12 @@ impl Executor {
     pub async fn start(cfg: ExecutorConfig, features: &str) -> Result<Executor, ServeError> {
         if cfg.internal_token.is_empty() {
             return Err(ServeError::NoToken);
+        }
+        if let Some(key) = &cfg.snapshot_key
+            && !key.is_empty()
+            && key.len() < tensor_wasm_shared::snapshot::MIN_KEY_BYTES
+        {
+            return Err(ServeError::WeakKey(key.len()));
         }
         tensor_wasm_shared::files::private_dir(&cfg.state_dir)
             .map_err(|e| ServeError::StateDir(cfg.state_dir.clone(), e))?;

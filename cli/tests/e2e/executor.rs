@@ -318,3 +318,30 @@ fn damaged_warm_state_is_refused_and_the_tenant_resumes_from_its_checkpoints() {
         );
     }
 }
+
+/// A snapshot key too short to sign with is refused at start, saying what
+/// is needed and never echoing the key.
+#[test]
+fn a_short_snapshot_key_is_refused_at_start_up_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args([
+            "executor",
+            "--id",
+            "cpu-k",
+            "--device",
+            "cpu",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .env("TENSOR_WASM_INTERNAL_TOKEN", "internal-token")
+        .env("TENSOR_WASM_SNAPSHOT_KEY", "sekrit-short")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 32"), "{err}");
+    assert!(!err.contains("sekrit-short"), "{err}");
+}

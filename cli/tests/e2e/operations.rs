@@ -148,9 +148,9 @@ fn a_refused_import_leaves_the_tenant_on_its_source() {
     // Executors with different snapshot keys refuse each other's snapshots.
     let fleet = TestFleet::start_with(2, ProxyOptions::default(), |i| {
         if i == 0 {
-            vec!["--snapshot-key", "key-zero"]
+            vec!["--snapshot-key", "key-zero-key-zero-key-zero-key-zero"]
         } else {
-            vec!["--snapshot-key", "key-one"]
+            vec!["--snapshot-key", "key-one-key-one-key-one-key-one-key"]
         }
     });
     let id = fleet.deploy_counter("tok-acme");

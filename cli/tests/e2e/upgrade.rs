@@ -758,7 +758,7 @@ fn an_upgrade_to_a_binary_of_another_snapshot_format_is_refused_before_it_starts
 fn a_backup_holds_every_tenant_and_the_audit_log_and_restores_them() {
     use sha2::Digest as _;
     let dir = tempfile::tempdir().unwrap();
-    let key = "backup-test-key";
+    let key = "backup-test-key-of-at-least-32-bytes";
     let up = UpProcess::start_with_env(
         &dir.path().join("state"),
         &["--cpu-executors", "2"],

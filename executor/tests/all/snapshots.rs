@@ -392,8 +392,8 @@ fn keyed_executors_only_take_signed_snapshots() {
     );
     let q = TenantQuotas::default;
     let unkeyed = TestExecutor::start_keyed(da.path(), small_limits(), q(), None);
-    let keyed = TestExecutor::start_keyed(db.path(), small_limits(), q(), Some(b"secret-1"));
-    let other_key = TestExecutor::start_keyed(dc.path(), small_limits(), q(), Some(b"secret-2"));
+    let keyed = TestExecutor::start_keyed(db.path(), small_limits(), q(), Some(&[1; 32]));
+    let other_key = TestExecutor::start_keyed(dc.path(), small_limits(), q(), Some(&[2; 32]));
     let id = unkeyed.deploy("t1", "acc", ACCUMULATOR);
     let plain = export(&unkeyed, "t1");
     let r = keyed.internal("POST", "/internal/tenants/t1/import", &plain);

@@ -38,6 +38,9 @@ pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 96;
 /// Flag bit: the HMAC field is set.
 pub const FLAG_KEYED: u32 = 1;
+/// Fewest bytes of `TENSOR_WASM_SNAPSHOT_KEY` an executor signs with: 32,
+/// as many as the keyed hash's own key (`openssl rand -hex 32` makes 64).
+pub const MIN_KEY_BYTES: usize = 32;
 
 /// A whole tenant: everything needed to resume it elsewhere.
 #[derive(Clone, Debug, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
