@@ -324,7 +324,7 @@ fn damaged_warm_state_is_refused_and_the_tenant_resumes_from_its_checkpoints() {
 #[test]
 fn a_short_snapshot_key_is_refused_at_start_up_without_echoing_it() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
         .args([
             "executor",
             "--id",
