@@ -1478,6 +1478,67 @@ impl Registry {
         }
     }
 
+    /// Writes a full copy of every instance of a journaled function that
+    /// has no frames, and then every job, of the tenants that came back
+    /// warm (their older journals went as their warm state loaded), and
+    /// syncs them: at start, before the listener, so that the warm state
+    /// loaded is on disk as checkpoints before its files go. A tenant
+    /// whose journal cannot be written keeps serving; the checkpointer
+    /// tries again.
+    pub async fn journal_warm(self: &Arc<Self>) {
+        for t in self.tenant_list() {
+            if t.instance_count() == 0 {
+                continue;
+            }
+            let registry = self.clone();
+            let t2 = t.clone();
+            let written = tokio::task::spawn_blocking(move || -> Result<Option<u64>, ExecError> {
+                let mut journal = None;
+                let mut wrote = false;
+                for f in t2.function_list() {
+                    if !journaled(f.config.durability) {
+                        continue;
+                    }
+                    let j = journal.get_or_insert_with(|| registry.journal(&t2));
+                    // Nothing runs before the listener opens: every
+                    // instance is idle.
+                    f.pool.with_idle(|idle| {
+                        idle.iter_mut()
+                            .filter(|p| !j.has_capture(p.inst.shared()))
+                            .try_for_each(|p| {
+                                wrote = true;
+                                j.capture(&mut p.inst, &f).map(drop)
+                            })
+                    })?;
+                }
+                let Some(j) = journal.filter(|_| wrote) else {
+                    return Ok(None);
+                };
+                let jobs: Vec<_> = t2
+                    .jobs()
+                    .records()
+                    .map(|r| (r.info.clone(), r.request.clone()))
+                    .collect();
+                j.rewrite_jobs(&jobs)?;
+                Ok(Some(j.written()))
+            })
+            .await
+            .map_err(ExecError::task("checkpoint"))
+            .and_then(|r| r);
+            let synced = match written {
+                Ok(Some(n)) => match t.journal.get() {
+                    Some(j) => j.durable(n).await,
+                    None => Ok(()),
+                },
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = synced {
+                tracing::warn!(tenant = %t.id, error = %e, "the warm state loaded is not in the tenant's journal yet; the checkpointer tries again");
+            }
+        }
+    }
+
     /// Puts back the jobs a journal held: finished ones as they were,
     /// waiting ones to run, and one that was running when the executor
     /// stopped as failed (`job_interrupted`): it may or may not have taken
@@ -1527,6 +1588,9 @@ impl Registry {
             };
             let t = match self.existing_tenant(&tenant) {
                 Some(t) if t.instance_count() == 0 && t.function_count() > 0 => t,
+                // Back warm: its old journal went when its warm state
+                // loaded; this one is new ([`journal_warm`](Self::journal_warm)).
+                Some(t) if t.instance_count() > 0 => continue,
                 _ => {
                     remove_journal(self.state_dir(), &tenant);
                     continue;

@@ -234,14 +234,20 @@ impl Executor {
             .with_snapshot_key(cfg.snapshot_key.clone())
             .with_page_tracking(cfg.page_tracking),
         );
-        let warm = registry.load_warm_state().await;
+        let warm_files = registry.load_warm_state().await;
+        let warm = warm_files.len();
         let reg = registry.clone();
         let loaded = tokio::task::spawn_blocking(move || reg.load_persisted())
             .await
             .unwrap_or(0);
         // Before the listener: `/healthz` answers only once every tenant
-        // is back as of its last checkpoint.
+        // is back as of its last checkpoint, and the warm state loaded is
+        // in the tenants' journals before its files go.
         let resumed = registry.recover_journals().await;
+        registry.journal_warm().await;
+        for file in warm_files {
+            let _ = std::fs::remove_file(file);
+        }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| ServeError::Bind(cfg.listen, e))?;

@@ -20,7 +20,7 @@
 //! start running. If any step fails the tenant is removed again, so the
 //! importer is left as it was.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -207,6 +207,13 @@ impl Registry {
         let t = self
             .existing_tenant(tenant)
             .ok_or_else(|| ExecError::Internal("imported tenant vanished".into()))?;
+        if matches!(on_failure, OnFailure::KeepFiles) {
+            // Warm state from a graceful stop is newer than the tenant's
+            // journal, which goes before any job of it runs (and journals
+            // itself); the warm state goes to a new journal before its
+            // file is removed (`Registry::journal_warm`).
+            crate::durable::remove_journal(self.state_dir(), tenant);
+        }
         for job_id in restored {
             self.spawn_job(t.clone(), job_id);
         }
@@ -531,19 +538,20 @@ impl Registry {
         .map_err(|e| ExecError::Internal(format!("cannot write warm state: {e}")))
     }
 
-    /// Resumes the tenants whose warm state a graceful shutdown wrote, then
-    /// removes those files (a crash afterwards loses only warm state; the
-    /// functions themselves are persisted separately). A file that is
-    /// refused (corrupt, torn, no longer within this executor's limits) is
-    /// kept as `<tenant>.twsnap.refused` for inspection, and its tenant
-    /// starts cold from its registered functions, which a refused warm
-    /// state never removes. Returns how many tenants came back warm.
-    pub async fn load_warm_state(self: &Arc<Self>) -> usize {
+    /// Resumes the tenants whose warm state a graceful shutdown wrote.
+    /// Returns the files loaded, which the caller removes once those
+    /// tenants are in their journals ([`Registry::journal_warm`]): a crash
+    /// before then loads them again. A file that is refused (corrupt,
+    /// torn, no longer within this executor's limits) is kept as
+    /// `<tenant>.twsnap.refused` for inspection, and its tenant starts from
+    /// its journal, or cold from its registered functions, which a refused
+    /// warm state never removes.
+    pub async fn load_warm_state(self: &Arc<Self>) -> Vec<PathBuf> {
         let dir = self.state_dir().join(WARM_DIR);
         let Ok(entries) = std::fs::read_dir(&dir) else {
-            return 0;
+            return Vec::new();
         };
-        let mut loaded = 0;
+        let mut loaded = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
             let tenant = path
@@ -568,10 +576,7 @@ impl Registry {
                 Err(e) => Err(ExecError::Internal(e.to_string())),
             };
             match result {
-                Ok(()) => {
-                    loaded += 1;
-                    let _ = std::fs::remove_file(&path);
-                }
+                Ok(()) => loaded.push(path),
                 Err(e) => {
                     let kept = path.with_extension("twsnap.refused");
                     tracing::warn!(%tenant, error = %e, kept = %kept.display(), "warm state not restored; starting the tenant cold");

@@ -453,3 +453,41 @@ fn an_executor_killed_right_after_a_tenant_arrived_resumes_it() {
         assert_eq!(fleet.proxy.placement(tenant).as_deref(), Some("cpu1"));
     }
 }
+
+/// Warm state loaded at start (after a graceful stop) is in the tenants'
+/// journals before the executor answers, and its file goes only then:
+/// killed right after it is ready, the executor resumes each tenant from
+/// there, `strict` or `periodic`.
+#[test]
+fn warm_state_loaded_at_start_survives_a_kill_right_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = ExecutorProcess::start("cpu-w", dir.path());
+    let ids: Vec<(&str, String)> = [("acme", "strict"), ("beta", "periodic")]
+        .into_iter()
+        .map(|(tenant, durability)| {
+            let id = deploy(&ex, tenant, &format!(r#"{{"durability": "{durability}"}}"#));
+            for n in 1..=3 {
+                assert_eq!(count(&ex, tenant, &id), n, "{tenant}");
+            }
+            (tenant, id)
+        })
+        .collect();
+    ex.stop();
+    let mut ex = ExecutorProcess::start("cpu-w", dir.path());
+    let warm = dir.path().join("warm");
+    assert_eq!(
+        std::fs::read_dir(&warm).map_or(0, |d| d.count()),
+        0,
+        "the warm-state files went once the journals had them"
+    );
+    ex.restart();
+    for (tenant, id) in &ids {
+        assert_eq!(count(&ex, tenant, id), 4, "{tenant}: the warm state it had");
+    }
+    assert!(
+        ex.log_text()
+            .contains("tenant resumed from its checkpoints"),
+        "{}",
+        ex.log_text()
+    );
+}
