@@ -8,15 +8,23 @@
 //! 1. A record is written with one `write` of a whole line into the current
 //!    file; rotation happens only between records, so no record is torn or
 //!    split across files.
-//! 2. Rotation flushes and fsyncs the full file before renaming it to
-//!    `<path>.1` (older ones shift to `.2` … `.<keep>`), fsyncs the folder,
-//!    and only then opens a fresh file: a crash mid-rotation leaves every
-//!    record in one of the files.
+//! 2. Rotation flushes and fsyncs the full file, creates the fresh one
+//!    (as `<path>.next`), and only then renames the full file to
+//!    `<path>.1` (older ones shift to `.2` … `.<keep>`) and the fresh one
+//!    into its place, and fsyncs the folder: a crash mid-rotation leaves
+//!    every record in one of the files, and a rotation that cannot create
+//!    its fresh file changes nothing (the writer writes on into the full
+//!    file and tries again [`ROTATE_RETRY`] later).
 //! 3. The writer drains the queue, flushes, then lets records gather for
 //!    [`BATCH_WINDOW`] (5 ms): one wake-up and one `write` per batch, and
-//!    records reach the kernel within about 5 ms of being made; and
-//!    [`AuditLog::close`] (called at shutdown) writes everything queued and
-//!    fsyncs before it returns. A restart appends to the same file.
+//!    records reach the kernel within about 5 ms of being made; it fsyncs
+//!    the file every [`SYNC_PERIOD`] (1 s); and [`AuditLog::close`]
+//!    (called at shutdown) writes everything queued and fsyncs before it
+//!    returns. A restart appends to the same file.
+//! 4. A record counts as written once a flush carried it to the file; a
+//!    write, flush, fsync or rotation that fails counts as a failure
+//!    (`tensor_wasm_audit_failures_total`) and is logged: nothing is lost
+//!    silently.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -55,6 +63,21 @@ impl AuditConfig {
 /// late a record reaches the kernel (module doc, invariant 3).
 const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// How often the writer fsyncs the live file (module doc, invariant 3).
+const SYNC_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long after a failed rotation the writer tries again (invariant 2).
+const ROTATE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the writer counts.
+#[derive(Clone, Debug)]
+pub struct AuditCounters {
+    /// Records a flush carried to the file.
+    pub written: IntCounter,
+    /// Writes, flushes, fsyncs and rotations that failed.
+    pub failures: IntCounter,
+}
+
 enum Msg {
     Line(Vec<u8>),
     Close(SyncSender<()>),
@@ -75,8 +98,7 @@ impl std::fmt::Debug for Msg {
 
 impl AuditLog {
     /// Opens (or creates, with its folder) the log and starts its writer.
-    /// `written` counts records that reached the file.
-    pub fn open(config: AuditConfig, written: IntCounter) -> std::io::Result<AuditLog> {
+    pub fn open(config: AuditConfig, counters: AuditCounters) -> std::io::Result<AuditLog> {
         if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -87,7 +109,10 @@ impl AuditLog {
             config,
             out: BufWriter::with_capacity(64 << 10, file),
             size,
-            written,
+            counters,
+            pending: 0,
+            synced: std::time::Instant::now(),
+            rotate_after: None,
         };
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
@@ -150,7 +175,13 @@ struct Writer {
     config: AuditConfig,
     out: BufWriter<File>,
     size: u64,
-    written: IntCounter,
+    counters: AuditCounters,
+    /// Records in `out` that no flush has carried to the file yet.
+    pending: u64,
+    /// When the file was last fsynced.
+    synced: std::time::Instant,
+    /// After a failed rotation: not before then.
+    rotate_after: Option<std::time::Instant>,
 }
 
 impl Writer {
@@ -169,8 +200,9 @@ impl Writer {
                 }
                 next = rx.try_recv().ok();
             }
-            if let Err(e) = self.out.flush() {
-                tracing::error!(error = %e, path = %self.config.path.display(), "audit log flush failed");
+            self.flush();
+            if self.synced.elapsed() >= SYNC_PERIOD {
+                self.sync();
             }
             // Let records gather: one wake-up and one write per batch rather
             // than per record, which under load was most of the proxy's
@@ -184,42 +216,82 @@ impl Writer {
     fn write(&mut self, line: &[u8]) {
         if self.size > 0
             && self.size + line.len() as u64 > self.config.max_bytes
-            && let Err(e) = self.rotate()
+            && self
+                .rotate_after
+                .is_none_or(|t| std::time::Instant::now() >= t)
         {
-            tracing::error!(error = %e, path = %self.config.path.display(), "audit log rotation failed; writing on");
+            match self.rotate() {
+                Ok(()) => self.rotate_after = None,
+                Err(e) => {
+                    self.counters.failures.inc();
+                    self.rotate_after = Some(std::time::Instant::now() + ROTATE_RETRY);
+                    tracing::error!(error = %e, path = %self.config.path.display(), "audit log rotation failed; writing on into the full file");
+                }
+            }
         }
         match self.out.write_all(line) {
             Ok(()) => {
                 self.size += line.len() as u64;
-                self.written.inc();
+                self.pending += 1;
             }
             Err(e) => {
-                tracing::error!(error = %e, path = %self.config.path.display(), "audit record not written")
+                self.counters.failures.inc();
+                tracing::error!(error = %e, path = %self.config.path.display(), "audit record not written");
+            }
+        }
+    }
+
+    /// Carries what is buffered to the file and counts it written.
+    fn flush(&mut self) -> bool {
+        match self.out.flush() {
+            Ok(()) => {
+                self.counters
+                    .written
+                    .inc_by(std::mem::take(&mut self.pending));
+                true
+            }
+            Err(e) => {
+                self.counters.failures.inc();
+                tracing::error!(error = %e, path = %self.config.path.display(), "audit log flush failed; its records stay buffered");
+                false
             }
         }
     }
 
     fn sync(&mut self) {
-        let r = self
-            .out
-            .flush()
-            .and_then(|()| self.out.get_ref().sync_all());
-        if let Err(e) = r {
+        self.synced = std::time::Instant::now();
+        if !self.flush() {
+            return;
+        }
+        if let Err(e) = self.out.get_ref().sync_all() {
+            self.counters.failures.inc();
             tracing::error!(error = %e, path = %self.config.path.display(), "audit log fsync failed");
         }
     }
 
-    /// Steps 2 of the module doc: flush and fsync, shift the old files,
-    /// rename, fsync the folder, open a fresh file.
+    /// Step 2 of the module doc: flush and fsync, create the fresh file,
+    /// shift the old files, rename both, fsync the folder.
     fn rotate(&mut self) -> std::io::Result<()> {
-        self.out.flush()?;
+        if !self.flush() {
+            return Err(std::io::Error::other(
+                "the full file's records are not flushed",
+            ));
+        }
         self.out.get_ref().sync_all()?;
         let path = &self.config.path;
-        let numbered = |n: usize| {
+        let beside = |suffix: &str| {
             let mut s = path.as_os_str().to_owned();
-            s.push(format!(".{n}"));
+            s.push(suffix);
             PathBuf::from(s)
         };
+        let next = beside(".next");
+        // Left by a crash mid-rotation, it holds no record.
+        let fresh = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&next)?;
+        let numbered = |n: usize| beside(&format!(".{n}"));
         let keep = self.config.keep.max(1);
         match std::fs::remove_file(numbered(keep)) {
             Ok(()) => {}
@@ -234,10 +306,10 @@ impl Writer {
             }
         }
         std::fs::rename(path, numbered(1))?;
+        std::fs::rename(&next, path)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir)?.sync_all()?;
         }
-        let fresh = open_append(path)?;
         self.out = BufWriter::with_capacity(64 << 10, fresh);
         self.size = 0;
         Ok(())
@@ -265,6 +337,19 @@ mod tests {
         }
     }
 
+    /// Counters for a test, and the written one.
+    fn counters() -> (AuditCounters, IntCounter) {
+        let written = IntCounter::new("w", "w").unwrap();
+        let failures = IntCounter::new("f", "f").unwrap();
+        (
+            AuditCounters {
+                written: written.clone(),
+                failures,
+            },
+            written,
+        )
+    }
+
     fn read_all(dir: &Path) -> Vec<AuditRecord> {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -284,8 +369,8 @@ mod tests {
             max_bytes: 2_000,
             keep: 1_000,
         };
-        let written = IntCounter::new("w", "w").unwrap();
-        let log = std::sync::Arc::new(AuditLog::open(config, written.clone()).unwrap());
+        let (counters, written) = counters();
+        let log = std::sync::Arc::new(AuditLog::open(config, counters).unwrap());
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let log = log.clone();
@@ -324,8 +409,8 @@ mod tests {
             max_bytes: 600,
             keep: 2,
         };
-        let written = IntCounter::new("w", "w").unwrap();
-        let log = AuditLog::open(config.clone(), written.clone()).unwrap();
+        let (counters, _) = counters();
+        let log = AuditLog::open(config.clone(), counters.clone()).unwrap();
         for i in 0..40 {
             log.record(&rec(i));
         }
@@ -340,7 +425,7 @@ mod tests {
             .unwrap()
             .lines()
             .count();
-        let log = AuditLog::open(config.clone(), written).unwrap();
+        let log = AuditLog::open(config.clone(), counters).unwrap();
         log.record(&rec(99));
         log.close();
         let after = std::fs::read_to_string(&config.path).unwrap();
@@ -348,5 +433,81 @@ mod tests {
         assert!(after.lines().last().unwrap().contains("req-99"));
         // Records after close are dropped, not a panic.
         log.record(&rec(100));
+    }
+
+    /// A rotation that cannot create its fresh file (no inode left on the
+    /// file system) changes nothing: no file of the archive goes, every
+    /// record lands in the full file, the failure is counted, and once
+    /// there is room the next rotation goes through. (Before, the full
+    /// file was renamed first: every later record then shifted the archive
+    /// once more, deleting it a file per record, the live file at last.)
+    #[test]
+    fn a_rotation_that_cannot_create_its_file_deletes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = dir.path().join("fs");
+        std::fs::create_dir(&mount).unwrap();
+        // Three inodes: the root, the live file and one archived file.
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m,nr_inodes=3", "tmpfs"])
+            .arg(&mount)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "mounting a tmpfs (the tests run as root)"
+        );
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(mount.clone());
+        let config = AuditConfig {
+            path: mount.join("audit.log"),
+            max_bytes: 600,
+            keep: 3,
+        };
+        std::fs::write(mount.join("audit.log.1"), "").unwrap();
+        let written = IntCounter::new("w", "w").unwrap();
+        let failures = IntCounter::new("f", "f").unwrap();
+        let counters = AuditCounters {
+            written: written.clone(),
+            failures: failures.clone(),
+        };
+        let log = AuditLog::open(config.clone(), counters.clone()).unwrap();
+        for i in 0..40 {
+            log.record(&rec(i));
+        }
+        log.close();
+        let mut names: Vec<String> = std::fs::read_dir(&mount)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["audit.log", "audit.log.1"],
+            "nothing renamed or deleted"
+        );
+        assert_eq!(
+            read_all(&mount).len(),
+            40,
+            "every record is in the full file"
+        );
+        assert_eq!(written.get(), 40);
+        assert!(failures.get() >= 1, "the failed rotation is counted");
+        // Room again: the next rotation goes through.
+        std::fs::remove_file(mount.join("audit.log.1")).unwrap();
+        let log = AuditLog::open(config, counters).unwrap();
+        log.record(&rec(40));
+        log.close();
+        let archived = std::fs::read_to_string(mount.join("audit.log.1")).unwrap();
+        assert_eq!(
+            archived.lines().count(),
+            40,
+            "the full file, archived whole"
+        );
+        assert_eq!(read_all(&mount).len(), 41);
     }
 }

@@ -34,6 +34,7 @@ pub struct ProxyMetrics {
     pub migrations: IntCounterVec,
     pub migration_pause: Histogram,
     pub audit_records: IntCounter,
+    pub audit_failures: IntCounter,
     /// Requests routed to an executor, by executor and status: what an
     /// upgrade's canary compares before and after (`docs/UPGRADE.md`).
     pub upstream_requests: IntCounterVec,
@@ -86,6 +87,11 @@ impl ProxyMetrics {
         .expect("valid");
         let audit_records =
             IntCounter::new(m::AUDIT_RECORDS_TOTAL, "Audit records written.").expect("valid");
+        let audit_failures = IntCounter::new(
+            m::AUDIT_FAILURES_TOTAL,
+            "Audit log writes, flushes, fsyncs and rotations that failed.",
+        )
+        .expect("valid");
         let upstream_requests = IntCounterVec::new(
             Opts::new(
                 m::UPSTREAM_REQUESTS_TOTAL,
@@ -114,6 +120,7 @@ impl ProxyMetrics {
         reg(Box::new(migrations.clone()));
         reg(Box::new(migration_pause.clone()));
         reg(Box::new(audit_records.clone()));
+        reg(Box::new(audit_failures.clone()));
         reg(Box::new(upstream_requests.clone()));
         reg(Box::new(upstream_duration.clone()));
         reg(Box::new(build_info));
@@ -131,6 +138,7 @@ impl ProxyMetrics {
             migrations,
             migration_pause,
             audit_records,
+            audit_failures,
             upstream_requests,
             upstream_duration,
         }

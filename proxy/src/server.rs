@@ -168,8 +168,14 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
     )));
     let audit = match &config.audit {
         Some(a) => Some(Arc::new(
-            AuditLog::open(a.clone(), metrics.audit_records.clone())
-                .map_err(|e| ProxyError::Io(a.path.clone(), e))?,
+            AuditLog::open(
+                a.clone(),
+                crate::audit::AuditCounters {
+                    written: metrics.audit_records.clone(),
+                    failures: metrics.audit_failures.clone(),
+                },
+            )
+            .map_err(|e| ProxyError::Io(a.path.clone(), e))?,
         )),
         None => None,
     };

@@ -13,6 +13,7 @@ pub mod proxy_metrics {
     pub const MIGRATIONS_TOTAL: &str = "tensor_wasm_migrations_total";
     pub const MIGRATION_PAUSE_SECONDS: &str = "tensor_wasm_migration_pause_seconds";
     pub const AUDIT_RECORDS_TOTAL: &str = "tensor_wasm_audit_records_total";
+    pub const AUDIT_FAILURES_TOTAL: &str = "tensor_wasm_audit_failures_total";
     pub const UPSTREAM_REQUESTS_TOTAL: &str = "tensor_wasm_upstream_requests_total";
     pub const UPSTREAM_REQUEST_DURATION_SECONDS: &str =
         "tensor_wasm_upstream_request_duration_seconds";
@@ -129,6 +130,7 @@ mod tests {
             proxy_metrics::MIGRATIONS_TOTAL,
             proxy_metrics::MIGRATION_PAUSE_SECONDS,
             proxy_metrics::AUDIT_RECORDS_TOTAL,
+            proxy_metrics::AUDIT_FAILURES_TOTAL,
             proxy_metrics::UPSTREAM_REQUESTS_TOTAL,
             proxy_metrics::UPSTREAM_REQUEST_DURATION_SECONDS,
             executor_metrics::ACTIVE_INSTANCES,
