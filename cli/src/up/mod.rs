@@ -134,6 +134,12 @@ fn tokens(state: &Path) -> anyhow::Result<Tokens> {
         let (t, _) = secret(state, "admin-token", "twadm_")?;
         vars.push((env::ADMIN_TOKEN.into(), t));
     }
+    // Snapshots and the rounds of a move are signed: an executor of the
+    // fleet imports nothing the fleet did not sign (`SECURITY.md`).
+    if std::env::var_os(env::SNAPSHOT_KEY).is_none() {
+        let (k, _) = secret(state, "snapshot-key", "twsnap_")?;
+        vars.push((env::SNAPSHOT_KEY.into(), k));
+    }
     Ok(Tokens {
         env: vars,
         dev: dev_token,

@@ -774,6 +774,7 @@ impl UpProcess {
             .env_remove("TENSOR_WASM_API_TOKENS_FILE")
             .env_remove("TENSOR_WASM_INTERNAL_TOKEN")
             .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+            .env_remove("TENSOR_WASM_SNAPSHOT_KEY")
             .env_remove("TENSOR_WASM_STATE_DIR")
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")

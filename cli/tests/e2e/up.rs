@@ -13,7 +13,13 @@ fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
     assert!(up.stdout.contains(&token), "printed once at creation");
     {
         use std::os::unix::fs::PermissionsExt;
-        for f in ["dev-token", "admin-token", "internal-token", "tokens"] {
+        for f in [
+            "dev-token",
+            "admin-token",
+            "internal-token",
+            "snapshot-key",
+            "tokens",
+        ] {
             let mode = std::fs::metadata(up.state.join(f))
                 .unwrap()
                 .permissions()
@@ -24,6 +30,23 @@ fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
     let id = up.deploy_counter(&token);
     let invoke = || up.count(&token, &id);
     assert_eq!(parse_counter(&invoke().body).0, 1);
+
+    // Its snapshots are signed under the key `up` made, of 32 bytes or
+    // more, which its executors demand of what they import.
+    let key = up.secret("snapshot-key");
+    assert!(key.len() >= 32, "{key}");
+    let auth = format!("Bearer {}", up.secret("admin-token"));
+    let r = up.admin.call(
+        "POST",
+        "/admin/tenants/dev/snapshot",
+        &[("authorization", &auth)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let header = tensor_wasm_shared::snapshot::verify(&r.body, Some(key.as_bytes()), u64::MAX)
+        .expect("signed under the fleet's key");
+    assert!(header.keyed);
+    assert!(tensor_wasm_shared::snapshot::verify(&r.body, Some(b"another key"), u64::MAX).is_err());
 
     let children = up.children();
     assert_eq!(children.len(), 3, "{children:?}");
