@@ -141,6 +141,15 @@ pub struct Args {
         value_parser = clap::value_parser!(u64).range(100..=3_600_000)
     )]
     checkpoint_ms: u64,
+    /// Where compiled modules are cached [default: STATE_DIR/module-cache].
+    /// A cache, not state: put it on a volume apart from the state
+    /// directory so that it cannot fill the tenants' state.
+    #[arg(long, env = env::MODULE_CACHE_DIR)]
+    module_cache_dir: Option<PathBuf>,
+    /// Bytes of compiled modules kept in the cache; past it the least
+    /// recently used go.
+    #[arg(long, env = env::MODULE_CACHE_BYTES, default_value_t = 2 << 30)]
+    module_cache_bytes: u64,
 }
 
 pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
@@ -151,6 +160,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         total_instances: args.total_instances,
         job_retention: Duration::from_secs(args.job_retention_secs),
         default_checkpoint: Duration::from_millis(args.checkpoint_ms),
+        module_cache_bytes: args.module_cache_bytes,
         host_memory_bytes: args
             .host_memory_bytes
             .unwrap_or_else(|| tensor_wasm_executor::memory::default_budget(1)),
@@ -178,6 +188,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         limits,
         quotas,
         snapshot_key: args.snapshot_key.map(String::into_bytes),
+        module_cache_dir: args.module_cache_dir,
         page_tracking: match args.page_tracking {
             PageTrackingArg::Auto => TrackingChoice::Auto,
             PageTrackingArg::Hashing => TrackingChoice::Hashing,

@@ -62,6 +62,9 @@ pub struct EngineLimits {
     /// tensors on the CPU backend), in bytes; by default three quarters of
     /// the process's memory limit (`memory::default_budget`).
     pub host_memory_bytes: u64,
+    /// Bytes of compiled modules kept on disk; past it the least recently
+    /// used go: 2 GiB (`--module-cache-bytes`).
+    pub module_cache_bytes: u64,
 }
 
 impl Default for EngineLimits {
@@ -87,6 +90,7 @@ impl Default for EngineLimits {
             max_finished_jobs: 10_000,
             tensor: Limits::default(),
             host_memory_bytes: crate::memory::default_budget(1),
+            module_cache_bytes: 2 << 30,
         }
     }
 }

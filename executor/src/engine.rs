@@ -12,13 +12,14 @@
 //!   snapshot cannot carry is refused at registration (see `wasm`) and the
 //!   engine would refuse it again.
 
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -118,7 +119,7 @@ impl Runtime {
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)?;
 
         let cache = cache_dir
-            .map(|d| ModuleCache::open(d, &engine))
+            .map(|d| ModuleCache::open(d, &engine, limits.module_cache_bytes))
             .transpose()?;
         let stop = Arc::new(AtomicBool::new(false));
         let (e, s) = (engine.weak(), stop.clone());
@@ -213,15 +214,63 @@ type HmacSha256 = Hmac<Sha256>;
 /// HMAC-SHA256 of it under a key kept in the cache directory (0600), so the
 /// executor only ever deserializes bytes it wrote itself; anything else (a
 /// torn write, a stray file, another build) is ignored and recompiled.
+///
+/// The cache keeps to `max_bytes`: past it, the entries used least
+/// recently go (a use sets an entry's modification time, so the order
+/// survives a restart, and the cache is brought within its size when it
+/// opens). An entry only costs a compilation when it is needed again.
 #[derive(Debug)]
 pub struct ModuleCache {
     dir: PathBuf,
     key: [u8; 32],
     engine_hash: String,
+    max_bytes: u64,
+    entries: Mutex<Entries>,
+}
+
+/// The entries on disk, by file name: their size and last use.
+#[derive(Debug, Default)]
+struct Entries {
+    files: HashMap<String, (u64, SystemTime)>,
+    bytes: u64,
+}
+
+impl Entries {
+    fn insert(&mut self, name: String, size: u64, used: SystemTime) {
+        if let Some((old, _)) = self.files.insert(name, (size, used)) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+    }
+
+    /// Removes the least recently used entries of `dir` until the rest fit
+    /// in `max`, sparing `keep`.
+    fn evict(&mut self, dir: &Path, max: u64, keep: Option<&str>) {
+        while self.bytes > max {
+            let Some(oldest) = self
+                .files
+                .iter()
+                .filter(|(name, _)| Some(name.as_str()) != keep)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(name, _)| name.clone())
+            else {
+                return;
+            };
+            if let Err(e) = std::fs::remove_file(dir.join(&oldest))
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(error = %e, entry = %oldest, "cannot evict a module cache entry");
+                return;
+            }
+            if let Some((size, _)) = self.files.remove(&oldest) {
+                self.bytes -= size;
+            }
+        }
+    }
 }
 
 impl ModuleCache {
-    fn open(dir: &Path, engine: &Engine) -> std::io::Result<ModuleCache> {
+    fn open(dir: &Path, engine: &Engine, max_bytes: u64) -> std::io::Result<ModuleCache> {
         std::fs::create_dir_all(dir)?;
         let key_path = dir.join("cache.key");
         let key = match std::fs::read(&key_path) {
@@ -235,17 +284,45 @@ impl ModuleCache {
         };
         let mut h = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
+        let mut entries = Entries::default();
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if name.ends_with(".cwasm") {
+                entries.insert(
+                    name,
+                    meta.len(),
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                );
+            } else if name.contains(".tmp") {
+                // A write cut short by a crash.
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        entries.evict(dir, max_bytes, None);
         Ok(ModuleCache {
             dir: dir.to_path_buf(),
             key,
             engine_hash: format!("{:016x}", h.finish()),
+            max_bytes,
+            entries: Mutex::new(entries),
         })
     }
 
-    fn path(&self, wasm: &[u8]) -> PathBuf {
+    /// Bytes of the entries on disk.
+    pub fn bytes(&self) -> u64 {
+        crate::sync::lock(&self.entries).bytes
+    }
+
+    fn name(&self, wasm: &[u8]) -> String {
         let digest = hex::encode(Sha256::digest(wasm));
-        self.dir
-            .join(format!("{digest}-{}.cwasm", self.engine_hash))
+        format!("{digest}-{}.cwasm", self.engine_hash)
+    }
+
+    fn path(&self, wasm: &[u8]) -> PathBuf {
+        self.dir.join(self.name(wasm))
     }
 
     fn mac(&self, bytes: &[u8]) -> HmacSha256 {
@@ -255,11 +332,21 @@ impl ModuleCache {
     }
 
     fn load(&self, engine: &Engine, wasm: &[u8]) -> Option<Module> {
-        let data = std::fs::read(self.path(wasm)).ok()?;
+        let (name, path) = (self.name(wasm), self.path(wasm));
+        let data = std::fs::read(&path).ok()?;
         let (body, tag) = data.split_at_checked(data.len().checked_sub(32)?)?;
         self.mac(body).verify_slice(tag).ok()?;
         match sys::deserialize_module(engine, sys::Authenticated(body)) {
-            Ok(m) => Some(m),
+            Ok(m) => {
+                // A use: the entry is now the most recent.
+                let now = SystemTime::now();
+                let _ = std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(now));
+                crate::sync::lock(&self.entries).insert(name, data.len() as u64, now);
+                Some(m)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "ignoring a module cache entry");
                 None
@@ -271,10 +358,16 @@ impl ModuleCache {
         let mut bytes = module.serialize()?;
         let tag = self.mac(&bytes).finalize().into_bytes();
         bytes.extend_from_slice(&tag);
-        let path = self.path(wasm);
+        if bytes.len() as u64 > self.max_bytes {
+            return Ok(()); // it would evict everything, itself included
+        }
+        let (name, path) = (self.name(wasm), self.path(wasm));
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         std::fs::write(&tmp, &bytes)?;
         std::fs::rename(&tmp, &path)?;
+        let mut entries = crate::sync::lock(&self.entries);
+        entries.insert(name.clone(), bytes.len() as u64, SystemTime::now());
+        entries.evict(&self.dir, self.max_bytes, Some(&name));
         Ok(())
     }
 }
@@ -359,5 +452,72 @@ mod tests {
         assert!(matches!(rt.compile(&wasm), Err(CompileError::Busy(_))));
         drop(held);
         rt.compile(&wasm).unwrap();
+    }
+
+    /// A module of its own: `n` makes its code differ.
+    fn module(n: u32) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(module (memory (export "memory") 1)
+                (func (export "handle") (result i32) (i32.const {n})))"#
+        ))
+        .unwrap()
+    }
+
+    fn cached(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".cwasm"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The cache keeps to its size: past it the least recently used entry
+    /// goes, a use renews an entry, and the order holds across a restart
+    /// (which brings a cache within a smaller size).
+    #[test]
+    fn the_cache_keeps_to_its_size_evicting_the_least_recently_used() {
+        let (a, b, c) = (module(1), module(2), module(3));
+        let probe = tempfile::tempdir().unwrap();
+        let size = {
+            let rt = Runtime::new(limits(), Some(probe.path())).unwrap();
+            rt.compile(&a).unwrap();
+            rt.cache.as_ref().unwrap().bytes()
+        };
+        assert!(size > 0);
+        let dir = tempfile::tempdir().unwrap();
+        let two = EngineLimits {
+            module_cache_bytes: 2 * size + size / 2,
+            ..limits()
+        };
+        let rt = Runtime::new(two, Some(dir.path())).unwrap();
+        let cache = rt.cache.as_ref().unwrap();
+        rt.compile(&a).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        rt.compile(&b).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        rt.compile(&a).unwrap(); // a use of `a`: `b` is now the oldest
+        std::thread::sleep(Duration::from_millis(20));
+        rt.compile(&c).unwrap();
+        assert_eq!(
+            cached(dir.path()),
+            {
+                let mut v = vec![cache.name(&a), cache.name(&c)];
+                v.sort();
+                v
+            },
+            "`b`, used least recently, went"
+        );
+        assert!(cache.bytes() <= 2 * size + size / 2);
+        drop(rt);
+
+        // Opened again with room for one: the most recent stays.
+        let one = EngineLimits {
+            module_cache_bytes: size + size / 2,
+            ..limits()
+        };
+        let rt = Runtime::new(one, Some(dir.path())).unwrap();
+        assert_eq!(cached(dir.path()), [rt.cache.as_ref().unwrap().name(&c)]);
     }
 }

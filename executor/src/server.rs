@@ -67,6 +67,9 @@ pub struct ExecutorConfig {
     pub snapshot_key: Option<Vec<u8>>,
     /// How migration rounds find the pages written (`--page-tracking`).
     pub page_tracking: crate::tracking::TrackingChoice,
+    /// Where compiled modules are cached (a cache, not state: it can be
+    /// lost at any time); `<state_dir>/module-cache` when unset.
+    pub module_cache_dir: Option<PathBuf>,
 }
 
 /// Why an executor could not start or keep serving.
@@ -221,7 +224,11 @@ impl Executor {
         let metrics = Arc::new(Metrics::new(backend_kind, &build));
         let runtime = Runtime::new(
             cfg.limits.clone(),
-            Some(&cfg.state_dir.join("module-cache")),
+            Some(
+                &cfg.module_cache_dir
+                    .clone()
+                    .unwrap_or_else(|| cfg.state_dir.join("module-cache")),
+            ),
         )?;
         let registry = Arc::new(
             Registry::new(

@@ -70,6 +70,8 @@ pub mod env {
     pub const JOB_RETENTION_SECS: &str = "TENSOR_WASM_JOB_RETENTION_SECS";
     pub const SHUTDOWN_BUDGET_SECS: &str = "TENSOR_WASM_SHUTDOWN_BUDGET_SECS";
     pub const CHECKPOINT_MS: &str = "TENSOR_WASM_CHECKPOINT_MS";
+    pub const MODULE_CACHE_DIR: &str = "TENSOR_WASM_MODULE_CACHE_DIR";
+    pub const MODULE_CACHE_BYTES: &str = "TENSOR_WASM_MODULE_CACHE_BYTES";
 
     // The proxy (`tensor-wasm proxy`; `up` passes the listeners on).
     pub const PROXY_LISTEN: &str = "TENSOR_WASM_PROXY_LISTEN";

@@ -61,6 +61,7 @@ impl TestExecutor {
             quotas,
             snapshot_key: key.map(<[u8]>::to_vec),
             page_tracking: Default::default(),
+            module_cache_dir: None,
         };
         let executor = rt.block_on(Executor::start(cfg, "")).unwrap();
         let addr = executor.local_addr().unwrap();
