@@ -9,10 +9,13 @@
 //! 1. The key is the SHA-256 of the source, the architecture, the NVRTC
 //!    options and NVRTC's version; the file is `<dir>/<key>-<arch>.cubin`.
 //!    A changed source or compiler never reads a stale entry.
-//! 2. An entry is a header line `tensor-wasm-cubin v1 <sha256 of body>\n`
-//!    followed by the CUBIN. A reader accepts it only if the header parses
-//!    and the digest matches: a truncated, corrupt or foreign file is
-//!    treated as a miss (and replaced), never handed to the driver.
+//! 2. An entry is a header line `tensor-wasm-cubin v2 <HMAC of body>\n`
+//!    followed by the CUBIN. The HMAC-SHA256 is under a key of the cache
+//!    directory's own (`cache.key`, 32 random bytes, 0600, made by the
+//!    first writer), so a reader accepts only entries written by a process
+//!    that holds the key: a truncated, corrupt, foreign or planted file is
+//!    treated as a miss (and replaced), never handed to the driver, which
+//!    would run it as GPU code.
 //! 3. Writers write a unique temporary file in the same directory and
 //!    rename it over the entry, so a reader sees either no file or a whole
 //!    one, even with several processes starting at once.
@@ -30,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tensor_wasm_shared::names::env::KERNEL_CACHE_DIR;
 
@@ -43,7 +47,10 @@ const PROGRAM_NAME: &str = "tensor-wasm-kernels.cu";
 
 /// First bytes of a cache entry's header line; bump the version when the
 /// entry layout changes.
-const CACHE_MAGIC: &str = "tensor-wasm-cubin v1";
+const CACHE_MAGIC: &str = "tensor-wasm-cubin v2";
+
+/// The file of a cache directory's key.
+const KEY_FILE: &str = "cache.key";
 
 /// NVRTC options besides the architecture. Precise division and square
 /// root and no flush-to-zero (NVRTC's defaults, spelled out because the
@@ -107,28 +114,68 @@ pub(crate) fn cache_path(dir: &Path, key: &str, arch: &str) -> PathBuf {
     dir.join(format!("{key}-{arch}.cubin"))
 }
 
-/// Serializes an entry: header line with the body's digest, then the body.
-fn encode_entry(body: &[u8]) -> Vec<u8> {
-    let digest = hex::encode(Sha256::digest(body));
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac(key: &[u8; 32], body: &[u8]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(body);
+    mac
+}
+
+/// The key of the cache directory `dir`, made (0600) when `create` and it
+/// has none.
+fn dir_key(dir: &Path, create: bool) -> std::io::Result<[u8; 32]> {
+    let path = dir.join(KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(k) if k.len() == 32 => return Ok(k.try_into().unwrap_or([0; 32])),
+        Ok(_) => {}
+        Err(e) if !create || e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    if !create {
+        return Err(std::io::Error::other("a cache key of the wrong size"));
+    }
+    let mut key = [0u8; 32];
+    rand::RngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut key)
+        .map_err(std::io::Error::other)?;
+    let tmp = dir.join(format!(".{KEY_FILE}.{}.tmp", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp)?;
+    f.write_all(&key)?;
+    f.sync_all()?;
+    // A concurrent first writer may win: the key on disk is the key.
+    std::fs::rename(&tmp, &path)?;
+    dir_key(dir, false)
+}
+
+/// Serializes an entry: header line with the body's HMAC under `key`,
+/// then the body.
+fn encode_entry(key: &[u8; 32], body: &[u8]) -> Vec<u8> {
+    let tag = hex::encode(mac(key, body).finalize().into_bytes());
     let mut out = Vec::with_capacity(body.len() + 100);
-    out.extend_from_slice(format!("{CACHE_MAGIC} {digest}\n").as_bytes());
+    out.extend_from_slice(format!("{CACHE_MAGIC} {tag}\n").as_bytes());
     out.extend_from_slice(body);
     out
 }
 
-/// Parses an entry; `None` unless the header is ours and the digest matches.
-fn decode_entry(bytes: &[u8]) -> Option<&[u8]> {
+/// Parses an entry; `None` unless the header is ours and the HMAC under
+/// `key` matches.
+fn decode_entry<'a>(key: &[u8; 32], bytes: &'a [u8]) -> Option<&'a [u8]> {
     let nl = bytes.iter().position(|&b| b == b'\n')?;
     let header = std::str::from_utf8(&bytes[..nl]).ok()?;
-    let digest = header.strip_prefix(CACHE_MAGIC)?.strip_prefix(' ')?;
+    let tag = hex::decode(header.strip_prefix(CACHE_MAGIC)?.strip_prefix(' ')?).ok()?;
     let body = &bytes[nl + 1..];
-    (!body.is_empty() && hex::encode(Sha256::digest(body)) == digest).then_some(body)
+    // `verify_slice` compares in constant time.
+    (!body.is_empty() && mac(key, body).verify_slice(&tag).is_ok()).then_some(body)
 }
 
 /// Reads a verified entry; any failure is a miss.
 pub(crate) fn read_entry(path: &Path) -> Option<Vec<u8>> {
+    let key = dir_key(path.parent()?, false).ok()?;
     let bytes = std::fs::read(path).ok()?;
-    match decode_entry(&bytes) {
+    match decode_entry(&key, &bytes) {
         Some(body) => Some(body.to_vec()),
         None => {
             tracing::warn!(path = %path.display(), "ignoring a corrupt kernel cache entry");
@@ -144,6 +191,7 @@ pub(crate) fn write_entry(path: &Path, body: &[u8]) -> std::io::Result<()> {
         .parent()
         .ok_or_else(|| std::io::Error::other("cache path has no parent directory"))?;
     std::fs::create_dir_all(dir)?;
+    let key = dir_key(dir, true)?;
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -155,7 +203,7 @@ pub(crate) fn write_entry(path: &Path, body: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&encode_entry(body))?;
+        f.write_all(&encode_entry(&key, body))?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
@@ -346,6 +394,37 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An entry the directory's key did not sign (planted by another
+    /// user, or of the format that only carried a digest) is a miss, never
+    /// handed to the driver; the key is the owner's only.
+    #[test]
+    fn an_entry_without_the_directorys_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("planted");
+        let path = cache_path(&dir, "k", "sm_90");
+        let body = b"\x7fELF genuine".to_vec();
+        load_or_compile(Some(&path), || Ok(body.clone())).unwrap();
+        let key = dir.join(KEY_FILE);
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A well-formed entry whose header carries the body's digest.
+        let planted = b"\x7fELF planted".to_vec();
+        let mut bytes =
+            format!("{CACHE_MAGIC} {}\n", hex::encode(Sha256::digest(&planted))).into_bytes();
+        bytes.extend_from_slice(&planted);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_entry(&path), None);
+        // Signed under another key.
+        std::fs::write(&path, encode_entry(&[7; 32], &planted)).unwrap();
+        assert_eq!(read_entry(&path), None);
+        let (got, origin) = load_or_compile(Some(&path), || Ok(body.clone())).unwrap();
+        assert_eq!((got, origin), (body.clone(), Origin::Compiled));
+        // Without its key, the directory's entries are all misses.
+        std::fs::remove_file(&key).unwrap();
+        assert_eq!(read_entry(&path), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
