@@ -437,12 +437,7 @@ fn an_executor_killed_right_after_a_tenant_arrived_resumes_it() {
     for (tenant, id) in &ids {
         let r = fleet.proxy.migrate(tenant, "cpu1");
         assert_eq!(r.status, 200, "{}", r.text());
-        fleet
-            .executors
-            .iter_mut()
-            .find(|e| e.id == "cpu1")
-            .unwrap()
-            .restart();
+        fleet.executor_mut("cpu1").restart();
         let r = fleet.count(&format!("tok-{tenant}"), id);
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(

@@ -661,6 +661,13 @@ impl TestFleet {
             .unwrap_or_else(|| panic!("no executor {id}"))
     }
 
+    pub fn executor_mut(&mut self, id: &str) -> &mut ExecutorProcess {
+        self.executors
+            .iter_mut()
+            .find(|e| e.id == id)
+            .unwrap_or_else(|| panic!("no executor {id}"))
+    }
+
     /// Registers the counter module for `token`'s tenant; its function id.
     pub fn deploy_counter(&self, token: &str) -> String {
         let wasm = wat::parse_str(COUNTER).unwrap();

@@ -212,7 +212,7 @@ fn a_restarted_proxy_finishes_or_undoes_recorded_moves() {
         "beta": {"from": "cpu1", "to": "cpu0", "snapshot": null},
     });
     std::fs::write(&file, serde_json::to_vec(&table).unwrap()).unwrap();
-    let victim = fleet.executors.iter_mut().find(|e| e.id == "cpu0").unwrap();
+    let victim = fleet.executor_mut("cpu0");
     victim.child.kill().unwrap();
     victim.child.wait().unwrap();
 
@@ -575,7 +575,7 @@ fn kill_mid_move(
         )
     });
     fleet.executor(watch).wait_log_after(mark, &[when, "acme"]);
-    let victim = fleet.executors.iter_mut().find(|e| e.id == victim).unwrap();
+    let victim = fleet.executor_mut(victim);
     victim.child.kill().unwrap();
     victim.child.wait().unwrap();
     mover.join().unwrap()
@@ -625,12 +625,7 @@ fn a_destination_killed_during_the_pull_leaves_the_tenant_on_its_source() {
         "bystander unaffected"
     );
     // Back, the destination holds nothing of it.
-    fleet
-        .executors
-        .iter_mut()
-        .find(|e| e.id == "cpu1")
-        .unwrap()
-        .restart();
+    fleet.executor_mut("cpu1").restart();
     assert!(!held_by(&fleet, "cpu1").contains(&"acme".to_string()));
 }
 
@@ -656,12 +651,7 @@ fn a_source_killed_during_the_pull_keeps_the_tenant_placed_there() {
     assert_eq!((r.status, parse_counter(&r.body).0), (200, 1));
     // The source comes back with the tenant's functions (its warm state
     // went with the process, as in any crash).
-    fleet
-        .executors
-        .iter_mut()
-        .find(|e| e.id == "cpu0")
-        .unwrap()
-        .restart();
+    fleet.executor_mut("cpu0").restart();
     let start = Instant::now();
     let r = loop {
         let r = fleet.count("tok-acme", &id);
@@ -700,12 +690,7 @@ fn a_source_killed_after_its_final_round_resumes_the_tenant_on_its_destination()
         "bystander unaffected"
     );
     // The source comes back; its stale copy is dropped, not served.
-    fleet
-        .executors
-        .iter_mut()
-        .find(|e| e.id == "cpu0")
-        .unwrap()
-        .restart();
+    fleet.executor_mut("cpu0").restart();
     let start = Instant::now();
     while held_by(&fleet, "cpu0").contains(&"acme".to_string()) {
         assert!(

@@ -409,7 +409,7 @@ fn a_killed_executor_fails_fast_for_its_tenants_only() {
     );
 
     // SIGKILL cpu0.
-    let victim = fleet.executors.iter_mut().find(|e| e.id == "cpu0").unwrap();
+    let victim = fleet.executor_mut("cpu0");
     victim.child.kill().unwrap();
     victim.child.wait().unwrap();
 
