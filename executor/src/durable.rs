@@ -1088,6 +1088,15 @@ fn scan(dir: &Path, g: u64) -> std::io::Result<(Vec<Frame>, u64, Option<u64>)> {
     scan_source(&file, g)
 }
 
+/// A frame as the journal lays it out around `payload` (a stream, which
+/// the frame's checks expect sealed): what tests and the fuzzer build
+/// journals from.
+pub fn encode_frame(flags: u32, jid: u64, payload: &[u8]) -> Vec<u8> {
+    let mut f = header(flags, jid, payload.len() as u64).to_vec();
+    f.extend_from_slice(payload);
+    f
+}
+
 /// How many good frames `bytes` (a journal file's) hold, and where the
 /// first damaged one starts (`None` when they are whole): what recovery
 /// checks before it applies anything.
@@ -1633,10 +1642,7 @@ mod tests {
             kind: StreamKind::Round,
         })
         .unwrap();
-        let payload = w.finish().unwrap();
-        let mut f = header(flags, jid, payload.len() as u64).to_vec();
-        f.extend_from_slice(&payload);
-        f
+        encode_frame(flags, jid, &w.finish().unwrap())
     }
 
     #[test]
