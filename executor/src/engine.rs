@@ -162,6 +162,19 @@ impl Runtime {
         (d.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1
     }
 
+    /// The cache entry `wasm` (inspected and rewritten) compiles to, when
+    /// there is a cache.
+    pub fn cache_entry(&self, wasm: &[u8]) -> Option<String> {
+        self.cache.as_ref().map(|c| c.name(wasm))
+    }
+
+    /// Removes the cache entry `name`: its module's last function went.
+    pub fn evict(&self, name: &str) {
+        if let Some(c) = &self.cache {
+            c.remove(name);
+        }
+    }
+
     /// Compiles `wasm` (already inspected and rewritten), from the cache
     /// when it holds this module for this engine.
     pub fn compile(&self, wasm: &[u8]) -> Result<Module, CompileError> {
@@ -314,6 +327,22 @@ impl ModuleCache {
     /// Bytes of the entries on disk.
     pub fn bytes(&self) -> u64 {
         crate::sync::lock(&self.entries).bytes
+    }
+
+    /// Removes the entry `name`, if there is one.
+    fn remove(&self, name: &str) {
+        let mut entries = crate::sync::lock(&self.entries);
+        match std::fs::remove_file(self.dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, entry = %name, "cannot remove a module cache entry");
+                return;
+            }
+        }
+        if let Some((size, _)) = entries.files.remove(name) {
+            entries.bytes -= size;
+        }
     }
 
     fn name(&self, wasm: &[u8]) -> String {

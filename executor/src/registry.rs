@@ -245,13 +245,34 @@ impl Registry {
     /// Forgets a tenant: its functions (and their files), instances, jobs.
     /// Its pending jobs stop waiting.
     pub fn drop_tenant(&self, id: &TenantId) -> Result<(), ExecError> {
+        let gone = self
+            .existing_tenant(id)
+            .map(|t| t.function_list())
+            .unwrap_or_default();
         if !self.forget_tenant(id) {
             return Err(ExecError::TenantNotHere(id.to_string()));
         }
         self.store.remove_tenant(id);
         self.asset_store.remove_tenant(id.as_str());
         crate::durable::remove_journal(&self.state_dir, id);
+        self.release_modules(&gone);
         Ok(())
+    }
+
+    /// Removes the compiled modules of the functions `gone` from the
+    /// module cache, unless a function here still uses them.
+    fn release_modules(&self, gone: &[Arc<Function>]) {
+        let in_use: std::collections::HashSet<String> = self
+            .tenant_list()
+            .iter()
+            .flat_map(|t| t.function_list())
+            .filter_map(|f| f.cache_entry.clone())
+            .collect();
+        for name in gone.iter().filter_map(|f| f.cache_entry.as_deref()) {
+            if !in_use.contains(name) {
+                self.runtime.evict(name);
+            }
+        }
     }
 
     /// Forgets `id` in memory only (its instances, sessions and entry):
@@ -613,6 +634,7 @@ impl Registry {
             info: info.clone(),
             mutable_globals: inspected.mutable_globals.clone(),
             wasm: Arc::from(reg.wasm),
+            cache_entry: self.runtime.cache_entry(&inspected.rewritten),
             pre,
             assets,
             pool: Pool::new(
@@ -760,6 +782,7 @@ impl Registry {
         if let Some(sha) = gone.assets.sha256() {
             self.forget_unused_assets(&t, sha);
         }
+        self.release_modules(std::slice::from_ref(&gone));
         t.jobs()
             .fail_pending_of(id, &ExecError::FunctionNotFound(id.to_string()).to_api());
         Ok(())

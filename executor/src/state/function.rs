@@ -105,6 +105,9 @@ pub struct Function {
     pub info: FunctionInfo,
     pub config: ResolvedConfig,
     pub(crate) wasm: Arc<[u8]>,
+    /// The module cache's entry of its compiled module, if there is a
+    /// cache: it goes when no function uses it any more.
+    pub(crate) cache_entry: Option<String>,
     pub(crate) pre: InstancePre<HostState>,
     pub(crate) setup: InstanceSetup,
     /// Indices of the module's mutable globals, exported by the rewrite.

@@ -196,3 +196,38 @@ fn the_function_quota_holds() {
     let r = ex.post("t2", "/functions?name=c", "application/wasm", &wasm);
     assert_eq!(r.status, 201);
 }
+
+/// A deleted function's compiled module leaves the module cache once no
+/// function (of any tenant) uses it; one still in use stays.
+#[test]
+fn a_deleted_functions_module_leaves_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = TestExecutor::start_in(dir.path(), small_limits(), TenantQuotas::default());
+    let cache = dir.path().join("module-cache");
+    let entries = || {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".cwasm")
+            })
+            .count()
+    };
+    const SHARED: &str = r#"(module (memory (export "memory") 1)
+        (func (export "handle") (result i32) (i32.const 1)))"#;
+    const OWN: &str = r#"(module (memory (export "memory") 1)
+        (func (export "handle") (result i32) (i32.const 2)))"#;
+    let a = ex.deploy("acme", "shared", SHARED);
+    let b = ex.deploy("beta", "shared", SHARED);
+    let own = ex.deploy("acme", "own", OWN);
+    assert_eq!(entries(), 2);
+    assert_eq!(ex.delete("acme", &format!("/functions/{own}")).status, 204);
+    assert_eq!(entries(), 1, "its own module went");
+    assert_eq!(ex.delete("acme", &format!("/functions/{a}")).status, 204);
+    assert_eq!(entries(), 1, "beta still uses the shared one");
+    assert_eq!(ex.delete("beta", &format!("/functions/{b}")).status, 204);
+    assert_eq!(entries(), 0);
+}
