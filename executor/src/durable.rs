@@ -422,10 +422,10 @@ impl Journal {
                 backend.as_ref(),
                 &mut stats,
             )?;
-            if let Some(globals) = &globals {
+            if let Some(globals) = globals {
                 w.record(&Record::Globals {
                     instance: capture.jid,
-                    globals: globals.clone(),
+                    globals,
                 })?;
             }
             Ok(())
@@ -1532,17 +1532,18 @@ impl Registry {
                 Ok(Some(j.written()))
             })
             .await
-            .map_err(ExecError::task("checkpoint"))
-            .and_then(|r| r);
-            let synced = match written {
-                Ok(Some(n)) => match t.journal.get() {
-                    Some(j) => j.durable(n).await,
-                    None => Ok(()),
-                },
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
+            .map_err(ExecError::task("checkpoint"));
+            let synced = async {
+                if let Some(n) = written?? {
+                    t.journal
+                        .get()
+                        .ok_or_else(|| ExecError::Internal("a journal that went".into()))?
+                        .durable(n)
+                        .await?;
+                }
+                Ok::<_, ExecError>(())
             };
-            if let Err(e) = synced {
+            if let Err(e) = synced.await {
                 tracing::warn!(tenant = %t.id, error = %e, "the warm state loaded is not in the tenant's journal yet; the checkpointer tries again");
             }
         }

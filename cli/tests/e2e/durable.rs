@@ -12,22 +12,18 @@ use tensor_wasm_executor::durable::check_frames;
 
 use crate::harness::{
     COUNTER, ExecutorProcess, ProxyOptions, RawError, TestFleet, multipart, parse_counter,
-    raw_request,
+    raw_request, register_on,
 };
 
 /// Registers the counter for `tenant` with `config`; its id.
 fn deploy(ex: &ExecutorProcess, tenant: &str, config: &str) -> String {
-    let wasm = wat::parse_str(COUNTER).unwrap();
-    let (ct, body) = multipart(&[
-        ("module", "application/wasm", &wasm),
-        ("config", "application/json", config.as_bytes()),
-    ]);
-    let (status, body) = ex.request("POST", "/functions?name=counter", Some(tenant), &ct, &body);
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
-    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    register_on(
+        ex,
+        tenant,
+        "counter",
+        &wat::parse_str(COUNTER).unwrap(),
+        config,
+    )
 }
 
 /// One call of `tenant`'s counter on a fresh connection: its status and
@@ -353,17 +349,13 @@ fn wait_job(ex: &ExecutorProcess, id: &str, status: &str) -> serde_json::Value {
 fn jobs_accepted_before_a_sigkill_finish_or_fail_as_documented() {
     let dir = tempfile::tempdir().unwrap();
     let mut ex = ExecutorProcess::start("cpu-jobs", dir.path());
-    let wasm = wat::parse_str(SPINNER).unwrap();
-    let (ct, body) = multipart(&[
-        ("module", "application/wasm", &wasm),
-        ("config", "application/json", br#"{"deadline_ms": 120000}"#),
-    ]);
-    let (status, body) = ex.request("POST", "/functions?name=spinner", Some("acme"), &ct, &body);
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
-    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = register_on(
+        &ex,
+        "acme",
+        "spinner",
+        &wat::parse_str(SPINNER).unwrap(),
+        r#"{"deadline_ms": 120000}"#,
+    );
     let submit = |ex: &ExecutorProcess, first: u8| -> String {
         let (status, body) = ex.request(
             "POST",

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use crate::harness::{
-    COUNTER, ExecutorProcess, counter_call, deploy_counter_on, invoke_ok, multipart,
+    COUNTER, ExecutorProcess, counter_call, deploy_counter_on, invoke_ok, register_on,
 };
 
 #[test]
@@ -245,16 +245,7 @@ fn a_graceful_stop_cuts_off_a_long_invocation_and_saves_the_rest() {
     counter_call(&ex, &id);
     counter_call(&ex, &id);
     let spin = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "handle") (result i32) (loop $l (br $l)) (i32.const 0)))"#).unwrap();
-    let (ct, body) = multipart(&[
-        ("module", "application/wasm", &spin),
-        ("config", "application/json", br#"{"deadline_ms": 120000}"#),
-    ]);
-    let (status, body) = ex.request("POST", "/functions?name=spin", Some("spinner"), &ct, &body);
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
-    let spin_id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let spin_id = register_on(&ex, "spinner", "spin", &spin, r#"{"deadline_ms": 120000}"#);
     let addr = ex.addr.clone();
     let spinning = std::thread::spawn(move || {
         crate::harness::raw_request(

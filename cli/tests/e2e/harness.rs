@@ -709,6 +709,33 @@ pub fn deploy_counter_on(ex: &ExecutorProcess) -> String {
         .to_string()
 }
 
+/// Registers `wasm` as function `name` of `tenant` on `ex`, with the
+/// function config `config` (JSON); its id.
+pub fn register_on(
+    ex: &ExecutorProcess,
+    tenant: &str,
+    name: &str,
+    wasm: &[u8],
+    config: &str,
+) -> String {
+    let (ct, body) = multipart(&[
+        ("module", "application/wasm", wasm),
+        ("config", "application/json", config.as_bytes()),
+    ]);
+    let (status, body) = ex.request(
+        "POST",
+        &format!("/functions?name={name}"),
+        Some(tenant),
+        &ct,
+        &body,
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// The counter's answer: (calls so far, tensor values).
 pub fn parse_counter(body: &[u8]) -> (u32, Vec<f32>) {
     let n = u32::from_le_bytes(body[..4].try_into().unwrap());
