@@ -117,6 +117,11 @@ struct Capture {
 /// The file frames go to.
 #[derive(Debug)]
 struct Log {
+    /// The journal's folder: a staged journal's moves when it takes the
+    /// place of the tenant's ([`Journal::take_place`]).
+    dir: PathBuf,
+    /// Replaced by a staged journal: it writes no more.
+    closed: bool,
     generation: u64,
     file: Option<Arc<File>>,
     /// Bytes of the generation's file, `buf` included.
@@ -248,7 +253,6 @@ impl Synced {
 /// One tenant's journal.
 pub struct Journal {
     tenant: TenantId,
-    dir: PathBuf,
     tracking: PageTracking,
     /// By the instance's id in this process.
     captures: Mutex<HashMap<u64, Capture>>,
@@ -283,6 +287,33 @@ pub fn journal_dir(state_dir: &Path, tenant: &TenantId) -> PathBuf {
     state_dir.join(DURABLE_DIR).join(tenant.as_str())
 }
 
+/// Suffix of a staged journal's folder: the journal of a tenant built
+/// beside the one here (a restore, a move onto a tenant here), which
+/// takes the place of the tenant's at the commit. Tenant ids hold no dot.
+const STAGED: &str = ".staged";
+
+/// Suffix of a replaced journal's folder, between the two renames of
+/// [`Journal::take_place`]: alone, it is the tenant's journal still.
+const REPLACED: &str = ".replaced";
+
+fn suffixed(state_dir: &Path, tenant: &TenantId, suffix: &str) -> PathBuf {
+    state_dir
+        .join(DURABLE_DIR)
+        .join(format!("{}{suffix}", tenant.as_str()))
+}
+
+/// Syncs a folder, so that the names made or renamed in it are on disk.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn remove_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn generation_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("{generation:08}.journal"))
 }
@@ -307,12 +338,28 @@ impl Journal {
     /// until its first frame).
     pub fn new(state_dir: &Path, tenant: TenantId, tracking: PageTracking) -> Journal {
         let dir = journal_dir(state_dir, &tenant);
+        Journal::in_dir(dir, tenant, tracking)
+    }
+
+    /// An empty journal of `tenant` staged beside the tenant's own (which
+    /// stands until [`take_place`](Self::take_place)); what an earlier
+    /// staging left there goes.
+    pub fn staged(state_dir: &Path, tenant: TenantId, tracking: PageTracking) -> Journal {
+        let dir = suffixed(state_dir, &tenant, STAGED);
+        if let Err(e) = remove_dir(&dir) {
+            tracing::warn!(%tenant, error = %e, "cannot remove an earlier staged journal");
+        }
+        Journal::in_dir(dir, tenant, tracking)
+    }
+
+    fn in_dir(dir: PathBuf, tenant: TenantId, tracking: PageTracking) -> Journal {
         Journal {
             tenant,
-            dir,
             tracking,
             captures: Mutex::new(HashMap::new()),
             log: Mutex::new(Log {
+                dir,
+                closed: false,
                 generation: 1,
                 file: None,
                 bytes: 0,
@@ -521,12 +568,18 @@ impl Journal {
         flags: u32,
         body: impl FnOnce(&mut Writer<&mut Tee<'_>>) -> std::io::Result<()>,
     ) -> Result<(u64, u64), ExecError> {
+        if log.closed {
+            return Err(ExecError::Checkpoint(
+                "the tenant's state was replaced meanwhile".into(),
+            ));
+        }
         let file = match &log.file {
             Some(f) => f.clone(),
             None => {
-                std::fs::create_dir_all(&self.dir)
+                let made = !log.dir.exists();
+                std::fs::create_dir_all(&log.dir)
                     .map_err(|e| io_error("creating the journal's folder", e))?;
-                let path = generation_path(&self.dir, log.generation);
+                let path = generation_path(&log.dir, log.generation);
                 let f = std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)
@@ -539,6 +592,14 @@ impl Journal {
                     .map_err(|e| io_error("reading the journal's size", e))?
                     .len();
                 log.flushed = log.bytes;
+                // The file's name (and its folder's) must outlive a crash
+                // as its frames do: once per generation.
+                sync_dir(&log.dir)
+                    .and_then(|()| match (made, log.dir.parent()) {
+                        (true, Some(root)) => sync_dir(root),
+                        _ => Ok(()),
+                    })
+                    .map_err(|e| io_error("syncing the journal's folder", e))?;
                 let f = Arc::new(f);
                 log.file = Some(f.clone());
                 log.generations.insert(log.generation);
@@ -656,7 +717,18 @@ impl Journal {
             drop(log);
             self.lost(upto, &msg);
         }
+        // A journal replaced meanwhile ([`take_place`](Self::take_place))
+        // lost these frames with its folder: they are not answered as
+        // durable (the log's lock, taken first, orders this with that).
+        let log = lock(&self.log);
+        let result = match result {
+            Ok(()) if log.closed => Err(std::io::Error::other(
+                "the tenant's state was replaced meanwhile",
+            )),
+            other => other,
+        };
         let mut s = lock(&self.synced);
+        drop(log);
         s.syncing = false;
         let out = match result {
             Ok(()) => {
@@ -729,6 +801,60 @@ impl Journal {
         let mut log = lock(&self.log);
         if log.generation == generation {
             log.jobs_in = generation;
+        }
+        Ok(())
+    }
+
+    /// Makes this staged journal ([`staged`](Self::staged)) the tenant's,
+    /// in place of `old` (the journal of the tenant it replaces, if it
+    /// has one open), which writes no more: what `old` had not synced is
+    /// lost with the state it was of, and its waiters are told so. The
+    /// folders swap by two renames; a crash between them leaves the old
+    /// journal aside, where recovery finds it ([`settle_swaps`]). A
+    /// failure leaves both as they were. Blocking.
+    pub fn take_place(&self, state_dir: &Path, old: Option<&Journal>) -> Result<(), ExecError> {
+        let main = journal_dir(state_dir, &self.tenant);
+        let aside = suffixed(state_dir, &self.tenant, REPLACED);
+        // The old journal waits: nothing of it is written while its
+        // folder moves.
+        let mut old_log = old.map(|j| lock(&j.log));
+        let mut log = lock(&self.log);
+        if log.dir == main {
+            return Ok(());
+        }
+        remove_dir(&aside).map_err(|e| io_error("removing a replaced journal", e))?;
+        let moved_aside = match std::fs::rename(&main, &aside) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_error("setting the replaced journal aside", e)),
+        };
+        match std::fs::rename(&log.dir, &main) {
+            Ok(()) => {}
+            // Nothing was staged (no journaled function): the tenant's
+            // journal starts empty.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                if moved_aside {
+                    let _ = std::fs::rename(&aside, &main);
+                }
+                return Err(io_error("putting a staged journal in place", e));
+            }
+        }
+        log.dir = main;
+        if let Err(e) = sync_dir(&state_dir.join(DURABLE_DIR)) {
+            tracing::warn!(tenant = %self.tenant, error = %e, "cannot sync the journals' folder after a swap");
+        }
+        drop(log);
+        if let (Some(old), Some(old_log)) = (old, old_log.as_mut()) {
+            old_log.closed = true;
+            old_log.file = None;
+            old_log.buf.clear();
+            old_log.unsealed.clear();
+            old.lost(old_log.written, "the tenant's state was replaced meanwhile");
+        }
+        drop(old_log);
+        if let Err(e) = remove_dir(&aside) {
+            tracing::warn!(tenant = %self.tenant, error = %e, "cannot remove a replaced journal");
         }
         Ok(())
     }
@@ -919,7 +1045,7 @@ impl Journal {
             .filter(|&g| g + 1 < oldest)
             .collect();
         for g in old {
-            let path = generation_path(&self.dir, g);
+            let path = generation_path(&log.dir, g);
             match std::fs::remove_file(&path) {
                 Ok(()) => {
                     log.generations.remove(&g);
@@ -1165,7 +1291,7 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
         tenant.id.clone(),
         registry.page_tracking().clone(),
     );
-    let dir = journal.dir.clone();
+    let dir = lock(&journal.log).dir.clone();
     let mut found = generations(&dir);
     let mut frames = Vec::new();
     let mut report = Recovered::default();
@@ -1365,6 +1491,44 @@ pub fn journaled(d: Durability) -> bool {
     d != Durability::None
 }
 
+/// Settles what a crash left of journal swaps ([`Journal::take_place`])
+/// before any journal is read: a staged journal never took its place and
+/// goes; a replaced one goes if the staged one took its place, and is the
+/// tenant's journal again if the crash came between the two renames.
+fn settle_swaps(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let path = entry.path();
+        let result = if name.ends_with(STAGED) {
+            remove_dir(&path)
+        } else if let Some(tenant) = name.strip_suffix(REPLACED) {
+            let main = root.join(tenant);
+            if main.exists() {
+                remove_dir(&path)
+            } else {
+                std::fs::rename(&path, &main).and_then(|()| sync_dir(root))
+            }
+        } else {
+            continue;
+        };
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), error = %e, "cannot settle a journal swap a crash interrupted");
+        }
+    }
+}
+
+/// Removes the journal a staged tenant wrote ([`Journal::staged`]): the
+/// staging was abandoned.
+pub fn remove_staged_journal(state_dir: &Path, tenant: &TenantId) {
+    if let Err(e) = remove_dir(&suffixed(state_dir, tenant, STAGED)) {
+        tracing::warn!(%tenant, error = %e, "cannot remove a staged journal");
+    }
+}
+
 /// Removes `tenant`'s journal (the tenant left this executor).
 pub fn remove_journal(state_dir: &Path, tenant: &TenantId) {
     let dir = journal_dir(state_dir, tenant);
@@ -1499,54 +1663,59 @@ impl Registry {
             if t.instance_count() == 0 {
                 continue;
             }
-            let registry = self.clone();
-            let t2 = t.clone();
-            let written = tokio::task::spawn_blocking(move || -> Result<Option<u64>, ExecError> {
-                let mut journal = None;
-                let mut wrote = false;
-                for f in t2.function_list() {
-                    if !journaled(f.config.durability) {
-                        continue;
-                    }
-                    let j = journal.get_or_insert_with(|| registry.journal(&t2));
-                    // Nothing runs before the listener opens: every
-                    // instance is idle.
-                    f.pool.with_idle(|idle| {
-                        idle.iter_mut()
-                            .filter(|p| !j.has_capture(p.inst.shared()))
-                            .try_for_each(|p| {
-                                wrote = true;
-                                j.capture(&mut p.inst, &f).map(drop)
-                            })
-                    })?;
-                }
-                let Some(j) = journal.filter(|_| wrote) else {
-                    return Ok(None);
-                };
-                let jobs: Vec<_> = t2
-                    .jobs()
-                    .records()
-                    .map(|r| (r.info.clone(), r.request.clone()))
-                    .collect();
-                j.rewrite_jobs(&jobs)?;
-                Ok(Some(j.written()))
-            })
-            .await
-            .map_err(ExecError::task("checkpoint"));
-            let synced = async {
-                if let Some(n) = written?? {
-                    t.journal
-                        .get()
-                        .ok_or_else(|| ExecError::Internal("a journal that went".into()))?
-                        .durable(n)
-                        .await?;
-                }
-                Ok::<_, ExecError>(())
-            };
-            if let Err(e) = synced.await {
+            if let Err(e) = self.journal_tenant(&t).await {
                 tracing::warn!(tenant = %t.id, error = %e, "the warm state loaded is not in the tenant's journal yet; the checkpointer tries again");
             }
         }
+    }
+
+    /// Writes a full copy of every idle instance of `t`'s journaled
+    /// functions that has no frames, then every job of `t`, and syncs
+    /// them: a tenant that arrived whole (warm state loaded, a snapshot
+    /// imported) is on disk before it is answered for. An instance that
+    /// runs meanwhile makes its own first frame as it ends (`strict`) or
+    /// at the checkpointer's next pass.
+    pub async fn journal_tenant(self: &Arc<Self>, t: &Arc<Tenant>) -> Result<(), ExecError> {
+        let registry = self.clone();
+        let t2 = t.clone();
+        let written = tokio::task::spawn_blocking(move || -> Result<Option<u64>, ExecError> {
+            let mut journal = None;
+            let mut wrote = false;
+            for f in t2.function_list() {
+                if !journaled(f.config.durability) {
+                    continue;
+                }
+                let j = journal.get_or_insert_with(|| registry.journal(&t2));
+                f.pool.with_idle(|idle| {
+                    idle.iter_mut()
+                        .filter(|p| !j.has_capture(p.inst.shared()))
+                        .try_for_each(|p| {
+                            wrote = true;
+                            j.capture(&mut p.inst, &f).map(drop)
+                        })
+                })?;
+            }
+            let Some(j) = journal.filter(|_| wrote) else {
+                return Ok(None);
+            };
+            let jobs: Vec<_> = t2
+                .jobs()
+                .records()
+                .map(|r| (r.info.clone(), r.request.clone()))
+                .collect();
+            j.rewrite_jobs(&jobs)?;
+            Ok(Some(j.written()))
+        })
+        .await
+        .map_err(ExecError::task("checkpoint"))??;
+        if let Some(n) = written {
+            t.journal
+                .get()
+                .ok_or_else(|| ExecError::Internal("a journal that went".into()))?
+                .durable(n)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Puts back the jobs a journal held: finished ones as they were,
@@ -1584,6 +1753,7 @@ impl Registry {
     /// Returns how many tenants resumed from a journal.
     pub async fn recover_journals(self: &Arc<Self>) -> usize {
         let root = self.state_dir().join(DURABLE_DIR);
+        settle_swaps(&root);
         let Ok(entries) = std::fs::read_dir(&root) else {
             return 0;
         };
@@ -1682,5 +1852,36 @@ mod tests {
             (1, Some(frame(0, 1, "a").len() as u64))
         );
         assert_eq!(check_frames(&[]), (0, None));
+    }
+
+    /// What a crash leaves of a swap of journals, at each step of it.
+    #[test]
+    fn a_swap_cut_short_by_a_crash_settles_to_one_journal() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |name: &str| root.path().join(name);
+        let make = |name: &str, content: &str| {
+            std::fs::create_dir_all(dir(name)).unwrap();
+            std::fs::write(dir(name).join("00000001.journal"), content).unwrap();
+        };
+        let content = |name: &str| std::fs::read_to_string(dir(name).join("00000001.journal")).ok();
+        // Before the first rename: the staged one never took the place.
+        make("a", "a old");
+        make("a.staged", "a new");
+        // Between the two: the old one is the tenant's still.
+        make("b.replaced", "b old");
+        make("b.staged", "b new");
+        // After both: the new one is.
+        make("c", "c new");
+        make("c.replaced", "c old");
+        settle_swaps(root.path());
+        let mut names: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(content("a").as_deref(), Some("a old"));
+        assert_eq!(content("b").as_deref(), Some("b old"));
+        assert_eq!(content("c").as_deref(), Some("c new"));
     }
 }

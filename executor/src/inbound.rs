@@ -131,9 +131,12 @@ pub struct Inbound {
     cancelled: AtomicBool,
     /// The staged instances of journaled functions go into the tenant's
     /// checkpoint journal as they are staged ([`journal_staged`](
-    /// Self::journal_staged)): a migration's destination, where the
-    /// tenant is new.
+    /// Self::journal_staged)): a migration's destination, a restore.
     pub(crate) journals: bool,
+    /// That journal is staged beside the journal of the tenant here,
+    /// whose place it takes at the commit
+    /// ([`crate::durable::Journal::take_place`]).
+    pub(crate) staged_journal: bool,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -157,6 +160,7 @@ impl Inbound {
             }),
             cancelled: AtomicBool::new(false),
             journals: false,
+            staged_journal: false,
         }
     }
 
@@ -635,6 +639,14 @@ impl Inbound {
             }
         }
         registry.persist_tenant(&self.tenant)?;
+        if self.staged_journal
+            && let Some(journal) = self.tenant.journal.get()
+        {
+            let old = registry
+                .existing_tenant(&self.tenant.id)
+                .and_then(|t| t.journal.get().cloned());
+            journal.take_place(registry.state_dir(), old.as_deref())?;
+        }
         let old = registry.publish(self.tenant.clone(), replace)?;
         if replace {
             registry.forget_replaced(&old, &self.tenant);

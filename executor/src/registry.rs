@@ -363,12 +363,21 @@ impl Registry {
             earlier.discard().await;
         }
         let mut inbound = Inbound::new(self.new_tenant(tenant)?, origin);
-        // A migration's destination journals what it stages, starting
-        // from nothing: a journal left by a tenant that was here before
-        // is of another life of it.
-        if inbound.origin.is_some() && self.existing_tenant(tenant).is_none() {
+        // What a move or a restore stages is journaled as it comes,
+        // starting from nothing: beside the journal of the tenant here,
+        // which it replaces at the commit, or in the tenant's place, where
+        // a journal left is of another life of the tenant.
+        inbound.journals = true;
+        if self.existing_tenant(tenant).is_some() {
+            let journal = crate::durable::Journal::staged(
+                &self.state_dir,
+                tenant.clone(),
+                self.tracking.clone(),
+            );
+            let _ = inbound.tenant.journal.set(Arc::new(journal));
+            inbound.staged_journal = true;
+        } else {
             crate::durable::remove_journal(&self.state_dir, tenant);
-            inbound.journals = true;
         }
         let inbound = Arc::new(inbound);
         lock(&self.inbound).insert(tenant.clone(), inbound.clone());
@@ -400,7 +409,9 @@ impl Registry {
                 self.asset_store.remove_tenant(tenant.as_str());
             }
             // What it journaled while staged.
-            if inbound.journals {
+            if inbound.staged_journal {
+                crate::durable::remove_staged_journal(&self.state_dir, tenant);
+            } else if inbound.journals {
                 crate::durable::remove_journal(&self.state_dir, tenant);
             }
         }

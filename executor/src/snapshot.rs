@@ -185,6 +185,11 @@ impl Registry {
             return Err(ExecError::TenantExists(tenant.to_string()));
         }
         let key = self.snapshot_key().map(<[u8]>::to_vec);
+        if matches!(on_failure, OnFailure::Drop) {
+            // A journal left by a tenant that was here before is of
+            // another life of it.
+            crate::durable::remove_journal(self.state_dir(), tenant);
+        }
         let registry = self.clone();
         let id = tenant.clone();
         let restored = tokio::task::spawn_blocking(move || -> Result<Vec<JobId>, ExecError> {
@@ -207,12 +212,20 @@ impl Registry {
         let t = self
             .existing_tenant(tenant)
             .ok_or_else(|| ExecError::Internal("imported tenant vanished".into()))?;
-        if matches!(on_failure, OnFailure::KeepFiles) {
+        match on_failure {
             // Warm state from a graceful stop is newer than the tenant's
             // journal, which goes before any job of it runs (and journals
             // itself); the warm state goes to a new journal before its
             // file is removed (`Registry::journal_warm`).
-            crate::durable::remove_journal(self.state_dir(), tenant);
+            OnFailure::KeepFiles => crate::durable::remove_journal(self.state_dir(), tenant),
+            // An import is answered once what it brought is on disk: a
+            // crash after the answer loses none of it.
+            OnFailure::Drop => {
+                if let Err(e) = self.journal_tenant(&t).await {
+                    let _ = self.drop_tenant(tenant);
+                    return Err(e);
+                }
+            }
         }
         for job_id in restored {
             self.spawn_job(t.clone(), job_id);
@@ -233,7 +246,7 @@ impl Registry {
         let key = self.snapshot_key().map(<[u8]>::to_vec);
         let inbound = self.start_inbound(tenant, None, true).await?;
         let (registry, staged, id) = (self.clone(), inbound.clone(), tenant.clone());
-        let result = tokio::task::spawn_blocking(move || -> Result<Vec<JobId>, ExecError> {
+        let applied = tokio::task::spawn_blocking(move || -> Result<Option<u64>, ExecError> {
             let snap = snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES)
                 .map_err(ExecError::Snapshot)?;
             drop(bytes);
@@ -261,11 +274,27 @@ impl Registry {
                 .map_err(|_| ExecError::Internal("the restore stream's writer panicked".into()))?;
             applied?;
             written.map_err(|e| ExecError::Internal(format!("writing the restore stream: {e}")))?;
-            staged.commit(&registry, true)
+            // What it restores is in its journal before it takes the
+            // tenant's place: a crash after the answer loses none of it.
+            staged.journal_staged(&registry)
         })
         .await
         .map_err(ExecError::task("restore"))
         .and_then(|r| r);
+        let synced = match (applied, inbound.tenant.journal.get()) {
+            (Ok(Some(n)), Some(journal)) => journal.durable(n).await,
+            (applied, _) => applied.map(drop),
+        };
+        let result = match synced {
+            Ok(()) => {
+                let (registry, staged) = (self.clone(), inbound.clone());
+                tokio::task::spawn_blocking(move || staged.commit(&registry, true))
+                    .await
+                    .map_err(ExecError::task("restore"))
+                    .and_then(|r| r)
+            }
+            Err(e) => Err(e),
+        };
         let pending = match result {
             Ok(p) => p,
             Err(e) => {

@@ -478,3 +478,74 @@ fn warm_state_loaded_at_start_survives_a_kill_right_after() {
         ex.log_text()
     );
 }
+
+/// A tenant's state given by a snapshot is in the journal before the
+/// snapshot is answered for, and takes the place of what the journal
+/// held: killed right after a restore (`import?replace=true`) or a plain
+/// import, the executor resumes each tenant, `strict` or `periodic`, as
+/// the snapshot left it, not as it was before.
+#[test]
+fn a_restored_or_imported_tenant_survives_a_kill_right_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ex = ExecutorProcess::start("cpu-r", &dir.path().join("a"));
+    let mut other = ExecutorProcess::start("cpu-i", &dir.path().join("b"));
+    let mut tenants = Vec::new();
+    for (tenant, durability) in [("acme", "strict"), ("beta", "periodic")] {
+        let id = deploy(&ex, tenant, &format!(r#"{{"durability": "{durability}"}}"#));
+        for n in 1..=3 {
+            assert_eq!(count(&ex, tenant, &id), n, "{tenant}");
+        }
+        let (status, snap) = ex.request(
+            "POST",
+            &format!("/internal/tenants/{tenant}/export"),
+            None,
+            "",
+            b"",
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&snap));
+        let (status, body) = ex.request(
+            "POST",
+            &format!("/internal/tenants/{tenant}/thaw"),
+            None,
+            "",
+            b"",
+        );
+        assert_eq!(status, 204, "{}", String::from_utf8_lossy(&body));
+        // Past the snapshot, and checkpointed there.
+        for n in 4..=6 {
+            assert_eq!(count(&ex, tenant, &id), n, "{tenant}");
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        tenants.push((tenant, id, snap));
+    }
+    for (tenant, _, snap) in &tenants {
+        for (target, path) in [
+            (
+                &ex,
+                format!("/internal/tenants/{tenant}/import?replace=true"),
+            ),
+            (&other, format!("/internal/tenants/{tenant}/import")),
+        ] {
+            let (status, body) =
+                target.request("POST", &path, None, "application/octet-stream", snap);
+            assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        }
+    }
+    ex.restart();
+    other.restart();
+    for (tenant, id, _) in &tenants {
+        assert_eq!(count(&ex, tenant, id), 4, "{tenant}: restored, then killed");
+        assert_eq!(
+            count(&other, tenant, id),
+            4,
+            "{tenant}: imported, then killed"
+        );
+    }
+    // Nothing of the swap is left beside the journals.
+    let left: Vec<String> = std::fs::read_dir(dir.path().join("a").join("durable"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
