@@ -18,6 +18,12 @@
 //! temporary folder by default: put it on the disk you mean to measure).
 //! WRITES (bytes per call, comma-separated) and MODES (none, periodic,
 //! strict) pick rows; the ratios are to `none`, or to the first row run.
+//!
+//! VIA picks how the clients call: `engine` (the registry's invoke, no
+//! HTTP: the harshest ratio, every other cost left out), `http` (an
+//! executor serving on loopback, each client on a keep-alive connection
+//! of its own, in this process: what a client of the executor sees, the
+//! proxy's hop left out), or both (`engine,http`, the default).
 
 // A report for a person: its table is what it prints.
 #![allow(clippy::print_stdout)]
@@ -26,11 +32,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http_body_util::{BodyExt, Full};
 use tensor_wasm_executor::body::RequestBody;
 use tensor_wasm_executor::config::{EngineLimits, TenantQuotas};
 use tensor_wasm_executor::engine::Runtime;
 use tensor_wasm_executor::metrics::Metrics;
-use tensor_wasm_executor::registry::{BackendFactory, Registry};
+use tensor_wasm_executor::registry::{BackendFactory, Registry, Target};
+use tensor_wasm_executor::server::{DeviceChoice, Executor, ExecutorConfig};
 use tensor_wasm_executor::state::Registration;
 use tensor_wasm_kernels::{Backend, CpuBackend};
 use tensor_wasm_shared::TenantId;
@@ -60,11 +68,18 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn registry(dir: &Path) -> Arc<Registry> {
-    let limits = EngineLimits {
+/// The internal token of the executor the `http` rows call.
+const TOKEN: &str = "durability-bench-internal-token-0123456789";
+
+fn limits() -> EngineLimits {
+    EngineLimits {
         total_instances: 64,
         ..EngineLimits::default()
-    };
+    }
+}
+
+fn registry(dir: &Path) -> Arc<Registry> {
+    let limits = limits();
     let runtime = Runtime::new(limits, None).unwrap();
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::default());
     let factory: BackendFactory = Arc::new(move || Ok(cpu.clone()));
@@ -104,14 +119,16 @@ fn fdatasync_p50(dir: &Path) -> Duration {
     pct(&times, 0.5)
 }
 
-/// Bytes this process has written so far (`wchar` of `/proc/self/io`):
-/// the journal's writes, rolls included, since nothing else here writes.
+/// Bytes this process has sent to storage so far (`write_bytes` of
+/// `/proc/self/io`, counted as pages are dirtied): the journal's writes,
+/// rolls included (sockets do not count; nothing else here writes files
+/// while a row runs).
 fn bytes_written() -> u64 {
     std::fs::read_to_string("/proc/self/io")
         .ok()
         .and_then(|io| {
             io.lines()
-                .find_map(|l| l.strip_prefix("wchar:"))
+                .find_map(|l| l.strip_prefix("write_bytes:"))
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0)
@@ -124,6 +141,107 @@ struct Row {
     journal_per_sec: f64,
 }
 
+/// How the clients call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Engine,
+    Http,
+}
+
+impl Via {
+    fn name(self) -> &'static str {
+        match self {
+            Via::Engine => "engine",
+            Via::Http => "http",
+        }
+    }
+}
+
+/// One client's way to the function.
+enum Caller {
+    Engine(Arc<Registry>, Target),
+    Http {
+        send: hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>,
+        path: String,
+        tenant: String,
+    },
+}
+
+impl Caller {
+    async fn http(addr: std::net::SocketAddr, path: String, tenant: String) -> Caller {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        Caller::Http { send, path, tenant }
+    }
+
+    /// One call, answered 200.
+    async fn call(&mut self) {
+        match self {
+            Caller::Engine(reg, target) => {
+                reg.invoke(target, RequestBody::default(), |r, _| Ok(r))
+                    .await
+                    .unwrap();
+            }
+            Caller::Http { send, path, tenant } => {
+                let request = hyper::Request::post(path.as_str())
+                    .header("host", "executor")
+                    .header("authorization", format!("Bearer {TOKEN}"))
+                    .header("x-tensor-wasm-tenant", tenant.as_str())
+                    .header("content-type", "application/octet-stream")
+                    .body(Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                let response = send.send_request(request).await.unwrap();
+                let status = response.status();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            }
+        }
+    }
+}
+
+/// An executor serving on loopback from `dir`, as `tensor-wasm
+/// executor` runs it (its checkpointer included), and what stops it.
+fn serve(
+    tokio: &tokio::runtime::Runtime,
+    dir: &Path,
+) -> (
+    Arc<Registry>,
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let cfg = ExecutorConfig {
+        id: "bench".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: dir.to_path_buf(),
+        internal_token: TOKEN.into(),
+        device: DeviceChoice::Cpu,
+        limits: limits(),
+        quotas: TenantQuotas::default(),
+        snapshot_key: None,
+        page_tracking: Default::default(),
+        module_cache_dir: None,
+    };
+    let executor = tokio.block_on(Executor::start(cfg, "")).unwrap();
+    let addr = executor.local_addr().unwrap();
+    let registry = executor.app.registry.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio.spawn(async move {
+        let _ = executor
+            .serve(async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    (registry, addr, stop, served)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run(
     tokio: &tokio::runtime::Runtime,
     dir: &Path,
@@ -131,8 +249,13 @@ fn run(
     durability: Durability,
     clients: usize,
     seconds: f64,
+    via: Via,
 ) -> Row {
-    let reg = registry(dir);
+    let server = (via == Via::Http).then(|| serve(tokio, dir));
+    let reg = match &server {
+        Some((reg, ..)) => reg.clone(),
+        None => registry(dir),
+    };
     let tenant = TenantId::new(format!("w{bytes}-{}", durability.as_str())).unwrap();
     let info = reg
         .register(
@@ -150,8 +273,11 @@ fn run(
         )
         .unwrap();
     let target = reg.resolve(&tenant, &info.id).unwrap();
-    tokio.block_on(async {
-        let checkpointer = {
+    let addr = server.as_ref().map(|(_, addr, ..)| *addr);
+    let row = tokio.block_on(async {
+        // The server runs its own checkpointer; the engine rows, one as
+        // it runs it.
+        let checkpointer = addr.is_none().then(|| {
             let reg = reg.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -160,25 +286,34 @@ fn run(
                     reg.checkpoint_pass(false).await;
                 }
             })
-        };
+        });
+        let mut callers = Vec::new();
+        for _ in 0..clients {
+            callers.push(match addr {
+                Some(addr) => {
+                    Caller::http(
+                        addr,
+                        format!("/functions/{}/invoke", info.id),
+                        tenant.to_string(),
+                    )
+                    .await
+                }
+                None => Caller::Engine(reg.clone(), target.clone()),
+            });
+        }
         // Warm: the instance made and its first full copy written.
-        reg.invoke(&target, RequestBody::default(), |r, _| Ok(r))
-            .await
-            .unwrap();
+        callers[0].call().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = bytes_written();
         let start = Instant::now();
         let end = start + Duration::from_secs_f64(seconds);
         let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let (reg, target) = (reg.clone(), target.clone());
+        for mut caller in callers {
             tasks.push(tokio::spawn(async move {
                 let mut times = Vec::new();
                 while Instant::now() < end {
                     let t = Instant::now();
-                    reg.invoke(&target, RequestBody::default(), |r, _| Ok(r))
-                        .await
-                        .unwrap();
+                    caller.call().await;
                     times.push(t.elapsed());
                 }
                 times
@@ -189,7 +324,9 @@ fn run(
             times.extend(t.await.unwrap());
         }
         let elapsed = start.elapsed().as_secs_f64();
-        checkpointer.abort();
+        if let Some(c) = checkpointer {
+            c.abort();
+        }
         times.sort();
         Row {
             p50: pct(&times, 0.5),
@@ -197,7 +334,12 @@ fn run(
             per_sec: times.len() as f64 / elapsed,
             journal_per_sec: bytes_written().saturating_sub(before) as f64 / elapsed,
         }
-    })
+    });
+    if let Some((_, _, stop, served)) = server {
+        let _ = stop.send(());
+        let _ = tokio.block_on(served);
+    }
+    row
 }
 
 fn ms(d: Duration) -> String {
@@ -223,37 +365,54 @@ fn main() {
     );
     println!("disk fdatasync p50 (4 KiB): {} ms", ms(sync));
     println!(
-        "{:<10} {:<9} {:>9} {:>9} {:>9} {:>12} {:>10} {:>10}",
-        "writes", "mode", "p50 ms", "p99 ms", "calls/s", "journal MB/s", "p50 ×none", "tput ×none"
+        "{:<7} {:<10} {:<9} {:>9} {:>9} {:>9} {:>12} {:>10} {:>10}",
+        "via",
+        "writes",
+        "mode",
+        "p50 ms",
+        "p99 ms",
+        "calls/s",
+        "journal MB/s",
+        "p50 ×none",
+        "tput ×none"
     );
     let sizes: Vec<u32> = std::env::var("WRITES")
         .ok()
         .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![4096, 1 << 20]);
-    for bytes in sizes {
-        let mut none: Option<Row> = None;
-        for mode in [Durability::None, Durability::Periodic, Durability::Strict] {
-            if std::env::var("MODES").is_ok_and(|m| !m.split(',').any(|m| m == mode.as_str())) {
-                continue;
+    let vias: Vec<Via> = [Via::Engine, Via::Http]
+        .into_iter()
+        .filter(|v| {
+            std::env::var("VIA").map_or(true, |want| want.split(',').any(|w| w == v.name()))
+        })
+        .collect();
+    for via in vias {
+        for &bytes in &sizes {
+            let mut none: Option<Row> = None;
+            for mode in [Durability::None, Durability::Periodic, Durability::Strict] {
+                if std::env::var("MODES").is_ok_and(|m| !m.split(',').any(|m| m == mode.as_str())) {
+                    continue;
+                }
+                let dir = state.join(format!("{}-{bytes}-{}", via.name(), mode.as_str()));
+                let row = run(&tokio, &dir, bytes, mode, clients, seconds, via);
+                let base = none.as_ref().unwrap_or(&row);
+                println!(
+                    "{:<7} {:<10} {:<9} {:>9} {:>9} {:>9.0} {:>12.1} {:>10.2} {:>10.2}",
+                    via.name(),
+                    format!("{} KiB", bytes / 1024),
+                    mode.as_str(),
+                    ms(row.p50),
+                    ms(row.p99),
+                    row.per_sec,
+                    row.journal_per_sec / 1e6,
+                    row.p50.as_secs_f64() / base.p50.as_secs_f64(),
+                    row.per_sec / base.per_sec,
+                );
+                if none.is_none() {
+                    none = Some(row);
+                }
+                let _ = std::fs::remove_dir_all(&dir);
             }
-            let dir = state.join(format!("{bytes}-{}", mode.as_str()));
-            let row = run(&tokio, &dir, bytes, mode, clients, seconds);
-            let base = none.as_ref().unwrap_or(&row);
-            println!(
-                "{:<10} {:<9} {:>9} {:>9} {:>9.0} {:>12.1} {:>10.2} {:>10.2}",
-                format!("{} KiB", bytes / 1024),
-                mode.as_str(),
-                ms(row.p50),
-                ms(row.p99),
-                row.per_sec,
-                row.journal_per_sec / 1e6,
-                row.p50.as_secs_f64() / base.p50.as_secs_f64(),
-                row.per_sec / base.per_sec,
-            );
-            if none.is_none() {
-                none = Some(row);
-            }
-            let _ = std::fs::remove_dir_all(&dir);
         }
     }
     println!(
