@@ -1291,7 +1291,7 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
         tenant.id.clone(),
         registry.page_tracking().clone(),
     );
-    let dir = lock(&journal.log).dir.clone();
+    let dir = journal_dir(registry.state_dir(), &tenant.id);
     let mut found = generations(&dir);
     let mut frames = Vec::new();
     let mut report = Recovered::default();
@@ -1531,11 +1531,8 @@ pub fn remove_staged_journal(state_dir: &Path, tenant: &TenantId) {
 
 /// Removes `tenant`'s journal (the tenant left this executor).
 pub fn remove_journal(state_dir: &Path, tenant: &TenantId) {
-    let dir = journal_dir(state_dir, tenant);
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(%tenant, error = %e, "cannot remove the tenant's journal"),
+    if let Err(e) = remove_dir(&journal_dir(state_dir, tenant)) {
+        tracing::warn!(%tenant, error = %e, "cannot remove the tenant's journal");
     }
 }
 

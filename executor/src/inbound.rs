@@ -201,6 +201,15 @@ impl Inbound {
         Ok(Some(journal.written()))
     }
 
+    /// Waits until the frames [`journal_staged`](Self::journal_staged)
+    /// wrote (up to `written`) are on disk.
+    pub async fn staged_durable(&self, written: Option<u64>) -> Result<(), ExecError> {
+        match (written, self.tenant.journal.get()) {
+            (Some(n), Some(journal)) => journal.durable(n).await,
+            _ => Ok(()),
+        }
+    }
+
     fn check_cancelled(&self) -> Result<(), ExecError> {
         if self.cancelled.load(Ordering::Acquire) {
             return Err(ExecError::Capacity(format!(

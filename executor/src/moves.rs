@@ -113,9 +113,7 @@ async fn apply_stream(
     .map_err(ExecError::task("round"))?;
     feeding.abort();
     let (applied, written) = applied?;
-    if let (Some(n), Some(journal)) = (written, inbound.tenant.journal.get()) {
-        journal.durable(n).await?;
-    }
+    inbound.staged_durable(written).await?;
     Ok(applied)
 }
 

@@ -279,22 +279,15 @@ impl Registry {
             staged.journal_staged(&registry)
         })
         .await
-        .map_err(ExecError::task("restore"))
-        .and_then(|r| r);
-        let synced = match (applied, inbound.tenant.journal.get()) {
-            (Ok(Some(n)), Some(journal)) => journal.durable(n).await,
-            (applied, _) => applied.map(drop),
-        };
-        let result = match synced {
-            Ok(()) => {
-                let (registry, staged) = (self.clone(), inbound.clone());
-                tokio::task::spawn_blocking(move || staged.commit(&registry, true))
-                    .await
-                    .map_err(ExecError::task("restore"))
-                    .and_then(|r| r)
-            }
-            Err(e) => Err(e),
-        };
+        .map_err(ExecError::task("restore"));
+        let result = async {
+            inbound.staged_durable(applied??).await?;
+            let (registry, staged) = (self.clone(), inbound.clone());
+            tokio::task::spawn_blocking(move || staged.commit(&registry, true))
+                .await
+                .map_err(ExecError::task("restore"))?
+        }
+        .await;
         let pending = match result {
             Ok(p) => p,
             Err(e) => {

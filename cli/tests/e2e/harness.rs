@@ -692,6 +692,15 @@ impl TestFleet {
     }
 }
 
+/// The id a registration answered 201 with.
+fn created_id(status: u16, body: &[u8]) -> String {
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(body));
+    serde_json::from_slice::<serde_json::Value>(body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Registers the counter module for tenant acme straight on `ex`; its id.
 pub fn deploy_counter_on(ex: &ExecutorProcess) -> String {
     let wasm = wat::parse_str(COUNTER).unwrap();
@@ -702,11 +711,7 @@ pub fn deploy_counter_on(ex: &ExecutorProcess) -> String {
         "application/wasm",
         &wasm,
     );
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
-    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    created_id(status, &body)
 }
 
 /// Registers `wasm` as function `name` of `tenant` on `ex`, with the
@@ -729,11 +734,7 @@ pub fn register_on(
         &ct,
         &body,
     );
-    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
-    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    created_id(status, &body)
 }
 
 /// The counter's answer: (calls so far, tensor values).
