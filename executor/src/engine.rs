@@ -285,16 +285,7 @@ impl Entries {
 impl ModuleCache {
     fn open(dir: &Path, engine: &Engine, max_bytes: u64) -> std::io::Result<ModuleCache> {
         std::fs::create_dir_all(dir)?;
-        let key_path = dir.join("cache.key");
-        let key = match std::fs::read(&key_path) {
-            Ok(k) if k.len() == 32 => k.try_into().unwrap_or([0; 32]),
-            _ => {
-                let mut k = [0u8; 32];
-                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
-                write_private(&key_path, &k)?;
-                k
-            }
-        };
+        let key = tensor_wasm_shared::files::dir_key(dir, true)?;
         let mut h = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut h);
         let mut entries = Entries::default();
@@ -350,10 +341,6 @@ impl ModuleCache {
         format!("{digest}-{}.cwasm", self.engine_hash)
     }
 
-    fn path(&self, wasm: &[u8]) -> PathBuf {
-        self.dir.join(self.name(wasm))
-    }
-
     fn mac(&self, bytes: &[u8]) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
         mac.update(bytes);
@@ -361,7 +348,8 @@ impl ModuleCache {
     }
 
     fn load(&self, engine: &Engine, wasm: &[u8]) -> Option<Module> {
-        let (name, path) = (self.name(wasm), self.path(wasm));
+        let name = self.name(wasm);
+        let path = self.dir.join(&name);
         let data = std::fs::read(&path).ok()?;
         let (body, tag) = data.split_at_checked(data.len().checked_sub(32)?)?;
         self.mac(body).verify_slice(tag).ok()?;
@@ -390,7 +378,8 @@ impl ModuleCache {
         if bytes.len() as u64 > self.max_bytes {
             return Ok(()); // it would evict everything, itself included
         }
-        let (name, path) = (self.name(wasm), self.path(wasm));
+        let name = self.name(wasm);
+        let path = self.dir.join(&name);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         std::fs::write(&tmp, &bytes)?;
         std::fs::rename(&tmp, &path)?;
@@ -433,7 +422,7 @@ mod tests {
         let rt = Runtime::new(limits(), Some(dir.path())).unwrap();
         rt.compile(&wasm).unwrap();
         let cache = rt.cache.as_ref().unwrap();
-        let entry = cache.path(&wasm);
+        let entry = cache.dir.join(cache.name(&wasm));
         assert!(entry.exists(), "compiling wrote an entry");
         assert!(
             cache.load(rt.engine(), &wasm).is_some(),
@@ -454,7 +443,8 @@ mod tests {
         // Bytes another process wrote without our key are not loaded either.
         let other = tempfile::tempdir().unwrap();
         let rt2 = Runtime::new(limits(), Some(other.path())).unwrap();
-        let foreign = rt2.cache.as_ref().unwrap().path(&wasm);
+        let cache2 = rt2.cache.as_ref().unwrap();
+        let foreign = cache2.dir.join(cache2.name(&wasm));
         std::fs::copy(&entry, &foreign).unwrap();
         assert!(
             rt2.cache

@@ -35,6 +35,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+use tensor_wasm_shared::files::dir_key;
 use tensor_wasm_shared::names::env::KERNEL_CACHE_DIR;
 
 use crate::sys::cuda::{NvrtcOutput, nvrtc_compile, nvrtc_version};
@@ -48,9 +49,6 @@ const PROGRAM_NAME: &str = "tensor-wasm-kernels.cu";
 /// First bytes of a cache entry's header line; bump the version when the
 /// entry layout changes.
 const CACHE_MAGIC: &str = "tensor-wasm-cubin v2";
-
-/// The file of a cache directory's key.
-const KEY_FILE: &str = "cache.key";
 
 /// NVRTC options besides the architecture. Precise division and square
 /// root and no flush-to-zero (NVRTC's defaults, spelled out because the
@@ -120,34 +118,6 @@ fn mac(key: &[u8; 32], body: &[u8]) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(body);
     mac
-}
-
-/// The key of the cache directory `dir`, made (0600) when `create` and it
-/// has none.
-fn dir_key(dir: &Path, create: bool) -> std::io::Result<[u8; 32]> {
-    let path = dir.join(KEY_FILE);
-    match std::fs::read(&path) {
-        Ok(k) if k.len() == 32 => return Ok(k.try_into().unwrap_or([0; 32])),
-        Ok(_) => {}
-        Err(e) if !create || e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        Err(_) => {}
-    }
-    if !create {
-        return Err(std::io::Error::other("a cache key of the wrong size"));
-    }
-    let mut key = [0u8; 32];
-    rand::RngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut key)
-        .map_err(std::io::Error::other)?;
-    let tmp = dir.join(format!(".{KEY_FILE}.{}.tmp", std::process::id()));
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&tmp)?;
-    f.write_all(&key)?;
-    f.sync_all()?;
-    // A concurrent first writer may win: the key on disk is the key.
-    std::fs::rename(&tmp, &path)?;
-    dir_key(dir, false)
 }
 
 /// Serializes an entry: header line with the body's HMAC under `key`,
@@ -407,7 +377,7 @@ mod tests {
         let path = cache_path(&dir, "k", "sm_90");
         let body = b"\x7fELF genuine".to_vec();
         load_or_compile(Some(&path), || Ok(body.clone())).unwrap();
-        let key = dir.join(KEY_FILE);
+        let key = dir.join(tensor_wasm_shared::files::KEY_FILE);
         let mode = std::fs::metadata(&key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A well-formed entry whose header carries the body's digest.
