@@ -9,8 +9,8 @@
 //! size, the pages written (through the instance's own page tracking, so
 //! a frame costs what changed), the tensors made and the handles freed,
 //! and its mutable globals. An exact frame is taken while its taker holds
-//! the instance (a `strict` invocation before its instance goes back to
-//! the pool; the checkpointer holding one of the pool's slots). The
+//! the instance through one of its pool's slots (the committer, the
+//! checkpointer; an invocation the committer asked to). The
 //! checkpointer first writes a racy frame, read while the instance runs
 //! (the bulk: a fresh copy, or an interval's pages), so that it holds the
 //! instance only for what was written meanwhile; a racy frame counts only
@@ -37,11 +37,13 @@
 //! frame is then a fresh copy in the new file, and a generation goes once
 //! no instance has its fresh copy in it or the one after.
 //!
-//! `strict` invocations wait for their frame to be synced. Syncs are shared
-//! (group commit): one waiter syncs everything written so far while the
-//! others wait for it, so a burst of invocations costs one `fdatasync`.
-//! A sync wakes the waiters it answers, and one of those left to lead the
-//! next, not every waiter.
+//! `strict` invocations wait for a synced frame that covers them. The
+//! journal's committer ([`Journal::commit`]) takes the instances waited
+//! for, writes one frame of each, syncs once and wakes the waiters that
+//! answers, then starts over with those that came meanwhile (group
+//! commit): a burst of invocations costs one frame per instance and one
+//! `fdatasync`, and no invocation waits for the disk while it holds its
+//! instance.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -155,7 +157,8 @@ struct Log {
 struct Synced {
     /// Frames written and synced.
     durable: u64,
-    syncing: bool,
+    /// A committer runs ([`Journal::commit`]).
+    committing: bool,
     /// The last sync failed with this; cleared by the next that works.
     failed: Option<String>,
     /// Frames up to this one were lost to a failed write or sync.
@@ -168,83 +171,97 @@ struct Synced {
     /// Who waits for what: each is woken when it has it, so that a sync
     /// wakes the answers it made durable and no others.
     waiters: Vec<Waiter>,
+    /// Instances a waiter wants an exact frame of, with their function:
+    /// the committer takes each through one of its pool's slots.
+    wanted: HashMap<u64, Arc<Function>>,
+    /// Of those, the ones the committer found running on another slot:
+    /// their holder writes the frame as its invocation ends
+    /// ([`Journal::wants`]).
+    busy: std::collections::HashSet<u64>,
 }
 
 /// An answer waiting for the disk.
 #[derive(Debug)]
 struct Waiter {
     want: Want,
-    wake: tokio::sync::oneshot::Sender<()>,
+    /// An error: the frame it wants could not be written.
+    wake: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Want {
     /// Frame `n` synced (or lost).
     Frame(u64),
-    /// A synced frame of `instance` covering its first `count` invocations,
-    /// or a frame written that would, once synced.
+    /// A synced frame of `instance` covering its first `count`
+    /// invocations (or the instance gone).
     Covered { instance: u64, count: u64 },
 }
 
 impl Synced {
     /// Registers a waiter for `want`.
-    fn wait(&mut self, want: Want) -> tokio::sync::oneshot::Receiver<()> {
+    fn wait(&mut self, want: Want) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
         let (wake, rx) = tokio::sync::oneshot::channel();
         self.waiters.push(Waiter { want, wake });
         rx
     }
 
-    /// Wakes every waiter that has what it wants (all of them with
-    /// `all`), then, when no sync runs and some frame is still awaited,
-    /// the waiter of the earliest, to lead the next sync.
-    fn wake(&mut self, all: bool) {
-        let Synced {
-            durable,
-            failed_upto,
-            unsynced,
-            covered,
-            waiters,
-            syncing,
-            ..
-        } = self;
-        let mut woken = Vec::new();
-        let mut i = 0;
-        while i < waiters.len() {
-            let w = &waiters[i];
-            let done = all
-                || w.wake.is_closed()
-                || match w.want {
-                    Want::Frame(n) => n <= *durable || n <= *failed_upto,
-                    Want::Covered { instance, count } => {
-                        covered.get(&instance).is_some_and(|&c| c >= count)
-                            || unsynced
-                                .iter()
-                                .any(|&(_, i, c)| i == instance && c >= count)
-                    }
-                };
-            if done {
-                woken.push(waiters.swap_remove(i));
-            } else {
-                i += 1;
+    /// Whether `want` is met: on disk, lost, or (an instance's) gone.
+    fn has(&self, want: Want) -> bool {
+        match want {
+            Want::Frame(n) => n <= self.durable || n <= self.failed_upto,
+            Want::Covered { instance, count } => {
+                self.covered.get(&instance).is_some_and(|&c| c >= count)
             }
         }
-        for w in woken {
-            let _ = w.wake.send(());
+    }
+
+    /// Fails every waiter for a frame of `instance`: it could not be
+    /// written.
+    fn refuse(&mut self, instance: u64, error: &str) {
+        let mut i = 0;
+        while i < self.waiters.len() {
+            match self.waiters[i].want {
+                Want::Covered { instance: w, .. } if w == instance => {
+                    let _ = self
+                        .waiters
+                        .swap_remove(i)
+                        .wake
+                        .send(Err(error.to_string()));
+                }
+                _ => i += 1,
+            }
         }
-        while !*syncing
-            && let Some(lead) = waiters
+    }
+
+    /// Whether a frame written and not yet synced meets `want`.
+    fn written(&self, want: Want) -> bool {
+        match want {
+            Want::Frame(_) => true,
+            Want::Covered { instance, count } => self
+                .unsynced
                 .iter()
-                .enumerate()
-                .filter_map(|(i, w)| match w.want {
-                    Want::Frame(n) => Some((n, i)),
-                    Want::Covered { .. } => None,
-                })
-                .min()
-                .map(|(_, i)| i)
-        {
-            // One that went meanwhile cannot lead: the next can.
-            if waiters.swap_remove(lead).wake.send(()).is_ok() {
-                break;
+                .any(|&(_, i, c)| i == instance && c >= count),
+        }
+    }
+
+    /// Wakes every waiter that has what it wants; with `lost` (frames
+    /// were lost to a failed write or sync), every waiter for an
+    /// instance's frame too, with that error: what its invocation did is
+    /// not on disk.
+    fn wake(&mut self, lost: Option<&str>) {
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let w = &self.waiters[i];
+            let answer = match (lost, w.want) {
+                (Some(e), Want::Covered { .. }) => Some(Err(e.to_string())),
+                _ if w.wake.is_closed() || self.has(w.want) => Some(Ok(())),
+                _ => None,
+            };
+            match answer {
+                Some(a) => {
+                    let _ = self.waiters.swap_remove(i).wake.send(a);
+                }
+                None => i += 1,
             }
         }
     }
@@ -258,6 +275,9 @@ pub struct Journal {
     captures: Mutex<HashMap<u64, Capture>>,
     log: Mutex<Log>,
     synced: Mutex<Synced>,
+    /// Wakes an idle committer: a waiter came, or a frame a waiter wanted
+    /// was written.
+    kick: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Journal {
@@ -375,6 +395,7 @@ impl Journal {
                 jobs_in: 0,
             }),
             synced: Mutex::new(Synced::default()),
+            kick: tokio::sync::Notify::new(),
         }
     }
 
@@ -488,9 +509,11 @@ impl Journal {
                         .invocations
                         .load(std::sync::atomic::Ordering::Relaxed);
                     capture.at = Instant::now();
-                    lock(&self.synced)
-                        .unsynced
-                        .push((n, shared.id, capture.invocations));
+                    let mut s = lock(&self.synced);
+                    s.unsynced.push((n, shared.id, capture.invocations));
+                    if s.busy.remove(&shared.id) {
+                        self.kick.notify_one();
+                    }
                 }
                 let fresh_total: u64 = captures.values().map(|c| c.fresh_bytes).sum();
                 if log.bytes > MIN_ROLL_BYTES.max(2 * fresh_total) {
@@ -555,7 +578,7 @@ impl Journal {
         s.failed = Some(msg.to_string());
         s.failed_upto = s.failed_upto.max(upto);
         s.unsynced.retain(|&(n, _, _)| n > upto);
-        s.wake(true);
+        s.wake(Some(msg));
     }
 
     /// Writes one frame whose payload `body` writes; returns its number
@@ -679,7 +702,8 @@ impl Journal {
     }
 
     /// Writes the frames waiting in the buffer and syncs the file, as the
-    /// one sync under way (the caller set `syncing`); wakes every waiter.
+    /// one sync under way (the committer's); wakes every waiter it
+    /// answers. Nothing written since the last: no sync.
     fn sync_now(&self) -> Result<(), ExecError> {
         // Every frame so far goes in this sync: those waiting in the
         // buffer are written first.
@@ -693,6 +717,9 @@ impl Journal {
             log.flushed += buf.0.len() as u64;
             (log.written, log.file.clone(), buf, at)
         };
+        if buf.is_empty() && upto <= lock(&self.synced).durable {
+            return Ok(());
+        }
         // Sealed here, by the sync's leader, not by the invocations that
         // took the frames while holding their instances.
         seal_all(&mut buf, &unsealed);
@@ -729,7 +756,6 @@ impl Journal {
         };
         let mut s = lock(&self.synced);
         drop(log);
-        s.syncing = false;
         let out = match result {
             Ok(()) => {
                 s.durable = s.durable.max(upto);
@@ -745,7 +771,7 @@ impl Journal {
             }
             Err(e) => Err(ExecError::Checkpoint(format!("syncing the journal: {e}"))),
         };
-        s.wake(false);
+        s.wake(None);
         out
     }
 
@@ -859,134 +885,206 @@ impl Journal {
         Ok(())
     }
 
-    /// Whether a sync is under way: a `strict` invocation that ends now
-    /// leaves its instance's frame to the next one that ends after it
-    /// (so that frames, like syncs, are shared by a batch).
-    pub fn syncing(&self) -> bool {
-        lock(&self.synced).syncing
+    /// Whether the committer wants an exact frame of `shared` from its
+    /// holder, having found it running on another of its pool's slots: a
+    /// `strict` invocation that ends on it writes one before its instance
+    /// goes back (others leave theirs to the committer).
+    pub fn wants(&self, shared: &InstanceShared) -> bool {
+        lock(&self.synced).busy.contains(&shared.id)
     }
 
-    /// Waits, without holding a thread, until frame `n` is on disk,
-    /// syncing it (on the blocking pool) if no one else is.
+    /// Registers a waiter for `want` (a frame of an instance of `f`, if
+    /// given) and makes sure a committer runs.
+    fn wait(
+        self: &Arc<Self>,
+        mut s: std::sync::MutexGuard<'_, Synced>,
+        want: Want,
+        f: Option<&Arc<Function>>,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+        if let (Some(f), Want::Covered { instance, .. }) = (f, want) {
+            s.wanted.insert(instance, f.clone());
+        }
+        let rx = s.wait(want);
+        if !s.committing {
+            s.committing = true;
+            tokio::spawn(self.clone().commit());
+        } else {
+            self.kick.notify_one();
+        }
+        rx
+    }
+
+    /// Waits, without holding a thread, until frame `n` is on disk.
     pub async fn durable(self: &Arc<Self>, n: u64) -> Result<(), ExecError> {
         loop {
             let woken = {
-                let mut s = lock(&self.synced);
+                let s = lock(&self.synced);
                 if s.durable >= n {
                     return Ok(());
                 }
                 if n <= s.failed_upto {
                     return Err(ExecError::Checkpoint(s.failed.clone().unwrap_or_default()));
                 }
-                if s.syncing {
-                    Some(s.wait(Want::Frame(n)))
-                } else {
-                    s.syncing = true;
-                    None
-                }
+                self.wait(s, Want::Frame(n), None)
             };
-            match woken {
-                // Woken once it is on disk, or to lead the next sync. A
-                // look now and then covers a waiter woken to lead that
-                // went (its request cancelled) before it could.
-                Some(woken) => {
-                    let _ = tokio::time::timeout(RECHECK, woken).await;
-                }
-                None => {
-                    let journal = self.clone();
-                    // Its own failure is read back above.
-                    let _ = tokio::task::spawn_blocking(move || journal.sync_now())
-                        .await
-                        .map_err(ExecError::task("checkpoint sync"))?;
-                }
-            }
+            // Woken once it is on disk (or lost); a look now and then in
+            // case the committer went.
+            let _ = tokio::time::timeout(RECHECK, woken).await;
         }
     }
 
     /// Waits until a synced frame covers the first `count` invocations of
-    /// `shared` (of function `f`), whose frame the invocation that ran it
-    /// left to a later one ([`syncing`](Self::syncing)), or which has no
-    /// frame yet. Such a frame is written by the next invocation of the
-    /// instance to end while no sync runs; when none comes within a
-    /// millisecond, by this waiter, which takes the instance through one
-    /// of its pool's slots. An instance with no frame first gets a racy
-    /// one from this waiter, so that the exact frame is of what changed.
+    /// `shared` (of function `f`), whose invocation left its frame to the
+    /// committer: one frame and one sync then answer every invocation
+    /// that ended meanwhile (`ARCHITECTURE.md`, "Durable state").
     pub async fn covered(
         self: &Arc<Self>,
         f: &Arc<Function>,
         shared: &Arc<InstanceShared>,
         count: u64,
     ) -> Result<(), ExecError> {
-        if !self.has_capture(shared) {
-            // Its first frame: a racy copy of its memory while it may run,
-            // which the exact frame below completes.
-            let (journal, f, sh) = (self.clone(), f.clone(), shared.clone());
-            tokio::task::spawn_blocking(move || {
-                if journal.has_capture(&sh) {
-                    return Ok(());
-                }
-                journal.precopy(&sh, &f).map(|_| ())
-            })
-            .await
-            .map_err(ExecError::task("checkpoint"))??;
-        }
+        let want = Want::Covered {
+            instance: shared.id,
+            count,
+        };
         loop {
             let woken = {
-                let mut s = lock(&self.synced);
-                if s.covered.get(&shared.id).is_some_and(|&c| c >= count) {
+                let s = lock(&self.synced);
+                if s.has(want) {
                     return Ok(());
                 }
-                match s
-                    .unsynced
-                    .iter()
-                    .find(|&&(_, i, c)| i == shared.id && c >= count)
-                {
-                    Some(&(n, _, _)) => Err(n),
-                    None => Ok(s.wait(Want::Covered {
-                        instance: shared.id,
-                        count,
-                    })),
-                }
+                self.wait(s, want, Some(f))
             };
-            let woken = match woken {
-                Ok(woken) => woken,
-                Err(n) => {
-                    self.durable(n).await?;
-                    continue;
-                }
-            };
-            let quiet = std::time::Duration::from_millis(1);
-            if tokio::time::timeout(quiet, woken).await.is_ok() {
-                continue;
-            }
-            if !self.capture_idle(f, shared.id).await? {
-                return Ok(()); // the instance went, its state with it
+            if let Ok(Ok(Err(e))) = tokio::time::timeout(RECHECK, woken).await {
+                return Err(ExecError::Checkpoint(e));
             }
         }
     }
 
-    /// Writes a frame of the idle instance `id` of `f`, taken through one
-    /// of its pool's slots (a running one writes its own at its end).
-    /// False when the instance is gone.
-    async fn capture_idle(self: &Arc<Self>, f: &Arc<Function>, id: u64) -> Result<bool, ExecError> {
-        if !f.pool.live().iter().any(|s| s.id == id) {
-            return Ok(false);
-        }
-        let slot = f
-            .pool
-            .acquire(crate::state::Wait::Unbounded, &f.info.id, f.deadline())
-            .await?;
-        let (journal, f) = (self.clone(), f.clone());
-        tokio::task::spawn_blocking(move || {
-            if let Some(mut p) = f.pool.take_idle(&slot, id) {
-                let written = journal.capture(&mut p.inst, &f);
-                f.pool.checkin(p);
-                written?;
+    /// The committer: while anyone waits, writes an exact frame of every
+    /// instance a waiter wants (taken through one of its pool's slots, as
+    /// the checkpointer does, after a racy copy of the bulk if it has no
+    /// frame yet), then syncs, and wakes whom that answers. One frame and
+    /// one sync serve every invocation that ended meanwhile: a `strict`
+    /// function's calls cost the disk once per batch (group commit), and
+    /// its instance never waits for the disk.
+    async fn commit(self: Arc<Self>) {
+        // However it ends (a panic), a later waiter starts another.
+        struct Done<'a>(&'a Journal, bool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    lock(&self.0.synced).committing = false;
+                }
             }
-            Ok(true)
-        })
-        .await
-        .map_err(ExecError::task("checkpoint"))?
+        }
+        let mut done = Done(&self, true);
+        loop {
+            let wanted: Vec<(u64, Arc<Function>)> = {
+                let mut s = lock(&self.synced);
+                s.wake(None);
+                if s.waiters.is_empty() {
+                    // Decided under the lock: a waiter that comes next
+                    // starts another committer.
+                    s.wanted.clear();
+                    s.busy.clear();
+                    s.committing = false;
+                    done.1 = false;
+                    return;
+                }
+                let need: std::collections::HashSet<u64> = s
+                    .waiters
+                    .iter()
+                    .filter_map(|w| match w.want {
+                        Want::Covered { instance, .. } if !s.written(w.want) => Some(instance),
+                        _ => None,
+                    })
+                    .collect();
+                let Synced { wanted, busy, .. } = &mut *s;
+                wanted.retain(|id, _| need.contains(id));
+                busy.retain(|id| need.contains(id));
+                wanted
+                    .iter()
+                    .filter(|(id, _)| !busy.contains(id))
+                    .map(|(id, f)| (*id, f.clone()))
+                    .collect()
+            };
+            // By function: one slot of each takes all its idle instances.
+            let mut by_function: Vec<(Arc<Function>, Vec<u64>)> = Vec::new();
+            for (id, f) in wanted {
+                let Some(shared) = f.pool.live().into_iter().find(|s| s.id == id) else {
+                    // It went (a trap, a deadline), its state with it.
+                    lock(&self.synced).covered.insert(id, u64::MAX);
+                    continue;
+                };
+                if !self.has_capture(&shared) {
+                    // Its first frame: a racy copy of its memory while it
+                    // may run, which the exact frame below completes.
+                    let (journal, g) = (self.clone(), f.clone());
+                    let copied = tokio::task::spawn_blocking(move || journal.precopy(&shared, &g))
+                        .await
+                        .map_err(ExecError::task("checkpoint"))
+                        .and_then(|r| r);
+                    if let Err(e) = copied {
+                        tracing::warn!(tenant = %self.tenant, error = %e, "a checkpoint failed; the tenant keeps serving");
+                        lock(&self.synced).refuse(id, &e.to_string());
+                        continue;
+                    }
+                }
+                match by_function.iter_mut().find(|(g, _)| Arc::ptr_eq(g, &f)) {
+                    Some((_, ids)) => ids.push(id),
+                    None => by_function.push((f, vec![id])),
+                }
+            }
+            // A slow function's busy slots do not hold up another's.
+            let slots =
+                futures_util::future::join_all(by_function.iter().map(|(f, _)| f.pool.acquire()))
+                    .await;
+            let held: Vec<_> = by_function
+                .into_iter()
+                .zip(slots)
+                .filter_map(|((f, ids), slot)| slot.ok().map(|slot| (f, slot, ids)))
+                .collect();
+            let written = lock(&self.log).written;
+            let pending = lock(&self.synced).durable < written || !held.is_empty();
+            if !pending {
+                // Nothing to write or sync: what is wanted runs on other
+                // slots, and its holder writes it. Should that not come
+                // (its invocation failed), look again.
+                if tokio::time::timeout(RECHECK, self.kick.notified())
+                    .await
+                    .is_err()
+                {
+                    lock(&self.synced).busy.clear();
+                }
+                continue;
+            }
+            let journal = self.clone();
+            let synced = tokio::task::spawn_blocking(move || {
+                for (f, slot, ids) in held {
+                    for id in ids {
+                        let Some(mut p) = f.pool.take_idle(&slot, id) else {
+                            lock(&journal.synced).busy.insert(id);
+                            continue;
+                        };
+                        let written = journal.capture(&mut p.inst, &f);
+                        f.pool.checkin(p);
+                        if let Err(e) = written {
+                            tracing::warn!(tenant = %journal.tenant, error = %e, "a checkpoint failed; the tenant keeps serving");
+                            lock(&journal.synced).refuse(id, &e.to_string());
+                        }
+                    }
+                }
+                journal.sync_now()
+            })
+            .await;
+            if let Err(e) = synced
+                .map_err(ExecError::task("checkpoint sync"))
+                .and_then(|r| r)
+            {
+                tracing::warn!(tenant = %self.tenant, error = %e, "a checkpoint sync failed; the tenant keeps serving");
+            }
+        }
     }
 
     /// Frames written so far: [`durable`](Self::durable) of it syncs them
@@ -1582,11 +1680,7 @@ impl Registry {
                             continue;
                         }
                     }
-                    let Ok(slot) = f
-                        .pool
-                        .acquire(crate::state::Wait::Unbounded, &f.info.id, f.deadline())
-                        .await
-                    else {
+                    let Ok(slot) = f.pool.acquire().await else {
                         continue;
                     };
                     let (journal, f, id) = (journal.clone(), f.clone(), shared.id);

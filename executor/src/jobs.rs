@@ -25,7 +25,7 @@ use crate::body::{self, RequestBody};
 use crate::durable::Journal;
 use crate::error::ExecError;
 use crate::registry::{Registry, Target};
-use crate::state::{Tenant, Wait};
+use crate::state::Tenant;
 use crate::sync::random_bits;
 
 /// How often a pending job of a frozen tenant looks again: 20 ms, small
@@ -120,11 +120,7 @@ impl Registry {
                     t.jobs().finish(&job_id, Err(gone));
                     return;
                 };
-                let slot = match f
-                    .pool
-                    .acquire(Wait::Unbounded, &f.info.id, f.deadline())
-                    .await
-                {
+                let slot = match f.pool.acquire().await {
                     Ok(s) => s,
                     Err(e) => {
                         t.jobs().finish(&job_id, Err(e.to_api()));

@@ -10,9 +10,10 @@
 //! are in [`crate::state`].
 //!
 //! An invocation resolves `(tenant, function)` once into a [`Target`], is
-//! admitted by the tenant, takes a slot of the function's pool, and then
-//! makes one hop to the blocking pool that decodes the body, runs the guest
-//! and encodes the result ([`Registry::run`]). Only registration and import
+//! admitted by the tenant, and is submitted to the function's pool, which
+//! runs it on the thread of a free slot (or of the first to come free):
+//! that thread decodes the body, runs the guest and encodes the result
+//! ([`Registry::invoke`]). Only registration and import
 //! create a tenant; every read path answers for a tenant it does not know
 //! as for one with nothing in it.
 
@@ -41,7 +42,7 @@ use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Sessions};
 use crate::state::{
     AssetSource, Function, FunctionStore, Inflight, JobCaps, Pool, Registration, ResolvedConfig,
-    Slot, Tenant, Wait,
+    Slot, Tenant,
 };
 use crate::sync::{lock, now_rfc3339, random_bits, read_lock, write_lock};
 use crate::tensors::TenantUsage;
@@ -65,6 +66,74 @@ enum Strict {
     Frame(Result<u64, ExecError>),
     /// In a later frame of its instance, covering its invocation count.
     Later(Arc<crate::instance::InstanceShared>, u64),
+}
+
+/// What an invocation needs on the thread that holds its slot.
+struct Held {
+    function: Arc<Function>,
+    backend: Arc<dyn Backend>,
+    journal: Option<Arc<crate::durable::Journal>>,
+}
+
+impl Held {
+    fn new(target: &Target, journal: Option<Arc<crate::durable::Journal>>) -> Held {
+        Held {
+            function: target.function.clone(),
+            backend: target.tenant.backend.clone(),
+            journal,
+        }
+    }
+
+    /// Decodes `body` onto the tenant's backend, runs the guest on an idle
+    /// (or new) instance of the slot's pool, puts the instance back and
+    /// encodes the response with `encode`. A `strict` invocation's effects
+    /// are written while the instance is still held, so exactly; while a
+    /// sync runs, by the next invocation to end; the first of an instance,
+    /// after it is back (`Journal::covered`). Blocking.
+    fn run<T, E>(
+        self,
+        slot: &Slot,
+        body: RequestBody,
+        encode: E,
+    ) -> Result<(T, Option<Strict>), ExecError>
+    where
+        E: FnOnce(Response, &dyn Backend) -> Result<T, ExecError>,
+    {
+        let f = &self.function;
+        let strict = f.config.durability == Durability::Strict;
+        let request = body.decode(self.backend.as_ref())?;
+        let mut inst = f.pool.checkout(slot, || {
+            WarmInstance::create(&f.pre, &f.setup, true, f.deadline())
+        })?;
+        let (response, frame) = match inst.inst.invoke(request, f.deadline()) {
+            Ok(r) => {
+                let shared = inst.inst.shared().clone();
+                let count = shared.invocations.load(Ordering::Relaxed);
+                let frame = match &self.journal {
+                    Some(j) if strict && j.wants(&shared) => {
+                        Some(Strict::Frame(j.capture(&mut inst.inst, f)))
+                    }
+                    Some(_) if strict => Some(Strict::Later(shared, count)),
+                    _ => None,
+                };
+                f.pool.checkin(inst);
+                (r, frame)
+            }
+            // A trap or a deadline leaves the instance unusable: it is
+            // dropped, and its claim with it.
+            Err(e) if e.kills_instance() => {
+                if let Some(j) = &self.journal {
+                    j.gone(inst.inst.shared());
+                }
+                return Err(ExecError::Invoke(e));
+            }
+            Err(e) => {
+                f.pool.checkin(inst);
+                return Err(ExecError::Invoke(e));
+            }
+        };
+        Ok((encode(response, self.backend.as_ref())?, frame))
+    }
 }
 
 /// Every tenant of this executor.
@@ -801,7 +870,10 @@ impl Registry {
 
     /// Runs one invocation of `target` with `body`, waiting in the
     /// function's bounded queue if all its instances are busy, and encodes
-    /// the result with `encode` in the same blocking hop.
+    /// the result with `encode` on the same thread. A queued invocation
+    /// runs on the thread of the first slot to come free
+    /// ([`Pool::submit`]); one still queued at the function's deadline is
+    /// given up (`capacity_exhausted`).
     pub async fn invoke<T, E>(
         &self,
         target: &Target,
@@ -814,20 +886,43 @@ impl Registry {
     {
         let admitted = target.tenant.admit()?;
         let f = &target.function;
-        let slot = f
-            .pool
-            .acquire(Wait::Queued, &f.info.id, f.deadline())
-            .await?;
-        self.run(target, slot, admitted, body, encode).await
+        let journal = self.invocation_journal(target);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let held = Held::new(target, journal.clone());
+        let ticket = f.pool.submit(
+            &f.info.id,
+            Box::new(move |slot: &Slot| {
+                let _ = tx.send(held.run(slot, body, encode));
+            }),
+        )?;
+        let ran = match tokio::time::timeout(f.deadline(), &mut rx).await {
+            Ok(ran) => ran,
+            Err(_) if ticket.cancel() => {
+                return Err(ExecError::Capacity(format!(
+                    "no instance of function {} came free within its deadline",
+                    f.info.id
+                )));
+            }
+            // Taken meanwhile: it runs, within its own deadline.
+            Err(_) => (&mut rx).await,
+        };
+        let ran = ran.map_err(|_| ExecError::Internal("the invocation's runner went".into()));
+        let result = Self::settle(target, journal, ran.and_then(|r| r)).await;
+        drop(admitted);
+        result
+    }
+
+    /// The journal a `strict` or `periodic` invocation of `target` writes
+    /// to.
+    fn invocation_journal(&self, target: &Target) -> Option<Arc<crate::durable::Journal>> {
+        crate::durable::journaled(target.function.config.durability)
+            .then(|| self.journal(&target.tenant))
     }
 
     /// Runs an admitted invocation of `target` on the instance slot `slot`:
-    /// one blocking hop that decodes `body` onto the tenant's backend, runs
-    /// the guest on an idle (or new) instance, puts the instance back and
-    /// gives the slot up, then encodes the response with `encode`. A
-    /// `strict` function's answer then waits, off the blocking pool, until
-    /// a synced checkpoint frame holds what the call did
-    /// ([`crate::durable`]).
+    /// one blocking hop that does what [`Held::run`] does, then gives the
+    /// slot up; a `strict` answer then waits as [`settle`](Self::settle)
+    /// says.
     pub(crate) async fn run<T, E>(
         &self,
         target: &Target,
@@ -840,73 +935,34 @@ impl Registry {
         T: Send + 'static,
         E: FnOnce(Response, &dyn Backend) -> Result<T, ExecError> + Send + 'static,
     {
-        let f = target.function.clone();
-        let backend = target.tenant.backend.clone();
-        let journal =
-            crate::durable::journaled(f.config.durability).then(|| self.journal(&target.tenant));
-        let durable = journal.clone();
-        let strict = f.config.durability == Durability::Strict;
-        let result = tokio::task::spawn_blocking(move || {
-            let (response, frame) = {
-                let request = body.decode(backend.as_ref())?;
-                let mut inst = f.pool.checkout(&slot, || {
-                    WarmInstance::create(&f.pre, &f.setup, true, f.deadline())
-                })?;
-                match inst.inst.invoke(request, f.deadline()) {
-                    Ok(r) => {
-                        // A strict invocation's effects are written while
-                        // the instance is still held, so exactly; while a
-                        // sync runs, by the next invocation to end; the
-                        // first of an instance, after it is back
-                        // (`Journal::covered`).
-                        let shared = inst.inst.shared().clone();
-                        let count = shared.invocations.load(Ordering::Relaxed);
-                        let frame = match &journal {
-                            Some(j) if strict && !j.syncing() && j.has_capture(&shared) => {
-                                Some(Strict::Frame(j.capture(&mut inst.inst, &f)))
-                            }
-                            Some(_) if strict => Some(Strict::Later(shared, count)),
-                            _ => None,
-                        };
-                        f.pool.checkin(inst);
-                        (r, frame)
-                    }
-                    // A trap or a deadline leaves the instance unusable: it
-                    // is dropped, and its claim with it.
-                    Err(e) if e.kills_instance() => {
-                        if let Some(j) = &journal {
-                            j.gone(inst.inst.shared());
-                        }
-                        return Err(ExecError::Invoke(e));
-                    }
-                    Err(e) => {
-                        f.pool.checkin(inst);
-                        return Err(ExecError::Invoke(e));
-                    }
-                }
-            };
-            drop(slot);
-            Ok((encode(response, backend.as_ref())?, frame))
-        })
-        .await
-        .map_err(ExecError::task("invocation"));
-        let result = match result {
-            Ok(Ok((out, frame))) => {
-                // Answered only once on disk, with the frames written
-                // meanwhile: one sync for the lot.
-                match (&durable, frame) {
-                    (Some(j), Some(Strict::Frame(n))) => j.durable(n?).await?,
-                    (Some(j), Some(Strict::Later(shared, count))) => {
-                        j.covered(&target.function, &shared, count).await?
-                    }
-                    _ => {}
-                }
-                Ok(out)
-            }
-            Ok(Err(e)) | Err(e) => Err(e),
-        };
+        let journal = self.invocation_journal(target);
+        let held = Held::new(target, journal.clone());
+        let ran = tokio::task::spawn_blocking(move || held.run(&slot, body, encode))
+            .await
+            .map_err(ExecError::task("invocation"))
+            .and_then(|r| r);
+        let result = Self::settle(target, journal, ran).await;
         drop(admitted);
         result
+    }
+
+    /// A `strict` function's answer waits, off the blocking pool, until a
+    /// synced checkpoint frame holds what the call did
+    /// ([`crate::durable`]); one sync answers every call it covers.
+    async fn settle<T>(
+        target: &Target,
+        journal: Option<Arc<crate::durable::Journal>>,
+        ran: Result<(T, Option<Strict>), ExecError>,
+    ) -> Result<T, ExecError> {
+        let (out, frame) = ran?;
+        match (&journal, frame) {
+            (Some(j), Some(Strict::Frame(n))) => j.durable(n?).await?,
+            (Some(j), Some(Strict::Later(shared, count))) => {
+                j.covered(&target.function, &shared, count).await?
+            }
+            _ => {}
+        }
+        Ok(out)
     }
 
     /// Registers every function persisted under the state directory.

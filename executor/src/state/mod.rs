@@ -54,6 +54,6 @@ pub use function::{
     AssetSource, Function, MAX_CHECKPOINT, MIN_CHECKPOINT, Registration, ResolvedConfig,
 };
 pub use jobs::{JobCaps, JobRecord, JobTable};
-pub use pool::{InstanceClaim, InstanceCount, Pool, PooledInstance, Slot, Wait};
+pub use pool::{InstanceClaim, InstanceCount, Pool, PooledInstance, QueuedRun, Slot, Ticket};
 pub use store::{FunctionStore, PersistedFunction};
 pub use tenant::{Inflight, Tenant};
