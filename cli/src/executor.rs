@@ -103,6 +103,14 @@ pub struct Args {
     /// Async jobs a tenant may have waiting or running.
     #[arg(long, env = env::TENANT_PENDING_JOBS, default_value_t = 256)]
     tenant_pending_jobs: usize,
+    /// Async jobs a tenant may run at once (of `--job-concurrency`).
+    #[arg(long, env = env::TENANT_RUNNING_JOBS, default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    tenant_running_jobs: u32,
+    /// Async jobs the executor runs at once, all tenants together.
+    #[arg(long, env = env::JOB_CONCURRENCY, default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    job_concurrency: u32,
     /// Bytes of request bodies a tenant's waiting jobs may hold.
     #[arg(
         long,
@@ -158,6 +166,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         default_memory_limit: args.default_memory_limit_bytes,
         max_module_bytes: args.max_module_bytes,
         total_instances: args.total_instances,
+        job_concurrency: args.job_concurrency as usize,
         job_retention: Duration::from_secs(args.job_retention_secs),
         default_checkpoint: Duration::from_millis(args.checkpoint_ms),
         module_cache_bytes: args.module_cache_bytes,
@@ -175,6 +184,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         max_asset_bytes: args.max_asset_bytes,
         host_memory_bytes: args.tenant_host_memory_bytes,
         pending_jobs: args.tenant_pending_jobs,
+        running_jobs: args.tenant_running_jobs as usize,
         pending_job_bytes: args.tenant_pending_job_bytes,
         finished_job_bytes: args.tenant_finished_job_bytes,
     };

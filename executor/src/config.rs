@@ -119,6 +119,9 @@ pub struct TenantQuotas {
     pub max_asset_bytes: Option<u64>,
     /// Async jobs waiting or running; 256.
     pub pending_jobs: usize,
+    /// Async jobs running at once; 4, a quarter of the executor's default
+    /// 16 job slots: one tenant's slow jobs leave the rest to others.
+    pub running_jobs: usize,
     /// Request bodies the waiting jobs may hold, in bytes; 1 GiB (16 bodies
     /// of the largest size).
     pub pending_job_bytes: u64,
@@ -146,6 +149,7 @@ impl Default for TenantQuotas {
             max_asset_bytes: None,
             host_memory_bytes: 4 << 30,
             pending_jobs: 256,
+            running_jobs: 4,
             pending_job_bytes: 1 << 30,
             finished_job_bytes: 256 << 20,
         }

@@ -173,20 +173,27 @@ fn call(
     f: impl FnOnce(&mut HostState, &mut [u8]) -> AbiResult,
 ) -> wasmtime::Result<i32> {
     let now = Instant::now();
-    if caller.data().deadline.is_some_and(|d| now >= d) {
+    let deadline = caller.data().deadline;
+    if deadline.is_some_and(|d| now >= d) {
         return Err(wasmtime::Error::new(DeadlineExceeded));
     }
     caller.data_mut().call_started = now;
-    let result = match caller.data().memory {
+    // Long CPU ops stop between chunks once the deadline passes.
+    let result = tensor_wasm_kernels::deadline::scope(deadline, || match caller.data().memory {
         Some(memory) => {
             let (mem, st) = memory.data_and_store_mut(&mut *caller);
             f(st, mem)
         }
         // Before `memory` is known (a start function), no pointer is valid.
         None => f(caller.data_mut(), &mut []),
-    };
+    });
     Ok(match result {
         Ok(v) => v,
+        // Cut short by the deadline (or failed past it): the invocation
+        // ends as at any import called after its deadline.
+        Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+            return Err(wasmtime::Error::new(DeadlineExceeded));
+        }
         Err(e) => {
             let st = caller.data_mut();
             st.last_error = truncate(e.message, st.max_error_message);

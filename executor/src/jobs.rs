@@ -4,6 +4,10 @@
 //! runs in the background: it waits for an instance of its function, without
 //! the queue cap of synchronous requests (the pending-job quota bounds it
 //! instead), then for one of the executor's job slots (`job_concurrency`).
+//! A tenant runs at most `running_jobs` at once (its quota, a quarter of
+//! the executor's slots by default): the rest of its jobs wait without
+//! holding an instance or a job slot, so that one tenant's slow jobs
+//! leave slots to the others (`SECURITY.md`).
 //! While its tenant is frozen for a migration a pending job waits; if the
 //! tenant leaves this executor, the job travels in the snapshot and
 //! runs where the tenant lands. Finished jobs are kept for `job_retention`,
@@ -108,6 +112,10 @@ impl Registry {
     pub(crate) fn spawn_job(self: &Arc<Self>, t: Arc<Tenant>, job_id: JobId) {
         let registry = self.clone();
         tokio::spawn(async move {
+            // First the tenant's own cap, held for the run.
+            let Ok(permit) = t.job_permits.clone().acquire_owned().await else {
+                return;
+            };
             let (f, slot, job_slot, admitted) = loop {
                 if t.is_removed() {
                     return; // the tenant left, its pending jobs with it
@@ -167,7 +175,7 @@ impl Registry {
                     body::to_invoke_response(resp, backend)
                 })
                 .await;
-            drop(job_slot);
+            drop((job_slot, permit));
             // Its result is on disk before anyone can read it.
             let Some(info) = t
                 .jobs()

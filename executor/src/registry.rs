@@ -254,6 +254,7 @@ impl Registry {
             JobCaps {
                 count: self.limits.max_finished_jobs,
                 bytes: self.quotas.finished_job_bytes,
+                running: self.quotas.running_jobs,
             },
         )))
     }

@@ -58,6 +58,11 @@ pub enum KernelError {
     #[error("device error: {0}")]
     Device(String),
 
+    /// The invocation's deadline passed while the op ran
+    /// ([`crate::deadline`]): it stopped between chunks of its work.
+    #[error("{op}: the invocation's deadline passed")]
+    DeadlineExceeded { op: &'static str },
+
     /// The backend cannot run here (no driver, no device, library missing).
     #[error("backend unavailable: {0}")]
     Unavailable(String),
@@ -76,7 +81,8 @@ impl KernelError {
             }
             KernelError::TooLarge { .. }
             | KernelError::WorkCapExceeded { .. }
-            | KernelError::OutOfMemory { .. } => AbiError::QuotaExceeded,
+            | KernelError::OutOfMemory { .. }
+            | KernelError::DeadlineExceeded { .. } => AbiError::QuotaExceeded,
             KernelError::Device(_) | KernelError::Unavailable(_) => AbiError::DeviceError,
         }
     }

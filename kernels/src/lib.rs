@@ -21,6 +21,7 @@ pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod deadline;
 pub mod discovery;
 pub mod error;
 pub mod ops;

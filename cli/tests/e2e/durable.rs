@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use tensor_wasm_executor::durable::check_frames;
 
 use crate::harness::{
-    COUNTER, ExecutorProcess, ProxyOptions, RawError, TestFleet, multipart, parse_counter,
-    raw_request, register_on,
+    COUNTER, ExecutorProcess, ProxyOptions, RawError, SPINNER, TestFleet, job_of, multipart,
+    parse_counter, raw_request, register_on, submit_job, wait_job_of,
 };
 
 /// Registers the counter for `tenant` with `config`; its id.
@@ -307,38 +307,14 @@ fn a_full_disk_keeps_the_tenant_serving_and_its_last_good_checkpoint() {
     assert_eq!(count(&ex, "acme", &id), 7);
 }
 
-/// Spins until its deadline when its body's first byte is 1, else answers
-/// at once.
-const SPINNER: &str = r#"(module
-  (import "tensor" "input_read" (func $input_read (param i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (func (export "handle") (result i32)
-    (drop (call $input_read (i32.const 0) (i32.const 0) (i32.const 1)))
-    (if (i32.eq (i32.load8_u (i32.const 0)) (i32.const 1))
-      (then (loop $spin (br $spin))))
-    (i32.const 0)))"#;
-
 /// Job `id` of tenant `acme` as its executor reports it.
 fn job(ex: &ExecutorProcess, id: &str) -> serde_json::Value {
-    let (status, body) = ex.request("GET", &format!("/jobs/{id}"), Some("acme"), "", b"");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    serde_json::from_slice(&body).unwrap()
+    job_of(ex, "acme", id)
 }
 
-/// Waits until job `id` has `status`.
+/// Waits until job `id` of tenant `acme` has `status`.
 fn wait_job(ex: &ExecutorProcess, id: &str, status: &str) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let j = job(ex, id);
-        if j["status"] == status {
-            return j;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "job {id} stays {j}, not {status}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_job_of(ex, "acme", id, status)
 }
 
 /// Async jobs across a SIGKILL: accepted ones are on disk before their
@@ -356,20 +332,7 @@ fn jobs_accepted_before_a_sigkill_finish_or_fail_as_documented() {
         &wat::parse_str(SPINNER).unwrap(),
         r#"{"deadline_ms": 120000}"#,
     );
-    let submit = |ex: &ExecutorProcess, first: u8| -> String {
-        let (status, body) = ex.request(
-            "POST",
-            &format!("/functions/{id}/invoke-async"),
-            Some("acme"),
-            "application/octet-stream",
-            &[first],
-        );
-        assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
-        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["job_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let submit = |ex: &ExecutorProcess, first: u8| submit_job(ex, "acme", &id, first);
     let finished = submit(&ex, 0);
     let done = wait_job(&ex, &finished, "succeeded");
     let running = submit(&ex, 1);

@@ -737,6 +737,62 @@ pub fn register_on(
     created_id(status, &body)
 }
 
+/// Spins until its deadline when its body's first byte is 1, else answers
+/// at once.
+pub const SPINNER: &str = r#"(module
+  (import "tensor" "input_read" (func $input_read (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "handle") (result i32)
+    (drop (call $input_read (i32.const 0) (i32.const 0) (i32.const 1)))
+    (if (i32.eq (i32.load8_u (i32.const 0)) (i32.const 1))
+      (then (loop $spin (br $spin))))
+    (i32.const 0)))"#;
+
+/// Submits a job of function `id` of `tenant` on `ex` whose body is the
+/// one byte `first`; its job id.
+pub fn submit_job(ex: &ExecutorProcess, tenant: &str, id: &str, first: u8) -> String {
+    let (status, body) = ex.request(
+        "POST",
+        &format!("/functions/{id}/invoke-async"),
+        Some(tenant),
+        "application/octet-stream",
+        &[first],
+    );
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Job `id` of `tenant` as its executor reports it.
+pub fn job_of(ex: &ExecutorProcess, tenant: &str, id: &str) -> serde_json::Value {
+    let (status, body) = ex.request("GET", &format!("/jobs/{id}"), Some(tenant), "", b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Waits until job `id` of `tenant` has `status`.
+pub fn wait_job_of(
+    ex: &ExecutorProcess,
+    tenant: &str,
+    id: &str,
+    status: &str,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let j = job_of(ex, tenant, id);
+        if j["status"] == status {
+            return j;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "job {id} stays {j}, not {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The counter's answer: (calls so far, tensor values).
 pub fn parse_counter(body: &[u8]) -> (u32, Vec<f32>) {
     let n = u32::from_le_bytes(body[..4].try_into().unwrap());

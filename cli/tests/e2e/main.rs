@@ -7,6 +7,7 @@ mod client;
 mod durable;
 mod executor;
 mod harness;
+mod isolation;
 mod operations;
 mod proxy;
 mod routes;

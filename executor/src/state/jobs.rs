@@ -49,8 +49,12 @@ impl JobRecord {
 /// most `bytes` together (the newest always stays).
 #[derive(Clone, Copy, Debug)]
 pub struct JobCaps {
+    /// Finished jobs kept.
     pub count: usize,
+    /// Bytes of finished jobs' results kept.
     pub bytes: u64,
+    /// Jobs running at once (`TenantQuotas::running_jobs`).
+    pub running: usize,
 }
 
 /// A tenant's jobs.
@@ -308,7 +312,7 @@ impl JobTable {
     /// always stays, so a client polling for the job that just finished
     /// finds it.
     fn trim(&mut self) {
-        let JobCaps { count, bytes } = self.caps;
+        let JobCaps { count, bytes, .. } = self.caps;
         let (mut left, mut held) = (0usize, 0u64);
         for j in self.records.values().filter(|j| j.finished.is_some()) {
             left += 1;
@@ -375,7 +379,11 @@ mod tests {
     }
 
     fn table(count: usize, bytes: u64) -> JobTable {
-        JobTable::new(JobCaps { count, bytes })
+        JobTable::new(JobCaps {
+            count,
+            bytes,
+            running: 1,
+        })
     }
 
     /// Submits, starts and finishes `id` with a result of `len` elements.

@@ -49,6 +49,8 @@ pub struct Tenant {
     pub(crate) registering: Mutex<()>,
     /// Its checkpoints (`crate::durable`), once it has any.
     pub(crate) journal: std::sync::OnceLock<Arc<crate::durable::Journal>>,
+    /// Its jobs that may run at once: a job holds one for its run.
+    pub(crate) job_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// One admitted unit of work (an invocation or a running job); the tenant
@@ -95,6 +97,7 @@ impl Tenant {
             admission: Mutex::new(Admission::default()),
             drained: tokio::sync::Notify::new(),
             removed: AtomicBool::new(false),
+            job_permits: Arc::new(tokio::sync::Semaphore::new(job_caps.running.max(1))),
             jobs: Mutex::new(JobTable::new(job_caps)),
             assets: Mutex::new(HashMap::new()),
             registering: Mutex::new(()),

@@ -357,6 +357,47 @@ fn tensor_op_loops_stop_at_the_deadline() {
     );
 }
 
+/// A single long op (a 4096³ matmul, seconds of the executor's cores)
+/// stops between chunks once the deadline passes: the invocation is
+/// answered `deadline_exceeded`, and its function serves the next call.
+#[test]
+fn a_long_matmul_stops_at_the_deadline() {
+    let ex = TestExecutor::start();
+    let wasm = wat::parse_str(guest(
+        r#"(memory (export "memory") 1)
+        (data (i32.const 0) "\00\10\00\00\00\10\00\00")
+        (func (export "handle") (result i32)
+          (local $t i32)
+          (if (i32.eqz (call $input_len)) (then (return (i32.const 0))))
+          (local.set $t (call $must (call $zeros (i32.const 0) (i32.const 0) (i32.const 2))))
+          (drop (call $must (call $matmul (local.get $t) (local.get $t))))
+          (i32.const 0))"#,
+    ))
+    .unwrap();
+    let mut multipart = Vec::new();
+    multipart.extend_from_slice(b"--XX\r\nContent-Disposition: form-data; name=\"module\"\r\n\r\n");
+    multipart.extend_from_slice(&wasm);
+    multipart.extend_from_slice(b"\r\n--XX\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n{\"deadline_ms\": 100}\r\n--XX--\r\n");
+    let r = ex.post(
+        "t1",
+        "/functions?name=long",
+        "multipart/form-data; boundary=XX",
+        &multipart,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let path = format!("/functions/{id}/invoke");
+    let r = ex.post("t1", &path, "text/plain", b"go");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (504, "deadline_exceeded"),
+        "{}",
+        r.text()
+    );
+    let r = ex.post("t1", &path, "text/plain", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 #[test]
 fn function_errors_carry_the_guest_message() {
     let ex = TestExecutor::start();

@@ -7,6 +7,7 @@ use tensor_wasm_shared::DType;
 
 use super::element::Element;
 use super::elementwise::map;
+use crate::deadline;
 use crate::error::{KernelError, Result};
 use crate::shape::{AttentionPlan, MatmulPlan};
 use crate::sys::blas::{MAX_DIM, sgemm};
@@ -35,18 +36,26 @@ pub(crate) fn matmul<T: Element>(a: &[T], b: &[T], p: &MatmulPlan) -> Result<Vec
     let (mk, kn, mn) = (p.m * p.k, p.k * p.n, p.m * p.n);
     let mut out = vec![0f32; p.batch() * mn];
     if mn > 0 {
+        // In chunks of rows of `a` (and of the output), the deadline
+        // looked at before each.
+        let rows = deadline::rows_per_chunk(p.m, p.n.saturating_mul(p.k));
         for (i, c) in out.chunks_mut(mn).enumerate() {
             let (ao, bo) = (p.a_offsets.at(i), p.b_offsets.at(i));
-            sgemm(
-                p.m,
-                p.n,
-                p.k,
-                1.0,
-                &a32[ao..ao + mk],
-                &b32[bo..bo + kn],
-                false,
-                c,
-            );
+            let (a, b) = (&a32[ao..ao + mk], &b32[bo..bo + kn]);
+            for r0 in (0..p.m).step_by(rows) {
+                deadline::check("matmul")?;
+                let r1 = (r0 + rows).min(p.m);
+                sgemm(
+                    r1 - r0,
+                    p.n,
+                    p.k,
+                    1.0,
+                    &a[r0 * p.k..r1 * p.k],
+                    b,
+                    false,
+                    &mut c[r0 * p.n..r1 * p.n],
+                );
+            }
         }
     }
     Ok(narrow(out))
@@ -73,12 +82,18 @@ pub(crate) fn attention<T: Element>(
     let (q32, k32, v32) = (widen(q), widen(k), widen(v));
     // d = 0 has no scale to speak of; 1 keeps the scores finite (all 0).
     let scale = 1.0 / (d.max(1) as f32).sqrt();
-    let rows = (SCORES_BUDGET_BYTES / (lk.max(1) * 4)).clamp(1, lq);
+    let rows = (SCORES_BUDGET_BYTES / (lk.max(1) * 4))
+        .min(deadline::rows_per_chunk(
+            lq,
+            lk.saturating_mul(d.saturating_add(dv)),
+        ))
+        .clamp(1, lq);
     let mut scores = vec![0f32; rows * lk];
     for b in 0..p.batch() {
         let (qo, ko, vo) = (p.q_offsets.at(b), p.k_offsets.at(b), p.v_offsets.at(b));
         let o = &mut out[b * lq * dv..(b + 1) * lq * dv];
         for r0 in (0..lq).step_by(rows) {
+            deadline::check("attention")?;
             let r1 = (r0 + rows).min(lq);
             let s = &mut scores[..(r1 - r0) * lk];
             sgemm(

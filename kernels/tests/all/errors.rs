@@ -1039,3 +1039,35 @@ fn concat_of_empty_blocks_under_a_huge_outer_dim_returns() {
     let r = b.concat(&x, &x, 1);
     assert!(r.is_err() || r.unwrap().dims() == [1 << 63, 0]);
 }
+
+// ----------------------------------------------------------------------------
+// The invocation's deadline
+// ----------------------------------------------------------------------------
+
+#[test]
+fn long_matmul_and_attention_stop_once_the_deadline_passes() {
+    use std::time::{Duration, Instant};
+    use tensor_wasm_kernels::{KernelError, deadline};
+    let b = backend();
+    // 4096³ is about 7·10^10 multiply-adds: seconds on a core, far past a
+    // deadline a millisecond away, and 128 chunks to stop between.
+    let n = 4096;
+    let x = b.zeros(DType::F32, &[n, n]).unwrap();
+    let soon = || Some(Instant::now() + Duration::from_millis(1));
+    let cut = deadline::scope(soon(), || b.matmul(&x, &x));
+    assert!(
+        matches!(cut, Err(KernelError::DeadlineExceeded { op: "matmul" })),
+        "{cut:?}"
+    );
+    let q = b.zeros(DType::F32, &[1, n, n]).unwrap();
+    let cut = deadline::scope(soon(), || b.attention(&q, &q, &q, false));
+    assert!(
+        matches!(cut, Err(KernelError::DeadlineExceeded { op: "attention" })),
+        "{cut:?}"
+    );
+    // With time to spare (or none set), the same ops finish.
+    let small = b.zeros(DType::F32, &[64, 64]).unwrap();
+    let later = Some(Instant::now() + Duration::from_secs(3600));
+    assert!(deadline::scope(later, || b.matmul(&small, &small)).is_ok());
+    assert!(b.matmul(&small, &small).is_ok());
+}
