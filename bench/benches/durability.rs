@@ -28,21 +28,23 @@
 // A report for a person: its table is what it prints.
 #![allow(clippy::print_stdout)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
 use tensor_wasm_executor::body::RequestBody;
 use tensor_wasm_executor::config::{EngineLimits, TenantQuotas};
 use tensor_wasm_executor::engine::Runtime;
 use tensor_wasm_executor::metrics::Metrics;
 use tensor_wasm_executor::registry::{BackendFactory, Registry, Target};
-use tensor_wasm_executor::server::{DeviceChoice, Executor, ExecutorConfig};
 use tensor_wasm_executor::state::Registration;
 use tensor_wasm_kernels::{Backend, CpuBackend};
 use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::{Durability, FunctionConfig};
+
+use common::{HttpCaller, Served, ms, pct};
 
 /// Writes `BYTES` of its memory per call, at a place that moves, and
 /// counts its calls in a global.
@@ -68,9 +70,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// The internal token of the executor the `http` rows call.
-const TOKEN: &str = "durability-bench-internal-token-0123456789";
-
 fn limits() -> EngineLimits {
     EngineLimits {
         total_instances: 64,
@@ -91,14 +90,6 @@ fn registry(dir: &Path) -> Arc<Registry> {
         TenantQuotas::default(),
         metrics,
     ))
-}
-
-/// p-th percentile of sorted `v`.
-fn pct(v: &[Duration], p: f64) -> Duration {
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 /// The disk's own `fdatasync` p50: 4 KiB appended, then synced.
@@ -160,25 +151,10 @@ impl Via {
 /// One client's way to the function.
 enum Caller {
     Engine(Arc<Registry>, Target),
-    Http {
-        send: hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>,
-        path: String,
-        tenant: String,
-    },
+    Http(HttpCaller, String),
 }
 
 impl Caller {
-    async fn http(addr: std::net::SocketAddr, path: String, tenant: String) -> Caller {
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        Caller::Http { send, path, tenant }
-    }
-
     /// One call, answered 200.
     async fn call(&mut self) {
         match self {
@@ -187,58 +163,12 @@ impl Caller {
                     .await
                     .unwrap();
             }
-            Caller::Http { send, path, tenant } => {
-                let request = hyper::Request::post(path.as_str())
-                    .header("host", "executor")
-                    .header("authorization", format!("Bearer {TOKEN}"))
-                    .header("x-tensor-wasm-tenant", tenant.as_str())
-                    .header("content-type", "application/octet-stream")
-                    .body(Full::new(bytes::Bytes::new()))
-                    .unwrap();
-                let response = send.send_request(request).await.unwrap();
-                let status = response.status();
-                let body = response.into_body().collect().await.unwrap().to_bytes();
+            Caller::Http(caller, path) => {
+                let (status, body) = caller.post(path, bytes::Bytes::new()).await;
                 assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
             }
         }
     }
-}
-
-/// An executor serving on loopback from `dir`, as `tensor-wasm
-/// executor` runs it (its checkpointer included), and what stops it.
-fn serve(
-    tokio: &tokio::runtime::Runtime,
-    dir: &Path,
-) -> (
-    Arc<Registry>,
-    std::net::SocketAddr,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let cfg = ExecutorConfig {
-        id: "bench".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir: dir.to_path_buf(),
-        internal_token: TOKEN.into(),
-        device: DeviceChoice::Cpu,
-        limits: limits(),
-        quotas: TenantQuotas::default(),
-        snapshot_key: None,
-        page_tracking: Default::default(),
-        module_cache_dir: None,
-    };
-    let executor = tokio.block_on(Executor::start(cfg, "")).unwrap();
-    let addr = executor.local_addr().unwrap();
-    let registry = executor.app.registry.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio.spawn(async move {
-        let _ = executor
-            .serve(async move {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    (registry, addr, stop, served)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -251,9 +181,10 @@ fn run(
     seconds: f64,
     via: Via,
 ) -> Row {
-    let server = (via == Via::Http).then(|| serve(tokio, dir));
+    let server =
+        (via == Via::Http).then(|| Served::start(tokio, dir, limits(), TenantQuotas::default()));
     let reg = match &server {
-        Some((reg, ..)) => reg.clone(),
+        Some(s) => s.registry.clone(),
         None => registry(dir),
     };
     let tenant = TenantId::new(format!("w{bytes}-{}", durability.as_str())).unwrap();
@@ -273,7 +204,7 @@ fn run(
         )
         .unwrap();
     let target = reg.resolve(&tenant, &info.id).unwrap();
-    let addr = server.as_ref().map(|(_, addr, ..)| *addr);
+    let addr = server.as_ref().map(|s| s.addr);
     let row = tokio.block_on(async {
         // The server runs its own checkpointer; the engine rows, one as
         // it runs it.
@@ -290,14 +221,10 @@ fn run(
         let mut callers = Vec::new();
         for _ in 0..clients {
             callers.push(match addr {
-                Some(addr) => {
-                    Caller::http(
-                        addr,
-                        format!("/functions/{}/invoke", info.id),
-                        tenant.to_string(),
-                    )
-                    .await
-                }
+                Some(addr) => Caller::Http(
+                    HttpCaller::connect(addr, tenant.as_str()).await,
+                    format!("/functions/{}/invoke", info.id),
+                ),
                 None => Caller::Engine(reg.clone(), target.clone()),
             });
         }
@@ -335,15 +262,10 @@ fn run(
             journal_per_sec: bytes_written().saturating_sub(before) as f64 / elapsed,
         }
     });
-    if let Some((_, _, stop, served)) = server {
-        let _ = stop.send(());
-        let _ = tokio.block_on(served);
+    if let Some(server) = server {
+        server.stop(tokio);
     }
     row
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
 fn main() {
