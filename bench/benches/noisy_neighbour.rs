@@ -20,6 +20,10 @@
 //! - `slow-bodies`: 200 connections each sending a 1 MiB body a byte every
 //!   100 ms.
 //!
+//! The executor runs as `tensor-wasm executor` does: each tenant runs at
+//! most as many invocations at once as the machine has cores
+//! (`--tenant-running-invocations`); RUNNING sets another quota.
+//!
 //! The target (`SECURITY.md`): B's p99 within 3× of its `alone` figure
 //! under every abuse on a CPU executor.
 
@@ -289,7 +293,13 @@ fn main() {
         total_instances: 64,
         ..EngineLimits::default()
     };
-    let served = Served::start(&tokio, dir.path(), limits, TenantQuotas::default());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let running = env_or("RUNNING", cores);
+    let quotas = TenantQuotas {
+        running_invocations: running,
+        ..TenantQuotas::default()
+    };
+    let served = Served::start(&tokio, dir.path(), limits, quotas);
     let spin = FunctionConfig {
         deadline_ms: Some(500),
         max_instances: Some(16),
@@ -316,8 +326,7 @@ fn main() {
         spinner: register(&served, "a", "spinner", SPINNER, spin),
     };
     println!(
-        "noisy neighbour: tenant B, {clients} clients, {seconds} s per row; {} cores",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        "noisy neighbour: tenant B, {clients} clients, {seconds} s per row; {cores} cores; {running} running invocations per tenant"
     );
     println!(
         "{:<12} {:>9} {:>9} {:>9} {:>10}",

@@ -107,6 +107,12 @@ pub struct Args {
     #[arg(long, env = env::TENANT_RUNNING_JOBS, default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..))]
     tenant_running_jobs: u32,
+    /// Invocations and jobs a tenant may run at once, across its functions
+    /// [default: the machine's cores]: one tenant's busy instances cannot
+    /// take more than the cores, leaving others their share.
+    #[arg(long, env = env::TENANT_RUNNING_INVOCATIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    tenant_running_invocations: Option<u32>,
     /// Async jobs the executor runs at once, all tenants together.
     #[arg(long, env = env::JOB_CONCURRENCY, default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -185,6 +191,10 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         host_memory_bytes: args.tenant_host_memory_bytes,
         pending_jobs: args.tenant_pending_jobs,
         running_jobs: args.tenant_running_jobs as usize,
+        running_invocations: args.tenant_running_invocations.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |n| n as usize,
+        ),
         pending_job_bytes: args.tenant_pending_job_bytes,
         finished_job_bytes: args.tenant_finished_job_bytes,
     };

@@ -122,6 +122,10 @@ pub struct TenantQuotas {
     /// Async jobs running at once; 4, a quarter of the executor's default
     /// 16 job slots: one tenant's slow jobs leave the rest to others.
     pub running_jobs: usize,
+    /// Invocations and jobs running guest code at once, across the
+    /// tenant's functions; 16 (`tensor-wasm executor` sets it to the
+    /// machine's cores). Others wait, at most their function's deadline.
+    pub running_invocations: usize,
     /// Request bodies the waiting jobs may hold, in bytes; 1 GiB (16 bodies
     /// of the largest size).
     pub pending_job_bytes: u64,
@@ -150,6 +154,7 @@ impl Default for TenantQuotas {
             host_memory_bytes: 4 << 30,
             pending_jobs: 256,
             running_jobs: 4,
+            running_invocations: 16,
             pending_job_bytes: 1 << 30,
             finished_job_bytes: 256 << 20,
         }

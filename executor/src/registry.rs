@@ -70,6 +70,7 @@ enum Strict {
 
 /// What an invocation needs on the thread that holds its slot.
 struct Held {
+    tenant: Arc<Tenant>,
     function: Arc<Function>,
     backend: Arc<dyn Backend>,
     journal: Option<Arc<crate::durable::Journal>>,
@@ -78,6 +79,7 @@ struct Held {
 impl Held {
     fn new(target: &Target, journal: Option<Arc<crate::durable::Journal>>) -> Held {
         Held {
+            tenant: target.tenant.clone(),
             function: target.function.clone(),
             backend: target.tenant.backend.clone(),
             journal,
@@ -86,10 +88,12 @@ impl Held {
 
     /// Decodes `body` onto the tenant's backend, runs the guest on an idle
     /// (or new) instance of the slot's pool, puts the instance back and
-    /// encodes the response with `encode`. A `strict` invocation's effects
-    /// are written while the instance is still held, so exactly; while a
-    /// sync runs, by the next invocation to end; the first of an instance,
-    /// after it is back (`Journal::covered`). Blocking.
+    /// encodes the response with `encode`. A `strict` invocation leaves its
+    /// frame to the journal's committer (`Journal::covered`), unless the
+    /// committer asked the instance's holder for one (`Journal::wants`).
+    /// The guest runs only once the tenant has a place among its running
+    /// invocations (`Tenant::running`), waited for at most the function's
+    /// deadline. Blocking.
     fn run<T, E>(
         self,
         slot: &Slot,
@@ -101,6 +105,12 @@ impl Held {
     {
         let f = &self.function;
         let strict = f.config.durability == Durability::Strict;
+        let _running = self.tenant.running.enter(f.deadline()).ok_or_else(|| {
+            ExecError::Capacity(format!(
+                "tenant {} runs as many invocations as its quota allows, and none ended within function {}'s deadline",
+                self.tenant.id, f.info.id
+            ))
+        })?;
         let request = body.decode(self.backend.as_ref())?;
         let mut inst = f.pool.checkout(slot, || {
             WarmInstance::create(&f.pre, &f.setup, true, f.deadline())
@@ -256,6 +266,7 @@ impl Registry {
                 bytes: self.quotas.finished_job_bytes,
                 running: self.quotas.running_jobs,
             },
+            self.quotas.running_invocations,
         )))
     }
 

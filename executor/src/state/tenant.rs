@@ -51,6 +51,10 @@ pub struct Tenant {
     pub(crate) journal: std::sync::OnceLock<Arc<crate::durable::Journal>>,
     /// Its jobs that may run at once: a job holds one for its run.
     pub(crate) job_permits: Arc<tokio::sync::Semaphore>,
+    /// Its invocations and jobs running guest code at once, across its
+    /// functions (`TenantQuotas::running_invocations`): one tenant's
+    /// busy instances leave the executor's cores to the others.
+    pub(crate) running: crate::sync::Gate,
 }
 
 /// One admitted unit of work (an invocation or a running job); the tenant
@@ -86,6 +90,7 @@ impl Tenant {
         usage: TenantUsage,
         host: Arc<HostUsage>,
         job_caps: JobCaps,
+        running: usize,
     ) -> Tenant {
         Tenant {
             id,
@@ -98,6 +103,7 @@ impl Tenant {
             drained: tokio::sync::Notify::new(),
             removed: AtomicBool::new(false),
             job_permits: Arc::new(tokio::sync::Semaphore::new(job_caps.running.max(1))),
+            running: crate::sync::Gate::new(running),
             jobs: Mutex::new(JobTable::new(job_caps)),
             assets: Mutex::new(HashMap::new()),
             registering: Mutex::new(()),

@@ -138,3 +138,64 @@ fn info_and_metrics_describe_the_executor() {
         "{metrics}"
     );
 }
+
+/// A tenant runs at most its quota of invocations at once, across its
+/// functions: past it, its calls wait (no instance is made for them),
+/// while another tenant's call runs.
+#[test]
+fn a_tenants_running_invocations_stay_within_its_quota() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = tensor_wasm_executor::config::EngineLimits {
+        default_deadline: std::time::Duration::from_millis(1500),
+        default_max_instances: 2,
+        ..crate::harness::small_limits()
+    };
+    let quotas = tensor_wasm_executor::config::TenantQuotas {
+        running_invocations: 1,
+        ..Default::default()
+    };
+    let ex = Arc::new(TestExecutor::start_in(dir.path(), limits, quotas));
+    let spinner = ex.deploy(
+        "a",
+        "spinner",
+        r#"(module (memory (export "memory") 1)
+            (func (export "handle") (result i32) (loop $l (br $l)) (i32.const 0)))"#,
+    );
+    let quick = ex.deploy("b", "quick", FN);
+    let spin = |ex: &Arc<TestExecutor>| {
+        let (ex, path) = (ex.clone(), format!("/functions/{spinner}/invoke"));
+        std::thread::spawn(move || {
+            let r = ex.post("a", &path, "text/plain", b"");
+            (r.status, r.code())
+        })
+    };
+    let first = spin(&ex);
+    ex.wait_metric("tensor_wasm_active_instances", 1.0);
+    let second = spin(&ex);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Its function has room for two, the tenant's quota for one.
+    assert_eq!(ex.metric("tensor_wasm_active_instances"), 1.0);
+    let r = ex.post(
+        "b",
+        &format!("/functions/{quick}/invoke"),
+        "text/plain",
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(ex.metric("tensor_wasm_active_instances"), 2.0);
+    assert_eq!(
+        first.join().unwrap(),
+        (504, "deadline_exceeded".to_string())
+    );
+    // It ran once the first ended (and spun to its own deadline), or
+    // gave up waiting.
+    let (status, code) = second.join().unwrap();
+    assert!(
+        matches!(
+            (status, code.as_str()),
+            (504, "deadline_exceeded") | (503, "capacity_exhausted")
+        ),
+        "{status} {code}"
+    );
+}
