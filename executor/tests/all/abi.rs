@@ -335,16 +335,7 @@ fn tensor_op_loops_stop_at_the_deadline() {
           (i32.const 0))"#,
     ))
     .unwrap();
-    let mut multipart = Vec::new();
-    multipart.extend_from_slice(b"--XX\r\nContent-Disposition: form-data; name=\"module\"\r\n\r\n");
-    multipart.extend_from_slice(&wasm);
-    multipart.extend_from_slice(b"\r\n--XX\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n{\"deadline_ms\": 200}\r\n--XX--\r\n");
-    let r = ex.post(
-        "t1",
-        "/functions?name=busy",
-        "multipart/form-data; boundary=XX",
-        &multipart,
-    );
+    let r = ex.register_with_config("t1", "busy", &wasm, r#"{"deadline_ms": 200}"#);
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["config"]["deadline_ms"], 200);
     let id = r.json()["id"].as_str().unwrap().to_string();
@@ -374,16 +365,7 @@ fn a_long_matmul_stops_at_the_deadline() {
           (i32.const 0))"#,
     ))
     .unwrap();
-    let mut multipart = Vec::new();
-    multipart.extend_from_slice(b"--XX\r\nContent-Disposition: form-data; name=\"module\"\r\n\r\n");
-    multipart.extend_from_slice(&wasm);
-    multipart.extend_from_slice(b"\r\n--XX\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n{\"deadline_ms\": 100}\r\n--XX--\r\n");
-    let r = ex.post(
-        "t1",
-        "/functions?name=long",
-        "multipart/form-data; boundary=XX",
-        &multipart,
-    );
+    let r = ex.register_with_config("t1", "long", &wasm, r#"{"deadline_ms": 100}"#);
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     let path = format!("/functions/{id}/invoke");

@@ -170,6 +170,31 @@ impl TestExecutor {
     }
 
     /// The value of the unlabelled metric `name` in `/metrics`.
+    /// Registers `wasm` as `name` of `tenant` with the function config
+    /// `config` (JSON), as a multipart upload.
+    pub fn register_with_config(
+        &self,
+        tenant: &str,
+        name: &str,
+        wasm: &[u8],
+        config: &str,
+    ) -> Reply {
+        let mut body = Vec::new();
+        body.extend_from_slice(b"--XX\r\nContent-Disposition: form-data; name=\"module\"\r\n\r\n");
+        body.extend_from_slice(wasm);
+        body.extend_from_slice(
+            b"\r\n--XX\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n",
+        );
+        body.extend_from_slice(config.as_bytes());
+        body.extend_from_slice(b"\r\n--XX--\r\n");
+        self.post(
+            tenant,
+            &format!("/functions?name={name}"),
+            "multipart/form-data; boundary=XX",
+            &body,
+        )
+    }
+
     pub fn metric(&self, name: &str) -> f64 {
         let text = self
             .agent

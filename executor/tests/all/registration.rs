@@ -231,3 +231,110 @@ fn a_deleted_functions_module_leaves_the_cache() {
     assert_eq!(ex.delete("beta", &format!("/functions/{b}")).status, 204);
     assert_eq!(entries(), 0);
 }
+
+/// Modules of wasm proposals this build leaves out (GC, threads and
+/// atomics, memory64, exceptions, typed function references): each is
+/// refused `invalid_wasm` or, where the engine takes it, runs to a typed
+/// answer; none takes the executor down, which serves on after them.
+#[test]
+fn modules_of_proposals_left_out_are_refused_or_run_safely() {
+    let ex = TestExecutor::start();
+    let body = |b: &str| format!(r#"(module (memory (export "memory") 1) {b})"#);
+    let cases = [
+        (
+            "gc-struct",
+            body(
+                r#"(type $s (struct (field i32)))
+                (func (export "handle") (result i32)
+                  (drop (struct.new $s (i32.const 1))) (i32.const 0))"#,
+            ),
+        ),
+        (
+            "gc-array",
+            body(
+                r#"(type $a (array (mut i32)))
+                (func (export "handle") (result i32)
+                  (array.len (array.new $a (i32.const 0) (i32.const 1000000000))))"#,
+            ),
+        ),
+        (
+            "gc-i31",
+            body(
+                r#"(func (export "handle") (result i32)
+                  (i31.get_s (ref.i31 (i32.const 7))))"#,
+            ),
+        ),
+        (
+            "shared-memory",
+            r#"(module (memory (export "memory") 1 1 shared)
+                (func (export "handle") (result i32) (i32.const 0)))"#
+                .to_string(),
+        ),
+        (
+            "atomics",
+            body(
+                r#"(func (export "handle") (result i32)
+                  (drop (memory.atomic.notify (i32.const 0) (i32.const 1)))
+                  (i32.atomic.rmw.add (i32.const 0) (i32.const 1)))"#,
+            ),
+        ),
+        (
+            "atomic-wait",
+            body(
+                r#"(func (export "handle") (result i32)
+                  (memory.atomic.wait32 (i32.const 0) (i32.const 0) (i64.const -1)))"#,
+            ),
+        ),
+        (
+            "memory64",
+            r#"(module (memory (export "memory") i64 1)
+                (func (export "handle") (result i32) (i32.const 0)))"#
+                .to_string(),
+        ),
+        (
+            "exceptions",
+            body(
+                r#"(tag $t (param i32))
+                (func (export "handle") (result i32) (throw $t (i32.const 1)))"#,
+            ),
+        ),
+        (
+            "typed-function-references",
+            body(
+                r#"(type $f (func (result i32)))
+                (func $one (type $f) (i32.const 1))
+                (elem declare func $one)
+                (func (export "handle") (result i32)
+                  (i32.sub (call_ref $f (ref.func $one)) (i32.const 1)))"#,
+            ),
+        ),
+    ];
+    for (name, src) in &cases {
+        let wasm = wat::parse_str(src).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let r = register(&ex, name, &wasm);
+        match r.status {
+            422 => assert_eq!(r.code(), "invalid_wasm", "{name}: {}", r.text()),
+            201 => {
+                let id = r.json()["id"].as_str().unwrap().to_string();
+                let run = ex.post("t1", &format!("/functions/{id}/invoke"), "text/plain", b"");
+                assert!(
+                    run.status == 200
+                        || (run.status == 500
+                            && ["guest_trap", "function_error"].contains(&run.code().as_str())),
+                    "{name}: {} {}",
+                    run.status,
+                    run.text()
+                );
+            }
+            other => panic!("{name}: {other} {}", r.text()),
+        }
+    }
+    // The executor serves on.
+    let ok = ex.deploy(
+        "t1",
+        "plain",
+        r#"(module (memory (export "memory") 1) (func (export "handle") (result i32) (i32.const 0)))"#,
+    );
+    let r = ex.post("t1", &format!("/functions/{ok}/invoke"), "text/plain", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
