@@ -269,6 +269,9 @@ async fn register(
     body: Body,
 ) -> Result<Response, ExecError> {
     let ct = content_type(&headers).unwrap_or("").to_string();
+    // A multipart registration (which may stream assets to disk) waits
+    // for the tenant's one upload at a time, until it is registered.
+    let mut _upload = None;
     let mut reg = match media_type(&ct).as_str() {
         "application/wasm" => Registration {
             name: String::new(),
@@ -293,6 +296,14 @@ async fn register(
                     app.registry.limits.max_module_bytes
                 )));
             }
+            let t = app.registry.tenant_or_create(&tenant)?;
+            _upload = Some(
+                t.uploads
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ExecError::Internal("the tenant's uploads closed".into()))?,
+            );
             parse_multipart(&app, &tenant, &ct, body, q.replace).await?
         }
         other => {

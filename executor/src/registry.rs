@@ -230,7 +230,7 @@ impl Registry {
     }
 
     /// The tenant, created on first use: for registration and import only.
-    fn tenant_or_create(&self, id: &TenantId) -> Result<Arc<Tenant>, ExecError> {
+    pub(crate) fn tenant_or_create(&self, id: &TenantId) -> Result<Arc<Tenant>, ExecError> {
         if let Some(t) = self.existing_tenant(id) {
             return Ok(t);
         }

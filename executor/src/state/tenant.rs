@@ -55,6 +55,10 @@ pub struct Tenant {
     /// functions (`TenantQuotas::running_invocations`): one tenant's
     /// busy instances leave the executor's cores to the others.
     pub(crate) running: crate::sync::Gate,
+    /// Held by a multipart registration while it receives its parts: a
+    /// tenant streams one assets file to disk at a time, so that its
+    /// uploads in flight hold at most one file's cap of the disk.
+    pub(crate) uploads: Arc<tokio::sync::Semaphore>,
 }
 
 /// One admitted unit of work (an invocation or a running job); the tenant
@@ -104,6 +108,7 @@ impl Tenant {
             removed: AtomicBool::new(false),
             job_permits: Arc::new(tokio::sync::Semaphore::new(job_caps.running.max(1))),
             running: crate::sync::Gate::new(running),
+            uploads: Arc::new(tokio::sync::Semaphore::new(1)),
             jobs: Mutex::new(JobTable::new(job_caps)),
             assets: Mutex::new(HashMap::new()),
             registering: Mutex::new(()),

@@ -348,3 +348,76 @@ fn assets_come_back_after_a_restart_and_from_the_older_layout() {
     let info: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
     assert_eq!(info["assets_sha256"], sha.as_str());
 }
+
+/// A tenant streams one assets file to disk at a time: while one of its
+/// registrations is still sending its assets, its next waits (nothing of
+/// it on disk) and another tenant's goes through; once the first is in,
+/// the second follows.
+#[test]
+fn a_tenants_uploads_reach_the_disk_one_at_a_time() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let ex = Arc::new(TestExecutor::start_in(
+        dir.path(),
+        small_limits(),
+        TenantQuotas::default(),
+    ));
+    let wasm = wat::parse_str(READ_ROWS).unwrap();
+    let first = multipart(&[("module", &wasm), ("assets", &rows_file(64, 1024))]);
+    // The first registration, sent by hand: all but its last 1000 bytes.
+    let addr = ex.base.trim_start_matches("http://").to_string();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    let head = format!(
+        "POST /functions?name=slow HTTP/1.1\r\nhost: executor\r\nauthorization: Bearer {}\r\n\
+         x-tensor-wasm-tenant: t1\r\ncontent-type: multipart/form-data; boundary=XX\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        crate::harness::TOKEN,
+        first.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    let (sent, rest) = first.split_at(first.len() - 1000);
+    slow.write_all(sent).unwrap();
+    let uploading = || {
+        files(dir.path(), "t1")
+            .iter()
+            .filter(|f| f.starts_with(".upload-"))
+            .count()
+    };
+    let start = std::time::Instant::now();
+    while uploading() == 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The same tenant's next registration waits for it.
+    let (done, second) = std::sync::mpsc::channel();
+    {
+        let ex = ex.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(register(&ex, "t1", "next", &rows_file(8, 1024)).status);
+        });
+    }
+    assert!(
+        second
+            .recv_timeout(std::time::Duration::from_millis(500))
+            .is_err(),
+        "the second registration did not wait"
+    );
+    assert_eq!(uploading(), 1, "one upload of the tenant on disk at a time");
+    // Another tenant's is not held up.
+    assert_eq!(
+        register(&ex, "t2", "other", &rows_file(8, 1024)).status,
+        201
+    );
+    // The first finishes; the second follows.
+    slow.write_all(rest).unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert_eq!(
+        second
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap(),
+        201
+    );
+}
