@@ -25,6 +25,10 @@
 //!    write, flush, fsync or rotation that fails counts as a failure
 //!    (`tensor_wasm_audit_failures_total`) and is logged: nothing is lost
 //!    silently.
+//! 5. Records of requests answered 401 (no valid credential) go to a log of
+//!    their own, `<path>.unauthenticated`, rotated the same way by its own
+//!    writer: a flood of them, which anyone can send, rotates only that
+//!    log, never the history of what tenants and operators did.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -88,7 +92,23 @@ enum Msg {
 pub struct AuditLog {
     tx: Mutex<Option<Sender<Msg>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Where records of unauthenticated requests go (invariant 5).
+    unauthenticated: Option<Box<Unauthenticated>>,
 }
+
+/// The log of unauthenticated requests, opened at its first record.
+#[derive(Debug)]
+struct Unauthenticated {
+    config: AuditConfig,
+    counters: AuditCounters,
+    /// `None` once it could not be opened: its records then count as
+    /// failures.
+    log: std::sync::OnceLock<Option<AuditLog>>,
+}
+
+/// The suffix of the unauthenticated requests' log (module doc, invariant
+/// 5).
+pub const UNAUTHENTICATED_SUFFIX: &str = ".unauthenticated";
 
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,8 +117,26 @@ impl std::fmt::Debug for Msg {
 }
 
 impl AuditLog {
-    /// Opens (or creates, with its folder) the log and starts its writer.
+    /// Opens (or creates, with its folder) the log and the one of
+    /// unauthenticated requests beside it, and starts their writers.
     pub fn open(config: AuditConfig, counters: AuditCounters) -> std::io::Result<AuditLog> {
+        let mut path = config.path.clone().into_os_string();
+        path.push(UNAUTHENTICATED_SUFFIX);
+        let unauthenticated = Unauthenticated {
+            config: AuditConfig {
+                path: path.into(),
+                ..config.clone()
+            },
+            counters: counters.clone(),
+            log: std::sync::OnceLock::new(),
+        };
+        let mut log = AuditLog::open_one(config, counters)?;
+        log.unauthenticated = Some(Box::new(unauthenticated));
+        Ok(log)
+    }
+
+    /// One log and its writer.
+    fn open_one(config: AuditConfig, counters: AuditCounters) -> std::io::Result<AuditLog> {
         if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -120,12 +158,27 @@ impl AuditLog {
         Ok(AuditLog {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(handle)),
+            unauthenticated: None,
         })
     }
 
     /// Queues one record. After [`close`](Self::close) records are dropped
     /// with a log line (only requests racing the shutdown can hit that).
     pub fn record(&self, record: &AuditRecord) {
+        if record.status == 401
+            && let Some(u) = &self.unauthenticated
+        {
+            let log = u.log.get_or_init(|| {
+                AuditLog::open_one(u.config.clone(), u.counters.clone())
+                    .inspect_err(|e| tracing::error!(error = %e, path = %u.config.path.display(), "cannot open the audit log of unauthenticated requests; their records are not written"))
+                    .ok()
+            });
+            match log {
+                Some(log) => log.record(record),
+                None => u.counters.failures.inc(),
+            }
+            return;
+        }
         let mut line = Vec::with_capacity(512);
         match serde_json::to_writer(&mut line, record) {
             Ok(()) => {}
@@ -145,8 +198,11 @@ impl AuditLog {
         }
     }
 
-    /// Writes everything queued, fsyncs, and stops the writer. Idempotent.
+    /// Writes everything queued, fsyncs, and stops the writers. Idempotent.
     pub fn close(&self) {
+        if let Some(Some(log)) = self.unauthenticated.as_ref().and_then(|u| u.log.get()) {
+            log.close();
+        }
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(tx) = tx {
             let (ack_tx, ack_rx) = sync_channel(1);
@@ -359,6 +415,54 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_flood_of_unauthenticated_requests_rotates_only_its_own_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig {
+            path: dir.path().join("audit.log"),
+            max_bytes: 2_000,
+            keep: 2,
+        };
+        let (counters, _) = counters();
+        let log = AuditLog::open(config, counters).unwrap();
+        for i in 0..3 {
+            log.record(&rec(i));
+        }
+        // Far more than the kept files of either log hold.
+        for i in 0..1_000 {
+            log.record(&AuditRecord {
+                tenant: None,
+                token_id: None,
+                status: 401,
+                outcome: Outcome::of_status(401),
+                ..rec(100 + i)
+            });
+        }
+        log.close();
+        let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        let kept: Vec<AuditRecord> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            kept.iter()
+                .map(|r| r.request_id.as_str())
+                .collect::<Vec<_>>(),
+            ["req-0", "req-1", "req-2"],
+            "the tenants' history stays whole"
+        );
+        let anonymous = dir.path().join("audit.log.unauthenticated");
+        let last: Vec<AuditRecord> = std::fs::read_to_string(&anonymous)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(last.iter().all(|r| r.status == 401));
+        assert_eq!(last.last().unwrap().request_id, "req-1099");
+        assert!(dir.path().join("audit.log.unauthenticated.2").exists());
+        assert!(!dir.path().join("audit.log.1").exists(), "never rotated");
     }
 
     #[test]

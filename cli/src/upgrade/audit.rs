@@ -17,6 +17,21 @@ pub struct Records {
     pub after: Vec<AuditRecord>,
 }
 
+/// The records of the log of unauthenticated requests beside the log at
+/// `path` (`docs/AUDIT-LOG.md`): its live file and the one rotated last.
+/// Lines that do not parse, and files that are not there, are skipped.
+pub fn unauthenticated(path: &Path) -> Vec<AuditRecord> {
+    let mut live = path.as_os_str().to_owned();
+    live.push(".unauthenticated");
+    let mut rotated = live.clone();
+    rotated.push(".1");
+    [rotated, live]
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .flat_map(|bytes| lines(whole_lines(&bytes)))
+        .collect()
+}
+
 /// The live file's length: where the upgrade's records will begin.
 pub fn offset(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
@@ -107,9 +122,10 @@ fn sequence(id: &str) -> Option<(&str, u32)> {
 
 /// Each proxy process's ids missing between the lowest and the highest it
 /// recorded after the upgrade began (earlier records fill in the ids of
-/// requests that finished before it began): one line per process with a
+/// requests that finished before it began, and `elsewhere` those recorded
+/// in the log of unauthenticated requests): one line per process with a
 /// gap, naming the missing ids.
-pub fn gaps(records: &Records) -> Vec<String> {
+pub fn gaps(records: &Records, elsewhere: &[AuditRecord]) -> Vec<String> {
     let mut seen: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
     let mut range: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
     for r in &records.after {
@@ -119,7 +135,7 @@ pub fn gaps(records: &Records) -> Vec<String> {
             *e = (e.0.min(n), e.1.max(n));
         }
     }
-    for r in &records.before {
+    for r in records.before.iter().chain(elsewhere) {
         if let Some((p, n)) = sequence(&r.request_id)
             && let Some(set) = seen.get_mut(p)
         {
@@ -231,12 +247,18 @@ mod tests {
         // A client's own id and an unaudited one are not in the sequence.
         r.after.push(record("my-own-id", "a", t, 200));
         r.after.push(record(&format!("{P}q7"), "a", t, 200));
-        assert_eq!(gaps(&r), Vec::<String>::new());
-        r.before.pop();
-        let problems = gaps(&r);
+        assert_eq!(gaps(&r, &[]), Vec::<String>::new());
+        let three = r.before.pop().unwrap();
+        let problems = gaps(&r, &[]);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains(&format!("misses 1 of the request ids proxy {P}")));
         assert!(problems[0].contains(&id(P, 3)));
+        // Answered 401, it is in the log of unauthenticated requests.
+        let refused = AuditRecord {
+            status: 401,
+            ..three
+        };
+        assert_eq!(gaps(&r, &[refused]), Vec::<String>::new());
     }
 
     #[test]
