@@ -38,7 +38,7 @@
 //! no instance has its fresh copy in it or the one after.
 //!
 //! `strict` invocations wait for a synced frame that covers them. The
-//! journal's committer ([`Journal::commit`]) takes the instances waited
+//! journal's committer (`Journal::commit`) takes the instances waited
 //! for, writes one frame of each, syncs once and wakes the waiters that
 //! answers, then starts over with those that came meanwhile (group
 //! commit): a burst of invocations costs one frame per instance and one

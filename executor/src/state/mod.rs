@@ -8,9 +8,12 @@
 //!     ├── gate: Admission                 frozen?, work admitted and not done
 //!     ├── instances: InstanceCount        live warm instances of the tenant
 //!     ├── jobs: JobTable (jobs.rs)        records + the tenant's jobs in flight
+//!     ├── job_permits, running, uploads   its shares: jobs running, guests
+//!     │                                   running, assets uploads at once
 //!     └── functions: id → Arc<Function> (function.rs)
 //!         ├── config: ResolvedConfig      limits applied, no `Option`s
-//!         └── pool: Pool (pool.rs)        instance slots, idle instances, waiters
+//!         └── pool: Pool (pool.rs)        instance slots, idle instances,
+//!                                         queued invocations
 //! ```
 //!
 //! Each part changes only through its owner's methods, and the counters that
@@ -32,6 +35,12 @@
 //!   instance its snapshot holds, which may be more if the destination's
 //!   limits are lower; the surplus is never outnumbered by slots and is
 //!   dropped as it dies.)
+//! - **Queued invocations** ([`Pool::submit`]): a queued invocation is
+//!   owned by whoever moves its state out of "queued" first, the slot that
+//!   runs it or its caller giving up, so it runs at most once; `waiting`
+//!   counts those still queued. A slot given up while the queue holds any
+//!   goes on to run them, unless a caller of the semaphore waits, so the
+//!   queue never sits behind a free slot.
 //! - **Jobs** ([`JobTable`]): `in_flight` counts the table's unfinished
 //!   (pending or running) jobs. Only the table's methods change a record's
 //!   status, and each moves the count with it; a job finishes exactly once.
