@@ -27,6 +27,7 @@ use tensor_wasm_shared::api::{
     DeviceDescription, ExecutorInfo, ExecutorStats, FunctionConfig, FunctionList, JobInfo, JobList,
     JobStatus,
 };
+use tensor_wasm_shared::identity::{self, Challenge, Identity};
 use tensor_wasm_shared::{ErrorCode, headers};
 
 use crate::assets::{AssetError, StagedAsset};
@@ -181,6 +182,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route("/internal/identity", post(identity))
         .merge(authed)
         .fallback(|| async { ExecError::NotFound("route".into()) })
         .method_not_allowed_fallback(|method: axum::http::Method| async move {
@@ -769,6 +771,34 @@ async fn drop_tenant(
     app.registry.drop_tenant(&tenant)?;
     tracing::info!(%tenant, "tenant dropped");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /internal/identity`: this executor's proof that it holds the
+/// internal token, for the nonce the caller sent (`docs/API.md`,
+/// "Executor identity"). It needs no token: the proxy asks it before it
+/// trusts an address with one.
+async fn identity(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<axum::Json<Identity>, ExecError> {
+    let body = read_body(&headers, body, 1024).await?;
+    let challenge: Challenge = serde_json::from_slice(&body)
+        .map_err(|e| ExecError::InvalidInput(format!("identity challenge: {e}")))?;
+    let nonce = hex::decode(&challenge.nonce)
+        .ok()
+        .filter(|n| n.len() == identity::NONCE_LEN)
+        .ok_or_else(|| {
+            ExecError::InvalidInput(format!(
+                "the nonce must be {} bytes of hex",
+                identity::NONCE_LEN
+            ))
+        })?;
+    Ok(axum::Json(identity::prove(
+        &app.internal_token,
+        &app.id,
+        &nonce,
+    )))
 }
 
 async fn info(State(app): State<Arc<App>>) -> axum::Json<ExecutorInfo> {

@@ -31,7 +31,7 @@ use tensor_wasm_shared::audit::{AuditRecord, Outcome};
 use tensor_wasm_shared::{ApiError, ErrorCode, headers};
 
 use crate::auth::{TokenTable, token_id};
-use crate::fleet::Executor;
+use crate::fleet::{Executor, RegisterError};
 use crate::migrate::Orchestrator;
 use crate::service::{REQUEST_ID_HEADER, Shared};
 
@@ -196,12 +196,25 @@ impl AdminApi {
                     Ok(b) => b,
                     Err(e) => return Answer::error(e),
                 };
-                match fleet.register(&body.id, &body.addr) {
+                match fleet.register_proven(&body.id, &body.addr, false).await {
                     Ok(exec) => {
                         tracing::info!(executor = %exec.id, addr = %exec.addr, "executor registered");
                         Answer::json(201, self.executor_entry(&exec).await)
                     }
-                    Err(e) => Answer::error(ApiError::new(ErrorCode::InvalidInput, e.to_string())),
+                    Err(e) => {
+                        let code = match &e {
+                            RegisterError::Exists { .. } => ErrorCode::ExecutorExists,
+                            RegisterError::Unverified { .. } => {
+                                tracing::warn!(id = %body.id, addr = %body.addr, error = %e, "executor registration refused");
+                                ErrorCode::ExecutorUnverified
+                            }
+                            RegisterError::Placement(_) => ErrorCode::Internal,
+                            RegisterError::BadId(_) | RegisterError::BadAddr(..) => {
+                                ErrorCode::InvalidInput
+                            }
+                        };
+                        Answer::error(ApiError::new(code, e.to_string()))
+                    }
                 }
             }
             ("POST", ["admin", "executors", id, "drain"]) => match orch.drain(id).await {

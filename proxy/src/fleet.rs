@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tensor_wasm_shared::api::ExecutorInfo;
+use tensor_wasm_shared::identity;
 use tensor_wasm_shared::{ApiError, ErrorCode, ExecutorId, TenantId};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -259,6 +260,14 @@ pub enum RegisterError {
     BadId(String),
     #[error("executor address {0:?} does not resolve: {1}")]
     BadAddr(String, String),
+    #[error("executor {id} is registered at {addr} already; forget it first to move it")]
+    Exists { id: String, addr: String },
+    #[error("the executor at {addr} did not prove that it is fleet executor {id:?}: {why}")]
+    Unverified {
+        id: String,
+        addr: String,
+        why: String,
+    },
     #[error(transparent)]
     Placement(#[from] PlacementError),
 }
@@ -312,15 +321,25 @@ impl Fleet {
         &self.state_dir
     }
 
-    /// Adds (or re-addresses) an executor. It counts as healthy until the
-    /// first probe says otherwise.
+    /// Adds (or re-addresses) an executor that the operator's own
+    /// configuration names: the placement table, `--executor`. It counts as
+    /// healthy until the first probe says otherwise. Addresses named over
+    /// the network go through [`Fleet::register_proven`] instead.
     pub fn register(&self, id: &str, addr: &str) -> Result<Arc<Executor>, RegisterError> {
         let id = ExecutorId::new(id).map_err(|e| RegisterError::BadId(e.value))?;
-        let sock = addr
-            .to_socket_addrs()
-            .map_err(|e| RegisterError::BadAddr(addr.to_string(), e.to_string()))?
-            .next()
-            .ok_or_else(|| RegisterError::BadAddr(addr.to_string(), "no address".into()))?;
+        let sock = resolve(addr)?;
+        if let Some(old) = self.executor(&id).filter(|old| old.addr != addr) {
+            tracing::warn!(executor = %id, from = %old.addr, to = %addr, "executor re-addressed by the operator's configuration");
+        }
+        self.insert(id, addr, sock)
+    }
+
+    fn insert(
+        &self,
+        id: ExecutorId,
+        addr: &str,
+        sock: SocketAddr,
+    ) -> Result<Arc<Executor>, RegisterError> {
         lock(&self.placements).add_executor(&id, addr)?;
         let exec = Arc::new(Executor::new(id.clone(), addr, sock));
         self.executors
@@ -328,6 +347,73 @@ impl Fleet {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, exec.clone());
         Ok(exec)
+    }
+
+    /// Registers executor `id` at `addr`, named by the admin API or found
+    /// by DNS, once whoever answers there proves that it holds the
+    /// internal token and is `id` ([`tensor_wasm_shared::identity`]); until
+    /// then nothing sent there carries a credential.
+    ///
+    /// An id registered at the same address already is answered as it is.
+    /// One registered at another address is [`RegisterError::Exists`]
+    /// unless `readdress` allows the move: DNS discovery allows it once the
+    /// old address is gone from the name's answers (a pod that came back
+    /// with a new IP), and says so in the log.
+    pub async fn register_proven(
+        &self,
+        id: &str,
+        addr: &str,
+        readdress: bool,
+    ) -> Result<Arc<Executor>, RegisterError> {
+        let id = ExecutorId::new(id).map_err(|e| RegisterError::BadId(e.value))?;
+        let exists = |old: &Executor| RegisterError::Exists {
+            id: id.to_string(),
+            addr: old.addr.clone(),
+        };
+        let old = self.executor(&id);
+        match &old {
+            Some(old) if old.addr == addr => return Ok(old.clone()),
+            Some(old) if !readdress => return Err(exists(old)),
+            _ => {}
+        }
+        let sock = resolve(addr)?;
+        self.prove(&id, addr).await?;
+        // Another registration may have won the id while the proof ran.
+        let now = self.executor(&id);
+        if let Some(now) = now.filter(|now| old.as_ref().is_none_or(|old| !Arc::ptr_eq(old, now))) {
+            return if now.addr == addr {
+                Ok(now)
+            } else {
+                Err(exists(&now))
+            };
+        }
+        if let Some(old) = &old {
+            tracing::warn!(executor = %id, from = %old.addr, to = %addr, "executor re-addressed: the old address is gone and the new one proved the id");
+        }
+        self.insert(id, addr, sock)
+    }
+
+    /// Asks the executor at `addr` to prove that it holds the internal
+    /// token and is `id`.
+    async fn prove(&self, id: &ExecutorId, addr: &str) -> Result<(), RegisterError> {
+        let unverified = |why: String| RegisterError::Unverified {
+            id: id.to_string(),
+            addr: addr.to_string(),
+            why,
+        };
+        let nonce = identity::nonce();
+        let answer = self
+            .client_at(addr)
+            .identity(&nonce)
+            .await
+            .map_err(|e| unverified(e.to_string()))?;
+        if answer.id != id.as_str() {
+            return Err(unverified(format!("it says it is {:?}", answer.id)));
+        }
+        if !identity::verify(&self.internal_token, id, &nonce, &answer) {
+            return Err(unverified("its proof is wrong".into()));
+        }
+        Ok(())
     }
 
     /// Forgets an executor.
@@ -564,6 +650,14 @@ impl Fleet {
 
 /// Locks a mutex, taking over a poisoned one: every critical section here
 /// leaves the data consistent before anything that could panic.
+/// The first socket address `addr` resolves to.
+fn resolve(addr: &str) -> Result<SocketAddr, RegisterError> {
+    addr.to_socket_addrs()
+        .map_err(|e| RegisterError::BadAddr(addr.to_string(), e.to_string()))?
+        .next()
+        .ok_or_else(|| RegisterError::BadAddr(addr.to_string(), "no address".into()))
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -674,6 +768,73 @@ mod tests {
         assert_eq!(fleet.gate_counts("acme"), (0, 0));
         drop(closed);
         assert!(fleet.route(&t("acme")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn only_an_executor_that_proves_its_id_is_registered_and_never_silently_moved() {
+        use crate::upstream::scripted::{Net, TOKEN};
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(Net::default());
+        net.add("cpu0", "127.0.0.1:7200");
+        net.add("cpu0", "127.0.0.1:7201");
+        net.add("cpu1", "127.0.0.1:7202");
+        let open = |dir: &Path, token: &str| {
+            Fleet::open_with(dir, token, net.clone(), QueueLimits::default(), &[]).unwrap()
+        };
+        let fleet = open(dir.path(), TOKEN);
+        fleet
+            .register_proven("cpu0", "127.0.0.1:7200", false)
+            .await
+            .unwrap();
+        assert_eq!(net.take_calls(), ["cpu0 identity"]);
+        // Again at the same address: as it is, nothing asked.
+        fleet
+            .register_proven("cpu0", "127.0.0.1:7200", false)
+            .await
+            .unwrap();
+        assert!(net.take_calls().is_empty());
+
+        // An address that answers as another id, or nobody, or without the
+        // fleet's token, is refused and never registered.
+        let refused = |e: RegisterError| matches!(e, RegisterError::Unverified { .. });
+        let e = fleet
+            .register_proven("cpu9", "127.0.0.1:7202", false)
+            .await
+            .unwrap_err();
+        assert!(refused(e));
+        let e = fleet
+            .register_proven("cpu9", "127.0.0.1:7299", false)
+            .await
+            .unwrap_err();
+        assert!(refused(e));
+        let other = tempfile::tempdir().unwrap();
+        let e = open(other.path(), "another token")
+            .register_proven("cpu1", "127.0.0.1:7202", false)
+            .await
+            .unwrap_err();
+        assert!(refused(e), "a proof made with another token");
+        assert!(fleet.executor("cpu9").is_none());
+        // Only identity challenges went out: no call that carries the token.
+        let calls = net.take_calls();
+        assert!(calls.iter().all(|c| c.ends_with(" identity")), "{calls:?}");
+
+        // A registered id is not moved to another address, even one that
+        // proves it, unless the caller allows it (DNS, once the old address
+        // is gone).
+        let e = fleet
+            .register_proven("cpu0", "127.0.0.1:7201", false)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RegisterError::Exists { .. }), "{e}");
+        assert_eq!(fleet.executor("cpu0").unwrap().addr, "127.0.0.1:7200");
+        fleet
+            .register_proven("cpu0", "127.0.0.1:7201", true)
+            .await
+            .unwrap();
+        assert_eq!(fleet.executor("cpu0").unwrap().addr, "127.0.0.1:7201");
+        // The move persists.
+        let again = open(dir.path(), TOKEN);
+        assert_eq!(again.executor("cpu0").unwrap().addr, "127.0.0.1:7201");
     }
 
     #[tokio::test]

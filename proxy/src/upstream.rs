@@ -30,6 +30,7 @@ use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper_util::rt::TokioIo;
 use tensor_wasm_shared::api::ExecutorInfo;
 use tensor_wasm_shared::error::ErrorBody;
+use tensor_wasm_shared::identity::{Challenge, Identity};
 use tensor_wasm_shared::{ErrorCode, TenantId};
 
 /// Longest an export, import, module fetch or precompile may take; a
@@ -104,7 +105,14 @@ impl UpstreamError {
 #[async_trait::async_trait]
 pub trait ExecutorApi: Send + Sync + fmt::Debug {
     /// `GET /healthz`: the upkeep's health probe, every tick, per executor.
+    /// Sent without the internal token.
     async fn health(&self) -> Result<(), UpstreamError>;
+
+    /// `POST /internal/identity`: the executor's proof, for `nonce`, that it
+    /// holds the internal token ([`tensor_wasm_shared::identity`]). Sent
+    /// without the token: the fleet asks it before it trusts an address
+    /// that the admin API or DNS named.
+    async fn identity(&self, nonce: &[u8]) -> Result<Identity, UpstreamError>;
 
     /// `GET /internal/info`: the executor's id, device, tenants and stats.
     /// Asked by the admin listing, by DNS discovery of an address not yet
@@ -265,6 +273,18 @@ impl ExecutorClient {
         self.call("GET", path, Bytes::new(), timeout).await
     }
 
+    /// `method path` with `body` and no credential: for the calls that an
+    /// executor answers to anyone, made to addresses not trusted yet.
+    async fn call_anonymous(
+        &self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, UpstreamError> {
+        self.call_within(method, path, body, timeout, false).await
+    }
+
     /// `POST path` with `body`, the body of a 2xx answer.
     async fn post(
         &self,
@@ -287,7 +307,19 @@ impl ExecutorClient {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, UpstreamError> {
-        match tokio::time::timeout(timeout, self.call_inner(method, path, body)).await {
+        self.call_within(method, path, body, timeout, true).await
+    }
+
+    async fn call_within(
+        &self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+        with_token: bool,
+    ) -> Result<Bytes, UpstreamError> {
+        let call = self.call_inner(method, path, body, with_token);
+        match tokio::time::timeout(timeout, call).await {
             Ok(r) => r,
             Err(_) => Err(UpstreamError::Timeout {
                 addr: self.addr.clone(),
@@ -301,6 +333,7 @@ impl ExecutorClient {
         method: &str,
         path: &str,
         body: Bytes,
+        with_token: bool,
     ) -> Result<Bytes, UpstreamError> {
         let http = |e: &dyn fmt::Display| UpstreamError::Http {
             addr: self.addr.clone(),
@@ -317,14 +350,15 @@ impl ExecutorClient {
             .await
             .map_err(|e| http(&e))?;
         let conn = tokio::spawn(conn);
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header(HOST, &self.addr)
-            .header(AUTHORIZATION, format!("Bearer {}", self.token))
-            .header(CONTENT_TYPE, "application/octet-stream")
-            .body(Full::new(body))
-            .map_err(|e| http(&e))?;
+            .header(CONTENT_TYPE, "application/octet-stream");
+        if with_token {
+            request = request.header(AUTHORIZATION, format!("Bearer {}", self.token));
+        }
+        let request = request.body(Full::new(body)).map_err(|e| http(&e))?;
         let response = sender.send_request(request).await.map_err(|e| http(&e))?;
         let status = response.status().as_u16();
         let bytes = response
@@ -361,7 +395,23 @@ fn tenant_path(tenant: &TenantId, op: &str) -> String {
 #[async_trait::async_trait]
 impl ExecutorApi for ExecutorClient {
     async fn health(&self) -> Result<(), UpstreamError> {
-        self.get("/healthz", PROBE_TIMEOUT).await.map(drop)
+        self.call_anonymous("GET", "/healthz", Bytes::new(), PROBE_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    async fn identity(&self, nonce: &[u8]) -> Result<Identity, UpstreamError> {
+        let challenge = Challenge {
+            nonce: hex::encode(nonce),
+        };
+        let body = serde_json::to_vec(&challenge).expect("a challenge serializes");
+        let body = self
+            .call_anonymous("POST", "/internal/identity", body.into(), PROBE_TIMEOUT)
+            .await?;
+        serde_json::from_slice(&body).map_err(|source| UpstreamError::BadAnswer {
+            addr: self.addr.clone(),
+            source,
+        })
     }
 
     async fn info(&self, within: Duration) -> Result<ExecutorInfo, UpstreamError> {

@@ -54,11 +54,18 @@ pub enum ErrorCode {
     DeadlineExceeded,
     CheckpointFailed,
     JobInterrupted,
+    /// Admin: the executor id is registered at another address already; it
+    /// is never re-addressed silently (forget it first).
+    ExecutorExists,
+    /// Admin: whoever answers at the address did not prove that it is a
+    /// fleet executor with that id (`POST /internal/identity`), so the
+    /// proxy sent it no credential and did not register it.
+    ExecutorUnverified,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 32] = [
+    pub const ALL: [ErrorCode; 34] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidInput,
         ErrorCode::Unauthorized,
@@ -91,6 +98,8 @@ impl ErrorCode {
         ErrorCode::DeadlineExceeded,
         ErrorCode::CheckpointFailed,
         ErrorCode::JobInterrupted,
+        ErrorCode::ExecutorExists,
+        ErrorCode::ExecutorUnverified,
     ];
 
     /// The HTTP status this code is answered with.
@@ -102,13 +111,14 @@ impl ErrorCode {
             TenantScopeDenied => 403,
             FunctionNotFound | JobNotFound | NotFound | TenantNotHere | MoveNotFound => 404,
             MethodNotAllowed => 405,
-            FunctionExists | JobRunning | TenantFrozen | TenantExists | MigrationRunning => 409,
+            FunctionExists | JobRunning | TenantFrozen | TenantExists | MigrationRunning
+            | ExecutorExists => 409,
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
             InvalidWasm | ImportNotAllowed | MissingExport | QuotaExceeded => 422,
             RateLimited => 429,
             GuestTrap | FunctionError | Internal | JobInterrupted => 500,
-            ImportFailed => 502,
+            ImportFailed | ExecutorUnverified => 502,
             ExecutorUnavailable | CapacityExhausted | TenantMoving => 503,
             DeadlineExceeded => 504,
             CheckpointFailed => 507,
@@ -151,6 +161,8 @@ impl ErrorCode {
             DeadlineExceeded => "deadline_exceeded",
             CheckpointFailed => "checkpoint_failed",
             JobInterrupted => "job_interrupted",
+            ExecutorExists => "executor_exists",
+            ExecutorUnverified => "executor_unverified",
         }
     }
 }

@@ -20,6 +20,7 @@
 //! - [`headers`]: the proxy↔executor headers and the request-id rule.
 //! - [`build`]: what this binary is (version, commit, compiler).
 //! - [`files`]: state directories only their user can read.
+//! - [`identity`]: an executor's proof that it holds the internal token.
 //! - [`snapshot`]: the tenant snapshot format and its validating reader.
 
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod dtype;
 pub mod error;
 pub mod files;
 pub mod headers;
+pub mod identity;
 pub mod ids;
 pub mod names;
 pub mod snapshot;

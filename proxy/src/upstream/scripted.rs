@@ -20,16 +20,22 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tensor_wasm_shared::api::{DeviceDescription, ExecutorInfo, ExecutorStats};
+use tensor_wasm_shared::identity::{self, Identity};
 use tensor_wasm_shared::{ErrorCode, TenantId};
 use tokio::sync::Semaphore;
 
 use super::{Connector, ExecutorApi, InboundState, Transfer, UpstreamError};
 use crate::fleet::lock;
 
+/// The internal token the scripted executors hold: a fleet opened with
+/// another one cannot verify them.
+pub(crate) const TOKEN: &str = "internal";
+
 /// The kinds of call, as the log names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Op {
     Health,
+    Identity,
     Info,
     Modules,
     Module,
@@ -50,6 +56,7 @@ impl Op {
     fn name(self) -> &'static str {
         match self {
             Op::Health => "health",
+            Op::Identity => "identity",
             Op::Info => "info",
             Op::Modules => "modules",
             Op::Module => "module",
@@ -274,6 +281,11 @@ impl Scripted {
 impl ExecutorApi for Scripted {
     async fn health(&self) -> Result<(), UpstreamError> {
         self.enter(Op::Health, None, None).await
+    }
+
+    async fn identity(&self, nonce: &[u8]) -> Result<Identity, UpstreamError> {
+        self.enter(Op::Identity, None, None).await?;
+        Ok(identity::prove(TOKEN, &self.id, nonce))
     }
 
     async fn info(&self, _within: Duration) -> Result<ExecutorInfo, UpstreamError> {
