@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tensor_wasm_proxy::audit::AuditConfig;
+use tensor_wasm_proxy::conn::ConnLimits;
 use tensor_wasm_proxy::fleet::QueueLimits;
 use tensor_wasm_proxy::ratelimit::Rate;
 use tensor_wasm_proxy::{ProxyConfig, TokenSource};
@@ -112,6 +113,21 @@ pub struct Args {
     /// Seconds a stopping proxy keeps serving the requests it has.
     #[arg(long, env = env::PROXY_GRACE_PERIOD_SECS, default_value_t = 5)]
     grace_period_secs: u64,
+    /// Client connections open at once on the public listener (0: half the
+    /// file descriptors the process may open, less 512).
+    #[arg(long, env = env::PROXY_MAX_CONNECTIONS, default_value_t = 0)]
+    max_connections: usize,
+    /// Client connections open at once from one address (0: no cap).
+    #[arg(long, env = env::PROXY_MAX_CONNECTIONS_PER_CLIENT, default_value_t = 1024)]
+    max_connections_per_client: usize,
+    /// Longest a request header may take to arrive, from its first byte
+    /// (a new connection's accept), in ms.
+    #[arg(long, env = env::PROXY_CLIENT_HEADER_TIMEOUT_MS, default_value_t = 10_000)]
+    client_header_timeout_ms: u64,
+    /// Longest a kept-alive client connection may wait for its next
+    /// request, in ms.
+    #[arg(long, env = env::PROXY_CLIENT_IDLE_TIMEOUT_MS, default_value_t = 60_000)]
+    client_idle_timeout_ms: u64,
     /// Take the listening sockets over from a running proxy with the same
     /// state dir, then send that one SIGQUIT.
     #[arg(short = 'u', long)]
@@ -179,7 +195,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    if args.client_header_timeout_ms == 0 || args.client_idle_timeout_ms == 0 {
+        bail!("the client header and idle timeouts must be above 0 ms");
+    }
+    let files = crate::sys::raise_file_limit();
+    let connections = ConnLimits {
+        max: match args.max_connections {
+            0 => ConnLimits::max_for_files(files),
+            n => n,
+        },
+        per_client: args.max_connections_per_client,
+        header_timeout: Duration::from_millis(args.client_header_timeout_ms),
+        idle_timeout: Duration::from_millis(args.client_idle_timeout_ms),
+    };
     let config = ProxyConfig {
+        connections,
         listen: args.listen,
         admin_listen: args.admin_listen,
         tls: args.tls_cert.zip(args.tls_key),

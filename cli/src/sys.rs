@@ -1,5 +1,5 @@
-//! The binary's only `unsafe`: two Linux process calls the supervisor of
-//! `tensor-wasm up` needs and std does not offer.
+//! The binary's only `unsafe`: Linux process calls that `tensor-wasm up`
+//! and the proxy need and std does not offer.
 #![allow(unsafe_code)]
 
 use std::os::unix::process::CommandExt;
@@ -51,4 +51,33 @@ fn signal(child: &Child, sig: libc::c_int) {
     unsafe {
         libc::kill(pid, sig);
     }
+}
+
+/// Raises this process's soft limit on open files to its hard limit, and
+/// answers the limit in force: the proxy sizes its cap on client
+/// connections from it, so that they cannot take the descriptors its
+/// audit log and executor calls need.
+pub fn raise_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `getrlimit` writes one `rlimit` through a pointer to a live
+    // local of that type.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `setrlimit` reads one `rlimit` through a pointer to a live
+        // local; raising the soft limit up to the hard one needs no
+        // privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    lim.rlim_cur
 }

@@ -1,6 +1,7 @@
 //! The proxy: the one public endpoint of a TensorWasm fleet.
 //!
 //! Layout, in the order a request meets it:
+//! - [`conn`]: caps on client connections, header and idle timeouts.
 //! - [`service`]: the pingora `ProxyHttp` of the public listener.
 //! - [`auth`]: bearer tokens to tenants; [`ratelimit`]: per-tenant limits.
 //! - [`fleet`]: executors, their health, and each tenant's gate (held while
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod conn;
 pub mod fleet;
 pub mod metrics;
 pub mod migrate;

@@ -13,6 +13,8 @@ use prometheus::{
 };
 use tensor_wasm_shared::names::{BUILD_INFO, proxy_metrics as m};
 
+use crate::conn::ConnMetrics;
+
 /// Request latency buckets, in seconds: 100 µs to 30 s.
 const LATENCY_BUCKETS: [f64; 14] = [
     1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.5, 1.0, 5.0, 30.0,
@@ -39,6 +41,8 @@ pub struct ProxyMetrics {
     /// upgrade's canary compares before and after (`docs/UPGRADE.md`).
     pub upstream_requests: IntCounterVec,
     pub upstream_duration: HistogramVec,
+    /// The public listener's connections ([`crate::conn`]).
+    pub connections: ConnMetrics,
 }
 
 impl ProxyMetrics {
@@ -109,10 +113,36 @@ impl ProxyMetrics {
             &["executor"],
         )
         .expect("valid");
+        let connections = ConnMetrics {
+            open: IntGauge::new(
+                m::CONNECTIONS_OPEN,
+                "Client connections of the public listener open now.",
+            )
+            .expect("valid"),
+            refused: IntCounterVec::new(
+                Opts::new(
+                    m::CONNECTIONS_REFUSED_TOTAL,
+                    "Client connections refused for being over a cap, by reason (total, per_client).",
+                ),
+                &["reason"],
+            )
+            .expect("valid"),
+            timed_out: IntCounterVec::new(
+                Opts::new(
+                    m::CONNECTIONS_TIMED_OUT_TOTAL,
+                    "Client connections closed for a request header or an idle spell that took too long, by phase (header, idle).",
+                ),
+                &["phase"],
+            )
+            .expect("valid"),
+        };
         let (names, values): (Vec<&str>, Vec<&str>) = build.iter().copied().unzip();
         let build_info = IntGaugeVec::new(Opts::new(BUILD_INFO, "Build of this process."), &names)
             .expect("valid");
         build_info.with_label_values(&values).set(1);
+        reg(Box::new(connections.open.clone()));
+        reg(Box::new(connections.refused.clone()));
+        reg(Box::new(connections.timed_out.clone()));
         reg(Box::new(requests.clone()));
         reg(Box::new(duration.clone()));
         reg(Box::new(in_flight.clone()));
@@ -141,6 +171,7 @@ impl ProxyMetrics {
             audit_failures,
             upstream_requests,
             upstream_duration,
+            connections,
         }
     }
 

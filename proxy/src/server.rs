@@ -38,6 +38,7 @@ use tensor_wasm_shared::identity;
 use crate::admin::AdminApi;
 use crate::audit::{AuditConfig, AuditLog};
 use crate::auth::{TokenError, TokenTable};
+use crate::conn::{ConnLimits, Guarded};
 use crate::fleet::{Fleet, QueueLimits, RegisterError};
 use crate::metrics::ProxyMetrics;
 use crate::migrate::Orchestrator;
@@ -100,6 +101,9 @@ pub struct ProxyConfig {
     pub upgrade: bool,
     /// Seconds a stopping proxy keeps serving requests it already has.
     pub grace_period_secs: u64,
+    /// Caps on client connections of the public listener and their
+    /// header and idle timeouts.
+    pub connections: ConnLimits,
 }
 
 /// Why the proxy cannot start.
@@ -200,12 +204,16 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
     ));
 
     let server_conf = server.configuration.clone();
-    let mut public = pingora::proxy::http_proxy_service_with_name(
-        &server_conf,
+    let mut proxy = pingora::proxy::HttpProxy::new(
         PublicProxy {
             shared: shared.clone(),
         },
-        "public",
+        server_conf.clone(),
+    );
+    proxy.handle_init_modules();
+    let mut public = Service::new(
+        "public".to_string(),
+        Guarded::new(proxy, config.connections, metrics.connections.clone()),
     );
     match &config.tls {
         Some((cert, key)) => public
@@ -244,6 +252,7 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
         listen = %config.listen,
         admin = %config.admin_listen,
         tls = config.tls.is_some(),
+        max_connections = config.connections.max,
         executors = fleet.executors().len(),
         state = %config.state_dir.display(),
         "proxy serving"

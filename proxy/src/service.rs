@@ -264,6 +264,7 @@ impl ProxyHttp for PublicProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        crate::conn::header_read(session);
         let shared = &self.shared;
         shared.metrics.in_flight.inc();
         let req = session.req_header();
@@ -567,6 +568,7 @@ impl ProxyHttp for PublicProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        crate::conn::request_done(session);
         let m = &self.shared.metrics;
         m.in_flight.dec();
         let status = session

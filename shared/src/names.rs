@@ -17,6 +17,9 @@ pub mod proxy_metrics {
     pub const UPSTREAM_REQUESTS_TOTAL: &str = "tensor_wasm_upstream_requests_total";
     pub const UPSTREAM_REQUEST_DURATION_SECONDS: &str =
         "tensor_wasm_upstream_request_duration_seconds";
+    pub const CONNECTIONS_OPEN: &str = "tensor_wasm_connections_open";
+    pub const CONNECTIONS_REFUSED_TOTAL: &str = "tensor_wasm_connections_refused_total";
+    pub const CONNECTIONS_TIMED_OUT_TOTAL: &str = "tensor_wasm_connections_timed_out_total";
 }
 
 /// Metrics counted by executors.
@@ -96,6 +99,11 @@ pub mod env {
     pub const HEALTH_INTERVAL_MS: &str = "TENSOR_WASM_HEALTH_INTERVAL_MS";
     pub const PROXY_THREADS: &str = "TENSOR_WASM_PROXY_THREADS";
     pub const PROXY_GRACE_PERIOD_SECS: &str = "TENSOR_WASM_PROXY_GRACE_PERIOD_SECS";
+    pub const PROXY_MAX_CONNECTIONS: &str = "TENSOR_WASM_PROXY_MAX_CONNECTIONS";
+    pub const PROXY_MAX_CONNECTIONS_PER_CLIENT: &str =
+        "TENSOR_WASM_PROXY_MAX_CONNECTIONS_PER_CLIENT";
+    pub const PROXY_CLIENT_HEADER_TIMEOUT_MS: &str = "TENSOR_WASM_PROXY_CLIENT_HEADER_TIMEOUT_MS";
+    pub const PROXY_CLIENT_IDLE_TIMEOUT_MS: &str = "TENSOR_WASM_PROXY_CLIENT_IDLE_TIMEOUT_MS";
 
     // The local fleet (`tensor-wasm up`).
     pub const CPU_EXECUTORS: &str = "TENSOR_WASM_CPU_EXECUTORS";
@@ -138,6 +146,9 @@ mod tests {
             proxy_metrics::AUDIT_FAILURES_TOTAL,
             proxy_metrics::UPSTREAM_REQUESTS_TOTAL,
             proxy_metrics::UPSTREAM_REQUEST_DURATION_SECONDS,
+            proxy_metrics::CONNECTIONS_OPEN,
+            proxy_metrics::CONNECTIONS_REFUSED_TOTAL,
+            proxy_metrics::CONNECTIONS_TIMED_OUT_TOTAL,
             executor_metrics::ACTIVE_INSTANCES,
             executor_metrics::JOBS_IN_FLIGHT,
             executor_metrics::KERNEL_DISPATCHES_TOTAL,

@@ -2,7 +2,7 @@
 //! other"): shares of an executor, tested against real executor processes.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -140,5 +140,194 @@ fn one_tenants_slow_jobs_leave_job_slots_to_others() {
         statuses.iter().filter(|s| *s == "pending").count(),
         2,
         "{statuses:?}"
+    );
+}
+
+/// The proxy's public address, `host:port`.
+fn public_addr(fleet: &TestFleet) -> String {
+    fleet
+        .proxy
+        .api
+        .base
+        .trim_start_matches("http://")
+        .to_string()
+}
+
+/// Reads until the proxy closes the connection (or `within` passes):
+/// whether it closed, and what it sent.
+fn read_to_close(conn: &mut TcpStream, within: Duration) -> (bool, String) {
+    conn.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (closed, String::from_utf8_lossy(&got).into_owned())
+}
+
+fn slow_client_fleet(extra: &[&str]) -> TestFleet {
+    TestFleet::start(
+        1,
+        ProxyOptions {
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            ..ProxyOptions::default()
+        },
+    )
+}
+
+/// A client that sends its header a byte at a time (slowloris) loses its
+/// connection once the header has taken the header timeout, however
+/// steadily it trickles; a kept-alive connection left idle is closed at the
+/// idle timeout. pingora alone bounds only each read, and keeps idle
+/// connections for ever.
+#[test]
+fn slow_headers_and_idle_connections_are_closed() {
+    let fleet = slow_client_fleet(&[
+        "--client-header-timeout-ms",
+        "400",
+        "--client-idle-timeout-ms",
+        "400",
+    ]);
+    let addr = public_addr(&fleet);
+
+    // Slowloris: 600 header bytes at one per 20 ms would take 12 s, and
+    // each read is quick; the proxy closes the connection before the end.
+    let mut conn = TcpStream::connect(&addr).unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    let mut sent = 0;
+    let cut = loop {
+        if sent == 600 {
+            break false;
+        }
+        if conn.write_all(b"x").is_err() {
+            break true;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(20));
+        // The proxy's close shows on a read before a write fails.
+        conn.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 64];
+        let gone = matches!(conn.read(&mut b), Ok(0))
+            || matches!(conn.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+        conn.set_nonblocking(false).unwrap();
+        if gone {
+            break true;
+        }
+    };
+    assert!(cut, "the trickled header was still open after {sent} bytes");
+
+    // A whole request is answered, and the connection then stays open only
+    // for the idle timeout.
+    let mut conn = TcpStream::connect(&addr).unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let (closed, got) = read_to_close(&mut conn, Duration::from_secs(30));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(closed, "an idle kept-alive connection was never closed");
+
+    let metrics = fleet.proxy.api.call("GET", "/metrics", &[], None).text();
+    for phase in ["header", "idle"] {
+        let line = format!("tensor_wasm_connections_timed_out_total{{phase=\"{phase}\"}}");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&line) && !l.ends_with(" 0")),
+            "{line}: {metrics}"
+        );
+    }
+}
+
+/// A request whose header came in time may take longer than the header
+/// timeout to send its body: only the header is timed.
+#[test]
+fn a_slow_body_after_a_prompt_header_is_not_cut() {
+    let fleet = slow_client_fleet(&["--client-header-timeout-ms", "300"]);
+    let id = fleet.deploy_counter("tok-acme");
+    let mut conn = TcpStream::connect(public_addr(&fleet)).unwrap();
+    write!(
+        conn,
+        "POST /functions/{id}/invoke HTTP/1.1\r\nhost: x\r\nauthorization: Bearer tok-acme\r\ncontent-type: text/plain\r\ncontent-length: 2\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(900));
+    conn.write_all(b"hi").unwrap();
+    let (_, got) = read_to_close(&mut conn, Duration::from_secs(30));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+/// A connection to `addr` from the loopback address `from` (any
+/// 127.x.y.z is this host's), so that a test is one client of its own.
+fn connect_from(from: &str, addr: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let from: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    s.bind(&from.into()).unwrap();
+    let to: std::net::SocketAddr = addr.parse().unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+/// A request on `conn` for `/healthz` is answered 200.
+fn healthz_on(conn: &mut TcpStream) {
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut b = [0u8; 256];
+    let n = conn.read(&mut b).unwrap();
+    assert!(
+        b[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&b[..n])
+    );
+}
+
+/// One address may hold only its share of the proxy's connections: the
+/// next gets 503 `capacity_exhausted` at once, and a slot that closes is
+/// free again. Other addresses are not affected.
+#[test]
+fn one_client_holds_at_most_its_connections() {
+    let fleet = slow_client_fleet(&["--max-connections-per-client", "3"]);
+    let addr = public_addr(&fleet);
+    let client = "127.0.0.2";
+    let mut held: Vec<TcpStream> = (0..3).map(|_| connect_from(client, &addr)).collect();
+    // A request on each shows the proxy has counted it.
+    for conn in &mut held {
+        healthz_on(conn);
+    }
+    let mut over = connect_from(client, &addr);
+    let (closed, got) = read_to_close(&mut over, Duration::from_secs(30));
+    assert!(closed);
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+    assert!(got.contains("capacity_exhausted"), "{got}");
+    // Another address is served meanwhile.
+    healthz_on(&mut connect_from("127.0.0.3", &addr));
+    // The freed slot is taken again once the proxy has seen the close.
+    drop(held.pop());
+    let start = Instant::now();
+    loop {
+        let mut conn = connect_from(client, &addr);
+        let (_, got) = {
+            conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            read_to_close(&mut conn, Duration::from_secs(30))
+        };
+        if got.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+        assert!(start.elapsed() < Duration::from_secs(30), "never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let metrics = fleet.proxy.api.call("GET", "/metrics", &[], None).text();
+    assert!(
+        metrics.contains("tensor_wasm_connections_refused_total{reason=\"per_client\"}"),
+        "{metrics}"
     );
 }
