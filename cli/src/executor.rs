@@ -8,6 +8,7 @@ use anyhow::Context;
 use tensor_wasm_executor::config::{EngineLimits, TenantQuotas};
 use tensor_wasm_executor::server::{DeviceChoice, Executor, ExecutorConfig};
 use tensor_wasm_executor::tracking::TrackingChoice;
+use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::names::env;
 
 /// Flags of `tensor-wasm executor`; each has an environment fallback.
@@ -113,6 +114,11 @@ pub struct Args {
     #[arg(long, env = env::TENANT_RUNNING_INVOCATIONS,
           value_parser = clap::value_parser!(u32).range(1..))]
     tenant_running_invocations: Option<u32>,
+    /// Weights of tenants' shares of the cores, `tenant=weight`, comma
+    /// separated or repeated (1 for a tenant not named): a tenant over its
+    /// share runs in the background.
+    #[arg(long, env = env::TENANT_CPU_WEIGHTS, value_delimiter = ',')]
+    tenant_cpu_weight: Vec<String>,
     /// Async jobs the executor runs at once, all tenants together.
     #[arg(long, env = env::JOB_CONCURRENCY, default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -197,6 +203,12 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         ),
         pending_job_bytes: args.tenant_pending_job_bytes,
         finished_job_bytes: args.tenant_finished_job_bytes,
+        cpu_weights: args
+            .tenant_cpu_weight
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| parse_weight(s))
+            .collect::<anyhow::Result<_>>()?,
     };
     let shutdown_budget = Duration::from_secs(args.shutdown_budget_secs);
     let cfg = ExecutorConfig {
@@ -250,4 +262,22 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// A `tenant=weight` entry of `--tenant-cpu-weight`.
+fn parse_weight(s: &str) -> anyhow::Result<(TenantId, u32)> {
+    let (tenant, weight) = s
+        .split_once('=')
+        .with_context(|| format!("cpu weight {s:?}: expected tenant=weight"))?;
+    let tenant =
+        TenantId::new(tenant.trim()).map_err(|e| anyhow::anyhow!("cpu weight {s:?}: {e}"))?;
+    let weight: u32 = weight
+        .trim()
+        .parse()
+        .ok()
+        .filter(|w| (1..=1000).contains(w))
+        .with_context(|| {
+            format!("cpu weight {s:?}: the weight is a whole number from 1 to 1000")
+        })?;
+    Ok((tenant, weight))
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tensor_wasm_kernels::Limits;
+use tensor_wasm_shared::TenantId;
 
 /// Operator limits of the wasm engine and its guests.
 #[derive(Clone, Debug)]
@@ -133,6 +134,10 @@ pub struct TenantQuotas {
     /// the oldest finished jobs are forgotten early; the newest is always
     /// kept until its retention ends.
     pub finished_job_bytes: u64,
+    /// The operator's weights of tenants' shares of the cores (1 for a
+    /// tenant not named): a tenant over its share runs in the background
+    /// (`state::cpu`).
+    pub cpu_weights: Vec<(TenantId, u32)>,
 }
 
 impl TenantQuotas {
@@ -157,6 +162,7 @@ impl Default for TenantQuotas {
             running_invocations: 16,
             pending_job_bytes: 1 << 30,
             finished_job_bytes: 256 << 20,
+            cpu_weights: Vec::new(),
         }
     }
 }

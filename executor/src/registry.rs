@@ -40,6 +40,7 @@ use crate::logs::FunctionLog;
 use crate::memory::{HostBudget, HostUsage};
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Sessions};
+use crate::state::cpu::CpuShares;
 use crate::state::{
     AssetSource, Function, FunctionStore, Inflight, JobCaps, Pool, Registration, ResolvedConfig,
     Slot, Tenant,
@@ -101,16 +102,50 @@ impl Held {
         encode: E,
     ) -> Result<(T, Option<Strict>), ExecError>
     where
+        T: Send,
+        E: FnOnce(Response, &dyn Backend) -> Result<T, ExecError> + Send,
+    {
+        let (tenant, f) = (self.tenant.clone(), self.function.clone());
+        let _running = tenant.running.enter(f.deadline()).ok_or_else(|| {
+            ExecError::Capacity(format!(
+                "tenant {} runs as many invocations as its quota allows, and none ended within function {}'s deadline",
+                tenant.id, f.info.id
+            ))
+        })?;
+        let cpu = tenant.cpu.clone();
+        if !cpu.over_share() {
+            let _busy = cpu.busy();
+            return self.run_guest(slot, body, encode);
+        }
+        // Over its share of the cores: on a background thread of its own,
+        // this one waiting for it (`state::cpu`).
+        std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("tw-background".into())
+                .stack_size(crate::state::cpu::GUEST_STACK)
+                .spawn_scoped(s, move || {
+                    tensor_wasm_kernels::threads::enter_background();
+                    let _busy = cpu.busy();
+                    self.run_guest(slot, body, encode)
+                })
+                .map_err(|e| ExecError::Internal(format!("cannot start a background thread: {e}")))?
+                .join()
+                .map_err(|_| ExecError::Internal("a background invocation panicked".into()))?
+        })
+    }
+
+    /// [`run`](Self::run) once the tenant has its place: on this thread.
+    fn run_guest<T, E>(
+        self,
+        slot: &Slot,
+        body: RequestBody,
+        encode: E,
+    ) -> Result<(T, Option<Strict>), ExecError>
+    where
         E: FnOnce(Response, &dyn Backend) -> Result<T, ExecError>,
     {
         let f = &self.function;
         let strict = f.config.durability == Durability::Strict;
-        let _running = self.tenant.running.enter(f.deadline()).ok_or_else(|| {
-            ExecError::Capacity(format!(
-                "tenant {} runs as many invocations as its quota allows, and none ended within function {}'s deadline",
-                self.tenant.id, f.info.id
-            ))
-        })?;
         let request = body.decode(self.backend.as_ref())?;
         let mut inst = f.pool.checkout(slot, || {
             WarmInstance::create(&f.pre, &f.setup, true, f.deadline())
@@ -161,6 +196,8 @@ pub struct Registry {
     host_budget: Arc<HostBudget>,
     /// Slots for running async jobs (`job_concurrency`).
     pub(crate) job_slots: Arc<Semaphore>,
+    /// The cores, shared among tenants by weight.
+    cpu: Arc<CpuShares>,
     /// `TENSOR_WASM_SNAPSHOT_KEY`: signs exports, and imports must carry a
     /// valid signature when set.
     snapshot_key: Option<Vec<u8>>,
@@ -196,6 +233,10 @@ impl Registry {
     ) -> Registry {
         let job_slots = runtime.limits().job_concurrency.max(1);
         let host_memory = runtime.limits().host_memory_bytes;
+        let cpu = CpuShares::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            quotas.cpu_weights.iter().cloned().collect(),
+        );
         Registry {
             limits: runtime.limits().clone(),
             runtime,
@@ -206,6 +247,7 @@ impl Registry {
             state_dir,
             quotas,
             job_slots: Arc::new(Semaphore::new(job_slots)),
+            cpu,
             host_budget: HostBudget::new(host_memory),
             snapshot_key: None,
             tracking: PageTracking::open(),
@@ -267,6 +309,7 @@ impl Registry {
                 running: self.quotas.running_jobs,
             },
             self.quotas.running_invocations,
+            self.cpu.tenant(id),
         )))
     }
 
@@ -949,9 +992,13 @@ impl Registry {
     {
         let journal = self.invocation_journal(target);
         let held = Held::new(target, journal.clone());
-        let ran = tokio::task::spawn_blocking(move || held.run(&slot, body, encode))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        crate::state::cpu::spawn_guest(move || {
+            let _ = tx.send(held.run(&slot, body, encode));
+        });
+        let ran = rx
             .await
-            .map_err(ExecError::task("invocation"))
+            .map_err(|_| ExecError::Internal("the invocation's thread went".into()))
             .and_then(|r| r);
         let result = Self::settle(target, journal, ran).await;
         drop(admitted);

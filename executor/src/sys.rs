@@ -1,5 +1,6 @@
 //! The executor's only `unsafe`: loading compiled modules from its cache,
-//! and mapping its own assets files.
+//! mapping its own assets files, and lowering the priority of its guests'
+//! threads.
 
 #![allow(unsafe_code)]
 
@@ -35,6 +36,24 @@ pub fn start_writeback(file: &std::fs::File, offset: u64) {
     // means "to the end of the file".
     let _ =
         unsafe { libc::sync_file_range(file.as_raw_fd(), offset, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// The calling thread's kernel id.
+pub fn thread_id() -> libc::pid_t {
+    // SAFETY: `gettid` takes nothing and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Makes thread `tid` of this process `SCHED_IDLE`, for good (an
+/// unprivileged process cannot bring it back). Best effort: a thread that
+/// ended meanwhile is an error, ignored.
+pub fn idle_thread(tid: libc::pid_t) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `sched_setscheduler` reads one `sched_param` through a pointer
+    // to a live local. Lowering the priority of a thread of one's own
+    // process needs no privilege; `tid` is one of ours, and a recycled id
+    // could only be another of our threads the caller has stopped tracking.
+    let _ = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
 }
 
 /// A file mapped read-only.

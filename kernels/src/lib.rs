@@ -13,7 +13,11 @@
 //! - [`discovery`]: which GPUs and MIG slices this machine has, through
 //!   NVML, behind a trait so that its logic is tested with fake devices.
 //!
-//! `unsafe` code lives only in the `sys` module (BLAS and CUDA calls).
+//! [`threads`] says which threads the CPU backend's parallel work runs on:
+//! those of a tenant over its share of the cores run in the background.
+//!
+//! `unsafe` code lives only in the `sys` module (BLAS, CUDA and scheduler
+//! calls).
 
 #![deny(unsafe_code)]
 
@@ -28,6 +32,7 @@ pub mod ops;
 pub mod shape;
 mod sys;
 pub mod tensor;
+pub mod threads;
 
 pub use backend::{Backend, BackendKind};
 pub use cpu::CpuBackend;

@@ -331,3 +331,94 @@ fn one_client_holds_at_most_its_connections() {
         "{metrics}"
     );
 }
+
+/// Threads of process `pid` that the kernel schedules as `SCHED_IDLE`
+/// (policy 5, the 41st field of `/proc/<pid>/task/<tid>/stat`), by name.
+fn idle_threads(pid: u32) -> Vec<String> {
+    let mut idle = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return idle;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // The name is in parentheses and may hold spaces; fields follow.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map_or("", |(_, n)| n).to_string();
+        // `rest` starts at field 3 (state): policy, field 41, is its 39th.
+        if rest.split_whitespace().nth(38) == Some("5") {
+            idle.push(name);
+        }
+    }
+    idle
+}
+
+/// A tenant that keeps more than its share of the cores busy runs in the
+/// background: while another tenant calls, the first one's guests run on
+/// threads the kernel schedules only when nobody else wants a core
+/// (`SCHED_IDLE`), including a guest that was running already when the
+/// other tenant came; the other tenant's calls keep being answered.
+#[test]
+fn a_tenant_over_its_share_of_the_cores_runs_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let ex = ExecutorProcess::start_with(
+        "cpu-fair",
+        dir.path(),
+        &["--tenant-running-invocations", "2"],
+    );
+    let spinner = wat::parse_str(SPINNER).unwrap();
+    let hog = register_on(
+        &ex,
+        "hog",
+        "spinner",
+        &spinner,
+        r#"{"deadline_ms": 1500, "max_instances": 2}"#,
+    );
+    let quick = register_on(&ex, "quick", "spinner", &spinner, "{}");
+    let pid = ex.child.id();
+    assert!(idle_threads(pid).is_empty(), "{:?}", idle_threads(pid));
+    let stop = AtomicBool::new(false);
+    let seen = std::thread::scope(|s| {
+        // The hog spins on two instances, again and again.
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, _) = ex.request(
+                        "POST",
+                        &format!("/functions/{hog}/invoke"),
+                        Some("hog"),
+                        "application/octet-stream",
+                        &[1],
+                    );
+                    assert_eq!(status, 504);
+                }
+            });
+        }
+        let start = Instant::now();
+        let seen = loop {
+            let (status, body) = ex.request(
+                "POST",
+                &format!("/functions/{quick}/invoke"),
+                Some("quick"),
+                "application/octet-stream",
+                &[0],
+            );
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            let idle = idle_threads(pid);
+            if !idle.is_empty() || start.elapsed() > Duration::from_secs(30) {
+                break idle;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        stop.store(true, Ordering::Relaxed);
+        seen
+    });
+    assert!(
+        seen.iter()
+            .any(|n| n.starts_with("tw-guest") || n.starts_with("tw-background")),
+        "no guest ran in the background: {seen:?}"
+    );
+}

@@ -4,7 +4,9 @@
 //! Registry (registry.rs)                  tenants: TenantId → Arc<Tenant>
 //! │   store: FunctionStore (store.rs)     the state directory's functions/
 //! │   job_slots                           executor-wide job concurrency
+//! │   cpu: CpuShares (cpu.rs)             the cores and the tenants' use
 //! └── Tenant (tenant.rs)
+//!     ├── cpu: TenantCpu                  its recent use of the cores
 //!     ├── gate: Admission                 frozen?, work admitted and not done
 //!     ├── instances: InstanceCount        live warm instances of the tenant
 //!     ├── jobs: JobTable (jobs.rs)        records + the tenant's jobs in flight
@@ -53,6 +55,7 @@
 //! write-then-rename, and streaming invocations hold a slot and an
 //! [`Inflight`] guard like any other call.
 
+pub mod cpu;
 mod function;
 mod jobs;
 mod pool;

@@ -141,7 +141,7 @@ impl Slots {
         }
     }
 
-    /// Runs `first`, then the queue, on a blocking thread holding `permit`.
+    /// Runs `first`, then the queue, on a guest thread holding `permit`.
     fn spawn_runner(self: Arc<Self>, permit: OwnedSemaphorePermit, first: Option<QueuedRun>) {
         let run = move || {
             let mut slot = Slot {
@@ -155,11 +155,7 @@ impl Slots {
                 (next.run)(&slot);
             }
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => drop(h.spawn_blocking(run)),
-            // Outside a runtime (none of the executor's own threads): here.
-            Err(_) => run(),
-        }
+        super::cpu::spawn_guest(run);
     }
 
     /// The next queued invocation for `slot`'s holder to run, or none,

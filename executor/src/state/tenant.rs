@@ -59,6 +59,9 @@ pub struct Tenant {
     /// tenant streams one assets file to disk at a time, so that its
     /// uploads in flight hold at most one file's cap of the disk.
     pub(crate) uploads: Arc<tokio::sync::Semaphore>,
+    /// Its recent use of the cores: over its share, its guests run in the
+    /// background (`cpu.rs`).
+    pub(crate) cpu: Arc<super::cpu::TenantCpu>,
 }
 
 /// One admitted unit of work (an invocation or a running job); the tenant
@@ -95,6 +98,7 @@ impl Tenant {
         host: Arc<HostUsage>,
         job_caps: JobCaps,
         running: usize,
+        cpu: Arc<super::cpu::TenantCpu>,
     ) -> Tenant {
         Tenant {
             id,
@@ -109,6 +113,7 @@ impl Tenant {
             job_permits: Arc::new(tokio::sync::Semaphore::new(job_caps.running.max(1))),
             running: crate::sync::Gate::new(running),
             uploads: Arc::new(tokio::sync::Semaphore::new(1)),
+            cpu,
             jobs: Mutex::new(JobTable::new(job_caps)),
             assets: Mutex::new(HashMap::new()),
             registering: Mutex::new(()),

@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use crate::threads::par;
+
 use super::element::Element;
 use super::layout::{PAR_MIN_ELEMS, for_each_row};
 use crate::ops::{BinaryOp, UnaryOp};
@@ -46,10 +48,12 @@ pub(crate) fn cast<S: Element, D: Element>(a: &[S]) -> Vec<D> {
 /// `f` over every element, in parallel when large.
 pub(crate) fn map<S: Element, D: Element>(a: &[S], f: impl Fn(S) -> D + Sync) -> Vec<D> {
     if a.len() >= PAR_MIN_ELEMS {
-        a.par_iter()
-            .with_min_len(PAR_MIN_ELEMS / 4)
-            .map(|&x| f(x))
-            .collect()
+        par(|| {
+            a.par_iter()
+                .with_min_len(PAR_MIN_ELEMS / 4)
+                .map(|&x| f(x))
+                .collect()
+        })
     } else {
         a.iter().map(|&x| f(x)).collect()
     }
@@ -57,11 +61,13 @@ pub(crate) fn map<S: Element, D: Element>(a: &[S], f: impl Fn(S) -> D + Sync) ->
 
 fn zip_map<T: Element>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     if a.len() >= PAR_MIN_ELEMS {
-        a.par_iter()
-            .zip(b.par_iter())
-            .with_min_len(PAR_MIN_ELEMS / 4)
-            .map(|(&x, &y)| f(x, y))
-            .collect()
+        par(|| {
+            a.par_iter()
+                .zip(b.par_iter())
+                .with_min_len(PAR_MIN_ELEMS / 4)
+                .map(|(&x, &y)| f(x, y))
+                .collect()
+        })
     } else {
         a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
     }

@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use crate::threads::par;
+
 use crate::shape::{ConcatPlan, GatherPlan, strided_offset};
 
 /// Fewest output elements worth splitting across threads; below this,
@@ -24,10 +26,12 @@ pub(crate) fn for_each_row<T: Send, const N: usize>(
     let bases = |row: usize| strides.map(|s| strided_offset(row * last, out_dims, s));
     if out.len() >= PAR_MIN_ELEMS {
         let min_rows = (PAR_MIN_ELEMS / 4 / last).max(1);
-        out.par_chunks_mut(last)
-            .enumerate()
-            .with_min_len(min_rows)
-            .for_each(|(row, chunk)| f(chunk, bases(row)));
+        par(|| {
+            out.par_chunks_mut(last)
+                .enumerate()
+                .with_min_len(min_rows)
+                .for_each(|(row, chunk)| f(chunk, bases(row)))
+        });
     } else {
         out.chunks_mut(last)
             .enumerate()
@@ -72,7 +76,7 @@ pub(crate) fn gather_rows<T: Copy + Send + Sync + Default>(
         chunk.copy_from_slice(&table[start..start + row]);
     };
     if out.len() >= PAR_MIN_ELEMS {
-        out.par_chunks_mut(row).enumerate().for_each(copy);
+        par(|| out.par_chunks_mut(row).enumerate().for_each(copy));
     } else {
         out.chunks_mut(row).enumerate().for_each(copy);
     }

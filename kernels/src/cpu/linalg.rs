@@ -1,5 +1,7 @@
 //! Matmul and attention on OpenBLAS's sgemm. f16 and bf16 operands are
-//! widened to f32 first, so every product accumulates in f32.
+//! widened to f32 first, so every product accumulates in f32. OpenBLAS runs
+//! single-threaded: the rows are split into tasks over this thread's pool
+//! ([`crate::threads`]), each looking at the deadline first.
 
 use std::borrow::Cow;
 
@@ -7,10 +9,13 @@ use tensor_wasm_shared::DType;
 
 use super::element::Element;
 use super::elementwise::map;
+use rayon::prelude::*;
+
 use crate::deadline;
 use crate::error::{KernelError, Result};
 use crate::shape::{AttentionPlan, MatmulPlan};
 use crate::sys::blas::{MAX_DIM, sgemm};
+use crate::threads;
 
 /// The elements as f32: borrowed when they already are.
 fn widen<T: Element>(a: &[T]) -> Cow<'_, [f32]> {
@@ -36,29 +41,56 @@ pub(crate) fn matmul<T: Element>(a: &[T], b: &[T], p: &MatmulPlan) -> Result<Vec
     let (mk, kn, mn) = (p.m * p.k, p.k * p.n, p.m * p.n);
     let mut out = vec![0f32; p.batch() * mn];
     if mn > 0 {
-        // In chunks of rows of `a` (and of the output), the deadline
-        // looked at before each.
-        let rows = deadline::rows_per_chunk(p.m, p.n.saturating_mul(p.k));
-        for (i, c) in out.chunks_mut(mn).enumerate() {
-            let (ao, bo) = (p.a_offsets.at(i), p.b_offsets.at(i));
-            let (a, b) = (&a32[ao..ao + mk], &b32[bo..bo + kn]);
-            for r0 in (0..p.m).step_by(rows) {
+        // Tasks of rows of `a` (and of the output), each at most a
+        // deadline chunk's work, the deadline looked at before each.
+        let rows = task_rows(p.m, p.n.saturating_mul(p.k));
+        let tasks: Vec<(usize, usize, &mut [f32])> = out
+            .chunks_mut(mn)
+            .enumerate()
+            .flat_map(|(i, c)| {
+                c.chunks_mut(rows * p.n)
+                    .enumerate()
+                    .map(move |(j, c)| (i, j * rows, c))
+            })
+            .collect();
+        let deadline = deadline::current();
+        let run = |(i, r0, c): (usize, usize, &mut [f32])| {
+            deadline::scope(deadline, || {
                 deadline::check("matmul")?;
+                let (ao, bo) = (p.a_offsets.at(i), p.b_offsets.at(i));
+                let (a, b) = (&a32[ao..ao + mk], &b32[bo..bo + kn]);
                 let r1 = (r0 + rows).min(p.m);
-                sgemm(
-                    r1 - r0,
-                    p.n,
-                    p.k,
-                    1.0,
-                    &a[r0 * p.k..r1 * p.k],
-                    b,
-                    false,
-                    &mut c[r0 * p.n..r1 * p.n],
-                );
-            }
-        }
+                sgemm(r1 - r0, p.n, p.k, 1.0, &a[r0 * p.k..r1 * p.k], b, false, c);
+                Ok(())
+            })
+        };
+        each(tasks, run)?;
     }
     Ok(narrow(out))
+}
+
+/// Work from which an op's rows are split over the pool's threads, in
+/// multiply-adds: about 2^21, some tens of microseconds of one core.
+const PAR_MIN_WORK: usize = 1 << 21;
+
+/// Rows of an `m`-row operand per task when each row costs `row_work`
+/// multiply-adds: at most a deadline chunk's work, and, when the whole is
+/// worth splitting, few enough that every thread of the pool gets some.
+fn task_rows(m: usize, row_work: usize) -> usize {
+    let by_deadline = deadline::rows_per_chunk(m, row_work);
+    if m.saturating_mul(row_work) < PAR_MIN_WORK {
+        return by_deadline;
+    }
+    by_deadline.min(m.div_ceil(threads::width()).max(1))
+}
+
+/// Runs `run` on every task: on this thread if there is one, else over the
+/// pool ([`threads::par`]); the first error wins.
+fn each<X: Send>(tasks: Vec<X>, run: impl Fn(X) -> Result<()> + Sync + Send) -> Result<()> {
+    if tasks.len() <= 1 {
+        return tasks.into_iter().try_for_each(run);
+    }
+    threads::par(|| tasks.into_par_iter().try_for_each(run))
 }
 
 /// The most scores held at once: queries go through in blocks of rows, so
@@ -83,18 +115,24 @@ pub(crate) fn attention<T: Element>(
     // d = 0 has no scale to speak of; 1 keeps the scores finite (all 0).
     let scale = 1.0 / (d.max(1) as f32).sqrt();
     let rows = (SCORES_BUDGET_BYTES / (lk.max(1) * 4))
-        .min(deadline::rows_per_chunk(
-            lq,
-            lk.saturating_mul(d.saturating_add(dv)),
-        ))
+        .min(task_rows(lq, lk.saturating_mul(d.saturating_add(dv))))
         .clamp(1, lq);
-    let mut scores = vec![0f32; rows * lk];
-    for b in 0..p.batch() {
-        let (qo, ko, vo) = (p.q_offsets.at(b), p.k_offsets.at(b), p.v_offsets.at(b));
-        let o = &mut out[b * lq * dv..(b + 1) * lq * dv];
-        for r0 in (0..lq).step_by(rows) {
+    let tasks: Vec<(usize, usize, &mut [f32])> = out
+        .chunks_mut(lq * dv)
+        .enumerate()
+        .flat_map(|(b, o)| {
+            o.chunks_mut(rows * dv)
+                .enumerate()
+                .map(move |(j, o)| (b, j * rows, o))
+        })
+        .collect();
+    let deadline = deadline::current();
+    let run = |scores: &mut Vec<f32>, (b, r0, o): (usize, usize, &mut [f32])| {
+        deadline::scope(deadline, || {
             deadline::check("attention")?;
+            let (qo, ko, vo) = (p.q_offsets.at(b), p.k_offsets.at(b), p.v_offsets.at(b));
             let r1 = (r0 + rows).min(lq);
+            scores.resize(rows * lk, 0.0);
             let s = &mut scores[..(r1 - r0) * lk];
             sgemm(
                 r1 - r0,
@@ -122,17 +160,15 @@ pub(crate) fn attention<T: Element>(
                 }
                 row.iter_mut().for_each(|s| *s /= sum);
             }
-            sgemm(
-                r1 - r0,
-                dv,
-                lk,
-                1.0,
-                s,
-                &v32[vo..vo + lk * dv],
-                false,
-                &mut o[r0 * dv..r1 * dv],
-            );
-        }
+            sgemm(r1 - r0, dv, lk, 1.0, s, &v32[vo..vo + lk * dv], false, o);
+            Ok(())
+        })
+    };
+    if tasks.len() <= 1 {
+        let mut scores = Vec::new();
+        tasks.into_iter().try_for_each(|t| run(&mut scores, t))?;
+    } else {
+        threads::par(|| tasks.into_par_iter().try_for_each_init(Vec::new, run))?;
     }
     Ok(narrow(out))
 }

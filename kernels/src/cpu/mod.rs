@@ -89,6 +89,7 @@ macro_rules! with_float_slice {
 
 impl CpuBackend {
     pub fn new(limits: Limits) -> CpuBackend {
+        crate::threads::init();
         CpuBackend { limits }
     }
 

@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use crate::threads::par;
+
 use super::element::{CastVal, Element};
 use super::layout::PAR_MIN_ELEMS;
 use crate::shape::{AxisPlan, NormPlan};
@@ -125,7 +127,7 @@ fn lines<T: Element, R: Send>(
         })
     };
     if count * p.len >= PAR_MIN_ELEMS {
-        (0..count).into_par_iter().map(one).collect()
+        par(|| (0..count).into_par_iter().map(one).collect())
     } else {
         (0..count).map(one).collect()
     }
@@ -166,7 +168,7 @@ pub(crate) fn softmax<T: Element>(a: &[T], p: &AxisPlan) -> Vec<T> {
         }
     };
     if a.len() >= PAR_MIN_ELEMS && block > 0 {
-        out.par_chunks_mut(block).enumerate().for_each(run_block);
+        par(|| out.par_chunks_mut(block).enumerate().for_each(run_block));
     } else if block > 0 {
         out.chunks_mut(block).enumerate().for_each(run_block);
     }
@@ -221,7 +223,7 @@ pub(crate) fn norm<T: Element>(
         }
     };
     if x.len() >= PAR_MIN_ELEMS {
-        out.par_chunks_mut(p.cols).enumerate().for_each(run_row);
+        par(|| out.par_chunks_mut(p.cols).enumerate().for_each(run_row));
     } else {
         out.chunks_mut(p.cols).enumerate().for_each(run_row);
     }

@@ -5,7 +5,16 @@ use cblas_sys::{CBLAS_LAYOUT, CBLAS_TRANSPOSE, cblas_sgemm};
 // The CBLAS symbols come from OpenBLAS; `cblas-sys` declares them without
 // naming a library.
 #[link(name = "openblas")]
-unsafe extern "C" {}
+unsafe extern "C" {
+    fn openblas_set_num_threads(n: std::ffi::c_int);
+}
+
+/// Makes every sgemm run on its calling thread alone.
+pub(crate) fn single_threaded() {
+    // SAFETY: takes a plain integer; OpenBLAS applies it to calls made
+    // after it returns.
+    unsafe { openblas_set_num_threads(1) }
+}
 
 /// Largest extent CBLAS takes: its dims are C `int`.
 pub(crate) const MAX_DIM: usize = i32::MAX as usize;

@@ -1,5 +1,5 @@
-//! Every `unsafe` block of this crate: foreign calls into BLAS and the CUDA
-//! driver. Each function here is safe to call; each `unsafe` block states
+//! Every `unsafe` block of this crate: foreign calls into BLAS, the CUDA
+//! driver and the kernel's scheduler. Each function here is safe to call; each `unsafe` block states
 //! why its preconditions hold.
 
 #![allow(unsafe_code)]
@@ -7,3 +7,4 @@
 pub(crate) mod blas;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+pub(crate) mod sched;
