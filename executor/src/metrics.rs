@@ -37,6 +37,9 @@ pub struct Metrics {
     pub active_instances: IntGauge,
     pub jobs_in_flight: IntGauge,
     pub invocations_waiting: IntGauge,
+    /// Guests of tenants over their share of the cores, by `how` they went
+    /// to the background (`started` there, `moved` while running).
+    pub background_guests: IntCounterVec,
     pub kernel_dispatches: IntCounterVec,
     pub kernel_dispatch_duration: HistogramVec,
     pub invocations: IntCounterVec,
@@ -71,6 +74,14 @@ impl Metrics {
         let invocations_waiting = IntGauge::new(
             m::INVOCATIONS_WAITING,
             "Synchronous invocations waiting for an instance slot.",
+        )
+        .expect("valid");
+        let background_guests = IntCounterVec::new(
+            Opts::new(
+                m::BACKGROUND_GUESTS_TOTAL,
+                "Guests run in the background for a tenant over its share of the cores, by how (started, moved).",
+            ),
+            &["how"],
         )
         .expect("valid");
         let kernel_dispatches = IntCounterVec::new(
@@ -115,6 +126,7 @@ impl Metrics {
         reg(Box::new(active_instances.clone()));
         reg(Box::new(jobs_in_flight.clone()));
         reg(Box::new(invocations_waiting.clone()));
+        reg(Box::new(background_guests.clone()));
         reg(Box::new(kernel_dispatches.clone()));
         reg(Box::new(kernel_dispatch_duration.clone()));
         reg(Box::new(invocations.clone()));
@@ -145,6 +157,7 @@ impl Metrics {
             active_instances,
             jobs_in_flight,
             invocations_waiting,
+            background_guests,
             kernel_dispatches,
             kernel_dispatch_duration,
             invocations,

@@ -236,6 +236,7 @@ impl Registry {
         let cpu = CpuShares::new(
             std::thread::available_parallelism().map_or(1, |n| n.get()),
             quotas.cpu_weights.iter().cloned().collect(),
+            ["started", "moved"].map(|how| metrics.background_guests.with_label_values(&[how])),
         );
         Registry {
             limits: runtime.limits().clone(),

@@ -27,6 +27,7 @@ pub mod executor_metrics {
     pub const ACTIVE_INSTANCES: &str = "tensor_wasm_active_instances";
     pub const JOBS_IN_FLIGHT: &str = "tensor_wasm_jobs_in_flight";
     pub const INVOCATIONS_WAITING: &str = "tensor_wasm_invocations_waiting";
+    pub const BACKGROUND_GUESTS_TOTAL: &str = "tensor_wasm_background_guests_total";
     pub const KERNEL_DISPATCHES_TOTAL: &str = "tensor_wasm_kernel_dispatches_total";
     pub const KERNEL_DISPATCH_DURATION_SECONDS: &str =
         "tensor_wasm_kernel_dispatch_duration_seconds";
@@ -152,6 +153,7 @@ mod tests {
             proxy_metrics::CONNECTIONS_TIMED_OUT_TOTAL,
             executor_metrics::ACTIVE_INSTANCES,
             executor_metrics::JOBS_IN_FLIGHT,
+            executor_metrics::BACKGROUND_GUESTS_TOTAL,
             executor_metrics::KERNEL_DISPATCHES_TOTAL,
             executor_metrics::KERNEL_DISPATCH_DURATION_SECONDS,
             executor_metrics::INVOCATIONS_TOTAL,

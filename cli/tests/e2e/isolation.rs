@@ -421,4 +421,13 @@ fn a_tenant_over_its_share_of_the_cores_runs_in_the_background() {
             .any(|n| n.starts_with("tw-guest") || n.starts_with("tw-background")),
         "no guest ran in the background: {seen:?}"
     );
+    // Operators see it too.
+    let (_, metrics) = ex.request("GET", "/metrics", None, "", b"");
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    let counted: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tensor_wasm_background_guests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(counted > 0, "{metrics}");
 }

@@ -55,12 +55,23 @@ pub struct CpuShares {
     /// When guests over their share were last looked for (ns after
     /// `origin`).
     demoted_at: AtomicU64,
+    started: prometheus::IntCounter,
+    moved: prometheus::IntCounter,
 }
 
 impl CpuShares {
-    /// `cores` to share; `weights` the operator's, by tenant.
-    pub fn new(cores: usize, weights: HashMap<TenantId, u32>) -> Arc<CpuShares> {
+    /// `cores` to share; `weights` the operator's, by tenant; `counted`
+    /// the counters of guests started in the background and of those
+    /// moved there while they ran.
+    pub fn new(
+        cores: usize,
+        weights: HashMap<TenantId, u32>,
+        counted: [prometheus::IntCounter; 2],
+    ) -> Arc<CpuShares> {
+        let [started, moved] = counted;
         Arc::new(CpuShares {
+            started,
+            moved,
             cores: cores.max(1) as f64,
             weights: weights
                 .into_iter()
@@ -77,6 +88,8 @@ impl CpuShares {
     /// The account of a new tenant.
     pub fn tenant(self: &Arc<Self>, id: &TenantId) -> Arc<TenantCpu> {
         let t = Arc::new(TenantCpu {
+            id: id.clone(),
+            logged_at: AtomicU64::new(0),
             shares: self.clone(),
             weight: self.weights.get(id).copied().unwrap_or(1.0),
             running: AtomicU64::new(0),
@@ -140,6 +153,7 @@ impl CpuShares {
                 && !slot.demoted.swap(true, Ordering::AcqRel)
             {
                 crate::sys::idle_thread(slot.tid);
+                self.moved.inc();
             }
         }
     }
@@ -171,6 +185,9 @@ impl CpuShares {
 /// One tenant's account. Lock-free: every guest's start and end touch it.
 #[derive(Debug)]
 pub struct TenantCpu {
+    id: TenantId,
+    /// When a change of its standing was last logged (ns).
+    logged_at: AtomicU64,
     shares: Arc<CpuShares>,
     weight: f64,
     /// Guests running now, and the sum of their starts (ns after the
@@ -239,22 +256,45 @@ impl TenantCpu {
     }
 
     /// Whether its next guest runs in the background: it is over its
-    /// share. One within it first moves other tenants' guests over theirs
-    /// to the background.
+    /// share (counted in `background_guests_total{how="started"}`: call
+    /// it once per guest). One within it first moves other tenants' guests
+    /// over theirs to the background.
     pub fn over_share(&self) -> bool {
         let now = Instant::now();
         let ns = self.shares.nanos(now);
         let until = self.decided_until.load(Ordering::Acquire);
         if ns < until >> 1 {
-            return until & 1 == 1;
+            let over = until & 1 == 1;
+            if over {
+                self.shares.started.inc();
+            }
+            return over;
         }
         let used = self.cores(now);
-        let over = used > self.fair_given(now, used);
-        self.decided_until.store(
+        let fair = self.fair_given(now, used);
+        let over = used > fair;
+        let before = self.decided_until.swap(
             (ns.saturating_add(DECIDE_NS) << 1) | u64::from(over),
-            Ordering::Release,
+            Ordering::AcqRel,
         );
-        if !over {
+        // A change of standing, at most once a second per tenant.
+        let last = self.logged_at.load(Ordering::Acquire);
+        if (before & 1 == 1) != over
+            && ns.saturating_sub(last) >= 1_000_000_000
+            && self
+                .logged_at
+                .compare_exchange(last, ns, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            if over {
+                tracing::info!(tenant = %self.id, cores = used, share = fair, "tenant over its share of the cores: its guests run in the background");
+            } else {
+                tracing::info!(tenant = %self.id, cores = used, share = fair, "tenant within its share of the cores again");
+            }
+        }
+        if over {
+            self.shares.started.inc();
+        } else {
             self.shares.demote_over_share(now, self);
         }
         over
@@ -406,6 +446,10 @@ mod tests {
         TenantId::new(s).unwrap()
     }
 
+    fn counter() -> [prometheus::IntCounter; 2] {
+        ["started", "moved"].map(|n| prometheus::IntCounter::new(n, n).unwrap())
+    }
+
     /// Keeps `cpu` busy `n` times for `each`, one after another, on this
     /// thread.
     fn run(cpu: &Arc<TenantCpu>, n: usize, each: Duration) {
@@ -417,7 +461,7 @@ mod tests {
 
     #[test]
     fn a_tenant_over_its_share_goes_to_the_background_and_one_within_does_not() {
-        let shares = CpuShares::new(2, HashMap::new());
+        let shares = CpuShares::new(2, HashMap::new(), counter());
         let a = shares.tenant(&t("a"));
         let b = shares.tenant(&t("b"));
         // Alone, a may use both cores.
@@ -449,7 +493,7 @@ mod tests {
 
     #[test]
     fn weights_divide_the_cores() {
-        let shares = CpuShares::new(4, HashMap::from([(t("big"), 3)]));
+        let shares = CpuShares::new(4, HashMap::from([(t("big"), 3)]), counter());
         let big = shares.tenant(&t("big"));
         let small = shares.tenant(&t("small"));
         run(&big, 1, Duration::from_millis(60));
