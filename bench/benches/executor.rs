@@ -134,7 +134,7 @@ fn invoke(c: &mut Criterion) {
     let mut inst = warm(&rt, TRIVIAL);
     g.bench_function("warm_instance", |b| {
         b.iter(|| {
-            inst.invoke(Request::default(), Duration::from_secs(10))
+            inst.invoke(Request::default(), Duration::from_secs(10), None)
                 .unwrap()
         })
     });
@@ -164,7 +164,7 @@ fn abi(c: &mut Criterion) {
     let mut inst = warm(&rt, ADD16);
     g.bench_function("add16", |b| {
         b.iter(|| {
-            inst.invoke(Request::default(), Duration::from_secs(10))
+            inst.invoke(Request::default(), Duration::from_secs(10), None)
                 .unwrap()
         })
     });

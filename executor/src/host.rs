@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tensor_wasm_kernels::{Backend, BinaryOp, DType, ReduceOp, Tensor, UnaryOp};
@@ -46,6 +47,8 @@ pub struct CallCtx {
     pub raw_out: Vec<u8>,
     /// The message set with `set_error`.
     pub error_message: Option<String>,
+    /// Set once the client that asked for the call is gone.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Everything an instance's imports reach: its store data.
@@ -64,6 +67,9 @@ pub struct HostState {
     pub call_started: Instant,
     pub max_output_bytes: usize,
     pub max_error_message: usize,
+    /// The module imports `cancelled` (guest ABI v2): once its client is
+    /// gone, its other imports fail with `Cancelled`.
+    pub cancel_aware: bool,
 }
 
 impl HostState {
@@ -166,9 +172,32 @@ fn len_i32(n: usize, what: &str) -> AbiResult {
     i32::try_from(n).map_err(|_| invalid(format!("{what} of {n} bytes does not fit an i32")))
 }
 
+/// Whether the client of the call in progress is gone.
+fn client_gone(st: &HostState) -> bool {
+    st.call
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Acquire))
+}
+
+/// Runs one import as [`call_any`] does, unless the guest takes
+/// cancellation (it imports `cancelled`) and its client is gone: then the
+/// import does nothing and fails with `Cancelled`.
+fn call(
+    caller: &mut Ctx<'_>,
+    f: impl FnOnce(&mut HostState, &mut [u8]) -> AbiResult,
+) -> wasmtime::Result<i32> {
+    let st = caller.data_mut();
+    if st.cancel_aware && client_gone(st) {
+        st.last_error = "cancelled: the client is gone".into();
+        return Ok(AbiError::Cancelled.code());
+    }
+    call_any(caller, f)
+}
+
 /// Runs one import: checks the deadline, hands `f` guest memory and the
 /// state, and turns a failure into its code (keeping the message).
-fn call(
+fn call_any(
     caller: &mut Ctx<'_>,
     f: impl FnOnce(&mut HostState, &mut [u8]) -> AbiResult,
 ) -> wasmtime::Result<i32> {
@@ -376,15 +405,18 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         })
     })?;
     linker.func_wrap(m, "set_error", |mut c: Ctx<'_>, p: i32, l: i32| {
-        call(&mut c, |st, mem| {
+        call_any(&mut c, |st, mem| {
             let len = usize::try_from(l).map_err(|_| invalid("negative length"))?;
             let msg = String::from_utf8_lossy(guest(mem, p, len, "message")?).into_owned();
             st.call.error_message = Some(truncate(msg, st.max_error_message));
             Ok(0)
         })
     })?;
+    linker.func_wrap(m, "cancelled", |mut c: Ctx<'_>| {
+        call_any(&mut c, |st, _| Ok(i32::from(client_gone(st))))
+    })?;
     linker.func_wrap(m, "last_error", |mut c: Ctx<'_>, p: i32, cap: i32| {
-        call(&mut c, |st, mem| {
+        call_any(&mut c, |st, mem| {
             let msg = st.last_error.as_bytes();
             let n = msg.len().min(usize::try_from(cap).unwrap_or(0));
             guest_mut(mem, p, n, "destination")?.copy_from_slice(&msg[..n]);

@@ -829,6 +829,7 @@ pub fn executor_info(app: &App) -> ExecutorInfo {
         },
         snapshot_formats: Some(tensor_wasm_shared::build::SnapshotFormats::this_build()),
         guest_abi: Some(tensor_wasm_shared::build::GUEST_ABI.to_vec()),
+        guest_abi_used: Some(app.registry.guest_abi_used()),
         frozen: Some(
             states
                 .iter()

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tensor_wasm_kernels::{Backend, DType, Tensor};
@@ -206,6 +206,7 @@ impl WarmInstance {
             call_started: Instant::now(),
             max_output_bytes: setup.max_output_bytes,
             max_error_message: setup.max_error_message,
+            cancel_aware: crate::wasm::guest_abi_of(pre.module()) >= 2,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
@@ -270,6 +271,7 @@ impl WarmInstance {
         &mut self,
         request: Request,
         deadline: Duration,
+        cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Response, InvokeError> {
         self.shared.invocations.fetch_add(1, Ordering::Relaxed);
         {
@@ -277,6 +279,7 @@ impl WarmInstance {
             st.call = CallCtx {
                 inputs: request.inputs,
                 body: request.body,
+                cancel,
                 ..CallCtx::default()
             };
             st.deadline = Some(Instant::now() + deadline);

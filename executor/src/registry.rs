@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
@@ -69,12 +69,27 @@ enum Strict {
     Later(Arc<crate::instance::InstanceShared>, u64),
 }
 
+/// Sets its flag when dropped: a synchronous invocation's future holds
+/// one, so that the flag is set once its client is gone (the future is
+/// dropped with the connection) or the answer is out (when nothing reads
+/// it any more).
+#[derive(Default)]
+struct ClientGone(Arc<AtomicBool>);
+
+impl Drop for ClientGone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// What an invocation needs on the thread that holds its slot.
 struct Held {
     tenant: Arc<Tenant>,
     function: Arc<Function>,
     backend: Arc<dyn Backend>,
     journal: Option<Arc<crate::durable::Journal>>,
+    /// Set once the client is gone (`docs/GUEST-ABI.md`, "Cancellation").
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Held {
@@ -84,6 +99,7 @@ impl Held {
             function: target.function.clone(),
             backend: target.tenant.backend.clone(),
             journal,
+            cancel: None,
         }
     }
 
@@ -150,7 +166,7 @@ impl Held {
         let mut inst = f.pool.checkout(slot, || {
             WarmInstance::create(&f.pre, &f.setup, true, f.deadline())
         })?;
-        let (response, frame) = match inst.inst.invoke(request, f.deadline()) {
+        let (response, frame) = match inst.inst.invoke(request, f.deadline(), self.cancel.clone()) {
             Ok(r) => {
                 let shared = inst.inst.shared().clone();
                 let count = shared.invocations.load(Ordering::Relaxed);
@@ -607,6 +623,18 @@ impl Registry {
             .collect()
     }
 
+    /// The guest ABI versions the functions here use, ascending: v2 for a
+    /// module that imports `cancelled`, v1 for any other.
+    pub fn guest_abi_used(&self) -> Vec<u32> {
+        let mut used = std::collections::BTreeSet::new();
+        for t in read_lock(&self.tenants).values() {
+            for f in t.function_list() {
+                used.insert(wasm::guest_abi_of(f.pre.module()));
+            }
+        }
+        used.into_iter().collect()
+    }
+
     /// Warm instances of all tenants, idle or running.
     pub fn active_instances(&self) -> u64 {
         read_lock(&self.tenants)
@@ -944,7 +972,13 @@ impl Registry {
         let f = &target.function;
         let journal = self.invocation_journal(target);
         let (tx, mut rx) = tokio::sync::oneshot::channel();
-        let held = Held::new(target, journal.clone());
+        // Dropped with this future: when the client goes away before the
+        // answer, the guest sees it (`cancelled`).
+        let gone = ClientGone::default();
+        let held = Held {
+            cancel: Some(gone.0.clone()),
+            ..Held::new(target, journal.clone())
+        };
         let ticket = f.pool.submit(
             &f.info.id,
             Box::new(move |slot: &Slot| {

@@ -489,6 +489,7 @@ mod tests {
                 ..Default::default()
             },
             std::time::Duration::from_secs(10),
+            None,
         )
         .unwrap();
     }

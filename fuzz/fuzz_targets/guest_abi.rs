@@ -142,7 +142,7 @@ fuzz_target!(|data: &[u8]| {
         inputs,
         body: Arc::from(data),
     };
-    let _ = inst.invoke(request, Duration::from_secs(2));
+    let _ = inst.invoke(request, Duration::from_secs(2), None);
     drop(inst);
     // Every tensor the program made was released with its instance.
     assert_eq!(f.setup.usage.tensors(), 0);

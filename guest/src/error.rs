@@ -29,6 +29,9 @@ pub enum ErrorKind {
     InvalidArgument,
     /// -8: the device failed.
     Device,
+    /// -9: the invocation's client is gone (only for a function that
+    /// calls [`crate::Call::cancelled`]).
+    Cancelled,
     /// A positive code: a failure the function reported itself
     /// ([`Error::msg`], [`Error::with_code`]).
     Function,
@@ -48,6 +51,7 @@ impl ErrorKind {
             -6 => ErrorKind::NameNotFound,
             -7 => ErrorKind::InvalidArgument,
             -8 => ErrorKind::Device,
+            -9 => ErrorKind::Cancelled,
             c if c > 0 => ErrorKind::Function,
             _ => ErrorKind::Unknown,
         }
@@ -63,6 +67,7 @@ impl ErrorKind {
             ErrorKind::NameNotFound => "name not found",
             ErrorKind::InvalidArgument => "invalid argument",
             ErrorKind::Device => "device error",
+            ErrorKind::Cancelled => "cancelled",
             ErrorKind::Function => "function error",
             ErrorKind::Unknown => "unknown error",
         }
@@ -178,6 +183,7 @@ mod tests {
     fn codes_map_to_kinds() {
         assert_eq!(ErrorKind::from_code(-2), ErrorKind::ShapeMismatch);
         assert_eq!(ErrorKind::from_code(-8), ErrorKind::Device);
+        assert_eq!(ErrorKind::from_code(-9), ErrorKind::Cancelled);
         assert_eq!(ErrorKind::from_code(-99), ErrorKind::Unknown);
         assert_eq!(ErrorKind::from_code(3), ErrorKind::Function);
     }

@@ -1,4 +1,4 @@
-//! Rust SDK for TensorWasm functions: safe tensors over guest ABI v1
+//! Rust SDK for TensorWasm functions: safe tensors over guest ABI v2
 //! (`docs/GUEST-ABI.md`), built for `wasm32-wasip1`.
 //!
 //! A function is a `cdylib` that declares its entry points with
@@ -133,6 +133,15 @@ impl Call {
     pub fn write_output(&self, bytes: &[u8]) -> Result<()> {
         error::check(sys::output_write(bytes))?;
         Ok(())
+    }
+
+    /// Whether the client that asked for this invocation is gone (guest
+    /// ABI v2). A function that calls it takes cancellation: once the
+    /// client is gone, every op fails with [`ErrorKind::Cancelled`], so it
+    /// can stop and return, keeping its warm state, rather than work to
+    /// its deadline. It needs an executor that runs guest ABI v2.
+    pub fn cancelled(&self) -> bool {
+        sys::cancelled() == 1
     }
 }
 

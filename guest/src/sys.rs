@@ -1,4 +1,4 @@
-//! The `tensor` imports of guest ABI v1 (`docs/GUEST-ABI.md`) and the only
+//! The `tensor` imports of guest ABI v2 (`docs/GUEST-ABI.md`) and the only
 //! `unsafe` code of the SDK.
 //!
 //! Each import is declared once, under a Rust name prefixed `tw_` and linked
@@ -61,6 +61,7 @@ imports! {
     fn tw_output_write = "output_write"(src_ptr: *const u8, len: i32);
     fn tw_set_error = "set_error"(msg_ptr: *const u8, len: i32);
     fn tw_last_error = "last_error"(dst_ptr: *mut u8, cap: i32);
+    fn tw_cancelled = "cancelled"();
     fn tw_matmul = "matmul"(a: i32, b: i32);
     fn tw_binary = "binary"(op: i32, a: i32, b: i32);
     fn tw_scalar = "scalar"(op: i32, a: i32, value: f32);
@@ -170,6 +171,14 @@ pub fn last_error(dst: &mut [u8]) -> i32 {
     // SAFETY: `dst` is borrowed exclusively; the host writes at most
     // `dst.len()` bytes into it.
     unsafe { tw_last_error(dst.as_mut_ptr(), len(dst.len())) }
+}
+
+/// 1 once the invocation's client is gone, else 0 (guest ABI v2). A
+/// module that calls it imports it, and its other imports then fail with
+/// -9 once the client is gone.
+pub fn cancelled() -> i32 {
+    // SAFETY: no arguments; the host touches no guest memory.
+    unsafe { tw_cancelled() }
 }
 
 pub fn matmul(a: i32, b: i32) -> i32 {

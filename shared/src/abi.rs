@@ -26,6 +26,9 @@ pub enum AbiError {
     InvalidArgument = -7,
     /// The device failed; reported at the next call that waits for it.
     DeviceError = -8,
+    /// The client that asked for this invocation is gone (guest ABI v2,
+    /// only to guests that import `cancelled`).
+    Cancelled = -9,
 }
 
 impl AbiError {
@@ -45,6 +48,7 @@ impl AbiError {
             -6 => AbiError::NameNotFound,
             -7 => AbiError::InvalidArgument,
             -8 => AbiError::DeviceError,
+            -9 => AbiError::Cancelled,
             _ => return None,
         })
     }
@@ -61,6 +65,7 @@ impl fmt::Display for AbiError {
             AbiError::NameNotFound => "name not found",
             AbiError::InvalidArgument => "invalid argument",
             AbiError::DeviceError => "device error",
+            AbiError::Cancelled => "cancelled: the client is gone",
         };
         f.write_str(s)
     }
@@ -72,10 +77,10 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for code in -8..=-1 {
+        for code in -9..=-1 {
             assert_eq!(AbiError::from_code(code).unwrap().code(), code);
         }
         assert_eq!(AbiError::from_code(0), None);
-        assert_eq!(AbiError::from_code(-9), None);
+        assert_eq!(AbiError::from_code(-10), None);
     }
 }

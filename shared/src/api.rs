@@ -540,6 +540,11 @@ pub struct ExecutorInfo {
     /// bytes. `None` from earlier releases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_device_bytes: Option<BTreeMap<String, u64>>,
+    /// The guest ABI versions its functions use (those of `guest_abi`
+    /// that a rollback must keep). `None` from earlier releases: take
+    /// `guest_abi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_abi_used: Option<Vec<u32>>,
 }
 
 #[cfg(test)]

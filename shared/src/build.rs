@@ -17,7 +17,7 @@ pub const PROFILE: &str = env!("TENSOR_WASM_BUILD_PROFILE");
 pub const TARGET: &str = env!("TENSOR_WASM_BUILD_TARGET");
 
 /// The guest ABI versions this build runs (`docs/GUEST-ABI.md`).
-pub const GUEST_ABI: &[u32] = &[1];
+pub const GUEST_ABI: &[u32] = &[1, 2];
 
 /// Which snapshot formats a build reads and writes
 /// (`docs/SNAPSHOT-COMPATIBILITY.md`), as `--version --json` and
@@ -115,7 +115,7 @@ pub fn upgrade_blockers(
     }
     for v in from_abi.iter().filter(|v| !to_abi.contains(v)) {
         why.push(format!(
-            "the fleet runs guest ABI v{v}, which the new binary does not (it runs {})",
+            "the fleet's functions use guest ABI v{v}, which the new binary does not run (it runs {})",
             abi_text(to_abi)
         ));
     }
@@ -175,9 +175,14 @@ mod tests {
     fn upgrades_are_refused_for_formats_one_side_cannot_read() {
         let this = SnapshotFormats::this_build();
         let old = SnapshotFormats::release_0_1();
-        // To and from release 0.1: format 2 is only negotiated.
+        // To and from release 0.1: format 2 is only negotiated, and a
+        // fleet whose functions use only ABI v1 may go back to it.
         assert!(upgrade_blockers(&old, &[1], &this, GUEST_ABI).is_empty());
-        assert!(upgrade_blockers(&this, GUEST_ABI, &old, &[1]).is_empty());
+        assert!(upgrade_blockers(&this, &[1], &old, &[1]).is_empty());
+        // One with functions on ABI v2 (cancellation) may not.
+        let why = upgrade_blockers(&this, &[1, 2], &old, &[1]);
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].contains("guest ABI v2"), "{why:?}");
         assert!(upgrade_blockers(&this, GUEST_ABI, &this, GUEST_ABI).is_empty());
         // A release that writes format 3: no rollback onto this one.
         let next = SnapshotFormats {

@@ -456,7 +456,7 @@ fn warm(runtime: &Runtime, backend: &Arc<dyn Backend>, wat: &str) -> Result<Warm
 }
 
 fn invoke(inst: &mut WarmInstance) -> Result<()> {
-    inst.invoke(Request::default(), Duration::from_secs(60))
+    inst.invoke(Request::default(), Duration::from_secs(60), None)
         .map(drop)
         .map_err(|e| anyhow::anyhow!("invoke: {e}"))
 }

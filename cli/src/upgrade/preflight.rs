@@ -306,7 +306,11 @@ fn running(admin: &Admin) -> anyhow::Result<Vec<Running>> {
         .map(|e| {
             let formats: Option<SnapshotFormats> =
                 serde_json::from_value(e["snapshot_formats"].clone()).ok();
-            let guest_abi: Option<Vec<u32>> = serde_json::from_value(e["guest_abi"].clone()).ok();
+            // What a rollback must keep: the versions its functions use,
+            // where it says (else every version it runs).
+            let guest_abi: Option<Vec<u32>> = serde_json::from_value(e["guest_abi_used"].clone())
+                .ok()
+                .or_else(|| serde_json::from_value(e["guest_abi"].clone()).ok());
             Running {
                 id: e["id"].as_str().unwrap_or_default().to_string(),
                 version: e["version"].as_str().unwrap_or_default().to_string(),

@@ -431,3 +431,64 @@ fn a_tenant_over_its_share_of_the_cores_runs_in_the_background() {
         .sum();
     assert!(counted > 0, "{metrics}");
 }
+
+/// A client that goes away from the proxy cancels its invocation on the
+/// executor: the proxy drops its upstream request, the executor's request
+/// ends, and a guest that takes cancellation (guest ABI v2) stops at once
+/// and keeps its warm state, instead of working to its deadline.
+#[test]
+fn a_client_that_leaves_the_proxy_cancels_its_guest() {
+    let fleet = TestFleet::start(1, ProxyOptions::default());
+    let wasm = wat::parse_str(include_str!("../../../examples/wat/cancellable.wat")).unwrap();
+    let (ct, body) = crate::harness::multipart(&[
+        ("module", "application/wasm", &wasm),
+        ("config", "application/json", br#"{"deadline_ms": 60000}"#),
+    ]);
+    let r = fleet.proxy.call(
+        "tok-acme",
+        "POST",
+        "/functions?name=cancellable",
+        Some((&ct, &body)),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let ex = fleet.executor("cpu0");
+    let zeros = || {
+        let (_, m) = ex.request("GET", "/metrics", None, "", b"");
+        String::from_utf8_lossy(&m)
+            .lines()
+            .filter(|l| {
+                l.starts_with("tensor_wasm_kernel_dispatches_total{") && l.contains("op=\"zeros\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let mut conn = TcpStream::connect(public_addr(&fleet)).unwrap();
+    write!(
+        conn,
+        "POST /functions/{id}/invoke HTTP/1.1\r\nhost: x\r\nauthorization: Bearer tok-acme\r\ncontent-type: application/octet-stream\r\ncontent-length: 1\r\n\r\n\x01"
+    )
+    .unwrap();
+    let start = Instant::now();
+    while zeros() == 0.0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(conn);
+    // The next call waits for the instance, which the cancelled guest
+    // gives back as soon as it stops.
+    let r = fleet.proxy.call(
+        "tok-acme",
+        "POST",
+        &format!("/functions/{id}/invoke"),
+        Some(("application/octet-stream", &[0])),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b = r.body;
+    assert_eq!(
+        u32::from_le_bytes(b[0..4].try_into().unwrap()),
+        1,
+        "cancellations seen"
+    );
+    assert_eq!(i32::from_le_bytes(b[4..8].try_into().unwrap()), -9);
+}

@@ -653,7 +653,7 @@ fn version_json_names_the_formats_and_abi() {
     assert!(r["rustc"].as_str().unwrap().starts_with("rustc "), "{r}");
     assert_eq!(r["snapshot_formats"]["reads"], serde_json::json!([1, 2]));
     assert_eq!(r["snapshot_formats"]["writes"], serde_json::json!([1]));
-    assert_eq!(r["guest_abi"], serde_json::json!([1]));
+    assert_eq!(r["guest_abi"], serde_json::json!([1, 2]));
     // `--json` alone is a usage error, not a silent no-op.
     let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
         .arg("--json")

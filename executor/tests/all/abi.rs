@@ -652,3 +652,82 @@ fn a_busy_function_queues_then_refuses() {
     );
     assert_eq!(ex.metric("tensor_wasm_invocations_waiting"), 0.0);
 }
+
+/// Guest ABI v2's cancellation, shown by `examples/wat/cancellable.wat`.
+const CANCELLABLE: &str = include_str!("../../../examples/wat/cancellable.wat");
+
+/// The zeros the executor has made, from its metrics.
+fn zeros_made(ex: &TestExecutor) -> f64 {
+    let text = ureq::get(ex.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("tensor_wasm_kernel_dispatches_total{") && l.contains("op=\"zeros\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A client that goes away reaches the guest (guest ABI v2): `cancelled`
+/// turns 1 and its other imports fail with -9, so it stops at once rather
+/// than at its deadline, and, since it returns normally, its instance and
+/// its state live on.
+#[test]
+fn a_client_that_goes_away_cancels_its_guest_which_keeps_its_state() {
+    use std::io::Write;
+    let ex = TestExecutor::start();
+    let wasm = wat::parse_str(CANCELLABLE).unwrap();
+    let r = ex.register_with_config("acme", "cancellable", &wasm, r#"{"deadline_ms": 60000}"#);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let addr = ex.base.trim_start_matches("http://").to_string();
+    for round in 1..=2u32 {
+        let before = zeros_made(&ex);
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            conn,
+            "POST /functions/{id}/invoke HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nx-tensor-wasm-tenant: acme\r\ncontent-type: application/octet-stream\r\ncontent-length: 1\r\n\r\n\x01",
+            crate::harness::TOKEN
+        )
+        .unwrap();
+        // The guest runs: it makes tensors.
+        let start = std::time::Instant::now();
+        while zeros_made(&ex) <= before {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "never ran"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(conn);
+        // It sees the cancellation and counts it, well before its deadline.
+        let start = std::time::Instant::now();
+        let (seen, code) = loop {
+            let r = ex.post(
+                "acme",
+                &format!("/functions/{id}/invoke"),
+                "application/octet-stream",
+                &[0],
+            );
+            assert_eq!(r.status, 200, "{}", r.text());
+            let b = &r.body;
+            let seen = u32::from_le_bytes(b[0..4].try_into().unwrap());
+            let code = i32::from_le_bytes(b[4..8].try_into().unwrap());
+            if seen == round {
+                break (seen, code);
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "not cancelled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        // The same instance, state kept: the count goes on.
+        assert_eq!(seen, round);
+        assert_eq!(code, -9, "an op after cancellation fails with -9");
+    }
+}

@@ -309,6 +309,7 @@ impl ExecutorApi for Scripted {
             guest_abi: None,
             frozen: None,
             tenant_device_bytes: None,
+            guest_abi_used: None,
         })
     }
 
