@@ -491,4 +491,13 @@ fn a_client_that_leaves_the_proxy_cancels_its_guest() {
         "cancellations seen"
     );
     assert_eq!(i32::from_le_bytes(b[4..8].try_into().unwrap()), -9);
+    // The proxy records the request its client left as unanswered (0,
+    // `docs/AUDIT-LOG.md`), not as a failure of the fleet.
+    let m = fleet.proxy.api.call("GET", "/metrics", &[], None).text();
+    assert!(
+        m.contains(
+            r#"tensor_wasm_http_requests_total{method="POST",route="/functions/{id}/invoke",status="000"} 1"#
+        ),
+        "{m}"
+    );
 }

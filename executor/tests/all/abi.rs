@@ -658,13 +658,8 @@ const CANCELLABLE: &str = include_str!("../../../examples/wat/cancellable.wat");
 
 /// The zeros the executor has made, from its metrics.
 fn zeros_made(ex: &TestExecutor) -> f64 {
-    let text = ureq::get(ex.url("/metrics"))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
-    text.lines()
+    ex.metrics_text()
+        .lines()
         .filter(|l| {
             l.starts_with("tensor_wasm_kernel_dispatches_total{") && l.contains("op=\"zeros\"")
         })

@@ -195,15 +195,19 @@ impl TestExecutor {
         )
     }
 
-    pub fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .agent
+    /// The executor's Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        self.agent
             .get(self.url("/metrics"))
             .call()
             .unwrap()
             .into_body()
             .read_to_string()
-            .unwrap();
+            .unwrap()
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text();
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
