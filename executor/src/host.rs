@@ -1,4 +1,4 @@
-//! Guest ABI v1: the `tensor` imports, over a kernel backend.
+//! Guest ABI v2: the `tensor` imports, over a kernel backend.
 //!
 //! Every import returns a value ≥ 0 on success or a negative [`AbiError`]
 //! code, keeping the message for `last_error`. Guest pointers are checked

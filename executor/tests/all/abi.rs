@@ -1,4 +1,4 @@
-//! Every import of guest ABI v1, through a real executor.
+//! Every import of guest ABI v2, through a real executor.
 
 use std::sync::Arc;
 
