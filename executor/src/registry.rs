@@ -118,8 +118,7 @@ impl Held {
         encode: E,
     ) -> Result<(T, Option<Strict>), ExecError>
     where
-        T: Send,
-        E: FnOnce(Response, &dyn Backend) -> Result<T, ExecError> + Send,
+        E: FnOnce(Response, &dyn Backend) -> Result<T, ExecError>,
     {
         let (tenant, f) = (self.tenant.clone(), self.function.clone());
         let _running = tenant.running.enter(f.deadline()).ok_or_else(|| {
@@ -129,25 +128,14 @@ impl Held {
             ))
         })?;
         let cpu = tenant.cpu.clone();
-        if !cpu.over_share() {
-            let _busy = cpu.busy();
-            return self.run_guest(slot, body, encode);
+        if cpu.over_share() {
+            // Over its share of the cores: this guest thread goes to the
+            // background for good, and ends once its job does
+            // (`state::cpu`).
+            crate::state::cpu::enter_background();
         }
-        // Over its share of the cores: on a background thread of its own,
-        // this one waiting for it (`state::cpu`).
-        std::thread::scope(|s| {
-            std::thread::Builder::new()
-                .name("tw-background".into())
-                .stack_size(crate::state::cpu::GUEST_STACK)
-                .spawn_scoped(s, move || {
-                    tensor_wasm_kernels::threads::enter_background();
-                    let _busy = cpu.busy();
-                    self.run_guest(slot, body, encode)
-                })
-                .map_err(|e| ExecError::Internal(format!("cannot start a background thread: {e}")))?
-                .join()
-                .map_err(|_| ExecError::Internal("a background invocation panicked".into()))?
-        })
+        let _busy = cpu.busy();
+        self.run_guest(slot, body, encode)
     }
 
     /// [`run`](Self::run) once the tenant has its place: on this thread.

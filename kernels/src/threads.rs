@@ -72,11 +72,6 @@ pub(crate) fn par<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// Threads of the pool `par` would use here.
-pub(crate) fn width() -> usize {
-    rayon::current_num_threads()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

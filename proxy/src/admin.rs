@@ -196,7 +196,7 @@ impl AdminApi {
                     Ok(b) => b,
                     Err(e) => return Answer::error(e),
                 };
-                match fleet.register_proven(&body.id, &body.addr, false).await {
+                match fleet.register_proven(&body.id, &body.addr).await {
                     Ok(exec) => {
                         tracing::info!(executor = %exec.id, addr = %exec.addr, "executor registered");
                         Answer::json(201, self.executor_entry(&exec).await)
@@ -204,7 +204,7 @@ impl AdminApi {
                     Err(e) => {
                         let code = match &e {
                             RegisterError::Exists { .. } => ErrorCode::ExecutorExists,
-                            RegisterError::Unverified { .. } => {
+                            RegisterError::Unverified { .. } | RegisterError::Unanswered { .. } => {
                                 tracing::warn!(id = %body.id, addr = %body.addr, error = %e, "executor registration refused");
                                 ErrorCode::ExecutorUnverified
                             }

@@ -262,6 +262,8 @@ pub enum RegisterError {
     BadAddr(String, String),
     #[error("executor {id} is registered at {addr} already; forget it first to move it")]
     Exists { id: String, addr: String },
+    #[error("nothing at {addr} answered the identity check: {why}")]
+    Unanswered { addr: String, why: String },
     #[error("the executor at {addr} did not prove that it is fleet executor {id:?}: {why}")]
     Unverified {
         id: String,
@@ -349,42 +351,72 @@ impl Fleet {
         Ok(exec)
     }
 
-    /// Registers executor `id` at `addr`, named by the admin API or found
-    /// by DNS, once whoever answers there proves that it holds the
-    /// internal token and is `id` ([`tensor_wasm_shared::identity`]); until
-    /// then nothing sent there carries a credential.
-    ///
-    /// An id registered at the same address already is answered as it is.
-    /// One registered at another address is [`RegisterError::Exists`]
-    /// unless `readdress` allows the move: DNS discovery allows it once the
-    /// old address is gone from the name's answers (a pod that came back
-    /// with a new IP), and says so in the log.
+    /// Registers executor `id` at `addr`, named by the admin API, once
+    /// whoever answers there proves that it holds the internal token and is
+    /// `id` ([`tensor_wasm_shared::identity`]); until then nothing sent
+    /// there carries a credential. An id registered at the same address
+    /// already is answered as it is; one registered at another address is
+    /// [`RegisterError::Exists`].
     pub async fn register_proven(
         &self,
         id: &str,
         addr: &str,
-        readdress: bool,
     ) -> Result<Arc<Executor>, RegisterError> {
         let id = ExecutorId::new(id).map_err(|e| RegisterError::BadId(e.value))?;
-        let exists = |old: &Executor| RegisterError::Exists {
-            id: id.to_string(),
-            addr: old.addr.clone(),
-        };
+        if let Some(old) = self.executor(&id) {
+            return if old.addr == addr {
+                Ok(old)
+            } else {
+                Err(exists(&id, &old))
+            };
+        }
+        let sock = resolve(addr)?;
+        let proven = self.prove(addr).await?;
+        if proven != id {
+            return Err(RegisterError::Unverified {
+                id: id.to_string(),
+                addr: addr.to_string(),
+                why: format!("it says it is {:?}", proven.as_str()),
+            });
+        }
+        self.insert_proven(id, addr, sock, None)
+    }
+
+    /// Registers whoever answers at `addr`, found by DNS, under the id it
+    /// proves. An id registered at another address moves only if `listed`
+    /// says the name no longer resolves to that address (a pod that came
+    /// back with a new IP), and the move is logged.
+    pub async fn discover(
+        &self,
+        addr: &str,
+        listed: impl Fn(SocketAddr) -> bool,
+    ) -> Result<Arc<Executor>, RegisterError> {
+        let sock = resolve(addr)?;
+        let id = self.prove(addr).await?;
         let old = self.executor(&id);
         match &old {
             Some(old) if old.addr == addr => return Ok(old.clone()),
-            Some(old) if !readdress => return Err(exists(old)),
+            Some(old) if listed(old.sock) => return Err(exists(&id, old)),
             _ => {}
         }
-        let sock = resolve(addr)?;
-        self.prove(&id, addr).await?;
-        // Another registration may have won the id while the proof ran.
+        self.insert_proven(id, addr, sock, old)
+    }
+
+    /// Adds `id` at `addr` once proven, unless another registration won the
+    /// id meanwhile; `old` is the registration it replaces, if any.
+    fn insert_proven(
+        &self,
+        id: ExecutorId,
+        addr: &str,
+        sock: SocketAddr,
+        old: Option<Arc<Executor>>,
+    ) -> Result<Arc<Executor>, RegisterError> {
         let now = self.executor(&id);
         if let Some(now) = now.filter(|now| old.as_ref().is_none_or(|old| !Arc::ptr_eq(old, now))) {
             return if now.addr == addr {
                 Ok(now)
             } else {
-                Err(exists(&now))
+                Err(exists(&id, &now))
             };
         }
         if let Some(old) = &old {
@@ -393,27 +425,29 @@ impl Fleet {
         self.insert(id, addr, sock)
     }
 
-    /// Asks the executor at `addr` to prove that it holds the internal
-    /// token and is `id`.
-    async fn prove(&self, id: &ExecutorId, addr: &str) -> Result<(), RegisterError> {
-        let unverified = |why: String| RegisterError::Unverified {
+    /// Asks whoever answers at `addr` to prove that it holds the internal
+    /// token; the id it proved.
+    async fn prove(&self, addr: &str) -> Result<ExecutorId, RegisterError> {
+        let unverified = |id: &str, why: String| RegisterError::Unverified {
             id: id.to_string(),
             addr: addr.to_string(),
             why,
         };
         let nonce = identity::nonce();
-        let answer = self
-            .client_at(addr)
-            .identity(&nonce)
-            .await
-            .map_err(|e| unverified(e.to_string()))?;
-        if answer.id != id.as_str() {
-            return Err(unverified(format!("it says it is {:?}", answer.id)));
+        let answer =
+            self.client_at(addr)
+                .identity(&nonce)
+                .await
+                .map_err(|e| RegisterError::Unanswered {
+                    addr: addr.to_string(),
+                    why: e.to_string(),
+                })?;
+        let id = ExecutorId::new(&answer.id)
+            .map_err(|e| unverified(&answer.id, format!("its id is not valid: {}", e.value)))?;
+        if !identity::verify(&self.internal_token, &id, &nonce, &answer) {
+            return Err(unverified(&answer.id, "its proof is wrong".into()));
         }
-        if !identity::verify(&self.internal_token, id, &nonce, &answer) {
-            return Err(unverified("its proof is wrong".into()));
-        }
-        Ok(())
+        Ok(id)
     }
 
     /// Forgets an executor.
@@ -650,6 +684,14 @@ impl Fleet {
 
 /// Locks a mutex, taking over a poisoned one: every critical section here
 /// leaves the data consistent before anything that could panic.
+/// `id` is registered at another address than asked.
+fn exists(id: &ExecutorId, old: &Executor) -> RegisterError {
+    RegisterError::Exists {
+        id: id.to_string(),
+        addr: old.addr.clone(),
+    }
+}
+
 /// The first socket address `addr` resolves to.
 fn resolve(addr: &str) -> Result<SocketAddr, RegisterError> {
     addr.to_socket_addrs()
@@ -783,33 +825,38 @@ mod tests {
         };
         let fleet = open(dir.path(), TOKEN);
         fleet
-            .register_proven("cpu0", "127.0.0.1:7200", false)
+            .register_proven("cpu0", "127.0.0.1:7200")
             .await
             .unwrap();
         assert_eq!(net.take_calls(), ["cpu0 identity"]);
         // Again at the same address: as it is, nothing asked.
         fleet
-            .register_proven("cpu0", "127.0.0.1:7200", false)
+            .register_proven("cpu0", "127.0.0.1:7200")
             .await
             .unwrap();
         assert!(net.take_calls().is_empty());
 
         // An address that answers as another id, or nobody, or without the
         // fleet's token, is refused and never registered.
-        let refused = |e: RegisterError| matches!(e, RegisterError::Unverified { .. });
+        let refused = |e: RegisterError| {
+            matches!(
+                e,
+                RegisterError::Unverified { .. } | RegisterError::Unanswered { .. }
+            )
+        };
         let e = fleet
-            .register_proven("cpu9", "127.0.0.1:7202", false)
+            .register_proven("cpu9", "127.0.0.1:7202")
             .await
             .unwrap_err();
         assert!(refused(e));
         let e = fleet
-            .register_proven("cpu9", "127.0.0.1:7299", false)
+            .register_proven("cpu9", "127.0.0.1:7299")
             .await
             .unwrap_err();
         assert!(refused(e));
         let other = tempfile::tempdir().unwrap();
         let e = open(other.path(), "another token")
-            .register_proven("cpu1", "127.0.0.1:7202", false)
+            .register_proven("cpu1", "127.0.0.1:7202")
             .await
             .unwrap_err();
         assert!(refused(e), "a proof made with another token");
@@ -822,15 +869,12 @@ mod tests {
         // proves it, unless the caller allows it (DNS, once the old address
         // is gone).
         let e = fleet
-            .register_proven("cpu0", "127.0.0.1:7201", false)
+            .register_proven("cpu0", "127.0.0.1:7201")
             .await
             .unwrap_err();
         assert!(matches!(e, RegisterError::Exists { .. }), "{e}");
         assert_eq!(fleet.executor("cpu0").unwrap().addr, "127.0.0.1:7200");
-        fleet
-            .register_proven("cpu0", "127.0.0.1:7201", true)
-            .await
-            .unwrap();
+        fleet.discover("127.0.0.1:7201", |_| false).await.unwrap();
         assert_eq!(fleet.executor("cpu0").unwrap().addr, "127.0.0.1:7201");
         // The move persists.
         let again = open(dir.path(), TOKEN);

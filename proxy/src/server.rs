@@ -33,7 +33,6 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, Shut
 use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
 use tensor_wasm_shared::TenantId;
-use tensor_wasm_shared::identity;
 
 use crate::admin::AdminApi;
 use crate::audit::{AuditConfig, AuditLog};
@@ -44,7 +43,6 @@ use crate::metrics::ProxyMetrics;
 use crate::migrate::Orchestrator;
 use crate::ratelimit::{Rate, RateError, RateLimits};
 use crate::service::{PublicProxy, Shared};
-use crate::upstream::UpstreamError;
 
 /// Where tokens come from.
 #[derive(Clone, Debug)]
@@ -357,8 +355,8 @@ impl Upkeep {
 
     /// Registers executors that `name` resolves to and that are not known
     /// at that address yet, under the id each proves it has
-    /// ([`Fleet::register_proven`]). An id known at an address that the name
-    /// no longer resolves to moves to its new one.
+    /// ([`Fleet::discover`]). An id known at an address that the name no
+    /// longer resolves to moves to its new one.
     async fn discover(&self, name: &str) {
         let fleet = &self.shared.fleet;
         let addrs = match tokio::net::lookup_host(name).await {
@@ -368,32 +366,18 @@ impl Upkeep {
                 return;
             }
         };
-        let known = fleet.executors();
-        for addr in addrs
-            .iter()
-            .filter(|a| !known.iter().any(|e| e.sock == **a))
-        {
-            let nonce = identity::nonce();
-            let answer = match fleet.client_at(&addr.to_string()).identity(&nonce).await {
-                Ok(answer) => answer,
-                Err(UpstreamError::BadAnswer { source, .. }) => {
-                    tracing::warn!(%addr, error = %source, "discovered executor sent a bad identity");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(%addr, error = %e, "discovered executor not answering yet");
-                    continue;
-                }
-            };
-            let gone = known
-                .iter()
-                .find(|e| e.id.as_str() == answer.id)
-                .is_none_or(|e| !addrs.contains(&e.sock));
+        let known: Vec<std::net::SocketAddr> = fleet.executors().iter().map(|e| e.sock).collect();
+        for addr in addrs.iter().filter(|a| !known.contains(a)) {
             match fleet
-                .register_proven(&answer.id, &addr.to_string(), gone)
+                .discover(&addr.to_string(), |old| addrs.contains(&old))
                 .await
             {
-                Ok(_) => tracing::info!(executor = %answer.id, %addr, "executor discovered by DNS"),
+                Ok(exec) => {
+                    tracing::info!(executor = %exec.id, %addr, "executor discovered by DNS")
+                }
+                Err(e @ RegisterError::Unanswered { .. }) => {
+                    tracing::debug!(%addr, error = %e, "discovered executor not answering yet");
+                }
                 Err(e) => tracing::warn!(%addr, error = %e, "discovered executor refused"),
             }
         }

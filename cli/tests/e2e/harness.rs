@@ -737,6 +737,25 @@ pub fn register_on(
     created_id(status, &body)
 }
 
+/// The ids in a `GET /admin/executors` answer, in its order.
+pub fn executor_ids(list: &serde_json::Value) -> Vec<String> {
+    list["executors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// [`SPINNER`] registered on `ex` for tenant `hog` with `hog_config` and
+/// for tenant `quick` with defaults: their function ids.
+pub fn hog_and_quick(ex: &ExecutorProcess, hog_config: &str) -> (String, String) {
+    let spinner = wat::parse_str(SPINNER).unwrap();
+    let hog = register_on(ex, "hog", "spinner", &spinner, hog_config);
+    let quick = register_on(ex, "quick", "spinner", &spinner, "{}");
+    (hog, quick)
+}
+
 /// Spins until its deadline when its body's first byte is 1, else answers
 /// at once.
 pub const SPINNER: &str = r#"(module

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    ExecutorProcess, ProxyOptions, SPINNER, TOKEN, TestFleet, job_of, register_on, submit_job,
-    wait_job_of,
+    ExecutorProcess, ProxyOptions, TOKEN, TestFleet, executor_ids, hog_and_quick, job_of,
+    submit_job, wait_job_of,
 };
 
 /// Holding the admin token does not yield the internal token: an address
@@ -85,13 +85,7 @@ fn an_address_that_cannot_prove_it_is_an_executor_never_receives_the_internal_to
     assert!(seen.contains("POST /internal/identity"), "{seen}");
     assert!(!seen.contains(TOKEN), "the internal token was sent: {seen}");
     let list = fleet.proxy.admin("GET", "/admin/executors", None).json();
-    let ids: Vec<&str> = list["executors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["id"].as_str())
-        .collect();
-    assert_eq!(ids, ["cpu0"]);
+    assert_eq!(executor_ids(&list), ["cpu0"]);
     assert_eq!(list["executors"][0]["addr"], fleet.executor("cpu0").addr);
 }
 
@@ -105,17 +99,9 @@ fn one_tenants_slow_jobs_leave_job_slots_to_others() {
         dir.path(),
         &["--job-concurrency", "2", "--tenant-running-jobs", "1"],
     );
-    let spinner = wat::parse_str(SPINNER).unwrap();
     // Two instances: its own pool would let two of its jobs run at once,
     // taking both of the executor's job slots, but for its cap.
-    let hog = register_on(
-        &ex,
-        "hog",
-        "spinner",
-        &spinner,
-        r#"{"deadline_ms": 20000, "max_instances": 2}"#,
-    );
-    let quick = register_on(&ex, "quick", "spinner", &spinner, "{}");
+    let (hog, quick) = hog_and_quick(&ex, r#"{"deadline_ms": 20000, "max_instances": 2}"#);
     let hogs: Vec<String> = (0..3).map(|_| submit_job(&ex, "hog", &hog, 1)).collect();
     wait_job_of(&ex, "hog", &hogs[0], "running");
     let mine = submit_job(&ex, "quick", &quick, 0);
@@ -369,15 +355,7 @@ fn a_tenant_over_its_share_of_the_cores_runs_in_the_background() {
         dir.path(),
         &["--tenant-running-invocations", "2"],
     );
-    let spinner = wat::parse_str(SPINNER).unwrap();
-    let hog = register_on(
-        &ex,
-        "hog",
-        "spinner",
-        &spinner,
-        r#"{"deadline_ms": 1500, "max_instances": 2}"#,
-    );
-    let quick = register_on(&ex, "quick", "spinner", &spinner, "{}");
+    let (hog, quick) = hog_and_quick(&ex, r#"{"deadline_ms": 1500, "max_instances": 2}"#);
     let pid = ex.child.id();
     assert!(idle_threads(pid).is_empty(), "{:?}", idle_threads(pid));
     let stop = AtomicBool::new(false);

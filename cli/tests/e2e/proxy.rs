@@ -609,13 +609,7 @@ fn executors_are_discovered_through_dns() {
     let start = std::time::Instant::now();
     loop {
         let list = proxy.admin("GET", "/admin/executors", None).json();
-        let ids: Vec<&str> = list["executors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| e["id"].as_str())
-            .collect();
-        if ids == ["pod-a"] {
+        if crate::harness::executor_ids(&list) == ["pod-a"] {
             break;
         }
         assert!(

@@ -13,7 +13,9 @@
 //! never kept waiting by one over it, and one over it still gets every
 //! core that nobody else wants.
 //!
-//! Guests within their share run on [`spawn_guest`]'s threads. When a
+//! Every guest runs on one of [`spawn_guest`]'s threads; one over its
+//! share makes its thread a background one, which then ends with its job,
+//! so that no other work ever runs on it. When a
 //! tenant within its share starts a guest, the guests already running of
 //! tenants now over theirs are moved to the background where they are
 //! (their threads made `SCHED_IDLE`), so that a tenant that arrives does
@@ -308,7 +310,10 @@ impl TenantCpu {
         let start = self.shares.nanos(since);
         self.started_sum.fetch_add(start, Ordering::AcqRel);
         self.running.fetch_add(1, Ordering::AcqRel);
-        let slot = SLOT.with(|s| s.get().cloned());
+        // A background thread has nowhere lower to go.
+        let slot = SLOT
+            .with(|s| s.get().cloned())
+            .filter(|_| !tensor_wasm_kernels::threads::is_background());
         if let Some(slot) = &slot {
             slot.tenant
                 .store(Arc::as_ptr(self) as usize, Ordering::Release);
@@ -369,7 +374,7 @@ thread_local! {
 
 /// Stack of a guest's thread: as much as the async runtime's blocking
 /// threads have.
-pub const GUEST_STACK: usize = 2 << 20;
+const GUEST_STACK: usize = 2 << 20;
 
 /// How long a guest thread waits for more work before it ends.
 const GUEST_IDLE: Duration = Duration::from_secs(10);
@@ -405,6 +410,15 @@ pub fn spawn_guest(job: impl FnOnce() + Send + 'static) {
         // Without a thread the job cannot run; its caller sees its
         // channel close.
         tracing::error!(error = %e, "cannot start a guest thread");
+    }
+}
+
+/// Makes this thread a background one for the guest about to run on it,
+/// if it is a guest thread ([`spawn_guest`], which ends it after its job).
+/// Any other thread is shared with other work and stays as it is.
+pub fn enter_background() {
+    if SLOT.with(|s| s.get().is_some()) {
+        tensor_wasm_kernels::threads::enter_background();
     }
 }
 

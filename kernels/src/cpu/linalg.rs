@@ -81,7 +81,7 @@ fn task_rows(m: usize, row_work: usize) -> usize {
     if m.saturating_mul(row_work) < PAR_MIN_WORK {
         return by_deadline;
     }
-    by_deadline.min(m.div_ceil(threads::width()).max(1))
+    by_deadline.min(m.div_ceil(rayon::current_num_threads()).max(1))
 }
 
 /// Runs `run` on every task: on this thread if there is one, else over the
