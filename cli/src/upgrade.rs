@@ -329,13 +329,49 @@ impl Admin {
             let text = resp.body_mut().read_to_string().unwrap_or_default();
             let value: serde_json::Value =
                 serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-            let code = value["error"]["code"].as_str().unwrap_or("");
+            let code = value["error"]["code"].as_str().unwrap_or("").to_string();
             let message = value["error"]["message"].as_str().unwrap_or(&text);
-            bail!("{method} {path}: {status} {code}: {message}");
+            return Err(AdminRefused {
+                what: format!("{method} {path}: {status} {code}: {message}"),
+                code,
+            }
+            .into());
         }
         Ok(resp)
     }
 }
+
+/// The admin API answered an error.
+#[derive(Debug)]
+struct AdminRefused {
+    /// The request and the answer, for people.
+    what: String,
+    /// Its stable `code`.
+    code: String,
+}
+
+impl std::fmt::Display for AdminRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl std::error::Error for AdminRefused {}
+
+/// Whether a refused move may go through when tried again: its requests
+/// in flight did not end within the hold deadline (`deadline_exceeded`),
+/// or an executor was briefly unreachable or full.
+fn worth_retrying(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<AdminRefused>().is_some_and(|r| {
+        matches!(
+            r.code.as_str(),
+            "deadline_exceeded" | "executor_unavailable" | "capacity_exhausted"
+        )
+    })
+}
+
+/// How often one tenant's move is tried before the upgrade stops.
+const MOVE_TRIES: u32 = 3;
 
 /// `cpu0` → `cpu0.1`, `cpu0.1` → `cpu0.2`.
 fn next_id(id: &str) -> String {
@@ -1179,11 +1215,28 @@ fn move_tenants(
     bar.set_prefix(format!("{from} → {to}"));
     let mut failed = Vec::new();
     for tenant in tenants {
-        match admin.call(
-            "POST",
-            &format!("/admin/tenants/{tenant}/migrate"),
-            Some(serde_json::json!({"to": to})),
-        ) {
+        let mut tries = 1;
+        let moved = loop {
+            let r = admin.call(
+                "POST",
+                &format!("/admin/tenants/{tenant}/migrate"),
+                Some(serde_json::json!({"to": to})),
+            );
+            match r {
+                Err(e) if tries < MOVE_TRIES && worth_retrying(&e) => {
+                    let line = format!("{tenant}: tried again: {e:#}");
+                    if no_progress {
+                        say!("{line}");
+                    } else {
+                        bar.println(line);
+                    }
+                    std::thread::sleep(Duration::from_secs(u64::from(tries)));
+                    tries += 1;
+                }
+                r => break r,
+            }
+        };
+        match moved {
             Ok(mut r) => {
                 let pause = r["pause_ms"].as_f64().unwrap_or(0.0);
                 bar.set_message(format!("{tenant} paused {pause:.1} ms"));
@@ -1200,7 +1253,13 @@ fn move_tenants(
                 progress.moves.push(r);
             }
             Err(e) => {
-                bar.println(format!("{tenant}: stays on {from}: {e:#}"));
+                // A hidden bar prints nothing: the reason must still show.
+                let line = format!("{tenant}: stays on {from}: {e:#}");
+                if no_progress {
+                    say!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 failed.push(tenant.clone());
             }
         }
