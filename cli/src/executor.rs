@@ -161,6 +161,17 @@ pub struct Args {
         value_parser = clap::value_parser!(u64).range(100..=3_600_000)
     )]
     checkpoint_ms: u64,
+    /// How long a streamed invocation may go without sending a chunk, in
+    /// milliseconds; past it the stream ends with `deadline_exceeded` and
+    /// the guest is cancelled. The invocation's deadline bounds the whole
+    /// stream besides.
+    #[arg(
+        long,
+        env = env::STREAM_IDLE_TIMEOUT_MS,
+        default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(10..=3_600_000)
+    )]
+    stream_idle_timeout_ms: u64,
     /// Where compiled modules are cached [default: STATE_DIR/module-cache].
     /// A cache, not state: put it on a volume apart from the state
     /// directory so that it cannot fill the tenants' state.
@@ -181,6 +192,7 @@ pub fn run(args: Args, features: &str) -> anyhow::Result<()> {
         job_concurrency: args.job_concurrency as usize,
         job_retention: Duration::from_secs(args.job_retention_secs),
         default_checkpoint: Duration::from_millis(args.checkpoint_ms),
+        stream_idle_timeout: Duration::from_millis(args.stream_idle_timeout_ms),
         module_cache_bytes: args.module_cache_bytes,
         host_memory_bytes: args
             .host_memory_bytes

@@ -93,6 +93,7 @@ pub fn decode_request(
         } else {
             Arc::from(&body[..])
         },
+        stream: None,
     })
 }
 
@@ -210,21 +211,13 @@ pub fn encode_response(
     let raw_b64 =
         (!resp.raw.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(&resp.raw));
     if wants_safetensors {
-        let views = tensors
-            .iter()
-            .map(|(name, t, bytes)| {
-                safetensors::tensor::TensorView::new(
-                    dtype_to_safetensors(t.dtype()),
-                    t.dims().to_vec(),
-                    bytes,
-                )
-                .map(|v| (name.clone(), v))
-                .map_err(|e| ExecError::Internal(format!("output {name:?}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let metadata = raw_b64.map(|r| HashMap::from([("raw_b64".to_string(), r)]));
-        let body = safetensors::serialize(views, metadata)
-            .map_err(|e| ExecError::Internal(format!("cannot encode safetensors: {e}")))?;
+        let body = safetensors_bytes(
+            tensors
+                .iter()
+                .map(|(name, t, bytes)| (name.as_str(), t, bytes.as_slice())),
+            metadata,
+        )?;
         return Ok(Encoded {
             content_type: SAFETENSORS,
             body,
@@ -237,6 +230,26 @@ pub fn encode_response(
         content_type: JSON,
         body,
     })
+}
+
+/// Named tensors, with their bytes read back, as one safetensors document.
+pub fn safetensors_bytes<'a>(
+    tensors: impl Iterator<Item = (&'a str, &'a Tensor, &'a [u8])>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, ExecError> {
+    let views = tensors
+        .map(|(name, t, bytes)| {
+            safetensors::tensor::TensorView::new(
+                dtype_to_safetensors(t.dtype()),
+                t.dims().to_vec(),
+                bytes,
+            )
+            .map(|v| (name.to_string(), v))
+            .map_err(|e| ExecError::Internal(format!("output {name:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, metadata)
+        .map_err(|e| ExecError::Internal(format!("cannot encode safetensors: {e}")))
 }
 
 /// Refuses outputs too large for a JSON answer, before they are read back.

@@ -45,6 +45,13 @@ pub struct EngineLimits {
     /// Largest raw response body a guest may write with `output_write`;
     /// 64 MiB.
     pub max_output_bytes: usize,
+    /// Largest chunk of a streamed answer (`stream_write`, `stream_tensor`);
+    /// 1 MiB: a stream holds at most a few chunks waiting for its client.
+    pub max_stream_chunk_bytes: usize,
+    /// How long a streamed invocation may go without sending a chunk
+    /// before it ends with `deadline_exceeded`; 30 s
+    /// (`--stream-idle-timeout`).
+    pub stream_idle_timeout: Duration,
     /// Longest `set_error` / `last_error` message kept, in bytes; 4 KiB.
     pub max_error_message: usize,
     /// Async jobs running at once across all tenants: 16 (each also waits
@@ -84,6 +91,8 @@ impl Default for EngineLimits {
             max_queued_per_function: 64,
             log_capacity: 64 << 10,
             max_output_bytes: 64 << 20,
+            max_stream_chunk_bytes: 1 << 20,
+            stream_idle_timeout: Duration::from_secs(30),
             max_error_message: 4 << 10,
             job_concurrency: 16,
             job_retention: Duration::from_secs(3600),

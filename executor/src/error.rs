@@ -56,6 +56,9 @@ pub enum ExecError {
     Capacity(String),
     #[error(transparent)]
     Invoke(#[from] InvokeError),
+    /// A streamed invocation sent no chunk for its idle-chunk timeout.
+    #[error("the stream sent nothing for {} (its idle-chunk timeout)", humantime::format_duration(*.0))]
+    StreamIdle(std::time::Duration),
     /// A kernel refused or failed an op outside a guest call (decoding
     /// inputs, encoding outputs, restoring tensors).
     #[error(transparent)]
@@ -128,6 +131,7 @@ impl ExecError {
                 InvokeError::Function { .. } => ErrorCode::FunctionError,
                 InvokeError::Device(_) => ErrorCode::Internal,
             },
+            ExecError::StreamIdle(_) => ErrorCode::DeadlineExceeded,
             ExecError::Kernel(e) => match e.abi() {
                 AbiError::QuotaExceeded => ErrorCode::QuotaExceeded,
                 AbiError::DeviceError => ErrorCode::Internal,

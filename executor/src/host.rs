@@ -49,6 +49,9 @@ pub struct CallCtx {
     pub error_message: Option<String>,
     /// Set once the client that asked for the call is gone.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Where `stream_write` and `stream_tensor` send chunks, when the call
+    /// is streamed.
+    pub stream: Option<Arc<crate::stream::Sink>>,
 }
 
 /// Everything an instance's imports reach: its store data.
@@ -247,6 +250,67 @@ fn op(
     })
 }
 
+/// Sets the named output `name` to `t` (`output`).
+fn set_output(st: &mut HostState, name: String, t: Tensor) -> AbiResult {
+    // An output holds its tensor after the handle is freed: it is charged
+    // like a handle until `handle` returns, so a loop of output-then-free
+    // cannot hold memory past the quota.
+    let usage = st.tensors.usage();
+    usage.reserve(t.nbytes(), false)?;
+    match st.call.outputs.iter_mut().find(|(n, _)| *n == name) {
+        Some(slot) => {
+            usage.release(slot.1.nbytes(), false);
+            slot.1 = t;
+        }
+        None => st.call.outputs.push((name, t)),
+    }
+    Ok(0)
+}
+
+/// Appends `src` to the raw response (`output_write`), within its cap.
+fn append_raw(st: &mut HostState, src: &[u8]) -> Result<(), AbiFailure> {
+    if st.call.raw_out.len() + src.len() > st.max_output_bytes {
+        return Err(AbiFailure::new(
+            AbiError::QuotaExceeded,
+            format!(
+                "the raw response is capped at {} bytes",
+                st.max_output_bytes
+            ),
+        ));
+    }
+    st.call.raw_out.extend_from_slice(src);
+    Ok(())
+}
+
+/// Refuses a chunk over the stream's cap (-5).
+fn chunk_fits(len: usize, sink: &crate::stream::Sink) -> Result<(), AbiFailure> {
+    if len > sink.max_chunk_bytes() {
+        return Err(AbiFailure::new(
+            AbiError::QuotaExceeded,
+            format!(
+                "a chunk of {len} bytes is over the cap of {} bytes: send it in parts",
+                sink.max_chunk_bytes()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A chunk that could not be sent, as the guest sees it.
+fn stream_failure(e: crate::stream::SendError) -> AbiFailure {
+    match e {
+        crate::stream::SendError::Gone => {
+            AbiFailure::new(AbiError::Cancelled, "cancelled: the client is gone")
+        }
+        // The caller turns it into the deadline's trap.
+        crate::stream::SendError::Deadline => AbiFailure::new(
+            AbiError::InvalidArgument,
+            "the deadline passed while the client did not read",
+        ),
+        crate::stream::SendError::Invalid(m) => AbiFailure::new(AbiError::InvalidArgument, m),
+    }
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;
@@ -346,19 +410,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         call(&mut c, |st, mem| {
             let name = read_name(mem, p, l)?.to_string();
             let t = st.tensors.get(h)?;
-            // An output holds its tensor after the handle is freed: it is
-            // charged like a handle until `handle` returns, so a loop of
-            // output-then-free cannot hold memory past the quota.
-            let usage = st.tensors.usage();
-            usage.reserve(t.nbytes(), false)?;
-            match st.call.outputs.iter_mut().find(|(n, _)| *n == name) {
-                Some(slot) => {
-                    usage.release(slot.1.nbytes(), false);
-                    slot.1 = t;
-                }
-                None => st.call.outputs.push((name, t)),
-            }
-            Ok(0)
+            set_output(st, name, t)
         })
     })?;
     linker.func_wrap(m, "asset", |mut c: Ctx<'_>, p: i32, l: i32| {
@@ -390,20 +442,42 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(m, "output_write", |mut c: Ctx<'_>, p: i32, l: i32| {
         call(&mut c, |st, mem| {
             let len = usize::try_from(l).map_err(|_| invalid("negative length"))?;
-            let src = guest(mem, p, len, "source")?;
-            if st.call.raw_out.len() + len > st.max_output_bytes {
-                return Err(AbiFailure::new(
-                    AbiError::QuotaExceeded,
-                    format!(
-                        "the raw response is capped at {} bytes",
-                        st.max_output_bytes
-                    ),
-                ));
-            }
-            st.call.raw_out.extend_from_slice(src);
+            append_raw(st, guest(mem, p, len, "source")?)?;
             Ok(l)
         })
     })?;
+    linker.func_wrap(m, "stream_write", |mut c: Ctx<'_>, p: i32, l: i32| {
+        call(&mut c, |st, mem| {
+            let len = usize::try_from(l).map_err(|_| invalid("negative length"))?;
+            let src = guest(mem, p, len, "source")?;
+            let Some(sink) = st.call.stream.clone() else {
+                // Not streamed: the chunk joins the one answer.
+                append_raw(st, src)?;
+                return Ok(l);
+            };
+            chunk_fits(len, &sink)?;
+            sink.write(src, st.deadline).map_err(stream_failure)?;
+            Ok(l)
+        })
+    })?;
+    linker.func_wrap(
+        m,
+        "stream_tensor",
+        |mut c: Ctx<'_>, p: i32, l: i32, h: i32| {
+            call(&mut c, |st, mem| {
+                let name = read_name(mem, p, l)?.to_string();
+                let t = st.tensors.get(h)?;
+                let Some(sink) = st.call.stream.clone() else {
+                    // Not streamed: the tensor is a named output.
+                    return set_output(st, name, t);
+                };
+                chunk_fits(usize::try_from(t.nbytes()).unwrap_or(usize::MAX), &sink)?;
+                sink.tensor(&name, &t, st.backend.as_ref(), st.deadline)
+                    .map_err(stream_failure)?;
+                Ok(0)
+            })
+        },
+    )?;
     linker.func_wrap(m, "set_error", |mut c: Ctx<'_>, p: i32, l: i32| {
         call_any(&mut c, |st, mem| {
             let len = usize::try_from(l).map_err(|_| invalid("negative length"))?;

@@ -577,7 +577,10 @@ async fn invoke(
     body: Body,
 ) -> Result<Response, ExecError> {
     let start = Instant::now();
-    let result = invoke_inner(&app, &tenant, &id, &headers, body).await;
+    let result = match crate::stream::Mode::of(&headers) {
+        Some(mode) => invoke_streamed(&app, mode, &tenant, &id, &headers, body).await,
+        None => invoke_inner(&app, &tenant, &id, &headers, body).await,
+    };
     let label = match &result {
         Ok(_) => "ok",
         Err(e) => e.code().as_str(),
@@ -613,6 +616,51 @@ async fn invoke_inner(
         })
         .await?;
     Ok(([(header::CONTENT_TYPE, encoded.content_type)], encoded.body).into_response())
+}
+
+/// A streamed invocation (`docs/API.md`, "Streaming"): it runs on a task
+/// of its own, and the answer carries its chunks as they come
+/// ([`crate::stream::answer`]). The client's going away (the answer
+/// dropped) cancels it.
+async fn invoke_streamed(
+    app: &Arc<App>,
+    mode: crate::stream::Mode,
+    tenant: &TenantId,
+    id: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ExecError> {
+    let target = app.registry.resolve(tenant, id)?;
+    let request = RequestBody {
+        content_type: content_type(headers).map(str::to_string),
+        body: read_body(headers, body, app.registry.quotas.max_body_bytes).await?,
+    };
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let limits = &app.registry.limits;
+    let gone = crate::registry::ClientGone::default();
+    let stream = crate::stream::Stream::open(mode, limits.max_stream_chunk_bytes, gone.flag());
+    let (sink, outcome, cancel) = (stream.sink().clone(), stream.outcome(), gone.flag());
+    let app2 = app.clone();
+    tokio::spawn(async move {
+        let finish = sink.clone();
+        let result = app2
+            .registry
+            .invoke_linked(&target, request, cancel, Some(sink), move |r, backend| {
+                finish.finish(accept.as_deref(), r, backend)
+            })
+            .await;
+        outcome.send(result).await;
+    });
+    crate::stream::answer(
+        stream,
+        limits.stream_idle_timeout,
+        app.metrics.clone(),
+        gone,
+    )
+    .await
 }
 
 async fn invoke_async(

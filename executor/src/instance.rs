@@ -50,6 +50,8 @@ pub struct InstanceSetup {
 pub struct Request {
     pub inputs: HashMap<String, Tensor>,
     pub body: Arc<[u8]>,
+    /// Where its chunks go, when it is streamed (`crate::stream`).
+    pub stream: Option<Arc<crate::stream::Sink>>,
 }
 
 /// One invocation's result.
@@ -280,6 +282,7 @@ impl WarmInstance {
                 inputs: request.inputs,
                 body: request.body,
                 cancel,
+                stream: request.stream,
                 ..CallCtx::default()
             };
             st.deadline = Some(Instant::now() + deadline);

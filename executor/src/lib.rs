@@ -50,6 +50,7 @@ pub mod registry;
 pub mod server;
 pub mod snapshot;
 pub mod state;
+pub mod stream;
 mod sync;
 mod sys;
 pub mod tensors;

@@ -40,6 +40,9 @@ pub struct Metrics {
     /// Guests of tenants over their share of the cores, by `how` they went
     /// to the background (`started` there, `moved` while running).
     pub background_guests: IntCounterVec,
+    /// Streamed answers, by how they ended (`ok`, `error`, `idle`,
+    /// `client_gone`).
+    pub streams: IntCounterVec,
     pub kernel_dispatches: IntCounterVec,
     pub kernel_dispatch_duration: HistogramVec,
     pub invocations: IntCounterVec,
@@ -82,6 +85,14 @@ impl Metrics {
                 "Guests run in the background for a tenant over its share of the cores, by how (started, moved).",
             ),
             &["how"],
+        )
+        .expect("valid");
+        let streams = IntCounterVec::new(
+            Opts::new(
+                m::STREAMS_TOTAL,
+                "Streamed answers, by outcome (ok, error, idle, client_gone).",
+            ),
+            &["outcome"],
         )
         .expect("valid");
         let kernel_dispatches = IntCounterVec::new(
@@ -127,6 +138,7 @@ impl Metrics {
         reg(Box::new(jobs_in_flight.clone()));
         reg(Box::new(invocations_waiting.clone()));
         reg(Box::new(background_guests.clone()));
+        reg(Box::new(streams.clone()));
         reg(Box::new(kernel_dispatches.clone()));
         reg(Box::new(kernel_dispatch_duration.clone()));
         reg(Box::new(invocations.clone()));
@@ -158,6 +170,7 @@ impl Metrics {
             jobs_in_flight,
             invocations_waiting,
             background_guests,
+            streams,
             kernel_dispatches,
             kernel_dispatch_duration,
             invocations,

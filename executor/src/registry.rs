@@ -74,7 +74,14 @@ enum Strict {
 /// dropped with the connection) or the answer is out (when nothing reads
 /// it any more).
 #[derive(Default)]
-struct ClientGone(Arc<AtomicBool>);
+pub(crate) struct ClientGone(Arc<AtomicBool>);
+
+impl ClientGone {
+    /// The flag this sets.
+    pub(crate) fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
 
 impl Drop for ClientGone {
     fn drop(&mut self) {
@@ -90,6 +97,8 @@ struct Held {
     journal: Option<Arc<crate::durable::Journal>>,
     /// Set once the client is gone (`docs/GUEST-ABI.md`, "Cancellation").
     cancel: Option<Arc<AtomicBool>>,
+    /// Where a streamed invocation's chunks go.
+    stream: Option<Arc<crate::stream::Sink>>,
 }
 
 impl Held {
@@ -100,6 +109,7 @@ impl Held {
             backend: target.tenant.backend.clone(),
             journal,
             cancel: None,
+            stream: None,
         }
     }
 
@@ -150,7 +160,8 @@ impl Held {
     {
         let f = &self.function;
         let strict = f.config.durability == Durability::Strict;
-        let request = body.decode(self.backend.as_ref())?;
+        let mut request = body.decode(self.backend.as_ref())?;
+        request.stream = self.stream.clone();
         let mut inst = f.pool.checkout(slot, || {
             WarmInstance::create(&f.pre, &f.setup, true, f.deadline())
         })?;
@@ -956,15 +967,34 @@ impl Registry {
         T: Send + 'static,
         E: FnOnce(Response, &dyn Backend) -> Result<T, ExecError> + Send + 'static,
     {
+        // Dropped with this future: when the client goes away before the
+        // answer, the guest sees it (`cancelled`).
+        let gone = ClientGone::default();
+        self.invoke_linked(target, body, gone.flag(), None, encode)
+            .await
+    }
+
+    /// [`invoke`](Self::invoke) whose client is gone once `cancel` is set,
+    /// and whose chunks go to `stream` (a streamed invocation).
+    pub async fn invoke_linked<T, E>(
+        &self,
+        target: &Target,
+        body: RequestBody,
+        cancel: Arc<AtomicBool>,
+        stream: Option<Arc<crate::stream::Sink>>,
+        encode: E,
+    ) -> Result<T, ExecError>
+    where
+        T: Send + 'static,
+        E: FnOnce(Response, &dyn Backend) -> Result<T, ExecError> + Send + 'static,
+    {
         let admitted = target.tenant.admit()?;
         let f = &target.function;
         let journal = self.invocation_journal(target);
         let (tx, mut rx) = tokio::sync::oneshot::channel();
-        // Dropped with this future: when the client goes away before the
-        // answer, the guest sees it (`cancelled`).
-        let gone = ClientGone::default();
         let held = Held {
-            cancel: Some(gone.0.clone()),
+            cancel: Some(cancel),
+            stream,
             ..Held::new(target, journal.clone())
         };
         let ticket = f.pool.submit(

@@ -143,6 +143,51 @@ impl Call {
     pub fn cancelled(&self) -> bool {
         sys::cancelled() == 1
     }
+
+    /// The invocation's answer as a stream (guest ABI v2): each chunk
+    /// goes to the client as soon as it is sent, when the client asked
+    /// for a stream; otherwise chunks join the one answer.
+    pub fn stream(&self) -> Stream<'_> {
+        Stream { _call: self }
+    }
+}
+
+/// Sends an invocation's answer in chunks (`docs/GUEST-ABI.md`,
+/// "Streaming"). A chunk is at most 1 MiB unless the operator says
+/// otherwise. Sending waits while the client is behind; once the client is
+/// gone it fails with [`ErrorKind::Cancelled`], and the function should
+/// stop and return. As [`std::io::Write`], each `write` is one chunk.
+#[derive(Debug)]
+pub struct Stream<'c> {
+    _call: &'c Call,
+}
+
+impl Stream<'_> {
+    /// Sends `bytes` as one chunk. In a stream of events, UTF-8 text
+    /// arrives as a `text` event, anything else as `bytes` (base64).
+    pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        error::check(sys::stream_write(bytes))?;
+        Ok(())
+    }
+
+    /// Sends `tensor` named `name` as one chunk: a `tensors` event, or a
+    /// safetensors document in a raw stream. Without a stream it sets the
+    /// named output, as [`Call::output`] does.
+    pub fn send_tensor(&mut self, name: &str, tensor: &Tensor) -> Result<()> {
+        error::check(sys::stream_tensor(name, tensor.handle()))?;
+        Ok(())
+    }
+}
+
+impl std::io::Write for Stream<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.send(buf).map_err(std::io::Error::other)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Support for [`handler!`]; not part of the API.

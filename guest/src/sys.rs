@@ -62,6 +62,8 @@ imports! {
     fn tw_set_error = "set_error"(msg_ptr: *const u8, len: i32);
     fn tw_last_error = "last_error"(dst_ptr: *mut u8, cap: i32);
     fn tw_cancelled = "cancelled"();
+    fn tw_stream_write = "stream_write"(src_ptr: *const u8, len: i32);
+    fn tw_stream_tensor = "stream_tensor"(name_ptr: *const u8, name_len: i32, h: i32);
     fn tw_matmul = "matmul"(a: i32, b: i32);
     fn tw_binary = "binary"(op: i32, a: i32, b: i32);
     fn tw_scalar = "scalar"(op: i32, a: i32, value: f32);
@@ -179,6 +181,16 @@ pub fn last_error(dst: &mut [u8]) -> i32 {
 pub fn cancelled() -> i32 {
     // SAFETY: no arguments; the host touches no guest memory.
     unsafe { tw_cancelled() }
+}
+
+pub fn stream_write(src: &[u8]) -> i32 {
+    // SAFETY: the host reads at most `src.len()` bytes from `src`.
+    unsafe { tw_stream_write(src.as_ptr(), len(src.len())) }
+}
+
+pub fn stream_tensor(name: &str, h: i32) -> i32 {
+    // SAFETY: the host reads at most `name.len()` bytes from `name`.
+    unsafe { tw_stream_tensor(name.as_ptr(), len(name.len()), h) }
 }
 
 pub fn matmul(a: i32, b: i32) -> i32 {

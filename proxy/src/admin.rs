@@ -431,6 +431,7 @@ impl ServeHttp for AdminApi {
                 outcome: Outcome::of_status(answer.status),
                 latency_ms: arrived.elapsed().as_secs_f64() * 1e3,
                 remote: session.client_addr().map(|a| a.to_string()),
+                stream: None,
             });
         }
         if answer.status >= 500 {

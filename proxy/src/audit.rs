@@ -390,6 +390,7 @@ mod tests {
             outcome: Outcome::Success,
             latency_ms: 1.5,
             remote: Some("127.0.0.1:1234".into()),
+            stream: None,
         }
     }
 

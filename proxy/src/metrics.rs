@@ -25,6 +25,10 @@ const PAUSE_BUCKETS: [f64; 12] = [
     1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// Stream duration buckets, in seconds: 10 ms to 5 min (the longest
+/// deadline).
+const STREAM_BUCKETS: [f64; 11] = [1e-2, 5e-2, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct ProxyMetrics {
@@ -43,6 +47,9 @@ pub struct ProxyMetrics {
     pub upstream_duration: HistogramVec,
     /// The public listener's connections ([`crate::conn`]).
     pub connections: ConnMetrics,
+    /// Streamed answers, by outcome, and how long each lasted.
+    pub streams: IntCounterVec,
+    pub stream_duration: Histogram,
 }
 
 impl ProxyMetrics {
@@ -113,6 +120,22 @@ impl ProxyMetrics {
             &["executor"],
         )
         .expect("valid");
+        let streams = IntCounterVec::new(
+            Opts::new(
+                m::HTTP_STREAMS_TOTAL,
+                "Streamed answers, by outcome (ok, error, client_gone, cut).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid");
+        let stream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                m::HTTP_STREAM_DURATION_SECONDS,
+                "Time from a streamed request's arrival to the end of its stream.",
+            )
+            .buckets(STREAM_BUCKETS.to_vec()),
+        )
+        .expect("valid");
         let connections = ConnMetrics {
             open: IntGauge::new(
                 m::CONNECTIONS_OPEN,
@@ -153,6 +176,8 @@ impl ProxyMetrics {
         reg(Box::new(audit_failures.clone()));
         reg(Box::new(upstream_requests.clone()));
         reg(Box::new(upstream_duration.clone()));
+        reg(Box::new(streams.clone()));
+        reg(Box::new(stream_duration.clone()));
         reg(Box::new(build_info));
         // Show the result series from the start so that alerts on their
         // rate see a zero rather than no data.
@@ -172,6 +197,8 @@ impl ProxyMetrics {
             upstream_requests,
             upstream_duration,
             connections,
+            streams,
+            stream_duration,
         }
     }
 

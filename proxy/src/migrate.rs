@@ -154,7 +154,9 @@ pub enum MigrateError {
     UnknownExecutor(String),
     #[error("a migration or snapshot of tenant {0} is already running")]
     AlreadyMoving(String),
-    #[error("requests of tenant {0} still in flight after {1:?}")]
+    #[error(
+        "requests of tenant {0} still in flight after {1:?} (an open stream stays in flight until it ends); the move was undone and the tenant stays where it was"
+    )]
     Busy(String, Duration),
     #[error("executor {0} is unhealthy")]
     ExecutorDown(ExecutorId),

@@ -177,6 +177,80 @@ pub struct Ctx {
     /// Connections to its executor refused so far (retried while the
     /// executor may be restarting).
     connect_failures: u8,
+    /// The client asked for a stream (`docs/API.md`, "Streaming").
+    wants_stream: bool,
+    /// The answer is a stream: watched to tell how it ends.
+    stream: Option<StreamWatch>,
+}
+
+/// What the proxy notes of a streamed answer as it passes: its bytes, and
+/// the end of an event stream, where the outcome event is. The chunks pass
+/// on at once, unbuffered.
+#[derive(Debug, Default)]
+struct StreamWatch {
+    events: bool,
+    bytes: u64,
+    /// The last bytes of an event stream.
+    tail: Vec<u8>,
+    /// The executor's answer ended whole.
+    ended: bool,
+}
+
+/// Bytes of an event stream's end kept: enough for an error event.
+const STREAM_TAIL: usize = 8 << 10;
+
+impl StreamWatch {
+    fn saw(&mut self, chunk: &[u8]) {
+        self.bytes += chunk.len() as u64;
+        if self.events {
+            self.tail.extend_from_slice(chunk);
+            if self.tail.len() > STREAM_TAIL {
+                self.tail.drain(..self.tail.len() - STREAM_TAIL);
+            }
+        }
+    }
+
+    /// How the stream ended: `error` is whether proxying failed, and
+    /// `client` whether the client's side did.
+    fn end(&self, error: Option<&Error>) -> tensor_wasm_shared::audit::StreamEnd {
+        let (outcome, code) = match error {
+            Some(e) if e.esource() == &ErrorSource::Downstream => ("client_gone", None),
+            Some(_) => ("cut", None),
+            None if !self.ended => ("cut", None),
+            None if !self.events => ("ok", None),
+            None => last_event(&self.tail),
+        };
+        tensor_wasm_shared::audit::StreamEnd {
+            outcome: outcome.into(),
+            code,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// The outcome an event stream's last event gives: `end` is `ok`, `error`
+/// is `error` with its code; anything else, the stream was cut.
+fn last_event(tail: &[u8]) -> (&'static str, Option<String>) {
+    let text = String::from_utf8_lossy(tail);
+    let Some(at) = text.trim_end().rfind("event: ") else {
+        return ("cut", None);
+    };
+    let last = &text[at..];
+    if last.starts_with("event: end\n") {
+        return ("ok", None);
+    }
+    if !last.starts_with("event: error\n") {
+        return ("cut", None);
+    }
+    let data: String = last
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let code = serde_json::from_str::<serde_json::Value>(&data)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
+    ("error", code)
 }
 
 impl PublicProxy {
@@ -223,7 +297,13 @@ impl PublicProxy {
         .await
     }
 
-    fn audit(&self, session: &Session, ctx: &Ctx, status: u16) {
+    fn audit(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        status: u16,
+        stream: Option<tensor_wasm_shared::audit::StreamEnd>,
+    ) {
         let Some(audit) = &self.shared.audit else {
             return;
         };
@@ -239,6 +319,7 @@ impl PublicProxy {
             outcome: Outcome::of_status(status),
             latency_ms: ctx.arrived.elapsed().as_secs_f64() * 1e3,
             remote: session.client_addr().map(|a| a.to_string()),
+            stream,
         });
     }
 }
@@ -260,6 +341,8 @@ impl ProxyHttp for PublicProxy {
             status: 0,
             quiet: false,
             connect_failures: 0,
+            wants_stream: false,
+            stream: None,
         }
     }
 
@@ -282,6 +365,13 @@ impl ProxyHttp for PublicProxy {
             None if ctx.quiet => shared.next_quiet_id(),
             None => shared.next_request_id(),
         };
+        ctx.wants_stream = req.headers.contains_key(headers::STREAM_HEADER)
+            || req
+                .headers
+                .get_all("accept")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/octet-stream"));
         if self.shared.fleet.handing_off() {
             session.set_keepalive(None);
         }
@@ -469,7 +559,39 @@ impl ProxyHttp for PublicProxy {
         if self.shared.fleet.handing_off() {
             session.set_keepalive(None);
         }
+        // A stream: an event stream, or a raw one (asked for, and of no
+        // set length).
+        let events = response
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let raw = ctx.wants_stream
+            && response.status == 200
+            && !response.headers.contains_key("content-length");
+        if events || raw {
+            ctx.stream = Some(StreamWatch {
+                events,
+                ..StreamWatch::default()
+            });
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(w) = &mut ctx.stream {
+            if let Some(b) = body {
+                w.saw(b);
+            }
+            w.ended |= end_of_stream;
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(
@@ -567,7 +689,7 @@ impl ProxyHttp for PublicProxy {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         crate::conn::request_done(session);
         let m = &self.shared.metrics;
         m.in_flight.dec();
@@ -593,8 +715,13 @@ impl ProxyHttp for PublicProxy {
                 .with_label_values(&[executor])
                 .observe(took);
         }
+        let stream = ctx.stream.as_ref().map(|w| w.end(e));
+        if let Some(end) = &stream {
+            m.streams.with_label_values(&[end.outcome.as_str()]).inc();
+            m.stream_duration.observe(took);
+        }
         if !ctx.quiet {
-            self.audit(session, ctx, status);
+            self.audit(session, ctx, status, stream);
         }
         ctx.route = None;
     }

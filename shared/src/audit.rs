@@ -62,6 +62,24 @@ pub struct AuditRecord {
     pub latency_ms: f64,
     /// The client's address.
     pub remote: Option<String>,
+    /// How a streamed answer ended (`docs/API.md`, "Streaming"); absent
+    /// for an answer that was not streamed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamEnd>,
+}
+
+/// How a streamed answer ended, in the audit log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamEnd {
+    /// `ok` (the end event, or a raw stream's whole body), `error` (an
+    /// error event), `client_gone` (the client left first) or `cut` (the
+    /// executor's answer broke off).
+    pub outcome: String,
+    /// The error event's `code`, for `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Body bytes sent to the client.
+    pub bytes: u64,
 }
 
 #[cfg(test)]
@@ -93,6 +111,7 @@ mod tests {
             outcome: Outcome::RateLimited,
             latency_ms: 0.25,
             remote: None,
+            stream: None,
         };
         let line = serde_json::to_string(&r).unwrap();
         assert!(!line.contains('\n'));

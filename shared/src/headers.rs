@@ -12,6 +12,10 @@ pub const TENANT: &str = "x-tensor-wasm-tenant";
 /// A request's id, on the request and on its answer.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// Asks for an invocation's answer as a raw stream of chunks
+/// (`docs/API.md`, "Streaming"), whatever its `Accept`.
+pub const STREAM_HEADER: &str = "x-tensor-wasm-stream";
+
 /// Longest request id kept from a caller, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 

@@ -20,6 +20,8 @@ pub mod proxy_metrics {
     pub const CONNECTIONS_OPEN: &str = "tensor_wasm_connections_open";
     pub const CONNECTIONS_REFUSED_TOTAL: &str = "tensor_wasm_connections_refused_total";
     pub const CONNECTIONS_TIMED_OUT_TOTAL: &str = "tensor_wasm_connections_timed_out_total";
+    pub const HTTP_STREAMS_TOTAL: &str = "tensor_wasm_http_streams_total";
+    pub const HTTP_STREAM_DURATION_SECONDS: &str = "tensor_wasm_http_stream_duration_seconds";
 }
 
 /// Metrics counted by executors.
@@ -28,6 +30,7 @@ pub mod executor_metrics {
     pub const JOBS_IN_FLIGHT: &str = "tensor_wasm_jobs_in_flight";
     pub const INVOCATIONS_WAITING: &str = "tensor_wasm_invocations_waiting";
     pub const BACKGROUND_GUESTS_TOTAL: &str = "tensor_wasm_background_guests_total";
+    pub const STREAMS_TOTAL: &str = "tensor_wasm_streams_total";
     pub const KERNEL_DISPATCHES_TOTAL: &str = "tensor_wasm_kernel_dispatches_total";
     pub const KERNEL_DISPATCH_DURATION_SECONDS: &str =
         "tensor_wasm_kernel_dispatch_duration_seconds";
@@ -78,6 +81,7 @@ pub mod env {
     pub const JOB_RETENTION_SECS: &str = "TENSOR_WASM_JOB_RETENTION_SECS";
     pub const SHUTDOWN_BUDGET_SECS: &str = "TENSOR_WASM_SHUTDOWN_BUDGET_SECS";
     pub const CHECKPOINT_MS: &str = "TENSOR_WASM_CHECKPOINT_MS";
+    pub const STREAM_IDLE_TIMEOUT_MS: &str = "TENSOR_WASM_STREAM_IDLE_TIMEOUT_MS";
     pub const MODULE_CACHE_DIR: &str = "TENSOR_WASM_MODULE_CACHE_DIR";
     pub const MODULE_CACHE_BYTES: &str = "TENSOR_WASM_MODULE_CACHE_BYTES";
 

@@ -415,6 +415,28 @@ impl Endpoint {
         self.check(resp, &self.url(path))
     }
 
+    /// One call whose 2xx answer is read as it arrives (a stream); an
+    /// error answer is the API's error.
+    pub fn open(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Body,
+    ) -> Result<ureq::http::Response<ureq::Body>, HttpError> {
+        let resp = self.send(method, path, headers, body)?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let url = self.url(path);
+        self.check(resp, &url)?;
+        Err(HttpError::Status {
+            status: 0,
+            url,
+            body: "an error answer that did not read as one".into(),
+        })
+    }
+
     /// One call; answers with one of the `ok` statuses also come back as
     /// `Ok` (the drain route answers 502 with its report).
     pub fn call_allowing(

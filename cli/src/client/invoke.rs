@@ -46,6 +46,11 @@ pub struct Args {
     /// FILE.
     #[arg(long, short = 'o', value_name = "PATH")]
     out: Option<PathBuf>,
+    /// Ask for a stream of events and print each chunk as it comes: text
+    /// as it is, bytes as they are, tensors as a JSON line
+    /// (`docs/API.md`, "Streaming").
+    #[arg(long, conflicts_with_all = ["out", "run_async"])]
+    stream: bool,
     /// Run as an async job and print its id.
     #[arg(long = "async")]
     run_async: bool,
@@ -140,6 +145,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let result = job.result.unwrap_or_default();
         return finish_json(&result, args.out.as_deref());
     }
+    if args.stream {
+        let resp = ep.open(
+            "POST",
+            &format!("/functions/{id}/invoke"),
+            &[("accept", "text/event-stream")],
+            body,
+        )?;
+        return print_stream(resp);
+    }
     let accept = if args.out.is_some() {
         "application/x-safetensors"
     } else {
@@ -179,6 +193,68 @@ fn finish(ep: &Endpoint, reply: Reply, out: Option<&Path>) -> anyhow::Result<()>
             }
         }
     }
+}
+
+/// Prints a stream of events as they come (`docs/API.md`, "Streaming"):
+/// `text` and `bytes` chunks to stdout as they are, `tensors` as a JSON
+/// line; an `error` event is the command's error.
+fn print_stream(resp: ureq::http::Response<ureq::Body>) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use eventsource_stream::Eventsource as _;
+    let events_of = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !events_of {
+        bail!(
+            "the answer is not a stream of events: the function's executor may predate streaming"
+        );
+    }
+    let mut reader = resp.into_body().into_with_config().limit(u64::MAX).reader();
+    let bytes = futures::stream::iter(std::iter::from_fn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        match reader.read(&mut buf) {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some(Ok::<_, std::io::Error>(buf))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }));
+    let mut stdout = std::io::stdout().lock();
+    for event in futures::executor::block_on_stream(bytes.eventsource()) {
+        let event = event.context("reading the stream")?;
+        match event.event.as_str() {
+            "text" => stdout.write_all(event.data.as_bytes())?,
+            "bytes" => {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(event.data.as_bytes())
+                    .context("a bytes event that is not base64")?;
+                stdout.write_all(&raw)?;
+            }
+            "tensors" => writeln!(stdout, "{}", event.data)?,
+            "end" => {
+                stdout.flush()?;
+                return Ok(());
+            }
+            "error" => {
+                stdout.flush()?;
+                let body: tensor_wasm_shared::error::ErrorBody = serde_json::from_str(&event.data)
+                    .context("an error event that is not an error body")?;
+                bail!(
+                    "the stream failed: {} ({})",
+                    body.error.message,
+                    body.error.code.as_str()
+                );
+            }
+            // Events of a later release.
+            _ => {}
+        }
+        stdout.flush()?;
+    }
+    bail!("the stream ended without its outcome: the connection broke")
 }
 
 /// Prints or writes a JSON answer (a call's, or a finished job's result).

@@ -218,6 +218,7 @@ mod tests {
             outcome: Outcome::of_status(status),
             latency_ms: 1.0,
             remote: None,
+            stream: None,
         }
     }
 

@@ -11,5 +11,6 @@ mod isolation;
 mod operations;
 mod proxy;
 mod routes;
+mod streams;
 mod up;
 mod upgrade;

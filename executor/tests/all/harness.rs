@@ -206,18 +206,25 @@ impl TestExecutor {
             .unwrap()
     }
 
+    /// The metric `name` (with its labels, as `/metrics` writes them:
+    /// `name{label="value"}`).
     pub fn metric(&self, name: &str) -> f64 {
-        let text = self.metrics_text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+        self.metric_opt(name)
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{}", self.metrics_text()))
     }
 
-    /// Polls until the metric `name` reads `value` (at most 30 s).
+    fn metric_opt(&self, name: &str) -> Option<f64> {
+        self.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Polls until the metric `name` reads `value` (at most 30 s); one not
+    /// written yet reads 0.
     pub fn wait_metric(&self, name: &str, value: f64) {
         let start = std::time::Instant::now();
         loop {
-            let now = self.metric(name);
+            let now = self.metric_opt(name).unwrap_or(0.0);
             if now == value {
                 return;
             }

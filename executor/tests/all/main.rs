@@ -12,4 +12,5 @@ mod memory;
 mod migration;
 mod registration;
 mod snapshots;
+mod streams;
 mod tenancy;
