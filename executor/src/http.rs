@@ -34,7 +34,7 @@ use crate::assets::{AssetError, StagedAsset};
 use crate::body::{self, RequestBody, media_type};
 use crate::error::ExecError;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Registry, Target};
 use crate::state::{AssetSource, Registration};
 use tensor_wasm_shared::snapshot::stream::StreamKind;
 
@@ -592,14 +592,16 @@ async fn invoke(
     result
 }
 
-async fn invoke_inner(
+/// What an invocation needs of its request: the function, resolved once
+/// (an unknown one answers 404 before the body is read), the body, and
+/// the `Accept` header.
+async fn invocation(
     app: &App,
     tenant: &TenantId,
     id: &str,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, ExecError> {
-    // Resolved once; unknown functions answer 404 before the body is read.
+) -> Result<(Target, RequestBody, Option<String>), ExecError> {
     let target = app.registry.resolve(tenant, id)?;
     let request = RequestBody {
         content_type: content_type(headers).map(str::to_string),
@@ -609,6 +611,17 @@ async fn invoke_inner(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    Ok((target, request, accept))
+}
+
+async fn invoke_inner(
+    app: &App,
+    tenant: &TenantId,
+    id: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ExecError> {
+    let (target, request, accept) = invocation(app, tenant, id, headers, body).await?;
     let encoded = app
         .registry
         .invoke(&target, request, move |response, backend| {
@@ -630,15 +643,7 @@ async fn invoke_streamed(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
-    let target = app.registry.resolve(tenant, id)?;
-    let request = RequestBody {
-        content_type: content_type(headers).map(str::to_string),
-        body: read_body(headers, body, app.registry.quotas.max_body_bytes).await?,
-    };
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let (target, request, accept) = invocation(app, tenant, id, headers, body).await?;
     let limits = &app.registry.limits;
     let gone = crate::registry::ClientGone::default();
     let stream = crate::stream::Stream::open(mode, limits.max_stream_chunk_bytes, gone.flag());

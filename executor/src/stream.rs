@@ -176,6 +176,7 @@ impl Sink {
             return Err(SendError::Gone);
         }
         let frame = Frame::Chunk(Bytes::from(wire));
+        let waiting = Instant::now();
         let sent = match deadline {
             Some(at) => self.runtime.block_on(async {
                 tokio::time::timeout_at(tokio::time::Instant::from_std(at), self.tx.send(frame))
@@ -183,6 +184,7 @@ impl Sink {
             }),
             None => Ok(self.runtime.block_on(self.tx.send(frame))),
         };
+        crate::state::cpu::waited(waiting.elapsed());
         match sent {
             Ok(Ok(())) => {
                 self.chunks.fetch_add(1, Ordering::Relaxed);

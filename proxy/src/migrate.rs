@@ -66,6 +66,9 @@ use crate::metrics::ProxyMetrics;
 use crate::placement::{Candidate, PlacementError};
 use crate::upstream::{CONTROL_TIMEOUT, InboundState, UpstreamError};
 
+/// How often drain tries a move refused for requests still in flight.
+const MOVE_TRIES: u32 = 3;
+
 /// One finished move.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MoveReport {
@@ -901,7 +904,7 @@ impl Orchestrator {
                     continue;
                 }
             };
-            match self.migrate(&tenant, target.as_str()).await {
+            match self.migrate_patiently(&tenant, target.as_str()).await {
                 Ok(r) => moves.push(r),
                 Err(e) => failed.push(MoveFailure {
                     tenant,
@@ -910,6 +913,27 @@ impl Orchestrator {
             }
         }
         Ok((moves, failed))
+    }
+
+    /// [`migrate`](Self::migrate), tried again while it is refused because
+    /// the tenant's requests (an open stream) did not end within the hold
+    /// deadline: up to [`MOVE_TRIES`] times, a second more apart each time.
+    async fn migrate_patiently(
+        self: &Arc<Self>,
+        tenant: &str,
+        to: &str,
+    ) -> Result<MoveReport, MigrateError> {
+        let mut tries = 1;
+        loop {
+            match self.migrate(tenant, to).await {
+                Err(MigrateError::Busy(..)) if tries < MOVE_TRIES => {
+                    tracing::info!(%tenant, %to, tries, "requests still in flight; moving again shortly");
+                    tokio::time::sleep(Duration::from_secs(u64::from(tries))).await;
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Moves tenants from the fullest to the emptiest healthy executor

@@ -15,6 +15,18 @@ use crate::harness::{ProxyOptions, TestFleet, multipart};
 
 const STREAMING: &str = include_str!("../../../examples/wat/streaming.wat");
 
+/// Two executors behind a proxy that holds a moving tenant's requests for
+/// at most a second.
+fn two_executors_holding_a_second() -> TestFleet {
+    TestFleet::start(
+        2,
+        ProxyOptions {
+            extra_args: vec!["--queue-deadline-ms".into(), "1000".into()],
+            ..ProxyOptions::default()
+        },
+    )
+}
+
 fn deploy(fleet: &TestFleet) -> String {
     let wasm = wat::parse_str(STREAMING).unwrap();
     let (ct, body) = multipart(&[
@@ -144,28 +156,30 @@ fn a_stream_through_the_proxy_arrives_while_the_guest_runs_and_leaving_cancels_i
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(streams(&fleet, "ok"), 1.0);
-    // The audit log says how each stream ended.
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(audit.path())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let ends: Vec<&str> = records
-        .iter()
-        .filter_map(|r| r["stream"]["outcome"].as_str())
-        .collect();
-    assert_eq!(ends, ["ok", "client_gone"], "{records:#?}");
+    // The audit log (written out on a period) says how each stream ended.
+    let start = Instant::now();
+    loop {
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(audit.path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ends: Vec<&str> = records
+            .iter()
+            .filter_map(|r| r["stream"]["outcome"].as_str())
+            .collect();
+        if ends.len() == 2 {
+            assert_eq!(ends, ["ok", "client_gone"], "{records:#?}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{records:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
 fn a_migration_waits_for_an_open_stream_then_refuses_without_cutting_it() {
-    let fleet = TestFleet::start(
-        2,
-        ProxyOptions {
-            extra_args: vec!["--queue-deadline-ms".into(), "1000".into()],
-            ..ProxyOptions::default()
-        },
-    );
+    let fleet = two_executors_holding_a_second();
     let id = deploy(&fleet);
     let home = fleet.proxy.placement("acme").unwrap();
     let away = if home == "cpu0" { "cpu1" } else { "cpu0" };
@@ -190,6 +204,28 @@ fn a_migration_waits_for_an_open_stream_then_refuses_without_cutting_it() {
     let got: Vec<Event> = open(&fleet, &id, &chunks(2)).collect();
     assert_eq!(got.last().unwrap().event, "end", "{got:#?}");
     assert_eq!(state(&fleet, &id).1, 1, "the state moved with the tenant");
+}
+
+#[test]
+fn a_drain_tries_a_move_again_once_an_open_stream_ends() {
+    let fleet = two_executors_holding_a_second();
+    let id = deploy(&fleet);
+    let home = fleet.proxy.placement("acme").unwrap();
+    let mut live = open(&fleet, &id, b"w");
+    assert_eq!(live.next().unwrap().data, "first\n");
+    // The client leaves while the drain waits on its stream (or between
+    // its tries); either way no move is refused for good.
+    let leaving = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(live);
+    });
+    let r = fleet
+        .proxy
+        .admin("POST", &format!("/admin/executors/{home}/drain"), None);
+    leaving.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(fleet.proxy.placement("acme").unwrap(), home);
+    wait_cancelled(&fleet, &id, 1);
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! background (`SECURITY.md`, "Tenants and each other").
 //!
 //! A tenant's use is the time its guests ran (invocations and jobs, from
-//! the start of the guest to its end), decayed with a one-second time
+//! the start of the guest to its end, less what a streaming guest waited
+//! for a slow client), decayed with a one-second time
 //! constant, plus the time so far of those running now: about the cores it
 //! has kept busy lately. Its fair share is the executor's cores times its
 //! weight over the weights of every tenant that used the cores lately
@@ -306,6 +307,7 @@ impl TenantCpu {
     /// drops. On a thread of [`spawn_guest`], the guest may be moved to the
     /// background meanwhile; the thread then ends once its job does.
     pub fn busy(self: &Arc<Self>) -> Busy {
+        WAITED.with(|w| w.set(0));
         let since = Instant::now();
         let start = self.shares.nanos(since);
         self.started_sum.fetch_add(start, Ordering::AcqRel);
@@ -345,7 +347,9 @@ impl Drop for Busy {
                 tensor_wasm_kernels::threads::enter_background();
             }
         }
-        let took = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let took = u64::try_from(self.since.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_sub(WAITED.with(|w| w.replace(0)));
         let c = &self.cpu;
         c.done.fetch_add(took, Ordering::AcqRel);
         c.running.fetch_sub(1, Ordering::AcqRel);
@@ -366,6 +370,20 @@ struct GuestSlot {
 
 /// Every guest thread alive.
 static GUESTS: Mutex<Vec<Arc<GuestSlot>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// How long the guest running on this thread has waited for its
+    /// client (a stream's back-pressure), in ns: time that uses no core.
+    static WAITED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts `d` of the guest running on this thread as waiting for its
+/// client rather than using a core: a stream whose client reads slowly
+/// does not put its tenant over its share.
+pub fn waited(d: Duration) {
+    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    WAITED.with(|w| w.set(w.get().saturating_add(ns)));
+}
 
 thread_local! {
     /// This thread's slot, if it is a guest thread.

@@ -243,3 +243,119 @@ fn the_wat_example_scales_and_shifts() {
     assert_eq!(r.code(), "function_error", "{}", r.text());
     assert!(r.text().contains("no input named"), "{}", r.text());
 }
+
+#[test]
+fn the_char_model_streams_the_text_of_its_numpy_reference() {
+    let Some(wasm) = built_example("char-model.wasm") else {
+        return;
+    };
+    let weights = example_file("char-model", "weights.safetensors");
+    let expected = example_json("char-model", "expected.json");
+    let ex = TestExecutor::start();
+    let id = deploy_wasm(&ex, "t1", "chars", &wasm, &weights);
+    let cases = expected["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let (steps, prompt) = (
+            case["steps"].as_u64().unwrap(),
+            case["prompt"].as_str().unwrap(),
+        );
+        let want = case["text"].as_str().unwrap();
+        let body = format!("{steps}\n{prompt}");
+        // As events: a character per chunk, as it is chosen.
+        let resp = ex
+            .raw_agent()
+            .post(ex.url(&format!("/functions/{id}/invoke")))
+            .header("authorization", format!("Bearer {}", crate::harness::TOKEN))
+            .header("x-tensor-wasm-tenant", "t1")
+            .header("content-type", "text/plain")
+            .header("accept", "text/event-stream")
+            .send(body.as_bytes())
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let events: Vec<_> = crate::streams::events(resp).collect();
+        let chunks: Vec<&str> = events
+            .iter()
+            .filter(|e| e.event == "text")
+            .map(|e| e.data.as_str())
+            .collect();
+        assert_eq!(
+            chunks.len() as u64,
+            steps,
+            "{prompt:?}: one chunk per character"
+        );
+        assert_eq!(
+            chunks.concat(),
+            want,
+            "{prompt:?}: streamed text differs from numpy's"
+        );
+        assert_eq!(events.last().unwrap().event, "end");
+        // Unstreamed: the whole text as the raw answer.
+        let r = ex.post(
+            "t1",
+            &format!("/functions/{id}/invoke"),
+            "text/plain",
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), want, "{prompt:?}: unstreamed");
+    }
+    // A character outside the vocabulary is the function's clear error.
+    let r = ex.post(
+        "t1",
+        &format!("/functions/{id}/invoke"),
+        "text/plain",
+        "5\nA tensor is ~".as_bytes(),
+    );
+    assert_eq!(r.code(), "function_error", "{}", r.text());
+    assert!(r.text().contains("vocabulary"), "{}", r.text());
+}
+
+#[test]
+fn the_c_mlp_answers_like_its_rust_twin() {
+    let (Some(c), Some(rust)) = (
+        built_example("c-mlp-digits.wasm"),
+        built_example("mlp-digits.wasm"),
+    ) else {
+        return;
+    };
+    let weights = example_file("mlp-digits", "weights.safetensors");
+    let heldout = example_json("mlp-digits", "heldout.json");
+    let rows = heldout["x"].as_array().unwrap();
+    let x: Vec<f32> = rows
+        .iter()
+        .flat_map(|row| row.as_array().unwrap())
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let n = rows.len() as u64;
+    let ex = TestExecutor::start();
+    let c_id = deploy_wasm(&ex, "t1", "digits-c", &c, &weights);
+    let rust_id = deploy_wasm(&ex, "t1", "digits-rust", &rust, &weights);
+    // Twice: the C function frees the tensors it makes, so the host
+    // memory its tenant holds is the same after each round.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let body = f32_inputs(&[("x", &[n, 64], &x)]);
+        let from_c = invoke(&ex, "t1", &c_id, &body);
+        let from_rust = invoke(&ex, "t1", &rust_id, &body);
+        held.push(ex.metric("tensor_wasm_host_memory_bytes"));
+        assert_eq!(from_c.status, 200, "{}", from_c.text());
+        assert_eq!(
+            from_c.json(),
+            from_rust.json(),
+            "the same ops, the same answer"
+        );
+        // One sample, [64], is reshaped as in Rust.
+        let one = f32_inputs(&[("x", &[64], &x[..64])]);
+        assert_eq!(
+            invoke(&ex, "t1", &c_id, &one).json(),
+            invoke(&ex, "t1", &rust_id, &one).json()
+        );
+    }
+    assert_eq!(held[0], held[1], "nothing kept from call to call");
+    // Bad input is the function's clear error, as in Rust.
+    let bad = f32_inputs(&[("x", &[3], &[1.0, 2.0, 3.0])]);
+    let r = invoke(&ex, "t1", &c_id, &bad);
+    assert_eq!(r.code(), "function_error", "{}", r.text());
+    assert!(r.text().contains("[n, 64]"), "{}", r.text());
+}

@@ -44,7 +44,7 @@ fn open(
 
 /// The events of an answer, each as the parser hands it over (it reads
 /// the body as it arrives).
-fn events(resp: ureq::http::Response<ureq::Body>) -> impl Iterator<Item = Event> {
+pub fn events(resp: ureq::http::Response<ureq::Body>) -> impl Iterator<Item = Event> {
     let mut reader = resp.into_body().into_reader();
     let bytes = futures::stream::iter(std::iter::from_fn(move || {
         let mut buf = vec![0u8; 8192];
@@ -196,7 +196,10 @@ fn the_first_chunk_arrives_while_the_guest_runs_and_leaving_cancels_it_warm() {
 #[test]
 fn a_guest_that_ignores_cancellation_ends_at_its_deadline_with_an_error_event() {
     let ex = TestExecutor::start();
-    let id = deploy(&ex, r#"{"deadline_ms": 300}"#);
+    let id = deploy(&ex, r#"{"deadline_ms": 1000}"#);
+    // A warm instance, so that the first chunk comes well within the
+    // deadline however slow the machine.
+    assert_eq!(state(&ex, &id), (1, 0));
     let got: Vec<Event> = events(open(&ex, &id, "text/event-stream", b"i")).collect();
     let kinds: Vec<&str> = got.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(kinds, ["text", "error"], "{got:#?}");
@@ -210,11 +213,13 @@ fn a_guest_that_ignores_cancellation_ends_at_its_deadline_with_an_error_event() 
 fn a_stream_idle_past_its_timeout_ends_and_cancels_its_guest() {
     let dir = tempfile::tempdir().unwrap();
     let limits = tensor_wasm_executor::config::EngineLimits {
-        stream_idle_timeout: Duration::from_millis(300),
+        stream_idle_timeout: Duration::from_millis(1000),
         ..small_limits()
     };
     let ex = TestExecutor::start_in(dir.path(), limits, TenantQuotas::default());
     let id = deploy(&ex, r#"{"deadline_ms": 60000}"#);
+    // A warm instance: the first chunk comes well within the idle timeout.
+    assert_eq!(state(&ex, &id), (1, 0));
     let got: Vec<Event> = events(open(&ex, &id, "text/event-stream", b"w")).collect();
     let kinds: Vec<&str> = got.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(kinds, ["text", "error"], "{got:#?}");
