@@ -17,6 +17,8 @@ use pingora_ketama::{Bucket, Continuum};
 use serde::{Deserialize, Serialize};
 use tensor_wasm_shared::{ExecutorId, TenantId};
 
+pub mod etcd;
+
 /// Why a placement could not be made or kept.
 #[derive(Debug, thiserror::Error)]
 pub enum PlacementError {
@@ -32,6 +34,9 @@ pub enum PlacementError {
     Io(PathBuf, std::io::Error),
     #[error("placement file {0} is corrupt: {1}")]
     Corrupt(PathBuf, String),
+    /// The shared store (etcd) failed or could not be reached.
+    #[error("placement store: {0}")]
+    Store(String),
 }
 
 /// A migration in progress: recorded before it starts, cleared when done.
@@ -76,6 +81,34 @@ pub struct Candidate {
 pub struct Placements {
     path: PathBuf,
     state: PlacementState,
+}
+
+/// Where consistent hashing (ketama) puts `tenant` among the `healthy`
+/// executors that are not `draining`: the same ring gives the same answer
+/// to any proxy that sees the same executors.
+pub fn choose(
+    draining: &BTreeSet<ExecutorId>,
+    tenant: &TenantId,
+    healthy: &[Candidate],
+) -> Result<ExecutorId, PlacementError> {
+    let open: Vec<&Candidate> = healthy
+        .iter()
+        .filter(|c| !draining.contains(&c.id))
+        .collect();
+    if open.is_empty() {
+        return Err(PlacementError::NoExecutor);
+    }
+    let buckets: Vec<Bucket> = open.iter().map(|c| Bucket::new(c.addr, 1)).collect();
+    let ring = Continuum::new(&buckets);
+    let addr = ring
+        .node(tenant.as_str().as_bytes())
+        .ok_or(PlacementError::NoExecutor)?;
+    Ok(open
+        .iter()
+        .find(|c| c.addr == addr)
+        .ok_or(PlacementError::NoExecutor)?
+        .id
+        .clone())
 }
 
 impl Placements {
@@ -129,24 +162,7 @@ impl Placements {
         tenant: &TenantId,
         healthy: &[Candidate],
     ) -> Result<ExecutorId, PlacementError> {
-        let open: Vec<&Candidate> = healthy
-            .iter()
-            .filter(|c| !self.state.draining.contains(&c.id))
-            .collect();
-        if open.is_empty() {
-            return Err(PlacementError::NoExecutor);
-        }
-        let buckets: Vec<Bucket> = open.iter().map(|c| Bucket::new(c.addr, 1)).collect();
-        let ring = Continuum::new(&buckets);
-        let addr = ring
-            .node(tenant.as_str().as_bytes())
-            .ok_or(PlacementError::NoExecutor)?;
-        Ok(open
-            .iter()
-            .find(|c| c.addr == addr)
-            .ok_or(PlacementError::NoExecutor)?
-            .id
-            .clone())
+        choose(&self.state.draining, tenant, healthy)
     }
 
     /// Records an executor (or its new address).

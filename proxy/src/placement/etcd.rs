@@ -1,0 +1,560 @@
+//! The placement table in etcd, shared by every proxy of a fleet
+//! (`ARCHITECTURE.md`, "Placement in etcd").
+//!
+//! Keys, under a prefix (`/tensor-wasm/` by default):
+//!
+//! | key | value |
+//! |---|---|
+//! | `tenants/<tenant>` | the executor id it is placed on; the key's `mod_revision` is the placement's epoch |
+//! | `executors/<id>` | its `host:port` |
+//! | `draining/<id>` | empty: it takes no new tenants |
+//! | `moves/<tenant>` | the migration in progress, JSON ([`Move`]) |
+//!
+//! Every proxy keeps a copy of the table, loaded once and then fed by a
+//! watch from the revision it loaded, so that routing a request never
+//! waits for etcd. Placing a new tenant is one transaction that creates
+//! its key only if no proxy has: two proxies placing the same tenant at
+//! once agree on the one that won. When the watch breaks (etcd restarts,
+//! the network parts), the copy keeps serving what it holds, and the
+//! watcher loads the table again and watches on from there once etcd
+//! answers.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use tensor_wasm_shared::{ExecutorId, TenantId};
+
+use super::{Candidate, Move, PlacementError, PlacementState, choose};
+
+/// The prefix of every key when none is given.
+pub const DEFAULT_PREFIX: &str = "/tensor-wasm/";
+
+/// How long to wait before loading the table again after the watch broke.
+const RESYNC_PAUSE: Duration = Duration::from_millis(500);
+
+/// Why etcd could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd at {endpoints}: {source}")]
+    Unreachable {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd key {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// The proxy's copy of the table, and how far it has read etcd's history.
+#[derive(Debug, Default)]
+struct Copy {
+    state: PlacementState,
+    /// Tenant → the revision that placed it where it is.
+    epochs: BTreeMap<String, i64>,
+    /// Key → the revision of the last change applied to it (deletions
+    /// too), so that an older event never undoes a newer write this
+    /// proxy applied first.
+    changed: BTreeMap<String, i64>,
+    /// How far the watch (or the last load) has read etcd's history: every
+    /// change up to it is in the copy. This proxy's own writes, applied at
+    /// once, do not move it.
+    watched: i64,
+    /// The revision of this proxy's last own write.
+    written: i64,
+}
+
+/// One kind of key under the prefix.
+enum Entry<'k> {
+    Tenant(&'k str),
+    Executor(&'k str),
+    Draining(&'k str),
+    Move(&'k str),
+}
+
+impl Copy {
+    /// Applies a put (`value` given) or delete of `key` (the part after
+    /// the prefix) at `revision`.
+    fn apply(&mut self, key: &str, value: Option<&[u8]>, revision: i64) -> Result<(), EtcdError> {
+        if self.changed.get(key).is_some_and(|&r| r > revision) {
+            return Ok(());
+        }
+        self.changed.insert(key.to_string(), revision);
+        let text = |v: &[u8]| {
+            String::from_utf8(v.to_vec()).map_err(|_| EtcdError::Corrupt {
+                key: key.into(),
+                reason: "not UTF-8".into(),
+            })
+        };
+        let id = |v: &[u8]| {
+            ExecutorId::new(&text(v)?).map_err(|e| EtcdError::Corrupt {
+                key: key.into(),
+                reason: e.to_string(),
+            })
+        };
+        match (entry(key), value) {
+            (Some(Entry::Tenant(t)), Some(v)) => {
+                self.state.placements.insert(t.into(), id(v)?);
+                self.epochs.insert(t.into(), revision);
+            }
+            (Some(Entry::Tenant(t)), None) => {
+                self.state.placements.remove(t);
+                self.epochs.remove(t);
+            }
+            (Some(Entry::Executor(e)), Some(v)) => {
+                self.state.executors.insert(id(e.as_bytes())?, text(v)?);
+            }
+            (Some(Entry::Executor(e)), None) => {
+                self.state.executors.retain(|k, _| k.as_str() != e);
+            }
+            (Some(Entry::Draining(e)), Some(_)) => {
+                self.state.draining.insert(id(e.as_bytes())?);
+            }
+            (Some(Entry::Draining(e)), None) => {
+                self.state.draining.retain(|k| k.as_str() != e);
+            }
+            (Some(Entry::Move(t)), Some(v)) => {
+                let mv: Move = serde_json::from_slice(v).map_err(|e| EtcdError::Corrupt {
+                    key: key.into(),
+                    reason: e.to_string(),
+                })?;
+                self.state.moving.insert(t.into(), mv);
+            }
+            (Some(Entry::Move(t)), None) => {
+                self.state.moving.remove(t);
+            }
+            // Keys of a later release: left alone.
+            (None, _) => {}
+        }
+        Ok(())
+    }
+}
+
+fn entry(key: &str) -> Option<Entry<'_>> {
+    let (kind, name) = key.split_once('/')?;
+    if name.is_empty() {
+        return None;
+    }
+    Some(match kind {
+        "tenants" => Entry::Tenant(name),
+        "executors" => Entry::Executor(name),
+        "draining" => Entry::Draining(name),
+        "moves" => Entry::Move(name),
+        _ => return None,
+    })
+}
+
+/// The placement table in etcd, and this proxy's copy of it.
+pub struct EtcdPlacements {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+    copy: Arc<RwLock<Copy>>,
+    /// How far the watch has read, for [`wait_for`](Self::wait_for).
+    applied: tokio::sync::watch::Receiver<i64>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for EtcdPlacements {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdPlacements")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("revision", &self.revision())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EtcdPlacements {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+impl EtcdPlacements {
+    /// Connects to etcd at `endpoints`, loads the table under `prefix` and
+    /// starts watching it.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        options: Option<ConnectOptions>,
+    ) -> Result<EtcdPlacements, EtcdError> {
+        let names = endpoints.join(",");
+        let unreachable = |source| EtcdError::Unreachable {
+            endpoints: names.clone(),
+            source,
+        };
+        let client = Client::connect(endpoints, options)
+            .await
+            .map_err(unreachable)?;
+        let copy = load(&mut client.clone(), prefix)
+            .await
+            .map_err(|e| match e {
+                Loaded::Etcd(source) => unreachable(source),
+                Loaded::Corrupt(e) => e,
+            })?;
+        let (tx, applied) = tokio::sync::watch::channel(copy.watched);
+        let copy = Arc::new(RwLock::new(copy));
+        let watcher = tokio::spawn(watch(client.clone(), prefix.to_string(), copy.clone(), tx));
+        Ok(EtcdPlacements {
+            client,
+            prefix: prefix.to_string(),
+            endpoints: names,
+            copy,
+            applied,
+            watcher,
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Copy> {
+        self.copy.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Copy> {
+        self.copy.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}{kind}/{name}", self.prefix)
+    }
+
+    fn unreachable(&self, source: etcd_client::Error) -> PlacementError {
+        PlacementError::Store(
+            EtcdError::Unreachable {
+                endpoints: self.endpoints.clone(),
+                source,
+            }
+            .to_string(),
+        )
+    }
+
+    /// The copy of the whole table.
+    pub fn state(&self) -> PlacementState {
+        self.read().state.clone()
+    }
+
+    /// Where `tenant` lives, and the revision that placed it there (its
+    /// epoch), from the copy: never waits for etcd.
+    pub fn get(&self, tenant: &TenantId) -> Option<(ExecutorId, i64)> {
+        let copy = self.read();
+        let id = copy.state.placements.get(tenant.as_str())?.clone();
+        Some((id, copy.epochs.get(tenant.as_str()).copied().unwrap_or(0)))
+    }
+
+    /// How far the copy has read etcd's history: it holds every change up
+    /// to this revision.
+    pub fn revision(&self) -> i64 {
+        *self.applied.borrow()
+    }
+
+    /// The revision of this proxy's last own write: another proxy that
+    /// [waits for](Self::wait_for) it sees the write.
+    pub fn written(&self) -> i64 {
+        self.read().written
+    }
+
+    /// Waits until the copy holds every change up to `revision` (at most
+    /// `timeout`); whether it does.
+    pub async fn wait_for(&self, revision: i64, timeout: Duration) -> bool {
+        let mut applied = self.applied.clone();
+        tokio::time::timeout(timeout, applied.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Where `tenant` lives, placing it first if it is new: consistent
+    /// hashing over `healthy` executors that are not draining, recorded
+    /// only if no proxy placed it meanwhile. Every proxy gets the same
+    /// answer.
+    pub async fn place(
+        &self,
+        tenant: &TenantId,
+        healthy: &[Candidate],
+    ) -> Result<(ExecutorId, i64), PlacementError> {
+        if let Some(placed) = self.get(tenant) {
+            return Ok(placed);
+        }
+        let chosen = choose(&self.read().state.draining, tenant, healthy)?;
+        let key = self.key("tenants", tenant.as_str());
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), chosen.as_str(), None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        if resp.succeeded() {
+            self.apply_local(
+                &format!("tenants/{tenant}"),
+                Some(chosen.as_str().as_bytes()),
+                revision,
+            )?;
+            return Ok((chosen, revision));
+        }
+        // Another proxy placed it first: its answer is the answer.
+        let won = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+            _ => None,
+        });
+        let kv = won.ok_or_else(|| PlacementError::Unplaced(tenant.to_string()))?;
+        let id = std::str::from_utf8(kv.value())
+            .ok()
+            .and_then(|v| ExecutorId::new(v).ok())
+            .ok_or_else(|| {
+                PlacementError::Store(format!("tenant {tenant}: not an executor id in etcd"))
+            })?;
+        self.write()
+            .apply(
+                &format!("tenants/{tenant}"),
+                Some(kv.value()),
+                kv.mod_revision(),
+            )
+            .map_err(|e| PlacementError::Store(e.to_string()))?;
+        Ok((id, kv.mod_revision()))
+    }
+
+    /// Records an executor (or its new address).
+    pub async fn add_executor(&self, id: &ExecutorId, addr: &str) -> Result<(), PlacementError> {
+        self.put("executors", id.as_str(), addr.as_bytes()).await
+    }
+
+    /// Forgets an executor.
+    pub async fn remove_executor(&self, id: &str) -> Result<(), PlacementError> {
+        self.delete("executors", id).await
+    }
+
+    /// Stops (or resumes) placing new tenants on `executor`.
+    pub async fn set_draining(
+        &self,
+        executor: &ExecutorId,
+        on: bool,
+    ) -> Result<(), PlacementError> {
+        if on {
+            self.put("draining", executor.as_str(), b"").await
+        } else {
+            self.delete("draining", executor.as_str()).await
+        }
+    }
+
+    /// Records `mv` for `tenant`, unless a move of it is recorded already
+    /// (by any proxy).
+    pub async fn begin_move(&self, tenant: &TenantId, mv: &Move) -> Result<(), PlacementError> {
+        let key = self.key("moves", tenant.as_str());
+        let value = serde_json::to_vec(mv).map_err(|e| PlacementError::Store(e.to_string()))?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value.clone(), None)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.succeeded() {
+            return Err(PlacementError::AlreadyMoving(tenant.to_string()));
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.apply_local(&format!("moves/{tenant}"), Some(&value), revision)
+    }
+
+    /// Ends `tenant`'s move: it now lives on the move's destination. One
+    /// transaction: the placement and the end of the record go together.
+    pub async fn finish_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        let mv = self
+            .read()
+            .state
+            .moving
+            .get(tenant.as_str())
+            .cloned()
+            .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))?;
+        let moves = self.key("moves", tenant.as_str());
+        let tenants = self.key("tenants", tenant.as_str());
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                moves.clone(),
+                CompareOp::Greater,
+                0,
+            )])
+            .and_then([
+                TxnOp::put(tenants, mv.to.as_str(), None),
+                TxnOp::delete(moves, None),
+            ]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.succeeded() {
+            return Err(PlacementError::NotMoving(tenant.to_string()));
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.apply_local(
+            &format!("tenants/{tenant}"),
+            Some(mv.to.as_str().as_bytes()),
+            revision,
+        )?;
+        self.apply_local(&format!("moves/{tenant}"), None, revision)?;
+        Ok(mv)
+    }
+
+    /// Drops `tenant`'s move record; it stays where it was.
+    pub async fn abort_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        let mv = self
+            .read()
+            .state
+            .moving
+            .get(tenant.as_str())
+            .cloned()
+            .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))?;
+        self.delete("moves", tenant.as_str()).await?;
+        Ok(mv)
+    }
+
+    async fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), PlacementError> {
+        let resp = self
+            .client
+            .clone()
+            .put(self.key(kind, name), value, None)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.apply_local(&format!("{kind}/{name}"), Some(value), revision)
+    }
+
+    async fn delete(&self, kind: &str, name: &str) -> Result<(), PlacementError> {
+        let resp = self
+            .client
+            .clone()
+            .delete(self.key(kind, name), None)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.apply_local(&format!("{kind}/{name}"), None, revision)
+    }
+
+    /// Applies this proxy's own write to its copy at once (the watch
+    /// brings it again, to the same effect).
+    fn apply_local(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        revision: i64,
+    ) -> Result<(), PlacementError> {
+        let mut copy = self.write();
+        copy.written = copy.written.max(revision);
+        copy.apply(key, value, revision)
+            .map_err(|e| PlacementError::Store(e.to_string()))
+    }
+}
+
+/// Why the table could not be loaded.
+enum Loaded {
+    Etcd(etcd_client::Error),
+    Corrupt(EtcdError),
+}
+
+/// The whole table under `prefix`, as of one revision.
+async fn load(client: &mut Client, prefix: &str) -> Result<Copy, Loaded> {
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(Loaded::Etcd)?;
+    let mut copy = Copy::default();
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key());
+        let Some(rest) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        copy.apply(rest, Some(kv.value()), kv.mod_revision())
+            .map_err(Loaded::Corrupt)?;
+    }
+    copy.watched = resp.header().map_or(0, |h| h.revision());
+    Ok(copy)
+}
+
+/// Feeds `copy` from etcd's history under `prefix`, from the revision after
+/// the one it has read; when the watch breaks, loads the table again once
+/// etcd answers (history may have been compacted meanwhile) and watches on
+/// from there.
+async fn watch(
+    mut client: Client,
+    prefix: String,
+    copy: Arc<RwLock<Copy>>,
+    applied: tokio::sync::watch::Sender<i64>,
+) {
+    let lock = || copy.write().unwrap_or_else(|p| p.into_inner());
+    let mut loaded = true;
+    loop {
+        while !loaded {
+            match load(&mut client, &prefix).await {
+                Ok(fresh) => {
+                    let revision = fresh.watched;
+                    *lock() = fresh;
+                    let _ = applied.send(revision);
+                    tracing::info!(revision, "placements loaded from etcd again");
+                    loaded = true;
+                }
+                Err(Loaded::Etcd(e)) => {
+                    tracing::debug!(error = %e, "etcd still unreachable");
+                    tokio::time::sleep(RESYNC_PAUSE).await;
+                }
+                Err(Loaded::Corrupt(e)) => {
+                    tracing::error!(error = %e, "placements in etcd unreadable");
+                    tokio::time::sleep(RESYNC_PAUSE).await;
+                }
+            }
+        }
+        let from = copy.read().unwrap_or_else(|p| p.into_inner()).watched + 1;
+        let options = WatchOptions::new().with_prefix().with_start_revision(from);
+        match client.watch(prefix.clone(), Some(options)).await {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(resp)) => {
+                        if resp.canceled() {
+                            tracing::warn!(reason = resp.cancel_reason(), "etcd watch cancelled");
+                            break;
+                        }
+                        let mut c = lock();
+                        for event in resp.events() {
+                            let Some(kv) = event.kv() else { continue };
+                            let key = String::from_utf8_lossy(kv.key());
+                            let Some(rest) = key.strip_prefix(prefix.as_str()) else {
+                                continue;
+                            };
+                            let value = (event.event_type() == EventType::Put).then(|| kv.value());
+                            if let Err(e) = c.apply(rest, value, kv.mod_revision()) {
+                                tracing::error!(error = %e, "placement entry ignored");
+                            }
+                            // Events come in revision order, each revision
+                            // whole: all before this one are in.
+                            c.watched = c.watched.max(kv.mod_revision());
+                        }
+                        let _ = applied.send(c.watched);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "etcd watch broke; placements served from this proxy's copy");
+                        break;
+                    }
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch etcd; placements served from this proxy's copy")
+            }
+        }
+        loaded = false;
+        tokio::time::sleep(RESYNC_PAUSE).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+//! The etcd-backed table against a real etcd (the Debian `etcd-server`
+//! package's `etcd`, started here on loopback ports).
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// An `etcd` of its own, in a temporary folder; killed when dropped.
+struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        e.run();
+        e
+    }
+
+    /// Starts (or starts again) the server on its data folder and ports,
+    /// and waits until it answers.
+    fn run(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (Debian package etcd-server) must be installed");
+        self.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.client_port).parse().unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "etcd never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        vec![format!("127.0.0.1:{}", self.client_port)]
+    }
+
+    async fn proxy(&self) -> EtcdPlacements {
+        EtcdPlacements::connect(&self.endpoints(), DEFAULT_PREFIX, None)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn candidates(ids: &[(&str, u16)]) -> Vec<Candidate> {
+    ids.iter()
+        .map(|(id, port)| Candidate {
+            id: ExecutorId::new(*id).unwrap(),
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        })
+        .collect()
+}
+
+fn tenant(t: &str) -> TenantId {
+    TenantId::new(t).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_placing_one_tenant_at_once_agree_on_one_executor() {
+    let etcd = Etcd::start();
+    let (a, b) = (etcd.proxy().await, etcd.proxy().await);
+    // They see different executors, so alone they would choose apart.
+    let seen_by_a = candidates(&[("cpu0", 1), ("cpu1", 2)]);
+    let seen_by_b = candidates(&[("cpu2", 3)]);
+    for i in 0..20 {
+        let t = tenant(&format!("t{i}"));
+        let (pa, pb) = tokio::join!(a.place(&t, &seen_by_a), b.place(&t, &seen_by_b));
+        let (pa, pb) = (pa.unwrap(), pb.unwrap());
+        assert_eq!(pa, pb, "{t}: one executor, one epoch");
+        // Sticky: asked again with other executors, the answer stands.
+        assert_eq!(a.place(&t, &seen_by_b).await.unwrap(), pa);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_proxy_writes_reaches_the_others_copy_by_the_watch() {
+    let etcd = Etcd::start();
+    let (a, b) = (etcd.proxy().await, etcd.proxy().await);
+    let t = tenant("acme");
+    let (home, epoch) = a.place(&t, &candidates(&[("cpu0", 1)])).await.unwrap();
+    assert!(b.wait_for(epoch, Duration::from_secs(10)).await);
+    assert_eq!(b.get(&t), Some((home.clone(), epoch)), "from B's copy");
+
+    a.add_executor(&ExecutorId::new("cpu1").unwrap(), "127.0.0.1:2")
+        .await
+        .unwrap();
+    a.set_draining(&home, true).await.unwrap();
+    let mv = Move {
+        from: home.clone(),
+        to: ExecutorId::new("cpu1").unwrap(),
+        snapshot: None,
+        session: Some("s1".into()),
+    };
+    a.begin_move(&t, &mv).await.unwrap();
+    assert!(b.wait_for(a.written(), Duration::from_secs(10)).await);
+    let seen = b.state();
+    assert_eq!(seen.moving.get("acme"), Some(&mv));
+    assert!(seen.draining.contains(&home));
+    assert_eq!(seen.executors["cpu1"], "127.0.0.1:2");
+    // One move at a time, whichever proxy asks.
+    assert!(matches!(
+        b.begin_move(&t, &mv).await,
+        Err(PlacementError::AlreadyMoving(_))
+    ));
+
+    assert_eq!(a.finish_move(&t).await.unwrap(), mv);
+    assert!(b.wait_for(a.written(), Duration::from_secs(10)).await);
+    let (now, moved_epoch) = b.get(&t).unwrap();
+    assert_eq!(now.as_str(), "cpu1");
+    assert!(moved_epoch > epoch, "a move is a new epoch");
+    assert!(b.state().moving.is_empty());
+    assert!(matches!(
+        b.finish_move(&t).await,
+        Err(PlacementError::NotMoving(_))
+    ));
+
+    // A proxy that starts later loads all of it.
+    let c = etcd.proxy().await;
+    assert_eq!(c.get(&t), Some((now, moved_epoch)));
+    assert!(c.state().draining.contains(&home));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_serves_while_etcd_is_down_and_catches_up_after() {
+    let mut etcd = Etcd::start();
+    let (a, b) = (etcd.proxy().await, etcd.proxy().await);
+    let t = tenant("acme");
+    let placed = a.place(&t, &candidates(&[("cpu0", 1)])).await.unwrap();
+    assert!(b.wait_for(placed.1, Duration::from_secs(10)).await);
+
+    etcd.stop();
+    // Placed tenants route from the copy; new placements are refused.
+    assert_eq!(a.get(&t), Some(placed.clone()));
+    let fresh = tenant("newcomer");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        a.place(&fresh, &candidates(&[("cpu0", 1)])),
+    )
+    .await
+    .expect("a refusal, not a hang");
+    assert!(
+        matches!(refused, Err(PlacementError::Store(_))),
+        "{refused:?}"
+    );
+
+    etcd.run();
+    // Once etcd is back, placing works again, and B's watcher, which broke,
+    // catches up.
+    let start = Instant::now();
+    let again = loop {
+        match a.place(&fresh, &candidates(&[("cpu0", 1)])).await {
+            Ok(p) => break p,
+            Err(e) => {
+                assert!(start.elapsed() < Duration::from_secs(30), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(b.wait_for(again.1, Duration::from_secs(30)).await);
+    assert_eq!(b.get(&fresh), Some(again));
+    assert_eq!(b.get(&t), Some(placed));
+}
