@@ -95,6 +95,18 @@ fn i64_output(reply: &Reply, name: &str) -> Vec<i64> {
         .collect()
 }
 
+/// The held-out samples of `mlp-digits/heldout.json`, row-major, and how
+/// many there are.
+fn heldout_x(heldout: &serde_json::Value) -> (Vec<f32>, usize) {
+    let rows = heldout["x"].as_array().unwrap();
+    let x = rows
+        .iter()
+        .flat_map(|row| row.as_array().unwrap())
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    (x, rows.len())
+}
+
 fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -110,13 +122,7 @@ fn the_mlp_matches_its_numpy_reference() {
     let weights = example_file("mlp-digits", "weights.safetensors");
     let heldout = example_json("mlp-digits", "heldout.json");
     let expected = example_json("mlp-digits", "expected.json");
-
-    let rows = heldout["x"].as_array().unwrap();
-    let x: Vec<f32> = rows
-        .iter()
-        .flat_map(|row| row.as_array().unwrap())
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let (x, n) = heldout_x(&heldout);
     let truth: Vec<i64> = heldout["labels"]
         .as_array()
         .unwrap()
@@ -136,7 +142,6 @@ fn the_mlp_matches_its_numpy_reference() {
         .flat_map(|row| row.as_array().unwrap())
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
-    let n = rows.len();
     assert_eq!((n, truth.len()), (want_labels.len(), n));
 
     let ex = TestExecutor::start();
@@ -320,14 +325,8 @@ fn the_c_mlp_answers_like_its_rust_twin() {
         return;
     };
     let weights = example_file("mlp-digits", "weights.safetensors");
-    let heldout = example_json("mlp-digits", "heldout.json");
-    let rows = heldout["x"].as_array().unwrap();
-    let x: Vec<f32> = rows
-        .iter()
-        .flat_map(|row| row.as_array().unwrap())
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
-    let n = rows.len() as u64;
+    let (x, n) = heldout_x(&example_json("mlp-digits", "heldout.json"));
+    let n = n as u64;
     let ex = TestExecutor::start();
     let c_id = deploy_wasm(&ex, "t1", "digits-c", &c, &weights);
     let rust_id = deploy_wasm(&ex, "t1", "digits-rust", &rust, &weights);

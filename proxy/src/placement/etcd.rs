@@ -284,12 +284,7 @@ impl EtcdPlacements {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), chosen.as_str(), None)])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.txn(txn).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         if resp.succeeded() {
             self.apply_local(
@@ -352,12 +347,7 @@ impl EtcdPlacements {
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value.clone(), None)]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             return Err(PlacementError::AlreadyMoving(tenant.to_string()));
         }
@@ -368,13 +358,7 @@ impl EtcdPlacements {
     /// Ends `tenant`'s move: it now lives on the move's destination. One
     /// transaction: the placement and the end of the record go together.
     pub async fn finish_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
-        let mv = self
-            .read()
-            .state
-            .moving
-            .get(tenant.as_str())
-            .cloned()
-            .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))?;
+        let mv = self.recorded_move(tenant)?;
         let moves = self.key("moves", tenant.as_str());
         let tenants = self.key("tenants", tenant.as_str());
         let txn = Txn::new()
@@ -387,12 +371,7 @@ impl EtcdPlacements {
                 TxnOp::put(tenants, mv.to.as_str(), None),
                 TxnOp::delete(moves, None),
             ]);
-        let resp = self
-            .client
-            .clone()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             return Err(PlacementError::NotMoving(tenant.to_string()));
         }
@@ -408,15 +387,27 @@ impl EtcdPlacements {
 
     /// Drops `tenant`'s move record; it stays where it was.
     pub async fn abort_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
-        let mv = self
-            .read()
+        let mv = self.recorded_move(tenant)?;
+        self.delete("moves", tenant.as_str()).await?;
+        Ok(mv)
+    }
+
+    /// The move of `tenant` the copy holds.
+    fn recorded_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        self.read()
             .state
             .moving
             .get(tenant.as_str())
             .cloned()
-            .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))?;
-        self.delete("moves", tenant.as_str()).await?;
-        Ok(mv)
+            .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, PlacementError> {
+        self.client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unreachable(e))
     }
 
     async fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), PlacementError> {
