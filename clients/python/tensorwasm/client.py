@@ -1,0 +1,291 @@
+"""The synchronous client: deploy functions, call them with numpy arrays,
+run them as jobs (docs/API.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from .errors import TensorWasmError, Unreachable, from_answer
+
+Array = npt.NDArray[Any]
+Outputs = dict[str, Array]
+
+#: The environment variables the `tensor-wasm` CLI reads too.
+URL_ENV = "TENSOR_WASM_URL"
+TOKEN_ENV = "TENSOR_WASM_TOKEN"
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+SAFETENSORS = "application/x-safetensors"
+OCTET_STREAM = "application/octet-stream"
+
+#: JSON dtypes of job results, as numpy dtypes (bf16 widens to f32).
+JSON_DTYPES = {
+    "f32": np.float32,
+    "f16": np.float16,
+    "bf16": np.float32,
+    "i32": np.int32,
+    "i64": np.int64,
+    "u8": np.uint8,
+}
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _error(resp: httpx.Response) -> TensorWasmError:
+    """The exception an error answer stands for."""
+    code: str | None = None
+    message = resp.text[:500] or f"HTTP {resp.status_code}"
+    try:
+        body = resp.json()
+        code = body["error"]["code"]
+        message = body["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return from_answer(
+        resp.status_code,
+        code,
+        message,
+        resp.headers.get("x-request-id"),
+        _retry_after(resp),
+    )
+
+
+def _as_arrays(outputs: Mapping[str, Any]) -> Outputs:
+    """A JSON answer's `outputs` as numpy arrays."""
+    arrays: Outputs = {}
+    for name, t in outputs.items():
+        data = [float(v) if isinstance(v, str) else v for v in t["data"]]
+        arrays[name] = np.asarray(data, dtype=JSON_DTYPES[t["dtype"]]).reshape(t["shape"])
+    return arrays
+
+
+class Client:
+    """A tenant's connection to a TensorWasm fleet (its proxy).
+
+    `url` and `token` default to `TENSOR_WASM_URL` and `TENSOR_WASM_TOKEN`,
+    as for the CLI. With `retries` > 0, answers 429 and 503 are tried again
+    that many times, after the `Retry-After` they carry (1 s without one);
+    nothing is retried otherwise.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retries: int = 0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        token = token or os.environ.get(TOKEN_ENV)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.retries = retries
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call of the API: the 2xx answer, or the error's exception."""
+        attempt = 0
+        while True:
+            try:
+                resp = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as e:
+                raise Unreachable(f"{self.url}: {e}") from e
+            if resp.is_success:
+                return resp
+            if resp.status_code in (429, 503) and attempt < self.retries:
+                attempt += 1
+                time.sleep(_retry_after(resp) or 1.0)
+                continue
+            raise _error(resp)
+
+    def deploy(
+        self,
+        module: str | Path | bytes,
+        *,
+        assets: Mapping[str, Array] | str | Path | None = None,
+        config: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        replace: bool = False,
+    ) -> Function:
+        """Registers a function: `module` is a `.wasm` file or its bytes;
+        `assets` a dict of arrays or a safetensors file (streamed from disk,
+        never read whole); `config` its settings (`deadline_ms`, …)."""
+        if isinstance(module, (str, Path)):
+            path = Path(module)
+            wasm = path.read_bytes()
+            name = name or path.stem
+        else:
+            wasm = module
+        if not name:
+            raise ValueError("a function needs a name: pass name=")
+        files: dict[str, tuple[str, bytes | IO[bytes], str]] = {
+            "module": ("module.wasm", wasm, "application/wasm")
+        }
+        opened: IO[bytes] | None = None
+        if isinstance(assets, (str, Path)):
+            opened = open(assets, "rb")  # noqa: SIM115 (closed below)
+            files["assets"] = ("assets.safetensors", opened, SAFETENSORS)
+        elif assets is not None:
+            files["assets"] = ("assets.safetensors", st_save(dict(assets)), SAFETENSORS)
+        if config is not None:
+            files["config"] = ("config.json", json.dumps(dict(config)).encode(), "application/json")
+        params = {"name": name}
+        if replace:
+            params["replace"] = "true"
+        try:
+            resp = self.request("POST", "/functions", params=params, files=files)
+        finally:
+            if opened is not None:
+                opened.close()
+        return Function(self, resp.json())
+
+    def functions(self) -> list[dict[str, Any]]:
+        """The tenant's functions, as the API describes them."""
+        listed: list[dict[str, Any]] = self.request("GET", "/functions").json()["functions"]
+        return listed
+
+    def function(self, id_or_name: str) -> Function:
+        """The function with this id, or else this name."""
+        for info in self.functions():
+            if id_or_name in (info["id"], info["name"]):
+                return Function(self, info)
+        raise from_answer(404, "function_not_found", f"no function {id_or_name!r}", None, None)
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, job_id)
+
+
+class Function:
+    """A deployed function: call it with arrays (`fn(x=array)`), raw bytes
+    (`fn.call_raw(data)`), or as a job (`fn.submit(x=array)`)."""
+
+    def __init__(self, client: Client, info: Mapping[str, Any]) -> None:
+        self.client = client
+        self.info = dict(info)
+        self.id: str = info["id"]
+        self.name: str = info["name"]
+
+    def __repr__(self) -> str:
+        return f"Function({self.name!r}, id={self.id!r})"
+
+    def __call__(self, **inputs: Any) -> Outputs:
+        """Calls it with named tensors (numpy arrays, or anything
+        `np.asarray` takes); its named outputs as arrays. Raw bytes the
+        function also wrote are under `"raw"` as a `uint8` array."""
+        body = st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()})
+        resp = self.client.request(
+            "POST",
+            f"/functions/{self.id}/invoke",
+            content=body,
+            headers={"content-type": SAFETENSORS, "accept": SAFETENSORS},
+        )
+        return _outputs(resp)
+
+    def call_raw(self, data: bytes, content_type: str = OCTET_STREAM) -> bytes:
+        """Calls it with a raw body; the raw answer."""
+        resp = self.client.request(
+            "POST",
+            f"/functions/{self.id}/invoke",
+            content=data,
+            headers={"content-type": content_type},
+        )
+        return resp.content
+
+    def submit(self, **inputs: Any) -> Job:
+        """Runs it as an async job with named tensors."""
+        body = st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()})
+        resp = self.client.request(
+            "POST",
+            f"/functions/{self.id}/invoke-async",
+            content=body,
+            headers={"content-type": SAFETENSORS},
+        )
+        return Job(self.client, resp.json()["job_id"])
+
+
+def _outputs(resp: httpx.Response) -> Outputs:
+    media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == SAFETENSORS:
+        return dict(st_load(resp.content))
+    if media == "application/json":
+        body = resp.json()
+        outputs = _as_arrays(body.get("outputs", {}))
+        if body.get("raw_b64"):
+            import base64
+
+            outputs["raw"] = np.frombuffer(base64.b64decode(body["raw_b64"]), dtype=np.uint8)
+        return outputs
+    return {"raw": np.frombuffer(resp.content, dtype=np.uint8)}
+
+
+class Job:
+    """An async invocation (`invoke-async`)."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def info(self) -> dict[str, Any]:
+        """The job as the API describes it."""
+        info: dict[str, Any] = self.client.request("GET", f"/jobs/{self.id}").json()
+        return info
+
+    @property
+    def status(self) -> str:
+        """`pending`, `running`, `succeeded` or `failed`."""
+        status: str = self.info()["status"]
+        return status
+
+    def result(self, timeout: float | None = None, poll: float = 0.05) -> Outputs:
+        """Waits for the job (at most `timeout` seconds); its outputs, or
+        the exception of its error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = self.info()
+            if info["status"] == "succeeded":
+                return _as_arrays((info.get("result") or {}).get("outputs", {}))
+            if info["status"] == "failed":
+                err = info.get("error") or {}
+                raise from_answer(
+                    0, err.get("code"), err.get("message", "the job failed"), None, None
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} still {info['status']} after {timeout} s")
+            time.sleep(poll)
+
+    def cancel(self) -> None:
+        """Cancels it while it waits, or forgets it once it has finished
+        (`JobRunning` while it runs)."""
+        self.client.request("DELETE", f"/jobs/{self.id}")
