@@ -9,7 +9,7 @@ functions and call them with numpy arrays.
     out["labels"]
 """
 
-from .client import Client, Function, Job
+from .client import Admin, Client, Function, Job
 from .errors import (
     BY_CODE,
     CapacityExhausted,
@@ -51,6 +51,7 @@ from .errors import (
 )
 
 __all__ = [
+    "Admin",
     "Client",
     "Function",
     "Job",

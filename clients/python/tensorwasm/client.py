@@ -3,10 +3,12 @@ run them as jobs (docs/API.md)."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,7 +26,10 @@ Outputs = dict[str, Array]
 #: The environment variables the `tensor-wasm` CLI reads too.
 URL_ENV = "TENSOR_WASM_URL"
 TOKEN_ENV = "TENSOR_WASM_TOKEN"
+ADMIN_URL_ENV = "TENSOR_WASM_ADMIN_URL"
+ADMIN_TOKEN_ENV = "TENSOR_WASM_ADMIN_TOKEN"
 DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_ADMIN_URL = "http://127.0.0.1:9090"
 
 SAFETENSORS = "application/x-safetensors"
 OCTET_STREAM = "application/octet-stream"
@@ -127,6 +132,21 @@ class Client:
                 continue
             raise _error(resp)
 
+    @contextlib.contextmanager
+    def stream(
+        self, method: str, path: str, content: bytes, headers: Mapping[str, str]
+    ) -> Iterator[httpx.Response]:
+        """One call whose answer is read as it arrives: the 2xx answer
+        (open), or the error's exception."""
+        try:
+            with self._http.stream(method, path, content=content, headers=headers) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    raise _error(resp)
+                yield resp
+        except httpx.TransportError as e:
+            raise Unreachable(f"{self.url}: {e}") from e
+
     def deploy(
         self,
         module: str | Path | bytes,
@@ -184,6 +204,78 @@ class Client:
         return Job(self, job_id)
 
 
+class Admin:
+    """The admin API (docs/API.md, "Admin API"), on the proxy's admin
+    listener with the admin token (`TENSOR_WASM_ADMIN_URL`,
+    `TENSOR_WASM_ADMIN_TOKEN`)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._client = Client(
+            url or os.environ.get(ADMIN_URL_ENV) or DEFAULT_ADMIN_URL,
+            token or os.environ.get(ADMIN_TOKEN_ENV),
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def executors(self) -> list[dict[str, Any]]:
+        """The executor set, each with its live info."""
+        listed: list[dict[str, Any]] = self._client.request("GET", "/admin/executors").json()[
+            "executors"
+        ]
+        return listed
+
+    def placements(self) -> dict[str, str]:
+        """Tenant → the executor it lives on."""
+        placed: dict[str, str] = self._client.request("GET", "/admin/placements").json()[
+            "placements"
+        ]
+        return placed
+
+    def migrate(self, tenant: str, to: str) -> dict[str, Any]:
+        """Moves `tenant` live to executor `to`; the move's report."""
+        report: dict[str, Any] = self._client.request(
+            "POST", f"/admin/tenants/{tenant}/migrate", json={"to": to}
+        ).json()
+        return report
+
+    def drain(self, executor: str) -> dict[str, Any]:
+        """Moves every tenant off `executor`; the moves and failures."""
+        report: dict[str, Any] = self._client.request(
+            "POST", f"/admin/executors/{executor}/drain"
+        ).json()
+        return report
+
+    def snapshot(self, tenant: str) -> bytes:
+        """A consistent snapshot of `tenant` (it keeps running)."""
+        return self._client.request("POST", f"/admin/tenants/{tenant}/snapshot").content
+
+    def restore(self, tenant: str, snapshot: bytes) -> dict[str, Any]:
+        """Replaces `tenant`'s state with `snapshot`."""
+        result: dict[str, Any] = self._client.request(
+            "POST",
+            f"/admin/tenants/{tenant}/restore",
+            content=snapshot,
+            headers={"content-type": OCTET_STREAM},
+        ).json()
+        return result
+
+
 class Function:
     """A deployed function: call it with arrays (`fn(x=array)`), raw bytes
     (`fn.call_raw(data)`), or as a job (`fn.submit(x=array)`)."""
@@ -220,6 +312,42 @@ class Function:
         )
         return resp.content
 
+    def stream(
+        self, data: bytes | None = None, **inputs: Any
+    ) -> Generator[bytes | Outputs, None, None]:
+        """Calls it asking for a stream of events (docs/API.md,
+        "Streaming") and yields each chunk as it arrives: bytes for a
+        `text` or `bytes` chunk, a dict of arrays for a `tensors` one.
+        `data` is a raw body; else the named tensors are sent. An `error`
+        event raises its exception; a stream that breaks off raises
+        `Unreachable`."""
+        if data is not None:
+            content, ctype = data, OCTET_STREAM
+        else:
+            content = st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()})
+            ctype = SAFETENSORS
+        headers = {"content-type": ctype, "accept": "text/event-stream"}
+        with self.client.stream("POST", f"/functions/{self.id}/invoke", content, headers) as resp:
+            if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                # An invocation that failed before its first chunk, or an
+                # executor that does not stream: an ordinary answer.
+                resp.read()
+                yield _outputs(resp)
+                return
+            for event, payload in _events(resp.iter_lines()):
+                if event == "text":
+                    yield payload.encode()
+                elif event == "bytes":
+                    yield base64.b64decode(payload)
+                elif event == "tensors":
+                    yield _as_arrays(json.loads(payload))
+                elif event == "error":
+                    err = json.loads(payload)["error"]
+                    raise from_answer(200, err.get("code"), err.get("message", ""), None, None)
+                elif event == "end":
+                    return
+            raise Unreachable("the stream ended without its outcome: the connection broke")
+
     def submit(self, **inputs: Any) -> Job:
         """Runs it as an async job with named tensors."""
         body = st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()})
@@ -232,6 +360,26 @@ class Function:
         return Job(self.client, resp.json()["job_id"])
 
 
+def _events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """Server-Sent Events from the lines of a stream, as (type, data):
+    `data:` lines joined with a newline, an event ending at a blank line
+    (https://html.spec.whatwg.org/multipage/server-sent-events.html)."""
+    event = "message"
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            event = value
+        elif field == "data":
+            data.append(value)
+
+
 def _outputs(resp: httpx.Response) -> Outputs:
     media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == SAFETENSORS:
@@ -240,8 +388,6 @@ def _outputs(resp: httpx.Response) -> Outputs:
         body = resp.json()
         outputs = _as_arrays(body.get("outputs", {}))
         if body.get("raw_b64"):
-            import base64
-
             outputs["raw"] = np.frombuffer(base64.b64decode(body["raw_b64"]), dtype=np.uint8)
         return outputs
     return {"raw": np.frombuffer(resp.content, dtype=np.uint8)}

@@ -42,9 +42,13 @@ def _wait(url: str, headers: dict[str, str], timeout: float = 60.0) -> None:
     raise RuntimeError(f"{url} never answered 200")
 
 
+ADMIN_TOKEN = "py-admin-token"
+
+
 @dataclass
 class Fleet:
     url: str
+    admin_url: str
     binary: Path
     workdir: Path
 
@@ -79,7 +83,7 @@ def start_fleet(deploy: bool = True) -> Iterator[Fleet]:
     env = dict(
         os.environ,
         TENSOR_WASM_INTERNAL_TOKEN="py-internal-token",
-        TENSOR_WASM_ADMIN_TOKEN="py-admin-token",
+        TENSOR_WASM_ADMIN_TOKEN=ADMIN_TOKEN,
         TENSOR_WASM_API_TOKENS=f"{TOKEN}:py,{OTHER_TOKEN}:other",
         TENSOR_WASM_API_RATE_LIMIT_QPS="100000",
         TENSOR_WASM_API_RATE_LIMIT_BURST="100000",
@@ -134,7 +138,9 @@ def start_fleet(deploy: bool = True) -> Iterator[Fleet]:
         )
         url = f"http://127.0.0.1:{px_port}"
         _wait(f"{url}/functions", {"authorization": f"Bearer {TOKEN}"})
-        fleet = Fleet(url=url, binary=binary, workdir=workdir)
+        fleet = Fleet(
+            url=url, admin_url=f"http://127.0.0.1:{admin_port}", binary=binary, workdir=workdir
+        )
         if deploy:
             fleet.cli_deploy(ROOT / "examples/wat/streaming.wat", "streaming")
             fleet.cli_deploy(ROOT / "examples/wat/scale.wat", "scale")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import tensorwasm
 from tensorwasm import Client
 
-from .conftest import OTHER_TOKEN, ROOT, TOKEN, Fleet
+from .conftest import ADMIN_TOKEN, OTHER_TOKEN, ROOT, TOKEN, Fleet
 
 MLP = ROOT / "examples/mlp-digits"
 
@@ -161,3 +162,42 @@ def test_retries_honour_retry_after() -> None:
     ):
         client.functions()
     assert e.value.retry_after == 7.0
+
+
+def test_a_stream_yields_each_chunk_as_it_comes(fleet: Fleet) -> None:
+    with Client(fleet.url, TOKEN) as client:
+        fn = client.function("streaming")
+        chunks = list(fn.stream(b"n" + (3).to_bytes(4, "little")))
+        assert chunks[:3] == [b"chunk 0\n", b"chunk 1\n", b"chunk 2\n"]
+        tensors = chunks[3]
+        assert isinstance(tensors, dict)
+        assert tensors["count"].tolist() == [3]
+        assert len(chunks) == 4
+        # The first chunk is there while the guest still runs: it waits
+        # for its client to leave, which then cancels it.
+        live = fn.stream(b"w")
+        assert next(live) == b"first\n"
+        live.close()
+        start = time.monotonic()
+        while np.frombuffer(fn.call_raw(b"s"), dtype=np.uint32)[1] < 1:
+            assert time.monotonic() - start < 30, "never cancelled"
+            time.sleep(0.02)
+        # A function that fails before its first chunk raises at once.
+        with pytest.raises(tensorwasm.FunctionNotFound):
+            next(tensorwasm.Function(client, {"id": "fn-nope", "name": "x"}).stream(b"n"))
+
+
+def test_admin_helpers(fleet: Fleet) -> None:
+    with tensorwasm.Admin(fleet.admin_url, ADMIN_TOKEN) as admin:
+        assert [e["id"] for e in admin.executors()] == ["cpu0"]
+        assert admin.placements()["py"] == "cpu0"
+        snap = admin.snapshot("py")
+        assert len(snap) > 0
+        admin.restore("py", snap)
+        report = admin.migrate("py", "cpu0")  # already there: nothing moves
+        assert report["tenant"] == "py"
+    with (
+        tensorwasm.Admin(fleet.admin_url, "wrong") as admin,
+        pytest.raises(tensorwasm.Unauthorized),
+    ):
+        admin.executors()
