@@ -9,6 +9,7 @@ functions and call them with numpy arrays.
     out["labels"]
 """
 
+from .aio import AsyncClient, AsyncFunction, AsyncJob
 from .client import Admin, Client, Function, Job
 from .errors import (
     BY_CODE,
@@ -52,6 +53,9 @@ from .errors import (
 
 __all__ = [
     "Admin",
+    "AsyncClient",
+    "AsyncFunction",
+    "AsyncJob",
     "Client",
     "Function",
     "Job",

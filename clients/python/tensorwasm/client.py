@@ -159,28 +159,7 @@ class Client:
         """Registers a function: `module` is a `.wasm` file or its bytes;
         `assets` a dict of arrays or a safetensors file (streamed from disk,
         never read whole); `config` its settings (`deadline_ms`, …)."""
-        if isinstance(module, (str, Path)):
-            path = Path(module)
-            wasm = path.read_bytes()
-            name = name or path.stem
-        else:
-            wasm = module
-        if not name:
-            raise ValueError("a function needs a name: pass name=")
-        files: dict[str, tuple[str, bytes | IO[bytes], str]] = {
-            "module": ("module.wasm", wasm, "application/wasm")
-        }
-        opened: IO[bytes] | None = None
-        if isinstance(assets, (str, Path)):
-            opened = open(assets, "rb")  # noqa: SIM115 (closed below)
-            files["assets"] = ("assets.safetensors", opened, SAFETENSORS)
-        elif assets is not None:
-            files["assets"] = ("assets.safetensors", st_save(dict(assets)), SAFETENSORS)
-        if config is not None:
-            files["config"] = ("config.json", json.dumps(dict(config)).encode(), "application/json")
-        params = {"name": name}
-        if replace:
-            params["replace"] = "true"
+        params, files, opened = _registration(module, assets, config, name, replace)
         try:
             resp = self.request("POST", "/functions", params=params, files=files)
         finally:
@@ -293,7 +272,7 @@ class Function:
         """Calls it with named tensors (numpy arrays, or anything
         `np.asarray` takes); its named outputs as arrays. Raw bytes the
         function also wrote are under `"raw"` as a `uint8` array."""
-        body = st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()})
+        body = _encode(inputs)
         resp = self.client.request(
             "POST",
             f"/functions/{self.id}/invoke",
@@ -324,8 +303,7 @@ class Function:
         if data is not None:
             content, ctype = data, OCTET_STREAM
         else:
-            content = st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()})
-            ctype = SAFETENSORS
+            content, ctype = _encode(inputs), SAFETENSORS
         headers = {"content-type": ctype, "accept": "text/event-stream"}
         with self.client.stream("POST", f"/functions/{self.id}/invoke", content, headers) as resp:
             if not resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -335,22 +313,17 @@ class Function:
                 yield _outputs(resp)
                 return
             for event, payload in _events(resp.iter_lines()):
-                if event == "text":
-                    yield payload.encode()
-                elif event == "bytes":
-                    yield base64.b64decode(payload)
-                elif event == "tensors":
-                    yield _as_arrays(json.loads(payload))
-                elif event == "error":
-                    err = json.loads(payload)["error"]
-                    raise from_answer(200, err.get("code"), err.get("message", ""), None, None)
-                elif event == "end":
+                if event not in STREAM_EVENTS:
+                    continue
+                chunk = _chunk(event, payload)
+                if chunk is None:
                     return
+                yield chunk
             raise Unreachable("the stream ended without its outcome: the connection broke")
 
     def submit(self, **inputs: Any) -> Job:
         """Runs it as an async job with named tensors."""
-        body = st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()})
+        body = _encode(inputs)
         resp = self.client.request(
             "POST",
             f"/functions/{self.id}/invoke-async",
@@ -358,6 +331,66 @@ class Function:
             headers={"content-type": SAFETENSORS},
         )
         return Job(self.client, resp.json()["job_id"])
+
+
+def _encode(inputs: Mapping[str, Any]) -> bytes:
+    """Named tensors (arrays, or anything `np.asarray` takes) as one
+    safetensors body."""
+    return bytes(st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()}))
+
+
+def _registration(
+    module: str | Path | bytes,
+    assets: Mapping[str, Array] | str | Path | None,
+    config: Mapping[str, Any] | None,
+    name: str | None,
+    replace: bool,
+) -> tuple[dict[str, str], dict[str, tuple[str, bytes | IO[bytes], str]], IO[bytes] | None]:
+    """The query and multipart parts of a registration, and the assets
+    file opened for it (the caller closes it)."""
+    if isinstance(module, (str, Path)):
+        path = Path(module)
+        wasm = path.read_bytes()
+        name = name or path.stem
+    else:
+        wasm = module
+    if not name:
+        raise ValueError("a function needs a name: pass name=")
+    files: dict[str, tuple[str, bytes | IO[bytes], str]] = {
+        "module": ("module.wasm", wasm, "application/wasm")
+    }
+    opened: IO[bytes] | None = None
+    if isinstance(assets, (str, Path)):
+        opened = open(assets, "rb")  # noqa: SIM115 (the caller closes it)
+        files["assets"] = ("assets.safetensors", opened, SAFETENSORS)
+    elif assets is not None:
+        files["assets"] = ("assets.safetensors", _encode(assets), SAFETENSORS)
+    if config is not None:
+        files["config"] = ("config.json", json.dumps(dict(config)).encode(), "application/json")
+    params = {"name": name}
+    if replace:
+        params["replace"] = "true"
+    return params, files, opened
+
+
+#: The events of a stream this client reads; others (of a later release)
+#: are skipped.
+STREAM_EVENTS = frozenset({"text", "bytes", "tensors", "error", "end"})
+
+
+def _chunk(event: str, data: str) -> bytes | Outputs | None:
+    """What one of the `STREAM_EVENTS` gives: a chunk; None at the
+    stream's `end`; its exception for an `error`."""
+    if event == "text":
+        return data.encode()
+    if event == "bytes":
+        return base64.b64decode(data)
+    if event == "tensors":
+        return _as_arrays(json.loads(data))
+    if event == "error":
+        err = json.loads(data)["error"]
+        raise from_answer(200, err.get("code"), err.get("message", ""), None, None)
+    return None
 
 
 def _events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:

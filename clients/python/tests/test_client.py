@@ -201,3 +201,31 @@ def test_admin_helpers(fleet: Fleet) -> None:
         pytest.raises(tensorwasm.Unauthorized),
     ):
         admin.executors()
+
+
+def test_the_asyncio_flavour(fleet: Fleet, examples_wasm: Path) -> None:
+    import asyncio
+
+    async def run() -> None:
+        async with tensorwasm.AsyncClient(fleet.url, TOKEN) as client:
+            fn = await client.deploy(
+                examples_wasm / "mlp-digits.wasm",
+                assets=MLP / "weights.safetensors",
+                name="digits-async",
+                replace=True,
+            )
+            x, labels = _heldout()
+            # Concurrent calls, each its own answer.
+            outs = await asyncio.gather(*(fn(x=x[i : i + 10]) for i in range(0, 40, 10)))
+            got = [int(v) for o in outs for v in o["labels"]]
+            assert got == labels[:40]
+            job = await fn.submit(x=x[:5])
+            assert (await job.result(timeout=60))["labels"].tolist() == labels[:5]
+            streaming = await client.function("streaming")
+            chunks = [c async for c in streaming.stream(b"n" + (2).to_bytes(4, "little"))]
+            assert chunks[:2] == [b"chunk 0\n", b"chunk 1\n"]
+            assert isinstance(chunks[2], dict) and chunks[2]["count"].tolist() == [2]
+            with pytest.raises(tensorwasm.FunctionNotFound):
+                await client.function("nope")
+
+    asyncio.run(run())
