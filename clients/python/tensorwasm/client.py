@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -155,11 +155,13 @@ class Client:
         config: Mapping[str, Any] | None = None,
         name: str | None = None,
         replace: bool = False,
+        progress: Progress | None = None,
     ) -> Function:
         """Registers a function: `module` is a `.wasm` file or its bytes;
         `assets` a dict of arrays or a safetensors file (streamed from disk,
-        never read whole); `config` its settings (`deadline_ms`, …)."""
-        params, files, opened = _registration(module, assets, config, name, replace)
+        never read whole, telling `progress(sent, total)` as it goes);
+        `config` its settings (`deadline_ms`, …)."""
+        params, files, opened = _registration(module, assets, config, name, replace, progress)
         try:
             resp = self.request("POST", "/functions", params=params, files=files)
         finally:
@@ -339,15 +341,43 @@ def _encode(inputs: Mapping[str, Any]) -> bytes:
     return bytes(st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()}))
 
 
+#: Called as an assets file is sent: (bytes sent, bytes in all).
+Progress = Callable[[int, int], None]
+
+
+class _Reporting:
+    """A file whose reads report how far they have come."""
+
+    def __init__(self, file: IO[bytes], progress: Progress) -> None:
+        self._file = file
+        self._progress = progress
+        self._total = os.fstat(file.fileno()).st_size
+        self._sent = 0
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._sent += len(data)
+        self._progress(self._sent, self._total)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _registration(
     module: str | Path | bytes,
     assets: Mapping[str, Array] | str | Path | None,
     config: Mapping[str, Any] | None,
     name: str | None,
     replace: bool,
-) -> tuple[dict[str, str], dict[str, tuple[str, bytes | IO[bytes], str]], IO[bytes] | None]:
+    progress: Progress | None = None,
+) -> tuple[dict[str, str], dict[str, tuple[str, Any, str]], Any]:
     """The query and multipart parts of a registration, and the assets
-    file opened for it (the caller closes it)."""
+    file opened for it (the caller closes it), reporting to `progress`
+    as it is read."""
     if isinstance(module, (str, Path)):
         path = Path(module)
         wasm = path.read_bytes()
@@ -356,12 +386,12 @@ def _registration(
         wasm = module
     if not name:
         raise ValueError("a function needs a name: pass name=")
-    files: dict[str, tuple[str, bytes | IO[bytes], str]] = {
-        "module": ("module.wasm", wasm, "application/wasm")
-    }
-    opened: IO[bytes] | None = None
+    files: dict[str, tuple[str, Any, str]] = {"module": ("module.wasm", wasm, "application/wasm")}
+    opened: Any = None
     if isinstance(assets, (str, Path)):
         opened = open(assets, "rb")  # noqa: SIM115 (the caller closes it)
+        if progress is not None:
+            opened = _Reporting(opened, progress)
         files["assets"] = ("assets.safetensors", opened, SAFETENSORS)
     elif assets is not None:
         files["assets"] = ("assets.safetensors", _encode(assets), SAFETENSORS)

@@ -26,13 +26,18 @@ def _heldout() -> tuple[np.ndarray, list[int]]:
 def test_deploy_with_assets_from_disk_and_call_with_numpy(
     fleet: Fleet, examples_wasm: Path
 ) -> None:
+    sent: list[tuple[int, int]] = []
     with Client(fleet.url, TOKEN) as client:
         fn = client.deploy(
             examples_wasm / "mlp-digits.wasm",
             assets=MLP / "weights.safetensors",
             name="digits",
             replace=True,
+            progress=lambda done, total: sent.append((done, total)),
         )
+        size = (MLP / "weights.safetensors").stat().st_size
+        assert sent and sent[-1] == (size, size), sent[-3:]
+        assert [d for d, _ in sent] == sorted(d for d, _ in sent)
         x, labels = _heldout()
         out = fn(x=x)
         assert out["labels"].dtype == np.int64
