@@ -11,24 +11,22 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import httpx
 
 from .client import (
-    DEFAULT_URL,
     OCTET_STREAM,
     SAFETENSORS,
     STREAM_EVENTS,
-    TOKEN_ENV,
-    URL_ENV,
     Outputs,
     _as_arrays,
     _chunk,
+    _connection,
     _encode,
     _error,
+    _find,
     _outputs,
     _registration,
     _retry_after,
@@ -49,9 +47,7 @@ class AsyncClient:
         retries: int = 0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-        token = token or os.environ.get(TOKEN_ENV)
-        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.url, headers = _connection(url, token)
         self.retries = retries
         self._http = httpx.AsyncClient(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
@@ -109,10 +105,7 @@ class AsyncClient:
         return listed
 
     async def function(self, id_or_name: str) -> AsyncFunction:
-        for info in await self.functions():
-            if id_or_name in (info["id"], info["name"]):
-                return AsyncFunction(self, info)
-        raise from_answer(404, "function_not_found", f"no function {id_or_name!r}", None, None)
+        return AsyncFunction(self, _find(await self.functions(), id_or_name))
 
 
 class AsyncFunction:

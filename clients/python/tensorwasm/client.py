@@ -53,6 +53,22 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
+def _connection(url: str | None, token: str | None) -> tuple[str, dict[str, str]]:
+    """The fleet's URL and the headers of every call: the arguments, else
+    the CLI's environment variables."""
+    token = token or os.environ.get(TOKEN_ENV)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/"), headers
+
+
+def _find(functions: list[dict[str, Any]], id_or_name: str) -> dict[str, Any]:
+    """The function with this id, or else this name."""
+    for info in functions:
+        if id_or_name in (info["id"], info["name"]):
+            return info
+    raise from_answer(404, "function_not_found", f"no function {id_or_name!r}", None, None)
+
+
 def _error(resp: httpx.Response) -> TensorWasmError:
     """The exception an error answer stands for."""
     code: str | None = None
@@ -99,9 +115,7 @@ class Client:
         retries: int = 0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-        token = token or os.environ.get(TOKEN_ENV)
-        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.url, headers = _connection(url, token)
         self.retries = retries
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=timeout, transport=transport
@@ -176,10 +190,7 @@ class Client:
 
     def function(self, id_or_name: str) -> Function:
         """The function with this id, or else this name."""
-        for info in self.functions():
-            if id_or_name in (info["id"], info["name"]):
-                return Function(self, info)
-        raise from_answer(404, "function_not_found", f"no function {id_or_name!r}", None, None)
+        return Function(self, _find(self.functions(), id_or_name))
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
