@@ -56,9 +56,10 @@ struct Copy {
     state: PlacementState,
     /// Tenant → the revision that placed it where it is.
     epochs: BTreeMap<String, i64>,
-    /// Key → the revision of the last change applied to it (deletions
-    /// too), so that an older event never undoes a newer write this
-    /// proxy applied first.
+    /// Key → the revision of a change applied ahead of the watch (this
+    /// proxy's own writes, deletions too), so that an older event never
+    /// undoes it. Dropped once the watch has read past it: every event
+    /// still to come is newer.
     changed: BTreeMap<String, i64>,
     /// How far the watch (or the last load) has read etcd's history: every
     /// change up to it is in the copy. This proxy's own writes, applied at
@@ -469,6 +470,8 @@ async fn load(client: &mut Client, prefix: &str) -> Result<Copy, Loaded> {
             .map_err(Loaded::Corrupt)?;
     }
     copy.watched = resp.header().map_or(0, |h| h.revision());
+    // Every change loaded is at or before `watched`.
+    copy.changed.clear();
     Ok(copy)
 }
 
@@ -529,7 +532,9 @@ async fn watch(
                             // whole: all before this one are in.
                             c.watched = c.watched.max(kv.mod_revision());
                         }
-                        let _ = applied.send(c.watched);
+                        let watched = c.watched;
+                        c.changed.retain(|_, r| *r > watched);
+                        let _ = applied.send(watched);
                     }
                     Ok(None) => break,
                     Err(e) => {
