@@ -8,7 +8,7 @@ use tensor_wasm_proxy::audit::AuditConfig;
 use tensor_wasm_proxy::conn::ConnLimits;
 use tensor_wasm_proxy::fleet::QueueLimits;
 use tensor_wasm_proxy::ratelimit::Rate;
-use tensor_wasm_proxy::{ProxyConfig, TokenSource};
+use tensor_wasm_proxy::{PlacementSource, ProxyConfig, TokenSource};
 use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::names::env;
 
@@ -90,6 +90,21 @@ pub struct Args {
     /// reports.
     #[arg(long, env = env::EXECUTOR_DNS)]
     executor_dns: Option<String>,
+    /// Where the placement table lives: `file` (in the state dir; one
+    /// proxy) or `etcd://host:port[,host:port…][/prefix]`, shared by every
+    /// proxy of the fleet (`etcds://` for TLS).
+    #[arg(long, env = env::PLACEMENT, default_value = "file")]
+    placement: String,
+    /// etcd user, when etcd has auth enabled (with the password from
+    /// TENSOR_WASM_ETCD_PASSWORD).
+    #[arg(long, env = env::ETCD_USER, requires = "etcd_password")]
+    etcd_user: Option<String>,
+    /// etcd password of --etcd-user.
+    #[arg(long, env = env::ETCD_PASSWORD, hide_env_values = true)]
+    etcd_password: Option<String>,
+    /// CA certificate (PEM) of etcd's members, for etcds://.
+    #[arg(long, env = env::ETCD_CA)]
+    etcd_ca: Option<PathBuf>,
     /// Longest a request waits for its tenant's migration, in ms.
     #[arg(
         long,
@@ -208,7 +223,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         header_timeout: Duration::from_millis(args.client_header_timeout_ms),
         idle_timeout: Duration::from_millis(args.client_idle_timeout_ms),
     };
+    let mut placement =
+        PlacementSource::parse(&args.placement).map_err(|e| anyhow::anyhow!("--placement {e}"))?;
+    if let PlacementSource::Etcd { user, ca, .. } = &mut placement {
+        *user = args.etcd_user.zip(args.etcd_password);
+        *ca = args.etcd_ca;
+    } else if args.etcd_user.is_some() || args.etcd_ca.is_some() {
+        bail!("--etcd-user and --etcd-ca need --placement etcd://…");
+    }
     let config = ProxyConfig {
+        placement,
         connections,
         listen: args.listen,
         admin_listen: args.admin_listen,

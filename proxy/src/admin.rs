@@ -33,6 +33,7 @@ use tensor_wasm_shared::{ApiError, ErrorCode, headers};
 use crate::auth::{TokenTable, token_id};
 use crate::fleet::{Executor, RegisterError};
 use crate::migrate::Orchestrator;
+use crate::placement::PlacementError;
 use crate::service::{REQUEST_ID_HEADER, Shared};
 
 /// Largest admin request body: a snapshot to restore. The executor checks
@@ -153,15 +154,9 @@ impl AdminApi {
         let tenants = self
             .orchestrator
             .fleet()
-            .placements()
+            .table()
             .tenants_of(exec.id.as_str());
-        let draining = self
-            .orchestrator
-            .fleet()
-            .placements()
-            .state()
-            .draining
-            .contains(&exec.id);
+        let draining = self.orchestrator.fleet().table().is_draining(&exec.id);
         let info = fresh.clone().or_else(|| exec.last_info());
         json!({
             "id": exec.id,
@@ -232,12 +227,12 @@ impl AdminApi {
                     ));
                 };
                 let cordon = *action == "cordon";
-                match fleet.placements().set_draining(&exec.id, cordon) {
+                match fleet.table().set_draining(&exec.id, cordon).await {
                     Ok(()) => {
                         tracing::info!(executor = %id, cordon, "executor placement changed");
                         Answer::json(200, json!({ "id": id, "draining": cordon }))
                     }
-                    Err(e) => Answer::error(ApiError::new(ErrorCode::Internal, e.to_string())),
+                    Err(e) => Answer::error(placement_error(e)),
                 }
             }
             ("DELETE", ["admin", "executors", id]) => {
@@ -247,26 +242,26 @@ impl AdminApi {
                         format!("executor {id} is not registered"),
                     ));
                 }
-                let held = fleet.placements().tenants_of(id).len();
+                let held = fleet.table().tenants_of(id).len();
                 if held > 0 {
                     return Answer::error(ApiError::new(
                         ErrorCode::TenantExists,
                         format!("executor {id} still holds {held} tenants; drain it first"),
                     ));
                 }
-                match fleet.forget(id) {
+                match fleet.forget(id).await {
                     Ok(()) => {
                         tracing::info!(executor = %id, "executor forgotten");
                         Answer::json(200, json!({ "id": id }))
                     }
-                    Err(e) => Answer::error(ApiError::new(ErrorCode::Internal, e.to_string())),
+                    Err(e) => Answer::error(placement_error(e)),
                 }
             }
             ("GET", ["admin", "placements"]) => {
-                let p = fleet.placements();
+                let p = fleet.table().state();
                 Answer::json(
                     200,
-                    json!({ "placements": p.all(), "moving": p.state().moving }),
+                    json!({ "placements": p.placements, "moving": p.moving }),
                 )
             }
             ("POST", ["admin", "tenants", t, "migrate"]) => {
@@ -448,4 +443,14 @@ impl ServeHttp for AdminApi {
             .body(answer.body.to_vec())
             .unwrap_or_else(|_| Response::new(Vec::new()))
     }
+}
+
+/// The answer to a placement table that refused a change: 503
+/// `placement_unavailable` when etcd cannot be reached, else `internal`.
+fn placement_error(e: PlacementError) -> ApiError {
+    let code = match e {
+        PlacementError::Store(_) => ErrorCode::PlacementUnavailable,
+        _ => ErrorCode::Internal,
+    };
+    ApiError::new(code, e.to_string())
 }

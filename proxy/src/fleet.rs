@@ -32,7 +32,7 @@ use tensor_wasm_shared::{ApiError, ErrorCode, ExecutorId, TenantId};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::placement::{Candidate, PlacementError, Placements};
+use crate::placement::{Candidate, PlacementError, PlacementStore, Placements};
 use crate::upstream::{Connector, ExecutorApi, HttpConnector};
 
 /// How long and how many requests of a moving tenant may wait.
@@ -163,6 +163,7 @@ impl RouteError {
             RouteError::ExecutorDown(_) | RouteError::ExecutorGone(_) | RouteError::NoExecutor => {
                 ErrorCode::ExecutorUnavailable
             }
+            RouteError::Placement(PlacementError::Store(_)) => ErrorCode::PlacementUnavailable,
             RouteError::Placement(_) => ErrorCode::Internal,
         };
         ApiError::new(code, self.to_string())
@@ -240,7 +241,7 @@ pub enum CloseError {
 /// The executor set, the placement table and the tenants' gates.
 #[derive(Debug)]
 pub struct Fleet {
-    placements: Mutex<Placements>,
+    table: PlacementStore,
     executors: RwLock<BTreeMap<ExecutorId, Arc<Executor>>>,
     gates: Mutex<HashMap<String, Arc<Gate>>>,
     /// Set while this process hands its sockets to a successor: it routes
@@ -278,33 +279,46 @@ impl Fleet {
     /// Loads the placement table from `state_dir` and registers the
     /// executors it names plus `extra` (id, address) pairs; executors are
     /// called over HTTP with `internal_token`.
-    pub fn open(
+    pub async fn open(
         state_dir: &Path,
         internal_token: &str,
         queue: QueueLimits,
         extra: &[(String, String)],
     ) -> Result<Fleet, RegisterError> {
         let connector = Arc::new(HttpConnector::new(internal_token));
-        Fleet::open_with(state_dir, internal_token, connector, queue, extra)
+        Fleet::open_with(state_dir, internal_token, connector, queue, extra).await
     }
 
     /// [`Fleet::open`], with executors called through `connector`.
-    pub fn open_with(
+    pub async fn open_with(
         state_dir: &Path,
         internal_token: &str,
         connector: Arc<dyn Connector>,
         queue: QueueLimits,
         extra: &[(String, String)],
     ) -> Result<Fleet, RegisterError> {
-        let placements = Placements::load(&state_dir.join("placements.json"))?;
-        let known: Vec<(String, String)> = placements
+        let table = Placements::load(&state_dir.join("placements.json"))?.into();
+        Fleet::open_store(table, state_dir, internal_token, connector, queue, extra).await
+    }
+
+    /// [`Fleet::open_with`], with the placement table in `table` (etcd, or
+    /// a file); `state_dir` keeps the proxy's other files.
+    pub async fn open_store(
+        table: PlacementStore,
+        state_dir: &Path,
+        internal_token: &str,
+        connector: Arc<dyn Connector>,
+        queue: QueueLimits,
+        extra: &[(String, String)],
+    ) -> Result<Fleet, RegisterError> {
+        let known: Vec<(String, String)> = table
             .state()
             .executors
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         let fleet = Fleet {
-            placements: Mutex::new(placements),
+            table,
             executors: RwLock::new(BTreeMap::new()),
             gates: Mutex::new(HashMap::new()),
             handing_off: AtomicBool::new(false),
@@ -314,7 +328,7 @@ impl Fleet {
             state_dir: state_dir.to_path_buf(),
         };
         for (id, addr) in known.iter().chain(extra) {
-            fleet.register(id, addr)?;
+            fleet.register(id, addr).await?;
         }
         Ok(fleet)
     }
@@ -327,22 +341,22 @@ impl Fleet {
     /// configuration names: the placement table, `--executor`. It counts as
     /// healthy until the first probe says otherwise. Addresses named over
     /// the network go through [`Fleet::register_proven`] instead.
-    pub fn register(&self, id: &str, addr: &str) -> Result<Arc<Executor>, RegisterError> {
+    pub async fn register(&self, id: &str, addr: &str) -> Result<Arc<Executor>, RegisterError> {
         let id = ExecutorId::new(id).map_err(|e| RegisterError::BadId(e.value))?;
         let sock = resolve(addr)?;
         if let Some(old) = self.executor(&id).filter(|old| old.addr != addr) {
             tracing::warn!(executor = %id, from = %old.addr, to = %addr, "executor re-addressed by the operator's configuration");
         }
-        self.insert(id, addr, sock)
+        self.insert(id, addr, sock).await
     }
 
-    fn insert(
+    async fn insert(
         &self,
         id: ExecutorId,
         addr: &str,
         sock: SocketAddr,
     ) -> Result<Arc<Executor>, RegisterError> {
-        lock(&self.placements).add_executor(&id, addr)?;
+        self.table.add_executor(&id, addr).await?;
         let exec = Arc::new(Executor::new(id.clone(), addr, sock));
         self.executors
             .write()
@@ -379,7 +393,7 @@ impl Fleet {
                 why: format!("it says it is {:?}", proven.as_str()),
             });
         }
-        self.insert_proven(id, addr, sock, None)
+        self.insert_proven(id, addr, sock, None).await
     }
 
     /// Registers whoever answers at `addr`, found by DNS, under the id it
@@ -399,12 +413,12 @@ impl Fleet {
             Some(old) if listed(old.sock) => return Err(exists(&id, old)),
             _ => {}
         }
-        self.insert_proven(id, addr, sock, old)
+        self.insert_proven(id, addr, sock, old).await
     }
 
     /// Adds `id` at `addr` once proven, unless another registration won the
     /// id meanwhile; `old` is the registration it replaces, if any.
-    fn insert_proven(
+    async fn insert_proven(
         &self,
         id: ExecutorId,
         addr: &str,
@@ -422,7 +436,7 @@ impl Fleet {
         if let Some(old) = &old {
             tracing::warn!(executor = %id, from = %old.addr, to = %addr, "executor re-addressed: the old address is gone and the new one proved the id");
         }
-        self.insert(id, addr, sock)
+        self.insert(id, addr, sock).await
     }
 
     /// Asks whoever answers at `addr` to prove that it holds the internal
@@ -451,8 +465,8 @@ impl Fleet {
     }
 
     /// Forgets an executor.
-    pub fn forget(&self, id: &str) -> Result<(), PlacementError> {
-        lock(&self.placements).remove_executor(id)?;
+    pub async fn forget(&self, id: &str) -> Result<(), PlacementError> {
+        self.table.remove_executor(id).await?;
         self.executors
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -492,10 +506,9 @@ impl Fleet {
         &self.internal_token
     }
 
-    /// The placement table, locked. Hold it briefly: requests of new
-    /// tenants wait on it.
-    pub fn placements(&self) -> MutexGuard<'_, Placements> {
-        lock(&self.placements)
+    /// The placement table.
+    pub fn table(&self) -> &PlacementStore {
+        &self.table
     }
 
     /// Healthy executors, as placement candidates.
@@ -553,7 +566,7 @@ impl Fleet {
             };
             if open {
                 let lease = Lease { gate: gate.clone() };
-                match self.executor_for(tenant) {
+                match self.executor_for(tenant).await {
                     Ok(executor) => return Ok(Route { executor, lease }),
                     // Down: held while it may be restarting, then routed
                     // again.
@@ -593,28 +606,25 @@ impl Fleet {
     }
 
     /// The executor that owns `tenant`, placing it if it is new.
-    fn executor_for(&self, tenant: &TenantId) -> Result<Arc<Executor>, RouteError> {
-        let id = {
-            let mut placements = lock(&self.placements);
-            match placements.get(tenant) {
-                Some(id) => id.clone(),
-                None => {
-                    let candidates = self.candidates();
-                    let placed = if self.handing_off() {
-                        placements.choose(tenant, &candidates)
-                    } else {
-                        placements.place(tenant, &candidates)
-                    };
-                    match placed {
-                        Ok(id) => {
-                            if !self.handing_off() {
-                                tracing::info!(tenant = %tenant, executor = %id, "tenant placed");
-                            }
-                            id
+    async fn executor_for(&self, tenant: &TenantId) -> Result<Arc<Executor>, RouteError> {
+        let id = match self.table.get(tenant) {
+            Some(id) => id,
+            None => {
+                let candidates = self.candidates();
+                let placed = if self.handing_off() {
+                    self.table.choose(tenant, &candidates)
+                } else {
+                    self.table.place(tenant, &candidates).await
+                };
+                match placed {
+                    Ok(id) => {
+                        if !self.handing_off() {
+                            tracing::info!(tenant = %tenant, executor = %id, "tenant placed");
                         }
-                        Err(PlacementError::NoExecutor) => return Err(RouteError::NoExecutor),
-                        Err(e) => return Err(RouteError::Placement(e)),
+                        id
                     }
+                    Err(PlacementError::NoExecutor) => return Err(RouteError::NoExecutor),
+                    Err(e) => return Err(RouteError::Placement(e)),
                 }
             }
         };
@@ -709,7 +719,7 @@ mod tests {
     use super::*;
     use crate::upstream::scripted::until;
 
-    fn fleet(dir: &Path) -> Fleet {
+    async fn fleet(dir: &Path) -> Fleet {
         Fleet::open(
             dir,
             "internal",
@@ -722,6 +732,7 @@ mod tests {
                 ("cpu1".into(), "127.0.0.1:7101".into()),
             ],
         )
+        .await
         .unwrap()
     }
 
@@ -732,7 +743,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_gate_waits_for_leases_then_holds_requests_until_it_opens() {
         let dir = tempfile::tempdir().unwrap();
-        let fleet = Arc::new(fleet(dir.path()));
+        let fleet = Arc::new(fleet(dir.path()).await);
         let first = fleet.route(&t("acme")).await.unwrap();
         let home = first.executor.id.to_string();
         // Closing waits for the lease in flight.
@@ -759,12 +770,11 @@ mod tests {
         };
         until("the request waits", || fleet.gate_counts("acme") == (0, 1)).await;
         let other = if home == "cpu0" { "cpu1" } else { "cpu0" };
-        {
-            let mut p = fleet.placements();
-            p.begin_move(&t("acme"), &ExecutorId::new(other).unwrap())
-                .unwrap();
-            p.finish_move(&t("acme")).unwrap();
-        }
+        let p = fleet.table();
+        p.begin_move(&t("acme"), &ExecutorId::new(other).unwrap(), None)
+            .await
+            .unwrap();
+        p.finish_move(&t("acme")).await.unwrap();
         drop(closed);
         assert_eq!(waiter.await.unwrap().unwrap(), other);
         // Other tenants never waited.
@@ -774,7 +784,7 @@ mod tests {
     #[tokio::test]
     async fn a_long_move_or_a_full_queue_refuses_with_tenant_moving() {
         let dir = tempfile::tempdir().unwrap();
-        let fleet = Arc::new(fleet(dir.path()));
+        let fleet = Arc::new(fleet(dir.path()).await);
         let closed = fleet
             .close_gate("acme", Duration::from_secs(1))
             .await
@@ -820,10 +830,12 @@ mod tests {
         net.add("cpu0", "127.0.0.1:7200");
         net.add("cpu0", "127.0.0.1:7201");
         net.add("cpu1", "127.0.0.1:7202");
-        let open = |dir: &Path, token: &str| {
-            Fleet::open_with(dir, token, net.clone(), QueueLimits::default(), &[]).unwrap()
-        };
-        let fleet = open(dir.path(), TOKEN);
+        async fn open(net: &Arc<Net>, dir: &Path, token: &str) -> Fleet {
+            Fleet::open_with(dir, token, net.clone(), QueueLimits::default(), &[])
+                .await
+                .unwrap()
+        }
+        let fleet = open(&net, dir.path(), TOKEN).await;
         fleet
             .register_proven("cpu0", "127.0.0.1:7200")
             .await
@@ -855,7 +867,8 @@ mod tests {
             .unwrap_err();
         assert!(refused(e));
         let other = tempfile::tempdir().unwrap();
-        let e = open(other.path(), "another token")
+        let e = open(&net, other.path(), "another token")
+            .await
             .register_proven("cpu1", "127.0.0.1:7202")
             .await
             .unwrap_err();
@@ -877,14 +890,14 @@ mod tests {
         fleet.discover("127.0.0.1:7201", |_| false).await.unwrap();
         assert_eq!(fleet.executor("cpu0").unwrap().addr, "127.0.0.1:7201");
         // The move persists.
-        let again = open(dir.path(), TOKEN);
+        let again = open(&net, dir.path(), TOKEN).await;
         assert_eq!(again.executor("cpu0").unwrap().addr, "127.0.0.1:7201");
     }
 
     #[tokio::test]
     async fn an_unhealthy_executor_refuses_its_tenants_only() {
         let dir = tempfile::tempdir().unwrap();
-        let fleet = fleet(dir.path());
+        let fleet = fleet(dir.path()).await;
         let mut on = BTreeMap::new();
         for i in 0..20 {
             let r = fleet.route(&t(&format!("t{i}"))).await.unwrap();
@@ -907,22 +920,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_executor_set_persists_and_bad_ids_are_refused() {
+    #[tokio::test]
+    async fn the_executor_set_persists_and_bad_ids_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        drop(fleet(dir.path()));
-        let again = Fleet::open(dir.path(), "i", QueueLimits::default(), &[]).unwrap();
+        drop(fleet(dir.path()).await);
+        let again = Fleet::open(dir.path(), "i", QueueLimits::default(), &[])
+            .await
+            .unwrap();
         assert_eq!(again.executors().len(), 2);
         assert!(matches!(
-            again.register("Bad Id", "127.0.0.1:1"),
+            again.register("Bad Id", "127.0.0.1:1").await,
             Err(RegisterError::BadId(_))
         ));
         assert!(matches!(
-            again.register("ok", "not an address"),
+            again.register("ok", "not an address").await,
             Err(RegisterError::BadAddr(..))
         ));
-        again.forget("cpu1").unwrap();
-        let third = Fleet::open(dir.path(), "i", QueueLimits::default(), &[]).unwrap();
+        again.forget("cpu1").await.unwrap();
+        let third = Fleet::open(dir.path(), "i", QueueLimits::default(), &[])
+            .await
+            .unwrap();
         assert_eq!(third.executors().len(), 1);
     }
 }

@@ -28,4 +28,4 @@ pub mod server;
 pub mod service;
 pub mod upstream;
 
-pub use server::{ProxyConfig, TokenSource, run};
+pub use server::{PlacementSource, ProxyConfig, TokenSource, run};

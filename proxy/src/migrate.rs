@@ -201,6 +201,7 @@ impl MigrateError {
                 _ => ErrorCode::ImportFailed,
             },
             MigrateError::Placement(PlacementError::NoExecutor) => ErrorCode::ExecutorUnavailable,
+            MigrateError::Placement(PlacementError::Store(_)) => ErrorCode::PlacementUnavailable,
             MigrateError::Placement(_) | MigrateError::Store(..) | MigrateError::Task(_) => {
                 ErrorCode::Internal
             }
@@ -258,9 +259,8 @@ impl Orchestrator {
     fn home(&self, tenant: &TenantId) -> Result<Arc<Executor>, MigrateError> {
         let id = self
             .fleet
-            .placements()
+            .table()
             .get(tenant)
-            .cloned()
             .ok_or_else(|| MigrateError::UnknownTenant(tenant.to_string()))?;
         self.known(id.as_str())
     }
@@ -370,8 +370,9 @@ impl Orchestrator {
         // 1. Record the move with its session.
         let recorded = self
             .fleet
-            .placements()
-            .begin_move_with(t, &dest.id, Some(session.clone()));
+            .table()
+            .begin_move(t, &dest.id, Some(session.clone()))
+            .await;
         if let Err(e) = recorded {
             self.end_session(src, &session).await;
             return Err(Fallback::Failed(match e {
@@ -421,7 +422,7 @@ impl Orchestrator {
                 Decided::Committed => 0,
                 Decided::Undone => {
                     self.end_session(src, &session).await;
-                    self.abort_record(t);
+                    self.abort_record(t).await;
                     drop(closed);
                     return Err(Fallback::Failed(MigrateError::ImportFailed(
                         dest.id.clone(),
@@ -441,7 +442,7 @@ impl Orchestrator {
             },
         };
         // 5. Point T at B, release the queue, and let A drop its copy.
-        if let Err(e) = self.fleet.placements().finish_move(t) {
+        if let Err(e) = self.fleet.table().finish_move(t).await {
             return Err(Fallback::Failed(e.into()));
         }
         drop(closed);
@@ -493,7 +494,7 @@ impl Orchestrator {
             tracing::warn!(tenant = %t, executor = %dest.id, error = %e, "discard on an undone move failed");
         }
         self.end_session(src, session).await;
-        self.abort_record(t);
+        self.abort_record(t).await;
     }
 
     /// Ends `session` on `src` (thawing the tenant if it froze it).
@@ -508,8 +509,8 @@ impl Orchestrator {
         }
     }
 
-    fn abort_record(&self, t: &TenantId) {
-        if let Err(e) = self.fleet.placements().abort_move(t) {
+    async fn abort_record(&self, t: &TenantId) {
+        if let Err(e) = self.fleet.table().abort_move(t).await {
             tracing::error!(tenant = %t, error = %e, "cannot clear an aborted move");
         }
     }
@@ -517,10 +518,7 @@ impl Orchestrator {
     /// Keeps `t`'s gate closed and its move recorded for recovery, which
     /// finishes or undoes it once the executors answer.
     async fn hand_to_recovery(&self, t: &TenantId, closed: crate::fleet::Closed) {
-        let mv = {
-            let p = self.fleet.placements();
-            p.state().moving.get(t.as_str()).cloned()
-        };
+        let mv = self.fleet.table().moving(t);
         if let Some(mv) = mv {
             self.held.lock().await.push(HeldMove {
                 tenant: t.clone(),
@@ -545,13 +543,13 @@ impl Orchestrator {
         self.prewarm(src, dest, &t).await;
         // 1. Record, then close the gate.
         self.fleet
-            .placements()
-            .begin_move(&t, &dest.id)
+            .table()
+            .begin_move(&t, &dest.id, None)
+            .await
             .map_err(|e| match e {
                 PlacementError::AlreadyMoving(t) => MigrateError::AlreadyMoving(t),
                 e => e.into(),
             })?;
-        let abort = |this: &Self| this.abort_record(&t);
         // 2. Wait for requests in flight.
         let closed = match self
             .fleet
@@ -560,7 +558,7 @@ impl Orchestrator {
         {
             Ok(c) => c,
             Err(e) => {
-                abort(self);
+                self.abort_record(&t).await;
                 return Err(match e {
                     CloseError::AlreadyClosed => MigrateError::AlreadyMoving(t.to_string()),
                     CloseError::Busy(d) => MigrateError::Busy(t.to_string(), d),
@@ -575,7 +573,7 @@ impl Orchestrator {
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
             Err(e) => {
                 self.thaw(src, &t).await;
-                abort(self);
+                self.abort_record(&t).await;
                 return Err(MigrateError::ExportFailed(src.id.clone(), e));
             }
         };
@@ -584,20 +582,20 @@ impl Orchestrator {
             let path = self.snapshot_path(&t);
             if let Err(e) = store(&path, snapshot.clone()).await {
                 self.thaw(src, &t).await;
-                abort(self);
+                self.abort_record(&t).await;
                 return Err(MigrateError::Store(path, e));
             }
-            let recorded = self.fleet.placements().record_snapshot(&t, path.clone());
+            let recorded = self.fleet.table().record_snapshot(&t, path.clone()).await;
             if let Err(e) = recorded {
                 self.thaw(src, &t).await;
-                abort(self);
+                self.abort_record(&t).await;
                 remove_file(&path).await;
                 return Err(e.into());
             }
             // 4. Import on B; on failure A thaws T and keeps it.
             if let Err(e) = self.fleet.client(dest).import(&t, snapshot.clone()).await {
                 if self.thaw(src, &t).await {
-                    abort(self);
+                    self.abort_record(&t).await;
                     remove_file(&path).await;
                 } else {
                     // Keep the record and the bytes: recovery thaws T on A
@@ -608,7 +606,7 @@ impl Orchestrator {
             }
         }
         // 5. Point T at B, release the queue, clean up A and the bytes.
-        self.fleet.placements().finish_move(&t)?;
+        self.fleet.table().finish_move(&t).await?;
         drop(closed);
         let pause_ms = paused_at.elapsed().as_secs_f64() * 1e3;
         if snapshot.is_some() {
@@ -701,11 +699,9 @@ impl Orchestrator {
             let Ok(t) = TenantId::new(&name) else {
                 continue;
             };
-            let stale = {
-                let p = self.fleet.placements();
-                p.get(&t).is_some_and(|home| home != &exec.id)
-                    && !p.state().moving.contains_key(t.as_str())
-            };
+            let table = self.fleet.table();
+            let stale =
+                table.get(&t).is_some_and(|home| home != exec.id) && table.moving(&t).is_none();
             if stale {
                 tracing::warn!(tenant = %t, executor = %exec.id, "dropping a copy left behind by a move; the tenant lives elsewhere");
                 self.drop_on(exec, &t).await;
@@ -718,7 +714,7 @@ impl Orchestrator {
     /// is finished or undone, and holds them for [`recover`](Self::recover).
     /// Call at start-up, before serving; returns how many.
     pub fn hold_recorded_moves(&self) -> usize {
-        let pending = self.fleet.placements().pending_moves();
+        let pending = self.fleet.table().pending_moves();
         let found: Vec<HeldMove> = pending
             .into_iter()
             .filter_map(|(tenant, mv)| {
@@ -784,13 +780,13 @@ impl Orchestrator {
         let Some(bytes) = stored else {
             // The export never completed: T is still on A (maybe frozen).
             let Some(src) = src else {
-                self.fleet.placements().abort_move(t)?;
+                self.fleet.table().abort_move(t).await?;
                 return Ok(true);
             };
             if !self.thaw(&src, t).await {
                 return Ok(false);
             }
-            self.fleet.placements().abort_move(t)?;
+            self.fleet.table().abort_move(t).await?;
             tracing::info!(tenant = %t, executor = %src.id, "unfinished move undone; tenant thawed on its source");
             return Ok(true);
         };
@@ -817,7 +813,7 @@ impl Orchestrator {
                     {
                         return Ok(false);
                     }
-                    self.fleet.placements().abort_move(t)?;
+                    self.fleet.table().abort_move(t).await?;
                     if let Some(p) = &mv.snapshot {
                         remove_file(p).await;
                     }
@@ -825,7 +821,7 @@ impl Orchestrator {
                 }
             }
         }
-        self.fleet.placements().finish_move(t)?;
+        self.fleet.table().finish_move(t).await?;
         if let Some(src) = &src {
             self.drop_on(src, t).await;
         }
@@ -855,7 +851,7 @@ impl Orchestrator {
         match decided {
             Decided::Unknown => Ok(false),
             Decided::Committed => {
-                self.fleet.placements().finish_move(t)?;
+                self.fleet.table().finish_move(t).await?;
                 if let Some(src) = &src {
                     self.drop_on(src, t).await;
                 }
@@ -866,7 +862,7 @@ impl Orchestrator {
                 if let Some(src) = &src {
                     self.end_session(src, session).await;
                 }
-                self.fleet.placements().abort_move(t)?;
+                self.fleet.table().abort_move(t).await?;
                 tracing::info!(tenant = %t, from = %mv.from, to = %mv.to, "recorded move undone: the tenant stays on its source");
                 Ok(true)
             }
@@ -881,8 +877,8 @@ impl Orchestrator {
     ) -> Result<(Vec<MoveReport>, Vec<MoveFailure>), MigrateError> {
         let _bulk = self.bulk.lock().await;
         let drained = self.known(executor)?;
-        self.fleet.placements().set_draining(&drained.id, true)?;
-        let tenants = self.fleet.placements().tenants_of(executor);
+        self.fleet.table().set_draining(&drained.id, true).await?;
+        let tenants = self.fleet.table().tenants_of(executor);
         let mut moves = Vec::new();
         let mut failed = Vec::new();
         for tenant in tenants {
@@ -893,7 +889,7 @@ impl Orchestrator {
                 .filter(|c| c.id.as_str() != executor)
                 .collect();
             let target = match Self::tenant(&tenant)
-                .and_then(|t| Ok(self.fleet.placements().choose(&t, &others)?))
+                .and_then(|t| Ok(self.fleet.table().choose(&t, &others)?))
             {
                 Ok(target) => target,
                 Err(e) => {
@@ -943,16 +939,16 @@ impl Orchestrator {
         let _bulk = self.bulk.lock().await;
         let mut moves = Vec::new();
         let mut failed: Vec<MoveFailure> = Vec::new();
-        let budget = self.fleet.placements().all().len();
+        let budget = self.fleet.table().len();
         for _ in 0..budget {
             let (open, counts) = {
-                let p = self.fleet.placements();
+                let p = self.fleet.table();
                 let open: Vec<ExecutorId> = self
                     .fleet
                     .candidates()
                     .into_iter()
                     .map(|c| c.id)
-                    .filter(|id| !p.state().draining.contains(id))
+                    .filter(|id| !p.is_draining(id))
                     .collect();
                 let counts: Vec<(ExecutorId, Vec<String>)> = open
                     .iter()
@@ -1017,7 +1013,7 @@ impl Orchestrator {
             Ok(e) => (e, false),
             Err(MigrateError::UnknownTenant(_)) => {
                 let candidates = self.fleet.candidates();
-                let id = self.fleet.placements().place(&t, &candidates)?;
+                let id = self.fleet.table().place(&t, &candidates).await?;
                 (self.known(id.as_str())?, true)
             }
             Err(e) => return Err(e),
@@ -1039,7 +1035,7 @@ impl Orchestrator {
         if let Err(e) = imported {
             if placed_now {
                 // A tenant that came only with this snapshot stays unknown.
-                self.fleet.placements().remove(&t)?;
+                self.fleet.table().remove(&t).await?;
             }
             drop(closed);
             return Err(e);
@@ -1093,7 +1089,7 @@ impl Orchestrator {
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
             Err(e) => return Err(MigrateError::Executor(exec.id.clone(), e)),
         }
-        self.fleet.placements().remove(&t)?;
+        self.fleet.table().remove(&t).await?;
         drop(closed);
         tracing::info!(tenant = %t, executor = %exec.id, "tenant purged");
         Ok(())

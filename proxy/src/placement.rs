@@ -12,12 +12,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use pingora_ketama::{Bucket, Continuum};
 use serde::{Deserialize, Serialize};
 use tensor_wasm_shared::{ExecutorId, TenantId};
 
 pub mod etcd;
+
+use etcd::EtcdPlacements;
 
 /// Why a placement could not be made or kept.
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +320,230 @@ impl Placements {
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io)
+    }
+}
+
+/// Where a proxy keeps the placement table: a file of its own (one proxy,
+/// `tensor-wasm up`'s default) or etcd, shared by every proxy of a fleet
+/// (`ARCHITECTURE.md`, "Placement in etcd"). Reads come from memory either
+/// way; only writes may wait for etcd.
+#[derive(Debug)]
+pub enum PlacementStore {
+    File(Mutex<Placements>),
+    Etcd(Box<EtcdPlacements>),
+}
+
+impl From<Placements> for PlacementStore {
+    fn from(p: Placements) -> Self {
+        PlacementStore::File(Mutex::new(p))
+    }
+}
+
+impl From<EtcdPlacements> for PlacementStore {
+    fn from(p: EtcdPlacements) -> Self {
+        PlacementStore::Etcd(Box::new(p))
+    }
+}
+
+impl PlacementStore {
+    fn file(m: &Mutex<Placements>) -> MutexGuard<'_, Placements> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the table is shared with other proxies (etcd).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, PlacementStore::Etcd(_))
+    }
+
+    /// A copy of the whole table.
+    pub fn state(&self) -> PlacementState {
+        match self {
+            PlacementStore::File(m) => Self::file(m).state().clone(),
+            PlacementStore::Etcd(e) => e.state(),
+        }
+    }
+
+    /// Where `tenant` lives, if placed.
+    pub fn get(&self, tenant: &TenantId) -> Option<ExecutorId> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).get(tenant).cloned(),
+            PlacementStore::Etcd(e) => e.get(tenant).map(|(id, _)| id),
+        }
+    }
+
+    /// `tenant`'s move in progress, if any.
+    pub fn moving(&self, tenant: &TenantId) -> Option<Move> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).state().moving.get(tenant.as_str()).cloned(),
+            PlacementStore::Etcd(e) => e.moving(tenant),
+        }
+    }
+
+    /// Whether `executor` takes no new tenants.
+    pub fn is_draining(&self, executor: &ExecutorId) -> bool {
+        match self {
+            PlacementStore::File(m) => Self::file(m).state().draining.contains(executor),
+            PlacementStore::Etcd(e) => e.is_draining(executor),
+        }
+    }
+
+    /// Tenants on `executor`.
+    pub fn tenants_of(&self, executor: &str) -> Vec<String> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).tenants_of(executor),
+            PlacementStore::Etcd(e) => e.tenants_of(executor),
+        }
+    }
+
+    /// How many tenants are placed.
+    pub fn len(&self) -> usize {
+        match self {
+            PlacementStore::File(m) => Self::file(m).all().len(),
+            PlacementStore::Etcd(e) => e.len(),
+        }
+    }
+
+    /// Whether no tenant is placed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Moves recorded but not finished.
+    pub fn pending_moves(&self) -> Vec<(TenantId, Move)> {
+        let moving = match self {
+            PlacementStore::File(m) => Self::file(m).state().moving.clone(),
+            PlacementStore::Etcd(e) => e.state().moving,
+        };
+        moving
+            .into_iter()
+            .filter_map(|(t, m)| TenantId::new(&t).ok().map(|t| (t, m)))
+            .collect()
+    }
+
+    /// Where [`place`](Self::place) would put a new tenant, recording
+    /// nothing.
+    pub fn choose(
+        &self,
+        tenant: &TenantId,
+        healthy: &[Candidate],
+    ) -> Result<ExecutorId, PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).choose(tenant, healthy),
+            PlacementStore::Etcd(e) => e.choose(tenant, healthy),
+        }
+    }
+
+    /// Where `tenant` lives, placing it first if it is new.
+    pub async fn place(
+        &self,
+        tenant: &TenantId,
+        healthy: &[Candidate],
+    ) -> Result<ExecutorId, PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).place(tenant, healthy),
+            PlacementStore::Etcd(e) => e.place(tenant, healthy).await.map(|(id, _)| id),
+        }
+    }
+
+    /// Records an executor (or its new address).
+    pub async fn add_executor(&self, id: &ExecutorId, addr: &str) -> Result<(), PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).add_executor(id, addr),
+            PlacementStore::Etcd(e) => {
+                if e.state_executor(id).as_deref() == Some(addr) {
+                    return Ok(());
+                }
+                e.add_executor(id, addr).await
+            }
+        }
+    }
+
+    /// Forgets an executor.
+    pub async fn remove_executor(&self, id: &str) -> Result<(), PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).remove_executor(id),
+            PlacementStore::Etcd(e) => e.remove_executor(id).await,
+        }
+    }
+
+    /// Stops or resumes placing new tenants on `executor`.
+    pub async fn set_draining(
+        &self,
+        executor: &ExecutorId,
+        draining: bool,
+    ) -> Result<(), PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).set_draining(executor, draining),
+            PlacementStore::Etcd(e) => {
+                if e.is_draining(executor) == draining {
+                    return Ok(());
+                }
+                e.set_draining(executor, draining).await
+            }
+        }
+    }
+
+    /// Records "tenant moving to `to`" (pre-copy from the source's
+    /// `session` when given) before any step of the move.
+    pub async fn begin_move(
+        &self,
+        tenant: &TenantId,
+        to: &ExecutorId,
+        session: Option<String>,
+    ) -> Result<Move, PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).begin_move_with(tenant, to, session),
+            PlacementStore::Etcd(e) => {
+                let from = e
+                    .get(tenant)
+                    .ok_or_else(|| PlacementError::Unplaced(tenant.to_string()))?
+                    .0;
+                let mv = Move {
+                    from,
+                    to: to.clone(),
+                    snapshot: None,
+                    session,
+                };
+                e.begin_move(tenant, &mv).await?;
+                Ok(mv)
+            }
+        }
+    }
+
+    /// Records where the exported snapshot was kept.
+    pub async fn record_snapshot(
+        &self,
+        tenant: &TenantId,
+        path: PathBuf,
+    ) -> Result<(), PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).record_snapshot(tenant, path),
+            PlacementStore::Etcd(e) => e.record_snapshot(tenant, path).await,
+        }
+    }
+
+    /// The move succeeded: the tenant now lives at its destination.
+    pub async fn finish_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).finish_move(tenant),
+            PlacementStore::Etcd(e) => e.finish_move(tenant).await,
+        }
+    }
+
+    /// The move failed: the tenant stays at its source.
+    pub async fn abort_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).abort_move(tenant),
+            PlacementStore::Etcd(e) => e.abort_move(tenant).await,
+        }
+    }
+
+    /// Forgets a tenant (purge).
+    pub async fn remove(&self, tenant: &TenantId) -> Result<(), PlacementError> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).remove(tenant),
+            PlacementStore::Etcd(e) => e.remove(tenant).await,
+        }
     }
 }
 

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use etcd_client::ConnectOptions;
 use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -41,6 +42,8 @@ use crate::conn::{ConnLimits, Guarded};
 use crate::fleet::{Fleet, QueueLimits, RegisterError};
 use crate::metrics::ProxyMetrics;
 use crate::migrate::Orchestrator;
+use crate::placement::etcd::EtcdPlacements;
+use crate::placement::{PlacementStore, Placements};
 use crate::ratelimit::{Rate, RateError, RateLimits};
 use crate::service::{PublicProxy, Shared};
 
@@ -102,6 +105,93 @@ pub struct ProxyConfig {
     /// Caps on client connections of the public listener and their
     /// header and idle timeouts.
     pub connections: ConnLimits,
+    /// Where the placement table lives.
+    pub placement: PlacementSource,
+}
+
+/// Where the placement table lives (`docs/CONFIG.md`, `--placement`).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum PlacementSource {
+    /// `placements.json` in the state directory: one proxy.
+    #[default]
+    File,
+    /// etcd, shared by every proxy of the fleet.
+    Etcd {
+        /// `http://host:port` or `https://host:port`, one per member.
+        endpoints: Vec<String>,
+        /// Prefix of every key, ending in `/`.
+        prefix: String,
+        /// etcd's user and password, when it has auth enabled.
+        user: Option<(String, String)>,
+        /// CA certificate (PEM) that signed the members' certificates,
+        /// for `etcds://`; the system's roots when absent.
+        ca: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Debug for PlacementSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlacementSource::File => f.write_str("File"),
+            PlacementSource::Etcd {
+                endpoints,
+                prefix,
+                user,
+                ca,
+            } => f
+                .debug_struct("Etcd")
+                .field("endpoints", endpoints)
+                .field("prefix", prefix)
+                .field("user", &user.as_ref().map(|(u, _)| u))
+                .field("ca", ca)
+                .finish(),
+        }
+    }
+}
+
+impl PlacementSource {
+    /// Parses `--placement`: `file`, or `etcd://host:port[,host:port…][/prefix]`
+    /// (`etcds://` for TLS).
+    pub fn parse(text: &str) -> Result<PlacementSource, String> {
+        if text == "file" {
+            return Ok(PlacementSource::File);
+        }
+        let (scheme, rest) = if let Some(rest) = text.strip_prefix("etcd://") {
+            ("http", rest)
+        } else if let Some(rest) = text.strip_prefix("etcds://") {
+            ("https", rest)
+        } else {
+            return Err(format!(
+                "{text:?}: expected `file` or etcd://host:port[,host:port…][/prefix]"
+            ));
+        };
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((hosts, "")) => (hosts, crate::placement::etcd::DEFAULT_PREFIX.to_string()),
+            Some((hosts, prefix)) => (hosts, format!("/{}/", prefix.trim_matches('/'))),
+            None => (rest, crate::placement::etcd::DEFAULT_PREFIX.to_string()),
+        };
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{h}"))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(format!("{text:?}: no etcd endpoint"));
+        }
+        if let Some(bad) = hosts.split(',').map(str::trim).find(|h| {
+            h.rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        }) {
+            return Err(format!("{text:?}: {bad:?} is not host:port"));
+        }
+        Ok(PlacementSource::Etcd {
+            endpoints,
+            prefix,
+            user: None,
+            ca: None,
+        })
+    }
 }
 
 /// Why the proxy cannot start.
@@ -119,6 +209,8 @@ pub enum ProxyError {
     Tls(String, String),
     #[error("the internal token must not be empty")]
     NoInternalToken,
+    #[error("placement table: {0}")]
+    Placement(String),
 }
 
 /// Runs the proxy until a signal stops it.
@@ -182,12 +274,15 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
         )),
         None => None,
     };
-    let fleet = Arc::new(Fleet::open(
-        &config.state_dir,
-        &config.internal_token,
-        config.queue,
-        &config.executors,
-    )?);
+    // The placement table's own runtime: etcd's client and its watch live
+    // on it, whichever listener's runtime calls them.
+    let placement_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("placement")
+        .enable_all()
+        .build()
+        .map_err(|e| ProxyError::Placement(format!("cannot start its runtime: {e}")))?;
+    let fleet = Arc::new(placement_rt.block_on(open_fleet(&config))?);
     let orchestrator = Arc::new(Orchestrator::new(fleet.clone(), metrics.clone()));
     let held = orchestrator.hold_recorded_moves();
     if held > 0 {
@@ -265,7 +360,54 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
         audit.close();
     }
     tracing::info!("proxy stopped");
+    drop(placement_rt);
     Ok(())
+}
+
+/// The fleet, with its placement table where `config` says.
+async fn open_fleet(config: &ProxyConfig) -> Result<Fleet, ProxyError> {
+    let connector = Arc::new(crate::upstream::HttpConnector::new(&config.internal_token));
+    let table: PlacementStore = match &config.placement {
+        PlacementSource::File => Placements::load(&config.state_dir.join("placements.json"))
+            .map_err(|e| ProxyError::Placement(e.to_string()))?
+            .into(),
+        PlacementSource::Etcd {
+            endpoints,
+            prefix,
+            user,
+            ca,
+        } => {
+            let mut options = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(5))
+                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+            if let Some((name, password)) = user {
+                options = options.with_user(name.clone(), password.clone());
+            }
+            if endpoints.iter().any(|e| e.starts_with("https://")) {
+                let mut tls = etcd_client::TlsOptions::new();
+                if let Some(ca) = ca {
+                    let pem = std::fs::read(ca).map_err(|e| ProxyError::Io(ca.clone(), e))?;
+                    tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+                }
+                options = options.with_tls(tls);
+            }
+            let table = EtcdPlacements::connect(endpoints, prefix, Some(options))
+                .await
+                .map_err(|e| ProxyError::Placement(e.to_string()))?;
+            tracing::info!(endpoints = %endpoints.join(","), %prefix, revision = table.revision(), "placement table in etcd");
+            table.into()
+        }
+    };
+    Ok(Fleet::open_store(
+        table,
+        &config.state_dir,
+        &config.internal_token,
+        connector,
+        config.queue,
+        &config.executors,
+    )
+    .await?)
 }
 
 /// The proxy's signals (module doc).

@@ -61,11 +61,20 @@ pub enum ErrorCode {
     /// fleet executor with that id (`POST /internal/identity`), so the
     /// proxy sent it no credential and did not register it.
     ExecutorUnverified,
+    /// The shared placement table (etcd) cannot be reached: tenants placed
+    /// already are served, but no new tenant is placed and no tenant moves
+    /// until it answers again.
+    PlacementUnavailable,
+    /// Only between the proxy and executors: the executor refused a
+    /// request routed by a placement it has moved past (it exported or
+    /// dropped the tenant, or saw a newer placement epoch). The proxy reads
+    /// the placement again and sends the request where the tenant lives.
+    PlacementStale,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 34] = [
+    pub const ALL: [ErrorCode; 36] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidInput,
         ErrorCode::Unauthorized,
@@ -100,6 +109,8 @@ impl ErrorCode {
         ErrorCode::JobInterrupted,
         ErrorCode::ExecutorExists,
         ErrorCode::ExecutorUnverified,
+        ErrorCode::PlacementUnavailable,
+        ErrorCode::PlacementStale,
     ];
 
     /// The HTTP status this code is answered with.
@@ -116,10 +127,11 @@ impl ErrorCode {
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
             InvalidWasm | ImportNotAllowed | MissingExport | QuotaExceeded => 422,
+            PlacementStale => 421,
             RateLimited => 429,
             GuestTrap | FunctionError | Internal | JobInterrupted => 500,
             ImportFailed | ExecutorUnverified => 502,
-            ExecutorUnavailable | CapacityExhausted | TenantMoving => 503,
+            ExecutorUnavailable | CapacityExhausted | TenantMoving | PlacementUnavailable => 503,
             DeadlineExceeded => 504,
             CheckpointFailed => 507,
         }
@@ -163,6 +175,8 @@ impl ErrorCode {
             JobInterrupted => "job_interrupted",
             ExecutorExists => "executor_exists",
             ExecutorUnverified => "executor_unverified",
+            PlacementUnavailable => "placement_unavailable",
+            PlacementStale => "placement_stale",
         }
     }
 }

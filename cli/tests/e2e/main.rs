@@ -11,6 +11,7 @@ mod isolation;
 mod operations;
 mod proxy;
 mod routes;
+mod shared_placement;
 mod streams;
 mod up;
 mod upgrade;

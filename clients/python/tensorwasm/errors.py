@@ -177,6 +177,17 @@ class ExecutorUnverified(TensorWasmError):
     code = "executor_unverified"
 
 
+class PlacementUnavailable(TensorWasmError):
+    """The fleet's shared placement table (etcd) cannot be reached: placed
+    tenants are served, new ones wait for it."""
+
+    code = "placement_unavailable"
+
+
+class PlacementStale(TensorWasmError):
+    code = "placement_stale"
+
+
 class Unreachable(TensorWasmError):
     """No answer came: the URL is wrong, or the fleet is down."""
 

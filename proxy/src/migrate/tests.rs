@@ -6,6 +6,8 @@
 //! Moments inside a move are caught with holds (a call that waits for the
 //! test), never with sleeps.
 
+use futures::executor::block_on;
+
 use super::*;
 use crate::fleet::QueueLimits;
 use crate::placement::Move;
@@ -94,9 +96,8 @@ impl Setup {
                 capacity: 8,
             },
             extra,
-        )
-        .unwrap();
-        let fleet = Arc::new(fleet);
+        );
+        let fleet = Arc::new(block_on(fleet).unwrap());
         let orch = Arc::new(Orchestrator::new(
             fleet.clone(),
             Arc::new(ProxyMetrics::new(&[])),
@@ -133,18 +134,15 @@ impl Setup {
             id: x(on),
             addr: exec.sock,
         }];
-        self.fleet.placements().place(&t(tenant), &only).unwrap();
+        block_on(self.fleet.table().place(&t(tenant), &only)).unwrap();
     }
 
     fn home(&self, tenant: &str) -> Option<String> {
-        self.fleet
-            .placements()
-            .get(&t(tenant))
-            .map(ExecutorId::to_string)
+        self.fleet.table().get(&t(tenant)).map(|e| e.to_string())
     }
 
     fn recorded(&self, tenant: &str) -> Option<Move> {
-        self.fleet.placements().state().moving.get(tenant).cloned()
+        self.fleet.table().moving(&t(tenant))
     }
 
     fn stored(&self, tenant: &str) -> PathBuf {
@@ -186,18 +184,12 @@ impl Setup {
     /// Records "`tenant` moving A→B", with its exported `snapshot` stored
     /// when given, as a proxy that died mid-move leaves it.
     fn record_move(&self, tenant: &str, snapshot: Option<&[u8]>) {
-        self.fleet
-            .placements()
-            .begin_move(&t(tenant), &x(B))
-            .unwrap();
+        block_on(self.fleet.table().begin_move(&t(tenant), &x(B), None)).unwrap();
         if let Some(bytes) = snapshot {
             let path = self.stored(tenant);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, bytes).unwrap();
-            self.fleet
-                .placements()
-                .record_snapshot(&t(tenant), path)
-                .unwrap();
+            block_on(self.fleet.table().record_snapshot(&t(tenant), path)).unwrap();
         }
     }
 }
@@ -726,7 +718,7 @@ async fn recovery_of_a_move_without_stored_bytes_waits_for_its_source() {
 async fn recovery_of_a_move_without_stored_bytes_from_a_forgotten_source_forgets_it() {
     let mut s = Setup::acme_on_a();
     s.record_move("acme", None);
-    s.fleet.forget(A).unwrap();
+    s.fleet.forget(A).await.unwrap();
     restart_holding(&mut s);
     s.orch.recover().await;
     assert_eq!(s.orch.held_moves().await, 0);
@@ -1204,8 +1196,9 @@ async fn precopy_recorded(s: &Setup) {
     let session = s.a.start_outbound(&t("acme")).await.unwrap();
     s.b.pull(&t("acme"), A_ADDR, &session).await.unwrap();
     s.fleet
-        .placements()
-        .begin_move_with(&t("acme"), &x(B), Some(session))
+        .table()
+        .begin_move(&t("acme"), &x(B), Some(session))
+        .await
         .unwrap();
     s.calls();
 }

@@ -20,6 +20,7 @@
 //! answers.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -157,6 +158,9 @@ pub struct EtcdPlacements {
     copy: Arc<RwLock<Copy>>,
     /// How far the watch has read, for [`wait_for`](Self::wait_for).
     applied: tokio::sync::watch::Receiver<i64>,
+    /// Whether the watch is reading etcd: while it is not, writes fail at
+    /// once rather than each waiting out the client's timeout.
+    watching: Arc<AtomicBool>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -200,13 +204,21 @@ impl EtcdPlacements {
             })?;
         let (tx, applied) = tokio::sync::watch::channel(copy.watched);
         let copy = Arc::new(RwLock::new(copy));
-        let watcher = tokio::spawn(watch(client.clone(), prefix.to_string(), copy.clone(), tx));
+        let watching = Arc::new(AtomicBool::new(true));
+        let watcher = tokio::spawn(watch(
+            client.clone(),
+            prefix.to_string(),
+            copy.clone(),
+            tx,
+            watching.clone(),
+        ));
         Ok(EtcdPlacements {
             client,
             prefix: prefix.to_string(),
             endpoints: names,
             copy,
             applied,
+            watching,
             watcher,
         })
     }
@@ -244,6 +256,52 @@ impl EtcdPlacements {
         let copy = self.read();
         let id = copy.state.placements.get(tenant.as_str())?.clone();
         Some((id, copy.epochs.get(tenant.as_str()).copied().unwrap_or(0)))
+    }
+
+    /// `tenant`'s move in progress, from the copy.
+    pub fn moving(&self, tenant: &TenantId) -> Option<Move> {
+        self.read().state.moving.get(tenant.as_str()).cloned()
+    }
+
+    /// Whether `executor` takes no new tenants, from the copy.
+    pub fn is_draining(&self, executor: &ExecutorId) -> bool {
+        self.read().state.draining.contains(executor)
+    }
+
+    /// The address recorded for `executor`, from the copy.
+    pub fn state_executor(&self, executor: &ExecutorId) -> Option<String> {
+        self.read().state.executors.get(executor).cloned()
+    }
+
+    /// Tenants on `executor`, from the copy.
+    pub fn tenants_of(&self, executor: &str) -> Vec<String> {
+        self.read()
+            .state
+            .placements
+            .iter()
+            .filter(|(_, e)| e.as_str() == executor)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    /// How many tenants are placed, from the copy.
+    pub fn len(&self) -> usize {
+        self.read().state.placements.len()
+    }
+
+    /// Whether no tenant is placed, from the copy.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Where [`place`](Self::place) would put a new tenant, recording
+    /// nothing.
+    pub fn choose(
+        &self,
+        tenant: &TenantId,
+        healthy: &[Candidate],
+    ) -> Result<ExecutorId, PlacementError> {
+        choose(&self.read().state.draining, tenant, healthy)
     }
 
     /// How far the copy has read etcd's history: it holds every change up
@@ -393,6 +451,40 @@ impl EtcdPlacements {
         Ok(mv)
     }
 
+    /// Records where `tenant`'s exported snapshot was kept, if its move is
+    /// still recorded.
+    pub async fn record_snapshot(
+        &self,
+        tenant: &TenantId,
+        path: std::path::PathBuf,
+    ) -> Result<(), PlacementError> {
+        let mut mv = self.recorded_move(tenant)?;
+        mv.snapshot = Some(path);
+        let key = self.key("moves", tenant.as_str());
+        let value = serde_json::to_vec(&mv).map_err(|e| PlacementError::Store(e.to_string()))?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(key, value.clone(), None)]);
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            return Err(PlacementError::NotMoving(tenant.to_string()));
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.apply_local(&format!("moves/{tenant}"), Some(&value), revision)
+    }
+
+    /// Forgets `tenant` (purge): its placement and any move, together.
+    pub async fn remove(&self, tenant: &TenantId) -> Result<(), PlacementError> {
+        let txn = Txn::new().and_then([
+            TxnOp::delete(self.key("tenants", tenant.as_str()), None),
+            TxnOp::delete(self.key("moves", tenant.as_str()), None),
+        ]);
+        let resp = self.txn(txn).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.apply_local(&format!("tenants/{tenant}"), None, revision)?;
+        self.apply_local(&format!("moves/{tenant}"), None, revision)
+    }
+
     /// The move of `tenant` the copy holds.
     fn recorded_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
         self.read()
@@ -403,7 +495,20 @@ impl EtcdPlacements {
             .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))
     }
 
+    /// A write's first check: whether the watch reads etcd now.
+    fn reachable(&self) -> Result<(), PlacementError> {
+        if self.watching.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(PlacementError::Store(format!(
+                "etcd at {} is unreachable; this proxy serves placed tenants from its copy",
+                self.endpoints
+            )))
+        }
+    }
+
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, PlacementError> {
+        self.reachable()?;
         self.client
             .clone()
             .txn(txn)
@@ -412,6 +517,7 @@ impl EtcdPlacements {
     }
 
     async fn put(&self, kind: &str, name: &str, value: &[u8]) -> Result<(), PlacementError> {
+        self.reachable()?;
         let resp = self
             .client
             .clone()
@@ -423,6 +529,7 @@ impl EtcdPlacements {
     }
 
     async fn delete(&self, kind: &str, name: &str) -> Result<(), PlacementError> {
+        self.reachable()?;
         let resp = self
             .client
             .clone()
@@ -484,6 +591,7 @@ async fn watch(
     prefix: String,
     copy: Arc<RwLock<Copy>>,
     applied: tokio::sync::watch::Sender<i64>,
+    watching: Arc<AtomicBool>,
 ) {
     let lock = || copy.write().unwrap_or_else(|p| p.into_inner());
     let mut loaded = true;
@@ -494,6 +602,7 @@ async fn watch(
                     let revision = fresh.watched;
                     *lock() = fresh;
                     let _ = applied.send(revision);
+                    watching.store(true, Ordering::Release);
                     tracing::info!(revision, "placements loaded from etcd again");
                     loaded = true;
                 }
@@ -548,6 +657,7 @@ async fn watch(
             }
         }
         loaded = false;
+        watching.store(false, Ordering::Release);
         tokio::time::sleep(RESYNC_PAUSE).await;
     }
 }
