@@ -38,6 +38,8 @@ pub enum ExecError {
     FunctionExists(String),
     #[error("tenant {0} is frozen for migration")]
     TenantFrozen(String),
+    #[error("routed by a stale placement: {0}")]
+    PlacementStale(String),
     #[error("tenant {0} already exists here")]
     TenantExists(String),
     #[error("tenant {0} is not on this executor")]
@@ -111,6 +113,7 @@ impl ExecError {
             ExecError::JobRunning(_) => ErrorCode::JobRunning,
             ExecError::FunctionExists(_) => ErrorCode::FunctionExists,
             ExecError::TenantFrozen(_) => ErrorCode::TenantFrozen,
+            ExecError::PlacementStale(_) => ErrorCode::PlacementStale,
             ExecError::TenantExists(_) => ErrorCode::TenantExists,
             ExecError::TenantNotHere(_) => ErrorCode::TenantNotHere,
             ExecError::MoveNotFound(_) => ErrorCode::MoveNotFound,

@@ -55,6 +55,8 @@ pub struct App {
     pub addr: String,
     pub version: String,
     pub device: DeviceDescription,
+    /// Placement epochs of the tenants routed here.
+    pub fences: crate::fence::Fences,
 }
 
 impl IntoResponse for ExecError {
@@ -118,8 +120,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Tenant {
     type Rejection = ExecError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let raw = parts
-            .headers
+        Tenant::from_headers(&parts.headers)
+    }
+}
+
+impl Tenant {
+    fn from_headers(headers: &HeaderMap) -> Result<Tenant, ExecError> {
+        let raw = headers
             .get(TENANT_HEADER)
             .ok_or_else(|| ExecError::InvalidInput(format!("missing {TENANT_HEADER}")))?;
         let s = raw
@@ -140,7 +147,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/functions/{id}/invoke", post(invoke))
         .route("/functions/{id}/invoke-async", post(invoke_async))
         .route("/jobs", get(list_jobs))
-        .route("/jobs/{id}", get(get_job).delete(delete_job));
+        .route("/jobs/{id}", get(get_job).delete(delete_job))
+        .route_layer(middleware::from_fn_with_state(app.clone(), fence));
     let internal = Router::new()
         .route("/internal/info", get(info))
         .route("/internal/tenants/{tenant}/export", post(export_tenant))
@@ -217,6 +225,32 @@ async fn refuse_tenant_traffic(req: Request, next: Next) -> Response {
         return ExecError::NotFound("route".into()).into_response();
     }
     next.run(req).await
+}
+
+/// Refuses tenant traffic routed by a stale placement (`crate::fence`).
+async fn fence(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(epoch) = req.headers().get(headers::EPOCH) {
+        let checked = epoch_of(epoch).and_then(|epoch| {
+            let tenant = Tenant::from_headers(req.headers())?.0;
+            let frozen = app
+                .registry
+                .existing_tenant(&tenant)
+                .is_some_and(|t| t.is_frozen());
+            app.fences.admit(&tenant, epoch, frozen)
+        });
+        if let Err(e) = checked {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn epoch_of(v: &HeaderValue) -> Result<i64, ExecError> {
+    v.to_str()
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|e| *e >= 0)
+        .ok_or_else(|| ExecError::InvalidInput(format!("{} is not an epoch", headers::EPOCH)))
 }
 
 async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
@@ -765,6 +799,7 @@ async fn import_tenant(
     } else {
         app.registry.import_tenant(&tenant, bytes).await?;
     }
+    app.fences.arrived(&tenant);
     let functions = app.registry.functions(&tenant).len();
     tracing::info!(%tenant, functions, replace = q.replace, ms = started.elapsed().as_millis() as u64, "tenant imported");
     Ok(axum::Json(serde_json::json!({"tenant": tenant, "functions": functions})).into_response())
@@ -816,13 +851,23 @@ async fn precompile(
     Ok(axum::Json(serde_json::json!({ "bytes": bytes, "ms": ms })).into_response())
 }
 
+/// Drops a tenant; with `x-tensor-wasm-epoch`, the epoch of the placement
+/// that moved it elsewhere, below which its requests are refused here.
 async fn drop_tenant(
     State(app): State<Arc<App>>,
     ApiPath(tenant): ApiPath<String>,
+    request_headers: HeaderMap,
 ) -> Result<StatusCode, ExecError> {
     let tenant = path_tenant(&tenant)?;
+    let epoch = request_headers
+        .get(headers::EPOCH)
+        .map(epoch_of)
+        .transpose()?;
+    if let Some(epoch) = epoch {
+        app.fences.left(&tenant, epoch)?;
+    }
     app.registry.drop_tenant(&tenant)?;
-    tracing::info!(%tenant, "tenant dropped");
+    tracing::info!(%tenant, ?epoch, "tenant dropped");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1094,6 +1139,7 @@ async fn commit_inbound(
 ) -> Result<Response, ExecError> {
     let tenant = path_tenant(&tenant)?;
     let report = crate::moves::commit(&app.registry, &tenant).await?;
+    app.fences.arrived(&tenant);
     tracing::info!(%tenant, bytes = report.applied.bytes, ms = report.ms, "tenant committed here");
     Ok(axum::Json(report).into_response())
 }

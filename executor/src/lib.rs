@@ -34,6 +34,7 @@ pub mod config;
 pub mod durable;
 pub mod engine;
 pub mod error;
+pub mod fence;
 pub mod host;
 pub mod http;
 pub mod inbound;

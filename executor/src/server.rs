@@ -273,6 +273,7 @@ impl Executor {
                 addr: addr.to_string(),
                 version: tensor_wasm_shared::build::VERSION.to_string(),
                 device,
+                fences: crate::fence::Fences::default(),
             }),
             listener,
         })

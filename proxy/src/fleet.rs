@@ -35,6 +35,10 @@ use tokio::time::Instant;
 use crate::placement::{Candidate, PlacementError, PlacementStore, Placements};
 use crate::upstream::{Connector, ExecutorApi, HttpConnector};
 
+/// How often a request refused for a stale placement looks at the table
+/// again while it waits for a newer one.
+const STALE_POLL: Duration = Duration::from_millis(10);
+
 /// How long and how many requests of a moving tenant may wait.
 #[derive(Clone, Copy, Debug)]
 pub struct QueueLimits {
@@ -227,6 +231,9 @@ impl Drop for Closed {
 pub struct Route {
     pub executor: Arc<Executor>,
     pub lease: Lease,
+    /// The epoch of the placement that chose the executor; none for a
+    /// tenant routed but not recorded (a hand-off).
+    pub epoch: Option<i64>,
 }
 
 /// Why a gate could not be closed.
@@ -567,7 +574,13 @@ impl Fleet {
             if open {
                 let lease = Lease { gate: gate.clone() };
                 match self.executor_for(tenant).await {
-                    Ok(executor) => return Ok(Route { executor, lease }),
+                    Ok((executor, epoch)) => {
+                        return Ok(Route {
+                            executor,
+                            lease,
+                            epoch,
+                        });
+                    }
                     // Down: held while it may be restarting, then routed
                     // again.
                     Err(RouteError::ExecutorDown(id)) => {
@@ -605,10 +618,14 @@ impl Fleet {
         }
     }
 
-    /// The executor that owns `tenant`, placing it if it is new.
-    async fn executor_for(&self, tenant: &TenantId) -> Result<Arc<Executor>, RouteError> {
-        let id = match self.table.get(tenant) {
-            Some(id) => id,
+    /// The executor that owns `tenant`, placing it if it is new, and the
+    /// placement's epoch.
+    async fn executor_for(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<(Arc<Executor>, Option<i64>), RouteError> {
+        let (id, epoch) = match self.table.locate(tenant) {
+            Some((id, epoch)) => (id, Some(epoch)),
             None => {
                 let candidates = self.candidates();
                 let placed = if self.handing_off() {
@@ -618,10 +635,13 @@ impl Fleet {
                 };
                 match placed {
                     Ok(id) => {
-                        if !self.handing_off() {
+                        if self.handing_off() {
+                            (id, None)
+                        } else {
                             tracing::info!(tenant = %tenant, executor = %id, "tenant placed");
+                            let epoch = self.table.locate(tenant).map(|(_, e)| e);
+                            (id, epoch)
                         }
-                        id
                     }
                     Err(PlacementError::NoExecutor) => return Err(RouteError::NoExecutor),
                     Err(e) => return Err(RouteError::Placement(e)),
@@ -634,7 +654,23 @@ impl Fleet {
         if !exec.is_healthy() {
             return Err(RouteError::ExecutorDown(id));
         }
-        Ok(exec)
+        Ok((exec, epoch))
+    }
+
+    /// Waits until `tenant`'s placement is newer than `epoch` (an executor
+    /// refused a request routed by it), or until `until`: whether it is.
+    /// The table changes by this proxy's own moves, or, shared, by the
+    /// watch of other proxies' writes.
+    pub async fn wait_newer(&self, tenant: &TenantId, epoch: i64, until: Instant) -> bool {
+        loop {
+            if self.table.locate(tenant).is_some_and(|(_, e)| e > epoch) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep_until((Instant::now() + STALE_POLL).min(until)).await;
+        }
     }
 
     /// Closes `tenant`'s gate and waits until none of its requests is in

@@ -671,8 +671,15 @@ impl Orchestrator {
 
     /// Drops `t` from `exec`, best effort: a leftover copy is frozen and
     /// unreachable, and is dropped when `exec` next restarts empty of it.
+    /// Drops `t` from `exec`, which it has left: requests routed by a
+    /// placement older than the one now in the table are refused there.
     async fn drop_on(&self, exec: &Executor, t: &TenantId) {
-        match self.fleet.client(exec).drop_tenant(t).await {
+        let client = self.fleet.client(exec);
+        let dropped = match self.fleet.table().locate(t) {
+            Some((_, epoch)) => client.drop_moved(t, epoch).await,
+            None => client.drop_tenant(t).await,
+        };
+        match dropped {
             Ok(()) => {}
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
             Err(e) => {
@@ -702,9 +709,26 @@ impl Orchestrator {
             let table = self.fleet.table();
             let stale =
                 table.get(&t).is_some_and(|home| home != exec.id) && table.moving(&t).is_none();
-            if stale {
-                tracing::warn!(tenant = %t, executor = %exec.id, "dropping a copy left behind by a move; the tenant lives elsewhere");
-                self.drop_on(exec, &t).await;
+            if !stale {
+                continue;
+            }
+            // The copy may be behind (a proxy cut off from etcd): only the
+            // store itself may condemn a copy of a tenant.
+            let epoch = match table.confirm(&t).await {
+                Ok((Some((home, epoch)), false)) if home != exec.id => epoch,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(tenant = %t, error = %e, "placement not confirmed; copy kept");
+                    continue;
+                }
+            };
+            tracing::warn!(tenant = %t, executor = %exec.id, epoch, "dropping a copy left behind by a move; the tenant lives elsewhere");
+            match self.fleet.client(exec).drop_moved(&t, epoch).await {
+                Ok(()) => {}
+                Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
+                Err(e) => {
+                    tracing::warn!(tenant = %t, executor = %exec.id, error = %e, "could not drop a copy left behind")
+                }
             }
         }
     }

@@ -70,6 +70,13 @@ pub struct PlacementState {
     /// The executor set: id → `host:port`, as registered.
     #[serde(default)]
     pub executors: BTreeMap<ExecutorId, String>,
+    /// Tenant → its placement's epoch: the table's revision when the tenant
+    /// was placed where it is (executors fence stale routes with it).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub epochs: BTreeMap<String, i64>,
+    /// Counts the placements made and moved, for their epochs.
+    #[serde(default)]
+    pub revision: i64,
 }
 
 /// An executor that may receive new tenants.
@@ -84,6 +91,18 @@ pub struct Candidate {
 pub struct Placements {
     path: PathBuf,
     state: PlacementState,
+}
+
+/// Where a new placement table starts numbering its epochs: the time, in
+/// microseconds since the Unix epoch. Executors refuse a request routed by
+/// an older epoch than one they have seen (`ARCHITECTURE.md`, "Fencing
+/// stale proxies"); a table made later (a proxy's state lost, a fleet moved
+/// from the file to etcd) then starts above every epoch an older one gave,
+/// unless that one placed more than a million tenants a second on average.
+pub fn epoch_base() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX / 2))
 }
 
 /// Where consistent hashing (ketama) puts `tenant` among the `healthy`
@@ -123,10 +142,17 @@ impl Placements {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => PlacementState::default(),
             Err(e) => return Err(PlacementError::Io(path.to_path_buf(), e)),
         };
-        Ok(Placements {
+        let mut placements = Placements {
             path: path.to_path_buf(),
             state,
-        })
+        };
+        // A table's epochs start from the time it was made (see
+        // [`epoch_base`]), so that a table made anew never numbers its
+        // placements below those of one that came before it.
+        if placements.state.revision == 0 {
+            placements.state.revision = epoch_base();
+        }
+        Ok(placements)
     }
 
     pub fn state(&self) -> &PlacementState {
@@ -136,6 +162,20 @@ impl Placements {
     /// Where `tenant` lives, if placed.
     pub fn get(&self, tenant: &TenantId) -> Option<&ExecutorId> {
         self.state.placements.get(tenant.as_str())
+    }
+
+    /// The epoch of `tenant`'s placement (0 for one placed before epochs).
+    pub fn epoch(&self, tenant: &TenantId) -> i64 {
+        self.state.epochs.get(tenant.as_str()).copied().unwrap_or(0)
+    }
+
+    /// Points `tenant` at `executor` under a new epoch.
+    fn set(&mut self, tenant: &TenantId, executor: ExecutorId) {
+        self.state.revision += 1;
+        self.state
+            .epochs
+            .insert(tenant.to_string(), self.state.revision);
+        self.state.placements.insert(tenant.to_string(), executor);
     }
 
     /// Where `tenant` lives, placing it first if it is new: consistent
@@ -149,9 +189,7 @@ impl Placements {
             return Ok(id.clone());
         }
         let chosen = self.choose(tenant, healthy)?;
-        self.state
-            .placements
-            .insert(tenant.to_string(), chosen.clone());
+        self.set(tenant, chosen.clone());
         self.save()?;
         Ok(chosen)
     }
@@ -245,9 +283,7 @@ impl Placements {
             .moving
             .remove(tenant.as_str())
             .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))?;
-        self.state
-            .placements
-            .insert(tenant.to_string(), m.to.clone());
+        self.set(tenant, m.to.clone());
         self.save()?;
         Ok(m)
     }
@@ -289,6 +325,7 @@ impl Placements {
     /// Forgets a tenant (purge).
     pub fn remove(&mut self, tenant: &TenantId) -> Result<(), PlacementError> {
         self.state.placements.remove(tenant.as_str());
+        self.state.epochs.remove(tenant.as_str());
         self.state.moving.remove(tenant.as_str());
         self.save()
     }
@@ -368,6 +405,30 @@ impl PlacementStore {
         match self {
             PlacementStore::File(m) => Self::file(m).get(tenant).cloned(),
             PlacementStore::Etcd(e) => e.get(tenant).map(|(id, _)| id),
+        }
+    }
+
+    /// Where `tenant` lives and its placement's epoch, if placed.
+    pub fn locate(&self, tenant: &TenantId) -> Option<(ExecutorId, i64)> {
+        match self {
+            PlacementStore::File(m) => {
+                let p = Self::file(m);
+                p.get(tenant).map(|id| (id.clone(), p.epoch(tenant)))
+            }
+            PlacementStore::Etcd(e) => e.get(tenant),
+        }
+    }
+
+    /// Where `tenant` lives (and its epoch) and whether it is moving, from
+    /// the store itself: the file, or etcd read through rather than the
+    /// copy. For decisions that destroy something.
+    pub async fn confirm(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<(Option<(ExecutorId, i64)>, bool), PlacementError> {
+        match self {
+            PlacementStore::File(_) => Ok((self.locate(tenant), self.moving(tenant).is_some())),
+            PlacementStore::Etcd(e) => e.confirm(tenant).await,
         }
     }
 
@@ -650,6 +711,27 @@ mod tests {
         assert_eq!(p.tenants_of("cpu9"), vec!["a".to_string()]);
         p.remove(&t("a")).unwrap();
         assert_eq!(p.get(&t("a")), None);
+    }
+
+    #[test]
+    fn every_placement_and_move_is_a_newer_epoch_which_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.json");
+        let mut p = Placements::load(&path).unwrap();
+        let execs = cands(2);
+        p.place(&t("a"), &execs).unwrap();
+        p.place(&t("b"), &execs).unwrap();
+        let (a, b) = (p.epoch(&t("a")), p.epoch(&t("b")));
+        assert!(b > a && a > epoch_base() - 600_000_000, "{a} {b}");
+        p.begin_move(&t("a"), &x("cpu9")).unwrap();
+        p.finish_move(&t("a")).unwrap();
+        let moved = p.epoch(&t("a"));
+        assert!(moved > b);
+        let again = Placements::load(&path).unwrap();
+        assert_eq!(again.epoch(&t("a")), moved);
+        // A table made anew (its file lost) starts above the old one.
+        let fresh = Placements::load(&dir.path().join("new.json")).unwrap();
+        assert!(fresh.state().revision > moved);
     }
 
     #[test]

@@ -153,6 +153,10 @@ impl RequestIds {
 /// hold deadline has not passed.
 const MAX_CONNECT_RETRIES: u8 = 8;
 
+/// Times one request is sent again after an executor refused its
+/// placement as stale; the hold deadline bounds them too.
+const MAX_STALE_RETRIES: u8 = 8;
+
 /// The public proxy service.
 #[derive(Debug)]
 pub struct PublicProxy {
@@ -181,6 +185,11 @@ pub struct Ctx {
     wants_stream: bool,
     /// The answer is a stream: watched to tell how it ends.
     stream: Option<StreamWatch>,
+    /// The executor refused the request for a stale placement: the epoch
+    /// it was routed by, until the retry routes it again.
+    stale: Option<i64>,
+    /// Requests refused so, so far: each retry waits for a newer placement.
+    stale_refusals: u8,
 }
 
 /// What the proxy notes of a streamed answer as it passes: its bytes, and
@@ -343,6 +352,8 @@ impl ProxyHttp for PublicProxy {
             connect_failures: 0,
             wants_stream: false,
             stream: None,
+            stale: None,
+            stale_refusals: 0,
         }
     }
 
@@ -506,6 +517,38 @@ impl ProxyHttp for PublicProxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        // A retry after the executor refused a stale placement: wait for a
+        // newer one, within the hold deadline, and route again
+        // (`ARCHITECTURE.md`, "Fencing stale proxies").
+        if let Some(epoch) = ctx.stale.take() {
+            let fleet = &self.shared.fleet;
+            let until = tokio::time::Instant::from_std(ctx.arrived) + fleet.queue.deadline;
+            let tenant = ctx
+                .tenant
+                .clone()
+                .ok_or_else(|| Error::explain(InternalError, "a refused request had no tenant"))?;
+            // The lease is given back first: a move of the tenant waits
+            // for it before its gate closes.
+            ctx.route = None;
+            fleet.wait_newer(&tenant, epoch, until).await;
+            match fleet.route(&tenant).await {
+                Ok(route) => ctx.route = Some(route),
+                Err(e) => {
+                    ctx.stale = Some(epoch);
+                    return Err(Error::explain(
+                        HTTPStatus(503),
+                        format!("routing again after a stale placement: {e}"),
+                    ));
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                ctx.stale = Some(epoch);
+                return Err(Error::explain(
+                    HTTPStatus(503),
+                    "no newer placement within the hold deadline",
+                ));
+            }
+        }
         let Some(route) = &ctx.route else {
             return Err(Error::explain(
                 InternalError,
@@ -546,6 +589,38 @@ impl ProxyHttp for PublicProxy {
         upstream.insert_header("authorization", self.shared.internal_auth.as_str())?;
         upstream.insert_header(TENANT_HEADER, tenant)?;
         upstream.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
+        if let Some(epoch) = ctx.route.as_ref().and_then(|r| r.epoch) {
+            upstream.insert_header(headers::EPOCH, epoch.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // The executor refused a placement it has moved past: nothing ran.
+        // The request is sent again once the placement is newer
+        // (`upstream_peer`); its answer never reaches the client.
+        if upstream.status.as_u16() == ErrorCode::PlacementStale.http_status()
+            && let Some(route) = &ctx.route
+        {
+            let epoch = route.epoch.unwrap_or(0);
+            ctx.stale = Some(epoch);
+            ctx.stale_refusals = ctx.stale_refusals.saturating_add(1);
+            tracing::info!(request_id = %ctx.request_id, executor = %route.executor.id, epoch, "executor refused a stale placement; routing again");
+            let mut e = Error::explain(
+                HTTPStatus(421),
+                format!(
+                    "executor {} refused placement epoch {epoch}",
+                    route.executor.id
+                ),
+            );
+            e.set_retry(ctx.stale_refusals < MAX_STALE_RETRIES);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -621,7 +696,7 @@ impl ProxyHttp for PublicProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
         // As pingora decides, but for every method: a request that failed
@@ -633,7 +708,12 @@ impl ProxyHttp for PublicProxy {
         // it: nothing is durable before a reply. (Once replies can follow
         // durable effects, such a resend needs an idempotency key.)
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if session.as_ref().retry_buffer_truncated() {
+        if ctx.stale.is_some() {
+            // Refused before it ran: sent again if its body can be.
+            let again = ctx.stale_refusals < MAX_STALE_RETRIES
+                && !session.as_ref().retry_buffer_truncated();
+            e.set_retry(again);
+        } else if session.as_ref().retry_buffer_truncated() {
             e.set_retry(false);
         } else {
             e.retry.decide_reuse(client_reused);
@@ -646,6 +726,13 @@ impl ProxyHttp for PublicProxy {
         Ctx: Send + Sync,
     {
         let code = match e.esource() {
+            // Refused for a stale placement and not sent again (a body past
+            // the retry buffer, or no newer placement in time): nothing
+            // ran, so the client may send it again.
+            _ if ctx.stale.is_some() => Some(ApiError::new(
+                ErrorCode::TenantMoving,
+                "the tenant moved; its new placement did not arrive in time",
+            )),
             ErrorSource::Upstream => Some(ApiError::new(
                 ErrorCode::ExecutorUnavailable,
                 "the tenant's executor did not answer",

@@ -162,6 +162,14 @@ pub trait ExecutorApi: Send + Sync + fmt::Debug {
     /// (step 5 on the source, restore, purge).
     async fn drop_tenant(&self, tenant: &TenantId) -> Result<(), UpstreamError>;
 
+    /// [`drop_tenant`](Self::drop_tenant) of a tenant that the placement of
+    /// `epoch` moved elsewhere: the executor refuses requests routed by
+    /// older placements (`x-tensor-wasm-epoch`).
+    async fn drop_moved(&self, tenant: &TenantId, epoch: i64) -> Result<(), UpstreamError> {
+        let _ = epoch;
+        self.drop_tenant(tenant).await
+    }
+
     /// `POST /internal/tenants/{t}/outbound`: starts tracking what the
     /// tenant changes and answers the session id (pre-copy step 1, on the
     /// source). An executor without the route answers
@@ -282,7 +290,8 @@ impl ExecutorClient {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, UpstreamError> {
-        self.call_within(method, path, body, timeout, false).await
+        self.call_within(method, path, body, timeout, false, &[])
+            .await
     }
 
     /// `POST path` with `body`, the body of a 2xx answer.
@@ -307,7 +316,8 @@ impl ExecutorClient {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, UpstreamError> {
-        self.call_within(method, path, body, timeout, true).await
+        self.call_within(method, path, body, timeout, true, &[])
+            .await
     }
 
     async fn call_within(
@@ -317,8 +327,9 @@ impl ExecutorClient {
         body: Bytes,
         timeout: Duration,
         with_token: bool,
+        headers: &[(&'static str, String)],
     ) -> Result<Bytes, UpstreamError> {
-        let call = self.call_inner(method, path, body, with_token);
+        let call = self.call_inner(method, path, body, with_token, headers);
         match tokio::time::timeout(timeout, call).await {
             Ok(r) => r,
             Err(_) => Err(UpstreamError::Timeout {
@@ -334,6 +345,7 @@ impl ExecutorClient {
         path: &str,
         body: Bytes,
         with_token: bool,
+        headers: &[(&'static str, String)],
     ) -> Result<Bytes, UpstreamError> {
         let http = |e: &dyn fmt::Display| UpstreamError::Http {
             addr: self.addr.clone(),
@@ -357,6 +369,9 @@ impl ExecutorClient {
             .header(CONTENT_TYPE, "application/octet-stream");
         if with_token {
             request = request.header(AUTHORIZATION, format!("Bearer {}", self.token));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, value);
         }
         let request = request.body(Full::new(body)).map_err(|e| http(&e))?;
         let response = sender.send_request(request).await.map_err(|e| http(&e))?;
@@ -490,6 +505,19 @@ impl ExecutorApi for ExecutorClient {
         self.delete(&format!("/internal/tenants/{tenant}"), CONTROL_TIMEOUT)
             .await
             .map(drop)
+    }
+
+    async fn drop_moved(&self, tenant: &TenantId, epoch: i64) -> Result<(), UpstreamError> {
+        self.call_within(
+            "DELETE",
+            &format!("/internal/tenants/{tenant}"),
+            Bytes::new(),
+            CONTROL_TIMEOUT,
+            true,
+            &[(tensor_wasm_shared::headers::EPOCH, epoch.to_string())],
+        )
+        .await
+        .map(drop)
     }
 
     async fn start_outbound(&self, tenant: &TenantId) -> Result<String, UpstreamError> {

@@ -9,6 +9,11 @@
 /// The tenant a forwarded request acts for.
 pub const TENANT: &str = "x-tensor-wasm-tenant";
 
+/// The placement epoch a forwarded request was routed by (a decimal
+/// integer), which an executor fences stale proxies with; on the drop of a
+/// moved tenant, the epoch of the placement that moved it.
+pub const EPOCH: &str = "x-tensor-wasm-epoch";
+
 /// A request's id, on the request and on its answer.
 pub const REQUEST_ID: &str = "x-request-id";
 

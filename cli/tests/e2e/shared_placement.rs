@@ -221,3 +221,241 @@ fn with_etcd_down_placed_tenants_are_served_and_new_ones_refused_until_it_is_bac
         "the client was served all along: {served} calls"
     );
 }
+
+/// Clients that call `tenants`' counters without pause, each alternating
+/// between the proxies; each checks its counts are continuous.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<u32>>,
+}
+
+impl Load {
+    fn start(ps: &[ProxyProcess], tenants: &[(String, String)]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let ports: Vec<u16> = ps.iter().map(|p| p.options.listen_port).collect();
+        let threads = tenants
+            .iter()
+            .cloned()
+            .map(|(token, id)| {
+                let (stop, failures, ports) = (stop.clone(), failures.clone(), ports.clone());
+                std::thread::spawn(move || {
+                    let apis: Vec<Api> = ports
+                        .iter()
+                        .map(|p| Api::new(&format!("http://127.0.0.1:{p}")))
+                        .collect();
+                    let auth = format!("Bearer {token}");
+                    let path = format!("/functions/{id}/invoke");
+                    let mut n = 0u32;
+                    let mut i = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = apis[i % apis.len()].call(
+                            "POST",
+                            &path,
+                            &[("authorization", &auth)],
+                            Some(("text/plain", b"")),
+                        );
+                        i += 1;
+                        if r.status != 200 {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("{token}: {} {}", r.status, r.text());
+                            continue;
+                        }
+                        n += 1;
+                        assert_eq!(
+                            parse_counter(&r.body).0,
+                            n,
+                            "{token}: every call ran once, on the tenant's one copy"
+                        );
+                    }
+                    n
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            failures,
+            threads,
+        }
+    }
+
+    /// Stops the clients: calls each made, and requests that failed.
+    fn finish(self) -> (Vec<u32>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let counts = self
+            .threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        (counts, self.failures.load(Ordering::Relaxed))
+    }
+}
+
+fn other(home: &str) -> &'static str {
+    if home == "cpu0" { "cpu1" } else { "cpu0" }
+}
+
+#[test]
+fn moves_made_by_either_proxy_fail_no_request_of_clients_using_both() {
+    let etcd = EtcdProcess::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
+    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
+    let tenants: Vec<(String, String)> = (0..3)
+        .map(|i| {
+            let token = format!("tok-t{i}");
+            let id = deploy_counter(&ps[0], &token);
+            (token, id)
+        })
+        .collect();
+    let load = Load::start(&ps, &tenants);
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..4 {
+        for i in 0..3 {
+            let tenant = format!("t{i}");
+            let mover = &ps[(round + i) % 2];
+            let to = other(&mover.placement(&tenant).unwrap());
+            let r = mover.migrate(&tenant, to);
+            assert_eq!(r.status, 200, "move {round} of {tenant}: {}", r.text());
+            wait_until("both proxies see the move", Duration::from_secs(10), || {
+                ps.iter()
+                    .all(|p| p.placement(&tenant).as_deref() == Some(to))
+            });
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (counts, failures) = load.finish();
+    assert_eq!(failures, 0, "no request failed");
+    assert!(
+        counts.iter().all(|&n| n > 20),
+        "served all along: {counts:?}"
+    );
+    let refused: usize = ps
+        .iter()
+        .map(|p| p.log_text().matches("refused a stale placement").count())
+        .sum();
+    eprintln!("calls per tenant {counts:?}; requests refused as stale and sent again: {refused}");
+}
+
+/// A TCP relay to etcd that can be cut: what a network partition between
+/// one proxy and etcd looks like to that proxy.
+struct Relay {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    fn start(to: u16) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let (cut, open) = (cut.clone(), open.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    let Ok(client) = client else { continue };
+                    if cut.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                        continue;
+                    };
+                    let mut list = open.lock().unwrap();
+                    list.push(client.try_clone().unwrap());
+                    list.push(server.try_clone().unwrap());
+                    for (mut from, mut into) in [
+                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                        (server, client),
+                    ] {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut into);
+                            let _ = into.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            });
+        }
+        Relay { port, cut, open }
+    }
+
+    /// Cuts every connection, and refuses new ones until `heal`.
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
+    let etcd = EtcdProcess::start();
+    let relay = Relay::start(etcd.client_port);
+    let dir = tempfile::tempdir().unwrap();
+    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
+    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let options = |placement: String| ProxyOptions {
+        tokens: tokens(),
+        extra_args: vec!["--placement".into(), placement],
+        ..ProxyOptions::default()
+    };
+    let fresh = ProxyProcess::start(&dir.path().join("p0"), &[&a, &b], options(etcd.placement()));
+    let stale = ProxyProcess::start(
+        &dir.path().join("p1"),
+        &[&a, &b],
+        options(format!("etcd://127.0.0.1:{}", relay.port)),
+    );
+    let id = deploy_counter(&fresh, "tok-t0");
+    for n in 1..=2u32 {
+        let r = count(&stale, "tok-t0", &id);
+        assert_eq!(parse_counter(&r.body).0, n);
+    }
+    let home = fresh.placement("t0").unwrap();
+    let (src, dest) = if home == "cpu0" { (&a, &b) } else { (&b, &a) };
+
+    // Cut off, the stale proxy misses the move the other one makes.
+    relay.cut();
+    let r = fresh.migrate("t0", other(&home));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(stale.placement("t0").as_deref(), Some(home.as_str()));
+
+    // Its requests reach the old home, which refuses them: nothing runs on
+    // a copy the tenant left, and no copy is made there anew.
+    let r = count(&stale, "tok-t0", &id);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.code(), "tenant_moving");
+    assert!(r.header("retry-after").is_some());
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    let r = stale.call(
+        "tok-t0",
+        "POST",
+        "/functions?name=again",
+        Some(("application/wasm", &wasm)),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(!tenants_on(src).contains(&"t0".to_string()));
+    assert!(tenants_on(dest).contains(&"t0".to_string()));
+
+    // The tenant's one copy counts on through the proxy that saw the move…
+    let r = count(&fresh, "tok-t0", &id);
+    assert_eq!(parse_counter(&r.body).0, 3, "{}", r.text());
+    // …and through the cut-off one once it reaches etcd again.
+    relay.heal();
+    wait_until(
+        "the stale proxy catches up",
+        Duration::from_secs(30),
+        || stale.placement("t0").as_deref() == Some(other(&home)),
+    );
+    let r = count(&stale, "tok-t0", &id);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(parse_counter(&r.body).0, 4);
+}

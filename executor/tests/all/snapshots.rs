@@ -465,3 +465,91 @@ fn a_graceful_restart_keeps_warm_state() {
         1
     );
 }
+
+/// A request routed by the placement of `epoch` (`x-tensor-wasm-epoch`).
+fn routed(ex: &TestExecutor, tenant: &str, path: &str, body: &[u8], epoch: &str) -> (u16, String) {
+    let r = ex.post_with(
+        tenant,
+        path,
+        "application/json",
+        body,
+        &[("x-tensor-wasm-epoch", epoch)],
+    );
+    (r.status, r.code())
+}
+
+#[test]
+fn requests_routed_by_a_placement_the_executor_moved_past_are_refused_and_run_nowhere() {
+    let a = TestExecutor::start();
+    let b = TestExecutor::start();
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    let invoke = format!("/functions/{id}/invoke");
+    let x = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
+    assert_eq!(routed(&a, "t1", &invoke, &x, "5").0, 200);
+    // A request of an older placement than one seen already.
+    assert_eq!(
+        routed(&a, "t1", &invoke, &x, "4"),
+        (421, "placement_stale".into())
+    );
+    assert_eq!(
+        routed(&a, "t1", &invoke, &x, "x"),
+        (400, "invalid_input".into())
+    );
+
+    // Frozen on its way out: refused as stale, whatever the epoch; a
+    // request without one is answered as before.
+    let snap = export(&a, "t1");
+    assert_eq!(
+        routed(&a, "t1", &invoke, &x, "5"),
+        (421, "placement_stale".into())
+    );
+    let r = a.post("t1", &invoke, "application/json", &x);
+    assert_eq!((r.status, r.code().as_str()), (409, "tenant_frozen"));
+
+    // Imported on B, dropped from A by the placement of epoch 9.
+    let r = b.internal("POST", "/internal/tenants/t1/import", &snap);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = a
+        .raw_agent()
+        .delete(a.url("/internal/tenants/t1"))
+        .header("authorization", format!("Bearer {}", crate::harness::TOKEN))
+        .header("x-tensor-wasm-epoch", "9")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+
+    // A stale proxy can neither run the tenant on A nor make it anew
+    // there: both are refused, and A holds nothing of it.
+    assert_eq!(
+        routed(&a, "t1", &invoke, &x, "5"),
+        (421, "placement_stale".into())
+    );
+    let r = a.post_with(
+        "t1",
+        "/functions?name=again",
+        "application/wasm",
+        &wat::parse_str(ACCUMULATOR).unwrap(),
+        &[("x-tensor-wasm-epoch", "8")],
+    );
+    assert_eq!((r.status, r.code().as_str()), (421, "placement_stale"));
+    let listed = a.get("t1", "/functions");
+    assert_eq!(listed.json()["functions"].as_array().unwrap().len(), 0);
+
+    // On B, the new placement finds the state as it left A.
+    let r = b.post_with(
+        "t1",
+        &invoke,
+        "application/json",
+        &x,
+        &[("x-tensor-wasm-epoch", "9")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 2.0);
+
+    // A placement newer than the one that took it away may put it on A
+    // again.
+    assert_eq!(
+        routed(&a, "t1", &invoke, &x, "10"),
+        (404, "function_not_found".into())
+    );
+}

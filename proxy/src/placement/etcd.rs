@@ -5,10 +5,11 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `tenants/<tenant>` | the executor id it is placed on; the key's `mod_revision` is the placement's epoch |
+//! | `tenants/<tenant>` | the executor id it is placed on; the key's `mod_revision` (plus the epoch base) is the placement's epoch |
 //! | `executors/<id>` | its `host:port` |
 //! | `draining/<id>` | empty: it takes no new tenants |
 //! | `moves/<tenant>` | the migration in progress, JSON ([`Move`]) |
+//! | `epoch-base` | the time the table was made, in µs since the Unix epoch: added to a key's `mod_revision`, it makes the placement's epoch |
 //!
 //! Every proxy keeps a copy of the table, loaded once and then fed by a
 //! watch from the revision it loaded, so that routing a request never
@@ -55,8 +56,6 @@ pub enum EtcdError {
 #[derive(Debug, Default)]
 struct Copy {
     state: PlacementState,
-    /// Tenant → the revision that placed it where it is.
-    epochs: BTreeMap<String, i64>,
     /// Key → the revision of a change applied ahead of the watch (this
     /// proxy's own writes, deletions too), so that an older event never
     /// undoes it. Dropped once the watch has read past it: every event
@@ -101,11 +100,11 @@ impl Copy {
         match (entry(key), value) {
             (Some(Entry::Tenant(t)), Some(v)) => {
                 self.state.placements.insert(t.into(), id(v)?);
-                self.epochs.insert(t.into(), revision);
+                self.state.epochs.insert(t.into(), revision);
             }
             (Some(Entry::Tenant(t)), None) => {
                 self.state.placements.remove(t);
-                self.epochs.remove(t);
+                self.state.epochs.remove(t);
             }
             (Some(Entry::Executor(e)), Some(v)) => {
                 self.state.executors.insert(id(e.as_bytes())?, text(v)?);
@@ -161,6 +160,9 @@ pub struct EtcdPlacements {
     /// Whether the watch is reading etcd: while it is not, writes fail at
     /// once rather than each waiting out the client's timeout.
     watching: Arc<AtomicBool>,
+    /// Added to a placement's revision to make its epoch: the time the
+    /// table was made ([`super::epoch_base`]), kept in etcd.
+    epoch_base: i64,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -193,9 +195,15 @@ impl EtcdPlacements {
             endpoints: names.clone(),
             source,
         };
-        let client = Client::connect(endpoints, options)
+        let mut client = Client::connect(endpoints, options)
             .await
             .map_err(unreachable)?;
+        let epoch_base = load_epoch_base(&mut client, prefix)
+            .await
+            .map_err(|e| match e {
+                Loaded::Etcd(source) => unreachable(source),
+                Loaded::Corrupt(e) => e,
+            })?;
         let copy = load(&mut client.clone(), prefix)
             .await
             .map_err(|e| match e {
@@ -219,6 +227,7 @@ impl EtcdPlacements {
             copy,
             applied,
             watching,
+            epoch_base,
             watcher,
         })
     }
@@ -255,7 +264,13 @@ impl EtcdPlacements {
     pub fn get(&self, tenant: &TenantId) -> Option<(ExecutorId, i64)> {
         let copy = self.read();
         let id = copy.state.placements.get(tenant.as_str())?.clone();
-        Some((id, copy.epochs.get(tenant.as_str()).copied().unwrap_or(0)))
+        let revision = copy.state.epochs.get(tenant.as_str()).copied();
+        Some((id, self.epoch(revision.unwrap_or(0))))
+    }
+
+    /// The epoch of a placement written at etcd `revision`.
+    fn epoch(&self, revision: i64) -> i64 {
+        self.epoch_base.saturating_add(revision)
     }
 
     /// `tenant`'s move in progress, from the copy.
@@ -351,7 +366,7 @@ impl EtcdPlacements {
                 Some(chosen.as_str().as_bytes()),
                 revision,
             )?;
-            return Ok((chosen, revision));
+            return Ok((chosen, self.epoch(revision)));
         }
         // Another proxy placed it first: its answer is the answer.
         let won = resp.op_responses().into_iter().find_map(|r| match r {
@@ -372,7 +387,7 @@ impl EtcdPlacements {
                 kv.mod_revision(),
             )
             .map_err(|e| PlacementError::Store(e.to_string()))?;
-        Ok((id, kv.mod_revision()))
+        Ok((id, self.epoch(kv.mod_revision())))
     }
 
     /// Records an executor (or its new address).
@@ -485,6 +500,41 @@ impl EtcdPlacements {
         self.apply_local(&format!("moves/{tenant}"), None, revision)
     }
 
+    /// Where `tenant` lives (and its epoch) and whether it is moving, read
+    /// from etcd itself, not the copy: for decisions that destroy
+    /// something, which a stale copy must not make.
+    pub async fn confirm(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<(Option<(ExecutorId, i64)>, bool), PlacementError> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.key("tenants", tenant.as_str()), None),
+            TxnOp::get(self.key("moves", tenant.as_str()), None),
+        ]);
+        let resp = self.txn(txn).await?;
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g.kvs().first().cloned()),
+            _ => None,
+        });
+        let placed = gets.next().flatten();
+        let moving = gets.next().flatten().is_some();
+        let placed = match placed {
+            Some(kv) => {
+                let id = std::str::from_utf8(kv.value())
+                    .ok()
+                    .and_then(|v| ExecutorId::new(v).ok())
+                    .ok_or_else(|| {
+                        PlacementError::Store(format!(
+                            "tenant {tenant}: not an executor id in etcd"
+                        ))
+                    })?;
+                Some((id, self.epoch(kv.mod_revision())))
+            }
+            None => None,
+        };
+        Ok((placed, moving))
+    }
+
     /// The move of `tenant` the copy holds.
     fn recorded_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
         self.read()
@@ -559,6 +609,43 @@ impl EtcdPlacements {
 enum Loaded {
     Etcd(etcd_client::Error),
     Corrupt(EtcdError),
+}
+
+/// The table's epoch base (`<prefix>epoch-base`), written by the first
+/// proxy that connects.
+async fn load_epoch_base(client: &mut Client, prefix: &str) -> Result<i64, Loaded> {
+    let key = format!("{prefix}epoch-base");
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key.clone(),
+            super::epoch_base().to_string(),
+            None,
+        )])
+        .or_else([TxnOp::get(key.clone(), None)]);
+    let resp = client.txn(txn).await.map_err(Loaded::Etcd)?;
+    if resp.succeeded() {
+        let txn = Txn::new().and_then([TxnOp::get(key.clone(), None)]);
+        return read_base(&key, client.txn(txn).await.map_err(Loaded::Etcd)?);
+    }
+    read_base(&key, resp)
+}
+
+fn read_base(key: &str, resp: etcd_client::TxnResponse) -> Result<i64, Loaded> {
+    let value = resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+        _ => None,
+    });
+    value
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|b| *b >= 0)
+        .ok_or_else(|| {
+            Loaded::Corrupt(EtcdError::Corrupt {
+                key: key.to_string(),
+                reason: "not an epoch base".into(),
+            })
+        })
 }
 
 /// The whole table under `prefix`, as of one revision.

@@ -132,8 +132,14 @@ async fn what_one_proxy_writes_reaches_the_others_copy_by_the_watch() {
     let (a, b) = (etcd.proxy().await, etcd.proxy().await);
     let t = tenant("acme");
     let (home, epoch) = a.place(&t, &candidates(&[("cpu0", 1)])).await.unwrap();
-    assert!(b.wait_for(epoch, Duration::from_secs(10)).await);
+    assert!(b.wait_for(a.written(), Duration::from_secs(10)).await);
     assert_eq!(b.get(&t), Some((home.clone(), epoch)), "from B's copy");
+    // Epochs count from the time the table was made, in microseconds.
+    let made = crate::placement::epoch_base();
+    assert!(
+        epoch < made && epoch > made - 600_000_000,
+        "{epoch} vs {made}"
+    );
 
     a.add_executor(&ExecutorId::new("cpu1").unwrap(), "127.0.0.1:2")
         .await
@@ -180,7 +186,7 @@ async fn the_copy_serves_while_etcd_is_down_and_catches_up_after() {
     let (a, b) = (etcd.proxy().await, etcd.proxy().await);
     let t = tenant("acme");
     let placed = a.place(&t, &candidates(&[("cpu0", 1)])).await.unwrap();
-    assert!(b.wait_for(placed.1, Duration::from_secs(10)).await);
+    assert!(b.wait_for(a.written(), Duration::from_secs(10)).await);
 
     etcd.stop();
     // Placed tenants route from the copy; new placements are refused.
@@ -210,7 +216,7 @@ async fn the_copy_serves_while_etcd_is_down_and_catches_up_after() {
             }
         }
     };
-    assert!(b.wait_for(again.1, Duration::from_secs(30)).await);
+    assert!(b.wait_for(a.written(), Duration::from_secs(30)).await);
     assert_eq!(b.get(&fresh), Some(again));
     assert_eq!(b.get(&t), Some(placed));
 }
