@@ -10,6 +10,14 @@ use std::time::{Duration, Instant};
 
 pub const TOKEN: &str = "e2e-internal-token";
 
+/// Taken by the tests that keep the machine busy for long (fleets under
+/// load, whole upgrades), so that no two of them run at once: each
+/// judges latencies and deadlines that a second one would eat into.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A `tensor-wasm executor` child process, killed when dropped.
 pub struct ExecutorProcess {
     pub child: Child,

@@ -148,6 +148,7 @@ fn two_proxies_on_one_etcd_send_each_tenant_to_one_executor() {
 
 #[test]
 fn with_etcd_down_placed_tenants_are_served_and_new_ones_refused_until_it_is_back() {
+    let _heavy = heavy();
     let mut etcd = EtcdProcess::start();
     let dir = tempfile::tempdir().unwrap();
     let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
@@ -268,6 +269,7 @@ impl Load {
                             n,
                             "{token}: every call ran once, on the tenant's one copy"
                         );
+                        std::thread::sleep(Duration::from_millis(5));
                     }
                     n
                 })
@@ -298,6 +300,7 @@ fn other(home: &str) -> &'static str {
 
 #[test]
 fn moves_made_by_either_proxy_fail_no_request_of_clients_using_both() {
+    let _heavy = heavy();
     let etcd = EtcdProcess::start();
     let dir = tempfile::tempdir().unwrap();
     let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
