@@ -255,6 +255,10 @@ pub struct Fleet {
     /// new tenants where the successor will place them but records nothing.
     handing_off: AtomicBool,
     internal_token: String,
+    /// Gates this proxy holds closed for moves other proxies run
+    /// (`ARCHITECTURE.md`, "Moves across proxies"); opened when the move
+    /// ends.
+    remote: Mutex<HashMap<String, Closed>>,
     /// Makes the clients of [`Fleet::client`].
     connector: Arc<dyn Connector>,
     pub queue: QueueLimits,
@@ -330,6 +334,7 @@ impl Fleet {
             gates: Mutex::new(HashMap::new()),
             handing_off: AtomicBool::new(false),
             internal_token: internal_token.to_string(),
+            remote: Mutex::new(HashMap::new()),
             connector,
             queue,
             state_dir: state_dir.to_path_buf(),
@@ -655,6 +660,101 @@ impl Fleet {
             return Err(RouteError::ExecutorDown(id));
         }
         Ok((exec, epoch))
+    }
+
+    /// Follows the moves other proxies sharing the table run: when one
+    /// pauses, holds the tenant's requests here and reports it once none is
+    /// in flight; when it ends, lets them go where the tenant now lives.
+    /// Call from within the runtime that is to run the follower.
+    pub fn follow_moves(self: &Arc<Self>) {
+        let PlacementStore::Etcd(table) = &self.table else {
+            return;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        table.follow_moves(tx);
+        let me = table.member();
+        // Moves pausing already when this proxy started.
+        for (tenant, mv) in self.table.pending_moves() {
+            if mv.pausing && mv.mover != me {
+                let fleet = self.clone();
+                tokio::spawn(async move { fleet.hold_for(tenant).await });
+            }
+        }
+        let fleet = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some((tenant, mv)) = rx.recv().await {
+                let Some(fleet) = fleet.upgrade() else { return };
+                match mv {
+                    Some(mv) if mv.pausing && mv.mover != me => {
+                        tokio::spawn(async move { fleet.hold_for(tenant).await });
+                    }
+                    Some(_) => {}
+                    None => {
+                        if lock(&fleet.remote).remove(tenant.as_str()).is_some() {
+                            tracing::info!(tenant = %tenant, "move by another proxy ended; requests released");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Closes `tenant`'s gate for another proxy's move, then reports it.
+    async fn hold_for(&self, tenant: TenantId) {
+        let closed = match self.close_gate(tenant.as_str(), self.queue.deadline).await {
+            Ok(c) => c,
+            Err(CloseError::AlreadyClosed) => {
+                // Held already: the record changed (taken over); report
+                // again in case the report was lost.
+                let held = lock(&self.remote).contains_key(tenant.as_str());
+                if held && let Err(e) = self.table.hold(&tenant).await {
+                    tracing::warn!(tenant = %tenant, error = %e, "could not report holding a moving tenant");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, error = %e, "could not hold a tenant another proxy moves; its move will be undone");
+                return;
+            }
+        };
+        {
+            let mut remote = lock(&self.remote);
+            if !self.table.moving(&tenant).is_some_and(|m| m.pausing) {
+                // The move ended while the gate closed.
+                return;
+            }
+            remote.insert(tenant.to_string(), closed);
+        }
+        match self.table.hold(&tenant).await {
+            Ok(()) => {
+                tracing::info!(tenant = %tenant, "holding requests for a move by another proxy")
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, error = %e, "could not report holding a moving tenant")
+            }
+        }
+    }
+
+    /// Waits until every other live proxy sharing the table reports that it
+    /// holds `tenant`'s requests (none for a table of one's own), or until
+    /// `until`: the proxies that did not, then.
+    pub async fn await_holds(&self, tenant: &TenantId, until: Instant) -> Result<(), Vec<String>> {
+        loop {
+            let missing = self.table.not_holding(tenant);
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(missing);
+            }
+            tokio::time::sleep_until((Instant::now() + STALE_POLL).min(until)).await;
+        }
+    }
+
+    /// The gate this proxy held closed for another proxy's move of
+    /// `tenant`, handed to this proxy's own handling of the move.
+    pub fn take_remote_hold(&self, tenant: &str) -> Option<Closed> {
+        lock(&self.remote).remove(tenant)
     }
 
     /// Waits until `tenant`'s placement is newer than `epoch` (an executor

@@ -161,6 +161,10 @@ pub enum MigrateError {
         "requests of tenant {0} still in flight after {1:?} (an open stream stays in flight until it ends); the move was undone and the tenant stays where it was"
     )]
     Busy(String, Duration),
+    #[error(
+        "proxies {1:?} did not report holding tenant {0} with no request in flight within {2:?}; the move was undone and the tenant stays where it was"
+    )]
+    NotHeld(String, Vec<String>, Duration),
     #[error("executor {0} is unhealthy")]
     ExecutorDown(ExecutorId),
     #[error("export from {0} failed: {1}")]
@@ -188,7 +192,7 @@ impl MigrateError {
                 ErrorCode::NotFound
             }
             MigrateError::AlreadyMoving(_) => ErrorCode::MigrationRunning,
-            MigrateError::Busy(..) => ErrorCode::DeadlineExceeded,
+            MigrateError::Busy(..) | MigrateError::NotHeld(..) => ErrorCode::DeadlineExceeded,
             MigrateError::ExecutorDown(_) | MigrateError::ExportFailed(..) => {
                 ErrorCode::ExecutorUnavailable
             }
@@ -399,19 +403,14 @@ impl Orchestrator {
             }
         };
         let precopy_ms = pull_started.elapsed().as_secs_f64() * 1e3;
-        // 3. Close the gate and wait for T's requests in flight to A.
-        let closed = match self
-            .fleet
-            .close_gate(t.as_str(), self.fleet.queue.deadline)
-            .await
-        {
+        // 3. Close the gate and wait for T's requests in flight to A; with
+        //    proxies sharing the table, every other proxy does the same and
+        //    reports it.
+        let closed = match self.pause(t).await {
             Ok(c) => c,
             Err(e) => {
                 self.undo(t, src, dest, &session).await;
-                return Err(Fallback::Failed(match e {
-                    CloseError::AlreadyClosed => MigrateError::AlreadyMoving(t.to_string()),
-                    CloseError::Busy(d) => MigrateError::Busy(t.to_string(), d),
-                }));
+                return Err(Fallback::Failed(e));
             }
         };
         let paused_at = Instant::now();
@@ -509,6 +508,65 @@ impl Orchestrator {
         }
     }
 
+    /// The pause of `t`'s move (`ARCHITECTURE.md`, "Moves across
+    /// proxies"): marks the record pausing, so that every other proxy
+    /// sharing the table closes its gate and reports when none of its
+    /// requests is in flight; closes this proxy's gate; waits for the
+    /// reports of every live proxy. All within the hold deadline.
+    async fn pause(&self, t: &TenantId) -> Result<crate::fleet::Closed, MigrateError> {
+        let deadline = self.fleet.queue.deadline;
+        let until = Instant::now() + deadline;
+        self.fleet.table().pause(t).await?;
+        let closed = self
+            .fleet
+            .close_gate(t.as_str(), deadline)
+            .await
+            .map_err(|e| match e {
+                CloseError::AlreadyClosed => MigrateError::AlreadyMoving(t.to_string()),
+                CloseError::Busy(d) => MigrateError::Busy(t.to_string(), d),
+            })?;
+        if let Err(missing) = self.fleet.await_holds(t, until).await {
+            return Err(MigrateError::NotHeld(t.to_string(), missing, deadline));
+        }
+        Ok(closed)
+    }
+
+    /// Takes over the moves whose proxy's lease in etcd ran out (it died,
+    /// or lost etcd, mid-move): holds each tenant's gate and hands the move
+    /// to [`recover`](Self::recover), which finishes or undoes it.
+    pub async fn adopt_orphaned_moves(&self) {
+        for (t, mv) in self.fleet.table().orphaned_moves() {
+            let mover = mv.mover.clone().unwrap_or_default();
+            let mv = match self.fleet.table().take_over(&t).await {
+                Ok(mv) => mv,
+                Err(e) => {
+                    tracing::debug!(tenant = %t, error = %e, "orphaned move not taken over");
+                    continue;
+                }
+            };
+            let closed = match self.fleet.take_remote_hold(t.as_str()) {
+                Some(c) => c,
+                None => match self
+                    .fleet
+                    .close_gate(t.as_str(), self.fleet.queue.deadline)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(tenant = %t, error = %e, "an adopted move waits for the tenant's gate");
+                        continue;
+                    }
+                },
+            };
+            tracing::warn!(tenant = %t, %mover, from = %mv.from, to = %mv.to, "took over a move whose proxy is gone; finishing or undoing it");
+            self.held.lock().await.push(HeldMove {
+                tenant: t,
+                mv,
+                _closed: closed,
+            });
+        }
+    }
+
     async fn abort_record(&self, t: &TenantId) {
         if let Err(e) = self.fleet.table().abort_move(t).await {
             tracing::error!(tenant = %t, error = %e, "cannot clear an aborted move");
@@ -550,19 +608,12 @@ impl Orchestrator {
                 PlacementError::AlreadyMoving(t) => MigrateError::AlreadyMoving(t),
                 e => e.into(),
             })?;
-        // 2. Wait for requests in flight.
-        let closed = match self
-            .fleet
-            .close_gate(t.as_str(), self.fleet.queue.deadline)
-            .await
-        {
+        // 2. Wait for requests in flight (at every proxy).
+        let closed = match self.pause(&t).await {
             Ok(c) => c,
             Err(e) => {
                 self.abort_record(&t).await;
-                return Err(match e {
-                    CloseError::AlreadyClosed => MigrateError::AlreadyMoving(t.to_string()),
-                    CloseError::Busy(d) => MigrateError::Busy(t.to_string(), d),
-                });
+                return Err(e);
             }
         };
         let paused_at = Instant::now();
@@ -739,8 +790,12 @@ impl Orchestrator {
     /// Call at start-up, before serving; returns how many.
     pub fn hold_recorded_moves(&self) -> usize {
         let pending = self.fleet.table().pending_moves();
+        let me = self.fleet.table().member();
         let found: Vec<HeldMove> = pending
             .into_iter()
+            // Moves another proxy runs are its own; those whose proxy is
+            // gone are adopted by `adopt_orphaned_moves`.
+            .filter(|(_, mv)| mv.mover.is_none() || mv.mover == me)
             .filter_map(|(tenant, mv)| {
                 let closed = self.fleet.close_now(tenant.as_str())?;
                 Some(HeldMove {

@@ -54,6 +54,15 @@ pub struct Move {
     /// it, and undoing the move ends it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// The proxy running the move, when proxies share the table: another
+    /// takes the move over if this one's lease in etcd runs out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mover: Option<String>,
+    /// The move has reached its pause: every proxy holds the tenant's new
+    /// requests and reports when none of its own is in flight
+    /// (`ARCHITECTURE.md`, "Moves across proxies").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pausing: bool,
 }
 
 /// What the file holds.
@@ -255,6 +264,8 @@ impl Placements {
             to: to.clone(),
             snapshot: None,
             session,
+            mover: None,
+            pausing: false,
         };
         self.state.moving.insert(tenant.to_string(), m.clone());
         self.save()?;
@@ -564,10 +575,62 @@ impl PlacementStore {
                     to: to.clone(),
                     snapshot: None,
                     session,
+                    mover: e.member(),
+                    pausing: false,
                 };
                 e.begin_move(tenant, &mv).await?;
                 Ok(mv)
             }
+        }
+    }
+
+    /// This proxy's id among the proxies sharing the table, if it shares one.
+    pub fn member(&self) -> Option<String> {
+        match self {
+            PlacementStore::File(_) => None,
+            PlacementStore::Etcd(e) => e.member(),
+        }
+    }
+
+    /// The move of `tenant` reaches its pause: every other proxy sharing
+    /// the table holds the tenant's requests and reports it (`hold`).
+    pub async fn pause(&self, tenant: &TenantId) -> Result<(), PlacementError> {
+        match self {
+            PlacementStore::File(_) => Ok(()),
+            PlacementStore::Etcd(e) => e.pause(tenant).await,
+        }
+    }
+
+    /// This proxy holds `tenant`'s requests and has none in flight.
+    pub async fn hold(&self, tenant: &TenantId) -> Result<(), PlacementError> {
+        match self {
+            PlacementStore::File(_) => Ok(()),
+            PlacementStore::Etcd(e) => e.hold(tenant).await,
+        }
+    }
+
+    /// The other live proxies that have not reported holding `tenant`.
+    pub fn not_holding(&self, tenant: &TenantId) -> Vec<String> {
+        match self {
+            PlacementStore::File(_) => Vec::new(),
+            PlacementStore::Etcd(e) => e.not_holding(tenant),
+        }
+    }
+
+    /// Moves whose mover's lease has run out (it died, or lost etcd).
+    pub fn orphaned_moves(&self) -> Vec<(TenantId, Move)> {
+        match self {
+            PlacementStore::File(_) => Vec::new(),
+            PlacementStore::Etcd(e) => e.orphaned_moves(),
+        }
+    }
+
+    /// Makes this proxy the mover of `tenant`'s orphaned move `mv`, unless
+    /// the record changed meanwhile (another proxy took it first).
+    pub async fn take_over(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        match self {
+            PlacementStore::File(_) => Err(PlacementError::NotMoving(tenant.to_string())),
+            PlacementStore::Etcd(e) => e.take_over(tenant).await,
         }
     }
 

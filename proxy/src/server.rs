@@ -283,6 +283,10 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
         .build()
         .map_err(|e| ProxyError::Placement(format!("cannot start its runtime: {e}")))?;
     let fleet = Arc::new(placement_rt.block_on(open_fleet(&config))?);
+    {
+        let _runtime = placement_rt.enter();
+        fleet.follow_moves();
+    }
     let orchestrator = Arc::new(Orchestrator::new(fleet.clone(), metrics.clone()));
     let held = orchestrator.hold_recorded_moves();
     if held > 0 {
@@ -364,6 +368,31 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// This proxy's id among those sharing a placement table: the host's name
+/// (a pod's, on Kubernetes), the admin port, and a random part, so that a
+/// restarted proxy never takes the place of its former self.
+fn proxy_id(admin_listen: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "proxy".into());
+    let port = admin_listen.rsplit(':').next().unwrap_or("0");
+    let random = hex::encode(&tensor_wasm_shared::identity::nonce()[..4]);
+    let name: String = format!("{host}-{port}-{random}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name
+}
+
 /// The fleet, with its placement table where `config` says.
 async fn open_fleet(config: &ProxyConfig) -> Result<Fleet, ProxyError> {
     let connector = Arc::new(crate::upstream::HttpConnector::new(&config.internal_token));
@@ -395,7 +424,12 @@ async fn open_fleet(config: &ProxyConfig) -> Result<Fleet, ProxyError> {
             let table = EtcdPlacements::connect(endpoints, prefix, Some(options))
                 .await
                 .map_err(|e| ProxyError::Placement(e.to_string()))?;
-            tracing::info!(endpoints = %endpoints.join(","), %prefix, revision = table.revision(), "placement table in etcd");
+            let id = proxy_id(&config.admin_listen);
+            table
+                .join(&id)
+                .await
+                .map_err(|e| ProxyError::Placement(e.to_string()))?;
+            tracing::info!(endpoints = %endpoints.join(","), %prefix, revision = table.revision(), proxy = %id, "placement table in etcd");
             table.into()
         }
     };
@@ -541,6 +575,7 @@ impl BackgroundService for Upkeep {
                 self.discover(name).await;
             }
             self.probe_all(ticks.is_multiple_of(RECONCILE_EVERY)).await;
+            self.orchestrator.adopt_orphaned_moves().await;
             self.orchestrator.recover().await;
             ticks = ticks.wrapping_add(1);
             if ticks.is_multiple_of(PRUNE_EVERY) {

@@ -462,3 +462,90 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(parse_counter(&r.body).0, 4);
 }
+
+fn moving(p: &ProxyProcess) -> serde_json::Value {
+    let r = p.admin("GET", "/admin/placements", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["moving"].clone()
+}
+
+#[test]
+fn a_move_whose_proxy_is_killed_is_undone_by_another_proxy_and_no_request_fails() {
+    let _heavy = heavy();
+    let etcd = EtcdProcess::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
+    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let mut ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
+    let id = deploy_counter(&ps[1], "tok-t0");
+    let home = ps[1].placement("t0").unwrap();
+    let (src, dest) = if home == "cpu0" { (&a, &b) } else { (&b, &a) };
+
+    // A client of the surviving proxy, all along.
+    let load = Load::start(&ps[1..], &[("tok-t0".to_string(), id.clone())]);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The destination stalls (stopped), so the move stays in its
+    // pre-copy; its proxy is killed there.
+    let signal = |pid: u32, sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
+    };
+    signal(dest.child.id(), "STOP");
+    let mover = {
+        let port = ps[0].options.admin_port;
+        let to = other(&home).to_string();
+        std::thread::spawn(move || {
+            let admin = Api::new(&format!("http://127.0.0.1:{port}"));
+            let body = serde_json::json!({ "to": to }).to_string();
+            let auth = format!("Bearer {ADMIN_TOKEN}");
+            admin.try_call(
+                "POST",
+                "/admin/tenants/t0/migrate",
+                &[("authorization", &auth)],
+                Some(("application/json", body.as_bytes())),
+            )
+        })
+    };
+    wait_until("the move is recorded", Duration::from_secs(10), || {
+        moving(&ps[1]).get("t0").is_some()
+    });
+    let victim = ps.remove(0);
+    drop(victim); // SIGKILL
+    let _ = mover.join();
+    signal(dest.child.id(), "CONT");
+
+    // Once the killed proxy's lease runs out, the other proxy takes the
+    // move over and, the destination never having committed, undoes it.
+    wait_until(
+        "the move is taken over and ended",
+        Duration::from_secs(30),
+        || moving(&ps[0]).get("t0").is_none(),
+    );
+    assert_eq!(ps[0].placement("t0").as_deref(), Some(home.as_str()));
+    assert!(tenants_on(src).contains(&"t0".to_string()));
+    assert!(!tenants_on(dest).contains(&"t0".to_string()));
+    assert!(
+        ps[0]
+            .log_text()
+            .contains("took over a move whose proxy is gone"),
+        "{}",
+        ps[0].log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (counts, failures) = load.finish();
+    assert_eq!(failures, 0, "no request failed");
+    assert!(counts[0] > 20, "served all along: {counts:?}");
+
+    // The tenant moves on as usual afterwards.
+    let r = ps[0].migrate("t0", other(&home));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = count(&ps[0], "tok-t0", &id);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(parse_counter(&r.body).0, counts[0] + 1);
+}

@@ -309,6 +309,8 @@ async fn step1_the_move_is_recorded_and_the_gate_closed_before_the_export() {
             to: x(B),
             snapshot: None,
             session: None,
+            mover: None,
+            pausing: false,
         })
     );
     assert_eq!(s.home("acme").as_deref(), Some(A));
@@ -1042,6 +1044,8 @@ async fn precopy_step1_and_2_the_session_is_recorded_and_the_tenant_runs_while_i
             to: x(B),
             snapshot: None,
             session: Some(SESSION.into()),
+            mover: None,
+            pausing: false,
         })
     );
     // The gate stays open: requests of acme go to A meanwhile.

@@ -9,6 +9,8 @@
 //! | `executors/<id>` | its `host:port` |
 //! | `draining/<id>` | empty: it takes no new tenants |
 //! | `moves/<tenant>` | the migration in progress, JSON ([`Move`]) |
+//! | `proxies/<id>` | a live proxy, on its lease: gone when the proxy stops renewing it |
+//! | `holds/<tenant>/<proxy>` | empty, on the proxy's lease: it holds the pausing tenant's requests and has none in flight |
 //! | `epoch-base` | the time the table was made, in µs since the Unix epoch: added to a key's `mod_revision`, it makes the placement's epoch |
 //!
 //! Every proxy keeps a copy of the table, loaded once and then fed by a
@@ -20,14 +22,14 @@
 //! watcher loads the table again and watches on from there once etcd
 //! answers.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tensor_wasm_shared::{ExecutorId, TenantId};
 
@@ -38,6 +40,14 @@ pub const DEFAULT_PREFIX: &str = "/tensor-wasm/";
 
 /// How long to wait before loading the table again after the watch broke.
 const RESYNC_PAUSE: Duration = Duration::from_millis(500);
+
+/// How long a proxy's lease outlives its last renewal: a proxy that dies
+/// (or loses etcd) mid-move has its move taken over this long after.
+pub const PROXY_TTL_SECS: i64 = 5;
+
+/// A change of a tenant's move, as the watch saw it: the record now, or
+/// none once the move ended.
+pub type MoveEvent = (TenantId, Option<Move>);
 
 /// Why etcd could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +77,14 @@ struct Copy {
     watched: i64,
     /// The revision of this proxy's last own write.
     written: i64,
+    /// Live proxies (`proxies/<id>`).
+    proxies: BTreeSet<String>,
+    /// Tenant → proxies that hold its requests for its move.
+    holds: BTreeMap<String, BTreeSet<String>>,
+    /// Tenant → the revision of its move record, which a write to the
+    /// record compares: a move taken over by another proxy is not
+    /// finished or undone by the one that lost it.
+    move_revs: BTreeMap<String, i64>,
 }
 
 /// One kind of key under the prefix.
@@ -75,6 +93,8 @@ enum Entry<'k> {
     Executor(&'k str),
     Draining(&'k str),
     Move(&'k str),
+    Proxy(&'k str),
+    Hold(&'k str, &'k str),
 }
 
 impl Copy {
@@ -124,9 +144,28 @@ impl Copy {
                     reason: e.to_string(),
                 })?;
                 self.state.moving.insert(t.into(), mv);
+                self.move_revs.insert(t.into(), revision);
             }
             (Some(Entry::Move(t)), None) => {
                 self.state.moving.remove(t);
+                self.move_revs.remove(t);
+            }
+            (Some(Entry::Proxy(p)), Some(_)) => {
+                self.proxies.insert(p.into());
+            }
+            (Some(Entry::Proxy(p)), None) => {
+                self.proxies.remove(p);
+            }
+            (Some(Entry::Hold(t, p)), Some(_)) => {
+                self.holds.entry(t.into()).or_default().insert(p.into());
+            }
+            (Some(Entry::Hold(t, p)), None) => {
+                if let Some(h) = self.holds.get_mut(t) {
+                    h.remove(p);
+                    if h.is_empty() {
+                        self.holds.remove(t);
+                    }
+                }
             }
             // Keys of a later release: left alone.
             (None, _) => {}
@@ -145,6 +184,14 @@ fn entry(key: &str) -> Option<Entry<'_>> {
         "executors" => Entry::Executor(name),
         "draining" => Entry::Draining(name),
         "moves" => Entry::Move(name),
+        "proxies" => Entry::Proxy(name),
+        "holds" => {
+            let (t, p) = name.split_once('/')?;
+            if t.is_empty() || p.is_empty() {
+                return None;
+            }
+            Entry::Hold(t, p)
+        }
         _ => return None,
     })
 }
@@ -163,6 +210,14 @@ pub struct EtcdPlacements {
     /// Added to a placement's revision to make its epoch: the time the
     /// table was made ([`super::epoch_base`]), kept in etcd.
     epoch_base: i64,
+    /// This proxy's id among the fleet's proxies, once it [joined](Self::join).
+    member: OnceLock<String>,
+    /// The lease `proxies/<member>` and its holds live on.
+    lease: Arc<AtomicI64>,
+    /// Renews the lease.
+    keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Told of every change of a move the watch brings.
+    listener: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<MoveEvent>>>>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -179,6 +234,9 @@ impl std::fmt::Debug for EtcdPlacements {
 impl Drop for EtcdPlacements {
     fn drop(&mut self) {
         self.watcher.abort();
+        if let Some(k) = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            k.abort();
+        }
     }
 }
 
@@ -213,12 +271,14 @@ impl EtcdPlacements {
         let (tx, applied) = tokio::sync::watch::channel(copy.watched);
         let copy = Arc::new(RwLock::new(copy));
         let watching = Arc::new(AtomicBool::new(true));
+        let listener = Arc::new(Mutex::new(None));
         let watcher = tokio::spawn(watch(
             client.clone(),
             prefix.to_string(),
             copy.clone(),
             tx,
             watching.clone(),
+            listener.clone(),
         ));
         Ok(EtcdPlacements {
             client,
@@ -228,6 +288,10 @@ impl EtcdPlacements {
             applied,
             watching,
             epoch_base,
+            member: OnceLock::new(),
+            lease: Arc::new(AtomicI64::new(0)),
+            keeper: Mutex::new(None),
+            listener,
             watcher,
         })
     }
@@ -413,6 +477,135 @@ impl EtcdPlacements {
         }
     }
 
+    /// Joins the fleet's proxies as `id`: `proxies/<id>` on a lease of
+    /// [`PROXY_TTL_SECS`], renewed until this proxy stops (and granted
+    /// anew after etcd comes back).
+    pub async fn join(&self, id: &str) -> Result<(), PlacementError> {
+        self.reachable()?;
+        if self.member.set(id.to_string()).is_err() {
+            return Ok(());
+        }
+        let key = self.key("proxies", id);
+        let lease = register(&mut self.client.clone(), &key)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.lease.store(lease, Ordering::Release);
+        self.apply_local(&format!("proxies/{id}"), Some(&[]), 0)?;
+        let task = tokio::spawn(keep_registered(
+            self.client.clone(),
+            key,
+            lease,
+            self.lease.clone(),
+        ));
+        *self.keeper.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(())
+    }
+
+    /// This proxy's id, once it joined.
+    pub fn member(&self) -> Option<String> {
+        self.member.get().cloned()
+    }
+
+    /// Sends every change of a move the watch brings to `tx`.
+    pub fn follow_moves(&self, tx: tokio::sync::mpsc::UnboundedSender<MoveEvent>) {
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// The revision of `tenant`'s move record in the copy.
+    fn move_rev(&self, tenant: &TenantId) -> Result<i64, PlacementError> {
+        self.read()
+            .move_revs
+            .get(tenant.as_str())
+            .copied()
+            .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))
+    }
+
+    /// Writes `mv` as `tenant`'s move record if the record is still the
+    /// one the copy holds.
+    async fn rewrite_move(&self, tenant: &TenantId, mv: &Move) -> Result<(), PlacementError> {
+        let rev = self.move_rev(tenant)?;
+        let key = self.key("moves", tenant.as_str());
+        let value = serde_json::to_vec(mv).map_err(|e| PlacementError::Store(e.to_string()))?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(key, value.clone(), None)]);
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            return Err(PlacementError::NotMoving(tenant.to_string()));
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.apply_local(&format!("moves/{tenant}"), Some(&value), revision)
+    }
+
+    /// `tenant`'s move reaches its pause: other proxies hold its requests.
+    pub async fn pause(&self, tenant: &TenantId) -> Result<(), PlacementError> {
+        let mut mv = self.own_move(tenant)?;
+        mv.pausing = true;
+        self.rewrite_move(tenant, &mv).await
+    }
+
+    /// Reports that this proxy holds `tenant`'s requests, none in flight.
+    pub async fn hold(&self, tenant: &TenantId) -> Result<(), PlacementError> {
+        self.reachable()?;
+        let Some(id) = self.member() else {
+            return Ok(());
+        };
+        let lease = self.lease.load(Ordering::Acquire);
+        let resp = self
+            .client
+            .clone()
+            .put(
+                self.key("holds", &format!("{tenant}/{id}")),
+                "",
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.apply_local(&format!("holds/{tenant}/{id}"), Some(&[]), revision)
+    }
+
+    /// Live proxies other than this one that do not hold `tenant`.
+    pub fn not_holding(&self, tenant: &TenantId) -> Vec<String> {
+        let copy = self.read();
+        let me = self.member.get();
+        let held = copy.holds.get(tenant.as_str());
+        copy.proxies
+            .iter()
+            .filter(|p| Some(*p) != me && !held.is_some_and(|h| h.contains(*p)))
+            .cloned()
+            .collect()
+    }
+
+    /// Moves whose mover is no longer among the live proxies; none while
+    /// the copy is not current.
+    pub fn orphaned_moves(&self) -> Vec<(TenantId, Move)> {
+        if !self.watching.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let copy = self.read();
+        let me = self.member.get();
+        copy.state
+            .moving
+            .iter()
+            .filter(|(_, m)| {
+                m.mover
+                    .as_ref()
+                    .is_some_and(|p| Some(p) != me && !copy.proxies.contains(p))
+            })
+            .filter_map(|(t, m)| TenantId::new(t).ok().map(|t| (t, m.clone())))
+            .collect()
+    }
+
+    /// Makes this proxy the mover of `tenant`'s move, unless the record
+    /// changed since the copy read it.
+    pub async fn take_over(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        let mut mv = self.recorded_move(tenant)?;
+        mv.mover = self.member();
+        self.rewrite_move(tenant, &mv).await?;
+        Ok(mv)
+    }
+
     /// Records `mv` for `tenant`, unless a move of it is recorded already
     /// (by any proxy).
     pub async fn begin_move(&self, tenant: &TenantId, mv: &Move) -> Result<(), PlacementError> {
@@ -432,18 +625,19 @@ impl EtcdPlacements {
     /// Ends `tenant`'s move: it now lives on the move's destination. One
     /// transaction: the placement and the end of the record go together.
     pub async fn finish_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
-        let mv = self.recorded_move(tenant)?;
+        let mv = self.own_move(tenant)?;
+        let rev = self.move_rev(tenant)?;
         let moves = self.key("moves", tenant.as_str());
         let tenants = self.key("tenants", tenant.as_str());
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                moves.clone(),
-                CompareOp::Greater,
-                0,
-            )])
+            .when([Compare::mod_revision(moves.clone(), CompareOp::Equal, rev)])
             .and_then([
                 TxnOp::put(tenants, mv.to.as_str(), None),
                 TxnOp::delete(moves, None),
+                TxnOp::delete(
+                    self.key("holds", &format!("{tenant}/")),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
             ]);
         let resp = self.txn(txn).await?;
         if !resp.succeeded() {
@@ -456,13 +650,31 @@ impl EtcdPlacements {
             revision,
         )?;
         self.apply_local(&format!("moves/{tenant}"), None, revision)?;
+        self.write().holds.remove(tenant.as_str());
         Ok(mv)
     }
 
     /// Drops `tenant`'s move record; it stays where it was.
     pub async fn abort_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
-        let mv = self.recorded_move(tenant)?;
-        self.delete("moves", tenant.as_str()).await?;
+        let mv = self.own_move(tenant)?;
+        let rev = self.move_rev(tenant)?;
+        let moves = self.key("moves", tenant.as_str());
+        let txn = Txn::new()
+            .when([Compare::mod_revision(moves.clone(), CompareOp::Equal, rev)])
+            .and_then([
+                TxnOp::delete(moves, None),
+                TxnOp::delete(
+                    self.key("holds", &format!("{tenant}/")),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
+            ]);
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            return Err(PlacementError::NotMoving(tenant.to_string()));
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        self.apply_local(&format!("moves/{tenant}"), None, revision)?;
+        self.write().holds.remove(tenant.as_str());
         Ok(mv)
     }
 
@@ -473,19 +685,9 @@ impl EtcdPlacements {
         tenant: &TenantId,
         path: std::path::PathBuf,
     ) -> Result<(), PlacementError> {
-        let mut mv = self.recorded_move(tenant)?;
+        let mut mv = self.own_move(tenant)?;
         mv.snapshot = Some(path);
-        let key = self.key("moves", tenant.as_str());
-        let value = serde_json::to_vec(&mv).map_err(|e| PlacementError::Store(e.to_string()))?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Greater, 0)])
-            .and_then([TxnOp::put(key, value.clone(), None)]);
-        let resp = self.txn(txn).await?;
-        if !resp.succeeded() {
-            return Err(PlacementError::NotMoving(tenant.to_string()));
-        }
-        let revision = resp.header().map_or(0, |h| h.revision());
-        self.apply_local(&format!("moves/{tenant}"), Some(&value), revision)
+        self.rewrite_move(tenant, &mv).await
     }
 
     /// Forgets `tenant` (purge): its placement and any move, together.
@@ -533,6 +735,19 @@ impl EtcdPlacements {
             None => None,
         };
         Ok((placed, moving))
+    }
+
+    /// The move of `tenant` the copy holds, if this proxy runs it (or it
+    /// names no mover): a proxy never finishes, undoes or changes a move
+    /// another took over.
+    fn own_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
+        let mv = self.recorded_move(tenant)?;
+        match &mv.mover {
+            Some(m) if Some(m) != self.member.get() => {
+                Err(PlacementError::NotMoving(tenant.to_string()))
+            }
+            _ => Ok(mv),
+        }
     }
 
     /// The move of `tenant` the copy holds.
@@ -602,6 +817,48 @@ impl EtcdPlacements {
         copy.written = copy.written.max(revision);
         copy.apply(key, value, revision)
             .map_err(|e| PlacementError::Store(e.to_string()))
+    }
+}
+
+/// Grants a lease of [`PROXY_TTL_SECS`] and writes `key` on it; the
+/// lease's id.
+async fn register(client: &mut Client, key: &str) -> Result<i64, etcd_client::Error> {
+    let lease = client.lease_grant(PROXY_TTL_SECS, None).await?.id();
+    client
+        .put(key, "", Some(PutOptions::new().with_lease(lease)))
+        .await?;
+    Ok(lease)
+}
+
+/// Renews `lease` a few times per TTL; when it is lost (etcd was away
+/// longer than the TTL), registers `key` on a new one once etcd answers.
+async fn keep_registered(mut client: Client, key: String, mut lease: i64, current: Arc<AtomicI64>) {
+    let every = Duration::from_millis((PROXY_TTL_SECS as u64 * 1000) / 4);
+    loop {
+        if let Ok((mut keeper, mut answers)) = client.lease_keep_alive(lease).await {
+            loop {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match answers.message().await {
+                    Ok(Some(a)) if a.ttl() > 0 => {}
+                    _ => break,
+                }
+                tokio::time::sleep(every).await;
+            }
+        }
+        tracing::warn!(%key, "this proxy's lease in etcd lapsed; registering again");
+        loop {
+            tokio::time::sleep(RESYNC_PAUSE).await;
+            match register(&mut client, &key).await {
+                Ok(l) => {
+                    lease = l;
+                    current.store(l, Ordering::Release);
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "etcd still unreachable"),
+            }
+        }
     }
 }
 
@@ -679,15 +936,38 @@ async fn watch(
     copy: Arc<RwLock<Copy>>,
     applied: tokio::sync::watch::Sender<i64>,
     watching: Arc<AtomicBool>,
+    listener: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<MoveEvent>>>>,
 ) {
     let lock = || copy.write().unwrap_or_else(|p| p.into_inner());
+    // Tells the listener of every move that began, changed or ended
+    // between `before` and the copy now.
+    let tell = |before: &BTreeMap<String, Move>, now: &BTreeMap<String, Move>| {
+        let listener = listener.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = listener.as_ref() else { return };
+        let changed = now
+            .iter()
+            .filter(|(t, m)| before.get(*t) != Some(*m))
+            .map(|(t, m)| (t, Some(m.clone())));
+        let ended = before
+            .keys()
+            .filter(|t| !now.contains_key(*t))
+            .map(|t| (t, None));
+        for (t, m) in changed.chain(ended) {
+            if let Ok(t) = TenantId::new(t) {
+                let _ = tx.send((t, m));
+            }
+        }
+    };
     let mut loaded = true;
     loop {
         while !loaded {
             match load(&mut client, &prefix).await {
                 Ok(fresh) => {
                     let revision = fresh.watched;
-                    *lock() = fresh;
+                    let mut c = lock();
+                    tell(&c.state.moving, &fresh.state.moving);
+                    *c = fresh;
+                    drop(c);
                     let _ = applied.send(revision);
                     watching.store(true, Ordering::Release);
                     tracing::info!(revision, "placements loaded from etcd again");
@@ -714,6 +994,7 @@ async fn watch(
                             break;
                         }
                         let mut c = lock();
+                        let before = c.state.moving.clone();
                         for event in resp.events() {
                             let Some(kv) = event.kv() else { continue };
                             let key = String::from_utf8_lossy(kv.key());
@@ -730,6 +1011,8 @@ async fn watch(
                         }
                         let watched = c.watched;
                         c.changed.retain(|_, r| *r > watched);
+                        tell(&before, &c.state.moving);
+                        drop(c);
                         let _ = applied.send(watched);
                     }
                     Ok(None) => break,

@@ -150,6 +150,8 @@ async fn what_one_proxy_writes_reaches_the_others_copy_by_the_watch() {
         to: ExecutorId::new("cpu1").unwrap(),
         snapshot: None,
         session: Some("s1".into()),
+        mover: None,
+        pausing: false,
     };
     a.begin_move(&t, &mv).await.unwrap();
     assert!(b.wait_for(a.written(), Duration::from_secs(10)).await);
@@ -219,4 +221,68 @@ async fn the_copy_serves_while_etcd_is_down_and_catches_up_after() {
     assert!(b.wait_for(a.written(), Duration::from_secs(30)).await);
     assert_eq!(b.get(&fresh), Some(again));
     assert_eq!(b.get(&t), Some(placed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_waits_for_every_live_proxy_and_a_dead_movers_move_is_taken_over_once() {
+    let etcd = Etcd::start();
+    let (a, b) = (etcd.proxy().await, etcd.proxy().await);
+    a.join("pa").await.unwrap();
+    b.join("pb").await.unwrap();
+    let t = tenant("acme");
+    let (home, _) = a.place(&t, &candidates(&[("cpu0", 1)])).await.unwrap();
+    let mv = Move {
+        from: home,
+        to: ExecutorId::new("cpu1").unwrap(),
+        snapshot: None,
+        session: Some("s1".into()),
+        mover: a.member(),
+        pausing: false,
+    };
+    a.begin_move(&t, &mv).await.unwrap();
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    b.follow_moves(tx);
+    a.pause(&t).await.unwrap();
+    // B's watch tells it the move pauses; A waits for B's report.
+    loop {
+        let (told, seen) = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(told, t);
+        if seen.unwrap().pausing {
+            break;
+        }
+    }
+    assert!(b.wait_for(a.written(), Duration::from_secs(10)).await);
+    assert_eq!(a.not_holding(&t), vec!["pb".to_string()]);
+    b.hold(&t).await.unwrap();
+    assert!(a.wait_for(b.written(), Duration::from_secs(10)).await);
+    assert!(a.not_holding(&t).is_empty());
+    assert!(b.orphaned_moves().is_empty(), "its mover is alive");
+
+    // A dies: once its lease runs out, its move is B's to take over, and
+    // only once.
+    drop(a);
+    let start = Instant::now();
+    while b.orphaned_moves().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never orphaned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = etcd.proxy().await;
+    c.join("pc").await.unwrap();
+    let taken = b.take_over(&t).await.unwrap();
+    assert_eq!(taken.mover.as_deref(), Some("pb"));
+    assert!(c.wait_for(b.written(), Duration::from_secs(10)).await);
+    // A proxy whose view of the record is older cannot write it.
+    assert!(c.take_over(&t).await.is_ok(), "C's copy is current");
+    assert!(matches!(
+        b.finish_move(&t).await,
+        Err(PlacementError::NotMoving(_))
+    ));
+    // The one that holds it ends it; the reports go with the record.
+    assert!(c.abort_move(&t).await.is_ok());
+    assert!(b.wait_for(c.written(), Duration::from_secs(10)).await);
+    assert!(b.state().moving.is_empty());
+    assert!(b.not_holding(&t).contains(&"pc".to_string()));
 }
