@@ -573,6 +573,29 @@ impl ProxyProcess {
             .call(method, path, &[("authorization", auth.as_str())], body)
     }
 
+    /// Registers the counter module for `token`'s tenant; its function id.
+    pub fn deploy_counter(&self, token: &str) -> String {
+        let wasm = wat::parse_str(COUNTER).unwrap();
+        let r = self.call(
+            token,
+            "POST",
+            "/functions?name=counter",
+            Some(("application/wasm", &wasm)),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
+    /// One counter call with tenant `token`: (calls so far, the tensor).
+    pub fn count(&self, token: &str, id: &str) -> Resp {
+        self.call(
+            token,
+            "POST",
+            &format!("/functions/{id}/invoke"),
+            Some(("text/plain", b"")),
+        )
+    }
+
     /// `POST /admin/tenants/{tenant}/migrate` to `to`.
     pub fn migrate(&self, tenant: &str, to: &str) -> Resp {
         let body = serde_json::json!({ "to": to }).to_string();
@@ -678,25 +701,12 @@ impl TestFleet {
 
     /// Registers the counter module for `token`'s tenant; its function id.
     pub fn deploy_counter(&self, token: &str) -> String {
-        let wasm = wat::parse_str(COUNTER).unwrap();
-        let r = self.proxy.call(
-            token,
-            "POST",
-            "/functions?name=counter",
-            Some(("application/wasm", &wasm)),
-        );
-        assert_eq!(r.status, 201, "{}", r.text());
-        r.json()["id"].as_str().unwrap().to_string()
+        self.proxy.deploy_counter(token)
     }
 
     /// One counter call through the proxy: (calls so far, the tensor).
     pub fn count(&self, token: &str, id: &str) -> Resp {
-        self.proxy.call(
-            token,
-            "POST",
-            &format!("/functions/{id}/invoke"),
-            Some(("text/plain", b"")),
-        )
+        self.proxy.count(token, id)
     }
 }
 

@@ -38,27 +38,6 @@ fn proxies(
         .collect()
 }
 
-fn deploy_counter(p: &ProxyProcess, token: &str) -> String {
-    let wasm = wat::parse_str(COUNTER).unwrap();
-    let r = p.call(
-        token,
-        "POST",
-        "/functions?name=counter",
-        Some(("application/wasm", &wasm)),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    r.json()["id"].as_str().unwrap().to_string()
-}
-
-fn count(p: &ProxyProcess, token: &str, id: &str) -> Resp {
-    p.call(
-        token,
-        "POST",
-        &format!("/functions/{id}/invoke"),
-        Some(("text/plain", b"")),
-    )
-}
-
 fn placements(p: &ProxyProcess) -> serde_json::Value {
     let r = p.admin("GET", "/admin/placements", None);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -117,11 +96,11 @@ fn two_proxies_on_one_etcd_send_each_tenant_to_one_executor() {
     // A counter deployed through one proxy counts on through the other:
     // the same copy of the tenant answers both.
     let ids: Vec<String> = (0..TENANTS)
-        .map(|i| deploy_counter(&ps[i % 2], &format!("tok-t{i}")))
+        .map(|i| ps[i % 2].deploy_counter(&format!("tok-t{i}")))
         .collect();
     for round in 1..=6u32 {
         for (i, id) in ids.iter().enumerate() {
-            let r = count(&ps[(i + round as usize) % 2], &format!("tok-t{i}"), id);
+            let r = ps[(i + round as usize) % 2].count(&format!("tok-t{i}"), id);
             assert_eq!(r.status, 200, "{}", r.text());
             assert_eq!(parse_counter(&r.body).0, round, "tenant t{i}");
         }
@@ -138,7 +117,7 @@ fn two_proxies_on_one_etcd_send_each_tenant_to_one_executor() {
         || ps[1].placement("t0").as_deref() == Some(other),
     );
     for n in 7..=10u32 {
-        let r = count(&ps[(n % 2) as usize], "tok-t0", &ids[0]);
+        let r = ps[(n % 2) as usize].count("tok-t0", &ids[0]);
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(parse_counter(&r.body).0, n, "state moved with the tenant");
     }
@@ -154,7 +133,7 @@ fn with_etcd_down_placed_tenants_are_served_and_new_ones_refused_until_it_is_bac
     let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
     let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
     let ps = Arc::new(proxies(dir.path(), &etcd, &[&a, &b], 2));
-    let id = deploy_counter(&ps[0], "tok-t0");
+    let id = ps[0].deploy_counter("tok-t0");
 
     // A client alternating between the proxies, all along.
     let stop = Arc::new(AtomicBool::new(false));
@@ -165,7 +144,7 @@ fn with_etcd_down_placed_tenants_are_served_and_new_ones_refused_until_it_is_bac
             let mut expected = 0u32;
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let r = count(&ps[i % 2], "tok-t0", &id);
+                let r = ps[i % 2].count("tok-t0", &id);
                 i += 1;
                 if r.status != 200 {
                     failures.fetch_add(1, Ordering::Relaxed);
@@ -309,7 +288,7 @@ fn moves_made_by_either_proxy_fail_no_request_of_clients_using_both() {
     let tenants: Vec<(String, String)> = (0..3)
         .map(|i| {
             let token = format!("tok-t{i}");
-            let id = deploy_counter(&ps[0], &token);
+            let id = ps[0].deploy_counter(&token);
             (token, id)
         })
         .collect();
@@ -417,9 +396,9 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
         &[&a, &b],
         options(format!("etcd://127.0.0.1:{}", relay.port)),
     );
-    let id = deploy_counter(&fresh, "tok-t0");
+    let id = fresh.deploy_counter("tok-t0");
     for n in 1..=2u32 {
-        let r = count(&stale, "tok-t0", &id);
+        let r = stale.count("tok-t0", &id);
         assert_eq!(parse_counter(&r.body).0, n);
     }
     let home = fresh.placement("t0").unwrap();
@@ -445,7 +424,7 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
 
     // Its requests reach the old home, which refuses them: nothing runs on
     // a copy the tenant left, and no copy is made there anew.
-    let r = count(&stale, "tok-t0", &id);
+    let r = stale.count("tok-t0", &id);
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.code(), "tenant_moving");
     assert!(r.header("retry-after").is_some());
@@ -461,7 +440,7 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
     assert!(tenants_on(dest).contains(&"t0".to_string()));
 
     // The tenant's one copy counts on through the proxy that saw the move…
-    let r = count(&fresh, "tok-t0", &id);
+    let r = fresh.count("tok-t0", &id);
     assert_eq!(parse_counter(&r.body).0, 3, "{}", r.text());
     // …and through the cut-off one once it reaches etcd again.
     relay.heal();
@@ -470,7 +449,7 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
         Duration::from_secs(30),
         || stale.placement("t0").as_deref() == Some(other(&home)),
     );
-    let r = count(&stale, "tok-t0", &id);
+    let r = stale.count("tok-t0", &id);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(parse_counter(&r.body).0, 4);
 }
@@ -489,7 +468,7 @@ fn a_move_whose_proxy_is_killed_is_undone_by_another_proxy_and_no_request_fails(
     let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
     let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
     let mut ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
-    let id = deploy_counter(&ps[1], "tok-t0");
+    let id = ps[1].deploy_counter("tok-t0");
     let home = ps[1].placement("t0").unwrap();
     let (src, dest) = if home == "cpu0" { (&a, &b) } else { (&b, &a) };
 
@@ -557,7 +536,7 @@ fn a_move_whose_proxy_is_killed_is_undone_by_another_proxy_and_no_request_fails(
     // The tenant moves on as usual afterwards.
     let r = ps[0].migrate("t0", other(&home));
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = count(&ps[0], "tok-t0", &id);
+    let r = ps[0].count("tok-t0", &id);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(parse_counter(&r.body).0, counts[0] + 1);
 }

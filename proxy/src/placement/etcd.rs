@@ -626,48 +626,42 @@ impl EtcdPlacements {
     /// transaction: the placement and the end of the record go together.
     pub async fn finish_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
         let mv = self.own_move(tenant)?;
-        let rev = self.move_rev(tenant)?;
-        let moves = self.key("moves", tenant.as_str());
-        let tenants = self.key("tenants", tenant.as_str());
-        let txn = Txn::new()
-            .when([Compare::mod_revision(moves.clone(), CompareOp::Equal, rev)])
-            .and_then([
-                TxnOp::put(tenants, mv.to.as_str(), None),
-                TxnOp::delete(moves, None),
-                TxnOp::delete(
-                    self.key("holds", &format!("{tenant}/")),
-                    Some(DeleteOptions::new().with_prefix()),
-                ),
-            ]);
-        let resp = self.txn(txn).await?;
-        if !resp.succeeded() {
-            return Err(PlacementError::NotMoving(tenant.to_string()));
-        }
-        let revision = resp.header().map_or(0, |h| h.revision());
+        let put = TxnOp::put(self.key("tenants", tenant.as_str()), mv.to.as_str(), None);
+        let revision = self.end_move(tenant, Some(put)).await?;
         self.apply_local(
             &format!("tenants/{tenant}"),
             Some(mv.to.as_str().as_bytes()),
             revision,
         )?;
-        self.apply_local(&format!("moves/{tenant}"), None, revision)?;
-        self.write().holds.remove(tenant.as_str());
         Ok(mv)
     }
 
     /// Drops `tenant`'s move record; it stays where it was.
     pub async fn abort_move(&self, tenant: &TenantId) -> Result<Move, PlacementError> {
         let mv = self.own_move(tenant)?;
+        self.end_move(tenant, None).await?;
+        Ok(mv)
+    }
+
+    /// Deletes `tenant`'s move record and the proxies' reports, with
+    /// `also` in the same transaction, if the record is still the one the
+    /// copy holds; the transaction's revision.
+    async fn end_move(
+        &self,
+        tenant: &TenantId,
+        also: Option<TxnOp>,
+    ) -> Result<i64, PlacementError> {
         let rev = self.move_rev(tenant)?;
         let moves = self.key("moves", tenant.as_str());
+        let mut ops: Vec<TxnOp> = also.into_iter().collect();
+        ops.push(TxnOp::delete(moves.clone(), None));
+        ops.push(TxnOp::delete(
+            self.key("holds", &format!("{tenant}/")),
+            Some(DeleteOptions::new().with_prefix()),
+        ));
         let txn = Txn::new()
-            .when([Compare::mod_revision(moves.clone(), CompareOp::Equal, rev)])
-            .and_then([
-                TxnOp::delete(moves, None),
-                TxnOp::delete(
-                    self.key("holds", &format!("{tenant}/")),
-                    Some(DeleteOptions::new().with_prefix()),
-                ),
-            ]);
+            .when([Compare::mod_revision(moves, CompareOp::Equal, rev)])
+            .and_then(ops);
         let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             return Err(PlacementError::NotMoving(tenant.to_string()));
@@ -675,7 +669,7 @@ impl EtcdPlacements {
         let revision = resp.header().map_or(0, |h| h.revision());
         self.apply_local(&format!("moves/{tenant}"), None, revision)?;
         self.write().holds.remove(tenant.as_str());
-        Ok(mv)
+        Ok(revision)
     }
 
     /// Records where `tenant`'s exported snapshot was kept, if its move is
