@@ -261,7 +261,11 @@ impl AdminApi {
                 let p = fleet.table().state();
                 Answer::json(
                     200,
-                    json!({ "placements": p.placements, "moving": p.moving }),
+                    json!({
+                        "placements": p.placements,
+                        "moving": p.moving,
+                        "proxies": fleet.table().proxies(),
+                    }),
                 )
             }
             ("POST", ["admin", "tenants", t, "migrate"]) => {

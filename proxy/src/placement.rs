@@ -592,6 +592,21 @@ impl PlacementStore {
         }
     }
 
+    /// The live proxies sharing the table (none for a file of one's own).
+    pub fn proxies(&self) -> Vec<String> {
+        match self {
+            PlacementStore::File(_) => Vec::new(),
+            PlacementStore::Etcd(e) => e.proxies(),
+        }
+    }
+
+    /// Leaves the proxies sharing the table, at a graceful stop.
+    pub async fn leave(&self) {
+        if let PlacementStore::Etcd(e) = self {
+            e.leave().await;
+        }
+    }
+
     /// The move of `tenant` reaches its pause: every other proxy sharing
     /// the table holds the tenant's requests and reports it (`hold`).
     pub async fn pause(&self, tenant: &TenantId) -> Result<(), PlacementError> {

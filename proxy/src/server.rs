@@ -363,6 +363,7 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
     if let Some(audit) = audit {
         audit.close();
     }
+    placement_rt.block_on(fleet.table().leave());
     tracing::info!("proxy stopped");
     drop(placement_rt);
     Ok(())

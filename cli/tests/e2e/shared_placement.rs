@@ -540,3 +540,58 @@ fn a_move_whose_proxy_is_killed_is_undone_by_another_proxy_and_no_request_fails(
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(parse_counter(&r.body).0, counts[0] + 1);
 }
+
+fn live_proxies(p: &ProxyProcess) -> Vec<String> {
+    let r = p.admin("GET", "/admin/placements", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_proxy_that_stops_leaves_the_fleet_and_moves_go_on_without_it() {
+    let etcd = EtcdProcess::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
+    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let mut ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
+    wait_until("each proxy sees both", Duration::from_secs(10), || {
+        ps.iter().all(|p| live_proxies(p).len() == 2)
+    });
+    let id = ps[0].deploy_counter("tok-t0");
+    let leaving = ps.remove(1);
+    let log = {
+        leaving.signal("TERM");
+        let start = Instant::now();
+        let mut leaving = leaving;
+        while leaving.child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the proxy did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wait_until(
+            "its log is read to the end",
+            Duration::from_secs(10),
+            || leaving.log_text().contains("proxy stopped"),
+        );
+        leaving.log_text()
+    };
+    // It left by revoking its lease, not by letting it run out.
+    assert!(log.contains("left the fleet's proxies"), "{log}");
+    wait_until(
+        "the other proxy sees it gone",
+        Duration::from_secs(10),
+        || live_proxies(&ps[0]).len() == 1,
+    );
+    let home = ps[0].placement("t0").unwrap();
+    let r = ps[0].migrate("t0", other(&home));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = ps[0].count("tok-t0", &id);
+    assert_eq!(parse_counter(&r.body).0, 1, "{}", r.text());
+}

@@ -501,6 +501,30 @@ impl EtcdPlacements {
         Ok(())
     }
 
+    /// Leaves the fleet's proxies at once (a graceful stop): revokes the
+    /// lease, so that moves stop waiting for this proxy's reports now
+    /// rather than when the lease would have run out.
+    pub async fn leave(&self) {
+        if let Some(k) = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            k.abort();
+        }
+        let lease = self.lease.swap(0, Ordering::AcqRel);
+        if lease == 0 {
+            return;
+        }
+        match self.client.clone().lease_revoke(lease).await {
+            Ok(_) => tracing::info!(proxy = ?self.member(), "left the fleet's proxies"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not leave the fleet's proxies; the lease runs out instead")
+            }
+        }
+    }
+
+    /// The live proxies sharing the table, from the copy.
+    pub fn proxies(&self) -> Vec<String> {
+        self.read().proxies.iter().cloned().collect()
+    }
+
     /// This proxy's id, once it joined.
     pub fn member(&self) -> Option<String> {
         self.member.get().cloned()
