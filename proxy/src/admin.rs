@@ -452,9 +452,5 @@ impl ServeHttp for AdminApi {
 /// The answer to a placement table that refused a change: 503
 /// `placement_unavailable` when etcd cannot be reached, else `internal`.
 fn placement_error(e: PlacementError) -> ApiError {
-    let code = match e {
-        PlacementError::Store(_) => ErrorCode::PlacementUnavailable,
-        _ => ErrorCode::Internal,
-    };
-    ApiError::new(code, e.to_string())
+    ApiError::new(e.code(), e.to_string())
 }

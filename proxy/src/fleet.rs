@@ -167,8 +167,7 @@ impl RouteError {
             RouteError::ExecutorDown(_) | RouteError::ExecutorGone(_) | RouteError::NoExecutor => {
                 ErrorCode::ExecutorUnavailable
             }
-            RouteError::Placement(PlacementError::Store(_)) => ErrorCode::PlacementUnavailable,
-            RouteError::Placement(_) => ErrorCode::Internal,
+            RouteError::Placement(e) => e.code(),
         };
         ApiError::new(code, self.to_string())
     }
@@ -629,28 +628,22 @@ impl Fleet {
         &self,
         tenant: &TenantId,
     ) -> Result<(Arc<Executor>, Option<i64>), RouteError> {
+        let unplaced = |e| match e {
+            PlacementError::NoExecutor => RouteError::NoExecutor,
+            e => RouteError::Placement(e),
+        };
         let (id, epoch) = match self.table.locate(tenant) {
             Some((id, epoch)) => (id, Some(epoch)),
+            // Routed where the successor will place it, recorded nowhere.
+            None if self.handing_off() => {
+                let id = self.table.choose(tenant, &self.candidates());
+                (id.map_err(unplaced)?, None)
+            }
             None => {
-                let candidates = self.candidates();
-                let placed = if self.handing_off() {
-                    self.table.choose(tenant, &candidates)
-                } else {
-                    self.table.place(tenant, &candidates).await
-                };
-                match placed {
-                    Ok(id) => {
-                        if self.handing_off() {
-                            (id, None)
-                        } else {
-                            tracing::info!(tenant = %tenant, executor = %id, "tenant placed");
-                            let epoch = self.table.locate(tenant).map(|(_, e)| e);
-                            (id, epoch)
-                        }
-                    }
-                    Err(PlacementError::NoExecutor) => return Err(RouteError::NoExecutor),
-                    Err(e) => return Err(RouteError::Placement(e)),
-                }
+                let placed = self.table.place(tenant, &self.candidates()).await;
+                let (id, epoch) = placed.map_err(unplaced)?;
+                tracing::info!(tenant = %tenant, executor = %id, "tenant placed");
+                (id, Some(epoch))
             }
         };
         let exec = self

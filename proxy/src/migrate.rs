@@ -204,11 +204,8 @@ impl MigrateError {
                 _ if e.is_unreachable() => ErrorCode::ExecutorUnavailable,
                 _ => ErrorCode::ImportFailed,
             },
-            MigrateError::Placement(PlacementError::NoExecutor) => ErrorCode::ExecutorUnavailable,
-            MigrateError::Placement(PlacementError::Store(_)) => ErrorCode::PlacementUnavailable,
-            MigrateError::Placement(_) | MigrateError::Store(..) | MigrateError::Task(_) => {
-                ErrorCode::Internal
-            }
+            MigrateError::Placement(e) => e.code(),
+            MigrateError::Store(..) | MigrateError::Task(_) => ErrorCode::Internal,
         };
         ApiError::new(code, self.to_string())
     }
@@ -1092,7 +1089,7 @@ impl Orchestrator {
             Ok(e) => (e, false),
             Err(MigrateError::UnknownTenant(_)) => {
                 let candidates = self.fleet.candidates();
-                let id = self.fleet.table().place(&t, &candidates).await?;
+                let (id, _) = self.fleet.table().place(&t, &candidates).await?;
                 (self.known(id.as_str())?, true)
             }
             Err(e) => return Err(e),

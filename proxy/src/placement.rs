@@ -16,7 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use pingora_ketama::{Bucket, Continuum};
 use serde::{Deserialize, Serialize};
-use tensor_wasm_shared::{ExecutorId, TenantId};
+use tensor_wasm_shared::{ErrorCode, ExecutorId, TenantId};
 
 pub mod etcd;
 
@@ -40,6 +40,18 @@ pub enum PlacementError {
     /// The shared store (etcd) failed or could not be reached.
     #[error("placement store: {0}")]
     Store(String),
+}
+
+impl PlacementError {
+    /// The public code of this error: no executor to place on, etcd out of
+    /// reach, or (anything else) a fault.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PlacementError::NoExecutor => ErrorCode::ExecutorUnavailable,
+            PlacementError::Store(_) => ErrorCode::PlacementUnavailable,
+            _ => ErrorCode::Internal,
+        }
+    }
 }
 
 /// A migration in progress: recorded before it starts, cleared when done.
@@ -413,10 +425,7 @@ impl PlacementStore {
 
     /// Where `tenant` lives, if placed.
     pub fn get(&self, tenant: &TenantId) -> Option<ExecutorId> {
-        match self {
-            PlacementStore::File(m) => Self::file(m).get(tenant).cloned(),
-            PlacementStore::Etcd(e) => e.get(tenant).map(|(id, _)| id),
-        }
+        self.locate(tenant).map(|(id, _)| id)
     }
 
     /// Where `tenant` lives and its placement's epoch, if placed.
@@ -484,7 +493,7 @@ impl PlacementStore {
     pub fn pending_moves(&self) -> Vec<(TenantId, Move)> {
         let moving = match self {
             PlacementStore::File(m) => Self::file(m).state().moving.clone(),
-            PlacementStore::Etcd(e) => e.state().moving,
+            PlacementStore::Etcd(e) => e.moves(),
         };
         moving
             .into_iter()
@@ -505,15 +514,20 @@ impl PlacementStore {
         }
     }
 
-    /// Where `tenant` lives, placing it first if it is new.
+    /// Where `tenant` lives and its placement's epoch, placing it first
+    /// if it is new.
     pub async fn place(
         &self,
         tenant: &TenantId,
         healthy: &[Candidate],
-    ) -> Result<ExecutorId, PlacementError> {
+    ) -> Result<(ExecutorId, i64), PlacementError> {
         match self {
-            PlacementStore::File(m) => Self::file(m).place(tenant, healthy),
-            PlacementStore::Etcd(e) => e.place(tenant, healthy).await.map(|(id, _)| id),
+            PlacementStore::File(m) => {
+                let mut p = Self::file(m);
+                let id = p.place(tenant, healthy)?;
+                Ok((id, p.epoch(tenant)))
+            }
+            PlacementStore::Etcd(e) => e.place(tenant, healthy).await,
         }
     }
 

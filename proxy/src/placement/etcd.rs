@@ -337,6 +337,11 @@ impl EtcdPlacements {
         self.epoch_base.saturating_add(revision)
     }
 
+    /// Every move in progress, from the copy.
+    pub fn moves(&self) -> BTreeMap<String, Move> {
+        self.read().state.moving.clone()
+    }
+
     /// `tenant`'s move in progress, from the copy.
     pub fn moving(&self, tenant: &TenantId) -> Option<Move> {
         self.read().state.moving.get(tenant.as_str()).cloned()
