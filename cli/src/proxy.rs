@@ -147,6 +147,10 @@ pub struct Args {
     /// state dir, then send that one SIGQUIT.
     #[arg(short = 'u', long)]
     upgrade: bool,
+    /// Share the public listener's port with the other proxies of this
+    /// machine (SO_REUSEPORT; the kernel spreads connections across them).
+    #[arg(long, env = env::PROXY_REUSE_PORT)]
+    reuse_port: bool,
 }
 
 fn parse_override(s: &str) -> anyhow::Result<(TenantId, Rate)> {
@@ -260,6 +264,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         health_interval: Duration::from_millis(args.health_interval_ms.max(10)),
         threads,
         upgrade: args.upgrade,
+        reuse_port: args.reuse_port,
         grace_period_secs: args.grace_period_secs,
     };
     tensor_wasm_proxy::run(config)?;

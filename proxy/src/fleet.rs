@@ -485,12 +485,58 @@ impl Fleet {
         Ok(())
     }
 
+    /// Executor `id`; with a shared table, one that another proxy
+    /// registered a moment ago is adopted here first
+    /// ([`follow_executors`](Self::follow_executors)).
     pub fn executor(&self, id: &str) -> Option<Arc<Executor>> {
-        self.executors
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        let known = || {
+            self.executors
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned()
+        };
+        known().or_else(|| {
+            if !self.table.is_shared() {
+                return None;
+            }
+            self.follow_executors();
+            known()
+        })
+    }
+
+    /// Takes the executor set from a table shared with other proxies
+    /// (etcd): executors another proxy registered or re-addressed are
+    /// adopted, probed and routed to from now on; those it forgot are
+    /// forgotten here too. A file table changes only through this proxy,
+    /// which keeps both in step itself.
+    pub fn follow_executors(&self) {
+        if !self.table.is_shared() {
+            return;
+        }
+        let listed = self.table.executors();
+        let mut known = self.executors.write().unwrap_or_else(|p| p.into_inner());
+        known.retain(|id, _| {
+            let keep = listed.contains_key(id);
+            if !keep {
+                tracing::info!(executor = %id, "executor forgotten by another proxy");
+            }
+            keep
+        });
+        for (id, addr) in listed {
+            if known.get(&id).is_some_and(|e| e.addr == addr) {
+                continue;
+            }
+            match resolve(&addr) {
+                Ok(sock) => {
+                    tracing::info!(executor = %id, %addr, "executor registered by another proxy");
+                    known.insert(id.clone(), Arc::new(Executor::new(id, &addr, sock)));
+                }
+                Err(e) => {
+                    tracing::warn!(executor = %id, error = %e, "executor in the shared table has no usable address")
+                }
+            }
+        }
     }
 
     pub fn executors(&self) -> Vec<Arc<Executor>> {

@@ -468,6 +468,14 @@ impl PlacementStore {
         }
     }
 
+    /// The executor set: id → `host:port`.
+    pub fn executors(&self) -> BTreeMap<ExecutorId, String> {
+        match self {
+            PlacementStore::File(m) => Self::file(m).state().executors.clone(),
+            PlacementStore::Etcd(e) => e.executors(),
+        }
+    }
+
     /// Tenants on `executor`.
     pub fn tenants_of(&self, executor: &str) -> Vec<String> {
         match self {

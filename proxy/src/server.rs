@@ -22,13 +22,15 @@
 //!    audit log, and exits. No connection is refused at any point: the
 //!    listening sockets never close.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::ConnectOptions;
 use pingora::apps::http_app::HttpServer;
+use pingora::listeners::TcpSocketOptions;
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
@@ -100,6 +102,9 @@ pub struct ProxyConfig {
     pub threads: usize,
     /// Take the listening sockets over from a running proxy (`-u`).
     pub upgrade: bool,
+    /// Bind the public listener with SO_REUSEPORT, shared with the other
+    /// proxies of the machine (`tensor-wasm up --proxies N`).
+    pub reuse_port: bool,
     /// Seconds a stopping proxy keeps serving requests it already has.
     pub grace_period_secs: u64,
     /// Caps on client connections of the public listener and their
@@ -312,15 +317,22 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
         "public".to_string(),
         Guarded::new(proxy, config.connections, metrics.connections.clone()),
     );
-    match &config.tls {
-        Some((cert, key)) => public
-            .add_tls(
-                &config.listen,
-                &cert.to_string_lossy(),
-                &key.to_string_lossy(),
-            )
-            .map_err(|e| ProxyError::Tls(config.listen.clone(), e.to_string()))?,
-        None => public.add_tcp(&config.listen),
+    // Proxies sharing a port (SO_REUSEPORT): the kernel spreads new
+    // connections across them.
+    let sock = config.reuse_port.then(|| {
+        let mut sock = TcpSocketOptions::default();
+        sock.so_reuseport = Some(true);
+        sock
+    });
+    match (&config.tls, sock) {
+        (Some((cert, key)), sock) => {
+            let settings =
+                TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy())
+                    .map_err(|e| ProxyError::Tls(config.listen.clone(), e.to_string()))?;
+            public.add_tls_with_settings(&config.listen, sock, settings);
+        }
+        (None, Some(sock)) => public.add_tcp_with_settings(&config.listen, sock),
+        (None, None) => public.add_tcp(&config.listen),
     }
     server.add_service(public);
 
@@ -425,6 +437,7 @@ async fn open_fleet(config: &ProxyConfig) -> Result<Fleet, ProxyError> {
             let table = EtcdPlacements::connect(endpoints, prefix, Some(options))
                 .await
                 .map_err(|e| ProxyError::Placement(e.to_string()))?;
+            import_file_table(&table, &config.state_dir).await?;
             let id = proxy_id(&config.admin_listen);
             table
                 .join(&id)
@@ -443,6 +456,40 @@ async fn open_fleet(config: &ProxyConfig) -> Result<Fleet, ProxyError> {
         &config.executors,
     )
     .await?)
+}
+
+/// A proxy that moves from the file to etcd brings its table along: the
+/// first one to start with `--placement etcd://…` imports the
+/// `placements.json` of its state dir while etcd holds no tenant, then
+/// renames it `placements.json.imported`, so that it is never imported
+/// twice (`docs/DEPLOYMENT.md`, "More than one proxy").
+async fn import_file_table(table: &EtcdPlacements, state_dir: &Path) -> Result<(), ProxyError> {
+    let path = state_dir.join("placements.json");
+    if !path.exists() {
+        return Ok(());
+    }
+    let file = Placements::load(&path).map_err(|e| ProxyError::Placement(e.to_string()))?;
+    let imported = table
+        .import(file.state())
+        .await
+        .map_err(|e| ProxyError::Placement(format!("importing {}: {e}", path.display())))?;
+    match imported {
+        Some(tenants) => {
+            let kept = path.with_extension("json.imported");
+            std::fs::rename(&path, &kept).map_err(|e| ProxyError::Io(path.clone(), e))?;
+            tracing::info!(
+                tenants,
+                executors = file.state().executors.len(),
+                kept = %kept.display(),
+                "placement file imported into etcd"
+            );
+        }
+        None => tracing::warn!(
+            file = %path.display(),
+            "etcd holds tenants already: the placement file was not imported"
+        ),
+    }
+    Ok(())
 }
 
 /// The proxy's signals (module doc).
@@ -575,6 +622,7 @@ impl BackgroundService for Upkeep {
             if let Some(name) = &self.dns {
                 self.discover(name).await;
             }
+            self.shared.fleet.follow_executors();
             self.probe_all(ticks.is_multiple_of(RECONCILE_EVERY)).await;
             self.orchestrator.adopt_orphaned_moves().await;
             self.orchestrator.recover().await;

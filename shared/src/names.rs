@@ -108,6 +108,7 @@ pub mod env {
     pub const MIGRATION_QUEUE_CAPACITY: &str = "TENSOR_WASM_MIGRATION_QUEUE_CAPACITY";
     pub const HEALTH_INTERVAL_MS: &str = "TENSOR_WASM_HEALTH_INTERVAL_MS";
     pub const PROXY_THREADS: &str = "TENSOR_WASM_PROXY_THREADS";
+    pub const PROXY_REUSE_PORT: &str = "TENSOR_WASM_PROXY_REUSE_PORT";
     pub const PROXY_GRACE_PERIOD_SECS: &str = "TENSOR_WASM_PROXY_GRACE_PERIOD_SECS";
     pub const PROXY_MAX_CONNECTIONS: &str = "TENSOR_WASM_PROXY_MAX_CONNECTIONS";
     pub const PROXY_MAX_CONNECTIONS_PER_CLIENT: &str =
@@ -117,6 +118,8 @@ pub mod env {
 
     // The local fleet (`tensor-wasm up`).
     pub const CPU_EXECUTORS: &str = "TENSOR_WASM_CPU_EXECUTORS";
+    pub const PROXIES: &str = "TENSOR_WASM_PROXIES";
+    pub const ETCD_BINARY: &str = "TENSOR_WASM_ETCD_BINARY";
 
     // Client and operator commands.
     pub const URL: &str = "TENSOR_WASM_URL";

@@ -45,6 +45,10 @@ const RESYNC_PAUSE: Duration = Duration::from_millis(500);
 /// (or loses etcd) mid-move has its move taken over this long after.
 pub const PROXY_TTL_SECS: i64 = 5;
 
+/// Keys written by one transaction of an import: etcd refuses
+/// transactions of more than 128 operations unless told otherwise.
+const IMPORT_BATCH: usize = 100;
+
 /// A change of a tenant's move, as the watch saw it: the record now, or
 /// none once the move ended.
 pub type MoveEvent = (TenantId, Option<Move>);
@@ -355,6 +359,11 @@ impl EtcdPlacements {
     /// The address recorded for `executor`, from the copy.
     pub fn state_executor(&self, executor: &ExecutorId) -> Option<String> {
         self.read().state.executors.get(executor).cloned()
+    }
+
+    /// The executor set, from the copy.
+    pub fn executors(&self) -> BTreeMap<ExecutorId, String> {
+        self.read().state.executors.clone()
     }
 
     /// Tenants on `executor`, from the copy.
@@ -711,6 +720,102 @@ impl EtcdPlacements {
         let mut mv = self.own_move(tenant)?;
         mv.snapshot = Some(path);
         self.rewrite_move(tenant, &mv).await
+    }
+
+    /// Seeds a table that holds no tenant yet from a file-backed one
+    /// (`state`, a single proxy's `placements.json`): its executors,
+    /// cordons and placements, so a fleet that moves from the file to etcd
+    /// keeps every tenant where its functions are. Each tenant is written
+    /// only if no proxy placed it meanwhile. `Ok(None)`: etcd holds tenants
+    /// already, and nothing was written.
+    ///
+    /// Refused when the file records a move in progress (its proxy must
+    /// finish it first), or when one of its epochs is not below those this
+    /// table gives, which executors would take for newer placements.
+    pub async fn import(&self, state: &PlacementState) -> Result<Option<usize>, PlacementError> {
+        if let Some(t) = state.moving.keys().next() {
+            return Err(PlacementError::Store(format!(
+                "cannot import a table with a move in progress (tenant {t}): start its proxy once more with the file, which finishes it"
+            )));
+        }
+        let newest = state.epochs.values().copied().max().unwrap_or(0);
+        if newest >= self.epoch_base {
+            return Err(PlacementError::Store(format!(
+                "cannot import a table whose epochs (up to {newest}) reach this etcd table's ({}): import into a new prefix",
+                self.epoch_base
+            )));
+        }
+        let tenants = format!("{}tenants/", self.prefix);
+        let any = self
+            .client
+            .clone()
+            .get(
+                tenants.clone(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if any.count() > 0 {
+            return Ok(None);
+        }
+        let mut puts: Vec<(String, Vec<u8>)> = state
+            .executors
+            .iter()
+            .map(|(id, addr)| (format!("executors/{id}"), addr.as_bytes().to_vec()))
+            .chain(
+                state
+                    .draining
+                    .iter()
+                    .map(|id| (format!("draining/{id}"), Vec::new())),
+            )
+            .collect();
+        for batch in puts.chunks(IMPORT_BATCH) {
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|(k, v)| TxnOp::put(format!("{}{k}", self.prefix), v.clone(), None))
+                .collect();
+            let resp = self.txn(Txn::new().and_then(ops)).await?;
+            let revision = resp.header().map_or(0, |h| h.revision());
+            for (k, v) in batch {
+                self.apply_local(k, Some(v), revision)?;
+            }
+        }
+        puts = state
+            .placements
+            .iter()
+            .map(|(t, id)| (format!("tenants/{t}"), id.as_str().as_bytes().to_vec()))
+            .collect();
+        let mut imported = 0;
+        for batch in puts.chunks(IMPORT_BATCH) {
+            // Each key only where no proxy placed the tenant meanwhile:
+            // the batch at once when none did, else one by one.
+            let absent = |k: &str| {
+                Compare::create_revision(format!("{}{k}", self.prefix), CompareOp::Equal, 0)
+            };
+            let put = |k: &str, v: &[u8]| TxnOp::put(format!("{}{k}", self.prefix), v, None);
+            let txn = Txn::new()
+                .when(batch.iter().map(|(k, _)| absent(k)).collect::<Vec<_>>())
+                .and_then(batch.iter().map(|(k, v)| put(k, v)).collect::<Vec<_>>());
+            let resp = self.txn(txn).await?;
+            if resp.succeeded() {
+                let revision = resp.header().map_or(0, |h| h.revision());
+                for (k, v) in batch {
+                    self.apply_local(k, Some(v), revision)?;
+                }
+                imported += batch.len();
+                continue;
+            }
+            for (k, v) in batch {
+                let txn = Txn::new().when([absent(k)]).and_then([put(k, v)]);
+                let resp = self.txn(txn).await?;
+                if resp.succeeded() {
+                    let revision = resp.header().map_or(0, |h| h.revision());
+                    self.apply_local(k, Some(v), revision)?;
+                    imported += 1;
+                }
+            }
+        }
+        Ok(Some(imported))
     }
 
     /// Forgets `tenant` (purge): its placement and any move, together.

@@ -286,3 +286,59 @@ async fn a_pause_waits_for_every_live_proxy_and_a_dead_movers_move_is_taken_over
     assert!(b.state().moving.is_empty());
     assert!(b.not_holding(&t).contains(&"pc".to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_table_is_imported_once_into_an_empty_etcd_keeping_every_tenant_where_it_was() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = crate::placement::Placements::load(&dir.path().join("placements.json")).unwrap();
+    let (cpu0, cpu1) = (
+        ExecutorId::new("cpu0").unwrap(),
+        ExecutorId::new("cpu1").unwrap(),
+    );
+    file.add_executor(&cpu0, "127.0.0.1:7001").unwrap();
+    file.add_executor(&cpu1, "127.0.0.1:7002").unwrap();
+    // More tenants than one transaction writes; each where the file has
+    // it, whatever the ring would say now.
+    for i in 0..250 {
+        let at = candidates(&[(if i % 3 == 0 { "cpu1" } else { "cpu0" }, 1)]);
+        file.place(&tenant(&format!("t{i}")), &at).unwrap();
+    }
+    file.set_draining(&cpu1, true).unwrap();
+    let newest = file.state().epochs.values().copied().max().unwrap();
+
+    let a = etcd.proxy().await;
+    assert_eq!(a.import(file.state()).await.unwrap(), Some(250));
+    let b = etcd.proxy().await;
+    for (copy, who) in [(a.state(), "importer"), (b.state(), "another proxy")] {
+        assert_eq!(copy.placements, file.state().placements, "{who}");
+        assert_eq!(copy.executors, file.state().executors, "{who}");
+        assert_eq!(copy.draining, file.state().draining, "{who}");
+    }
+    // Epochs of the etcd table are above every epoch the file gave, so
+    // executors take its routes as newer.
+    let (_, epoch) = b.get(&tenant("t7")).unwrap();
+    assert!(epoch > newest, "{epoch} > {newest}");
+
+    // Once etcd holds tenants, nothing is imported again.
+    let mut later = file.state().clone();
+    later.placements.insert("t0".into(), cpu0.clone());
+    assert_eq!(b.import(&later).await.unwrap(), None);
+    assert_eq!(b.get(&tenant("t0")).unwrap().0, cpu1);
+
+    // A table with a move in progress, or epochs not below etcd's, is
+    // refused, and etcd is left as it was.
+    let other = Etcd::start();
+    let c = other.proxy().await;
+    let mut moving = file.state().clone();
+    file.begin_move(&tenant("t1"), &cpu1).unwrap();
+    moving.moving = file.state().moving.clone();
+    let e = c.import(&moving).await.unwrap_err().to_string();
+    assert!(e.contains("move in progress"), "{e}");
+    let mut ahead = file.state().clone();
+    ahead.moving.clear();
+    ahead.epochs.insert("t1".into(), i64::MAX - 1);
+    let e = c.import(&ahead).await.unwrap_err().to_string();
+    assert!(e.contains("epochs"), "{e}");
+    assert!(c.state().placements.is_empty() && c.state().executors.is_empty());
+}
