@@ -296,7 +296,12 @@ impl Admin {
 
     /// The proxy's metrics (`GET /metrics` on the admin listener).
     fn metrics(&self) -> anyhow::Result<Vec<PromSample>> {
-        let url = format!("{}/metrics", self.url.trim_end_matches('/'));
+        self.metrics_at(&self.url)
+    }
+
+    /// The metrics of the proxy whose admin API is at `base`.
+    fn metrics_at(&self, base: &str) -> anyhow::Result<Vec<PromSample>> {
+        let url = format!("{}/metrics", base.trim_end_matches('/'));
         let resp = self.answered("GET", "/metrics", self.agent.get(&url).call())?;
         let text = resp.into_body().read_to_string()?;
         Ok(parse_prometheus(&text))
@@ -487,14 +492,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| state.join("logs").join("audit.log"));
     if let Some(dir) = &args.backup {
-        let b = backup::write(&admin, dir, &check.fleet_version(), &audit_log)?;
+        let others: Vec<PathBuf> = proxies(&state, &args, &audit_log)
+            .into_iter()
+            .skip(1)
+            .map(|p| p.audit_log)
+            .collect();
+        let b = backup::write(&admin, dir, &check.fleet_version(), &audit_log, &others)?;
         let bytes: u64 = b.tenants.iter().map(|t| t.bytes).sum();
         say!(
             "backup: {} tenants ({bytes} bytes){} in {}",
             b.tenants.len(),
             b.audit
-                .as_ref()
-                .map(|a| format!(" and {} audit records", a.records))
+                .iter()
+                .chain(&b.other_audits)
+                .map(|a| a.records)
+                .reduce(|a, b| a + b)
+                .map(|records| format!(" and {records} audit records"))
                 .unwrap_or_default(),
             b.dir.display()
         );
@@ -515,7 +528,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     keep_previous(&state, executor_binary.as_deref(), proxy_binary.as_deref())?;
     let started = std::time::SystemTime::now();
-    let audit_offset = audit::offset(&audit_log);
+    // Every proxy's audit log, where each begins for the upgrade.
+    let audit_logs: Vec<(PathBuf, u64)> = proxies(&state, &args, &audit_log)
+        .into_iter()
+        .filter_map(|p| Some((p.audit_log.clone(), audit::offset(&p.audit_log)?)))
+        .collect();
     let mut progress = Progress::default();
     let new_build = |role: &str| {
         check
@@ -542,7 +559,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(binary) = &proxy_binary {
             say!("proxy: handing the sockets to {}", binary.display());
             let r = control::upgrade_proxy(&state, binary.clone())?;
-            say!("proxy: now pid {}", r.pid);
+            match r.pids.as_slice() {
+                [] | [_] => say!("proxy: now pid {}", r.pid),
+                pids => say!("proxies: now pids {pids:?}"),
+            }
         }
         Ok(())
     };
@@ -566,8 +586,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         executor: executor_binary.as_ref().and_then(|_| new_build("executor")),
         proxy: proxy_binary.as_ref().and_then(|_| new_build("proxy")),
     };
-    let audit = audit_offset.map(|offset| (audit_log.as_path(), offset));
-    let verification = verify_fleet(&admin, &expected, &progress, audit)?;
+    let verification = verify_fleet(
+        &admin,
+        &proxies(&state, &args, &audit_log),
+        &expected,
+        &progress,
+        &audit_logs,
+    )?;
     if !progress.moves.is_empty() {
         let m = progress.stats();
         say!(
@@ -736,17 +761,57 @@ const EXECUTOR_METRICS_TIMEOUT: Duration = Duration::from_secs(10);
 /// before it calls the rest idle.
 const IDLE_SETTLE: Duration = Duration::from_secs(1);
 
+/// A proxy of the fleet, as the verification reads it.
+struct ProxyView {
+    name: String,
+    /// Its admin API.
+    url: String,
+    audit_log: PathBuf,
+}
+
+/// The fleet's proxies: each that the `up` of `state` supervises, with its
+/// own admin listener and audit log; else the one at `--admin-url`, with
+/// `audit_log`.
+fn proxies(state: &Path, args: &Args, audit_log: &Path) -> Vec<ProxyView> {
+    let supervised: Vec<ProxyView> = control::ls(state)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.role == Role::Proxy)
+        .filter_map(|c| {
+            let k = crate::up::Proxies::index(&c.id)?;
+            Some(ProxyView {
+                url: format!("http://{}", c.addr),
+                audit_log: match (k, &args.audit_log) {
+                    (0, Some(given)) => given.clone(),
+                    _ => crate::up::Proxies::audit_log(state, k),
+                },
+                name: c.id,
+            })
+        })
+        .collect();
+    // An `up` of an older release lists its one proxy with no address.
+    if supervised.len() > 1 && supervised.iter().all(|p| p.url != "http://") {
+        return supervised;
+    }
+    vec![ProxyView {
+        name: "proxy".into(),
+        url: args.admin_url.clone(),
+        audit_log: audit_log.to_path_buf(),
+    }]
+}
+
 /// The verification at the end (`docs/UPGRADE.md`, "Verification"): the
-/// executors and placements ([`verify`]); the proxy's `build_info`; from
-/// the audit log at `audit` (its path and its length when the upgrade
+/// executors and placements ([`verify`]); every proxy's `build_info`; from
+/// the proxies' audit logs (each path and its length when the upgrade
 /// began), each moved tenant answered after its move and no request id is
 /// missing ([`audit`]); the counters of the executors that served them
 /// advanced. Prints what passed.
 fn verify_fleet(
     admin: &Admin,
+    proxies: &[ProxyView],
     expected: &Expected<'_>,
     progress: &Progress,
-    audit: Option<(&Path, u64)>,
+    audit_logs: &[(PathBuf, u64)],
 ) -> anyhow::Result<Verification> {
     let mut v = Verification::default();
     let executors = admin.call("GET", "/admin/executors", None)?;
@@ -765,25 +830,35 @@ fn verify_fleet(
         Err(problems) => v.problems.extend(problems),
     }
 
-    let samples = admin.metrics()?;
-    match (verify::proxy_build(&samples), expected.proxy) {
-        (None, _) => v
-            .problems
-            .push("the proxy's metrics have no build_info".into()),
-        (Some((version, git)), Some(want)) if version != want.version || git != want.git_sha => {
-            v.problems.push(format!(
-                "the proxy's build_info names {version} (git {git}), not the new binary's {} (git {})",
-                want.version, want.git_sha
-            ));
-        }
-        (Some((version, git)), want) => v.passed.push(format!(
-            "the proxy's build_info names {version} (git {git}){}",
-            if want.is_some() {
-                ""
-            } else {
-                " (not upgraded)"
+    // Each proxy's metrics; its requests are counted with the others'.
+    let mut samples = Vec::new();
+    for p in proxies {
+        let who = if proxies.len() == 1 {
+            "the proxy's".to_string()
+        } else {
+            format!("{}'s", p.name)
+        };
+        let these = admin.metrics_at(&p.url)?;
+        match (verify::proxy_build(&these), expected.proxy) {
+            (None, _) => v.problems.push(format!("{who} metrics have no build_info")),
+            (Some((version, git)), Some(want))
+                if version != want.version || git != want.git_sha =>
+            {
+                v.problems.push(format!(
+                    "{who} build_info names {version} (git {git}), not the new binary's {} (git {})",
+                    want.version, want.git_sha
+                ));
             }
-        )),
+            (Some((version, git)), want) => v.passed.push(format!(
+                "{who} build_info names {version} (git {git}){}",
+                if want.is_some() {
+                    ""
+                } else {
+                    " (not upgraded)"
+                }
+            )),
+        }
+        samples.extend(these);
     }
 
     let moved: Vec<(String, std::time::SystemTime)> = progress
@@ -795,44 +870,63 @@ fn verify_fleet(
             Some((m["tenant"].as_str()?.to_string(), at))
         })
         .collect();
-    let Some((path, offset)) = audit else {
+    if audit_logs.is_empty() {
         v.not_checked.push(
             "each moved tenant answered after its move, and audit continuity: no audit log (--audit-log)"
                 .into(),
         );
         return Ok(print(v));
-    };
+    }
     // Requests in flight now get their records when they finish: a
     // missing id is only lost once the wait is over. Tenants moved last
     // may not have been called yet: the wait goes on while more of them
-    // answer, and ends a second after the last one did.
-    let reading = || format!("reading the audit log {}", path.display());
-    let mut tail = audit::Tail::open(path, offset).with_context(reading)?;
+    // answer, and ends a second after the last one did. Each proxy
+    // numbers its own request ids, in its own log.
+    let reading = |path: &Path| format!("reading the audit log {}", path.display());
+    let mut tails = audit_logs
+        .iter()
+        .map(|(path, offset)| audit::Tail::open(path, *offset).with_context(|| reading(path)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let waited = std::time::Instant::now();
     let mut progressed = (waited, usize::MAX);
-    let (gaps, answered) = loop {
-        let mut gaps = audit::gaps(&tail.records, &[]);
-        if !gaps.is_empty() {
-            // Ids answered 401 are in the log of unauthenticated requests.
-            gaps = audit::gaps(&tail.records, &audit::unauthenticated(path));
+    let (gaps, answered, after) = loop {
+        let mut gaps = Vec::new();
+        for (tail, (path, _)) in tails.iter().zip(audit_logs) {
+            let mut missing = audit::gaps(&tail.records, &[]);
+            if !missing.is_empty() {
+                // Ids answered 401 are in the log of unauthenticated requests.
+                missing = audit::gaps(&tail.records, &audit::unauthenticated(path));
+            }
+            gaps.extend(missing);
         }
-        let answered = audit::answered_after(&tail.records.after, &moved);
+        let after: Vec<_> = tails
+            .iter()
+            .flat_map(|t| t.records.after.iter().cloned())
+            .collect();
+        let answered = audit::answered_after(&after, &moved);
         if answered.idle.len() != progressed.1 {
             progressed = (std::time::Instant::now(), answered.idle.len());
         }
         let settled = answered.idle.is_empty() || progressed.0.elapsed() > IDLE_SETTLE;
         if (gaps.is_empty() && settled) || waited.elapsed() > AUDIT_SETTLE {
-            break (gaps, answered);
+            break (gaps, answered, after.len());
         }
         std::thread::sleep(Duration::from_millis(250));
-        tail.refresh().with_context(reading)?;
+        for (tail, (path, _)) in tails.iter_mut().zip(audit_logs) {
+            tail.refresh().with_context(|| reading(path))?;
+        }
     };
-    let records = &tail.records;
     if gaps.is_empty() {
-        v.passed.push(format!(
-            "the audit log holds a record for every request id the proxy answered since the upgrade began ({} records)",
-            records.after.len()
-        ));
+        v.passed.push(if audit_logs.len() == 1 {
+            format!(
+                "the audit log holds a record for every request id the proxy answered since the upgrade began ({after} records)"
+            )
+        } else {
+            format!(
+                "the audit logs of the {} proxies hold a record for every request id each answered since the upgrade began ({after} records)",
+                audit_logs.len()
+            )
+        });
     } else {
         v.problems.extend(gaps);
     }
@@ -863,6 +957,11 @@ fn verify_fleet(
         .iter()
         .filter_map(|t| placed[t.as_str()].as_str())
         .collect();
+    let the_proxies = if proxies.len() == 1 {
+        "the proxy"
+    } else {
+        "the proxies"
+    };
     for e in executors["executors"].as_array().into_iter().flatten() {
         let (Some(id), Some(addr)) = (e["id"].as_str(), e["addr"].as_str()) else {
             continue;
@@ -883,10 +982,10 @@ fn verify_fleet(
             .map(|text| verify::invocations(&parse_prometheus(&text)));
         match own {
             Some(n) if n > 0 && at_proxy > 0 => v.passed.push(format!(
-                "counters advance on {id}: {at_proxy} requests at the proxy, {n} invocations in its own metrics"
+                "counters advance on {id}: {at_proxy} requests at {the_proxies}, {n} invocations in its own metrics"
             )),
             Some(n) => v.problems.push(format!(
-                "{id} served moved tenants but counts {at_proxy} requests at the proxy and {n} invocations itself"
+                "{id} served moved tenants but counts {at_proxy} requests at {the_proxies} and {n} invocations itself"
             )),
             None => v
                 .problems

@@ -15,8 +15,8 @@
 //!   [`ChildStatus`];
 //! - `{"op":"stop","id":…}`: stop an executor gracefully and forget it;
 //!   [`Stopped`];
-//! - `{"op":"upgrade_proxy","binary":…}`: hand the proxy's sockets to a new
-//!   proxy binary; [`ProxyUpgraded`].
+//! - `{"op":"upgrade_proxy","binary":…}`: hand each proxy's sockets to a
+//!   new proxy binary, one proxy after the other; [`ProxyUpgraded`].
 //!
 //! Each request gets one JSON line back: `{"ok":true,"result":…}` with the
 //! request's [`Reply`], or `{"error":"…","ok":false}` (an unknown `op`
@@ -58,8 +58,8 @@ pub enum Request {
     Start(StartExecutor),
     /// Stop an executor gracefully and forget it.
     Stop { id: String },
-    /// Hand the proxy's sockets to a new proxy binary (`-u`, then SIGQUIT
-    /// to the old one) and supervise the new one.
+    /// Hand each proxy's sockets to a new proxy binary (`-u`, then SIGQUIT
+    /// to the old one) and supervise the new ones.
     UpgradeProxy { binary: PathBuf },
 }
 
@@ -84,6 +84,8 @@ pub struct StartExecutor {
 pub enum Role {
     Executor,
     Proxy,
+    /// The etcd of the proxies' shared placement table, when `up` runs it.
+    Etcd,
 }
 
 /// A child as `ls` and `start` show it.
@@ -91,12 +93,13 @@ pub enum Role {
 pub struct ChildStatus {
     pub id: String,
     pub role: Role,
-    /// `127.0.0.1:<port>` for an executor; empty for the proxy.
+    /// `127.0.0.1:<port>` for an executor; a proxy's admin listener;
+    /// etcd's client address.
     pub addr: String,
     /// None while the child is down.
     pub pid: Option<u32>,
     pub restarts: u32,
-    /// `cpu` or `cuda` for an executor; empty for the proxy.
+    /// `cpu` or `cuda` for an executor; empty for the others.
     pub device: String,
     #[serde(default)]
     pub cuda_visible_devices: Option<String>,
@@ -114,8 +117,11 @@ pub struct Stopped {
 /// The answer to `upgrade_proxy`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct ProxyUpgraded {
-    /// The new proxy's pid.
+    /// The new (first) proxy's pid.
     pub pid: u32,
+    /// Every new proxy's pid, in the proxies' order.
+    #[serde(default)]
+    pub pids: Vec<u32>,
 }
 
 /// The `result` of a successful answer, one shape per request.
@@ -342,8 +348,11 @@ mod tests {
             r#"{"ok":true,"result":{"id":"cpu9","stopped":true}}"#
         );
         assert_eq!(
-            encode(Ok(Reply::ProxyUpgraded(ProxyUpgraded { pid: 7 }))),
-            r#"{"ok":true,"result":{"pid":7}}"#
+            encode(Ok(Reply::ProxyUpgraded(ProxyUpgraded {
+                pid: 7,
+                pids: vec![7, 8]
+            }))),
+            r#"{"ok":true,"result":{"pid":7,"pids":[7,8]}}"#
         );
         assert_eq!(
             encode(Ok(Reply::Children(vec![child()]))),

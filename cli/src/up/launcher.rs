@@ -40,10 +40,42 @@ impl ExecutorSpec {
     }
 }
 
-/// `up.json`: the executor set, so a restarted `up` brings back the same.
+/// The etcd `up` runs for its proxies' shared placement table, on loopback
+/// ports fixed for the fleet's life; its data lives in `<state>/etcd`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EtcdSpec {
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+impl EtcdSpec {
+    /// New ports, for a fleet's first etcd.
+    pub fn new() -> anyhow::Result<EtcdSpec> {
+        Ok(EtcdSpec {
+            client_port: free_port()?,
+            peer_port: free_port()?,
+        })
+    }
+
+    /// Where its clients reach it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The proxies' `--placement`.
+    pub fn placement(&self) -> String {
+        format!("etcd://{}", self.addr())
+    }
+}
+
+/// `up.json`: the executor set, so a restarted `up` brings back the same,
+/// and the etcd it runs, if any: once a fleet's placement table is there,
+/// it stays there.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Saved {
     pub executors: Vec<ExecutorSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdSpec>,
 }
 
 impl Saved {
@@ -64,9 +96,113 @@ impl Saved {
     }
 }
 
+/// The proxies of a fleet: all on one public port (shared with
+/// SO_REUSEPORT when there are several, so the kernel spreads connections
+/// across them), each on an admin port of its own: proxy `k` on
+/// `--admin-listen`'s port + `k`.
+#[derive(Clone, Debug, Default)]
+pub struct Proxies {
+    listen: String,
+    admin_host: String,
+    admin_port: u16,
+    /// How many.
+    pub count: usize,
+    /// Their `--placement`; none: the file table of the one proxy.
+    placement: Option<String>,
+}
+
+impl Proxies {
+    /// `count` proxies on `listen`, admin ports from `admin_listen`'s.
+    pub fn new(
+        listen: &str,
+        admin_listen: &str,
+        count: usize,
+        placement: Option<String>,
+    ) -> anyhow::Result<Proxies> {
+        let (host, port) = admin_listen
+            .rsplit_once(':')
+            .context("--admin-listen needs host:port")?;
+        let port: u16 = port.parse().context("--admin-listen needs host:port")?;
+        if count == 0 || usize::from(port) + count - 1 > usize::from(u16::MAX) {
+            bail!("--proxies {count} with admin port {port}: no room for their admin ports");
+        }
+        if count > 1 && placement.is_none() {
+            bail!("{count} proxies need a placement table they share (etcd)");
+        }
+        Ok(Proxies {
+            listen: listen.to_string(),
+            admin_host: host.to_string(),
+            admin_port: port,
+            count,
+            placement,
+        })
+    }
+
+    /// Proxy `k`'s name: `proxy`, then `proxy-1`, `proxy-2`…
+    pub fn name(k: usize) -> String {
+        match k {
+            0 => "proxy".into(),
+            k => format!("proxy-{k}"),
+        }
+    }
+
+    /// The index of the proxy named `name` ([`name`](Self::name)).
+    pub fn index(name: &str) -> Option<usize> {
+        match name {
+            "proxy" => Some(0),
+            n => n.strip_prefix("proxy-")?.parse().ok().filter(|&k| k > 0),
+        }
+    }
+
+    /// Proxy `k`'s admin port.
+    pub fn admin_port(&self, k: usize) -> u16 {
+        self.admin_port + k as u16
+    }
+
+    /// Proxy `k`'s admin listener.
+    pub fn admin_addr(&self, k: usize) -> String {
+        format!("{}:{}", self.admin_host, self.admin_port(k))
+    }
+
+    /// Proxy `k`'s state directory: `<state>/proxy`, `<state>/proxy-1`…
+    pub fn state_dir(state: &Path, k: usize) -> PathBuf {
+        state.join(Proxies::name(k))
+    }
+
+    /// Proxy `k`'s audit log: `logs/audit.log`, `logs/audit-1.log`…
+    pub fn audit_log(state: &Path, k: usize) -> PathBuf {
+        let logs = state.join("logs");
+        match k {
+            0 => logs.join("audit.log"),
+            k => logs.join(format!("audit-{k}.log")),
+        }
+    }
+
+    /// Proxy `k`'s flags but its executors.
+    fn args(&self, state: &Path, k: usize) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--listen".into(),
+            self.listen.clone().into(),
+            "--admin-listen".into(),
+            self.admin_addr(k).into(),
+            "--state-dir".into(),
+            Proxies::state_dir(state, k).into(),
+            "--audit-log".into(),
+            Proxies::audit_log(state, k).into(),
+        ];
+        if let Some(p) = &self.placement {
+            args.extend(["--placement".into(), p.into()]);
+        }
+        if self.count > 1 {
+            args.push("--reuse-port".into());
+        }
+        args
+    }
+}
+
 /// How this supervisor starts its children: all run a binary (this one
 /// unless told otherwise) with the fleet's environment, logging to
-/// `<state>/logs/<id>.log`.
+/// `<state>/logs/<id>.log`; etcd runs the system's.
 #[derive(Debug)]
 pub struct Launcher {
     /// The fleet's state directory.
@@ -75,9 +211,8 @@ pub struct Launcher {
     pub me: PathBuf,
     /// Set on every child (the tokens `up` made).
     env: Vec<(String, String)>,
-    /// The proxy's flags but its executors; fixed once the first executors
-    /// run.
-    proxy_args: Vec<OsString>,
+    /// The proxies; fixed once the first executors run.
+    pub proxies: Proxies,
 }
 
 impl Launcher {
@@ -86,30 +221,21 @@ impl Launcher {
             state,
             me,
             env,
-            proxy_args: Vec::new(),
+            proxies: Proxies::default(),
         }
     }
 
-    /// The proxy listens on `listen` and `admin_listen` (it routes to the
-    /// executors running when it starts: [`proxy`](Self::proxy)). The
-    /// `executors` share the machine's memory: unless the environment sets
-    /// `--host-memory-bytes`, each gets its part of the default budget.
-    pub fn set_proxy(&mut self, listen: &str, admin_listen: &str, executors: &[ExecutorSpec]) {
+    /// The proxies (they route to the executors running when each starts:
+    /// [`proxy`](Self::proxy)). The `executors` share the machine's
+    /// memory: unless the environment sets `--host-memory-bytes`, each gets
+    /// its part of the default budget.
+    pub fn set_proxies(&mut self, proxies: Proxies, executors: &[ExecutorSpec]) {
         let var = tensor_wasm_shared::names::env::HOST_MEMORY_BYTES;
         if std::env::var_os(var).is_none() && !self.env.iter().any(|(k, _)| k == var) {
             let share = tensor_wasm_executor::memory::default_budget(executors.len() as u64);
             self.env.push((var.to_string(), share.to_string()));
         }
-        self.proxy_args = vec![
-            "--listen".into(),
-            listen.into(),
-            "--admin-listen".into(),
-            admin_listen.into(),
-            "--state-dir".into(),
-            self.state.join("proxy").into(),
-            "--audit-log".into(),
-            self.state.join("logs").join("audit.log").into(),
-        ];
+        self.proxies = proxies;
     }
 
     fn log_file(&self, id: &str) -> anyhow::Result<std::fs::File> {
@@ -136,20 +262,21 @@ impl Launcher {
             .with_context(|| format!("cannot start {} executor", binary.display()))
     }
 
-    /// Starts the proxy from `binary` (this one when None), routing to
+    /// Starts proxy `k` from `binary` (this one when None), routing to
     /// `executors`, the ones running now: an executor an upgrade replaced
     /// and the proxy forgot must not come back with a restarted (or
-    /// upgraded) proxy. With `upgrade`, one that takes the running proxy's
-    /// sockets over (`-u`).
+    /// upgraded) proxy. With `upgrade`, one that takes the running proxy
+    /// `k`'s sockets over (`-u`).
     pub fn proxy(
         &self,
+        k: usize,
         binary: Option<&Path>,
         upgrade: bool,
         executors: &[ExecutorSpec],
     ) -> anyhow::Result<Child> {
-        let log = self.log_file("proxy")?;
+        let log = self.log_file(&Proxies::name(k))?;
         let mut cmd = Command::new(binary.unwrap_or(self.me.as_path()));
-        cmd.arg("proxy").args(&self.proxy_args);
+        cmd.arg("proxy").args(self.proxies.args(&self.state, k));
         if !executors.is_empty() {
             let list: Vec<String> = executors
                 .iter()
@@ -167,6 +294,40 @@ impl Launcher {
         crate::sys::die_with_parent(&mut cmd);
         cmd.spawn().context("cannot start the proxy")
     }
+
+    /// Starts etcd (`TENSOR_WASM_ETCD_BINARY`, else `etcd` from the PATH:
+    /// Debian's `etcd-server`), one member on loopback, its data in
+    /// `<state>/etcd`, keeping an hour of history.
+    pub fn etcd(&self, spec: &EtcdSpec) -> anyhow::Result<Child> {
+        let binary = std::env::var_os(tensor_wasm_shared::names::env::ETCD_BINARY)
+            .unwrap_or_else(|| "etcd".into());
+        let data = self.state.join("etcd");
+        tensor_wasm_shared::files::private_dir(&data)
+            .with_context(|| format!("cannot create {}", data.display()))?;
+        let log = self.log_file("etcd")?;
+        let client = format!("http://{}", spec.addr());
+        let peer = format!("http://127.0.0.1:{}", spec.peer_port);
+        let mut cmd = Command::new(&binary);
+        cmd.args(["--name", "up", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("up={peer}")])
+            .args(["--auto-compaction-mode", "periodic"])
+            .args(["--auto-compaction-retention", "1h"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        crate::sys::die_with_parent(&mut cmd);
+        cmd.spawn().with_context(|| {
+            format!(
+                "cannot start {} (more than one proxy keeps placement in etcd: install the etcd-server package, or give --placement etcd://…)",
+                binary.to_string_lossy()
+            )
+        })
+    }
 }
 
 /// A free loopback port.
@@ -178,6 +339,11 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// Waits until `127.0.0.1:port/healthz` answers 200.
 pub fn wait_healthy(port: u16, child: &mut Child, what: &str) -> anyhow::Result<()> {
+    wait_ready(&format!("http://127.0.0.1:{port}/healthz"), child, what)
+}
+
+/// Waits until `url` answers 200.
+pub fn wait_ready(url: &str, child: &mut Child, what: &str) -> anyhow::Result<()> {
     let start = Instant::now();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -188,15 +354,11 @@ pub fn wait_healthy(port: u16, child: &mut Child, what: &str) -> anyhow::Result<
         if let Some(status) = child.try_wait()? {
             bail!("{what} exited during start-up ({status}); see its log");
         }
-        if agent
-            .get(&format!("http://127.0.0.1:{port}/healthz"))
-            .call()
-            .is_ok_and(|r| r.status() == 200)
-        {
+        if agent.get(url).call().is_ok_and(|r| r.status() == 200) {
             return Ok(());
         }
         if start.elapsed() > READY_TIMEOUT {
-            bail!("{what} did not answer /healthz within {READY_TIMEOUT:?}; see its log");
+            bail!("{what} did not answer {url} within {READY_TIMEOUT:?}; see its log");
         }
         std::thread::sleep(Duration::from_millis(25));
     }

@@ -3,7 +3,10 @@
 //! It starts one executor per GPU or MIG slice that NVML finds (each pinned
 //! with `CUDA_VISIBLE_DEVICES=<uuid>`), or CPU executors when there is none,
 //! then a proxy in front of them, all as children of this process running
-//! this same binary. Then it supervises:
+//! this same binary. With `--proxies N` (N > 1) it starts N proxies sharing
+//! the public port and a placement table in etcd: the system's `etcd`,
+//! supervised like the others (its data in `<state>/etcd`), unless
+//! `--placement etcd://…` names one. Then it supervises:
 //!
 //! - a child that exits on its own is restarted (same id, port and state
 //!   directory, so registrations come back), at most once every two
@@ -17,7 +20,7 @@
 //!   line.
 //!
 //! Everything it needs to come back the same lives in the state directory:
-//! the executor set (`up.json`), tokens (`dev-token`, `admin-token`,
+//! the executor set and the etcd (`up.json`), tokens (`dev-token`, `admin-token`,
 //! `internal-token`, `tokens`, all 0600), each process's state, and logs
 //! (`logs/<id>.log`).
 //!
@@ -26,7 +29,7 @@
 //!   welcome text;
 //! - [`launcher`]: which executors run here and how each child is started;
 //! - [`supervisor`]: the running children, restarts, requests carried out,
-//!   the proxy's hand-off, the final stop;
+//!   the proxies' hand-off, the final stop;
 //! - [`control`]: the control socket's protocol, client and server loop,
 //!   which is all that other commands use of `up`.
 
@@ -34,14 +37,16 @@ pub mod control;
 mod launcher;
 mod supervisor;
 
+pub use launcher::Proxies;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use tensor_wasm_shared::names::env;
 
-use launcher::{Launcher, Saved};
+use launcher::{EtcdSpec, Launcher, Saved};
 use supervisor::Supervisor;
 
 /// Flags of `tensor-wasm up`.
@@ -63,6 +68,51 @@ pub struct Args {
     /// CPU executors to start when there is no GPU.
     #[arg(long, env = env::CPU_EXECUTORS, default_value_t = 2)]
     cpu_executors: usize,
+    /// Proxies to run, all on the public port (the kernel spreads
+    /// connections across them), proxy k's admin listener on
+    /// --admin-listen's port + k. More than one keep placement in etcd.
+    #[arg(long, env = env::PROXIES, default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    proxies: u16,
+    /// The proxies' placement table: `file` (one proxy), or
+    /// `etcd://host:port[,…][/prefix]` for an etcd of your own. Left out:
+    /// the file for one proxy; for more, an etcd this command runs.
+    #[arg(long)]
+    placement: Option<String>,
+}
+
+/// Where the proxies keep placement: `--placement`, or the etcd this
+/// fleet ran before (once there, the table stays), or a new etcd for more
+/// than one proxy, or the file. The etcd `up` is to run, if any, and the
+/// proxies' `--placement` (none: the file).
+fn placement(
+    args: &Args,
+    saved: Option<EtcdSpec>,
+) -> anyhow::Result<(Option<EtcdSpec>, Option<String>)> {
+    let own = |spec: EtcdSpec| {
+        let p = spec.placement();
+        (Some(spec), Some(p))
+    };
+    match (args.placement.as_deref(), saved) {
+        (Some(_), Some(spec)) => bail!(
+            "this fleet keeps its placement table in the etcd it runs ({}, data in etcd/ of the state directory): leave --placement out",
+            spec.addr()
+        ),
+        (Some("file"), None) if args.proxies > 1 => bail!(
+            "--proxies {} needs a placement table the proxies share: leave --placement out (up runs etcd) or give --placement etcd://…",
+            args.proxies
+        ),
+        (Some("file"), None) => Ok((None, None)),
+        (Some(p), None) if p.starts_with("etcd://") || p.starts_with("etcds://") => {
+            Ok((None, Some(p.to_string())))
+        }
+        (Some(p), None) => {
+            bail!("--placement {p:?}: expected file or etcd://host:port[,…][/prefix]")
+        }
+        (None, Some(spec)) => Ok(own(spec)),
+        (None, None) if args.proxies > 1 => Ok(own(EtcdSpec::new()?)),
+        (None, None) => Ok((None, None)),
+    }
 }
 
 /// Writes a file only its owner may read.
@@ -153,34 +203,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let state = state.canonicalize()?;
     let me = std::env::current_exe().context("cannot find this binary")?;
     let tokens = tokens(&state)?;
-    let specs = launcher::plan(
-        Saved::load(&state)?,
-        args.device == "cpu",
-        args.cpu_executors,
+    let saved = Saved::load(&state)?;
+    let (etcd, placement) = placement(&args, saved.etcd.clone())?;
+    let proxies = Proxies::new(
+        &args.listen,
+        &args.admin_listen,
+        usize::from(args.proxies),
+        placement,
     )?;
+    let specs = launcher::plan(saved, args.device == "cpu", args.cpu_executors)?;
 
     let mut sup = Supervisor::new(Launcher::new(state.clone(), me, tokens.env));
+    if let Some(spec) = etcd {
+        sup.boot_etcd(spec)?;
+    }
     for spec in specs {
         sup.boot_executor(spec)?;
     }
     sup.save()?;
     let executors = sup.executor_specs();
-    sup.launcher()
-        .set_proxy(&args.listen, &args.admin_listen, &executors);
-    let port: u16 = args
-        .listen
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("--listen needs host:port")?;
-    sup.boot_proxy(port)?;
+    sup.launcher().set_proxies(proxies.clone(), &executors);
+    sup.boot_proxies()?;
 
     let sup = Arc::new(Mutex::new(sup));
     // The control socket exists before the fleet is announced.
     let sock = control::socket_path(&state);
     let listener = control::bind(&sock)
         .with_context(|| format!("cannot bind the control socket {}", sock.display()))?;
-    print_welcome(&args, &state, executors.len(), tokens.dev.as_ref());
+    print_welcome(
+        &args,
+        &state,
+        &proxies,
+        executors.len(),
+        tokens.dev.as_ref(),
+    );
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -191,12 +247,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 #[allow(clippy::print_stdout)]
-fn print_welcome(args: &Args, state: &Path, executors: usize, dev: Option<&(String, bool)>) {
+fn print_welcome(
+    args: &Args,
+    state: &Path,
+    proxies: &Proxies,
+    executors: usize,
+    dev: Option<&(String, bool)>,
+) {
     let url = format!("http://{}", args.listen);
-    println!(
-        "TensorWasm fleet ready: proxy {url}, admin http://{}, {executors} executors",
-        args.admin_listen
-    );
+    if proxies.count == 1 {
+        println!(
+            "TensorWasm fleet ready: proxy {url}, admin http://{}, {executors} executors",
+            args.admin_listen
+        );
+    } else {
+        let admins: Vec<String> = (0..proxies.count)
+            .map(|k| format!("http://{}", proxies.admin_addr(k)))
+            .collect();
+        println!(
+            "TensorWasm fleet ready: {} proxies on {url} (admin {}), placement in etcd, {executors} executors",
+            proxies.count,
+            admins.join(", ")
+        );
+    }
     match dev {
         Some((token, true)) => println!(
             "dev token (tenant \"dev\"), shown once, kept in {}: {token}",

@@ -1,6 +1,6 @@
 //! Watching the fleet's children: which run, restarting those that exit on
 //! their own, starting and stopping executors on request, handing the
-//! proxy's sockets to a new binary, and stopping everything at the end.
+//! proxies' sockets to a new binary, and stopping everything at the end.
 //!
 //! The supervisor owns the children ([`std::process::Child`]) and
 //! `up.json`; the [`super::launcher`] makes each child, and the
@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::control::{self, ChildStatus, ProxyUpgraded, Reply, Request, Role, StartExecutor};
-use super::launcher::{ExecutorSpec, Launcher, Saved, free_port, wait_healthy};
+use super::launcher::{
+    EtcdSpec, ExecutorSpec, Launcher, Proxies, Saved, free_port, wait_healthy, wait_ready,
+};
 
 /// Least time between two restarts of one child.
 const RESTART_BACKOFF: Duration = Duration::from_secs(2);
@@ -39,19 +41,50 @@ struct Running {
     started: Instant,
 }
 
+/// One of the proxies.
+#[derive(Debug)]
+struct ProxyRunning {
+    child: Option<Child>,
+    restarts: u32,
+    started: Instant,
+    /// Set while it hands its sockets over: not restarted meanwhile.
+    handoff: bool,
+}
+
+/// The etcd of the proxies' placement table, when `up` runs it.
+#[derive(Debug)]
+struct EtcdRunning {
+    spec: EtcdSpec,
+    child: Option<Child>,
+    restarts: u32,
+    started: Instant,
+}
+
 /// The children of one `up`.
 #[derive(Debug)]
 pub struct Supervisor {
     launcher: Launcher,
     executors: BTreeMap<String, Running>,
-    proxy: Option<Child>,
-    /// The proxy's binary after an upgrade; this one before.
+    /// Proxy `k` at index `k`.
+    proxies: Vec<ProxyRunning>,
+    /// The proxies' binary after an upgrade; this one before.
     proxy_binary: Option<PathBuf>,
-    proxy_restarts: u32,
-    proxy_started: Instant,
+    etcd: Option<EtcdRunning>,
     stopping: bool,
-    /// Set while the proxy hands its sockets over: not restarted meanwhile.
-    proxy_handoff: bool,
+}
+
+/// Whether a child exited (or was never started), logging why; `None`
+/// leaves it as it is.
+fn exited(child: &mut Option<Child>, what: &str) -> bool {
+    match child.as_mut().map(Child::try_wait) {
+        Some(Ok(Some(status))) => {
+            tracing::warn!(child = %what, %status, "exited; restarting");
+            *child = None;
+            true
+        }
+        Some(Ok(None)) => false,
+        Some(Err(_)) | None => true,
+    }
 }
 
 impl Supervisor {
@@ -59,12 +92,10 @@ impl Supervisor {
         Supervisor {
             launcher,
             executors: BTreeMap::new(),
-            proxy: None,
+            proxies: Vec::new(),
             proxy_binary: None,
-            proxy_restarts: 0,
-            proxy_started: Instant::now(),
+            etcd: None,
             stopping: false,
-            proxy_handoff: false,
         }
     }
 
@@ -87,13 +118,44 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Starts the proxy from the calling thread and waits until it answers
-    /// on `port`; for the start-up, before [`supervise`] runs.
-    pub fn boot_proxy(&mut self, port: u16) -> anyhow::Result<()> {
-        let mut proxy = self.launcher.proxy(None, false, &self.executor_specs())?;
-        wait_healthy(port, &mut proxy, "proxy")?;
-        self.proxy = Some(proxy);
-        self.proxy_started = Instant::now();
+    /// Starts the proxies from the calling thread, one after the other,
+    /// each once the one before answers on its admin port; for the
+    /// start-up, before [`supervise`] runs. The first is alone with the
+    /// table a while: a fleet moving from the file to etcd has its table
+    /// imported by it.
+    pub fn boot_proxies(&mut self) -> anyhow::Result<()> {
+        for k in 0..self.launcher.proxies.count {
+            let mut proxy = self
+                .launcher
+                .proxy(k, None, false, &self.executor_specs())?;
+            let port = self.launcher.proxies.admin_port(k);
+            wait_healthy(port, &mut proxy, &Proxies::name(k))?;
+            self.proxies.push(ProxyRunning {
+                child: Some(proxy),
+                restarts: 0,
+                started: Instant::now(),
+                handoff: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts etcd from the calling thread and waits until it answers
+    /// `/health`; for the start-up, before the proxies.
+    pub fn boot_etcd(&mut self, spec: EtcdSpec) -> anyhow::Result<()> {
+        let mut child = self.launcher.etcd(&spec)?;
+        wait_ready(
+            &format!("http://{}/health", spec.addr()),
+            &mut child,
+            "etcd",
+        )?;
+        tracing::info!(addr = %spec.addr(), "etcd up");
+        self.etcd = Some(EtcdRunning {
+            spec,
+            child: Some(child),
+            restarts: 0,
+            started: Instant::now(),
+        });
         Ok(())
     }
 
@@ -109,10 +171,11 @@ impl Supervisor {
         );
     }
 
-    /// Records the executor set in `up.json`.
+    /// Records the executor set and the etcd in `up.json`.
     pub fn save(&self) -> anyhow::Result<()> {
         Saved {
             executors: self.executor_specs(),
+            etcd: self.etcd.as_ref().map(|e| e.spec.clone()),
         }
         .store(&self.launcher.state)
     }
@@ -140,19 +203,33 @@ impl Supervisor {
             .values()
             .map(|r| self.executor_status(r))
             .collect();
-        out.push(ChildStatus {
-            id: "proxy".into(),
-            role: Role::Proxy,
-            addr: String::new(),
-            pid: self.proxy.as_ref().map(Child::id),
-            restarts: self.proxy_restarts,
-            device: String::new(),
-            cuda_visible_devices: None,
-            binary: self
-                .proxy_binary
-                .clone()
-                .unwrap_or_else(|| self.launcher.me.clone()),
-        });
+        for (k, p) in self.proxies.iter().enumerate() {
+            out.push(ChildStatus {
+                id: Proxies::name(k),
+                role: Role::Proxy,
+                addr: self.launcher.proxies.admin_addr(k),
+                pid: p.child.as_ref().map(Child::id),
+                restarts: p.restarts,
+                device: String::new(),
+                cuda_visible_devices: None,
+                binary: self
+                    .proxy_binary
+                    .clone()
+                    .unwrap_or_else(|| self.launcher.me.clone()),
+            });
+        }
+        if let Some(e) = &self.etcd {
+            out.push(ChildStatus {
+                id: "etcd".into(),
+                role: Role::Etcd,
+                addr: e.spec.addr(),
+                pid: e.child.as_ref().map(Child::id),
+                restarts: e.restarts,
+                device: String::new(),
+                cuda_visible_devices: None,
+                binary: PathBuf::from("etcd"),
+            });
+        }
         out
     }
 
@@ -161,21 +238,25 @@ impl Supervisor {
         if self.stopping {
             return;
         }
+        if let Some(e) = &mut self.etcd
+            && exited(&mut e.child, "etcd")
+            && e.started.elapsed() >= RESTART_BACKOFF
+        {
+            match self.launcher.etcd(&e.spec) {
+                Ok(child) => {
+                    e.child = Some(child);
+                    e.restarts += 1;
+                    e.started = Instant::now();
+                }
+                Err(err) => tracing::error!(error = %err, "etcd restart failed"),
+            }
+        }
         let ids: Vec<String> = self.executors.keys().cloned().collect();
         for id in ids {
             let Some(r) = self.executors.get_mut(&id) else {
                 continue;
             };
-            let exited = match r.child.as_mut().map(Child::try_wait) {
-                Some(Ok(Some(status))) => {
-                    tracing::warn!(executor = %id, %status, "executor exited; restarting");
-                    r.child = None;
-                    true
-                }
-                Some(Ok(None)) => false,
-                Some(Err(_)) | None => true,
-            };
-            if !exited || r.started.elapsed() < RESTART_BACKOFF {
+            if !exited(&mut r.child, &id) || r.started.elapsed() < RESTART_BACKOFF {
                 continue;
             }
             match self.launcher.executor(&r.spec) {
@@ -187,30 +268,24 @@ impl Supervisor {
                 Err(e) => tracing::error!(executor = %id, error = %e, "restart failed"),
             }
         }
-        if self.proxy_handoff {
-            return;
-        }
-        let proxy_down = match self.proxy.as_mut().map(Child::try_wait) {
-            Some(Ok(Some(status))) => {
-                tracing::warn!(%status, "proxy exited; restarting");
-                self.proxy = None;
-                true
+        let executors = self.executor_specs();
+        for (k, p) in self.proxies.iter_mut().enumerate() {
+            if p.handoff
+                || !exited(&mut p.child, &Proxies::name(k))
+                || p.started.elapsed() < RESTART_BACKOFF
+            {
+                continue;
             }
-            Some(Ok(None)) => false,
-            Some(Err(_)) | None => true,
-        };
-        if proxy_down && self.proxy_started.elapsed() >= RESTART_BACKOFF {
-            let executors = self.executor_specs();
             match self
                 .launcher
-                .proxy(self.proxy_binary.as_deref(), false, &executors)
+                .proxy(k, self.proxy_binary.as_deref(), false, &executors)
             {
                 Ok(child) => {
-                    self.proxy = Some(child);
-                    self.proxy_restarts += 1;
-                    self.proxy_started = Instant::now();
+                    p.child = Some(child);
+                    p.restarts += 1;
+                    p.started = Instant::now();
                 }
-                Err(e) => tracing::error!(error = %e, "proxy restart failed"),
+                Err(e) => tracing::error!(proxy = k, error = %e, "proxy restart failed"),
             }
         }
     }
@@ -219,11 +294,11 @@ impl Supervisor {
     fn spawn(&mut self, what: Spawn) -> anyhow::Result<Child> {
         match what {
             Spawn::Executor(spec) => self.launcher.executor(&spec),
-            Spawn::UpgradedProxy(binary) => {
+            Spawn::UpgradedProxy(k, binary) => {
                 let executors = self.executor_specs();
                 let child = self
                     .launcher
-                    .proxy(Some(binary.as_path()), true, &executors);
+                    .proxy(k, Some(binary.as_path()), true, &executors);
                 if child.is_ok() {
                     self.proxy_binary = Some(binary);
                 }
@@ -241,8 +316,8 @@ type SpawnRequest = (Spawn, std::sync::mpsc::Sender<anyhow::Result<Child>>);
 #[derive(Debug)]
 enum Spawn {
     Executor(ExecutorSpec),
-    /// A proxy from this binary taking the sockets over (`-u`).
-    UpgradedProxy(PathBuf),
+    /// Proxy `k` from this binary, taking its sockets over (`-u`).
+    UpgradedProxy(usize, PathBuf),
 }
 
 /// Supervises until Ctrl-C or SIGTERM, answering the control socket
@@ -360,58 +435,73 @@ impl Control {
         Ok(control::Stopped { id, stopped: true })
     }
 
-    /// The proxy's socket hand-off (module doc of `crate::upgrade`).
+    /// The proxies' socket hand-off (module doc of `crate::upgrade`), one
+    /// proxy after the other, so the others serve while one hands over.
     fn upgrade_proxy(&self, binary: PathBuf) -> anyhow::Result<ProxyUpgraded> {
-        let sock = lock(&self.sup)
-            .launcher
-            .state
-            .join("proxy")
-            .join("proxy-upgrade.sock");
+        let count = lock(&self.sup).proxies.len();
+        let mut pids = Vec::with_capacity(count);
+        for k in 0..count {
+            pids.push(self.upgrade_one(k, binary.clone())?);
+        }
+        Ok(ProxyUpgraded {
+            pid: pids.first().copied().unwrap_or_default(),
+            pids,
+        })
+    }
+
+    /// Hands proxy `k`'s sockets to `binary`; the new one's pid.
+    fn upgrade_one(&self, k: usize, binary: PathBuf) -> anyhow::Result<u32> {
+        let sock =
+            Proxies::state_dir(&lock(&self.sup).launcher.state, k).join("proxy-upgrade.sock");
         let _ = std::fs::remove_file(&sock);
         // The new proxy waits on the upgrade socket for the old one's
         // sockets; the supervisor watches it from now on, the old one only
         // until it exits.
         let old = {
             let mut s = lock(&self.sup);
-            s.proxy_handoff = true;
-            s.proxy.take()
+            let p = &mut s.proxies[k];
+            p.handoff = true;
+            p.child.take()
         };
-        let result = self.hand_off(binary, &sock, old);
-        lock(&self.sup).proxy_handoff = false;
+        let result = self.hand_off(k, binary, &sock, old);
+        lock(&self.sup).proxies[k].handoff = false;
         result
     }
 
     fn hand_off(
         &self,
+        k: usize,
         binary: PathBuf,
         sock: &Path,
         old: Option<Child>,
-    ) -> anyhow::Result<ProxyUpgraded> {
-        let mut new = match self.spawn(Spawn::UpgradedProxy(binary)) {
+    ) -> anyhow::Result<u32> {
+        let name = Proxies::name(k);
+        let restore = |old| lock(&self.sup).proxies[k].child = old;
+        let mut new = match self.spawn(Spawn::UpgradedProxy(k, binary)) {
             Ok(child) => child,
             Err(e) => {
-                lock(&self.sup).proxy = old;
+                restore(old);
                 return Err(e);
             }
         };
         let start = Instant::now();
         while !sock.exists() {
             if let Ok(Some(status)) = new.try_wait() {
-                lock(&self.sup).proxy = old;
+                restore(old);
                 bail!(
-                    "the new proxy exited ({status}) before taking the sockets; see logs/proxy.log"
+                    "the new {name} exited ({status}) before taking the sockets; see logs/{name}.log"
                 );
             }
             if start.elapsed() > HANDOFF_TIMEOUT {
                 let _ = new.kill();
                 let _ = new.wait();
-                lock(&self.sup).proxy = old;
-                bail!("the new proxy never waited for the sockets; see logs/proxy.log");
+                restore(old);
+                bail!("the new {name} never waited for the sockets; see logs/{name}.log");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         let pid = new.id();
-        lock(&self.sup).proxy = Some(new);
+        lock(&self.sup).proxies[k].child = Some(new);
         if let Some(mut old) = old {
             crate::sys::quit(&old);
             // The old proxy drains its connections, then exits on its own.
@@ -423,13 +513,13 @@ impl Control {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if old.try_wait().ok().flatten().is_none() {
-                tracing::warn!("the old proxy did not exit after the hand-off; killing it");
+                tracing::warn!(proxy = %name, "the old proxy did not exit after the hand-off; killing it");
                 let _ = old.kill();
                 let _ = old.wait();
             }
         }
-        tracing::info!(pid, "proxy upgraded");
-        Ok(ProxyUpgraded { pid })
+        tracing::info!(proxy = %name, pid, "proxy upgraded");
+        Ok(pid)
     }
 }
 
@@ -448,9 +538,10 @@ fn stop_child(mut child: Child, what: &str) {
     let _ = child.wait();
 }
 
-/// Stops the proxy first (no new requests), then the executors.
+/// Stops the proxies first (no new requests), then the executors, then
+/// etcd (the proxies leave its table on their way out).
 pub fn stop_all(sup: &Mutex<Supervisor>) {
-    let (proxy, executors) = {
+    let (proxies, executors, etcd) = {
         let mut s = lock(sup);
         s.stopping = true;
         let executors: Vec<(String, Child)> = s
@@ -458,17 +549,30 @@ pub fn stop_all(sup: &Mutex<Supervisor>) {
             .iter_mut()
             .filter_map(|(id, r)| r.child.take().map(|c| (id.clone(), c)))
             .collect();
-        (s.proxy.take(), executors)
+        let proxies: Vec<(String, Child)> = s
+            .proxies
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(k, p)| p.child.take().map(|c| (Proxies::name(k), c)))
+            .collect();
+        let etcd = s.etcd.as_mut().and_then(|e| e.child.take());
+        (proxies, executors, etcd)
     };
-    if let Some(p) = proxy {
-        stop_child(p, "proxy");
+    stop_together(proxies);
+    stop_together(executors);
+    if let Some(e) = etcd {
+        stop_child(e, "etcd");
     }
-    let handles: Vec<_> = executors
+    tracing::info!("fleet stopped");
+}
+
+/// Stops `children` at once, each as [`stop_child`].
+fn stop_together(children: Vec<(String, Child)>) {
+    let handles: Vec<_> = children
         .into_iter()
         .map(|(id, c)| std::thread::spawn(move || stop_child(c, &id)))
         .collect();
     for h in handles {
         let _ = h.join();
     }
-    tracing::info!("fleet stopped");
 }

@@ -7,7 +7,8 @@
 //!   <tenant>.twsnap    one per tenant (POST /admin/tenants/{t}/snapshot),
 //!                      signed when the executors have a snapshot key
 //!   audit.log          the audit log's current segment, up to its last
-//!                      whole record
+//!                      whole record (and `audit-<k>.log`, proxy k's,
+//!                      under an `up` of several proxies)
 //!   backup.json        what is there: version, time, per tenant the file,
 //!                      its size, SHA-256 and whether it is signed
 //! ```
@@ -35,6 +36,9 @@ pub struct Backup {
     pub tenants: Vec<Saved>,
     /// The audit log's copy, when the fleet keeps one.
     pub audit: Option<Copied>,
+    /// The other proxies' audit logs, when the fleet runs several.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_audits: Vec<Copied>,
     #[serde(skip)]
     pub dir: PathBuf,
 }
@@ -58,8 +62,15 @@ pub struct Copied {
 }
 
 /// Writes the backup of every tenant the proxy places, and of the audit
-/// log at `audit_log` if there is one, under `dir`.
-pub fn write(admin: &Admin, dir: &Path, version: &str, audit_log: &Path) -> anyhow::Result<Backup> {
+/// log at `audit_log` if there is one (and of `other_audits`, the other
+/// proxies' logs), under `dir`.
+pub fn write(
+    admin: &Admin,
+    dir: &Path,
+    version: &str,
+    audit_log: &Path,
+    other_audits: &[PathBuf],
+) -> anyhow::Result<Backup> {
     let created_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -109,11 +120,25 @@ pub fn write(admin: &Admin, dir: &Path, version: &str, audit_log: &Path) -> anyh
     } else {
         None
     };
+    let mut others = Vec::new();
+    for log in other_audits.iter().filter(|l| l.is_file()) {
+        let file = log
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .context("an audit log with no file name")?;
+        let (bytes, records) = copy_audit(log, &folder.join(&file))?;
+        others.push(Copied {
+            file,
+            bytes,
+            records,
+        });
+    }
     let backup = Backup {
         version: version.to_string(),
         created_unix,
         tenants: saved,
         audit,
+        other_audits: others,
         dir: folder,
     };
     let manifest = serde_json::to_vec_pretty(&backup)?;

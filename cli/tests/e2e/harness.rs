@@ -39,6 +39,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The first of `n` free ports in a row.
+pub fn free_ports_in_a_row(n: u16) -> u16 {
+    loop {
+        let first = free_port();
+        if first.checked_add(n).is_some()
+            && (1..n).all(|i| TcpListener::bind(("127.0.0.1", first + i)).is_ok())
+        {
+            return first;
+        }
+    }
+}
+
 impl ExecutorProcess {
     pub fn start(id: &str, state: &Path) -> ExecutorProcess {
         Self::start_with(id, state, &[])
@@ -888,7 +900,8 @@ impl UpProcess {
 
     /// As [`start`](Self::start), with extra environment variables.
     pub fn start_with_env(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> UpProcess {
-        let (port, admin_port) = (free_port(), free_port());
+        // `--proxies N` gives proxy k the admin port after proxy 0's + k.
+        let (port, admin_port) = (free_port(), free_ports_in_a_row(4));
         let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
             .args(["up", "--device", "cpu"])
             .arg("--state-dir")

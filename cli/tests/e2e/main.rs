@@ -14,4 +14,5 @@ mod routes;
 mod shared_placement;
 mod streams;
 mod up;
+mod up_proxies;
 mod upgrade;
