@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Value, json};
 
-use crate::harness::{ADMIN_TOKEN, COUNTER, ProxyOptions, TestFleet, parse_counter};
+use crate::harness::{
+    ADMIN_TOKEN, COUNTER, ProxyOptions, TestFleet, parse_counter, test_certificates,
+};
 
 /// Variables of the client commands, cleared so the caller's own shell
 /// cannot leak into a test.
@@ -780,79 +782,12 @@ fn tokens_fall_back_to_the_state_dir_and_errors_say_what_to_do() {
     assert!(c.run(&["completions", "tcsh"]).code != 0);
 }
 
-/// Runs openssl in `dir`; panics with its stderr on failure.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn https_proxies_are_trusted_through_a_ca_certificate() {
     // A private CA, and a certificate for 127.0.0.1 that it signs.
     let certs = tempfile::tempdir().unwrap();
     let d = certs.path();
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=tensor-wasm test CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    );
-    openssl(
-        d,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "req.csr",
-        ],
-    );
-    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "req.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "cert.pem",
-        ],
-    );
+    test_certificates(d);
     let fleet = TestFleet::start(
         1,
         ProxyOptions {

@@ -463,6 +463,15 @@ impl ProxyProcess {
     /// Starts a proxy on `state` in front of `executors` and waits until it
     /// answers `/healthz` and its admin listener answers.
     pub fn start(state: &Path, executors: &[&ExecutorProcess], options: ProxyOptions) -> Self {
+        let mut proxy = Self::spawn(state, executors, options);
+        if !proxy.options.upgrade {
+            proxy.wait_ready();
+        }
+        proxy
+    }
+
+    /// Starts a proxy as [`start`](Self::start) does, without waiting.
+    pub fn spawn(state: &Path, executors: &[&ExecutorProcess], options: ProxyOptions) -> Self {
         let list: Vec<String> = executors
             .iter()
             .map(|e| format!("{}={}", e.id, e.addr))
@@ -520,17 +529,13 @@ impl ProxyProcess {
                 }
             });
         }
-        let mut proxy = ProxyProcess {
+        ProxyProcess {
             child,
             api: Api::new(&format!("http://127.0.0.1:{}", options.listen_port)),
             admin: Api::new(&format!("http://127.0.0.1:{}", options.admin_port)),
             options,
             log,
-        };
-        if !proxy.options.upgrade {
-            proxy.wait_ready();
         }
-        proxy
     }
 
     /// Waits for the "proxy serving" line and a `/healthz` answer.
@@ -1231,6 +1236,8 @@ pub struct EtcdProcess {
     dir: tempfile::TempDir,
     pub client_port: u16,
     peer_port: u16,
+    /// Certificate and key: TLS for clients.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl EtcdProcess {
@@ -1240,6 +1247,7 @@ impl EtcdProcess {
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
+            tls: None,
         };
         e.run();
         e
@@ -1247,16 +1255,63 @@ impl EtcdProcess {
 
     /// `--placement` for proxies sharing this etcd.
     pub fn placement(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Adds `users` (name, password), each with the root role, and turns
+    /// authentication on, through etcd's JSON gateway; before TLS.
+    pub fn enable_auth(&self, users: &[(&str, &str)]) {
+        let api = Api::new(&format!("http://127.0.0.1:{}", self.client_port));
+        let mut calls = vec![
+            (
+                "/v3/auth/user/add",
+                serde_json::json!({"name": "root", "password": "root-pw"}),
+            ),
+            (
+                "/v3/auth/user/grant",
+                serde_json::json!({"user": "root", "role": "root"}),
+            ),
+        ];
+        for (name, password) in users {
+            calls.push((
+                "/v3/auth/user/add",
+                serde_json::json!({"name": name, "password": password}),
+            ));
+            calls.push((
+                "/v3/auth/user/grant",
+                serde_json::json!({"user": name, "role": "root"}),
+            ));
+        }
+        calls.push(("/v3/auth/enable", serde_json::json!({})));
+        for (path, body) in calls {
+            let body = body.to_string();
+            let r = api.call(
+                "POST",
+                path,
+                &[],
+                Some(("application/json", body.as_bytes())),
+            );
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+        }
+    }
+
+    /// Starts the server again, serving clients over TLS with `cert` and
+    /// `key`.
+    pub fn restart_with_tls(&mut self, cert: &Path, key: &Path) {
+        self.stop();
+        self.tls = Some((cert.to_path_buf(), key.to_path_buf()));
+        self.run();
     }
 
     /// Starts (or starts again) the server on its data and ports, and
     /// waits until it listens.
     pub fn run(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
-            .args(["--name", "e2e", "--data-dir"])
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "e2e", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
@@ -1264,7 +1319,11 @@ impl EtcdProcess {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("e2e={peer}")])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((cert, key)) = &self.tls {
+            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+        }
+        let child = cmd
             .spawn()
             .expect("etcd (Debian package etcd-server) must be installed");
         self.child = Some(child);
@@ -1292,4 +1351,82 @@ impl Drop for EtcdProcess {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs openssl in `dir`; panics with its stderr on failure.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private CA (`ca.pem`) and a certificate for 127.0.0.1 that it signs
+/// (`cert.pem`, `key.pem`), made in `dir`: (CA, certificate, key).
+pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tensor-wasm test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "req.csr",
+        ],
+    );
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "cert.pem",
+        ],
+    );
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
 }

@@ -595,3 +595,75 @@ fn a_proxy_that_stops_leaves_the_fleet_and_moves_go_on_without_it() {
     let r = ps[0].count("tok-t0", &id);
     assert_eq!(parse_counter(&r.body).0, 1, "{}", r.text());
 }
+
+#[test]
+fn proxies_reach_etcd_over_tls_as_a_user_and_a_wrong_password_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_certificates(certs.path());
+    let mut etcd = EtcdProcess::start();
+    etcd.enable_auth(&[("tensor-wasm", "tw-secret")]);
+    etcd.restart_with_tls(&cert, &key);
+    let dir = tempfile::tempdir().unwrap();
+    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
+    let options = |password: &str| ProxyOptions {
+        tokens: tokens(),
+        extra_args: vec![
+            "--placement".into(),
+            etcd.placement(),
+            "--etcd-ca".into(),
+            ca.display().to_string(),
+            "--etcd-user".into(),
+            "tensor-wasm".into(),
+            "--etcd-password".into(),
+            password.into(),
+        ],
+        ..ProxyOptions::default()
+    };
+
+    // A wrong password: the proxy does not start, and says why.
+    let mut refused = ProxyProcess::spawn(&dir.path().join("p0"), &[&a], options("wrong"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = refused.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the proxy started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let log = refused.log_text();
+    assert!(
+        log.contains("etcd at") && log.contains("authentication"),
+        "{log}"
+    );
+
+    // The right one: two proxies share the table over TLS.
+    let ps: Vec<ProxyProcess> = (1..=2)
+        .map(|i| {
+            ProxyProcess::start(
+                &dir.path().join(format!("p{i}")),
+                &[&a],
+                options("tw-secret"),
+            )
+        })
+        .collect();
+    let id = ps[0].deploy_counter("tok-t0");
+    for (i, p) in ps.iter().cycle().take(6).enumerate() {
+        let r = p.call(
+            "tok-t0",
+            "POST",
+            &format!("/functions/{id}/invoke"),
+            Some(("text/plain", b"")),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(parse_counter(&r.body).0, i as u32 + 1);
+    }
+    wait_until(
+        "both proxies see each other",
+        Duration::from_secs(10),
+        || ps.iter().all(|p| live_proxies(p).len() == 2),
+    );
+}
