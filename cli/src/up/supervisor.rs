@@ -73,8 +73,8 @@ pub struct Supervisor {
     stopping: bool,
 }
 
-/// Whether a child exited (or was never started), logging why; `None`
-/// leaves it as it is.
+/// Whether a child is down: it exited (logged, and its handle dropped), or
+/// it is not running since its last start failed.
 fn exited(child: &mut Option<Child>, what: &str) -> bool {
     match child.as_mut().map(Child::try_wait) {
         Some(Ok(Some(status))) => {
