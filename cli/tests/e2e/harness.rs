@@ -1430,3 +1430,75 @@ pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         dir.join("key.pem"),
     )
 }
+
+/// Clients that call counters without pause, a thread per tenant; each
+/// checks that its counts go up by one: every call ran once, on the
+/// tenant's one copy.
+pub struct CounterLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<u32>>,
+}
+
+impl CounterLoad {
+    /// Starts a client per (token, function id) of `tenants`, whose counts
+    /// stand at `from`; `client(token, id)` makes its calls, each
+    /// answering the count or why it failed.
+    pub fn start<C>(
+        tenants: &[(String, String)],
+        from: u32,
+        client: impl Fn(&str, &str) -> C,
+    ) -> CounterLoad
+    where
+        C: FnMut() -> Result<u32, String> + Send + 'static,
+    {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let threads = tenants
+            .iter()
+            .map(|(token, id)| {
+                let (stop, failures, token) = (stop.clone(), failures.clone(), token.clone());
+                let mut call = client(&token, id);
+                std::thread::spawn(move || {
+                    let mut n = from;
+                    while !stop.load(Ordering::Relaxed) {
+                        match call() {
+                            Ok(got) => {
+                                n += 1;
+                                assert_eq!(
+                                    got, n,
+                                    "{token}: every call ran once, on the tenant's one copy"
+                                );
+                            }
+                            Err(e) => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                                eprintln!("{token}: {e}");
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    n
+                })
+            })
+            .collect();
+        CounterLoad {
+            stop,
+            failures,
+            threads,
+        }
+    }
+
+    /// Stops the clients: each tenant's last count, and the calls that
+    /// failed.
+    pub fn finish(self) -> (Vec<u32>, usize) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        let counts = self
+            .threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        (counts, self.failures.load(Ordering::Relaxed))
+    }
+}

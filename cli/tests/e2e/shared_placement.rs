@@ -203,73 +203,34 @@ fn with_etcd_down_placed_tenants_are_served_and_new_ones_refused_until_it_is_bac
 }
 
 /// Clients that call `tenants`' counters without pause, each alternating
-/// between the proxies; each checks its counts are continuous.
-struct Load {
-    stop: Arc<AtomicBool>,
-    failures: Arc<AtomicUsize>,
-    threads: Vec<std::thread::JoinHandle<u32>>,
-}
+/// between the proxies ([`CounterLoad`]).
+struct Load;
 
 impl Load {
-    fn start(ps: &[ProxyProcess], tenants: &[(String, String)]) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failures = Arc::new(AtomicUsize::new(0));
+    fn start(ps: &[ProxyProcess], tenants: &[(String, String)]) -> CounterLoad {
         let ports: Vec<u16> = ps.iter().map(|p| p.options.listen_port).collect();
-        let threads = tenants
-            .iter()
-            .cloned()
-            .map(|(token, id)| {
-                let (stop, failures, ports) = (stop.clone(), failures.clone(), ports.clone());
-                std::thread::spawn(move || {
-                    let apis: Vec<Api> = ports
-                        .iter()
-                        .map(|p| Api::new(&format!("http://127.0.0.1:{p}")))
-                        .collect();
-                    let auth = format!("Bearer {token}");
-                    let path = format!("/functions/{id}/invoke");
-                    let mut n = 0u32;
-                    let mut i = 0usize;
-                    while !stop.load(Ordering::Relaxed) {
-                        let r = apis[i % apis.len()].call(
-                            "POST",
-                            &path,
-                            &[("authorization", &auth)],
-                            Some(("text/plain", b"")),
-                        );
-                        i += 1;
-                        if r.status != 200 {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                            eprintln!("{token}: {} {}", r.status, r.text());
-                            continue;
-                        }
-                        n += 1;
-                        assert_eq!(
-                            parse_counter(&r.body).0,
-                            n,
-                            "{token}: every call ran once, on the tenant's one copy"
-                        );
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    n
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            failures,
-            threads,
-        }
-    }
-
-    /// Stops the clients: calls each made, and requests that failed.
-    fn finish(self) -> (Vec<u32>, usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        let counts = self
-            .threads
-            .into_iter()
-            .map(|t| t.join().unwrap())
-            .collect();
-        (counts, self.failures.load(Ordering::Relaxed))
+        CounterLoad::start(tenants, 0, |token, id| {
+            let apis: Vec<Api> = ports
+                .iter()
+                .map(|p| Api::new(&format!("http://127.0.0.1:{p}")))
+                .collect();
+            let auth = format!("Bearer {token}");
+            let path = format!("/functions/{id}/invoke");
+            let mut i = 0usize;
+            move || {
+                let r = apis[i % apis.len()].call(
+                    "POST",
+                    &path,
+                    &[("authorization", &auth)],
+                    Some(("text/plain", b"")),
+                );
+                i += 1;
+                match r.status {
+                    200 => Ok(parse_counter(&r.body).0),
+                    s => Err(format!("{s} {}", r.text())),
+                }
+            }
+        })
     }
 }
 

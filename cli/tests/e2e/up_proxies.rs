@@ -5,8 +5,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -94,62 +92,6 @@ fn count_once(addr: &str, token: &str, id: &str) -> Result<u32, String> {
     Err("closed unanswered ten times".into())
 }
 
-/// A client per tenant calling its counter without pause, each call on a
-/// new connection; each checks that its counts go up by one: every call
-/// ran once, on the tenant's one copy.
-struct Load {
-    stop: Arc<AtomicBool>,
-    failures: Arc<AtomicUsize>,
-    threads: Vec<std::thread::JoinHandle<u32>>,
-}
-
-impl Load {
-    fn start(addr: &str, tenants: &[(String, String)], from: u32) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failures = Arc::new(AtomicUsize::new(0));
-        let threads = tenants
-            .iter()
-            .cloned()
-            .map(|(token, id)| {
-                let (stop, failures, addr) = (stop.clone(), failures.clone(), addr.to_string());
-                std::thread::spawn(move || {
-                    let mut n = from;
-                    while !stop.load(Ordering::Relaxed) {
-                        match count_once(&addr, &token, &id) {
-                            Ok(got) => {
-                                n += 1;
-                                assert_eq!(got, n, "{token}: counts are continuous");
-                            }
-                            Err(e) => {
-                                failures.fetch_add(1, Ordering::Relaxed);
-                                eprintln!("{token}: {e}");
-                            }
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    n
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            failures,
-            threads,
-        }
-    }
-
-    /// Stops the clients: each tenant's last count, and requests that failed.
-    fn finish(self) -> (Vec<u32>, usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        let counts = self
-            .threads
-            .into_iter()
-            .map(|t| t.join().unwrap())
-            .collect();
-        (counts, self.failures.load(Ordering::Relaxed))
-    }
-}
-
 fn deploy(up: &UpProcess) -> Vec<(String, String)> {
     (0..TENANTS)
         .map(|i| {
@@ -195,7 +137,11 @@ fn two_proxies_share_one_port_and_the_whole_fleet_upgrades_under_load_without_a_
     let tenants = deploy(&up);
     let addr = up.api.base.trim_start_matches("http://").to_string();
 
-    let load = Load::start(&addr, &tenants, 0);
+    // Each call on a new connection to the shared port.
+    let load = CounterLoad::start(&tenants, 0, |token, id| {
+        let (addr, token, id) = (addr.clone(), token.to_string(), id.to_string());
+        move || count_once(&addr, &token, &id)
+    });
     // Both proxies serve the one port.
     wait_until(
         "both proxies answer clients",
@@ -207,28 +153,20 @@ fn two_proxies_share_one_port_and_the_whole_fleet_upgrades_under_load_without_a_
     let binary = dir.path().join("tensor-wasm-next");
     std::fs::copy(env!("CARGO_BIN_EXE_tensor-wasm"), &binary).unwrap();
     let backup = dir.path().join("backup");
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["upgrade", "--no-progress", "--canary-window", "0s"])
-        .arg("--backup")
-        .arg(&backup)
-        .arg("--executor-binary")
-        .arg(&binary)
-        .arg("--proxy-binary")
-        .arg(&binary)
-        .arg("--state-dir")
-        .arg(&up.state)
-        .arg("--admin-url")
-        .arg(&up.admin.base)
-        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        out.status.success(),
-        "upgrade failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, stdout, stderr) = crate::upgrade::run_upgrade(
+        &up,
+        &[
+            "--no-progress".as_ref(),
+            "--backup".as_ref(),
+            backup.as_os_str(),
+            "--executor-binary".as_ref(),
+            binary.as_os_str(),
+            "--proxy-binary".as_ref(),
+            binary.as_os_str(),
+        ],
     );
+    eprintln!("{stdout}");
+    assert!(ok, "upgrade failed: {stdout}{stderr}");
     assert!(stdout.contains("proxies: now pids"), "{stdout}");
     // The backup holds every tenant and both proxies' audit logs.
     let folder = std::fs::read_dir(&backup)

@@ -91,7 +91,7 @@ fn upgrade(up: &UpProcess, flag: &str, binary: &Path) -> String {
 
 /// Runs `tensor-wasm upgrade ARGS` against `up`'s fleet: whether it
 /// succeeded, its stdout and its stderr.
-fn run_upgrade(up: &UpProcess, args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+pub(crate) fn run_upgrade(up: &UpProcess, args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     // Without a canary unless the test asks for one: its default window
     // is a minute each way.
     let canary: &[&str] = if args.iter().any(|a| *a == "--canary-window") {
