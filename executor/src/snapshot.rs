@@ -52,6 +52,17 @@ impl Registry {
     /// Freezes `tenant`, waits for its work to finish, and returns its
     /// snapshot. The tenant stays frozen.
     pub async fn export_tenant(&self, tenant: &TenantId) -> Result<Vec<u8>, ExecError> {
+        self.export_for(tenant, None).await
+    }
+
+    /// As [`export_tenant`](Self::export_tenant); with `bound`, a move's
+    /// id, the snapshot is sealed to that move: only an import for the
+    /// same move reads it (`docs/SNAPSHOT-COMPATIBILITY.md`, "The seal").
+    pub async fn export_for(
+        &self,
+        tenant: &TenantId,
+        bound: Option<String>,
+    ) -> Result<Vec<u8>, ExecError> {
         let t = self.tenant_here(tenant)?;
         t.freeze();
         if !t.wait_drained(DRAIN_TIMEOUT).await {
@@ -107,7 +118,8 @@ impl Registry {
                 functions,
                 jobs,
             };
-            snapshot::encode(&snap, key.as_deref()).map_err(|e| ExecError::Internal(e.to_string()))
+            snapshot::encode_bound(&snap, key.as_deref(), bound.as_deref())
+                .map_err(|e| ExecError::Internal(e.to_string()))
         })
         .await
         .map_err(ExecError::task("export"))?;
@@ -169,7 +181,19 @@ impl Registry {
         tenant: &TenantId,
         bytes: bytes::Bytes,
     ) -> Result<(), ExecError> {
-        self.import(tenant, bytes, OnFailure::Drop).await
+        self.import(tenant, bytes, OnFailure::Drop, None).await
+    }
+
+    /// As [`import_tenant`](Self::import_tenant), of a snapshot made for
+    /// the move `bound` names (its seal must say so).
+    pub async fn import_for(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        bytes: bytes::Bytes,
+        bound: String,
+    ) -> Result<(), ExecError> {
+        self.import(tenant, bytes, OnFailure::Drop, Some(bound))
+            .await
     }
 
     async fn import(
@@ -177,6 +201,7 @@ impl Registry {
         tenant: &TenantId,
         bytes: bytes::Bytes,
         on_failure: OnFailure,
+        bound: Option<String>,
     ) -> Result<(), ExecError> {
         if self
             .existing_tenant(tenant)
@@ -193,8 +218,13 @@ impl Registry {
         let registry = self.clone();
         let id = tenant.clone();
         let restored = tokio::task::spawn_blocking(move || -> Result<Vec<JobId>, ExecError> {
-            let snap = snapshot::decode(&bytes, key.as_deref(), MAX_SNAPSHOT_BYTES)
-                .map_err(ExecError::Snapshot)?;
+            let snap = snapshot::decode_bound(
+                &bytes,
+                key.as_deref(),
+                MAX_SNAPSHOT_BYTES,
+                bound.as_deref(),
+            )
+            .map_err(ExecError::Snapshot)?;
             let plan = registry.check_snapshot(&id, &snap)?;
             registry
                 .apply_snapshot(&id, snap, plan)
@@ -592,8 +622,13 @@ impl Registry {
                 // The tenant's functions are on disk already: a failure
                 // leaves them, and it starts cold from there.
                 Ok(bytes) => {
-                    self.import(&tenant, bytes::Bytes::from(bytes), OnFailure::KeepFiles)
-                        .await
+                    self.import(
+                        &tenant,
+                        bytes::Bytes::from(bytes),
+                        OnFailure::KeepFiles,
+                        None,
+                    )
+                    .await
                 }
                 Err(e) => Err(ExecError::Internal(e.to_string())),
             };

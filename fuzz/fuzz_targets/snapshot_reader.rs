@@ -12,6 +12,8 @@ const MAX_PAYLOAD: u64 = 16 << 20;
 fuzz_target!(|data: &[u8]| {
     let _ = snapshot::decode(data, None, MAX_PAYLOAD);
     let _ = snapshot::decode(data, Some(b"fuzz-key"), MAX_PAYLOAD);
+    let _ = snapshot::decode_bound(data, Some(b"fuzz-key"), MAX_PAYLOAD, Some("m1"));
+    let _ = snapshot::sealed_for_move(data);
     // Framing accepted, archive fuzzed: rebuild a valid header around the
     // bytes so that rkyv's validation sees them.
     if data.len() > 8 {

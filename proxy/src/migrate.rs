@@ -40,10 +40,12 @@
 //!    runs; best effort.
 //! 1. Record "T moving A→B", close T's gate, wait for its requests in
 //!    flight.
-//! 2. A exports T (freezing it); the proxy writes the bytes to
-//!    `<state>/moves/<T>.twsnap` (fsync) and records the path, so the bytes
-//!    outlive A.
-//! 3. B imports them; if B fails, A thaws T and the move is undone.
+//! 2. A exports T (freezing it), sealed to a random move id; the proxy
+//!    writes the bytes to `<state>/moves/<T>.twsnap` (fsync) and records
+//!    the path and the id, so the bytes outlive A and nothing else stands
+//!    in for them (`docs/SNAPSHOT-COMPATIBILITY.md`, "The seal").
+//! 3. B imports them as that move's; if B fails, A thaws T and the move
+//!    is undone.
 //! 4. The placement points T at B, the gate opens, A drops T, the stored
 //!    bytes go. A recovering proxy imports stored bytes to B (unless B has
 //!    T), or, without them, thaws T on A.
@@ -614,8 +616,11 @@ impl Orchestrator {
             }
         };
         let paused_at = Instant::now();
-        // 3. Export and keep the bytes.
-        let snapshot = match self.fleet.client(src).export(&t).await {
+        // 3. Export and keep the bytes, sealed to this move: recovery
+        // imports them as this move's only, so no other signed snapshot
+        // of T can stand in for them.
+        let move_id = hex::encode(&tensor_wasm_shared::identity::nonce()[..16]);
+        let snapshot = match self.fleet.client(src).export_sealed(&t, &move_id).await {
             Ok(b) => Some(b),
             // A has never seen T: there is nothing to carry.
             Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => None,
@@ -633,15 +638,38 @@ impl Orchestrator {
                 self.abort_record(&t).await;
                 return Err(MigrateError::Store(path, e));
             }
-            let recorded = self.fleet.table().record_snapshot(&t, path.clone()).await;
+            // A source of an earlier release cannot seal.
+            let seal = tensor_wasm_shared::snapshot::sealed_for_move(snapshot).then_some(move_id);
+            let recorded = self
+                .fleet
+                .table()
+                .record_snapshot(&t, path.clone(), seal.clone())
+                .await;
             if let Err(e) = recorded {
                 self.thaw(src, &t).await;
                 self.abort_record(&t).await;
                 remove_file(&path).await;
                 return Err(e.into());
             }
+            match &seal {
+                Some(id) => {
+                    tracing::info!(tenant = %t, bytes, path = %path.display(), move_id = %id, "snapshot of the move stored, sealed to the move")
+                }
+                None => {
+                    tracing::info!(tenant = %t, bytes, path = %path.display(), "snapshot of the move stored unsealed (the source is of an earlier release)")
+                }
+            }
             // 4. Import on B; on failure A thaws T and keeps it.
-            if let Err(e) = self.fleet.client(dest).import(&t, snapshot.clone()).await {
+            let imported = match &seal {
+                Some(id) => {
+                    self.fleet
+                        .client(dest)
+                        .import_sealed(&t, snapshot.clone(), id)
+                        .await
+                }
+                None => self.fleet.client(dest).import(&t, snapshot.clone()).await,
+            };
+            if let Err(e) = imported {
                 if self.thaw(src, &t).await {
                     self.abort_record(&t).await;
                     remove_file(&path).await;
@@ -879,7 +907,11 @@ impl Orchestrator {
         };
         let has_it = info.is_some_and(|i| i.tenants.iter().any(|x| x == t.as_str()));
         if !has_it {
-            match dest_client.import(t, bytes).await {
+            let imported = match &mv.seal {
+                Some(id) => dest_client.import_sealed(t, bytes, id).await,
+                None => dest_client.import(t, bytes).await,
+            };
+            match imported {
                 Ok(()) => {}
                 Err(e) if e.is_unreachable() => return Ok(false),
                 Err(e) => {

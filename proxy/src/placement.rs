@@ -75,6 +75,11 @@ pub struct Move {
     /// (`ARCHITECTURE.md`, "Moves across proxies").
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pausing: bool,
+    /// The move id the stored snapshot is sealed to: recovery imports it
+    /// as that move's only (`docs/SNAPSHOT-COMPATIBILITY.md`, "The seal").
+    /// None when the source could not seal it (an earlier release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seal: Option<String>,
 }
 
 /// What the file holds.
@@ -278,17 +283,20 @@ impl Placements {
             session,
             mover: None,
             pausing: false,
+            seal: None,
         };
         self.state.moving.insert(tenant.to_string(), m.clone());
         self.save()?;
         Ok(m)
     }
 
-    /// Records where the exported snapshot was kept.
+    /// Records where the exported snapshot was kept, and the move id it
+    /// is sealed to.
     pub fn record_snapshot(
         &mut self,
         tenant: &TenantId,
         path: PathBuf,
+        seal: Option<String>,
     ) -> Result<(), PlacementError> {
         let m = self
             .state
@@ -296,6 +304,7 @@ impl Placements {
             .get_mut(tenant.as_str())
             .ok_or_else(|| PlacementError::NotMoving(tenant.to_string()))?;
         m.snapshot = Some(path);
+        m.seal = seal;
         self.save()
     }
 
@@ -599,6 +608,7 @@ impl PlacementStore {
                     session,
                     mover: e.member(),
                     pausing: false,
+                    seal: None,
                 };
                 e.begin_move(tenant, &mv).await?;
                 Ok(mv)
@@ -671,15 +681,17 @@ impl PlacementStore {
         }
     }
 
-    /// Records where the exported snapshot was kept.
+    /// Records where the exported snapshot was kept, and the move id it
+    /// is sealed to.
     pub async fn record_snapshot(
         &self,
         tenant: &TenantId,
         path: PathBuf,
+        seal: Option<String>,
     ) -> Result<(), PlacementError> {
         match self {
-            PlacementStore::File(m) => Self::file(m).record_snapshot(tenant, path),
-            PlacementStore::Etcd(e) => e.record_snapshot(tenant, path).await,
+            PlacementStore::File(m) => Self::file(m).record_snapshot(tenant, path, seal),
+            PlacementStore::Etcd(e) => e.record_snapshot(tenant, path, seal).await,
         }
     }
 
@@ -784,7 +796,7 @@ mod tests {
             p.begin_move(&t("a"), &x("cpu8")),
             Err(PlacementError::AlreadyMoving(_))
         ));
-        p.record_snapshot(&t("a"), dir.path().join("a.twsnap"))
+        p.record_snapshot(&t("a"), dir.path().join("a.twsnap"), None)
             .unwrap();
         // A proxy restarting now finds the move, snapshot path included.
         let restarted = Placements::load(&path).unwrap();

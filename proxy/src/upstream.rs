@@ -143,6 +143,28 @@ pub trait ExecutorApi: Send + Sync + fmt::Debug {
     /// snapshot (step 4 on the destination, recovery, restore).
     async fn import(&self, tenant: &TenantId, snapshot: Bytes) -> Result<(), UpstreamError>;
 
+    /// `POST /internal/tenants/{t}/export?move=<id>`: as
+    /// [`export`](Self::export), the snapshot sealed to the move `id`
+    /// (`docs/SNAPSHOT-COMPATIBILITY.md`, "The seal"). An executor of an
+    /// earlier release ignores `move` and answers an unsealed one.
+    async fn export_sealed(&self, tenant: &TenantId, id: &str) -> Result<Bytes, UpstreamError> {
+        let _ = id;
+        self.export(tenant).await
+    }
+
+    /// `POST /internal/tenants/{t}/import?move=<id>`: as
+    /// [`import`](Self::import), of a snapshot sealed to the move `id`,
+    /// which the executor checks.
+    async fn import_sealed(
+        &self,
+        tenant: &TenantId,
+        snapshot: Bytes,
+        id: &str,
+    ) -> Result<(), UpstreamError> {
+        let _ = id;
+        self.import(tenant, snapshot).await
+    }
+
     /// `POST /internal/tenants/{t}/import?replace=true`: replaces the
     /// tenant's state with the snapshot's in one step, the tenant left as
     /// it was on any failure (an admin restore); a tenant not there is
@@ -479,6 +501,30 @@ impl ExecutorApi for ExecutorClient {
         self.post(&tenant_path(tenant, "import"), snapshot, TRANSFER_TIMEOUT)
             .await
             .map(drop)
+    }
+
+    async fn export_sealed(&self, tenant: &TenantId, id: &str) -> Result<Bytes, UpstreamError> {
+        self.post(
+            &tenant_path(tenant, &format!("export?move={id}")),
+            Bytes::new(),
+            TRANSFER_TIMEOUT,
+        )
+        .await
+    }
+
+    async fn import_sealed(
+        &self,
+        tenant: &TenantId,
+        snapshot: Bytes,
+        id: &str,
+    ) -> Result<(), UpstreamError> {
+        self.post(
+            &tenant_path(tenant, &format!("import?move={id}")),
+            snapshot,
+            TRANSFER_TIMEOUT,
+        )
+        .await
+        .map(drop)
     }
 
     async fn import_replacing(

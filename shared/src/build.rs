@@ -33,6 +33,11 @@ pub struct SnapshotFormats {
     /// (pre-copy rounds), which an older executor never receives.
     #[serde(default)]
     pub negotiated: Vec<u32>,
+    /// Whether it seals a snapshot to a move (`export?move=`) and imports
+    /// one only for that move (`import?move=`); `false` from earlier
+    /// releases, which a move's snapshot then reaches unsealed.
+    #[serde(default)]
+    pub move_seal: bool,
 }
 
 impl SnapshotFormats {
@@ -43,6 +48,7 @@ impl SnapshotFormats {
             reads: vec![FORMAT_VERSION, STREAM_VERSION],
             writes: vec![FORMAT_VERSION],
             negotiated: vec![STREAM_VERSION],
+            move_seal: true,
         }
     }
 
@@ -52,6 +58,7 @@ impl SnapshotFormats {
             reads: vec![1],
             writes: vec![1],
             negotiated: Vec::new(),
+            move_seal: false,
         }
     }
 }
@@ -189,6 +196,7 @@ mod tests {
             reads: vec![1, 2, 3],
             writes: vec![3],
             negotiated: vec![],
+            move_seal: true,
         };
         let why = upgrade_blockers(&this, GUEST_ABI, &next, GUEST_ABI);
         assert_eq!(why.len(), 1, "{why:?}");

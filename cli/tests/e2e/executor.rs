@@ -336,3 +336,59 @@ fn a_short_snapshot_key_is_refused_at_start_up_without_echoing_it() {
     assert!(err.contains("at least 32"), "{err}");
     assert!(!err.contains("sekrit-short"), "{err}");
 }
+
+#[test]
+fn a_moves_snapshot_is_imported_as_that_moves_only_and_an_old_signed_one_cannot_stand_in() {
+    let key = ["--snapshot-key", "seal-key-seal-key-seal-key-seal-key"];
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = ExecutorProcess::start_with("cpu-a", da.path(), &key);
+    let b = ExecutorProcess::start_with("cpu-b", db.path(), &key);
+    let id = deploy_counter_on(&a);
+    counter_call(&a, &id);
+    let post = |ex: &ExecutorProcess, path: &str, body: &[u8]| {
+        let (status, bytes) = ex.request("POST", path, None, "application/octet-stream", body);
+        (status, bytes)
+    };
+    // An old snapshot, signed with the fleet's key: the tenant at 1.
+    let (status, old) = post(&a, "/internal/tenants/acme/export", b"");
+    assert_eq!(status, 200);
+    assert_eq!(post(&a, "/internal/tenants/acme/thaw", b"").0, 204);
+    assert_eq!(counter_call(&a, &id).0, 2);
+    // The snapshot of move m1: the tenant at 2.
+    let (status, moved) = post(&a, "/internal/tenants/acme/export?move=m1", b"");
+    assert_eq!(status, 200);
+
+    // Neither the old snapshot, nor m1's under another move or none, is
+    // taken for move m1's.
+    for (bytes, path) in [
+        (&old, "/internal/tenants/acme/import?move=m1"),
+        (&moved, "/internal/tenants/acme/import?move=m2"),
+        (&moved, "/internal/tenants/acme/import"),
+        (&moved, "/internal/tenants/acme/import?move=m1&replace=true"),
+        (&moved, "/internal/tenants/acme/import?move=not%20an%20id"),
+    ] {
+        let (status, body) = post(&b, path, bytes);
+        assert_eq!(status, 400, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    let (_, list) = b.request("GET", "/functions", Some("acme"), "", b"");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&list).unwrap()["functions"],
+        serde_json::json!([]),
+        "nothing refused was installed"
+    );
+    // A header changed after it was signed is refused too.
+    let mut changed = old.clone();
+    changed[12] |= 8;
+    let (status, body) = post(&b, "/internal/tenants/acme/import", &changed);
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("header"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // m1's snapshot as m1's: the tenant goes on from 2.
+    let (status, body) = post(&b, "/internal/tenants/acme/import?move=m1", &moved);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(counter_call(&b, &id).0, 3);
+}

@@ -701,3 +701,30 @@ fn a_source_killed_after_its_final_round_resumes_the_tenant_on_its_destination()
     }
     assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body[..20]).0, 4);
 }
+
+#[test]
+fn a_stop_and_copy_move_carries_a_snapshot_sealed_to_it() {
+    let fleet = TestFleet::start_with(2, ProxyOptions::default(), |_| {
+        vec!["--snapshot-key", "seal-key-seal-key-seal-key-seal-key"]
+    });
+    let id = fleet.deploy_counter("tok-acme");
+    assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body).0, 1);
+    let from = fleet.proxy.placement("acme").unwrap();
+    let to = if from == "cpu0" { "cpu1" } else { "cpu0" };
+    let body = serde_json::json!({"to": to, "protocol": "stop-and-copy"}).to_string();
+    let r = fleet.proxy.admin(
+        "POST",
+        "/admin/tenants/acme/migrate",
+        Some(("application/json", body.as_bytes())),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["protocol"], "stop-and-copy", "{}", r.text());
+    assert_eq!(fleet.proxy.placement("acme").unwrap(), to);
+    assert_eq!(parse_counter(&fleet.count("tok-acme", &id).body).0, 2);
+    // The stored bytes were sealed to the move, and imported as its.
+    let log = fleet.proxy.log_text();
+    assert!(
+        log.contains("snapshot of the move stored, sealed to the move"),
+        "{log}"
+    );
+}

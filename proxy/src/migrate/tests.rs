@@ -189,7 +189,7 @@ impl Setup {
             let path = self.stored(tenant);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, bytes).unwrap();
-            block_on(self.fleet.table().record_snapshot(&t(tenant), path)).unwrap();
+            block_on(self.fleet.table().record_snapshot(&t(tenant), path, None)).unwrap();
         }
     }
 }
@@ -311,6 +311,7 @@ async fn step1_the_move_is_recorded_and_the_gate_closed_before_the_export() {
             session: None,
             mover: None,
             pausing: false,
+            seal: None,
         })
     );
     assert_eq!(s.home("acme").as_deref(), Some(A));
@@ -1046,6 +1047,7 @@ async fn precopy_step1_and_2_the_session_is_recorded_and_the_tenant_runs_while_i
             session: Some(SESSION.into()),
             mover: None,
             pausing: false,
+            seal: None,
         })
     );
     // The gate stays open: requests of acme go to A meanwhile.

@@ -710,15 +710,17 @@ impl EtcdPlacements {
         Ok(revision)
     }
 
-    /// Records where `tenant`'s exported snapshot was kept, if its move is
-    /// still recorded.
+    /// Records where `tenant`'s exported snapshot was kept, and the move
+    /// id it is sealed to, if its move is still recorded.
     pub async fn record_snapshot(
         &self,
         tenant: &TenantId,
         path: std::path::PathBuf,
+        seal: Option<String>,
     ) -> Result<(), PlacementError> {
         let mut mv = self.own_move(tenant)?;
         mv.snapshot = Some(path);
+        mv.seal = seal;
         self.rewrite_move(tenant, &mv).await
     }
 

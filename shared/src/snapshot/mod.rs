@@ -7,17 +7,24 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `TWSNAP\0\1` |
 //! | 8 | 4 | format version ([`FORMAT_VERSION`]) |
-//! | 12 | 4 | flags (bit 0: keyed) |
+//! | 12 | 4 | flags (bit 0: keyed; bit 1: sealed; bit 2: made for a move) |
 //! | 16 | 8 | payload length in bytes |
 //! | 24 | 32 | BLAKE3 of the payload |
 //! | 56 | 32 | HMAC-SHA256 of the payload under `TENSOR_WASM_SNAPSHOT_KEY` (zeros when unkeyed) |
-//! | 88 | 8 | zero padding |
+//! | 88 | 8 | the seal: keyed BLAKE3 of bytes 0–87 (and of the move id, for a move), its first 8 bytes; zeros when unsealed |
 //!
 //! [`decode`] checks, in this order and before anything else looks at the
 //! payload: magic and version (this reader accepts its own version and the
 //! one before), length, checksum, the HMAC when a key is configured (an
-//! unkeyed snapshot is refused then), and rkyv's validation of every
-//! pointer and length in the archive. The importer then checks semantic
+//! unkeyed snapshot is refused then), the seal, and rkyv's validation of
+//! every pointer and length in the archive.
+//!
+//! The seal authenticates the header itself (its version and flags are
+//! outside the HMAC, which older readers check alone) and binds a
+//! snapshot made for a move to that move's id ([`encode_bound`],
+//! [`decode_bound`]): an old signed snapshot cannot stand in for the one a
+//! move made. It sits where the header had zeros, so readers of earlier
+//! releases, which check the HMAC only, read sealed snapshots as before. The importer then checks semantic
 //! limits (sizes, dims, quotas) before touching live state. Compiled code
 //! never travels: modules are carried as wasm bytes and compiled on import.
 
@@ -38,6 +45,14 @@ pub const OLDEST_READABLE_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 96;
 /// Flag bit: the HMAC field is set.
 pub const FLAG_KEYED: u32 = 1;
+/// Flag bit: the header carries its seal (bytes 88–95).
+pub const FLAG_SEALED: u32 = 2;
+/// Flag bit: the seal binds the snapshot to a move's id.
+pub const FLAG_MOVE: u32 = 4;
+/// Every flag this build knows.
+const KNOWN_FLAGS: u32 = FLAG_KEYED | FLAG_SEALED | FLAG_MOVE;
+/// Key derivation context of the seal's key.
+const SEAL_CONTEXT: &str = "tensor-wasm snapshot format 1 header seal";
 /// Fewest bytes of `TENSOR_WASM_SNAPSHOT_KEY` an executor signs with: 32,
 /// as many as the keyed hash's own key (`openssl rand -hex 32` makes 64).
 pub const MIN_KEY_BYTES: usize = 32;
@@ -132,6 +147,10 @@ pub enum SnapshotError {
     Unkeyed,
     #[error("snapshot signature does not match TENSOR_WASM_SNAPSHOT_KEY")]
     BadSignature,
+    /// The seal does not hold, or binds the snapshot to another move (or to
+    /// none when a move's is asked for).
+    #[error("snapshot is not the one for this: {0}")]
+    WrongSeal(String),
     #[error("snapshot archive is malformed: {0}")]
     Malformed(String),
     #[error("cannot encode the snapshot: {0}")]
@@ -161,8 +180,33 @@ pub fn checksum(payload: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// Encodes a snapshot, signing it when `key` is given.
+/// The seal of `header` (its first 88 bytes), bound to `bound` (a move's
+/// id) when given.
+fn seal(key: &[u8], header: &[u8], bound: Option<&str>) -> [u8; 8] {
+    let mut h = blake3::Hasher::new_keyed(&blake3::derive_key(SEAL_CONTEXT, key));
+    h.update(&header[..88]);
+    if let Some(id) = bound {
+        h.update(b"move\0");
+        h.update(id.as_bytes());
+    }
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    tag
+}
+
+/// Encodes a snapshot, signing and sealing it when `key` is given.
 pub fn encode(snapshot: &TenantSnapshot, key: Option<&[u8]>) -> Result<Vec<u8>, SnapshotError> {
+    encode_bound(snapshot, key, None)
+}
+
+/// As [`encode`]; with `bound` (a move's id) and a key, the seal binds the
+/// snapshot to that move, and only [`decode_bound`] with the same id
+/// reads it.
+pub fn encode_bound(
+    snapshot: &TenantSnapshot,
+    key: Option<&[u8]>,
+    bound: Option<&str>,
+) -> Result<Vec<u8>, SnapshotError> {
     // The archive is written straight after a header-sized gap, so the
     // payload is never copied: rkyv's pointers are relative, and 96 is a
     // multiple of every alignment the archive uses (16 at most).
@@ -173,12 +217,18 @@ pub fn encode(snapshot: &TenantSnapshot, key: Option<&[u8]>) -> Result<Vec<u8>, 
     let signature = key.map(|k| mac(k, payload).finalize().into_bytes());
     header[..8].copy_from_slice(&MAGIC);
     header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    let flags = if key.is_some() { FLAG_KEYED } else { 0 };
+    let flags = match (key, bound) {
+        (None, _) => 0,
+        (Some(_), None) => FLAG_KEYED | FLAG_SEALED,
+        (Some(_), Some(_)) => FLAG_KEYED | FLAG_SEALED | FLAG_MOVE,
+    };
     header[12..16].copy_from_slice(&flags.to_le_bytes());
     header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     header[24..56].copy_from_slice(&sum);
-    if let Some(sig) = signature {
+    if let (Some(sig), Some(k)) = (signature, key) {
         header[56..88].copy_from_slice(&sig);
+        let tag = seal(k, header, bound);
+        header[88..96].copy_from_slice(&tag);
     }
     Ok(out)
 }
@@ -188,12 +238,28 @@ pub fn encode(snapshot: &TenantSnapshot, key: Option<&[u8]>) -> Result<Vec<u8>, 
 pub struct Header {
     pub version: u32,
     pub keyed: bool,
+    /// Its seal authenticates the header (checked when read with a key).
+    pub sealed: bool,
+    /// Made for a move, and readable only as that move's.
+    pub for_move: bool,
     pub payload_len: u64,
 }
 
 /// Reads and checks the header and the payload's integrity (steps 1–4 of
 /// the validation order), without decoding the archive.
 pub fn verify(bytes: &[u8], key: Option<&[u8]>, max_payload: u64) -> Result<Header, SnapshotError> {
+    verify_bound(bytes, key, max_payload, None)
+}
+
+/// As [`verify`]; with a key, a snapshot made for a move is read only
+/// with that move's id as `bound`, and `bound` reads only a snapshot made
+/// for it. Without a key nothing is authenticated, the seal included.
+pub fn verify_bound(
+    bytes: &[u8],
+    key: Option<&[u8]>,
+    max_payload: u64,
+    bound: Option<&str>,
+) -> Result<Header, SnapshotError> {
     if bytes.len() < HEADER_LEN {
         return Err(SnapshotError::Truncated(bytes.len()));
     }
@@ -228,12 +294,69 @@ pub fn verify(bytes: &[u8], key: Option<&[u8]>, max_payload: u64) -> Result<Head
         mac(k, payload)
             .verify_slice(&header[56..88])
             .map_err(|_| SnapshotError::BadSignature)?;
+        check_seal(k, header, flags, bound)?;
     }
     Ok(Header {
         version,
         keyed,
+        sealed: flags & FLAG_SEALED != 0,
+        for_move: flags & FLAG_MOVE != 0,
         payload_len: declared,
     })
+}
+
+/// The seal of a signed header (its HMAC checked already): a sealed header
+/// is as it was written, with no flag this reader does not know, and made
+/// for the move `bound` names, or for none when `bound` is none. A header
+/// of an earlier release has no seal, and is read as before, but never as
+/// a move's.
+fn check_seal(
+    key: &[u8],
+    header: &[u8],
+    flags: u32,
+    bound: Option<&str>,
+) -> Result<(), SnapshotError> {
+    let wrong = |why: &str| Err(SnapshotError::WrongSeal(why.into()));
+    if flags & FLAG_SEALED == 0 {
+        return match bound {
+            Some(_) => wrong("it was not made for this move"),
+            None => Ok(()),
+        };
+    }
+    let for_move = flags & FLAG_MOVE != 0;
+    let bound = match (bound, for_move) {
+        (Some(id), true) => Some(id),
+        (None, false) => None,
+        (Some(_), false) => return wrong("it was not made for this move"),
+        (None, true) => return wrong("it was made for a move, and only that move imports it"),
+    };
+    // `blake3::Hash` would compare in constant time; 8 bytes are compared
+    // here the same way.
+    let expected = seal(key, header, bound);
+    let diff = expected
+        .iter()
+        .zip(&header[88..96])
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if diff != 0 {
+        return wrong(if bound.is_some() {
+            "it was made for another move, or its header was changed"
+        } else {
+            "its header was changed"
+        });
+    }
+    if flags & !KNOWN_FLAGS != 0 {
+        return wrong(&format!("flags {flags:#x} are not known to this reader"));
+    }
+    Ok(())
+}
+
+/// Whether `bytes`' header says the snapshot was sealed to a move, as its
+/// writer set it: unchecked, for a proxy deciding how to ask for its
+/// import (the importer checks the seal).
+pub fn sealed_for_move(bytes: &[u8]) -> bool {
+    bytes.len() >= HEADER_LEN
+        && bytes[..8] == MAGIC
+        && u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) & FLAG_MOVE != 0
 }
 
 /// Checks and decodes a snapshot (steps 1–5 of the validation order).
@@ -242,7 +365,17 @@ pub fn decode(
     key: Option<&[u8]>,
     max_payload: u64,
 ) -> Result<TenantSnapshot, SnapshotError> {
-    verify(bytes, key, max_payload)?;
+    decode_bound(bytes, key, max_payload, None)
+}
+
+/// As [`decode`], with the seal checked as [`verify_bound`] does.
+pub fn decode_bound(
+    bytes: &[u8],
+    key: Option<&[u8]>,
+    max_payload: u64,
+    bound: Option<&str>,
+) -> Result<TenantSnapshot, SnapshotError> {
+    verify_bound(bytes, key, max_payload, bound)?;
     // The archive must sit 16-byte aligned: read it in place when it does,
     // else from an aligned copy.
     let payload = &bytes[HEADER_LEN..];
@@ -370,5 +503,64 @@ mod tests {
             decode(&bytes, None, MAX),
             Err(SnapshotError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn the_seal_authenticates_the_header_and_binds_a_move_snapshot_to_its_move() {
+        let k: &[u8] = b"k";
+        let s = sample();
+        let sealed = encode(&s, Some(k)).unwrap();
+        let h = verify(&sealed, Some(k), MAX).unwrap();
+        assert!(h.sealed && !h.for_move);
+        // Any change to the header's flags is caught, even where the HMAC
+        // (over the payload only) still holds.
+        let mut flipped = sealed.clone();
+        flipped[12] |= 8;
+        assert!(matches!(
+            decode(&flipped, Some(k), MAX),
+            Err(SnapshotError::WrongSeal(_))
+        ));
+        // A snapshot of an earlier release (no seal) reads as before, but
+        // never as a move's.
+        let mut old = sealed.clone();
+        old[12] = 1;
+        old[88..96].fill(0);
+        assert_eq!(decode(&old, Some(k), MAX).unwrap(), s);
+        assert!(matches!(
+            decode_bound(&old, Some(k), MAX, Some("m1")),
+            Err(SnapshotError::WrongSeal(_))
+        ));
+
+        // Made for move m1: read as m1's only.
+        let moved = encode_bound(&s, Some(k), Some("m1")).unwrap();
+        assert!(
+            verify_bound(&moved, Some(k), MAX, Some("m1"))
+                .unwrap()
+                .for_move
+        );
+        assert_eq!(decode_bound(&moved, Some(k), MAX, Some("m1")).unwrap(), s);
+        for other in [Some("m2"), None] {
+            let e = decode_bound(&moved, Some(k), MAX, other).unwrap_err();
+            assert!(matches!(e, SnapshotError::WrongSeal(_)), "{other:?}: {e}");
+        }
+        // Nor can a snapshot made for no move, or another key's, stand in
+        // for a move's.
+        assert!(matches!(
+            decode_bound(&sealed, Some(k), MAX, Some("m1")),
+            Err(SnapshotError::WrongSeal(_))
+        ));
+        assert_eq!(
+            decode_bound(&moved, Some(b"other"), MAX, Some("m1")),
+            Err(SnapshotError::BadSignature)
+        );
+        // Stripping the move flag breaks the seal.
+        let mut stripped = moved.clone();
+        stripped[12] &= !(FLAG_MOVE as u8);
+        assert!(matches!(
+            decode(&stripped, Some(k), MAX),
+            Err(SnapshotError::WrongSeal(_))
+        ));
+        // A reader without a key authenticates nothing, the seal included.
+        assert_eq!(decode(&moved, None, MAX).unwrap(), s);
     }
 }

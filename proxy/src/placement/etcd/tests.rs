@@ -152,6 +152,7 @@ async fn what_one_proxy_writes_reaches_the_others_copy_by_the_watch() {
         session: Some("s1".into()),
         mover: None,
         pausing: false,
+        seal: None,
     };
     a.begin_move(&t, &mv).await.unwrap();
     assert!(b.wait_for(a.written(), Duration::from_secs(10)).await);
@@ -238,6 +239,7 @@ async fn a_pause_waits_for_every_live_proxy_and_a_dead_movers_move_is_taken_over
         session: Some("s1".into()),
         mover: a.member(),
         pausing: false,
+        seal: None,
     };
     a.begin_move(&t, &mv).await.unwrap();
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
