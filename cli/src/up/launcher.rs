@@ -190,9 +190,10 @@ impl Proxies {
             "--audit-log".into(),
             Proxies::audit_log(state, k).into(),
         ];
-        if let Some(p) = &self.placement {
-            args.extend(["--placement".into(), p.into()]);
-        }
+        // Always given, so that a TENSOR_WASM_PLACEMENT in `up`'s
+        // environment cannot tell a proxy otherwise.
+        let placement = self.placement.as_deref().unwrap_or("file");
+        args.extend(["--placement".into(), placement.into()]);
         if self.count > 1 {
             args.push("--reuse-port".into());
         }

@@ -77,7 +77,7 @@ pub struct Args {
     /// The proxies' placement table: `file` (one proxy), or
     /// `etcd://host:port[,…][/prefix]` for an etcd of your own. Left out:
     /// the file for one proxy; for more, an etcd this command runs.
-    #[arg(long)]
+    #[arg(long, env = env::PLACEMENT)]
     placement: Option<String>,
 }
 
