@@ -45,7 +45,8 @@ def main() -> None:
         }
 
         def by_client() -> np.ndarray:
-            return fn(x=x)["y"]
+            y: np.ndarray = fn(x=x)["y"]
+            return y
 
         def by_httpx() -> np.ndarray:
             resp = raw.post(path, content=save({"x": x}), headers=headers)

@@ -27,6 +27,7 @@ from .client import (
     _encode,
     _error,
     _find,
+    _output_kind,
     _outputs,
     _registration,
     _retry_after,
@@ -104,18 +105,23 @@ class AsyncClient:
         listed: list[dict[str, Any]] = (await self.request("GET", "/functions")).json()["functions"]
         return listed
 
-    async def function(self, id_or_name: str) -> AsyncFunction:
-        return AsyncFunction(self, _find(await self.functions(), id_or_name))
+    async def function(self, id_or_name: str, *, output: str = "numpy") -> AsyncFunction:
+        """As `Client.function`: outputs as numpy arrays, or torch tensors
+        with `output="torch"`."""
+        return AsyncFunction(self, _find(await self.functions(), id_or_name), output=output)
 
 
 class AsyncFunction:
     """A deployed function, called with `await`."""
 
-    def __init__(self, client: AsyncClient, info: Mapping[str, Any]) -> None:
+    def __init__(
+        self, client: AsyncClient, info: Mapping[str, Any], *, output: str = "numpy"
+    ) -> None:
         self.client = client
         self.info = dict(info)
         self.id: str = info["id"]
         self.name: str = info["name"]
+        self.output = _output_kind(output)
 
     def __repr__(self) -> str:
         return f"AsyncFunction({self.name!r}, id={self.id!r})"
@@ -127,7 +133,7 @@ class AsyncFunction:
             content=_encode(inputs),
             headers={"content-type": SAFETENSORS, "accept": SAFETENSORS},
         )
-        return _outputs(resp)
+        return _outputs(resp, self.output)
 
     async def call_raw(self, data: bytes, content_type: str = OCTET_STREAM) -> bytes:
         resp = await self.client.request(
@@ -156,7 +162,7 @@ class AsyncFunction:
                     raise _error(resp)
                 if not resp.headers.get("content-type", "").startswith("text/event-stream"):
                     await resp.aread()
-                    yield _outputs(resp)
+                    yield _outputs(resp, self.output)
                     return
                 event, lines = "message", list[str]()
                 async for line in resp.aiter_lines():
@@ -169,7 +175,7 @@ class AsyncFunction:
                             lines.append(value)
                         continue
                     if lines and event in STREAM_EVENTS:
-                        chunk = _chunk(event, "\n".join(lines))
+                        chunk = _chunk(event, "\n".join(lines), self.output)
                         if chunk is None:
                             return
                         yield chunk
@@ -185,15 +191,16 @@ class AsyncFunction:
             content=_encode(inputs),
             headers={"content-type": SAFETENSORS},
         )
-        return AsyncJob(self.client, resp.json()["job_id"])
+        return AsyncJob(self.client, resp.json()["job_id"], output=self.output)
 
 
 class AsyncJob:
     """An async invocation, awaited."""
 
-    def __init__(self, client: AsyncClient, job_id: str) -> None:
+    def __init__(self, client: AsyncClient, job_id: str, *, output: str = "numpy") -> None:
         self.client = client
         self.id = job_id
+        self.output = _output_kind(output)
 
     async def info(self) -> dict[str, Any]:
         info: dict[str, Any] = (await self.client.request("GET", f"/jobs/{self.id}")).json()
@@ -204,7 +211,7 @@ class AsyncJob:
             while True:
                 info = await self.info()
                 if info["status"] == "succeeded":
-                    return _as_arrays((info.get("result") or {}).get("outputs", {}))
+                    return _as_arrays((info.get("result") or {}).get("outputs", {}), self.output)
                 if info["status"] == "failed":
                     err = info.get("error") or {}
                     raise from_answer(

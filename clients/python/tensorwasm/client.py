@@ -21,7 +21,11 @@ from safetensors.numpy import save as st_save
 from .errors import TensorWasmError, Unreachable, from_answer
 
 Array = npt.NDArray[Any]
-Outputs = dict[str, Array]
+#: A call's named outputs: numpy arrays, or torch tensors when the function
+#: was asked for them (`client.function(name, output="torch")`).
+Outputs = dict[str, Any]
+#: What outputs come as.
+OUTPUT_KINDS = ("numpy", "torch")
 
 #: The environment variables the `tensor-wasm` CLI reads too.
 URL_ENV = "TENSOR_WASM_URL"
@@ -88,13 +92,44 @@ def _error(resp: httpx.Response) -> TensorWasmError:
     )
 
 
-def _as_arrays(outputs: Mapping[str, Any]) -> Outputs:
-    """A JSON answer's `outputs` as numpy arrays."""
+def _as_arrays(outputs: Mapping[str, Any], output: str = "numpy") -> Outputs:
+    """A JSON answer's `outputs` as numpy arrays (or torch tensors)."""
     arrays: Outputs = {}
     for name, t in outputs.items():
         data = [float(v) if isinstance(v, str) else v for v in t["data"]]
         arrays[name] = np.asarray(data, dtype=JSON_DTYPES[t["dtype"]]).reshape(t["shape"])
-    return arrays
+    return _convert(arrays, output)
+
+
+def _output_kind(output: str) -> str:
+    if output not in OUTPUT_KINDS:
+        raise ValueError(f"output={output!r}: expected one of {', '.join(OUTPUT_KINDS)}")
+    if output == "torch":
+        _torch()
+    return output
+
+
+def _torch() -> Any:
+    """The torch module, which is optional (`pip install tensorwasm[torch]`)."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("torch tensors need torch: pip install 'tensorwasm[torch]'") from e
+    return torch
+
+
+def _is_torch(value: Any) -> bool:
+    """Whether `value` is a torch tensor, without importing torch."""
+    return type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach")
+
+
+def _convert(arrays: Mapping[str, Array], output: str) -> Outputs:
+    """Numpy arrays as `output` asks: themselves, or torch tensors (copies,
+    so that each is writable and owns its memory)."""
+    if output != "torch":
+        return dict(arrays)
+    torch = _torch()
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
 
 
 class Client:
@@ -188,12 +223,13 @@ class Client:
         listed: list[dict[str, Any]] = self.request("GET", "/functions").json()["functions"]
         return listed
 
-    def function(self, id_or_name: str) -> Function:
-        """The function with this id, or else this name."""
-        return Function(self, _find(self.functions(), id_or_name))
+    def function(self, id_or_name: str, *, output: str = "numpy") -> Function:
+        """The function with this id, or else this name; its outputs come as
+        numpy arrays, or as torch tensors with `output="torch"`."""
+        return Function(self, _find(self.functions(), id_or_name), output=output)
 
-    def job(self, job_id: str) -> Job:
-        return Job(self, job_id)
+    def job(self, job_id: str, *, output: str = "numpy") -> Job:
+        return Job(self, job_id, output=output)
 
 
 class Admin:
@@ -270,13 +306,17 @@ class Admin:
 
 class Function:
     """A deployed function: call it with arrays (`fn(x=array)`), raw bytes
-    (`fn.call_raw(data)`), or as a job (`fn.submit(x=array)`)."""
+    (`fn.call_raw(data)`), or as a job (`fn.submit(x=array)`). Inputs may
+    be numpy arrays, torch tensors (bf16 included), or anything `np.asarray`
+    takes; outputs are numpy arrays, or torch tensors when `output` is
+    `"torch"`."""
 
-    def __init__(self, client: Client, info: Mapping[str, Any]) -> None:
+    def __init__(self, client: Client, info: Mapping[str, Any], *, output: str = "numpy") -> None:
         self.client = client
         self.info = dict(info)
         self.id: str = info["id"]
         self.name: str = info["name"]
+        self.output = _output_kind(output)
 
     def __repr__(self) -> str:
         return f"Function({self.name!r}, id={self.id!r})"
@@ -292,7 +332,7 @@ class Function:
             content=body,
             headers={"content-type": SAFETENSORS, "accept": SAFETENSORS},
         )
-        return _outputs(resp)
+        return _outputs(resp, self.output)
 
     def call_raw(self, data: bytes, content_type: str = OCTET_STREAM) -> bytes:
         """Calls it with a raw body; the raw answer."""
@@ -323,12 +363,12 @@ class Function:
                 # An invocation that failed before its first chunk, or an
                 # executor that does not stream: an ordinary answer.
                 resp.read()
-                yield _outputs(resp)
+                yield _outputs(resp, self.output)
                 return
             for event, payload in _events(resp.iter_lines()):
                 if event not in STREAM_EVENTS:
                     continue
-                chunk = _chunk(event, payload)
+                chunk = _chunk(event, payload, self.output)
                 if chunk is None:
                     return
                 yield chunk
@@ -343,12 +383,25 @@ class Function:
             content=body,
             headers={"content-type": SAFETENSORS},
         )
-        return Job(self.client, resp.json()["job_id"])
+        return Job(self.client, resp.json()["job_id"], output=self.output)
 
 
 def _encode(inputs: Mapping[str, Any]) -> bytes:
-    """Named tensors (arrays, or anything `np.asarray` takes) as one
-    safetensors body."""
+    """Named tensors (numpy arrays, torch tensors, or anything `np.asarray`
+    takes) as one safetensors body. With a torch tensor among them, torch
+    writes the body, so that bf16 travels as bf16; a tensor on a GPU is
+    copied to the host first."""
+    if any(_is_torch(v) for v in inputs.values()):
+        from safetensors.torch import save as st_save_torch
+
+        torch = _torch()
+
+        def host(v: Any) -> Any:
+            if _is_torch(v):
+                return v.detach().to("cpu").contiguous()
+            return torch.from_numpy(np.ascontiguousarray(np.asarray(v)))
+
+        return bytes(st_save_torch({k: host(v) for k, v in inputs.items()}))
     return bytes(st_save({k: np.ascontiguousarray(np.asarray(v)) for k, v in inputs.items()}))
 
 
@@ -419,7 +472,7 @@ def _registration(
 STREAM_EVENTS = frozenset({"text", "bytes", "tensors", "error", "end"})
 
 
-def _chunk(event: str, data: str) -> bytes | Outputs | None:
+def _chunk(event: str, data: str, output: str = "numpy") -> bytes | Outputs | None:
     """What one of the `STREAM_EVENTS` gives: a chunk; None at the
     stream's `end`; its exception for an `error`."""
     if event == "text":
@@ -427,7 +480,7 @@ def _chunk(event: str, data: str) -> bytes | Outputs | None:
     if event == "bytes":
         return base64.b64decode(data)
     if event == "tensors":
-        return _as_arrays(json.loads(data))
+        return _as_arrays(json.loads(data), output)
     if event == "error":
         err = json.loads(data)["error"]
         raise from_answer(200, err.get("code"), err.get("message", ""), None, None)
@@ -454,25 +507,31 @@ def _events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
             data.append(value)
 
 
-def _outputs(resp: httpx.Response) -> Outputs:
+def _outputs(resp: httpx.Response, output: str = "numpy") -> Outputs:
     media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == SAFETENSORS:
+        if output == "torch":
+            # bf16 stays bf16: numpy has no such dtype.
+            from safetensors.torch import load as st_load_torch
+
+            return dict(st_load_torch(resp.content))
         return dict(st_load(resp.content))
     if media == "application/json":
         body = resp.json()
         outputs = _as_arrays(body.get("outputs", {}))
         if body.get("raw_b64"):
             outputs["raw"] = np.frombuffer(base64.b64decode(body["raw_b64"]), dtype=np.uint8)
-        return outputs
-    return {"raw": np.frombuffer(resp.content, dtype=np.uint8)}
+        return _convert(outputs, output)
+    return _convert({"raw": np.frombuffer(resp.content, dtype=np.uint8)}, output)
 
 
 class Job:
     """An async invocation (`invoke-async`)."""
 
-    def __init__(self, client: Client, job_id: str) -> None:
+    def __init__(self, client: Client, job_id: str, *, output: str = "numpy") -> None:
         self.client = client
         self.id = job_id
+        self.output = _output_kind(output)
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
@@ -495,7 +554,7 @@ class Job:
         while True:
             info = self.info()
             if info["status"] == "succeeded":
-                return _as_arrays((info.get("result") or {}).get("outputs", {}))
+                return _as_arrays((info.get("result") or {}).get("outputs", {}), self.output)
             if info["status"] == "failed":
                 err = info.get("error") or {}
                 raise from_answer(
