@@ -381,6 +381,9 @@ pub fn run(config: ProxyConfig) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// How long a starting proxy waits for an etcd that does not answer yet.
+const ETCD_START_PATIENCE: Duration = Duration::from_secs(60);
+
 /// This proxy's id among those sharing a placement table: the host's name
 /// (a pod's, on Kubernetes), the admin port, and a random part, so that a
 /// restarted proxy never takes the place of its former self.
@@ -434,15 +437,29 @@ async fn open_fleet(config: &ProxyConfig) -> Result<Fleet, ProxyError> {
                 }
                 options = options.with_tls(tls);
             }
-            let table = EtcdPlacements::connect(endpoints, prefix, Some(options))
-                .await
-                .map_err(|e| ProxyError::Placement(e.to_string()))?;
+            // etcd may come up after the proxies (a fresh cluster, a slow
+            // disk): wait for it a while rather than exit at once, unless
+            // it refuses this proxy.
+            let started = std::time::Instant::now();
+            let table = loop {
+                match EtcdPlacements::connect(endpoints, prefix, Some(options.clone())).await {
+                    Ok(table) => break table,
+                    Err(e) if e.is_transient() && started.elapsed() < ETCD_START_PATIENCE => {
+                        tracing::warn!(error = %e, "etcd not reachable yet; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => return Err(ProxyError::Placement(e.to_string())),
+                }
+            };
             import_file_table(&table, &config.state_dir).await?;
             let id = proxy_id(&config.admin_listen);
-            table
-                .join(&id)
-                .await
-                .map_err(|e| ProxyError::Placement(e.to_string()))?;
+            while let Err(e) = table.join(&id).await {
+                if started.elapsed() >= ETCD_START_PATIENCE {
+                    return Err(ProxyError::Placement(e.to_string()));
+                }
+                tracing::warn!(error = %e, "cannot join the proxies in etcd yet; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             tracing::info!(endpoints = %endpoints.join(","), %prefix, revision = table.revision(), proxy = %id, "placement table in etcd");
             table.into()
         }

@@ -30,6 +30,8 @@ const RESTART_BACKOFF: Duration = Duration::from_secs(2);
 /// How long a child may take to stop after SIGTERM before SIGKILL; an
 /// executor writes its warm state on the way out.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Starts of a proxy tried before `up` gives up booting.
+const BOOT_TRIES: u32 = 3;
 /// Longest the new proxy may take to be ready for the old one's sockets.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -125,11 +127,7 @@ impl Supervisor {
     /// imported by it.
     pub fn boot_proxies(&mut self) -> anyhow::Result<()> {
         for k in 0..self.launcher.proxies.count {
-            let mut proxy = self
-                .launcher
-                .proxy(k, None, false, &self.executor_specs())?;
-            let port = self.launcher.proxies.admin_port(k);
-            wait_healthy(port, &mut proxy, &Proxies::name(k))?;
+            let proxy = self.boot_proxy(k)?;
             self.proxies.push(ProxyRunning {
                 child: Some(proxy),
                 restarts: 0,
@@ -138,6 +136,36 @@ impl Supervisor {
             });
         }
         Ok(())
+    }
+
+    /// Starts proxy `k` and waits until it answers on its admin port,
+    /// trying [`BOOT_TRIES`] times: a proxy that exits at start (its etcd
+    /// too slow to answer on a loaded machine) is started again, as it
+    /// would be once the fleet runs.
+    fn boot_proxy(&mut self, k: usize) -> anyhow::Result<Child> {
+        let name = Proxies::name(k);
+        let port = self.launcher.proxies.admin_port(k);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut proxy = self
+                .launcher
+                .proxy(k, None, false, &self.executor_specs())?;
+            match wait_healthy(port, &mut proxy, &name) {
+                Ok(()) => return Ok(proxy),
+                Err(e) if tries < BOOT_TRIES => {
+                    tracing::warn!(proxy = %name, error = %e, "proxy did not start; trying again");
+                    let _ = proxy.kill();
+                    let _ = proxy.wait();
+                    std::thread::sleep(RESTART_BACKOFF);
+                }
+                Err(e) => {
+                    let _ = proxy.kill();
+                    let _ = proxy.wait();
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// Starts etcd from the calling thread and waits until it answers

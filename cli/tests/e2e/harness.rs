@@ -925,9 +925,23 @@ impl UpProcess {
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // The supervisor's own log, its last lines kept for a failed start.
+        let said = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        {
+            let (said, stderr) = (said.clone(), child.stderr.take().unwrap());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut said = said.lock().unwrap();
+                    if said.len() == 40 {
+                        said.pop_front();
+                    }
+                    said.push_back(line);
+                }
+            });
+        }
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -942,7 +956,17 @@ impl UpProcess {
         });
         let stdout = rx
             .recv_timeout(Duration::from_secs(120))
-            .expect("the fleet did not come up");
+            .unwrap_or_else(|e| {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                let said: Vec<String> = said.lock().unwrap().iter().cloned().collect();
+                panic!(
+                    "the fleet did not come up ({e}); up said:\n{}\nits children's logs:\n{}",
+                    said.join("\n"),
+                    log_tails(&state.join("logs"))
+                )
+            });
         UpProcess {
             child,
             state: state.to_path_buf(),
@@ -1501,4 +1525,19 @@ impl CounterLoad {
             .collect();
         (counts, self.failures.load(Ordering::Relaxed))
     }
+}
+
+/// The last lines of every log in `dir`, for a failure's message.
+fn log_tails(dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out.push_str(&format!("== {}\n", entry.path().display()));
+        for line in &lines[lines.len().saturating_sub(15)..] {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }

@@ -628,3 +628,41 @@ fn proxies_reach_etcd_over_tls_as_a_user_and_a_wrong_password_is_refused() {
         || ps.iter().all(|p| live_proxies(p).len() == 2),
     );
 }
+
+#[test]
+fn a_proxy_started_before_its_etcd_waits_for_it() {
+    let mut etcd = EtcdProcess::start();
+    etcd.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
+    let mut p = ProxyProcess::spawn(
+        &dir.path().join("p0"),
+        &[&a],
+        ProxyOptions {
+            tokens: tokens(),
+            extra_args: vec!["--placement".into(), etcd.placement()],
+            ..ProxyOptions::default()
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "the proxy gave up on etcd at once:\n{}",
+        p.log_text()
+    );
+    assert!(
+        p.log_text().contains("etcd not reachable yet"),
+        "{}",
+        p.log_text()
+    );
+    etcd.run();
+    p.wait_ready();
+    let id = p.deploy_counter("tok-t0");
+    let r = p.call(
+        "tok-t0",
+        "POST",
+        &format!("/functions/{id}/invoke"),
+        Some(("text/plain", b"")),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -66,6 +66,27 @@ pub enum EtcdError {
     Corrupt { key: String, reason: String },
 }
 
+impl EtcdError {
+    /// Whether trying again may help: etcd, or the way to it, is not up
+    /// yet or too slow. Not so when etcd refuses this proxy (a wrong
+    /// password, no permission), the address is wrong, or the table is
+    /// corrupt.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EtcdError::Unreachable { source, .. } => match source {
+                // InvalidArgument, PermissionDenied, FailedPrecondition,
+                // Unauthenticated.
+                etcd_client::Error::GRpcStatus(s) => !matches!(i32::from(s.code()), 3 | 7 | 9 | 16),
+                etcd_client::Error::InvalidArgs(_)
+                | etcd_client::Error::InvalidUri(_)
+                | etcd_client::Error::InvalidMetadataValue(_) => false,
+                _ => true,
+            },
+            EtcdError::Corrupt { .. } => false,
+        }
+    }
+}
+
 /// The proxy's copy of the table, and how far it has read etcd's history.
 #[derive(Debug, Default)]
 struct Copy {
@@ -496,13 +517,17 @@ impl EtcdPlacements {
     /// anew after etcd comes back).
     pub async fn join(&self, id: &str) -> Result<(), PlacementError> {
         self.reachable()?;
-        if self.member.set(id.to_string()).is_err() {
+        if self.member.get().is_some() {
             return Ok(());
         }
         let key = self.key("proxies", id);
         let lease = register(&mut self.client.clone(), &key)
             .await
             .map_err(|e| self.unreachable(e))?;
+        // Joined once registered: a join that failed may be tried again.
+        if self.member.set(id.to_string()).is_err() {
+            return Ok(());
+        }
         self.lease.store(lease, Ordering::Release);
         self.apply_local(&format!("proxies/{id}"), Some(&[]), 0)?;
         let task = tokio::spawn(keep_registered(
