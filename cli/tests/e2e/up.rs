@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{UpProcess, alive, parse_counter};
+use crate::harness::{COUNTER, UpProcess, alive, multipart, parse_counter};
 
 #[test]
 fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
@@ -27,7 +27,21 @@ fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
     }
-    let id = up.deploy_counter(&token);
+    // Its warm state in memory only (durability "none"), so that the crash
+    // below loses it whatever the timing; `durable.rs` tests the others.
+    let wasm = wat::parse_str(COUNTER).unwrap();
+    let (ct, body) = multipart(&[
+        ("module", "application/wasm", &wasm),
+        ("config", "application/json", br#"{"durability": "none"}"#),
+    ]);
+    let r = up.api.call(
+        "POST",
+        "/functions?name=counter",
+        &[("authorization", &format!("Bearer {token}"))],
+        Some((&ct, &body)),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
     let invoke = || up.count(&token, &id);
     assert_eq!(parse_counter(&invoke().body).0, 1);
 
@@ -54,7 +68,8 @@ fn up_brings_a_fleet_up_restarts_crashes_and_stops_everything() {
     let (_, pid) = children.iter().find(|(i, _)| *i == home).unwrap().clone();
 
     // SIGKILL the tenant's executor: the supervisor restarts it, and the
-    // tenant's registration is back (its warm state was lost with it).
+    // tenant's registration is back (its warm state, in memory only, was
+    // lost with it).
     std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()
