@@ -260,6 +260,9 @@ struct Admin {
     url: String,
     token: String,
     agent: ureq::Agent,
+    /// Every proxy's admin API, whose metrics count together; the one at
+    /// `url` alone when empty.
+    proxies: Vec<String>,
 }
 
 impl Admin {
@@ -294,9 +297,17 @@ impl Admin {
         Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
     }
 
-    /// The proxy's metrics (`GET /metrics` on the admin listener).
+    /// The proxies' metrics (`GET /metrics` on each admin listener),
+    /// together: the requests of every proxy count.
     fn metrics(&self) -> anyhow::Result<Vec<PromSample>> {
-        self.metrics_at(&self.url)
+        if self.proxies.is_empty() {
+            return self.metrics_at(&self.url);
+        }
+        let mut all = Vec::new();
+        for url in &self.proxies {
+            all.extend(self.metrics_at(url)?);
+        }
+        Ok(all)
     }
 
     /// The metrics of the proxy whose admin API is at `base`.
@@ -421,6 +432,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 )
             })?,
     };
+    let audit_log = args
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| state.join("logs").join("audit.log"));
     let admin = Admin {
         url: args.admin_url.clone(),
         token,
@@ -429,6 +444,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .timeout_global(Some(Duration::from_secs(600)))
             .build()
             .into(),
+        proxies: proxies(&state, &args, &audit_log)
+            .into_iter()
+            .map(|p| p.url)
+            .collect(),
     };
     let record_path = state.join("upgrade.json");
 
@@ -487,10 +506,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?;
         say!("forced past the {name} check: {why} (recorded in the audit log)");
     }
-    let audit_log = args
-        .audit_log
-        .clone()
-        .unwrap_or_else(|| state.join("logs").join("audit.log"));
     if let Some(dir) = &args.backup {
         let others: Vec<PathBuf> = proxies(&state, &args, &audit_log)
             .into_iter()

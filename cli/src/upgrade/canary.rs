@@ -63,6 +63,15 @@ impl Counts {
             }
         }
         c.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // Several proxies' samples: one bucket per bound, their counts
+        // summed.
+        c.buckets.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 += later.1;
+            }
+            same
+        });
         c
     }
 
@@ -238,6 +247,16 @@ mod tests {
         assert_eq!((w.requests, w.errors), (30, 0));
         assert_eq!(w.p99(), Some(0.001));
         assert_eq!(Counts::of(&parse(&text), "cpu2"), Counts::default());
+        // Two proxies' metrics together count as one.
+        let mut both = parse(&text);
+        both.extend(parse(&text));
+        let sum = Counts::of(&both, "cpu0");
+        assert_eq!((sum.requests, sum.errors), (200, 8));
+        assert_eq!(
+            sum.buckets,
+            vec![(0.001, 120), (0.01, 200), (f64::INFINITY, 200)]
+        );
+        assert_eq!(sum.p99(), Some(0.01));
     }
 
     #[test]

@@ -157,6 +157,8 @@ fn two_proxies_share_one_port_and_the_whole_fleet_upgrades_under_load_without_a_
         &up,
         &[
             "--no-progress".as_ref(),
+            "--canary-window".as_ref(),
+            "2s".as_ref(),
             "--backup".as_ref(),
             backup.as_os_str(),
             "--executor-binary".as_ref(),
@@ -186,8 +188,10 @@ fn two_proxies_share_one_port_and_the_whole_fleet_upgrades_under_load_without_a_
     for log in ["audit.log", "audit-1.log"] {
         assert!(folder.join(log).metadata().unwrap().len() > 0, "{log}");
     }
-    // The verification read both proxies.
+    // The canary counted the requests of both proxies, and the
+    // verification read both.
     for line in [
+        "canary: passed on",
         "verified: proxy's build_info",
         "verified: proxy-1's build_info",
         "verified: the audit logs of the 2 proxies hold a record for every request id",
