@@ -338,6 +338,18 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// `port` itself if nothing listens on it, else a free one: a port kept in
+/// `up.json` that another program took while the fleet was down is not
+/// worth failing the start over (the proxies are told the new address).
+pub fn own_port(port: u16, what: &str) -> anyhow::Result<u16> {
+    if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        return Ok(port);
+    }
+    let new = free_port()?;
+    tracing::warn!(child = %what, port, new, "its port is taken by another program; moving to a new one");
+    Ok(new)
+}
+
 /// Waits until `127.0.0.1:port/healthz` answers 200.
 pub fn wait_healthy(port: u16, child: &mut Child, what: &str) -> anyhow::Result<()> {
     wait_ready(&format!("http://127.0.0.1:{port}/healthz"), child, what)
@@ -533,5 +545,15 @@ mod tests {
         let cmd = executor_command(Path::new("tw"), Path::new("/s"), &specs[0]);
         assert_eq!(cmd.get_envs().count(), 0);
         assert_eq!(specs_for(&[], 0, || Ok(1)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_saved_port_another_program_took_is_traded_for_a_free_one() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let moved = own_port(port, "cpu0").unwrap();
+        assert_ne!(moved, port);
+        drop(taken);
+        assert_eq!(own_port(port, "cpu0").unwrap(), port);
     }
 }

@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 
 use super::control::{self, ChildStatus, ProxyUpgraded, Reply, Request, Role, StartExecutor};
 use super::launcher::{
-    EtcdSpec, ExecutorSpec, Launcher, Proxies, Saved, free_port, wait_healthy, wait_ready,
+    EtcdSpec, ExecutorSpec, Launcher, Proxies, Saved, free_port, own_port, wait_healthy, wait_ready,
 };
 
 /// Least time between two restarts of one child.
@@ -112,7 +112,8 @@ impl Supervisor {
 
     /// Starts `spec`'s executor from the calling thread and waits until it
     /// answers; for the start-up, before [`supervise`] runs.
-    pub fn boot_executor(&mut self, spec: ExecutorSpec) -> anyhow::Result<()> {
+    pub fn boot_executor(&mut self, mut spec: ExecutorSpec) -> anyhow::Result<()> {
+        spec.port = own_port(spec.port, &spec.id)?;
         let mut child = self.launcher.executor(&spec)?;
         wait_healthy(spec.port, &mut child, &format!("executor {}", spec.id))?;
         tracing::info!(executor = %spec.id, device = %spec.device, port = spec.port, "executor up");
@@ -169,8 +170,10 @@ impl Supervisor {
     }
 
     /// Starts etcd from the calling thread and waits until it answers
-    /// `/health`; for the start-up, before the proxies.
-    pub fn boot_etcd(&mut self, spec: EtcdSpec) -> anyhow::Result<()> {
+    /// `/health`; for the start-up, before the proxies. Where it runs.
+    pub fn boot_etcd(&mut self, mut spec: EtcdSpec) -> anyhow::Result<EtcdSpec> {
+        // Its clients' port may move; its peer port is in its data.
+        spec.client_port = own_port(spec.client_port, "etcd")?;
         let mut child = self.launcher.etcd(&spec)?;
         wait_ready(
             &format!("http://{}/health", spec.addr()),
@@ -179,12 +182,12 @@ impl Supervisor {
         )?;
         tracing::info!(addr = %spec.addr(), "etcd up");
         self.etcd = Some(EtcdRunning {
-            spec,
+            spec: spec.clone(),
             child: Some(child),
             restarts: 0,
             started: Instant::now(),
         });
-        Ok(())
+        Ok(spec)
     }
 
     fn adopt(&mut self, spec: ExecutorSpec, child: Child) {
