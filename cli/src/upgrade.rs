@@ -436,6 +436,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .audit_log
         .clone()
         .unwrap_or_else(|| state.join("logs").join("audit.log"));
+    // The fleet's proxies, read once: their admin ports and logs stay put
+    // across a proxy's hand-off.
+    let fleet_proxies = proxies(&state, &args, &audit_log);
     let admin = Admin {
         url: args.admin_url.clone(),
         token,
@@ -444,10 +447,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .timeout_global(Some(Duration::from_secs(600)))
             .build()
             .into(),
-        proxies: proxies(&state, &args, &audit_log)
-            .into_iter()
-            .map(|p| p.url)
-            .collect(),
+        proxies: fleet_proxies.iter().map(|p| p.url.clone()).collect(),
     };
     let record_path = state.join("upgrade.json");
 
@@ -507,10 +507,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         say!("forced past the {name} check: {why} (recorded in the audit log)");
     }
     if let Some(dir) = &args.backup {
-        let others: Vec<PathBuf> = proxies(&state, &args, &audit_log)
-            .into_iter()
+        let others: Vec<PathBuf> = fleet_proxies
+            .iter()
             .skip(1)
-            .map(|p| p.audit_log)
+            .map(|p| p.audit_log.clone())
             .collect();
         let b = backup::write(&admin, dir, &check.fleet_version(), &audit_log, &others)?;
         let bytes: u64 = b.tenants.iter().map(|t| t.bytes).sum();
@@ -544,8 +544,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     keep_previous(&state, executor_binary.as_deref(), proxy_binary.as_deref())?;
     let started = std::time::SystemTime::now();
     // Every proxy's audit log, where each begins for the upgrade.
-    let audit_logs: Vec<(PathBuf, u64)> = proxies(&state, &args, &audit_log)
-        .into_iter()
+    let audit_logs: Vec<(PathBuf, u64)> = fleet_proxies
+        .iter()
         .filter_map(|p| Some((p.audit_log.clone(), audit::offset(&p.audit_log)?)))
         .collect();
     let mut progress = Progress::default();
@@ -601,13 +601,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         executor: executor_binary.as_ref().and_then(|_| new_build("executor")),
         proxy: proxy_binary.as_ref().and_then(|_| new_build("proxy")),
     };
-    let verification = verify_fleet(
-        &admin,
-        &proxies(&state, &args, &audit_log),
-        &expected,
-        &progress,
-        &audit_logs,
-    )?;
+    let verification = verify_fleet(&admin, &fleet_proxies, &expected, &progress, &audit_logs)?;
     if !progress.moves.is_empty() {
         let m = progress.stats();
         say!(

@@ -766,37 +766,38 @@ fn path_tenant(raw: &str) -> Result<TenantId, ExecError> {
 
 /// `?move=<id>`: the snapshot is made for that move, sealed to it.
 #[derive(Debug, Default, serde::Deserialize)]
-struct MoveQuery {
+struct ExportQuery {
     #[serde(default, rename = "move")]
     move_id: Option<String>,
 }
 
-impl MoveQuery {
-    /// The move id, checked: 1–64 bytes of `A-Z a-z 0-9 -`.
-    fn id(self) -> Result<Option<String>, ExecError> {
-        match self.move_id {
-            Some(id)
-                if id.is_empty()
-                    || id.len() > 64
-                    || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
-            {
-                Err(ExecError::InvalidInput(
-                    "move: 1-64 letters, digits or dashes".into(),
-                ))
-            }
-            id => Ok(id),
+/// A `move` query parameter, checked: 1–64 bytes of `A-Z a-z 0-9 -`.
+fn move_id(id: Option<String>) -> Result<Option<String>, ExecError> {
+    match id {
+        Some(id)
+            if id.is_empty()
+                || id.len() > 64
+                || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
+        {
+            Err(ExecError::InvalidInput(
+                "move: 1-64 letters, digits or dashes".into(),
+            ))
         }
+        id => Ok(id),
     }
 }
 
 async fn export_tenant(
     State(app): State<Arc<App>>,
     ApiPath(tenant): ApiPath<String>,
-    ApiQuery(q): ApiQuery<MoveQuery>,
+    ApiQuery(q): ApiQuery<ExportQuery>,
 ) -> Result<Response, ExecError> {
     let tenant = path_tenant(&tenant)?;
     let started = Instant::now();
-    let bytes = app.registry.export_for(&tenant, q.id()?).await?;
+    let bytes = app
+        .registry
+        .export_for(&tenant, move_id(q.move_id)?)
+        .await?;
     tracing::info!(%tenant, bytes = bytes.len(), ms = started.elapsed().as_millis() as u64, "tenant exported and frozen");
     Ok(([(header::CONTENT_TYPE, body::OCTET_STREAM)], bytes).into_response())
 }
@@ -823,16 +824,14 @@ async fn import_tenant(
     let limit = usize::try_from(crate::snapshot::MAX_SNAPSHOT_BYTES).unwrap_or(usize::MAX);
     let bytes = read_body(&headers, body, limit).await?;
     let started = Instant::now();
-    let bound = MoveQuery { move_id: q.move_id }.id()?;
-    match bound {
-        Some(_) if q.replace => {
+    match (q.replace, move_id(q.move_id)?) {
+        (true, Some(_)) => {
             return Err(ExecError::InvalidInput(
                 "a move's snapshot is imported, not restored over a tenant".into(),
             ));
         }
-        Some(id) => app.registry.import_for(&tenant, bytes, id).await?,
-        None if q.replace => app.registry.import_replacing(&tenant, bytes).await?,
-        None => app.registry.import_tenant(&tenant, bytes).await?,
+        (true, None) => app.registry.import_replacing(&tenant, bytes).await?,
+        (false, bound) => app.registry.import_for(&tenant, bytes, bound).await?,
     }
     app.fences.arrived(&tenant);
     let functions = app.registry.functions(&tenant).len();

@@ -184,16 +184,15 @@ impl Registry {
         self.import(tenant, bytes, OnFailure::Drop, None).await
     }
 
-    /// As [`import_tenant`](Self::import_tenant), of a snapshot made for
-    /// the move `bound` names (its seal must say so).
+    /// As [`import_tenant`](Self::import_tenant); with `bound`, of a
+    /// snapshot made for the move it names (its seal must say so).
     pub async fn import_for(
         self: &Arc<Self>,
         tenant: &TenantId,
         bytes: bytes::Bytes,
-        bound: String,
+        bound: Option<String>,
     ) -> Result<(), ExecError> {
-        self.import(tenant, bytes, OnFailure::Drop, Some(bound))
-            .await
+        self.import(tenant, bytes, OnFailure::Drop, bound).await
     }
 
     async fn import(

@@ -660,16 +660,9 @@ impl Orchestrator {
                 }
             }
             // 4. Import on B; on failure A thaws T and keeps it.
-            let imported = match &seal {
-                Some(id) => {
-                    self.fleet
-                        .client(dest)
-                        .import_sealed(&t, snapshot.clone(), id)
-                        .await
-                }
-                None => self.fleet.client(dest).import(&t, snapshot.clone()).await,
-            };
-            if let Err(e) = imported {
+            let dest_client = self.fleet.client(dest);
+            let imported = dest_client.import_sealed(&t, snapshot.clone(), seal.as_deref());
+            if let Err(e) = imported.await {
                 if self.thaw(src, &t).await {
                     self.abort_record(&t).await;
                     remove_file(&path).await;
@@ -907,11 +900,10 @@ impl Orchestrator {
         };
         let has_it = info.is_some_and(|i| i.tenants.iter().any(|x| x == t.as_str()));
         if !has_it {
-            let imported = match &mv.seal {
-                Some(id) => dest_client.import_sealed(t, bytes, id).await,
-                None => dest_client.import(t, bytes).await,
-            };
-            match imported {
+            match dest_client
+                .import_sealed(t, bytes, mv.seal.as_deref())
+                .await
+            {
                 Ok(()) => {}
                 Err(e) if e.is_unreachable() => return Ok(false),
                 Err(e) => {

@@ -153,15 +153,15 @@ pub trait ExecutorApi: Send + Sync + fmt::Debug {
     }
 
     /// `POST /internal/tenants/{t}/import?move=<id>`: as
-    /// [`import`](Self::import), of a snapshot sealed to the move `id`,
-    /// which the executor checks.
+    /// [`import`](Self::import); with `seal`, of a snapshot sealed to that
+    /// move id, which the executor checks.
     async fn import_sealed(
         &self,
         tenant: &TenantId,
         snapshot: Bytes,
-        id: &str,
+        seal: Option<&str>,
     ) -> Result<(), UpstreamError> {
-        let _ = id;
+        let _ = seal;
         self.import(tenant, snapshot).await
     }
 
@@ -516,8 +516,11 @@ impl ExecutorApi for ExecutorClient {
         &self,
         tenant: &TenantId,
         snapshot: Bytes,
-        id: &str,
+        seal: Option<&str>,
     ) -> Result<(), UpstreamError> {
+        let Some(id) = seal else {
+            return self.import(tenant, snapshot).await;
+        };
         self.post(
             &tenant_path(tenant, &format!("import?move={id}")),
             snapshot,

@@ -138,6 +138,11 @@ impl Proxies {
         })
     }
 
+    /// Keep placement in the etcd `up` runs as `spec`.
+    pub fn use_etcd(&mut self, spec: &EtcdSpec) {
+        self.placement = Some(spec.placement());
+    }
+
     /// Proxy `k`'s name: `proxy`, then `proxy-1`, `proxy-2`…
     pub fn name(k: usize) -> String {
         match k {

@@ -205,26 +205,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokens = tokens(&state)?;
     let saved = Saved::load(&state)?;
     let (etcd, placement) = placement(&args, saved.etcd.clone())?;
-    // Checked before anything starts; told etcd's address once it runs.
-    Proxies::new(
-        &args.listen,
-        &args.admin_listen,
-        usize::from(args.proxies),
-        placement.clone(),
-    )?;
-    let specs = launcher::plan(saved, args.device == "cpu", args.cpu_executors)?;
-
-    let mut sup = Supervisor::new(Launcher::new(state.clone(), me, tokens.env));
-    let placement = match etcd {
-        Some(spec) => Some(sup.boot_etcd(spec)?.placement()),
-        None => placement,
-    };
-    let proxies = Proxies::new(
+    // Checked before anything starts.
+    let mut proxies = Proxies::new(
         &args.listen,
         &args.admin_listen,
         usize::from(args.proxies),
         placement,
     )?;
+    let specs = launcher::plan(saved, args.device == "cpu", args.cpu_executors)?;
+
+    let mut sup = Supervisor::new(Launcher::new(state.clone(), me, tokens.env));
+    if let Some(spec) = etcd {
+        // Its client port may have moved (`launcher::own_port`).
+        proxies.use_etcd(&sup.boot_etcd(spec)?);
+    }
     for spec in specs {
         sup.boot_executor(spec)?;
     }

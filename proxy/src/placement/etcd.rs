@@ -772,12 +772,12 @@ impl EtcdPlacements {
                 self.epoch_base
             )));
         }
-        let tenants = format!("{}tenants/", self.prefix);
+        self.reachable()?;
         let any = self
             .client
             .clone()
             .get(
-                tenants.clone(),
+                format!("{}tenants/", self.prefix),
                 Some(GetOptions::new().with_prefix().with_count_only()),
             )
             .await
@@ -785,7 +785,7 @@ impl EtcdPlacements {
         if any.count() > 0 {
             return Ok(None);
         }
-        let mut puts: Vec<(String, Vec<u8>)> = state
+        let set: Vec<(String, Vec<u8>)> = state
             .executors
             .iter()
             .map(|(id, addr)| (format!("executors/{id}"), addr.as_bytes().to_vec()))
@@ -796,7 +796,7 @@ impl EtcdPlacements {
                     .map(|id| (format!("draining/{id}"), Vec::new())),
             )
             .collect();
-        for batch in puts.chunks(IMPORT_BATCH) {
+        for batch in set.chunks(IMPORT_BATCH) {
             let ops: Vec<TxnOp> = batch
                 .iter()
                 .map(|(k, v)| TxnOp::put(format!("{}{k}", self.prefix), v.clone(), None))
@@ -807,13 +807,13 @@ impl EtcdPlacements {
                 self.apply_local(k, Some(v), revision)?;
             }
         }
-        puts = state
+        let placed: Vec<(String, Vec<u8>)> = state
             .placements
             .iter()
             .map(|(t, id)| (format!("tenants/{t}"), id.as_str().as_bytes().to_vec()))
             .collect();
         let mut imported = 0;
-        for batch in puts.chunks(IMPORT_BATCH) {
+        for batch in placed.chunks(IMPORT_BATCH) {
             // Each key only where no proxy placed the tenant meanwhile:
             // the batch at once when none did, else one by one.
             let absent = |k: &str| {
