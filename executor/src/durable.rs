@@ -62,12 +62,13 @@ use tensor_wasm_shared::{ApiError, ErrorCode, TenantId};
 use crate::body::RequestBody;
 use crate::error::ExecError;
 use crate::inbound::Inbound;
-use crate::instance::{InstanceShared, WarmInstance};
+use crate::instance::{InstanceShared, Response, WarmInstance};
 use crate::outbound::{Named, RoundStats, Sent, write_instance};
 use crate::registry::Registry;
 use crate::state::{Function, Tenant};
 use crate::sync::lock;
 use crate::tracking::PageTracking;
+use tensor_wasm_kernels::Backend;
 
 /// Folder of the state directory that holds the journals.
 pub const DURABLE_DIR: &str = "durable";
@@ -87,6 +88,18 @@ const JOB: u32 = 4;
 /// Read while the instance ran: torn until an exact frame of the same
 /// instance follows, and ignored by recovery when none does.
 const RACY: u32 = 8;
+/// A `strict` call's record, not a copy of state: the request its
+/// instance answered and a hash of the answer, which recovery runs again
+/// on the instance as of its last exact frame ([`Journal::call`]).
+const CALL: u32 = 16;
+
+/// Largest request a call's record carries: 64 KiB. A larger one leaves
+/// its call to a frame of what it changed.
+pub const MAX_CALL_REQUEST: usize = 64 << 10;
+
+/// Largest answer (its outputs' bytes) a call's record is taken for:
+/// 1 MiB. Hashing it reads it back once more.
+pub const MAX_CALL_ANSWER: u64 = 1 << 20;
 
 /// Largest frame read back: 8 GiB, as a snapshot.
 const MAX_FRAME: u64 = crate::snapshot::MAX_SNAPSHOT_BYTES;
@@ -111,9 +124,15 @@ struct Capture {
     based: u64,
     /// Bytes of that copy.
     fresh_bytes: u64,
-    /// Its invocation count at its last frame.
+    /// Its invocation count at its last exact frame.
     invocations: u64,
     at: Instant,
+    /// The invocation count up to which its last exact frame and the call
+    /// records after it hold every invocation, with the log's
+    /// `fresh_from` then (a loss since breaks the chain): a call may go to
+    /// the journal as its record only when it is the next
+    /// ([`Journal::call`]).
+    chain: Option<(u64, u64)>,
 }
 
 /// The file frames go to.
@@ -454,6 +473,7 @@ impl Journal {
                 fresh_bytes: 0,
                 invocations: 0,
                 at: Instant::now(),
+                chain: None,
             }
         });
         // An exact frame is a fresh copy only of an instance with none
@@ -509,6 +529,7 @@ impl Journal {
                         .invocations
                         .load(std::sync::atomic::Ordering::Relaxed);
                     capture.at = Instant::now();
+                    capture.chain = Some((capture.invocations, log.fresh_from));
                     let mut s = lock(&self.synced);
                     s.unsynced.push((n, shared.id, capture.invocations));
                     if s.busy.remove(&shared.id) {
@@ -528,6 +549,69 @@ impl Journal {
                 Err(e)
             }
         }
+    }
+
+    /// Whether a `strict` call that made `shared`'s invocation count
+    /// `count` may go to the journal as its record: the instance has an
+    /// exact frame, and every invocation since is in a record after it.
+    pub fn chains(&self, shared: &InstanceShared, count: u64) -> bool {
+        let fresh_from = lock(&self.log).fresh_from;
+        lock(&self.captures)
+            .get(&shared.id)
+            .is_some_and(|c| c.chain == Some((count - 1, fresh_from)))
+    }
+
+    /// Writes the record of a `strict` call that `shared` (of function
+    /// `f`, held by the caller) just answered, as its invocation `count`:
+    /// its `request` and the XXH3-128 of its `answer`. Recovery runs it
+    /// again on the instance as of its last exact frame, and every call
+    /// after it in order, and checks each answer (`ARCHITECTURE.md`,
+    /// "Durable state"). So a call that writes more than its request
+    /// costs the disk its request, not its writes. `None` when the call
+    /// cannot go as a record (see [`chains`](Self::chains)): it is left to
+    /// a frame. Returns the frame's number for [`durable`](Self::durable).
+    /// Blocking.
+    pub fn call(
+        &self,
+        shared: &InstanceShared,
+        f: &Function,
+        count: u64,
+        request: &RequestBody,
+        answer: u128,
+    ) -> Option<Result<u64, ExecError>> {
+        let record = CallRecord {
+            function: f.info.id.to_string(),
+            answer: format!("{answer:032x}"),
+        };
+        let info_json = serde_json::to_string(&record).ok()?;
+        let mut captures = lock(&self.captures);
+        let mut log = lock(&self.log);
+        let capture = captures.get_mut(&shared.id)?;
+        if capture.chain != Some((count - 1, log.fresh_from)) {
+            return None;
+        }
+        let written = self.write_frame(&mut log, capture.jid, CALL, |w| {
+            w.record(&Record::Job {
+                info_json,
+                content_type: request.content_type.clone(),
+                body: Some(request.body.len() as u64),
+            })?;
+            w.data(&request.body)
+        });
+        Some(match written {
+            Ok((n, _)) => {
+                capture.chain = Some((count, log.fresh_from));
+                let fresh_total: u64 = captures.values().map(|c| c.fresh_bytes).sum();
+                if log.bytes > MIN_ROLL_BYTES.max(2 * fresh_total) {
+                    self.roll(&mut log, false);
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                self.roll(&mut log, true);
+                Err(e)
+            }
+        })
     }
 
     /// Records that instance `shared` went, so that recovery drops it.
@@ -1179,7 +1263,8 @@ fn parse_header(h: &[u8; HEADER]) -> Option<(u32, u64, u64)> {
     let flags = u32::from_le_bytes(h[4..8].try_into().ok()?);
     let jid = u64::from_le_bytes(h[8..16].try_into().ok()?);
     let len = u64::from_le_bytes(h[16..24].try_into().ok()?);
-    (flags & !(FRESH | GONE | JOB | RACY) == 0 && len <= MAX_FRAME).then_some((flags, jid, len))
+    (flags & !(FRESH | GONE | JOB | RACY | CALL) == 0 && len <= MAX_FRAME)
+        .then_some((flags, jid, len))
 }
 
 impl Log {
@@ -1271,6 +1356,11 @@ pub struct Recovered {
     pub jobs: usize,
     /// Bytes cut off the journal at its first damaged frame.
     pub damaged_bytes: u64,
+    /// `strict` calls run again from their records.
+    pub replayed: u64,
+    /// Instances whose replay diverged: they stand as of their last exact
+    /// frame.
+    pub diverged: usize,
 }
 
 /// Where frames are read from: a journal's file, or its bytes.
@@ -1382,7 +1472,11 @@ fn scan_source<S: Source + ?Sized>(
 /// its journal, up to the last good frame, and returns its journal, which
 /// goes on from there. A damaged frame and everything after it is cut off
 /// (and logged): each instance stands as of its last good frame, or its
-/// previous generation's. Blocking.
+/// previous generation's. The `strict` calls recorded after an
+/// instance's last exact frame then run again on it, in order; one whose
+/// answer differs from the one it gave (or that fails) ends the replay of
+/// that instance, which then stands as of its last exact frame (logged:
+/// the calls after it are lost). Blocking.
 pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTenant, ExecError> {
     let journal = Journal::new(
         registry.state_dir(),
@@ -1392,20 +1486,20 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
     let dir = journal_dir(registry.state_dir(), &tenant.id);
     let mut found = generations(&dir);
     let mut frames = Vec::new();
-    let mut report = Recovered::default();
+    let mut damaged_bytes = 0;
     let mut end = None;
     for &g in &found {
         let (mut good, size, damaged) =
             scan(&dir, g).map_err(|e| io_error("reading a journal", e))?;
         frames.append(&mut good);
         if let Some(at) = damaged {
-            report.damaged_bytes += size - at;
+            damaged_bytes += size - at;
             end = Some((g, at));
             break;
         }
     }
     if let Some((g, at)) = end {
-        tracing::error!(tenant = %tenant.id, generation = g, offset = at, bytes = report.damaged_bytes, "a damaged checkpoint frame: the tenant resumes from the frames before it");
+        tracing::error!(tenant = %tenant.id, generation = g, offset = at, bytes = damaged_bytes, "a damaged checkpoint frame: the tenant resumes from the frames before it");
         let cut = std::fs::OpenOptions::new()
             .write(true)
             .open(generation_path(&dir, g))
@@ -1423,7 +1517,7 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
     let mut confirmed = std::collections::HashSet::new();
     let mut usable = vec![true; frames.len()];
     for (i, fr) in frames.iter().enumerate().rev() {
-        if fr.flags & JOB != 0 {
+        if fr.flags & (JOB | CALL) != 0 {
             continue;
         }
         if fr.flags & RACY != 0 {
@@ -1432,25 +1526,126 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
             confirmed.insert(fr.jid);
         }
     }
+    let usable: Vec<Frame> = frames
+        .iter()
+        .zip(&usable)
+        .filter(|(_, u)| **u)
+        .map(|(fr, _)| *fr)
+        .collect();
+    // Instances whose replay diverged: built again without it.
+    let mut unreplayed = std::collections::HashSet::new();
+    let pass = loop {
+        let pass = rebuild(registry, tenant, &journal, &dir, &usable, &unreplayed)?;
+        if pass.diverged.is_empty() {
+            break pass;
+        }
+        unreplayed.extend(pass.diverged.iter().copied());
+        for (_, sent) in pass.sents {
+            sent.stop();
+        }
+    };
+    let Pass {
+        inbound,
+        based,
+        jobs,
+        sents: mut made,
+        replayed,
+        ..
+    } = pass;
+    let adopted = inbound.adopt_staged();
+    let report = Recovered {
+        frames: usable.len() as u64,
+        instances: adopted.len(),
+        jobs: jobs.len(),
+        damaged_bytes,
+        replayed: replayed.values().sum(),
+        diverged: unreplayed.len(),
+    };
+    {
+        let mut captures = lock(&journal.captures);
+        let mut log = lock(&journal.log);
+        log.generations = found.clone();
+        log.generation = found.last().copied().unwrap_or(1);
+        log.next_jid = frames.iter().map(|f| f.jid).max().unwrap_or(0) + 1;
+        // The jobs' records go to the current generation again at the
+        // first pass (with what recovery changed in them).
+        log.jobs_in = if jobs.is_empty() { log.generation } else { 0 };
+        for (jid, shared) in adopted {
+            let (g, bytes) = based.get(&jid).copied().unwrap_or((0, 0));
+            let invocations = shared
+                .invocations
+                .load(std::sync::atomic::Ordering::Relaxed);
+            // What replay wrote is tracked from before it ran, so the
+            // instance's next frame carries it; until then its calls'
+            // records, after its last exact frame, hold it.
+            let chain = (!unreplayed.contains(&jid)).then_some((invocations, log.fresh_from));
+            let sent = made
+                .remove(&jid)
+                .unwrap_or_else(|| Sent::synced(shared.clone(), &journal.tracking));
+            captures.insert(
+                shared.id,
+                Capture {
+                    jid,
+                    sent,
+                    based: g,
+                    fresh_bytes: bytes,
+                    invocations,
+                    at: Instant::now(),
+                    chain,
+                },
+            );
+        }
+    }
+    for (_, sent) in made {
+        sent.stop();
+    }
+    Ok(RecoveredTenant {
+        journal,
+        report,
+        jobs: jobs.into_values().collect(),
+    })
+}
+
+/// One rebuild of a tenant from its journal's usable frames.
+struct Pass {
+    inbound: Inbound,
+    /// By instance: the generation and bytes of its fresh copy.
+    based: HashMap<u64, (u64, u64)>,
+    jobs: std::collections::BTreeMap<String, (JobInfo, Option<RequestBody>)>,
+    /// The tracking of every staged instance, started before its calls
+    /// ran again.
+    sents: HashMap<u64, Sent>,
+    /// By instance: the calls run again.
+    replayed: HashMap<u64, u64>,
+    /// Instances whose replay diverged.
+    diverged: Vec<u64>,
+}
+
+/// Applies `frames` to instances built off to the side, then runs again,
+/// on every instance not in `unreplayed`, the calls recorded after its
+/// last exact frame. Blocking.
+fn rebuild(
+    registry: &Registry,
+    tenant: &Arc<Tenant>,
+    journal: &Journal,
+    dir: &Path,
+    frames: &[Frame],
+    unreplayed: &std::collections::HashSet<u64>,
+) -> Result<Pass, ExecError> {
     let inbound = Inbound::new(tenant.clone(), None);
     let mut based: HashMap<u64, (u64, u64)> = HashMap::new();
-    let mut jobs: std::collections::BTreeMap<String, (JobInfo, Option<RequestBody>)> =
-        std::collections::BTreeMap::new();
-    let mut file: Option<(u64, File)> = None;
-    for (fr, _) in frames.iter().zip(&usable).filter(|(_, u)| **u) {
-        if file.as_ref().is_none_or(|(g, _)| *g != fr.generation) {
-            let f = File::open(generation_path(&dir, fr.generation))
-                .map_err(|e| io_error("reading a journal", e))?;
-            file = Some((fr.generation, f));
+    let mut jobs = std::collections::BTreeMap::new();
+    // By instance: its calls recorded after its last frame of state.
+    let mut calls: HashMap<u64, Vec<Frame>> = HashMap::new();
+    let mut files = Files::new(dir);
+    for fr in frames {
+        if fr.flags & CALL != 0 {
+            if based.contains_key(&fr.jid) {
+                calls.entry(fr.jid).or_default().push(*fr);
+            }
+            continue;
         }
-        let Some((_, f)) = &file else { continue };
-        report.frames += 1;
-        let payload = Positioned {
-            file: f,
-            at: fr.at,
-            end: fr.at + fr.len,
-        };
-        let mut reader = Reader::new(payload, None, MAX_FRAME).map_err(ExecError::Snapshot)?;
+        let mut reader = files.reader(fr)?;
         if fr.flags & JOB != 0 {
             match read_job(&mut reader) {
                 Ok((info, _)) if fr.flags & GONE != 0 => {
@@ -1465,6 +1660,8 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
             }
             continue;
         }
+        // A frame of state holds every call before it.
+        calls.remove(&fr.jid);
         if fr.flags & (FRESH | GONE) != 0 {
             inbound.forget_instance(fr.jid);
             based.remove(&fr.jid);
@@ -1487,41 +1684,148 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
             }
         }
     }
-    let adopted = inbound.adopt_staged();
-    report.instances = adopted.len();
-    report.jobs = jobs.len();
-    {
-        let mut captures = lock(&journal.captures);
-        let mut log = lock(&journal.log);
-        log.generations = found.clone();
-        log.generation = found.last().copied().unwrap_or(1);
-        log.next_jid = frames.iter().map(|f| f.jid).max().unwrap_or(0) + 1;
-        // The jobs' records go to the current generation again at the
-        // first pass (with what recovery changed in them).
-        log.jobs_in = if jobs.is_empty() { log.generation } else { 0 };
-        for (jid, shared) in adopted {
-            let (g, bytes) = based.get(&jid).copied().unwrap_or((0, 0));
-            let invocations = shared
-                .invocations
-                .load(std::sync::atomic::Ordering::Relaxed);
-            captures.insert(
-                shared.id,
-                Capture {
-                    jid,
-                    sent: Sent::synced(shared, &journal.tracking),
-                    based: g,
-                    fresh_bytes: bytes,
-                    invocations,
-                    at: Instant::now(),
-                },
-            );
+    let sents: HashMap<u64, Sent> = inbound
+        .staged_instances()
+        .into_iter()
+        .map(|(jid, shared)| (jid, Sent::synced(shared, &journal.tracking)))
+        .collect();
+    let mut replayed = HashMap::new();
+    let mut diverged = Vec::new();
+    for (jid, list) in calls {
+        if unreplayed.contains(&jid) || !sents.contains_key(&jid) {
+            continue;
+        }
+        let mut ran = 0u64;
+        for fr in &list {
+            let again = files
+                .reader(fr)
+                .and_then(|mut r| read_call(&mut r))
+                .and_then(|(call, request)| replay(tenant, &inbound, jid, &call, request));
+            match again {
+                Ok(()) => ran += 1,
+                Err(e) => {
+                    tracing::error!(tenant = %tenant.id, instance = jid, call = ran + 1, lost = list.len() as u64 - ran, error = %e, "a recorded call did not run again as it had: the instance resumes from its last checkpoint, without the calls recorded after it");
+                    diverged.push(jid);
+                    break;
+                }
+            }
+        }
+        replayed.insert(jid, ran);
+    }
+    Ok(Pass {
+        inbound,
+        based,
+        jobs,
+        sents,
+        replayed,
+        diverged,
+    })
+}
+
+/// Runs recorded `call` (with its `request`) again on staged instance
+/// `jid`; an error when it fails or answers otherwise than it did.
+fn replay(
+    tenant: &Arc<Tenant>,
+    inbound: &Inbound,
+    jid: u64,
+    call: &CallRecord,
+    request: RequestBody,
+) -> Result<(), ExecError> {
+    let f = tenant
+        .function(&call.function)
+        .ok_or_else(|| ExecError::FunctionNotFound(call.function.clone()))?;
+    let backend = tenant.backend.clone();
+    let answered = inbound
+        .with_staged(jid, |inst, function| {
+            if function.as_str() != call.function {
+                return Err(ExecError::InvalidInput(format!(
+                    "a call of function {} recorded for an instance of {function}",
+                    call.function
+                )));
+            }
+            let request = request.decode(backend.as_ref())?;
+            // As much time again as the call had: it ran once within it.
+            let resp = inst
+                .invoke(request, 2 * f.deadline(), None)
+                .map_err(ExecError::Invoke)?;
+            answer_digest(&resp, backend.as_ref())
+                .ok_or_else(|| ExecError::Internal("its answer cannot be read back".into()))
+        })
+        .ok_or_else(|| ExecError::Internal(format!("no staged instance {jid}")))??;
+    if format!("{answered:032x}") != call.answer {
+        return Err(ExecError::Internal(format!(
+            "its answer differs (XXH3-128 {answered:032x}, recorded {})",
+            call.answer
+        )));
+    }
+    Ok(())
+}
+
+/// The XXH3-128 of an invocation's answer (its raw bytes, and each output
+/// with its name, type, shape and bytes): what a call's record keeps, and
+/// what its replay must give again. `None` when its outputs pass
+/// [`MAX_CALL_ANSWER`] or cannot be read back.
+pub fn answer_digest(resp: &Response, backend: &dyn Backend) -> Option<u128> {
+    let total: u64 = resp.outputs.iter().map(|(_, t)| t.nbytes()).sum();
+    if total > MAX_CALL_ANSWER {
+        return None;
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&(resp.raw.len() as u64).to_le_bytes());
+    h.update(&resp.raw);
+    for (name, t) in &resp.outputs {
+        let bytes = backend.to_bytes(t).ok()?;
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&[t.dtype() as u8]);
+        h.update(&(t.dims().len() as u64).to_le_bytes());
+        for &d in t.dims() {
+            h.update(&(d as u64).to_le_bytes());
+        }
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Some(h.digest128())
+}
+
+/// What a call's record names besides its request.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CallRecord {
+    function: String,
+    /// XXH3-128 of its answer ([`answer_digest`]), in hex.
+    answer: String,
+}
+
+/// The journal's files, each opened once, for reading frames.
+struct Files<'a> {
+    dir: &'a Path,
+    open: HashMap<u64, File>,
+}
+
+impl<'a> Files<'a> {
+    fn new(dir: &'a Path) -> Files<'a> {
+        Files {
+            dir,
+            open: HashMap::new(),
         }
     }
-    Ok(RecoveredTenant {
-        journal,
-        report,
-        jobs: jobs.into_values().collect(),
-    })
+
+    /// A reader of frame `fr`'s payload.
+    fn reader(&mut self, fr: &Frame) -> Result<Reader<Positioned<'_>>, ExecError> {
+        let file = match self.open.entry(fr.generation) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                File::open(generation_path(self.dir, fr.generation))
+                    .map_err(|e| io_error("reading a journal", e))?,
+            ),
+        };
+        let payload = Positioned {
+            file,
+            at: fr.at,
+            end: fr.at + fr.len,
+        };
+        Reader::new(payload, None, MAX_FRAME).map_err(ExecError::Snapshot)
+    }
 }
 
 /// A tenant rebuilt from its journal.
@@ -1535,7 +1839,26 @@ pub struct RecoveredTenant {
 
 /// A job frame's record and request.
 fn read_job(reader: &mut Reader<impl Read>) -> Result<(JobInfo, Option<RequestBody>), ExecError> {
-    let bad = |m: &str| ExecError::InvalidInput(format!("a journaled job: {m}"));
+    read_request_frame(reader, "job")
+}
+
+/// A call frame's record and request.
+fn read_call(reader: &mut Reader<impl Read>) -> Result<(CallRecord, RequestBody), ExecError> {
+    match read_request_frame(reader, "call")? {
+        (call, Some(request)) => Ok((call, request)),
+        (_, None) => Err(ExecError::InvalidInput(
+            "a journaled call: no request".into(),
+        )),
+    }
+}
+
+/// A frame of one `Job` record (its JSON of a `T`) and the request in the
+/// `Data` after it, if any.
+fn read_request_frame<T: serde::de::DeserializeOwned>(
+    reader: &mut Reader<impl Read>,
+    what: &str,
+) -> Result<(T, Option<RequestBody>), ExecError> {
+    let bad = |m: &str| ExecError::InvalidInput(format!("a journaled {what}: {m}"));
     let snap = ExecError::Snapshot;
     if !matches!(
         reader.next_record().map_err(snap)?,
@@ -1549,9 +1872,9 @@ fn read_job(reader: &mut Reader<impl Read>) -> Result<(JobInfo, Option<RequestBo
         body,
     }) = reader.next_record().map_err(snap)?
     else {
-        return Err(bad("no job record"));
+        return Err(bad("no record"));
     };
-    let info: JobInfo = serde_json::from_str(&info_json).map_err(|e| bad(&e.to_string()))?;
+    let info: T = serde_json::from_str(&info_json).map_err(|e| bad(&e.to_string()))?;
     let request = match body {
         Some(len) => Some(RequestBody {
             content_type,
@@ -1560,7 +1883,7 @@ fn read_job(reader: &mut Reader<impl Read>) -> Result<(JobInfo, Option<RequestBo
         None => None,
     };
     if reader.next_record().map_err(snap)?.is_some() {
-        return Err(bad("records after the job"));
+        return Err(bad("records after its own"));
     }
     Ok((info, request))
 }
@@ -1876,7 +2199,7 @@ impl Registry {
                     report,
                     jobs,
                 })) => {
-                    tracing::info!(%tenant, frames = report.frames, instances = report.instances, jobs = report.jobs, damaged_bytes = report.damaged_bytes, elapsed = ?started.elapsed(), "tenant resumed from its checkpoints");
+                    tracing::info!(%tenant, frames = report.frames, instances = report.instances, jobs = report.jobs, replayed = report.replayed, diverged = report.diverged, damaged_bytes = report.damaged_bytes, elapsed = ?started.elapsed(), "tenant resumed from its checkpoints");
                     let _ = t.journal.set(Arc::new(journal));
                     self.restore_jobs(&t, jobs);
                     resumed += 1;

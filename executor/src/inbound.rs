@@ -303,6 +303,28 @@ impl Inbound {
         self.staging.blocking_lock().instances.remove(&id);
     }
 
+    /// Every staged instance, with the id its records named it by.
+    pub fn staged_instances(&self) -> Vec<(u64, Arc<crate::instance::InstanceShared>)> {
+        let st = self.staging.blocking_lock();
+        st.instances
+            .iter()
+            .map(|(id, s)| (*id, s.inst.shared().clone()))
+            .collect()
+    }
+
+    /// Runs `run` on staged instance `id`, with its function's id (a
+    /// recovery that runs recorded calls again). `None` when there is no
+    /// such instance.
+    pub fn with_staged<R>(
+        &self,
+        id: u64,
+        run: impl FnOnce(&mut WarmInstance, &FunctionId) -> R,
+    ) -> Option<R> {
+        let mut st = self.staging.blocking_lock();
+        let s = st.instances.get_mut(&id)?;
+        Some(run(&mut s.inst, &s.function))
+    }
+
     /// Puts every staged instance in its function's pool, returning each
     /// with the id its records named it by: the end of a recovery, which
     /// adds instances to a tenant already published.

@@ -160,6 +160,15 @@ impl Held {
     {
         let f = &self.function;
         let strict = f.config.durability == Durability::Strict;
+        // A `strict` call's request, kept for its record in the journal
+        // (`Journal::call`): on the CPU, whose kernels give the same bits
+        // again, and not for a stream, whose chunks are gone once sent.
+        let recordable = (strict
+            && self.journal.is_some()
+            && self.stream.is_none()
+            && body.body.len() <= crate::durable::MAX_CALL_REQUEST
+            && self.backend.kind() == BackendKind::Cpu)
+            .then(|| body.clone());
         let mut request = body.decode(self.backend.as_ref())?;
         request.stream = self.stream.clone();
         let mut inst = f.pool.checkout(slot, || {
@@ -173,7 +182,10 @@ impl Held {
                     Some(j) if strict && j.wants(&shared) => {
                         Some(Strict::Frame(j.capture(&mut inst.inst, f)))
                     }
-                    Some(_) if strict => Some(Strict::Later(shared, count)),
+                    Some(j) if strict => match self.record(j, &shared, count, recordable, &r) {
+                        Some(n) => Some(Strict::Frame(n)),
+                        None => Some(Strict::Later(shared, count)),
+                    },
                     _ => None,
                 };
                 f.pool.checkin(inst);
@@ -193,6 +205,35 @@ impl Held {
             }
         };
         Ok((encode(response, self.backend.as_ref())?, frame))
+    }
+}
+
+impl Held {
+    /// Writes the record of a `strict` call (its instance `shared` held,
+    /// as its invocation `count`) that answered `answer` to `request`,
+    /// when it can go as one: no one told the guest its client went (a
+    /// replay would not), its instance's chain of records goes on
+    /// (`Journal::chains`), and its answer can be hashed. `None` leaves
+    /// the call to a frame of what it changed.
+    fn record(
+        &self,
+        j: &crate::durable::Journal,
+        shared: &crate::instance::InstanceShared,
+        count: u64,
+        request: Option<RequestBody>,
+        answer: &Response,
+    ) -> Option<Result<u64, ExecError>> {
+        let request = request?;
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+            || !j.chains(shared, count)
+        {
+            return None;
+        }
+        let digest = crate::durable::answer_digest(answer, self.backend.as_ref())?;
+        j.call(shared, &self.function, count, &request, digest)
     }
 }
 

@@ -168,6 +168,19 @@ fn journal_file(state: &Path, tenant: &str) -> std::path::PathBuf {
     files.pop().expect("a journal")
 }
 
+/// Where each frame of a journal's `bytes` starts (its 32-byte header
+/// holds its payload's length at bytes 16..24).
+fn frame_starts(bytes: &[u8]) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut at = 0;
+    while at + 32 <= bytes.len() {
+        starts.push(at);
+        let len = u64::from_le_bytes(bytes[at + 16..at + 24].try_into().unwrap());
+        at += 32 + len as usize;
+    }
+    starts
+}
+
 /// A journal cut short (a crash mid-write) or with a bit flipped on disk:
 /// the damaged frame and what follows are refused, the tenant resumes from
 /// the frames before it, and the journal goes on from there.
@@ -176,13 +189,17 @@ fn a_damaged_journal_resumes_from_the_last_good_frame() {
     for damage in ["truncate", "flip"] {
         let dir = tempfile::tempdir().unwrap();
         let mut ex = ExecutorProcess::start("cpu-j", dir.path());
-        let id = deploy(&ex, "acme", r#"{"durability": "strict"}"#);
+        // Checkpoints an hour apart: every frame is the calls'.
+        let id = deploy(
+            &ex,
+            "acme",
+            r#"{"durability": "strict", "checkpoint_ms": 3600000}"#,
+        );
         for n in 1..=5 {
             assert_eq!(count(&ex, "acme", &id), n);
         }
         // The first strict call wrote two frames (a racy copy of its new
-        // instance, then the exact one), each call after it one; the
-        // checkpointer adds none to an instance whose frames are current.
+        // instance, then the exact one), each call after it its record.
         ex.restart();
         assert_eq!(
             count(&ex, "acme", &id),
@@ -202,9 +219,9 @@ fn a_damaged_journal_resumes_from_the_last_good_frame() {
             // Cut into the last frame (call 6's).
             bytes.truncate(bytes.len() - 10);
         } else {
-            // A bit in the back half: past the first frame (the instance's
-            // whole memory) and the first call's, into a later call's.
-            let at = bytes.len() * 3 / 4;
+            // A bit in the record of call 4 (frame 5): past the instance's
+            // copy and the first calls' records.
+            let at = frame_starts(&bytes)[4] + 40;
             bytes[at] ^= 0x04;
         }
         std::fs::write(&file, &bytes).unwrap();
@@ -235,6 +252,63 @@ fn a_damaged_journal_resumes_from_the_last_good_frame() {
             "{damage}: journaled again"
         );
     }
+}
+
+/// A recorded `strict` call that answers otherwise when recovery runs it
+/// again (here its record names another answer, its checksum made good):
+/// the instance resumes from its last checkpoint, not from a replay that
+/// went astray, the calls recorded after that checkpoint are lost, and the
+/// log says so.
+#[test]
+fn a_call_that_answers_otherwise_when_run_again_falls_back_to_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ex = ExecutorProcess::start("cpu-d", dir.path());
+    let id = deploy(
+        &ex,
+        "acme",
+        r#"{"durability": "strict", "checkpoint_ms": 3600000}"#,
+    );
+    for n in 1..=4 {
+        assert_eq!(count(&ex, "acme", &id), n);
+    }
+    let _ = ex.child.kill();
+    let _ = ex.child.wait();
+    let file = journal_file(dir.path(), "acme");
+    let mut bytes = std::fs::read(&file).unwrap();
+    // The copy and the exact frame of call 1, then the records of 2, 3, 4.
+    let starts = frame_starts(&bytes);
+    assert_eq!(starts.len(), 5);
+    let last = *starts.last().unwrap();
+    let key = b"\"answer\":\"";
+    let at = last
+        + bytes[last..]
+            .windows(key.len())
+            .position(|w| w == key)
+            .expect("a call's record names its answer")
+        + key.len();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    assert!(tensor_wasm_shared::snapshot::stream::seal(
+        &mut bytes[last + 32..]
+    ));
+    assert_eq!(check_frames(&bytes), (5, None), "every frame checks out");
+    std::fs::write(&file, &bytes).unwrap();
+
+    ex.restart();
+    assert_eq!(
+        count(&ex, "acme", &id),
+        2,
+        "from the checkpoint of call 1, without the replay"
+    );
+    assert!(
+        ex.log_text()
+            .contains("a recorded call did not run again as it had"),
+        "{}",
+        ex.log_text()
+    );
+    // The journal goes on from there.
+    assert_eq!(count(&ex, "acme", &id), 3);
+    ex.restart();
+    assert_eq!(count(&ex, "acme", &id), 4);
 }
 
 /// A full disk: strict calls answer `checkpoint_failed` while the tenant
@@ -281,30 +355,47 @@ fn a_full_disk_keeps_the_tenant_serving_and_its_last_good_checkpoint() {
         while f.write_all(&chunk).is_ok() {}
         let _ = f.sync_all();
     }
+    // A call's record may still fit in the journal's last page: those
+    // calls are answered, and on disk. The first that does not fit is
+    // refused, and so is every one after it, which needs a fresh copy.
+    let mut acked = 3;
     let mut failed = 0;
-    for _ in 0..3 {
+    for _ in 0..200 {
         let (status, body) = call(&ex.addr, "acme", &id).unwrap();
+        if status == 200 && failed == 0 {
+            acked += 1;
+            assert_eq!(parse_counter(&body).0, acked);
+            continue;
+        }
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(status, 507, "{v}");
         assert_eq!(v["error"]["code"], "checkpoint_failed");
         failed += 1;
+        if failed == 3 {
+            break;
+        }
     }
+    assert_eq!(failed, 3, "the full disk refuses strict calls");
     // Another tenant, without durability, is unaffected.
     assert_eq!(count(&ex, "acme-none", &other), 1);
 
-    // Killed while the disk is full: the checkpoint of call 3 is intact.
+    // Killed while the disk is full: what was answered is intact.
     let _ = ex.child.kill();
     let _ = ex.child.wait();
     std::fs::remove_file(&filler).unwrap();
     ex.restart();
-    assert_eq!(count(&ex, "acme", &id), 4, "after {failed} failed calls");
+    assert_eq!(
+        count(&ex, "acme", &id),
+        acked + 1,
+        "after {failed} failed calls"
+    );
 
     // Room again: checkpoints go on.
-    for n in 5..=6 {
+    for n in acked + 2..=acked + 3 {
         assert_eq!(count(&ex, "acme", &id), n);
     }
     ex.restart();
-    assert_eq!(count(&ex, "acme", &id), 7);
+    assert_eq!(count(&ex, "acme", &id), acked + 4);
 }
 
 /// Job `id` of tenant `acme` as its executor reports it.
