@@ -110,21 +110,6 @@ fn fdatasync_p50(dir: &Path) -> Duration {
     pct(&times, 0.5)
 }
 
-/// Bytes this process has sent to storage so far (`write_bytes` of
-/// `/proc/self/io`, counted as pages are dirtied): the journal's writes,
-/// rolls included (sockets do not count; nothing else here writes files
-/// while a row runs).
-fn bytes_written() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
-        .ok()
-        .and_then(|io| {
-            io.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 struct Row {
     p50: Duration,
     p99: Duration,
@@ -231,7 +216,7 @@ fn run(
         // Warm: the instance made and its first full copy written.
         callers[0].call().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = bytes_written();
+        let before = tensor_wasm_executor::durable::bytes_written();
         let start = Instant::now();
         let end = start + Duration::from_secs_f64(seconds);
         let mut tasks = Vec::new();
@@ -259,7 +244,9 @@ fn run(
             p50: pct(&times, 0.5),
             p99: pct(&times, 0.99),
             per_sec: times.len() as f64 / elapsed,
-            journal_per_sec: bytes_written().saturating_sub(before) as f64 / elapsed,
+            journal_per_sec: tensor_wasm_executor::durable::bytes_written().saturating_sub(before)
+                as f64
+                / elapsed,
         }
     });
     if let Some(server) = server {

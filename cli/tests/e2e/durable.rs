@@ -29,6 +29,11 @@ fn deploy(ex: &ExecutorProcess, tenant: &str, config: &str) -> String {
 /// One call of `tenant`'s counter on a fresh connection: its status and
 /// body, or why there was none.
 fn call(addr: &str, tenant: &str, id: &str) -> Result<(u16, Vec<u8>), RawError> {
+    call_with(addr, tenant, id, b"")
+}
+
+/// [`call`] with `body` (which the counter ignores).
+fn call_with(addr: &str, tenant: &str, id: &str, body: &[u8]) -> Result<(u16, Vec<u8>), RawError> {
     raw_request(
         addr,
         "POST",
@@ -41,7 +46,7 @@ fn call(addr: &str, tenant: &str, id: &str) -> Result<(u16, Vec<u8>), RawError> 
             ("x-tensor-wasm-tenant", tenant),
             ("content-type", "text/plain"),
         ],
-        b"",
+        body,
         Duration::from_secs(30),
     )
 }
@@ -168,17 +173,30 @@ fn journal_file(state: &Path, tenant: &str) -> std::path::PathBuf {
     files.pop().expect("a journal")
 }
 
-/// Where each frame of a journal's `bytes` starts (its 32-byte header
-/// holds its payload's length at bytes 16..24).
-fn frame_starts(bytes: &[u8]) -> Vec<usize> {
+/// Where each frame of a journal's `bytes` starts (its 32-byte header,
+/// `TWJ1` first, holds its payload's length at bytes 16..24), and where
+/// the last one ends.
+fn frame_starts(bytes: &[u8]) -> (Vec<usize>, usize) {
     let mut starts = Vec::new();
     let mut at = 0;
-    while at + 32 <= bytes.len() {
+    while at + 32 <= bytes.len() && &bytes[at..at + 4] == b"TWJ1" {
         starts.push(at);
         let len = u64::from_le_bytes(bytes[at + 16..at + 24].try_into().unwrap());
         at += 32 + len as usize;
     }
-    starts
+    (starts, at)
+}
+
+/// The frames of a journal file, without the zeros written ahead of them.
+fn read_frames(file: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(file).unwrap();
+    let (_, end) = frame_starts(&bytes);
+    assert!(
+        bytes[end..].iter().all(|&b| b == 0),
+        "zeros after the frames"
+    );
+    bytes.truncate(end);
+    bytes
 }
 
 /// A journal cut short (a crash mid-write) or with a bit flipped on disk:
@@ -209,7 +227,7 @@ fn a_damaged_journal_resumes_from_the_last_good_frame() {
         let file = journal_file(dir.path(), "acme");
         let _ = ex.child.kill();
         let _ = ex.child.wait();
-        let mut bytes = std::fs::read(&file).unwrap();
+        let mut bytes = read_frames(&file);
         assert_eq!(
             check_frames(&bytes),
             (7, None),
@@ -221,7 +239,7 @@ fn a_damaged_journal_resumes_from_the_last_good_frame() {
         } else {
             // A bit in the record of call 4 (frame 5): past the instance's
             // copy and the first calls' records.
-            let at = frame_starts(&bytes)[4] + 40;
+            let at = frame_starts(&bytes).0[4] + 40;
             bytes[at] ^= 0x04;
         }
         std::fs::write(&file, &bytes).unwrap();
@@ -274,9 +292,9 @@ fn a_call_that_answers_otherwise_when_run_again_falls_back_to_the_checkpoint() {
     let _ = ex.child.kill();
     let _ = ex.child.wait();
     let file = journal_file(dir.path(), "acme");
-    let mut bytes = std::fs::read(&file).unwrap();
+    let mut bytes = read_frames(&file);
     // The copy and the exact frame of call 1, then the records of 2, 3, 4.
-    let starts = frame_starts(&bytes);
+    let (starts, end) = frame_starts(&bytes);
     assert_eq!(starts.len(), 5);
     let last = *starts.last().unwrap();
     let key = b"\"answer\":\"";
@@ -288,7 +306,7 @@ fn a_call_that_answers_otherwise_when_run_again_falls_back_to_the_checkpoint() {
         + key.len();
     bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
     assert!(tensor_wasm_shared::snapshot::stream::seal(
-        &mut bytes[last + 32..]
+        &mut bytes[last + 32..end]
     ));
     assert_eq!(check_frames(&bytes), (5, None), "every frame checks out");
     std::fs::write(&file, &bytes).unwrap();
@@ -355,13 +373,15 @@ fn a_full_disk_keeps_the_tenant_serving_and_its_last_good_checkpoint() {
         while f.write_all(&chunk).is_ok() {}
         let _ = f.sync_all();
     }
-    // A call's record may still fit in the journal's last page: those
-    // calls are answered, and on disk. The first that does not fit is
-    // refused, and so is every one after it, which needs a fresh copy.
+    // Calls' records (60 KiB each, with their requests) go on into the
+    // zeros the journal wrote ahead of its frames: those calls are
+    // answered, and on disk. The first that does not fit is refused, and
+    // so is every one after it, which needs a fresh copy.
+    let request = vec![b'x'; 60 << 10];
     let mut acked = 3;
     let mut failed = 0;
     for _ in 0..200 {
-        let (status, body) = call(&ex.addr, "acme", &id).unwrap();
+        let (status, body) = call_with(&ex.addr, "acme", &id, &request).unwrap();
         if status == 200 && failed == 0 {
             acked += 1;
             assert_eq!(parse_counter(&body).0, acked);
