@@ -59,6 +59,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tensor_wasm_kernels::Backend;
 use tensor_wasm_shared::api::{Durability, JobInfo, JobStatus};
 use tensor_wasm_shared::snapshot::stream::{
     END_LEN, Reader, Record, STREAM_HEADER_LEN, StreamKind, Writer, end_checksum, end_record,
@@ -74,7 +75,6 @@ use crate::registry::Registry;
 use crate::state::{Function, Tenant};
 use crate::sync::lock;
 use crate::tracking::PageTracking;
-use tensor_wasm_kernels::Backend;
 
 /// Folder of the state directory that holds the journals.
 pub const DURABLE_DIR: &str = "durable";
@@ -123,9 +123,10 @@ const WRITE_BUFFER: usize = 1 << 20;
 /// Zeros kept written ahead of a journal's frames: 4 MiB.
 const ZERO_AHEAD: u64 = 4 << 20;
 
-/// Syncs of one journal under way at once: 2. Two syncs of a file
-/// overlap on the disk (1.5–1.9× the syncs a second of one at a time,
-/// measured on ext4 over virtio); a third added nothing.
+/// Syncs of one journal under way at once: 2. Two syncs of a file zeroed
+/// ahead overlap on the disk (1.55× the syncs a second of one at a time,
+/// measured on ext4 over virtio); a third added none, and made calls
+/// wait longer.
 const SYNCS_IN_FLIGHT: usize = 2;
 
 /// A journal's syncer threads.

@@ -206,9 +206,7 @@ impl Held {
         };
         Ok((encode(response, self.backend.as_ref())?, frame))
     }
-}
 
-impl Held {
     /// Writes the record of a `strict` call (its instance `shared` held,
     /// as its invocation `count`) that answered `answer` to `request`,
     /// when it can go as one: no one told the guest its client went (a
