@@ -624,10 +624,7 @@ impl Journal {
                         self.kick.notify_one();
                     }
                 }
-                let fresh_total: u64 = captures.values().map(|c| c.fresh_bytes).sum();
-                if log.bytes > MIN_ROLL_BYTES.max(2 * fresh_total) {
-                    self.roll(&mut log, false);
-                }
+                self.roll_if_full(&captures, &mut log);
                 Ok(n)
             }
             Err(e) => {
@@ -636,6 +633,15 @@ impl Journal {
                 self.roll(&mut log, true);
                 Err(e)
             }
+        }
+    }
+
+    /// Starts a new generation once the file holds twice what fresh
+    /// copies of its instances (`captures`) take, 64 MiB at least.
+    fn roll_if_full(&self, captures: &HashMap<u64, Capture>, log: &mut Log) {
+        let fresh_total: u64 = captures.values().map(|c| c.fresh_bytes).sum();
+        if log.bytes > MIN_ROLL_BYTES.max(2 * fresh_total) {
+            self.roll(log, false);
         }
     }
 
@@ -689,10 +695,7 @@ impl Journal {
         Some(match written {
             Ok((n, _)) => {
                 capture.chain = Some((count, log.fresh_from));
-                let fresh_total: u64 = captures.values().map(|c| c.fresh_bytes).sum();
-                if log.bytes > MIN_ROLL_BYTES.max(2 * fresh_total) {
-                    self.roll(&mut log, false);
-                }
+                self.roll_if_full(&captures, &mut log);
                 Ok(n)
             }
             Err(e) => {

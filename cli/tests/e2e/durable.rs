@@ -173,6 +173,22 @@ fn journal_file(state: &Path, tenant: &str) -> std::path::PathBuf {
     files.pop().expect("a journal")
 }
 
+/// An executor `id` on `state` with tenant acme's `strict` counter,
+/// checkpointed an hour apart (so every frame after its first is a call's
+/// record), called `calls` times; the counter's id.
+fn counted(id: &str, state: &Path, calls: u32) -> (ExecutorProcess, String) {
+    let ex = ExecutorProcess::start(id, state);
+    let function = deploy(
+        &ex,
+        "acme",
+        r#"{"durability": "strict", "checkpoint_ms": 3600000}"#,
+    );
+    for n in 1..=calls {
+        assert_eq!(count(&ex, "acme", &function), n);
+    }
+    (ex, function)
+}
+
 /// Where each frame of a journal's `bytes` starts (its 32-byte header,
 /// `TWJ1` first, holds its payload's length at bytes 16..24), and where
 /// the last one ends.
@@ -206,16 +222,7 @@ fn read_frames(file: &Path) -> Vec<u8> {
 fn a_damaged_journal_resumes_from_the_last_good_frame() {
     for damage in ["truncate", "flip"] {
         let dir = tempfile::tempdir().unwrap();
-        let mut ex = ExecutorProcess::start("cpu-j", dir.path());
-        // Checkpoints an hour apart: every frame is the calls'.
-        let id = deploy(
-            &ex,
-            "acme",
-            r#"{"durability": "strict", "checkpoint_ms": 3600000}"#,
-        );
-        for n in 1..=5 {
-            assert_eq!(count(&ex, "acme", &id), n);
-        }
+        let (mut ex, id) = counted("cpu-j", dir.path(), 5);
         // The first strict call wrote two frames (a racy copy of its new
         // instance, then the exact one), each call after it its record.
         ex.restart();
@@ -280,15 +287,7 @@ fn a_damaged_journal_resumes_from_the_last_good_frame() {
 #[test]
 fn a_call_that_answers_otherwise_when_run_again_falls_back_to_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut ex = ExecutorProcess::start("cpu-d", dir.path());
-    let id = deploy(
-        &ex,
-        "acme",
-        r#"{"durability": "strict", "checkpoint_ms": 3600000}"#,
-    );
-    for n in 1..=4 {
-        assert_eq!(count(&ex, "acme", &id), n);
-    }
+    let (mut ex, id) = counted("cpu-d", dir.path(), 4);
     let _ = ex.child.kill();
     let _ = ex.child.wait();
     let file = journal_file(dir.path(), "acme");
