@@ -107,6 +107,13 @@ pub const MAX_CALL_REQUEST: usize = 64 << 10;
 /// 1 MiB. Hashing it reads it back once more.
 pub const MAX_CALL_ANSWER: u64 = 1 << 20;
 
+/// Longest an instance's calls go as records after its last exact frame:
+/// its function's `checkpoint_ms`, and 10 s at most (a function may ask
+/// for an hour). A call past it takes a frame, which starts the chain
+/// again, so that recovery runs at most this much of an instance's
+/// calls again.
+const MAX_REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest frame read back: 8 GiB, as a snapshot.
 const MAX_FRAME: u64 = crate::snapshot::MAX_SNAPSHOT_BYTES;
 
@@ -663,8 +670,9 @@ impl Journal {
     /// "Durable state"). So a call that writes more than its request
     /// costs the disk its request, not its writes. `None` when the call
     /// cannot go as a record (see [`chains`](Self::chains)): it is left to
-    /// a frame. Returns the frame's number for [`durable`](Self::durable).
-    /// Blocking.
+    /// a frame, and so is a call past [`MAX_REPLAY_WINDOW`] of its
+    /// instance's last exact frame. Returns the frame's number for
+    /// [`durable`](Self::durable). Blocking.
     pub fn call(
         &self,
         shared: &InstanceShared,
@@ -681,7 +689,9 @@ impl Journal {
         let mut captures = lock(&self.captures);
         let mut log = lock(&self.log);
         let capture = captures.get_mut(&shared.id)?;
-        if capture.chain != Some((count - 1, log.fresh_from)) {
+        if capture.chain != Some((count - 1, log.fresh_from))
+            || capture.at.elapsed() > f.config.checkpoint.min(MAX_REPLAY_WINDOW)
+        {
             return None;
         }
         let written = self.write_frame(&mut log, capture.jid, CALL, |w| {
@@ -982,8 +992,8 @@ impl Journal {
     /// that go there then write data only, into blocks the file has, and
     /// take about two thirds as long as an append's (measured on ext4).
     /// Recovery reads zeros after the last frame as the journal's end
-    /// ([`scan`]). A full disk leaves the file as it was. Blocking, in a
-    /// task of its own once a sync answered.
+    /// ([`scan`]). A full disk leaves the file as it was. Blocking, on a
+    /// syncer thread once its sync was answered.
     fn zero_ahead(&self) {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let file = {
@@ -1270,17 +1280,14 @@ impl Journal {
         }
     }
 
-    /// The committer: while anyone waits, writes an exact frame of every
-    /// instance a waiter wants (taken through one of its pool's slots, as
-    /// the checkpointer does, after a racy copy of the bulk if it has no
-    /// frame yet), then syncs, and wakes whom that answers. One frame and
-    /// one sync serve every invocation that ended meanwhile: a `strict`
-    /// function's calls cost the disk once per batch (group commit), and
-    /// its instance never waits for the disk. Up to [`SYNCS_IN_FLIGHT`]
-    /// syncs run at once, each of the frames written since the one before
-    /// it, and they answer in the order they started: a call that ends
-    /// while a sync runs waits for one sync more, not for the rest of that
-    /// one and then another.
+    /// The committer: while anyone waits for a frame of an instance,
+    /// writes an exact frame of every instance a waiter wants (taken
+    /// through one of its pool's slots, as the checkpointer does, after a
+    /// racy copy of the bulk if it has no frame yet) and asks for a sync
+    /// ([`request_sync`](Self::request_sync)), whose answer wakes the
+    /// waiters. One frame and one sync serve every invocation that ended
+    /// meanwhile: a `strict` function's calls cost the disk once per batch
+    /// (group commit), and its instance never waits for the disk.
     async fn commit(self: Arc<Self>) {
         // However it ends (a panic), a later waiter starts another.
         struct Done<'a>(&'a Journal, bool);
@@ -1412,9 +1419,9 @@ impl Journal {
     }
 
     /// Syncs `batch`, then answers every sync that ended, in the order
-    /// they started ([`settle`](Self::settle)), and tells the committer a
-    /// sync is free; keeps zeros written ahead of the frames once it
-    /// worked. Blocking.
+    /// they started ([`settle`](Self::settle)), and wakes the committer,
+    /// whose waiters it may have answered; keeps zeros written ahead of the
+    /// frames once it worked. Blocking.
     fn sync_batch(self: &Arc<Self>, batch: Batch) {
         // However it ends (a panic), its place in the order is settled, so
         // that the syncs after it answer.

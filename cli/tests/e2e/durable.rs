@@ -328,6 +328,32 @@ fn a_call_that_answers_otherwise_when_run_again_falls_back_to_the_checkpoint() {
     assert_eq!(count(&ex, "acme", &id), 4);
 }
 
+/// A function may checkpoint an hour apart, but its calls go as records
+/// for at most 10 s after its instance's last exact frame: a call past
+/// that takes a frame (so recovery never runs more than 10 s of an
+/// instance's calls again), and records follow it again.
+#[test]
+fn calls_go_as_records_for_at_most_ten_seconds_after_a_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ex, id) = counted("cpu-w", dir.path(), 2);
+    std::thread::sleep(Duration::from_millis(10_500));
+    assert_eq!(count(&ex, "acme", &id), 3);
+    assert_eq!(count(&ex, "acme", &id), 4);
+    let _ = ex.child.kill();
+    let _ = ex.child.wait();
+    let bytes = read_frames(&journal_file(dir.path(), "acme"));
+    let (starts, _) = frame_starts(&bytes);
+    let flags: Vec<u32> = starts
+        .iter()
+        .map(|&at| u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()))
+        .collect();
+    // Call 1: a racy fresh copy and its exact frame; call 2: a record;
+    // call 3, past the window: an exact frame; call 4: a record.
+    assert_eq!(flags, [1 | 8, 0, 16, 0, 16]);
+    ex.restart();
+    assert_eq!(count(&ex, "acme", &id), 5);
+}
+
 /// A full disk: strict calls answer `checkpoint_failed` while the tenant
 /// keeps serving its other functions, the last good checkpoint stays
 /// intact through a kill, and once there is room again checkpoints resume.
