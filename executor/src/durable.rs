@@ -236,6 +236,9 @@ struct Log {
     written: u64,
     /// Frames a sync started already covers ([`Journal::take_batch`]).
     taken: u64,
+    /// Call records written ([`Journal::call`]): a journal without any
+    /// writes no zeros ahead ([`Journal::zero_ahead`]).
+    records: u64,
     next_jid: u64,
     /// Generations on disk.
     generations: BTreeSet<u64>,
@@ -496,6 +499,7 @@ impl Journal {
                 unsealed: Vec::new(),
                 written: 0,
                 taken: 0,
+                records: 0,
                 next_jid: 1,
                 generations: BTreeSet::new(),
                 fresh_from: 0,
@@ -670,7 +674,7 @@ impl Journal {
     /// "Durable state"). So a call that writes more than its request
     /// costs the disk its request, not its writes. `None` when the call
     /// cannot go as a record (see [`chains`](Self::chains)): it is left to
-    /// a frame, and so is a call past [`MAX_REPLAY_WINDOW`] of its
+    /// a frame, and so is a call past `MAX_REPLAY_WINDOW` (10 s) of its
     /// instance's last exact frame. Returns the frame's number for
     /// [`durable`](Self::durable). Blocking.
     pub fn call(
@@ -705,6 +709,7 @@ impl Journal {
         Some(match written {
             Ok((n, _)) => {
                 capture.chain = Some((count, log.fresh_from));
+                log.records += 1;
                 self.roll_if_full(&captures, &mut log);
                 Ok(n)
             }
@@ -988,7 +993,11 @@ impl Journal {
     }
 
     /// Writes zeros past the journal's frames, and syncs them, once fewer
-    /// than a quarter of [`ZERO_AHEAD`] are left: the syncs of the frames
+    /// than a quarter of [`ZERO_AHEAD`] are left, in a journal that takes
+    /// call records (whose answers wait for its syncs; a migration's
+    /// destination syncs its last round inside the tenant's pause, and
+    /// a sync of the whole file would carry zeros written just before):
+    /// the syncs of the frames
     /// that go there then write data only, into blocks the file has, and
     /// take about two thirds as long as an append's (measured on ext4).
     /// Recovery reads zeros after the last frame as the journal's end
@@ -999,7 +1008,7 @@ impl Journal {
         let file = {
             let mut log = lock(&self.log);
             let Some(file) = log.file.clone() else { return };
-            if log.closed || log.zeroed >= log.bytes + ZERO_AHEAD / 4 {
+            if log.closed || log.records == 0 || log.zeroed >= log.bytes + ZERO_AHEAD / 4 {
                 return;
             }
             // Under the log's lock: no frame is written meanwhile.
