@@ -14,21 +14,39 @@
 //! second, the bytes written to the journal per second, and each against
 //! `none`; first
 //! the disk's own `fdatasync` p50 (4 KiB written, then synced), the floor
-//! under a `strict` call. The journal is written under STATE_DIR (a
-//! temporary folder by default: put it on the disk you mean to measure).
-//! WRITES (bytes per call, comma-separated) and MODES (none, periodic,
-//! strict) pick rows; the ratios are to `none`, or to the first row run.
+//! under a `strict` call. Each row also prints the process's CPU time per
+//! call (clients, server and journal together, all in this process) and
+//! the calls one journal sync answered. The journal is written under
+//! STATE_DIR (a temporary folder by default: put it on the disk you mean
+//! to measure). WRITES (bytes per call, comma-separated) and MODES (none,
+//! periodic, strict) pick rows; the ratios are to `none`, or to the first
+//! row run.
+//!
+//! Before its first row, each VIA runs one discarded second of `none`: the
+//! first row of a process measured up to a third slower than the same row
+//! run again (new threads, pages and connections), and a slow `none` row
+//! flatters every ratio to it. ROUNDS (1) runs the modes in turn that many
+//! times, and then prints the median of each mode's rows and the ratios of
+//! those medians: on a noisy machine, compare those.
 //!
 //! VIA picks how the clients call: `engine` (the registry's invoke, no
 //! HTTP: the harshest ratio, every other cost left out), `http` (an
 //! executor serving on loopback, each client on a keep-alive connection
 //! of its own, in this process: what a client of the executor sees, the
-//! proxy's hop left out), or both (`engine,http`, the default).
+//! proxy's hop left out), or both (`engine,http`, the default). The HTTP
+//! clients run on an async runtime of their own, of CLIENT_THREADS (2)
+//! threads, beside the server's, as a client process would: sharing the
+//! server's runtime, `none` measured 41k or 62k calls a second from row to
+//! row, as the tasks happened to fall on its threads.
 
 // A report for a person: its table is what it prints.
 #![allow(clippy::print_stdout)]
 
 mod common;
+
+/// The allocator the executor's binary runs on.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,11 +128,45 @@ fn fdatasync_p50(dir: &Path) -> Duration {
     pct(&times, 0.5)
 }
 
+#[derive(Clone, Copy)]
 struct Row {
     p50: Duration,
     p99: Duration,
     per_sec: f64,
     journal_per_sec: f64,
+    /// This process's CPU time (user and system, every thread: clients,
+    /// server and journal) per call.
+    cpu_per_call: Duration,
+    /// Calls over journal syncs (infinite where none ran).
+    per_sync: f64,
+}
+
+/// This process's CPU time so far, user and system, from `/proc/self/stat`
+/// (in clock ticks of 10 ms; zero where it cannot be read).
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // utime and stime are the 14th and 15th fields of the line, the 12th
+    // and 13th after the command's closing parenthesis.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|t| t.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// The median of `rows` by `key`.
+fn median<T: Copy + PartialOrd>(rows: &[Row], key: impl Fn(&Row) -> T) -> T {
+    let mut v: Vec<T> = rows.iter().map(key).collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
 }
 
 /// How the clients call.
@@ -159,6 +211,7 @@ impl Caller {
 #[allow(clippy::too_many_arguments)]
 fn run(
     tokio: &tokio::runtime::Runtime,
+    callers: &tokio::runtime::Runtime,
     dir: &Path,
     bytes: u32,
     durability: Durability,
@@ -190,7 +243,13 @@ fn run(
         .unwrap();
     let target = reg.resolve(&tenant, &info.id).unwrap();
     let addr = server.as_ref().map(|s| s.addr);
-    let row = tokio.block_on(async {
+    // HTTP clients on their runtime, the server on its own, as a client
+    // process and an executor would be.
+    let rt = match via {
+        Via::Http => callers,
+        Via::Engine => tokio,
+    };
+    let row = rt.block_on(async {
         // The server runs its own checkpointer; the engine rows, one as
         // it runs it.
         let checkpointer = addr.is_none().then(|| {
@@ -216,7 +275,10 @@ fn run(
         // Warm: the instance made and its first full copy written.
         callers[0].call().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = tensor_wasm_executor::durable::bytes_written();
+        let journal = &reg.metrics.journal;
+        let before = journal.written_bytes.get();
+        let syncs_before = journal.sync_duration.get_sample_count();
+        let cpu_before = cpu_time();
         let start = Instant::now();
         let end = start + Duration::from_secs_f64(seconds);
         let mut tasks = Vec::new();
@@ -236,6 +298,11 @@ fn run(
             times.extend(t.await.unwrap());
         }
         let elapsed = start.elapsed().as_secs_f64();
+        let cpu = cpu_time().saturating_sub(cpu_before);
+        let syncs = journal
+            .sync_duration
+            .get_sample_count()
+            .saturating_sub(syncs_before);
         if let Some(c) = checkpointer {
             c.abort();
         }
@@ -244,15 +311,33 @@ fn run(
             p50: pct(&times, 0.5),
             p99: pct(&times, 0.99),
             per_sec: times.len() as f64 / elapsed,
-            journal_per_sec: tensor_wasm_executor::durable::bytes_written().saturating_sub(before)
-                as f64
-                / elapsed,
+            journal_per_sec: journal.written_bytes.get().saturating_sub(before) as f64 / elapsed,
+            cpu_per_call: cpu / u32::try_from(times.len().max(1)).unwrap_or(u32::MAX),
+            per_sync: times.len() as f64 / syncs as f64,
         }
     });
     if let Some(server) = server {
         server.stop(tokio);
     }
     row
+}
+
+/// One row of the table, its ratios to `base`.
+fn print_row(via: &str, bytes: u32, mode: &str, row: &Row, base: &Row) {
+    println!(
+        "{:<7} {:<10} {:<9} {:>9} {:>9} {:>9.0} {:>12.1} {:>11.1} {:>10.1} {:>10.2} {:>10.2}",
+        via,
+        format!("{} KiB", bytes / 1024),
+        mode,
+        ms(row.p50),
+        ms(row.p99),
+        row.per_sec,
+        row.journal_per_sec / 1e6,
+        row.cpu_per_call.as_secs_f64() * 1e6,
+        row.per_sync,
+        row.p50.as_secs_f64() / base.p50.as_secs_f64(),
+        row.per_sec / base.per_sec,
+    );
 }
 
 fn main() {
@@ -267,6 +352,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let callers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(env_or("CLIENT_THREADS", 2usize).max(1))
+        .enable_all()
+        .build()
+        .unwrap();
     let sync = fdatasync_p50(&state);
     println!(
         "durability: {clients} clients, {seconds} s per row, state under {}",
@@ -274,7 +364,7 @@ fn main() {
     );
     println!("disk fdatasync p50 (4 KiB): {} ms", ms(sync));
     println!(
-        "{:<7} {:<10} {:<9} {:>9} {:>9} {:>9} {:>12} {:>10} {:>10}",
+        "{:<7} {:<10} {:<9} {:>9} {:>9} {:>9} {:>12} {:>11} {:>10} {:>10} {:>10}",
         "via",
         "writes",
         "mode",
@@ -282,6 +372,8 @@ fn main() {
         "p99 ms",
         "calls/s",
         "journal MB/s",
+        "CPU µs/call",
+        "calls/sync",
         "p50 ×none",
         "tput ×none"
     );
@@ -295,32 +387,59 @@ fn main() {
             std::env::var("VIA").map_or(true, |want| want.split(',').any(|w| w == v.name()))
         })
         .collect();
+    let modes: Vec<Durability> = [Durability::None, Durability::Periodic, Durability::Strict]
+        .into_iter()
+        .filter(|mode| {
+            std::env::var("MODES").map_or(true, |m| m.split(',').any(|m| m == mode.as_str()))
+        })
+        .collect();
+    let rounds = env_or("ROUNDS", 1usize).max(1);
     for via in vias {
+        // Discarded: the process's first row runs slow.
+        let warm = state.join(format!("{}-warm", via.name()));
+        run(
+            &tokio,
+            &callers,
+            &warm,
+            4096,
+            Durability::None,
+            clients,
+            seconds.min(1.0),
+            via,
+        );
+        let _ = std::fs::remove_dir_all(&warm);
         for &bytes in &sizes {
-            let mut none: Option<Row> = None;
-            for mode in [Durability::None, Durability::Periodic, Durability::Strict] {
-                if std::env::var("MODES").is_ok_and(|m| !m.split(',').any(|m| m == mode.as_str())) {
-                    continue;
+            let mut rows: Vec<Vec<Row>> = vec![Vec::new(); modes.len()];
+            for _ in 0..rounds {
+                for (i, &mode) in modes.iter().enumerate() {
+                    let dir = state.join(format!("{}-{bytes}-{}", via.name(), mode.as_str()));
+                    let row = run(&tokio, &callers, &dir, bytes, mode, clients, seconds, via);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    // This round's first mode's row (`none`'s, unless left
+                    // out).
+                    let base = match i {
+                        0 => row,
+                        _ => rows[0].last().copied().unwrap_or(row),
+                    };
+                    print_row(via.name(), bytes, mode.as_str(), &row, &base);
+                    rows[i].push(row);
                 }
-                let dir = state.join(format!("{}-{bytes}-{}", via.name(), mode.as_str()));
-                let row = run(&tokio, &dir, bytes, mode, clients, seconds, via);
-                let base = none.as_ref().unwrap_or(&row);
-                println!(
-                    "{:<7} {:<10} {:<9} {:>9} {:>9} {:>9.0} {:>12.1} {:>10.2} {:>10.2}",
-                    via.name(),
-                    format!("{} KiB", bytes / 1024),
-                    mode.as_str(),
-                    ms(row.p50),
-                    ms(row.p99),
-                    row.per_sec,
-                    row.journal_per_sec / 1e6,
-                    row.p50.as_secs_f64() / base.p50.as_secs_f64(),
-                    row.per_sec / base.per_sec,
-                );
-                if none.is_none() {
-                    none = Some(row);
+            }
+            if rounds > 1 {
+                let med: Vec<Row> = rows
+                    .iter()
+                    .map(|r| Row {
+                        p50: median(r, |r| r.p50),
+                        p99: median(r, |r| r.p99),
+                        per_sec: median(r, |r| r.per_sec),
+                        journal_per_sec: median(r, |r| r.journal_per_sec),
+                        cpu_per_call: median(r, |r| r.cpu_per_call),
+                        per_sync: median(r, |r| r.per_sync),
+                    })
+                    .collect();
+                for (mode, row) in modes.iter().zip(&med) {
+                    print_row("median", bytes, mode.as_str(), row, &med[0]);
                 }
-                let _ = std::fs::remove_dir_all(&dir);
             }
         }
     }

@@ -70,6 +70,7 @@ use crate::body::RequestBody;
 use crate::error::ExecError;
 use crate::inbound::Inbound;
 use crate::instance::{InstanceShared, Response, WarmInstance};
+use crate::metrics::JournalMetrics;
 use crate::outbound::{Named, RoundStats, Sent, write_instance};
 use crate::registry::Registry;
 use crate::state::{Function, Tenant};
@@ -160,16 +161,6 @@ struct Order {
     answered: u64,
     /// Syncs that ended before their turn, by their place.
     done: std::collections::BTreeMap<u64, (Batch, std::io::Result<()>)>,
-}
-
-/// Bytes the journals of this process wrote: frames and zeros ahead.
-static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Bytes the journals of this process have written so far: their frames
-/// and the zeros written ahead of them (what a benchmark reports as the
-/// journal's bytes a second).
-pub fn bytes_written() -> u64 {
-    WRITTEN.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Frames written to the file for one sync.
@@ -388,6 +379,8 @@ pub struct Journal {
     sync_wanted: std::sync::Condvar,
     /// Held while syncs are answered, so that they are in order.
     publishing: Mutex<()>,
+    /// The executor's journal metrics: syncs and bytes written.
+    metrics: JournalMetrics,
 }
 
 impl std::fmt::Debug for Journal {
@@ -465,27 +458,43 @@ fn generations(dir: &Path) -> BTreeSet<u64> {
 
 impl Journal {
     /// An empty journal of `tenant` under `state_dir` (nothing is written
-    /// until its first frame).
-    pub fn new(state_dir: &Path, tenant: TenantId, tracking: PageTracking) -> Journal {
+    /// until its first frame), counted in `metrics`.
+    pub fn new(
+        state_dir: &Path,
+        tenant: TenantId,
+        tracking: PageTracking,
+        metrics: JournalMetrics,
+    ) -> Journal {
         let dir = journal_dir(state_dir, &tenant);
-        Journal::in_dir(dir, tenant, tracking)
+        Journal::in_dir(dir, tenant, tracking, metrics)
     }
 
     /// An empty journal of `tenant` staged beside the tenant's own (which
     /// stands until [`take_place`](Self::take_place)); what an earlier
     /// staging left there goes.
-    pub fn staged(state_dir: &Path, tenant: TenantId, tracking: PageTracking) -> Journal {
+    pub fn staged(
+        state_dir: &Path,
+        tenant: TenantId,
+        tracking: PageTracking,
+        metrics: JournalMetrics,
+    ) -> Journal {
         let dir = suffixed(state_dir, &tenant, STAGED);
         if let Err(e) = remove_dir(&dir) {
             tracing::warn!(%tenant, error = %e, "cannot remove an earlier staged journal");
         }
-        Journal::in_dir(dir, tenant, tracking)
+        Journal::in_dir(dir, tenant, tracking, metrics)
     }
 
-    fn in_dir(dir: PathBuf, tenant: TenantId, tracking: PageTracking) -> Journal {
+    fn in_dir(
+        dir: PathBuf,
+        tenant: TenantId,
+        tracking: PageTracking,
+        metrics: JournalMetrics,
+    ) -> Journal {
         Journal {
             tenant,
             tracking,
+            metrics,
             captures: Mutex::new(HashMap::new()),
             log: Mutex::new(Log {
                 dir,
@@ -875,7 +884,7 @@ impl Journal {
         })();
         match result {
             Ok(len) => {
-                WRITTEN.fetch_add(HEADER as u64 + len, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.written_bytes.inc_by(HEADER as u64 + len);
                 log.bytes = start + HEADER as u64 + len;
                 if log.buf.is_empty() {
                     log.flushed = log.bytes;
@@ -1031,7 +1040,7 @@ impl Journal {
                 return;
             }
             log.zeroed = at;
-            WRITTEN.fetch_add(at - from, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.written_bytes.inc_by(at - from);
             file
         };
         if let Err(e) = file.sync_data() {
@@ -1449,7 +1458,10 @@ impl Journal {
         };
         let synced = match (&batch.written, &batch.file) {
             (Err(e), _) => Err(std::io::Error::new(e.kind(), e.to_string())),
-            (Ok(()), Some(f)) => f.sync_data(),
+            (Ok(()), Some(f)) => {
+                let _timer = self.metrics.sync_duration.start_timer();
+                f.sync_data()
+            }
             (Ok(()), None) => Ok(()),
         };
         let worked = synced.is_ok();
@@ -1836,6 +1848,7 @@ pub fn recover(registry: &Registry, tenant: &Arc<Tenant>) -> Result<RecoveredTen
         registry.state_dir(),
         tenant.id.clone(),
         registry.page_tracking().clone(),
+        registry.metrics.journal.clone(),
     );
     let dir = journal_dir(registry.state_dir(), &tenant.id);
     let mut found = generations(&dir);

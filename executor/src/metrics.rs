@@ -2,8 +2,8 @@
 //! prefix in one registry. Names come from `tensor_wasm_shared::names`.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tensor_wasm_shared::names::{BUILD_INFO, executor_metrics as m};
 
@@ -50,12 +50,50 @@ pub struct Metrics {
     pub device_memory: IntGaugeVec,
     pub host_memory: IntGauge,
     pub host_memory_limit: IntGauge,
+    /// What the tenants' checkpoint journals do (`crate::durable`).
+    pub journal: JournalMetrics,
     /// `kernel_dispatches_total` for each of [`OPS`] on this backend,
     /// resolved once: a label lookup per dispatch would cost more than a
     /// small kernel.
-    dispatch_counters: Vec<prometheus::IntCounter>,
+    dispatch_counters: Vec<IntCounter>,
     dispatch_seconds: Histogram,
 }
+
+/// The checkpoint journals' metrics, shared by every tenant's journal of
+/// an executor (cheap to clone: the counters are shared).
+#[derive(Debug, Clone)]
+pub struct JournalMetrics {
+    /// Syncs that made frames durable, each a batch of frames written
+    /// since the last (what `strict` answers wait for), by duration.
+    pub sync_duration: Histogram,
+    /// Bytes written to journals: frames, and zeros written ahead.
+    pub written_bytes: IntCounter,
+}
+
+impl JournalMetrics {
+    fn new() -> JournalMetrics {
+        JournalMetrics {
+            sync_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    m::JOURNAL_SYNC_DURATION_SECONDS,
+                    "Syncs of checkpoint journal frames, a batch each, by duration.",
+                )
+                .buckets(SYNC_BUCKETS.to_vec()),
+            )
+            .expect("valid"),
+            written_bytes: IntCounter::new(
+                m::JOURNAL_WRITTEN_BYTES_TOTAL,
+                "Bytes written to checkpoint journals: frames, and zeros written ahead of them.",
+            )
+            .expect("valid"),
+        }
+    }
+}
+
+/// Journal sync buckets, in seconds: 25 µs to 1 s.
+const SYNC_BUCKETS: [f64; 13] = [
+    25e-6, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1.0,
+];
 
 /// Dispatch latency buckets, in seconds: 1 µs to 1 s.
 const DISPATCH_BUCKETS: [f64; 13] = [
@@ -144,6 +182,9 @@ impl Metrics {
         reg(Box::new(invocations.clone()));
         reg(Box::new(invoke_duration.clone()));
         reg(Box::new(device_memory.clone()));
+        let journal = JournalMetrics::new();
+        reg(Box::new(journal.sync_duration.clone()));
+        reg(Box::new(journal.written_bytes.clone()));
         let host_memory = IntGauge::new(
             m::HOST_MEMORY_BYTES,
             "Host memory held by tenants: linear memory, and tensors on the CPU backend.",
@@ -178,6 +219,7 @@ impl Metrics {
             device_memory,
             host_memory,
             host_memory_limit,
+            journal,
         }
     }
 

@@ -477,6 +477,7 @@ impl Registry {
                     &self.state_dir,
                     t.id.clone(),
                     self.tracking.clone(),
+                    self.metrics.journal.clone(),
                 ))
             })
             .clone()
@@ -552,6 +553,7 @@ impl Registry {
                 &self.state_dir,
                 tenant.clone(),
                 self.tracking.clone(),
+                self.metrics.journal.clone(),
             );
             let _ = inbound.tenant.journal.set(Arc::new(journal));
             inbound.staged_journal = true;

@@ -39,6 +39,8 @@ pub mod executor_metrics {
     pub const DEVICE_MEMORY_BYTES: &str = "tensor_wasm_device_memory_bytes";
     pub const HOST_MEMORY_BYTES: &str = "tensor_wasm_host_memory_bytes";
     pub const HOST_MEMORY_LIMIT_BYTES: &str = "tensor_wasm_host_memory_limit_bytes";
+    pub const JOURNAL_SYNC_DURATION_SECONDS: &str = "tensor_wasm_journal_sync_duration_seconds";
+    pub const JOURNAL_WRITTEN_BYTES_TOTAL: &str = "tensor_wasm_journal_written_bytes_total";
 }
 
 /// Counted by every component.
