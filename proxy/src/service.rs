@@ -157,6 +157,16 @@ const MAX_CONNECT_RETRIES: u8 = 8;
 /// placement as stale; the hold deadline bounds them too.
 const MAX_STALE_RETRIES: u8 = 8;
 
+/// How long a request refused for a stale placement, `refusals` times so
+/// far, waits for a newer placement before it is sent again where it was
+/// routed: a snapshot pauses its tenant, and so does a move that is then
+/// undone, and neither changes the placement. 40 ms, doubling with each
+/// refusal: the waits between [`MAX_STALE_RETRIES`] refusals add up to
+/// about 5 s, the default hold deadline.
+fn stale_patience(refusals: u8) -> Duration {
+    Duration::from_millis(40 << refusals.saturating_sub(1).min(6))
+}
+
 /// The public proxy service.
 #[derive(Debug)]
 pub struct PublicProxy {
@@ -518,8 +528,9 @@ impl ProxyHttp for PublicProxy {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         // A retry after the executor refused a stale placement: wait for a
-        // newer one, within the hold deadline, and route again
-        // (`ARCHITECTURE.md`, "Fencing stale proxies").
+        // newer one, for a while ([`stale_patience`]) within the hold
+        // deadline, and route again (`ARCHITECTURE.md`, "Fencing stale
+        // proxies").
         if let Some(epoch) = ctx.stale.take() {
             let fleet = &self.shared.fleet;
             let until = tokio::time::Instant::from_std(ctx.arrived) + fleet.queue.deadline;
@@ -530,7 +541,9 @@ impl ProxyHttp for PublicProxy {
             // The lease is given back first: a move of the tenant waits
             // for it before its gate closes.
             ctx.route = None;
-            fleet.wait_newer(&tenant, epoch, until).await;
+            let patience =
+                until.min(tokio::time::Instant::now() + stale_patience(ctx.stale_refusals));
+            fleet.wait_newer(&tenant, epoch, patience).await;
             match fleet.route(&tenant).await {
                 Ok(route) => ctx.route = Some(route),
                 Err(e) => {
