@@ -44,10 +44,6 @@
 
 mod common;
 
-/// The allocator the executor's binary runs on.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,6 +59,10 @@ use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::{Durability, FunctionConfig};
 
 use common::{HttpCaller, Served, ms, pct};
+
+/// The allocator the executor's binary runs on.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Writes `BYTES` of its memory per call, at a place that moves, and
 /// counts its calls in a global.
