@@ -38,6 +38,11 @@ fn proxies(
         .collect()
 }
 
+/// Executors `cpu0` and `cpu1`, each with a state directory under `dir`.
+fn executors(dir: &std::path::Path) -> [ExecutorProcess; 2] {
+    ["cpu0", "cpu1"].map(|id| ExecutorProcess::start(id, &dir.join(id)))
+}
+
 fn placements(p: &ProxyProcess) -> serde_json::Value {
     let r = p.admin("GET", "/admin/placements", None);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -56,8 +61,7 @@ fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 fn two_proxies_on_one_etcd_send_each_tenant_to_one_executor() {
     let etcd = EtcdProcess::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
-    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let [a, b] = executors(dir.path());
     let ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
 
     // Every tenant's first requests reach both proxies at once: one
@@ -130,8 +134,7 @@ fn with_etcd_down_placed_tenants_are_served_and_new_ones_refused_until_it_is_bac
     let _heavy = heavy();
     let mut etcd = EtcdProcess::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
-    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let [a, b] = executors(dir.path());
     let ps = Arc::new(proxies(dir.path(), &etcd, &[&a, &b], 2));
     let id = ps[0].deploy_counter("tok-t0");
 
@@ -243,8 +246,7 @@ fn moves_made_by_either_proxy_fail_no_request_of_clients_using_both() {
     let _heavy = heavy();
     let etcd = EtcdProcess::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
-    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let [a, b] = executors(dir.path());
     let ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
     let tenants: Vec<(String, String)> = (0..3)
         .map(|i| {
@@ -344,8 +346,7 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
     let etcd = EtcdProcess::start();
     let relay = Relay::start(etcd.client_port);
     let dir = tempfile::tempdir().unwrap();
-    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
-    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let [a, b] = executors(dir.path());
     let options = |placement: String| ProxyOptions {
         tokens: tokens(),
         extra_args: vec!["--placement".into(), placement],
@@ -426,8 +427,7 @@ fn a_move_whose_proxy_is_killed_is_undone_by_another_proxy_and_no_request_fails(
     let _heavy = heavy();
     let etcd = EtcdProcess::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
-    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let [a, b] = executors(dir.path());
     let mut ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
     let id = ps[1].deploy_counter("tok-t0");
     let home = ps[1].placement("t0").unwrap();
@@ -517,8 +517,7 @@ fn live_proxies(p: &ProxyProcess) -> Vec<String> {
 fn a_proxy_that_stops_leaves_the_fleet_and_moves_go_on_without_it() {
     let etcd = EtcdProcess::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
-    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let [a, b] = executors(dir.path());
     let mut ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
     wait_until("each proxy sees both", Duration::from_secs(10), || {
         ps.iter().all(|p| live_proxies(p).len() == 2)
@@ -697,8 +696,7 @@ fn a_snapshot_through_one_proxy_fails_no_request_through_the_other() {
     let _heavy = heavy();
     let etcd = EtcdProcess::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = ExecutorProcess::start("cpu0", &dir.path().join("cpu0"));
-    let b = ExecutorProcess::start("cpu1", &dir.path().join("cpu1"));
+    let [a, b] = executors(dir.path());
     let ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
     let token = "tok-t0";
     let r = ps[0].call(
