@@ -1003,15 +1003,14 @@ impl Journal {
 
     /// Writes zeros past the journal's frames, and syncs them, once fewer
     /// than a quarter of [`ZERO_AHEAD`] are left, in a journal that takes
-    /// call records (whose answers wait for its syncs; a migration's
-    /// destination syncs its last round inside the tenant's pause, and
-    /// a sync of the whole file would carry zeros written just before):
-    /// the syncs of the frames
-    /// that go there then write data only, into blocks the file has, and
-    /// take about two thirds as long as an append's (measured on ext4).
-    /// Recovery reads zeros after the last frame as the journal's end
-    /// ([`scan`]). A full disk leaves the file as it was. Blocking, on a
-    /// syncer thread once its sync was answered.
+    /// call records: the syncs of the frames that go there then write data
+    /// only, into blocks the file has, and take about two thirds as long
+    /// as an append's (measured on ext4). Only there, because call records
+    /// are what waits for these syncs; a migration's destination syncs its
+    /// last round inside the tenant's pause, and that sync would carry
+    /// zeros written just before. Recovery reads zeros after the last
+    /// frame as the journal's end ([`scan`]). A full disk leaves the file
+    /// as it was. Blocking, on a syncer thread once its sync was answered.
     fn zero_ahead(&self) {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let file = {

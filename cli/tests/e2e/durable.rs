@@ -357,15 +357,7 @@ fn calls_go_as_records_for_at_most_ten_seconds_after_a_frame() {
 /// The value of the sample `name` (no labels) in the executor's
 /// `/metrics`.
 fn metric(ex: &ExecutorProcess, name: &str) -> f64 {
-    let (status, body) = raw_request(
-        &ex.addr,
-        "GET",
-        "/metrics",
-        &[],
-        b"",
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    let (status, body) = ex.request("GET", "/metrics", None, "", b"");
     assert_eq!(status, 200);
     let text = String::from_utf8(body).unwrap();
     text.lines()
