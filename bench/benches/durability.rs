@@ -29,15 +29,24 @@
 //! times, and then prints the median of each mode's rows and the ratios of
 //! those medians: on a noisy machine, compare those.
 //!
-//! VIA picks how the clients call: `engine` (the registry's invoke, no
-//! HTTP: the harshest ratio, every other cost left out), `http` (an
-//! executor serving on loopback, each client on a keep-alive connection
-//! of its own, in this process: what a client of the executor sees, the
-//! proxy's hop left out), or both (`engine,http`, the default). The HTTP
-//! clients run on an async runtime of their own, of CLIENT_THREADS (2)
-//! threads, beside the server's, as a client process would: sharing the
-//! server's runtime, `none` measured 41k or 62k calls a second from row to
-//! row, as the tasks happened to fall on its threads.
+//! VIA picks how the clients call, comma-separated (all three by
+//! default):
+//! - `engine`: the registry's invoke, no HTTP. The harshest ratio, every
+//!   other cost left out.
+//! - `http`: an executor serving on loopback, each client on a keep-alive
+//!   connection of its own, in this process. What a client of the
+//!   executor sees, the proxy's hop left out.
+//! - `proxy`: a `tensor-wasm proxy` process in front of that executor,
+//!   each client with the tenant's API token: what a tenant's client sees.
+//!   It runs the binary at TENSOR_WASM_BIN, or the `tensor-wasm` beside
+//!   this bench's (`cargo build --release -p tensor-wasm` first); where
+//!   there is none, its rows are left out, with a line that says so. Its
+//!   rows' CPU per call counts the proxy's process too.
+//!
+//! The HTTP clients run on an async runtime of their own, of
+//! CLIENT_THREADS (2) threads, beside the server's, as a client process
+//! would: sharing the server's runtime, `none` measured 41k or 62k calls a
+//! second from row to row, as the tasks happened to fall on its threads.
 
 // A report for a person: its table is what it prints.
 #![allow(clippy::print_stdout)]
@@ -58,7 +67,7 @@ use tensor_wasm_kernels::{Backend, CpuBackend};
 use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::{Durability, FunctionConfig};
 
-use common::{HttpCaller, Served, ms, pct};
+use common::{HttpCaller, Served, TOKEN, ms, pct};
 
 /// The allocator the executor's binary runs on.
 #[global_allocator]
@@ -141,10 +150,19 @@ struct Row {
     per_sync: f64,
 }
 
-/// This process's CPU time so far, user and system, from `/proc/self/stat`
-/// (in clock ticks of 10 ms; zero where it cannot be read).
-fn cpu_time() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+/// The CPU time so far of this process, and of `child` if given, user and
+/// system, from `/proc/<pid>/stat` (in clock ticks of 10 ms; zero where
+/// it cannot be read).
+fn cpu_time(child: Option<u32>) -> Duration {
+    let own = process_cpu_time("/proc/self/stat");
+    match child {
+        Some(pid) => own + process_cpu_time(&format!("/proc/{pid}/stat")),
+        None => own,
+    }
+}
+
+fn process_cpu_time(path: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return Duration::ZERO;
     };
     // utime and stime are the 14th and 15th fields of the line, the 12th
@@ -174,6 +192,7 @@ fn median<T: Copy + PartialOrd>(rows: &[Row], key: impl Fn(&Row) -> T) -> T {
 enum Via {
     Engine,
     Http,
+    Proxy,
 }
 
 impl Via {
@@ -181,8 +200,101 @@ impl Via {
         match self {
             Via::Engine => "engine",
             Via::Http => "http",
+            Via::Proxy => "proxy",
         }
     }
+}
+
+/// The `tensor-wasm` binary the `proxy` rows run: TENSOR_WASM_BIN, or the
+/// one in the target folder of this bench (`target/release/deps/..`).
+fn tensor_wasm_bin() -> Option<PathBuf> {
+    let path = match std::env::var_os("TENSOR_WASM_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()
+            .ok()?
+            .parent()?
+            .parent()?
+            .join("tensor-wasm"),
+    };
+    path.is_file().then_some(path)
+}
+
+/// A `tensor-wasm proxy` process on loopback in front of the executor at
+/// `executor`, with the API token `token` for `tenant`; killed on drop.
+struct Proxied {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Proxied {
+    fn start(
+        bin: &Path,
+        dir: &Path,
+        executor: std::net::SocketAddr,
+        token: &str,
+        tenant: &str,
+    ) -> Proxied {
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap()
+        };
+        let (addr, admin) = (port(), port());
+        std::fs::create_dir_all(dir).unwrap();
+        let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+        let child = std::process::Command::new(bin)
+            .arg("proxy")
+            .args(["--listen", &addr.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .arg("--state-dir")
+            .arg(dir.join("proxy"))
+            .args(["--executor", &format!("bench={executor}")])
+            .env("TENSOR_WASM_INTERNAL_TOKEN", TOKEN)
+            .env(
+                "TENSOR_WASM_ADMIN_TOKEN",
+                "bench-admin-token-0123456789abcdef",
+            )
+            .env("TENSOR_WASM_API_TOKENS", format!("{token}:{tenant}"))
+            .env("TENSOR_WASM_API_RATE_LIMIT_QPS", "1000000000")
+            .env("TENSOR_WASM_API_RATE_LIMIT_BURST", "1000000000")
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let proxied = Proxied { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !healthy(addr) {
+            assert!(
+                Instant::now() < deadline,
+                "the proxy never answered /healthz: see {}",
+                dir.join("proxy.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proxied
+    }
+}
+
+impl Drop for Proxied {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `GET /healthz` at `addr` answers 200.
+fn healthy(addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut answer = String::new();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: proxy\r\nconnection: close\r\n\r\n")
+        .is_ok()
+        && s.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
 }
 
 /// One client's way to the function.
@@ -218,14 +330,28 @@ fn run(
     clients: usize,
     seconds: f64,
     via: Via,
+    bin: Option<&Path>,
 ) -> Row {
-    let server =
-        (via == Via::Http).then(|| Served::start(tokio, dir, limits(), TenantQuotas::default()));
+    let server = (via != Via::Engine).then(|| {
+        Served::start(
+            tokio,
+            &dir.join("executor"),
+            limits(),
+            TenantQuotas::default(),
+        )
+    });
     let reg = match &server {
         Some(s) => s.registry.clone(),
         None => registry(dir),
     };
     let tenant = TenantId::new(format!("w{bytes}-{}", durability.as_str())).unwrap();
+    let token = format!("bench-token-{tenant}");
+    let proxy = match (via, &server, bin) {
+        (Via::Proxy, Some(s), Some(bin)) => {
+            Some(Proxied::start(bin, dir, s.addr, &token, tenant.as_str()))
+        }
+        _ => None,
+    };
     let info = reg
         .register(
             &tenant,
@@ -246,9 +372,10 @@ fn run(
     // HTTP clients on their runtime, the server on its own, as a client
     // process and an executor would be.
     let rt = match via {
-        Via::Http => callers,
+        Via::Http | Via::Proxy => callers,
         Via::Engine => tokio,
     };
+    let child = proxy.as_ref().map(|p| p.child.id());
     let row = rt.block_on(async {
         // The server runs its own checkpointer; the engine rows, one as
         // it runs it.
@@ -263,13 +390,17 @@ fn run(
             })
         });
         let mut callers = Vec::new();
+        let path = format!("/functions/{}/invoke", info.id);
         for _ in 0..clients {
-            callers.push(match addr {
-                Some(addr) => Caller::Http(
+            callers.push(match (&proxy, addr) {
+                (Some(p), _) => {
+                    Caller::Http(HttpCaller::connect_with(p.addr, &token).await, path.clone())
+                }
+                (None, Some(addr)) => Caller::Http(
                     HttpCaller::connect(addr, tenant.as_str()).await,
-                    format!("/functions/{}/invoke", info.id),
+                    path.clone(),
                 ),
-                None => Caller::Engine(reg.clone(), target.clone()),
+                (None, None) => Caller::Engine(reg.clone(), target.clone()),
             });
         }
         // Warm: the instance made and its first full copy written.
@@ -278,7 +409,7 @@ fn run(
         let journal = &reg.metrics.journal;
         let before = journal.written_bytes.get();
         let syncs_before = journal.sync_duration.get_sample_count();
-        let cpu_before = cpu_time();
+        let cpu_before = cpu_time(child);
         let start = Instant::now();
         let end = start + Duration::from_secs_f64(seconds);
         let mut tasks = Vec::new();
@@ -298,7 +429,7 @@ fn run(
             times.extend(t.await.unwrap());
         }
         let elapsed = start.elapsed().as_secs_f64();
-        let cpu = cpu_time().saturating_sub(cpu_before);
+        let cpu = cpu_time(child).saturating_sub(cpu_before);
         let syncs = journal
             .sync_duration
             .get_sample_count()
@@ -316,6 +447,7 @@ fn run(
             per_sync: times.len() as f64 / syncs as f64,
         }
     });
+    drop(proxy);
     if let Some(server) = server {
         server.stop(tokio);
     }
@@ -325,7 +457,7 @@ fn run(
 /// One row of the table, its ratios to `base`.
 fn print_row(via: &str, bytes: u32, mode: &str, row: &Row, base: &Row) {
     println!(
-        "{:<7} {:<10} {:<9} {:>9} {:>9} {:>9.0} {:>12.1} {:>11.1} {:>10.1} {:>10.2} {:>10.2}",
+        "{:<13} {:<10} {:<9} {:>9} {:>9} {:>9.0} {:>12.1} {:>11.1} {:>10.1} {:>10.2} {:>10.2}",
         via,
         format!("{} KiB", bytes / 1024),
         mode,
@@ -364,7 +496,7 @@ fn main() {
     );
     println!("disk fdatasync p50 (4 KiB): {} ms", ms(sync));
     println!(
-        "{:<7} {:<10} {:<9} {:>9} {:>9} {:>9} {:>12} {:>11} {:>10} {:>10} {:>10}",
+        "{:<13} {:<10} {:<9} {:>9} {:>9} {:>9} {:>12} {:>11} {:>10} {:>10} {:>10}",
         "via",
         "writes",
         "mode",
@@ -381,10 +513,20 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![4096, 1 << 20]);
-    let vias: Vec<Via> = [Via::Engine, Via::Http]
+    let bin = tensor_wasm_bin();
+    let vias: Vec<Via> = [Via::Engine, Via::Http, Via::Proxy]
         .into_iter()
         .filter(|v| {
             std::env::var("VIA").map_or(true, |want| want.split(',').any(|w| w == v.name()))
+        })
+        .filter(|&v| {
+            let missing = v == Via::Proxy && bin.is_none();
+            if missing {
+                println!(
+                    "proxy rows left out: no tensor-wasm binary (set TENSOR_WASM_BIN, or `cargo build --release -p tensor-wasm`)"
+                );
+            }
+            !missing
         })
         .collect();
     let modes: Vec<Durability> = [Durability::None, Durability::Periodic, Durability::Strict]
@@ -406,6 +548,7 @@ fn main() {
             clients,
             seconds.min(1.0),
             via,
+            bin.as_deref(),
         );
         let _ = std::fs::remove_dir_all(&warm);
         for &bytes in &sizes {
@@ -413,7 +556,17 @@ fn main() {
             for _ in 0..rounds {
                 for (i, &mode) in modes.iter().enumerate() {
                     let dir = state.join(format!("{}-{bytes}-{}", via.name(), mode.as_str()));
-                    let row = run(&tokio, &callers, &dir, bytes, mode, clients, seconds, via);
+                    let row = run(
+                        &tokio,
+                        &callers,
+                        &dir,
+                        bytes,
+                        mode,
+                        clients,
+                        seconds,
+                        via,
+                        bin.as_deref(),
+                    );
                     let _ = std::fs::remove_dir_all(&dir);
                     // This round's first mode's row (`none`'s, unless left
                     // out).
@@ -438,7 +591,13 @@ fn main() {
                     })
                     .collect();
                 for (mode, row) in modes.iter().zip(&med) {
-                    print_row("median", bytes, mode.as_str(), row, &med[0]);
+                    print_row(
+                        &format!("{} median", via.name()),
+                        bytes,
+                        mode.as_str(),
+                        row,
+                        &med[0],
+                    );
                 }
             }
         }

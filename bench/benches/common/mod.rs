@@ -81,14 +81,27 @@ impl Served {
     }
 }
 
-/// One keep-alive connection to an executor, calling as `tenant`.
+/// One keep-alive connection to an executor, calling as `tenant`, or to
+/// a proxy, with a tenant's API token.
 pub struct HttpCaller {
     send: hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>,
-    tenant: String,
+    /// The bearer token: the executors' internal one, or a tenant's.
+    token: String,
+    /// The tenant named to an executor; a proxy takes it from the token.
+    tenant: Option<String>,
 }
 
 impl HttpCaller {
+    /// A connection to an executor at `addr`, calling as `tenant`.
     pub async fn connect(addr: std::net::SocketAddr, tenant: &str) -> HttpCaller {
+        let mut caller = HttpCaller::connect_with(addr, TOKEN).await;
+        caller.tenant = Some(tenant.to_string());
+        caller
+    }
+
+    /// A connection to `addr` that sends `token` as its bearer token and
+    /// names no tenant: a proxy's client.
+    pub async fn connect_with(addr: std::net::SocketAddr, token: &str) -> HttpCaller {
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
         let (send, conn) =
@@ -98,7 +111,8 @@ impl HttpCaller {
         tokio::spawn(conn);
         HttpCaller {
             send,
-            tenant: tenant.to_string(),
+            token: token.to_string(),
+            tenant: None,
         }
     }
 
@@ -115,15 +129,16 @@ impl HttpCaller {
         path: &str,
         body: bytes::Bytes,
     ) -> Result<(u16, bytes::Bytes), hyper::Error> {
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header("host", "executor")
-            .header("authorization", format!("Bearer {TOKEN}"))
-            .header("x-tensor-wasm-tenant", self.tenant.as_str())
-            .header("content-type", "application/octet-stream")
-            .body(Full::new(body))
-            .unwrap();
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/octet-stream");
+        if let Some(tenant) = &self.tenant {
+            request = request.header("x-tensor-wasm-tenant", tenant.as_str());
+        }
+        let request = request.body(Full::new(body)).unwrap();
         let response = self.send.send_request(request).await?;
         let status = response.status().as_u16();
         let body = response.into_body().collect().await?.to_bytes();
