@@ -159,6 +159,12 @@ impl Proxies {
         }
     }
 
+    /// The proxies' public `/healthz`: every proxy answers it there once
+    /// its public listener is bound (`--listen`, which they share).
+    pub fn public_health_url(&self) -> String {
+        format!("http://{}/healthz", self.listen)
+    }
+
     /// Proxy `k`'s admin port.
     pub fn admin_port(&self, k: usize) -> u16 {
         self.admin_port + k as u16

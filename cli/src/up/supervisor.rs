@@ -139,20 +139,24 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Starts proxy `k` and waits until it answers on its admin port,
-    /// trying [`BOOT_TRIES`] times: a proxy that exits at start (its etcd
-    /// too slow to answer on a loaded machine) is started again, as it
-    /// would be once the fleet runs.
+    /// Starts proxy `k` and waits until it answers on its admin port and
+    /// on the public one (a proxy binds its listeners each on its own, so
+    /// the admin one may answer first), trying [`BOOT_TRIES`] times: a
+    /// proxy that exits at start (its etcd too slow to answer on a loaded
+    /// machine) is started again, as it would be once the fleet runs.
     fn boot_proxy(&mut self, k: usize) -> anyhow::Result<Child> {
         let name = Proxies::name(k);
         let port = self.launcher.proxies.admin_port(k);
+        let public = self.launcher.proxies.public_health_url();
         let mut tries = 0;
         loop {
             tries += 1;
             let mut proxy = self
                 .launcher
                 .proxy(k, None, false, &self.executor_specs())?;
-            match wait_healthy(port, &mut proxy, &name) {
+            let ready = wait_healthy(port, &mut proxy, &name)
+                .and_then(|()| wait_ready(&public, &mut proxy, &name));
+            match ready {
                 Ok(()) => return Ok(proxy),
                 Err(e) if tries < BOOT_TRIES => {
                     tracing::warn!(proxy = %name, error = %e, "proxy did not start; trying again");

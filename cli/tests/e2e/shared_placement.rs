@@ -190,7 +190,14 @@ fn with_etcd_down_placed_tenants_are_served_and_new_ones_refused_until_it_is_bac
         Duration::from_secs(30),
         || ps[1].call("tok-t1", "GET", "/functions", None).status == 200,
     );
-    assert_eq!(ps[0].placement("t1"), ps[1].placement("t1"));
+    // Placed through proxy 1; proxy 0 learns it through its watch.
+    let placed = ps[1].placement("t1");
+    assert!(placed.is_some(), "proxy 1 placed t1");
+    wait_until(
+        "proxy 0 sees t1 where proxy 1 placed it",
+        Duration::from_secs(10),
+        || ps[0].placement("t1") == placed,
+    );
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let served = load.join().unwrap();
