@@ -32,23 +32,47 @@ pub struct ExecutorProcess {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports_in_a_row(1)
 }
 
-/// The first of `n` free ports in a row.
+/// The first of `n` free ports in a row, for a server to bind later.
+///
+/// Ports come from the span just below the kernel's ephemeral range
+/// (`ip_local_port_range`), and none is handed out twice in this process.
+/// A port from `bind(0)` could be taken between its pick and its server's
+/// bind: by another test's `bind(0)`, or as the source port of an outgoing
+/// connection. A proxy's admin port taken so sent one test's admin calls
+/// to another test's executor.
 pub fn free_ports_in_a_row(n: u16) -> u16 {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let (low, span) = private_ports();
+    // Where this process starts in the span, so that two test processes
+    // at once mostly pick apart.
+    let next = NEXT.get_or_init(|| (std::process::id().wrapping_mul(7919) % span).into());
+    let n32 = u32::from(n);
+    assert!(n32 < span, "{n} ports in a row");
     loop {
-        let first = free_port();
-        if first.checked_add(n).is_some()
-            && (1..n).all(|i| TcpListener::bind(("127.0.0.1", first + i)).is_ok())
-        {
+        let at = next.fetch_add(n32, std::sync::atomic::Ordering::Relaxed) % (span - n32);
+        let first = (low + at) as u16;
+        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", first + i)).is_ok()) {
             return first;
         }
     }
+}
+
+/// The span of ports below the ephemeral range: its first port and its
+/// length (below 32768 by default, 12,000 ports).
+fn private_ports() -> (u32, u32) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let span = 12_000.min(ephemeral_low.saturating_sub(1024));
+    assert!(
+        span >= 1000,
+        "no room below the ephemeral ports ({ephemeral_low})"
+    );
+    (ephemeral_low - span, span)
 }
 
 impl ExecutorProcess {

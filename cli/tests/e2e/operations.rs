@@ -544,8 +544,10 @@ fn big_acme_on_cpu0_and_beta_on(beta_on: &str) -> (TestFleet, String, String) {
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     let beta = fleet.deploy_counter("tok-beta");
-    assert_eq!(fleet.proxy.migrate("acme", "cpu0").status, 200);
-    assert_eq!(fleet.proxy.migrate("beta", beta_on).status, 200);
+    for (tenant, to) in [("acme", "cpu0"), ("beta", beta_on)] {
+        let r = fleet.proxy.migrate(tenant, to);
+        assert_eq!(r.status, 200, "{tenant} to {to}: {}", r.text());
+    }
     (fleet, id, beta)
 }
 
