@@ -14,8 +14,9 @@
 //! second, the bytes written to the journal per second, and each against
 //! `none`; first
 //! the disk's own `fdatasync` p50 (4 KiB written, then synced), the floor
-//! under a `strict` call. Each row also prints the process's CPU time per
-//! call (clients, server and journal together, all in this process) and
+//! under a `strict` call. Each row also prints the CPU time per call
+//! (clients, server and journal together, all in this process, and the
+//! proxy's process in `proxy` rows) and
 //! the calls one journal sync answered. The journal is written under
 //! STATE_DIR (a temporary folder by default: put it on the disk you mean
 //! to measure). WRITES (bytes per call, comma-separated) and MODES (none,
@@ -143,8 +144,8 @@ struct Row {
     p99: Duration,
     per_sec: f64,
     journal_per_sec: f64,
-    /// This process's CPU time (user and system, every thread: clients,
-    /// server and journal) per call.
+    /// CPU time (user and system, every thread: clients, server and
+    /// journal, and the proxy's process in `proxy` rows) per call.
     cpu_per_call: Duration,
     /// Calls over journal syncs (infinite where none ran).
     per_sync: f64,
