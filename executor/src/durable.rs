@@ -146,6 +146,10 @@ struct Syncers {
     threads: usize,
     /// Of those, the ones waiting for a sync to be asked for.
     idle: usize,
+    /// Idle threads woken for a sync that have not run yet: the first of
+    /// them to run takes what was asked for meanwhile too, so that a
+    /// burst of asks wakes one thread, not every idle one.
+    woken: usize,
 }
 
 /// How long a syncer thread waits for work before it ends: 1 s.
@@ -1202,7 +1206,11 @@ impl Journal {
     fn request_sync(self: &Arc<Self>) {
         let mut st = lock(&self.syncers);
         st.wanted = true;
+        if st.woken > 0 {
+            return;
+        }
         if st.idle > 0 {
+            st.woken += 1;
             self.sync_wanted.notify_one();
             return;
         }
@@ -1237,6 +1245,7 @@ impl Journal {
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     st = next;
                     st.idle -= 1;
+                    st.woken = st.woken.saturating_sub(1);
                     if waited.timed_out() && !st.wanted {
                         st.threads -= 1;
                         return;
