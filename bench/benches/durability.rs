@@ -28,7 +28,9 @@
 //! run again (new threads, pages and connections), and a slow `none` row
 //! flatters every ratio to it. ROUNDS (1) runs the modes in turn that many
 //! times, and then prints the median of each mode's rows and the ratios of
-//! those medians: on a noisy machine, compare those.
+//! those medians: on a noisy machine, compare those. Last, for each VIA
+//! with a 4 KiB `none` row, a line judges the targets that the `targets`
+//! line states on those medians, and says of each `met` or `missed`.
 //!
 //! VIA picks how the clients call, comma-separated (all three by
 //! default):
@@ -537,6 +539,7 @@ fn main() {
         })
         .collect();
     let rounds = env_or("ROUNDS", 1usize).max(1);
+    let mut verdicts = Vec::new();
     for via in vias {
         // Discarded: the process's first row runs slow.
         let warm = state.join(format!("{}-warm", via.name()));
@@ -579,18 +582,24 @@ fn main() {
                     rows[i].push(row);
                 }
             }
+            // Each mode's median row (its one row, with one round).
+            let med: Vec<Row> = rows
+                .iter()
+                .map(|r| Row {
+                    p50: median(r, |r| r.p50),
+                    p99: median(r, |r| r.p99),
+                    per_sec: median(r, |r| r.per_sec),
+                    journal_per_sec: median(r, |r| r.journal_per_sec),
+                    cpu_per_call: median(r, |r| r.cpu_per_call),
+                    per_sync: median(r, |r| r.per_sync),
+                })
+                .collect();
+            if bytes == 4096
+                && let Some(v) = verdict(via.name(), &modes, &med, sync)
+            {
+                verdicts.push(v);
+            }
             if rounds > 1 {
-                let med: Vec<Row> = rows
-                    .iter()
-                    .map(|r| Row {
-                        p50: median(r, |r| r.p50),
-                        p99: median(r, |r| r.p99),
-                        per_sec: median(r, |r| r.per_sec),
-                        journal_per_sec: median(r, |r| r.journal_per_sec),
-                        cpu_per_call: median(r, |r| r.cpu_per_call),
-                        per_sync: median(r, |r| r.per_sync),
-                    })
-                    .collect();
                 for (mode, row) in modes.iter().zip(&med) {
                     print_row(
                         &format!("{} median", via.name()),
@@ -607,4 +616,39 @@ fn main() {
         "targets (4 KiB): strict p50 ≤ max(1.5 × none, none + fdatasync p50 = {} ms), strict calls/s ≥ 0.7 × none, periodic p50 ≤ 1.1 × none",
         ms(sync)
     );
+    for v in verdicts {
+        println!("{v}");
+    }
+}
+
+/// The 4 KiB targets (the `targets` line) judged on `rows`, one per mode
+/// of `modes`, against `none`'s row: one line that says whether each was
+/// met. `None` without a `none` row, or with no other mode.
+fn verdict(via: &str, modes: &[Durability], rows: &[Row], sync: Duration) -> Option<String> {
+    let row = |mode| modes.iter().position(|&m| m == mode).map(|i| rows[i]);
+    let said = |met: bool| if met { "met" } else { "missed" };
+    let none = row(Durability::None)?;
+    let mut parts = Vec::new();
+    if let Some(strict) = row(Durability::Strict) {
+        let limit = none.p50.mul_f64(1.5).max(none.p50 + sync);
+        let tput = strict.per_sec / none.per_sec;
+        parts.push(format!(
+            "strict p50 {} ms (≤ {} ms: {}), calls/s {tput:.2}× (≥ 0.70×: {})",
+            ms(strict.p50),
+            ms(limit),
+            said(strict.p50 <= limit),
+            said(tput >= 0.7)
+        ));
+    }
+    if let Some(periodic) = row(Durability::Periodic) {
+        let ratio = periodic.p50.as_secs_f64() / none.p50.as_secs_f64();
+        parts.push(format!(
+            "periodic p50 {ratio:.2}× (≤ 1.10×: {})",
+            said(ratio <= 1.1)
+        ));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(format!("{via} 4 KiB: {}", parts.join("; ")))
 }
