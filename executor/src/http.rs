@@ -64,7 +64,10 @@ impl IntoResponse for ExecError {
         let api = self.to_api();
         let status =
             StatusCode::from_u16(api.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let code = api.code;
         let mut resp = (status, axum::Json(api.into_body())).into_response();
+        // For middleware that acts on what went wrong (`fence`).
+        resp.extensions_mut().insert(code);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -228,21 +231,36 @@ async fn refuse_tenant_traffic(req: Request, next: Next) -> Response {
 }
 
 /// Refuses tenant traffic routed by a stale placement (`crate::fence`).
+///
+/// A tenant frozen after the request was admitted here (a snapshot or a
+/// move began meanwhile) refuses it with `tenant_frozen` before it runs;
+/// that too is answered `placement_stale`, so that the proxy sends it
+/// again once the tenant runs, here or where it moved, rather than fail it.
 async fn fence(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    if let Some(epoch) = req.headers().get(headers::EPOCH) {
-        let checked = epoch_of(epoch).and_then(|epoch| {
-            let tenant = Tenant::from_headers(req.headers())?.0;
-            let frozen = app
-                .registry
-                .existing_tenant(&tenant)
-                .is_some_and(|t| t.is_frozen());
-            app.fences.admit(&tenant, epoch, frozen)
-        });
-        if let Err(e) = checked {
-            return e.into_response();
-        }
+    let Some(epoch) = req.headers().get(headers::EPOCH) else {
+        return next.run(req).await;
+    };
+    let admitted = epoch_of(epoch).and_then(|epoch| {
+        let tenant = Tenant::from_headers(req.headers())?.0;
+        let frozen = app
+            .registry
+            .existing_tenant(&tenant)
+            .is_some_and(|t| t.is_frozen());
+        app.fences.admit(&tenant, epoch, frozen)?;
+        Ok(tenant)
+    });
+    let tenant = match admitted {
+        Ok(tenant) => tenant,
+        Err(e) => return e.into_response(),
+    };
+    let resp = next.run(req).await;
+    if resp.extensions().get::<ErrorCode>() == Some(&ErrorCode::TenantFrozen) {
+        return ExecError::PlacementStale(format!(
+            "tenant {tenant}: it was frozen here before this request ran"
+        ))
+        .into_response();
     }
-    next.run(req).await
+    resp
 }
 
 fn epoch_of(v: &HeaderValue) -> Result<i64, ExecError> {

@@ -466,6 +466,58 @@ fn a_graceful_restart_keeps_warm_state() {
     );
 }
 
+/// A routed request let in before its tenant froze (a snapshot began while
+/// its body was still arriving) is refused as stale too, not with
+/// `tenant_frozen`: the proxy sends it again once the tenant runs, and never
+/// shows the client a refusal.
+#[test]
+fn a_routed_request_that_meets_a_freeze_after_it_was_let_in_is_refused_as_stale() {
+    use std::io::{Read, Write};
+
+    let ex = TestExecutor::start();
+    let id = ex.deploy("t1", "acc", ACCUMULATOR);
+    let body = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
+    let addr = ex.url("").trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        conn,
+        "POST /functions/{id}/invoke HTTP/1.1\r\nhost: {addr}\r\n\
+         authorization: Bearer {}\r\nx-tensor-wasm-tenant: t1\r\n\
+         x-tensor-wasm-epoch: 5\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        crate::harness::TOKEN,
+        body.len()
+    )
+    .unwrap();
+    let (head, rest) = body.split_at(body.len() / 2);
+    conn.write_all(head).unwrap();
+    conn.flush().unwrap();
+    // The fence let the request in; its handler now waits for the body.
+    std::thread::sleep(Duration::from_millis(200));
+    let _snap = export(&ex, "t1");
+    conn.write_all(rest).unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).unwrap_or_default();
+    assert_eq!(status, "421", "{answer}");
+    assert!(answer.contains("\"placement_stale\""), "{answer}");
+
+    // Thawed, the same request runs: nothing of the refused one ran.
+    let r = ex.internal("POST", "/internal/tenants/t1/thaw", b"");
+    assert!(r.status < 300, "{}", r.text());
+    let r = ex.post_with(
+        "t1",
+        &format!("/functions/{id}/invoke"),
+        "application/json",
+        &body,
+        &[("x-tensor-wasm-epoch", "5")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 1.0);
+}
+
 /// A request routed by the placement of `epoch` (`x-tensor-wasm-epoch`).
 fn routed(ex: &TestExecutor, tenant: &str, path: &str, body: &[u8], epoch: &str) -> (u16, String) {
     let r = ex.post_with(
