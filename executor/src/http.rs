@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
@@ -19,6 +18,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use bytes::Bytes;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
@@ -236,7 +236,10 @@ async fn refuse_tenant_traffic(req: Request, next: Next) -> Response {
 /// move began meanwhile) refuses it with `tenant_frozen` before it runs;
 /// that too is answered `placement_stale`, so that the proxy sends it
 /// again once the tenant runs, here or where it moved, rather than fail it.
-async fn fence(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+///
+/// The request carries on its epoch ([`RoutedBy`]) for the handlers that
+/// may make the tenant here, which ask the fence again then.
+async fn fence(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let Some(epoch) = req.headers().get(headers::EPOCH) else {
         return next.run(req).await;
     };
@@ -247,10 +250,13 @@ async fn fence(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
             .existing_tenant(&tenant)
             .is_some_and(|t| t.is_frozen());
         app.fences.admit(&tenant, epoch, frozen)?;
-        Ok(tenant)
+        Ok((tenant, epoch))
     });
     let tenant = match admitted {
-        Ok(tenant) => tenant,
+        Ok((tenant, epoch)) => {
+            req.extensions_mut().insert(RoutedBy(epoch));
+            tenant
+        }
         Err(e) => return e.into_response(),
     };
     let resp = next.run(req).await;
@@ -261,6 +267,26 @@ async fn fence(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         .into_response();
     }
     resp
+}
+
+/// The placement epoch a request was routed by, as the fence admitted it.
+#[derive(Clone, Copy, Debug)]
+struct RoutedBy(i64);
+
+/// The check a handler that may make `tenant` here asks just before it
+/// does (`Registry::tenant_or_create_fenced`): the tenant may have moved
+/// away since the request was let in, while its body arrived.
+fn fence_again(
+    app: &Arc<App>,
+    tenant: &TenantId,
+    routed: Option<RoutedBy>,
+) -> impl Fn() -> Result<(), ExecError> + Send + 'static {
+    let app = app.clone();
+    let tenant = tenant.clone();
+    move || match routed {
+        Some(RoutedBy(epoch)) => app.fences.admit(&tenant, epoch, false),
+        None => Ok(()),
+    }
 }
 
 fn epoch_of(v: &HeaderValue) -> Result<i64, ExecError> {
@@ -319,9 +345,11 @@ async fn register(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
     ApiQuery(q): ApiQuery<RegisterQuery>,
+    routed: Option<Extension<RoutedBy>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
+    let fence = fence_again(&app, &tenant, routed.map(|Extension(r)| r));
     let ct = content_type(&headers).unwrap_or("").to_string();
     // A multipart registration (which may stream assets to disk) waits
     // for the tenant's one upload at a time, until it is registered.
@@ -350,7 +378,7 @@ async fn register(
                     app.registry.limits.max_module_bytes
                 )));
             }
-            let t = app.registry.tenant_or_create(&tenant)?;
+            let t = app.registry.tenant_or_create_fenced(&tenant, &fence)?;
             _upload = Some(
                 t.uploads
                     .clone()
@@ -375,7 +403,7 @@ async fn register(
         }
     };
     let registry = app.registry.clone();
-    let info = tokio::task::spawn_blocking(move || registry.register(&tenant, reg))
+    let info = tokio::task::spawn_blocking(move || registry.register_fenced(&tenant, reg, &fence))
         .await
         .map_err(ExecError::task("registration"))??;
     tracing::info!(function = %info.id, name = %info.name, assets = info.assets_sha256.as_deref().unwrap_or("none"), "function registered");

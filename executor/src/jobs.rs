@@ -49,9 +49,9 @@ impl Registry {
         request: RequestBody,
     ) -> Result<JobAccepted, ExecError> {
         let t = target.tenant;
-        if t.is_frozen() {
-            return Err(ExecError::TenantFrozen(t.id.to_string()));
-        }
+        // Admitted work until the job is on disk: an export freezes the
+        // tenant and waits for it, so an accepted job is in the snapshot.
+        let _work = t.admit()?;
         let job_id = new_job_id();
         let record = request.clone();
         t.jobs().submit(
@@ -222,6 +222,10 @@ impl Registry {
         let t = self
             .existing_tenant(tenant)
             .ok_or_else(|| ExecError::JobNotFound(id.to_string()))?;
+        // Admitted work until the removal is on disk: an export waits for
+        // it, and a frozen tenant (its snapshot taken, the job in it)
+        // refuses it.
+        let _work = t.admit()?;
         let info = t.jobs().get(id).map(|j| j.info.clone());
         t.jobs().remove(id)?;
         let Some(info) = info else {

@@ -271,6 +271,16 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// A function's name: 1 to 128 printable characters.
+fn check_name(name: &str) -> Result<(), ExecError> {
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(ExecError::InvalidInput(
+            "function names are 1 to 128 printable characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn new_function_id() -> FunctionId {
     FunctionId::generated(random_bits())
 }
@@ -328,6 +338,21 @@ impl Registry {
 
     /// The tenant, created on first use: for registration and import only.
     pub(crate) fn tenant_or_create(&self, id: &TenantId) -> Result<Arc<Tenant>, ExecError> {
+        self.tenant_or_create_fenced(id, &|| Ok(()))
+    }
+
+    /// As [`tenant_or_create`](Self::tenant_or_create), for a request that
+    /// a placement routed here: a tenant that is not here is made only if
+    /// `fence` (the request's placement check, `crate::fence`) still
+    /// admits it. Asked under the lock that dropping a tenant takes, it
+    /// sees every move that took the tenant away: a move marks its fence
+    /// before it drops the tenant, so a stale request can never make the
+    /// tenant anew here after it left.
+    pub(crate) fn tenant_or_create_fenced(
+        &self,
+        id: &TenantId,
+        fence: &dyn Fn() -> Result<(), ExecError>,
+    ) -> Result<Arc<Tenant>, ExecError> {
         if let Some(t) = self.existing_tenant(id) {
             return Ok(t);
         }
@@ -335,6 +360,7 @@ impl Registry {
         if let Some(t) = tenants.get(id) {
             return Ok(t.clone());
         }
+        fence()?;
         let t = self.new_tenant(id)?;
         tenants.insert(id.clone(), t.clone());
         Ok(t)
@@ -706,7 +732,21 @@ impl Registry {
         tenant: &TenantId,
         reg: Registration,
     ) -> Result<FunctionInfo, ExecError> {
-        self.register_inner(tenant, reg, None, true)
+        self.register_fenced(tenant, reg, &|| Ok(()))
+    }
+
+    /// As [`register`](Self::register), for a request that a placement
+    /// routed here: `fence` is asked before the tenant is made here
+    /// ([`tenant_or_create_fenced`](Self::tenant_or_create_fenced)).
+    pub fn register_fenced(
+        &self,
+        tenant: &TenantId,
+        reg: Registration,
+        fence: &dyn Fn() -> Result<(), ExecError>,
+    ) -> Result<FunctionInfo, ExecError> {
+        check_name(&reg.name)?;
+        let tenant = self.tenant_or_create_fenced(tenant, fence)?;
+        self.register_in(&tenant, reg, None, true)
     }
 
     /// Registers `reg`; `restored` is the record of a function coming back
@@ -719,11 +759,7 @@ impl Registry {
         restored: Option<FunctionInfo>,
         persist: bool,
     ) -> Result<FunctionInfo, ExecError> {
-        if reg.name.is_empty() || reg.name.len() > 128 || reg.name.chars().any(char::is_control) {
-            return Err(ExecError::InvalidInput(
-                "function names are 1 to 128 printable characters".into(),
-            ));
-        }
+        check_name(&reg.name)?;
         let tenant = self.tenant_or_create(tenant_id)?;
         self.register_in(&tenant, reg, restored, persist)
     }
@@ -738,18 +774,19 @@ impl Registry {
         persist: bool,
     ) -> Result<FunctionInfo, ExecError> {
         let tenant_id = &tenant.id;
-        if reg.name.is_empty() || reg.name.len() > 128 || reg.name.chars().any(char::is_control) {
-            return Err(ExecError::InvalidInput(
-                "function names are 1 to 128 printable characters".into(),
-            ));
-        }
+        check_name(&reg.name)?;
         let tenant = tenant.clone();
+        // A new registration is work of the tenant, admitted as an
+        // invocation is: an export freezes the tenant and waits for it, so
+        // a function answered as registered is in the snapshot (or the
+        // registration is refused, the tenant frozen).
+        let _work = match restored {
+            None => Some(tenant.admit()?),
+            Some(_) => None,
+        };
         // One registration or delete of a tenant at a time: the function
         // quota and the assets files' reference counts hold across them.
         let _serial = lock(&tenant.registering);
-        if restored.is_none() && tenant.is_frozen() {
-            return Err(ExecError::TenantFrozen(tenant_id.to_string()));
-        }
         let existing = tenant.function_named(&reg.name);
         if existing.is_some() && !reg.replace && restored.is_none() {
             return Err(ExecError::FunctionExists(reg.name));
@@ -975,9 +1012,8 @@ impl Registry {
         let t = self
             .existing_tenant(tenant)
             .ok_or_else(|| ExecError::FunctionNotFound(id.to_string()))?;
-        if t.is_frozen() {
-            return Err(ExecError::TenantFrozen(tenant.to_string()));
-        }
+        // Admitted work, as a registration is: an export waits for it.
+        let _work = t.admit()?;
         let _serial = lock(&t.registering);
         let Some(gone) = t.remove_function(id) else {
             return Err(ExecError::FunctionNotFound(id.to_string()));

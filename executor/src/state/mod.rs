@@ -24,7 +24,12 @@
 //! - **Admission** ([`Tenant::admit`]): `inflight` is the number of live
 //!   [`Inflight`] guards. Freezing takes the same lock, so once
 //!   [`Tenant::freeze`] returns no new work starts, and
-//!   [`Tenant::wait_drained`] sees every unit that did.
+//!   [`Tenant::wait_drained`] sees every unit that did. A unit is whatever
+//!   changes what an export captures: an invocation, a running job, a
+//!   checkpoint pass, and each of the tenant's own changes (a function
+//!   registered or deleted, a job accepted or forgotten), held until it is
+//!   done. So a snapshot holds every change answered before it, and none
+//!   is answered after it.
 //! - **Instances** ([`InstanceCount`]): a tenant's count is the number of
 //!   live [`InstanceClaim`]s; every warm instance holds one, so the count is
 //!   the number of the tenant's instances, idle or running, and it cannot

@@ -351,3 +351,32 @@ fn a_purged_tenant_leaves_no_job_counted() {
     );
     assert_eq!(jobs_in_flight(&ex), 0);
 }
+
+/// A frozen tenant's snapshot holds its jobs: forgetting one there is
+/// refused until the tenant thaws, or the job would come back where the
+/// snapshot lands.
+#[test]
+fn a_job_of_a_frozen_tenant_is_not_forgotten_until_it_thaws() {
+    let ex = TestExecutor::start();
+    let id = ex.deploy("t1", "triple", TRIPLE);
+    let x = f32_inputs(&[("x", &[1], &[1.0])]);
+    let job = submit(&ex, "t1", &id, "application/json", &x);
+    wait_finished(&ex, "t1", &job);
+    let r = ex.internal("POST", "/internal/tenants/t1/export", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = ex.delete("t1", &format!("/jobs/{job}"));
+    assert_eq!((r.status, r.code().as_str()), (409, "tenant_frozen"));
+    let r = ex.post(
+        "t1",
+        &format!("/functions/{id}/invoke-async"),
+        "application/json",
+        &x,
+    );
+    assert_eq!((r.status, r.code().as_str()), (409, "tenant_frozen"));
+    assert_eq!(ex.get("t1", &format!("/jobs/{job}")).status, 200);
+
+    let r = ex.internal("POST", "/internal/tenants/t1/thaw", b"");
+    assert!(r.status < 300, "{}", r.text());
+    assert_eq!(ex.delete("t1", &format!("/jobs/{job}")).status, 204);
+    assert_eq!(ex.get("t1", &format!("/jobs/{job}")).status, 404);
+}

@@ -466,26 +466,29 @@ fn a_graceful_restart_keeps_warm_state() {
     );
 }
 
-/// A routed request let in before its tenant froze (a snapshot began while
-/// its body was still arriving) is refused as stale too, not with
-/// `tenant_frozen`: the proxy sends it again once the tenant runs, and never
-/// shows the client a refusal.
-#[test]
-fn a_routed_request_that_meets_a_freeze_after_it_was_let_in_is_refused_as_stale() {
+/// Sends a `POST` of `tenant` to `path`, routed by the placement of
+/// `epoch`, with half its body; runs `meanwhile`, once the executor has let
+/// the request in and waits for the rest; then sends the rest. The answer's
+/// status and text.
+fn post_slowly(
+    ex: &TestExecutor,
+    tenant: &str,
+    path: &str,
+    epoch: &str,
+    (content_type, body): (&str, &[u8]),
+    meanwhile: impl FnOnce(),
+) -> (u16, String) {
     use std::io::{Read, Write};
 
-    let ex = TestExecutor::start();
-    let id = ex.deploy("t1", "acc", ACCUMULATOR);
-    let body = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
     let addr = ex.url("").trim_start_matches("http://").to_string();
     let mut conn = std::net::TcpStream::connect(&addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     write!(
         conn,
-        "POST /functions/{id}/invoke HTTP/1.1\r\nhost: {addr}\r\n\
-         authorization: Bearer {}\r\nx-tensor-wasm-tenant: t1\r\n\
-         x-tensor-wasm-epoch: 5\r\ncontent-type: application/json\r\n\
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\n\
+         authorization: Bearer {}\r\nx-tensor-wasm-tenant: {tenant}\r\n\
+         x-tensor-wasm-epoch: {epoch}\r\ncontent-type: {content_type}\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n",
         crate::harness::TOKEN,
         body.len()
@@ -496,12 +499,33 @@ fn a_routed_request_that_meets_a_freeze_after_it_was_let_in_is_refused_as_stale(
     conn.flush().unwrap();
     // The fence let the request in; its handler now waits for the body.
     std::thread::sleep(Duration::from_millis(200));
-    let _snap = export(&ex, "t1");
+    meanwhile();
     conn.write_all(rest).unwrap();
     let mut answer = String::new();
     conn.read_to_string(&mut answer).unwrap();
-    let status = answer.split(' ').nth(1).unwrap_or_default();
-    assert_eq!(status, "421", "{answer}");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+/// A routed request let in before its tenant froze (a snapshot began while
+/// its body was still arriving) is refused as stale too, not with
+/// `tenant_frozen`: the proxy sends it again once the tenant runs, and never
+/// shows the client a refusal.
+#[test]
+fn a_routed_request_that_meets_a_freeze_after_it_was_let_in_is_refused_as_stale() {
+    let ex = TestExecutor::start();
+    let id = ex.deploy("t1", "acc", ACCUMULATOR);
+    let body = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
+    let invoke = format!("/functions/{id}/invoke");
+    let (status, answer) =
+        post_slowly(&ex, "t1", &invoke, "5", ("application/json", &body), || {
+            export(&ex, "t1");
+        });
+    assert_eq!(status, 421, "{answer}");
     assert!(answer.contains("\"placement_stale\""), "{answer}");
 
     // Thawed, the same request runs: nothing of the refused one ran.
@@ -509,13 +533,51 @@ fn a_routed_request_that_meets_a_freeze_after_it_was_let_in_is_refused_as_stale(
     assert!(r.status < 300, "{}", r.text());
     let r = ex.post_with(
         "t1",
-        &format!("/functions/{id}/invoke"),
+        &invoke,
         "application/json",
         &body,
         &[("x-tensor-wasm-epoch", "5")],
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["outputs"]["sum"]["data"][0], 1.0);
+}
+
+/// A registration routed by an old placement, let in before its tenant
+/// moved away, neither registers the function on the executor it left nor
+/// makes the tenant anew there: it is refused as stale, for the proxy to
+/// send where the tenant lives now.
+#[test]
+fn a_routed_registration_that_outlives_its_tenants_move_is_refused_as_stale() {
+    let a = TestExecutor::start();
+    let b = TestExecutor::start();
+    a.deploy("t1", "acc", ACCUMULATOR);
+    let wasm = wat::parse_str(ACCUMULATOR).unwrap();
+    let (status, answer) = post_slowly(
+        &a,
+        "t1",
+        "/functions?name=late",
+        "5",
+        ("application/wasm", &wasm),
+        || {
+            let snap = export(&a, "t1");
+            let r = b.internal("POST", "/internal/tenants/t1/import", &snap);
+            assert_eq!(r.status, 200, "{}", r.text());
+            let r = a
+                .raw_agent()
+                .delete(a.url("/internal/tenants/t1"))
+                .header("authorization", format!("Bearer {}", crate::harness::TOKEN))
+                .header("x-tensor-wasm-epoch", "9")
+                .call()
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 204);
+        },
+    );
+    assert_eq!(status, 421, "{answer}");
+    assert!(answer.contains("\"placement_stale\""), "{answer}");
+    let info = a.internal("GET", "/internal/info", b"").json();
+    assert_eq!(info["tenants"], serde_json::json!([]), "{info}");
+    let listed = b.get("t1", "/functions").json();
+    assert_eq!(listed["functions"].as_array().unwrap().len(), 1, "{listed}");
 }
 
 /// A request routed by the placement of `epoch` (`x-tensor-wasm-epoch`).
@@ -604,4 +666,72 @@ fn requests_routed_by_a_placement_the_executor_moved_past_are_refused_and_run_no
         routed(&a, "t1", &invoke, &x, "10"),
         (404, "function_not_found".into())
     );
+}
+
+/// The accumulator, with `n` more functions of long arithmetic: a module
+/// that takes a while to compile.
+fn slow_to_compile(n: usize) -> Vec<u8> {
+    let mut extra = String::new();
+    for i in 0..n {
+        extra.push_str(&format!(
+            "  (func $f{i} (param i64) (result i64)\n    (local.get 0)\n"
+        ));
+        for k in 0..400 {
+            extra.push_str(&format!(
+                "    (i64.mul (i64.const {})) (i64.add (local.get 0)) (i64.rotl (i64.const {}))\n",
+                k * 2 + 1,
+                k % 63
+            ));
+        }
+        extra.push_str("  )\n");
+    }
+    let wat = ACCUMULATOR
+        .trim_end()
+        .strip_suffix(')')
+        .unwrap()
+        .to_string()
+        + &extra
+        + ")";
+    wat::parse_str(wat).unwrap()
+}
+
+/// An export waits for a registration under way: the function is in the
+/// snapshot if and only if its registration was answered 201, so a move
+/// loses no function that a client saw registered.
+#[test]
+fn an_export_waits_for_a_registration_under_way() {
+    let ex = TestExecutor::start();
+    ex.deploy("t1", "acc", ACCUMULATOR);
+    let wasm = slow_to_compile(800);
+    let started = std::time::Instant::now();
+    let (status, took) = std::thread::scope(|s| {
+        let registering = s.spawn(|| {
+            let r = ex.post("t1", "/functions?name=slow", "application/wasm", &wasm);
+            (r.status, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let snap = export(&ex, "t1");
+        let exported = started.elapsed();
+        let (status, registered) = registering.join().unwrap();
+        eprintln!(
+            "{} bytes; registered at {registered:?} ({status}), exported at {exported:?}",
+            wasm.len()
+        );
+        let b = TestExecutor::start();
+        let r = b.internal("POST", "/internal/tenants/t1/import", &snap);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let names: Vec<String> = b.get("t1", "/functions").json()["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            names.contains(&"slow".to_string()),
+            status == 201,
+            "{status}: {names:?}"
+        );
+        (status, registered)
+    });
+    assert!(status == 201 || status == 409, "{status} after {took:?}");
 }
