@@ -466,6 +466,21 @@ fn a_graceful_restart_keeps_warm_state() {
     );
 }
 
+/// The end of a move of `tenant` from `a` to `b` by the placement of
+/// `epoch`: `snap` imported on `b`, the tenant dropped from `a`.
+fn moved(a: &TestExecutor, b: &TestExecutor, tenant: &str, snap: &[u8], epoch: &str) {
+    let r = b.internal("POST", &format!("/internal/tenants/{tenant}/import"), snap);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = a
+        .raw_agent()
+        .delete(a.url(&format!("/internal/tenants/{tenant}")))
+        .header("authorization", format!("Bearer {}", crate::harness::TOKEN))
+        .header("x-tensor-wasm-epoch", epoch)
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+}
+
 /// Sends a `POST` of `tenant` to `path`, routed by the placement of
 /// `epoch`, with half its body; runs `meanwhile`, once the executor has let
 /// the request in and waits for the rest; then sends the rest. The answer's
@@ -560,16 +575,7 @@ fn a_routed_registration_that_outlives_its_tenants_move_is_refused_as_stale() {
         ("application/wasm", &wasm),
         || {
             let snap = export(&a, "t1");
-            let r = b.internal("POST", "/internal/tenants/t1/import", &snap);
-            assert_eq!(r.status, 200, "{}", r.text());
-            let r = a
-                .raw_agent()
-                .delete(a.url("/internal/tenants/t1"))
-                .header("authorization", format!("Bearer {}", crate::harness::TOKEN))
-                .header("x-tensor-wasm-epoch", "9")
-                .call()
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 204);
+            moved(&a, &b, "t1", &snap, "9");
         },
     );
     assert_eq!(status, 421, "{answer}");
@@ -621,16 +627,7 @@ fn requests_routed_by_a_placement_the_executor_moved_past_are_refused_and_run_no
     assert_eq!((r.status, r.code().as_str()), (409, "tenant_frozen"));
 
     // Imported on B, dropped from A by the placement of epoch 9.
-    let r = b.internal("POST", "/internal/tenants/t1/import", &snap);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = a
-        .raw_agent()
-        .delete(a.url("/internal/tenants/t1"))
-        .header("authorization", format!("Bearer {}", crate::harness::TOKEN))
-        .header("x-tensor-wasm-epoch", "9")
-        .call()
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 204);
+    moved(&a, &b, "t1", &snap, "9");
 
     // A stale proxy can neither run the tenant on A nor make it anew
     // there: both are refused, and A holds nothing of it.
