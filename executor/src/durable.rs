@@ -1069,10 +1069,19 @@ impl Journal {
         info: &JobInfo,
         request: Option<&RequestBody>,
     ) -> Result<u64, ExecError> {
+        self.job_frame_in(&mut lock(&self.log), flags, info, request)
+    }
+
+    fn job_frame_in(
+        &self,
+        log: &mut Log,
+        flags: u32,
+        info: &JobInfo,
+        request: Option<&RequestBody>,
+    ) -> Result<u64, ExecError> {
         let info_json =
             serde_json::to_string(info).map_err(|e| ExecError::Internal(e.to_string()))?;
-        let mut log = lock(&self.log);
-        let (n, _) = self.write_frame(&mut log, 0, flags, |w| {
+        let (n, _) = self.write_frame(log, 0, flags, |w| {
             w.record(&Record::Job {
                 info_json: info_json.clone(),
                 content_type: request.and_then(|r| r.content_type.clone()),
@@ -1093,14 +1102,25 @@ impl Journal {
         log.jobs_in < log.generation
     }
 
-    /// Writes every job's record again, into the current generation.
+    /// Writes every job's record again, into the current generation: the
+    /// records `jobs` gives, read while this journal takes no other frame.
     /// Blocking.
-    pub fn rewrite_jobs(&self, jobs: &[(JobInfo, Option<RequestBody>)]) -> Result<(), ExecError> {
-        let generation = lock(&self.log).generation;
-        for (info, request) in jobs {
-            self.job(info, request.as_ref())?;
-        }
+    ///
+    /// `jobs` must give each job as its latest frame has it, or newer
+    /// (`JobTable::journal_records`). It is read and written under one hold
+    /// of the journal's lock, so no frame of a job can come between the
+    /// read and the write of its record, to be buried under an older one:
+    /// a job's own frames come either before the read, which then sees what
+    /// they hold, or after the rewrite, and win on replay.
+    pub fn rewrite_jobs(
+        &self,
+        jobs: impl FnOnce() -> Vec<(JobInfo, Option<RequestBody>)>,
+    ) -> Result<(), ExecError> {
         let mut log = lock(&self.log);
+        let generation = log.generation;
+        for (info, request) in jobs() {
+            self.job_frame_in(&mut log, JOB, &info, request.as_ref())?;
+        }
         if log.generation == generation {
             log.jobs_in = generation;
         }
@@ -2410,16 +2430,13 @@ impl Registry {
                 self.journal(&t);
             }
             if let Some(journal) = t.journal.get().cloned() {
-                let stale = journal.jobs_stale().then(|| {
-                    t.jobs()
-                        .records()
-                        .map(|j| (j.info.clone(), j.request.clone()))
-                        .collect::<Vec<_>>()
-                });
-                let j = journal.clone();
+                let stale = journal.jobs_stale();
+                let (j, t3) = (journal.clone(), t.clone());
                 let rewritten = tokio::task::spawn_blocking(move || match stale {
-                    Some(jobs) => j.rewrite_jobs(&jobs).map(|()| true),
-                    None => Ok(false),
+                    true => j
+                        .rewrite_jobs(|| t3.jobs().journal_records())
+                        .map(|()| true),
+                    false => Ok(false),
                 })
                 .await
                 .map_err(ExecError::task("checkpoint"))
@@ -2491,12 +2508,7 @@ impl Registry {
             let Some(j) = journal.filter(|_| wrote) else {
                 return Ok(None);
             };
-            let jobs: Vec<_> = t2
-                .jobs()
-                .records()
-                .map(|r| (r.info.clone(), r.request.clone()))
-                .collect();
-            j.rewrite_jobs(&jobs)?;
+            j.rewrite_jobs(|| t2.jobs().journal_records())?;
             Ok(Some(j.written()))
         })
         .await

@@ -196,7 +196,7 @@ impl Inbound {
             return Ok(None);
         };
         if st.complete {
-            journal.rewrite_jobs(&st.jobs)?;
+            journal.rewrite_jobs(|| st.jobs.clone())?;
         }
         Ok(Some(journal.written()))
     }

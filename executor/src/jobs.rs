@@ -170,6 +170,10 @@ impl Registry {
                 tenant: t.clone(),
                 function: f,
             };
+            // Admitted until its result is on disk and shown: an export
+            // waits for it, so a snapshot never holds the job running
+            // while it finishes here.
+            let finishing = admitted.another();
             let outcome = registry
                 .run(&target, slot, admitted, request, |resp, backend| {
                     body::to_invoke_response(resp, backend)
@@ -177,16 +181,17 @@ impl Registry {
                 .await;
             drop((job_slot, permit));
             // Its result is on disk before anyone can read it.
-            let Some(info) = t
-                .jobs()
-                .finished_info(&job_id, outcome.map_err(|e| e.to_api()))
-            else {
+            // Kept as what the journal is to hold of it until it is
+            // shown, so that a checkpoint writing every job again writes
+            // this result, not the running job it still shows.
+            let Some(info) = t.jobs().finishing(&job_id, outcome.map_err(|e| e.to_api())) else {
                 return;
             };
             if let Err(e) = registry.journal_job(&t, info.clone(), None).await {
                 tracing::warn!(tenant = %t.id, job = %job_id, error = %e, "a job's result is not on disk: a crash would show it interrupted");
             }
             t.jobs().finish_as(info);
+            drop(finishing);
         });
     }
 

@@ -25,6 +25,10 @@ pub struct JobRecord {
     pub request: Option<RequestBody>,
     /// When it finished.
     pub finished: Option<Finished>,
+    /// The record it finishes as, while that goes to disk: what its
+    /// tenant's journal is to hold of it, though readers still see it
+    /// running ([`JobTable::finishing`]).
+    pub finishing: Option<JobInfo>,
 }
 
 /// When a job finished: its place in the table's order of finishes (what
@@ -141,6 +145,7 @@ impl JobTable {
             info,
             request: Some(request),
             finished: None,
+            finishing: None,
         });
         Ok(())
     }
@@ -159,6 +164,7 @@ impl JobTable {
             finished: stamp,
             request: if finished { None } else { request },
             info,
+            finishing: None,
         });
         !finished
     }
@@ -246,6 +252,7 @@ impl JobTable {
         };
         job.request = None;
         job.finished = Some(stamp);
+        job.finishing = None;
         job.info = info;
         self.in_flight -= 1;
         self.trim();
@@ -296,6 +303,33 @@ impl JobTable {
     }
 
     /// Every job, by id.
+    /// As [`finished_info`](Self::finished_info), and kept as what the
+    /// journal is to hold of the job ([`journal_records`](Self::journal_records))
+    /// until [`finish_as`](Self::finish_as) shows it: its result goes to
+    /// disk before any reader sees it.
+    pub fn finishing(
+        &mut self,
+        job_id: &str,
+        outcome: Result<InvokeResponse, ApiError>,
+    ) -> Option<JobInfo> {
+        let info = self.finished_info(job_id, outcome)?;
+        self.records.get_mut(job_id)?.finishing = Some(info.clone());
+        Some(info)
+    }
+
+    /// Every job as its tenant's journal is to hold it: as readers see it,
+    /// or as it finishes if its result is on its way to disk. Each is as
+    /// new as the job's latest frame, or newer.
+    pub fn journal_records(&self) -> Vec<(JobInfo, Option<RequestBody>)> {
+        self.records
+            .values()
+            .map(|j| match &j.finishing {
+                Some(info) => (info.clone(), None),
+                None => (j.info.clone(), j.request.clone()),
+            })
+            .collect()
+    }
+
     pub fn records(&self) -> impl Iterator<Item = &JobRecord> {
         self.records.values()
     }
@@ -398,6 +432,40 @@ mod tests {
         t.records().map(|j| j.info.id.as_str()).collect()
     }
 
+    /// A job whose result is on its way to disk shows running to readers,
+    /// but the journal's records (what a checkpoint writes again) hold its
+    /// result; once shown, both agree.
+    #[test]
+    fn a_finishing_job_is_journaled_as_it_finishes_before_it_is_shown() {
+        let mut t = table(8, u64::MAX);
+        t.submit(jid("a"), &fid(), body(4), usize::MAX, u64::MAX)
+            .unwrap();
+        t.submit(jid("b"), &fid(), body(4), usize::MAX, u64::MAX)
+            .unwrap();
+        t.start("a").unwrap();
+        let info = t.finishing("a", Ok(result(3))).unwrap();
+        assert_eq!(info.status, JobStatus::Succeeded);
+        assert_eq!(t.get("a").unwrap().info.status, JobStatus::Running);
+        let journaled = |t: &JobTable, id: &str| {
+            t.journal_records()
+                .into_iter()
+                .find(|(i, _)| i.id.as_str() == id)
+                .unwrap()
+        };
+        let (a, request) = journaled(&t, "a");
+        assert_eq!((a.status, request.is_none()), (JobStatus::Succeeded, true));
+        assert_eq!(a.result, info.result);
+        // A pending job is journaled with its request.
+        let (b, request) = journaled(&t, "b");
+        assert_eq!(b.status, JobStatus::Pending);
+        assert_eq!(request.map(|r| r.body.len()), Some(4));
+
+        assert!(t.finish_as(info.clone()));
+        assert_eq!(t.get("a").unwrap().info, info);
+        assert!(t.get("a").unwrap().finishing.is_none());
+        assert_eq!(journaled(&t, "a").0, info);
+    }
+
     #[test]
     fn the_oldest_finished_jobs_go_first_and_the_newest_always_stays() {
         let one = JobRecord {
@@ -412,6 +480,7 @@ mod tests {
             },
             request: None,
             finished: None,
+            finishing: None,
         }
         .held_bytes();
         assert!(one > 2000, "a 1000-element result takes {one} bytes");

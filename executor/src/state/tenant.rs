@@ -78,6 +78,18 @@ impl std::fmt::Debug for Inflight {
     }
 }
 
+impl Inflight {
+    /// One more unit of the same tenant's work, admitted even if the
+    /// tenant froze since: this one is still held, so no drain that waits
+    /// for it has ended.
+    pub fn another(&self) -> Inflight {
+        lock(&self.tenant.admission).inflight += 1;
+        Inflight {
+            tenant: self.tenant.clone(),
+        }
+    }
+}
+
 impl Drop for Inflight {
     fn drop(&mut self) {
         let mut a = lock(&self.tenant.admission);
