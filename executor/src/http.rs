@@ -946,7 +946,13 @@ async fn drop_tenant(
     if let Some(epoch) = epoch {
         app.fences.left(&tenant, epoch)?;
     }
-    app.registry.drop_tenant(&tenant)?;
+    // On the blocking pool: a large tenant's files and memory take a while
+    // to free, and the runtime's workers answer `/healthz` meanwhile.
+    let registry = app.registry.clone();
+    let t = tenant.clone();
+    tokio::task::spawn_blocking(move || registry.drop_tenant(&t))
+        .await
+        .map_err(ExecError::task("dropping a tenant"))??;
     tracing::info!(%tenant, ?epoch, "tenant dropped");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -75,7 +75,14 @@ pub struct Executor {
     recovered: Notify,
     /// The last `/internal/info` it gave.
     info: Mutex<Option<ExecutorInfo>>,
+    /// Health probes in a row that it did not answer in time.
+    slow_probes: AtomicU32,
 }
+
+/// Health probes in a row that an executor which still takes connections
+/// may leave unanswered (busy for a moment, say freeing a large tenant)
+/// before it is marked down. One that refuses them is down at once.
+pub const SLOW_PROBES_DOWN: u32 = 2;
 
 impl Executor {
     fn new(id: ExecutorId, addr: &str, sock: SocketAddr) -> Executor {
@@ -87,6 +94,25 @@ impl Executor {
             down_since: Mutex::new(None),
             recovered: Notify::new(),
             info: Mutex::new(None),
+            slow_probes: AtomicU32::new(0),
+        }
+    }
+
+    /// Records a health probe's outcome, `Some(answered in time)` or `None`
+    /// for a probe that could not connect or was refused: whether the
+    /// executor counts as healthy now. A late answer marks it down only
+    /// after [`SLOW_PROBES_DOWN`] in a row.
+    pub fn probed(&self, answered: Option<bool>) -> bool {
+        match answered {
+            Some(true) => {
+                self.slow_probes.store(0, Ordering::Release);
+                true
+            }
+            Some(false) => {
+                let slow = self.slow_probes.fetch_add(1, Ordering::AcqRel) + 1;
+                self.is_healthy() && slow < SLOW_PROBES_DOWN
+            }
+            None => false,
         }
     }
 
@@ -1067,6 +1093,31 @@ mod tests {
         // The move persists.
         let again = open(&net, dir.path(), TOKEN).await;
         assert_eq!(again.executor("cpu0").unwrap().addr, "127.0.0.1:7201");
+    }
+
+    /// A probe answered late marks an executor down only the second time
+    /// in a row; one that could not connect marks it down at once.
+    #[test]
+    fn a_late_probe_marks_an_executor_down_only_the_second_time_in_a_row() {
+        let e = Executor::new(
+            ExecutorId::new("cpu0").unwrap(),
+            "127.0.0.1:7200",
+            "127.0.0.1:7200".parse().unwrap(),
+        );
+        let probe = |answered| {
+            let ok = e.probed(answered);
+            e.set_healthy(ok);
+            ok
+        };
+        assert!(probe(Some(false)), "one late answer");
+        assert!(probe(Some(true)));
+        assert!(probe(Some(false)), "one late answer again, after an answer");
+        assert!(!probe(Some(false)), "two in a row");
+        assert!(!probe(Some(false)), "down while it answers late");
+        assert!(probe(Some(true)), "up once it answers");
+        assert!(!probe(None), "a refused connection");
+        assert!(!probe(Some(false)), "down stays down while it answers late");
+        assert!(probe(Some(true)));
     }
 
     #[tokio::test]

@@ -48,6 +48,7 @@ use crate::placement::etcd::EtcdPlacements;
 use crate::placement::{PlacementStore, Placements};
 use crate::ratelimit::{Rate, RateError, RateLimits};
 use crate::service::{PublicProxy, Shared};
+use crate::upstream::UpstreamError;
 
 /// Where tokens come from.
 #[derive(Clone, Debug)]
@@ -578,7 +579,12 @@ impl Upkeep {
     async fn probe_all(&self, all: bool) {
         let fleet = &self.shared.fleet;
         let probes = fleet.executors().into_iter().map(|exec| async move {
-            let ok = fleet.client(&exec).health().await.is_ok();
+            let answered = match fleet.client(&exec).health().await {
+                Ok(()) => Some(true),
+                Err(UpstreamError::Timeout { .. }) => Some(false),
+                Err(_) => None,
+            };
+            let ok = exec.probed(answered);
             let changed = exec.set_healthy(ok);
             if changed {
                 if ok {
@@ -587,7 +593,7 @@ impl Upkeep {
                     tracing::warn!(executor = %exec.id, addr = %exec.addr, "executor failed its health probe");
                 }
             }
-            if ok && (changed || all) {
+            if answered == Some(true) && (changed || all) {
                 self.orchestrator.reconcile(&exec).await;
             }
         });
