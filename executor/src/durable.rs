@@ -2432,11 +2432,12 @@ impl Registry {
             if let Some(journal) = t.journal.get().cloned() {
                 let stale = journal.jobs_stale();
                 let (j, t3) = (journal.clone(), t.clone());
-                let rewritten = tokio::task::spawn_blocking(move || match stale {
-                    true => j
-                        .rewrite_jobs(|| t3.jobs().journal_records())
-                        .map(|()| true),
-                    false => Ok(false),
+                let rewritten = tokio::task::spawn_blocking(move || {
+                    if !stale {
+                        return Ok(false);
+                    }
+                    j.rewrite_jobs(|| t3.jobs().journal_records())
+                        .map(|()| true)
                 })
                 .await
                 .map_err(ExecError::task("checkpoint"))

@@ -180,10 +180,10 @@ impl Registry {
                 })
                 .await;
             drop((job_slot, permit));
-            // Its result is on disk before anyone can read it.
-            // Kept as what the journal is to hold of it until it is
-            // shown, so that a checkpoint writing every job again writes
-            // this result, not the running job it still shows.
+            // Its result is on disk before anyone can read it, and is what
+            // the journal is to hold of the job meanwhile: a checkpoint
+            // that writes every job again writes this result, not the
+            // running job readers still see.
             let Some(info) = t.jobs().finishing(&job_id, outcome.map_err(|e| e.to_api())) else {
                 return;
             };

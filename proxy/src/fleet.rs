@@ -79,6 +79,17 @@ pub struct Executor {
     slow_probes: AtomicU32,
 }
 
+/// What one health probe of an executor got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// An answer in time.
+    Answered,
+    /// No answer in time, though the connection was taken.
+    Late,
+    /// No connection, or an error.
+    Failed,
+}
+
 /// Health probes in a row that an executor which still takes connections
 /// may leave unanswered (busy for a moment, say freeing a large tenant)
 /// before it is marked down. One that refuses them is down at once.
@@ -98,21 +109,20 @@ impl Executor {
         }
     }
 
-    /// Records a health probe's outcome, `Some(answered in time)` or `None`
-    /// for a probe that could not connect or was refused: whether the
-    /// executor counts as healthy now. A late answer marks it down only
-    /// after [`SLOW_PROBES_DOWN`] in a row.
-    pub fn probed(&self, answered: Option<bool>) -> bool {
-        match answered {
-            Some(true) => {
+    /// Records a health probe's outcome: whether the executor counts as
+    /// healthy now. A late probe marks it down only after
+    /// [`SLOW_PROBES_DOWN`] in a row.
+    pub fn probed(&self, probe: Probe) -> bool {
+        match probe {
+            Probe::Answered => {
                 self.slow_probes.store(0, Ordering::Release);
                 true
             }
-            Some(false) => {
+            Probe::Late => {
                 let slow = self.slow_probes.fetch_add(1, Ordering::AcqRel) + 1;
                 self.is_healthy() && slow < SLOW_PROBES_DOWN
             }
-            None => false,
+            Probe::Failed => false,
         }
     }
 
@@ -1104,20 +1114,20 @@ mod tests {
             "127.0.0.1:7200",
             "127.0.0.1:7200".parse().unwrap(),
         );
-        let probe = |answered| {
-            let ok = e.probed(answered);
+        let probe = |p| {
+            let ok = e.probed(p);
             e.set_healthy(ok);
             ok
         };
-        assert!(probe(Some(false)), "one late answer");
-        assert!(probe(Some(true)));
-        assert!(probe(Some(false)), "one late answer again, after an answer");
-        assert!(!probe(Some(false)), "two in a row");
-        assert!(!probe(Some(false)), "down while it answers late");
-        assert!(probe(Some(true)), "up once it answers");
-        assert!(!probe(None), "a refused connection");
-        assert!(!probe(Some(false)), "down stays down while it answers late");
-        assert!(probe(Some(true)));
+        assert!(probe(Probe::Late), "one late answer");
+        assert!(probe(Probe::Answered));
+        assert!(probe(Probe::Late), "one late answer again, after an answer");
+        assert!(!probe(Probe::Late), "two in a row");
+        assert!(!probe(Probe::Late), "down while it answers late");
+        assert!(probe(Probe::Answered), "up once it answers");
+        assert!(!probe(Probe::Failed), "a refused connection");
+        assert!(!probe(Probe::Late), "down stays down while it answers late");
+        assert!(probe(Probe::Answered));
     }
 
     #[tokio::test]

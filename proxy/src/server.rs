@@ -41,7 +41,7 @@ use crate::admin::AdminApi;
 use crate::audit::{AuditConfig, AuditLog};
 use crate::auth::{TokenError, TokenTable};
 use crate::conn::{ConnLimits, Guarded};
-use crate::fleet::{Fleet, QueueLimits, RegisterError};
+use crate::fleet::{Fleet, Probe, QueueLimits, RegisterError};
 use crate::metrics::ProxyMetrics;
 use crate::migrate::Orchestrator;
 use crate::placement::etcd::EtcdPlacements;
@@ -579,12 +579,12 @@ impl Upkeep {
     async fn probe_all(&self, all: bool) {
         let fleet = &self.shared.fleet;
         let probes = fleet.executors().into_iter().map(|exec| async move {
-            let answered = match fleet.client(&exec).health().await {
-                Ok(()) => Some(true),
-                Err(UpstreamError::Timeout { .. }) => Some(false),
-                Err(_) => None,
+            let probe = match fleet.client(&exec).health().await {
+                Ok(()) => Probe::Answered,
+                Err(UpstreamError::Timeout { .. }) => Probe::Late,
+                Err(_) => Probe::Failed,
             };
-            let ok = exec.probed(answered);
+            let ok = exec.probed(probe);
             let changed = exec.set_healthy(ok);
             if changed {
                 if ok {
@@ -593,7 +593,7 @@ impl Upkeep {
                     tracing::warn!(executor = %exec.id, addr = %exec.addr, "executor failed its health probe");
                 }
             }
-            if answered == Some(true) && (changed || all) {
+            if probe == Probe::Answered && (changed || all) {
                 self.orchestrator.reconcile(&exec).await;
             }
         });

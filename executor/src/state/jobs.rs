@@ -302,7 +302,6 @@ impl JobTable {
         self.records.get(job_id)
     }
 
-    /// Every job, by id.
     /// As [`finished_info`](Self::finished_info), and kept as what the
     /// journal is to hold of the job ([`journal_records`](Self::journal_records))
     /// until [`finish_as`](Self::finish_as) shows it: its result goes to
@@ -330,6 +329,7 @@ impl JobTable {
             .collect()
     }
 
+    /// Every job, by id.
     pub fn records(&self) -> impl Iterator<Item = &JobRecord> {
         self.records.values()
     }
