@@ -14,6 +14,14 @@
 //! The proxy then reads the placement again and sends the request where the
 //! tenant lives. A request without an epoch (an older proxy, an operator's
 //! direct call) is not fenced.
+//!
+//! A proxy can send a request again only if it kept its body (up to
+//! [`RESEND_BODY_LIMIT`]). One whose body may be larger is not refused for
+//! its tenant's pause: it is held until the tenant runs here again, or
+//! until the tenant has left, and then sent on, unread, to the executor it
+//! moved to, which the drop named ([`Fences::moved_to`]); see `crate::http`.
+//!
+//! [`RESEND_BODY_LIMIT`]: tensor_wasm_shared::headers::RESEND_BODY_LIMIT
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,12 +34,15 @@ use crate::error::ExecError;
 /// (a tenant that left long ago has no proxy still routing to it here).
 const MAX_FENCES: usize = 1 << 20;
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Fence {
     /// Newest epoch a request of the tenant carried here.
     seen: i64,
     /// The epoch of the placement that took the tenant elsewhere.
     left: Option<i64>,
+    /// The address of the executor that placement took it to, when the
+    /// drop named it.
+    to: Option<String>,
 }
 
 /// Every tenant's fence on this executor.
@@ -77,6 +88,7 @@ impl Fences {
             }
             // A newer placement put it here again.
             f.left = None;
+            f.to = None;
         }
         if epoch < f.seen {
             return Err(stale(
@@ -97,8 +109,9 @@ impl Fences {
     /// `tenant` is to be dropped here because the placement of `epoch` put
     /// it elsewhere: from now on requests routed by older placements are
     /// refused. A drop older than a request already routed here (a proxy
-    /// with a stale table) is itself refused.
-    pub fn left(&self, tenant: &TenantId, epoch: i64) -> Result<(), ExecError> {
+    /// with a stale table) is itself refused. `to`: the address of the
+    /// executor it moved to, if the drop named it.
+    pub fn left(&self, tenant: &TenantId, epoch: i64, to: Option<&str>) -> Result<(), ExecError> {
         let mut map = self.lock();
         let f = map.entry(tenant.clone()).or_default();
         if epoch < f.seen {
@@ -110,8 +123,24 @@ impl Fences {
                 ),
             ));
         }
-        f.left = Some(f.left.map_or(epoch, |l| l.max(epoch)));
+        if f.left.is_none_or(|l| epoch >= l) {
+            f.left = Some(epoch);
+            f.to = to.map(str::to_string);
+        }
         Ok(())
+    }
+
+    /// Where a request of `tenant` routed by the placement of `epoch` is
+    /// to be sent on: the executor the tenant moved to and the epoch of
+    /// the placement that took it there, once it has left this executor
+    /// at a placement newer than the request's and the drop named where.
+    pub fn moved_to(&self, tenant: &TenantId, epoch: i64) -> Option<(String, i64)> {
+        let map = self.lock();
+        let f = map.get(tenant)?;
+        match (f.left, &f.to) {
+            (Some(left), Some(to)) if epoch < left => Some((to.clone(), left)),
+            _ => None,
+        }
     }
 
     /// `tenant` arrived here (an import, a committed move): whatever it left
@@ -119,6 +148,7 @@ impl Fences {
     pub fn arrived(&self, tenant: &TenantId) {
         if let Some(f) = self.lock().get_mut(tenant) {
             f.left = None;
+            f.to = None;
         }
     }
 }
@@ -153,17 +183,25 @@ mod tests {
     fn a_tenant_that_left_is_fenced_until_a_newer_placement_brings_it_back() {
         let f = Fences::default();
         assert_eq!(code(f.admit(&t("a"), 3, false)), None);
-        f.left(&t("a"), 9).unwrap();
+        f.left(&t("a"), 9, Some("10.0.0.2:8081")).unwrap();
+        assert_eq!(
+            f.moved_to(&t("a"), 3),
+            Some(("10.0.0.2:8081".to_string(), 9))
+        );
+        assert_eq!(f.moved_to(&t("a"), 9), None);
+        assert_eq!(f.moved_to(&t("b"), 3), None);
         assert_eq!(code(f.admit(&t("a"), 3, false)), Some("placement_stale"));
         assert_eq!(code(f.admit(&t("a"), 8, false)), Some("placement_stale"));
         // Moved back here by the placement of epoch 12.
         f.arrived(&t("a"));
+        assert_eq!(f.moved_to(&t("a"), 3), None);
         assert_eq!(code(f.admit(&t("a"), 12, false)), None);
         assert_eq!(code(f.admit(&t("a"), 3, false)), Some("placement_stale"));
         // Without an import in between, a newer placement clears it too.
         // A drop asked by a placement older than one seen is refused.
-        assert_eq!(code(f.left(&t("a"), 11)), Some("placement_stale"));
-        f.left(&t("a"), 20).unwrap();
+        assert_eq!(code(f.left(&t("a"), 11, None)), Some("placement_stale"));
+        f.left(&t("a"), 20, None).unwrap();
+        assert_eq!(f.moved_to(&t("a"), 19), None, "the drop named no executor");
         assert_eq!(code(f.admit(&t("a"), 19, false)), Some("placement_stale"));
         assert_eq!(code(f.admit(&t("a"), 21, false)), None);
     }

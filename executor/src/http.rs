@@ -237,28 +237,42 @@ async fn refuse_tenant_traffic(req: Request, next: Next) -> Response {
 /// that too is answered `placement_stale`, so that the proxy sends it
 /// again once the tenant runs, here or where it moved, rather than fail it.
 ///
+/// A request whose body the proxy may not have kept to send again (past
+/// [`headers::RESEND_BODY_LIMIT`], or of no stated length) is not refused
+/// for its tenant's pause: it waits, its body unread, for at most
+/// [`HOLD_LIMIT`], until the tenant runs here again (a snapshot's end, a
+/// move undone), and runs; or until the tenant has left, and is then sent
+/// on to the executor the tenant moved to ([`send_on`]).
+///
 /// The request carries on its epoch ([`RoutedBy`]) for the handlers that
 /// may make the tenant here, which ask the fence again then.
 async fn fence(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let Some(epoch) = req.headers().get(headers::EPOCH) else {
         return next.run(req).await;
     };
-    let admitted = epoch_of(epoch).and_then(|epoch| {
+    let routed = epoch_of(epoch).and_then(|epoch| {
         let tenant = Tenant::from_headers(req.headers())?.0;
-        let frozen = app
-            .registry
-            .existing_tenant(&tenant)
-            .is_some_and(|t| t.is_frozen());
-        app.fences.admit(&tenant, epoch, frozen)?;
         Ok((tenant, epoch))
     });
-    let tenant = match admitted {
-        Ok((tenant, epoch)) => {
-            req.extensions_mut().insert(RoutedBy(epoch));
-            tenant
-        }
+    let (tenant, epoch) = match routed {
+        Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    if let Err(refused) = admit_routed(&app, &tenant, epoch) {
+        if resendable(req.headers()) {
+            return refused.into_response();
+        }
+        let started = Instant::now();
+        match hold(&app, &tenant, epoch, refused).await {
+            Held::Runs => {
+                let waited_ms = started.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(%tenant, epoch, waited_ms, "a request held through its tenant's pause was let in");
+            }
+            Held::Moved { to, epoch } => return send_on(&app, req, &tenant, &to, epoch).await,
+            Held::Refused(e) => return e.into_response(),
+        }
+    }
+    req.extensions_mut().insert(RoutedBy(epoch));
     let resp = next.run(req).await;
     if resp.extensions().get::<ErrorCode>() == Some(&ErrorCode::TenantFrozen) {
         return ExecError::PlacementStale(format!(
@@ -267,6 +281,120 @@ async fn fence(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Res
         .into_response();
     }
     resp
+}
+
+/// Longest a routed request whose body cannot be sent again waits for its
+/// tenant's pause to end here: 5 s, the proxy's default hold deadline
+/// (`--queue-deadline-ms`, `docs/CONFIG.md`).
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The fence's verdict on a request of `tenant` routed by `epoch`.
+fn admit_routed(app: &App, tenant: &TenantId, epoch: i64) -> Result<(), ExecError> {
+    let frozen = app
+        .registry
+        .existing_tenant(tenant)
+        .is_some_and(|t| t.is_frozen());
+    app.fences.admit(tenant, epoch, frozen)
+}
+
+/// Whether the proxy kept the whole body of a request it forwarded, to
+/// send it again: none, or a stated length within
+/// [`headers::RESEND_BODY_LIMIT`].
+fn resendable(h: &HeaderMap) -> bool {
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        return false;
+    }
+    match h.get(header::CONTENT_LENGTH) {
+        None => true,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= headers::RESEND_BODY_LIMIT),
+    }
+}
+
+/// What became of a routed request held through its tenant's pause.
+enum Held {
+    /// The tenant runs here again, and the fence let the request in.
+    Runs,
+    /// The tenant left for the executor at `to`, placed there by `epoch`.
+    Moved { to: String, epoch: i64 },
+    /// Refused as the fence first refused it: the tenant neither ran again
+    /// nor left for a named executor within [`HOLD_LIMIT`], or the request
+    /// was stale for another reason (a newer epoch seen here).
+    Refused(ExecError),
+}
+
+/// Holds a request of `tenant` routed by `epoch`, which the fence refused
+/// (`refused`), until the fence lets it in or its tenant has left for a
+/// named executor, for at most [`HOLD_LIMIT`].
+async fn hold(app: &App, tenant: &TenantId, epoch: i64, refused: ExecError) -> Held {
+    let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
+    let mut refused = refused;
+    loop {
+        if let Some((to, epoch)) = app.fences.moved_to(tenant, epoch) {
+            return Held::Moved { to, epoch };
+        }
+        let paused = app
+            .registry
+            .existing_tenant(tenant)
+            .filter(|t| t.is_frozen() && !t.is_removed());
+        let Some(t) = paused else {
+            // Not paused here: stale for a reason a wait does not end.
+            return Held::Refused(refused);
+        };
+        if !t.wait_unfrozen(deadline).await {
+            return Held::Refused(refused);
+        }
+        match admit_routed(app, tenant, epoch) {
+            Ok(()) => return Held::Runs,
+            Err(e) => refused = e,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Held::Refused(refused);
+        }
+    }
+}
+
+/// Sends `req`, held here through its tenant's move, on to the executor at
+/// `to` where the placement of `epoch` put the tenant, and answers what it
+/// answers. A request sent on [`headers::MAX_HOPS`] times already, or that
+/// cannot reach `to`, is refused as stale: nothing ran.
+async fn send_on(app: &App, req: Request, tenant: &TenantId, to: &str, epoch: i64) -> Response {
+    let hops = req
+        .headers()
+        .get(headers::HOPS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    let stale = |why: String| ExecError::PlacementStale(format!("tenant {tenant}: {why}"));
+    if hops >= headers::MAX_HOPS {
+        return stale(format!(
+            "it moved to {to}, and this request was sent on {hops} times already"
+        ))
+        .into_response();
+    }
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let peer = crate::peer::Peer::new(to, &app.internal_token);
+    match peer.send_on(req, epoch, hops + 1).await {
+        Ok(resp) => {
+            tracing::info!(%tenant, to, epoch, request_id, status = resp.status().as_u16(), "a request held through its tenant's move was sent on to where its tenant moved");
+            resp.map(Body::new)
+        }
+        Err(e) => {
+            tracing::warn!(%tenant, to, epoch, request_id, error = %e, "a request held through its tenant's move could not be sent on");
+            stale(format!(
+                "it moved to {to}, which this request could not reach: {e}"
+            ))
+            .into_response()
+        }
+    }
 }
 
 /// The placement epoch a request was routed by, as the fence admitted it.
@@ -943,8 +1071,19 @@ async fn drop_tenant(
         .get(headers::EPOCH)
         .map(epoch_of)
         .transpose()?;
+    let to = request_headers
+        .get(headers::MOVED_TO)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .filter(|s| !s.is_empty() && s.len() <= 255 && !s.contains('/'))
+                .ok_or_else(|| {
+                    ExecError::InvalidInput(format!("{} is not a host:port", headers::MOVED_TO))
+                })
+        })
+        .transpose()?;
     if let Some(epoch) = epoch {
-        app.fences.left(&tenant, epoch)?;
+        app.fences.left(&tenant, epoch, to)?;
     }
     // On the blocking pool: a large tenant's files and memory take a while
     // to free, and the runtime's workers answer `/healthz` meanwhile.

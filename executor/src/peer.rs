@@ -196,6 +196,67 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// Sends tenant request `req` on to this executor, its body streamed
+    /// as it arrives, as the proxy would have (`crate::http`'s fence): the
+    /// request's own headers (the tenant, the request id, the proxy's
+    /// credentials), with `epoch` as its placement epoch and one more hop.
+    /// The answer, whatever its status, streamed as it arrives. Only the
+    /// connection is bounded in time: an invocation's deadline bounds the
+    /// rest, as it does when the proxy sends it.
+    pub async fn send_on(
+        &self,
+        req: Request<axum::body::Body>,
+        epoch: i64,
+        hops: u32,
+    ) -> Result<hyper::Response<BodyStream>, PeerError> {
+        let unreachable = |e: &dyn std::fmt::Display| PeerError::Unreachable {
+            addr: self.addr.clone(),
+            message: e.to_string(),
+        };
+        let stream = tokio::time::timeout(
+            SEND_ON_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(&self.addr),
+        )
+        .await
+        .map_err(|_| unreachable(&"no connection within the connect timeout"))?
+        .map_err(|e| unreachable(&e))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(conn);
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        parts.uri = path.parse().map_err(|e| unreachable(&e))?;
+        let value =
+            |v: String| hyper::header::HeaderValue::from_str(&v).map_err(|e| unreachable(&e));
+        parts.headers.insert(HOST, value(self.addr.clone())?);
+        parts
+            .headers
+            .insert(AUTHORIZATION, value(format!("Bearer {}", self.token))?);
+        parts.headers.insert(
+            tensor_wasm_shared::headers::EPOCH,
+            value(epoch.to_string())?,
+        );
+        parts
+            .headers
+            .insert(tensor_wasm_shared::headers::HOPS, value(hops.to_string())?);
+        sender
+            .send_request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| unreachable(&e))
+    }
+}
+
+/// Longest wait for a connection to the executor a request is sent on to:
+/// 2 s.
+const SEND_ON_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Feeds a streamed body into `tx`. Frames of at least [`WHOLE_FRAME`]
 /// bytes go on as they are, without a copy; smaller ones (what one short
 /// socket read brought) that are ready together are gathered into chunks of

@@ -745,7 +745,10 @@ impl Orchestrator {
     async fn drop_on(&self, exec: &Executor, t: &TenantId) {
         let client = self.fleet.client(exec);
         let dropped = match self.fleet.table().locate(t) {
-            Some((_, epoch)) => client.drop_moved(t, epoch).await,
+            Some((home, epoch)) => {
+                let to = self.fleet.executor(&home).map(|e| e.addr.clone());
+                client.drop_moved(t, epoch, to.as_deref()).await
+            }
             None => client.drop_tenant(t).await,
         };
         match dropped {
@@ -783,8 +786,8 @@ impl Orchestrator {
             }
             // The copy may be behind (a proxy cut off from etcd): only the
             // store itself may condemn a copy of a tenant.
-            let epoch = match table.confirm(&t).await {
-                Ok((Some((home, epoch)), false)) if home != exec.id => epoch,
+            let (home, epoch) = match table.confirm(&t).await {
+                Ok((Some((home, epoch)), false)) if home != exec.id => (home, epoch),
                 Ok(_) => continue,
                 Err(e) => {
                     tracing::debug!(tenant = %t, error = %e, "placement not confirmed; copy kept");
@@ -792,7 +795,13 @@ impl Orchestrator {
                 }
             };
             tracing::warn!(tenant = %t, executor = %exec.id, epoch, "dropping a copy left behind by a move; the tenant lives elsewhere");
-            match self.fleet.client(exec).drop_moved(&t, epoch).await {
+            let to = self.fleet.executor(&home).map(|e| e.addr.clone());
+            match self
+                .fleet
+                .client(exec)
+                .drop_moved(&t, epoch, to.as_deref())
+                .await
+            {
                 Ok(()) => {}
                 Err(e) if e.code() == Some(ErrorCode::TenantNotHere) => {}
                 Err(e) => {

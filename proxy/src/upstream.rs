@@ -185,10 +185,17 @@ pub trait ExecutorApi: Send + Sync + fmt::Debug {
     async fn drop_tenant(&self, tenant: &TenantId) -> Result<(), UpstreamError>;
 
     /// [`drop_tenant`](Self::drop_tenant) of a tenant that the placement of
-    /// `epoch` moved elsewhere: the executor refuses requests routed by
-    /// older placements (`x-tensor-wasm-epoch`).
-    async fn drop_moved(&self, tenant: &TenantId, epoch: i64) -> Result<(), UpstreamError> {
-        let _ = epoch;
+    /// `epoch` moved to the executor at `to` (`host:port`): the executor
+    /// refuses requests routed by older placements (`x-tensor-wasm-epoch`),
+    /// and sends on to `to` those it held through the move whose bodies a
+    /// proxy could not send again (`x-tensor-wasm-moved-to`).
+    async fn drop_moved(
+        &self,
+        tenant: &TenantId,
+        epoch: i64,
+        to: Option<&str>,
+    ) -> Result<(), UpstreamError> {
+        let _ = (epoch, to);
         self.drop_tenant(tenant).await
     }
 
@@ -556,14 +563,23 @@ impl ExecutorApi for ExecutorClient {
             .map(drop)
     }
 
-    async fn drop_moved(&self, tenant: &TenantId, epoch: i64) -> Result<(), UpstreamError> {
+    async fn drop_moved(
+        &self,
+        tenant: &TenantId,
+        epoch: i64,
+        to: Option<&str>,
+    ) -> Result<(), UpstreamError> {
+        let mut headers = vec![(tensor_wasm_shared::headers::EPOCH, epoch.to_string())];
+        if let Some(to) = to {
+            headers.push((tensor_wasm_shared::headers::MOVED_TO, to.to_string()));
+        }
         self.call_within(
             "DELETE",
             &format!("/internal/tenants/{tenant}"),
             Bytes::new(),
             CONTROL_TIMEOUT,
             true,
-            &[(tensor_wasm_shared::headers::EPOCH, epoch.to_string())],
+            &headers,
         )
         .await
         .map(drop)

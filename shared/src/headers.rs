@@ -14,6 +14,24 @@ pub const TENANT: &str = "x-tensor-wasm-tenant";
 /// moved tenant, the epoch of the placement that moved it.
 pub const EPOCH: &str = "x-tensor-wasm-epoch";
 
+/// On the drop of a moved tenant, the address (`host:port`) of the
+/// executor it moved to, where the executor it left sends on the calls it
+/// held through the move (`ARCHITECTURE.md`, "Fencing stale proxies").
+pub const MOVED_TO: &str = "x-tensor-wasm-moved-to";
+
+/// How many times an executor has sent a request on to another (a decimal
+/// integer; absent: none); one sent on [`MAX_HOPS`] times is not sent on
+/// again.
+pub const HOPS: &str = "x-tensor-wasm-hops";
+
+/// Most times a request is sent on from executor to executor.
+pub const MAX_HOPS: u32 = 2;
+
+/// Largest request body a proxy keeps to send again when an executor
+/// refuses it unrun (`placement_stale`): 64 KiB. An executor holds a
+/// refused request whose body may be larger rather than refuse it.
+pub const RESEND_BODY_LIMIT: u64 = 64 << 10;
+
 /// A request's id, on the request and on its answer.
 pub const REQUEST_ID: &str = "x-request-id";
 

@@ -36,6 +36,8 @@ pub struct Tenant {
     instances: Arc<InstanceCount>,
     admission: Mutex<Admission>,
     drained: tokio::sync::Notify,
+    /// Woken when the tenant thaws or leaves this executor.
+    unfrozen: tokio::sync::Notify,
     /// Set once the tenant is dropped from this executor (migrated away or
     /// purged): its pending jobs stop waiting.
     removed: AtomicBool,
@@ -121,6 +123,7 @@ impl Tenant {
             instances: Arc::new(InstanceCount::default()),
             admission: Mutex::new(Admission::default()),
             drained: tokio::sync::Notify::new(),
+            unfrozen: tokio::sync::Notify::new(),
             removed: AtomicBool::new(false),
             job_permits: Arc::new(tokio::sync::Semaphore::new(job_caps.running.max(1))),
             running: crate::sync::Gate::new(running),
@@ -157,6 +160,21 @@ impl Tenant {
     /// Admits work again.
     pub fn thaw(&self) {
         lock(&self.admission).frozen = false;
+        self.unfrozen.notify_waiters();
+    }
+
+    /// Waits, up to `deadline`, until the tenant is no longer frozen here:
+    /// it thawed, or it left this executor. True if it did.
+    pub async fn wait_unfrozen(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let woken = self.unfrozen.notified();
+            if !self.is_frozen() || self.is_removed() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return !self.is_frozen() || self.is_removed();
+            }
+        }
     }
 
     pub fn is_frozen(&self) -> bool {
@@ -182,6 +200,7 @@ impl Tenant {
     /// and jobs; a job still running finds its record gone.
     pub fn remove(&self) -> Vec<Arc<Function>> {
         self.removed.store(true, Ordering::Release);
+        self.unfrozen.notify_waiters();
         self.jobs().clear();
         std::mem::take(&mut *write_lock(&self.functions))
             .into_values()
