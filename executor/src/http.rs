@@ -242,7 +242,9 @@ async fn refuse_tenant_traffic(req: Request, next: Next) -> Response {
 /// for its tenant's pause: it waits, its body unread, for at most
 /// [`HOLD_LIMIT`], until the tenant runs here again (a snapshot's end, a
 /// move undone), and runs; or until the tenant has left, and is then sent
-/// on to the executor the tenant moved to ([`send_on`]).
+/// on to the executor the tenant moved to ([`send_on`]). An invocation
+/// whose tenant froze after it was let in is handled alike once its body
+/// is read ([`ReadRequest::after_freeze`]).
 ///
 /// The request carries on its epoch ([`RoutedBy`]) for the handlers that
 /// may make the tenant here, which ask the fence again then.
@@ -781,13 +783,22 @@ async fn invoke(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
     ApiPath(id): ApiPath<String>,
+    routed: Option<Extension<RoutedBy>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
     let start = Instant::now();
     let result = match crate::stream::Mode::of(&headers) {
         Some(mode) => invoke_streamed(&app, mode, &tenant, &id, &headers, body).await,
-        None => invoke_inner(&app, &tenant, &id, &headers, body).await,
+        None => {
+            let read = ReadRequest {
+                routed: routed.map(|Extension(r)| r),
+                uri,
+                headers: &headers,
+            };
+            invoke_inner(&app, &tenant, &id, read, body).await
+        }
     };
     let label = match &result {
         Ok(_) => "ok",
@@ -826,17 +837,92 @@ async fn invoke_inner(
     app: &App,
     tenant: &TenantId,
     id: &str,
-    headers: &HeaderMap,
+    read: ReadRequest<'_>,
     body: Body,
 ) -> Result<Response, ExecError> {
-    let (target, request, accept) = invocation(app, tenant, id, headers, body).await?;
-    let encoded = app
-        .registry
-        .invoke(&target, request, move |response, backend| {
-            body::encode_response(accept.as_deref(), response, backend)
-        })
-        .await?;
-    Ok(([(header::CONTENT_TYPE, encoded.content_type)], encoded.body).into_response())
+    let (target, request, accept) = invocation(app, tenant, id, read.headers, body).await?;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let accept = accept.clone();
+        let run = app
+            .registry
+            .invoke(&target, request.clone(), move |response, backend| {
+                body::encode_response(accept.as_deref(), response, backend)
+            })
+            .await;
+        match run {
+            Err(refused @ ExecError::TenantFrozen(_)) => {
+                match read.after_freeze(app, tenant, refused, tries).await {
+                    Held::Runs => continue,
+                    Held::Moved { to, epoch } => {
+                        let req = read.rebuilt(request.body.clone());
+                        return Ok(send_on(app, req, tenant, &to, epoch).await);
+                    }
+                    Held::Refused(e) => return Err(e),
+                }
+            }
+            run => {
+                let encoded = run?;
+                return Ok(
+                    ([(header::CONTENT_TYPE, encoded.content_type)], encoded.body).into_response(),
+                );
+            }
+        }
+    }
+}
+
+/// A routed request whose body this executor has read, for what follows
+/// a `tenant_frozen` refusal that came before it ran.
+struct ReadRequest<'a> {
+    routed: Option<RoutedBy>,
+    uri: axum::http::Uri,
+    headers: &'a HeaderMap,
+}
+
+/// Times a request whose body was read is held through its tenant's
+/// pauses before it is refused: 3.
+const HOLDS_AFTER_READ: u32 = 3;
+
+impl ReadRequest<'_> {
+    /// What becomes of the request, refused `tenant_frozen` before it ran
+    /// (`refused`) for the `tries`-th time: as the fence does for a request
+    /// whose body the proxy cannot send again, it is held through the
+    /// pause, and runs again or is sent on to where the tenant moved. A
+    /// request the proxy can send again, or one without a placement
+    /// epoch, is refused (the fence answers it `placement_stale`).
+    async fn after_freeze(
+        &self,
+        app: &App,
+        tenant: &TenantId,
+        refused: ExecError,
+        tries: u32,
+    ) -> Held {
+        match self.routed {
+            Some(RoutedBy(epoch)) if !resendable(self.headers) && tries <= HOLDS_AFTER_READ => {
+                let started = Instant::now();
+                let held = hold(app, tenant, epoch, refused).await;
+                if matches!(held, Held::Runs) {
+                    let waited_ms = started.elapsed().as_secs_f64() * 1e3;
+                    tracing::info!(%tenant, epoch, waited_ms, "a request held through its tenant's pause, its body read, runs");
+                }
+                held
+            }
+            _ => Held::Refused(refused),
+        }
+    }
+
+    /// The request again, with `body`, the body it arrived with, to send on.
+    fn rebuilt(&self, body: Bytes) -> Request {
+        let mut headers = self.headers.clone();
+        headers.remove(header::TRANSFER_ENCODING);
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let mut req = Request::new(Body::from(body));
+        *req.method_mut() = axum::http::Method::POST;
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = headers;
+        req
+    }
 }
 
 /// A streamed invocation (`docs/API.md`, "Streaming"): it runs on a task
@@ -880,9 +966,16 @@ async fn invoke_async(
     State(app): State<Arc<App>>,
     Tenant(tenant): Tenant,
     ApiPath(id): ApiPath<String>,
+    routed: Option<Extension<RoutedBy>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
+    let read = ReadRequest {
+        routed: routed.map(|Extension(r)| r),
+        uri,
+        headers: &headers,
+    };
     let target = app.registry.resolve(&tenant, &id)?;
     let bytes = read_body(&headers, body, app.registry.quotas.max_body_bytes).await?;
     let ct = content_type(&headers).map(str::to_string);
@@ -898,8 +991,30 @@ async fn invoke_async(
         content_type: ct,
         body: bytes,
     };
-    let accepted = app.registry.submit_job(target, request).await?;
-    Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response())
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match app
+            .registry
+            .submit_job(target.clone(), request.clone())
+            .await
+        {
+            Err(refused @ ExecError::TenantFrozen(_)) => {
+                match read.after_freeze(&app, &tenant, refused, tries).await {
+                    Held::Runs => continue,
+                    Held::Moved { to, epoch } => {
+                        let req = read.rebuilt(request.body.clone());
+                        return Ok(send_on(&app, req, &tenant, &to, epoch).await);
+                    }
+                    Held::Refused(e) => return Err(e),
+                }
+            }
+            submitted => {
+                let accepted = submitted?;
+                return Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response());
+            }
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

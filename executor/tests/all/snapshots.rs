@@ -476,6 +476,10 @@ fn moved(a: &TestExecutor, b: &TestExecutor, tenant: &str, snap: &[u8], epoch: &
         .delete(a.url(&format!("/internal/tenants/{tenant}")))
         .header("authorization", format!("Bearer {}", crate::harness::TOKEN))
         .header("x-tensor-wasm-epoch", epoch)
+        .header(
+            "x-tensor-wasm-moved-to",
+            b.url("").trim_start_matches("http://"),
+        )
         .call()
         .unwrap();
     assert_eq!(r.status().as_u16(), 204);
@@ -731,4 +735,130 @@ fn an_export_waits_for_a_registration_under_way() {
         (status, registered)
     });
     assert!(status == 201 || status == 409, "{status} after {took:?}");
+}
+
+/// An invocation's body past what a proxy keeps to send again (64 KiB):
+/// `x` of `[1, 1, 1]`, padded with spaces.
+fn large_inputs() -> Vec<u8> {
+    let mut body = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
+    body.resize(80 << 10, b' ');
+    body
+}
+
+/// A routed call whose body the proxy could not send again is not refused
+/// for its tenant's pause: the executor holds it, and it runs, once, when
+/// the tenant thaws.
+#[test]
+fn a_routed_call_too_large_to_send_again_is_held_through_a_pause_and_runs() {
+    let ex = TestExecutor::start();
+    let id = ex.deploy("t1", "acc", ACCUMULATOR);
+    let invoke = format!("/functions/{id}/invoke");
+    let body = large_inputs();
+    export(&ex, "t1");
+    // One the proxy can send again is refused at once.
+    let small = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
+    assert_eq!(
+        routed(&ex, "t1", &invoke, &small, "5"),
+        (421, "placement_stale".into())
+    );
+    let (status, sum) = std::thread::scope(|s| {
+        let held = s.spawn(|| {
+            let r = ex.post_with(
+                "t1",
+                &invoke,
+                "application/json",
+                &body,
+                &[("x-tensor-wasm-epoch", "5")],
+            );
+            (r.status, r.json()["outputs"]["sum"]["data"][0].clone())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!held.is_finished(), "held while the tenant is frozen");
+        let r = ex.internal("POST", "/internal/tenants/t1/thaw", b"");
+        assert!(r.status < 300, "{}", r.text());
+        held.join().unwrap()
+    });
+    assert_eq!(status, 200);
+    assert_eq!(sum, 1.0, "it ran once");
+    assert_eq!(routed(&ex, "t1", &invoke, &small, "5").0, 200);
+}
+
+/// A routed call whose body the proxy could not send again, let in before
+/// its tenant froze (its body still arriving), is held through the pause
+/// once its body is read, and runs when the tenant thaws.
+#[test]
+fn a_routed_call_too_large_to_send_again_that_meets_a_freeze_after_it_was_let_in_runs_after_it() {
+    let ex = TestExecutor::start();
+    let id = ex.deploy("t1", "acc", ACCUMULATOR);
+    let invoke = format!("/functions/{id}/invoke");
+    let (status, answer) = std::thread::scope(|s| {
+        let (status, answer) = post_slowly(
+            &ex,
+            "t1",
+            &invoke,
+            "5",
+            ("application/json", &large_inputs()),
+            || {
+                export(&ex, "t1");
+                s.spawn(|| {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let r = ex.internal("POST", "/internal/tenants/t1/thaw", b"");
+                    assert!(r.status < 300, "{}", r.text());
+                });
+            },
+        );
+        (status, answer)
+    });
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"data\":[1.0,"), "{answer}");
+}
+
+/// A routed call whose body the proxy could not send again, whose tenant
+/// moved while it arrived, is sent on to the executor the tenant moved to
+/// (which the move's drop named) and runs there, on the tenant's one copy.
+#[test]
+fn a_routed_call_too_large_to_send_again_is_sent_on_to_where_its_tenant_moved() {
+    let a = TestExecutor::start();
+    let b = TestExecutor::start();
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    let invoke = format!("/functions/{id}/invoke");
+    let small = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
+    assert_eq!(routed(&a, "t1", &invoke, &small, "5").0, 200);
+    let (status, answer) = post_slowly(
+        &a,
+        "t1",
+        &invoke,
+        "5",
+        ("application/json", &large_inputs()),
+        || {
+            let snap = export(&a, "t1");
+            moved(&a, &b, "t1", &snap, "9");
+        },
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"data\":[2.0,"), "{answer}");
+    // It ran on the one copy, where the tenant lives now; one the proxy
+    // can send again is still refused where the tenant was.
+    assert_eq!(
+        routed(&a, "t1", &invoke, &small, "5"),
+        (421, "placement_stale".into())
+    );
+    let r = b.post_with(
+        "t1",
+        &invoke,
+        "application/json",
+        &small,
+        &[("x-tensor-wasm-epoch", "9")],
+    );
+    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 3.0, "{}", r.text());
+    // Sent on as soon as it arrives, once the tenant has left.
+    let r = a.post_with(
+        "t1",
+        &invoke,
+        "application/json",
+        &large_inputs(),
+        &[("x-tensor-wasm-epoch", "5")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 4.0, "{}", r.text());
 }
