@@ -332,6 +332,21 @@ enum Held {
 /// (`refused`), until the fence lets it in or its tenant has left for a
 /// named executor, for at most [`HOLD_LIMIT`].
 async fn hold(app: &App, tenant: &TenantId, epoch: i64, refused: ExecError) -> Held {
+    let held = hold_until(app, tenant, epoch, refused).await;
+    let outcome = match held {
+        Held::Runs => "ran",
+        Held::Moved { .. } => "sent_on",
+        Held::Refused(_) => "refused",
+    };
+    app.metrics
+        .held_requests
+        .with_label_values(&[outcome])
+        .inc();
+    held
+}
+
+/// [`hold`], uncounted.
+async fn hold_until(app: &App, tenant: &TenantId, epoch: i64, refused: ExecError) -> Held {
     let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
     let mut refused = refused;
     loop {

@@ -43,6 +43,9 @@ pub struct Metrics {
     /// Streamed answers, by how they ended (`ok`, `error`, `idle`,
     /// `client_gone`).
     pub streams: IntCounterVec,
+    /// Routed requests held through their tenant's pause, by how the hold
+    /// ended (`ran`, `sent_on`, `refused`; `crate::http`'s fence).
+    pub held_requests: IntCounterVec,
     pub kernel_dispatches: IntCounterVec,
     pub kernel_dispatch_duration: HistogramVec,
     pub invocations: IntCounterVec,
@@ -133,6 +136,14 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid");
+        let held_requests = IntCounterVec::new(
+            Opts::new(
+                m::HELD_REQUESTS_TOTAL,
+                "Routed requests whose bodies a proxy could not send again, held through their tenant's pause, by outcome (ran, sent_on, refused).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid");
         let kernel_dispatches = IntCounterVec::new(
             Opts::new(
                 m::KERNEL_DISPATCHES_TOTAL,
@@ -177,6 +188,7 @@ impl Metrics {
         reg(Box::new(invocations_waiting.clone()));
         reg(Box::new(background_guests.clone()));
         reg(Box::new(streams.clone()));
+        reg(Box::new(held_requests.clone()));
         reg(Box::new(kernel_dispatches.clone()));
         reg(Box::new(kernel_dispatch_duration.clone()));
         reg(Box::new(invocations.clone()));
@@ -212,6 +224,7 @@ impl Metrics {
             invocations_waiting,
             background_guests,
             streams,
+            held_requests,
             kernel_dispatches,
             kernel_dispatch_duration,
             invocations,

@@ -31,6 +31,7 @@ pub mod executor_metrics {
     pub const INVOCATIONS_WAITING: &str = "tensor_wasm_invocations_waiting";
     pub const BACKGROUND_GUESTS_TOTAL: &str = "tensor_wasm_background_guests_total";
     pub const STREAMS_TOTAL: &str = "tensor_wasm_streams_total";
+    pub const HELD_REQUESTS_TOTAL: &str = "tensor_wasm_held_requests_total";
     pub const KERNEL_DISPATCHES_TOTAL: &str = "tensor_wasm_kernel_dispatches_total";
     pub const KERNEL_DISPATCH_DURATION_SECONDS: &str =
         "tensor_wasm_kernel_dispatch_duration_seconds";

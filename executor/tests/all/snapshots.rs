@@ -781,6 +781,18 @@ fn a_routed_call_too_large_to_send_again_is_held_through_a_pause_and_runs() {
     assert_eq!(status, 200);
     assert_eq!(sum, 1.0, "it ran once");
     assert_eq!(routed(&ex, "t1", &invoke, &small, "5").0, 200);
+    let metrics = ex
+        .raw_agent()
+        .get(ex.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("tensor_wasm_held_requests_total{outcome=\"ran\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// A routed call whose body the proxy could not send again, let in before
