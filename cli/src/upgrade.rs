@@ -1027,6 +1027,18 @@ fn abort(admin: &Admin, record_path: &Path) -> anyhow::Result<()> {
     };
     let record: Record = serde_json::from_slice(&bytes).context("upgrade.json is corrupt")?;
     for (old, step) in &record.steps {
+        if !step.done && !registered(admin, old)? {
+            // Stopped within step 4: its tenants had all moved to the
+            // replacement and the proxy forgot it; it is stopped, as that
+            // step would have.
+            if let Some(state) = record_path.parent()
+                && control::ls(state)?.iter().any(|c| c.id == *old)
+            {
+                control::stop(state, old)?;
+            }
+            say!("{old}: replaced by {} already (stopped now)", step.new_id);
+            continue;
+        }
         if !step.done {
             admin.call("POST", &format!("/admin/executors/{old}/uncordon"), None)?;
             say!(
@@ -1159,6 +1171,7 @@ fn upgrade_executors(
     }
     say!("upgrading {} executors to {}", todo.len(), binary.display());
     for old in todo {
+        let resumed = record.steps.contains_key(&old.id);
         let new_id = record
             .steps
             .entry(old.id.clone())
@@ -1169,6 +1182,23 @@ fn upgrade_executors(
             .new_id
             .clone();
         save(record_path, &record)?;
+
+        // Stopped within step 4, after the proxy forgot the old executor
+        // (its tenants had all moved) and before it was stopped: finish
+        // that step.
+        if resumed && !registered(admin, &old.id)? {
+            control::stop(state, &old.id)?;
+            if let Some(step) = record.steps.get_mut(&old.id) {
+                step.done = true;
+            }
+            save(record_path, &record)?;
+            say!(
+                "{}: replaced by {} (its tenants had moved; stopped now)",
+                old.id,
+                new_id
+            );
+            continue;
+        }
 
         // 0. The canary's baseline: the old executor, before anything
         //    changes.
@@ -1283,6 +1313,14 @@ fn upgrade_executors(
     }
     std::fs::remove_file(record_path)?;
     Ok(())
+}
+
+/// Whether the proxy has `executor` in its executor set.
+fn registered(admin: &Admin, executor: &str) -> anyhow::Result<bool> {
+    let list = admin.call("GET", "/admin/executors", None)?;
+    Ok(list["executors"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|e| e["id"].as_str() == Some(executor))))
 }
 
 /// The tenants the proxy places on `executor`.

@@ -667,6 +667,84 @@ fn an_interrupted_upgrade_can_be_aborted_or_resumed() {
     assert!(!up.state.join("upgrade.json").exists());
 }
 
+/// An upgrade stopped within its last step for an executor (the proxy
+/// forgot the old executor once its tenants had moved, and the upgrade died
+/// before it stopped that executor) resumes, or is aborted, from there: the
+/// old executor is stopped, and every tenant is served.
+#[test]
+fn an_upgrade_stopped_after_the_proxy_forgot_an_executor_resumes_or_aborts() {
+    for abort in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (up, fns) = counter_fleet(dir.path(), 6);
+        let count_all = |expect: u32| count_all(&up, &fns, expect);
+        count_all(1);
+        let binary = new_binary(dir.path());
+        interrupted_upgrade(&up, &binary, 1);
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(up.state.join("upgrade.json")).unwrap()).unwrap();
+        let (old, step) = record["steps"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(_, s)| s["done"] == false)
+            .map(|(o, s)| (o.clone(), s["new_id"].as_str().unwrap().to_string()))
+            .expect("a step under way");
+        // Step 4, done by hand up to where the upgrade died: the old
+        // executor's tenants moved to its replacement, the old one forgotten.
+        let admin = |method: &str, path: &str, body: Option<serde_json::Value>| {
+            let body = body.map(|b| b.to_string());
+            up.admin.call(
+                method,
+                path,
+                &[(
+                    "authorization",
+                    &format!("Bearer {}", up.secret("admin-token")),
+                )],
+                body.as_deref().map(|b| ("application/json", b.as_bytes())),
+            )
+        };
+        let placements = admin("GET", "/admin/placements", None).json();
+        for (tenant, home) in placements["placements"].as_object().unwrap() {
+            if home.as_str() == Some(old.as_str()) {
+                let r = admin(
+                    "POST",
+                    &format!("/admin/tenants/{tenant}/migrate"),
+                    Some(serde_json::json!({ "to": step })),
+                );
+                assert_eq!(r.status, 200, "{}", r.text());
+            }
+        }
+        let r = admin("DELETE", &format!("/admin/executors/{old}"), None);
+        assert!(r.status < 300, "{}", r.text());
+        assert!(up.child_ids().contains(&old), "{:?}", up.child_ids());
+        count_all(2);
+
+        if abort {
+            let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+                .args(["upgrade", "--abort", "--state-dir"])
+                .arg(&up.state)
+                .arg("--admin-url")
+                .arg(&up.admin.base)
+                .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!up.child_ids().contains(&old), "{:?}", up.child_ids());
+            count_all(3);
+        } else {
+            let out = upgrade(&up, "--executor-binary", &binary);
+            assert!(out.contains("stopped now"), "{out}");
+            count_all(3);
+            assert_eq!(up.child_ids(), ["cpu0.1", "cpu1.1", "proxy"]);
+        }
+        assert!(!up.state.join("upgrade.json").exists());
+    }
+}
+
 /// Runs `tensor-wasm ARGS`, which must succeed; its stdout as JSON.
 fn cli_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
