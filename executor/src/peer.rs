@@ -194,9 +194,7 @@ impl Peer {
         self.send("POST", &format!("/internal/outbound/{session}/final"))
             .await
     }
-}
 
-impl Peer {
     /// Sends tenant request `req` on to this executor, its body streamed
     /// as it arrives, as the proxy would have (`crate::http`'s fence): the
     /// request's own headers (the tenant, the request id, the proxy's
