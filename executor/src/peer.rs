@@ -68,6 +68,34 @@ impl Peer {
         &self.addr
     }
 
+    fn unreachable(&self, e: &dyn std::fmt::Display) -> PeerError {
+        PeerError::Unreachable {
+            addr: self.addr.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// A new HTTP/1.1 connection to this executor, made within
+    /// [`CONNECT_TIMEOUT`], for requests with bodies of type `B`.
+    async fn connect<B>(&self) -> Result<hyper::client::conn::http1::SendRequest<B>, PeerError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stream =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.addr))
+                .await
+                .map_err(|_| self.unreachable(&"no connection within the connect timeout"))?
+                .map_err(|e| self.unreachable(&e))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
     /// Sends one request on a new connection; a 2xx answer's body as a
     /// stream (the connection lives until it is read), else the error.
     async fn send(&self, method: &str, path: &str) -> Result<BodyStream, PeerError> {
@@ -80,18 +108,8 @@ impl Peer {
         method: &str,
         path: &str,
     ) -> Result<hyper::Response<BodyStream>, PeerError> {
-        let unreachable = |e: &dyn std::fmt::Display| PeerError::Unreachable {
-            addr: self.addr.clone(),
-            message: e.to_string(),
-        };
-        let stream = tokio::net::TcpStream::connect(&self.addr)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        tokio::spawn(conn);
+        let unreachable = |e: &dyn std::fmt::Display| self.unreachable(e);
+        let mut sender = self.connect().await?;
         let request = Request::builder()
             .method(method)
             .uri(path)
@@ -208,22 +226,8 @@ impl Peer {
         epoch: i64,
         hops: u32,
     ) -> Result<hyper::Response<BodyStream>, PeerError> {
-        let unreachable = |e: &dyn std::fmt::Display| PeerError::Unreachable {
-            addr: self.addr.clone(),
-            message: e.to_string(),
-        };
-        let stream = tokio::time::timeout(
-            SEND_ON_CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect(&self.addr),
-        )
-        .await
-        .map_err(|_| unreachable(&"no connection within the connect timeout"))?
-        .map_err(|e| unreachable(&e))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-        tokio::spawn(conn);
+        let unreachable = |e: &dyn std::fmt::Display| self.unreachable(e);
+        let mut sender = self.connect().await?;
         let (mut parts, body) = req.into_parts();
         let path = parts
             .uri
@@ -251,9 +255,9 @@ impl Peer {
     }
 }
 
-/// Longest wait for a connection to the executor a request is sent on to:
-/// 2 s.
-const SEND_ON_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for a connection to another executor: 5 s, past the
+/// second resend of a lost SYN (after 1 s, then 3 s).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Feeds a streamed body into `tx`. Frames of at least [`WHOLE_FRAME`]
 /// bytes go on as they are, without a copy; smaller ones (what one short

@@ -711,14 +711,17 @@ fn big_counter(mb: usize) -> Vec<u8> {
     wat::parse_str(wat).unwrap()
 }
 
-/// A snapshot (what `tensor-wasm upgrade --backup` takes of every tenant)
-/// pauses its tenant on its executor while it is exported, and only the
-/// proxy that asked for it holds the tenant's requests. Requests through
-/// the other proxy that the executor refuses meanwhile are sent again once
-/// it runs again, where it was: none fails, though the placement they wait
-/// for never changes.
-#[test]
-fn a_snapshot_through_one_proxy_fails_no_request_through_the_other() {
+/// Two proxies on one etcd, and tenant `t0`: a counter with 32 MiB of
+/// memory, which a snapshot pauses for a while. A client calls it without
+/// pause through the second proxy only, each call with a body of `body`
+/// bytes, while snapshots are taken through the first: three, and more (up
+/// to 20) until `met` counts a call that met a pause (on a busy machine the
+/// client may not call while one lasts). Each call's count, the calls that
+/// failed, and `met`'s count.
+fn snapshots_under_load(
+    body: usize,
+    met: impl Fn(&ProxyProcess, &ExecutorProcess) -> usize,
+) -> (Vec<u32>, usize, usize) {
     let _heavy = heavy();
     let etcd = EtcdProcess::start();
     let dir = tempfile::tempdir().unwrap();
@@ -733,63 +736,17 @@ fn a_snapshot_through_one_proxy_fails_no_request_through_the_other() {
     );
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
-    // Clients of the other proxy only.
-    let load = Load::start(&ps[1..], &[(token.to_string(), id)]);
-    std::thread::sleep(Duration::from_millis(300));
-    let refused = || {
-        ps[1]
-            .log_text()
-            .matches("refused a stale placement")
-            .count()
+    let home = if ps[0].placement("t0").unwrap() == a.id {
+        &a
+    } else {
+        &b
     };
-    // Three snapshots, and more (up to 20) until a request met one: on a
-    // busy machine the client may not call while a pause lasts.
-    for n in 1..=20 {
-        let r = ps[0].admin("POST", "/admin/tenants/t0/snapshot", None);
-        assert_eq!(r.status, 200, "{}", r.text());
-        std::thread::sleep(Duration::from_millis(200));
-        if n >= 3 && refused() > 0 {
-            break;
-        }
-    }
-    let (counts, failures) = load.finish();
-    assert_eq!(failures, 0, "no request through the other proxy failed");
-    let refused = refused();
-    assert!(
-        refused > 0,
-        "some requests met the paused tenant and were sent again"
-    );
-    eprintln!("calls {counts:?}; refused while paused and sent again: {refused}");
-}
-
-/// As above, for calls whose bodies are past what a proxy keeps to send
-/// again (256 KiB): the executor holds each that meets the pause, its body
-/// unread, and runs it once the tenant runs again. None fails.
-#[test]
-fn a_snapshot_fails_no_call_whose_body_is_too_large_to_send_again() {
-    let _heavy = heavy();
-    let etcd = EtcdProcess::start();
-    let dir = tempfile::tempdir().unwrap();
-    let [a, b] = executors(dir.path());
-    let ps = proxies(dir.path(), &etcd, &[&a, &b], 2);
-    let token = "tok-t0";
-    let r = ps[0].call(
-        token,
-        "POST",
-        "/functions?name=counter",
-        Some(("application/wasm", &big_counter(32))),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let home = ps[0].placement("t0").unwrap();
-    let home = if home == a.id { &a } else { &b };
-    // A client of the other proxy only.
     let port = ps[1].options.listen_port;
     let load = CounterLoad::start(&[(token.to_string(), id)], 0, |token, id| {
         let api = Api::new(&format!("http://127.0.0.1:{port}"));
         let auth = format!("Bearer {token}");
         let path = format!("/functions/{id}/invoke");
-        let body = vec![b'x'; 256 << 10];
+        let body = vec![b'x'; body];
         move || {
             let r = api.call(
                 "POST",
@@ -804,22 +761,48 @@ fn a_snapshot_fails_no_call_whose_body_is_too_large_to_send_again() {
         }
     });
     std::thread::sleep(Duration::from_millis(300));
-    let held = || {
-        home.log_text()
-            .matches("held through its tenant's pause")
-            .count()
-    };
     for n in 1..=20 {
         let r = ps[0].admin("POST", "/admin/tenants/t0/snapshot", None);
         assert_eq!(r.status, 200, "{}", r.text());
         std::thread::sleep(Duration::from_millis(200));
-        if n >= 3 && held() > 0 {
+        if n >= 3 && met(&ps[1], home) > 0 {
             break;
         }
     }
     let (counts, failures) = load.finish();
+    (counts, failures, met(&ps[1], home))
+}
+
+/// A snapshot (what `tensor-wasm upgrade --backup` takes of every tenant)
+/// pauses its tenant on its executor while it is exported, and only the
+/// proxy that asked for it holds the tenant's requests. Requests through
+/// the other proxy that the executor refuses meanwhile are sent again once
+/// it runs again, where it was: none fails, though the placement they wait
+/// for never changes.
+#[test]
+fn a_snapshot_through_one_proxy_fails_no_request_through_the_other() {
+    let (counts, failures, refused) = snapshots_under_load(0, |p, _| {
+        p.log_text().matches("refused a stale placement").count()
+    });
+    assert_eq!(failures, 0, "no request through the other proxy failed");
+    assert!(
+        refused > 0,
+        "some requests met the paused tenant and were sent again"
+    );
+    eprintln!("calls {counts:?}; refused while paused and sent again: {refused}");
+}
+
+/// As above, for calls whose bodies are past what a proxy keeps to send
+/// again (256 KiB): the executor holds each that meets the pause, its body
+/// unread, and runs it once the tenant runs again. None fails.
+#[test]
+fn a_snapshot_fails_no_call_whose_body_is_too_large_to_send_again() {
+    let (counts, failures, held) = snapshots_under_load(256 << 10, |_, home| {
+        home.log_text()
+            .matches("held through its tenant's pause")
+            .count()
+    });
     assert_eq!(failures, 0, "no call through the other proxy failed");
-    let held = held();
     assert!(held > 0, "some calls met the paused tenant and were held");
     eprintln!("calls {counts:?}; held while paused: {held}");
 }

@@ -594,6 +594,24 @@ fn interrupted_upgrade(up: &UpProcess, binary: &Path, after: usize) {
     let _ = child.wait();
 }
 
+/// Runs `tensor-wasm upgrade --abort` against `up`'s fleet, which must
+/// succeed.
+fn abort_upgrade(up: &UpProcess) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["upgrade", "--abort", "--state-dir"])
+        .arg(&up.state)
+        .arg("--admin-url")
+        .arg(&up.admin.base)
+        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `tensor-wasm up` with two CPU executors and `n` counter tenants
 /// (`tok-i` for tenant `ti`); the fleet and the tenants' function ids.
 fn counter_fleet(dir: &Path, n: usize) -> (UpProcess, Vec<String>) {
@@ -642,19 +660,7 @@ fn an_interrupted_upgrade_can_be_aborted_or_resumed() {
     // executor it ended up on, and the record is gone.
     interrupted_upgrade(&up, &binary, 2);
     assert!(up.state.join("upgrade.json").exists());
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["upgrade", "--abort", "--state-dir"])
-        .arg(&up.state)
-        .arg("--admin-url")
-        .arg(&up.admin.base)
-        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    abort_upgrade(&up);
     assert!(!up.state.join("upgrade.json").exists());
     count_all(2);
 
@@ -730,19 +736,7 @@ fn an_upgrade_stopped_after_the_proxy_forgot_an_executor_resumes_or_aborts() {
         count_all(2);
 
         if abort {
-            let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-                .args(["upgrade", "--abort", "--state-dir"])
-                .arg(&up.state)
-                .arg("--admin-url")
-                .arg(&up.admin.base)
-                .env_remove("TENSOR_WASM_ADMIN_TOKEN")
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            abort_upgrade(&up);
             assert!(!up.child_ids().contains(&old), "{:?}", up.child_ids());
             count_all(3);
         } else {

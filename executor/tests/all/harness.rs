@@ -169,7 +169,6 @@ impl TestExecutor {
         r.json()["id"].as_str().unwrap().to_string()
     }
 
-    /// The value of the unlabelled metric `name` in `/metrics`.
     /// Registers `wasm` as `name` of `tenant` with the function config
     /// `config` (JSON), as a multipart upload.
     pub fn register_with_config(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tensor_wasm_executor::config::TenantQuotas;
 
-use crate::harness::{TestExecutor, f32_inputs, small_limits};
+use crate::harness::{Reply, TestExecutor, f32_inputs, small_limits};
 
 /// Keeps a running count in a global it does not export, and a running sum
 /// in a device tensor whose handle lives in linear memory. Each call adds
@@ -550,13 +550,7 @@ fn a_routed_request_that_meets_a_freeze_after_it_was_let_in_is_refused_as_stale(
     // Thawed, the same request runs: nothing of the refused one ran.
     let r = ex.internal("POST", "/internal/tenants/t1/thaw", b"");
     assert!(r.status < 300, "{}", r.text());
-    let r = ex.post_with(
-        "t1",
-        &invoke,
-        "application/json",
-        &body,
-        &[("x-tensor-wasm-epoch", "5")],
-    );
+    let r = routed_reply(&ex, "t1", &invoke, &body, "5");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["outputs"]["sum"]["data"][0], 1.0);
 }
@@ -591,14 +585,19 @@ fn a_routed_registration_that_outlives_its_tenants_move_is_refused_as_stale() {
 }
 
 /// A request routed by the placement of `epoch` (`x-tensor-wasm-epoch`).
-fn routed(ex: &TestExecutor, tenant: &str, path: &str, body: &[u8], epoch: &str) -> (u16, String) {
-    let r = ex.post_with(
+fn routed_reply(ex: &TestExecutor, tenant: &str, path: &str, body: &[u8], epoch: &str) -> Reply {
+    ex.post_with(
         tenant,
         path,
         "application/json",
         body,
         &[("x-tensor-wasm-epoch", epoch)],
-    );
+    )
+}
+
+/// [`routed_reply`]'s status and error code.
+fn routed(ex: &TestExecutor, tenant: &str, path: &str, body: &[u8], epoch: &str) -> (u16, String) {
+    let r = routed_reply(ex, tenant, path, body, epoch);
     (r.status, r.code())
 }
 
@@ -651,13 +650,7 @@ fn requests_routed_by_a_placement_the_executor_moved_past_are_refused_and_run_no
     assert_eq!(listed.json()["functions"].as_array().unwrap().len(), 0);
 
     // On B, the new placement finds the state as it left A.
-    let r = b.post_with(
-        "t1",
-        &invoke,
-        "application/json",
-        &x,
-        &[("x-tensor-wasm-epoch", "9")],
-    );
+    let r = routed_reply(&b, "t1", &invoke, &x, "9");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["outputs"]["sum"]["data"][0], 2.0);
 
@@ -763,13 +756,7 @@ fn a_routed_call_too_large_to_send_again_is_held_through_a_pause_and_runs() {
     );
     let (status, sum) = std::thread::scope(|s| {
         let held = s.spawn(|| {
-            let r = ex.post_with(
-                "t1",
-                &invoke,
-                "application/json",
-                &body,
-                &[("x-tensor-wasm-epoch", "5")],
-            );
+            let r = routed_reply(&ex, "t1", &invoke, &body, "5");
             (r.status, r.json()["outputs"]["sum"]["data"][0].clone())
         });
         std::thread::sleep(Duration::from_millis(300));
@@ -781,17 +768,9 @@ fn a_routed_call_too_large_to_send_again_is_held_through_a_pause_and_runs() {
     assert_eq!(status, 200);
     assert_eq!(sum, 1.0, "it ran once");
     assert_eq!(routed(&ex, "t1", &invoke, &small, "5").0, 200);
-    let metrics = ex
-        .raw_agent()
-        .get(ex.url("/metrics"))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
-    assert!(
-        metrics.contains("tensor_wasm_held_requests_total{outcome=\"ran\"} 1"),
-        "{metrics}"
+    assert_eq!(
+        ex.metric("tensor_wasm_held_requests_total{outcome=\"ran\"}"),
+        1.0
     );
 }
 
@@ -855,22 +834,10 @@ fn a_routed_call_too_large_to_send_again_is_sent_on_to_where_its_tenant_moved() 
         routed(&a, "t1", &invoke, &small, "5"),
         (421, "placement_stale".into())
     );
-    let r = b.post_with(
-        "t1",
-        &invoke,
-        "application/json",
-        &small,
-        &[("x-tensor-wasm-epoch", "9")],
-    );
+    let r = routed_reply(&b, "t1", &invoke, &small, "9");
     assert_eq!(r.json()["outputs"]["sum"]["data"][0], 3.0, "{}", r.text());
     // Sent on as soon as it arrives, once the tenant has left.
-    let r = a.post_with(
-        "t1",
-        &invoke,
-        "application/json",
-        &large_inputs(),
-        &[("x-tensor-wasm-epoch", "5")],
-    );
+    let r = routed_reply(&a, "t1", &invoke, &large_inputs(), "5");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["outputs"]["sum"]["data"][0], 4.0, "{}", r.text());
 }
