@@ -597,19 +597,8 @@ fn interrupted_upgrade(up: &UpProcess, binary: &Path, after: usize) {
 /// Runs `tensor-wasm upgrade --abort` against `up`'s fleet, which must
 /// succeed.
 fn abort_upgrade(up: &UpProcess) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
-        .args(["upgrade", "--abort", "--state-dir"])
-        .arg(&up.state)
-        .arg("--admin-url")
-        .arg(&up.admin.base)
-        .env_remove("TENSOR_WASM_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, stdout, stderr) = run_upgrade(up, &["--abort".as_ref()]);
+    assert!(ok, "upgrade --abort failed: {stdout}{stderr}");
 }
 
 /// `tensor-wasm up` with two CPU executors and `n` counter tenants
