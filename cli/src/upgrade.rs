@@ -1187,11 +1187,7 @@ fn upgrade_executors(
         // (its tenants had all moved) and before it was stopped: finish
         // that step.
         if resumed && !registered(admin, &old.id)? {
-            control::stop(state, &old.id)?;
-            if let Some(step) = record.steps.get_mut(&old.id) {
-                step.done = true;
-            }
-            save(record_path, &record)?;
+            stop_replaced(state, &mut record, record_path, &old.id)?;
             say!(
                 "{}: replaced by {} (its tenants had moved; stopped now)",
                 old.id,
@@ -1299,11 +1295,7 @@ fn upgrade_executors(
         }
         // 4. Forget and stop the old one.
         admin.call("DELETE", &format!("/admin/executors/{}", old.id), None)?;
-        control::stop(state, &old.id)?;
-        if let Some(step) = record.steps.get_mut(&old.id) {
-            step.done = true;
-        }
-        save(record_path, &record)?;
+        stop_replaced(state, &mut record, record_path, &old.id)?;
         say!(
             "{}: replaced by {} ({} tenants moved)",
             old.id,
@@ -1313,6 +1305,21 @@ fn upgrade_executors(
     }
     std::fs::remove_file(record_path)?;
     Ok(())
+}
+
+/// The second half of step 4: stops `old`, which the proxy forgot, and
+/// records its step done.
+fn stop_replaced(
+    state: &Path,
+    record: &mut Record,
+    record_path: &Path,
+    old: &str,
+) -> anyhow::Result<()> {
+    control::stop(state, old)?;
+    if let Some(step) = record.steps.get_mut(old) {
+        step.done = true;
+    }
+    save(record_path, record)
 }
 
 /// Whether the proxy has `executor` in its executor set.

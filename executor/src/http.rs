@@ -244,7 +244,7 @@ async fn refuse_tenant_traffic(req: Request, next: Next) -> Response {
 /// move undone), and runs; or until the tenant has left, and is then sent
 /// on to the executor the tenant moved to ([`send_on`]). An invocation
 /// whose tenant froze after it was let in is handled alike once its body
-/// is read ([`ReadRequest::after_freeze`]).
+/// is read ([`ReadRequest::run`]).
 ///
 /// The request carries on its epoch ([`RoutedBy`]) for the handlers that
 /// may make the tenant here, which ask the fence again then.
@@ -264,12 +264,8 @@ async fn fence(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Res
         if resendable(req.headers()) {
             return refused.into_response();
         }
-        let started = Instant::now();
         match hold(&app, &tenant, epoch, refused).await {
-            Held::Runs => {
-                let waited_ms = started.elapsed().as_secs_f64() * 1e3;
-                tracing::info!(%tenant, epoch, waited_ms, "a request held through its tenant's pause was let in");
-            }
+            Held::Runs => {}
             Held::Moved { to, epoch } => return send_on(&app, req, &tenant, &to, epoch).await,
             Held::Refused(e) => return e.into_response(),
         }
@@ -330,8 +326,9 @@ enum Held {
 
 /// Holds a request of `tenant` routed by `epoch`, which the fence refused
 /// (`refused`), until the fence lets it in or its tenant has left for a
-/// named executor, for at most [`HOLD_LIMIT`].
+/// named executor, for at most [`HOLD_LIMIT`]; counted and logged.
 async fn hold(app: &App, tenant: &TenantId, epoch: i64, refused: ExecError) -> Held {
+    let started = Instant::now();
     let held = hold_until(app, tenant, epoch, refused).await;
     let outcome = match held {
         Held::Runs => "ran",
@@ -342,13 +339,16 @@ async fn hold(app: &App, tenant: &TenantId, epoch: i64, refused: ExecError) -> H
         .held_requests
         .with_label_values(&[outcome])
         .inc();
+    if matches!(held, Held::Runs) {
+        let waited_ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(%tenant, epoch, waited_ms, "a request held through its tenant's pause was let in");
+    }
     held
 }
 
 /// [`hold`], uncounted.
-async fn hold_until(app: &App, tenant: &TenantId, epoch: i64, refused: ExecError) -> Held {
+async fn hold_until(app: &App, tenant: &TenantId, epoch: i64, mut refused: ExecError) -> Held {
     let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
-    let mut refused = refused;
     loop {
         if let Some((to, epoch)) = app.fences.moved_to(tenant, epoch) {
             return Held::Moved { to, epoch };
@@ -856,35 +856,21 @@ async fn invoke_inner(
     body: Body,
 ) -> Result<Response, ExecError> {
     let (target, request, accept) = invocation(app, tenant, id, read.headers, body).await?;
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let accept = accept.clone();
-        let run = app
-            .registry
-            .invoke(&target, request.clone(), move |response, backend| {
-                body::encode_response(accept.as_deref(), response, backend)
-            })
-            .await;
-        match run {
-            Err(refused @ ExecError::TenantFrozen(_)) => {
-                match read.after_freeze(app, tenant, refused, tries).await {
-                    Held::Runs => continue,
-                    Held::Moved { to, epoch } => {
-                        let req = read.rebuilt(request.body.clone());
-                        return Ok(send_on(app, req, tenant, &to, epoch).await);
-                    }
-                    Held::Refused(e) => return Err(e),
-                }
-            }
-            run => {
-                let encoded = run?;
-                return Ok(
-                    ([(header::CONTENT_TYPE, encoded.content_type)], encoded.body).into_response(),
-                );
-            }
+    let ran = read
+        .run(app, tenant, &request.body, || {
+            let accept = accept.clone();
+            app.registry
+                .invoke(&target, request.clone(), move |response, backend| {
+                    body::encode_response(accept.as_deref(), response, backend)
+                })
+        })
+        .await?;
+    Ok(match ran {
+        Ran::Here(encoded) => {
+            ([(header::CONTENT_TYPE, encoded.content_type)], encoded.body).into_response()
         }
-    }
+        Ran::SentOn(resp) => resp,
+    })
 }
 
 /// A routed request whose body this executor has read, for what follows
@@ -899,31 +885,55 @@ struct ReadRequest<'a> {
 /// pauses before it is refused: 3.
 const HOLDS_AFTER_READ: u32 = 3;
 
+/// What came of a request run by [`ReadRequest::run`].
+enum Ran<T> {
+    /// It ran here, and gave this.
+    Here(T),
+    /// Its tenant moved while it was held: sent on, with this answer.
+    SentOn(Response),
+}
+
 impl ReadRequest<'_> {
-    /// What becomes of the request, refused `tenant_frozen` before it ran
-    /// (`refused`) for the `tries`-th time: as the fence does for a request
-    /// whose body the proxy cannot send again, it is held through the
-    /// pause, and runs again or is sent on to where the tenant moved. A
-    /// request the proxy can send again, or one without a placement
-    /// epoch, is refused (the fence answers it `placement_stale`).
-    async fn after_freeze(
+    /// Runs `attempt` (the request, whose body is `body`), and again after
+    /// each `tenant_frozen` refusal, which comes before anything runs: as
+    /// the fence does for a request whose body the proxy cannot send
+    /// again, it is held through the pause ([`hold`], at most
+    /// [`HOLDS_AFTER_READ`] times), and runs again or is sent on to where
+    /// the tenant moved. A request the proxy can send again, or one without
+    /// a placement epoch, is refused (the fence answers it
+    /// `placement_stale`).
+    async fn run<T, F, Fut>(
         &self,
         app: &App,
         tenant: &TenantId,
-        refused: ExecError,
-        tries: u32,
-    ) -> Held {
-        match self.routed {
-            Some(RoutedBy(epoch)) if !resendable(self.headers) && tries <= HOLDS_AFTER_READ => {
-                let started = Instant::now();
-                let held = hold(app, tenant, epoch, refused).await;
-                if matches!(held, Held::Runs) {
-                    let waited_ms = started.elapsed().as_secs_f64() * 1e3;
-                    tracing::info!(%tenant, epoch, waited_ms, "a request held through its tenant's pause, its body read, runs");
+        body: &Bytes,
+        mut attempt: F,
+    ) -> Result<Ran<T>, ExecError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ExecError>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let refused = match attempt().await {
+                Err(refused @ ExecError::TenantFrozen(_)) => refused,
+                other => return other.map(Ran::Here),
+            };
+            let epoch = match self.routed {
+                Some(RoutedBy(epoch)) if !resendable(self.headers) && tries <= HOLDS_AFTER_READ => {
+                    epoch
                 }
-                held
+                _ => return Err(refused),
+            };
+            match hold(app, tenant, epoch, refused).await {
+                Held::Runs => {}
+                Held::Moved { to, epoch } => {
+                    let req = self.rebuilt(body.clone());
+                    return Ok(Ran::SentOn(send_on(app, req, tenant, &to, epoch).await));
+                }
+                Held::Refused(e) => return Err(e),
             }
-            _ => Held::Refused(refused),
         }
     }
 
@@ -1006,30 +1016,15 @@ async fn invoke_async(
         content_type: ct,
         body: bytes,
     };
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match app
-            .registry
-            .submit_job(target.clone(), request.clone())
-            .await
-        {
-            Err(refused @ ExecError::TenantFrozen(_)) => {
-                match read.after_freeze(&app, &tenant, refused, tries).await {
-                    Held::Runs => continue,
-                    Held::Moved { to, epoch } => {
-                        let req = read.rebuilt(request.body.clone());
-                        return Ok(send_on(&app, req, &tenant, &to, epoch).await);
-                    }
-                    Held::Refused(e) => return Err(e),
-                }
-            }
-            submitted => {
-                let accepted = submitted?;
-                return Ok((StatusCode::ACCEPTED, axum::Json(accepted)).into_response());
-            }
-        }
-    }
+    let ran = read
+        .run(&app, &tenant, &request.body, || {
+            app.registry.submit_job(target.clone(), request.clone())
+        })
+        .await?;
+    Ok(match ran {
+        Ran::Here(accepted) => (StatusCode::ACCEPTED, axum::Json(accepted)).into_response(),
+        Ran::SentOn(resp) => resp,
+    })
 }
 
 #[derive(Debug, Deserialize)]
