@@ -237,14 +237,17 @@ async fn refuse_tenant_traffic(req: Request, next: Next) -> Response {
 /// that too is answered `placement_stale`, so that the proxy sends it
 /// again once the tenant runs, here or where it moved, rather than fail it.
 ///
+/// A request of a tenant that left here by a newer placement is sent on,
+/// its body unread, to the executor the tenant moved to ([`send_on`]),
+/// when the drop named it.
+///
 /// A request whose body the proxy may not have kept to send again (past
 /// [`headers::RESEND_BODY_LIMIT`], or of no stated length) is not refused
 /// for its tenant's pause: it waits, its body unread, for at most
 /// [`HOLD_LIMIT`], until the tenant runs here again (a snapshot's end, a
 /// move undone), and runs; or until the tenant has left, and is then sent
-/// on to the executor the tenant moved to ([`send_on`]). An invocation
-/// whose tenant froze after it was let in is handled alike once its body
-/// is read ([`ReadRequest::run`]).
+/// on. An invocation whose tenant froze after it was let in is handled
+/// alike once its body is read ([`ReadRequest::run`]).
 ///
 /// The request carries on its epoch ([`RoutedBy`]) for the handlers that
 /// may make the tenant here, which ask the fence again then.
@@ -261,6 +264,12 @@ async fn fence(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Res
         Err(e) => return e.into_response(),
     };
     if let Err(refused) = admit_routed(&app, &tenant, epoch) {
+        // The tenant left by a newer placement: whatever its body, the
+        // request goes on to where it went, so that a proxy whose table
+        // is behind (cut off from etcd) still serves it.
+        if let Some((to, epoch)) = app.fences.moved_to(&tenant, epoch) {
+            return send_on(&app, req, &tenant, &to, epoch).await;
+        }
         if resendable(req.headers()) {
             return refused.into_response();
         }
@@ -374,8 +383,8 @@ async fn hold_until(app: &App, tenant: &TenantId, epoch: i64, mut refused: ExecE
     }
 }
 
-/// Sends `req`, held here through its tenant's move, on to the executor at
-/// `to` where the placement of `epoch` put the tenant, and answers what it
+/// Sends `req` of a tenant that left here on to the executor at `to`
+/// where the placement of `epoch` put the tenant, and answers what it
 /// answers. A request sent on [`headers::MAX_HOPS`] times already, or that
 /// cannot reach `to`, is refused as stale: nothing ran.
 async fn send_on(app: &App, req: Request, tenant: &TenantId, to: &str, epoch: i64) -> Response {
@@ -386,7 +395,14 @@ async fn send_on(app: &App, req: Request, tenant: &TenantId, to: &str, epoch: i6
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or(0);
     let stale = |why: String| ExecError::PlacementStale(format!("tenant {tenant}: {why}"));
+    let count = |outcome: &str| {
+        app.metrics
+            .sent_on_requests
+            .with_label_values(&[outcome])
+            .inc();
+    };
     if hops >= headers::MAX_HOPS {
+        count("refused");
         return stale(format!(
             "it moved to {to}, and this request was sent on {hops} times already"
         ))
@@ -401,11 +417,15 @@ async fn send_on(app: &App, req: Request, tenant: &TenantId, to: &str, epoch: i6
     let peer = crate::peer::Peer::new(to, &app.internal_token);
     match peer.send_on(req, epoch, hops + 1).await {
         Ok(resp) => {
-            tracing::info!(%tenant, to, epoch, request_id, status = resp.status().as_u16(), "a request held through its tenant's move was sent on to where its tenant moved");
+            count("answered");
+            // Every request of a proxy cut off from etcd may come this
+            // way: one line each at debug, the metric counts them.
+            tracing::debug!(%tenant, to, epoch, request_id, status = resp.status().as_u16(), "a request of a tenant that left was sent on to where its tenant moved");
             resp.map(Body::new)
         }
         Err(e) => {
-            tracing::warn!(%tenant, to, epoch, request_id, error = %e, "a request held through its tenant's move could not be sent on");
+            count("refused");
+            tracing::warn!(%tenant, to, epoch, request_id, error = %e, "a request of a tenant that left could not be sent on");
             stale(format!(
                 "it moved to {to}, which this request could not reach: {e}"
             ))

@@ -46,6 +46,9 @@ pub struct Metrics {
     /// Routed requests held through their tenant's pause, by how the hold
     /// ended (`ran`, `sent_on`, `refused`; `crate::http`'s fence).
     pub held_requests: IntCounterVec,
+    /// Routed requests of tenants that left, sent on to where they moved,
+    /// by what came of it (`answered`, `refused`; `crate::http`'s fence).
+    pub sent_on_requests: IntCounterVec,
     pub kernel_dispatches: IntCounterVec,
     pub kernel_dispatch_duration: HistogramVec,
     pub invocations: IntCounterVec,
@@ -144,6 +147,14 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid");
+        let sent_on_requests = IntCounterVec::new(
+            Opts::new(
+                m::SENT_ON_REQUESTS_TOTAL,
+                "Routed requests of tenants that left, sent on to the executor they moved to, by outcome (answered, refused).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid");
         let kernel_dispatches = IntCounterVec::new(
             Opts::new(
                 m::KERNEL_DISPATCHES_TOTAL,
@@ -189,6 +200,7 @@ impl Metrics {
         reg(Box::new(background_guests.clone()));
         reg(Box::new(streams.clone()));
         reg(Box::new(held_requests.clone()));
+        reg(Box::new(sent_on_requests.clone()));
         reg(Box::new(kernel_dispatches.clone()));
         reg(Box::new(kernel_dispatch_duration.clone()));
         reg(Box::new(invocations.clone()));
@@ -225,6 +237,7 @@ impl Metrics {
             background_guests,
             streams,
             held_requests,
+            sent_on_requests,
             kernel_dispatches,
             kernel_dispatch_duration,
             invocations,

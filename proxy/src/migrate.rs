@@ -738,10 +738,10 @@ impl Orchestrator {
         }
     }
 
-    /// Drops `t` from `exec`, best effort: a leftover copy is frozen and
-    /// unreachable, and is dropped when `exec` next restarts empty of it.
-    /// Drops `t` from `exec`, which it has left: requests routed by a
-    /// placement older than the one now in the table are refused there.
+    /// Drops `t` from `exec`, which it has left, best effort (a leftover
+    /// copy is frozen and unreachable, and is dropped when `exec` next
+    /// restarts empty of it): requests routed by a placement older than
+    /// the one now in the table are sent on from there to its home.
     async fn drop_on(&self, exec: &Executor, t: &TenantId) {
         let client = self.fleet.client(exec);
         let dropped = match self.fleet.table().locate(t) {

@@ -741,10 +741,11 @@ impl ProxyHttp for PublicProxy {
         let code = match e.esource() {
             // Refused for a stale placement and not sent again (a body past
             // the retry buffer, or no newer placement in time): nothing
-            // ran, so the client may send it again.
+            // ran, so the client may send it again. The executor refuses
+            // so for a move and for a snapshot's pause alike.
             _ if ctx.stale.is_some() => Some(ApiError::new(
                 ErrorCode::TenantMoving,
-                "the tenant moved; its new placement did not arrive in time",
+                "the tenant was paused for a move or a snapshot and did not run again within the hold deadline; nothing ran, the request may be sent again",
             )),
             ErrorSource::Upstream => Some(ApiError::new(
                 ErrorCode::ExecutorUnavailable,

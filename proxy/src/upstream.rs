@@ -186,9 +186,9 @@ pub trait ExecutorApi: Send + Sync + fmt::Debug {
 
     /// [`drop_tenant`](Self::drop_tenant) of a tenant that the placement of
     /// `epoch` moved to the executor at `to` (`host:port`): the executor
-    /// refuses requests routed by older placements (`x-tensor-wasm-epoch`),
-    /// and sends on to `to` those it held through the move whose bodies a
-    /// proxy could not send again (`x-tensor-wasm-moved-to`).
+    /// sends requests routed by older placements (`x-tensor-wasm-epoch`)
+    /// on to `to` (`x-tensor-wasm-moved-to`), or refuses them without
+    /// one.
     async fn drop_moved(
         &self,
         tenant: &TenantId,

@@ -32,6 +32,7 @@ pub mod executor_metrics {
     pub const BACKGROUND_GUESTS_TOTAL: &str = "tensor_wasm_background_guests_total";
     pub const STREAMS_TOTAL: &str = "tensor_wasm_streams_total";
     pub const HELD_REQUESTS_TOTAL: &str = "tensor_wasm_held_requests_total";
+    pub const SENT_ON_REQUESTS_TOTAL: &str = "tensor_wasm_sent_on_requests_total";
     pub const KERNEL_DISPATCHES_TOTAL: &str = "tensor_wasm_kernel_dispatches_total";
     pub const KERNEL_DISPATCH_DURATION_SECONDS: &str =
         "tensor_wasm_kernel_dispatch_duration_seconds";

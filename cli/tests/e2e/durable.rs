@@ -354,17 +354,6 @@ fn calls_go_as_records_for_at_most_ten_seconds_after_a_frame() {
     assert_eq!(count(&ex, "acme", &id), 5);
 }
 
-/// The value of the sample `name` (no labels) in the executor's
-/// `/metrics`.
-fn metric(ex: &ExecutorProcess, name: &str) -> f64 {
-    let (status, body) = ex.request("GET", "/metrics", None, "", b"");
-    assert_eq!(status, 200);
-    let text = String::from_utf8(body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in {text}"))
-}
-
 /// The executor's metrics count its journals' syncs and bytes: each of
 /// the sequential `strict` calls waited for a sync of its own, and the
 /// bytes written cover every frame the journal holds.
@@ -372,9 +361,9 @@ fn metric(ex: &ExecutorProcess, name: &str) -> f64 {
 fn the_executors_metrics_count_journal_syncs_and_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (mut ex, _) = counted("cpu-m", dir.path(), 6);
-    let syncs = metric(&ex, "tensor_wasm_journal_sync_duration_seconds_count");
+    let syncs = ex.metric("tensor_wasm_journal_sync_duration_seconds_count");
     assert!(syncs >= 6.0, "{syncs} syncs for 6 strict calls");
-    let written = metric(&ex, "tensor_wasm_journal_written_bytes_total");
+    let written = ex.metric("tensor_wasm_journal_written_bytes_total");
     let _ = ex.child.kill();
     let _ = ex.child.wait();
     let frames = read_frames(&journal_file(dir.path(), "acme"));

@@ -176,6 +176,17 @@ impl ExecutorProcess {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// The value of the sample `name` (labels included, as the text
+    /// format writes them) in its `/metrics`; 0 when absent.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (status, body) = self.request("GET", "/metrics", None, "", b"");
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Lines logged so far: a mark for [`wait_log_after`](Self::wait_log_after).
     pub fn log_mark(&self) -> usize {
         self.log.lock().unwrap().len()

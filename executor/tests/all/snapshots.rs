@@ -467,21 +467,36 @@ fn a_graceful_restart_keeps_warm_state() {
 }
 
 /// The end of a move of `tenant` from `a` to `b` by the placement of
-/// `epoch`: `snap` imported on `b`, the tenant dropped from `a`.
+/// `epoch`: `snap` imported on `b`, the tenant dropped from `a` by a drop
+/// that names `b`.
 fn moved(a: &TestExecutor, b: &TestExecutor, tenant: &str, snap: &[u8], epoch: &str) {
+    moved_unnamed(a, b, tenant, snap, epoch, true);
+}
+
+/// [`moved`], by a drop that names where the tenant went only when
+/// `named`.
+fn moved_unnamed(
+    a: &TestExecutor,
+    b: &TestExecutor,
+    tenant: &str,
+    snap: &[u8],
+    epoch: &str,
+    named: bool,
+) {
     let r = b.internal("POST", &format!("/internal/tenants/{tenant}/import"), snap);
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = a
+    let mut drop = a
         .raw_agent()
         .delete(a.url(&format!("/internal/tenants/{tenant}")))
         .header("authorization", format!("Bearer {}", crate::harness::TOKEN))
-        .header("x-tensor-wasm-epoch", epoch)
-        .header(
+        .header("x-tensor-wasm-epoch", epoch);
+    if named {
+        drop = drop.header(
             "x-tensor-wasm-moved-to",
             b.url("").trim_start_matches("http://"),
-        )
-        .call()
-        .unwrap();
+        );
+    }
+    let r = drop.call().unwrap();
     assert_eq!(r.status().as_u16(), 204);
 }
 
@@ -629,8 +644,9 @@ fn requests_routed_by_a_placement_the_executor_moved_past_are_refused_and_run_no
     let r = a.post("t1", &invoke, "application/json", &x);
     assert_eq!((r.status, r.code().as_str()), (409, "tenant_frozen"));
 
-    // Imported on B, dropped from A by the placement of epoch 9.
-    moved(&a, &b, "t1", &snap, "9");
+    // Imported on B, dropped from A by the placement of epoch 9, by a
+    // drop that does not say where it went.
+    moved_unnamed(&a, &b, "t1", &snap, "9", false);
 
     // A stale proxy can neither run the tenant on A nor make it anew
     // there: both are refused, and A holds nothing of it.
@@ -828,16 +844,66 @@ fn a_routed_call_too_large_to_send_again_is_sent_on_to_where_its_tenant_moved() 
     );
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("\"data\":[2.0,"), "{answer}");
-    // It ran on the one copy, where the tenant lives now; one the proxy
-    // can send again is still refused where the tenant was.
-    assert_eq!(
-        routed(&a, "t1", &invoke, &small, "5"),
-        (421, "placement_stale".into())
-    );
+    // It ran on the one copy, where the tenant lives now.
     let r = routed_reply(&b, "t1", &invoke, &small, "9");
     assert_eq!(r.json()["outputs"]["sum"]["data"][0], 3.0, "{}", r.text());
     // Sent on as soon as it arrives, once the tenant has left.
     let r = routed_reply(&a, "t1", &invoke, &large_inputs(), "5");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["outputs"]["sum"]["data"][0], 4.0, "{}", r.text());
+}
+
+/// Once a tenant has left by a newer placement, and the drop named where
+/// it went, every request routed by an older one (a proxy cut off from
+/// etcd) is sent on there, small or large, an invocation or a
+/// registration: it runs on the tenant's one copy, and the executor it
+/// left makes no copy anew.
+#[test]
+fn requests_routed_by_a_placement_the_executor_moved_past_are_sent_on_to_where_the_tenant_went() {
+    let a = TestExecutor::start();
+    let b = TestExecutor::start();
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    let invoke = format!("/functions/{id}/invoke");
+    let x = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
+    assert_eq!(routed(&a, "t1", &invoke, &x, "5").0, 200);
+    let snap = export(&a, "t1");
+    moved(&a, &b, "t1", &snap, "9");
+
+    let r = routed_reply(&a, "t1", &invoke, &x, "5");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 2.0, "{}", r.text());
+    let r = a.post_with(
+        "t1",
+        "/functions?name=again",
+        "application/wasm",
+        &wat::parse_str(ACCUMULATOR).unwrap(),
+        &[("x-tensor-wasm-epoch", "8")],
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let info = a.internal("GET", "/internal/info", b"").json();
+    assert_eq!(info["tenants"], serde_json::json!([]), "{info}");
+    let listed = b.get("t1", "/functions").json();
+    assert_eq!(listed["functions"].as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(
+        a.metric("tensor_wasm_sent_on_requests_total{outcome=\"answered\"}"),
+        2.0
+    );
+
+    // One sent on twice already is refused, not sent a third time.
+    let r = a.post_with(
+        "t1",
+        &invoke,
+        "application/json",
+        &x,
+        &[("x-tensor-wasm-epoch", "5"), ("x-tensor-wasm-hops", "2")],
+    );
+    assert_eq!((r.status, r.code().as_str()), (421, "placement_stale"));
+    assert_eq!(
+        a.metric("tensor_wasm_sent_on_requests_total{outcome=\"refused\"}"),
+        1.0
+    );
+
+    // Where the tenant is, its state counted each call once.
+    let r = routed_reply(&b, "t1", &invoke, &x, "9");
+    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 3.0, "{}", r.text());
 }
