@@ -24,8 +24,8 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tensor_wasm_shared::TenantId;
 use tensor_wasm_shared::api::{
-    DeviceDescription, ExecutorInfo, ExecutorStats, FunctionConfig, FunctionList, JobInfo, JobList,
-    JobStatus,
+    DeviceDescription, ExecutorInfo, ExecutorStats, FunctionConfig, FunctionInfo, FunctionList,
+    JobInfo, JobList, JobStatus,
 };
 use tensor_wasm_shared::identity::{self, Challenge, Identity};
 use tensor_wasm_shared::{ErrorCode, headers};
@@ -445,7 +445,7 @@ fn fence_again(
     app: &Arc<App>,
     tenant: &TenantId,
     routed: Option<RoutedBy>,
-) -> impl Fn() -> Result<(), ExecError> + Send + 'static {
+) -> impl Fn() -> Result<(), ExecError> + Clone + Send + 'static {
     let app = app.clone();
     let tenant = tenant.clone();
     move || match routed {
@@ -511,24 +511,44 @@ async fn register(
     Tenant(tenant): Tenant,
     ApiQuery(q): ApiQuery<RegisterQuery>,
     routed: Option<Extension<RoutedBy>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ExecError> {
-    let fence = fence_again(&app, &tenant, routed.map(|Extension(r)| r));
+    let routed = routed.map(|Extension(r)| r);
+    let fence = fence_again(&app, &tenant, routed);
     let ct = content_type(&headers).unwrap_or("").to_string();
     // A multipart registration (which may stream assets to disk) waits
     // for the tenant's one upload at a time, until it is registered.
     let mut _upload = None;
     let mut reg = match media_type(&ct).as_str() {
-        "application/wasm" => Registration {
-            name: String::new(),
-            wasm: read_body(&headers, body, app.registry.limits.max_module_bytes)
-                .await?
-                .to_vec(),
-            assets: None,
-            config: FunctionConfig::default(),
-            replace: q.replace,
-        },
+        // A module alone is read whole: held through its tenant's pause,
+        // or sent on to where its tenant went, as an invocation is.
+        "application/wasm" => {
+            let wasm = read_body(&headers, body, app.registry.limits.max_module_bytes).await?;
+            let read = ReadRequest {
+                routed,
+                uri,
+                headers: &headers,
+            };
+            let name = q.name.unwrap_or_else(|| default_name(&wasm));
+            let ran = read
+                .run(&app, &tenant, &wasm, || {
+                    let reg = Registration {
+                        name: name.clone(),
+                        wasm: wasm.to_vec(),
+                        assets: None,
+                        config: FunctionConfig::default(),
+                        replace: q.replace,
+                    };
+                    register_blocking(&app, &tenant, reg, fence.clone())
+                })
+                .await?;
+            return Ok(match ran {
+                Ran::Here(info) => registered(info),
+                Ran::SentOn(resp) => resp,
+            });
+        }
         "multipart/form-data" => {
             let cap = app.registry.quotas.asset_cap();
             let limit = (app.registry.limits.max_module_bytes + MULTIPART_OVERHEAD) as u64 + cap;
@@ -562,17 +582,39 @@ async fn register(
     reg.name = match (q.name, reg.name.is_empty()) {
         (Some(n), _) => n,
         (None, false) => reg.name,
-        (None, true) => {
-            use sha2::Digest;
-            format!("fn-{}", &hex::encode(sha2::Sha256::digest(&reg.wasm))[..12])
-        }
+        (None, true) => default_name(&reg.wasm),
     };
+    Ok(registered(
+        register_blocking(&app, &tenant, reg, fence).await?,
+    ))
+}
+
+/// The name of a function registered without one: `fn-` and the first 12
+/// hex digits of its module's SHA-256.
+fn default_name(wasm: &[u8]) -> String {
+    use sha2::Digest;
+    format!("fn-{}", &hex::encode(sha2::Sha256::digest(wasm))[..12])
+}
+
+/// Registers `reg` for `tenant`, the fence asked again just before the
+/// tenant is made here, on a blocking thread.
+async fn register_blocking(
+    app: &App,
+    tenant: &TenantId,
+    reg: Registration,
+    fence: impl Fn() -> Result<(), ExecError> + Send + 'static,
+) -> Result<FunctionInfo, ExecError> {
     let registry = app.registry.clone();
-    let info = tokio::task::spawn_blocking(move || registry.register_fenced(&tenant, reg, &fence))
+    let tenant = tenant.clone();
+    tokio::task::spawn_blocking(move || registry.register_fenced(&tenant, reg, &fence))
         .await
-        .map_err(ExecError::task("registration"))??;
+        .map_err(ExecError::task("registration"))?
+}
+
+/// A registration's answer: 201 and the function.
+fn registered(info: FunctionInfo) -> Response {
     tracing::info!(function = %info.id, name = %info.name, assets = info.assets_sha256.as_deref().unwrap_or("none"), "function registered");
-    Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+    (StatusCode::CREATED, axum::Json(info)).into_response()
 }
 
 /// A `config` part: a JSON object of the known fields (serde would also
@@ -894,7 +936,9 @@ async fn invoke_inner(
 }
 
 /// A routed request whose body this executor has read, for what follows
-/// a `tenant_frozen` refusal that came before it ran.
+/// a refusal that came before it ran: `tenant_frozen`, or, for a
+/// registration, `placement_stale` (its tenant left while its body
+/// arrived).
 struct ReadRequest<'a> {
     routed: Option<RoutedBy>,
     uri: axum::http::Uri,
@@ -919,7 +963,9 @@ impl ReadRequest<'_> {
     /// the fence does for a request whose body the proxy cannot send
     /// again, it is held through the pause ([`hold`], at most
     /// [`HOLDS_AFTER_READ`] times), and runs again or is sent on to where
-    /// the tenant moved. A request the proxy can send again, or one without
+    /// the tenant moved. A routed request refused so, or as stale, whose
+    /// tenant has left for a named executor is sent on there, whatever its
+    /// body. Otherwise a request the proxy can send again, or one without
     /// a placement epoch, is refused (the fence answers it
     /// `placement_stale`).
     async fn run<T, F, Fut>(
@@ -937,15 +983,22 @@ impl ReadRequest<'_> {
         loop {
             tries += 1;
             let refused = match attempt().await {
-                Err(refused @ ExecError::TenantFrozen(_)) => refused,
+                Err(refused @ (ExecError::TenantFrozen(_) | ExecError::PlacementStale(_))) => {
+                    refused
+                }
                 other => return other.map(Ran::Here),
             };
-            let epoch = match self.routed {
-                Some(RoutedBy(epoch)) if !resendable(self.headers) && tries <= HOLDS_AFTER_READ => {
-                    epoch
-                }
-                _ => return Err(refused),
+            let Some(RoutedBy(epoch)) = self.routed else {
+                return Err(refused);
             };
+            if let Some((to, epoch)) = app.fences.moved_to(tenant, epoch) {
+                let req = self.rebuilt(body.clone());
+                return Ok(Ran::SentOn(send_on(app, req, tenant, &to, epoch).await));
+            }
+            let frozen = matches!(refused, ExecError::TenantFrozen(_));
+            if !frozen || resendable(self.headers) || tries > HOLDS_AFTER_READ {
+                return Err(refused);
+            }
             match hold(app, tenant, epoch, refused).await {
                 Held::Runs => {}
                 Held::Moved { to, epoch } => {

@@ -572,31 +572,98 @@ fn a_routed_request_that_meets_a_freeze_after_it_was_let_in_is_refused_as_stale(
 
 /// A registration routed by an old placement, let in before its tenant
 /// moved away, neither registers the function on the executor it left nor
-/// makes the tenant anew there: it is refused as stale, for the proxy to
-/// send where the tenant lives now.
+/// makes the tenant anew there: it is sent on to where the tenant went,
+/// when the move's drop named it, and refused as stale otherwise, for the
+/// proxy to send where the tenant lives now.
 #[test]
-fn a_routed_registration_that_outlives_its_tenants_move_is_refused_as_stale() {
-    let a = TestExecutor::start();
-    let b = TestExecutor::start();
-    a.deploy("t1", "acc", ACCUMULATOR);
-    let wasm = wat::parse_str(ACCUMULATOR).unwrap();
-    let (status, answer) = post_slowly(
-        &a,
-        "t1",
-        "/functions?name=late",
-        "5",
-        ("application/wasm", &wasm),
-        || {
-            let snap = export(&a, "t1");
-            moved(&a, &b, "t1", &snap, "9");
-        },
+fn a_routed_registration_that_outlives_its_tenants_move_is_sent_on_or_refused_as_stale() {
+    for named in [true, false] {
+        let a = TestExecutor::start();
+        let b = TestExecutor::start();
+        a.deploy("t1", "acc", ACCUMULATOR);
+        let wasm = wat::parse_str(ACCUMULATOR).unwrap();
+        let (status, answer) = post_slowly(
+            &a,
+            "t1",
+            "/functions?name=late",
+            "5",
+            ("application/wasm", &wasm),
+            || {
+                let snap = export(&a, "t1");
+                moved_unnamed(&a, &b, "t1", &snap, "9", named);
+            },
+        );
+        let info = a.internal("GET", "/internal/info", b"").json();
+        assert_eq!(info["tenants"], serde_json::json!([]), "{info}");
+        let listed = b.get("t1", "/functions").json();
+        let functions = listed["functions"].as_array().unwrap();
+        if named {
+            assert_eq!(status, 201, "{answer}");
+            assert_eq!(functions.len(), 2, "{listed}");
+            assert!(listed.to_string().contains("\"late\""), "{listed}");
+        } else {
+            assert_eq!(status, 421, "{answer}");
+            assert!(answer.contains("\"placement_stale\""), "{answer}");
+            assert_eq!(functions.len(), 1, "{listed}");
+        }
+    }
+}
+
+/// A module of more than a proxy keeps to send again: the accumulator,
+/// with a custom section of 96 KiB.
+fn large_module() -> Vec<u8> {
+    let mut wasm = wat::parse_str(ACCUMULATOR).unwrap();
+    let name = b"padding";
+    let size = 1 + name.len() + (96 << 10);
+    wasm.push(0);
+    let mut n = size;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            wasm.push(byte);
+            break;
+        }
+        wasm.push(byte | 0x80);
+    }
+    wasm.push(name.len() as u8);
+    wasm.extend_from_slice(name);
+    wasm.resize(wasm.len() + (96 << 10), 0);
+    wasm
+}
+
+/// A registration whose module the proxy could not send again, let in
+/// before its tenant froze for a snapshot (its body still arriving), is
+/// held through the pause once its body is read, and registers when the
+/// tenant thaws.
+#[test]
+fn a_routed_registration_too_large_to_send_again_that_meets_a_freeze_is_held_and_registers() {
+    let ex = TestExecutor::start();
+    ex.deploy("t1", "acc", ACCUMULATOR);
+    let (status, answer) = std::thread::scope(|s| {
+        post_slowly(
+            &ex,
+            "t1",
+            "/functions?name=big",
+            "5",
+            ("application/wasm", &large_module()),
+            || {
+                export(&ex, "t1");
+                s.spawn(|| {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let r = ex.internal("POST", "/internal/tenants/t1/thaw", b"");
+                    assert!(r.status < 300, "{}", r.text());
+                });
+            },
+        )
+    });
+    assert_eq!(status, 201, "{answer}");
+    let listed = ex.get("t1", "/functions").json();
+    assert!(listed.to_string().contains("\"big\""), "{listed}");
+    assert_eq!(
+        ex.metric("tensor_wasm_held_requests_total{outcome=\"ran\"}"),
+        1.0
     );
-    assert_eq!(status, 421, "{answer}");
-    assert!(answer.contains("\"placement_stale\""), "{answer}");
-    let info = a.internal("GET", "/internal/info", b"").json();
-    assert_eq!(info["tenants"], serde_json::json!([]), "{info}");
-    let listed = b.get("t1", "/functions").json();
-    assert_eq!(listed["functions"].as_array().unwrap().len(), 1, "{listed}");
 }
 
 /// A request routed by the placement of `epoch` (`x-tensor-wasm-epoch`).
