@@ -57,6 +57,8 @@ pub struct App {
     pub device: DeviceDescription,
     /// Placement epochs of the tenants routed here.
     pub fences: crate::fence::Fences,
+    /// Sends requests of tenants that left on to where they went.
+    pub forwarder: crate::peer::Forwarder,
 }
 
 impl IntoResponse for ExecError {
@@ -414,8 +416,7 @@ async fn send_on(app: &App, req: Request, tenant: &TenantId, to: &str, epoch: i6
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let peer = crate::peer::Peer::new(to, &app.internal_token);
-    match peer.send_on(req, epoch, hops + 1).await {
+    match app.forwarder.send_on(to, req, epoch, hops + 1).await {
         Ok(resp) => {
             count("answered");
             // Every request of a proxy cut off from etcd may come this

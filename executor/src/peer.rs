@@ -9,7 +9,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::header::{AUTHORIZATION, HOST};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tensor_wasm_shared::error::ErrorBody;
 use tensor_wasm_shared::{ErrorCode, TenantId};
 
@@ -212,32 +214,69 @@ impl Peer {
         self.send("POST", &format!("/internal/outbound/{session}/final"))
             .await
     }
+}
 
-    /// Sends tenant request `req` on to this executor, its body streamed
-    /// as it arrives, as the proxy would have (`crate::http`'s fence): the
-    /// request's own headers (the tenant, the request id, the proxy's
-    /// credentials), with `epoch` as its placement epoch and one more hop.
-    /// The answer, whatever its status, streamed as it arrives. Only the
-    /// connection is bounded in time: an invocation's deadline bounds the
-    /// rest, as it does when the proxy sends it.
+/// Sends tenant requests on to other executors, as the proxy would have
+/// (`crate::http`'s fence): the requests of a tenant that left this
+/// executor, to the one it moved to. A proxy cut off from etcd may send a
+/// moved tenant's every request this way, so connections are kept open
+/// between them ([`FORWARD_IDLE_CONNECTIONS`] idle ones per executor, for
+/// [`FORWARD_IDLE`]) rather than one made and closed for each, which would
+/// hold a local port each for a minute after (TIME_WAIT).
+#[derive(Debug)]
+pub struct Forwarder {
+    client: Client<HttpConnector, axum::body::Body>,
+    token: String,
+}
+
+/// Idle connections a [`Forwarder`] keeps to each executor: 32.
+const FORWARD_IDLE_CONNECTIONS: usize = 32;
+
+/// How long a [`Forwarder`] keeps an idle connection: 30 s.
+const FORWARD_IDLE: Duration = Duration::from_secs(30);
+
+impl Forwarder {
+    /// Sends with the internal `token`.
+    pub fn new(token: &str) -> Forwarder {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(FORWARD_IDLE)
+            .pool_max_idle_per_host(FORWARD_IDLE_CONNECTIONS)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Forwarder {
+            client,
+            token: token.to_string(),
+        }
+    }
+
+    /// Sends tenant request `req` on to the executor at `to`, its body
+    /// streamed as it arrives: the request's own headers (the tenant, the
+    /// request id), the internal token, `epoch` as its placement epoch and
+    /// `hops` as its hops. The answer, whatever its status, streamed as it
+    /// arrives. Only the connection is bounded in time: an invocation's
+    /// deadline bounds the rest, as it does when the proxy sends it.
     pub async fn send_on(
         &self,
+        to: &str,
         req: Request<axum::body::Body>,
         epoch: i64,
         hops: u32,
     ) -> Result<hyper::Response<BodyStream>, PeerError> {
-        let unreachable = |e: &dyn std::fmt::Display| self.unreachable(e);
-        let mut sender = self.connect().await?;
+        let unreachable = |e: &dyn std::fmt::Display| PeerError::Unreachable {
+            addr: to.to_string(),
+            message: e.to_string(),
+        };
         let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        parts.uri = path.parse().map_err(|e| unreachable(&e))?;
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = format!("http://{to}{path}")
+            .parse()
+            .map_err(|e| unreachable(&e))?;
         let value =
             |v: String| hyper::header::HeaderValue::from_str(&v).map_err(|e| unreachable(&e));
-        parts.headers.insert(HOST, value(self.addr.clone())?);
+        parts.headers.insert(HOST, value(to.to_string())?);
         parts
             .headers
             .insert(AUTHORIZATION, value(format!("Bearer {}", self.token))?);
@@ -248,8 +287,8 @@ impl Peer {
         parts
             .headers
             .insert(tensor_wasm_shared::headers::HOPS, value(hops.to_string())?);
-        sender
-            .send_request(Request::from_parts(parts, body))
+        self.client
+            .request(Request::from_parts(parts, body))
             .await
             .map_err(|e| unreachable(&e))
     }

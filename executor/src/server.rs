@@ -268,6 +268,7 @@ impl Executor {
             app: Arc::new(App {
                 registry,
                 metrics,
+                forwarder: crate::peer::Forwarder::new(&cfg.internal_token),
                 internal_token: cfg.internal_token,
                 id: cfg.id,
                 addr: addr.to_string(),

@@ -2,6 +2,8 @@
 //! tensors and jobs intact; bad snapshots refused with the importer
 //! unchanged.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tensor_wasm_executor::config::TenantQuotas;
@@ -483,6 +485,19 @@ fn moved_unnamed(
     epoch: &str,
     named: bool,
 ) {
+    let to = b.url("").trim_start_matches("http://").to_string();
+    moved_to(a, b, tenant, snap, epoch, named.then_some(to.as_str()));
+}
+
+/// [`moved`], by a drop that names `to` as where the tenant went.
+fn moved_to(
+    a: &TestExecutor,
+    b: &TestExecutor,
+    tenant: &str,
+    snap: &[u8],
+    epoch: &str,
+    to: Option<&str>,
+) {
     let r = b.internal("POST", &format!("/internal/tenants/{tenant}/import"), snap);
     assert_eq!(r.status, 200, "{}", r.text());
     let mut drop = a
@@ -490,14 +505,37 @@ fn moved_unnamed(
         .delete(a.url(&format!("/internal/tenants/{tenant}")))
         .header("authorization", format!("Bearer {}", crate::harness::TOKEN))
         .header("x-tensor-wasm-epoch", epoch);
-    if named {
-        drop = drop.header(
-            "x-tensor-wasm-moved-to",
-            b.url("").trim_start_matches("http://"),
-        );
+    if let Some(to) = to {
+        drop = drop.header("x-tensor-wasm-moved-to", to);
     }
     let r = drop.call().unwrap();
     assert_eq!(r.status().as_u16(), 204);
+}
+
+/// A TCP relay to `to` on a port of its own: the connections it accepted.
+fn counting_relay(to: String) -> (String, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            let Ok(server) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            let pipe = |mut from: std::net::TcpStream, mut into: std::net::TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            };
+            pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+            pipe(server, client);
+        }
+    });
+    (addr, accepted)
 }
 
 /// Sends a `POST` of `tenant` to `path`, routed by the placement of
@@ -973,4 +1011,29 @@ fn requests_routed_by_a_placement_the_executor_moved_past_are_sent_on_to_where_t
     // Where the tenant is, its state counted each call once.
     let r = routed_reply(&b, "t1", &invoke, &x, "9");
     assert_eq!(r.json()["outputs"]["sum"]["data"][0], 3.0, "{}", r.text());
+}
+
+/// Requests sent on to where their tenant went share connections: a proxy
+/// cut off from etcd may send a moved tenant's every request that way, and
+/// a connection each would hold a port each on the executor it left.
+#[test]
+fn requests_sent_on_share_connections() {
+    let a = TestExecutor::start();
+    let b = TestExecutor::start();
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    let invoke = format!("/functions/{id}/invoke");
+    let x = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
+    let snap = export(&a, "t1");
+    let (relay, accepted) = counting_relay(b.url("").trim_start_matches("http://").to_string());
+    moved_to(&a, &b, "t1", &snap, "9", Some(&relay));
+    for n in 1..=20 {
+        let r = routed_reply(&a, "t1", &invoke, &x, "5");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["outputs"]["sum"]["data"][0], f64::from(n));
+    }
+    let connections = accepted.load(Ordering::SeqCst);
+    assert!(
+        connections <= 2,
+        "20 requests sent on one after another took {connections} connections"
+    );
 }
