@@ -31,7 +31,8 @@
 //! named in `<state>/previous.json`; `--rollback` upgrades back onto them,
 //! the proxy first.
 //!
-//! The first executor is a canary ([`canary`]): before it is replaced the
+//! The first executor that holds a tenant is a canary ([`canary`]), and is
+//! replaced first: before it is replaced the
 //! requests the proxy routes to it are watched for `--canary-window` (the
 //! baseline), then the same window on its replacement; past the
 //! thresholds its tenants move back onto it, its replacement is stopped,
@@ -162,10 +163,10 @@ pub struct Args {
     /// standard error.
     #[arg(long)]
     json: bool,
-    /// How long the canary is watched: the first executor's requests are
-    /// counted this long before it is replaced (the baseline), then as long
-    /// on its replacement. `0s` upgrades without a canary; a rollback has
-    /// none.
+    /// How long the canary is watched: the requests of the first executor
+    /// holding a tenant are counted this long before it is replaced (the
+    /// baseline), then as long on its replacement. `0s` upgrades without a
+    /// canary; a rollback has none.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     canary_window: Duration,
     /// The share of its requests answered 5xx that the canary may add to
@@ -1157,13 +1158,26 @@ fn upgrade_executors(
     record.binary = binary.to_path_buf();
     let children = control::ls(state)?;
     let replacements: Vec<&str> = record.steps.values().map(|s| s.new_id.as_str()).collect();
-    let todo: Vec<ChildStatus> = children
+    let mut todo: Vec<ChildStatus> = children
         .iter()
         .filter(|c| c.role == Role::Executor)
         .filter(|c| !replacements.contains(&c.id.as_str()))
         .filter(|c| c.binary != binary || record.steps.contains_key(&c.id))
         .cloned()
         .collect();
+    // The canary is the first executor that holds a tenant: one holding
+    // none would be watched carrying no request, and judge nothing. A
+    // resumed upgrade keeps its order.
+    if canary.is_some() && record.steps.is_empty() {
+        let mut holds = Vec::with_capacity(todo.len());
+        for c in &todo {
+            holds.push(!placed_on(admin, &c.id)?.is_empty());
+        }
+        if let Some(i) = holds.iter().position(|&h| h) {
+            let first = todo.remove(i);
+            todo.insert(0, first);
+        }
+    }
     if todo.is_empty() {
         say!("every executor already runs {}", binary.display());
         let _ = std::fs::remove_file(record_path);

@@ -1668,3 +1668,77 @@ fn a_frozen_tenant_holds_the_upgrade_back_until_it_thaws() {
     assert!(ok, "{out}");
     count_all(&up, &fns, 2);
 }
+
+/// The canary is the first executor that holds a tenant: with every
+/// tenant on the second one, that one is replaced first, watched, and
+/// judged on the requests its tenants carry.
+#[test]
+fn the_canary_is_the_first_executor_that_holds_a_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, fns) = counter_fleet(dir.path(), 2);
+    let executors: Vec<String> = executor_binaries(&up).into_iter().map(|e| e.0).collect();
+    let (first, second) = (executors[0].clone(), executors[1].clone());
+    let auth = format!("Bearer {}", up.secret("admin-token"));
+    for t in ["t0", "t1"] {
+        if up.placements()[t] == first.as_str() {
+            let body = serde_json::json!({ "to": second }).to_string();
+            let r = up.admin.call(
+                "POST",
+                &format!("/admin/tenants/{t}/migrate"),
+                &[("authorization", &auth)],
+                Some(("application/json", body.as_bytes())),
+            );
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    }
+    // Both tenants called all along, 40 times a second each.
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = up.api.base.trim_start_matches("http://").to_string();
+    let clients: Vec<_> = fns
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (addr, stop) = (addr.clone(), stop.clone());
+            let (token, path) = (format!("tok-{i}"), format!("/functions/{id}/invoke"));
+            std::thread::spawn(move || {
+                let mut failed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    match plain_call(&addr, &path, &token) {
+                        Ok((200, _)) => {}
+                        _ => failed += 1,
+                    }
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                failed
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let binary = new_binary(dir.path());
+    let (ok, stdout, stderr) = run_upgrade(
+        &up,
+        &[
+            "--no-progress".as_ref(),
+            "--canary-window".as_ref(),
+            "2s".as_ref(),
+            "--executor-binary".as_ref(),
+            binary.as_os_str(),
+        ],
+    );
+    stop.store(true, Ordering::Relaxed);
+    let failed: u32 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    eprintln!("{stdout}");
+    assert!(ok, "upgrade failed: {stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("canary: {second}, watched for 2s")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("canary: passed on {second}.1")),
+        "{stdout}"
+    );
+    // It went first: the executor holding nothing was replaced after it.
+    let at = |s: &str| stdout.find(s).unwrap_or_else(|| panic!("{s}: {stdout}"));
+    assert!(at(&format!("{second}: replaced by")) < at(&format!("{first}: replaced by")));
+    assert_eq!(failed, 0, "no call failed");
+}
