@@ -599,6 +599,12 @@ impl ProxyHttp for PublicProxy {
             .map(|t| t.as_str().to_string())
             .unwrap_or_default();
         upstream.remove_header("authorization");
+        // Headers only a proxy or an executor sets, whatever a client
+        // sent: a placement epoch of its own would fence its tenant's
+        // later requests as stale, and hops would stop them being sent on.
+        for internal in [headers::EPOCH, headers::HOPS, headers::MOVED_TO] {
+            upstream.remove_header(internal);
+        }
         upstream.insert_header("authorization", self.shared.internal_auth.as_str())?;
         upstream.insert_header(TENANT_HEADER, tenant)?;
         upstream.insert_header(REQUEST_ID_HEADER, ctx.request_id.as_str())?;
