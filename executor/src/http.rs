@@ -455,6 +455,13 @@ fn fence_again(
     }
 }
 
+/// `tenant` arrived here: its fence no longer applies (`Fences::arrived`,
+/// on the blocking pool, as it may write to disk).
+async fn arrived(app: &Arc<App>, tenant: &TenantId) {
+    let (app, tenant) = (app.clone(), tenant.clone());
+    let _ = tokio::task::spawn_blocking(move || app.fences.arrived(&tenant)).await;
+}
+
 fn epoch_of(v: &HeaderValue) -> Result<i64, ExecError> {
     v.to_str()
         .ok()
@@ -1206,7 +1213,7 @@ async fn import_tenant(
         (true, None) => app.registry.import_replacing(&tenant, bytes).await?,
         (false, bound) => app.registry.import_for(&tenant, bytes, bound).await?,
     }
-    app.fences.arrived(&tenant);
+    arrived(&app, &tenant).await;
     let functions = app.registry.functions(&tenant).len();
     tracing::info!(%tenant, functions, replace = q.replace, ms = started.elapsed().as_millis() as u64, "tenant imported");
     Ok(axum::Json(serde_json::json!({"tenant": tenant, "functions": functions})).into_response())
@@ -1281,16 +1288,19 @@ async fn drop_tenant(
                 })
         })
         .transpose()?;
-    if let Some(epoch) = epoch {
-        app.fences.left(&tenant, epoch, to)?;
-    }
-    // On the blocking pool: a large tenant's files and memory take a while
+    // On the blocking pool: the fence is kept on disk (synced) before
+    // the tenant goes, and a large tenant's files and memory take a while
     // to free, and the runtime's workers answer `/healthz` meanwhile.
-    let registry = app.registry.clone();
-    let t = tenant.clone();
-    tokio::task::spawn_blocking(move || registry.drop_tenant(&t))
-        .await
-        .map_err(ExecError::task("dropping a tenant"))??;
+    let app2 = app.clone();
+    let (t, to) = (tenant.clone(), to.map(str::to_string));
+    tokio::task::spawn_blocking(move || {
+        if let Some(epoch) = epoch {
+            app2.fences.left(&t, epoch, to.as_deref())?;
+        }
+        app2.registry.drop_tenant(&t)
+    })
+    .await
+    .map_err(ExecError::task("dropping a tenant"))??;
     tracing::info!(%tenant, ?epoch, "tenant dropped");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -1563,7 +1573,7 @@ async fn commit_inbound(
 ) -> Result<Response, ExecError> {
     let tenant = path_tenant(&tenant)?;
     let report = crate::moves::commit(&app.registry, &tenant).await?;
-    app.fences.arrived(&tenant);
+    arrived(&app, &tenant).await;
     tracing::info!(%tenant, bytes = report.applied.bytes, ms = report.ms, "tenant committed here");
     Ok(axum::Json(report).into_response())
 }

@@ -220,6 +220,8 @@ impl Executor {
         }
         tensor_wasm_shared::files::private_dir(&cfg.state_dir)
             .map_err(|e| ServeError::StateDir(cfg.state_dir.clone(), e))?;
+        let fences = crate::fence::Fences::open(&cfg.state_dir)
+            .map_err(|e| ServeError::StateDir(cfg.state_dir.clone(), e))?;
         let (backends, device, backend_kind) = open_device(cfg.device, cfg.limits.tensor)?;
         let build = tensor_wasm_shared::build::labels("executor", features);
         let metrics = Arc::new(Metrics::new(backend_kind, &build));
@@ -274,7 +276,7 @@ impl Executor {
                 addr: addr.to_string(),
                 version: tensor_wasm_shared::build::VERSION.to_string(),
                 device,
-                fences: crate::fence::Fences::default(),
+                fences,
             }),
             listener,
         })

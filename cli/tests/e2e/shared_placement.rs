@@ -353,7 +353,7 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
     let etcd = EtcdProcess::start();
     let relay = Relay::start(etcd.client_port);
     let dir = tempfile::tempdir().unwrap();
-    let [a, b] = executors(dir.path());
+    let [mut a, mut b] = executors(dir.path());
     let options = |placement: String| ProxyOptions {
         tokens: tokens(),
         extra_args: vec!["--placement".into(), placement],
@@ -371,7 +371,11 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
         assert_eq!(parse_counter(&r.body).0, n);
     }
     let home = fresh.placement("t0").unwrap();
-    let (src, dest) = if home == "cpu0" { (&a, &b) } else { (&b, &a) };
+    let (src, dest) = if home == "cpu0" {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
 
     // Cut off, the stale proxy misses the move the other one makes. Until
     // its lease runs out the mover waits for its report, and refuses with
@@ -439,9 +443,18 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
     assert_eq!(sent_on(src), 3.0);
     assert!(!tenants_on(src).contains(&"t0".to_string()));
 
+    // So is one after the executor it left was killed and started again:
+    // it keeps where its tenants went on disk.
+    src.restart();
+    let r = stale.count("tok-t0", &id);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(parse_counter(&r.body).0, 5);
+    assert_eq!(sent_on(src), 1.0);
+    assert!(!tenants_on(src).contains(&"t0".to_string()));
+
     // The tenant's one copy counts on through the proxy that saw the move…
     let r = fresh.count("tok-t0", &id);
-    assert_eq!(parse_counter(&r.body).0, 5, "{}", r.text());
+    assert_eq!(parse_counter(&r.body).0, 6, "{}", r.text());
     // …and through the cut-off one once it reaches etcd again, now
     // straight to its home.
     relay.heal();
@@ -452,8 +465,8 @@ fn a_proxy_cut_off_from_etcd_with_a_stale_table_is_fenced_by_the_executors() {
     );
     let r = stale.count("tok-t0", &id);
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(parse_counter(&r.body).0, 6);
-    assert_eq!(sent_on(src), 3.0);
+    assert_eq!(parse_counter(&r.body).0, 7);
+    assert_eq!(sent_on(src), 1.0);
 }
 
 fn moving(p: &ProxyProcess) -> serde_json::Value {

@@ -1037,3 +1037,38 @@ fn requests_sent_on_share_connections() {
         "20 requests sent on one after another took {connections} connections"
     );
 }
+
+/// The tenants that left an executor stay fenced there across its restart:
+/// a stale proxy's requests are still sent on to where the tenant went,
+/// and a registration makes no copy of it anew on the executor it left.
+#[test]
+fn a_tenant_that_left_is_still_sent_on_after_its_old_executor_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || TestExecutor::start_in(dir.path(), small_limits(), TenantQuotas::default());
+    let a = start();
+    let b = TestExecutor::start();
+    let id = a.deploy("t1", "acc", ACCUMULATOR);
+    let invoke = format!("/functions/{id}/invoke");
+    let x = f32_inputs(&[("x", &[3], &[1.0, 1.0, 1.0])]);
+    assert_eq!(routed(&a, "t1", &invoke, &x, "5").0, 200);
+    let snap = export(&a, "t1");
+    moved(&a, &b, "t1", &snap, "9");
+    drop(a);
+    let a = start();
+
+    let r = routed_reply(&a, "t1", &invoke, &x, "5");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 2.0, "{}", r.text());
+    let r = a.post_with(
+        "t1",
+        "/functions?name=again",
+        "application/wasm",
+        &wat::parse_str(ACCUMULATOR).unwrap(),
+        &[("x-tensor-wasm-epoch", "8")],
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let info = a.internal("GET", "/internal/info", b"").json();
+    assert_eq!(info["tenants"], serde_json::json!([]), "{info}");
+    let listed = b.get("t1", "/functions").json();
+    assert_eq!(listed["functions"].as_array().unwrap().len(), 2, "{listed}");
+}
