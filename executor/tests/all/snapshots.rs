@@ -958,6 +958,28 @@ fn a_routed_call_too_large_to_send_again_is_sent_on_to_where_its_tenant_moved() 
     assert_eq!(r.json()["outputs"]["sum"]["data"][0], 4.0, "{}", r.text());
 }
 
+/// After `t1` (one accumulator, called once at epoch 5) moved from `a` to
+/// `b` by the placement of epoch 9: a call and a registration routed by
+/// older placements reach `a`, are sent on, and run on `b`, and `a` holds
+/// nothing of the tenant.
+fn stale_calls_are_sent_on(a: &TestExecutor, b: &TestExecutor, invoke: &str, x: &[u8]) {
+    let r = routed_reply(a, "t1", invoke, x, "5");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 2.0, "{}", r.text());
+    let r = a.post_with(
+        "t1",
+        "/functions?name=again",
+        "application/wasm",
+        &wat::parse_str(ACCUMULATOR).unwrap(),
+        &[("x-tensor-wasm-epoch", "8")],
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let info = a.internal("GET", "/internal/info", b"").json();
+    assert_eq!(info["tenants"], serde_json::json!([]), "{info}");
+    let listed = b.get("t1", "/functions").json();
+    assert_eq!(listed["functions"].as_array().unwrap().len(), 2, "{listed}");
+}
+
 /// Once a tenant has left by a newer placement, and the drop named where
 /// it went, every request routed by an older one (a proxy cut off from
 /// etcd) is sent on there, small or large, an invocation or a
@@ -974,21 +996,7 @@ fn requests_routed_by_a_placement_the_executor_moved_past_are_sent_on_to_where_t
     let snap = export(&a, "t1");
     moved(&a, &b, "t1", &snap, "9");
 
-    let r = routed_reply(&a, "t1", &invoke, &x, "5");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 2.0, "{}", r.text());
-    let r = a.post_with(
-        "t1",
-        "/functions?name=again",
-        "application/wasm",
-        &wat::parse_str(ACCUMULATOR).unwrap(),
-        &[("x-tensor-wasm-epoch", "8")],
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let info = a.internal("GET", "/internal/info", b"").json();
-    assert_eq!(info["tenants"], serde_json::json!([]), "{info}");
-    let listed = b.get("t1", "/functions").json();
-    assert_eq!(listed["functions"].as_array().unwrap().len(), 2, "{listed}");
+    stale_calls_are_sent_on(&a, &b, &invoke, &x);
     assert_eq!(
         a.metric("tensor_wasm_sent_on_requests_total{outcome=\"answered\"}"),
         2.0
@@ -1056,19 +1064,5 @@ fn a_tenant_that_left_is_still_sent_on_after_its_old_executor_restarts() {
     drop(a);
     let a = start();
 
-    let r = routed_reply(&a, "t1", &invoke, &x, "5");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["outputs"]["sum"]["data"][0], 2.0, "{}", r.text());
-    let r = a.post_with(
-        "t1",
-        "/functions?name=again",
-        "application/wasm",
-        &wat::parse_str(ACCUMULATOR).unwrap(),
-        &[("x-tensor-wasm-epoch", "8")],
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let info = a.internal("GET", "/internal/info", b"").json();
-    assert_eq!(info["tenants"], serde_json::json!([]), "{info}");
-    let listed = b.get("t1", "/functions").json();
-    assert_eq!(listed["functions"].as_array().unwrap().len(), 2, "{listed}");
+    stale_calls_are_sent_on(&a, &b, &invoke, &x);
 }
