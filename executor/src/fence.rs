@@ -15,11 +15,13 @@
 //! tenant lives. A request without an epoch (an older proxy, an operator's
 //! direct call) is not fenced.
 //!
-//! A proxy can send a request again only if it kept its body (up to
-//! [`RESEND_BODY_LIMIT`]). One whose body may be larger is not refused for
-//! its tenant's pause: it is held until the tenant runs here again, or
-//! until the tenant has left, and then sent on, unread, to the executor it
-//! moved to, which the drop named ([`Fences::moved_to`]); see `crate::http`.
+//! A request of a tenant that left, when the drop named the executor it
+//! moved to ([`Fences::moved_to`]), is not refused but sent on there,
+//! unread, so that a proxy cut off from etcd still serves it; see
+//! `crate::http`. A proxy can send a request again only if it kept its body
+//! (up to [`RESEND_BODY_LIMIT`]). One whose body may be larger is not
+//! refused for its tenant's pause either: it is held until the tenant runs
+//! here again, or until the tenant has left, and is then sent on.
 //!
 //! The tenants that left are kept on disk too ([`Fences::open`]), so that
 //! a restart of this executor neither runs a stale proxy's request on a
