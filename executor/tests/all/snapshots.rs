@@ -583,6 +583,21 @@ fn post_slowly(
     (status, answer)
 }
 
+/// [`post_slowly`] of tenant `t1`, routed by epoch 5, whose tenant a
+/// snapshot freezes while the body arrives and which thaws 0.5 s later.
+fn post_through_a_pause(ex: &TestExecutor, path: &str, body: (&str, &[u8])) -> (u16, String) {
+    std::thread::scope(|s| {
+        post_slowly(ex, "t1", path, "5", body, || {
+            export(ex, "t1");
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(500));
+                let r = ex.internal("POST", "/internal/tenants/t1/thaw", b"");
+                assert!(r.status < 300, "{}", r.text());
+            });
+        })
+    })
+}
+
 /// A routed request let in before its tenant froze (a snapshot began while
 /// its body was still arriving) is refused as stale too, not with
 /// `tenant_frozen`: the proxy sends it again once the tenant runs, and never
@@ -678,23 +693,11 @@ fn large_module() -> Vec<u8> {
 fn a_routed_registration_too_large_to_send_again_that_meets_a_freeze_is_held_and_registers() {
     let ex = TestExecutor::start();
     ex.deploy("t1", "acc", ACCUMULATOR);
-    let (status, answer) = std::thread::scope(|s| {
-        post_slowly(
-            &ex,
-            "t1",
-            "/functions?name=big",
-            "5",
-            ("application/wasm", &large_module()),
-            || {
-                export(&ex, "t1");
-                s.spawn(|| {
-                    std::thread::sleep(Duration::from_millis(500));
-                    let r = ex.internal("POST", "/internal/tenants/t1/thaw", b"");
-                    assert!(r.status < 300, "{}", r.text());
-                });
-            },
-        )
-    });
+    let (status, answer) = post_through_a_pause(
+        &ex,
+        "/functions?name=big",
+        ("application/wasm", &large_module()),
+    );
     assert_eq!(status, 201, "{answer}");
     let listed = ex.get("t1", "/functions").json();
     assert!(listed.to_string().contains("\"big\""), "{listed}");
@@ -903,24 +906,8 @@ fn a_routed_call_too_large_to_send_again_that_meets_a_freeze_after_it_was_let_in
     let ex = TestExecutor::start();
     let id = ex.deploy("t1", "acc", ACCUMULATOR);
     let invoke = format!("/functions/{id}/invoke");
-    let (status, answer) = std::thread::scope(|s| {
-        let (status, answer) = post_slowly(
-            &ex,
-            "t1",
-            &invoke,
-            "5",
-            ("application/json", &large_inputs()),
-            || {
-                export(&ex, "t1");
-                s.spawn(|| {
-                    std::thread::sleep(Duration::from_millis(500));
-                    let r = ex.internal("POST", "/internal/tenants/t1/thaw", b"");
-                    assert!(r.status < 300, "{}", r.text());
-                });
-            },
-        );
-        (status, answer)
-    });
+    let (status, answer) =
+        post_through_a_pause(&ex, &invoke, ("application/json", &large_inputs()));
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("\"data\":[1.0,"), "{answer}");
 }
