@@ -1169,11 +1169,12 @@ fn upgrade_executors(
     // none would be watched carrying no request, and judge nothing. A
     // resumed upgrade keeps its order.
     if canary.is_some() && record.steps.is_empty() {
-        let mut holds = Vec::with_capacity(todo.len());
-        for c in &todo {
-            holds.push(!placed_on(admin, &c.id)?.is_empty());
-        }
-        if let Some(i) = holds.iter().position(|&h| h) {
+        let placements = admin.call("GET", "/admin/placements", None)?;
+        let holding: std::collections::HashSet<&str> = placements["placements"]
+            .as_object()
+            .map(|m| m.values().filter_map(|e| e.as_str()).collect())
+            .unwrap_or_default();
+        if let Some(i) = todo.iter().position(|c| holding.contains(c.id.as_str())) {
             let first = todo.remove(i);
             todo.insert(0, first);
         }

@@ -151,8 +151,11 @@ impl Fences {
             return;
         }
         log.lines += 1;
-        let live = self.lock().values().filter(|f| f.left.is_some()).count();
-        if log.lines > 2 * live + LOG_SLACK {
+        // Counted only past the slack: the map's lock is every routed
+        // request's.
+        if log.lines > LOG_SLACK
+            && log.lines > 2 * self.lock().values().filter(|f| f.left.is_some()).count() + LOG_SLACK
+        {
             let map = self.lock().clone();
             match rewrite(&log.path, &map) {
                 Ok(fresh) => *log = fresh,

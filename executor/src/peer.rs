@@ -78,13 +78,10 @@ impl Peer {
     }
 
     /// A new HTTP/1.1 connection to this executor, made within
-    /// [`CONNECT_TIMEOUT`], for requests with bodies of type `B`.
-    async fn connect<B>(&self) -> Result<hyper::client::conn::http1::SendRequest<B>, PeerError>
-    where
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    /// [`CONNECT_TIMEOUT`].
+    async fn connect(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, PeerError> {
         let stream =
             tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.addr))
                 .await
